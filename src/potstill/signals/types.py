@@ -1,0 +1,171 @@
+"""Typed teacher output: what a teacher says about a set of token positions.
+
+Every teacher (a live model, a cache on disk) hands the trainer one of two types, so
+that trainers never branch on where the teacher's answer came from:
+
+* :class:`DenseSignal` -- the full distribution over the vocabulary, either as logits
+  ``[N, V]`` or lazily as final hidden states ``[N, H]`` plus the teacher's output
+  :class:`Head`, projected chunk by chunk so that ``[N, V]`` is never materialized.
+* :class:`SparseSignal` -- ``k`` token ids and their log-probabilities per position
+  (top-k or sampled), with an explicit rule for the probability mass outside them.
+
+Rows are token positions: the reducer (``potstill.divergences.chunked``) walks them in
+chunks. Row ``i`` of a signal is the teacher's prediction for the same target as row
+``i`` of the student's hidden states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+TailMode = Literal["bucket", "renormalize"]
+
+
+@dataclass(frozen=True)
+class Head:
+    """A model's output head as data: ``logits = f(hidden @ weight.T + bias)``.
+
+    ``weight`` is ``[V_model, H]``; ``vocab_size`` (<= V_model) keeps only the first rows,
+    which is how two vocabularies that differ only by padding rows are aligned.
+    ``logit_scale`` multiplies the logits (Cohere-style ``logit_scale``);
+    ``softcap`` applies ``softcap * tanh(logits / softcap)`` (Gemma-2 final logit
+    softcapping). Both are part of the model's distribution: a fused path that drops
+    them silently changes the loss (TRL #6629).
+    """
+
+    weight: Tensor
+    bias: Tensor | None = None
+    logit_scale: float | None = None
+    softcap: float | None = None
+    vocab_size: int | None = None
+
+    @property
+    def vocab(self) -> int:
+        return self.vocab_size if self.vocab_size is not None else self.weight.shape[0]
+
+    def sliced(self) -> tuple[Tensor, Tensor | None]:
+        """``(weight[:V], bias[:V])`` for the aligned vocabulary ``V``."""
+        v = self.vocab
+        w = self.weight if v == self.weight.shape[0] else self.weight[:v]
+        b = self.bias
+        if b is not None and v != b.shape[0]:
+            b = b[:v]
+        return w, b
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        """``hidden [..., H] -> logits [..., V]`` (in the head's dtype)."""
+        w, b = self.sliced()
+        return apply_head(hidden, w, b, self.logit_scale, self.softcap)
+
+    def with_vocab(self, vocab_size: int) -> "Head":
+        return replace(self, vocab_size=vocab_size)
+
+
+def apply_head(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    logit_scale: float | None,
+    softcap: float | None,
+) -> Tensor:
+    """The one place where a head's maths lives (used by :class:`Head` and the reducer)."""
+    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
+    if logit_scale is not None and logit_scale != 1.0:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+@dataclass
+class DenseSignal:
+    """The teacher's full distribution for ``N`` positions.
+
+    Exactly one of ``logits [N, V]`` or ``hidden [N, H]`` (with ``head``) is set.
+    """
+
+    logits: Tensor | None = None
+    hidden: Tensor | None = None
+    head: Head | None = None
+
+    def __post_init__(self) -> None:
+        if (self.logits is None) == (self.hidden is None):
+            raise ValueError("DenseSignal needs exactly one of `logits` or `hidden` (+ `head`)")
+        if self.hidden is not None and self.head is None:
+            raise ValueError("DenseSignal(hidden=...) needs the teacher's `head`")
+
+    @property
+    def num_rows(self) -> int:
+        t = self.logits if self.logits is not None else self.hidden
+        return t.shape[0]
+
+    @property
+    def vocab(self) -> int:
+        return self.logits.shape[-1] if self.logits is not None else self.head.vocab
+
+    def rows(self, index: Tensor) -> "DenseSignal":
+        """Keep the rows in ``index`` (``LongTensor [n]``)."""
+        if self.logits is not None:
+            return DenseSignal(logits=self.logits[index])
+        return DenseSignal(hidden=self.hidden[index], head=self.head)
+
+    def chunk_logits(self, start: int, end: int, vocab_size: int | None = None) -> Tensor:
+        """Teacher logits for rows ``start:end`` -> ``[end - start, V]`` (no grad)."""
+        with torch.no_grad():
+            if self.logits is not None:
+                out = self.logits[start:end]
+                if vocab_size is not None and out.shape[-1] != vocab_size:
+                    out = out[..., :vocab_size]
+                return out
+            head = self.head if vocab_size is None else self.head.with_vocab(vocab_size)
+            return head(self.hidden[start:end])
+
+
+@dataclass
+class SparseSignal:
+    """``k`` token ids per position and the teacher's log-probabilities of them.
+
+    ``ids [N, k]`` (long), ``logprobs [N, k]`` (float): log p_T(id) of the teacher's
+    distribution *at the distillation temperature*. ``tail`` says what happens to the
+    mass ``1 - sum(exp(logprobs))`` outside the ids:
+
+    * ``"bucket"``: it becomes one extra outcome; the student's matching outcome is its
+      own mass outside the ids. Exact divergence between the two coarsened distributions.
+    * ``"renormalize"``: it is dropped and both distributions are renormalized over the
+      ids (DistillKit's top-k). Biased: it ignores the tail entirely.
+
+    ``weights [N, k]`` (optional) are per-id importance weights for sampled signals.
+    Padding slots (when fewer than ``k`` ids are meaningful) carry ``logprobs = -inf``.
+    """
+
+    ids: Tensor
+    logprobs: Tensor
+    tail: TailMode = "bucket"
+    weights: Tensor | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.ids.shape[0]
+
+    def rows(self, index: Tensor) -> "SparseSignal":
+        return SparseSignal(
+            ids=self.ids[index],
+            logprobs=self.logprobs[index],
+            tail=self.tail,
+            weights=None if self.weights is None else self.weights[index],
+        )
+
+    def chunk(self, start: int, end: int) -> "SparseSignal":
+        return SparseSignal(
+            ids=self.ids[start:end],
+            logprobs=self.logprobs[start:end],
+            tail=self.tail,
+            weights=None if self.weights is None else self.weights[start:end],
+        )
+
+
+Signal = DenseSignal | SparseSignal
