@@ -1,0 +1,16 @@
+"""What the teacher says: typed signals behind one interface, ``source.signal(batch)``."""
+
+from .online import OnlineTeacher, SignalSource, target_index, target_rows
+from .types import DenseSignal, Head, Signal, SparseSignal, apply_head
+
+__all__ = [
+    "DenseSignal",
+    "Head",
+    "OnlineTeacher",
+    "Signal",
+    "SignalSource",
+    "SparseSignal",
+    "apply_head",
+    "target_index",
+    "target_rows",
+]

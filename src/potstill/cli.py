@@ -1,0 +1,120 @@
+"""``potstill <verb> RECIPE.yaml [key=value ...]``.
+
+Bad input prints one line, ``error: <what is wrong>; <how to fix it>``, and exits 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EXAMPLE = """example:
+  potstill distill recipes/demo.yaml train.max_steps=20 runs.1.temperature=2.0
+  potstill eval recipes/demo.yaml --student path/to/other_student
+  potstill demo --output-dir runs/demo
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="potstill",
+        description="Knowledge distillation and dataset distillation for LLMs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLE,
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+
+    d = sub.add_parser("distill", help="train the recipe's students from its teacher, evaluate, report",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLE)
+    d.add_argument("recipe", help="YAML recipe (see recipes/)")
+    d.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
+    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    e = sub.add_parser("eval", help="evaluate the finished students of a recipe on its held-out prompts")
+    e.add_argument("recipe", help="YAML recipe whose output_dir holds finished runs")
+    e.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    e.add_argument("--student", action="append", default=[], help="extra student directory (repeatable)")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    m = sub.add_parser("demo", help="the embedded default: SmolLM2 teacher, SFT vs KD students, report")
+    m.add_argument("overrides", nargs="*", help="dotted key=value overrides of the embedded recipe")
+    m.add_argument("--output-dir", default=None, help="where to write (default runs/demo)")
+    m.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return p
+
+
+def _quiet_libraries() -> None:
+    """Weight-loading bars and library warnings would bury our own progress bars and error line."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_recipe
+
+    _quiet_libraries()
+
+    if args.verb == "demo":
+        from .config import Recipe, recipe_from_dict
+
+        overrides = list(args.overrides)
+        if args.output_dir:
+            overrides.append(f"output_dir={args.output_dir}")
+        recipe = recipe_from_dict(Recipe().model_dump(mode="json"), overrides)
+        from .pipeline import distill
+
+        metrics = distill(recipe)
+    elif args.verb == "distill":
+        recipe = load_recipe(args.recipe, args.overrides)
+        from .pipeline import distill
+
+        metrics = distill(recipe)
+    elif args.verb == "eval":
+        recipe = load_recipe(args.recipe, args.overrides)
+        from .pipeline import evaluate_only
+
+        metrics = evaluate_only(recipe, args.student)
+    else:  # pragma: no cover - argparse handles it
+        raise AssertionError(args.verb)
+    out = Path(recipe.output_dir)
+    _summary(metrics)
+    print(f"report: {out / 'report.md'}  metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def _summary(metrics: dict[str, dict]) -> None:
+    keys = ("forward_kl", "top1_agreement", "perplexity", "rouge_l")
+    print(f"{'run':<24}" + "".join(f"{k:>16}" for k in keys))
+    for name, m in metrics.items():
+        print(f"{name:<24}" + "".join(f"{m.get(k, float('nan')):>16.4f}" for k in keys))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from .errors import PotstillError
+
+    try:
+        return _run(args)
+    except PotstillError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume (finished runs are kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

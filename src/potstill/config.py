@@ -1,0 +1,327 @@
+"""The recipe: one validated pydantic model that fails at load time.
+
+Every choice is a discriminated union on ``kind`` (or ``name`` for divergences), every
+model forbids unknown keys, and every field is documented once, here. The resolved
+recipe is written into the output directory next to the results.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import PotstillError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+# ----------------------------------------------------------------------------- models
+
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+class TeacherConfig(_Strict):
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="Offline short name (smollm2-135m-instruct, gemma3-270m), a local directory, or a hub id.",
+    )
+    dtype: Dtype = Field("float32", description="Weights dtype of the teacher.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust it.")
+
+
+class FromTeacherStudent(_Strict):
+    kind: Literal["from_teacher"] = "from_teacher"
+    layers: int | list[int] = Field(
+        6, description="Number of teacher layers to keep (evenly spaced) or their explicit indices."
+    )
+
+
+class ScaledStudent(_Strict):
+    kind: Literal["scaled"] = "scaled"
+    num_layers: int = Field(..., ge=1, description="Decoder layers of the random-init student.")
+    hidden_size: int | None = Field(None, ge=8, description="Width; default: the teacher's.")
+    intermediate_size: int | None = Field(None, ge=8, description="MLP width; default: scaled with hidden_size.")
+    num_attention_heads: int | None = Field(None, ge=1, description="Attention heads; default: the teacher's.")
+    num_key_value_heads: int | None = Field(None, ge=1, description="KV heads; default: the teacher's.")
+
+
+class PretrainedStudent(_Strict):
+    kind: Literal["pretrained"] = "pretrained"
+    model: str = Field(..., description="Short name, local directory or hub id of the student.")
+    dtype: Dtype = Field("float32", description="Weights dtype of the student.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+
+
+StudentConfig = Annotated[
+    Union[FromTeacherStudent, ScaledStudent, PretrainedStudent], Field(discriminator="kind")
+]
+
+
+# ------------------------------------------------------------------------------- data
+
+
+class DemoData(_Strict):
+    kind: Literal["demo"] = "demo"
+    num_prompts: int = Field(240, ge=2, description="How many of the embedded prompts to use.")
+    max_new_tokens: int = Field(48, ge=1, description="Length cap of the teacher's cached responses.")
+
+
+class FileData(_Strict):
+    kind: Literal["file"] = "file"
+    path: str = Field(..., description="A .json, .jsonl, .csv or .parquet file (relative paths: to the recipe).")
+    prompt_field: str = Field("prompt", description="Column holding the prompt text.")
+    response_field: str = Field("response", description="Column holding the target response text.")
+    messages_field: str | None = Field(
+        None, description="Column holding a chat (list of {role, content}); the last assistant turn is the target."
+    )
+
+
+class HubData(_Strict):
+    kind: Literal["hub"] = "hub"
+    name: str = Field(..., description="Dataset name on the Hugging Face hub (or a local dataset script/dir).")
+    config_name: str | None = Field(None, description="Dataset configuration name.")
+    split: str = Field("train", description="Split to read.")
+    prompt_field: str = Field("prompt", description="Column holding the prompt text.")
+    response_field: str = Field("response", description="Column holding the target response text.")
+    messages_field: str | None = Field(None, description="Column holding a chat; last assistant turn is the target.")
+
+
+DataSource = Annotated[Union[DemoData, FileData, HubData], Field(discriminator="kind")]
+
+
+class DataConfig(_Strict):
+    source: DataSource = Field(default_factory=DemoData, description="Where the examples come from.")
+    eval_size: int = Field(40, ge=1, description="Held-out examples (taken from the end after a seeded shuffle).")
+    max_length: int = Field(256, ge=8, description="Truncate prompt + response to this many tokens.")
+    system_prompt: str | None = Field(None, description="Optional system message put before every prompt.")
+    seed: int = Field(0, description="Seed of the train/eval split.")
+
+
+# ------------------------------------------------------------------------ divergences
+
+
+class _Div(_Strict):
+    pass
+
+
+class ForwardKL(_Div):
+    name: Literal["forward_kl"] = "forward_kl"
+
+
+class ReverseKL(_Div):
+    name: Literal["reverse_kl"] = "reverse_kl"
+
+
+class TotalVariation(_Div):
+    name: Literal["total_variation"] = "total_variation"
+
+
+class GeneralizedJSD(_Div):
+    name: Literal["generalized_jsd"] = "generalized_jsd"
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="GKD's beta: mixture weight of the teacher in m.")
+
+
+class SkewForwardKL(_Div):
+    name: Literal["skew_forward_kl"] = "skew_forward_kl"
+    alpha: float = Field(0.1, ge=0.0, lt=1.0, description="DistiLLM's skew: KL(p || alpha p + (1-alpha) q).")
+
+
+class SkewReverseKL(_Div):
+    name: Literal["skew_reverse_kl"] = "skew_reverse_kl"
+    alpha: float = Field(0.1, ge=0.0, lt=1.0, description="DistiLLM's skew: KL(q || alpha q + (1-alpha) p).")
+
+
+class AlphaBeta(_Div):
+    name: Literal["alpha_beta_divergence"] = "alpha_beta_divergence"
+    alpha: float = Field(0.5, description="ABKD's alpha (weight on the teacher's probabilities).")
+    beta: float = Field(0.5, description="ABKD's beta (weight on the student's probabilities).")
+
+
+class AdaptiveKL(_Div):
+    name: Literal["adaptive_kl"] = "adaptive_kl"
+    mu: float = Field(0.5, gt=0.0, le=1.0, description="AKL's head/tail split on the teacher's cumulative mass.")
+
+
+DivergenceConfig = Annotated[
+    Union[ForwardKL, ReverseKL, TotalVariation, GeneralizedJSD, SkewForwardKL, SkewReverseKL, AlphaBeta, AdaptiveKL],
+    Field(discriminator="name"),
+]
+
+
+def divergence_params(d: _Div) -> dict[str, Any]:
+    return d.model_dump(exclude={"name"})
+
+
+# ------------------------------------------------------------------------------ train
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules to adapt (never the lm_head)."
+    )
+
+
+class TrainConfig(_Strict):
+    max_steps: int = Field(60, ge=1, description="Optimizer steps per run (equal across runs).")
+    batch_size: int = Field(8, ge=1, description="Per-device micro-batch size.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    seed: int = Field(0, description="Training seed (data order, init of random students).")
+    chunk_size: int = Field(1024, ge=1, description="Token rows per chunk in the fused lm_head + loss reducer.")
+    lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
+    logging_steps: int = Field(5, ge=1, description="Log the loss every N steps (loss curves).")
+
+
+class RunConfig(_Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Run name (a directory name).")
+    alpha: float = Field(
+        0.0, ge=0.0, le=1.0, description="Weight of cross-entropy on labels; (1 - alpha) weights the divergence."
+    )
+    divergence: DivergenceConfig = Field(default_factory=ForwardKL, description="Divergence to the teacher.")
+    temperature: float = Field(1.0, gt=0.0, description="Distillation temperature (not the generation one).")
+    scale_t2: bool = Field(False, description="Multiply the divergence by T^2 (Hinton et al. 2015).")
+
+    @field_validator("temperature")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("temperature must be finite")
+        return v
+
+
+def _default_runs() -> list[RunConfig]:
+    return [
+        RunConfig(name="sft", alpha=1.0),
+        RunConfig(name="kd_forward_kl", alpha=0.0, divergence=ForwardKL()),
+        RunConfig(name="kd_skew_reverse_kl", alpha=0.0, divergence=SkewReverseKL(alpha=0.1)),
+    ]
+
+
+class EvalConfig(_Strict):
+    max_new_tokens: int = Field(48, ge=1, description="Greedy generation length for ROUGE-L and tokens/s.")
+    batch_size: int = Field(8, ge=1, description="Evaluation batch size.")
+    include_untrained: bool = Field(True, description="Also evaluate the student before training.")
+
+
+class Recipe(_Strict):
+    output_dir: str = Field("runs/demo", description="Where the resolved recipe, students, metrics and report go.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher.")
+    student: StudentConfig = Field(default_factory=FromTeacherStudent, description="How the student is built.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training and held-out examples.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization, equal for every run.")
+    runs: list[RunConfig] = Field(default_factory=_default_runs, description="Students to train and compare.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    device: str | None = Field(None, description="torch device; default: cuda if available, else cpu.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Recipe":
+        names = [r.name for r in self.runs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"run names must be unique, repeated: {dup}")
+        if not self.runs:
+            raise ValueError("`runs` is empty; add at least one run")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p[0].isupper())) or "<recipe>"
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        return f"recipe key '{loc}' is not a known option; remove it or fix its spelling (see `potstill distill --help`)"
+    if e["type"] == "missing":
+        return f"recipe key '{loc}' is required; add it to the recipe"
+    if e["type"] == "union_tag_invalid":
+        return f"recipe key '{loc}': {msg}; use one of the listed values"
+    more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
+    return f"recipe key '{loc}': {msg}{more}; fix the value in the recipe"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise PotstillError(f"override '{item}' is not key=value; write e.g. train.max_steps=10")
+    key, raw = item.split("=", 1)
+    if not key:
+        raise PotstillError(f"override '{item}' has an empty key; write e.g. train.max_steps=10")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise PotstillError(f"override '{item}': '{part}' is not an index of {'.'.join(path[:i])}")
+                node = node[int(part)]
+            else:
+                if part not in node or node[part] is None:
+                    node[part] = {}
+                node = node[part]
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise PotstillError(f"override '{item}': '{last}' is not an index of {'.'.join(path[:-1])}")
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise PotstillError(f"override '{item}': '{'.'.join(path[:-1])}' is not a section")
+    return data
+
+
+def recipe_from_dict(data: dict, overrides: list[str] | None = None, base_dir: Path | None = None) -> Recipe:
+    data = apply_overrides(dict(data or {}), overrides or [])
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise PotstillError(_format_validation_error(err)) from None
+    if base_dir is not None:
+        src = recipe.data.source
+        if isinstance(src, FileData) and not Path(src.path).is_absolute():
+            src.path = str((base_dir / src.path).resolve())
+    return recipe
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (``None``: the embedded default) and apply ``key=value`` overrides."""
+    if path is None:
+        return recipe_from_dict({}, overrides)
+    p = Path(path)
+    if not p.is_file():
+        raise PotstillError(f"recipe file '{p}' does not exist; pass the path of a YAML recipe (see recipes/)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise PotstillError(f"recipe '{p}' is not valid YAML{where}; fix its syntax") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PotstillError(f"recipe '{p}' must be a YAML mapping of sections (teacher, student, data, ...)")
+    return recipe_from_dict(data, overrides, base_dir=p.parent)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,14 @@
+"""Datasets in, tokenized chat examples out: loading, chat templates, prompt masking, collation."""
+
+from .chat import encode_example, encode_prompt
+from .collate import PadCollator
+from .loading import load_records, records_to_pairs, train_eval_split
+
+__all__ = [
+    "PadCollator",
+    "encode_example",
+    "encode_prompt",
+    "load_records",
+    "records_to_pairs",
+    "train_eval_split",
+]

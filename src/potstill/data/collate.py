@@ -1,0 +1,33 @@
+"""Pad a list of encoded examples into a batch (right padding; labels padded with -100)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class PadCollator:
+    """``[{"input_ids", "attention_mask", "labels", ...}] -> dict of [B, T] long tensors``.
+
+    Only the three model columns are batched; other keys (ids, texts) are dropped here.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        n = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            n = (n + m - 1) // m * m
+        ids = torch.full((len(features), n), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(features), n), dtype=torch.long)
+        labels = torch.full((len(features), n), -100, dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            ids[i, :k] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            mask[i, :k] = 1
+            labels[i, :k] = torch.as_tensor(f["labels"], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

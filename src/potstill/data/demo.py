@@ -1,0 +1,75 @@
+"""The embedded default data: prompts written for this project, answered by the teacher.
+
+The teacher's greedy answers are the targets (sequence-level KD data, Kim & Rush 2016).
+They are generated once and cached as JSON under the user cache dir, keyed by the
+teacher's identity, the prompts, the chat template and the generation settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+
+from ..errors import PotstillError
+from ..io import atomic_write_json
+
+
+def demo_prompts(n: int | None = None) -> list[dict]:
+    """The embedded prompts: ``[{"id", "category", "prompt"}]`` (240 in all)."""
+    text = resources.files("potstill").joinpath("resources/demo_prompts.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if n is not None:
+        if n > len(rows):
+            raise PotstillError(f"data.source.num_prompts={n} but only {len(rows)} demo prompts exist; lower it")
+        rows = rows[:n]
+    return rows
+
+
+def cache_root() -> Path:
+    import os
+
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("POTSTILL_CACHE") or user_cache_dir("potstill"))
+
+
+def teacher_responses(teacher, tokenizer, teacher_id: str, prompts: list[dict], *, max_new_tokens: int,
+                      batch_size: int = 16, system_prompt: str | None = None) -> list[dict]:
+    """``[{"messages", "response", "id"}]``: the teacher's greedy answer to each prompt, cached."""
+    from ..generate import generate
+    from .chat import encode_prompt
+
+    def msgs(p: dict) -> list[dict]:
+        m = [{"role": "user", "content": p["prompt"]}]
+        return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + m
+
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "teacher": teacher_id,
+                "prompts": [[p["id"], p["prompt"]] for p in prompts],
+                "template": getattr(tokenizer, "chat_template", None),
+                "system": system_prompt,
+                "max_new_tokens": max_new_tokens,
+                "decoding": "greedy",
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:20]
+    path = cache_root() / "generations" / f"demo-{key}.json"
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if cached.get("key") == key and len(cached["responses"]) == len(prompts):
+                return [{"id": p["id"], "messages": msgs(p), "response": r} for p, r in zip(prompts, cached["responses"])]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a corrupt cache is regenerated
+    prompt_ids = [encode_prompt(tokenizer, msgs(p)) for p in prompts]
+    gen = generate(teacher, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   desc="teacher answers")
+    responses = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in gen.token_ids]
+    responses = [r if r else "I don't know." for r in responses]
+    atomic_write_json(path, {"key": key, "teacher": teacher_id, "responses": responses})
+    return [{"id": p["id"], "messages": msgs(p), "response": r} for p, r in zip(prompts, responses)]

@@ -1,0 +1,360 @@
+"""The chunked reducer: CE + distillation loss over the lm_head without ``[n, V]`` logits.
+
+This is the one place where masking (``labels == -100``) and normalization live, and
+the one loop that walks rows in chunks. For each chunk of rows it projects the
+student's hidden states through the head, gets the teacher's logits for the same rows,
+computes the chunk's loss and, right away, the gradients w.r.t. the hidden chunk and
+the head's weight/bias; the chunk's logits are then dropped. The gradients are stored
+and handed out in ``backward`` scaled by the incoming gradient (the fused-linear
+pattern of Liger-Kernel, written for arbitrary teacher signals and divergences).
+
+Loss (Hinton et al. 2015, eq. 1 with GKD/DistiLLM divergences in place of KL)::
+
+    loss = (alpha * sum_i CE_i + (1 - alpha) * s * sum_i D_i) / normalizer,   s = T^2 if scale_t2 else 1
+
+summed over rows with ``labels != -100``. ``normalizer`` is the *global* number of valid
+tokens across gradient-accumulation micro-batches and processes, so that accumulated
+gradients equal those of one big batch (TRL #4719).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import PotstillError
+from ..signals.types import DenseSignal, Head, SparseSignal, apply_head
+from .dense import DIVERGENCES, get_divergence
+from .sparse import sparse_divergence
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class _Plan:
+    """Everything the chunk loop needs besides the differentiable tensors."""
+
+    labels: Tensor
+    teacher: DenseSignal | SparseSignal | None
+    divergence: str
+    divergence_kwargs: dict
+    alpha: float
+    temperature: float
+    kd_scale: float
+    vocab: int
+    logit_scale: float | None
+    softcap: float | None
+    chunk_size: int
+
+
+def _validate(
+    student_hidden: Tensor,
+    student_head: Head,
+    labels: Tensor,
+    teacher: DenseSignal | SparseSignal | None,
+    divergence: str,
+    alpha: float,
+    temperature: float,
+    normalizer: float | Tensor,
+    chunk_size: int,
+    vocab_size: int | None,
+) -> int:
+    """Raise ``ValueError`` on inconsistent inputs; return the aligned vocabulary size."""
+    if student_hidden.dim() != 2:
+        raise ValueError(f"student_hidden must be [n, H] (valid rows only), got {tuple(student_hidden.shape)}")
+    n, hidden = student_hidden.shape
+    if student_head.weight.dim() != 2 or student_head.weight.shape[1] != hidden:
+        raise ValueError(
+            f"student head weight {tuple(student_head.weight.shape)} does not match hidden size {hidden}"
+        )
+    if labels.shape != (n,):
+        raise ValueError(f"labels must be [n] = [{n}], got {tuple(labels.shape)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (the CE weight) must be in [0, 1], got {alpha}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not isinstance(normalizer, Tensor) and normalizer < 0:
+        raise ValueError(f"normalizer must be >= 0 (the global count of valid tokens), got {normalizer}")
+    vocab = student_head.vocab if vocab_size is None else vocab_size
+    if vocab > student_head.weight.shape[0]:
+        raise ValueError(f"vocab_size {vocab} exceeds the student head's {student_head.weight.shape[0]} rows")
+    if n and bool(((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))).any()):
+        raise ValueError(f"labels must be -100 or lie in [0, {vocab})")
+    if alpha == 1.0:
+        return vocab
+    if teacher is None:
+        raise ValueError("a teacher signal is required when alpha < 1 (alpha=1 is plain cross-entropy)")
+    get_divergence(divergence)
+    if teacher.num_rows != n:
+        raise ValueError(f"teacher has {teacher.num_rows} rows but the student has {n}; rows must align")
+    if isinstance(teacher, DenseSignal):
+        tv = teacher.logits.shape[-1] if teacher.logits is not None else teacher.head.weight.shape[0]
+        if tv < vocab or (vocab_size is None and teacher.vocab != vocab):
+            raise ValueError(
+                f"teacher vocabulary ({teacher.vocab}) and student vocabulary ({vocab}) differ; "
+                "pass vocab_size= to align vocabularies that differ only by padding rows"
+            )
+    elif teacher.ids.shape != teacher.logprobs.shape or teacher.ids.dim() != 2:
+        raise ValueError(
+            f"sparse teacher ids {tuple(teacher.ids.shape)} and logprobs "
+            f"{tuple(teacher.logprobs.shape)} must both be [n, k]"
+        )
+    return vocab
+
+
+def _teacher_chunk(plan: _Plan, start: int, end: int, rows: Tensor | None):
+    """The teacher for rows ``start:end`` (then ``rows`` within them); non-finite check."""
+    teacher = plan.teacher
+    if isinstance(teacher, DenseSignal):
+        t = teacher.chunk_logits(start, end, plan.vocab)
+        if rows is not None:
+            t = t[rows]
+        bad = ~torch.isfinite(t).all(-1)
+    else:
+        t = teacher.chunk(start, end)
+        if rows is not None:
+            t = t.rows(rows)
+        bad = torch.isnan(t.logprobs).any(-1) | torch.isposinf(t.logprobs).any(-1)
+    return t, bad
+
+
+def _raise_nonfinite(start: int, bad: Tensor, rows: Tensor | None) -> None:
+    first = int(bad.nonzero()[0, 0])
+    row = start + (int(rows[first]) if rows is not None else first)
+    raise PotstillError(
+        f"teacher logits contain NaN/inf at row {row}; check the teacher model/dtype (try float32)"
+    )
+
+
+def _chunk_loss(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, teacher):
+    """Sum of CE and of the divergence over the chunk's rows (all valid), float32."""
+    logits = apply_head(hidden, weight, bias, plan.logit_scale, plan.softcap)
+    # CE is always reported; it only enters the graph when it has weight.
+    with nullcontext() if plan.alpha > 0.0 else torch.no_grad():
+        ce = F.cross_entropy(logits.float(), labels, reduction="sum")
+    kd = torch.zeros((), dtype=torch.float32, device=logits.device)
+    if plan.alpha < 1.0:
+        if isinstance(teacher, Tensor):
+            div = DIVERGENCES[plan.divergence](
+                logits, teacher, temperature=plan.temperature, **plan.divergence_kwargs
+            )
+        else:
+            div = sparse_divergence(
+                plan.divergence, logits, teacher, temperature=plan.temperature, **plan.divergence_kwargs
+            )
+        kd = div.float().sum()
+    total = plan.alpha * ce + (1.0 - plan.alpha) * plan.kd_scale * kd
+    return total, ce, kd
+
+
+def _accumulator(t: Tensor) -> Tensor:
+    return torch.zeros(t.shape, dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
+
+
+def _run_chunks(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None, need: tuple[bool, bool, bool]):
+    """Walk the rows; return sums (total, ce, kd, n_tokens) and the unnormalized gradients."""
+    n = hidden.shape[0]
+    device = hidden.device
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    total_sum, ce_sum, kd_sum, n_tokens = zero, zero, zero, zero
+    need_h, need_w, need_b = need
+    any_grad = need_h or need_w or need_b
+    grad_h = torch.zeros_like(hidden) if need_h else None
+    # Head gradients are summed over chunks in (at least) float32 so that bf16 rounding
+    # does not pile up; backward casts them to the head's dtype.
+    grad_w = _accumulator(weight) if need_w else None
+    grad_b = _accumulator(bias) if (need_b and bias is not None) else None
+    w_leaf = weight.detach().requires_grad_(need_w)
+    b_leaf = None if bias is None else bias.detach().requires_grad_(need_b)
+    use_teacher = plan.alpha < 1.0
+    bad_chunks: list[tuple[int, Tensor, Tensor | None]] = []
+
+    for start in range(0, n, plan.chunk_size):
+        end = min(start + plan.chunk_size, n)
+        labels = plan.labels[start:end]
+        valid = labels != IGNORE_INDEX
+        count = int(valid.sum())
+        if count == 0:
+            continue
+        rows = None if count == end - start else valid.nonzero().squeeze(-1)
+        h = hidden[start:end] if rows is None else hidden[start:end][rows]
+        y = labels if rows is None else labels[rows]
+        teacher = None
+        if use_teacher:
+            teacher, bad = _teacher_chunk(plan, start, end, rows)
+            bad_chunks.append((start, bad, rows))
+        h_leaf = h.detach().requires_grad_(need_h)
+        with torch.enable_grad() if any_grad else torch.no_grad():
+            total, ce, kd = _chunk_loss(plan, h_leaf, w_leaf, b_leaf, y, teacher)
+            if any_grad and total.requires_grad:
+                inputs = [t for t, want in ((h_leaf, need_h), (w_leaf, need_w), (b_leaf, need_b)) if want]
+                grads = list(torch.autograd.grad(total, inputs, allow_unused=True, materialize_grads=True))
+                if need_h:
+                    g = grads.pop(0)
+                    if rows is None:
+                        grad_h[start:end] = g
+                    else:
+                        grad_h[start:end].index_copy_(0, rows, g)
+                if need_w:
+                    grad_w += grads.pop(0)
+                if need_b and bias is not None:
+                    grad_b += grads.pop(0)
+        total_sum = total_sum + total.detach()
+        ce_sum = ce_sum + ce.detach()
+        kd_sum = kd_sum + kd.detach()
+        n_tokens = n_tokens + count
+
+    if bad_chunks:
+        flags = torch.stack([bad.any() for _, bad, _ in bad_chunks])
+        if bool(flags.any()):
+            start, bad, rows = bad_chunks[int(flags.nonzero()[0, 0])]
+            _raise_nonfinite(start, bad, rows)
+    return total_sum, ce_sum, kd_sum, n_tokens, (grad_h, grad_w, grad_b)
+
+
+class _ChunkedKDFunction(torch.autograd.Function):
+    """Forward walks the chunks and computes the gradients; backward only rescales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, norm, plan):
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        total, ce, kd, n_tok, (gh, gw, gb) = _run_chunks(plan, hidden, weight, bias, need)
+        ctx.save_for_backward(
+            *(g if g is not None else torch.empty(0) for g in (gh, gw, gb)), norm
+        )
+        ctx.has = tuple(g is not None for g in (gh, gw, gb))
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(ce, kd, n_tok)
+        return total / norm, ce, kd, n_tok
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        gh, gw, gb, norm = ctx.saved_tensors
+        # Scale in float32, then return each gradient in its input's dtype.
+        scale = grad_loss.float() / norm
+        out = [
+            (g.float() * scale).to(dtype) if has else None
+            for g, has, dtype in zip((gh, gw, gb), ctx.has, ctx.dtypes)
+        ]
+        return out[0], out[1], out[2], None, None
+
+
+def _prepare(student_head: Head, vocab: int, normalizer, device):
+    weight, bias = student_head.with_vocab(vocab).sliced()
+    norm = torch.as_tensor(normalizer, dtype=torch.float32, device=device).detach()
+    norm = torch.where(norm == 0, torch.ones_like(norm), norm)
+    return weight, bias, norm
+
+
+def chunked_kd_loss(
+    student_hidden: Tensor,
+    student_head: Head,
+    labels: Tensor,
+    teacher: DenseSignal | SparseSignal | None,
+    *,
+    divergence: str = "forward_kl",
+    divergence_kwargs: dict | None = None,
+    alpha: float = 0.0,
+    temperature: float = 1.0,
+    scale_t2: bool = False,
+    normalizer: float | Tensor,
+    chunk_size: int = 1024,
+    vocab_size: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CE + distillation loss over the student's head, chunk by chunk.
+
+    Args:
+        student_hidden: ``[n, H]`` final hidden states of the valid token positions.
+        student_head: the student's :class:`Head` (trainable, tied, or frozen).
+        labels: ``[n]`` target ids; rows with ``-100`` contribute nothing.
+        teacher: same ``n`` rows (``DenseSignal`` logits or hidden+head, or ``SparseSignal``);
+            ``None`` only with ``alpha=1`` (pure cross-entropy / SFT).
+        divergence: a name of ``DIVERGENCES``; ``divergence_kwargs`` its parameters.
+        alpha: CE weight; ``1 - alpha`` weighs the divergence. ``alpha=1`` never touches the teacher.
+        temperature: distillation temperature for both sides (a sparse teacher's log-probs are
+            taken as already at it); CE is always at T=1.
+        scale_t2: multiply the divergence term by ``T^2`` (Hinton et al. 2015).
+        normalizer: the global number of valid tokens (0 is treated as 1).
+        chunk_size: rows per chunk; peak memory is O(chunk_size * V).
+        vocab_size: aligned vocabulary; slices the student head and the teacher to it.
+
+    Returns:
+        ``(loss, stats)``: ``loss`` is a float32 scalar; ``stats`` holds detached float32
+        ``ce_sum``, ``kd_sum`` (unweighted sum of the divergence) and ``n_tokens``.
+    """
+    vocab = _validate(
+        student_hidden, student_head, labels, teacher, divergence, alpha, temperature,
+        normalizer, chunk_size, vocab_size,
+    )
+    weight, bias, norm = _prepare(student_head, vocab, normalizer, student_hidden.device)
+    plan = _Plan(
+        labels=labels,
+        teacher=teacher,
+        divergence=divergence,
+        divergence_kwargs=dict(divergence_kwargs or {}),
+        alpha=float(alpha),
+        temperature=float(temperature),
+        kd_scale=float(temperature) ** 2 if scale_t2 else 1.0,
+        vocab=vocab,
+        logit_scale=student_head.logit_scale,
+        softcap=student_head.softcap,
+        chunk_size=int(chunk_size),
+    )
+    loss, ce, kd, n_tok = _ChunkedKDFunction.apply(student_hidden, weight, bias, norm, plan)
+    return loss, {"ce_sum": ce, "kd_sum": kd, "n_tokens": n_tok}
+
+
+def unchunked_kd_loss(
+    student_hidden: Tensor,
+    student_head: Head,
+    labels: Tensor,
+    teacher: DenseSignal | SparseSignal | None,
+    *,
+    divergence: str = "forward_kl",
+    divergence_kwargs: dict | None = None,
+    alpha: float = 0.0,
+    temperature: float = 1.0,
+    scale_t2: bool = False,
+    normalizer: float | Tensor,
+    chunk_size: int = 1024,
+    vocab_size: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The same loss as :func:`chunked_kd_loss` with full ``[n, V]`` logits and plain autograd.
+
+    For tests and the benchmark's naive arm; ``chunk_size`` is accepted and ignored.
+    """
+    vocab = _validate(
+        student_hidden, student_head, labels, teacher, divergence, alpha, temperature,
+        normalizer, chunk_size, vocab_size,
+    )
+    weight, bias, norm = _prepare(student_head, vocab, normalizer, student_hidden.device)
+    valid = labels != IGNORE_INDEX
+    rows = valid.nonzero().squeeze(-1)
+    logits = apply_head(student_hidden[rows], weight, bias, student_head.logit_scale, student_head.softcap)
+    y = labels[rows]
+    ce = F.cross_entropy(logits.float(), y, reduction="sum")
+    kd = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+    if alpha < 1.0:
+        if isinstance(teacher, DenseSignal):
+            t = teacher.chunk_logits(0, teacher.num_rows, vocab)[rows]
+            bad = ~torch.isfinite(t).all(-1)
+            if bool(bad.any()):
+                _raise_nonfinite(0, bad, rows)
+            div = DIVERGENCES[divergence](logits, t, temperature=temperature, **(divergence_kwargs or {}))
+        else:
+            t = teacher.rows(rows)
+            bad = torch.isnan(t.logprobs).any(-1) | torch.isposinf(t.logprobs).any(-1)
+            if bool(bad.any()):
+                _raise_nonfinite(0, bad, rows)
+            div = sparse_divergence(divergence, logits, t, temperature=temperature, **(divergence_kwargs or {}))
+        kd = div.float().sum()
+    kd_scale = float(temperature) ** 2 if scale_t2 else 1.0
+    total = alpha * ce + (1.0 - alpha) * kd_scale * kd
+    stats = {"ce_sum": ce.detach(), "kd_sum": kd.detach(), "n_tokens": valid.sum().float()}
+    return total / norm, stats

@@ -1,0 +1,357 @@
+"""Evaluate a teacher and its students on the same examples.
+
+Two passes per model:
+
+* **teacher-forced** on ``prompt + response``, over the response positions only:
+  forward KL(teacher || student) per token, top-1 agreement with the teacher, and the
+  perplexity of the reference response. The teacher's body runs once per batch; its
+  final hidden states are kept and projected through its head chunk by chunk, once per
+  chunk, and every student is compared against that same chunk. So neither the teacher
+  forward nor the teacher's ``[n, V]`` logits are paid per student.
+* **greedy generation** from the prompt (batched with left padding, KV cache, stop at EOS,
+  ``do_sample=False``): ROUGE-L of the decoded text against the reference, and throughput.
+
+The distillation temperature plays no part here: KL is at T=1 and generation is greedy.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import PotstillError, VocabMismatchError
+from ..signals.online import target_index, target_rows
+from .metrics import count_parameters, perplexity, rouge_l, teacher_forced_stats
+from .report import GENERATIONS_KEY
+
+__all__ = [
+    "GENERATIONS_KEY",
+    "METRIC_KEYS",
+    "TEACHER",
+    "collect_samples",
+    "evaluate_runs",
+    "metrics_only",
+]
+
+TEACHER = "teacher"
+"""The name the teacher's own row is reported under."""
+
+METRIC_KEYS = ("forward_kl", "top1_agreement", "perplexity", "rouge_l", "params", "tokens_per_s")
+"""The scalar metrics of one run, in report order."""
+
+
+_CHUNK_ROWS = 1024  # rows of [rows, V] logits alive at once per model
+
+
+def evaluate_runs(
+    students: Mapping[str, torch.nn.Module],
+    teacher: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[dict],
+    *,
+    vocab_size: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Evaluate ``teacher`` (reported as ``"teacher"``) and each of ``students`` on ``examples``.
+
+    Args:
+        students: name -> causal LM sharing the teacher's tokenizer.
+        teacher: the teacher causal LM.
+        tokenizer: the shared tokenizer (decoding, pad/EOS ids).
+        examples: dicts with ``prompt_ids: list[int]`` (chat-formatted prompt including the
+            generation prompt), ``response_ids: list[int]`` (reference response incl. EOS) and
+            ``reference: str`` (reference response text).
+        vocab_size: compare distributions on the first ``vocab_size`` logits (at most the
+            smallest head). Default: the tokenizer's token space, as in training
+            (:func:`potstill.models.align_vocab`): head rows beyond it are padding (heads that
+            differ only by padding rows are aligned), and every head must cover it. All
+            teacher-forced metrics, the teacher's own included, use this aligned vocabulary.
+        batch_size: examples per batch, for both passes.
+        max_new_tokens: generation budget per example.
+        progress: show a tqdm bar.
+
+    Returns:
+        ``{name: {"forward_kl": float, "top1_agreement": float, "perplexity": float,
+        "rouge_l": float, "params": int, "tokens_per_s": float, "generations": list[str]}}``,
+        teacher first, then students in the given order. ``forward_kl`` is the mean per
+        response token of KL(p_teacher || p_student) in nats; ``top1_agreement`` the share
+        of response positions whose argmax matches the teacher's; ``generations`` (see
+        :data:`GENERATIONS_KEY`) the decoded greedy outputs, one per example. Use
+        :func:`metrics_only` to drop them and :func:`collect_samples` to pick a few for a report.
+        Metrics with nothing to average over (all responses empty) are ``nan``.
+
+    A model passed both as teacher and as a student (the same object) is run once.
+    Models are put in eval mode and each submodule's training flag is restored after.
+    """
+    from ..models import final_hidden, output_head
+
+    if not examples:
+        raise PotstillError("no evaluation examples; check the eval split / `eval_size`")
+    if TEACHER in students:
+        raise PotstillError(f"a student is named {TEACHER!r}, which is reserved for the teacher's row; rename it")
+    if batch_size < 1 or max_new_tokens < 0:
+        raise PotstillError(f"batch_size must be >= 1 and max_new_tokens >= 0 (got {batch_size}, {max_new_tokens})")
+    examples = [_check_example(i, ex) for i, ex in enumerate(examples)]
+
+    models: dict[str, torch.nn.Module] = {TEACHER: teacher, **students}
+    heads = {name: output_head(m) for name, m in models.items()}
+    vocab = _aligned_vocab({name: h.vocab for name, h in heads.items()}, tokenizer, vocab_size)
+    heads = {name: h.with_vocab(vocab) if h.vocab != vocab else h for name, h in heads.items()}
+    pad_id = _pad_id(tokenizer)
+    # The same object under two names is run once and its rows/generations are shared.
+    canonical = {name: next(n for n, m in models.items() if m is models[name]) for name in models}
+    unique = [name for name in models if canonical[name] == name]
+
+    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    saved_modes = [(mod, mod.training) for m in models.values() for mod in m.modules()]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(batches) * (1 + len(unique)), desc="eval", disable=not progress, leave=False)
+    try:
+        for m in models.values():
+            m.eval()
+        # no_grad, not inference_mode: buffers some models create lazily (rotary caches)
+        # would otherwise become inference tensors and break training after a mid-run eval.
+        with torch.no_grad():
+            sums = {name: {"kl_sum": 0.0, "agree": 0, "nll_sum": 0.0, "n": 0} for name in unique}
+            bar.set_postfix_str("teacher-forced")
+            for batch in batches:
+                _teacher_forced_batch(batch, models, heads, unique, sums, pad_id, vocab, final_hidden)
+                bar.update(1)
+            generations: dict[str, tuple[list[str], int, float]] = {}
+            for name in unique:
+                bar.set_postfix_str(f"generate {name}")
+                generations[name] = _generate(
+                    models[name], tokenizer, batches, pad_id, max_new_tokens, on_batch=lambda: bar.update(1)
+                )
+    finally:
+        bar.close()
+        for mod, mode in saved_modes:
+            mod.training = mode
+
+    references = [ex["reference"] for ex in examples]
+    results: dict[str, dict] = {}
+    for name, model in models.items():
+        s = sums[canonical[name]]
+        texts, n_tokens, seconds = generations[canonical[name]]
+        results[name] = {
+            "forward_kl": _ratio(s["kl_sum"], s["n"]),
+            "top1_agreement": _ratio(s["agree"], s["n"]),
+            "perplexity": perplexity(s["nll_sum"], s["n"]),
+            "rouge_l": rouge_l(texts, references),
+            "params": count_parameters(model),
+            "tokens_per_s": n_tokens / seconds if seconds > 0 else float("nan"),
+            GENERATIONS_KEY: texts,
+        }
+    return results
+
+
+def metrics_only(results: Mapping[str, Mapping]) -> dict[str, dict]:
+    """``results`` without the per-run :data:`GENERATIONS_KEY` lists (what ``metrics.json`` holds)."""
+    return {name: {k: v for k, v in run.items() if k != GENERATIONS_KEY} for name, run in results.items()}
+
+
+def collect_samples(
+    results: Mapping[str, Mapping], examples: Sequence[dict], *, k: int = 3, tokenizer=None
+) -> list[dict]:
+    """Pick ``k`` examples, evenly spaced, and every run's generation for each.
+
+    Returns ``[{"prompt": str, "reference": str, "outputs": {name: str}}]`` as
+    ``report.write_report(samples=...)`` takes it. ``prompt`` is ``example["prompt"]`` when
+    present, else ``prompt_ids`` decoded with ``tokenizer`` (special tokens skipped), else "".
+    """
+    n = len(examples)
+    if n == 0 or k <= 0:
+        return []
+    k = min(k, n)
+    indices = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+    samples = []
+    for i in indices:
+        ex = examples[i]
+        prompt = ex.get("prompt")
+        if prompt is None:
+            prompt = tokenizer.decode(ex["prompt_ids"], skip_special_tokens=True) if tokenizer is not None else ""
+        outputs = {name: run[GENERATIONS_KEY][i] for name, run in results.items() if GENERATIONS_KEY in run}
+        samples.append({"prompt": prompt.strip(), "reference": ex.get("reference", ""), "outputs": outputs})
+    return samples
+
+
+# -- teacher-forced pass ------------------------------------------------------------------
+
+
+def _teacher_forced_batch(batch, models, heads, unique, sums, pad_id, vocab, final_hidden) -> None:
+    """Accumulate :func:`teacher_forced_stats` sums of every model in ``unique`` for one batch."""
+    seqs = [ex["prompt_ids"] + ex["response_ids"] for ex in batch]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for row, (ex, seq) in enumerate(zip(batch, seqs)):  # right padding: positions start at 0
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        attention_mask[row, : len(seq)] = 1
+        labels[row, len(ex["prompt_ids"]) : len(seq)] = torch.tensor(ex["response_ids"], dtype=torch.long)
+    index = target_index(labels)
+    targets = labels[:, 1:].reshape(-1)[index]
+    if targets.numel() and int(targets.max()) >= vocab:
+        raise VocabMismatchError(
+            f"reference token id {int(targets.max())} is outside the compared vocabulary ({vocab}); "
+            "raise `vocab_size` or check that the examples were tokenized with this tokenizer"
+        )
+
+    rows: dict[str, Tensor] = {}
+    for name in unique:  # the teacher first: one forward per model per batch
+        model = models[name]
+        dev = _device(model)
+        hidden = final_hidden(model, input_ids.to(dev), attention_mask.to(dev))
+        rows[name] = target_rows(hidden, index.to(dev))
+        del hidden
+
+    n = int(index.numel())
+    for start in range(0, n, _CHUNK_ROWS):
+        end = min(start + _CHUNK_ROWS, n)
+        teacher_logits = heads[TEACHER](rows[TEACHER][start:end])  # once per chunk, shared
+        for name in unique:
+            student_logits = teacher_logits if name == TEACHER else heads[name](rows[name][start:end])
+            stats = teacher_forced_stats(student_logits, teacher_logits, targets[start:end])
+            for key, value in stats.items():
+                sums[name][key] += value
+
+
+# -- generation pass ----------------------------------------------------------------------
+
+
+def _generate(model, tokenizer, batches, pad_id, max_new_tokens, on_batch) -> tuple[list[str], int, float]:
+    """Greedy generation for every example -> ``(texts, generated token count, seconds)``.
+
+    Counted tokens run up to and including the first EOS (padding after it is not counted);
+    the text is decoded without the EOS and without special tokens.
+    """
+    from transformers import GenerationConfig
+
+    eos_ids = _eos_ids(model, tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=sorted(eos_ids) if eos_ids else None,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    dev = _device(model)
+    if max_new_tokens > 0:
+        # Untimed warm-up (kernel selection, allocator, lazy init) so that tokens/s does
+        # not favour whichever model happens to be timed second.
+        ids, mask, _ = _left_padded(batches[0], pad_id, dev)
+        model.generate(input_ids=ids, attention_mask=mask, generation_config=_replace_new_tokens(config, 2))
+    texts: list[str] = []
+    total_tokens = 0
+    seconds = 0.0
+    for batch in batches:
+        input_ids, attention_mask, width = _left_padded(batch, pad_id, dev)
+        if max_new_tokens == 0:
+            texts.extend("" for _ in batch)
+            on_batch()
+            continue
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        _sync(dev)
+        seconds += time.perf_counter() - t0
+        for new in out[:, width:].tolist():
+            cut = next((j for j, tok in enumerate(new) if tok in eos_ids), None)
+            total_tokens += len(new) if cut is None else cut + 1
+            kept = new if cut is None else new[:cut]
+            texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
+        on_batch()
+    return texts, total_tokens, seconds
+
+
+def _left_padded(batch, pad_id: int, dev) -> tuple[Tensor, Tensor, int]:
+    """Prompts left-padded so that every prompt ends at the last column (where generation starts)."""
+    prompts = [ex["prompt_ids"] for ex in batch]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        input_ids[row, width - len(p) :] = torch.tensor(p)
+        attention_mask[row, width - len(p) :] = 1
+    return input_ids.to(dev), attention_mask.to(dev), width
+
+
+def _replace_new_tokens(config, max_new_tokens: int):
+    config = copy.deepcopy(config)
+    config.max_new_tokens = min(max_new_tokens, config.max_new_tokens)
+    return config
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _check_example(i: int, ex) -> dict:
+    if not isinstance(ex, Mapping):
+        raise PotstillError(f"evaluation example {i} is a {type(ex).__name__}, not a dict")
+    missing = [k for k in ("prompt_ids", "response_ids", "reference") if k not in ex]
+    if missing:
+        raise PotstillError(
+            f"evaluation example {i} lacks {', '.join(missing)}; each needs prompt_ids, response_ids and reference"
+        )
+    if len(ex["prompt_ids"]) == 0:
+        raise PotstillError(f"evaluation example {i} has an empty prompt; drop it or fix the prompt formatting")
+    out = dict(ex)
+    out["prompt_ids"] = [int(t) for t in ex["prompt_ids"]]
+    out["response_ids"] = [int(t) for t in ex["response_ids"]]
+    return out
+
+
+def _aligned_vocab(sizes: dict[str, int], tokenizer, vocab_size: int | None) -> int:
+    smallest_name = min(sizes, key=sizes.get)
+    smallest = sizes[smallest_name]
+    if vocab_size is not None:
+        if not 0 < vocab_size <= smallest:
+            raise VocabMismatchError(
+                f"vocab_size={vocab_size} but {smallest_name!r} has {smallest} output rows; "
+                f"pass 0 < vocab_size <= {smallest}"
+            )
+        return vocab_size
+    from ..models import align_vocab
+
+    # The training rule (potstill.models.align_vocab): every model shares `tokenizer`, rows
+    # beyond the tokenizer's token space are padding, and every head must cover that space.
+    return align_vocab(tokenizer, tokenizer, sizes[TEACHER], smallest)
+
+
+def _pad_id(tokenizer) -> int:
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ratio(num: float, den: int) -> float:
+    return num / den if den > 0 else float("nan")
+

@@ -1,0 +1,189 @@
+"""White-box logit distillation: ``KDConfig`` + ``KDTrainer``.
+
+Loss per optimizer step (Hinton et al. 2015; the divergence family of GKD / DistiLLM / ABKD):
+
+    L = [ alpha * sum_t CE(y_t, q_t) + (1 - alpha) * s * sum_t D(p_t, q_t) ] / N_global
+
+with ``p = softmax(teacher / T)``, ``q = softmax(student / T)``, ``s = T^2`` when
+``scale_t2`` else 1, the sums over response tokens of the micro-batch, and ``N_global``
+the number of response tokens across all micro-batches of the step and all processes
+(Trainer's ``num_items_in_batch``), so gradient accumulation and data parallelism give
+the gradients of one big batch (TRL #4719). ``alpha = 1`` is the SFT baseline: no
+teacher forward at all.
+
+The maths lives in :mod:`potstill.divergences`; this file only wires the student's final
+hidden states, the teacher's signal and the chunked reducer into ``transformers.Trainer``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from ..divergences import DIVERGENCES, chunked_kd_loss
+from ..errors import PotstillError, VocabMismatchError
+from ..signals import OnlineTeacher, SignalSource, target_index, target_rows
+
+
+@dataclass
+class KDConfig(TrainingArguments):
+    """``TrainingArguments`` plus the distillation loss (TRL-style: one config per trainer)."""
+
+    alpha: float = field(default=0.0, metadata={"help": "Weight of cross-entropy on labels; 1 - alpha weights the divergence."})
+    divergence: str = field(default="forward_kl", metadata={"help": f"One of {sorted(DIVERGENCES)}."})
+    divergence_kwargs: dict | None = field(default=None, metadata={"help": "Parameters of the divergence (beta, alpha, mu...)."})
+    temperature: float = field(default=1.0, metadata={"help": "Distillation temperature (not the generation temperature)."})
+    scale_t2: bool = field(default=False, metadata={"help": "Multiply the divergence term by T^2."})
+    chunk_size: int = field(default=1024, metadata={"help": "Token rows per chunk of the fused lm_head + loss."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep dataset columns (the collator picks)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise PotstillError(f"alpha={self.alpha} is outside [0, 1]; alpha weights CE and 1 - alpha the divergence")
+        if self.divergence not in DIVERGENCES:
+            raise PotstillError(f"unknown divergence '{self.divergence}'; use one of {sorted(DIVERGENCES)}")
+        if not self.temperature > 0:
+            raise PotstillError(f"temperature={self.temperature} must be > 0")
+        if self.chunk_size < 1:
+            raise PotstillError(f"chunk_size={self.chunk_size} must be >= 1")
+
+
+def _vocab_rows(model: torch.nn.Module) -> int:
+    from ..models import output_head
+
+    return output_head(model).weight.shape[0]
+
+
+class KDTrainer(Trainer):
+    """``transformers.Trainer`` whose loss is CE + a divergence to a teacher.
+
+    ``KDTrainer(model=student, teacher_model=teacher, args=KDConfig(...), train_dataset=...,
+    processing_class=tokenizer)``. Instead of ``teacher_model`` a ``signal_source`` (e.g. a
+    cache) may be given; trainers never branch on which one it is. ``peft_config`` wraps
+    the student with a LoRA adapter (through ``peft``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        teacher_model: torch.nn.Module | None = None,
+        args: KDConfig | None = None,
+        *,
+        signal_source: SignalSource | None = None,
+        peft_config: Any | None = None,
+        data_collator=None,
+        processing_class=None,
+        vocab_size: int | None = None,
+        **kwargs,
+    ):
+        if args is None:
+            args = KDConfig(output_dir="kd_output")
+        if not isinstance(args, KDConfig):
+            raise PotstillError("KDTrainer needs args=KDConfig(...); TrainingArguments has no distillation fields")
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        if data_collator is None:
+            if processing_class is None:
+                raise PotstillError("KDTrainer needs processing_class=tokenizer (or a data_collator) to pad batches")
+            from ..data import PadCollator
+
+            pad = processing_class.pad_token_id
+            if pad is None:
+                pad = processing_class.eos_token_id
+            data_collator = PadCollator(pad)
+        self.needs_teacher = args.alpha < 1.0
+        if self.needs_teacher and teacher_model is None and signal_source is None:
+            raise PotstillError(
+                f"alpha={args.alpha} < 1 needs a teacher; pass teacher_model=... or signal_source=..., or set alpha=1 (SFT)"
+            )
+        super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
+        # Our loss is normalized by the global token count: let Trainer count it and not rescale.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+
+        self.teacher_model = teacher_model
+        self.signal_source: SignalSource | None = None
+        if self.needs_teacher:
+            if signal_source is None:
+                teacher_model.to(self.args.device)
+                signal_source = OnlineTeacher(teacher_model)
+            self.signal_source = signal_source
+        self.vocab_size = vocab_size if vocab_size is not None else self._aligned_vocab(model, teacher_model, processing_class)
+        self._stats: dict[str, float] = {"ce_sum": 0.0, "kd_sum": 0.0, "n_tokens": 0.0}
+
+    # ------------------------------------------------------------------ vocab alignment
+    def _aligned_vocab(self, student, teacher, tokenizer) -> int | None:
+        if teacher is None or not self.needs_teacher:
+            return None
+        vs, vt = _vocab_rows(student), _vocab_rows(teacher)
+        if vs == vt:
+            return None
+        v = min(vs, vt)
+        n_tok = len(tokenizer) if tokenizer is not None else None
+        if n_tok is None or n_tok > v:
+            raise VocabMismatchError(
+                f"teacher has {vt} vocab rows and student {vs}, and the tokenizer ({n_tok} tokens) does not fit in "
+                f"the smaller; use the teacher's tokenizer for the student or a cross-tokenizer method"
+            )
+        warnings.warn(f"teacher ({vt}) and student ({vs}) vocab rows differ only by padding; comparing the first {v}")
+        return v
+
+    # --------------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from ..models import final_hidden, output_head
+
+        labels = inputs["labels"]
+        index = target_index(labels)
+        hidden = final_hidden(model, inputs["input_ids"], inputs["attention_mask"])
+        rows = target_rows(hidden, index)
+        targets = labels[:, 1:].reshape(-1).index_select(0, index)
+        signal = self.signal_source.signal(inputs) if self.needs_teacher else None
+        if signal is not None and signal.num_rows != rows.shape[0]:
+            raise PotstillError(
+                f"teacher signal has {signal.num_rows} rows for {rows.shape[0]} target tokens; the signal does not "
+                "match this batch (rebuild the cache for this data)"
+            )
+        normalizer = num_items_in_batch if num_items_in_batch is not None else max(int(index.numel()), 1)
+        args: KDConfig = self.args
+        loss, stats = chunked_kd_loss(
+            rows,
+            output_head(model),
+            targets,
+            signal,
+            divergence=args.divergence,
+            divergence_kwargs=args.divergence_kwargs or {},
+            alpha=args.alpha,
+            temperature=args.temperature,
+            scale_t2=args.scale_t2,
+            normalizer=normalizer,
+            chunk_size=args.chunk_size,
+            vocab_size=self.vocab_size,
+        )
+        if (
+            num_items_in_batch is not None
+            and args.average_tokens_across_devices
+            and self.accelerator.num_processes > 1
+        ):
+            # DDP averages gradients over processes; the loss is already divided by the global count.
+            loss = loss * self.accelerator.num_processes
+        for k in self._stats:
+            self._stats[k] += float(stats[k])
+        if return_outputs:
+            return loss, {"loss": loss}
+        return loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        n = self._stats["n_tokens"]
+        if "loss" in logs and n > 0:
+            logs["ce_per_token"] = round(self._stats["ce_sum"] / n, 6)
+            if self.needs_teacher:
+                logs["kd_per_token"] = round(self._stats["kd_sum"] / n, 6)
+            self._stats = {k: 0.0 for k in self._stats}
+        super().log(logs, *args, **kwargs)

@@ -1,0 +1,139 @@
+"""A model's output head as data, and its final hidden states.
+
+``output_head(model)`` turns the lm_head of any causal LM (plain, peft-wrapped, or
+DDP/accelerate-wrapped) into a :class:`~potstill.signals.types.Head`, including the
+logit transforms that live *outside* the linear layer: Cohere's ``logit_scale`` and
+Gemma-2/3's ``final_logit_softcapping``. A fused/chunked loss that only takes the
+linear weight silently drops them (TRL #6629).
+
+``final_hidden(model, ...)`` returns the post-final-norm hidden states ``[B, T, H]``,
+so that ``output_head(model)(final_hidden(model, ...)) == model(...).logits``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import Tensor, nn
+
+from potstill.errors import PotstillError
+from potstill.signals.types import Head
+
+__all__ = ["unwrap_model", "output_head", "final_hidden", "text_config"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/FSDP/accelerate (``.module``) and peft (``get_base_model()``) wrappers.
+
+    Returns the innermost ``PreTrainedModel`` (e.g. ``LlamaForCausalLM``). peft's LoRA
+    layers stay in place inside it, so its forward still includes the adapters.
+    """
+    seen = 0
+    while seen < 16:
+        seen += 1
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            inner = model.get_base_model()
+            if inner is not model:
+                model = inner
+                continue
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module) and inner is not model:
+            model = inner
+            continue
+        # torch.compile wraps in OptimizedModule with `_orig_mod`
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module) and inner is not model:
+            model = inner
+            continue
+        break
+    return model
+
+
+def text_config(model: nn.Module):
+    """The (text) config of ``model`` after unwrapping (multimodal configs: their text part)."""
+    cfg = unwrap_model(model).config
+    get = getattr(cfg, "get_text_config", None)
+    return get() if callable(get) else cfg
+
+
+def _optional_float(value) -> float | None:
+    if value is None:
+        return None
+    return float(value)
+
+
+def output_head(model: nn.Module) -> Head:
+    """The model's output head: ``logits = softcap(logit_scale * (h @ W.T + b))``.
+
+    ``weight`` is the live lm_head parameter ``[V_model, H]`` (not a copy: tied
+    embeddings and gradients are kept). ``logit_scale`` comes from ``config.logit_scale``
+    (Cohere/Cohere2); ``softcap`` from ``config.final_logit_softcapping`` (Gemma-2/3),
+    ``None`` when absent or unset.
+    """
+    base = unwrap_model(model)
+    get_out = getattr(base, "get_output_embeddings", None)
+    lm_head = get_out() if callable(get_out) else None
+    if lm_head is None:
+        raise PotstillError(
+            f"{type(base).__name__} has no output embeddings (lm_head); use a causal LM "
+            "(AutoModelForCausalLM), not a bare backbone"
+        )
+    # peft may wrap the lm_head itself (modules_to_save / LoRA on lm_head)
+    weight = getattr(lm_head, "weight", None)
+    if weight is None and hasattr(lm_head, "base_layer"):
+        weight = lm_head.base_layer.weight
+    if weight is None:
+        raise PotstillError(
+            f"cannot read the lm_head weight of {type(base).__name__}; pass a model whose "
+            "get_output_embeddings() is a Linear layer"
+        )
+    bias = getattr(lm_head, "bias", None)
+    cfg = text_config(base)
+    scale = _optional_float(getattr(cfg, "logit_scale", None))
+    softcap = _optional_float(getattr(cfg, "final_logit_softcapping", None))
+    return Head(weight=weight, bias=bias, logit_scale=scale, softcap=softcap)
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def final_hidden(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    **kwargs,
+) -> Tensor:
+    """Post-final-norm hidden states ``[B, T, H]`` of a causal LM.
+
+    Calls the *top-level* model (so DDP gradient hooks and peft adapters take part) with
+    ``output_hidden_states=True`` and, when its forward accepts it, ``logits_to_keep=1``
+    (so the ``[B, T, V]`` logits are never computed), and returns ``hidden_states[-1]``,
+    which in transformers is the output of the final norm. Checked against
+    ``get_decoder()(...).last_hidden_state`` for Llama, Gemma-2 and Cohere in the tests.
+    Extra ``kwargs`` (e.g. ``position_ids``) are passed through.
+    """
+    base = unwrap_model(model)
+    call_kwargs = dict(kwargs)
+    call_kwargs.setdefault("use_cache", False)
+    if _accepts(base.forward, "logits_to_keep"):
+        call_kwargs["logits_to_keep"] = 1
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=True,
+        return_dict=True,
+        **call_kwargs,
+    )
+    hidden = getattr(out, "hidden_states", None)
+    if hidden is None:
+        raise PotstillError(
+            f"{type(base).__name__} returned no hidden_states for output_hidden_states=True; "
+            "use a transformers causal LM"
+        )
+    return hidden[-1]
+

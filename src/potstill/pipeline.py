@@ -1,0 +1,328 @@
+"""Recipe -> models + data -> teacher signal -> trainer -> students -> evaluation -> report.
+
+Everything that can be checked is checked before the output directory is created, so a
+bad recipe or bad input leaves nothing behind. Each trained student is written
+atomically; rerunning the same recipe skips the runs that finished (resume).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import (
+    DemoData,
+    FileData,
+    FromTeacherStudent,
+    HubData,
+    PretrainedStudent,
+    Recipe,
+    RunConfig,
+    ScaledStudent,
+    divergence_params,
+    dump_recipe,
+)
+from .errors import PotstillError
+from .io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("potstill")
+
+DONE = "POTSTILL_DONE"
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise PotstillError(f"device '{name}' is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PotstillError(f"device '{name}' asked for but CUDA is not available; set device: cpu")
+    return dev
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def load_pairs(recipe: Recipe, teacher, tokenizer, teacher_id: str) -> list[dict]:
+    src = recipe.data.source
+    if isinstance(src, DemoData):
+        from .data.demo import demo_prompts, teacher_responses
+
+        return teacher_responses(teacher, tokenizer, teacher_id, demo_prompts(src.num_prompts),
+                                 max_new_tokens=src.max_new_tokens, system_prompt=recipe.data.system_prompt)
+    from .data import load_records, records_to_pairs
+
+    if isinstance(src, FileData):
+        rows = load_records(src.path)
+        where = src.path
+    else:
+        assert isinstance(src, HubData)
+        rows = load_records(hub_name=src.name, config_name=src.config_name, split=src.split)
+        where = src.name
+    return records_to_pairs(rows, prompt_field=src.prompt_field, response_field=src.response_field,
+                            messages_field=src.messages_field, system_prompt=recipe.data.system_prompt, where=where)
+
+
+def encode_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[dict]:
+    from .data import encode_example
+
+    out = []
+    for p in pairs:
+        ex = encode_example(tokenizer, p["messages"], p["response"], max_length)
+        ex["reference"] = p["response"]
+        out.append(ex)
+    return out
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def build_student(recipe: Recipe, teacher, teacher_tok):
+    from .models import align_vocab, load_model, output_head, student_from_teacher, student_scaled
+
+    cfg = recipe.student
+    torch.manual_seed(recipe.train.seed)
+    if isinstance(cfg, FromTeacherStudent):
+        return student_from_teacher(teacher, cfg.layers), None
+    if isinstance(cfg, ScaledStudent):
+        return student_scaled(
+            teacher,
+            num_layers=cfg.num_layers,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads,
+            seed=recipe.train.seed,
+        ), None
+    assert isinstance(cfg, PretrainedStudent)
+    student, student_tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    vocab = align_vocab(teacher_tok, student_tok, output_head(teacher).weight.shape[0],
+                        output_head(student).weight.shape[0])
+    return student, vocab
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.device):
+    from .kd import KDConfig
+
+    t = recipe.train
+    return KDConfig(
+        output_dir=output_dir,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type="linear",
+        logging_steps=t.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=t.seed,
+        data_seed=t.seed,
+        use_cpu=device.type == "cpu",
+        disable_tqdm=False,
+        alpha=run.alpha,
+        divergence=run.divergence.name,
+        divergence_kwargs=divergence_params(run.divergence),
+        temperature=run.temperature,
+        scale_t2=run.scale_t2,
+        chunk_size=t.chunk_size,
+    )
+
+
+def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train_examples: list[dict],
+              out_dir: Path, device: torch.device, vocab_size: int | None) -> tuple[Any, list[tuple[int, float]]]:
+    """Train one student; write it atomically to ``out_dir`` and return it with its loss curve."""
+    from datasets import Dataset
+
+    from .kd import KDTrainer
+
+    peft_config = None
+    if recipe.train.lora is not None:
+        from peft import LoraConfig as PeftLora
+
+        lc = recipe.train.lora
+        peft_config = PeftLora(r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.dropout,
+                               target_modules=lc.target_modules, task_type="CAUSAL_LM")
+    ds = Dataset.from_list([{k: ex[k] for k in ("input_ids", "attention_mask", "labels")} for ex in train_examples])
+    with tempfile.TemporaryDirectory(prefix="potstill-trainer-") as tmp:
+        trainer = KDTrainer(
+            model=student,
+            teacher_model=teacher if run.alpha < 1 else None,
+            args=kd_config(recipe, run, tmp, device),
+            train_dataset=ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            vocab_size=vocab_size,
+        )
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        model = trainer.model
+    if peft_config is not None:
+        model = model.merge_and_unload()
+    curve = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
+    save_student(model, tokenizer, out_dir, {"loss_curve": curve, "train_seconds": seconds,
+                                              "run": run.model_dump(mode="json")})
+    return model, curve
+
+
+def save_student(model, tokenizer, out_dir: Path, info: dict) -> None:
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    atomic_write_json(tmp / "train_info.json", info)
+    (tmp / DONE).write_text("ok\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def load_finished(out_dir: Path, device: torch.device):
+    if not (out_dir / DONE).is_file():
+        return None
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(out_dir).to(device)
+        info = json.loads((out_dir / "train_info.json").read_text())
+    except Exception:  # a damaged finished run is retrained
+        return None
+    return model, [tuple(x) for x in info.get("loss_curve", [])]
+
+
+# ----------------------------------------------------------------------------- main
+
+
+class Prepared:
+    """Teacher, tokenizer, initial student and encoded data of a recipe (all input checked)."""
+
+    def __init__(self, recipe: Recipe):
+        from .models import load_model, output_head
+
+        self.recipe = recipe
+        self.device = resolve_device(recipe.device)
+        try:
+            self.teacher, self.tokenizer = load_model(recipe.teacher.model, dtype=recipe.teacher.dtype,
+                                                      trust_remote_code=recipe.teacher.trust_remote_code)
+        except PotstillError as err:
+            raise PotstillError(f"teacher: {err}") from None
+        self.teacher.to(self.device)
+        teacher_id = str(getattr(self.teacher, "name_or_path", recipe.teacher.model))
+        self.student0, vocab_size = build_student(recipe, self.teacher, self.tokenizer)
+        self.student0.to(self.device)
+        pairs = load_pairs(recipe, self.teacher, self.tokenizer, teacher_id)
+        train_pairs, eval_pairs = train_eval_split(pairs, recipe)
+        self.train_examples = encode_pairs(train_pairs, self.tokenizer, recipe.data.max_length)
+        self.eval_examples = encode_pairs(eval_pairs, self.tokenizer, recipe.data.max_length)
+        if vocab_size is None:
+            vs, vt = output_head(self.student0).weight.shape[0], output_head(self.teacher).weight.shape[0]
+            vocab_size = None if vs == vt else min(vs, vt)
+        self.vocab_size = vocab_size
+        check_teacher_finite(self.teacher, self.train_examples[0], self.device)
+
+
+@torch.no_grad()
+def check_teacher_finite(teacher, example: dict, device: torch.device) -> None:
+    """Preflight: one teacher forward on a real example, so NaN weights fail before anything is written."""
+    ids = torch.tensor([example["input_ids"]], device=device)
+    logits = teacher(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    if not torch.isfinite(logits).all():
+        raise PotstillError(
+            "teacher logits contain NaN/inf on the first training example; check the teacher weights or load it "
+            "with teacher.dtype: float32"
+        )
+
+
+def evaluate_and_report(prep: Prepared, students: dict[str, Any], curves: dict[str, list], out: Path,
+                        notes: list[str], progress: bool = True) -> dict[str, dict]:
+    from .eval import collect_samples, evaluate_runs, metrics_only, write_report
+
+    r = prep.recipe
+    results = evaluate_runs(students, prep.teacher, prep.tokenizer, prep.eval_examples, vocab_size=prep.vocab_size,
+                            batch_size=r.eval.batch_size, max_new_tokens=r.eval.max_new_tokens, progress=progress)
+    metrics = metrics_only(results)
+    samples = collect_samples(results, prep.eval_examples, k=4, tokenizer=prep.tokenizer)
+    write_report(out, metrics, loss_curves=curves, title="potstill distillation report", notes=notes, samples=samples)
+    return metrics
+
+
+def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
+    """Run a recipe end to end; returns the metrics of every run."""
+    t_start = time.perf_counter()
+    prep = Prepared(recipe)
+    # Input is valid: from here on we write.
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "recipe.resolved.yaml", dump_recipe(recipe))
+    init_state = copy.deepcopy(prep.student0.state_dict())
+    students: dict[str, Any] = {}
+    curves: dict[str, list] = {}
+    for run in recipe.runs:
+        run_dir = out / "runs" / run.name
+        done = load_finished(run_dir, prep.device)
+        if done is not None:
+            log.info("run %s already finished; reusing %s", run.name, run_dir)
+            students[run.name], curves[run.name] = done
+            continue
+        student = copy.deepcopy(prep.student0)
+        student.train()
+        model, curve = train_run(recipe, run, student, prep.teacher, prep.tokenizer, prep.train_examples, run_dir,
+                                 prep.device, prep.vocab_size)
+        students[run.name], curves[run.name] = model, curve
+    if recipe.eval.include_untrained:
+        students = {"student_init": prep.student0, **students}
+    notes = [
+        f"teacher: {recipe.teacher.model}; student: {recipe.student.kind}; {len(prep.train_examples)} train / "
+        f"{len(prep.eval_examples)} held-out examples; {recipe.train.max_steps} optimizer steps per run, batch "
+        f"{recipe.train.batch_size} x {recipe.train.gradient_accumulation_steps}",
+        f"wall time before evaluation {time.perf_counter() - t_start:.0f} s on {prep.device}",
+    ]
+    return evaluate_and_report(prep, students, curves, out, notes, progress)
+
+
+def evaluate_only(recipe: Recipe, extra: list[str] | None = None, *, progress: bool = True) -> dict[str, dict]:
+    """``potstill eval``: evaluate the finished runs of a recipe (and extra student dirs) on its held-out set."""
+    from transformers import AutoModelForCausalLM
+
+    prep = Prepared(recipe)
+    out = Path(recipe.output_dir)
+    students: dict[str, Any] = {}
+    curves: dict[str, list] = {}
+    if recipe.eval.include_untrained:
+        students["student_init"] = prep.student0
+    for run in recipe.runs:
+        done = load_finished(out / "runs" / run.name, prep.device)
+        if done is not None:
+            students[run.name], curves[run.name] = done
+    for d in extra or []:
+        p = Path(d)
+        if not (p / "config.json").is_file():
+            raise PotstillError(f"student directory '{p}' has no config.json; pass a save_pretrained directory")
+        students[p.name] = AutoModelForCausalLM.from_pretrained(p).to(prep.device)
+    if not set(students) - {"student_init"}:
+        raise PotstillError(f"no finished runs in '{out}/runs' and no --student given; run `potstill distill` first")
+    out.mkdir(parents=True, exist_ok=True)
+    return evaluate_and_report(prep, students, curves, out, [f"evaluation only of {sorted(students)}"], progress)
+
+
+def train_eval_split(pairs: list[dict], recipe: Recipe) -> tuple[list[dict], list[dict]]:
+    from .data import train_eval_split as split
+
+    return split(pairs, recipe.data.eval_size, recipe.data.seed)

@@ -1,0 +1,173 @@
+"""Float64 reference divergences written from the definitions, independently of
+``potstill.divergences`` (no imports from it): plain probabilities, explicit sums
+(mixtures, powers and |p - q| on probabilities, not log-space tricks).
+
+Each function takes ``student_logits, teacher_logits`` ``[..., V]`` (any float dtype,
+converted to float64) and returns ``[...]``; torch autograd through these plain
+formulas gives the reference gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def softmax_and_log(logits, temperature=1.0):
+    """(probabilities, log-probabilities) in float64, by hand."""
+    x = logits.double() / temperature
+    shifted = x - x.max(dim=-1, keepdim=True).values
+    e = torch.exp(shifted)
+    z = e.sum(dim=-1, keepdim=True)
+    return e / z, shifted - torch.log(z)
+
+
+def _xlogy_sum(a, log_a, b):
+    """sum_v a_v (log a_v - log b_v), skipping a_v == 0, with b a plain probability."""
+    live = a > 0
+    b_safe = torch.where(live, b, torch.ones_like(b))  # keep log finite where skipped
+    return torch.where(live, a * (log_a - torch.log(b_safe)), torch.zeros_like(a)).sum(-1)
+
+
+def kl(a, log_a, b, log_b):
+    """KL(a || b) = sum_v a_v (log a_v - log b_v), skipping a_v == 0."""
+    live = a > 0
+    return torch.where(live, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+
+
+def forward_kl(s, t, temperature=1.0):
+    q, lq = softmax_and_log(s, temperature)
+    p, lp = softmax_and_log(t, temperature)
+    return kl(p, lp, q, lq)
+
+
+def reverse_kl(s, t, temperature=1.0):
+    q, lq = softmax_and_log(s, temperature)
+    p, lp = softmax_and_log(t, temperature)
+    return kl(q, lq, p, lp)
+
+
+def generalized_jsd(s, t, temperature=1.0, beta=0.5):
+    q, lq = softmax_and_log(s, temperature)
+    p, lp = softmax_and_log(t, temperature)
+    m = beta * p + (1 - beta) * q
+    return beta * _xlogy_sum(p, lp, m) + (1 - beta) * _xlogy_sum(q, lq, m)
+
+
+def skew_forward_kl(s, t, temperature=1.0, alpha=0.1):
+    q, lq = softmax_and_log(s, temperature)
+    p, lp = softmax_and_log(t, temperature)
+    return _xlogy_sum(p, lp, alpha * p + (1 - alpha) * q)
+
+
+def skew_reverse_kl(s, t, temperature=1.0, alpha=0.1):
+    q, lq = softmax_and_log(s, temperature)
+    p, lp = softmax_and_log(t, temperature)
+    return _xlogy_sum(q, lq, alpha * q + (1 - alpha) * p)
+
+
+def total_variation(s, t, temperature=1.0):
+    q, _ = softmax_and_log(s, temperature)
+    p, _ = softmax_and_log(t, temperature)
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+class _Pow:
+    """A probability whose powers are computed as exp(x * log)."""
+
+    def __init__(self, prob, log_prob):
+        self.prob, self.log = prob, log_prob
+
+    def __pow__(self, x):
+        return torch.exp(x * self.log)
+
+    def __truediv__(self, other):
+        return _Ratio(self.log - other.log)
+
+
+class _Ratio:
+    def __init__(self, log_ratio):
+        self.log = log_ratio
+
+    def __pow__(self, x):
+        return torch.exp(x * self.log)
+
+
+def alpha_beta_divergence(s, t, temperature=1.0, alpha=0.5, beta=0.5):
+    """Cichocki, Cruces & Amari (2011), eq. (4) and its limits, term by term."""
+    q, lq = softmax_and_log(s, temperature)
+    p, lp = softmax_and_log(t, temperature)
+    a, b = alpha, beta
+    # powers through exp(log): pow(0, x < 1) would give an inf * 0 = NaN gradient
+    p, q = _Pow(p, lp), _Pow(q, lq)
+    if a != 0 and b != 0 and a + b != 0:
+        terms = p**a * q**b - a / (a + b) * p ** (a + b) - b / (a + b) * q ** (a + b)
+        return -terms.sum(-1) / (a * b)
+    if a != 0 and b == 0:
+        pa, qa = p**a, q**a
+        return (pa * (a * lp - a * lq) - pa + qa).sum(-1) / a**2
+    if a == 0 and b != 0:
+        pb, qb = p**b, q**b
+        return (qb * (b * lq - b * lp) - qb + pb).sum(-1) / b**2
+    if a != 0:  # a = -b
+        ratio = (q / p) ** a
+        return (torch.log(ratio) + 1 / ratio - 1).sum(-1) / a**2
+    return 0.5 * ((lp - lq) ** 2).sum(-1)
+
+
+def adaptive_kl(s, t, temperature=1.0, mu=0.5):
+    """Wu et al. (2024): head/tail split by the teacher's cumulative mass, detached weights."""
+    q, lq = softmax_and_log(s, temperature)
+    p, lp = softmax_and_log(t, temperature)
+    fkl, rkl = kl(p, lp, q, lq), kl(q, lq, p, lp)
+    flat_p = p.detach().reshape(-1, p.shape[-1])
+    flat_q = q.detach().reshape(-1, q.shape[-1])
+    w = torch.empty(flat_p.shape[0], dtype=torch.float64)
+    for r in range(flat_p.shape[0]):
+        order = sorted(range(flat_p.shape[1]), key=lambda v: -float(flat_p[r, v]))
+        cum, g_head, g_tail = 0.0, 0.0, 0.0
+        for v in order:
+            gap = abs(float(flat_p[r, v]) - float(flat_q[r, v]))
+            if cum < mu:
+                g_head += gap
+            else:
+                g_tail += gap
+            cum += float(flat_p[r, v])
+        w[r] = g_head / (g_head + g_tail) if g_head + g_tail > 0 else 0.5
+    w = w.reshape(p.shape[:-1])
+    return w * fkl + (1 - w) * rkl
+
+
+REFERENCES = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "generalized_jsd": generalized_jsd,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "total_variation": total_variation,
+    "alpha_beta_divergence": alpha_beta_divergence,
+    "adaptive_kl": adaptive_kl,
+}
+
+
+def kd_loss(hidden, weight, bias, labels, teacher_logits, *, name, params, alpha, temperature,
+            scale_t2, normalizer, logit_scale=None, softcap=None):
+    """The reducer's loss from its definition, row by row, in float64."""
+    h, w = hidden.double(), weight.double()
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(h.shape[0]):
+        if int(labels[i]) == -100:
+            continue
+        z = w @ h[i] + (0 if bias is None else bias.double())
+        if logit_scale is not None:
+            z = z * logit_scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        _, log_q1 = softmax_and_log(z, 1.0)
+        ce = -log_q1[int(labels[i])]
+        div = torch.zeros((), dtype=torch.float64)
+        if alpha < 1:
+            div = REFERENCES[name](z, teacher_logits[i], temperature, **params)
+        total = total + alpha * ce + (1 - alpha) * (temperature**2 if scale_t2 else 1.0) * div
+    return total / (normalizer if normalizer else 1)
+
+

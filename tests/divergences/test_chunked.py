@@ -1,0 +1,308 @@
+"""The chunked reducer equals the unchunked one (values and gradients), masks, normalizes
+globally, aligns vocabularies and refuses a broken teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from potstill.divergences import chunked_kd_loss, unchunked_kd_loss
+from potstill.errors import PotstillError
+from potstill.signals.types import DenseSignal, Head, SparseSignal
+
+from .reference import kd_loss as reference_kd_loss
+
+N, H, HT, V = 11, 5, 7, 37
+
+
+def _rand(*shape, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * scale
+
+
+def _labels(n=N, seed=0, masked=(2, 7)):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, V, (n,), generator=g)
+    y[[m for m in masked if m < n]] = -100
+    return y
+
+
+def _teacher(kind, n=N, vocab=V, seed=100):
+    if kind == "logits":
+        return DenseSignal(logits=_rand(n, vocab, seed=seed, scale=2.0))
+    if kind == "hidden":
+        head = Head(weight=_rand(vocab, HT, seed=seed + 1), bias=_rand(vocab, seed=seed + 2), softcap=15.0)
+        return DenseSignal(hidden=_rand(n, HT, seed=seed + 3), head=head)
+    lp = torch.log_softmax(_rand(n, vocab, seed=seed, scale=2.0) / 2.0, -1)
+    vals, ids = lp.topk(6, -1)
+    return SparseSignal(ids=ids, logprobs=vals, tail="renormalize" if kind == "sparse_renorm" else "bucket")
+
+
+def _student(variant, seed=10):
+    """(hidden, head, leaves whose gradients to compare)."""
+    hidden = _rand(N, H, seed=seed).requires_grad_(True)
+    weight = torch.nn.Parameter(_rand(V, H, seed=seed + 1))
+    if variant == "plain":
+        return hidden, Head(weight=weight), [hidden, weight]
+    if variant == "bias":
+        bias = torch.nn.Parameter(_rand(V, seed=seed + 2))
+        return hidden, Head(weight=weight, bias=bias), [hidden, weight, bias]
+    if variant == "softcap_scale":
+        bias = torch.nn.Parameter(_rand(V, seed=seed + 2))
+        head = Head(weight=weight, bias=bias, logit_scale=2.5, softcap=3.0)
+        return hidden, head, [hidden, weight, bias]
+    if variant == "frozen":
+        return hidden, Head(weight=weight.detach()), [hidden]
+    # tied: the head weight is also the input embedding that produced the hidden states
+    ids = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(seed + 3))
+    mix = _rand(H, H, seed=seed + 4)
+    hidden = torch.tanh(torch.nn.functional.embedding(ids, weight) @ mix)
+    return hidden, Head(weight=weight), [weight]
+
+
+def _both(hidden, head, leaves, labels, teacher, **kw):
+    out = []
+    for fn in (chunked_kd_loss, unchunked_kd_loss):
+        loss, stats = fn(hidden, head, labels, teacher, **kw)
+        grads = torch.autograd.grad(loss, leaves, retain_graph=True)
+        out.append((loss, stats, grads))
+    return out
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, N, 50])
+@pytest.mark.parametrize("teacher_kind", ["logits", "hidden", "sparse", "sparse_renorm"])
+@pytest.mark.parametrize("variant", ["plain", "bias", "softcap_scale", "frozen", "tied"])
+def test_chunked_equals_unchunked(chunk_size, teacher_kind, variant):
+    hidden, head, leaves = _student(variant)
+    labels = _labels()
+    kw = dict(divergence="generalized_jsd", divergence_kwargs={"beta": 0.3}, alpha=0.4, temperature=2.0,
+              scale_t2=True, normalizer=13, chunk_size=chunk_size)
+    (lc, sc, gc), (lu, su, gu) = _both(hidden, head, leaves, labels, _teacher(teacher_kind), **kw)
+    assert lc.dtype == torch.float32 and lc.shape == ()
+    torch.testing.assert_close(lc, lu, rtol=1e-5, atol=1e-6)
+    for key in ("ce_sum", "kd_sum", "n_tokens"):
+        torch.testing.assert_close(sc[key], su[key], rtol=1e-5, atol=1e-6)
+        assert not sc[key].requires_grad
+    assert float(sc["n_tokens"]) == N - 2
+    for a, b in zip(gc, gu):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl",
+                                  "total_variation", "alpha_beta_divergence", "adaptive_kl"])
+def test_chunked_equals_unchunked_for_every_divergence(name):
+    hidden, head, leaves = _student("bias")
+    kw = dict(divergence=name, alpha=0.0, temperature=1.5, normalizer=9, chunk_size=4)
+    (lc, _, gc), (lu, _, gu) = _both(hidden, head, leaves, _labels(), _teacher("logits"), **kw)
+    torch.testing.assert_close(lc, lu, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gc, gu):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "adaptive_kl", "alpha_beta_divergence"])
+def test_unchunked_matches_float64_reference(name):
+    """The unchunked path itself against the loss written from its definition."""
+    hidden, head, leaves = _student("softcap_scale")
+    labels, teacher = _labels(), _teacher("logits")
+    params = {"alpha": 0.2, "beta": 0.7} if name == "alpha_beta_divergence" else {}
+    kw = dict(alpha=0.3, temperature=2.5, scale_t2=True, normalizer=20)
+    for fn in (unchunked_kd_loss, chunked_kd_loss):
+        loss, _ = fn(hidden, head, labels, teacher, divergence=name, divergence_kwargs=params, chunk_size=4, **kw)
+        leaves64 = [x.detach().double().requires_grad_(True) for x in leaves]
+        h64, w64, b64 = leaves64
+        ref = reference_kd_loss(h64, w64, b64, labels, teacher.logits.double(), name=name, params=params,
+                                logit_scale=2.5, softcap=3.0, **kw)
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
+        for g, r in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(ref, leaves64)):
+            torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-7)
+
+
+def test_masked_rows_add_nothing():
+    hidden, head, (h, w) = _student("plain")
+    labels, teacher = _labels(), _teacher("logits")
+    keep = (labels != -100).nonzero().squeeze(-1)
+    # garbage in the masked rows must not matter, even NaN in the teacher
+    teacher.logits[2] = float("nan")
+    loss, _ = chunked_kd_loss(hidden, head, labels, teacher, alpha=0.5, normalizer=9, chunk_size=3)
+    gh, gw = torch.autograd.grad(loss, [h, w])
+    h2 = h.detach()[keep].requires_grad_(True)
+    loss2, _ = chunked_kd_loss(h2, head, labels[keep], teacher.rows(keep), alpha=0.5, normalizer=9, chunk_size=3)
+    gh2, gw2 = torch.autograd.grad(loss2, [h2, w])
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(gw, gw2)
+    torch.testing.assert_close(gh[keep], gh2)
+    assert (gh[[2, 7]] == 0).all()
+
+
+@pytest.mark.parametrize("n", [0, N])
+@pytest.mark.parametrize("fn", [chunked_kd_loss, unchunked_kd_loss])
+def test_all_masked_gives_zero_not_nan(fn, n):
+    h = _rand(n, H, seed=1).requires_grad_(True)
+    w = torch.nn.Parameter(_rand(V, H, seed=2))
+    labels = torch.full((n,), -100, dtype=torch.long)
+    for normalizer in (0, 0.0, torch.tensor(0)):
+        loss, stats = fn(h, Head(weight=w), labels, _teacher("logits", n=n), alpha=0.5, normalizer=normalizer)
+        assert loss.requires_grad and float(loss.detach()) == 0.0 and float(stats["n_tokens"]) == 0
+        gh, gw = torch.autograd.grad(loss, [h, w])
+        assert (gh == 0).all() and (gw == 0).all()
+
+
+def test_gradient_accumulation_with_global_normalizer():
+    h, head, (_, w, b) = _student("bias")
+    labels = _labels(masked=(1, 2, 3))  # uneven valid counts: 5 - 3 = 2 in the first half, 6 in the second
+    teacher = _teacher("logits")
+    total_valid = int((labels != -100).sum())
+    kw = dict(alpha=0.3, temperature=2.0, chunk_size=2)
+    loss, _ = chunked_kd_loss(h, head, labels, teacher, normalizer=total_valid, **kw)
+    whole = torch.autograd.grad(loss, [h, w, b])
+
+    def accumulate(per_micro_batch):
+        grads = [torch.zeros_like(x) for x in (h, w, b)]
+        for rows in (torch.arange(0, 5), torch.arange(5, N)):
+            norm = int((labels[rows] != -100).sum()) if per_micro_batch else total_valid
+            h_part = h.detach()[rows].requires_grad_(True)
+            part, _ = chunked_kd_loss(h_part, head, labels[rows], teacher.rows(rows), normalizer=norm, **kw)
+            gh, gw, gb = torch.autograd.grad(part, [h_part, w, b])
+            grads[0][rows] += gh
+            grads[1] += gw
+            grads[2] += gb
+        return grads
+
+    for a, c in zip(accumulate(False), whole):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+    # Normalizing each micro-batch by its own count (TRL #4719) gives different gradients.
+    wrong = accumulate(True)
+    assert not torch.allclose(wrong[1], whole[1], rtol=1e-3, atol=1e-5)
+    # and a tensor normalizer (as after an all-reduce) works the same as an int
+    loss_t, _ = chunked_kd_loss(h, head, labels, teacher, normalizer=torch.tensor(float(total_valid)), **kw)
+    torch.testing.assert_close(loss_t, loss)
+
+
+@pytest.mark.parametrize("teacher_kind", ["logits", "hidden"])
+def test_vocab_size_aligns_padded_teacher(teacher_kind):
+    pad = 4
+    hidden, head, leaves = _student("bias")
+    teacher = _teacher(teacher_kind, vocab=V + pad)
+    labels = _labels()
+    kw = dict(alpha=0.25, temperature=1.5, normalizer=N, chunk_size=3)
+    with pytest.raises(ValueError, match="vocab_size"):
+        chunked_kd_loss(hidden, head, labels, teacher, **kw)
+    loss, _ = chunked_kd_loss(hidden, head, labels, teacher, vocab_size=V, **kw)
+    grads = torch.autograd.grad(loss, leaves)
+    full = teacher.chunk_logits(0, N)
+    assert full.shape[-1] == V + pad
+    h64, w64, b64 = [x.detach().double().requires_grad_(True) for x in leaves]
+    ref = reference_kd_loss(h64, w64, b64, labels, full[:, :V].double(), name="forward_kl", params={},
+                            scale_t2=False, **kw_without(kw, "chunk_size"))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
+    for g, r in zip(grads, torch.autograd.grad(ref, [h64, w64, b64])):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-7)
+    # the student head may be the padded one too: only its first V rows are used and get gradient
+    w_pad = torch.nn.Parameter(torch.cat([head.weight.detach(), _rand(pad, H, seed=9)]))
+    loss_p, _ = chunked_kd_loss(hidden, Head(weight=w_pad, bias=None), labels, teacher, vocab_size=V, **kw)
+    (gw_pad,) = torch.autograd.grad(loss_p, [w_pad])
+    assert gw_pad.shape == (V + pad, H) and (gw_pad[V:] == 0).all() and gw_pad[:V].abs().sum() > 0
+
+
+def kw_without(kw, key):
+    return {k: v for k, v in kw.items() if k != key}
+
+
+@pytest.mark.parametrize("teacher_kind", ["logits", "hidden", "sparse"])
+@pytest.mark.parametrize("fn", [chunked_kd_loss, unchunked_kd_loss])
+def test_nonfinite_teacher_raises(fn, teacher_kind):
+    hidden, head, _ = _student("plain")
+    teacher = _teacher(teacher_kind)
+    if teacher_kind == "logits":
+        teacher.logits[5, 3] = float("inf")
+    elif teacher_kind == "hidden":
+        teacher.hidden[5, 0] = float("nan")
+    else:
+        teacher.logprobs[5, 1] = float("nan")
+    with pytest.raises(PotstillError, match="row 5.*float32"):
+        fn(hidden, head, _labels(), teacher, normalizer=N, chunk_size=4)
+
+
+def test_alpha_one_is_plain_cross_entropy_without_teacher():
+    hidden, head, leaves = _student("bias")
+    labels = _labels()
+    loss, stats = chunked_kd_loss(hidden, head, labels, None, alpha=1.0, normalizer=9, chunk_size=4)
+    logits = hidden @ head.weight.T + head.bias
+    ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / 9
+    torch.testing.assert_close(loss, ce)
+    assert float(stats["kd_sum"]) == 0.0
+    for g, r in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(ce, leaves)):
+        torch.testing.assert_close(g, r)
+    # a teacher that is there but broken is never read at alpha = 1
+    broken = DenseSignal(logits=torch.full((N, V), float("nan")))
+    loss_b, _ = chunked_kd_loss(hidden, head, labels, broken, alpha=1.0, normalizer=9)
+    torch.testing.assert_close(loss_b, loss)
+
+
+def test_input_validation():
+    hidden, head, _ = _student("plain")
+    labels, teacher = _labels(), _teacher("logits")
+    with pytest.raises(ValueError, match="teacher signal is required"):
+        chunked_kd_loss(hidden, head, labels, None, alpha=0.5, normalizer=1)
+    with pytest.raises(ValueError, match="rows must align"):
+        chunked_kd_loss(hidden, head, labels, _teacher("logits", n=N - 1), normalizer=1)
+    with pytest.raises(ValueError, match="labels"):
+        chunked_kd_loss(hidden, head, labels[:-1], teacher, normalizer=1)
+    with pytest.raises(ValueError, match="labels"):
+        chunked_kd_loss(hidden, head, torch.full((N,), V), teacher, normalizer=1)
+    with pytest.raises(ValueError, match="hidden size"):
+        chunked_kd_loss(hidden[:, :3], head, labels, teacher, normalizer=1)
+    with pytest.raises(ValueError, match="alpha"):
+        chunked_kd_loss(hidden, head, labels, teacher, alpha=1.5, normalizer=1)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        chunked_kd_loss(hidden, head, labels, teacher, divergence="kl", normalizer=1)
+
+
+def test_never_asks_teacher_for_more_than_a_chunk():
+    seen = []
+
+    class Recording(DenseSignal):
+        def chunk_logits(self, start, end, vocab_size=None):
+            seen.append(end - start)
+            return super().chunk_logits(start, end, vocab_size)
+
+    hidden, head, _ = _student("plain")
+    t = _teacher("logits")
+    loss, _ = chunked_kd_loss(hidden, head, _labels(), Recording(logits=t.logits), normalizer=N, chunk_size=3)
+    loss.backward()
+    assert seen and max(seen) <= 3 and sum(seen) == N
+
+
+def test_bf16_inputs_give_bf16_grads_close_to_fp32():
+    hidden, head, (h, w, b) = _student("bias")
+    labels, teacher = _labels(), _teacher("logits")
+    kw = dict(alpha=0.5, temperature=2.0, normalizer=9, chunk_size=4)
+    loss, _ = chunked_kd_loss(h, head, labels, teacher, **kw)
+    ref = torch.autograd.grad(loss, [h, w, b])
+    hb = h.detach().bfloat16().requires_grad_(True)
+    wb = w.detach().bfloat16().requires_grad_(True)
+    bb = b.detach().bfloat16().requires_grad_(True)
+    tb = DenseSignal(logits=teacher.logits.bfloat16())
+    loss_b, _ = chunked_kd_loss(hb, Head(weight=wb, bias=bb), labels, tb, **kw)
+    grads = torch.autograd.grad(loss_b, [hb, wb, bb])
+    assert loss_b.dtype == torch.float32
+    torch.testing.assert_close(loss_b, loss, rtol=3e-2, atol=3e-2)
+    for g, r in zip(grads, ref):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), r, rtol=5e-2, atol=2e-2)
+
+
+def test_backward_scales_by_upstream_gradient_and_no_grad_mode():
+    hidden, head, leaves = _student("bias")
+    labels, teacher = _labels(), _teacher("sparse")
+    loss, _ = chunked_kd_loss(hidden, head, labels, teacher, normalizer=9, chunk_size=4)
+    g1 = torch.autograd.grad(loss, leaves)
+    loss, _ = chunked_kd_loss(hidden, head, labels, teacher, normalizer=9, chunk_size=4)
+    g3 = torch.autograd.grad(loss * 3.0, leaves)
+    for a, c in zip(g1, g3):
+        torch.testing.assert_close(3.0 * a, c)
+    with torch.no_grad():
+        loss_ng, _ = chunked_kd_loss(hidden, head, labels, teacher, normalizer=9, chunk_size=4)
+    assert not loss_ng.requires_grad
+    torch.testing.assert_close(loss_ng, loss.detach())

@@ -1,0 +1,37 @@
+"""Train one SGD step of KD on a fixed global batch of 8; write the student's weights.
+
+Run single-process (batch 8) or under ``accelerate launch --num_processes 2 --cpu``
+(2 processes x 2 examples x 2 accumulation steps = the same global batch of 8).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from conftest import _tiny_llama, make_tiny_tokenizer  # noqa: E402
+from kd.test_logit import cfg, dataset  # noqa: E402
+from potstill.kd import KDTrainer  # noqa: E402
+
+
+def main(out: str, per_device: int, accum: int) -> None:
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    tok = make_tiny_tokenizer()
+    teacher = _tiny_llama(tok, layers=2, hidden=64, heads=4, kv_heads=2, seed=0)
+    student = _tiny_llama(tok, layers=1, hidden=32, heads=2, kv_heads=1, seed=1)
+    args = cfg(Path(out), per_device_train_batch_size=per_device, gradient_accumulation_steps=accum, alpha=0.2,
+               max_steps=1, ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
+    tr = KDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset(tok), processing_class=tok)
+    tr.train()
+    if tr.accelerator.is_main_process:
+        model = tr.accelerator.unwrap_model(tr.model)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "student.safetensors"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -1,0 +1,40 @@
+"""Two CPU processes under ``accelerate launch`` (gloo) equal one process on the same global batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_single_process(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single.mkdir(), multi.mkdir()
+    r1 = subprocess.run([sys.executable, str(HERE / "ddp_train.py"), str(single), "8", "1"], env=env,
+                        capture_output=True, text=True, timeout=300)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    # `--multi_gpu` is accelerate's torchrun path; on a machine without GPUs the script's `use_cpu=True` and
+    # `ddp_backend="gloo"` make it 2 CPU processes (accelerate's `--cpu` multi-process path needs MPI).
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+              str(HERE / "ddp_train.py"), str(multi), "2", "2"]
+    r2 = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a = load_file(single / "student.safetensors")
+    b = load_file(multi / "student.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs between 1 and 2 processes")
+    sys.path.insert(0, str(HERE.parent))
+    from conftest import _tiny_llama, make_tiny_tokenizer
+
+    init = _tiny_llama(make_tiny_tokenizer(), layers=1, hidden=32, heads=2, kv_heads=1, seed=1).state_dict()
+    moved = [k for k in a if not torch.equal(a[k], init[k])]
+    assert len(moved) >= len(a) // 2, "the step must actually train the student"

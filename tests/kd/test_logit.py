@@ -1,0 +1,176 @@
+"""KDTrainer: the loss it optimizes, global normalization, SFT baseline, LoRA, frozen teacher."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+
+from potstill.data import PadCollator, encode_example
+from potstill.errors import PotstillError
+from potstill.kd import KDConfig, KDTrainer
+
+PAIRS = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("What is two plus two?", "Four."),
+    ("Write a poem about the sea.", "The sea is blue and the waves are loud at night, so we walk to the park."),
+    ("How many days are in a week?", "Seven."),
+    ("Explain why the sky is blue.", "Light from the sun is scattered by the air."),
+    ("Count from one to ten:", "one, two, three, four, five, six, seven, eight, nine, ten"),
+    ("Translate hello into Spanish:", "hola"),
+    ("Please answer the question in one short sentence.", "Sure, here is a short answer."),
+]
+
+
+def encoded(tok):
+    return [encode_example(tok, [{"role": "user", "content": p}], r, 128) for p, r in PAIRS]
+
+
+def dataset(tok):
+    return Dataset.from_list([{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encoded(tok)])
+
+
+def cfg(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.1,
+                optim="sgd", lr_scheduler_type="constant", report_to="none", save_strategy="no", use_cpu=True,
+                logging_steps=1, seed=0, data_seed=0, disable_tqdm=True, dataloader_drop_last=False)
+    base.update(kw)
+    return KDConfig(**base)
+
+
+def ref_loss(student, teacher, batch, alpha, T=1.0):
+    """Independent reference: full logits, torch's own kl_div / cross_entropy, mean over valid tokens."""
+    s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    y = batch["labels"][:, 1:]
+    valid = y != -100
+    ce = F.cross_entropy(s[valid], y[valid], reduction="sum")
+    if alpha == 1.0:
+        return ce / valid.sum()
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    kl = F.kl_div(F.log_softmax(s[valid] / T, -1), F.log_softmax(t[valid] / T, -1), log_target=True, reduction="sum")
+    return (alpha * ce + (1 - alpha) * kl) / valid.sum()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_loss_matches_full_logit_reference(tiny_llama_pair, tmp_path, alpha):
+    teacher, student, tok = tiny_llama_pair
+    trainer = KDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, alpha=alpha, chunk_size=7),
+                        train_dataset=dataset(tok), processing_class=tok)
+    batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
+    student.train()
+    got = trainer.compute_loss(student, batch)
+    want = ref_loss(student, teacher, batch, alpha)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_sft_baseline_equals_hf_causal_lm_loss_and_runs_no_teacher(tiny_llama_pair, tmp_path):
+    teacher, student, tok = tiny_llama_pair
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    trainer = KDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, alpha=1.0),
+                        train_dataset=dataset(tok), processing_class=tok)
+    batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
+    got = trainer.compute_loss(student, batch)
+    hf = student(**batch).loss
+    torch.testing.assert_close(got, hf, rtol=1e-5, atol=1e-6)
+    trainer.train()
+    assert calls == [], "the SFT baseline must not run the teacher"
+
+
+def _grads_after_one_sgd_step(student, teacher, tok, tmp_path, **kw):
+    before = copy.deepcopy(student.state_dict())
+    tr = KDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, **kw), train_dataset=dataset(tok),
+                   processing_class=tok)
+    tr.train()
+    after = tr.model.state_dict()
+    lr = kw.get("learning_rate", 0.1)
+    return {k: (before[k] - after[k]) / lr for k in before}
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_llama_pair, tmp_path):
+    """GA over micro-batches of unequal token counts gives the big batch's gradient (TRL #4719)."""
+    teacher, student, tok = tiny_llama_pair
+    ex = encoded(tok)
+    counts = [sum(x != -100 for x in e["labels"][1:]) for e in ex]
+    assert counts[0] + counts[1] != counts[2] + counts[3], "micro-batches must differ in token count"
+    g_big = _grads_after_one_sgd_step(copy.deepcopy(student), teacher, tok, tmp_path / "a",
+                                      per_device_train_batch_size=8, gradient_accumulation_steps=1, alpha=0.2)
+    g_acc = _grads_after_one_sgd_step(copy.deepcopy(student), teacher, tok, tmp_path / "b",
+                                      per_device_train_batch_size=2, gradient_accumulation_steps=4, alpha=0.2)
+    for k in g_big:
+        torch.testing.assert_close(g_acc[k], g_big[k], rtol=1e-4, atol=1e-6)
+    # The test can fail: a per-micro-batch mean gives a different gradient here.
+    batch = PadCollator(tok.pad_token_id)(ex)
+    s = copy.deepcopy(student).train()
+    w = s.model.embed_tokens.weight
+    big = ref_loss(s, teacher, batch, 0.2)
+    (gb,) = torch.autograd.grad(big, w)
+    per_micro = sum(ref_loss(s, teacher, PadCollator(tok.pad_token_id)(ex[i:i + 2]), 0.2) for i in range(0, 8, 2)) / 4
+    (gm,) = torch.autograd.grad(per_micro, w)
+    assert not torch.allclose(gb, gm, rtol=1e-3, atol=1e-6)
+
+
+def test_teacher_is_frozen_and_unchanged(tiny_llama_pair, tmp_path):
+    teacher, student, tok = tiny_llama_pair
+    teacher.train()
+    t0 = copy.deepcopy(teacher.state_dict())
+    s0 = copy.deepcopy(student.state_dict())
+    tr = KDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, max_steps=2), train_dataset=dataset(tok),
+                   processing_class=tok)
+    tr.train()
+    assert not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t0.items())
+    assert any(not torch.equal(v, tr.model.state_dict()[k]) for k, v in s0.items()), "the student must change"
+
+
+def test_lora_student_trains_only_the_adapter(tiny_llama_pair, tmp_path):
+    from peft import LoraConfig
+
+    teacher, student, tok = tiny_llama_pair
+    base = copy.deepcopy(student.state_dict())
+    tr = KDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, max_steps=2, learning_rate=0.5),
+                   train_dataset=dataset(tok), processing_class=tok,
+                   peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                                          init_lora_weights=False))
+    trainable = [n for n, p in tr.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    lora0 = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+    tr.train()
+    assert any(not torch.equal(lora0[n], p) for n, p in tr.model.named_parameters() if p.requires_grad)
+    merged = tr.model.merge_and_unload()
+    unchanged = [k for k in base if "q_proj" not in k and "v_proj" not in k]
+    assert all(torch.equal(base[k], merged.state_dict()[k]) for k in unchanged)
+
+
+def test_teacher_with_padding_rows_aligns(tiny_llama_pair, tmp_path):
+    """Vocabularies that differ only by padding rows are aligned on the real tokens."""
+    teacher, student, tok = tiny_llama_pair
+    padded = copy.deepcopy(teacher)
+    padded.resize_token_embeddings(len(tok) + 13)
+    with torch.no_grad():
+        padded.lm_head.weight[len(tok):] = 5.0  # padding rows that would dominate if not dropped
+    batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
+    with pytest.warns(UserWarning, match="padding"):
+        tr = KDTrainer(model=student, teacher_model=padded, args=cfg(tmp_path), train_dataset=dataset(tok),
+                       processing_class=tok)
+    assert tr.vocab_size == len(tok)
+    got = tr.compute_loss(student, batch)
+    want = ref_loss(student, teacher, batch, 0.0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_required_unless_sft(tiny_llama_pair, tmp_path):
+    _, student, tok = tiny_llama_pair
+    with pytest.raises(PotstillError, match="needs a teacher"):
+        KDTrainer(model=student, args=cfg(tmp_path, alpha=0.5), train_dataset=dataset(tok), processing_class=tok)
+
+
+@pytest.mark.parametrize("bad", [dict(alpha=1.5), dict(divergence="kl_typo"), dict(temperature=0.0)])
+def test_config_rejects_bad_values(tmp_path, bad):
+    with pytest.raises(PotstillError):
+        cfg(tmp_path, **bad)
