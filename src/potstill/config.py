@@ -68,8 +68,8 @@ StudentConfig = Annotated[
 
 class DemoData(_Strict):
     kind: Literal["demo"] = "demo"
-    num_prompts: int = Field(240, ge=2, description="How many of the embedded prompts to use.")
-    max_new_tokens: int = Field(48, ge=1, description="Length cap of the teacher's cached responses.")
+    num_prompts: int = Field(200, ge=2, description="How many of the embedded prompts to use.")
+    max_new_tokens: int = Field(40, ge=1, description="Length cap of the teacher's cached responses.")
 
 
 class FileData(_Strict):
@@ -171,14 +171,14 @@ class LoraConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    max_steps: int = Field(60, ge=1, description="Optimizer steps per run (equal across runs).")
+    max_steps: int = Field(40, ge=1, description="Optimizer steps per run (equal across runs).")
     batch_size: int = Field(8, ge=1, description="Per-device micro-batch size.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     seed: int = Field(0, description="Training seed (data order, init of random students).")
-    chunk_size: int = Field(1024, ge=1, description="Token rows per chunk in the fused lm_head + loss reducer.")
+    chunk_size: int = Field(256, ge=1, description="Token rows per chunk in the fused lm_head + loss reducer.")
     lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
     logging_steps: int = Field(5, ge=1, description="Log the loss every N steps (loss curves).")
 
@@ -204,12 +204,12 @@ def _default_runs() -> list[RunConfig]:
     return [
         RunConfig(name="sft", alpha=1.0),
         RunConfig(name="kd_forward_kl", alpha=0.0, divergence=ForwardKL()),
-        RunConfig(name="kd_skew_reverse_kl", alpha=0.0, divergence=SkewReverseKL(alpha=0.1)),
+        RunConfig(name="kd_adaptive_kl", alpha=0.0, divergence=AdaptiveKL(mu=0.5)),
     ]
 
 
 class EvalConfig(_Strict):
-    max_new_tokens: int = Field(48, ge=1, description="Greedy generation length for ROUGE-L and tokens/s.")
+    max_new_tokens: int = Field(32, ge=1, description="Greedy generation length for ROUGE-L and tokens/s.")
     batch_size: int = Field(8, ge=1, description="Evaluation batch size.")
     include_untrained: bool = Field(True, description="Also evaluate the student before training.")
 
@@ -265,6 +265,19 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _default_at(path: list[str]) -> Any:
+    """The embedded default's value at ``path`` (so ``runs.1.alpha=...`` works on a recipe without runs)."""
+    node: Any = Recipe().model_dump(mode="json")
+    for part in path:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return {}
+    return node if isinstance(node, (dict, list)) else {}
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides:
         path, value = parse_override(item)
@@ -276,7 +289,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 node = node[int(part)]
             else:
                 if part not in node or node[part] is None:
-                    node[part] = {}
+                    node[part] = _default_at(path[: i + 1])
                 node = node[part]
         last = path[-1]
         if isinstance(node, list):

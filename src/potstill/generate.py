@@ -1,13 +1,15 @@
-"""Batched generation with the KV cache (left padding, stop on EOS).
+"""Batched generation with the KV cache (left padding, stop on EOS): the one engine.
 
-Generation temperature is a sampling parameter and has nothing to do with the
-distillation temperature of :mod:`potstill.kd`.
+Used for the teacher's cached answers and for evaluation. Generation temperature is a
+sampling parameter and has nothing to do with the distillation temperature of
+:mod:`potstill.kd`.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -15,21 +17,23 @@ from tqdm.auto import tqdm
 
 @dataclass
 class Generations:
-    """``token_ids[i]``: the new tokens of prompt ``i`` (EOS and anything after it removed)."""
+    """``token_ids[i]``: the new tokens of prompt ``i``, EOS and anything after it removed.
+
+    ``num_tokens`` counts generated tokens up to and including the first EOS (padding
+    after it is not counted); ``seconds`` is the timed generation wall time.
+    """
 
     token_ids: list[list[int]]
+    num_tokens: int
     seconds: float
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(t) for t in self.token_ids)
 
     @property
     def tokens_per_s(self) -> float:
         return self.num_tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
+    """The tokenizer's EOS plus the model's ``generation_config.eos_token_id`` (int or list)."""
     ids: set[int] = set()
     for src in (getattr(model, "generation_config", None), tokenizer):
         e = getattr(src, "eos_token_id", None)
@@ -40,7 +44,30 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-@torch.inference_mode()
+def pad_id(tokenizer) -> int:
+    p = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if p is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+    return int(p)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded so that each ends at the last column, where generation starts."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -52,47 +79,65 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
+    sort_by_length: bool = True,
+    warmup: bool = False,
     progress: bool = True,
     desc: str = "generate",
+    on_batch: Callable[[], None] | None = None,
 ) -> Generations:
-    """Generate continuations of tokenized ``prompts`` (each a list of ids).
+    """Continue each tokenized prompt; returns the new tokens in the input order.
 
-    Prompts are sorted by length into batches (less padding), left-padded, run with the
-    KV cache, and returned in the input order. Greedy unless ``do_sample``.
+    Prompts are (optionally) sorted by length into batches, so less padding is computed,
+    left-padded and run with the KV cache. Greedy unless ``do_sample``. ``warmup`` runs
+    one untimed 2-token call first so that tokens/s does not favour whichever model is
+    timed second. ``no_grad`` rather than ``inference_mode``: buffers that models build
+    lazily (rotary caches) would otherwise become inference tensors and break training.
     """
+    from transformers import GenerationConfig
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = _eos_ids(model, tokenizer)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    pad = pad_id(tokenizer)
+    eos = eos_ids(model, tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if sort_by_length else list(range(len(prompts)))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        num_beams=1,
+        eos_token_id=sorted(eos) if eos else None,
+        pad_token_id=pad,
+        use_cache=True,
+        **({"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}),
+    )
     out: list[list[int]] = [[] for _ in prompts]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    start = time.perf_counter()
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        n = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), n), dtype=torch.long)
-        for r, i in enumerate(idx):
-            p = prompts[i]
-            ids[r, n - len(p) :] = torch.as_tensor(p, dtype=torch.long)
-            mask[r, n - len(p) :] = 1
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad)
-        if eos:
-            kwargs["eos_token_id"] = sorted(eos)
+    num_tokens, seconds = 0, 0.0
+    try:
+        if warmup and batches and max_new_tokens > 0:
+            ids, mask = left_pad([prompts[i] for i in batches[0]], pad, device)
+            warm = GenerationConfig(**{**config.to_dict(), "max_new_tokens": min(2, max_new_tokens)})
+            model.generate(input_ids=ids, attention_mask=mask, generation_config=warm)
         if do_sample:
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        new = seqs[:, n:].tolist()
-        for r, i in enumerate(idx):
-            toks = new[r]
-            cut = next((j for j, t in enumerate(toks) if t in eos), None)
-            out[i] = toks[:cut] if cut is not None else toks
-    seconds = time.perf_counter() - start
-    if was_training:
-        model.train()
-    return Generations(out, seconds)
+            torch.manual_seed(seed)
+        for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            if max_new_tokens == 0:
+                if on_batch:
+                    on_batch()
+                continue
+            ids, mask = left_pad([prompts[i] for i in idx], pad, device)
+            _sync(device)
+            t0 = time.perf_counter()
+            seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            _sync(device)
+            seconds += time.perf_counter() - t0
+            for r, new in zip(idx, seqs[:, ids.shape[1]:].tolist()):
+                cut = next((j for j, t in enumerate(new) if t in eos), None)
+                num_tokens += len(new) if cut is None else cut + 1
+                out[r] = new if cut is None else new[:cut]
+            if on_batch:
+                on_batch()
+    finally:
+        if was_training:
+            model.train()
+    return Generations(out, num_tokens, seconds)

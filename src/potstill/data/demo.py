@@ -36,7 +36,7 @@ def cache_root() -> Path:
 
 
 def teacher_responses(teacher, tokenizer, teacher_id: str, prompts: list[dict], *, max_new_tokens: int,
-                      batch_size: int = 16, system_prompt: str | None = None) -> list[dict]:
+                      batch_size: int = 32, system_prompt: str | None = None) -> list[dict]:
     """``[{"messages", "response", "id"}]``: the teacher's greedy answer to each prompt, cached."""
     from ..generate import generate
     from .chat import encode_prompt

@@ -212,18 +212,23 @@ def _akl(lq: Tensor, lp: Tensor, mu: float = 0.5) -> Tensor:
     The two weights are detached (treated as constants, no gradient through the split),
     and are 1/2 each when ``p == q`` (then both KLs are 0).
     """
+    w = akl_head_weight(lq, lp, mu)
+    return w * _fkl(lq, lp) + (1.0 - w) * _rkl(lq, lp)
+
+
+@torch.no_grad()
+def akl_head_weight(lq: Tensor, lp: Tensor, mu: float = 0.5) -> Tensor:
+    """AKL's detached weight of the forward KL per position, ``g_head / (g_head + g_tail)``, ``[...]``."""
     _check_unit("mu", mu)
-    with torch.no_grad():
-        p, q = torch.exp(lp), torch.exp(lq)
-        p_sorted, order = torch.sort(p, dim=-1, descending=True)
-        before = torch.cumsum(p_sorted, dim=-1) - p_sorted  # mass strictly above each outcome
-        head_sorted = before < mu
-        head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
-        gap = (p - q).abs()
-        g_head = torch.where(head, gap, torch.zeros((), dtype=gap.dtype, device=gap.device)).sum(-1)
-        g_total = gap.sum(-1)
-        w_head = torch.where(g_total > 0, g_head / g_total.clamp_min(torch.finfo(gap.dtype).tiny), 0.5)
-    return w_head * _fkl(lq, lp) + (1.0 - w_head) * _rkl(lq, lp)
+    p, q = torch.exp(lp), torch.exp(lq)
+    p_sorted, order = torch.sort(p, dim=-1, descending=True)
+    before = torch.cumsum(p_sorted, dim=-1) - p_sorted  # mass strictly above each outcome
+    head_sorted = before < mu
+    head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
+    gap = (p - q).abs()
+    g_head = torch.where(head, gap, torch.zeros((), dtype=gap.dtype, device=gap.device)).sum(-1)
+    g_total = gap.sum(-1)
+    return torch.where(g_total > 0, g_head / g_total.clamp_min(torch.finfo(gap.dtype).tiny), 0.5)
 
 
 CORES: dict[DivergenceName, Core] = {

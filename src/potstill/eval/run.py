@@ -16,8 +16,6 @@ The distillation temperature plays no part here: KL is at T=1 and generation is 
 
 from __future__ import annotations
 
-import copy
-import time
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -229,65 +227,17 @@ def _teacher_forced_batch(batch, models, heads, unique, sums, pad_id, vocab, fin
 def _generate(model, tokenizer, batches, pad_id, max_new_tokens, on_batch) -> tuple[list[str], int, float]:
     """Greedy generation for every example -> ``(texts, generated token count, seconds)``.
 
-    Counted tokens run up to and including the first EOS (padding after it is not counted);
-    the text is decoded without the EOS and without special tokens.
+    Runs :func:`potstill.generate.generate` over the same batches (no re-sorting, one untimed
+    warm-up); the text is decoded without EOS and special tokens.
     """
-    from transformers import GenerationConfig
+    from ..generate import generate
 
-    eos_ids = _eos_ids(model, tokenizer)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=sorted(eos_ids) if eos_ids else None,
-        pad_token_id=pad_id,
-        use_cache=True,
-    )
-    dev = _device(model)
-    if max_new_tokens > 0:
-        # Untimed warm-up (kernel selection, allocator, lazy init) so that tokens/s does
-        # not favour whichever model happens to be timed second.
-        ids, mask, _ = _left_padded(batches[0], pad_id, dev)
-        model.generate(input_ids=ids, attention_mask=mask, generation_config=_replace_new_tokens(config, 2))
-    texts: list[str] = []
-    total_tokens = 0
-    seconds = 0.0
-    for batch in batches:
-        input_ids, attention_mask, width = _left_padded(batch, pad_id, dev)
-        if max_new_tokens == 0:
-            texts.extend("" for _ in batch)
-            on_batch()
-            continue
-        _sync(dev)
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        _sync(dev)
-        seconds += time.perf_counter() - t0
-        for new in out[:, width:].tolist():
-            cut = next((j for j, tok in enumerate(new) if tok in eos_ids), None)
-            total_tokens += len(new) if cut is None else cut + 1
-            kept = new if cut is None else new[:cut]
-            texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
-        on_batch()
-    return texts, total_tokens, seconds
-
-
-def _left_padded(batch, pad_id: int, dev) -> tuple[Tensor, Tensor, int]:
-    """Prompts left-padded so that every prompt ends at the last column (where generation starts)."""
-    prompts = [ex["prompt_ids"] for ex in batch]
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        input_ids[row, width - len(p) :] = torch.tensor(p)
-        attention_mask[row, width - len(p) :] = 1
-    return input_ids.to(dev), attention_mask.to(dev), width
-
-
-def _replace_new_tokens(config, max_new_tokens: int):
-    config = copy.deepcopy(config)
-    config.max_new_tokens = min(max_new_tokens, config.max_new_tokens)
-    return config
+    prompts = [ex["prompt_ids"] for batch in batches for ex in batch]
+    gen = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                   batch_size=max((len(b) for b in batches), default=1), sort_by_length=False, warmup=True,
+                   progress=False, on_batch=on_batch)
+    texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in gen.token_ids]
+    return texts, gen.num_tokens, gen.seconds
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -333,23 +283,8 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value is not None:
-            ids.update(int(v) for v in value)
-    return ids
-
-
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _ratio(num: float, den: int) -> float:

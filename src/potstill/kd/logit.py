@@ -38,7 +38,7 @@ class KDConfig(TrainingArguments):
     divergence_kwargs: dict | None = field(default=None, metadata={"help": "Parameters of the divergence (beta, alpha, mu...)."})
     temperature: float = field(default=1.0, metadata={"help": "Distillation temperature (not the generation temperature)."})
     scale_t2: bool = field(default=False, metadata={"help": "Multiply the divergence term by T^2."})
-    chunk_size: int = field(default=1024, metadata={"help": "Token rows per chunk of the fused lm_head + loss."})
+    chunk_size: int = field(default=256, metadata={"help": "Token rows per chunk of the fused lm_head + loss."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep dataset columns (the collator picks)."})
 
     def __post_init__(self):
