@@ -145,11 +145,13 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
 
 
 def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train_examples: list[dict],
-              out_dir: Path, device: torch.device, vocab_size: int | None) -> tuple[Any, list[tuple[int, float]]]:
+              out_dir: Path, device: torch.device, vocab_size: int | None,
+              memo=None) -> tuple[Any, list[tuple[int, float]]]:
     """Train one student; write it atomically to ``out_dir`` and return it with its loss curve."""
     from datasets import Dataset
 
     from .kd import KDTrainer
+    from .signals import OnlineTeacher
 
     peft_config = None
     if recipe.train.lora is not None:
@@ -163,6 +165,7 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         trainer = KDTrainer(
             model=student,
             teacher_model=teacher if run.alpha < 1 else None,
+            signal_source=OnlineTeacher(teacher.to(device), memo=memo) if run.alpha < 1 else None,
             args=kd_config(recipe, run, tmp, device),
             train_dataset=ds,
             processing_class=tokenizer,
@@ -274,6 +277,10 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
     init_state = copy.deepcopy(prep.student0.state_dict())
     students: dict[str, Any] = {}
     curves: dict[str, list] = {}
+    # Every run sees the same batches in the same order: the teacher's forward is paid once.
+    from .signals import TeacherMemo
+
+    memo = TeacherMemo()
     for run in recipe.runs:
         run_dir = out / "runs" / run.name
         done = load_finished(run_dir, prep.device)
@@ -284,7 +291,7 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
         student = copy.deepcopy(prep.student0)
         student.train()
         model, curve = train_run(recipe, run, student, prep.teacher, prep.tokenizer, prep.train_examples, run_dir,
-                                 prep.device, prep.vocab_size)
+                                 prep.device, prep.vocab_size, memo=memo)
         students[run.name], curves[run.name] = model, curve
     if recipe.eval.include_untrained:
         students = {"student_init": prep.student0, **students}

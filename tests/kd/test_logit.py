@@ -174,3 +174,30 @@ def test_teacher_required_unless_sft(tiny_llama_pair, tmp_path):
 def test_config_rejects_bad_values(tmp_path, bad):
     with pytest.raises(PotstillError):
         cfg(tmp_path, **bad)
+
+
+def test_teacher_memo_pays_the_teacher_once_and_changes_nothing(tiny_llama_pair, tmp_path):
+    """Two runs on the same batches: the second reads the memo (no teacher forward) and trains identically."""
+    from potstill.signals import OnlineTeacher, TeacherMemo
+
+    teacher, student, tok = tiny_llama_pair
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    memo = TeacherMemo()
+
+    def run(sub, source):
+        tr = KDTrainer(model=copy.deepcopy(student), teacher_model=teacher, args=cfg(tmp_path / sub, max_steps=3,
+                       per_device_train_batch_size=2), train_dataset=dataset(tok), processing_class=tok,
+                       signal_source=source)
+        tr.train()
+        return tr.model.state_dict()
+
+    plain = run("plain", None)
+    n_plain = len(calls)
+    first = run("first", OnlineTeacher(teacher, memo=memo))
+    assert len(calls) == 2 * n_plain and memo.hits == 0
+    second = run("second", OnlineTeacher(teacher, memo=memo))
+    assert len(calls) == 2 * n_plain, "the second run must not run the teacher"
+    assert memo.hits == 3
+    for k in plain:
+        assert torch.equal(plain[k], first[k]) and torch.equal(first[k], second[k])

@@ -1,6 +1,6 @@
 """What the teacher says: typed signals behind one interface, ``source.signal(batch)``."""
 
-from .online import OnlineTeacher, SignalSource, target_index, target_rows
+from .online import OnlineTeacher, SignalSource, TeacherMemo, target_index, target_rows
 from .types import DenseSignal, Head, Signal, SparseSignal, apply_head
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "Signal",
     "SignalSource",
     "SparseSignal",
+    "TeacherMemo",
     "apply_head",
     "target_index",
     "target_rows",

@@ -41,12 +41,13 @@ class OnlineTeacher:
     reducer projects them chunk by chunk, so ``[n, V]`` teacher logits never exist whole.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, memo: "TeacherMemo | None" = None):
         from ..models import output_head
 
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.head = output_head(self.model)
+        self.memo = memo
 
     def to(self, device) -> "OnlineTeacher":
         self.model.to(device)
@@ -59,8 +60,57 @@ class OnlineTeacher:
     def signal(self, batch: dict[str, Tensor]) -> DenseSignal:
         from ..models import final_hidden
 
+        key = None
+        if self.memo is not None:
+            key = self.memo.key(batch)
+            rows = self.memo.get(key, batch["labels"].device)
+            if rows is not None:
+                return DenseSignal(hidden=rows, head=self.head)
         if self.model.training:  # someone called .train() on the shared module
             self.model.eval()
         hidden = final_hidden(self.model, batch["input_ids"], batch["attention_mask"])
-        index = target_index(batch["labels"])
-        return DenseSignal(hidden=target_rows(hidden, index), head=self.head)
+        rows = target_rows(hidden, target_index(batch["labels"]))
+        if self.memo is not None:
+            self.memo.put(key, rows)
+        return DenseSignal(hidden=rows, head=self.head)
+
+
+class TeacherMemo:
+    """The teacher's final hidden states of the target rows, kept in memory by batch content.
+
+    Several students trained on the same batches (the runs of one recipe) then pay the
+    teacher's forward once: the head is still applied chunk by chunk, so the signal is
+    exactly the online one. Entries are keyed by a hash of the batch tensors and stored
+    on the CPU; past ``max_bytes`` new batches are simply not memoized.
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self._rows: dict[str, Tensor] = {}
+
+    @staticmethod
+    def key(batch: dict[str, Tensor]) -> str:
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        for name in ("input_ids", "attention_mask", "labels"):
+            t = batch[name].detach().to("cpu", torch.long).contiguous()
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+    def get(self, key: str, device) -> Tensor | None:
+        rows = self._rows.get(key)
+        if rows is None:
+            return None
+        self.hits += 1
+        return rows.to(device)
+
+    def put(self, key: str, rows: Tensor) -> None:
+        size = rows.numel() * rows.element_size()
+        if key in self._rows or self.bytes + size > self.max_bytes:
+            return
+        self._rows[key] = rows.detach().to("cpu", copy=True)
+        self.bytes += size
