@@ -69,7 +69,7 @@ StudentConfig = Annotated[
 class DemoData(_Strict):
     kind: Literal["demo"] = "demo"
     num_prompts: int = Field(200, ge=2, description="How many of the embedded prompts to use.")
-    max_new_tokens: int = Field(40, ge=1, description="Length cap of the teacher's cached responses.")
+    max_new_tokens: int = Field(32, ge=1, description="Length cap of the teacher's cached responses.")
 
 
 class FileData(_Strict):
@@ -204,7 +204,7 @@ def _default_runs() -> list[RunConfig]:
     return [
         RunConfig(name="sft", alpha=1.0),
         RunConfig(name="kd_forward_kl", alpha=0.0, divergence=ForwardKL()),
-        RunConfig(name="kd_adaptive_kl", alpha=0.0, divergence=AdaptiveKL(mu=0.5)),
+        RunConfig(name="kd_alpha_beta", alpha=0.0, divergence=AlphaBeta(alpha=0.9, beta=0.1)),
     ]
 
 
