@@ -274,7 +274,6 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "recipe.resolved.yaml", dump_recipe(recipe))
-    init_state = copy.deepcopy(prep.student0.state_dict())
     students: dict[str, Any] = {}
     curves: dict[str, list] = {}
     # Every run sees the same batches in the same order: the teacher's forward is paid once.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 from importlib import resources
-from pathlib import Path
 
 from ..errors import PotstillError
 from ..io import atomic_write_json
@@ -27,18 +26,11 @@ def demo_prompts(n: int | None = None) -> list[dict]:
     return rows
 
 
-def cache_root() -> Path:
-    import os
-
-    from platformdirs import user_cache_dir
-
-    return Path(os.environ.get("POTSTILL_CACHE") or user_cache_dir("potstill"))
-
-
 def teacher_responses(teacher, tokenizer, teacher_id: str, prompts: list[dict], *, max_new_tokens: int,
                       batch_size: int = 32, system_prompt: str | None = None) -> list[dict]:
     """``[{"messages", "response", "id"}]``: the teacher's greedy answer to each prompt, cached."""
     from ..generate import generate
+    from ..models.offline import cache_root
     from .chat import encode_prompt
 
     def msgs(p: dict) -> list[dict]:

@@ -24,6 +24,7 @@ from torch import Tensor
 from ..errors import PotstillError, VocabMismatchError
 from ..signals.online import target_index, target_rows
 from .metrics import count_parameters, perplexity, rouge_l, teacher_forced_stats
+from ..generate import pad_id as generation_pad_id
 from .report import GENERATIONS_KEY
 
 __all__ = [
@@ -101,7 +102,7 @@ def evaluate_runs(
     heads = {name: output_head(m) for name, m in models.items()}
     vocab = _aligned_vocab({name: h.vocab for name, h in heads.items()}, tokenizer, vocab_size)
     heads = {name: h.with_vocab(vocab) if h.vocab != vocab else h for name, h in heads.items()}
-    pad_id = _pad_id(tokenizer)
+    pad_id = generation_pad_id(tokenizer)
     # The same object under two names is run once and its rows/generations are shared.
     canonical = {name: next(n for n, m in models.items() if m is models[name]) for name in models}
     unique = [name for name in models if canonical[name] == name]
@@ -274,13 +275,6 @@ def _aligned_vocab(sizes: dict[str, int], tokenizer, vocab_size: int | None) -> 
     # The training rule (potstill.models.align_vocab): every model shares `tokenizer`, rows
     # beyond the tokenizer's token space are padding, and every head must cover that space.
     return align_vocab(tokenizer, tokenizer, sizes[TEACHER], smallest)
-
-
-def _pad_id(tokenizer) -> int:
-    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tok_id is not None:
-            return int(tok_id)
-    return 0
 
 
 def _device(model) -> torch.device:
