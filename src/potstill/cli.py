@@ -13,6 +13,9 @@ from pathlib import Path
 
 EXAMPLE = """example:
   potstill distill recipes/demo.yaml train.max_steps=20 runs.1.temperature=2.0
+  potstill cache recipes/demo_cache.yaml        # run the teacher once; then:
+  potstill distill recipes/demo_cache.yaml      # train every student from the cache
+  accelerate launch --num_processes 2 -m potstill cache recipes/demo_cache.yaml   # sharded over 2 processes
   potstill eval recipes/demo.yaml --student path/to/other_student
   potstill demo --output-dir runs/demo
 """
@@ -33,6 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("recipe", help="YAML recipe (see recipes/)")
     d.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    c = sub.add_parser("cache", help="run the recipe's teacher once over its training data and store its signal",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLE)
+    c.add_argument("recipe", help="YAML recipe with a `cache` section")
+    c.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    c.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK or 0)")
+    c.add_argument("--world-size", type=int, default=None, help="number of processes (default: $WORLD_SIZE or 1)")
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     e = sub.add_parser("eval", help="evaluate the finished students of a recipe on its held-out prompts")
     e.add_argument("recipe", help="YAML recipe whose output_dir holds finished runs")
@@ -75,6 +86,8 @@ def _run(args: argparse.Namespace) -> int:
         from .pipeline import distill
 
         metrics = distill(recipe)
+    elif args.verb == "cache":
+        return _cache(args)
     elif args.verb == "eval":
         recipe = load_recipe(args.recipe, args.overrides)
         from .pipeline import evaluate_only
@@ -85,6 +98,38 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(recipe.output_dir)
     _summary(metrics)
     print(f"report: {out / 'report.md'}  metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def _env_int(name: str, default: int) -> int:
+    import os
+
+    from .errors import PotstillError
+
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise PotstillError(f"${name}={raw!r} is not an integer; unset it or pass --rank/--world-size") from None
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from .config import load_recipe
+    from .pipeline import cache
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    rank = args.rank if args.rank is not None else _env_int("RANK", 0)
+    world = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE", 1)
+    manifest = cache(recipe, rank=rank, world_size=world)
+    if manifest is None:
+        print(f"rank {rank} of {world}: its shards are written to {recipe.cache_dir}; the last process to finish "
+              "writes the manifest")
+        return 0
+    print(f"cache: {recipe.cache_dir}  {manifest['spec']['kind']} ({manifest['spec']['dtype']})  "
+          f"{manifest['data']['num_examples']} examples, {manifest['data']['num_rows']} tokens, "
+          f"{manifest['num_shards']} shards, {manifest['bytes_per_token']:.1f} bytes/token")
     return 0
 
 

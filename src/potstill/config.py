@@ -208,6 +208,45 @@ def _default_runs() -> list[RunConfig]:
     ]
 
 
+# ------------------------------------------------------------------------------ cache
+
+
+class TopKCache(_Strict):
+    kind: Literal["topk"] = "topk"
+    k: int = Field(32, ge=1, description="Teacher log-probs kept per token (the k most likely), plus the tail mass.")
+    tail: Literal["bucket", "renormalize"] = Field(
+        "bucket", description="Tail handling: one extra outcome (bucket) or drop and renormalize (biased)."
+    )
+
+
+class SampledCache(_Strict):
+    kind: Literal["sampled"] = "sampled"
+    draws: int = Field(12, ge=1, le=255, description="Tokens drawn per position (Anshumann et al. 2025); unbiased.")
+    proposal_temperature: float = Field(
+        1.0, gt=0.0, description="Draw from the teacher at this extra temperature (importance-weighted when != 1)."
+    )
+
+
+class DenseCache(_Strict):
+    kind: Literal["dense"] = "dense"
+
+
+CacheSignalConfig = Annotated[Union[TopKCache, SampledCache, DenseCache], Field(discriminator="kind")]
+
+
+class CacheConfig(_Strict):
+    dir: str | None = Field(None, description="Cache directory; default: <output_dir>/teacher_cache.")
+    signal: CacheSignalConfig = Field(default_factory=TopKCache, description="What is stored per token.")
+    dtype: Literal["fp32", "fp16", "bf16", "int8"] = Field("fp16", description="Storage of the log-probs.")
+    temperature: float | None = Field(
+        None, gt=0.0, description="Temperature of the stored distribution; default: the runs' temperature."
+    )
+    examples_per_shard: int = Field(256, ge=1, description="Examples per shard file (the unit of resume).")
+    batch_size: int = Field(8, ge=1, description="Teacher batch size while caching.")
+    seed: int = Field(0, description="Seed of the sampled draws (per example, so any sharding gives one cache).")
+    verify: bool = Field(True, description="Check each shard's sha256 when training opens it.")
+
+
 class EvalConfig(_Strict):
     max_new_tokens: int = Field(32, ge=1, description="Greedy generation length for ROUGE-L and tokens/s.")
     batch_size: int = Field(8, ge=1, description="Evaluation batch size.")
@@ -223,6 +262,9 @@ class Recipe(_Strict):
     runs: list[RunConfig] = Field(default_factory=_default_runs, description="Students to train and compare.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
     device: str | None = Field(None, description="torch device; default: cuda if available, else cpu.")
+    cache: CacheConfig | None = Field(
+        None, description="Distill from a teacher-signal cache (`potstill cache` writes it) instead of a live teacher."
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Recipe":
@@ -232,7 +274,34 @@ class Recipe(_Strict):
             raise ValueError(f"run names must be unique, repeated: {dup}")
         if not self.runs:
             raise ValueError("`runs` is empty; add at least one run")
+        if self.cache is not None:
+            self._check_cache(self.cache)
         return self
+
+    def _check_cache(self, cache: CacheConfig) -> None:
+        kd = [r for r in self.runs if r.alpha < 1.0]
+        if cache.signal.kind == "sampled":
+            bad = [r.name for r in kd if r.divergence.name == "adaptive_kl"]
+            if bad:
+                raise ValueError(f"run(s) {bad} use adaptive_kl, which a sampled cache cannot estimate; "
+                                 "use cache.signal.kind topk or dense")
+        if cache.signal.kind == "dense":
+            return
+        temps = sorted({r.temperature for r in kd})
+        if cache.temperature is None:
+            if len(temps) > 1:
+                raise ValueError(f"the KD runs use temperatures {temps} but a {cache.signal.kind} cache holds one; "
+                                 "use one temperature or cache.signal.kind dense")
+            cache.temperature = temps[0] if temps else 1.0
+        elif any(t != cache.temperature for t in temps):
+            raise ValueError(f"cache.temperature={cache.temperature} but the KD runs use {temps}; "
+                             "make them equal (a sparse cache holds one temperature)")
+
+    @property
+    def cache_dir(self) -> Path | None:
+        if self.cache is None:
+            return None
+        return Path(self.cache.dir) if self.cache.dir else Path(self.output_dir) / "teacher_cache"
 
 
 # --------------------------------------------------------------------------- loading

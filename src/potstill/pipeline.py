@@ -41,7 +41,10 @@ DONE = "POTSTILL_DONE"
 
 def resolve_device(name: str | None) -> torch.device:
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # One GPU per process under accelerate/torchrun (LOCAL_RANK), else the first.
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -75,12 +78,14 @@ def load_pairs(recipe: Recipe, teacher, tokenizer, teacher_id: str) -> list[dict
 
 
 def encode_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """Encoded examples; ``example_id`` is the position in the list (a teacher-signal cache's key)."""
     from .data import encode_example
 
     out = []
-    for p in pairs:
+    for i, p in enumerate(pairs):
         ex = encode_example(tokenizer, p["messages"], p["response"], max_length)
         ex["reference"] = p["response"]
+        ex["example_id"] = i
         out.append(ex)
     return out
 
@@ -146,8 +151,11 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
 
 def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train_examples: list[dict],
               out_dir: Path, device: torch.device, vocab_size: int | None,
-              memo=None) -> tuple[Any, list[tuple[int, float]]]:
-    """Train one student; write it atomically to ``out_dir`` and return it with its loss curve."""
+              memo=None, source=None) -> tuple[Any, list[tuple[int, float]]]:
+    """Train one student; write it atomically to ``out_dir`` and return it with its loss curve.
+
+    ``source`` (a teacher-signal cache) replaces the live ``teacher`` during training.
+    """
     from datasets import Dataset
 
     from .kd import KDTrainer
@@ -160,12 +168,16 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         lc = recipe.train.lora
         peft_config = PeftLora(r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.dropout,
                                target_modules=lc.target_modules, task_type="CAUSAL_LM")
-    ds = Dataset.from_list([{k: ex[k] for k in ("input_ids", "attention_mask", "labels")} for ex in train_examples])
+    cols = ("input_ids", "attention_mask", "labels", "example_id")
+    ds = Dataset.from_list([{k: ex[k] for k in cols if k in ex} for ex in train_examples])
+    kd = run.alpha < 1
+    if kd and source is None:
+        source = OnlineTeacher(teacher.to(device), memo=memo)
     with tempfile.TemporaryDirectory(prefix="potstill-trainer-") as tmp:
         trainer = KDTrainer(
             model=student,
-            teacher_model=teacher if run.alpha < 1 else None,
-            signal_source=OnlineTeacher(teacher.to(device), memo=memo) if run.alpha < 1 else None,
+            teacher_model=None,
+            signal_source=source if kd else None,
             args=kd_config(recipe, run, tmp, device),
             train_dataset=ds,
             processing_class=tokenizer,
@@ -240,6 +252,50 @@ class Prepared:
         self.vocab_size = vocab_size
         check_teacher_finite(self.teacher, self.train_examples[0], self.device)
 
+    def cached_source(self):
+        """The recipe's teacher-signal cache, checked against this tokenizer and teacher (None: no cache)."""
+        if self.recipe.cache is None:
+            return None
+        from .signals.cache import CachedSignal, weights_fingerprint
+
+        return CachedSignal(self.recipe.cache_dir, tokenizer=self.tokenizer,
+                            teacher_fingerprint=weights_fingerprint(self.teacher), verify=self.recipe.cache.verify)
+
+
+def cache_spec(recipe: Recipe):
+    from .signals.cache import CacheSpec
+
+    c = recipe.cache
+    sig = c.signal
+    return CacheSpec(
+        kind=sig.kind,
+        k=getattr(sig, "k", 32),
+        draws=getattr(sig, "draws", 12),
+        proposal_temperature=getattr(sig, "proposal_temperature", 1.0),
+        tail=getattr(sig, "tail", "bucket"),
+        dtype=c.dtype,
+        temperature=c.temperature or 1.0,
+        seed=c.seed,
+        examples_per_shard=c.examples_per_shard,
+        batch_size=c.batch_size,
+        chunk_size=recipe.train.chunk_size,
+    )
+
+
+def cache(recipe: Recipe, *, rank: int = 0, world_size: int = 1, progress: bool = True) -> dict | None:
+    """``potstill cache``: run the teacher over the recipe's training examples and store its signal.
+
+    Returns the manifest when the cache is complete, ``None`` while other ranks still work.
+    """
+    from .signals.cache import write_cache
+
+    if recipe.cache is None:
+        raise PotstillError("the recipe has no `cache` section; add e.g. `cache: {signal: {kind: topk, k: 32}}`")
+    prep = Prepared(recipe)
+    spec = cache_spec(recipe)
+    return write_cache(prep.teacher, prep.tokenizer, prep.train_examples, recipe.cache_dir, spec,
+                       teacher_name=recipe.teacher.model, rank=rank, world_size=world_size, progress=progress)
+
 
 @torch.no_grad()
 def check_teacher_finite(teacher, example: dict, device: torch.device) -> None:
@@ -270,6 +326,7 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
     """Run a recipe end to end; returns the metrics of every run."""
     t_start = time.perf_counter()
     prep = Prepared(recipe)
+    source = prep.cached_source() if any(r.alpha < 1 for r in recipe.runs) else None
     # Input is valid: from here on we write.
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,7 +347,7 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
         student = copy.deepcopy(prep.student0)
         student.train()
         model, curve = train_run(recipe, run, student, prep.teacher, prep.tokenizer, prep.train_examples, run_dir,
-                                 prep.device, prep.vocab_size, memo=memo)
+                                 prep.device, prep.vocab_size, memo=memo, source=source)
         students[run.name], curves[run.name] = model, curve
     if recipe.eval.include_untrained:
         students = {"student_init": prep.student0, **students}
@@ -300,6 +357,10 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
         f"{recipe.train.batch_size} x {recipe.train.gradient_accumulation_steps}",
         f"wall time before evaluation {time.perf_counter() - t_start:.0f} s on {prep.device}",
     ]
+    if source is not None:
+        m = source.manifest
+        notes.append(f"teacher signal from the cache at {recipe.cache_dir}: {source.kind} "
+                     f"({m['spec']['dtype']}), {m['bytes_per_token']:.1f} bytes/token")
     return evaluate_and_report(prep, students, curves, out, notes, progress)
 
 

@@ -10,7 +10,8 @@ import torch
 class PadCollator:
     """``[{"input_ids", "attention_mask", "labels", ...}] -> dict of [B, T] long tensors``.
 
-    Only the three model columns are batched; other keys (ids, texts) are dropped here.
+    The three model columns are padded; an integer ``example_id`` (the key of a teacher-signal
+    cache) is passed through as ``[B]``; other keys (texts) are dropped here.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
@@ -30,4 +31,7 @@ class PadCollator:
             ids[i, :k] = torch.as_tensor(f["input_ids"], dtype=torch.long)
             mask[i, :k] = 1
             labels[i, :k] = torch.as_tensor(f["labels"], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if all("example_id" in f for f in features):
+            out["example_id"] = torch.tensor([int(f["example_id"]) for f in features], dtype=torch.long)
+        return out

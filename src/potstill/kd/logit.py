@@ -115,14 +115,24 @@ class KDTrainer(Trainer):
                 teacher_model.to(self.args.device)
                 signal_source = OnlineTeacher(teacher_model)
             self.signal_source = signal_source
-        self.vocab_size = vocab_size if vocab_size is not None else self._aligned_vocab(model, teacher_model, processing_class)
+        source_t = getattr(self.signal_source, "temperature", None)
+        if self.needs_teacher and source_t is not None and float(source_t) != float(args.temperature):
+            raise PotstillError(
+                f"the teacher signal holds temperature {source_t} but temperature={args.temperature}; "
+                "distill at the signal's temperature or rebuild the cache at this one"
+            )
+        if vocab_size is None:
+            vocab_size = self._aligned_vocab(model, teacher_model, processing_class,
+                                             getattr(self.signal_source, "vocab_size", None))
+        self.vocab_size = vocab_size
         self._stats: dict[str, float] = {"ce_sum": 0.0, "kd_sum": 0.0, "n_tokens": 0.0}
 
     # ------------------------------------------------------------------ vocab alignment
-    def _aligned_vocab(self, student, teacher, tokenizer) -> int | None:
-        if teacher is None or not self.needs_teacher:
+    def _aligned_vocab(self, student, teacher, tokenizer, source_vocab: int | None = None) -> int | None:
+        if not self.needs_teacher or (teacher is None and source_vocab is None):
             return None
-        vs, vt = _vocab_rows(student), _vocab_rows(teacher)
+        vs = _vocab_rows(student)
+        vt = _vocab_rows(teacher) if teacher is not None else int(source_vocab)
         if vs == vt:
             return None
         v = min(vs, vt)

@@ -49,6 +49,11 @@ class OnlineTeacher:
         self.head = output_head(self.model)
         self.memo = memo
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the teacher's output head (the trainer aligns the student's vocabulary to it)."""
+        return self.head.weight.shape[0]
+
     def to(self, device) -> "OnlineTeacher":
         self.model.to(device)
         from ..models import output_head

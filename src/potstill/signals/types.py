@@ -130,42 +130,59 @@ class SparseSignal:
     """``k`` token ids per position and the teacher's log-probabilities of them.
 
     ``ids [N, k]`` (long), ``logprobs [N, k]`` (float): log p_T(id) of the teacher's
-    distribution *at the distillation temperature*. ``tail`` says what happens to the
-    mass ``1 - sum(exp(logprobs))`` outside the ids:
+    distribution *at the distillation temperature*. Padding slots (when fewer than ``k``
+    ids are meaningful) carry ``logprobs = -inf``. Two kinds:
 
-    * ``"bucket"``: it becomes one extra outcome; the student's matching outcome is its
-      own mass outside the ids. Exact divergence between the two coarsened distributions.
-    * ``"renormalize"``: it is dropped and both distributions are renormalized over the
-      ids (DistillKit's top-k). Biased: it ignores the tail entirely.
+    * **top-k** (``weights is None``): ``tail`` says what happens to the mass outside the ids:
 
-    ``weights [N, k]`` (optional) are per-id importance weights for sampled signals.
-    Padding slots (when fewer than ``k`` ids are meaningful) carry ``logprobs = -inf``.
+      - ``"bucket"``: it becomes one extra outcome; the student's matching outcome is its
+        own mass outside the ids. Exact divergence between the two coarsened distributions.
+        ``tail_logprob [N]`` (optional) is the log of that mass as the teacher computed it
+        in full precision (a cache stores it); without it the tail is ``1 - sum(exp(logprobs))``.
+        With it, the coarsened teacher ``[logprobs, tail_logprob]`` is renormalized to sum
+        to one, which removes the rounding of quantized log-probs.
+      - ``"renormalize"``: it is dropped and both distributions are renormalized over the
+        ids (DistillKit's top-k). Biased: it ignores the tail entirely.
+
+    * **sampled** (``weights [N, k]`` given; Anshumann et al. 2025, random-sampling KD):
+      the ids were drawn from a proposal ``r`` (the teacher itself, or the teacher at a
+      proposal temperature) and ``weights`` make ``sum_i weights_i * g(ids_i)`` an unbiased
+      estimate of ``sum_v p_v * g(v)`` for any ``g``: ``weights_i = count_i / n * p_i / r_i``
+      (``count_i / n`` when ``r = p``). ``tail`` and ``tail_logprob`` are ignored; padding
+      slots have weight 0.
     """
 
     ids: Tensor
     logprobs: Tensor
     tail: TailMode = "bucket"
     weights: Tensor | None = None
+    tail_logprob: Tensor | None = None
 
     @property
     def num_rows(self) -> int:
         return self.ids.shape[0]
 
-    def rows(self, index: Tensor) -> "SparseSignal":
+    @property
+    def sampled(self) -> bool:
+        return self.weights is not None
+
+    def _map(self, f) -> "SparseSignal":
         return SparseSignal(
-            ids=self.ids[index],
-            logprobs=self.logprobs[index],
+            ids=f(self.ids),
+            logprobs=f(self.logprobs),
             tail=self.tail,
-            weights=None if self.weights is None else self.weights[index],
+            weights=None if self.weights is None else f(self.weights),
+            tail_logprob=None if self.tail_logprob is None else f(self.tail_logprob),
         )
 
+    def rows(self, index: Tensor) -> "SparseSignal":
+        return self._map(lambda t: t[index])
+
     def chunk(self, start: int, end: int) -> "SparseSignal":
-        return SparseSignal(
-            ids=self.ids[start:end],
-            logprobs=self.logprobs[start:end],
-            tail=self.tail,
-            weights=None if self.weights is None else self.weights[start:end],
-        )
+        return self._map(lambda t: t[start:end])
+
+    def to(self, device) -> "SparseSignal":
+        return self._map(lambda t: t.to(device))
 
 
 Signal = DenseSignal | SparseSignal

@@ -1,0 +1,738 @@
+"""The teacher-signal cache: run the teacher once, distill from disk.
+
+Layout of a cache directory::
+
+    plan.json                 what this cache is (spec, teacher/tokenizer/data fingerprints)
+    shard-00000.safetensors   examples [0, S), memory-mapped columns
+    shard-00000.json          that shard's record (rows, bytes, sha256), written after it
+    ...
+    manifest.json             plan + all shard records; written once every shard exists
+
+Shard ``j`` holds examples ``[j*S, (j+1)*S)`` of the encoded dataset, keyed by example id
+*and* by a content hash of the example's tokens and labels (EasyDistill #21: a cache
+indexed by step silently reads zeros in epoch 2; ours refuses any example whose tokens
+changed). Each file is written atomically, so a killed run resumes at the first shard
+without a valid record; a process of rank ``r`` of ``W`` writes the shards ``j % W == r``
+and whichever process finishes last writes the manifest. Shard contents depend only on
+the shard's examples (batches are formed inside a shard, sampling is seeded per
+example), so any number of processes gives the same cache as one.
+
+Signals (per target row, i.e. per response token; :func:`~potstill.signals.target_index`):
+
+* ``topk``: the k largest teacher log-probs at the cache temperature, their ids and the
+  exact log-mass of the tail (so a reader may choose ``tail: bucket`` or ``renormalize``);
+* ``sampled``: Anshumann et al. (2025) random-sampling KD: ``draws`` ids drawn with
+  replacement from the teacher at ``proposal_temperature``; unique ids, their counts
+  (or importance weights when the proposal is not the teacher) and log-probs, ragged;
+* ``dense``: the full log-softmax at temperature 1 (any distillation temperature can be
+  applied on read); for small vocabularies.
+
+Ids are packed to ``ceil(log2 V)`` bits, log-probs stored as fp32/fp16/bf16/8-bit
+(:mod:`potstill.signals.quant`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import math
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor
+
+from ..errors import PotstillError
+from ..io import atomic_write_bytes, atomic_write_json
+from .online import target_index, target_rows
+from .quant import VALUE_DTYPES, ValueDType, decode_logprobs, encode_logprobs, id_bits, pack_ids, unpack_ids
+from .types import DenseSignal, Signal, SparseSignal, TailMode
+
+log = logging.getLogger("potstill")
+
+FORMAT = "potstill-cache"
+VERSION = 1
+CacheKind = Literal["topk", "sampled", "dense"]
+PLAN, MANIFEST = "plan.json", "manifest.json"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What the cache stores and how it is computed (every field is part of its identity)."""
+
+    kind: CacheKind = "topk"
+    k: int = 32
+    draws: int = 12
+    proposal_temperature: float = 1.0
+    tail: TailMode = "bucket"
+    dtype: ValueDType = "fp16"
+    temperature: float = 1.0
+    seed: int = 0
+    examples_per_shard: int = 256
+    batch_size: int = 8
+    chunk_size: int = 256
+
+    def check(self, vocab_size: int) -> None:
+        if self.kind not in ("topk", "sampled", "dense"):
+            raise PotstillError(f"cache kind '{self.kind}' is unknown; use topk, sampled or dense")
+        if self.dtype not in VALUE_DTYPES:
+            raise PotstillError(f"cache dtype '{self.dtype}' is unknown; use one of {list(VALUE_DTYPES)}")
+        if self.kind == "topk" and not 1 <= self.k <= vocab_size:
+            raise PotstillError(f"cache k={self.k} must be in [1, {vocab_size}] (the teacher's vocabulary)")
+        if self.kind == "sampled" and not 1 <= self.draws <= 255:
+            raise PotstillError(f"cache draws={self.draws} must be in [1, 255] (counts are stored in one byte)")
+        if self.tail not in ("bucket", "renormalize"):
+            raise PotstillError(f"cache tail '{self.tail}' is unknown; use bucket or renormalize")
+        for name in ("temperature", "proposal_temperature"):
+            if not getattr(self, name) > 0:
+                raise PotstillError(f"cache {name}={getattr(self, name)} must be > 0")
+        for name in ("examples_per_shard", "batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise PotstillError(f"cache {name}={getattr(self, name)} must be >= 1")
+
+
+# ----------------------------------------------------------------------- fingerprints
+
+
+def example_hash(input_ids, labels) -> bytes:
+    """16-byte content hash of one example's tokens and labels (the labels carry the prompt mask)."""
+    h = hashlib.blake2b(digest_size=16)
+    for seq in (input_ids, labels):
+        t = torch.as_tensor(seq, dtype=torch.int64).reshape(-1)
+        h.update(len(t).to_bytes(8, "little"))
+        h.update(t.to(torch.int32).numpy().tobytes())
+    return h.digest()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over a model's parameters and buffers (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    state = model.state_dict()
+    seen: set[int] = set()
+    for name in sorted(state):
+        t = state[name]
+        key = t.data_ptr()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if key in seen and key != 0:  # tied weights: hash once
+            continue
+        seen.add(key)
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _text_hash(text: Any) -> str:
+    return hashlib.sha256(json.dumps(text, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _example_seed(seed: int, example_id: int) -> int:
+    d = hashlib.blake2b(f"{seed}:{example_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(d, "little") & ((1 << 63) - 1)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shard_name(j: int) -> str:
+    return f"shard-{j:05d}.safetensors"
+
+
+def _num_rows(labels) -> int:
+    t = torch.as_tensor(labels)
+    return int((t[1:] != -100).sum())
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+@dataclass
+class _Rows:
+    """One example's encoded rows before packing."""
+
+    ids: Tensor  # [S] long (slots, row-major)
+    values: dict[str, Tensor]  # encode_logprobs output over slots ([S]) + per-row scale
+    tail: Tensor | None = None  # [R] topk
+    row_len: Tensor | None = None  # [R] sampled
+    counts: Tensor | None = None  # [S] sampled, proposal = teacher
+    weights: Tensor | None = None  # [S] sampled, other proposal
+    rows: int = 0
+
+
+def _signal_rows(lp_chunks: list[Tensor], spec: CacheSpec, vocab: int, uniforms: Tensor | None) -> _Rows:
+    """Teacher rows of one example -> what the cache stores for them."""
+    ids_l, lp_l, tail_l, len_l, cnt_l, w_l = [], [], [], [], [], []
+    u0 = 0
+    for z in lp_chunks:  # z: float32 logits [r, V]
+        r = z.shape[0]
+        if spec.kind == "dense":
+            lp_l.append(torch.log_softmax(z, -1))  # no ids: every row lists the whole vocabulary
+            continue
+        lp = torch.log_softmax(z / spec.temperature, -1)
+        if spec.kind == "topk":
+            vals, idx = lp.topk(spec.k, dim=-1)
+            rest = lp.scatter(-1, idx, float("-inf"))
+            tail_l.append(torch.logsumexp(rest, -1) if spec.k < vocab else torch.full((r,), float("-inf")))
+            ids_l.append(idx)
+            lp_l.append(vals)
+            continue
+        # sampled: inverse-CDF draws from the proposal with per-example uniforms
+        n = spec.draws
+        tau = spec.proposal_temperature
+        lr = lp if tau == 1.0 else torch.log_softmax(z / (spec.temperature * tau), -1)
+        cdf = lr.double().exp().cumsum(-1)
+        u = uniforms[u0:u0 + r].to(torch.float64) * cdf[:, -1:]
+        u0 += r
+        draw = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
+        draw, _ = draw.sort(-1)
+        first = torch.ones_like(draw, dtype=torch.bool)
+        first[:, 1:] = draw[:, 1:] != draw[:, :-1]
+        flat_first = first.reshape(-1).nonzero().squeeze(-1)
+        uniq = draw.reshape(-1)[flat_first]
+        counts = torch.diff(flat_first, append=torch.tensor([draw.numel()]))
+        row_len = first.sum(-1)
+        row_of = torch.repeat_interleave(torch.arange(r), row_len)
+        lp_s = lp[row_of, uniq]
+        ids_l.append(uniq)
+        lp_l.append(lp_s)
+        len_l.append(row_len)
+        if tau == 1.0:
+            cnt_l.append(counts)
+        else:
+            w_l.append(counts.double() / n * torch.exp(lp_s.double() - lr[row_of, uniq].double()))
+    ids = torch.cat([t.reshape(-1) for t in ids_l]) if ids_l else torch.zeros(0, dtype=torch.long)
+    lp_all = torch.cat([t.reshape(-1) if spec.kind == "sampled" else t for t in lp_l]) if lp_l else None
+    out = _Rows(ids=ids, values={}, rows=sum(z.shape[0] for z in lp_chunks))
+    if spec.kind == "sampled":
+        out.row_len = torch.cat(len_l) if len_l else torch.zeros(0, dtype=torch.long)
+        # int8 needs a per-row scale: encode the ragged slots row by row through a padded view
+        out.values = _encode_ragged(lp_all if lp_all is not None else torch.zeros(0), out.row_len, spec.dtype)
+        if spec.proposal_temperature == 1.0:
+            out.counts = torch.cat(cnt_l) if cnt_l else torch.zeros(0, dtype=torch.long)
+        else:
+            out.weights = torch.cat(w_l).float() if w_l else torch.zeros(0)
+    else:
+        k = lp_all.shape[-1] if lp_all is not None else (spec.k if spec.kind == "topk" else vocab)
+        enc = encode_logprobs(lp_all if lp_all is not None else torch.zeros(0, k), spec.dtype)
+        out.values = {"values": enc["values"].reshape(-1), **({"scale": enc["scale"]} if "scale" in enc else {})}
+        if spec.kind == "topk":
+            out.tail = torch.cat(tail_l) if tail_l else torch.zeros(0)
+    return out
+
+
+def _ragged_to_padded(flat: Tensor, row_len: Tensor, fill: float) -> tuple[Tensor, Tensor]:
+    """``[S]`` slots of rows with ``row_len`` -> ``[R, max_len]`` padded, plus the slot mask."""
+    r = row_len.numel()
+    width = int(row_len.max()) if r else 0
+    mask = torch.arange(width).unsqueeze(0) < row_len.unsqueeze(1)
+    out = torch.full((r, width), fill, dtype=flat.dtype)
+    out[mask] = flat
+    return out, mask
+
+
+def _encode_ragged(lp: Tensor, row_len: Tensor, dtype: ValueDType) -> dict[str, Tensor]:
+    padded, mask = _ragged_to_padded(lp.float(), row_len.long(), float("-inf"))
+    enc = encode_logprobs(padded, dtype)
+    out = {"values": enc["values"][mask]}
+    if "scale" in enc:
+        out["scale"] = enc["scale"]
+    return out
+
+
+def _tail_dtype(dtype: ValueDType) -> torch.dtype:
+    return torch.float32 if dtype == "fp32" else torch.float16
+
+
+def _build_shard(teacher, head, examples: list[dict], first_id: int, spec: CacheSpec, vocab: int, bits: int,
+                 pad_id: int, device) -> dict[str, Tensor]:
+    """Run the teacher over one shard's examples and return its safetensors columns."""
+    from ..data import PadCollator
+    from ..models import final_hidden
+
+    per_example: list[_Rows | None] = [None] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i]["input_ids"]), i))
+    collate = PadCollator(pad_id)
+    for b0 in range(0, len(order), spec.batch_size):
+        members = order[b0:b0 + spec.batch_size]
+        batch = collate([examples[i] for i in members])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad():
+            hidden = final_hidden(teacher, batch["input_ids"], batch["attention_mask"])
+            labels = batch["labels"]
+            rows = target_rows(hidden, target_index(labels))
+            counts = (labels[:, 1:] != -100).sum(-1).tolist()
+            logits = []
+            for s in range(0, rows.shape[0], spec.chunk_size):
+                logits.append(head(rows[s:s + spec.chunk_size]).float().cpu())
+        z_all = torch.cat(logits) if logits else torch.zeros(0, vocab)
+        z_all = z_all[:, :vocab]
+        if not torch.isfinite(z_all).all():
+            raise PotstillError("teacher logits contain NaN/inf while caching; check the teacher weights or load "
+                                "it with teacher.dtype: float32")
+        start = 0
+        for i, c in zip(members, counts):
+            z = z_all[start:start + c]
+            start += c
+            uniforms = None
+            if spec.kind == "sampled":
+                g = torch.Generator().manual_seed(_example_seed(spec.seed, first_id + i))
+                uniforms = torch.rand((c, spec.draws), generator=g, dtype=torch.float64)
+            chunks = [z[s:s + spec.chunk_size] for s in range(0, c, spec.chunk_size)]
+            per_example[i] = _signal_rows(chunks, spec, vocab, uniforms)
+    return _assemble(examples, per_example, first_id, spec, bits)
+
+
+def _assemble(examples: list[dict], rows: list[_Rows], first_id: int, spec: CacheSpec, bits: int) -> dict[str, Tensor]:
+    e = len(examples)
+    row_off, slot_off, byte_off = [0], [0], [0]
+    packed = []
+    for r in rows:
+        row_off.append(row_off[-1] + r.rows)
+        slot_off.append(slot_off[-1] + r.values["values"].numel())
+        p = pack_ids(r.ids, bits)
+        packed.append(p)
+        byte_off.append(byte_off[-1] + p.numel())
+    cols: dict[str, Tensor] = {
+        "example_ids": torch.arange(first_id, first_id + e, dtype=torch.int64),
+        "token_hash": torch.tensor([list(example_hash(x["input_ids"], x["labels"])) for x in examples],
+                                   dtype=torch.uint8).reshape(e, 16),
+        "row_offsets": torch.tensor(row_off, dtype=torch.int64),
+        "slot_offsets": torch.tensor(slot_off, dtype=torch.int64),
+        "id_byte_offsets": torch.tensor(byte_off, dtype=torch.int64),
+        "ids": torch.cat(packed) if packed else torch.zeros(0, dtype=torch.uint8),
+        "values": torch.cat([r.values["values"] for r in rows]),
+    }
+    if spec.dtype == "int8":
+        cols["scale"] = torch.cat([r.values["scale"] for r in rows]).float()
+    if spec.kind == "topk":
+        cols["tail"] = torch.cat([r.tail for r in rows]).to(_tail_dtype(spec.dtype))
+    if spec.kind == "sampled":
+        cols["row_len"] = torch.cat([r.row_len for r in rows]).to(torch.uint8)
+        if spec.proposal_temperature == 1.0:
+            cols["counts"] = torch.cat([r.counts for r in rows]).to(torch.uint8)
+        else:
+            cols["weights"] = torch.cat([r.weights for r in rows]).float()
+    return {k: v.contiguous() for k, v in cols.items()}
+
+
+def _shard_record_ok(path: Path, j: int, check_hash: bool = True) -> dict | None:
+    """The record of shard ``j`` if the shard file exists and matches it, else None."""
+    rec_path = path / _shard_name(j).replace(".safetensors", ".json")
+    shard = path / _shard_name(j)
+    try:
+        rec = json.loads(rec_path.read_text())
+        if not shard.is_file() or shard.stat().st_size != rec["bytes"]:
+            return None
+        if check_hash and _file_sha256(shard) != rec["sha256"]:
+            return None
+        return rec
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _diff_plans(old: dict, new: dict) -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+                out += [f"{key}.{k}" for k in _diff_plans(old[key], new[key])]
+            else:
+                out.append(key)
+    return out
+
+
+def write_cache(
+    teacher: torch.nn.Module,
+    tokenizer,
+    examples: list[dict],
+    path: str | Path,
+    spec: CacheSpec = CacheSpec(),
+    *,
+    teacher_name: str = "",
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    on_shard: Callable[[int], None] | None = None,
+) -> dict | None:
+    """Run ``teacher`` over ``examples`` and write (or finish) the cache at ``path``.
+
+    ``examples`` are encoded examples (``input_ids``, ``labels``, ``attention_mask``);
+    their list index is their example id. With ``world_size > 1`` this process writes the
+    shards ``j % world_size == rank``. Returns the manifest once the cache is complete (the
+    last process to finish writes it), else ``None``. ``on_shard(j)`` is called after each
+    shard is on disk (progress hooks, tests).
+    """
+    from ..models import output_head, tokenizer_fingerprint
+    from ..generate import pad_id as _pad_id
+
+    path = Path(path)
+    if not examples:
+        raise PotstillError("no examples to cache; check the recipe's data section")
+    if not 0 <= rank < world_size:
+        raise PotstillError(f"rank {rank} is not in [0, {world_size}); pass --rank in 0..world_size-1")
+    head = output_head(teacher)
+    vocab = head.vocab
+    spec.check(vocab)
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    hashes = [example_hash(x["input_ids"], x["labels"]) for x in examples]
+    num_rows = sum(_num_rows(x["labels"]) for x in examples)
+    n_shards = math.ceil(len(examples) / spec.examples_per_shard)
+    plan = {
+        "format": FORMAT,
+        "version": VERSION,
+        "spec": asdict(spec),
+        "vocab_size": vocab,
+        "id_bits": id_bits(vocab),
+        "teacher": {"name": teacher_name, "fingerprint": weights_fingerprint(teacher)},
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer)},
+        "chat_template": _text_hash(getattr(tokenizer, "chat_template", None)),
+        "data": {"fingerprint": hashlib.sha256(b"".join(hashes)).hexdigest(), "num_examples": len(examples),
+                 "num_rows": num_rows},
+        "num_shards": n_shards,
+    }
+    plan_path = path / PLAN
+    if plan_path.is_file():
+        try:
+            old = json.loads(plan_path.read_text())
+        except ValueError:
+            raise PotstillError(f"{plan_path} is not valid JSON; delete the cache directory and rerun") from None
+        changed = _diff_plans(old, plan)
+        if changed:
+            raise PotstillError(
+                f"the cache at '{path}' was made for another setup ({', '.join(changed)} differ); "
+                "choose another cache directory or delete this one"
+            )
+    else:
+        atomic_write_json(plan_path, plan)
+
+    mine = [j for j in range(n_shards) if j % world_size == rank]
+    todo = [j for j in mine if _shard_record_ok(path, j) is None]
+    if todo:
+        log.info("caching %d of %d shards (rank %d of %d) into %s", len(todo), n_shards, rank, world_size, path)
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"cache rank {rank}" if world_size > 1 else "cache", unit="shard")
+    pad = _pad_id(tokenizer)
+    bits = id_bits(vocab)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for j in todo:
+            lo, hi = j * spec.examples_per_shard, min((j + 1) * spec.examples_per_shard, len(examples))
+            cols = _build_shard(teacher, head, examples[lo:hi], lo, spec, vocab, bits, pad, device)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(_write_shard, path, j, cols, lo, hi, spec, on_shard)
+            if bar is not None:
+                bar.update(1)
+        if pending is not None:
+            pending.result()
+    if bar is not None:
+        bar.close()
+    return finalize_cache(path)
+
+
+def _write_shard(path: Path, j: int, cols: dict[str, Tensor], lo: int, hi: int, spec: CacheSpec,
+                 on_shard: Callable[[int], None] | None) -> None:
+    from safetensors.torch import save
+
+    # One metadata key: safetensors writes a multi-key map in a random (per-process) order,
+    # and a shard's bytes must not depend on the process that wrote it.
+    meta = json.dumps({"format": FORMAT, "version": VERSION, "shard": j, "kind": spec.kind}, sort_keys=True)
+    data = save(cols, metadata={"potstill": meta})
+    atomic_write_bytes(path / _shard_name(j), data)
+    rec = {
+        "index": j,
+        "file": _shard_name(j),
+        "first_example": lo,
+        "num_examples": hi - lo,
+        "num_rows": int(cols["row_offsets"][-1]),
+        "num_slots": int(cols["slot_offsets"][-1]),
+        "bytes": len(data),
+        "sha256": _sha256(data),
+    }
+    atomic_write_json(path / _shard_name(j).replace(".safetensors", ".json"), rec)
+    if on_shard is not None:
+        on_shard(j)
+
+
+def finalize_cache(path: str | Path) -> dict | None:
+    """Write ``manifest.json`` if every shard of the plan is on disk; return it (or None)."""
+    path = Path(path)
+    plan = json.loads((path / PLAN).read_text())
+    records = []
+    for j in range(plan["num_shards"]):
+        rec = _shard_record_ok(path, j, check_hash=False)
+        if rec is None:
+            return None
+        records.append(rec)
+    total = sum(r["bytes"] for r in records)
+    rows = sum(r["num_rows"] for r in records)
+    manifest = {**plan, "shards": records, "total_bytes": total,
+                "bytes_per_token": total / rows if rows else 0.0, "complete": True}
+    man_path = path / MANIFEST
+    if man_path.is_file():
+        try:
+            if json.loads(man_path.read_text()) == manifest:
+                return manifest
+        except ValueError:
+            pass
+    atomic_write_json(man_path, manifest)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of a complete cache, or a one-line error saying what is wrong and how to fix it."""
+    path = Path(path)
+    man = path / MANIFEST
+    if not man.is_file():
+        if (path / PLAN).is_file():
+            plan = json.loads((path / PLAN).read_text())
+            done = sum(_shard_record_ok(path, j, check_hash=False) is not None for j in range(plan["num_shards"]))
+            raise PotstillError(
+                f"the cache at '{path}' is incomplete ({done} of {plan['num_shards']} shards); "
+                "rerun `potstill cache` with the same recipe to finish it"
+            )
+        raise PotstillError(f"no teacher-signal cache at '{path}' (no {MANIFEST}); run `potstill cache` first")
+    try:
+        m = json.loads(man.read_text())
+    except ValueError:
+        raise PotstillError(f"{man} is corrupt (not JSON); rerun `potstill cache` to rewrite it") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise PotstillError(f"{man} is not a potstill cache manifest; point the recipe at a cache directory")
+    if m.get("version") != VERSION:
+        raise PotstillError(f"cache format version {m.get('version')} is not {VERSION}; rebuild the cache")
+    return m
+
+
+@dataclass
+class _Example:
+    rows: int
+    ids: Tensor | None
+    values: Tensor
+    scale: Tensor | None = None
+    tail: Tensor | None = None
+    row_len: Tensor | None = None
+    counts: Tensor | None = None
+    weights: Tensor | None = None
+
+
+@dataclass
+class _Shard:
+    handle: Any
+    token_hash: Tensor
+    row_off: list[int]
+    slot_off: list[int]
+    byte_off: list[int]
+    scale_rows: bool = field(default=False)
+
+
+class CachedSignal:
+    """A finished cache behind :class:`~potstill.signals.SignalSource`: no teacher in memory.
+
+    ``signal(batch)`` finds each example of the batch by ``batch["example_id"]`` (or, when
+    the batch has no ids, by the content hash of its tokens), checks that its tokens are
+    the cached ones and that its number of target rows matches, and returns a
+    :class:`SparseSignal` (top-k or sampled) or a :class:`DenseSignal` (dense) for the
+    batch's rows. ``tokenizer`` (and ``teacher_fingerprint``) are checked against the
+    manifest when given. ``verify`` checks each shard's sha256 the first time this
+    process opens it (a truncated file is always detected by its size).
+    """
+
+    def __init__(self, path: str | Path, *, tokenizer=None, teacher_fingerprint: str | None = None,
+                 tail: TailMode | None = None, verify: bool = True, max_open: int = 64):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        m = self.manifest
+        self.spec = CacheSpec(**m["spec"])
+        self.kind: CacheKind = self.spec.kind
+        self.vocab_size: int = int(m["vocab_size"])
+        self.bits: int = int(m["id_bits"])
+        self.tail: TailMode = tail or self.spec.tail
+        self.verify = verify
+        self.max_open = max_open
+        # Dense caches hold log-softmax at T = 1, valid at any distillation temperature.
+        self.temperature: float | None = None if self.kind == "dense" else float(self.spec.temperature)
+        if tokenizer is not None:
+            from ..models import tokenizer_fingerprint
+
+            if tokenizer_fingerprint(tokenizer) != m["tokenizer"]["fingerprint"]:
+                raise PotstillError(
+                    f"the cache at '{self.path}' was written with another tokenizer or chat template; "
+                    "distill with the teacher's tokenizer or rebuild the cache"
+                )
+        if teacher_fingerprint is not None and teacher_fingerprint != m["teacher"]["fingerprint"]:
+            raise PotstillError(
+                f"the cache at '{self.path}' was written by another teacher ({m['teacher']['name'] or 'unnamed'}, "
+                "other weights); rebuild the cache with this recipe's teacher"
+            )
+        self._starts = [s["first_example"] for s in m["shards"]]
+        self._open: OrderedDict[int, _Shard] = OrderedDict()
+        self._verified: set[int] = set()
+        self._by_hash: dict[bytes, int] | None = None
+
+    # -------------------------------------------------------------------- shards
+    def _shard(self, j: int) -> _Shard:
+        sh = self._open.get(j)
+        if sh is not None:
+            self._open.move_to_end(j)
+            return sh
+        from safetensors import safe_open
+
+        rec = self.manifest["shards"][j]
+        f = self.path / rec["file"]
+        fix = "rerun `potstill cache` with the same recipe to rewrite it"
+        if not f.is_file():
+            raise PotstillError(f"cache shard {f} is missing; {fix}")
+        size = f.stat().st_size
+        if size != rec["bytes"]:
+            raise PotstillError(f"cache shard {f} is {size} bytes, the manifest says {rec['bytes']} (truncated?); {fix}")
+        if self.verify and j not in self._verified:
+            if _file_sha256(f) != rec["sha256"]:
+                raise PotstillError(f"cache shard {f} fails its sha256 check (corrupt); {fix}")
+            self._verified.add(j)
+        try:
+            handle = safe_open(str(f), framework="pt")
+            sh = _Shard(
+                handle=handle,
+                token_hash=handle.get_tensor("token_hash"),
+                row_off=handle.get_tensor("row_offsets").tolist(),
+                slot_off=handle.get_tensor("slot_offsets").tolist(),
+                byte_off=handle.get_tensor("id_byte_offsets").tolist(),
+            )
+        except Exception as err:  # safetensors raises its own error types for a bad header
+            raise PotstillError(f"cache shard {f} cannot be read ({type(err).__name__}); {fix}") from None
+        if len(sh.row_off) != rec["num_examples"] + 1 or sh.row_off[-1] != rec["num_rows"]:
+            raise PotstillError(f"cache shard {f} does not match its manifest record; {fix}")
+        self._open[j] = sh
+        if len(self._open) > self.max_open:
+            self._open.popitem(last=False)
+        return sh
+
+    def _locate(self, example_id: int) -> tuple[int, int]:
+        j = bisect.bisect_right(self._starts, example_id) - 1
+        n = self.manifest["data"]["num_examples"]
+        if j < 0 or not 0 <= example_id < n:
+            raise PotstillError(
+                f"example id {example_id} is not in the cache ({n} examples); the data changed, rebuild the cache"
+            )
+        return j, example_id - self._starts[j]
+
+    def _hash_index(self) -> dict[bytes, int]:
+        if self._by_hash is None:
+            index = {}
+            for j, start in enumerate(self._starts):
+                for i, row in enumerate(self._shard(j).token_hash):
+                    index.setdefault(bytes(row.tolist()), start + i)
+            self._by_hash = index
+        return self._by_hash
+
+    def example(self, example_id: int, token_hash: bytes | None = None) -> _Example:
+        """The cached rows of one example; ``token_hash`` (if given) must match the cached one."""
+        j, i = self._locate(example_id)
+        sh = self._shard(j)
+        if token_hash is not None and bytes(sh.token_hash[i].tolist()) != token_hash:
+            raise PotstillError(
+                f"example {example_id}: its tokens differ from the cached ones (data, tokenizer, chat template or "
+                f"max_length changed); rebuild the cache with `potstill cache`"
+            )
+        h = sh.handle
+        r0, r1 = sh.row_off[i], sh.row_off[i + 1]
+        s0, s1 = sh.slot_off[i], sh.slot_off[i + 1]
+        b0, b1 = sh.byte_off[i], sh.byte_off[i + 1]
+        ex = _Example(
+            rows=r1 - r0,
+            ids=None if self.kind == "dense" else unpack_ids(h.get_slice("ids")[b0:b1], self.bits, s1 - s0),
+            values=h.get_slice("values")[s0:s1],
+        )
+        if self.spec.dtype == "int8":
+            ex.scale = h.get_slice("scale")[r0:r1]
+        if self.kind == "topk":
+            ex.tail = h.get_slice("tail")[r0:r1]
+        if self.kind == "sampled":
+            ex.row_len = h.get_slice("row_len")[r0:r1]
+            if self.spec.proposal_temperature == 1.0:
+                ex.counts = h.get_slice("counts")[s0:s1]
+            else:
+                ex.weights = h.get_slice("weights")[s0:s1]
+        return ex
+
+    # -------------------------------------------------------------------- signal
+    def signal(self, batch: dict[str, Tensor]) -> Signal:
+        labels = batch["labels"]
+        ids = batch["input_ids"].detach().cpu()
+        mask = batch["attention_mask"].detach().cpu().bool()
+        lab = labels.detach().cpu()
+        given = batch.get("example_id")
+        parts: list[_Example] = []
+        for b in range(lab.shape[0]):
+            h = example_hash(ids[b][mask[b]], lab[b][mask[b]])
+            if given is not None:
+                eid = int(given[b])
+            else:
+                eid = self._hash_index().get(h)
+                if eid is None:
+                    raise PotstillError(
+                        f"no cached teacher signal for example {b} of this batch (its tokens are not in '{self.path}'); "
+                        "the data, tokenizer or chat template changed: rebuild the cache"
+                    )
+            ex = self.example(eid, h)
+            want = int((lab[b, 1:] != -100).sum())
+            if ex.rows != want:
+                raise PotstillError(
+                    f"example {eid}: {want} target tokens in the batch but {ex.rows} cached rows; rebuild the cache"
+                )
+            parts.append(ex)
+        return self._combine(parts).to(labels.device) if self.kind != "dense" else self._dense(parts, labels.device)
+
+    def _dense(self, parts: list[_Example], device) -> DenseSignal:
+        v = self.vocab_size
+        lp = [decode_logprobs(p.values.reshape(p.rows, v), self.spec.dtype,
+                              None if p.scale is None else p.scale) for p in parts]
+        return DenseSignal(logits=torch.cat(lp).to(device) if lp else torch.zeros(0, v, device=device))
+
+    def _combine(self, parts: list[_Example]) -> SparseSignal:
+        dtype = self.spec.dtype
+        if self.kind == "topk":
+            k = self.spec.k
+            ids = torch.cat([p.ids.reshape(p.rows, k) for p in parts])
+            lp = torch.cat([decode_logprobs(p.values.reshape(p.rows, k), dtype, p.scale) for p in parts])
+            tail = torch.cat([p.tail.float() for p in parts])
+            return SparseSignal(ids=ids, logprobs=lp, tail=self.tail,
+                                tail_logprob=tail if self.tail == "bucket" else None)
+        row_len = torch.cat([p.row_len.long() for p in parts])
+        flat_ids = torch.cat([p.ids for p in parts])
+        flat_vals = torch.cat([p.values for p in parts])
+        ids, slot = _ragged_to_padded(flat_ids, row_len, 0)
+        if dtype == "int8":
+            codes, _ = _ragged_to_padded(flat_vals, row_len, 0)
+            scale = torch.cat([p.scale for p in parts])
+            lp = decode_logprobs(codes, dtype, scale)
+        else:
+            lp, _ = _ragged_to_padded(decode_logprobs(flat_vals, dtype), row_len, float("-inf"))
+        if self.spec.proposal_temperature == 1.0:
+            w_flat = torch.cat([p.counts for p in parts]).float() / self.spec.draws
+        else:
+            w_flat = torch.cat([p.weights for p in parts]).float()
+        weights, _ = _ragged_to_padded(w_flat, row_len, 0.0)
+        return SparseSignal(ids=ids, logprobs=lp, weights=weights)
+
+    def bytes_per_token(self) -> float:
+        return float(self.manifest["bytes_per_token"])
