@@ -226,3 +226,152 @@ def test_every_verb_has_help(verb, capsys):
     with pytest.raises(SystemExit) as e:
         main([verb, "--help"])
     assert e.value.code == 0 and "usage: potstill" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------- teacher-signal cache
+
+CACHE = {"signal": {"kind": "topk", "k": 8}, "examples_per_shard": 3}
+KD_ONLY = [{"name": "kd", "alpha": 0.0, "divergence": {"name": "forward_kl"}}]
+
+
+def test_cache_then_distill_from_the_cache(assets, tmp_path, capsys, monkeypatch):
+    from potstill.signals.cache import CachedSignal
+
+    out = tmp_path / "out"
+    rp = write(tmp_path / "r.yaml", recipe(assets, out, cache=CACHE, runs=KD_ONLY,
+                                           **{"eval.include_untrained": False}))
+    assert main(["cache", str(rp)]) == 0
+    cache_dir = out / "teacher_cache"
+    man = json.loads((cache_dir / "manifest.json").read_text())
+    assert man["complete"] and man["spec"]["kind"] == "topk" and man["spec"]["k"] == 8
+    assert man["data"]["num_examples"] == len(PAIRS) - 3 and man["num_shards"] == 3  # eval_size 3 held out
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"cache: {cache_dir}  topk (fp16)  {man['data']['num_examples']} examples, "
+                           f"{man['data']['num_rows']} tokens, 3 shards, "), line
+    assert line.endswith(f"{man['bytes_per_token']:.1f} bytes/token")
+    # a second run finds every shard on disk and rewrites nothing
+    stamps = {f.name: f.stat().st_mtime_ns for f in cache_dir.iterdir()}
+    assert main(["cache", str(rp)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == line
+    assert {f.name: f.stat().st_mtime_ns for f in cache_dir.iterdir()} == stamps
+
+    calls = []
+    real = CachedSignal.signal
+
+    def counting(self, batch):
+        calls.append(batch["example_id"].tolist())
+        return real(self, batch)
+
+    monkeypatch.setattr(CachedSignal, "signal", counting)
+    assert main(["distill", str(rp)]) == 0
+    assert len(calls) == 3  # train.max_steps batches, each keyed by example id
+    assert all(0 <= i < man["data"]["num_examples"] for ids in calls for i in ids)
+    metrics = json.loads((out / "metrics.json").read_text())["runs"]
+    assert set(metrics) == {"teacher", "kd"}
+    assert metrics["kd"]["forward_kl"] > 0 and metrics["kd"]["params"] > 0
+    assert (out / "runs" / "kd" / "model.safetensors").is_file()
+    assert f"teacher signal from the cache at {cache_dir}: topk (fp16)" in (out / "report.md").read_text()
+
+
+def _cache_bad_cases(assets, tmp_path):
+    out = tmp_path / "out"
+
+    def rec(name, **patch):
+        return str(write(tmp_path / f"{name}.yaml", recipe(assets, out, **patch)))
+
+    two_temps = [{"name": "kd1", "alpha": 0.0, "temperature": 1.0}, {"name": "kd2", "alpha": 0.0, "temperature": 2.0}]
+    return {
+        "cache with no cache section": (["cache", rec("nc")], "no `cache` section"),
+        "distill before the cache is written": (["distill", rec("nw", cache=CACHE)], "run `potstill cache` first"),
+        "sampled cache with adaptive_kl": (
+            ["distill", rec("ak", cache={"signal": {"kind": "sampled"}},
+                            **{"runs.1.divergence": {"name": "adaptive_kl"}})], "adaptive_kl"),
+        "topk cache with two temperatures": (["cache", rec("tt", cache=CACHE, runs=two_temps)],
+                                             "temperatures [1.0, 2.0]"),
+        "cache temperature differs from the runs": (
+            ["distill", rec("ct", cache={**CACHE, "temperature": 2.0})], "cache.temperature=2.0"),
+        "unknown cache kind": (["cache", rec("uk", cache={"signal": {"kind": "topq"}})], "cache.signal"),
+        "zero draws": (["cache", rec("d0", cache={"signal": {"kind": "sampled", "draws": 0}})], "draws"),
+        "256 draws": (["cache", rec("d256", cache={"signal": {"kind": "sampled", "draws": 256}})], "draws"),
+        "k larger than the vocabulary": (["cache", rec("bigk", cache={"signal": {"kind": "topk", "k": 100_000}})],
+                                         "k=100000 must be in [1, "),
+        "rank outside the world": (["cache", rec("rk", cache=CACHE), "--rank", "2", "--world-size", "2"],
+                                   "rank 2 is not in [0, 2)"),
+    }
+
+
+CACHE_CASES = [
+    "cache with no cache section", "distill before the cache is written", "sampled cache with adaptive_kl",
+    "topk cache with two temperatures", "cache temperature differs from the runs", "unknown cache kind",
+    "zero draws", "256 draws", "k larger than the vocabulary", "rank outside the world",
+]
+
+
+@pytest.mark.parametrize("case", CACHE_CASES)
+def test_bad_cache_input_gives_one_line_and_leaves_nothing(assets, tmp_path, capsys, case):
+    argv, expected = _cache_bad_cases(assets, tmp_path)[case]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ") and expected.lower() in err[0].lower(), err[0]
+    assert "Traceback" not in err[0]
+    assert not (tmp_path / "out").exists(), "bad input must leave no output behind"
+
+
+def test_cache_has_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["cache", "--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0 and "usage: potstill cache" in text and "--world-size" in text
+
+
+def test_kd_trainer_refuses_a_cache_at_another_temperature(tmp_path, tiny_teacher, tiny_student, tiny_tokenizer):
+    from potstill.data import encode_example
+    from potstill.errors import PotstillError
+    from potstill.kd import KDConfig, KDTrainer
+    from potstill.signals.cache import CachedSignal, CacheSpec, write_cache
+
+    exs = [encode_example(tiny_tokenizer, [{"role": "user", "content": p}], r, 64) for p, r in PAIRS[:3]]
+    write_cache(tiny_teacher, tiny_tokenizer, exs, tmp_path / "c", CacheSpec(kind="topk", k=8, temperature=2.0),
+                progress=False)
+    src = CachedSignal(tmp_path / "c", tokenizer=tiny_tokenizer)
+    assert src.temperature == 2.0
+
+    def trainer(t):
+        args = KDConfig(output_dir=str(tmp_path / "o"), alpha=0.0, temperature=t, report_to="none", use_cpu=True)
+        return KDTrainer(model=tiny_student, args=args, signal_source=src, processing_class=tiny_tokenizer)
+
+    with pytest.raises(PotstillError) as info:
+        trainer(1.0)
+    msg = str(info.value)
+    assert "\n" not in msg and "temperature 2.0 but temperature=1.0" in msg and "rebuild the cache" in msg
+    assert trainer(2.0).signal_source is src
+
+
+def test_distill_refuses_a_cache_that_does_not_match_the_recipe(assets, tmp_path, capsys):
+    """Another signal asked for, or other training data, fails before anything is written."""
+    out = tmp_path / "out"
+    cache = {**CACHE, "dir": str(tmp_path / "cache")}
+    rp = write(tmp_path / "r.yaml", recipe(assets, out, cache=cache, runs=[{"name": "kd", "alpha": 0.0}]))
+    assert main(["cache", str(rp)]) == 0
+    capsys.readouterr()
+    for overrides, expected in (
+        (["cache.signal.k=4"], "cache section differs"),
+        (["cache.dtype=fp32"], "(dtype)"),
+        (["data.max_length=36"], "training examples differ"),
+    ):
+        assert main(["distill", str(rp), *overrides]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0] and "potstill cache" in err[0], err
+        assert not out.exists()
+    # The tail rule is a reading choice: renormalize reads the same bucket-written cache.
+    assert main(["distill", str(rp), "cache.signal.tail=renormalize"]) == 0
+    assert "topk (fp16)" in (out / "report.md").read_text()
+
+
+def test_union_tags_do_not_leak_into_recipe_keys(assets, tmp_path, capsys):
+    rp = write(tmp_path / "r.yaml", recipe(assets, tmp_path / "out", cache={"signal": {"kind": "sampled", "draws": 0}}))
+    assert main(["cache", str(rp)]) == 2
+    err = capsys.readouterr().err
+    assert "recipe key 'cache.signal.draws'" in err and "sampled.draws" not in err

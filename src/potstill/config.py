@@ -307,10 +307,28 @@ class Recipe(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def _key_path(loc: tuple, data: Any) -> str:
+    """The recipe key of an error location, without pydantic's class names and union tags."""
+    parts, node = [], data
+    for p in loc:
+        if isinstance(p, str) and p[:1].isupper():
+            continue
+        if isinstance(node, dict) and p not in node and p in (node.get("kind"), node.get("name")):
+            continue  # the tag of a discriminated union: cache.signal.sampled.draws -> cache.signal.draws
+        parts.append(str(p))
+        if isinstance(node, dict):
+            node = node.get(p)
+        elif isinstance(node, list) and isinstance(p, int) and p < len(node):
+            node = node[p]
+        else:
+            node = None
+    return ".".join(parts) or "<recipe>"
+
+
+def _format_validation_error(err: ValidationError, data: Any = None) -> str:
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p[0].isupper())) or "<recipe>"
-    msg = e["msg"]
+    loc = _key_path(e["loc"], data)
+    msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         return f"recipe key '{loc}' is not a known option; remove it or fix its spelling (see `potstill distill --help`)"
     if e["type"] == "missing":
@@ -377,7 +395,7 @@ def recipe_from_dict(data: dict, overrides: list[str] | None = None, base_dir: P
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise PotstillError(_format_validation_error(err)) from None
+        raise PotstillError(_format_validation_error(err, data)) from None
     if base_dir is not None:
         src = recipe.data.source
         if isinstance(src, FileData) and not Path(src.path).is_absolute():

@@ -258,8 +258,12 @@ class Prepared:
             return None
         from .signals.cache import CachedSignal, weights_fingerprint
 
-        return CachedSignal(self.recipe.cache_dir, tokenizer=self.tokenizer,
-                            teacher_fingerprint=weights_fingerprint(self.teacher), verify=self.recipe.cache.verify)
+        spec = cache_spec(self.recipe)
+        source = CachedSignal(self.recipe.cache_dir, tokenizer=self.tokenizer, tail=spec.tail,
+                              teacher_fingerprint=weights_fingerprint(self.teacher), verify=self.recipe.cache.verify)
+        source.check_spec(spec)
+        source.check_data(self.train_examples)
+        return source
 
 
 def cache_spec(recipe: Recipe):

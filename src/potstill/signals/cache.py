@@ -504,10 +504,13 @@ def read_manifest(path: str | Path) -> dict:
     man = path / MANIFEST
     if not man.is_file():
         if (path / PLAN).is_file():
-            plan = json.loads((path / PLAN).read_text())
-            done = sum(_shard_record_ok(path, j, check_hash=False) is not None for j in range(plan["num_shards"]))
+            try:
+                n_shards = int(json.loads((path / PLAN).read_text())["num_shards"])
+            except (ValueError, KeyError, TypeError):
+                raise PotstillError(f"{path / PLAN} is corrupt; delete the cache directory and rerun `potstill cache`") from None
+            done = sum(_shard_record_ok(path, j, check_hash=False) is not None for j in range(n_shards))
             raise PotstillError(
-                f"the cache at '{path}' is incomplete ({done} of {plan['num_shards']} shards); "
+                f"the cache at '{path}' is incomplete ({done} of {n_shards} shards); "
                 "rerun `potstill cache` with the same recipe to finish it"
             )
         raise PotstillError(f"no teacher-signal cache at '{path}' (no {MANIFEST}); run `potstill cache` first")
@@ -587,6 +590,28 @@ class CachedSignal:
         self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._verified: set[int] = set()
         self._by_hash: dict[bytes, int] | None = None
+
+    def check_data(self, examples: list[dict]) -> None:
+        """Refuse a dataset other than the cached one (before any training starts)."""
+        hashes = [example_hash(x["input_ids"], x["labels"]) for x in examples]
+        if hashlib.sha256(b"".join(hashes)).hexdigest() != self.manifest["data"]["fingerprint"]:
+            raise PotstillError(
+                f"the training examples differ from those cached in '{self.path}' ({len(examples)} now, "
+                f"{self.manifest['data']['num_examples']} cached; data, max_length, system prompt or template "
+                "changed); rerun `potstill cache` into a new directory"
+            )
+
+    def check_spec(self, spec: CacheSpec) -> None:
+        """Refuse a recipe whose cache section asks for another signal than the one on disk
+        (the tail rule is a reading choice and may differ)."""
+        want, have = asdict(spec), dict(self.manifest["spec"])
+        want.pop("tail"), have.pop("tail", None)
+        changed = sorted(k for k in want if want[k] != have.get(k))
+        if changed:
+            raise PotstillError(
+                f"the recipe's cache section differs from the cache at '{self.path}' ({', '.join(changed)}); "
+                "rerun `potstill cache` into a new directory or restore the recipe"
+            )
 
     # -------------------------------------------------------------------- shards
     def _shard(self, j: int) -> _Shard:
