@@ -171,3 +171,66 @@ def kd_loss(hidden, weight, bias, labels, teacher_logits, *, name, params, alpha
     return total / (normalizer if normalizer else 1)
 
 
+
+
+def sparse_forward_kl(z, ids, logprobs, weights=None, tail="bucket", tail_logprob=None, temperature=1.0):
+    """Forward KL against one row of a sparse teacher, from the definitions, in float64.
+
+    ``z [V]`` student logits; ``ids/logprobs/weights [k]`` (padding: logprob -inf); ``tail_logprob``
+    a 0-d tensor or None. Sampled (weights given): ``sum_i w_i (log p_i - log q_i)``. Bucket: KL
+    between ``(p_S, p_tail)`` and ``(q_S, q_tail)`` with ``q_tail`` the sum of q outside S and
+    ``p_tail = 1 - sum p_S`` or, given ``tail_logprob``, both normalized by ``sum p_S + exp(tail)``;
+    no tail outcome when S is the whole vocabulary. Renormalize: KL of p and q restricted to S
+    and divided by their sums there.
+    """
+    q, lq = softmax_and_log(z, temperature)
+    vocab = q.shape[-1]
+    real = [i for i in range(len(ids)) if float(logprobs[i]) != float("-inf")]
+    zero = torch.zeros((), dtype=torch.float64)
+    if weights is not None:
+        return sum((float(weights[i]) * (float(logprobs[i]) - lq[int(ids[i])]) for i in real), zero)
+    chosen = [int(ids[i]) for i in real]
+    p = torch.tensor([float(logprobs[i]) for i in real], dtype=torch.float64).exp()
+    if tail == "renormalize":
+        if not chosen:
+            return zero
+        pr, qr = p / p.sum(), q[chosen] / q[chosen].sum()
+        return (pr * (pr.log() - qr.log())).sum()
+    rest = [v for v in range(vocab) if v not in chosen]
+    if not rest:
+        p_tail = torch.zeros((), dtype=torch.float64)
+    elif tail_logprob is None:
+        p_tail = 1.0 - p.sum()
+    else:
+        p_tail = torch.tensor(float(tail_logprob), dtype=torch.float64).exp()
+    if tail_logprob is not None:
+        total = p.sum() + p_tail
+        p, p_tail = p / total, p_tail / total
+    out = (p * (p.log() - lq[chosen])).sum() if chosen else zero
+    if float(p_tail) > 0:
+        out = out + p_tail * (p_tail.log() - q[rest].sum().log())
+    return out
+
+
+def sparse_kd_loss(hidden, weight, bias, labels, signal, *, alpha, temperature, scale_t2, normalizer):
+    """The reducer's loss (plain linear head) against a sparse teacher, row by row, in float64.
+
+    ``signal`` is read as plain data (``ids``, ``logprobs``, ``weights``, ``tail``, ``tail_logprob``).
+    """
+    h, w = hidden.double(), weight.double()
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(h.shape[0]):
+        if int(labels[i]) == -100:
+            continue
+        z = w @ h[i] + (0 if bias is None else bias.double())
+        _, log_q1 = softmax_and_log(z, 1.0)
+        ce = -log_q1[int(labels[i])]
+        div = torch.zeros((), dtype=torch.float64)
+        if alpha < 1:
+            div = sparse_forward_kl(
+                z, signal.ids[i], signal.logprobs[i],
+                None if signal.weights is None else signal.weights[i], signal.tail,
+                None if signal.tail_logprob is None else signal.tail_logprob[i], temperature,
+            )
+        total = total + alpha * ce + (1 - alpha) * (temperature**2 if scale_t2 else 1.0) * div
+    return total / (normalizer if normalizer else 1)

@@ -330,3 +330,179 @@ def test_closed_form_gradient_path_equals_autograd_reference(name, params, alpha
     for a, b in zip(gc, gu):
         assert a.abs().sum() > 0
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ closed forms against a sparse teacher
+
+SPARSE_KINDS = ["sampled", "sampled_proposal", "sampled_repeats", "bucket", "bucket_tail", "bucket_all_ids",
+                "renormalize"]
+
+
+def _sparse_teacher(kind, n=N, k=6, seed=200):
+    """Sparse signals with padding slots (ids -1, 0 and ids listed in the same row) and a row
+    without ids (row 4), at temperature 1 of random teacher logits."""
+    lp = torch.log_softmax(_rand(n, V, seed=seed, scale=2.0), -1).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    if kind.startswith("sampled"):
+        lr = torch.log_softmax(lp / 2.0, -1) if kind == "sampled_proposal" else lp
+        drawn = torch.multinomial(lr.exp(), k, replacement=True, generator=g)
+        if kind == "sampled_repeats":  # one slot per draw: ids repeat within a row
+            ids, w = drawn, torch.full((n, k), 1.0 / k, dtype=torch.float64)
+        else:  # unique ids with counts
+            counts = torch.zeros(n, V, dtype=torch.float64).scatter_add_(-1, drawn, torch.ones(n, k, dtype=torch.float64))
+            c, ids = counts.sort(-1, descending=True)
+            c, ids = c[:, :k], ids[:, :k]
+            w = c / k
+        w = w * (lp.gather(-1, ids) - lr.gather(-1, ids)).exp()
+        logprobs = lp.gather(-1, ids)
+        real = w > 0
+        logprobs = torch.where(real, logprobs, float("-inf"))
+        ids = torch.where(real, ids, torch.where(torch.arange(k) % 2 == 0, -1, ids[:, :1]))
+        ids[4], logprobs[4], w[4] = -1, float("-inf"), 0.0
+        return SparseSignal(ids=ids, logprobs=logprobs.float(), weights=w.float())
+    if kind == "bucket_all_ids":  # every id (row 3: all but two), in random order
+        ids = torch.stack([torch.randperm(V, generator=g) for _ in range(n)])
+        logprobs = lp.gather(-1, ids)
+        logprobs[3, :2] = float("-inf")
+        ids[3, :2] = ids[3, 5]
+        logprobs[4] = float("-inf")
+        tail = torch.full((n,), -4.0)  # no outcome when the ids cover V: ignored
+        return SparseSignal(ids=ids, logprobs=logprobs.float(), tail_logprob=tail)
+    vals, ids = lp.topk(k, -1)
+    listed = torch.zeros(n, V, dtype=torch.bool).scatter_(-1, ids, True)
+    tail = torch.logsumexp(lp.masked_fill(listed, float("-inf")), -1)
+    vals[1, 4:], ids[1, 4:] = float("-inf"), torch.tensor([-1, 0])
+    vals[2, 3:], ids[2, 3:] = float("-inf"), ids[2, 0]
+    vals[4] = float("-inf")
+    if kind == "bucket_tail":  # quantized-like log-probs and the exact tail: renormalized
+        vals = torch.round(vals * 8) / 8
+        return SparseSignal(ids=ids, logprobs=vals.float(), tail_logprob=tail.float())
+    return SparseSignal(ids=ids, logprobs=vals.float(), tail="renormalize" if kind == "renormalize" else "bucket")
+
+
+def _no_autograd_path(monkeypatch):
+    from potstill.divergences import chunked
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the sparse closed form should not fall back to the autograd path")
+
+    monkeypatch.setattr(chunked, "_chunk_loss", fail)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("variant", ["plain", "bias", "tied"])
+@pytest.mark.parametrize("kind", SPARSE_KINDS)
+def test_sparse_forward_kl_closed_form(kind, variant, temperature, alpha, monkeypatch):
+    """Forward KL against sparse signals takes the closed form; it equals the autograd path and
+    the float64 reference in loss, kd_sum and gradients."""
+    from .reference import sparse_kd_loss
+
+    hidden, head, leaves = _student(variant, seed=41)
+    labels, teacher = _labels(), _sparse_teacher(kind)
+    kw = {"divergence": "forward_kl", "alpha": alpha, "temperature": temperature, "scale_t2": True, "normalizer": 11}
+    loss_u, stats_u = unchunked_kd_loss(hidden, head, labels, teacher, **kw)
+    grads_u = torch.autograd.grad(loss_u, leaves, retain_graph=True)
+    _no_autograd_path(monkeypatch)
+    loss_c, stats_c = chunked_kd_loss(hidden, head, labels, teacher, chunk_size=4, **kw)
+    grads_c = torch.autograd.grad(loss_c, leaves)
+    torch.testing.assert_close(loss_c, loss_u, rtol=1e-5, atol=1e-6)
+    for key in ("ce_sum", "kd_sum"):
+        torch.testing.assert_close(stats_c[key], stats_u[key], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_c, grads_u):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    if variant == "tied":
+        return  # the reference takes the head and the hidden states as independent inputs
+    leaves64 = [x.detach().double().requires_grad_(True) for x in leaves]
+    h64, w64, b64 = leaves64 + [None] * (3 - len(leaves64))
+    ref = sparse_kd_loss(h64, w64, b64, labels, teacher, **kw_without(kw, "divergence"))
+    torch.testing.assert_close(loss_c.double(), ref, rtol=1e-5, atol=1e-7)
+    for g, r in zip(grads_c, torch.autograd.grad(ref, leaves64)):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-7)
+
+
+def test_sparse_closed_form_when_the_student_tail_underflows(monkeypatch):
+    """A student whose mass outside the ids is below float32's range: those rows are redone in
+    log space, so the tail term keeps its exact (finite) value and gradient."""
+    from .reference import sparse_kd_loss
+
+    hidden, _, _ = _student("plain", seed=43)
+    weight = torch.nn.Parameter(_rand(V, H, seed=44) * 0.1)
+    teacher = _sparse_teacher("bucket")
+    bias = torch.full((V,), -150.0)
+    bias[teacher.ids[0]] = 0.0  # row 0's ids: every other token gets about e^-150 of the mass
+    bias = torch.nn.Parameter(bias)
+    head, leaves = Head(weight=weight, bias=bias), [hidden, weight, bias]
+    labels = _labels()
+    kw = {"divergence": "forward_kl", "alpha": 0.0, "temperature": 1.0, "normalizer": 11}
+    loss_u, _ = unchunked_kd_loss(hidden, head, labels, teacher, **kw)
+    grads_u = torch.autograd.grad(loss_u, leaves)
+    _no_autograd_path(monkeypatch)
+    loss_c, _ = chunked_kd_loss(hidden, head, labels, teacher, chunk_size=4, **kw)
+    grads_c = torch.autograd.grad(loss_c, leaves)
+    assert torch.isfinite(loss_c) and all(torch.isfinite(g).all() for g in grads_c)
+    torch.testing.assert_close(loss_c, loss_u, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_c, grads_u):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    leaves64 = [x.detach().double().requires_grad_(True) for x in leaves]
+    ref = sparse_kd_loss(*leaves64, labels, teacher, alpha=0.0, temperature=1.0, scale_t2=False, normalizer=11)
+    torch.testing.assert_close(loss_c.double(), ref, rtol=1e-5, atol=1e-7)
+    for g, r in zip(grads_c, torch.autograd.grad(ref, leaves64)):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-7)
+
+
+def test_sparse_autograd_path_for_other_divergences_and_heads():
+    """Only forward KL with a plain head has the sparse closed form; the rest still agree."""
+    from potstill.divergences import chunked
+
+    calls = []
+    original = chunked._chunk_loss
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    for divergence, variant in (("reverse_kl", "bias"), ("forward_kl", "softcap_scale")):
+        hidden, head, leaves = _student(variant, seed=45)
+        labels, teacher = _labels(), _sparse_teacher("sampled")
+        kw = {"divergence": divergence, "alpha": 0.3, "temperature": 1.5, "normalizer": 11}
+        chunked._chunk_loss, calls[:] = spy, []
+        try:
+            loss_c, _ = chunked_kd_loss(hidden, head, labels, teacher, chunk_size=4, **kw)
+        finally:
+            chunked._chunk_loss = original
+        assert calls
+        loss_u, _ = unchunked_kd_loss(hidden, head, labels, teacher, **kw)
+        torch.testing.assert_close(loss_c, loss_u, rtol=1e-5, atol=1e-6)
+        for a, b in zip(torch.autograd.grad(loss_c, leaves), torch.autograd.grad(loss_u, leaves)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sparse_signal_errors_in_the_reducer():
+    hidden, head, _ = _student("plain")
+    labels = _labels()
+    sampled = _sparse_teacher("sampled")
+    with pytest.raises(ValueError, match="adaptive_kl.*top-k or dense"):
+        chunked_kd_loss(hidden, head, labels, sampled, divergence="adaptive_kl", normalizer=N)
+    bad = SparseSignal(ids=sampled.ids, logprobs=sampled.logprobs, weights=-sampled.weights)
+    with pytest.raises(ValueError, match=">= 0"):
+        chunked_kd_loss(hidden, head, labels, bad, normalizer=N)
+    top = _sparse_teacher("bucket")
+    dup = top.ids.clone()
+    dup[0, 1] = dup[0, 0]
+    with pytest.raises(ValueError, match="duplicate"):
+        chunked_kd_loss(hidden, head, labels, SparseSignal(ids=dup, logprobs=top.logprobs), normalizer=N)
+    # ...but not in a masked row (row 2), which is never read
+    dup = top.ids.clone()
+    dup[2, 1] = dup[2, 0]
+    chunked_kd_loss(hidden, head, labels, SparseSignal(ids=dup, logprobs=top.logprobs), normalizer=N)
+    tail = _sparse_teacher("bucket_tail")
+    with pytest.raises(ValueError, match="tail_logprob"):
+        chunked_kd_loss(hidden, head, labels, SparseSignal(tail.ids, tail.logprobs, tail_logprob=torch.zeros(3)),
+                        normalizer=N)
+    nan_tail = tail.tail_logprob.clone()
+    nan_tail[5] = float("nan")
+    for fn in (chunked_kd_loss, unchunked_kd_loss):
+        with pytest.raises(PotstillError, match="row 5"):
+            fn(hidden, head, labels, SparseSignal(tail.ids, tail.logprobs, tail_logprob=nan_tail), normalizer=N)

@@ -9,7 +9,7 @@ from potstill.divergences import DIVERGENCES, sparse_divergence
 from potstill.divergences.sparse import coarsen
 from potstill.signals.types import SparseSignal
 
-from .reference import softmax_and_log
+from .reference import REFERENCES, softmax_and_log
 from .test_dense import CASES, IDS
 
 V = 37
@@ -144,9 +144,21 @@ def test_errors():
         sparse_divergence("forward_kl", s, SparseSignal(ids=torch.tensor([[1, 40, 2], [0, 1, 2]]), logprobs=lp))
     with pytest.raises(ValueError, match="ids"):
         sparse_divergence("forward_kl", s, SparseSignal(ids=torch.zeros(2, 4, dtype=torch.long), logprobs=lp))
-    with pytest.raises(NotImplementedError, match="issue 3"):
-        ids = torch.tensor([[0, 1, 2], [0, 1, 2]])
-        sparse_divergence("forward_kl", s, SparseSignal(ids=ids, logprobs=lp, weights=torch.ones(2, 3)))
+    ids = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    with pytest.raises(ValueError, match="tail_logprob"):
+        sparse_divergence("forward_kl", s, SparseSignal(ids=ids, logprobs=lp, tail_logprob=torch.zeros(3)))
+    for bad in (torch.tensor([[1.0, -0.1, 1.0], [1.0, 1.0, 1.0]]), torch.tensor([[1.0, float("nan"), 1.0]] * 2),
+                torch.tensor([[1.0, float("inf"), 1.0]] * 2)):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            sparse_divergence("forward_kl", s, SparseSignal(ids=ids, logprobs=lp, weights=bad))
+    with pytest.raises(ValueError, match="weights"):
+        sparse_divergence("forward_kl", s, SparseSignal(ids=ids, logprobs=lp, weights=torch.ones(2, 4)))
+    lp_pad = lp.clone()
+    lp_pad[0, 2] = float("-inf")
+    with pytest.raises(ValueError, match="padding slot"):
+        sparse_divergence("forward_kl", s, SparseSignal(ids=ids, logprobs=lp_pad, weights=torch.ones(2, 3)))
+    with pytest.raises(ValueError, match="coarsen maps a top-k signal"):
+        coarsen(s, SparseSignal(ids=ids, logprobs=lp, weights=torch.ones(2, 3)))
     with pytest.raises(ValueError, match="unknown divergence"):
         sparse_divergence("kl", s, SparseSignal(ids=torch.tensor([[0, 1, 2], [0, 1, 2]]), logprobs=lp))
 
@@ -178,3 +190,192 @@ def test_student_tail_is_exact_when_tiny():
     lqc = torch.cat([lq[:, :k], torch.logsumexp(lq[:, k:], -1, keepdim=True)], -1)
     ref = (pc * (pc.log() - lqc)).sum(-1)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ sampled signals
+
+ESTIMABLE = [(n, p) for n, p in CASES if n != "adaptive_kl"]
+ESTIMABLE_IDS = [f"{n}-{p}" for n, p in ESTIMABLE]
+
+
+def _sampled(lp, reps, draws, proposal_t, seed):
+    """``reps`` independent sampled signals for one teacher row ``lp [V]`` (float64): ``draws``
+    ids with replacement from ``r = softmax(lp / proposal_t)``, kept as unique ids with counts,
+    ``w = count / draws * p / r``; unused slots are padding (logprob -inf, weight 0)."""
+    lr = torch.log_softmax(lp / proposal_t, -1)
+    g = torch.Generator().manual_seed(seed)
+    drawn = torch.multinomial(lr.exp().expand(reps, -1), draws, replacement=True, generator=g)
+    counts = torch.zeros(reps, lp.shape[-1], dtype=lp.dtype).scatter_add_(-1, drawn, torch.ones_like(lp[:1]).expand(reps, draws))
+    c, ids = counts.sort(-1, descending=True)
+    c, ids = c[:, :draws], ids[:, :draws]
+    real = c > 0
+    logprobs = torch.where(real, lp[ids], float("-inf"))
+    weights = torch.where(real, c / draws * torch.exp(lp[ids] - lr[ids]), 0.0)
+    return SparseSignal(ids=ids, logprobs=logprobs, weights=weights), drawn
+
+
+@pytest.mark.parametrize("proposal_t", [1.0, 2.0])
+@pytest.mark.parametrize(("name", "params"), ESTIMABLE, ids=ESTIMABLE_IDS)
+def test_sampled_estimate_is_unbiased(name, params, proposal_t):
+    """Anshumann et al. (2025): the mean of many independent sampled estimates (value and
+    gradient w.r.t. the student's logits) is the dense divergence, within 5 standard errors."""
+    temperature, reps, draws = 1.5, 2000, 6
+    s = _logits((1, V), seed=21).double()
+    t = _logits((1, V), seed=22).double()
+    lp = torch.log_softmax(t[0] / temperature, -1)
+    sig, _ = _sampled(lp, reps, draws, proposal_t, seed=23)
+    assert torch.isneginf(sig.logprobs).any()  # some rows repeat ids: padding slots are exercised
+    s_rep = s.expand(reps, V).clone().requires_grad_(True)
+    est = sparse_divergence(name, s_rep, sig, temperature=temperature, **params)
+    (g,) = torch.autograd.grad(est.sum(), [s_rep])
+    assert torch.isfinite(est).all() and torch.isfinite(g).all()
+
+    s64 = s.clone().requires_grad_(True)
+    ref = REFERENCES[name](s64, t, temperature, **params)
+    (g_ref,) = torch.autograd.grad(ref.sum(), [s64])
+    se = est.std() / reps**0.5
+    assert est.std() > 1e-3 * ref.abs().item()  # a real estimate, not the dense value in disguise
+    assert (est.mean() - ref[0]).abs() <= 5 * se, (est.mean().item(), ref.item(), se.item())
+    g_se = g.std(0) / reps**0.5
+    assert (g_se > 0).sum() > V // 2
+    bad = (g.mean(0) - g_ref[0]).abs() > 5 * g_se + 1e-12
+    assert not bad.any(), (g.mean(0)[bad], g_ref[0][bad], g_se[bad])
+
+
+@pytest.mark.parametrize(("name", "params"), ESTIMABLE, ids=ESTIMABLE_IDS)
+def test_sampled_with_every_id_weighted_by_p_is_dense(name, params):
+    """With every id once and w = p the estimator's sum is the dense sum itself (exact)."""
+    n, temperature = 4, 1.3
+    s = _logits((n, V), seed=24).requires_grad_(True)
+    t = _logits((n, V), seed=25)
+    g = torch.Generator().manual_seed(26)
+    ids = torch.stack([torch.randperm(V, generator=g) for _ in range(n)])
+    lp = torch.log_softmax(t / temperature, -1).gather(-1, ids)
+    out = sparse_divergence(name, s, SparseSignal(ids=ids, logprobs=lp, weights=lp.exp()), temperature=temperature,
+                            **params)
+    dense = DIVERGENCES[name](s, t, temperature=temperature, **params)
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-6)
+    (gs,) = torch.autograd.grad(out.sum(), [s])
+    (gd,) = torch.autograd.grad(dense.sum(), [s])
+    torch.testing.assert_close(gs, gd, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "params"), ESTIMABLE, ids=ESTIMABLE_IDS)
+def test_sampled_duplicates_and_padding_equal_counts(name, params):
+    """One slot per draw (ids repeat, weight 1/n each) gives the estimate of unique ids with counts;
+    padding slots (any id, incl. -1 and ids listed in the row) add exactly 0, with finite gradients."""
+    reps, draws = 5, 7
+    lp = torch.log_softmax(_logits((V,), seed=27).double(), -1)
+    counted, drawn = _sampled(lp, reps, draws, 1.0, seed=28)
+    per_draw = SparseSignal(ids=drawn, logprobs=lp[drawn], weights=torch.full(drawn.shape, 1.0 / draws,
+                                                                              dtype=torch.float64))
+    s = _logits((reps, V), seed=29).double().requires_grad_(True)
+    a = sparse_divergence(name, s, counted, **params)
+    b = sparse_divergence(name, s, per_draw, **params)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    ga, gb = (torch.autograd.grad(x.sum(), [s])[0] for x in (a, b))
+    torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-12)
+    pad_ids = torch.tensor([-1, 0, 5]).expand(reps, 3).clone()
+    pad_ids[:, 2] = drawn[:, 0]
+    padded = SparseSignal(
+        ids=torch.cat([per_draw.ids, pad_ids], -1),
+        logprobs=torch.cat([per_draw.logprobs, torch.full((reps, 3), float("-inf"), dtype=torch.float64)], -1),
+        weights=torch.cat([per_draw.weights, torch.zeros(reps, 3, dtype=torch.float64)], -1),
+    )
+    c = sparse_divergence(name, s, padded, **params)
+    (gc,) = torch.autograd.grad(c.sum(), [s])
+    torch.testing.assert_close(c, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gc, gb, rtol=1e-12, atol=1e-12)
+
+
+def test_sampled_refuses_adaptive_kl_and_accepts_custom_cores():
+    s = _logits((3, V), seed=30)
+    lp = torch.log_softmax(_logits((3, V), seed=31), -1)
+    sig = SparseSignal(ids=torch.arange(V).expand(3, V), logprobs=lp, weights=lp.exp())
+    with pytest.raises(ValueError, match="adaptive_kl.*top-k or dense"):
+        sparse_divergence("adaptive_kl", s, sig)
+    from potstill.divergences import get_core
+
+    with pytest.raises(ValueError, match="adaptive_kl"):
+        sparse_divergence(get_core("adaptive_kl"), s, sig)
+    # A custom core that is a sum of per-outcome terms: squared difference of probabilities.
+    out = sparse_divergence(lambda lq, lp: ((lp.exp() - lq.exp()) ** 2).sum(-1), s, sig)
+    torch.testing.assert_close(out, ((lp.exp() - torch.softmax(s, -1)) ** 2).sum(-1))
+
+
+# ------------------------------------------------------------------------------------ tail_logprob
+
+
+def _topk_with_tail(t, k, temperature=1.0):
+    """Top-k bucket signal and the exact log tail mass (float64, from the full distribution)."""
+    lp = torch.log_softmax(t.double() / temperature, -1)
+    vals, ids = lp.topk(k, dim=-1)
+    listed = torch.zeros_like(lp, dtype=torch.bool).scatter_(-1, ids, True)
+    tail = torch.logsumexp(lp.masked_fill(listed, float("-inf")), -1)
+    return SparseSignal(ids=ids, logprobs=vals.float(), tail="bucket", tail_logprob=tail.float())
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+def test_exact_tail_logprob_equals_default_tail(name, params):
+    n, k, temperature = 5, 6, 1.4
+    s = _logits((n, V), seed=32).requires_grad_(True)
+    with_tail = _topk_with_tail(_logits((n, V), seed=33), k, temperature)
+    without = SparseSignal(ids=with_tail.ids, logprobs=with_tail.logprobs)
+    a = sparse_divergence(name, s, with_tail, temperature=temperature, **params)
+    b = sparse_divergence(name, s, without, temperature=temperature, **params)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ga, gb = (torch.autograd.grad(x.sum(), [s])[0] for x in (a, b))
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+def test_tail_logprob_renormalizes_quantized_logprobs():
+    n, k = 6, 5
+    s = _logits((n, V), seed=34)
+    exact = _topk_with_tail(_logits((n, V), seed=35), k)
+    # Coarse rounding of the listed log-probs (as a quantized cache would store them); row 1 padded, row 2 empty.
+    lp_q = torch.round(exact.logprobs * 4) / 4
+    ids = exact.ids.clone()
+    lp_q[1, 3:] = float("-inf")
+    ids[1, 3:] = ids[1, 0]
+    lp_q[2] = float("-inf")
+    sig = SparseSignal(ids=ids, logprobs=lp_q, tail_logprob=exact.tail_logprob)
+    _, lp = coarsen(s.double(), sig)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.isneginf(lp[1, 3:k]).all() and torch.isneginf(lp[2, :k]).all() and lp[2, k] == 0
+    # The same numbers by hand: [p, tail] / (sum p + tail), and the forward KL on them.
+    p = torch.cat([lp_q.double().exp(), exact.tail_logprob.double().exp().unsqueeze(-1)], -1)
+    p = p / p.sum(-1, keepdim=True)
+    torch.testing.assert_close(lp.exp(), p, rtol=1e-12, atol=1e-15)
+    assert not torch.allclose(p[:, :k], lp_q.double().exp())  # the renormalization did something
+    out = sparse_divergence("forward_kl", s.double(), sig)
+    q, _ = softmax_and_log(s)
+    for r in range(n):
+        chosen = [int(i) for i, v in zip(ids[r], lp_q[r]) if v > float("-inf")]
+        slots = [j for j in range(k) if lp_q[r, j] > float("-inf")]
+        rest = [v for v in range(V) if v not in chosen]
+        pc = torch.cat([p[r, slots], p[r, k:]])
+        qc = torch.cat([q[r, chosen], q[r, rest].sum().reshape(1)])
+        torch.testing.assert_close(out[r], (pc * (pc.log() - qc.log())).sum(), rtol=1e-10, atol=1e-12)
+    # renormalize mode ignores tail_logprob
+    renorm = SparseSignal(ids=ids, logprobs=lp_q, tail="renormalize", tail_logprob=exact.tail_logprob)
+    torch.testing.assert_close(sparse_divergence("forward_kl", s, renorm),
+                               sparse_divergence("forward_kl", s, SparseSignal(ids, lp_q, "renormalize")))
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+def test_all_ids_with_tail_logprob_equals_dense(name, params):
+    """The bucket is empty when the ids cover the vocabulary: a stated tail mass (here a wrong
+    one) is no outcome, and the result is the dense divergence."""
+    n, temperature = 4, 1.2
+    s = _logits((n, V), seed=36).requires_grad_(True)
+    t = _logits((n, V), seed=37)
+    g = torch.Generator().manual_seed(38)
+    ids = torch.stack([torch.randperm(V, generator=g) for _ in range(n)])
+    lp = torch.log_softmax(t / temperature, -1).gather(-1, ids)
+    sig = SparseSignal(ids=ids, logprobs=lp, tail_logprob=torch.full((n,), -3.0))
+    out = sparse_divergence(name, s, sig, temperature=temperature, **params)
+    dense = DIVERGENCES[name](s, t, temperature=temperature, **params)
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-6)
+    (gs,) = torch.autograd.grad(out.sum(), [s])
+    (gd,) = torch.autograd.grad(dense.sum(), [s])
+    torch.testing.assert_close(gs, gd, rtol=1e-4, atol=1e-6)

@@ -30,7 +30,7 @@ from torch import Tensor
 from ..errors import PotstillError
 from ..signals.types import DenseSignal, Head, SparseSignal, apply_head
 from .dense import DIVERGENCES, akl_head_weight, get_divergence
-from .sparse import sparse_divergence
+from .sparse import bucket_teacher, check_signal, sparse_divergence
 
 IGNORE_INDEX = -100
 
@@ -106,6 +106,10 @@ def _validate(
             f"sparse teacher ids {tuple(teacher.ids.shape)} and logprobs "
             f"{tuple(teacher.logprobs.shape)} must both be [n, k]"
         )
+    elif teacher.weights is not None and teacher.weights.shape != teacher.ids.shape:
+        raise ValueError(f"sampled teacher weights {tuple(teacher.weights.shape)} must match ids {tuple(teacher.ids.shape)}")
+    elif teacher.tail_logprob is not None and tuple(teacher.tail_logprob.shape) != (n,):
+        raise ValueError(f"sparse teacher tail_logprob {tuple(teacher.tail_logprob.shape)} must be [n] = [{n}]")
     return vocab
 
 
@@ -121,8 +125,16 @@ def _teacher_chunk(plan: _Plan, start: int, end: int, rows: Tensor | None):
         t = teacher.chunk(start, end)
         if rows is not None:
             t = t.rows(rows)
-        bad = torch.isnan(t.logprobs).any(-1) | torch.isposinf(t.logprobs).any(-1)
+        bad = _sparse_bad(t)
     return t, bad
+
+
+def _sparse_bad(t: SparseSignal) -> Tensor:
+    """Rows ``[n]`` whose log-probs (or tail log-prob) are NaN or +inf."""
+    bad = torch.isnan(t.logprobs).any(-1) | torch.isposinf(t.logprobs).any(-1)
+    if t.tail_logprob is not None:
+        bad = bad | torch.isnan(t.tail_logprob) | torch.isposinf(t.tail_logprob)
+    return bad
 
 
 def _raise_nonfinite(start: int, bad: Tensor, rows: Tensor | None) -> None:
@@ -192,13 +204,66 @@ def _akl_closed(ls: Tensor, lt: Tensor, q: Tensor, p: Tensor, mu: float = 0.5) -
 # Divergences whose gradient w.r.t. the student's logits has a short closed form.
 CLOSED_FORM = {"forward_kl": _fkl_closed, "reverse_kl": _rkl_closed, "skew_forward_kl": _skl_closed,
                "adaptive_kl": _akl_closed}
+# ... and those that have one against a sparse teacher.
+SPARSE_CLOSED_FORM = ("forward_kl",)
+
+
+def _sparse_fkl_closed(ls: Tensor, sig: SparseSignal, scale: float, extra: float):
+    """Forward KL against a sparse teacher (as :func:`~.sparse.sparse_divergence` defines it).
+
+    ``ls = log_softmax(u) [n, V]``, ``u = z / T``. Returns the per-row values ``[n]``,
+    ``g = scale * dD/du + extra * q`` (``q = softmax(u)``) written into ``ls``'s memory, and
+    the rows whose student tail underflowed (bucket only; ``None`` otherwise). With S the
+    ids of a row:
+
+    * sampled (Anshumann et al. 2025): ``D = sum_i w_i (lp_i - lq_i)``,
+      ``dD/du_j = q_j sum_i w_i - sum_{i: id_i = j} w_i``;
+    * bucket: ``D = sum_S p_i (lp_i - lq_i) + p_t (log p_t - log q_t)``, ``q_t = sum_{j not in S} q_j``;
+      ``dD/du_j = P q_j - p_j`` on S and ``q_j (P - p_t / q_t)`` off S, ``P = sum_S p_i + p_t``
+      (1 unless the teacher's rounding left it off);
+    * renormalize: ``p~, q~`` renormalized over S; ``dD/du_j = q~_j - p~_j`` on S, 0 off S.
+    """
+    lp = sig.logprobs.to(ls.dtype)
+    pad = torch.isneginf(lp)
+    ids = torch.where(pad, torch.zeros_like(sig.ids), sig.ids)
+    lq = ls.gather(-1, ids)
+    zero = torch.zeros((), dtype=ls.dtype, device=ls.device)
+    if sig.weights is not None:
+        w = torch.where(pad, zero, sig.weights.to(ls.dtype))
+        value = (w * torch.where(pad, zero, lp - lq)).sum(-1)
+        g = ls.exp_().mul_((scale * w.sum(-1) + extra).unsqueeze(-1))
+        return value, g.scatter_add_(-1, ids, w.mul_(-scale)), None
+    if sig.tail == "renormalize":
+        lp_r = torch.log_softmax(lp, -1)  # rows without ids give NaN here, masked below
+        lq_r = torch.log_softmax(torch.where(pad, lp, lq), -1)
+        value = torch.where(pad, zero, lp_r.exp() * (lp_r - lq_r)).sum(-1)
+        d = torch.where(pad, zero, lq_r.exp() - lp_r.exp()).mul_(scale)
+        g = ls.exp_().mul_(extra) if extra else ls.zero_()
+        return value, g.scatter_add_(-1, ids, d), None
+    # bucket; ids are unique (checked), so they cover the vocabulary iff there are V of them.
+    lp, lp_t = bucket_teacher(lp, pad, sig.tail_logprob, (~pad).sum(-1) == ls.shape[-1])
+    p, p_t = lp.exp(), lp_t.exp()
+    q = ls.exp_()
+    q_s = torch.where(pad, zero, q.gather(-1, ids))
+    q.scatter_add_(-1, ids, q_s.neg())  # exactly 0 on S; padding slots add 0
+    q_t = q.sum(-1)  # the student's tail, summed directly (1 - sum q_S would cancel)
+    live = p_t > 0
+    ratio = torch.where(live, p_t / q_t, zero)
+    value = torch.where(pad, zero, p * (lp - lq)).sum(-1) + torch.where(live, p_t * (lp_t - q_t.log()), zero)
+    big_p = p.sum(-1) + p_t
+    g = q.mul_((scale * (big_p - ratio) + extra).unsqueeze(-1))
+    g.scatter_add_(-1, ids, torch.where(pad, zero, (scale * big_p + extra).unsqueeze(-1) * q_s - scale * p))
+    # Below this the summed tail has lost its relative precision (or is 0): redo those rows exactly.
+    fi = torch.finfo(ls.dtype)
+    return value, g, live & (q_t < fi.tiny / fi.eps)
 
 
 @torch.no_grad()
 def _closed_form_chunk(plan: _Plan, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor,
-                       teacher: Tensor | None, grad_h: Tensor | None, grad_w: Tensor | None,
+                       teacher: Tensor | SparseSignal | None, grad_h: Tensor | None, grad_w: Tensor | None,
                        grad_b: Tensor | None, start: int, end: int, rows: Tensor | None):
-    """CE + a :data:`CLOSED_FORM` divergence for one chunk, with its gradient written out.
+    """CE + a :data:`CLOSED_FORM` divergence (dense teacher) or a :data:`SPARSE_CLOSED_FORM`
+    one (sparse teacher) for one chunk, with its gradient written out.
 
     With ``z`` the student logits, ``u = z / T`` and ``D`` the divergence summed over rows,
     ``dL/dz = alpha (softmax(z) - onehot(y)) + (1 - alpha) s dD/du / T``, then pushed through
@@ -215,7 +280,17 @@ def _closed_form_chunk(plan: _Plan, h: Tensor, weight: Tensor, bias: Tensor | No
     ce = -ls1[c, y].sum()
     del z
     g = None
-    if plan.alpha < 1.0:
+    folded = False  # the CE softmax already added into g
+    if plan.alpha < 1.0 and isinstance(teacher, SparseSignal):
+        scale = (1.0 - plan.alpha) * plan.kd_scale / T
+        # At T = 1 the CE softmax is q itself: add it in the same pass (ls1 is ls, consumed here).
+        folded = T == 1.0 and plan.alpha > 0
+        extra = plan.alpha if folded else 0.0
+        values, g, redo = _sparse_fkl_closed(ls, teacher, scale, extra, **plan.divergence_kwargs)
+        if redo is not None and bool(redo.any()):
+            _exact_rows(plan, redo.nonzero().squeeze(-1), h, weight, bias, teacher, scale, extra, values, g)
+        kd = values.sum()
+    elif plan.alpha < 1.0:
         tl = teacher.float()
         lt = torch.log_softmax(tl / T if T != 1.0 else tl, dim=-1)
         kd, g = CLOSED_FORM[plan.divergence](ls, lt, ls.exp(), lt.exp(), **plan.divergence_kwargs)
@@ -223,7 +298,9 @@ def _closed_form_chunk(plan: _Plan, h: Tensor, weight: Tensor, bias: Tensor | No
         g.mul_((1.0 - plan.alpha) * plan.kd_scale / T)
     else:
         kd = torch.zeros((), dtype=torch.float32, device=h.device)
-    if plan.alpha > 0:
+    if folded:
+        g[c, y] -= plan.alpha
+    elif plan.alpha > 0:
         sm = ls1.exp_()  # the divergence is done with the log-probs: reuse their memory
         g = sm.mul_(plan.alpha) if g is None else g.add_(sm, alpha=plan.alpha)
         g[c, y] -= plan.alpha
@@ -241,6 +318,23 @@ def _closed_form_chunk(plan: _Plan, h: Tensor, weight: Tensor, bias: Tensor | No
     if grad_b is not None:
         grad_b += g.sum(0).to(grad_b.dtype)
     return total, ce, kd
+
+
+def _exact_rows(plan: _Plan, r: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, teacher: SparseSignal,
+                scale: float, extra: float, values: Tensor, g: Tensor) -> None:
+    """Rows ``r`` of :func:`_sparse_fkl_closed`'s output through the log-space autograd path
+    (a student tail below float range: rare, so the common rows keep the fast path)."""
+    T = plan.temperature
+    z = F.linear(h[r], weight, bias).float()
+    with torch.enable_grad():
+        u = z.detach().requires_grad_(True)
+        d = sparse_divergence(plan.divergence, u, teacher.rows(r), temperature=T, **plan.divergence_kwargs)
+        (gz,) = torch.autograd.grad(d.sum(), [u])
+    rows = gz.mul_(scale * T)  # dD/du = T dD/dz
+    if extra:
+        rows.add_(torch.softmax(z, -1), alpha=extra)  # extra is only used at T = 1
+    g[r] = rows
+    values[r] = d.detach()
 
 
 def _accumulator(t: Tensor) -> Tensor:
@@ -265,9 +359,16 @@ def _run_chunks(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
     use_teacher = plan.alpha < 1.0
     # The most common case gets its gradient in closed form instead of through autograd.
     plain_head = plan.softcap is None and plan.logit_scale in (None, 1.0)
+    sparse = isinstance(plan.teacher, SparseSignal)
     fast = any_grad and plain_head and (
-        plan.alpha == 1.0 or (plan.divergence in CLOSED_FORM and isinstance(plan.teacher, DenseSignal))
+        plan.alpha == 1.0
+        or (plan.divergence in CLOSED_FORM and isinstance(plan.teacher, DenseSignal))
+        or (plan.divergence in SPARSE_CLOSED_FORM and sparse)
     )
+    if fast and use_teacher and sparse:
+        # The closed form skips coarsen's checks: run them once on the rows that count.
+        keep = (plan.labels != IGNORE_INDEX).nonzero().squeeze(-1)
+        check_signal(plan.teacher.rows(keep), keep.numel(), plan.vocab)
     bad_chunks: list[tuple[int, Tensor, Tensor | None]] = []
 
     for start in range(0, n, plan.chunk_size):
@@ -452,7 +553,7 @@ def unchunked_kd_loss(
             div = DIVERGENCES[divergence](logits, t, temperature=temperature, **(divergence_kwargs or {}))
         else:
             t = teacher.rows(rows)
-            bad = torch.isnan(t.logprobs).any(-1) | torch.isposinf(t.logprobs).any(-1)
+            bad = _sparse_bad(t)
             if bool(bad.any()):
                 _raise_nonfinite(0, bad, rows)
             div = sparse_divergence(divergence, logits, t, temperature=temperature, **(divergence_kwargs or {}))

@@ -1,11 +1,14 @@
 """Divergences against a sparse teacher: k token ids per position and their log-probs.
 
-The teacher's full distribution is unknown outside the ids, so both distributions are
-mapped onto a smaller outcome space and the ordinary divergence core (``dense.CORES``)
-is applied there. ``SparseSignal.tail`` picks the map:
+**Top-k signals** (``weights is None``). The teacher's distribution is unknown outside the
+ids, so both distributions are mapped onto a smaller outcome space (:func:`coarsen`) and
+the ordinary divergence core (``dense.CORES``) is applied there. ``SparseSignal.tail``
+picks the map:
 
 * ``"bucket"``: outcomes are the k ids plus one *tail* outcome holding everything else.
-  Teacher tail = ``1 - sum_i p_i`` (as ``log1mexp(logsumexp(lp))``); student tail = the
+  Teacher tail = ``tail_logprob`` when the signal has it (the coarsened teacher
+  ``[lp, tail]`` is then renormalized to sum to one, undoing the rounding of quantized
+  log-probs), else ``1 - sum_i p_i`` (as ``log1mexp(logsumexp(lp))``). Student tail = the
   student's own mass outside the ids, computed directly as a masked ``logsumexp`` over
   the vocabulary (exact, unlike ``1 - sum q_i`` which cancels when the ids carry almost
   all the mass). This is the exact divergence between two coarsenings of p and q, so by
@@ -15,9 +18,22 @@ is applied there. ``SparseSignal.tail`` picks the map:
 * ``"renormalize"``: the tail is dropped and both sides are renormalized over the ids
   (DistillKit's top-k). Biased: it ignores the mass outside the ids entirely.
 
-Padding slots (``logprobs = -inf``) are outcomes that exist on neither side: the
-student's mass at a padding slot's id is not counted there (it stays in the tail).
-Ids in a row must be unique (padding slots excepted); duplicates raise ``ValueError``.
+Ids in a top-k row must be unique (padding slots excepted); duplicates raise ``ValueError``.
+
+**Sampled signals** (``weights`` given; Anshumann et al. 2025, "Sparse Logit Sampling",
+random-sampling KD). Every divergence here except AKL is a sum over outcomes of a term
+``phi(p_v, q_v)``, so with ``sum_i w_i g(id_i)`` unbiased for ``sum_v p_v g(v)``::
+
+    D_hat = sum_i w_i * phi(p_i, q_i) / p_i
+
+is an unbiased estimate of ``D = sum_v phi(p_v, q_v)`` over the teacher's support (all of V
+for a softmax teacher), and its gradient w.r.t. the student an unbiased estimate of the
+dense gradient. ``q`` is the student's full softmax at the ids. Ids may repeat (each draw
+its own slot). AKL needs the teacher's full ranking and is refused.
+
+Padding slots (``logprobs = -inf``, weight 0 when sampled) are outcomes that exist on
+neither side: they contribute exactly 0, with finite gradients; in bucket mode the
+student's mass at a padding slot's id stays in the tail.
 """
 
 from __future__ import annotations
@@ -26,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ..signals.types import SparseSignal
-from .dense import Core, get_core, log_probs
+from .dense import CORES, Core, get_core, log_probs
 
 
 def _log1mexp(x: Tensor) -> Tensor:
@@ -47,35 +63,84 @@ def _safe_logsumexp(x: Tensor, empty: Tensor) -> Tensor:
     return torch.where(empty, torch.full_like(out, float("-inf")), out)
 
 
+def check_signal(signal: SparseSignal, n: int, vocab: int) -> None:
+    """Raise ``ValueError`` unless ``signal`` is a well-formed sparse signal for ``n`` rows
+    over a vocabulary of ``vocab``: shapes, ids of non-padding slots in ``[0, vocab)``,
+    unique ids per top-k row, finite non-negative weights that are 0 on padding slots."""
+    ids, lp = signal.ids, signal.logprobs
+    if ids.shape != lp.shape or ids.dim() != 2 or ids.shape[0] != n:
+        raise ValueError(
+            f"sparse signal ids {tuple(ids.shape)} and logprobs {tuple(lp.shape)} must both be "
+            f"[n, k] with n = {n} (student rows)"
+        )
+    if signal.tail_logprob is not None and tuple(signal.tail_logprob.shape) != (n,):
+        raise ValueError(f"sparse signal tail_logprob {tuple(signal.tail_logprob.shape)} must be [n] = [{n}]")
+    if signal.weights is None and signal.tail not in ("bucket", "renormalize"):
+        raise ValueError(f"unknown tail mode {signal.tail!r}; choose 'bucket' or 'renormalize'")
+    if not ids.numel():
+        return
+    pad = torch.isneginf(lp)
+    ids_safe = torch.where(pad, torch.zeros_like(ids), ids)
+    if bool(((ids_safe < 0) | (ids_safe >= vocab)).any()):
+        raise ValueError(f"sparse signal ids must lie in [0, {vocab}) (the aligned vocabulary)")
+    w = signal.weights
+    if w is not None:
+        if w.shape != ids.shape:
+            raise ValueError(f"sampled signal weights {tuple(w.shape)} must match ids {tuple(ids.shape)}")
+        if bool((~torch.isfinite(w) | (w < 0)).any()):
+            raise ValueError("sampled signal weights must be finite and >= 0 (count / n * p / r)")
+        if bool((pad & (w != 0)).any()):
+            raise ValueError("sampled signal has a weight != 0 on a padding slot (logprobs = -inf); give it weight 0")
+        return
+    # Duplicates: sort each row with padding slots keyed to distinct negative numbers.
+    slot = torch.arange(ids.shape[1], device=ids.device)
+    key = torch.where(pad, -1 - slot, ids).sort(-1).values
+    if bool((key[:, 1:] == key[:, :-1]).any()):
+        raise ValueError("sparse signal has duplicate ids in a row; ids must be unique per position")
+
+
+def bucket_teacher(lp: Tensor, pad: Tensor, tail_logprob: Tensor | None, bucket_empty: Tensor) -> tuple[Tensor, Tensor]:
+    """The teacher side of the bucket map: ``lp [n, k]`` -> ``(lp [n, k], tail [n])`` (log-probs).
+
+    ``tail`` is ``tail_logprob`` when given, and ``[lp, tail]`` is then renormalized to sum to
+    one (padding stays ``-inf``); else ``log(1 - sum exp(lp))``, as is. ``-inf`` (no outcome)
+    where ``bucket_empty`` (the ids cover the vocabulary).
+    """
+    ninf = torch.full((), float("-inf"), dtype=lp.dtype, device=lp.device)
+    if tail_logprob is None:
+        tail = _log1mexp(_safe_logsumexp(lp, pad.all(-1)))
+        # Rounding can leave a sliver of teacher mass when the ids cover every outcome;
+        # the bucket holds no outcome then, so its mass is 0 on both sides.
+        return lp, torch.where(bucket_empty, ninf, tail)
+    tail = torch.where(bucket_empty, ninf, tail_logprob.to(lp.dtype))
+    full = torch.cat([lp, tail.unsqueeze(-1)], -1)
+    absent = torch.isneginf(full).all(-1)
+    norm = torch.where(absent, torch.zeros_like(tail), _safe_logsumexp(full, absent))
+    return lp - norm.unsqueeze(-1), tail - norm
+
+
 def coarsen(
     student_logits: Tensor, signal: SparseSignal, *, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
-    """Map student ``[n, V]`` and teacher ``signal`` onto the sparse outcome space.
+    """Map student ``[n, V]`` and a top-k teacher ``signal`` onto the sparse outcome space.
 
     Returns ``(lq, lp)``, both ``[n, k + 1]`` for ``tail="bucket"`` (last column = tail)
     or ``[n, k]`` for ``tail="renormalize"``, in at least float32; padding slots are
     ``-inf`` on both sides.
     """
-    ids, lp = signal.ids, signal.logprobs
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [n, V], got {tuple(student_logits.shape)}")
-    if ids.shape != lp.shape or ids.dim() != 2 or ids.shape[0] != student_logits.shape[0]:
-        raise ValueError(
-            f"sparse signal ids {tuple(ids.shape)} and logprobs {tuple(lp.shape)} must both be "
-            f"[n, k] with n = {student_logits.shape[0]} (student rows)"
-        )
-    if signal.tail not in ("bucket", "renormalize"):
-        raise ValueError(f"unknown tail mode {signal.tail!r}; choose 'bucket' or 'renormalize'")
+    if signal.weights is not None:
+        raise ValueError("coarsen maps a top-k signal; a sampled signal (weights given) goes to sparse_divergence")
     n, vocab = student_logits.shape
+    check_signal(signal, n, vocab)
+    ids, lp = signal.ids, signal.logprobs
     lq_full = log_probs(student_logits, temperature)
     lp = lp.to(torch.promote_types(lq_full.dtype, lp.dtype))
     lq_full = lq_full.to(lp.dtype)
     pad = torch.isneginf(lp)
     ninf = torch.full((), float("-inf"), dtype=lp.dtype, device=lp.device)
-
     ids_safe = torch.where(pad, torch.zeros_like(ids), ids)
-    if ids.numel() and bool(((ids_safe < 0) | (ids_safe >= vocab)).any()):
-        raise ValueError(f"sparse signal ids must lie in [0, {vocab}) (the aligned vocabulary)")
     lq = torch.where(pad, ninf, lq_full.gather(-1, ids_safe))
 
     if signal.tail == "renormalize":
@@ -87,18 +152,14 @@ def coarsen(
         lq_r = torch.where(empty.unsqueeze(-1), ninf, lq_r)
         return lq_r, lp_r
 
-    # Count how often each vocabulary entry is listed (padding slots add 0).
+    # Which vocabulary entries are listed (padding slots add 0, so a padding slot that
+    # shares an id with a real one cannot unlist it).
     counts = torch.zeros((n, vocab), dtype=lq_full.dtype, device=lq_full.device)
     counts.scatter_add_(-1, ids_safe, (~pad).to(counts.dtype))
-    if counts.numel() and bool((counts > 1).any()):
-        raise ValueError("sparse signal has duplicate ids in a row; ids must be unique per position")
     listed = counts > 0
     bucket_empty = listed.all(-1)  # the ids cover the whole vocabulary
     q_tail = _safe_logsumexp(torch.where(listed, ninf, lq_full), bucket_empty)
-    p_tail = _log1mexp(_safe_logsumexp(lp, pad.all(-1)))
-    # Rounding can leave a sliver of teacher mass when the ids cover every outcome;
-    # the bucket holds no outcome then, so its mass is 0 on both sides.
-    p_tail = torch.where(bucket_empty, ninf, p_tail)
+    lp, p_tail = bucket_teacher(lp, pad, signal.tail_logprob, bucket_empty)
     return torch.cat([lq, q_tail.unsqueeze(-1)], -1), torch.cat([lp, p_tail.unsqueeze(-1)], -1)
 
 
@@ -115,10 +176,42 @@ def sparse_divergence(
     ``student_logits [n, V]`` (aligned vocabulary), ``signal`` with ``ids/logprobs [n, k]``
     -> ``[n]``. The student is taken at ``temperature``; ``signal.logprobs`` are taken as
     already at that temperature. ``name_or_core`` is a name of ``DIVERGENCES`` or a core
-    ``(lq, lp, **params) -> [...]``; ``params`` go to the core.
+    ``(lq, lp, **params) -> [...]``; ``params`` go to the core. A top-k signal gives the
+    divergence on the coarsened space (:func:`coarsen`); a sampled one the unbiased
+    estimate ``sum_i w_i phi(p_i, q_i) / p_i`` (Anshumann et al. 2025), for which a custom
+    core must be a sum over the last dim of per-outcome terms ``phi(p_v, q_v)``.
     """
-    if signal.weights is not None:
-        raise NotImplementedError("sampled signals arrive with the cache (issue 3)")
     core = get_core(name_or_core) if isinstance(name_or_core, str) else name_or_core
+    if signal.weights is not None:
+        return _sampled_estimate(core, student_logits, signal, temperature, params)
     lq, lp = coarsen(student_logits, signal, temperature=temperature)
     return core(lq, lp, **params)
+
+
+def _sampled_estimate(core: Core, student_logits: Tensor, signal: SparseSignal, temperature: float,
+                      params: dict) -> Tensor:
+    """``sum_i w_i phi(p_i, q_i) / p_i`` per row, ``phi`` = the core on one outcome."""
+    if core is CORES["adaptive_kl"]:
+        raise ValueError(
+            "adaptive_kl needs the teacher's full ranking, which a sampled signal lacks; use a top-k or dense signal"
+        )
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [n, V], got {tuple(student_logits.shape)}")
+    n, vocab = student_logits.shape
+    check_signal(signal, n, vocab)
+    lq_full = log_probs(student_logits, temperature)
+    lp = signal.logprobs.to(torch.promote_types(lq_full.dtype, signal.logprobs.dtype))
+    lq_full = lq_full.to(lp.dtype)
+    pad = torch.isneginf(lp)
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    ids_safe = torch.where(pad, torch.zeros_like(signal.ids), signal.ids)
+    lq = torch.where(pad, torch.full_like(zero, float("-inf")), lq_full.gather(-1, ids_safe))
+    # The core on [..., k, 1]: one outcome each, so the sum over the last dim is phi itself;
+    # padding slots are -inf on both sides, which every core maps to 0 with finite gradients.
+    phi = core(lq.unsqueeze(-1), lp.unsqueeze(-1), **params)
+    if phi.shape != lp.shape:
+        raise ValueError(f"the divergence core must reduce the last dim; got {tuple(phi.shape)} for [n, k, 1]")
+    # w / p as exp(log w - log p): w carries the factor p / r, so it stays finite for tiny p.
+    w = signal.weights.to(lp.dtype)
+    coef = torch.where(pad, zero, torch.exp(torch.log(w) - torch.where(pad, zero, lp)))
+    return (coef * phi).sum(-1)
