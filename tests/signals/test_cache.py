@@ -16,7 +16,7 @@ from potstill.data import PadCollator, encode_example
 from potstill.divergences import chunked_kd_loss
 from potstill.models import final_hidden, output_head
 from potstill.signals import DenseSignal, OnlineTeacher, SparseSignal, target_index, target_rows
-from potstill.signals.cache import CachedSignal, CacheSpec, _build_shard, _signal_rows, write_cache
+from potstill.signals.cache import CachedSignal, CacheSpec, _build_shard, extract, write_cache
 from potstill.signals.quant import decode_logprobs, encode_logprobs, id_bits
 
 TEXTS = [
@@ -178,14 +178,13 @@ def test_sampled_draws_are_unbiased_estimates_of_the_teacher(tmp_path):
     p = torch.softmax(z, -1)[0].double()
     for tau in (1.0, 2.0):
         spec = CacheSpec(kind="sampled", draws=n, proposal_temperature=tau)
-        g = torch.Generator().manual_seed(1)
         acc = torch.zeros(V, dtype=torch.float64)
         sq = torch.zeros(V, dtype=torch.float64)
-        for _ in range(trials):
-            rows = _signal_rows([z], spec, V, torch.rand((1, n), generator=g, dtype=torch.float64))
+        for trial in range(trials):
+            rows = extract(z, spec, V, seeds=[trial])
             w = torch.zeros(V, dtype=torch.float64)
-            weights = rows.counts.double() / n if tau == 1.0 else rows.weights.double()
-            w.index_add_(0, rows.ids, weights)
+            weights = rows["counts"][0].double() / n if tau == 1.0 else rows["weights"][0].double()
+            w.index_add_(0, rows["ids"][0], weights)
             acc += w
             sq += w * w
         mean = acc / trials

@@ -129,11 +129,6 @@ def _text_hash(text: Any) -> str:
     return hashlib.sha256(json.dumps(text, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _example_seed(seed: int, example_id: int) -> int:
-    d = hashlib.blake2b(f"{seed}:{example_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(d, "little") & ((1 << 63) - 1)
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -171,64 +166,93 @@ class _Rows:
     rows: int = 0
 
 
-def _signal_rows(lp_chunks: list[Tensor], spec: CacheSpec, vocab: int, uniforms: Tensor | None) -> _Rows:
-    """Teacher rows of one example -> what the cache stores for them."""
-    ids_l, lp_l, tail_l, len_l, cnt_l, w_l = [], [], [], [], [], []
-    u0 = 0
-    for z in lp_chunks:  # z: float32 logits [r, V]
-        r = z.shape[0]
-        if spec.kind == "dense":
-            lp_l.append(torch.log_softmax(z, -1))  # no ids: every row lists the whole vocabulary
-            continue
-        lp = torch.log_softmax(z / spec.temperature, -1)
-        if spec.kind == "topk":
-            vals, idx = lp.topk(spec.k, dim=-1)
-            rest = lp.scatter(-1, idx, float("-inf"))
-            tail_l.append(torch.logsumexp(rest, -1) if spec.k < vocab else torch.full((r,), float("-inf")))
-            ids_l.append(idx)
-            lp_l.append(vals)
-            continue
-        # sampled: inverse-CDF draws from the proposal with per-example uniforms
-        n = spec.draws
-        tau = spec.proposal_temperature
-        lr = lp if tau == 1.0 else torch.log_softmax(z / (spec.temperature * tau), -1)
-        cdf = lr.double().exp().cumsum(-1)
-        u = uniforms[u0:u0 + r].to(torch.float64) * cdf[:, -1:]
-        u0 += r
-        draw = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
-        draw, _ = draw.sort(-1)
-        first = torch.ones_like(draw, dtype=torch.bool)
-        first[:, 1:] = draw[:, 1:] != draw[:, :-1]
-        flat_first = first.reshape(-1).nonzero().squeeze(-1)
-        uniq = draw.reshape(-1)[flat_first]
-        counts = torch.diff(flat_first, append=torch.tensor([draw.numel()]))
-        row_len = first.sum(-1)
-        row_of = torch.repeat_interleave(torch.arange(r), row_len)
-        lp_s = lp[row_of, uniq]
-        ids_l.append(uniq)
-        lp_l.append(lp_s)
-        len_l.append(row_len)
-        if tau == 1.0:
-            cnt_l.append(counts)
+def _row_seed(seed: int, example_id: int, row: int) -> int:
+    d = hashlib.blake2b(f"{seed}:{example_id}:{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(d, "little") & ((1 << 63) - 1)
+
+
+def _log1mexp64(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` in float64 (``-inf`` where ``x >= 0``)."""
+    x = x.double()
+    inside = x < 0
+    xs = torch.where(inside, x, torch.full_like(x, -1.0))
+    out = torch.where(xs > -0.6931471805599453, torch.log(-torch.expm1(xs)), torch.log1p(-torch.exp(xs)))
+    return torch.where(inside, out, torch.full_like(out, float("-inf")))
+
+
+def extract(z: Tensor, spec: CacheSpec, vocab: int, seeds: list[int] | None = None) -> dict[str, Tensor]:
+    """Teacher logits ``z [r, V]`` (float32) -> what the cache stores for these rows, on the CPU.
+
+    Costs at most two passes over ``[r, V]`` beyond the head itself (log-softmax, then top-k
+    or the proposal's probabilities), so writing runs at the teacher's forward speed.
+
+    * topk: ``ids/lp [r, k]`` and ``tail [r]``, the log of ``1 - sum(p_topk)`` in float64
+      from the k full-precision log-probs (before quantization);
+    * sampled: ``spec.draws`` draws per row with ``torch.multinomial`` seeded per row
+      (``seeds``), merged into unique ids with counts: ``ids/lp/counts [r, draws]`` padded
+      with count 0 (and ``weights`` = ``count / n * p / r`` for a tempered proposal);
+    * dense: ``lp [r, V]``, the log-softmax at temperature 1.
+    """
+    if spec.kind == "dense":
+        return {"lp": torch.log_softmax(z, -1).cpu()}
+    T = spec.temperature
+    lp = torch.log_softmax(z if T == 1.0 else z / T, -1)
+    if spec.kind == "topk":
+        vals, idx = lp.topk(spec.k, dim=-1)
+        if spec.k < vocab:
+            tail = _log1mexp64(torch.logsumexp(vals.double(), -1)).float()
         else:
-            w_l.append(counts.double() / n * torch.exp(lp_s.double() - lr[row_of, uniq].double()))
-    ids = torch.cat([t.reshape(-1) for t in ids_l]) if ids_l else torch.zeros(0, dtype=torch.long)
-    lp_all = torch.cat([t.reshape(-1) if spec.kind == "sampled" else t for t in lp_l]) if lp_l else None
-    out = _Rows(ids=ids, values={}, rows=sum(z.shape[0] for z in lp_chunks))
-    if spec.kind == "sampled":
-        out.row_len = torch.cat(len_l) if len_l else torch.zeros(0, dtype=torch.long)
-        # int8 needs a per-row scale: encode the ragged slots row by row through a padded view
-        out.values = _encode_ragged(lp_all if lp_all is not None else torch.zeros(0), out.row_len, spec.dtype)
-        if spec.proposal_temperature == 1.0:
-            out.counts = torch.cat(cnt_l) if cnt_l else torch.zeros(0, dtype=torch.long)
-        else:
-            out.weights = torch.cat(w_l).float() if w_l else torch.zeros(0)
+            tail = torch.full((z.shape[0],), float("-inf"), device=z.device)
+        return {"ids": idx.cpu(), "lp": vals.cpu(), "tail": tail.cpu()}
+    n, tau = spec.draws, spec.proposal_temperature
+    probs = lp.exp() if tau == 1.0 else torch.softmax(z / (T * tau), -1)
+    r = z.shape[0]
+    draws = torch.empty((r, n), dtype=torch.long, device=z.device)
+    g = torch.Generator(device=z.device)
+    for i, s in enumerate(seeds or []):
+        g.manual_seed(s)
+        draws[i] = torch.multinomial(probs[i], n, replacement=True, generator=g)
+    draws, _ = draws.sort(-1)
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    # counts of each run of equal ids, written at the run's first slot, then left-packed
+    pos = torch.arange(n, device=z.device).expand(r, n)
+    start = torch.where(first, pos, torch.zeros_like(pos)).cummax(-1).values
+    counts_at = torch.zeros((r, n), dtype=torch.long, device=z.device).scatter_add_(
+        -1, start, torch.ones_like(draws))
+    order = torch.sort((~first).to(torch.uint8), dim=-1, stable=True).indices  # uniques first, in id order
+    ids = draws.gather(-1, order)
+    counts = counts_at.gather(-1, order)
+    live = counts > 0
+    ids = torch.where(live, ids, torch.zeros_like(ids))
+    lp_s = torch.where(live, lp.gather(-1, ids), torch.full_like(lp[:, :1].expand(r, n), float("-inf")))
+    out = {"ids": ids.cpu(), "lp": lp_s.cpu(), "counts": counts.cpu()}
+    if tau != 1.0:
+        lr = torch.log(probs.gather(-1, ids)).double()
+        w = counts.double() / n * torch.exp(lp_s.double() - lr)
+        out["weights"] = torch.where(live, w, torch.zeros_like(w)).float().cpu()
+    return out
+
+
+def _example_rows(cols: dict[str, Tensor], a: int, b: int, spec: CacheSpec) -> _Rows:
+    """Rows ``a:b`` of a batch's :func:`extract` output -> one example's :class:`_Rows`."""
+    lp = cols["lp"][a:b]
+    if spec.kind == "dense":
+        enc = encode_logprobs(lp, spec.dtype)
+        return _Rows(ids=torch.zeros(0, dtype=torch.long), values={"values": enc["values"].reshape(-1),
+                     **({"scale": enc["scale"]} if "scale" in enc else {})}, rows=b - a)
+    enc = encode_logprobs(lp, spec.dtype)
+    if spec.kind == "topk":
+        return _Rows(ids=cols["ids"][a:b].reshape(-1), rows=b - a, tail=cols["tail"][a:b],
+                     values={"values": enc["values"].reshape(-1), **({"scale": enc["scale"]} if "scale" in enc else {})})
+    counts = cols["counts"][a:b]
+    live = counts > 0
+    out = _Rows(ids=cols["ids"][a:b][live], rows=b - a, row_len=live.sum(-1),
+                values={"values": enc["values"][live], **({"scale": enc["scale"]} if "scale" in enc else {})})
+    if spec.proposal_temperature == 1.0:
+        out.counts = counts[live]
     else:
-        k = lp_all.shape[-1] if lp_all is not None else (spec.k if spec.kind == "topk" else vocab)
-        enc = encode_logprobs(lp_all if lp_all is not None else torch.zeros(0, k), spec.dtype)
-        out.values = {"values": enc["values"].reshape(-1), **({"scale": enc["scale"]} if "scale" in enc else {})}
-        if spec.kind == "topk":
-            out.tail = torch.cat(tail_l) if tail_l else torch.zeros(0)
+        out.weights = cols["weights"][a:b][live]
     return out
 
 
@@ -242,15 +266,6 @@ def _ragged_to_padded(flat: Tensor, row_len: Tensor, fill: float) -> tuple[Tenso
     return out, mask
 
 
-def _encode_ragged(lp: Tensor, row_len: Tensor, dtype: ValueDType) -> dict[str, Tensor]:
-    padded, mask = _ragged_to_padded(lp.float(), row_len.long(), float("-inf"))
-    enc = encode_logprobs(padded, dtype)
-    out = {"values": enc["values"][mask]}
-    if "scale" in enc:
-        out["scale"] = enc["scale"]
-    return out
-
-
 def _tail_dtype(dtype: ValueDType) -> torch.dtype:
     return torch.float32 if dtype == "fp32" else torch.float16
 
@@ -262,36 +277,42 @@ def _build_shard(teacher, head, examples: list[dict], first_id: int, spec: Cache
     from ..models import final_hidden
 
     per_example: list[_Rows | None] = [None] * len(examples)
+    # Batches are formed inside the shard (by length, to save padding), so a shard's
+    # contents never depend on which process wrote it or on what else it wrote.
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i]["input_ids"]), i))
     collate = PadCollator(pad_id)
     for b0 in range(0, len(order), spec.batch_size):
         members = order[b0:b0 + spec.batch_size]
         batch = collate([examples[i] for i in members])
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items() if k != "example_id"}
+        labels = batch["labels"]
+        counts = (labels[:, 1:] != -100).sum(-1).tolist()
+        seeds = None
+        if spec.kind == "sampled":
+            seeds = [_row_seed(spec.seed, first_id + i, r) for i, c in zip(members, counts) for r in range(c)]
         with torch.no_grad():
             hidden = final_hidden(teacher, batch["input_ids"], batch["attention_mask"])
-            labels = batch["labels"]
             rows = target_rows(hidden, target_index(labels))
-            counts = (labels[:, 1:] != -100).sum(-1).tolist()
-            logits = []
+            parts = []
             for s in range(0, rows.shape[0], spec.chunk_size):
-                logits.append(head(rows[s:s + spec.chunk_size]).float().cpu())
-        z_all = torch.cat(logits) if logits else torch.zeros(0, vocab)
-        z_all = z_all[:, :vocab]
-        if not torch.isfinite(z_all).all():
-            raise PotstillError("teacher logits contain NaN/inf while caching; check the teacher weights or load "
-                                "it with teacher.dtype: float32")
+                z = head(rows[s:s + spec.chunk_size]).float()[:, :vocab]
+                if not bool(torch.isfinite(z).all()):
+                    raise PotstillError("teacher logits contain NaN/inf while caching; check the teacher weights or "
+                                        "load it with teacher.dtype: float32")
+                parts.append(extract(z, spec, vocab, None if seeds is None else seeds[s:s + spec.chunk_size]))
+        cols = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
         start = 0
         for i, c in zip(members, counts):
-            z = z_all[start:start + c]
+            per_example[i] = _example_rows(cols, start, start + c, spec) if c else _empty_rows(spec, vocab)
             start += c
-            uniforms = None
-            if spec.kind == "sampled":
-                g = torch.Generator().manual_seed(_example_seed(spec.seed, first_id + i))
-                uniforms = torch.rand((c, spec.draws), generator=g, dtype=torch.float64)
-            chunks = [z[s:s + spec.chunk_size] for s in range(0, c, spec.chunk_size)]
-            per_example[i] = _signal_rows(chunks, spec, vocab, uniforms)
     return _assemble(examples, per_example, first_id, spec, bits)
+
+
+def _empty_rows(spec: CacheSpec, vocab: int) -> _Rows:
+    width = {"topk": spec.k, "sampled": spec.draws, "dense": vocab}[spec.kind]
+    cols = {"lp": torch.zeros(0, width), "ids": torch.zeros(0, width, dtype=torch.long),
+            "tail": torch.zeros(0), "counts": torch.zeros(0, width, dtype=torch.long), "weights": torch.zeros(0, width)}
+    return _example_rows(cols, 0, 0, spec)
 
 
 def _assemble(examples: list[dict], rows: list[_Rows], first_id: int, spec: CacheSpec, bits: int) -> dict[str, Tensor]:
