@@ -38,6 +38,7 @@ test-fast: install
 bench: install
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"
 	$(BIN)/python benchmarks/kd_step.py
+	$(BIN)/python benchmarks/cache.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

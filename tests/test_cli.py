@@ -375,3 +375,21 @@ def test_union_tags_do_not_leak_into_recipe_keys(assets, tmp_path, capsys):
     assert main(["cache", str(rp)]) == 2
     err = capsys.readouterr().err
     assert "recipe key 'cache.signal.draws'" in err and "sampled.draws" not in err
+
+
+def test_cache_takes_rank_and_world_size_from_the_launcher_environment(assets, tmp_path, capsys, monkeypatch):
+    """`accelerate launch` / torchrun set RANK and WORLD_SIZE; each process writes its shards."""
+    out = tmp_path / "out"
+    rp = write(tmp_path / "r.yaml", recipe(assets, out, cache=CACHE))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["cache", str(rp)]) == 0
+    assert "rank 1 of 2" in capsys.readouterr().out
+    cache_dir = out / "teacher_cache"
+    assert sorted(f.name for f in cache_dir.glob("shard-*.safetensors")) == ["shard-00001.safetensors"]
+    monkeypatch.setenv("RANK", "0")
+    assert main(["cache", str(rp)]) == 0  # the last rank to finish writes the manifest
+    assert (cache_dir / "manifest.json").is_file() and "3 shards" in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "one")
+    assert main(["cache", str(rp)]) == 2
+    assert "$RANK='one' is not an integer" in capsys.readouterr().err

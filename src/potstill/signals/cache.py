@@ -39,10 +39,11 @@ import json
 import logging
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -50,7 +51,15 @@ from torch import Tensor
 from ..errors import PotstillError
 from ..io import atomic_write_bytes, atomic_write_json
 from .online import target_index, target_rows
-from .quant import VALUE_DTYPES, ValueDType, decode_logprobs, encode_logprobs, id_bits, pack_ids, unpack_ids
+from .quant import (
+    VALUE_DTYPES,
+    ValueDType,
+    decode_logprobs,
+    encode_logprobs,
+    id_bits,
+    pack_ids,
+    unpack_ids,
+)
 from .types import DenseSignal, Signal, SparseSignal, TailMode
 
 log = logging.getLogger("potstill")
@@ -395,8 +404,8 @@ def write_cache(
     last process to finish writes it), else ``None``. ``on_shard(j)`` is called after each
     shard is on disk (progress hooks, tests).
     """
-    from ..models import output_head, tokenizer_fingerprint
     from ..generate import pad_id as _pad_id
+    from ..models import output_head, tokenizer_fingerprint
 
     path = Path(path)
     if not examples:
@@ -663,7 +672,7 @@ class CachedSignal:
                 slot_off=handle.get_tensor("slot_offsets").tolist(),
                 byte_off=handle.get_tensor("id_byte_offsets").tolist(),
             )
-        except Exception as err:  # safetensors raises its own error types for a bad header
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a bad header
             raise PotstillError(f"cache shard {f} cannot be read ({type(err).__name__}); {fix}") from None
         if len(sh.row_off) != rec["num_examples"] + 1 or sh.row_off[-1] != rec["num_rows"]:
             raise PotstillError(f"cache shard {f} does not match its manifest record; {fix}")
@@ -766,7 +775,7 @@ class CachedSignal:
         row_len = torch.cat([p.row_len.long() for p in parts])
         flat_ids = torch.cat([p.ids for p in parts])
         flat_vals = torch.cat([p.values for p in parts])
-        ids, slot = _ragged_to_padded(flat_ids, row_len, 0)
+        ids, _ = _ragged_to_padded(flat_ids, row_len, 0)
         if dtype == "int8":
             codes, _ = _ragged_to_padded(flat_vals, row_len, 0)
             scale = torch.cat([p.scale for p in parts])

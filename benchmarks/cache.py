@@ -1,0 +1,289 @@
+"""The teacher-signal cache on the demo's teacher and data: size, student quality, speed.
+
+Claims measured, all in one run (same teacher, same student init, same data, same seed):
+
+* **bytes/token** of each cache (shard files incl. headers and per-example keys, divided by
+  the number of response tokens): top-k with k = 8, 32, 64 (fp16 log-probs, and k = 32 with
+  8-bit log-probs) and sampled with n = 12, 32 draws (Anshumann et al. 2025).
+* **student quality**: a student trained for the demo's equal number of steps from each
+  cache vs from the live teacher (online dense KD), forward KL alpha=0, T=1; held-out
+  forward KL to the teacher (mean per response token over the 40 held-out examples).
+  Target: a setting at <= 128 bytes/token within 2 % of online dense KD.
+* **step time**: the median KDTrainer step trained from a cache vs a plain SFT step (HF
+  ``Trainer`` on the model's own cross-entropy, and potstill's chunked CE, ``alpha=1``);
+  the online-KD step for context. Target: cached <= 1.10 x SFT.
+* **cache write throughput**: ``write_cache`` (teacher body + head on the response rows +
+  signal extraction + quantization + packing + atomic shard writes) vs the teacher's forward
+  alone over the same batches: (strict) body + head on the same rows, results discarded,
+  and (HF) ``teacher(input_ids).logits`` for all positions. Target: >= 0.9 x (strict).
+
+Usage: ``python benchmarks/cache.py [--quick] [--out PATH]``. Writes JSON, prints one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median, summary_line, write_json_atomic  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "cache.json"
+
+SETTINGS = {  # name -> (kind, params, dtype)
+    "topk8": ("topk", {"k": 8}, "fp16"),
+    "topk32": ("topk", {"k": 32}, "fp16"),
+    "topk64": ("topk", {"k": 64}, "fp16"),
+    "topk32_int8": ("topk", {"k": 32}, "int8"),
+    "sampled12": ("sampled", {"draws": 12}, "fp16"),
+    "sampled32": ("sampled", {"draws": 32}, "fp16"),
+}
+
+
+def step_timer():
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.t0)
+
+    return Timer()
+
+
+def dataset(examples):
+    from datasets import Dataset
+
+    cols = ("input_ids", "attention_mask", "labels", "example_id")
+    return Dataset.from_list([{k: ex[k] for k in cols} for ex in examples])
+
+
+def train(prep, run, source, out: Path, warmup: int) -> dict:
+    """One student for the recipe's steps; returns step times and the trained model."""
+    from potstill.kd import KDTrainer
+    from potstill.pipeline import kd_config
+
+    student = copy.deepcopy(prep.student0).train()
+    timer = step_timer()
+    args = kd_config(prep.recipe, run, str(out), prep.device)
+    args.disable_tqdm = True
+    trainer = KDTrainer(model=student, args=args, signal_source=source, train_dataset=dataset(prep.train_examples),
+                        processing_class=prep.tokenizer, vocab_size=prep.vocab_size, callbacks=[timer])
+    trainer.train()
+    return {"model": trainer.model, "step_s": median(timer.times[warmup:]), "steps_s": timer.times}
+
+
+def train_hf_sft(prep, run, out: Path, warmup: int) -> dict:
+    """The plain SFT step: ``transformers.Trainer`` on the model's own cross-entropy."""
+    from transformers import Trainer
+
+    from potstill.data import PadCollator
+    from potstill.pipeline import kd_config
+
+    student = copy.deepcopy(prep.student0).train()
+    timer = step_timer()
+    args = kd_config(prep.recipe, run, str(out), prep.device)
+    args.disable_tqdm = True
+    ds = dataset(prep.train_examples).remove_columns(["example_id"])
+    trainer = Trainer(model=student, args=args, train_dataset=ds, data_collator=PadCollator(prep.tokenizer.pad_token_id),
+                      callbacks=[timer])
+    trainer.train()
+    return {"step_s": median(timer.times[warmup:]), "steps_s": timer.times}
+
+
+def teacher_passes(prep, spec) -> dict:
+    """The teacher's forward over the cache's batches: (strict) body + head on the response
+    rows, and (hf) the full forward with logits for all positions; results discarded."""
+    import torch
+
+    from potstill.data import PadCollator
+    from potstill.generate import pad_id
+    from potstill.models import final_hidden, output_head
+    from potstill.signals import target_index, target_rows
+
+    teacher, exs = prep.teacher, prep.train_examples
+    head = output_head(teacher)
+    collate = PadCollator(pad_id(prep.tokenizer))
+    batches = []
+    for lo in range(0, len(exs), spec.examples_per_shard):
+        shard = exs[lo:lo + spec.examples_per_shard]
+        order = sorted(range(len(shard)), key=lambda i: (len(shard[i]["input_ids"]), i))
+        for b in range(0, len(order), spec.batch_size):
+            batches.append(collate([shard[i] for i in order[b:b + spec.batch_size]]))
+    out = {}
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for batch in batches:
+            hidden = final_hidden(teacher, batch["input_ids"], batch["attention_mask"])
+            rows = target_rows(hidden, target_index(batch["labels"]))
+            for s in range(0, rows.shape[0], spec.chunk_size):
+                head(rows[s:s + spec.chunk_size]).float().cpu()
+        out["strict_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for batch in batches:
+            teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out["hf_s"] = time.perf_counter() - t0
+    return out
+
+
+def held_out(prep, models: dict) -> dict:
+    from potstill.eval import evaluate_runs, metrics_only
+
+    res = metrics_only(evaluate_runs(models, prep.teacher, prep.tokenizer, prep.eval_examples,
+                                     vocab_size=prep.vocab_size, batch_size=8, max_new_tokens=1, progress=False))
+    return {name: {"forward_kl": m["forward_kl"], "top1_agreement": m["top1_agreement"]} for name, m in res.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny run (few prompts and steps), smoke test only")
+    p.add_argument("--out", default=None, help=f"JSON path (default {DEFAULT_OUT}; --quick: a temp file)")
+    p.add_argument("--warmup", type=int, default=3, help="steps left out of the step-time medians")
+    p.add_argument("--write-only", action="store_true",
+                   help="measure only the writing part and update it in an existing JSON (training results kept)")
+    args = p.parse_args(argv)
+
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+    from potstill.config import ForwardKL, Recipe, RunConfig
+    from potstill.pipeline import Prepared
+    from potstill.signals import OnlineTeacher, TeacherMemo
+    from potstill.signals.cache import CachedSignal, CacheSpec, write_cache
+
+    overrides = {}
+    if args.quick:
+        overrides = {"data": {"source": {"kind": "demo", "num_prompts": 24, "max_new_tokens": 8}, "eval_size": 8},
+                     "train": {"max_steps": 6, "batch_size": 4}}
+    recipe = Recipe.model_validate(overrides)
+    torch.manual_seed(0)
+    prep = Prepared(recipe)
+    n_train = len(prep.train_examples)
+    n_tokens = sum(sum(1 for y in ex["labels"][1:] if y != -100) for ex in prep.train_examples)
+    kd_run = RunConfig(name="kd", alpha=0.0, divergence=ForwardKL())
+    sft_run = RunConfig(name="sft", alpha=1.0)
+    work = Path(tempfile.mkdtemp(prefix="potstill-bench-cache-"))
+    results: dict = {"setup": {
+        "teacher": recipe.teacher.model, "student": "from_teacher, 6 of 30 layers", "train_examples": n_train,
+        "eval_examples": len(prep.eval_examples), "response_tokens": n_tokens, "steps": recipe.train.max_steps,
+        "batch_size": recipe.train.batch_size, "divergence": "forward_kl", "alpha": 0.0, "temperature": 1.0,
+        "torch_threads": torch.get_num_threads(), "quick": args.quick}}
+    try:
+        # -- writing: each setting right after the teacher's forward over the same batches -----
+        # (paired, so that drift in a shared machine's speed hits both sides of each ratio)
+        base_spec = CacheSpec()
+        caches, writes, passes = {}, {}, []
+        teacher_passes(prep, base_spec)  # warm-up
+        for name, (kind, params, dtype) in SETTINGS.items():
+            spec = CacheSpec(kind=kind, dtype=dtype, **params)
+            before = teacher_passes(prep, base_spec)
+            passes.append(before)
+            t0 = time.perf_counter()
+            man = write_cache(prep.teacher, prep.tokenizer, prep.train_examples, work / name, spec,
+                              teacher_name=recipe.teacher.model, progress=False)
+            seconds = time.perf_counter() - t0
+            writes[name] = {"write_s": seconds, "bytes_per_token": man["bytes_per_token"],
+                            "total_bytes": man["total_bytes"], "teacher_strict_s": before["strict_s"],
+                            "teacher_hf_s": before["hf_s"],
+                            "throughput_vs_teacher_strict": before["strict_s"] / seconds,
+                            "throughput_vs_teacher_hf": before["hf_s"] / seconds}
+            caches[name] = work / name
+        results["teacher_forward"] = {"strict_s": [x["strict_s"] for x in passes], "hf_s": [x["hf_s"] for x in passes]}
+        results["write"] = writes
+        if args.write_only:
+            return _merge_write(args, results)
+
+        # -- training: online dense KD, each cache, SFT -----------------------------------------
+        memo = TeacherMemo()
+        runs = {"online_dense": train(prep, kd_run, OnlineTeacher(prep.teacher, memo=memo), work / "o", args.warmup)}
+        for name, path in caches.items():
+            runs[name] = train(prep, kd_run, CachedSignal(path, tokenizer=prep.tokenizer), work / "o", args.warmup)
+        sft_chunked = train(prep, sft_run, None, work / "o", args.warmup)
+        sft_hf = train_hf_sft(prep, sft_run, work / "o", args.warmup)
+        quality = held_out(prep, {name: r["model"] for name, r in runs.items()})
+        online_fkl = quality["online_dense"]["forward_kl"]
+        sft_step = min(sft_hf["step_s"], sft_chunked["step_s"])
+        results["sft_step_s"] = {"hf_trainer": sft_hf["step_s"], "potstill_chunked_ce": sft_chunked["step_s"],
+                                 "baseline": sft_step, "hf_steps_s": sft_hf["steps_s"],
+                                 "chunked_steps_s": sft_chunked["steps_s"]}
+        results["teacher_quality"] = quality["teacher"]
+        results["runs"] = {}
+        for name, r in runs.items():
+            q = quality[name]
+            results["runs"][name] = {
+                **q,
+                "forward_kl_vs_online": q["forward_kl"] / online_fkl,
+                "step_s": r["step_s"],
+                "step_vs_sft": r["step_s"] / sft_step,
+                "steps_s": r["steps_s"],
+                **({"bytes_per_token": writes[name]["bytes_per_token"]} if name in writes else {}),
+            }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    return _finish(args, results)
+
+
+def _merge_write(args, results: dict) -> int:
+    out = _out_path(args)
+    old = json.loads(out.read_text())
+    old.update({k: results[k] for k in ("teacher_forward", "write")})
+    old["setup"]["write_measured_separately"] = True
+    return _finish(args, old)
+
+
+def _out_path(args) -> Path:
+    return Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "cache_quick.json" if args.quick else DEFAULT_OUT)
+
+
+def _finish(args, results: dict) -> int:
+    writes = results["write"]
+    cached = {n: r for n, r in results["runs"].items() if n != "online_dense"}
+    ok_quality = [n for n, r in cached.items() if r["bytes_per_token"] <= 128 and r["forward_kl_vs_online"] <= 1.02]
+    results["targets"] = {
+        "settings_within_2pct_at_most_128_bytes": ok_quality,
+        "quality_met": bool(ok_quality),
+        "max_cached_step_vs_sft": max(r["step_vs_sft"] for r in cached.values()),
+        "step_met": all(r["step_vs_sft"] <= 1.10 for r in cached.values()),
+        "min_write_vs_teacher_strict": min(w["throughput_vs_teacher_strict"] for w in writes.values()),
+        "write_met": all(w["throughput_vs_teacher_strict"] >= 0.9 for w in writes.values()),
+    }
+    out = _out_path(args)
+    write_json_atomic(out, results)
+    best = min(ok_quality or cached, key=lambda n: cached[n]["bytes_per_token"])
+    t = results["targets"]
+    print(summary_line("cache", {
+        "best": best,
+        "bytes_per_token": cached[best]["bytes_per_token"],
+        "fkl_vs_online": cached[best]["forward_kl_vs_online"],
+        "max_cached_step_vs_sft": t["max_cached_step_vs_sft"],
+        "min_write_vs_teacher": t["min_write_vs_teacher_strict"],
+        "targets_met": f"{t['quality_met']},{t['step_met']},{t['write_met']}",
+        "json": str(out),
+    }))
+    return 0
+
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())
