@@ -41,7 +41,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -574,7 +574,6 @@ class _Shard:
     row_off: list[int]
     slot_off: list[int]
     byte_off: list[int]
-    scale_rows: bool = field(default=False)
 
 
 class CachedSignal:
@@ -788,6 +787,3 @@ class CachedSignal:
             w_flat = torch.cat([p.weights for p in parts]).float()
         weights, _ = _ragged_to_padded(w_flat, row_len, 0.0)
         return SparseSignal(ids=ids, logprobs=lp, weights=weights)
-
-    def bytes_per_token(self) -> float:
-        return float(self.manifest["bytes_per_token"])
