@@ -423,3 +423,27 @@ def test_write_cache_with_a_bad_spec(tmp_path, built, tiny_teacher, tiny_tokeniz
     fails(lambda: write_cache(tiny_teacher, tiny_tokenizer, exs, tmp_path / "c", _spec(**change), progress=False),
           *words)
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled", "dense"])
+def test_nan_teacher_logits_fail_while_caching(tiny_teacher, tiny_tokenizer, tmp_path, kind):
+    import copy
+
+    bad = copy.deepcopy(tiny_teacher)
+    with torch.no_grad():
+        bad.lm_head.weight[3].fill_(float("nan"))  # one vocabulary row: NaN in every position's logits
+    spec = CacheSpec(kind=kind, k=4, draws=4)
+    with pytest.raises(PotstillError, match="NaN/inf while caching"):
+        write_cache(bad, tiny_tokenizer, encode(tiny_tokenizer), tmp_path / "c", spec, progress=False)
+
+
+def test_weights_fingerprint_sees_any_change_and_tied_weights(tiny_teacher):
+    import copy
+
+    a = weights_fingerprint(tiny_teacher)
+    assert a == weights_fingerprint(copy.deepcopy(tiny_teacher))
+    other = copy.deepcopy(tiny_teacher)
+    with torch.no_grad():
+        p = next(iter(other.parameters()))
+        p.view(-1)[0] = torch.nextafter(p.view(-1)[0], torch.tensor(float("inf")))  # one ulp
+    assert weights_fingerprint(other) != a

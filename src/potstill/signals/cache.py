@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -119,18 +120,34 @@ def example_hash(input_ids, labels) -> bytes:
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over a model's parameters and buffers (names, dtypes, shapes, bytes)."""
-    h = hashlib.sha256()
+    """sha256 over a model's parameters and buffers (names, dtypes, shapes, and each tensor's sha256).
+
+    Tensors are hashed from their own memory (no copy on the CPU) in a thread pool:
+    ``hashlib`` releases the GIL on large buffers, so this runs on every core.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     state = model.state_dict()
-    seen: set[int] = set()
+    seen: dict[int, str] = {}
+    entries: list[tuple[str, torch.Tensor, int]] = []
     for name in sorted(state):
         t = state[name]
         key = t.data_ptr()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        if key in seen and key != 0:  # tied weights: hash once
-            continue
-        seen.add(key)
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        entries.append((name, t, key))
+        if key not in seen or key == 0:
+            seen[key] = name  # tied weights: hashed once, under the first name
+
+    def digest(t: torch.Tensor) -> str:
+        arr = t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
+        return hashlib.sha256(memoryview(arr)).hexdigest()
+
+    owners = {name: t for name, t, key in entries if seen.get(key) == name or key == 0}
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        digests = dict(zip(owners, pool.map(digest, owners.values())))
+    h = hashlib.sha256()
+    for name, t, key in entries:
+        owner = name if key == 0 else seen[key]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{digests[owner]}".encode())
     return h.hexdigest()
 
 
@@ -203,18 +220,24 @@ def extract(z: Tensor, spec: CacheSpec, vocab: int, seeds: list[int] | None = No
     * dense: ``lp [r, V]``, the log-softmax at temperature 1.
     """
     if spec.kind == "dense":
-        return {"lp": torch.log_softmax(z, -1).cpu()}
+        lp = torch.log_softmax(z, -1)
+        _check_finite(lp.amax(-1))
+        return {"lp": lp.cpu()}
     T = spec.temperature
-    lp = torch.log_softmax(z if T == 1.0 else z / T, -1)
     if spec.kind == "topk":
+        lp = torch.log_softmax(z if T == 1.0 else z / T, -1)
         vals, idx = lp.topk(spec.k, dim=-1)
+        _check_finite(vals[:, 0])
         if spec.k < vocab:
             tail = _log1mexp64(torch.logsumexp(vals.double(), -1)).float()
         else:
             tail = torch.full((z.shape[0],), float("-inf"), device=z.device)
         return {"ids": idx.cpu(), "lp": vals.cpu(), "tail": tail.cpu()}
     n, tau = spec.draws, spec.proposal_temperature
-    probs = lp.exp() if tau == 1.0 else torch.softmax(z / (T * tau), -1)
+    # The teacher's probabilities once (no [r, V] log-probs): log p is taken at the drawn ids only.
+    p_t = torch.softmax(z if T == 1.0 else z / T, -1)
+    _check_finite(p_t.amax(-1))
+    probs = p_t if tau == 1.0 else torch.softmax(z / (T * tau), -1)
     r = z.shape[0]
     draws = torch.empty((r, n), dtype=torch.long, device=z.device)
     g = torch.Generator(device=z.device)
@@ -234,13 +257,20 @@ def extract(z: Tensor, spec: CacheSpec, vocab: int, seeds: list[int] | None = No
     counts = counts_at.gather(-1, order)
     live = counts > 0
     ids = torch.where(live, ids, torch.zeros_like(ids))
-    lp_s = torch.where(live, lp.gather(-1, ids), torch.full_like(lp[:, :1].expand(r, n), float("-inf")))
+    lp_s = torch.where(live, p_t.gather(-1, ids).log(), torch.full((r, n), float("-inf"), device=z.device))
     out = {"ids": ids.cpu(), "lp": lp_s.cpu(), "counts": counts.cpu()}
     if tau != 1.0:
         lr = torch.log(probs.gather(-1, ids)).double()
         w = counts.double() / n * torch.exp(lp_s.double() - lr)
         out["weights"] = torch.where(live, w, torch.zeros_like(w)).float().cpu()
     return out
+
+
+def _check_finite(row_max: Tensor) -> None:
+    """NaN/inf logits surface in each row's largest (log-)probability: checked there, not over ``[r, V]``."""
+    if not bool(torch.isfinite(row_max).all()):
+        raise PotstillError("teacher logits contain NaN/inf while caching; check the teacher weights or "
+                            "load it with teacher.dtype: float32")
 
 
 def _example_rows(cols: dict[str, Tensor], a: int, b: int, spec: CacheSpec) -> _Rows:
@@ -305,9 +335,6 @@ def _build_shard(teacher, head, examples: list[dict], first_id: int, spec: Cache
             parts = []
             for s in range(0, rows.shape[0], spec.chunk_size):
                 z = head(rows[s:s + spec.chunk_size]).float()[:, :vocab]
-                if not bool(torch.isfinite(z).all()):
-                    raise PotstillError("teacher logits contain NaN/inf while caching; check the teacher weights or "
-                                        "load it with teacher.dtype: float32")
                 parts.append(extract(z, spec, vocab, None if seeds is None else seeds[s:s + spec.chunk_size]))
         cols = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
         start = 0
