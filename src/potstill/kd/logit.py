@@ -146,6 +146,14 @@ class KDTrainer(Trainer):
         return v
 
     # --------------------------------------------------------------------------- loss
+    def _batch_signal(self, inputs: dict):
+        """The teacher's signal for a batch (subclasses route generated batches elsewhere)."""
+        return self.signal_source.signal(inputs)
+
+    def _batch_alpha(self, inputs: dict) -> float:
+        """The CE weight for a batch (subclasses drop CE on the student's own samples)."""
+        return self.args.alpha
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from ..models import final_hidden, output_head
 
@@ -154,7 +162,7 @@ class KDTrainer(Trainer):
         hidden = final_hidden(model, inputs["input_ids"], inputs["attention_mask"])
         rows = target_rows(hidden, index)
         targets = labels[:, 1:].reshape(-1).index_select(0, index)
-        signal = self.signal_source.signal(inputs) if self.needs_teacher else None
+        signal = self._batch_signal(inputs) if self.needs_teacher else None
         if signal is not None and signal.num_rows != rows.shape[0]:
             raise PotstillError(
                 f"teacher signal has {signal.num_rows} rows for {rows.shape[0]} target tokens; the signal does not "
@@ -169,7 +177,7 @@ class KDTrainer(Trainer):
             signal,
             divergence=args.divergence,
             divergence_kwargs=args.divergence_kwargs or {},
-            alpha=args.alpha,
+            alpha=self._batch_alpha(inputs),
             temperature=args.temperature,
             scale_t2=args.scale_t2,
             normalizer=normalizer,

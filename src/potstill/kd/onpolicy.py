@@ -1,0 +1,232 @@
+"""Learning from the student's own text: GKD (on-policy) and DistiLLM (adaptive off-policy).
+
+``OnPolicyKDTrainer`` is ``KDTrainer`` with one change: before each optimizer step it may
+replace the step's micro-batches (their prompts kept) by responses the student samples
+itself, which the live teacher then scores with any divergence of the library.
+
+* **GKD** (Agarwal et al. 2024, "On-Policy Distillation of Language Models: Learning from
+  Self-Generated Mistakes"): with probability ``lmbda`` a step trains on fresh student
+  samples, otherwise on the fixed data. ``lmbda = 0`` is exactly off-policy KD (no random
+  number is drawn from torch, no generation); ``lmbda = 1`` is fully on-policy.
+* **DistiLLM** (Ko et al. 2024, "DistiLLM: Towards Streamlined Distillation for Large
+  Language Models"): student generations go to a replay buffer and are reused across steps
+  (``replay_size``, ``replay_reuse``), the loss is a skew KL (``skew_forward_kl`` /
+  ``skew_reverse_kl`` from :mod:`potstill.divergences`), and the probability of training on
+  student outputs is adaptive: it starts at ``lmbda`` and rises by ``adaptive_step`` (up to
+  ``adaptive_max``) each time the validation loss, measured every ``adaptive_every`` steps,
+  is higher than at the previous measurement.
+
+The decision is taken per optimizer step in :meth:`get_batch_samples`, before the token
+count of the step is taken, so the loss stays normalized by the real number of response
+tokens across gradient accumulation and processes. On student batches the labels are the
+student's own samples, so their cross-entropy term is left out (the step is pure divergence).
+Generation temperature (``gen_temperature``) is a sampling parameter, separate from the
+distillation ``temperature``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import PotstillError
+from ..signals import OnlineTeacher
+from .logit import KDConfig, KDTrainer
+
+_ROLLOUT = "_potstill_rollout"  # marker key of a batch of student samples (never reaches the model)
+
+
+@dataclass
+class OnPolicyConfig(KDConfig):
+    """``KDConfig`` plus the on-policy (GKD) and adaptive off-policy (DistiLLM) options."""
+
+    lmbda: float = field(default=0.5, metadata={"help": "GKD's lambda: probability that a step trains on student samples."})
+    gen_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the student's generations."})
+    gen_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the student's generations."})
+    gen_max_new_tokens: int = field(default=32, metadata={"help": "Length cap of the student's generations."})
+    replay_size: int = field(default=0, metadata={"help": "DistiLLM replay buffer capacity in examples (0: none)."})
+    replay_reuse: float = field(default=0.0, metadata={"help": "On a student step, probability of reusing the buffer instead of generating."})
+    adaptive: bool = field(default=False, metadata={"help": "DistiLLM: raise lmbda when the validation loss increases."})
+    adaptive_step: float = field(default=0.1, metadata={"help": "Increase of lmbda per validation-loss increase."})
+    adaptive_max: float = field(default=1.0, metadata={"help": "Upper bound of the adaptive lmbda."})
+    adaptive_every: int = field(default=10, metadata={"help": "Steps between validation-loss measurements."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("lmbda", "gen_top_p", "replay_reuse", "adaptive_max"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise PotstillError(f"{name}={v} is outside [0, 1]; it is a probability")
+        if not self.gen_temperature > 0:
+            raise PotstillError(f"gen_temperature={self.gen_temperature} must be > 0")
+        if self.gen_max_new_tokens < 1:
+            raise PotstillError(f"gen_max_new_tokens={self.gen_max_new_tokens} must be >= 1")
+        if self.replay_size < 0:
+            raise PotstillError(f"replay_size={self.replay_size} must be >= 0")
+        if self.replay_reuse > 0 and self.replay_size == 0:
+            raise PotstillError("replay_reuse > 0 needs a replay buffer; set replay_size >= 1")
+        if self.adaptive and (self.adaptive_every < 1 or self.adaptive_step <= 0):
+            raise PotstillError("adaptive needs adaptive_every >= 1 and adaptive_step > 0")
+        if (self.lmbda > 0 or self.adaptive) and self.alpha >= 1.0:
+            raise PotstillError("on-policy steps are scored by the teacher only; set alpha < 1 (or lmbda 0 and adaptive off)")
+
+
+class OnPolicyKDTrainer(KDTrainer):
+    """``KDTrainer`` that trains a share of its steps on the student's own samples.
+
+    ``validation_dataset`` (encoded examples, needed when ``adaptive``) drives DistiLLM's
+    schedule. After training, ``rollout_stats`` holds the number of generated tokens, the
+    generation seconds and the modes of every step; ``lmbda_history`` the adaptive schedule.
+    """
+
+    def __init__(self, *args, validation_dataset=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg: OnPolicyConfig = self.args
+        if not isinstance(cfg, OnPolicyConfig):
+            raise PotstillError("OnPolicyKDTrainer needs args=OnPolicyConfig(...)")
+        uses_student = cfg.lmbda > 0 or cfg.adaptive
+        self._scorer = None
+        if uses_student:
+            src = self.signal_source
+            if isinstance(src, OnlineTeacher):
+                self._scorer = OnlineTeacher(src.model)  # no memo: samples never repeat
+            else:
+                raise PotstillError(
+                    "on-policy distillation needs a live teacher to score the student's samples; "
+                    "train without a teacher-signal cache (or set lmbda 0 and adaptive off)"
+                )
+        if cfg.adaptive and validation_dataset is None:
+            raise PotstillError("adaptive (DistiLLM) needs validation_dataset=... for its validation loss")
+        self.validation_dataset = validation_dataset
+        self.lmbda = cfg.lmbda
+        self.lmbda_history: list[tuple[int, float, float | None]] = [(0, cfg.lmbda, None)]
+        self._rng = random.Random(cfg.seed + 7919)
+        self._buffer: deque = deque(maxlen=max(cfg.replay_size, 1))
+        self._last_val: float | None = None
+        self._last_val_step = 0
+        self.rollout_stats = {"gen_tokens": 0, "gen_seconds": 0.0, "modes": []}
+
+    # -------------------------------------------------------------------------- steps
+    def choose_mode(self) -> str:
+        """``"data"`` (fixed data), ``"student"`` (fresh samples) or ``"replay"`` (from the buffer)."""
+        if self.lmbda <= 0.0 or self._rng.random() >= self.lmbda:
+            return "data"
+        cfg: OnPolicyConfig = self.args
+        if cfg.replay_size > 0 and self._buffer and self._rng.random() < cfg.replay_reuse:
+            return "replay"
+        return "student"
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batches:
+            return batches, num_items
+        if self.args.adaptive:
+            self._maybe_adapt()
+        mode = self.choose_mode()
+        self.rollout_stats["modes"].append(mode)
+        if mode == "data":
+            return batches, num_items
+        new = [self._student_batch(b) if mode == "student" else self._replay_batch(len(b["input_ids"])) for b in batches]
+        return new, self._get_num_items_in_batch(new, device)
+
+    def _collate(self, feats: list[dict]) -> dict:
+        out = self.data_collator([{k: f[k] for k in ("input_ids", "attention_mask", "labels")} for f in feats])
+        out[_ROLLOUT] = True
+        return out
+
+    @torch.no_grad()
+    def _student_batch(self, batch: dict) -> dict:
+        from ..generate import generate
+
+        cfg: OnPolicyConfig = self.args
+        labels, ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
+        prompts = []
+        for i in range(ids.shape[0]):
+            resp = (labels[i] != -100).nonzero()
+            end = int(resp[0]) if resp.numel() else int(mask[i].sum())
+            prompts.append(ids[i, :end].tolist())
+        model = self.accelerator.unwrap_model(self.model)
+        tok = self.processing_class
+        eos = tok.eos_token_id if tok is not None else None
+        device = next(model.parameters()).device
+        seed = cfg.seed * 1_000_003 + self.state.global_step * 101 + len(self.rollout_stats["modes"])
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            gen = generate(model, tok, prompts, max_new_tokens=cfg.gen_max_new_tokens, batch_size=len(prompts),
+                           do_sample=True, temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, seed=seed,
+                           sort_by_length=False, progress=False)
+        self.rollout_stats["gen_seconds"] += time.perf_counter() - t0
+        self.rollout_stats["gen_tokens"] += gen.num_tokens
+        feats = []
+        for p, g in zip(prompts, gen.token_ids):
+            resp = list(g)
+            if len(resp) < cfg.gen_max_new_tokens and eos is not None:
+                resp.append(int(eos))  # it stopped on EOS: the student learns where to stop too
+            if not resp:
+                continue
+            feats.append({"input_ids": p + resp, "attention_mask": [1] * (len(p) + len(resp)),
+                          "labels": [-100] * len(p) + resp})
+        if not feats:
+            raise PotstillError("the student generated no token for a whole batch and the tokenizer has no EOS; "
+                                "set tokenizer.eos_token or raise gen_max_new_tokens")
+        if cfg.replay_size > 0:
+            self._buffer.extend(feats)
+        return self._collate(feats)
+
+    def _replay_batch(self, n: int) -> dict:
+        pool = list(self._buffer)
+        return self._collate([pool[self._rng.randrange(len(pool))] for _ in range(n)])
+
+    # ----------------------------------------------------------------- loss routing
+    def _batch_signal(self, inputs: dict):
+        if inputs.get(_ROLLOUT):
+            return self._scorer.signal(inputs)
+        return super()._batch_signal(inputs)
+
+    def _batch_alpha(self, inputs: dict) -> float:
+        return 0.0 if inputs.get(_ROLLOUT) else super()._batch_alpha(inputs)
+
+    # ------------------------------------------------------------- DistiLLM schedule
+    def validation_loss(self) -> float:
+        """Mean per-token distillation loss (teacher-forced, the recipe's divergence and alpha) on the validation set."""
+        model = self.model
+        was = model.training
+        model.eval()
+        stats = dict(self._stats)
+        total, n = 0.0, 0
+        try:
+            with torch.no_grad():
+                rows = list(self.validation_dataset)
+                for lo in range(0, len(rows), self.args.per_device_train_batch_size):
+                    chunk = rows[lo:lo + self.args.per_device_train_batch_size]
+                    batch = self._prepare_inputs(self.data_collator(chunk))
+                    k = int((batch["labels"][:, 1:] != -100).sum())
+                    total += float(self.compute_loss(model, batch, num_items_in_batch=max(k, 1))) * k
+                    n += k
+        finally:
+            self._stats = stats
+            model.train(was)
+        return total / max(n, 1)
+
+    def _maybe_adapt(self) -> None:
+        cfg: OnPolicyConfig = self.args
+        step = self.state.global_step
+        if step == 0 or step % cfg.adaptive_every or step == self._last_val_step:
+            return
+        self._last_val_step = step
+        val = self.validation_loss()
+        if self._last_val is not None and val > self._last_val:
+            self.lmbda = min(self.lmbda + cfg.adaptive_step, cfg.adaptive_max)
+        self._last_val = val
+        self.lmbda_history.append((step, self.lmbda, val))
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:
+            modes = self.rollout_stats["modes"]
+            logs["student_step_share"] = round(sum(m != "data" for m in modes) / max(len(modes), 1), 4)
+            logs["lmbda"] = self.lmbda
+        super().log(logs, *args, **kwargs)
