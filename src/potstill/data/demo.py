@@ -29,7 +29,6 @@ def demo_prompts(n: int | None = None) -> list[dict]:
 def teacher_responses(teacher, tokenizer, teacher_id: str, prompts: list[dict], *, max_new_tokens: int,
                       batch_size: int = 32, system_prompt: str | None = None) -> list[dict]:
     """``[{"messages", "response", "id"}]``: the teacher's greedy answer to each prompt, cached."""
-    from ..generate import generate
     from ..models.offline import cache_root
     from .chat import encode_prompt
 
@@ -51,16 +50,19 @@ def teacher_responses(teacher, tokenizer, teacher_id: str, prompts: list[dict], 
         ).encode()
     ).hexdigest()[:20]
     path = cache_root() / "generations" / f"demo-{key}.json"
-    if path.is_file():
+    if path.is_file():  # the whole-file cache of earlier versions
         try:
             cached = json.loads(path.read_text(encoding="utf-8"))
             if cached.get("key") == key and len(cached["responses"]) == len(prompts):
                 return [{"id": p["id"], "messages": msgs(p), "response": r} for p, r in zip(prompts, cached["responses"])]
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # a corrupt cache is regenerated
+    from ..generation_cache import GenerationParams, generate_cached
+
+    # Chunks written atomically as they finish: an interrupted run resumes where it stopped.
     prompt_ids = [encode_prompt(tokenizer, msgs(p)) for p in prompts]
-    gen = generate(teacher, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                   desc="teacher answers")
+    gen = generate_cached(teacher, tokenizer, prompt_ids, path.with_suffix(""), GenerationParams(max_new_tokens),
+                          model_id=teacher_id, batch_size=batch_size)
     responses = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in gen.token_ids]
     responses = [r if r else "I don't know." for r in responses]
     atomic_write_json(path, {"key": key, "teacher": teacher_id, "responses": responses})
