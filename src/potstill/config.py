@@ -27,9 +27,10 @@ Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 
 
 class TeacherConfig(_Strict):
-    model: str = Field(
+    model: str | None = Field(
         "smollm2-135m-instruct",
-        description="Offline short name (smollm2-135m-instruct, gemma3-270m), a local directory, or a hub id.",
+        description="Offline short name (smollm2-135m-instruct, gemma3-270m), a local directory, or a hub id; "
+        "null: a black-box teacher known only by its responses in the data (sequence-level KD).",
     )
     dtype: Dtype = Field("float32", description="Weights dtype of the teacher.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust it.")
@@ -74,7 +75,8 @@ class DemoData(_Strict):
 
 class FileData(_Strict):
     kind: Literal["file"] = "file"
-    path: str = Field(..., description="A .json, .jsonl, .csv or .parquet file (relative paths: to the recipe).")
+    path: str = Field(..., description="A .json, .jsonl, .csv or .parquet file (relative paths: to the recipe; "
+                      "a leading $POTSTILL_DATA/ is the shared data directory).")
     prompt_field: str = Field("prompt", description="Column holding the prompt text.")
     response_field: str = Field("response", description="Column holding the target response text.")
     messages_field: str | None = Field(
@@ -92,7 +94,31 @@ class HubData(_Strict):
     messages_field: str | None = Field(None, description="Column holding a chat; last assistant turn is the target.")
 
 
-DataSource = Annotated[Union[DemoData, FileData, HubData], Field(discriminator="kind")]
+RationaleMode = Literal["answer_only", "multitask", "cot"]
+
+
+class ArithmeticData(_Strict):
+    kind: Literal["arithmetic"] = "arithmetic"
+    num_problems: int = Field(600, ge=2, description="Problems generated (held-out ones included).")
+    level: int = Field(3, ge=1, le=5, description="Operations per problem (the number of rationale steps).")
+    seed: int = Field(0, description="Seed of the generator (problem i is the same for any num_problems).")
+    mode: RationaleMode = Field(
+        "multitask", description="answer_only; multitask (Distilling step-by-step, answer + rationale tasks); "
+        "cot (rationale then the answer in one target).")
+    fraction: float = Field(1.0, gt=0.0, le=1.0, description="Share of the training problems used (nested subsets).")
+
+
+class Gsm8kData(_Strict):
+    kind: Literal["gsm8k"] = "gsm8k"
+    path: str | None = Field(None, description="Training JSONL; default $POTSTILL_DATA/gsm8k/train.jsonl.")
+    eval_path: str | None = Field(
+        None, description="Held-out JSONL (its first data.eval_size problems); default $POTSTILL_DATA/gsm8k/test.jsonl.")
+    limit: int | None = Field(None, ge=1, description="Read only the first N training problems.")
+    mode: RationaleMode = Field("multitask", description="answer_only, multitask or cot (see arithmetic).")
+    fraction: float = Field(1.0, gt=0.0, le=1.0, description="Share of the training problems used (nested subsets).")
+
+
+DataSource = Annotated[Union[DemoData, FileData, HubData, ArithmeticData, Gsm8kData], Field(discriminator="kind")]
 
 
 class DataConfig(_Strict):
@@ -154,6 +180,28 @@ DivergenceConfig = Annotated[
 ]
 
 
+class OnPolicyOptions(_Strict):
+    """Student-generated data: GKD (Agarwal et al. 2024) and DistiLLM (Ko et al. 2024)."""
+
+    lmbda: float = Field(0.5, ge=0.0, le=1.0, description="GKD's lambda: share of steps on the student's own samples.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the student (not the KD one).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the student.")
+    max_new_tokens: int = Field(32, ge=1, description="Length cap of the student's samples.")
+    replay_size: int = Field(0, ge=0, description="DistiLLM replay buffer capacity in examples (0: none).")
+    replay_reuse: float = Field(0.0, ge=0.0, le=1.0, description="On a student step, chance to reuse the buffer.")
+    adaptive: bool = Field(False, description="DistiLLM: raise lmbda whenever the validation loss rises.")
+    adaptive_step: float = Field(0.1, gt=0.0, le=1.0, description="Rise of lmbda per validation-loss increase.")
+    adaptive_max: float = Field(1.0, ge=0.0, le=1.0, description="Cap of the adaptive lmbda.")
+    adaptive_every: int = Field(10, ge=1, description="Steps between validation-loss measurements.")
+    validation_size: int = Field(16, ge=1, description="Training examples (seeded pick) the validation loss is taken on.")
+
+    @model_validator(mode="after")
+    def _replay(self) -> "OnPolicyOptions":
+        if self.replay_reuse > 0 and self.replay_size == 0:
+            raise ValueError("replay_reuse > 0 needs a replay buffer; set replay_size >= 1")
+        return self
+
+
 def divergence_params(d: _Div) -> dict[str, Any]:
     return d.model_dump(exclude={"name"})
 
@@ -191,6 +239,14 @@ class RunConfig(_Strict):
     divergence: DivergenceConfig = Field(default_factory=ForwardKL, description="Divergence to the teacher.")
     temperature: float = Field(1.0, gt=0.0, description="Distillation temperature (not the generation one).")
     scale_t2: bool = Field(False, description="Multiply the divergence by T^2 (Hinton et al. 2015).")
+    on_policy: OnPolicyOptions | None = Field(
+        None, description="Train a share of the steps on the student's own samples (GKD / DistiLLM).")
+
+    @model_validator(mode="after")
+    def _on_policy_needs_teacher(self) -> "RunConfig":
+        if self.on_policy is not None and self.alpha >= 1.0:
+            raise ValueError("on_policy steps are scored by the teacher; set alpha < 1 or remove on_policy")
+        return self
 
     @field_validator("temperature")
     @classmethod
@@ -276,10 +332,30 @@ class Recipe(_Strict):
             raise ValueError("`runs` is empty; add at least one run")
         if self.cache is not None:
             self._check_cache(self.cache)
+        if self.teacher.model is None:
+            self._check_black_box()
         return self
+
+    def _check_black_box(self) -> None:
+        if self.student.kind != "pretrained":
+            raise ValueError("a black-box teacher (teacher.model null) has no weights to build the student from; "
+                             "use student.kind pretrained")
+        white = [r.name for r in self.runs if r.alpha < 1.0]
+        if white:
+            raise ValueError(f"run(s) {white} need the teacher's logits (alpha < 1), which a black-box teacher "
+                             "(teacher.model null) does not have; set alpha 1 (sequence-level KD) or name a teacher")
+        if self.cache is not None:
+            raise ValueError("a black-box teacher (teacher.model null) cannot be cached; remove the cache section")
+        if self.data.source.kind == "demo":
+            raise ValueError("the demo data is answered by the teacher's weights; with teacher.model null give "
+                             "data.source kind file (prompts and the teacher's responses)")
 
     def _check_cache(self, cache: CacheConfig) -> None:
         kd = [r for r in self.runs if r.alpha < 1.0]
+        live = [r.name for r in kd if r.on_policy is not None]
+        if live:
+            raise ValueError(f"run(s) {live} use on_policy, which needs the live teacher to score the student's "
+                             "samples; remove the cache section or on_policy")
         if cache.signal.kind == "sampled":
             bad = [r.name for r in kd if r.divergence.name == "adaptive_kl"]
             if bad:
@@ -339,6 +415,10 @@ def _format_validation_error(err: ValidationError, data: Any = None) -> str:
     return f"recipe key '{loc}': {msg}{more}; fix the value in the recipe"
 
 
+DATA_VAR = "$POTSTILL_DATA"
+"""A data path starting with this names a file in the shared data directory (``$POTSTILL_DATA``)."""
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise PotstillError(f"override '{item}' is not key=value; write e.g. train.max_steps=10")
@@ -396,8 +476,14 @@ def recipe_from_dict(data: dict, overrides: list[str] | None = None, base_dir: P
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise PotstillError(_format_validation_error(err, data)) from None
+    src = recipe.data.source
+    for obj, key in ((src, "path"), (src, "eval_path")):
+        value = getattr(obj, key, None)
+        if isinstance(value, str) and value.startswith(DATA_VAR):
+            from .data.rationale import data_root
+
+            setattr(obj, key, str(data_root() / value[len(DATA_VAR):].lstrip("/")))
     if base_dir is not None:
-        src = recipe.data.source
         if isinstance(src, FileData) and not Path(src.path).is_absolute():
             src.path = str((base_dir / src.path).resolve())
     return recipe

@@ -20,9 +20,11 @@ from typing import Any
 import torch
 
 from .config import (
+    ArithmeticData,
     DemoData,
     FileData,
     FromTeacherStudent,
+    Gsm8kData,
     HubData,
     PretrainedStudent,
     Recipe,
@@ -77,6 +79,35 @@ def load_pairs(recipe: Recipe, teacher, tokenizer, teacher_id: str) -> list[dict
                             messages_field=src.messages_field, system_prompt=recipe.data.system_prompt, where=where)
 
 
+def rationale_split(recipe: Recipe) -> tuple[list[dict], list[dict]]:
+    """Train and held-out pairs of a rationale source, split by problem (never by pair).
+
+    Training pairs follow the source's ``mode`` (multitask gives two per problem) on the
+    first ``fraction`` of a seeded order of the training problems (nested subsets); held-out
+    pairs are the inference prompt with the mode's gold target and the gold ``answer``.
+    """
+    from .data import rationale as R
+
+    src = recipe.data.source
+    if isinstance(src, ArithmeticData):
+        problems = R.arithmetic_problems(src.num_problems, seed=src.seed, level=src.level)
+    else:
+        assert isinstance(src, Gsm8kData)
+        train = R.load_gsm8k(src.path or str(R.data_root() / "gsm8k" / "train.jsonl"), limit=src.limit)
+        held = R.load_gsm8k(src.eval_path or str(R.data_root() / "gsm8k" / "test.jsonl"),
+                            limit=recipe.data.eval_size)
+        problems = None
+    if problems is not None:
+        train, held = train_eval_split(problems, recipe)
+    train = R.subset(train, src.fraction, seed=recipe.data.seed)
+    train_pairs = R.rationale_pairs(train, src.mode)
+    cot = src.mode == "cot"
+    eval_pairs = [{"messages": [{"role": "user", "content": R.inference_prompt(p, src.mode)}],
+                   "response": f"{p.rationale} The answer is {p.answer}." if cot else p.answer,
+                   "answer": p.answer} for p in held]
+    return train_pairs, eval_pairs
+
+
 def encode_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[dict]:
     """Encoded examples; ``example_id`` is the position in the list (a teacher-signal cache's key)."""
     from .data import encode_example
@@ -86,6 +117,8 @@ def encode_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[dict]:
         ex = encode_example(tokenizer, p["messages"], p["response"], max_length)
         ex["reference"] = p["response"]
         ex["example_id"] = i
+        if "answer" in p:
+            ex["answer"] = p["answer"]
         out.append(ex)
     return out
 
@@ -121,10 +154,15 @@ def build_student(recipe: Recipe, teacher, teacher_tok):
 
 
 def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.device):
-    from .kd import KDConfig
+    from .kd import KDConfig, OnPolicyConfig
 
     t = recipe.train
-    return KDConfig(
+    op = run.on_policy
+    extra = {} if op is None else dict(
+        lmbda=op.lmbda, gen_temperature=op.temperature, gen_top_p=op.top_p, gen_max_new_tokens=op.max_new_tokens,
+        replay_size=op.replay_size, replay_reuse=op.replay_reuse, adaptive=op.adaptive,
+        adaptive_step=op.adaptive_step, adaptive_max=op.adaptive_max, adaptive_every=op.adaptive_every)
+    return (KDConfig if op is None else OnPolicyConfig)(
         output_dir=output_dir,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
@@ -146,6 +184,7 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
         temperature=run.temperature,
         scale_t2=run.scale_t2,
         chunk_size=t.chunk_size,
+        **extra,
     )
 
 
@@ -158,7 +197,7 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
     """
     from datasets import Dataset
 
-    from .kd import KDTrainer
+    from .kd import KDTrainer, OnPolicyKDTrainer
     from .signals import OnlineTeacher
 
     peft_config = None
@@ -173,8 +212,15 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
     kd = run.alpha < 1
     if kd and source is None:
         source = OnlineTeacher(teacher.to(device), memo=memo)
+    extra: dict[str, Any] = {}
+    if run.on_policy is not None:
+        import random
+
+        val = run.on_policy.validation_size
+        pick = random.Random(recipe.train.seed).sample(range(len(train_examples)), min(val, len(train_examples)))
+        extra["validation_dataset"] = [{k: train_examples[i][k] for k in cols[:3]} for i in pick]
     with tempfile.TemporaryDirectory(prefix="potstill-trainer-") as tmp:
-        trainer = KDTrainer(
+        trainer = (KDTrainer if run.on_policy is None else OnPolicyKDTrainer)(
             model=student,
             teacher_model=None,
             signal_source=source if kd else None,
@@ -183,6 +229,7 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
             processing_class=tokenizer,
             peft_config=peft_config,
             vocab_size=vocab_size,
+            **extra,
         )
         t0 = time.perf_counter()
         trainer.train()
@@ -191,8 +238,12 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
     if peft_config is not None:
         model = model.merge_and_unload()
     curve = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
-    save_student(model, tokenizer, out_dir, {"loss_curve": curve, "train_seconds": seconds,
-                                              "run": run.model_dump(mode="json")})
+    info = {"loss_curve": curve, "train_seconds": seconds, "run": run.model_dump(mode="json")}
+    if run.on_policy is not None:
+        rs = trainer.rollout_stats
+        info["on_policy"] = {"gen_tokens": rs["gen_tokens"], "gen_seconds": rs["gen_seconds"], "modes": rs["modes"],
+                             "lmbda_history": trainer.lmbda_history}
+    save_student(model, tokenizer, out_dir, info)
     return model, curve
 
 
@@ -233,6 +284,9 @@ class Prepared:
 
         self.recipe = recipe
         self.device = resolve_device(recipe.device)
+        if recipe.teacher.model is None:
+            self._black_box(recipe)
+            return
         try:
             self.teacher, self.tokenizer = load_model(recipe.teacher.model, dtype=recipe.teacher.dtype,
                                                       trust_remote_code=recipe.teacher.trust_remote_code)
@@ -242,8 +296,11 @@ class Prepared:
         teacher_id = str(getattr(self.teacher, "name_or_path", recipe.teacher.model))
         self.student0, vocab_size = build_student(recipe, self.teacher, self.tokenizer)
         self.student0.to(self.device)
-        pairs = load_pairs(recipe, self.teacher, self.tokenizer, teacher_id)
-        train_pairs, eval_pairs = train_eval_split(pairs, recipe)
+        if isinstance(recipe.data.source, (ArithmeticData, Gsm8kData)):
+            train_pairs, eval_pairs = rationale_split(recipe)
+        else:
+            pairs = load_pairs(recipe, self.teacher, self.tokenizer, teacher_id)
+            train_pairs, eval_pairs = train_eval_split(pairs, recipe)
         self.train_examples = encode_pairs(train_pairs, self.tokenizer, recipe.data.max_length)
         self.eval_examples = encode_pairs(eval_pairs, self.tokenizer, recipe.data.max_length)
         if vocab_size is None:
@@ -251,6 +308,24 @@ class Prepared:
             vocab_size = None if vs == vt else min(vs, vt)
         self.vocab_size = vocab_size
         check_teacher_finite(self.teacher, self.train_examples[0], self.device)
+
+    def _black_box(self, recipe: Recipe) -> None:
+        """Sequence-level KD from a teacher known only by its responses: no teacher weights at all."""
+        from .models import load_model
+
+        cfg = recipe.student
+        self.teacher = None
+        try:
+            self.student0, self.tokenizer = load_model(cfg.model, dtype=cfg.dtype,
+                                                       trust_remote_code=cfg.trust_remote_code)
+        except PotstillError as err:
+            raise PotstillError(f"student: {err}") from None
+        self.student0.to(self.device)
+        train_pairs, eval_pairs = (rationale_split(recipe) if isinstance(recipe.data.source, (ArithmeticData, Gsm8kData))
+                                   else train_eval_split(load_pairs(recipe, None, self.tokenizer, ""), recipe))
+        self.train_examples = encode_pairs(train_pairs, self.tokenizer, recipe.data.max_length)
+        self.eval_examples = encode_pairs(eval_pairs, self.tokenizer, recipe.data.max_length)
+        self.vocab_size = None
 
     def cached_source(self):
         """The recipe's teacher-signal cache, checked against this tokenizer and teacher (None: no cache)."""
@@ -320,6 +395,12 @@ def evaluate_and_report(prep: Prepared, students: dict[str, Any], curves: dict[s
     r = prep.recipe
     results = evaluate_runs(students, prep.teacher, prep.tokenizer, prep.eval_examples, vocab_size=prep.vocab_size,
                             batch_size=r.eval.batch_size, max_new_tokens=r.eval.max_new_tokens, progress=progress)
+    answers = [ex.get("answer") for ex in prep.eval_examples]
+    if all(a is not None for a in answers):
+        from .data.rationale import exact_match
+
+        for run in results.values():
+            run["exact_match"] = exact_match(run["generations"], answers)
     metrics = metrics_only(results)
     samples = collect_samples(results, prep.eval_examples, k=4, tokenizer=prep.tokenizer)
     write_report(out, metrics, loss_curves=curves, title="potstill distillation report", notes=notes, samples=samples)
@@ -356,7 +437,7 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
     if recipe.eval.include_untrained:
         students = {"student_init": prep.student0, **students}
     notes = [
-        f"teacher: {recipe.teacher.model}; student: {recipe.student.kind}; {len(prep.train_examples)} train / "
+        f"teacher: {recipe.teacher.model or 'black box (its responses in the data)'}; student: {recipe.student.kind}; {len(prep.train_examples)} train / "
         f"{len(prep.eval_examples)} held-out examples; {recipe.train.max_steps} optimizer steps per run, batch "
         f"{recipe.train.batch_size} x {recipe.train.gradient_accumulation_steps}",
         f"wall time before evaluation {time.perf_counter() - t_start:.0f} s on {prep.device}",

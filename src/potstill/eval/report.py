@@ -27,6 +27,7 @@ METRIC_INFO: dict[str, tuple[str, str | None]] = {
     "top1_agreement": ("top-1 agreement", "higher"),
     "perplexity": ("perplexity", "lower"),
     "rouge_l": ("ROUGE-L", "higher"),
+    "exact_match": ("exact match", "higher"),
     "params": ("params", None),
     "tokens_per_s": ("tokens/s", "higher"),
 }

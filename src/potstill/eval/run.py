@@ -48,7 +48,7 @@ _CHUNK_ROWS = 1024  # rows of [rows, V] logits alive at once per model
 
 def evaluate_runs(
     students: Mapping[str, torch.nn.Module],
-    teacher: torch.nn.Module,
+    teacher: torch.nn.Module | None,
     tokenizer,
     examples: Sequence[dict],
     *,
@@ -61,7 +61,8 @@ def evaluate_runs(
 
     Args:
         students: name -> causal LM sharing the teacher's tokenizer.
-        teacher: the teacher causal LM.
+        teacher: the teacher causal LM; ``None`` for a black-box teacher (known only by the
+            reference responses): no teacher row, and forward KL / top-1 agreement are ``nan``.
         tokenizer: the shared tokenizer (decoding, pad/EOS ids).
         examples: dicts with ``prompt_ids: list[int]`` (chat-formatted prompt including the
             generation prompt), ``response_ids: list[int]`` (reference response incl. EOS) and
@@ -98,7 +99,13 @@ def evaluate_runs(
         raise PotstillError(f"batch_size must be >= 1 and max_new_tokens >= 0 (got {batch_size}, {max_new_tokens})")
     examples = [_check_example(i, ex) for i, ex in enumerate(examples)]
 
-    models: dict[str, torch.nn.Module] = {TEACHER: teacher, **students}
+    black_box = teacher is None
+    if black_box and not students:
+        raise PotstillError("nothing to evaluate: no teacher and no students")
+    # Without a teacher, the first student stands in as the reference of the teacher-forced
+    # pass (only its perplexity is kept; KL and agreement are reported as nan).
+    models: dict[str, torch.nn.Module] = {TEACHER: teacher if not black_box else next(iter(students.values())),
+                                          **students}
     heads = {name: output_head(m) for name, m in models.items()}
     vocab = _aligned_vocab({name: h.vocab for name, h in heads.items()}, tokenizer, vocab_size)
     heads = {name: h.with_vocab(vocab) if h.vocab != vocab else h for name, h in heads.items()}
@@ -137,11 +144,13 @@ def evaluate_runs(
     references = [ex["reference"] for ex in examples]
     results: dict[str, dict] = {}
     for name, model in models.items():
+        if black_box and name == TEACHER:
+            continue
         s = sums[canonical[name]]
         texts, n_tokens, seconds = generations[canonical[name]]
         results[name] = {
-            "forward_kl": _ratio(s["kl_sum"], s["n"]),
-            "top1_agreement": _ratio(s["agree"], s["n"]),
+            "forward_kl": float("nan") if black_box else _ratio(s["kl_sum"], s["n"]),
+            "top1_agreement": float("nan") if black_box else _ratio(s["agree"], s["n"]),
             "perplexity": perplexity(s["nll_sum"], s["n"]),
             "rouge_l": rouge_l(texts, references),
             "params": count_parameters(model),
