@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"
 	$(BIN)/python benchmarks/kd_step.py
 	$(BIN)/python benchmarks/cache.py
+	$(BIN)/python benchmarks/generated.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
