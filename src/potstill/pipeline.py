@@ -108,6 +108,13 @@ def rationale_split(recipe: Recipe) -> tuple[list[dict], list[dict]]:
     return train_pairs, eval_pairs
 
 
+def split_pairs(recipe: Recipe, teacher, tokenizer, teacher_id: str) -> tuple[list[dict], list[dict]]:
+    """The recipe's training and held-out pairs (rationale sources split by problem)."""
+    if isinstance(recipe.data.source, (ArithmeticData, Gsm8kData)):
+        return rationale_split(recipe)
+    return train_eval_split(load_pairs(recipe, teacher, tokenizer, teacher_id), recipe)
+
+
 def encode_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[dict]:
     """Encoded examples; ``example_id`` is the position in the list (a teacher-signal cache's key)."""
     from .data import encode_example
@@ -296,11 +303,7 @@ class Prepared:
         teacher_id = str(getattr(self.teacher, "name_or_path", recipe.teacher.model))
         self.student0, vocab_size = build_student(recipe, self.teacher, self.tokenizer)
         self.student0.to(self.device)
-        if isinstance(recipe.data.source, (ArithmeticData, Gsm8kData)):
-            train_pairs, eval_pairs = rationale_split(recipe)
-        else:
-            pairs = load_pairs(recipe, self.teacher, self.tokenizer, teacher_id)
-            train_pairs, eval_pairs = train_eval_split(pairs, recipe)
+        train_pairs, eval_pairs = split_pairs(recipe, self.teacher, self.tokenizer, teacher_id)
         self.train_examples = encode_pairs(train_pairs, self.tokenizer, recipe.data.max_length)
         self.eval_examples = encode_pairs(eval_pairs, self.tokenizer, recipe.data.max_length)
         if vocab_size is None:
@@ -321,8 +324,7 @@ class Prepared:
         except PotstillError as err:
             raise PotstillError(f"student: {err}") from None
         self.student0.to(self.device)
-        train_pairs, eval_pairs = (rationale_split(recipe) if isinstance(recipe.data.source, (ArithmeticData, Gsm8kData))
-                                   else train_eval_split(load_pairs(recipe, None, self.tokenizer, ""), recipe))
+        train_pairs, eval_pairs = split_pairs(recipe, None, self.tokenizer, "")
         self.train_examples = encode_pairs(train_pairs, self.tokenizer, recipe.data.max_length)
         self.eval_examples = encode_pairs(eval_pairs, self.tokenizer, recipe.data.max_length)
         self.vocab_size = None
