@@ -50,6 +50,7 @@ class _Plan:
     logit_scale: float | None
     softcap: float | None
     chunk_size: int
+    kd_weights: Tensor | None = None
 
 
 def _validate(
@@ -145,8 +146,9 @@ def _raise_nonfinite(start: int, bad: Tensor, rows: Tensor | None) -> None:
     )
 
 
-def _chunk_loss(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, teacher):
-    """Sum of CE and of the divergence over the chunk's rows (all valid), float32."""
+def _chunk_loss(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, teacher,
+                w: Tensor | None = None):
+    """Sum of CE and of the (``w``-weighted) divergence over the chunk's rows (all valid), float32."""
     logits = apply_head(hidden, weight, bias, plan.logit_scale, plan.softcap)
     # CE is always reported; it only enters the graph when it has weight.
     with nullcontext() if plan.alpha > 0.0 else torch.no_grad():
@@ -161,21 +163,21 @@ def _chunk_loss(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
             div = sparse_divergence(
                 plan.divergence, logits, teacher, temperature=plan.temperature, **plan.divergence_kwargs
             )
-        kd = div.float().sum()
+        kd = div.float().sum() if w is None else (div.float() * w).sum()
     total = plan.alpha * ce + (1.0 - plan.alpha) * plan.kd_scale * kd
     return total, ce, kd
 
 
 def _fkl_closed(ls: Tensor, lt: Tensor, q: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
-    """KL(p || q): value and ``d/du`` with ``u = z / T``: ``q - p``."""
-    return (torch.xlogy(p, p) - p * ls).sum(), q.sub_(p)
+    """KL(p || q): per-row values ``[n]`` and ``d/du`` with ``u = z / T``: ``q - p``."""
+    return (torch.xlogy(p, p) - p * ls).sum(-1), q.sub_(p)
 
 
 def _rkl_closed(ls: Tensor, lt: Tensor, q: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
-    """KL(q || p): value and ``d/du_j = q_j (log q_j - log p_j - KL)`` (per row)."""
+    """KL(q || p): per-row values and ``d/du_j = q_j (log q_j - log p_j - KL)`` (per row)."""
     d = ls - lt
     row = (q * d).sum(-1, keepdim=True)
-    return row.sum(), q.mul_(d.sub_(row))
+    return row.squeeze(-1), q.mul_(d.sub_(row))
 
 
 def _skl_closed(ls: Tensor, lt: Tensor, q: Tensor, p: Tensor, alpha: float = 0.1) -> tuple[Tensor, Tensor]:
@@ -183,19 +185,19 @@ def _skl_closed(ls: Tensor, lt: Tensor, q: Tensor, p: Tensor, alpha: float = 0.1
     if alpha == 0.0:
         return _fkl_closed(ls, lt, q, p)
     lm = torch.logaddexp(lt + math.log(alpha), ls + math.log1p(-alpha))
-    value = (torch.xlogy(p, p) - p * lm).sum()
+    value = (torch.xlogy(p, p) - p * lm).sum(-1)
     r = (lt + ls - lm).exp_()
     g = r.sub_(q * r.sum(-1, keepdim=True)).mul_(-(1.0 - alpha))
     return value, g
 
 
 def _akl_closed(ls: Tensor, lt: Tensor, q: Tensor, p: Tensor, mu: float = 0.5) -> tuple[Tensor, Tensor]:
-    """Wu et al.'s AKL with detached per-row weights w: ``w FKL + (1 - w) RKL`` and its gradient."""
+    """Wu et al.'s AKL with detached per-row weights w: per-row ``w FKL + (1 - w) RKL`` and its gradient."""
     w = akl_head_weight(ls, lt, mu).unsqueeze(-1)
     d = ls - lt
     rkl = (q * d).sum(-1, keepdim=True)
     fkl = (torch.xlogy(p, p) - p * ls).sum(-1, keepdim=True)
-    value = (w * fkl + (1.0 - w) * rkl).sum()
+    value = (w * fkl + (1.0 - w) * rkl).squeeze(-1)
     g = q * d.sub_(rkl)  # d RKL / du
     g.mul_(1.0 - w).add_(w * (q - p))
     return value, g
@@ -261,7 +263,8 @@ def _sparse_fkl_closed(ls: Tensor, sig: SparseSignal, scale: float, extra: float
 @torch.no_grad()
 def _closed_form_chunk(plan: _Plan, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor,
                        teacher: Tensor | SparseSignal | None, grad_h: Tensor | None, grad_w: Tensor | None,
-                       grad_b: Tensor | None, start: int, end: int, rows: Tensor | None):
+                       grad_b: Tensor | None, start: int, end: int, rows: Tensor | None,
+                       w: Tensor | None = None):
     """CE + a :data:`CLOSED_FORM` divergence (dense teacher) or a :data:`SPARSE_CLOSED_FORM`
     one (sparse teacher) for one chunk, with its gradient written out.
 
@@ -286,15 +289,27 @@ def _closed_form_chunk(plan: _Plan, h: Tensor, weight: Tensor, bias: Tensor | No
         # At T = 1 the CE softmax is q itself: add it in the same pass (ls1 is ls, consumed here).
         folded = T == 1.0 and plan.alpha > 0
         extra = plan.alpha if folded else 0.0
-        values, g, redo = _sparse_fkl_closed(ls, teacher, scale, extra, **plan.divergence_kwargs)
+        src = ls
+        if w is not None:  # per-row weights on the divergence only: add the CE softmax below instead
+            folded, extra = False, 0.0
+            if ls1 is ls and plan.alpha > 0:
+                src = ls.clone()  # the closed form writes into its input; CE still needs ls1
+        values, g, redo = _sparse_fkl_closed(src, teacher, scale, extra, **plan.divergence_kwargs)
         if redo is not None and bool(redo.any()):
             _exact_rows(plan, redo.nonzero().squeeze(-1), h, weight, bias, teacher, scale, extra, values, g)
+        if w is not None:
+            values = values * w
+            g.mul_(w.unsqueeze(-1))
         kd = values.sum()
     elif plan.alpha < 1.0:
         tl = teacher.float()
         lt = torch.log_softmax(tl / T if T != 1.0 else tl, dim=-1)
-        kd, g = CLOSED_FORM[plan.divergence](ls, lt, ls.exp(), lt.exp(), **plan.divergence_kwargs)
+        values, g = CLOSED_FORM[plan.divergence](ls, lt, ls.exp(), lt.exp(), **plan.divergence_kwargs)
         del lt
+        if w is not None:
+            values = values * w
+            g.mul_(w.unsqueeze(-1))
+        kd = values.sum()
         g.mul_((1.0 - plan.alpha) * plan.kd_scale / T)
     else:
         kd = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -382,12 +397,15 @@ def _run_chunks(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
         h = hidden[start:end] if rows is None else hidden[start:end][rows]
         y = labels if rows is None else labels[rows]
         teacher = None
+        w = None
         if use_teacher:
             teacher, bad = _teacher_chunk(plan, start, end, rows)
             bad_chunks.append((start, bad, rows))
+            if plan.kd_weights is not None:
+                w = plan.kd_weights[start:end] if rows is None else plan.kd_weights[start:end][rows]
         if fast:
             total, ce, kd = _closed_form_chunk(plan, h, weight, bias, y, teacher, grad_h, grad_w, grad_b,
-                                                   start, end, rows)
+                                                   start, end, rows, w)
             total_sum = total_sum + total
             ce_sum = ce_sum + ce
             kd_sum = kd_sum + kd
@@ -395,7 +413,7 @@ def _run_chunks(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
             continue
         h_leaf = h.detach().requires_grad_(need_h)
         with torch.enable_grad() if any_grad else torch.no_grad():
-            total, ce, kd = _chunk_loss(plan, h_leaf, w_leaf, b_leaf, y, teacher)
+            total, ce, kd = _chunk_loss(plan, h_leaf, w_leaf, b_leaf, y, teacher, w)
             if any_grad and total.requires_grad:
                 inputs = [t for t, want in ((h_leaf, need_h), (w_leaf, need_w), (b_leaf, need_b)) if want]
                 grads = list(torch.autograd.grad(total, inputs, allow_unused=True, materialize_grads=True))
@@ -449,6 +467,17 @@ class _ChunkedKDFunction(torch.autograd.Function):
         return out[0], out[1], out[2], None, None
 
 
+def _check_weights(w: Tensor | None, n: int) -> Tensor | None:
+    if w is None:
+        return None
+    if w.shape != (n,):
+        raise ValueError(f"kd_weights must be [n] = [{n}] (one per row), got {tuple(w.shape)}")
+    w = w.detach().float()
+    if n and not bool(torch.isfinite(w).all() and (w >= 0).all()):
+        raise ValueError("kd_weights must be finite and >= 0")
+    return w
+
+
 def _prepare(student_head: Head, vocab: int, normalizer, device):
     weight, bias = student_head.with_vocab(vocab).sliced()
     norm = torch.as_tensor(normalizer, dtype=torch.float32, device=device).detach()
@@ -470,6 +499,7 @@ def chunked_kd_loss(
     normalizer: float | Tensor,
     chunk_size: int = 1024,
     vocab_size: int | None = None,
+    kd_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """CE + distillation loss over the student's head, chunk by chunk.
 
@@ -487,16 +517,20 @@ def chunked_kd_loss(
         normalizer: the global number of valid tokens (0 is treated as 1).
         chunk_size: rows per chunk; peak memory is O(chunk_size * V).
         vocab_size: aligned vocabulary; slices the student head and the teacher to it.
+        kd_weights: optional ``[n]`` non-negative per-row weights of the divergence (token
+            weighting: uncertainty-aware, selective or cross-tokenizer-aligned KD); detached,
+            CE is never weighted. ``None`` is weight 1 everywhere.
 
     Returns:
         ``(loss, stats)``: ``loss`` is a float32 scalar; ``stats`` holds detached float32
-        ``ce_sum``, ``kd_sum`` (unweighted sum of the divergence) and ``n_tokens``.
+        ``ce_sum``, ``kd_sum`` (sum of the divergence, weighted by ``kd_weights`` if given) and ``n_tokens``.
     """
     vocab = _validate(
         student_hidden, student_head, labels, teacher, divergence, alpha, temperature,
         normalizer, chunk_size, vocab_size,
     )
     weight, bias, norm = _prepare(student_head, vocab, normalizer, student_hidden.device)
+    kd_weights = _check_weights(kd_weights, labels.shape[0])
     plan = _Plan(
         labels=labels,
         teacher=teacher,
@@ -509,6 +543,7 @@ def chunked_kd_loss(
         logit_scale=student_head.logit_scale,
         softcap=student_head.softcap,
         chunk_size=int(chunk_size),
+        kd_weights=kd_weights,
     )
     loss, ce, kd, n_tok = _ChunkedKDFunction.apply(student_hidden, weight, bias, norm, plan)
     return loss, {"ce_sum": ce, "kd_sum": kd, "n_tokens": n_tok}
@@ -528,6 +563,7 @@ def unchunked_kd_loss(
     normalizer: float | Tensor,
     chunk_size: int = 1024,
     vocab_size: int | None = None,
+    kd_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The same loss as :func:`chunked_kd_loss` with full ``[n, V]`` logits and plain autograd.
 
@@ -557,7 +593,8 @@ def unchunked_kd_loss(
             if bool(bad.any()):
                 _raise_nonfinite(0, bad, rows)
             div = sparse_divergence(divergence, logits, t, temperature=temperature, **(divergence_kwargs or {}))
-        kd = div.float().sum()
+        kd_weights = _check_weights(kd_weights, labels.shape[0])
+        kd = div.float().sum() if kd_weights is None else (div.float() * kd_weights[rows]).sum()
     kd_scale = float(temperature) ** 2 if scale_t2 else 1.0
     total = alpha * ce + (1.0 - alpha) * kd_scale * kd
     stats = {"ce_sum": ce.detach(), "kd_sum": kd.detach(), "n_tokens": valid.sum().float()}
