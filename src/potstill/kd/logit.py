@@ -25,6 +25,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from ..divergences import DIVERGENCES, chunked_kd_loss
+from .adaptive import CURRICULA, TOKEN_WEIGHTINGS, curriculum_order, example_divergences, scheduled, token_weights
 from ..errors import PotstillError, VocabMismatchError
 from ..signals import OnlineTeacher, SignalSource, target_index, target_rows
 
@@ -39,6 +40,12 @@ class KDConfig(TrainingArguments):
     temperature: float = field(default=1.0, metadata={"help": "Distillation temperature (not the generation temperature)."})
     scale_t2: bool = field(default=False, metadata={"help": "Multiply the divergence term by T^2."})
     chunk_size: int = field(default=256, metadata={"help": "Token rows per chunk of the fused lm_head + loss."})
+    token_weighting: str = field(default="none", metadata={"help": f"Per-token KD weights: one of {TOKEN_WEIGHTINGS}."})
+    token_weighting_ratio: float = field(default=0.5, metadata={"help": "student_entropy: share of positions kept."})
+    alpha_end: float | None = field(default=None, metadata={"help": "Scheduled CE weight at the last step (None: fixed)."})
+    temperature_end: float | None = field(default=None, metadata={"help": "Scheduled temperature at the last step."})
+    schedule: str = field(default="linear", metadata={"help": "Shape of the alpha/temperature schedules: linear, cosine."})
+    curriculum: str = field(default="none", metadata={"help": f"Example order by initial divergence: {CURRICULA}."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep dataset columns (the collator picks)."})
 
     def __post_init__(self):
@@ -51,6 +58,18 @@ class KDConfig(TrainingArguments):
             raise PotstillError(f"temperature={self.temperature} must be > 0")
         if self.chunk_size < 1:
             raise PotstillError(f"chunk_size={self.chunk_size} must be >= 1")
+        if self.token_weighting not in TOKEN_WEIGHTINGS:
+            raise PotstillError(f"unknown token_weighting '{self.token_weighting}'; use one of {TOKEN_WEIGHTINGS}")
+        if not 0.0 < self.token_weighting_ratio <= 1.0:
+            raise PotstillError(f"token_weighting_ratio={self.token_weighting_ratio} must be in (0, 1]")
+        if self.alpha_end is not None and not 0.0 <= self.alpha_end <= 1.0:
+            raise PotstillError(f"alpha_end={self.alpha_end} is outside [0, 1]")
+        if self.temperature_end is not None and not self.temperature_end > 0:
+            raise PotstillError(f"temperature_end={self.temperature_end} must be > 0")
+        if self.curriculum not in CURRICULA:
+            raise PotstillError(f"unknown curriculum '{self.curriculum}'; use one of {CURRICULA}")
+        if self.schedule not in ("linear", "cosine"):
+            raise PotstillError(f"unknown schedule '{self.schedule}'; use linear or cosine")
 
 
 def _vocab_rows(model: torch.nn.Module) -> int:
@@ -98,7 +117,7 @@ class KDTrainer(Trainer):
             if pad is None:
                 pad = processing_class.eos_token_id
             data_collator = PadCollator(pad)
-        self.needs_teacher = args.alpha < 1.0
+        self.needs_teacher = args.alpha < 1.0 or (args.alpha_end is not None and args.alpha_end < 1.0)
         if self.needs_teacher and teacher_model is None and signal_source is None:
             raise PotstillError(
                 f"alpha={args.alpha} < 1 needs a teacher; pass teacher_model=... or signal_source=..., or set alpha=1 (SFT)"
@@ -116,6 +135,11 @@ class KDTrainer(Trainer):
                 signal_source = OnlineTeacher(teacher_model)
             self.signal_source = signal_source
         source_t = getattr(self.signal_source, "temperature", None)
+        if self.needs_teacher and source_t is not None and args.temperature_end is not None:
+            raise PotstillError(
+                f"the teacher signal holds one temperature ({source_t}); a temperature schedule needs a live "
+                "teacher or a dense cache: remove temperature_end or the cache"
+            )
         if self.needs_teacher and source_t is not None and float(source_t) != float(args.temperature):
             raise PotstillError(
                 f"the teacher signal holds temperature {source_t} but temperature={args.temperature}; "
@@ -150,19 +174,64 @@ class KDTrainer(Trainer):
         """The teacher's signal for a batch (subclasses route generated batches elsewhere)."""
         return self.signal_source.signal(inputs)
 
+    # ------------------------------------------------------------------ curriculum
+    def get_train_dataloader(self):
+        if self.args.curriculum != "none" and getattr(self, "curriculum_scores", None) is None:
+            if self.signal_source is None:
+                raise PotstillError("a curriculum ranks examples by the teacher-student divergence; set alpha < 1")
+            scores = example_divergences(self.model, self.signal_source, self.train_dataset, self.data_collator,
+                                         vocab=self.vocab_size, temperature=self.args.temperature,
+                                         batch_size=self.args.per_device_train_batch_size,
+                                         chunk_size=self.args.chunk_size)
+            self.curriculum_scores = scores
+            self.curriculum_order = curriculum_order(scores, self.args.curriculum)
+            self.train_dataset = self.train_dataset.select(self.curriculum_order)
+        return super().get_train_dataloader()
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.curriculum != "none":
+            from torch.utils.data import SequentialSampler
+
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+        return super()._get_train_sampler(train_dataset)
+
+    def _student_hidden(self, model, inputs: dict):
+        """The student's final hidden states ``[B, T, H]`` (subclasses keep other layers too)."""
+        from ..models import final_hidden
+
+        return final_hidden(model, inputs["input_ids"], inputs["attention_mask"])
+
+    def _progress(self) -> float:
+        """Share of training done, in [0, 1] (optimizer steps / max steps)."""
+        total = max(int(getattr(self.state, "max_steps", 0) or 0), 1)
+        return min(self.state.global_step / total, 1.0)
+
     def _batch_alpha(self, inputs: dict) -> float:
-        """The CE weight for a batch (subclasses drop CE on the student's own samples)."""
-        return self.args.alpha
+        """The CE weight for a batch (scheduled; subclasses drop CE on the student's own samples)."""
+        return scheduled(self.args.alpha, self.args.alpha_end, self._progress(), self.args.schedule)
+
+    def _temperature(self) -> float:
+        return scheduled(self.args.temperature, self.args.temperature_end, self._progress(), self.args.schedule)
+
+    def _kd_weights(self, signal, rows, head, targets, temperature: float):
+        """Per-row divergence weights (:mod:`potstill.kd.adaptive`), or None."""
+        if signal is None or self.args.token_weighting == "none":
+            return None
+        vocab = self.vocab_size if self.vocab_size is not None else head.vocab
+        return token_weights(self.args.token_weighting, signal=signal, rows=rows, head=head, labels=targets,
+                             vocab=vocab, temperature=temperature, ratio=self.args.token_weighting_ratio,
+                             chunk_size=self.args.chunk_size)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from ..models import final_hidden, output_head
+        from ..models import output_head
 
         labels = inputs["labels"]
         index = target_index(labels)
-        hidden = final_hidden(model, inputs["input_ids"], inputs["attention_mask"])
+        hidden = self._student_hidden(model, inputs)
         rows = target_rows(hidden, index)
         targets = labels[:, 1:].reshape(-1).index_select(0, index)
-        signal = self._batch_signal(inputs) if self.needs_teacher else None
+        alpha = self._batch_alpha(inputs)
+        signal = self._batch_signal(inputs) if self.needs_teacher and alpha < 1.0 else None
         if signal is not None and signal.num_rows != rows.shape[0]:
             raise PotstillError(
                 f"teacher signal has {signal.num_rows} rows for {rows.shape[0]} target tokens; the signal does not "
@@ -170,19 +239,22 @@ class KDTrainer(Trainer):
             )
         normalizer = num_items_in_batch if num_items_in_batch is not None else max(int(index.numel()), 1)
         args: KDConfig = self.args
+        head = output_head(model)
+        temperature = self._temperature()
         loss, stats = chunked_kd_loss(
             rows,
-            output_head(model),
+            head,
             targets,
             signal,
             divergence=args.divergence,
             divergence_kwargs=args.divergence_kwargs or {},
-            alpha=self._batch_alpha(inputs),
-            temperature=args.temperature,
+            alpha=alpha,
+            temperature=temperature,
             scale_t2=args.scale_t2,
             normalizer=normalizer,
             chunk_size=args.chunk_size,
             vocab_size=self.vocab_size,
+            kd_weights=self._kd_weights(signal, rows, head, targets, temperature),
         )
         if (
             num_items_in_batch is not None
@@ -191,7 +263,7 @@ class KDTrainer(Trainer):
         ):
             # DDP averages gradients over processes; the loss is already divided by the global count.
             loss = loss * self.accelerator.num_processes
-        for k in self._stats:
+        for k in ("ce_sum", "kd_sum", "n_tokens"):
             self._stats[k] += float(stats[k])
         if return_outputs:
             return loss, {"loss": loss}
