@@ -1,0 +1,142 @@
+"""Several teachers behind one :class:`SignalSource`: their distributions combined per token.
+
+For teachers ``k = 1..K`` sharing the student's vocabulary, with ``p_k`` each teacher's
+distribution at the distillation temperature ``T`` for a target row, the combined teacher is
+
+* ``mean``: ``p = sum_k w_k p_k`` with fixed weights ``w`` (uniform by default): the
+  averaged soft targets of multi-teacher KD (Hinton et al. 2015, ensembles; You et al.
+  2017, "Learning from Multiple Teacher Networks");
+* ``confidence``: per token ``a_k = c_k / sum_j c_j`` with ``c_k = 1 - H(p_k) / log V``
+  (``entropy``) or ``c_k = max_v p_k(v)`` (``maxprob``), ``p = sum_k a_k p_k`` (uniform
+  where every ``c_k`` is 0): each token listens most to the teacher that is surest of it
+  (confidence-weighted multi-teacher KD, cf. Zhang et al. 2022, CA-MKD);
+* ``select``: per example, the single teacher with the lowest mean cross-entropy on the
+  example's own response tokens (the teacher that best explains the reference), its
+  distribution on all of the example's rows (per-example teacher selection).
+
+The result is a :class:`DenseSignal` whose logits are ``T * log p``, so that the reducer's
+``softmax(logits / T)`` gives back exactly ``p``. It holds ``[n, V]`` float32 logits for the
+batch's target rows (each teacher is projected chunk by chunk).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import PotstillError
+from .online import target_index
+from .types import DenseSignal, SparseSignal
+
+MultiMode = Literal["mean", "confidence", "select"]
+MULTI_MODES = ("mean", "confidence", "select")
+CONFIDENCES = ("entropy", "maxprob")
+
+
+class MultiTeacher:
+    """Combine the signals of several same-vocabulary teachers (see module docstring)."""
+
+    def __init__(self, sources: Sequence, *, mode: str = "mean", confidence: str = "entropy",
+                 weights: Sequence[float] | None = None, temperature: float = 1.0, vocab_size: int | None = None,
+                 chunk_size: int = 256):
+        if len(sources) < 2:
+            raise PotstillError(f"a multi-teacher source needs at least 2 teachers, got {len(sources)}")
+        if mode not in MULTI_MODES:
+            raise PotstillError(f"unknown multi-teacher mode '{mode}'; use one of {MULTI_MODES}")
+        if confidence not in CONFIDENCES:
+            raise PotstillError(f"unknown confidence '{confidence}'; use one of {CONFIDENCES}")
+        if weights is not None:
+            if len(weights) != len(sources) or any(not (w >= 0) for w in weights) or sum(weights) <= 0:
+                raise PotstillError(f"weights {list(weights)} must be {len(sources)} non-negative numbers, not all 0")
+            weights = [float(w) / sum(weights) for w in weights]
+        if not temperature > 0:
+            raise PotstillError(f"temperature={temperature} must be > 0")
+        vocabs = {getattr(s, "vocab_size", None) for s in sources} - {None}
+        if vocab_size is None:
+            if len(vocabs) > 1:
+                raise PotstillError(f"the teachers have different vocabularies {sorted(vocabs)}; use teachers that "
+                                    "share the student's tokenizer, or pass vocab_size= when they differ by padding")
+            vocab_size = vocabs.pop() if vocabs else None
+        self.sources = list(sources)
+        self.mode = mode
+        self.confidence = confidence
+        self.weights = weights or [1.0 / len(sources)] * len(sources)
+        self.temperature = None  # holds no temperature of its own: the trainer's T is used
+        self._T = float(temperature)
+        self.vocab_size = vocab_size
+        self.chunk_size = int(chunk_size)
+        self.selected_counts = [0] * len(sources)
+
+    def to(self, device) -> "MultiTeacher":
+        for s in self.sources:
+            if hasattr(s, "to"):
+                s.to(device)
+        return self
+
+    def _logprobs(self, sig, start: int, end: int, vocab: int) -> Tensor:
+        if isinstance(sig, SparseSignal):
+            raise PotstillError("multi-teacher KD needs dense teachers (live models or dense caches), "
+                                "not top-k or sampled caches")
+        return torch.log_softmax(sig.chunk_logits(start, end, vocab).float() / self._T, dim=-1)
+
+    @torch.no_grad()
+    def signal(self, batch: dict[str, Tensor]) -> DenseSignal:
+        sigs = [s.signal(batch) for s in self.sources]
+        n = sigs[0].num_rows
+        if any(s.num_rows != n for s in sigs):
+            raise PotstillError("the teachers returned different row counts for one batch; they must see the same data")
+        vocab = self.vocab_size or sigs[0].vocab
+        device = batch["labels"].device
+        out = torch.empty(n, vocab, dtype=torch.float32, device=device)
+        choice = self._select(batch, sigs, vocab) if self.mode == "select" else None
+        for start in range(0, n, self.chunk_size):
+            end = min(start + self.chunk_size, n)
+            lps = torch.stack([self._logprobs(s, start, end, vocab) for s in sigs])  # [K, c, V]
+            if self.mode == "select":
+                c = choice[start:end]
+                mix = lps.gather(0, c.view(1, -1, 1).expand(1, -1, vocab)).squeeze(0)
+            else:
+                if self.mode == "mean":
+                    a = torch.tensor(self.weights, device=device).view(-1, 1)
+                    a = a.expand(-1, end - start)
+                else:
+                    a = self._confidence(lps)  # [K, c]
+                log_a = torch.where(a > 0, a.clamp_min(1e-30).log(), torch.full_like(a, -math.inf))
+                mix = torch.logsumexp(lps + log_a.unsqueeze(-1), dim=0)
+            out[start:end] = mix * self._T
+        return DenseSignal(logits=out)
+
+    def _confidence(self, lps: Tensor) -> Tensor:
+        """Per-token teacher weights ``[K, c]`` summing to 1 over teachers."""
+        p = lps.exp()
+        if self.confidence == "maxprob":
+            c = p.max(-1).values
+        else:
+            h = -(p * lps).sum(-1)
+            c = (1.0 - h / math.log(lps.shape[-1])).clamp_min(0.0)
+        total = c.sum(0, keepdim=True)
+        uniform = torch.full_like(c, 1.0 / c.shape[0])
+        return torch.where(total > 0, c / total.clamp_min(1e-30), uniform)
+
+    def _select(self, batch, sigs, vocab) -> Tensor:
+        """Per row, the index of the teacher with the lowest mean CE over the row's example."""
+        labels = batch["labels"]
+        index = target_index(labels)
+        targets = labels[:, 1:].reshape(-1).index_select(0, index)
+        example = torch.div(index, labels.shape[1] - 1, rounding_mode="floor")
+        n_ex = labels.shape[0]
+        ce = torch.zeros(len(sigs), n_ex, dtype=torch.float64, device=labels.device)
+        for k, s in enumerate(sigs):
+            for start in range(0, index.numel(), self.chunk_size):
+                end = min(start + self.chunk_size, index.numel())
+                lp = self._logprobs(s, start, end, vocab)
+                nll = -lp.gather(-1, targets[start:end].unsqueeze(-1)).squeeze(-1)
+                ce[k].index_add_(0, example[start:end], nll.double())
+        count = torch.bincount(example, minlength=n_ex).clamp_min(1)
+        best = (ce / count).argmin(0)  # ties go to the first teacher
+        for k in best[torch.bincount(example, minlength=n_ex) > 0].tolist():
+            self.selected_counts[k] += 1
+        return best[example]
