@@ -79,6 +79,31 @@ def test_self_student_is_zero_and_other_student_matches_reference(teacher, other
     assert res["other"]["perplexity"] == pytest.approx(ppl, rel=1e-4)
     _, _, teacher_ppl = _reference_stats(teacher, teacher, examples)
     assert res["teacher"]["perplexity"] == pytest.approx(teacher_ppl, rel=1e-4)
+    assert res["other"]["ece"] == pytest.approx(_reference_ece(other, examples), abs=1e-6)
+    assert res["same"]["ece"] == pytest.approx(res["teacher"]["ece"])
+
+
+def _reference_ece(model, examples, n_bins=15):
+    """ECE of next-token predictions vs the reference tokens, written from Guo et al.'s definition."""
+    confs, hits = [], []
+    for ex in examples:
+        ids = torch.tensor([ex["prompt_ids"] + ex["response_ids"]])
+        p0 = len(ex["prompt_ids"])
+        with torch.no_grad():
+            probs = torch.softmax(model(ids).logits[0].double(), -1)
+        for pos, tok in enumerate(ex["response_ids"]):
+            row = probs[p0 + pos - 1]
+            confs.append(float(row.max()))
+            hits.append(float(int(row.argmax()) == tok))
+    total = 0.0
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        members = [i for i, c in enumerate(confs) if (lo < c <= hi) or (b == 0 and c == 0)]
+        if members:
+            acc = sum(hits[i] for i in members) / len(members)
+            conf = sum(confs[i] for i in members) / len(members)
+            total += len(members) / len(confs) * abs(acc - conf)
+    return total
 
 
 def test_rouge_l_is_one_against_own_greedy_output(teacher, word_tokenizer):

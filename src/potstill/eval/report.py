@@ -26,6 +26,7 @@ METRIC_INFO: dict[str, tuple[str, str | None]] = {
     "forward_kl": ("forward KL", "lower"),
     "top1_agreement": ("top-1 agreement", "higher"),
     "perplexity": ("perplexity", "lower"),
+    "ece": ("ECE", "lower"),
     "rouge_l": ("ROUGE-L", "higher"),
     "exact_match": ("exact match", "higher"),
     "params": ("params", None),

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import PotstillError, VocabMismatchError
 from ..signals.online import target_index, target_rows
-from .metrics import count_parameters, perplexity, rouge_l, teacher_forced_stats
+from .metrics import count_parameters, expected_calibration_error, perplexity, rouge_l, teacher_forced_stats
 from ..generate import pad_id as generation_pad_id
 from .report import GENERATIONS_KEY
 
@@ -39,7 +39,7 @@ __all__ = [
 TEACHER = "teacher"
 """The name the teacher's own row is reported under."""
 
-METRIC_KEYS = ("forward_kl", "top1_agreement", "perplexity", "rouge_l", "params", "tokens_per_s")
+METRIC_KEYS = ("forward_kl", "top1_agreement", "perplexity", "ece", "rouge_l", "params", "tokens_per_s")
 """The scalar metrics of one run, in report order."""
 
 
@@ -125,7 +125,8 @@ def evaluate_runs(
         # no_grad, not inference_mode: buffers some models create lazily (rotary caches)
         # would otherwise become inference tensors and break training after a mid-run eval.
         with torch.no_grad():
-            sums = {name: {"kl_sum": 0.0, "agree": 0, "nll_sum": 0.0, "n": 0} for name in unique}
+            sums = {name: {"kl_sum": 0.0, "agree": 0, "nll_sum": 0.0, "n": 0, "conf": [], "correct": []}
+                    for name in unique}
             bar.set_postfix_str("teacher-forced")
             for batch in batches:
                 _teacher_forced_batch(batch, models, heads, unique, sums, pad_id, vocab, final_hidden)
@@ -152,6 +153,7 @@ def evaluate_runs(
             "forward_kl": float("nan") if black_box else _ratio(s["kl_sum"], s["n"]),
             "top1_agreement": float("nan") if black_box else _ratio(s["agree"], s["n"]),
             "perplexity": perplexity(s["nll_sum"], s["n"]),
+            "ece": _ece(s),
             "rouge_l": rouge_l(texts, references),
             "params": count_parameters(model),
             "tokens_per_s": n_tokens / seconds if seconds > 0 else float("nan"),
@@ -229,6 +231,17 @@ def _teacher_forced_batch(batch, models, heads, unique, sums, pad_id, vocab, fin
             stats = teacher_forced_stats(student_logits, teacher_logits, targets[start:end])
             for key, value in stats.items():
                 sums[name][key] += value
+            # calibration of the next-token prediction against the reference token
+            conf, pred = torch.softmax(student_logits.float(), -1).max(-1)
+            sums[name]["conf"].append(conf.cpu())
+            sums[name]["correct"].append((pred == targets[start:end].to(pred.device)).cpu())
+
+
+def _ece(s: dict) -> float:
+    """ECE (15 bins) of the next-token predictions over all reference positions of a run."""
+    if not s["conf"]:
+        return float("nan")
+    return expected_calibration_error(torch.cat(s["conf"]), torch.cat(s["correct"]))
 
 
 # -- generation pass ----------------------------------------------------------------------
