@@ -202,6 +202,32 @@ class OnPolicyOptions(_Strict):
         return self
 
 
+class ScheduleOptions(_Strict):
+    """Dynamic KD: alpha and temperature move from the run's values to these over training."""
+
+    kind: Literal["linear", "cosine"] = Field("linear", description="Shape of the schedule over optimizer steps.")
+    alpha_end: float | None = Field(None, ge=0.0, le=1.0, description="CE weight at the last step (null: fixed).")
+    temperature_end: float | None = Field(None, gt=0.0, description="Distillation temperature at the last step.")
+
+
+class FeatureOptions(_Strict):
+    """Hidden-state distillation (FitNets, Romero et al. 2015; TinyBERT, Jiao et al. 2020)."""
+
+    layers: list[tuple[int, int]] = Field(
+        ..., min_length=1, description="Pairs [student_layer, teacher_layer]; 0 is the embeddings, -1 the last layer.")
+    loss: Literal["mse", "cosine"] = Field("mse", description="Distance between (projected) hidden states.")
+    weight: float = Field(1.0, ge=0.0, description="Weight of the hidden-state term next to the logit loss.")
+
+
+class MultiTeacherOptions(_Strict):
+    """Combine the teacher with `extra_teachers` (same tokenizer) per token."""
+
+    mode: Literal["mean", "confidence", "select"] = Field(
+        "mean", description="mean: fixed weights; confidence: per-token teacher confidence; select: per example.")
+    confidence: Literal["entropy", "maxprob"] = Field("entropy", description="Confidence measure of mode confidence.")
+    weights: list[float] | None = Field(None, description="Weights of mode mean, teacher first (default: equal).")
+
+
 def divergence_params(d: _Div) -> dict[str, Any]:
     return d.model_dump(exclude={"name"})
 
@@ -241,12 +267,35 @@ class RunConfig(_Strict):
     scale_t2: bool = Field(False, description="Multiply the divergence by T^2 (Hinton et al. 2015).")
     on_policy: OnPolicyOptions | None = Field(
         None, description="Train a share of the steps on the student's own samples (GKD / DistiLLM).")
+    token_weighting: Literal["none", "teacher_confidence", "teacher_maxprob", "student_entropy"] = Field(
+        "none", description="Per-token KD weights: teacher certainty, or selective KD on the student's most "
+        "uncertain positions (student_entropy).")
+    token_weighting_ratio: float = Field(
+        0.5, gt=0.0, le=1.0, description="student_entropy: share of response positions that get the divergence.")
+    schedule: ScheduleOptions | None = Field(None, description="Schedules of alpha and temperature.")
+    feature: FeatureOptions | None = Field(None, description="Add hidden-state distillation between layer pairs.")
+    multi_teacher: MultiTeacherOptions | None = Field(
+        None, description="Distill from the teacher and `extra_teachers` combined.")
+    curriculum: Literal["none", "easy_to_hard", "hard_to_easy"] = Field(
+        "none", description="Order training examples by the initial teacher-student divergence.")
 
     @model_validator(mode="after")
     def _on_policy_needs_teacher(self) -> "RunConfig":
         if self.on_policy is not None and self.alpha >= 1.0:
             raise ValueError("on_policy steps are scored by the teacher; set alpha < 1 or remove on_policy")
+        if self.on_policy is not None and self.feature is not None:
+            raise ValueError("on_policy and feature cannot be combined in one run; split them into two runs")
+        sft = self.alpha >= 1.0 and (self.schedule is None or self.schedule.alpha_end in (None, 1.0))
+        if sft and (self.token_weighting != "none" or self.multi_teacher is not None or self.curriculum != "none"):
+            raise ValueError("token_weighting, multi_teacher and curriculum act on the KD term; set alpha < 1 "
+                             "(or a schedule.alpha_end < 1)")
         return self
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the run reads the teacher at all (KD term at some step, or hidden states)."""
+        end = None if self.schedule is None else self.schedule.alpha_end
+        return self.alpha < 1.0 or (end is not None and end < 1.0) or self.feature is not None
 
     @field_validator("temperature")
     @classmethod
@@ -312,6 +361,8 @@ class EvalConfig(_Strict):
 class Recipe(_Strict):
     output_dir: str = Field("runs/demo", description="Where the resolved recipe, students, metrics and report go.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher.")
+    extra_teachers: list[TeacherConfig] = Field(
+        default_factory=list, description="Further teachers for runs with multi_teacher (same tokenizer as teacher).")
     student: StudentConfig = Field(default_factory=FromTeacherStudent, description="How the student is built.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training and held-out examples.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization, equal for every run.")
@@ -334,13 +385,23 @@ class Recipe(_Strict):
             self._check_cache(self.cache)
         if self.teacher.model is None:
             self._check_black_box()
+        multi = [r.name for r in self.runs if r.multi_teacher is not None]
+        if multi and not self.extra_teachers:
+            raise ValueError(f"run(s) {multi} use multi_teacher but extra_teachers is empty; list the other teachers")
+        for r in self.runs:
+            mt = r.multi_teacher
+            if mt is not None and mt.weights is not None and len(mt.weights) != 1 + len(self.extra_teachers):
+                raise ValueError(f"run {r.name}: multi_teacher.weights has {len(mt.weights)} entries for "
+                                 f"{1 + len(self.extra_teachers)} teachers (teacher first)")
+        if any(t.model is None for t in self.extra_teachers):
+            raise ValueError("extra_teachers need weights (model: null is only for the main black-box teacher)")
         return self
 
     def _check_black_box(self) -> None:
         if self.student.kind != "pretrained":
             raise ValueError("a black-box teacher (teacher.model null) has no weights to build the student from; "
                              "use student.kind pretrained")
-        white = [r.name for r in self.runs if r.alpha < 1.0]
+        white = [r.name for r in self.runs if r.uses_teacher]
         if white:
             raise ValueError(f"run(s) {white} need the teacher's logits (alpha < 1), which a black-box teacher "
                              "(teacher.model null) does not have; set alpha 1 (sequence-level KD) or name a teacher")
@@ -356,6 +417,14 @@ class Recipe(_Strict):
         if live:
             raise ValueError(f"run(s) {live} use on_policy, which needs the live teacher to score the student's "
                              "samples; remove the cache section or on_policy")
+        live = [r.name for r in self.runs if r.feature is not None or r.multi_teacher is not None]
+        if live:
+            raise ValueError(f"run(s) {live} use feature or multi_teacher, which need live teachers (a cache holds "
+                             "one teacher's output distribution); remove the cache section or those options")
+        sched = [r.name for r in self.runs if r.schedule is not None and r.schedule.temperature_end is not None]
+        if sched and cache.signal.kind != "dense":
+            raise ValueError(f"run(s) {sched} schedule the temperature, which a {cache.signal.kind} cache (one "
+                             "temperature) cannot follow; use cache.signal.kind dense or no temperature_end")
         if cache.signal.kind == "sampled":
             bad = [r.name for r in kd if r.divergence.name == "adaptive_kl"]
             if bad:

@@ -33,7 +33,7 @@ from .config import (
     divergence_params,
     dump_recipe,
 )
-from .errors import PotstillError
+from .errors import PotstillError, VocabMismatchError
 from .io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("potstill")
@@ -162,14 +162,22 @@ def build_student(recipe: Recipe, teacher, teacher_tok):
 
 def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.device):
     from .kd import KDConfig, OnPolicyConfig
+    from .kd.feature import FeatureKDConfig
 
     t = recipe.train
     op = run.on_policy
-    extra = {} if op is None else dict(
+    extra: dict[str, Any] = {} if op is None else dict(
         lmbda=op.lmbda, gen_temperature=op.temperature, gen_top_p=op.top_p, gen_max_new_tokens=op.max_new_tokens,
         replay_size=op.replay_size, replay_reuse=op.replay_reuse, adaptive=op.adaptive,
         adaptive_step=op.adaptive_step, adaptive_max=op.adaptive_max, adaptive_every=op.adaptive_every)
-    return (KDConfig if op is None else OnPolicyConfig)(
+    if run.feature is not None:
+        extra.update(feature_layers=[list(p) for p in run.feature.layers], feature_loss=run.feature.loss,
+                     feature_weight=run.feature.weight)
+    if run.schedule is not None:
+        extra.update(alpha_end=run.schedule.alpha_end, temperature_end=run.schedule.temperature_end,
+                     schedule=run.schedule.kind)
+    cls = OnPolicyConfig if op is not None else FeatureKDConfig if run.feature is not None else KDConfig
+    return cls(
         output_dir=output_dir,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
@@ -191,21 +199,26 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
         temperature=run.temperature,
         scale_t2=run.scale_t2,
         chunk_size=t.chunk_size,
+        token_weighting=run.token_weighting,
+        token_weighting_ratio=run.token_weighting_ratio,
+        curriculum=run.curriculum,
         **extra,
     )
 
 
 def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train_examples: list[dict],
               out_dir: Path, device: torch.device, vocab_size: int | None,
-              memo=None, source=None) -> tuple[Any, list[tuple[int, float]]]:
+              memo=None, source=None, extra_teachers: list | None = None) -> tuple[Any, list[tuple[int, float]]]:
     """Train one student; write it atomically to ``out_dir`` and return it with its loss curve.
 
-    ``source`` (a teacher-signal cache) replaces the live ``teacher`` during training.
+    ``source`` (a teacher-signal cache) replaces the live ``teacher`` during training;
+    ``extra_teachers`` join the teacher in runs with ``multi_teacher``.
     """
     from datasets import Dataset
 
     from .kd import KDTrainer, OnPolicyKDTrainer
-    from .signals import OnlineTeacher
+    from .kd.feature import FeatureKDTrainer
+    from .signals import MultiTeacher, OnlineTeacher
 
     peft_config = None
     if recipe.train.lora is not None:
@@ -216,9 +229,14 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
                                target_modules=lc.target_modules, task_type="CAUSAL_LM")
     cols = ("input_ids", "attention_mask", "labels", "example_id")
     ds = Dataset.from_list([{k: ex[k] for k in cols if k in ex} for ex in train_examples])
-    kd = run.alpha < 1
+    kd = run.uses_teacher
     if kd and source is None:
         source = OnlineTeacher(teacher.to(device), memo=memo)
+    if run.multi_teacher is not None:
+        mt = run.multi_teacher
+        source = MultiTeacher([source, *[OnlineTeacher(t.to(device)) for t in extra_teachers or []]],
+                              mode=mt.mode, confidence=mt.confidence, weights=mt.weights,
+                              temperature=run.temperature, vocab_size=vocab_size, chunk_size=recipe.train.chunk_size)
     extra: dict[str, Any] = {}
     if run.on_policy is not None:
         import random
@@ -227,7 +245,8 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         pick = random.Random(recipe.train.seed).sample(range(len(train_examples)), min(val, len(train_examples)))
         extra["validation_dataset"] = [{k: train_examples[i][k] for k in cols[:3]} for i in pick]
     with tempfile.TemporaryDirectory(prefix="potstill-trainer-") as tmp:
-        trainer = (KDTrainer if run.on_policy is None else OnPolicyKDTrainer)(
+        cls = OnPolicyKDTrainer if run.on_policy is not None else FeatureKDTrainer if run.feature else KDTrainer
+        trainer = cls(
             model=student,
             teacher_model=None,
             signal_source=source if kd else None,
@@ -246,6 +265,8 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         model = model.merge_and_unload()
     curve = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
     info = {"loss_curve": curve, "train_seconds": seconds, "run": run.model_dump(mode="json")}
+    if run.multi_teacher is not None and run.multi_teacher.mode == "select":
+        info["teacher_selected_examples"] = source.selected_counts
     if run.on_policy is not None:
         rs = trainer.rollout_stats
         info["on_policy"] = {"gen_tokens": rs["gen_tokens"], "gen_seconds": rs["gen_seconds"], "modes": rs["modes"],
@@ -328,6 +349,27 @@ class Prepared:
         self.train_examples = encode_pairs(train_pairs, self.tokenizer, recipe.data.max_length)
         self.eval_examples = encode_pairs(eval_pairs, self.tokenizer, recipe.data.max_length)
         self.vocab_size = None
+
+    def extra_teachers(self) -> list:
+        """The recipe's ``extra_teachers``, loaded once, when a run combines teachers (checked to share the tokenizer)."""
+        if not any(r.multi_teacher is not None for r in self.recipe.runs):
+            return []
+        if getattr(self, "_extra", None) is None:
+            from .models import load_model, tokenizer_fingerprint
+
+            self._extra = []
+            want = tokenizer_fingerprint(self.tokenizer)
+            for i, cfg in enumerate(self.recipe.extra_teachers):
+                try:
+                    model, tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+                except PotstillError as err:
+                    raise PotstillError(f"extra_teachers[{i}]: {err}") from None
+                if tokenizer_fingerprint(tok) != want:
+                    raise VocabMismatchError(
+                        f"extra_teachers[{i}] ({cfg.model}) has another tokenizer than the teacher; multi_teacher "
+                        "combines teachers that share the student's tokenizer")
+                self._extra.append(model.to(self.device))
+        return self._extra
 
     def cached_source(self):
         """The recipe's teacher-signal cache, checked against this tokenizer and teacher (None: no cache)."""
@@ -413,7 +455,8 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
     """Run a recipe end to end; returns the metrics of every run."""
     t_start = time.perf_counter()
     prep = Prepared(recipe)
-    source = prep.cached_source() if any(r.alpha < 1 for r in recipe.runs) else None
+    source = prep.cached_source() if any(r.uses_teacher for r in recipe.runs) else None
+    prep.extra_teachers()  # load and check them before anything is written
     # Input is valid: from here on we write.
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -434,7 +477,8 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
         student = copy.deepcopy(prep.student0)
         student.train()
         model, curve = train_run(recipe, run, student, prep.teacher, prep.tokenizer, prep.train_examples, run_dir,
-                                 prep.device, prep.vocab_size, memo=memo, source=source)
+                                 prep.device, prep.vocab_size, memo=memo, source=source,
+                                 extra_teachers=prep.extra_teachers())
         students[run.name], curves[run.name] = model, curve
     if recipe.eval.include_untrained:
         students = {"student_init": prep.student0, **students}
