@@ -127,6 +127,8 @@ class DataConfig(_Strict):
     max_length: int = Field(256, ge=8, description="Truncate prompt + response to this many tokens.")
     system_prompt: str | None = Field(None, description="Optional system message put before every prompt.")
     seed: int = Field(0, description="Seed of the train/eval split.")
+    selection: str | None = Field(
+        None, description="Train only on the examples of a `potstill select` selection.json (same data section).")
 
 
 # ------------------------------------------------------------------------ divergences

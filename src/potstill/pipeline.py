@@ -327,6 +327,7 @@ class Prepared:
         train_pairs, eval_pairs = split_pairs(recipe, self.teacher, self.tokenizer, teacher_id)
         self.train_examples = encode_pairs(train_pairs, self.tokenizer, recipe.data.max_length)
         self.eval_examples = encode_pairs(eval_pairs, self.tokenizer, recipe.data.max_length)
+        self._apply_selection()
         if vocab_size is None:
             vs, vt = output_head(self.student0).weight.shape[0], output_head(self.teacher).weight.shape[0]
             vocab_size = None if vs == vt else min(vs, vt)
@@ -348,7 +349,17 @@ class Prepared:
         train_pairs, eval_pairs = split_pairs(recipe, None, self.tokenizer, "")
         self.train_examples = encode_pairs(train_pairs, self.tokenizer, recipe.data.max_length)
         self.eval_examples = encode_pairs(eval_pairs, self.tokenizer, recipe.data.max_length)
+        self._apply_selection()
         self.vocab_size = None
+
+    def _apply_selection(self) -> None:
+        """``pool_examples``: the whole train split (what a cache holds); ``train_examples``: the
+        subset a ``data.selection`` file keeps (with their original ``example_id``), else the pool."""
+        self.pool_examples = self.train_examples
+        if self.recipe.data.selection is not None:
+            from .dd.pipeline import load_selection
+
+            self.train_examples = load_selection(self.recipe.data.selection, self.pool_examples)
 
     def extra_teachers(self) -> list:
         """The recipe's ``extra_teachers``, loaded once, when a run combines teachers (checked to share the tokenizer)."""
@@ -381,7 +392,7 @@ class Prepared:
         source = CachedSignal(self.recipe.cache_dir, tokenizer=self.tokenizer, tail=spec.tail,
                               teacher_fingerprint=weights_fingerprint(self.teacher), verify=self.recipe.cache.verify)
         source.check_spec(spec)
-        source.check_data(self.train_examples)
+        source.check_data(self.pool_examples)
         return source
 
 
@@ -416,7 +427,7 @@ def cache(recipe: Recipe, *, rank: int = 0, world_size: int = 1, progress: bool 
         raise PotstillError("the recipe has no `cache` section; add e.g. `cache: {signal: {kind: topk, k: 32}}`")
     prep = Prepared(recipe)
     spec = cache_spec(recipe)
-    return write_cache(prep.teacher, prep.tokenizer, prep.train_examples, recipe.cache_dir, spec,
+    return write_cache(prep.teacher, prep.tokenizer, prep.pool_examples, recipe.cache_dir, spec,
                        teacher_name=recipe.teacher.model, rank=rank, world_size=world_size, progress=progress)
 
 
