@@ -18,6 +18,7 @@ from .dense import (
     total_variation,
 )
 from .sparse import coarsen, sparse_divergence
+from .uld import uld_loss
 
 __all__ = [
     "CORES",
@@ -37,5 +38,6 @@ __all__ = [
     "skew_reverse_kl",
     "sparse_divergence",
     "total_variation",
+    "uld_loss",
     "unchunked_kd_loss",
 ]

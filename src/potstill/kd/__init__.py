@@ -1,7 +1,13 @@
 """Training methods, one module each. ``logit``: white-box logit distillation (and its SFT
-baseline); ``onpolicy``: GKD's on-policy and DistiLLM's adaptive off-policy distillation."""
+baseline, token weighting, schedules, curriculum); ``onpolicy``: GKD's on-policy and
+DistiLLM's adaptive off-policy distillation; ``feature``: hidden-state distillation;
+``cross_tokenizer``: ULD and vocabulary-mapping KD across tokenizers; ``classifier``:
+task-specific KD of text classifiers."""
 
+from .cross_tokenizer import CrossTokenizerKDTrainer
+from .feature import FeatureKDConfig, FeatureKDTrainer
 from .logit import KDConfig, KDTrainer
 from .onpolicy import OnPolicyConfig, OnPolicyKDTrainer
 
-__all__ = ["KDConfig", "KDTrainer", "OnPolicyConfig", "OnPolicyKDTrainer"]
+__all__ = ["CrossTokenizerKDTrainer", "FeatureKDConfig", "FeatureKDTrainer", "KDConfig", "KDTrainer",
+           "OnPolicyConfig", "OnPolicyKDTrainer"]
