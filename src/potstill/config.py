@@ -55,6 +55,8 @@ class ScaledStudent(_Strict):
 class PretrainedStudent(_Strict):
     kind: Literal["pretrained"] = "pretrained"
     model: str = Field(..., description="Short name, local directory or hub id of the student.")
+    layers: int | list[int] | None = Field(
+        None, description="Keep only these of the student's own layers (a count, evenly spaced, or indices).")
     dtype: Dtype = Field("float32", description="Weights dtype of the student.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
 
@@ -221,6 +223,18 @@ class FeatureOptions(_Strict):
     weight: float = Field(1.0, ge=0.0, description="Weight of the hidden-state term next to the logit loss.")
 
 
+class CrossTokenizerOptions(_Strict):
+    """Distill across tokenizers: the teacher reads the same text in its own tokens."""
+
+    method: Literal["uld", "vocab_map"] = Field(
+        "vocab_map", description="uld: sorted-probability Wasserstein loss (Boizard et al. 2024); vocab_map: the "
+        "teacher's distribution projected onto the student's vocabulary by token-string matches.")
+    kinds: list[Literal["exact", "normalized", "mined"]] = Field(
+        ["exact", "normalized", "mined"], min_length=1,
+        description="vocab_map: which matches carry teacher mass (exact bytes, NFKC/case, longest student prefix).")
+    max_teacher_length: int | None = Field(None, ge=8, description="Truncate the teacher's tokens to this many.")
+
+
 class MultiTeacherOptions(_Strict):
     """Combine the teacher with `extra_teachers` (same tokenizer) per token."""
 
@@ -280,6 +294,8 @@ class RunConfig(_Strict):
         None, description="Distill from the teacher and `extra_teachers` combined.")
     curriculum: Literal["none", "easy_to_hard", "hard_to_easy"] = Field(
         "none", description="Order training examples by the initial teacher-student divergence.")
+    cross_tokenizer: CrossTokenizerOptions | None = Field(
+        None, description="The teacher has another tokenizer than the student: align and map (ULD or vocab_map).")
 
     @model_validator(mode="after")
     def _on_policy_needs_teacher(self) -> "RunConfig":
@@ -291,6 +307,14 @@ class RunConfig(_Strict):
         if sft and (self.token_weighting != "none" or self.multi_teacher is not None or self.curriculum != "none"):
             raise ValueError("token_weighting, multi_teacher and curriculum act on the KD term; set alpha < 1 "
                              "(or a schedule.alpha_end < 1)")
+        if self.cross_tokenizer is not None:
+            other = [k for k, on in (("on_policy", self.on_policy is not None), ("feature", self.feature is not None),
+                                     ("multi_teacher", self.multi_teacher is not None),
+                                     ("token_weighting", self.token_weighting != "none"),
+                                     ("curriculum", self.curriculum != "none")) if on]
+            if other:
+                raise ValueError(f"cross_tokenizer cannot be combined with {', '.join(other)} in one run yet; "
+                                 "split them into separate runs")
         return self
 
     @property
@@ -395,6 +419,10 @@ class Recipe(_Strict):
             if mt is not None and mt.weights is not None and len(mt.weights) != 1 + len(self.extra_teachers):
                 raise ValueError(f"run {r.name}: multi_teacher.weights has {len(mt.weights)} entries for "
                                  f"{1 + len(self.extra_teachers)} teachers (teacher first)")
+        cross = [r.name for r in self.runs if r.cross_tokenizer is not None]
+        if cross and self.student.kind != "pretrained":
+            raise ValueError(f"run(s) {cross} use cross_tokenizer, which needs a student with its own tokenizer; "
+                             "use student.kind pretrained (with layers to cut it)")
         if any(t.model is None for t in self.extra_teachers):
             raise ValueError("extra_teachers need weights (model: null is only for the main black-box teacher)")
         return self
@@ -419,10 +447,11 @@ class Recipe(_Strict):
         if live:
             raise ValueError(f"run(s) {live} use on_policy, which needs the live teacher to score the student's "
                              "samples; remove the cache section or on_policy")
-        live = [r.name for r in self.runs if r.feature is not None or r.multi_teacher is not None]
+        live = [r.name for r in self.runs
+                if r.feature is not None or r.multi_teacher is not None or r.cross_tokenizer is not None]
         if live:
-            raise ValueError(f"run(s) {live} use feature or multi_teacher, which need live teachers (a cache holds "
-                             "one teacher's output distribution); remove the cache section or those options")
+            raise ValueError(f"run(s) {live} use feature, multi_teacher or cross_tokenizer, which need live teachers "
+                             "(a cache holds one teacher's signal in its tokens); remove the cache section or them")
         sched = [r.name for r in self.runs if r.schedule is not None and r.schedule.temperature_end is not None]
         if sched and cache.signal.kind != "dense":
             raise ValueError(f"run(s) {sched} schedule the temperature, which a {cache.signal.kind} cache (one "

@@ -134,12 +134,14 @@ def encode_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[dict]:
 
 
 def build_student(recipe: Recipe, teacher, teacher_tok):
+    """``(student, aligned vocab or None, the student's own tokenizer or None)``; the tokenizer is
+    returned only when it differs from the teacher's and every KD run chose a cross-tokenizer method."""
     from .models import align_vocab, load_model, output_head, student_from_teacher, student_scaled
 
     cfg = recipe.student
     torch.manual_seed(recipe.train.seed)
     if isinstance(cfg, FromTeacherStudent):
-        return student_from_teacher(teacher, cfg.layers), None
+        return student_from_teacher(teacher, cfg.layers), None, None
     if isinstance(cfg, ScaledStudent):
         return student_scaled(
             teacher,
@@ -149,12 +151,21 @@ def build_student(recipe: Recipe, teacher, teacher_tok):
             num_attention_heads=cfg.num_attention_heads,
             num_key_value_heads=cfg.num_key_value_heads,
             seed=recipe.train.seed,
-        ), None
+        ), None, None
     assert isinstance(cfg, PretrainedStudent)
     student, student_tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    vocab = align_vocab(teacher_tok, student_tok, output_head(teacher).weight.shape[0],
-                        output_head(student).weight.shape[0])
-    return student, vocab
+    if cfg.layers is not None:
+        student = student_from_teacher(student, cfg.layers)
+    try:
+        vocab = align_vocab(teacher_tok, student_tok, output_head(teacher).weight.shape[0],
+                            output_head(student).weight.shape[0])
+    except VocabMismatchError as err:
+        token_level = [r.name for r in recipe.runs if r.uses_teacher and r.cross_tokenizer is None]
+        if token_level:
+            raise VocabMismatchError(f"{err} (runs {token_level}: set runs[].cross_tokenizer, e.g. "
+                                     "{{method: vocab_map}}, or alpha 1)") from None
+        return student, None, student_tok
+    return student, vocab, None
 
 
 # ----------------------------------------------------------------------------- train
@@ -208,11 +219,13 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
 
 def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train_examples: list[dict],
               out_dir: Path, device: torch.device, vocab_size: int | None,
-              memo=None, source=None, extra_teachers: list | None = None) -> tuple[Any, list[tuple[int, float]]]:
+              memo=None, source=None, extra_teachers: list | None = None,
+              cross: dict | None = None) -> tuple[Any, list[tuple[int, float]]]:
     """Train one student; write it atomically to ``out_dir`` and return it with its loss curve.
 
     ``source`` (a teacher-signal cache) replaces the live ``teacher`` during training;
-    ``extra_teachers`` join the teacher in runs with ``multi_teacher``.
+    ``extra_teachers`` join the teacher in runs with ``multi_teacher``; ``cross``
+    (``teacher_tokenizer``, ``vocab_map``) serves runs with ``cross_tokenizer``.
     """
     from datasets import Dataset
 
@@ -230,6 +243,8 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
     cols = ("input_ids", "attention_mask", "labels", "example_id")
     ds = Dataset.from_list([{k: ex[k] for k in cols if k in ex} for ex in train_examples])
     kd = run.uses_teacher
+    if run.cross_tokenizer is not None:
+        return _train_cross(recipe, run, student, teacher, tokenizer, ds, out_dir, device, cross or {})
     if kd and source is None:
         source = OnlineTeacher(teacher.to(device), memo=memo)
     if run.multi_teacher is not None:
@@ -271,6 +286,32 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         rs = trainer.rollout_stats
         info["on_policy"] = {"gen_tokens": rs["gen_tokens"], "gen_seconds": rs["gen_seconds"], "modes": rs["modes"],
                              "lmbda_history": trainer.lmbda_history}
+    save_student(model, tokenizer, out_dir, info)
+    return model, curve
+
+
+def _train_cross(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, ds, out_dir: Path,
+                 device: torch.device, cross: dict):
+    """One cross-tokenizer run (:class:`potstill.kd.cross_tokenizer.CrossTokenizerKDTrainer`)."""
+    from .kd.cross_tokenizer import CrossTokenizerKDTrainer
+
+    if "teacher_tokenizer" not in cross:
+        raise PotstillError(f"run {run.name} uses cross_tokenizer but the student shares the teacher's tokenizer; "
+                            "remove cross_tokenizer or use a student with its own tokenizer")
+    ct = run.cross_tokenizer
+    with tempfile.TemporaryDirectory(prefix="potstill-trainer-") as tmp:
+        trainer = CrossTokenizerKDTrainer(
+            student, teacher_model=teacher.to(device), args=kd_config(recipe, run, tmp, device),
+            teacher_tokenizer=cross["teacher_tokenizer"], method=ct.method, vocab_map=cross.get("vocab_map"),
+            kinds=tuple(ct.kinds), max_teacher_length=ct.max_teacher_length, processing_class=tokenizer,
+            train_dataset=ds)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        model = trainer.model
+    curve = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
+    info = {"loss_curve": curve, "train_seconds": seconds, "run": run.model_dump(mode="json"),
+            "cross_tokenizer": trainer.coverage_stats()}
     save_student(model, tokenizer, out_dir, info)
     return model, curve
 
@@ -322,17 +363,38 @@ class Prepared:
             raise PotstillError(f"teacher: {err}") from None
         self.teacher.to(self.device)
         teacher_id = str(getattr(self.teacher, "name_or_path", recipe.teacher.model))
-        self.student0, vocab_size = build_student(recipe, self.teacher, self.tokenizer)
+        self.student0, vocab_size, student_tok = build_student(recipe, self.teacher, self.tokenizer)
         self.student0.to(self.device)
+        self.teacher_tokenizer = self.tokenizer
+        self.cross = student_tok is not None
+        if self.cross:
+            if recipe.data.source.kind == "demo":
+                raise PotstillError("the demo data is answered by the teacher in its own tokens; a cross-tokenizer "
+                                    "recipe needs data with responses (data.source kind file, hub, arithmetic, gsm8k)")
+            self.tokenizer = student_tok
         train_pairs, eval_pairs = split_pairs(recipe, self.teacher, self.tokenizer, teacher_id)
         self.train_examples = encode_pairs(train_pairs, self.tokenizer, recipe.data.max_length)
         self.eval_examples = encode_pairs(eval_pairs, self.tokenizer, recipe.data.max_length)
         self._apply_selection()
-        if vocab_size is None:
+        if vocab_size is None and not self.cross:
             vs, vt = output_head(self.student0).weight.shape[0], output_head(self.teacher).weight.shape[0]
             vocab_size = None if vs == vt else min(vs, vt)
         self.vocab_size = vocab_size
-        check_teacher_finite(self.teacher, self.train_examples[0], self.device)
+        probe = self.train_examples[0]
+        if self.cross:  # the teacher reads its own tokens
+            probe = {"input_ids": self.teacher_tokenizer(probe["reference"] or "Hello", add_special_tokens=True)
+                     ["input_ids"][:64]}
+        check_teacher_finite(self.teacher, probe, self.device)
+
+    def vocab_map(self):
+        """The teacher-to-student vocabulary map of a cross-tokenizer recipe, built once."""
+        if getattr(self, "_vmap", None) is None:
+            from .kd.cross_tokenizer import build_vocab_map
+            from .models import output_head
+
+            self._vmap = build_vocab_map(self.teacher_tokenizer, self.tokenizer,
+                                         student_vocab=output_head(self.student0).weight.shape[0])
+        return self._vmap
 
     def _black_box(self, recipe: Recipe) -> None:
         """Sequence-level KD from a teacher known only by its responses: no teacher weights at all."""
@@ -360,6 +422,15 @@ class Prepared:
             from .dd.pipeline import load_selection
 
             self.train_examples = load_selection(self.recipe.data.selection, self.pool_examples)
+
+    def cross_context(self) -> dict:
+        """What cross-tokenizer runs need (empty when the student shares the teacher's tokenizer)."""
+        if not getattr(self, "cross", False):
+            return {}
+        ctx = {"teacher_tokenizer": self.teacher_tokenizer}
+        if any(r.cross_tokenizer is not None and r.cross_tokenizer.method == "vocab_map" for r in self.recipe.runs):
+            ctx["vocab_map"] = self.vocab_map()
+        return ctx
 
     def extra_teachers(self) -> list:
         """The recipe's ``extra_teachers``, loaded once, when a run combines teachers (checked to share the tokenizer)."""
@@ -448,7 +519,8 @@ def evaluate_and_report(prep: Prepared, students: dict[str, Any], curves: dict[s
     from .eval import collect_samples, evaluate_runs, metrics_only, write_report
 
     r = prep.recipe
-    results = evaluate_runs(students, prep.teacher, prep.tokenizer, prep.eval_examples, vocab_size=prep.vocab_size,
+    teacher = None if getattr(prep, "cross", False) else prep.teacher  # other tokens: no token-level comparison
+    results = evaluate_runs(students, teacher, prep.tokenizer, prep.eval_examples, vocab_size=prep.vocab_size,
                             batch_size=r.eval.batch_size, max_new_tokens=r.eval.max_new_tokens, progress=progress)
     answers = [ex.get("answer") for ex in prep.eval_examples]
     if all(a is not None for a in answers):
@@ -489,7 +561,7 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
         student.train()
         model, curve = train_run(recipe, run, student, prep.teacher, prep.tokenizer, prep.train_examples, run_dir,
                                  prep.device, prep.vocab_size, memo=memo, source=source,
-                                 extra_teachers=prep.extra_teachers())
+                                 extra_teachers=prep.extra_teachers(), cross=prep.cross_context())
         students[run.name], curves[run.name] = model, curve
     if recipe.eval.include_untrained:
         students = {"student_init": prep.student0, **students}

@@ -1,0 +1,72 @@
+"""A cross-tokenizer recipe through `potstill distill`: trains with ULD and with the vocabulary
+map; the same recipe without a cross-tokenizer method is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from potstill.cli import main
+
+from kd.test_cross_tokenizer import _llama, make_metaspace_tokenizer
+from test_cli import assets, recipe, write  # noqa: F401  (module-scoped fixture)
+
+
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory):
+    """A teacher with a SentencePiece-style tokenizer (the CLI assets' tiny model is the student)."""
+    path = tmp_path_factory.mktemp("xtok") / "teacher"
+    tok = make_metaspace_tokenizer()
+    _llama(len(tok), seed=3, hidden=48, layers=2).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _cross_recipe(assets, out, teacher, runs):  # noqa: F811
+    _, student, *_ = assets  # the CLI assets' teacher dir serves as a pretrained student here
+    r = recipe(assets, out, runs=runs)
+    r["teacher"] = {"model": str(teacher)}
+    r["student"] = {"kind": "pretrained", "model": str(student), "layers": 1}
+    return r
+
+
+def test_cross_tokenizer_recipe_trains_with_uld_and_vocab_map(assets, other_teacher, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    runs = [{"name": "sft", "alpha": 1.0},
+            {"name": "uld", "alpha": 0.5, "cross_tokenizer": {"method": "uld"}},
+            {"name": "vmap", "alpha": 0.5, "cross_tokenizer": {"method": "vocab_map", "kinds": ["exact", "mined"]}}]
+    r = _cross_recipe(assets, out, other_teacher, runs)
+    assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["runs"]
+    assert "teacher" not in metrics  # no token-level comparison across tokenizers
+    assert {"sft", "uld", "vmap"} <= set(metrics)
+    for name in ("uld", "vmap"):
+        info = json.loads((out / "runs" / name / "train_info.json").read_text())
+        cov = info["cross_tokenizer"]
+        assert 0 < cov["aligned_row_share"] <= 1
+        assert info["loss_curve"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "runs" / "vmap")
+    assert model.config.num_hidden_layers == 1
+
+
+def test_without_a_cross_tokenizer_method_the_recipe_is_refused(assets, other_teacher, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    runs = [{"name": "kd", "alpha": 0.5}]
+    r = _cross_recipe(assets, out, other_teacher, runs)
+    assert main(["distill", str(write(tmp_path / "r.yaml", r))]) != 0
+    err = capsys.readouterr().err
+    assert "cross_tokenizer" in err and "['kd']" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cross_tokenizer_needs_a_pretrained_student_and_no_cache(assets, other_teacher, tmp_path, capsys):  # noqa: F811
+    r = recipe(assets, tmp_path / "out", runs=[{"name": "x", "alpha": 0.5, "cross_tokenizer": {}}])
+    assert main(["distill", str(write(tmp_path / "a.yaml", r))]) != 0
+    assert "student.kind pretrained" in capsys.readouterr().err
+    r = _cross_recipe(assets, tmp_path / "out", other_teacher, [{"name": "x", "alpha": 0.5, "cross_tokenizer": {}}])
+    r["cache"] = {"signal": {"kind": "topk"}}
+    assert main(["distill", str(write(tmp_path / "b.yaml", r))]) != 0
+    assert "need live teachers" in capsys.readouterr().err
