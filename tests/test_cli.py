@@ -393,3 +393,18 @@ def test_cache_takes_rank_and_world_size_from_the_launcher_environment(assets, t
     monkeypatch.setenv("RANK", "one")
     assert main(["cache", str(rp)]) == 2
     assert "$RANK='one' is not an integer" in capsys.readouterr().err
+
+
+def test_examples_whose_prompt_fills_max_length_are_dropped_and_counted(tiny_tokenizer, caplog):
+    from potstill.errors import PotstillError
+    from potstill.pipeline import encode_pairs
+
+    pairs = [{"messages": [{"role": "user", "content": "hi"}], "response": "ok"},
+             {"messages": [{"role": "user", "content": "word " * 80}], "response": "ok"},
+             {"messages": [{"role": "user", "content": "yo"}], "response": "fine"}]
+    with caplog.at_level("WARNING", logger="potstill"):
+        out = encode_pairs(pairs, tiny_tokenizer, 40)
+    assert [e["reference"] for e in out] == ["ok", "fine"] and [e["example_id"] for e in out] == [0, 1]
+    assert "dropped 1 of 3" in caplog.text
+    with pytest.raises(PotstillError, match="every prompt"):
+        encode_pairs(pairs[1:2], tiny_tokenizer, 40)

@@ -116,17 +116,32 @@ def split_pairs(recipe: Recipe, teacher, tokenizer, teacher_id: str) -> tuple[li
 
 
 def encode_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[dict]:
-    """Encoded examples; ``example_id`` is the position in the list (a teacher-signal cache's key)."""
-    from .data import encode_example
+    """Encoded examples; ``example_id`` is the position in the list (a teacher-signal cache's key).
+
+    Pairs whose prompt alone fills ``max_length`` leave no response token to learn from: they
+    are dropped with a logged count (all of them dropped is an error).
+    """
+    from .data import encode_example, encode_prompt
 
     out = []
-    for i, p in enumerate(pairs):
+    too_long = 0
+    for p in pairs:
+        if len(encode_prompt(tokenizer, p["messages"])) >= max_length:
+            too_long += 1
+            continue
+        i = len(out)
         ex = encode_example(tokenizer, p["messages"], p["response"], max_length)
         ex["reference"] = p["response"]
         ex["example_id"] = i
         if "answer" in p:
             ex["answer"] = p["answer"]
         out.append(ex)
+    if too_long:
+        if not out:
+            raise PotstillError(f"every prompt ({too_long}) is at least data.max_length={max_length} tokens; "
+                                "raise data.max_length")
+        log.warning("dropped %d of %d examples whose prompt alone fills data.max_length=%d (no response token "
+                    "left); raise max_length to keep them", too_long, len(pairs), max_length)
     return out
 
 
