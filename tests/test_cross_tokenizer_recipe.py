@@ -70,3 +70,25 @@ def test_cross_tokenizer_needs_a_pretrained_student_and_no_cache(assets, other_t
     r["cache"] = {"signal": {"kind": "topk"}}
     assert main(["distill", str(write(tmp_path / "b.yaml", r))]) != 0
     assert "need live teachers" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_gemma_teacher_trains_a_smollm2_student_end_to_end(tmp_path):
+    """recipes/cross_tokenizer.yaml on the real pair, shrunk to a few steps."""
+    from pathlib import Path
+
+    recipe = Path(__file__).parent.parent / "recipes" / "cross_tokenizer.yaml"
+    out = tmp_path / "out"
+    args = ["distill", str(recipe), f"output_dir={out}", "train.max_steps=2", "train.batch_size=2",
+            "data.eval_size=2", "data.max_length=512", "eval.max_new_tokens=4", "eval.include_untrained=false",
+            "runs=[{name: vmap, alpha: 0.5, cross_tokenizer: {method: vocab_map}}, "
+            "{name: uld, alpha: 0.5, cross_tokenizer: {method: uld}}]"]
+    assert main(args) == 0
+    for name in ("vmap", "uld"):
+        cov = json.loads((out / "runs" / name / "train_info.json").read_text())["cross_tokenizer"]
+        assert cov["aligned_row_share"] > 0.5
+        if name == "vmap":
+            assert cov["teacher_mass_used"] > 0.9
+    # and the same recipe with plain KD is refused
+    assert main(["distill", str(recipe), f"output_dir={tmp_path / 'no'}", "runs=[{name: kd, alpha: 0.5}]"]) == 2
+    assert not (tmp_path / "no").exists()
