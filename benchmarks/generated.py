@@ -118,12 +118,13 @@ def exact_match_of(model, tokenizer, examples, max_new_tokens: int) -> tuple[flo
     return exact_match(texts, [ex["answer"] for ex in examples]), texts
 
 
-def rationale_recipe(source: dict, steps: int, batch: int, eval_size: int):
+def rationale_recipe(source: dict, steps: int, batch: int, eval_size: int, layers: int = 6, lr: float = 5e-4):
     from potstill.config import Recipe
 
     return Recipe.model_validate({
+        "student": {"kind": "from_teacher", "layers": layers},
         "data": {"source": source, "eval_size": eval_size, "max_length": 256},
-        "train": {"max_steps": steps, "batch_size": batch, "learning_rate": 5e-4, "logging_steps": 10},
+        "train": {"max_steps": steps, "batch_size": batch, "learning_rate": lr, "logging_steps": 10},
         "runs": [{"name": "sft", "alpha": 1.0}],
         "eval": {"include_untrained": False},
     })
@@ -141,24 +142,28 @@ def train_rationale(recipe, work: Path, max_new_tokens: int) -> dict:
             "samples": [{"prompt": ex["reference"], "output": t} for ex, t in zip(prep.eval_examples[:3], texts[:3])]}
 
 
-def part_arith(quick: bool, work: Path, level: int, steps: int) -> dict:
-    n, eval_size, batch = (60, 12, 4) if quick else (700, 100, 16)
+def part_arith(quick: bool, work: Path, level: int, steps: int, layers: int = 6, lr: float = 5e-4,
+               modes: tuple[str, ...] = MODES, batch: int = 16) -> dict:
+    n, eval_size = (60, 12) if quick else (700, 100)
+    batch = 4 if quick else batch
     steps = 4 if quick else steps
     out: dict = {"setup": {"num_problems": n, "eval_problems": eval_size, "level": level, "steps": steps,
-                           "batch_size": batch, "student": "from_teacher, 6 of 30 layers (smollm2-135m-instruct)",
+                           "batch_size": batch, "learning_rate": lr,
+                           "student": f"from_teacher, {layers} of 30 layers (smollm2-135m-instruct)",
                            "training": "alpha=1 on the exact rationales (equal steps and batch in every arm)"},
-                 "exact_match": {m: {} for m in MODES}}
+                 "exact_match": {m: {} for m in modes}}
     for frac in FRACTIONS:
-        for mode in MODES:
+        for mode in modes:
             src = {"kind": "arithmetic", "num_problems": n, "level": level, "mode": mode, "fraction": frac}
-            r = train_rationale(rationale_recipe(src, steps, batch, eval_size), work / f"a-{mode}-{frac}",
+            r = train_rationale(rationale_recipe(src, steps, batch, eval_size, layers, lr), work / f"a-{mode}-{frac}",
                                 64 if mode == "cot" else 12)
             out["exact_match"][mode][str(frac)] = r["exact_match"]
             out.setdefault("details", {})[f"{mode}@{frac}"] = r
             print(f"arith {mode} {frac}: exact match {r['exact_match']:.3f}", flush=True)
     em = out["exact_match"]
     out["rationale_beats_answer_only"] = {
-        mode: all(em[mode][str(f)] > em["answer_only"][str(f)] for f in FRACTIONS) for mode in ("multitask", "cot")}
+        mode: all(em[mode][str(f)] > em["answer_only"][str(f)] for f in FRACTIONS)
+        for mode in ("multitask", "cot") if mode in em}
     return out
 
 
@@ -182,6 +187,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help=f"JSON path (default {DEFAULT_OUT}; --quick: a temp file)")
     p.add_argument("--level", type=int, default=3, help="operations per arithmetic problem")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps of each arithmetic student")
+    p.add_argument("--layers", type=int, default=6, help="teacher layers the arithmetic student keeps (30: uncut)")
+    p.add_argument("--lr", type=float, default=5e-4, help="learning rate of the arithmetic students")
+    p.add_argument("--batch", type=int, default=16, help="batch size of the arithmetic students")
+    p.add_argument("--modes", default=",".join(MODES), help="arithmetic arms, comma-separated")
     args = p.parse_args(argv)
 
     import torch
@@ -201,7 +210,8 @@ def main(argv=None) -> int:
         if args.part in ("demo", "all"):
             results["demo"] = part_demo(args.quick, work)
         if args.part in ("arith", "all"):
-            results["arith"] = part_arith(args.quick, work, args.level, args.steps)
+            results["arith"] = part_arith(args.quick, work, args.level, args.steps, args.layers, args.lr,
+                                          tuple(args.modes.split(",")), args.batch)
         if args.part in ("gsm8k", "all"):
             results["gsm8k"] = part_gsm8k(args.quick, work)
         results[f"seconds_{args.part}"] = time.perf_counter() - t0

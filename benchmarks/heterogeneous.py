@@ -120,11 +120,68 @@ def part_kd(quick: bool, work: Path) -> dict:
             "teacher": {k: res["teacher"][k] for k in ("ece", "perplexity", "rouge_l")}, "runs": runs}
 
 
+def part_cross(quick: bool, work: Path, steps: int | None = None) -> dict:
+    from potstill.config import load_recipe
+    from potstill.eval import evaluate_runs, metrics_only
+    from potstill.pipeline import Prepared, train_run
+
+    overrides = [f"train.max_steps={steps}"] if steps else []
+    if quick:
+        overrides = ["train.max_steps=2", "train.batch_size=2", "data.eval_size=4", "eval.max_new_tokens=4"]
+    recipe = load_recipe(HERE.parent / "recipes" / "cross_tokenizer.yaml", overrides)
+    t0 = time.perf_counter()
+    prep = Prepared(recipe)
+    ctx = prep.cross_context()
+    map_seconds = time.perf_counter() - t0
+    models, info = {"student_init": prep.student0}, {}
+    for run in recipe.runs:
+        out = work / "cross" / run.name
+        models[run.name], _ = train_run(recipe, run, copy.deepcopy(prep.student0).train(), prep.teacher,
+                                        prep.tokenizer, prep.train_examples, out, prep.device, prep.vocab_size,
+                                        cross=ctx)
+        info[run.name] = json.loads((out / "train_info.json").read_text())
+    res = metrics_only(evaluate_runs(models, None, prep.tokenizer, prep.eval_examples,
+                                     batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
+                                     progress=False))
+    runs = {}
+    for name in models:
+        row = {k: res[name][k] for k in ("perplexity", "ece", "rouge_l")}
+        if name in info:
+            row["train_seconds"] = info[name]["train_seconds"]
+            row["coverage"] = info[name].get("cross_tokenizer")
+        row["perplexity_vs_sft"] = _ratio(res[name]["perplexity"], res["sft"]["perplexity"])
+        runs[name] = row
+    vmap = ctx.get("vocab_map")
+    return {"setup": {"teacher": recipe.teacher.model, "student": "smollm2-135m-instruct, 6 of 30 layers",
+                      "data": "AlpacaEval instructions with GPT-4 answers", "train_examples": len(prep.train_examples),
+                      "eval_examples": len(prep.eval_examples), "steps": recipe.train.max_steps,
+                      "batch_size": recipe.train.batch_size, "runs": [r.model_dump(mode="json") for r in recipe.runs]},
+            "vocab_map": {"teacher_tokens_by_kind": vmap.counts() if vmap is not None else None,
+                          "prepare_seconds": map_seconds},
+            "runs": runs}
+
+
+def part_classifier(quick: bool, work: Path) -> dict:
+    """recipes/classify_sms_spam.yaml as it stands (teacher, KD student, no-teacher student)."""
+    from potstill.kd.classifier import load_classifier_recipe, run_classifier_recipe
+
+    overrides = ["train.steps=4", "teacher.steps=4", "data.train_size=64", "eval.size=32"] if quick else []
+    recipe = load_classifier_recipe(HERE.parent / "recipes" / "classify_sms_spam.yaml", overrides)
+    # the recipe's own output_dir keeps the fine-tuned teacher (keyed by its settings and data) across runs
+    m = run_classifier_recipe(recipe, work / "classifier" if quick else None)
+    keep = ("accuracy", "f1", "macro_f1", "ece", "params", "params_ratio", "latency_ms_per_example", "speedup",
+            "train_seconds")
+    return {"setup": {k: m[k] for k in ("dataset", "n_train", "n_eval", "steps", "kd", "student_layers")},
+            "models": {name: {k: row.get(k) for k in keep} for name, row in m["models"].items()},
+            "kd_at_least_as_accurate": m["kd_at_least_as_accurate"]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", default="all", choices=["kd", "cross", "classifier", "all"])
     p.add_argument("--quick", action="store_true", help="tiny run, smoke test only")
     p.add_argument("--out", default=None, help=f"JSON path (default {DEFAULT_OUT}; --quick: a temp file)")
+    p.add_argument("--cross-steps", type=int, default=None, help="optimizer steps of the cross part (recipe: 40)")
     args = p.parse_args(argv)
 
     import torch
@@ -138,7 +195,7 @@ def main(argv=None) -> int:
     results = json.loads(out.read_text()) if out.is_file() and args.part != "all" else {}
     results["torch_threads"] = torch.get_num_threads()
     results["quick"] = args.quick
-    parts = {"kd": part_kd}
+    parts = {"kd": part_kd, "cross": lambda q, w: part_cross(q, w, args.cross_steps), "classifier": part_classifier}
     with tempfile.TemporaryDirectory(prefix="potstill-bench-heterogeneous-") as tmp:
         work = Path(tmp)
         for name, fn in parts.items():
@@ -151,6 +208,14 @@ def main(argv=None) -> int:
     if "kd" in results:
         items |= {f"fkl_vs_plain_{k}": v["forward_kl_vs_plain"] for k, v in results["kd"]["runs"].items()
                   if k != "plain_kd"}
+    if "cross" in results:
+        items |= {f"ppl_vs_sft_{k}": v["perplexity_vs_sft"] for k, v in results["cross"]["runs"].items()
+                  if k in ("uld", "vocab_map")}
+    if "classifier" in results:
+        c = results["classifier"]["models"]
+        items["sms_kd_acc"] = c["kd_student"]["accuracy"]
+        items["sms_no_teacher_acc"] = c["no_teacher"]["accuracy"]
+        items["sms_student_speedup"] = c["kd_student"]["speedup"]
     items["json"] = str(out)
     print(summary_line("heterogeneous", items))
     return 0
