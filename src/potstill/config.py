@@ -8,11 +8,19 @@ recipe is written into the output directory next to the results.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import PotstillError
 
@@ -589,10 +597,8 @@ def recipe_from_dict(data: dict, overrides: list[str] | None = None, base_dir: P
     return recipe
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe (``None``: the embedded default) and apply ``key=value`` overrides."""
-    if path is None:
-        return recipe_from_dict({}, overrides)
+def read_recipe_file(path: str | Path, sections: str = "teacher, student, data, ...") -> dict:
+    """The mapping in a YAML recipe file (``yaml.safe_load``; empty file: ``{}``), or a one-line error."""
     p = Path(path)
     if not p.is_file():
         raise PotstillError(f"recipe file '{p}' does not exist; pass the path of a YAML recipe (see recipes/)")
@@ -605,8 +611,32 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise PotstillError(f"recipe '{p}' must be a YAML mapping of sections (teacher, student, data, ...)")
-    return recipe_from_dict(data, overrides, base_dir=p.parent)
+        raise PotstillError(f"recipe '{p}' must be a YAML mapping of sections ({sections})")
+    return data
+
+
+def apply_plain_overrides(data: dict, overrides: Sequence[str], example: str = "train.steps=10") -> dict:
+    """``key.path=value`` overrides into nested dicts (sections are created as needed); the
+    value is read as YAML. For recipes without list sections (the task verbs' recipes)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise PotstillError(f"override '{item}' is not key=value; write e.g. {example}")
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise PotstillError(f"override '{item}': '{part}' is not a section")
+        node[last] = yaml.safe_load(raw) if raw else ""
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (``None``: the embedded default) and apply ``key=value`` overrides."""
+    if path is None:
+        return recipe_from_dict({}, overrides)
+    return recipe_from_dict(read_recipe_file(path), overrides, base_dir=Path(path).parent)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -203,29 +203,10 @@ def load_condense_recipe(source: str | Path | dict, overrides: Sequence[str] = (
     """A validated :class:`CondenseRecipe` from a YAML file (``yaml.safe_load``) or a dict, with
     ``key.path=value`` overrides (``method.iterations=5``); any problem raises
     :class:`PotstillError` naming the key."""
-    if isinstance(source, dict):
-        data = copy.deepcopy(source)
-    else:
-        p = Path(source)
-        if not p.is_file():
-            raise PotstillError(f"recipe file '{p}' does not exist; pass the path of a YAML recipe (see recipes/)")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError:
-            raise PotstillError(f"recipe '{p}' is not valid YAML; fix its syntax") from None
-        if not isinstance(data, dict):
-            raise PotstillError(f"recipe '{p}' must be a YAML mapping (dataset, per_class, method, learner, ...)")
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise PotstillError(f"override '{item}' is not key=value; write e.g. method.iterations=5")
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise PotstillError(f"override '{item}': '{part}' is not a section")
-        node[last] = yaml.safe_load(raw) if raw else ""
+    from ..config import apply_plain_overrides, read_recipe_file
+
+    data = copy.deepcopy(source) if isinstance(source, dict) else read_recipe_file(source, "dataset, per_class, method, learner, ...")
+    apply_plain_overrides(data, overrides, "method.iterations=5")
     try:
         return CondenseRecipe.model_validate(data)
     except ValidationError as err:

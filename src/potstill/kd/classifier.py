@@ -664,29 +664,11 @@ def _error_message(err: ValidationError) -> str:
 def load_classifier_recipe(source: str | Path | dict, overrides: Sequence[str] = ()) -> ClassifierRecipe:
     """A validated :class:`ClassifierRecipe` from a YAML file (``yaml.safe_load``) or a dict, with
     ``key.path=value`` overrides; any problem raises :class:`PotstillError` naming the key."""
-    if isinstance(source, dict):
-        data = copy.deepcopy(source)
-    else:
-        p = Path(source)
-        if not p.is_file():
-            raise PotstillError(f"recipe file '{p}' does not exist; pass the path of a YAML recipe (see recipes/)")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError:
-            raise PotstillError(f"recipe '{p}' is not valid YAML; fix its syntax") from None
-        if not isinstance(data, dict):
-            raise PotstillError(f"recipe '{p}' must be a YAML mapping (dataset, teacher, student, kd, train, ...)")
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise PotstillError(f"override '{item}' is not key=value; write e.g. kd.temperature=4")
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise PotstillError(f"override '{item}': '{part}' is not a section")
-        node[last] = yaml.safe_load(raw) if raw else ""
+    from ..config import apply_plain_overrides, read_recipe_file
+
+    sections = "dataset, teacher, student, kd, train, ..."
+    data = copy.deepcopy(source) if isinstance(source, dict) else read_recipe_file(source, sections)
+    apply_plain_overrides(data, overrides, "kd.temperature=4")
     try:
         return ClassifierRecipe.model_validate(data)
     except ValidationError as err:
