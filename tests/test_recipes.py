@@ -8,7 +8,14 @@ import yaml
 from potstill.config import Recipe, dump_recipe, load_recipe, recipe_from_dict
 from potstill.errors import PotstillError
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+ALL = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+# Recipes of the task verbs (potstill classify | select | synthesize | condense) are their own kind.
+TASK_PREFIXES = {"classify_": ("potstill.kd.classifier", "load_classifier_recipe"),
+                 "select_": ("potstill.dd.pipeline", "load_select_recipe"),
+                 "synthesize_": ("potstill.dd.synthesize", "load_synthesis_config"),
+                 "condense_": ("potstill.dd.condense_recipe", "load_condense_recipe")}
+TASK_RECIPES = [p for p in ALL if p.name.startswith(tuple(TASK_PREFIXES))]
+RECIPES = [p for p in ALL if p not in TASK_RECIPES]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -18,8 +25,24 @@ def test_recipe_validates_and_its_data_exists(path):
         assert Path(r.data.source.path).is_file(), r.data.source.path
 
 
+@pytest.mark.parametrize("path", TASK_RECIPES, ids=lambda p: p.name)
+def test_task_recipe_validates_with_its_verb(path):
+    import importlib
+
+    module, loader = next(v for k, v in TASK_PREFIXES.items() if path.name.startswith(k))
+    assert getattr(importlib.import_module(module), loader)(path) is not None
+    with pytest.raises(PotstillError):
+        getattr(importlib.import_module(module), loader)(path, ["no_such_key=1"])
+
+
+def test_every_task_verb_has_recipes():
+    from potstill.cli import TASKS
+
+    assert {p.name.split("_")[0] for p in TASK_RECIPES} == set(TASKS)
+
+
 def test_embedded_default_is_recipes_demo():
-    assert load_recipe(RECIPES[0].parent / "demo.yaml") == Recipe()
+    assert load_recipe(ALL[0].parent / "demo.yaml") == Recipe()
 
 
 def test_resolved_recipe_round_trips():

@@ -18,7 +18,23 @@ EXAMPLE = """example:
   accelerate launch --num_processes 2 -m potstill cache recipes/demo_cache.yaml   # sharded over 2 processes
   potstill eval recipes/demo.yaml --student path/to/other_student
   potstill demo --output-dir runs/demo
+  potstill classify recipes/classify_sms_spam.yaml      # task-specific KD of a text classifier
+  potstill select recipes/select_kd.yaml                 # keep 10% of the data, every drop with its reason
+  potstill synthesize recipes/synthesize_self_instruct.yaml
+  potstill condense recipes/condense_sst2.yaml
 """
+
+# verb -> (help, module, recipe loader, runner): recipes of their own kind, outside distill's.
+TASKS = {
+    "classify": ("task-specific KD of a text classifier: teacher, KD student, no-teacher student",
+                 "potstill.kd.classifier", "load_classifier_recipe", "run_classifier_recipe"),
+    "select": ("score and select training examples (dataset distillation by selection)",
+               "potstill.dd.pipeline", "load_select_recipe", "run_select"),
+    "synthesize": ("generate a compact instruction dataset with a teacher (Self-Instruct, Evol-Instruct)",
+                   "potstill.dd.synthesize", "load_synthesis_config", "run_synthesis"),
+    "condense": ("learn a small synthetic classification set (gradient / trajectory matching)",
+                 "potstill.dd.condense_recipe", "load_condense_recipe", "run_condense"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     e.add_argument("--student", action="append", default=[], help="extra student directory (repeatable)")
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    for verb, (text, *_rest) in TASKS.items():
+        t = sub.add_parser(verb, help=text)
+        t.add_argument("recipe", help=f"YAML recipe (see recipes/{verb}_*.yaml)")
+        t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+        t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     m = sub.add_parser("demo", help="the embedded default: SmolLM2 teacher, SFT vs KD students, report")
     m.add_argument("overrides", nargs="*", help="dotted key=value overrides of the embedded recipe")
@@ -88,6 +110,8 @@ def _run(args: argparse.Namespace) -> int:
         metrics = distill(recipe)
     elif args.verb == "cache":
         return _cache(args)
+    elif args.verb in TASKS:
+        return _task(args)
     elif args.verb == "eval":
         recipe = load_recipe(args.recipe, args.overrides)
         from .pipeline import evaluate_only
@@ -130,6 +154,31 @@ def _cache(args: argparse.Namespace) -> int:
     print(f"cache: {recipe.cache_dir}  {manifest['spec']['kind']} ({manifest['spec']['dtype']})  "
           f"{manifest['data']['num_examples']} examples, {manifest['data']['num_rows']} tokens, "
           f"{manifest['num_shards']} shards, {manifest['bytes_per_token']:.1f} bytes/token")
+    return 0
+
+
+def _task(args: argparse.Namespace) -> int:
+    """Verbs whose recipes are their own kind: load, run, print where the results are."""
+    import importlib
+    import json
+
+    from .errors import PotstillError
+
+    _, module, loader, runner = TASKS[args.verb]
+    mod = importlib.import_module(module)
+    path = Path(args.recipe)
+    if not path.is_file():
+        raise PotstillError(f"recipe file '{path}' does not exist; pass the path of a YAML recipe")
+    recipe = getattr(mod, loader)(path, list(args.overrides))
+    result = getattr(mod, runner)(recipe)
+    out = getattr(recipe, "output_dir", None)
+    line = getattr(mod, "summary_line", None)
+    brief = {k: v for k, v in (result or {}).items() if isinstance(v, (int, float, str))}
+    if line is not None:
+        print(line(result))
+    elif brief:
+        print(json.dumps(brief, default=str)[:2000])
+    print(f"{args.verb}: results in {out}")
     return 0
 
 
