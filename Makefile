@@ -42,6 +42,9 @@ bench: install
 	$(BIN)/python benchmarks/kd_step.py
 	$(BIN)/python benchmarks/cache.py
 	$(BIN)/python benchmarks/generated.py
+	$(BIN)/python benchmarks/heterogeneous.py
+	$(BIN)/python benchmarks/dd_sst2.py
+	$(BIN)/python benchmarks/select_llm.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
