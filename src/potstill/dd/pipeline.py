@@ -310,21 +310,10 @@ def select_recipe_from_dict(data: dict, overrides: list[str] | None = None,
 
 def load_select_recipe(path: str | Path, overrides: list[str] | None = None) -> SelectRecipe:
     """Read a YAML select recipe (``yaml.safe_load``) and apply ``key=value`` overrides."""
-    p = Path(path)
-    if not p.is_file():
-        raise PotstillError(f"recipe file '{p}' does not exist; pass the path of a YAML select recipe "
-                            "(see recipes/select_kd.yaml)")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise PotstillError(f"recipe '{p}' is not valid YAML{where}; fix its syntax") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise PotstillError(f"recipe '{p}' must be a YAML mapping of sections (teacher, student, data, select)")
-    return select_recipe_from_dict(data, overrides, base_dir=p.parent)
+    from ..config import read_recipe_file
+
+    data = read_recipe_file(path, "teacher, student, data, select")
+    return select_recipe_from_dict(data, overrides, base_dir=Path(path).parent)
 
 
 def distill_recipe(sr: SelectRecipe) -> Recipe:
