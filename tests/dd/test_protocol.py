@@ -20,8 +20,8 @@ from potstill.dd.protocol import (
 )
 from potstill.errors import PotstillError
 
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-WORDS = SPECIAL + [f"a{i}" for i in range(20)] + [f"b{i}" for i in range(20)]
+from .test_condense import WORDS, word_tokenizer  # one toy vocabulary for both files
+
 V, H = len(WORDS), 16
 
 
@@ -32,17 +32,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]")
 
 
 def sentences(n: int, seed: int) -> list[Example]:
