@@ -9,11 +9,12 @@ from potstill.config import Recipe, dump_recipe, load_recipe, recipe_from_dict
 from potstill.errors import PotstillError
 
 ALL = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
-# Recipes of the task verbs (potstill classify | select | synthesize | condense) are their own kind.
+# Recipes of the task verbs (potstill classify | select | synthesize | condense | eval-data) are their own kind.
 TASK_PREFIXES = {"classify_": ("potstill.kd.classifier", "load_classifier_recipe"),
                  "select_": ("potstill.dd.pipeline", "load_select_recipe"),
                  "synthesize_": ("potstill.dd.synthesize", "load_synthesis_config"),
-                 "condense_": ("potstill.dd.condense_recipe", "load_condense_recipe")}
+                 "condense_": ("potstill.dd.condense_recipe", "load_condense_recipe"),
+                 "eval_data_": ("potstill.dd.eval_data", "load_eval_data_recipe")}
 TASK_RECIPES = [p for p in ALL if p.name.startswith(tuple(TASK_PREFIXES))]
 RECIPES = [p for p in ALL if p not in TASK_RECIPES]
 
@@ -38,7 +39,8 @@ def test_task_recipe_validates_with_its_verb(path):
 def test_every_task_verb_has_recipes():
     from potstill.cli import TASKS
 
-    assert {p.name.split("_")[0] for p in TASK_RECIPES} == set(TASKS)
+    verbs = {next(k for k in TASK_PREFIXES if p.name.startswith(k))[:-1].replace("_", "-") for p in TASK_RECIPES}
+    assert verbs == set(TASKS)
 
 
 def test_embedded_default_is_recipes_demo():

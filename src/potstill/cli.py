@@ -22,6 +22,7 @@ EXAMPLE = """example:
   potstill select recipes/select_kd.yaml                 # keep 10% of the data, every drop with its reason
   potstill synthesize recipes/synthesize_self_instruct.yaml
   potstill condense recipes/condense_sst2.yaml
+  potstill eval-data recipes/eval_data_sst2.yaml      # a set vs random / coreset subsets, hard + soft labels
 """
 
 # verb -> (help, module, recipe loader, runner): recipes of their own kind, outside distill's.
@@ -34,6 +35,8 @@ TASKS = {
                    "potstill.dd.synthesize", "load_synthesis_config", "run_synthesis"),
     "condense": ("learn a small synthetic classification set (gradient / trajectory matching)",
                  "potstill.dd.condense_recipe", "load_condense_recipe", "run_condense"),
+    "eval-data": ("judge distilled / selected sets against random and coreset subsets of the same size",
+                  "potstill.dd.eval_data", "load_eval_data_recipe", "run_eval_data"),
 }
 
 
@@ -69,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for verb, (text, *_rest) in TASKS.items():
         t = sub.add_parser(verb, help=text)
-        t.add_argument("recipe", help=f"YAML recipe (see recipes/{verb}_*.yaml)")
+        t.add_argument("recipe", help=f"YAML recipe (see recipes/{verb.replace('-', '_')}_*.yaml)")
         t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
         t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
