@@ -92,3 +92,22 @@ def test_gemma_teacher_trains_a_smollm2_student_end_to_end(tmp_path):
     # and the same recipe with plain KD is refused
     assert main(["distill", str(recipe), f"output_dir={tmp_path / 'no'}", "runs=[{name: kd, alpha: 0.5}]"]) == 2
     assert not (tmp_path / "no").exists()
+
+
+def test_an_extra_teacher_with_another_tokenizer_joins_a_multi_teacher_run(assets, other_teacher, tmp_path):  # noqa: F811
+    _, teacher, *_ = assets
+    out = tmp_path / "out"
+    runs = [{"name": "mean", "alpha": 0.0, "multi_teacher": {"mode": "confidence"}},
+            {"name": "pick", "alpha": 0.0, "multi_teacher": {"mode": "select", "cross_kinds": ["exact"]}}]
+    r = recipe(assets, out, runs=runs, extra_teachers=[{"model": str(other_teacher)}])
+    r["eval"]["include_untrained"] = False
+    assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["runs"]
+    assert {"teacher", "mean", "pick"} == set(metrics)  # the main teacher shares the student's tokenizer
+    for name in ("mean", "pick"):
+        info = json.loads((out / "runs" / name / "train_info.json").read_text())
+        cov = info["cross_tokenizer_coverage"]
+        assert set(cov) == {"1"}  # the extra teacher, second source
+        assert 0 < cov["1"]["valid_row_share"] <= cov["1"]["aligned_row_share"] < 1
+        assert 0 < cov["1"]["teacher_mass_used"] <= 1
+    assert sum(json.loads((out / "runs" / "pick" / "train_info.json").read_text())["teacher_selected_examples"]) > 0

@@ -58,12 +58,3 @@ def test_bad_options_are_refused_at_load(assets, tmp_path, capsys, patch, messag
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
-
-
-def test_extra_teacher_with_another_tokenizer_is_refused(assets, tmp_path, capsys):  # noqa: F811
-    root, teacher, _, other_student, _ = assets
-    r = recipe(assets, tmp_path / "out", runs=[{"name": "m", "alpha": 0.0, "multi_teacher": {"mode": "mean"}}],
-               extra_teachers=[{"model": str(other_student)}])
-    assert main(["distill", str(write(tmp_path / "r.yaml", r))]) != 0
-    assert "another tokenizer" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()

@@ -244,12 +244,15 @@ class CrossTokenizerOptions(_Strict):
 
 
 class MultiTeacherOptions(_Strict):
-    """Combine the teacher with `extra_teachers` (same tokenizer) per token."""
+    """Combine the teacher with `extra_teachers` per token (one with another tokenizer joins on aligned rows)."""
 
     mode: Literal["mean", "confidence", "select"] = Field(
         "mean", description="mean: fixed weights; confidence: per-token teacher confidence; select: per example.")
     confidence: Literal["entropy", "maxprob"] = Field("entropy", description="Confidence measure of mode confidence.")
     weights: list[float] | None = Field(None, description="Weights of mode mean, teacher first (default: equal).")
+    cross_kinds: list[Literal["exact", "normalized", "mined"]] = Field(
+        ["exact", "normalized", "mined"], min_length=1,
+        description="Vocab-map matches that carry the mass of an extra teacher with another tokenizer.")
 
 
 def divergence_params(d: _Div) -> dict[str, Any]:
@@ -396,7 +399,7 @@ class Recipe(_Strict):
     output_dir: str = Field("runs/demo", description="Where the resolved recipe, students, metrics and report go.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher.")
     extra_teachers: list[TeacherConfig] = Field(
-        default_factory=list, description="Further teachers for runs with multi_teacher (same tokenizer as teacher).")
+        default_factory=list, description="Further teachers for runs with multi_teacher (any tokenizer).")
     student: StudentConfig = Field(default_factory=FromTeacherStudent, description="How the student is built.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training and held-out examples.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization, equal for every run.")

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -246,7 +247,7 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
 
     from .kd import KDTrainer, OnPolicyKDTrainer
     from .kd.feature import FeatureKDTrainer
-    from .signals import MultiTeacher, OnlineTeacher
+    from .signals import OnlineTeacher
 
     peft_config = None
     if recipe.train.lora is not None:
@@ -263,10 +264,7 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
     if kd and source is None:
         source = OnlineTeacher(teacher.to(device), memo=memo)
     if run.multi_teacher is not None:
-        mt = run.multi_teacher
-        source = MultiTeacher([source, *[OnlineTeacher(t.to(device)) for t in extra_teachers or []]],
-                              mode=mt.mode, confidence=mt.confidence, weights=mt.weights,
-                              temperature=run.temperature, vocab_size=vocab_size, chunk_size=recipe.train.chunk_size)
+        source = _multi_source(recipe, run, source, extra_teachers or [], tokenizer, student, device, vocab_size)
     extra: dict[str, Any] = {}
     if run.on_policy is not None:
         import random
@@ -295,14 +293,47 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         model = model.merge_and_unload()
     curve = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
     info = {"loss_curve": curve, "train_seconds": seconds, "run": run.model_dump(mode="json")}
-    if run.multi_teacher is not None and run.multi_teacher.mode == "select":
-        info["teacher_selected_examples"] = source.selected_counts
+    if run.multi_teacher is not None:
+        if run.multi_teacher.mode == "select":
+            info["teacher_selected_examples"] = source.selected_counts
+        cov = {i: s.coverage() for i, s in enumerate(source.sources) if hasattr(s, "coverage")}
+        if cov:  # teachers with another tokenizer: the share of rows they informed and the mass mapped
+            info["cross_tokenizer_coverage"] = cov
     if run.on_policy is not None:
         rs = trainer.rollout_stats
         info["on_policy"] = {"gen_tokens": rs["gen_tokens"], "gen_seconds": rs["gen_seconds"], "modes": rs["modes"],
                              "lmbda_history": trainer.lmbda_history}
     save_student(model, tokenizer, out_dir, info)
     return model, curve
+
+
+@dataclass
+class ExtraTeacher:
+    """One of ``extra_teachers``: its model, and its tokenizer when that differs from the student's."""
+
+    model: Any
+    tokenizer: Any = None
+
+
+def _multi_source(recipe: Recipe, run: RunConfig, source, extra: list, tokenizer, student, device, vocab_size):
+    """The teacher's source and the extra teachers behind one MultiTeacher (see ``train_run``)."""
+    from .models import output_head
+    from .signals import MultiTeacher, OnlineTeacher
+    from .signals.cross import CrossTokenizerTeacher
+
+    mt = run.multi_teacher
+    sources = [source]
+    for t in extra:
+        model, tok = (t.model, t.tokenizer) if isinstance(t, ExtraTeacher) else (t, None)
+        if tok is None:
+            sources.append(OnlineTeacher(model.to(device)))
+        else:
+            v_s = vocab_size or output_head(student).weight.shape[0]
+            sources.append(CrossTokenizerTeacher(model.to(device), tok, tokenizer, student_vocab=v_s,
+                                                 kinds=mt.cross_kinds, temperature=run.temperature,
+                                                 chunk_size=recipe.train.chunk_size))
+    return MultiTeacher(sources, mode=mt.mode, confidence=mt.confidence, weights=mt.weights,
+                        temperature=run.temperature, vocab_size=vocab_size, chunk_size=recipe.train.chunk_size)
 
 
 def _train_cross(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, ds, out_dir: Path,
@@ -447,8 +478,10 @@ class Prepared:
             ctx["vocab_map"] = self.vocab_map()
         return ctx
 
-    def extra_teachers(self) -> list:
-        """The recipe's ``extra_teachers``, loaded once, when a run combines teachers (checked to share the tokenizer)."""
+    def extra_teachers(self) -> list[ExtraTeacher]:
+        """The recipe's ``extra_teachers``, loaded once, when a run combines teachers. One with another
+        tokenizer than the student's keeps its tokenizer (``ExtraTeacher.tokenizer``): it joins through
+        the cross-tokenizer projection (:class:`potstill.signals.cross.CrossTokenizerTeacher`)."""
         if not any(r.multi_teacher is not None for r in self.recipe.runs):
             return []
         if getattr(self, "_extra", None) is None:
@@ -461,11 +494,11 @@ class Prepared:
                     model, tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
                 except PotstillError as err:
                     raise PotstillError(f"extra_teachers[{i}]: {err}") from None
-                if tokenizer_fingerprint(tok) != want:
-                    raise VocabMismatchError(
-                        f"extra_teachers[{i}] ({cfg.model}) has another tokenizer than the teacher; multi_teacher "
-                        "combines teachers that share the student's tokenizer")
-                self._extra.append(model.to(self.device))
+                same = tokenizer_fingerprint(tok) == want
+                if not same:
+                    log.info("extra_teachers[%d] (%s) has another tokenizer than the student: it joins on aligned "
+                             "rows through the vocabulary map", i, cfg.model)
+                self._extra.append(ExtraTeacher(model.to(self.device), None if same else tok))
         return self._extra
 
     def cached_source(self):

@@ -14,6 +14,14 @@ distribution at the distillation temperature ``T`` for a target row, the combine
   example's own response tokens (the teacher that best explains the reference), its
   distribution on all of the example's rows (per-example teacher selection).
 
+Teachers with another tokenizer join through :class:`~potstill.signals.cross.CrossTokenizerTeacher`
+(their distribution projected onto the student's vocabulary on the rows where the two
+tokenizations align). Such a teacher is *partial*: on a row it does not cover its weight is 0 in
+every mode (``mean`` and ``confidence`` renormalize over the teachers that cover the row;
+``select`` ranks a teacher by its mean CE over the rows it covers and picks, per row, the best
+teacher that covers it). At least one teacher must share the student's tokenizer, so that every
+row has one.
+
 The result is a :class:`DenseSignal` whose logits are ``T * log p``, so that the reducer's
 ``softmax(logits / T)`` gives back exactly ``p``. It holds ``[n, V]`` float32 logits for the
 batch's target rows (each teacher is projected chunk by chunk).
@@ -54,6 +62,10 @@ class MultiTeacher:
             weights = [float(w) / sum(weights) for w in weights]
         if not temperature > 0:
             raise PotstillError(f"temperature={temperature} must be > 0")
+        if all(getattr(s, "partial", False) for s in sources):
+            raise PotstillError("every teacher has another tokenizer than the student; a multi-teacher source needs "
+                                "at least one teacher that shares the student's tokenizer (the others cover aligned "
+                                "rows only)")
         vocabs = {getattr(s, "vocab_size", None) for s in sources} - {None}
         if vocab_size is None:
             if len(vocabs) > 1:
@@ -91,10 +103,16 @@ class MultiTeacher:
         vocab = self.vocab_size or sigs[0].vocab
         device = batch["labels"].device
         out = torch.empty(n, vocab, dtype=torch.float32, device=device)
-        choice = self._select(batch, sigs, vocab) if self.mode == "select" else None
+        # [K, n] bool: which teacher informs which row (partial, cross-tokenizer teachers: aligned rows)
+        valid = torch.stack([s.valid.to(device) if getattr(s, "valid", None) is not None
+                             else torch.ones(n, dtype=torch.bool, device=device) for s in sigs])
+        if n and not bool(valid.any(0).all()):
+            raise PotstillError("some target rows have no teacher; keep a teacher with the student's tokenizer")
+        choice = self._select(batch, sigs, vocab, valid) if self.mode == "select" else None
         for start in range(0, n, self.chunk_size):
             end = min(start + self.chunk_size, n)
             lps = torch.stack([self._logprobs(s, start, end, vocab) for s in sigs])  # [K, c, V]
+            v = valid[:, start:end]
             if self.mode == "select":
                 c = choice[start:end]
                 mix = lps.gather(0, c.view(1, -1, 1).expand(1, -1, vocab)).squeeze(0)
@@ -104,39 +122,51 @@ class MultiTeacher:
                     a = a.expand(-1, end - start)
                 else:
                     a = self._confidence(lps)  # [K, c]
+                a = _renormalize(a * v, v)
                 log_a = torch.where(a > 0, a.clamp_min(1e-30).log(), torch.full_like(a, -math.inf))
                 mix = torch.logsumexp(lps + log_a.unsqueeze(-1), dim=0)
             out[start:end] = mix * self._T
         return DenseSignal(logits=out)
 
     def _confidence(self, lps: Tensor) -> Tensor:
-        """Per-token teacher weights ``[K, c]`` summing to 1 over teachers."""
+        """Per-token teacher confidences ``[K, c]`` (unnormalized; :func:`_renormalize` makes them weights)."""
         p = lps.exp()
         if self.confidence == "maxprob":
-            c = p.max(-1).values
-        else:
-            h = -(p * lps).sum(-1)
-            c = (1.0 - h / math.log(lps.shape[-1])).clamp_min(0.0)
-        total = c.sum(0, keepdim=True)
-        uniform = torch.full_like(c, 1.0 / c.shape[0])
-        return torch.where(total > 0, c / total.clamp_min(1e-30), uniform)
+            return p.max(-1).values
+        h = -(p * lps).sum(-1)
+        return (1.0 - h / math.log(lps.shape[-1])).clamp_min(0.0)
 
-    def _select(self, batch, sigs, vocab) -> Tensor:
-        """Per row, the index of the teacher with the lowest mean CE over the row's example."""
+    def _select(self, batch, sigs, vocab, valid: Tensor) -> Tensor:
+        """Per row, the index of the teacher with the lowest mean CE over the row's example (over the
+        rows each teacher covers), among the teachers that cover the row."""
         labels = batch["labels"]
         index = target_index(labels)
         targets = labels[:, 1:].reshape(-1).index_select(0, index)
         example = torch.div(index, labels.shape[1] - 1, rounding_mode="floor")
         n_ex = labels.shape[0]
         ce = torch.zeros(len(sigs), n_ex, dtype=torch.float64, device=labels.device)
+        count = torch.zeros(len(sigs), n_ex, dtype=torch.float64, device=labels.device)
         for k, s in enumerate(sigs):
             for start in range(0, index.numel(), self.chunk_size):
                 end = min(start + self.chunk_size, index.numel())
                 lp = self._logprobs(s, start, end, vocab)
                 nll = -lp.gather(-1, targets[start:end].unsqueeze(-1)).squeeze(-1)
-                ce[k].index_add_(0, example[start:end], nll.double())
-        count = torch.bincount(example, minlength=n_ex).clamp_min(1)
-        best = (ce / count).argmin(0)  # ties go to the first teacher
-        for k in best[torch.bincount(example, minlength=n_ex) > 0].tolist():
+                v = valid[k, start:end]
+                ce[k].index_add_(0, example[start:end], torch.where(v, nll.double(), 0.0))
+                count[k].index_add_(0, example[start:end], v.double())
+        mean = torch.where(count > 0, ce / count.clamp_min(1), torch.full_like(ce, math.inf))  # [K, n_ex]
+        per_row = torch.where(valid, mean[:, example], torch.full_like(mean[:, example], math.inf))
+        best = per_row.argmin(0)  # [n]; ties go to the first teacher
+        # count an example for the teacher chosen on most of its rows (all of them without partial teachers)
+        votes = torch.zeros(len(sigs), n_ex, dtype=torch.long, device=labels.device)
+        votes.index_put_((best, example), torch.ones_like(best), accumulate=True)
+        for k in votes.argmax(0)[votes.sum(0) > 0].tolist():
             self.selected_counts[k] += 1
-        return best[example]
+        return best
+
+
+def _renormalize(a: Tensor, valid: Tensor) -> Tensor:
+    """Weights ``[K, c]`` renormalized to sum to 1 per column; uniform over the valid teachers where they sum to 0."""
+    total = a.sum(0, keepdim=True)
+    uniform = valid.float() / valid.float().sum(0, keepdim=True).clamp_min(1.0)
+    return torch.where(total > 0, a / total.clamp_min(1e-30), uniform)
