@@ -33,7 +33,11 @@ Reported per arm: FKL, its ratio to the 100% student, selection cost (scoring se
 model loading excluded), training seconds, and an estimated total cost vs the 100% student
 (the KD-aware arms need the teacher pass over the whole pool, the others over their 10%).
 
-Usage: ``python benchmarks/select_llm.py [--quick] [--arms a,b] [--equal-steps] [--out PATH]``.
+``--layers 27 --lr 1e-4`` is the *healing* regime (a student with 3 of the teacher's 30 layers
+removed, distilled back: Minitron-style prune then distill), where the student starts close to
+the teacher (its results: ``benchmarks/results/select_llm_heal27.json``).
+
+Usage: ``python benchmarks/select_llm.py [--quick] [--arms a,b] [--layers N] [--lr X] [--equal-steps] [--out PATH]``.
 Writes JSON and prints one line.
 """
 
@@ -104,7 +108,7 @@ def base_dict(data_path: Path, work: Path, args) -> dict:
     return {
         "output_dir": str(work / "distill"),
         "teacher": {"model": TEACHER},
-        "student": {"kind": "from_teacher", "layers": 6},
+        "student": {"kind": "from_teacher", "layers": args.layers},
         "data": {"source": {"kind": "file", "path": str(data_path), "prompt_field": "instruction",
                             "response_field": "output"}, "eval_size": args.eval_size, "max_length": args.max_length},
         "train": {"batch_size": args.batch_size, "learning_rate": args.lr, "logging_steps": 10, "seed": 0},
@@ -129,6 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-size", type=int, default=40, help="held-out examples")
     p.add_argument("--max-length", type=int, default=96, help="prompt + answer tokens")
     p.add_argument("--epochs", type=float, default=2.0, help="equal epochs of every student")
+    p.add_argument("--layers", type=int, default=6, help="teacher layers the student keeps (of 30)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--fraction", type=float, default=0.1)
@@ -266,7 +271,7 @@ def main(argv=None) -> int:
                for a in names}
     kd_ratio = rows.get("kd_divergence", {}).get("fkl_ratio_to_full")
     results |= {
-        "setup": {"teacher": TEACHER, "student": "from_teacher, 6 of 30 layers", "pool": n_pool,
+        "setup": {"teacher": TEACHER, "student": f"from_teacher, {args.layers} of 30 layers", "pool": n_pool,
                   "pool_response_tokens": pool_tokens, "eval_examples": len(prep.eval_examples),
                   "max_length": args.max_length, "batch_size": args.batch_size, "learning_rate": args.lr,
                   "epochs": args.epochs, "fraction": args.fraction, "budget": math.ceil(args.fraction * n_pool - 1e-9),
