@@ -51,14 +51,7 @@ class Tiny(nn.Module):
         return self.head((h * m).sum(1) / m.sum(1).clamp_min(1.0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from threads, and on a shared, loaded CPU the thread pool of
-    # torch.set_num_threads(2) (conftest) makes these many small ops ~20x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(seed: int = 0) -> torch.Tensor:

@@ -37,13 +37,7 @@ SENTENCES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # A shared, loaded 2-core CPU: tiny ops gain nothing from a thread pool.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _llama(tok, *, layers: int, hidden: int = 32, vocab: int | None = None, seed: int) -> LlamaForCausalLM:

@@ -33,13 +33,7 @@ POSITIVE = ["good", "great", "fine"]
 NEGATIVE = ["bad", "awful", "poor"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the models are tiny, and on a shared CPU a second thread only spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_examples(n: int, seed: int) -> list[Example]:

@@ -44,13 +44,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SEEDS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the models are tiny, and on a shared CPU a second thread only spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _patch(mp: pytest.MonkeyPatch) -> list[str]:

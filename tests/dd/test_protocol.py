@@ -25,13 +25,7 @@ from .test_condense import WORDS, word_tokenizer  # one toy vocabulary for both 
 V, H = len(WORDS), 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: threads only add contention on a shared CPU (conftest asks for 2)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sentences(n: int, seed: int) -> list[Example]:

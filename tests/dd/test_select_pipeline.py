@@ -49,14 +49,7 @@ def pool_pairs() -> list[tuple[str, str]]:
     return pairs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for these tiny models: on a shared 2-core machine two spinning OpenMP
-    threads make each small matmul ~50x slower (conftest asks for 2); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

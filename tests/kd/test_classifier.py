@@ -80,13 +80,7 @@ def tiny_bert(tok, *, layers=3, hidden=32, heads=2, seed=0):
         return BertModel(cfg, add_pooling_layer=False).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread here: these models are tiny, and on a shared CPU a second thread only spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,9 @@ from potstill.kd.cross_tokenizer import CrossTokenizerCollator, build_vocab_map,
 from potstill.signals import DenseSignal, MultiTeacher, OnlineTeacher, target_index
 from potstill.signals.cross import CrossTokenizerTeacher, MaskedDenseSignal
 
-from .test_cross_tokenizer import _llama, _one_thread, encoded, teacher_tok  # noqa: F401  (fixtures)
+from .test_cross_tokenizer import _llama, encoded, teacher_tok  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
