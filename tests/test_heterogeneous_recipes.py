@@ -23,6 +23,7 @@ def test_every_method_runs_as_a_recipe(assets, tmp_path):  # noqa: F811
         {"name": "sched", "alpha": 0.5, "temperature": 2.0,
          "schedule": {"kind": "cosine", "alpha_end": 0.0, "temperature_end": 1.0}},
         {"name": "feat", "alpha": 0.0, "feature": {"layers": [[1, 2], [0, 0]], "loss": "cosine", "weight": 0.5}},
+        {"name": "rel", "alpha": 0.0, "feature": {"relations": {"layers": [[1, 2]], "heads": 2}}},
         {"name": "multi", "alpha": 0.0, "multi_teacher": {"mode": "confidence", "confidence": "maxprob"}},
         {"name": "pick", "alpha": 0.0, "multi_teacher": {"mode": "select"}},
         {"name": "curr", "alpha": 0.0, "curriculum": "easy_to_hard"},

@@ -222,13 +222,42 @@ class ScheduleOptions(_Strict):
     temperature_end: float | None = Field(None, gt=0.0, description="Distillation temperature at the last step.")
 
 
-class FeatureOptions(_Strict):
-    """Hidden-state distillation (FitNets, Romero et al. 2015; TinyBERT, Jiao et al. 2020)."""
+class RelationOptions(_Strict):
+    """Attention-relation distillation (MiniLMv2, Wang et al. 2021), causal: q-q/k-k/v-v relations over past keys."""
 
     layers: list[tuple[int, int]] = Field(
-        ..., min_length=1, description="Pairs [student_layer, teacher_layer]; 0 is the embeddings, -1 the last layer.")
+        ..., min_length=1, description="Pairs [student_layer, teacher_layer] of decoder layers, 1-based; -1 the last.")
+    kinds: list[Literal["q", "k", "v"]] = Field(
+        ["q", "k", "v"], min_length=1, description="Relations to distill: q-q, k-k and/or v-v (averaged).")
+    heads: int = Field(..., ge=1, description="Relation heads R; must divide the q/k/v projection widths of both "
+                       "models (k/v: num_key_value_heads * head_dim).")
+    weight: float = Field(1.0, ge=0.0, description="Weight of the relation term next to the logit loss.")
+
+    @model_validator(mode="after")
+    def _decoder_layers(self) -> "RelationOptions":
+        if any(0 in p for p in self.layers):
+            raise ValueError("layer 0 is the embeddings (no attention); decoder layers are 1-based, -1 the last")
+        if len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"kinds {self.kinds} repeat an entry")
+        return self
+
+
+class FeatureOptions(_Strict):
+    """Hidden-state distillation (FitNets, Romero et al. 2015; TinyBERT, Jiao et al. 2020) and/or attention
+    relations (MiniLMv2)."""
+
+    layers: list[tuple[int, int]] | None = Field(
+        None, min_length=1, description="Pairs [student_layer, teacher_layer] of hidden states; 0 is the embeddings, "
+        "-1 the last layer. Optional when `relations` is set.")
     loss: Literal["mse", "cosine"] = Field("mse", description="Distance between (projected) hidden states.")
     weight: float = Field(1.0, ge=0.0, description="Weight of the hidden-state term next to the logit loss.")
+    relations: RelationOptions | None = Field(None, description="Add MiniLMv2 attention-relation distillation.")
+
+    @model_validator(mode="after")
+    def _some_term(self) -> "FeatureOptions":
+        if self.layers is None and self.relations is None:
+            raise ValueError("feature needs layers (hidden-state pairs) or relations (attention-relation pairs)")
+        return self
 
 
 class CrossTokenizerOptions(_Strict):
@@ -300,7 +329,8 @@ class RunConfig(_Strict):
     token_weighting_ratio: float = Field(
         0.5, gt=0.0, le=1.0, description="student_entropy: share of response positions that get the divergence.")
     schedule: ScheduleOptions | None = Field(None, description="Schedules of alpha and temperature.")
-    feature: FeatureOptions | None = Field(None, description="Add hidden-state distillation between layer pairs.")
+    feature: FeatureOptions | None = Field(
+        None, description="Add hidden-state and/or attention-relation distillation between layer pairs.")
     multi_teacher: MultiTeacherOptions | None = Field(
         None, description="Distill from the teacher and `extra_teachers` combined.")
     curriculum: Literal["none", "easy_to_hard", "hard_to_easy"] = Field(

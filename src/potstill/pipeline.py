@@ -198,8 +198,12 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
         replay_size=op.replay_size, replay_reuse=op.replay_reuse, adaptive=op.adaptive,
         adaptive_step=op.adaptive_step, adaptive_max=op.adaptive_max, adaptive_every=op.adaptive_every)
     if run.feature is not None:
-        extra.update(feature_layers=[list(p) for p in run.feature.layers], feature_loss=run.feature.loss,
-                     feature_weight=run.feature.weight)
+        f = run.feature
+        extra.update(feature_layers=None if f.layers is None else [list(p) for p in f.layers], feature_loss=f.loss,
+                     feature_weight=f.weight)
+        if f.relations is not None:
+            extra.update(relation_layers=[list(p) for p in f.relations.layers], relation_kinds=list(f.relations.kinds),
+                         relation_heads=f.relations.heads, relation_weight=f.relations.weight)
     if run.schedule is not None:
         extra.update(alpha_end=run.schedule.alpha_end, temperature_end=run.schedule.temperature_end,
                      schedule=run.schedule.kind)
