@@ -8,6 +8,7 @@ ones, against which every student is already close).
 
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -51,7 +52,9 @@ def _llama(tok, *, layers: int, hidden: int = 32, vocab: int | None = None, seed
 
 @pytest.fixture(scope="module")
 def tok(_tiny_tokenizer_session):
-    return _tiny_tokenizer_session
+    # a copy: calling a fast tokenizer with padding/truncation changes its backend's settings, which
+    # the session tokenizer would carry into later tests (and into every tokenizer.json they save)
+    return copy.deepcopy(_tiny_tokenizer_session)
 
 
 @pytest.fixture(scope="module")
