@@ -9,6 +9,7 @@ ones, against which every student is already close).
 from __future__ import annotations
 
 import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
