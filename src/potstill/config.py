@@ -524,14 +524,23 @@ class Recipe(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
-def _key_path(loc: tuple, data: Any) -> str:
-    """The recipe key of an error location, without pydantic's class names and union tags."""
+def _key_path(loc: tuple, data: Any, absent_last: bool = False) -> str:
+    """The recipe key of an error location, without pydantic's class names and union tags.
+
+    A union tag is a location part the recipe does not hold: ``cache.signal.sampled.draws`` ->
+    ``cache.signal.draws`` (also when the tag was defaulted, so the recipe names no ``kind``). Only
+    the last part may legitimately be absent (``absent_last``: an unknown or a missing key)."""
     parts, node = [], data
-    for p in loc:
+    for i, p in enumerate(loc):
         if isinstance(p, str) and p[:1].isupper():
             continue
-        if isinstance(node, dict) and p not in node and p in (node.get("kind"), node.get("name")):
-            continue  # the tag of a discriminated union: cache.signal.sampled.draws -> cache.signal.draws
+        last = i == len(loc) - 1
+        nxt = None if last else loc[i + 1]
+        if isinstance(node, dict) and isinstance(p, str) and (
+                (p not in node and not (last and absent_last))
+                # a tag that is also a field name (student kind `layers` with a `layers` list)
+                or (isinstance(nxt, str) and nxt in node and not isinstance(node.get(p), dict))):
+            continue  # the tag of a discriminated union
         parts.append(str(p))
         if isinstance(node, dict):
             node = node.get(p)
@@ -542,16 +551,22 @@ def _key_path(loc: tuple, data: Any) -> str:
     return ".".join(parts) or "<recipe>"
 
 
-def _format_validation_error(err: ValidationError, data: Any = None) -> str:
+def format_validation_error(err: ValidationError, data: Any = None, verb: str = "distill") -> str:
+    """One line naming the recipe key of the first problem and the fix, for every recipe kind
+    (``verb``: the ``potstill`` command whose ``--help`` lists the options)."""
     e = err.errors()[0]
-    loc = _key_path(e["loc"], data)
+    loc = _key_path(e["loc"], data, absent_last=e["type"] in ("extra_forbidden", "missing"))
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
-        return f"recipe key '{loc}' is not a known option; remove it or fix its spelling (see `potstill distill --help`)"
+        return f"recipe key '{loc}' is not a known option; remove it or fix its spelling (see `potstill {verb} --help`)"
     if e["type"] == "missing":
         return f"recipe key '{loc}' is required; add it to the recipe"
     if e["type"] == "union_tag_invalid":
-        return f"recipe key '{loc}': {msg}; use one of the listed values"
+        ctx = e.get("ctx") or {}
+        key = str(ctx.get("discriminator", "")).strip("'")
+        where = f"{loc}.{key}" if key.isidentifier() else loc  # a callable discriminator names no key
+        return (f"recipe key '{where}' is '{ctx.get('tag')}'; use one of {ctx.get('expected_tags')}"
+                if "expected_tags" in ctx else f"recipe key '{loc}': {msg}; use one of the listed values")
     more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
     return f"recipe key '{loc}': {msg}{more}; fix the value in the recipe"
 
@@ -616,7 +631,7 @@ def recipe_from_dict(data: dict, overrides: list[str] | None = None, base_dir: P
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise PotstillError(_format_validation_error(err, data)) from None
+        raise PotstillError(format_validation_error(err, data)) from None
     src = recipe.data.source
     for obj, key in ((src, "path"), (src, "eval_path")):
         value = getattr(obj, key, None)

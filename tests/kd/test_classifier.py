@@ -413,7 +413,7 @@ def test_shipped_recipes_validate():
      "'student.hidden_size' is not a known option"),
     ({"dataset": "sst2", "student": {"kind": "narrow", "num_layers": 2, "hidden_size": 100, "num_attention_heads": 3}},
      "divisible"),
-    ({"dataset": "sst2", "student": {"kind": "wide"}}, "'student'"),
+    ({"dataset": "sst2", "student": {"kind": "wide"}}, "'student.kind' is 'wide'; use one of 'layers', 'narrow'"),
 ])
 def test_bad_recipes_name_the_key(data, match):
     with pytest.raises(PotstillError, match=match):

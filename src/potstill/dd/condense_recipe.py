@@ -179,38 +179,18 @@ class CondenseRecipe(_Strict):
         return self
 
 
-def _key_path(loc: tuple) -> str:
-    """Recipe key of a pydantic error location, without the union tag (``method.gradient.x`` -> ``method.x``)."""
-    parts = [str(p) for p in loc]
-    if parts[:1] == ["method"] and len(parts) >= 2 and parts[1] in ("trajectory", "gradient"):
-        del parts[1]
-    return ".".join(parts) or "<recipe>"
-
-
-def _error_message(err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = _key_path(e["loc"])
-    if e["type"] == "extra_forbidden":
-        return f"recipe key '{loc}' is not a known option; remove it or fix its spelling"
-    if e["type"] == "missing":
-        return f"recipe key '{loc}' is required; add it to the recipe"
-    if e["type"] == "union_tag_invalid":
-        return f"recipe key '{loc}.kind' must be trajectory or gradient; fix the value in the recipe"
-    return f"recipe key '{loc}': {e['msg'].removeprefix('Value error, ')}; fix the value in the recipe"
-
-
 def load_condense_recipe(source: str | Path | dict, overrides: Sequence[str] = ()) -> CondenseRecipe:
     """A validated :class:`CondenseRecipe` from a YAML file (``yaml.safe_load``) or a dict, with
     ``key.path=value`` overrides (``method.iterations=5``); any problem raises
     :class:`PotstillError` naming the key."""
-    from ..config import apply_plain_overrides, read_recipe_file
+    from ..config import apply_plain_overrides, format_validation_error, read_recipe_file
 
     data = copy.deepcopy(source) if isinstance(source, dict) else read_recipe_file(source, "dataset, per_class, method, learner, ...")
     apply_plain_overrides(data, overrides, "method.iterations=5")
     try:
         return CondenseRecipe.model_validate(data)
     except ValidationError as err:
-        raise PotstillError(_error_message(err)) from None
+        raise PotstillError(format_validation_error(err, data, "condense")) from None
 
 
 # ------------------------------------------------------------------------------- text projection file

@@ -125,7 +125,7 @@ class EvalDataRecipe(cr._Strict):
 def load_eval_data_recipe(source: str | Path | dict, overrides: Sequence[str] = ()) -> EvalDataRecipe:
     """A validated :class:`EvalDataRecipe` from a YAML file or a dict, with ``key.path=value``
     overrides; any problem raises :class:`PotstillError` naming the key."""
-    from ..config import apply_plain_overrides, read_recipe_file
+    from ..config import apply_plain_overrides, format_validation_error, read_recipe_file
 
     data = copy.deepcopy(source) if isinstance(source, dict) else read_recipe_file(source, "dataset, data, learner, sets, ...")
     for item in overrides:  # apply_plain_overrides walks dicts only: refuse sets.0.path=... in one line
@@ -136,7 +136,7 @@ def load_eval_data_recipe(source: str | Path | dict, overrides: Sequence[str] = 
     try:
         return EvalDataRecipe.model_validate(data)
     except ValidationError as err:
-        raise PotstillError(cr._error_message(err)) from None
+        raise PotstillError(format_validation_error(err, data, "eval-data")) from None
 
 
 # ------------------------------------------------------------------------------- sets

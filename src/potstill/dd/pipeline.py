@@ -62,6 +62,7 @@ from ..config import (
     StudentConfig,
     TeacherConfig,
     divergence_params,
+    format_validation_error,
 )
 from ..errors import PotstillError
 from ..io import atomic_write_json, atomic_write_text
@@ -287,12 +288,6 @@ def _model_uses(sel: SelectConfig) -> list[tuple[str, str]]:
     return out
 
 
-def _format_error(err: ValidationError, data: Any) -> str:
-    from ..config import _format_validation_error
-
-    return _format_validation_error(err, data).replace("`potstill distill --help`", "`potstill select --help`")
-
-
 def select_recipe_from_dict(data: dict, overrides: list[str] | None = None,
                             base_dir: Path | None = None) -> SelectRecipe:
     """Validate a select recipe (``key=value`` overrides applied first); data paths resolved as distill does."""
@@ -302,7 +297,7 @@ def select_recipe_from_dict(data: dict, overrides: list[str] | None = None,
     try:
         sr = SelectRecipe.model_validate(data)
     except ValidationError as err:
-        raise PotstillError(_format_error(err, data)) from None
+        raise PotstillError(format_validation_error(err, data, "select")) from None
     # $POTSTILL_DATA/ and recipe-relative file paths, exactly as a distill recipe resolves them.
     sr.data = recipe_from_dict({"data": sr.data.model_dump(mode="json")}, base_dir=base_dir).data
     return sr
@@ -345,7 +340,7 @@ def distill_recipe(sr: SelectRecipe) -> Recipe:
     try:
         return Recipe.model_validate(d)
     except ValidationError as err:
-        raise PotstillError(_format_error(err, d)) from None
+        raise PotstillError(format_validation_error(err, d, "select")) from None
 
 
 # ---------------------------------------------------------------------------- helpers

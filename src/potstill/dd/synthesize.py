@@ -292,7 +292,7 @@ class SynthesisConfig(_Strict):
 def synthesis_config_from_dict(data: dict | None, overrides: list[str] | None = None,
                                base_dir: Path | None = None) -> SynthesisConfig:
     """Validate a synthesis recipe (``key=value`` overrides applied); one-line errors."""
-    from ..config import DATA_VAR, _format_validation_error, apply_overrides
+    from ..config import DATA_VAR, apply_overrides, format_validation_error
 
     data = apply_overrides(dict(data or {}), overrides or [])
     if isinstance(data.get("method"), dict) and "kind" not in data["method"]:
@@ -300,7 +300,7 @@ def synthesis_config_from_dict(data: dict | None, overrides: list[str] | None = 
     try:
         cfg = SynthesisConfig.model_validate(data)
     except ValidationError as err:
-        msg = _format_validation_error(err, data).replace("potstill distill --help", "potstill synthesize --help")
+        msg = format_validation_error(err, data, "synthesize")
         raise PotstillError(msg.replace(" found using _method_tag()", "")) from None
     if cfg.seeds_path is not None:
         if cfg.seeds_path.startswith(DATA_VAR):

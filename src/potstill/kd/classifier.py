@@ -643,28 +643,10 @@ class ClassifierRecipe(_Strict):
         return self
 
 
-def _key_path(loc: tuple) -> str:
-    """Recipe key of a pydantic error location, without the union tag (``student.narrow.x`` -> ``student.x``)."""
-    parts = [str(p) for p in loc]
-    if parts[:1] == ["student"] and len(parts) >= 3:
-        del parts[1]
-    return ".".join(parts) or "<recipe>"
-
-
-def _error_message(err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = _key_path(e["loc"])
-    if e["type"] == "extra_forbidden":
-        return f"recipe key '{loc}' is not a known option; remove it or fix its spelling"
-    if e["type"] == "missing":
-        return f"recipe key '{loc}' is required; add it to the recipe"
-    return f"recipe key '{loc}': {e['msg'].removeprefix('Value error, ')}; fix the value in the recipe"
-
-
 def load_classifier_recipe(source: str | Path | dict, overrides: Sequence[str] = ()) -> ClassifierRecipe:
     """A validated :class:`ClassifierRecipe` from a YAML file (``yaml.safe_load``) or a dict, with
     ``key.path=value`` overrides; any problem raises :class:`PotstillError` naming the key."""
-    from ..config import apply_plain_overrides, read_recipe_file
+    from ..config import apply_plain_overrides, format_validation_error, read_recipe_file
 
     sections = "dataset, teacher, student, kd, train, ..."
     data = copy.deepcopy(source) if isinstance(source, dict) else read_recipe_file(source, sections)
@@ -672,7 +654,7 @@ def load_classifier_recipe(source: str | Path | dict, overrides: Sequence[str] =
     try:
         return ClassifierRecipe.model_validate(data)
     except ValidationError as err:
-        raise PotstillError(_error_message(err)) from None
+        raise PotstillError(format_validation_error(err, data, "classify")) from None
 
 
 def _load_data(recipe: ClassifierRecipe) -> tuple[list[Example], list[Example]]:
