@@ -21,7 +21,7 @@ Setup (all arms in one run, one process):
   dropped first, as in Cherry LLM) of the teacher (the freshly cut student follows no
   instruction: its IFD is > 1 on most examples), KD divergence (forward KL, highest first) and "confident teacher,
   unsure student" read from the cache, k-means medoids on all-MiniLM-L6-v2 embeddings of
-  prompt + answer (``--arms`` adds k_center, herding and LESS);
+  prompt + answer (``--arms`` adds k_center, herding, LESS and kd_divergence_easiest, the lowest divergences first);
 * **training** through ``potstill.pipeline.train_run`` (KD, alpha 0, forward KL, T = 1, from the
   cache), same init, seed, batch and learning rate; equal *epochs*: each student takes
   ``ceil(epochs * n / batch)`` steps (the 10% students ~10% of the steps). ``--equal-steps``
@@ -70,6 +70,9 @@ ARMS = {
     "ifd_loss_ratio": {"scorer": {"kind": "ifd_loss_ratio", "model": "teacher"},
                        "filters": [{"kind": "drop_ifd_above_one", "model": "teacher"}]},
     "kd_divergence": {"scorer": {"kind": "kd_divergence", "divergence": {"name": "forward_kl"}}},
+    # the same score, lowest first: the examples the student already imitates best
+    "kd_divergence_easiest": {"scorer": {"kind": "kd_divergence", "divergence": {"name": "forward_kl"}},
+                              "largest": False},
     "confident_teacher_unsure_student": {"scorer": {"kind": "confident_teacher_unsure_student"}},
     "kmeans_medoids": {"scorer": {"kind": "kmeans_medoids", "embeddings": "minilm"}},
     "k_center": {"scorer": {"kind": "k_center", "embeddings": "minilm"}},
@@ -78,7 +81,7 @@ ARMS = {
 }
 DEFAULT_ARMS = ("random", "perplexity", "ifd_loss_ratio", "kd_divergence", "confident_teacher_unsure_student",
                 "kmeans_medoids")
-KD_AWARE = ("kd_divergence", "confident_teacher_unsure_student")
+KD_AWARE = ("kd_divergence", "confident_teacher_unsure_student", "kd_divergence_easiest")
 
 
 def write_pool(path: Path, n_rows: int, max_length: int, seed: int = 0) -> dict:
