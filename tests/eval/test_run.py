@@ -239,3 +239,20 @@ def test_end_to_end_report(teacher, other, word_tokenizer, tmp_path):
     assert len(paths) == 4
     assert read_metrics(tmp_path / "metrics.json") == metrics_only(res)
     assert res["other"][GENERATIONS_KEY][-1] in (tmp_path / "report.md").read_text()
+
+
+def test_zero_new_tokens_skips_generation_and_keeps_teacher_forced_metrics(teacher, other, word_tokenizer,
+                                                                            monkeypatch):
+    examples = make_examples(word_tokenizer, n=5)
+    full = _run({"other": other}, teacher, word_tokenizer, examples)
+
+    def no_generate(*a, **k):
+        raise AssertionError("generate must not run with max_new_tokens=0")
+
+    monkeypatch.setattr("potstill.generate.generate", no_generate)
+    res = _run({"other": other}, teacher, word_tokenizer, examples, max_new_tokens=0)
+    for name in ("teacher", "other"):
+        for key in ("forward_kl", "top1_agreement", "perplexity"):
+            assert res[name][key] == full[name][key]
+        assert math.isnan(res[name]["rouge_l"]) and math.isnan(res[name]["tokens_per_s"])
+        assert res[name][GENERATIONS_KEY] == [""] * len(examples)

@@ -122,9 +122,10 @@ class EvalDataRecipe(cr._Strict):
         return v
 
 
-def load_eval_data_recipe(source: str | Path | dict, overrides: Sequence[str] = ()) -> EvalDataRecipe:
+def load_eval_data_recipe(source: str | Path | dict, overrides: Sequence[str] = ()):
     """A validated :class:`EvalDataRecipe` from a YAML file or a dict, with ``key.path=value``
-    overrides; any problem raises :class:`PotstillError` naming the key."""
+    overrides; any problem raises :class:`PotstillError` naming the key. A recipe with
+    ``kind: causal_lm`` gives a :class:`~potstill.dd.eval_data_lm.EvalDataLMRecipe` instead."""
     from ..config import apply_plain_overrides, format_validation_error, read_recipe_file
 
     data = copy.deepcopy(source) if isinstance(source, dict) else read_recipe_file(source, "dataset, data, learner, sets, ...")
@@ -133,6 +134,10 @@ def load_eval_data_recipe(source: str | Path | dict, overrides: Sequence[str] = 
         if rest and isinstance(data.get(head), list):
             raise PotstillError(f"override '{item}': '{head}' is a list; override it whole, e.g. {head}=[...]")
     apply_plain_overrides(data, overrides, "learner.steps=20")
+    if isinstance(data, dict) and data.get("kind") == "causal_lm":
+        from .eval_data_lm import load_lm_recipe
+
+        return load_lm_recipe(data)
     try:
         return EvalDataRecipe.model_validate(data)
     except ValidationError as err:
@@ -282,9 +287,14 @@ def _aggregate(runs: dict[str, dict[str, list[dict]]], info: dict[str, dict]) ->
     return out
 
 
-def run_eval_data(recipe: EvalDataRecipe) -> dict:
+def run_eval_data(recipe) -> dict:
     """Judge every set of the recipe against its baselines (module docstring); returns the report
-    written atomically to ``output_dir/eval_data.json``."""
+    written atomically to ``output_dir/eval_data.json``. A ``causal_lm`` recipe runs
+    :func:`potstill.dd.eval_data_lm.run_eval_data_lm`."""
+    if not isinstance(recipe, EvalDataRecipe):
+        from .eval_data_lm import run_eval_data_lm
+
+        return run_eval_data_lm(recipe)
     t_start = time.perf_counter()
     lr_cfg, kinds, seeds = recipe.learner, recipe.labels, range(recipe.learner.seeds)
     pool, held = cr._load_data(recipe)
@@ -375,6 +385,10 @@ def run_eval_data(recipe: EvalDataRecipe) -> dict:
 
 def summary_line(report: dict) -> str:
     """One line: per set and label kind, its accuracy, the gain over random, each baseline's accuracy."""
+    if report.get("kind") == "causal_lm":
+        from .eval_data_lm import summary_line as lm_line
+
+        return lm_line(report)
     parts = []
     for st in report["sets"]:
         arms = st["arms"]

@@ -73,7 +73,7 @@ def evaluate_runs(
             differ only by padding rows are aligned), and every head must cover it. All
             teacher-forced metrics, the teacher's own included, use this aligned vocabulary.
         batch_size: examples per batch, for both passes.
-        max_new_tokens: generation budget per example.
+        max_new_tokens: generation budget per example; 0 skips generation (ROUGE-L and tokens/s are nan).
         progress: show a tqdm bar.
 
     Returns:
@@ -154,7 +154,7 @@ def evaluate_runs(
             "top1_agreement": float("nan") if black_box else _ratio(s["agree"], s["n"]),
             "perplexity": perplexity(s["nll_sum"], s["n"]),
             "ece": _ece(s),
-            "rouge_l": rouge_l(texts, references),
+            "rouge_l": rouge_l(texts, references) if max_new_tokens else float("nan"),
             "params": count_parameters(model),
             "tokens_per_s": n_tokens / seconds if seconds > 0 else float("nan"),
             GENERATIONS_KEY: texts,
@@ -256,6 +256,10 @@ def _generate(model, tokenizer, batches, pad_id, max_new_tokens, on_batch) -> tu
     from ..generate import generate
 
     prompts = [ex["prompt_ids"] for batch in batches for ex in batch]
+    if max_new_tokens == 0:  # teacher-forced metrics only: nothing generated (ROUGE-L and throughput are nan)
+        for _ in batches:
+            on_batch()
+        return [""] * len(prompts), 0, 0.0
     gen = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                    batch_size=max((len(b) for b in batches), default=1), sort_by_length=False, warmup=True,
                    progress=False, on_batch=on_batch)

@@ -1,0 +1,196 @@
+"""``potstill eval-data`` with ``kind: causal_lm`` on tiny local models: a selection is judged against
+random and coreset subsets of the same size under one KD protocol; the arms train exactly as the
+distill verb would (parity with ``distill`` on ``data.selection``); equal epochs give the steps; the
+gain over random and the ratio to the 100% student follow their definitions; a rerun resumes; bad
+recipes give one line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from potstill.cli import main
+from potstill.config import recipe_from_dict
+from potstill.dd import eval_data_lm
+from potstill.dd.eval_data import load_eval_data_recipe, run_eval_data, summary_line
+from potstill.dd.pipeline import REPORT, SELECTION, run_select, select_recipe_from_dict
+from potstill.errors import PotstillError
+from test_cli import assets, recipe, write  # noqa: F401  (module-scoped fixture reused)
+from dd.test_select_pipeline import data_file, srecipe  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RUNS = [{"name": "hard", "alpha": 1.0}, {"name": "soft", "alpha": 0.0, "divergence": {"name": "forward_kl"}}]
+
+
+def lm_recipe(assets, data_file, out: Path, sel: Path, **patch) -> dict:
+    r = {
+        "kind": "causal_lm",
+        "output_dir": str(out),
+        "teacher": {"model": str(assets[1])},
+        "student": {"kind": "from_teacher", "layers": 1},
+        "data": {"source": {"kind": "file", "path": str(data_file)}, "eval_size": 4, "max_length": 64},
+        "train": {"batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1},
+        "runs": RUNS,
+        "epochs": 1.0,
+        "seeds": 2,
+        "baselines": ["random", "k_center"],
+        "embeddings": "student_hidden",
+        "device": "cpu",
+        "sets": [{"name": "kd_top", "path": str(sel)}],
+    }
+    r.update(patch)
+    return r
+
+
+@pytest.fixture(scope="module")
+def selection(assets, data_file, tmp_path_factory):
+    """A KD-aware selection of 5 pool examples (the highest teacher-student divergence)."""
+    out = tmp_path_factory.mktemp("sel") / "kd"
+    run_select(select_recipe_from_dict(srecipe(assets, data_file, out, scorer={"kind": "kd_divergence"}, budget=5)))
+    return out / SELECTION
+
+
+@pytest.fixture(scope="module")
+def judged(assets, data_file, selection, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evlm") / "out"
+    rec = load_eval_data_recipe(lm_recipe(assets, data_file, out, selection))
+    return out, run_eval_data(rec)
+
+
+def test_arms_share_size_and_steps_and_the_set_is_the_selection(judged, selection):
+    out, rep = judged
+    assert rep["kind"] == "causal_lm" and rep["runs"] == ["hard", "soft"]
+    (st,) = rep["sets"]
+    ids = json.loads(selection.read_text())["example_ids"]
+    assert st["size"] == len(ids) == 5 and set(st["arms"]) == {"set", "random", "k_center"}
+    # equal epochs: 5 examples, batch 2, 1 epoch -> 3 steps for every arm of the set's size
+    assert {a["steps"] for a in st["arms"].values()} == {3} and {a["examples"] for a in st["arms"].values()} == {5}
+    assert rep["full"]["steps"] == math.ceil(rep["n_pool"] / 2) and rep["full"]["examples"] == rep["n_pool"]
+    # two random draws (one per seed), each of 5 pool examples, drawn by `potstill select`
+    draws = [json.loads((out / "baselines" / f"random_n5_s{i}" / SELECTION).read_text())["example_ids"]
+             for i in range(2)]
+    assert all(len(d) == 5 for d in draws) and draws[0] != draws[1]
+    for run in ("hard", "soft"):
+        fkl = st["arms"]["set"]["runs"][run]["forward_kl"]
+        assert fkl["n"] == 2 and all(math.isfinite(v) and v > 0 for v in fkl["values"])
+    assert not (out / "students").exists()  # scratch students are removed
+
+
+def test_gain_and_ratio_follow_their_definitions(judged):
+    _, rep = judged
+    (st,) = rep["sets"]
+    for run in ("hard", "soft"):
+        rnd = st["arms"]["random"]["runs"][run]["forward_kl"]["mean"]
+        full = rep["full"]["runs"][run]["forward_kl"]
+        for arm in st["arms"].values():
+            per = arm["runs"][run]
+            m = per["forward_kl"]["mean"]
+            assert m == pytest.approx(sum(per["forward_kl"]["values"]) / 2)
+            assert per["gain_vs_random_pct"] == pytest.approx(100 * (rnd - m) / rnd)
+            assert per["ratio_to_full"] == pytest.approx(m / full)
+        assert st["arms"]["random"]["runs"][run]["gain_vs_random_pct"] == pytest.approx(0.0)
+    # the untrained student and the teacher's own row are reported; the teacher is at KL 0
+    assert rep["teacher"]["forward_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rep["student_init"]["forward_kl"] > 0
+    line = summary_line(rep)
+    assert line.startswith("eval-data: kd_top (n=5): hard FKL") and "x full" in line and "\n" not in line
+
+
+def test_set_arm_trains_exactly_as_distill_on_the_selection(assets, data_file, selection, judged, tmp_path):
+    """Independent reference: `potstill distill` with data.selection, the same steps and seed."""
+    from potstill.pipeline import distill
+
+    _, rep = judged
+    d = recipe(assets, tmp_path / "d", **{"data.source.path": str(data_file), "data.eval_size": 4,
+                                         "data.max_length": 64, "data.selection": str(selection)})
+    d.update(student={"kind": "from_teacher", "layers": 1}, runs=RUNS,
+             train={"max_steps": 3, "batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1, "seed": 0},
+             eval={"max_new_tokens": 1, "batch_size": 8, "include_untrained": True})
+    metrics = distill(recipe_from_dict(d), progress=False)
+    arm = rep["sets"][0]["arms"]["set"]["runs"]
+    for run in ("hard", "soft"):
+        assert arm[run]["forward_kl"]["values"][0] == pytest.approx(metrics[run]["forward_kl"], rel=1e-5)
+        assert arm[run]["top1_agreement"]["values"][0] == pytest.approx(metrics[run]["top1_agreement"])
+    assert rep["student_init"]["forward_kl"] == pytest.approx(metrics["student_init"]["forward_kl"], rel=1e-5)
+
+
+def test_a_rerun_resumes_and_a_changed_recipe_starts_over(assets, data_file, selection, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    base = lm_recipe(assets, data_file, out, selection, seeds=1, baselines=["random"], full=False,
+                     runs=RUNS[1:])
+    first = run_eval_data(load_eval_data_recipe(base))
+    calls = []
+    real = __import__("potstill.pipeline", fromlist=["train_run"]).train_run
+    monkeypatch.setattr("potstill.pipeline.train_run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = run_eval_data(load_eval_data_recipe(base))
+    assert calls == []  # everything came from arms.json
+    assert again["sets"] == first["sets"] and again["fingerprint"] == first["fingerprint"]
+    # an interrupted run: one arm missing from arms.json is trained, the others are kept
+    arms = json.loads((out / "arms.json").read_text())
+    arms["arms"].pop("random_n5_s0")
+    (out / "arms.json").write_text(json.dumps(arms))
+    run_eval_data(load_eval_data_recipe(base))
+    assert len(calls) == 1
+    # a changed recipe (other epochs) is not mixed with the old results
+    calls.clear()
+    changed = run_eval_data(load_eval_data_recipe({**base, "epochs": 2.0}))
+    assert len(calls) == 2 and changed["fingerprint"] != first["fingerprint"]
+    assert changed["sets"][0]["arms"]["set"]["steps"] == 5
+
+
+def test_construction_seconds_from_the_selection_report(judged, selection):
+    _, rep = judged
+    arms = rep["sets"][0]["arms"]
+    report = json.loads((selection.parent / REPORT).read_text())
+    assert arms["set"]["construction_seconds"] == pytest.approx(report["timings_s"]["total_s"])
+    assert arms["set"]["construction_source"].endswith(REPORT)
+    assert arms["random"]["construction_source"] == "measured" and arms["random"]["construction_seconds"] >= 0
+
+
+def _bad_cases(assets, data_file, selection, tmp_path):
+    out = tmp_path / "out"
+    base = lm_recipe(assets, data_file, out, selection)
+    other = tmp_path / "other"
+    run_select(select_recipe_from_dict({**srecipe(assets, data_file, other, scorer={"kind": "random"}, budget=3),
+                                        "data": {**base["data"], "seed": 1}}))
+    return {
+        "missing set": ({**base, "sets": [{"name": "a", "path": str(tmp_path / "none.json")}]}, "does not exist"),
+        "selection of another pool": ({**base, "sets": [{"name": "a", "path": str(other)}]}, "set 'a':"),
+        "no random baseline": ({**base, "baselines": ["k_center"]}, "must include random"),
+        "reserved set name": ({**base, "sets": [{"name": "full", "path": str(selection)}]}, "reserved"),
+        "data.selection": ({**base, "data": {**base["data"], "selection": str(selection)}}, "remove data.selection"),
+        "unknown key": ({**base, "epoch": 2}, "'epoch' is not a known option"),
+        "bad run": ({**base, "runs": [{"name": "kd", "alpha": 2.0}]}, "runs.0.alpha"),
+    }
+
+
+BAD = ["missing set", "selection of another pool", "no random baseline", "reserved set name", "data.selection",
+       "unknown key", "bad run"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_recipes_give_one_line_through_the_cli(assets, data_file, selection, tmp_path, case, capsys):
+    cases = _bad_cases(assets, data_file, selection, tmp_path)
+    assert sorted(cases) == sorted(BAD)
+    rec, expected = cases[case]
+    capsys.readouterr()  # the bars of building the cases
+    assert main(["eval-data", str(write(tmp_path / "r.yaml", rec))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and expected in err and "\n" not in err, err
+    assert not (tmp_path / "out" / "eval_data.json").exists()
+
+
+def test_the_cli_runs_an_lm_recipe(assets, data_file, selection, tmp_path, capsys):
+    out = tmp_path / "out"
+    rec = lm_recipe(assets, data_file, out, selection, seeds=1, baselines=["random"], full=False, runs=RUNS[1:])
+    assert main(["eval-data", str(write(tmp_path / "r.yaml", rec)), "epochs=0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "kd_top (n=5): soft FKL" in printed and "eval-data: results in" in printed
+    rep = json.loads((out / "eval_data.json").read_text())
+    assert rep["protocol"]["epochs"] == 0.5 and rep["sets"][0]["arms"]["set"]["steps"] == 2
+    assert rep["full"] is None and "ratio_to_full" in rep["sets"][0]["arms"]["set"]["runs"]["soft"]
+    assert isinstance(eval_data_lm.load_lm_recipe(rec), eval_data_lm.EvalDataLMRecipe)
