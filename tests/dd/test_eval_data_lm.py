@@ -17,7 +17,6 @@ from potstill.config import recipe_from_dict
 from potstill.dd import eval_data_lm
 from potstill.dd.eval_data import load_eval_data_recipe, run_eval_data, summary_line
 from potstill.dd.pipeline import REPORT, SELECTION, run_select, select_recipe_from_dict
-from potstill.errors import PotstillError
 from test_cli import assets, recipe, write  # noqa: F401  (module-scoped fixture reused)
 from dd.test_select_pipeline import data_file, srecipe  # noqa: F401
 

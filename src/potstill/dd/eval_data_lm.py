@@ -279,8 +279,6 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
         atomic_write_json(arms_path, _finite({"fingerprint": fp, "arms": done}))
     full = learn("full", pool, 0) if recipe.full else None
 
-    baseline_keys: dict[tuple[str, int, int], tuple[str, float]] = {}
-
     def baseline(kind: str, n: int, seed: int) -> tuple[str, list[dict], float]:
         """``(key, examples, seconds)`` of one baseline subset of ``n`` pool examples, drawn by run_select."""
         key = f"{kind}_n{n}_s{seed}"
