@@ -266,6 +266,38 @@ def _draw(kind: str, counts: dict[int, int], labels: torch.Tensor, emb: torch.Te
     return rows[per_class(fn, emb[rows], labels[rows], counts, **({"seed": seed} if seeded else {}))]
 
 
+# ------------------------------------------------------------------------------- shared with select
+
+
+def build_learner(recipe, num_labels: int):
+    """``(learner, feats_of)``: the recipe's learner (``learner`` section) and its feature function
+    (mean-pooled when ``trainable_layers`` is 0). Shared by eval-data and classification ``select``."""
+    lr_cfg = recipe.learner
+    encoder, tokenizer = load_encoder(lr_cfg.encoder)
+    model = TextClassifier(encoder, tokenizer, num_labels=num_labels, seed=recipe.seed)
+    learner = SplitLearner.from_classifier(model, trainable_layers=lr_cfg.trainable_layers, max_length=lr_cfg.max_length)
+
+    def feats_of(data):
+        f = learner.features(data)
+        return cr._pooled(f) if lr_cfg.trainable_layers == 0 else f
+
+    return learner, feats_of
+
+
+def coreset_space(pool_f) -> torch.Tensor:
+    """The coresets' space: the L2-normalized mean-pooled prefix features of the pool."""
+    return F.normalize(cr._pooled(pool_f).hidden[:, 0], dim=-1)
+
+
+def train_pool_teacher(recipe, learner: SplitLearner, pool_f):
+    """The soft-label teacher: the learner trained on the whole pool (``teacher`` section, seed ``recipe.seed``)."""
+    teacher = learner.new_top(10_000)
+    tc = recipe.teacher
+    train_top(teacher, pool_f, steps=tc.steps, lr=tc.lr or recipe.learner.lr, batch_size=tc.batch_size,
+              seed=recipe.seed)
+    return teacher
+
+
 # ------------------------------------------------------------------------------- run
 
 
@@ -306,27 +338,18 @@ def run_eval_data(recipe) -> dict:
         path, replicas = _load_set(s, pool)
         loaded.append((s, path, replicas, _class_counts(s.name, replicas, pool_counts), *_construction(s, path)))
 
-    encoder, tokenizer = load_encoder(lr_cfg.encoder)
-    model = TextClassifier(encoder, tokenizer, num_labels=max(max(pool_counts) + 1, 2), seed=recipe.seed)
-    learner = SplitLearner.from_classifier(model, trainable_layers=lr_cfg.trainable_layers, max_length=lr_cfg.max_length)
-
-    def feats_of(data):
-        f = learner.features(data)
-        return cr._pooled(f) if lr_cfg.trainable_layers == 0 else f
-
+    learner, feats_of = build_learner(recipe, num_labels=max(max(pool_counts) + 1, 2))
     t0 = time.perf_counter()
     pool_f, eval_f = feats_of(pool), feats_of(held)
-    emb = F.normalize(cr._pooled(pool_f).hidden[:, 0], dim=-1)  # coreset space: the pooled prefix features
+    emb = coreset_space(pool_f)
     features_s = time.perf_counter() - t0
     teacher, teacher_report, pool_soft = None, None, None
     if "soft" in kinds:  # the learner trained on the whole pool: the full-data reference (benchmarks/dd_sst2.py)
         t0 = time.perf_counter()
-        teacher = learner.new_top(10_000)
-        tc = recipe.teacher
-        train_top(teacher, pool_f, steps=tc.steps, lr=tc.lr or lr_cfg.lr, batch_size=tc.batch_size, seed=recipe.seed)
+        teacher = train_pool_teacher(recipe, learner, pool_f)
         pool_soft = predict_features(teacher, pool_f)
         teacher_report = {k: evaluate_features(teacher, eval_f)[k] for k in METRICS}
-        teacher_report.update(steps=tc.steps, train_s=time.perf_counter() - t0)
+        teacher_report.update(steps=recipe.teacher.steps, train_s=time.perf_counter() - t0)
     protocol = {"learner": learner, "eval_examples": eval_f, "steps": lr_cfg.steps, "lr": lr_cfg.lr,
                 "batch_size": lr_cfg.batch_size}
 

@@ -303,11 +303,16 @@ def select_recipe_from_dict(data: dict, overrides: list[str] | None = None,
     return sr
 
 
-def load_select_recipe(path: str | Path, overrides: list[str] | None = None) -> SelectRecipe:
-    """Read a YAML select recipe (``yaml.safe_load``) and apply ``key=value`` overrides."""
+def load_select_recipe(path: str | Path, overrides: list[str] | None = None):
+    """Read a YAML select recipe (``yaml.safe_load``) and apply ``key=value`` overrides. A recipe
+    with ``kind: classification`` gives a :class:`~potstill.dd.select_cls.ClsSelectRecipe`."""
     from ..config import read_recipe_file
 
     data = read_recipe_file(path, "teacher, student, data, select")
+    if data.get("kind") == "classification":
+        from .select_cls import load_cls_select_recipe
+
+        return load_cls_select_recipe(data, overrides or [])
     return select_recipe_from_dict(data, overrides, base_dir=Path(path).parent)
 
 
@@ -593,7 +598,12 @@ def run_select(sr: SelectRecipe) -> dict:
 
     Returns the content of ``selection_report.json`` plus ``"paths"`` (the three files).
     Nothing is written before the models, the data, the cache and the budget are checked.
+    A classification recipe runs :func:`potstill.dd.select_cls.run_select_cls`.
     """
+    if not isinstance(sr, SelectRecipe):
+        from .select_cls import run_select_cls
+
+        return run_select_cls(sr)
     from ..pipeline import Prepared
     from .dedup import MinHashDedup
     from .select import apply_filters, drop_ifd_above_one, keep_indices, reason_key, top_k
