@@ -33,11 +33,16 @@ Reported per arm: FKL, its ratio to the 100% student, selection cost (scoring se
 model loading excluded), training seconds, and an estimated total cost vs the 100% student
 (the KD-aware arms need the teacher pass over the whole pool, the others over their 10%).
 
+``--source mixed --pool 900`` adds Self-Instruct's user-oriented and seed tasks (one row per
+instance, the input appended to the instruction) to AlpacaEval for a pool of 900 (its results:
+``benchmarks/results/select_llm_mixed900.json``).
+
 ``--layers 27 --lr 1e-4`` is the *healing* regime (a student with 3 of the teacher's 30 layers
 removed, distilled back: Minitron-style prune then distill), where the student starts close to
 the teacher (its results: ``benchmarks/results/select_llm_heal27.json``).
 
-Usage: ``python benchmarks/select_llm.py [--quick] [--arms a,b] [--layers N] [--lr X] [--equal-steps] [--out PATH]``.
+Usage: ``python benchmarks/select_llm.py [--quick] [--source alpaca|mixed] [--pool N] [--arms a,b] [--layers N]
+[--lr X] [--equal-steps] [--out PATH]``.
 Writes JSON and prints one line.
 """
 
@@ -84,14 +89,35 @@ DEFAULT_ARMS = ("random", "perplexity", "ifd_loss_ratio", "kd_divergence", "conf
 KD_AWARE = ("kd_divergence", "confident_teacher_unsure_student", "kd_divergence_easiest")
 
 
-def write_pool(path: Path, n_rows: int, max_length: int, seed: int = 0) -> dict:
-    """A seeded subset of AlpacaEval whose chat-formatted prompts leave >= 16 answer tokens."""
-    from potstill.data import encode_prompt
+def _source_rows(source: str) -> tuple[list[dict], list[str]]:
+    """(instruction, output, dataset) rows of ``alpaca`` (AlpacaEval's 805) or ``mixed`` (those plus the
+    Self-Instruct user-oriented tasks and seed tasks, one row per instance, input appended to the
+    instruction as in Self-Instruct's prompts)."""
     from potstill.data.rationale import data_root
+
+    root = data_root()
+    src = root / "alpaca_eval" / "gpt4_outputs.json"
+    rows = [{"instruction": r["instruction"], "output": r["output"], "dataset": r["dataset"]}
+            for r in json.loads(src.read_text(encoding="utf-8"))]
+    paths = [str(src)]
+    if source == "mixed":
+        for name in ("user_oriented_instructions", "seed_tasks"):
+            f = root / "self_instruct" / f"{name}.jsonl"
+            paths.append(str(f))
+            for line in f.read_text(encoding="utf-8").splitlines():
+                task = json.loads(line)
+                for inst in task["instances"]:
+                    prompt = task["instruction"] + (f"\n\n{inst['input']}" if inst["input"] else "")
+                    rows.append({"instruction": prompt, "output": inst["output"], "dataset": f"self_instruct_{name}"})
+    return rows, paths
+
+
+def write_pool(path: Path, n_rows: int, max_length: int, seed: int = 0, source: str = "alpaca") -> dict:
+    """A seeded subset of the source whose chat-formatted prompts leave >= 16 answer tokens."""
+    from potstill.data import encode_prompt
     from potstill.models import load_tokenizer
 
-    src = data_root() / "alpaca_eval" / "gpt4_outputs.json"
-    rows = json.loads(src.read_text(encoding="utf-8"))
+    rows, paths = _source_rows(source)
     tok = load_tokenizer(TEACHER)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
@@ -99,11 +125,14 @@ def write_pool(path: Path, n_rows: int, max_length: int, seed: int = 0) -> dict:
     for i in order:
         r = rows[i]
         if len(encode_prompt(tok, [{"role": "user", "content": r["instruction"]}])) <= max_length - 16:
-            keep.append({"instruction": r["instruction"], "output": r["output"], "dataset": r["dataset"]})
+            keep.append(r)
         if len(keep) == n_rows:
             break
+    if len(keep) < n_rows:
+        raise SystemExit(f"select_llm: only {len(keep)} prompts of {source!r} fit max_length {max_length}; "
+                         f"lower --pool/--eval-size or raise --max-length")
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
-    return {"source": str(src), "rows": len(keep), "of": len(rows), "seed": seed,
+    return {"source": paths if len(paths) > 1 else paths[0], "rows": len(keep), "of": len(rows), "seed": seed,
             "datasets": {d: sum(r["dataset"] == d for r in keep) for d in sorted({r["dataset"] for r in keep})}}
 
 
@@ -132,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny run, smoke test only")
     p.add_argument("--out", default=None, help=f"JSON path (default {DEFAULT_OUT}; --quick: a temp file)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"10%% arms (of random, {', '.join(ARMS)})")
+    p.add_argument("--source", choices=("alpaca", "mixed"), default="alpaca",
+                   help="alpaca: AlpacaEval's 805; mixed: plus Self-Instruct's user-oriented and seed tasks")
     p.add_argument("--pool", type=int, default=400, help="training pool size (examples)")
     p.add_argument("--eval-size", type=int, default=40, help="held-out examples")
     p.add_argument("--max-length", type=int, default=96, help="prompt + answer tokens")
@@ -172,8 +203,8 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="potstill-bench-select-") as tmp:
         work = Path(tmp)
-        data_path = work / "alpaca_pool.jsonl"
-        results["data"] = write_pool(data_path, args.pool + args.eval_size, args.max_length)
+        data_path = work / f"{args.source}_pool.jsonl"
+        results["data"] = write_pool(data_path, args.pool + args.eval_size, args.max_length, source=args.source)
         base = base_dict(data_path, work, args)
         recipe = Recipe.model_validate(base)
 
