@@ -193,3 +193,25 @@ def test_the_cli_runs_an_lm_recipe(assets, data_file, selection, tmp_path, capsy
     assert rep["protocol"]["epochs"] == 0.5 and rep["sets"][0]["arms"]["set"]["steps"] == 2
     assert rep["full"] is None and "ratio_to_full" in rep["sets"][0]["arms"]["set"]["runs"]["soft"]
     assert isinstance(eval_data_lm.load_lm_recipe(rec), eval_data_lm.EvalDataLMRecipe)
+
+
+def test_soft_arms_from_an_exact_cache_equal_the_live_teacher(assets, data_file, selection, tmp_path):
+    """A top-k cache with k = the whole vocabulary (fp32) is the teacher's distribution: the arms
+    trained from it, a subset of the pool read by example id, end where the live teacher's do."""
+    from transformers import AutoConfig
+
+    from potstill.pipeline import cache
+
+    vocab = AutoConfig.from_pretrained(assets[1]).vocab_size
+    common = {"seeds": 1, "baselines": ["random"], "full": False, "runs": RUNS[1:]}
+    live = run_eval_data(load_eval_data_recipe(lm_recipe(assets, data_file, tmp_path / "live", selection, **common)))
+    cached_rec = load_eval_data_recipe(lm_recipe(
+        assets, data_file, tmp_path / "cached", selection, **common,
+        cache={"dir": str(tmp_path / "tc"), "signal": {"kind": "topk", "k": vocab}, "dtype": "fp32"}))
+    cache(cached_rec.distill_recipe(), progress=False)
+    cached = run_eval_data(cached_rec)
+    for arm in ("set", "random"):
+        a = live["sets"][0]["arms"][arm]["runs"]["soft"]["forward_kl"]["mean"]
+        b = cached["sets"][0]["arms"][arm]["runs"]["soft"]["forward_kl"]["mean"]
+        assert b == pytest.approx(a, rel=1e-3), arm
+    assert cached["protocol"]["cache"] is True and live["protocol"]["cache"] is False
