@@ -16,7 +16,7 @@ from potstill.cli import main
 from potstill.config import recipe_from_dict
 from potstill.dd import eval_data_lm
 from potstill.dd.eval_data import load_eval_data_recipe, run_eval_data, summary_line
-from potstill.dd.pipeline import REPORT, SELECTION, run_select, select_recipe_from_dict
+from potstill.dd.pipeline import REPORT, SELECTED, SELECTION, run_select, select_recipe_from_dict
 from test_cli import assets, recipe, write  # noqa: F401  (module-scoped fixture reused)
 from dd.test_select_pipeline import data_file, srecipe  # noqa: F401
 
@@ -164,11 +164,17 @@ def _bad_cases(assets, data_file, selection, tmp_path):
         "data.selection": ({**base, "data": {**base["data"], "selection": str(selection)}}, "remove data.selection"),
         "unknown key": ({**base, "epoch": 2}, "'epoch' is not a known option"),
         "bad run": ({**base, "runs": [{"name": "kd", "alpha": 2.0}]}, "runs.0.alpha"),
+        "jsonl set with a cache": ({**base, "cache": {"signal": {"kind": "topk", "k": 8}},
+                                    "sets": [{"name": "syn", "path": str(selection), "format": "jsonl"}]},
+                                   "set 'syn' holds new examples that the cache does not cover"),
+        "jsonl set missing a column": ({**base, "sets": [{"name": "syn", "path": str(selection.parent / SELECTED),
+                                                          "format": "jsonl", "response_field": "answer"}]},
+                                       "set 'syn'"),
     }
 
 
 BAD = ["missing set", "selection of another pool", "no random baseline", "reserved set name", "data.selection",
-       "unknown key", "bad run"]
+       "unknown key", "bad run", "jsonl set with a cache", "jsonl set missing a column"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -215,3 +221,27 @@ def test_soft_arms_from_an_exact_cache_equal_the_live_teacher(assets, data_file,
         b = cached["sets"][0]["arms"][arm]["runs"]["soft"]["forward_kl"]["mean"]
         assert b == pytest.approx(a, rel=1e-3), arm
     assert cached["protocol"]["cache"] is True and live["protocol"]["cache"] is False
+
+
+def test_a_jsonl_set_of_the_selected_rows_trains_as_the_selection(assets, data_file, selection, tmp_path):
+    """``format: jsonl`` (new examples, e.g. synthetic.jsonl): the selection's own rows written as
+    prompt/response lines give the selection's metrics; its seconds come from synthesis_report.json."""
+    syn = tmp_path / "syn"
+    syn.mkdir()
+    rows = [json.loads(x) for x in (selection.parent / SELECTED).read_text().splitlines()]
+    (syn / "synthetic.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n"
+                                                 for r in rows))
+    (syn / "synthesis_report.json").write_text(json.dumps({"round_seconds": 42.5, "wall_seconds": 3.0}))
+    sets = [{"name": "sel", "path": str(selection)},
+            {"name": "syn", "path": str(syn / "synthetic.jsonl"), "format": "jsonl"}]
+    rep = run_eval_data(load_eval_data_recipe(lm_recipe(assets, data_file, tmp_path / "out", selection, seeds=1,
+                                                        baselines=["random"], full=False, sets=sets)))
+    sel, new = rep["sets"]
+    assert new["format"] == "jsonl" and new["size"] == sel["size"] == len(rows)
+    for run in ("hard", "soft"):
+        a, b = sel["arms"]["set"]["runs"][run], new["arms"]["set"]["runs"][run]
+        assert b["forward_kl"]["values"] == pytest.approx(a["forward_kl"]["values"], rel=1e-6)
+        # one size, one set of random baselines: the same random arm judges both
+        assert new["arms"]["random"]["runs"][run]["forward_kl"] == sel["arms"]["random"]["runs"][run]["forward_kl"]
+    assert new["arms"]["set"]["construction_seconds"] == 42.5
+    assert new["arms"]["set"]["construction_source"].endswith("synthesis_report.json")

@@ -1,8 +1,10 @@
 """``potstill eval-data`` for causal-LM training sets: a selection vs random and coreset subsets under KD.
 
 The evaluation protocol of :mod:`potstill.dd.eval_data`, for instruction data and LLM students (a
-recipe with ``kind: causal_lm``). Every set (a ``selection.json`` from ``potstill select`` over this
-recipe's pool) is compared, at the *same number of examples*, with baseline subsets of the same pool
+recipe with ``kind: causal_lm``). Every set (``format: selection``, a ``selection.json`` from
+``potstill select`` over this recipe's pool; or ``format: jsonl``, new prompt/response rows such as
+``potstill synthesize``'s ``synthetic.jsonl``, trained from the live teacher since no cache covers
+them) is compared, at the *same number of examples*, with baseline subsets of the same pool
 (``random``, one draw per seed, and the coresets ``k_center``, ``kmeans_medoids``, ``herding`` over
 ``embeddings``), each drawn by :func:`potstill.dd.pipeline.run_select` so the baselines are what the
 ``select`` verb would give. Every arm is trained by every run of ``runs`` (default: ``hard``, SFT on
@@ -15,7 +17,8 @@ Reported per set, arm and run, over ``seeds`` learners: held-out forward KL to t
 response token, T = 1; lower is better), top-1 agreement, perplexity of the references, mean +- std;
 the gain over random (``gain_vs_random_pct``: how much lower the forward KL is, in % of random's);
 the ratio to the 100% student; the examples' response tokens; the construction seconds (the
-``selection_report.json`` beside the set, or the recipe's ``construction_seconds``; null if unknown).
+recipe's ``construction_seconds``, else ``selection_report.json`` or ``synthesis_report.json``
+beside the set; null if unknown).
 
 Long runs resume: each finished arm's metrics are written atomically to ``arms.json`` under the
 recipe's fingerprint (and every set's content hash); a rerun of the same recipe trains only what is
@@ -65,10 +68,15 @@ def _default_lm_runs() -> list[RunConfig]:
 
 class LMSet(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Name of the arm in the report.")
-    path: str = Field(..., min_length=1, description="A selection.json of `potstill select` over this recipe's "
-                      "pool (the same data section), or the folder holding it.")
+    path: str = Field(..., min_length=1, description="selection: a selection.json of `potstill select` over this "
+                      "recipe's pool (the same data section), or its folder; jsonl: a file of prompt/response rows.")
+    format: Literal["selection", "jsonl"] = Field("selection", description="selection: a subset of the pool; "
+                                                  "jsonl: new examples, e.g. synthetic.jsonl of `potstill synthesize`.")
+    prompt_field: str = Field("prompt", description="jsonl: the column holding the prompt.")
+    response_field: str = Field("response", description="jsonl: the column holding the response.")
     construction_seconds: float | None = Field(None, ge=0.0, description="Seconds it took to build the set "
-                                               "(null: selection_report.json's timings_s.total_s, else unknown).")
+                                               "(null: read from selection_report.json or synthesis_report.json "
+                                               "beside it, else unknown).")
 
 
 class EvalDataLMRecipe(_Strict):
@@ -121,6 +129,10 @@ class EvalDataLMRecipe(_Strict):
                              "the whole pool; remove data.selection")
         if self.teacher.model is None:
             raise ValueError("teacher.model is null: held-out forward KL needs the teacher's logits; name a teacher")
+        new = next((s.name for s in self.sets if s.format == "jsonl"), None)
+        if new is not None and self.cache is not None:
+            raise ValueError(f"set '{new}' holds new examples that the cache does not cover; remove `cache` so every "
+                             "arm trains from the live teacher alike")
         return self
 
     def distill_recipe(self):
@@ -152,30 +164,49 @@ def load_lm_recipe(data: dict) -> EvalDataLMRecipe:
 # ------------------------------------------------------------------------------- helpers
 
 
-def _selection_path(s: LMSet) -> Path:
+def _set_path(s: LMSet) -> Path:
     from .eval_data import _resolve
     from .pipeline import SELECTION
 
     p = _resolve(s.path)
-    if p.is_dir():
+    if s.format == "selection" and p.is_dir():
         p = p / SELECTION
     if not p.is_file():
-        raise PotstillError(f"set '{s.name}': '{p}' does not exist; point its path at a selection.json of "
-                            "`potstill select`")
+        what = "a selection.json of `potstill select`" if s.format == "selection" else "a jsonl file"
+        raise PotstillError(f"set '{s.name}': '{p}' does not exist or is not a file; point its path at {what}")
     return p
 
 
-def _construction(s: LMSet, path: Path) -> tuple[float | None, str | None]:
-    from .pipeline import REPORT
+# where a set's construction time is read from: the report beside it and the keys to its seconds
+REPORT_TIMINGS = {"selection_report.json": ("timings_s", "total_s"), "synthesis_report.json": ("round_seconds",)}
 
+
+def _construction(s: LMSet, path: Path) -> tuple[float | None, str | None]:
     if s.construction_seconds is not None:
         return s.construction_seconds, "recipe"
-    try:
-        v = json.loads((path.parent / REPORT).read_text(encoding="utf-8"))["timings_s"]["total_s"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None, None
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-    return (float(v), str(path.parent / REPORT)) if ok else (None, None)
+    for name, keys in REPORT_TIMINGS.items():
+        try:
+            v = json.loads((path.parent / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for k in keys:
+            v = v.get(k) if isinstance(v, dict) else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
+            return float(v), str(path.parent / name)
+    return None, None
+
+
+def _jsonl_examples(s: LMSet, path: Path, recipe: EvalDataLMRecipe, tokenizer) -> list[dict]:
+    """A jsonl set's rows as encoded examples (the recipe's chat template, system prompt, max_length)."""
+    from ..data import load_records, records_to_pairs
+    from ..pipeline import encode_pairs
+
+    rows = load_records(str(path))
+    if not rows:
+        raise PotstillError(f"set '{s.name}': '{path}' holds no rows; point it at a non-empty set")
+    pairs = records_to_pairs(rows, prompt_field=s.prompt_field, response_field=s.response_field,
+                             system_prompt=recipe.data.system_prompt, where=f"set '{s.name}' ({path})")
+    return encode_pairs(pairs, tokenizer, recipe.data.max_length)
 
 
 def _tokens(examples: list[dict]) -> int:
@@ -208,7 +239,7 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
 
     t_start = time.perf_counter()
     distill = recipe.distill_recipe()
-    paths = [_selection_path(s) for s in recipe.sets]  # before the models load: a wrong path fails at once
+    paths = [_set_path(s) for s in recipe.sets]  # before the models load: a wrong path fails at once
     prep = Prepared(distill)
     pool = prep.pool_examples
     if not prep.eval_examples:
@@ -216,11 +247,14 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
     loaded = []  # every set is read and checked before anything trains: bad input fails fast
     for s, path in zip(recipe.sets, paths):
         try:
-            examples = load_selection(path, pool)
+            examples = (load_selection(path, pool) if s.format == "selection"
+                        else _jsonl_examples(s, path, recipe, prep.tokenizer))
         except PotstillError as err:
-            raise PotstillError(f"set '{s.name}': {err}") from None
+            msg = str(err)
+            raise PotstillError(msg if msg.startswith(f"set '{s.name}'") else f"set '{s.name}': {msg}") from None
         if len(examples) >= len(pool):
-            raise PotstillError(f"set '{s.name}' keeps all {len(pool)} pool examples; nothing to compare it with")
+            raise PotstillError(f"set '{s.name}' has {len(examples)} examples, the pool {len(pool)}: no real subset "
+                                "of its size to compare it with; raise the pool or judge a smaller set")
         loaded.append((s, path, examples, *_construction(s, path),
                        hashlib.sha256(path.read_bytes()).hexdigest()[:16]))
     source = prep.cached_source() if any(r.uses_teacher for r in distill.runs) else None
@@ -326,7 +360,8 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
                 per["gain_vs_random_pct"] = 100.0 * (rnd - fkl) / rnd if rnd else None
                 per["ratio_to_full"] = (fkl / full["runs"][run.name]["forward_kl"]
                                         if full and full["runs"][run.name]["forward_kl"] else None)
-        report_sets.append({"name": s.name, "path": str(path), "size": n, "fraction_of_pool": n / len(pool),
+        report_sets.append({"name": s.name, "format": s.format, "path": str(path), "size": n,
+                            "fraction_of_pool": n / len(pool),
                             "arms": arms})
     if not recipe.keep_students:
         shutil.rmtree(scratch, ignore_errors=True)
