@@ -122,11 +122,13 @@ def test_a_rerun_resumes_and_a_changed_recipe_starts_over(assets, data_file, sel
     base = lm_recipe(assets, data_file, out, selection, seeds=1, baselines=["random"], full=False,
                      runs=RUNS[1:])
     first = run_eval_data(load_eval_data_recipe(base))
-    calls = []
+    calls, draws = [], []
     real = __import__("potstill.pipeline", fromlist=["train_run"]).train_run
     monkeypatch.setattr("potstill.pipeline.train_run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_select = __import__("potstill.dd.pipeline", fromlist=["run_select"]).run_select
+    monkeypatch.setattr("potstill.dd.pipeline.run_select", lambda *a, **k: draws.append(1) or real_select(*a, **k))
     again = run_eval_data(load_eval_data_recipe(base))
-    assert calls == []  # everything came from arms.json
+    assert calls == [] and draws == []  # everything came from arms.json and the baselines' own files
     assert again["sets"] == first["sets"] and again["fingerprint"] == first["fingerprint"]
     # an interrupted run: one arm missing from arms.json is trained, the others are kept
     arms = json.loads((out / "arms.json").read_text())
@@ -139,6 +141,9 @@ def test_a_rerun_resumes_and_a_changed_recipe_starts_over(assets, data_file, sel
     changed = run_eval_data(load_eval_data_recipe({**base, "epochs": 2.0}))
     assert len(calls) == 2 and changed["fingerprint"] != first["fingerprint"]
     assert changed["sets"][0]["arms"]["set"]["steps"] == 5
+    # steps count optimizer steps: 5 examples, micro-batch 2 x accumulation 2, 1 epoch -> ceil(5 / 4) = 2
+    accum = run_eval_data(load_eval_data_recipe({**base, "train": {**base["train"], "gradient_accumulation_steps": 2}}))
+    assert accum["sets"][0]["arms"]["set"]["steps"] == 2 and accum["protocol"]["batch_size"] == 4
 
 
 def test_construction_seconds_from_the_selection_report(judged, selection):
@@ -186,7 +191,7 @@ def test_bad_recipes_give_one_line_through_the_cli(assets, data_file, selection,
     assert main(["eval-data", str(write(tmp_path / "r.yaml", rec))]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and expected in err and "\n" not in err, err
-    assert not (tmp_path / "out" / "eval_data.json").exists()
+    assert not (tmp_path / "out").exists()  # nothing is written before the input is checked
 
 
 def test_the_cli_runs_an_lm_recipe(assets, data_file, selection, tmp_path, capsys):
@@ -245,3 +250,27 @@ def test_a_jsonl_set_of_the_selected_rows_trains_as_the_selection(assets, data_f
         assert new["arms"]["random"]["runs"][run]["forward_kl"] == sel["arms"]["random"]["runs"][run]["forward_kl"]
     assert new["arms"]["set"]["construction_seconds"] == 42.5
     assert new["arms"]["set"]["construction_source"].endswith("synthesis_report.json")
+
+
+def test_non_finite_metrics_are_counted_not_averaged_and_the_line_still_prints():
+    st = eval_data_lm._stats([1.0, None, 3.0, float("nan")])
+    assert st["mean"] == 2.0 and st["n"] == 2 and st["non_finite"] == 2
+    assert math.isnan(eval_data_lm._stats([None])["mean"])
+    row = {"forward_kl": {"mean": None}, "gain_vs_random_pct": None, "ratio_to_full": None}
+    report = {"kind": "causal_lm", "runs": ["soft"], "baselines": ["random"], "total_s": 1.0, "path": "x",
+              "sets": [{"name": "s", "size": 3, "arms": {"set": {"runs": {"soft": row}},
+                                                          "random": {"runs": {"soft": row}}}}]}
+    assert summary_line(report) == "eval-data: s (n=3): soft FKL n/a (n/a% vs random; random n/a); 1 s  report: x"
+
+
+def test_data_paths_resolve_as_in_distill_and_select(assets, data_file, selection, tmp_path, monkeypatch):
+    monkeypatch.setenv("POTSTILL_DATA", str(data_file.parent))
+    rec = lm_recipe(assets, data_file, tmp_path / "o", selection)
+    rec["data"]["source"]["path"] = f"$POTSTILL_DATA/{data_file.name}"
+    assert Path(load_eval_data_recipe(rec).data.source.path) == data_file
+    # a relative data path is relative to the recipe file, as a distill or select recipe's is
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "pool.jsonl").write_text(data_file.read_text())
+    rec["data"]["source"]["path"] = "pool.jsonl"
+    loaded = load_eval_data_recipe(write(tmp_path / "sub" / "r.yaml", rec))
+    assert Path(loaded.data.source.path).resolve() == (tmp_path / "sub" / "pool.jsonl").resolve()

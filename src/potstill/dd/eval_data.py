@@ -137,7 +137,7 @@ def load_eval_data_recipe(source: str | Path | dict, overrides: Sequence[str] = 
     if isinstance(data, dict) and data.get("kind") == "causal_lm":
         from .eval_data_lm import load_lm_recipe
 
-        return load_lm_recipe(data)
+        return load_lm_recipe(data, base_dir=None if isinstance(source, dict) else Path(source).parent)
     try:
         return EvalDataRecipe.model_validate(data)
     except ValidationError as err:

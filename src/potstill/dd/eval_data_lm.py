@@ -149,15 +149,18 @@ class EvalDataLMRecipe(_Strict):
         return Recipe.model_validate(d)
 
 
-def load_lm_recipe(data: dict) -> EvalDataLMRecipe:
-    """A validated recipe from a dict (overrides already applied); problems raise one-line errors."""
-    from ..config import format_validation_error
+def load_lm_recipe(data: dict, base_dir: Path | None = None) -> EvalDataLMRecipe:
+    """A validated recipe from a dict (overrides already applied); problems raise one-line errors.
+    Data paths ($POTSTILL_DATA/..., relative to ``base_dir``, the recipe's folder) resolve as in
+    distill and select, so the same data section means the same pool."""
+    from ..config import format_validation_error, recipe_from_dict
 
     try:
         recipe = EvalDataLMRecipe.model_validate(data)
         recipe.distill_recipe()  # distill's own checks (cache vs runs, divergences, ...)
     except ValidationError as err:
         raise PotstillError(format_validation_error(err, data, "eval-data")) from None
+    recipe.data = recipe_from_dict({"data": recipe.data.model_dump(mode="json")}, base_dir=base_dir).data
     return recipe
 
 
@@ -213,18 +216,28 @@ def _tokens(examples: list[dict]) -> int:
     return sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in examples)
 
 
-def _fingerprint(recipe: EvalDataLMRecipe, set_hashes: list[str]) -> str:
+def _fingerprint(recipe: EvalDataLMRecipe, contents: list[str]) -> str:
+    """The recipe (less what cannot change a result) and the contents: the sets' bytes, the pool's
+    and held-out examples' tokens and the teacher's weights, so a retrained teacher or an edited
+    data file in place is not mixed with old results."""
     body = recipe.model_dump(mode="json")
-    for k in ("output_dir", "keep_students", "eval_batch_size"):
+    for k in ("output_dir", "keep_students", "eval_batch_size", "device"):
         body.pop(k, None)
-    body["set_hashes"] = set_hashes
+    body["contents"] = contents
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _stats(values: list[float]) -> dict:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": mean, "std": std, "n": len(values), "values": values}
+def _stats(values: list[float | None]) -> dict:
+    """Mean and std over the finite values (a diverged learner's NaN, stored as null, is counted
+    in ``non_finite`` and left out); all non-finite: mean and std are NaN."""
+    ok = [float(v) for v in values if v is not None and math.isfinite(v)]
+    mean = statistics.fmean(ok) if ok else math.nan
+    std = statistics.stdev(ok) if len(ok) > 1 else (0.0 if ok else math.nan)
+    return {"mean": mean, "std": std, "n": len(ok), "non_finite": len(values) - len(ok), "values": values}
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else format(x, fmt)
 
 
 # ------------------------------------------------------------------------------- run
@@ -261,7 +274,11 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
 
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fp = _fingerprint(recipe, [x[-1] for x in loaded])
+    from ..signals.cache import weights_fingerprint
+    from .pipeline import pool_fingerprint
+
+    fp = _fingerprint(recipe, [x[-1] for x in loaded] + [pool_fingerprint(pool), pool_fingerprint(prep.eval_examples),
+                                                          weights_fingerprint(prep.teacher)])
     arms_path = out / ARMS_FILE
     done: dict[str, dict] = {}
     if arms_path.is_file():
@@ -303,6 +320,27 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
         atomic_write_json(arms_path, _finite({"fingerprint": fp, "arms": done}))
         return row
 
+    def baseline(kind: str, n: int, seed: int) -> tuple[list[dict], float]:
+        """``(examples, seconds)`` of one baseline subset of ``n`` pool examples, drawn by run_select
+        (seconds: its scoring and selection, model loading left out)."""
+        key = f"{kind}_n{n}_s{seed}"
+        sel_dir = out / "baselines" / key
+        scorer: dict = {"kind": kind} if kind == "random" else {"kind": kind, "embeddings": recipe.embeddings}
+        sr = select_recipe_from_dict({
+            "output_dir": str(sel_dir), "teacher": recipe.teacher.model_dump(mode="json"),
+            "student": distill.student.model_dump(mode="json"), "student_seed": recipe.train.seed,
+            "data": recipe.data.model_dump(mode="json"), "device": recipe.device,
+            "select": {"scorer": scorer, "budget": n, "seed": recipe.train.seed + seed}})
+        if key in done and (sel_dir / SELECTION).is_file() and (sel_dir / REPORT).is_file():
+            timings = json.loads((sel_dir / REPORT).read_text(encoding="utf-8"))["timings_s"]
+        else:  # drawn again after a changed recipe or an interruption before its learners finished
+            timings = run_select(sr)["timings_s"]
+        return load_selection(sel_dir / SELECTION, pool), float(timings["total_s"] - timings.get("load_s", 0.0))
+
+    # every baseline is drawn before anything trains: a coreset that cannot run fails at once
+    draws = {(b, len(x[2]), i): baseline(b, len(x[2]), i) for x in loaded for b in recipe.baselines
+             for i in range(recipe.seeds)}
+
     # references: the untrained student, and the 100% student
     if "student_init" not in done:
         m = metrics_only(evaluate_runs({"student": prep.student0}, prep.teacher, prep.tokenizer, prep.eval_examples,
@@ -313,22 +351,6 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
         atomic_write_json(arms_path, _finite({"fingerprint": fp, "arms": done}))
     full = learn("full", pool, 0) if recipe.full else None
 
-    def baseline(kind: str, n: int, seed: int) -> tuple[str, list[dict], float]:
-        """``(key, examples, seconds)`` of one baseline subset of ``n`` pool examples, drawn by run_select."""
-        key = f"{kind}_n{n}_s{seed}"
-        sel_dir = out / "baselines" / key
-        scorer: dict = {"kind": kind} if kind == "random" else {"kind": kind, "embeddings": recipe.embeddings}
-        sr = select_recipe_from_dict({
-            "output_dir": str(sel_dir), "teacher": recipe.teacher.model_dump(mode="json"),
-            "student": distill.student.model_dump(mode="json"), "student_seed": recipe.train.seed,
-            "data": recipe.data.model_dump(mode="json"), "device": recipe.device,
-            "select": {"scorer": scorer, "budget": n, "seed": recipe.train.seed + seed}})
-        if key in done and (sel_dir / SELECTION).is_file() and (sel_dir / REPORT).is_file():
-            seconds = float(json.loads((sel_dir / REPORT).read_text(encoding="utf-8"))["timings_s"]["total_s"])
-        else:  # drawn again after a changed recipe or an interruption before its learners finished
-            seconds = float(run_select(sr)["timings_s"]["total_s"])
-        return key, load_selection(sel_dir / SELECTION, pool), seconds
-
     report_sets = []
     for s, path, examples, cost, cost_src, _h in loaded:
         n = len(examples)
@@ -338,8 +360,8 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
         for b in recipe.baselines:
             rows, secs = [], []
             for i in range(recipe.seeds):
-                key, sub, sec = baseline(b, n, i)
-                rows.append(learn(key, sub, i))
+                sub, sec = draws[(b, n, i)]
+                rows.append(learn(f"{b}_n{n}_s{i}", sub, i))
                 secs.append(sec)
             arm_rows[b] = rows
             arm_info[b] = {"construction_seconds": statistics.fmean(secs), "construction_source": "measured"}
@@ -357,9 +379,9 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
             for arm in arms.values():
                 per = arm["runs"][run.name]
                 fkl = per["forward_kl"]["mean"]
-                per["gain_vs_random_pct"] = 100.0 * (rnd - fkl) / rnd if rnd else None
-                per["ratio_to_full"] = (fkl / full["runs"][run.name]["forward_kl"]
-                                        if full and full["runs"][run.name]["forward_kl"] else None)
+                ref = full["runs"][run.name]["forward_kl"] if full else None
+                per["gain_vs_random_pct"] = 100.0 * (rnd - fkl) / rnd if math.isfinite(rnd) and rnd else None
+                per["ratio_to_full"] = fkl / ref if ref is not None and math.isfinite(ref) and ref else None
         report_sets.append({"name": s.name, "format": s.format, "path": str(path), "size": n,
                             "fraction_of_pool": n / len(pool),
                             "arms": arms})
@@ -386,9 +408,11 @@ def summary_line(report: dict) -> str:
         runs = []
         for run in report["runs"]:
             row = st["arms"]["set"]["runs"][run]
-            base = ", ".join(f"{b} {st['arms'][b]['runs'][run]['forward_kl']['mean']:.3f}" for b in report["baselines"])
+            base = ", ".join(f"{b} {_num(st['arms'][b]['runs'][run]['forward_kl']['mean'], '.3f')}"
+                             for b in report["baselines"])
             ratio = row.get("ratio_to_full")
-            runs.append(f"{run} FKL {row['forward_kl']['mean']:.3f} ({row['gain_vs_random_pct']:+.1f}% vs random"
+            runs.append(f"{run} FKL {_num(row['forward_kl']['mean'], '.3f')} "
+                        f"({_num(row['gain_vs_random_pct'], '+.1f')}% vs random"
                         + (f", {ratio:.2f}x full" if ratio is not None else "") + f"; {base})")
         parts.append(f"{st['name']} (n={st['size']}): " + " | ".join(runs))
     return f"eval-data: {'; '.join(parts)}; {report['total_s']:.0f} s  report: {report['path']}"

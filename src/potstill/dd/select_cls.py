@@ -110,9 +110,11 @@ def run_select_cls(recipe: ClsSelectRecipe) -> dict:
         p_label = probs[torch.arange(len(pool)), labels]
         pred = probs.argmax(-1)
         for i in range(len(pool)):
-            if int(pred[i]) != int(labels[i]) or float(p_label[i]) < sel.teacher_confident:
-                reasons[i] = (f"{NOT_CONFIDENT} (predicts {int(pred[i])}, p(label {int(labels[i])}) = "
-                              f"{float(p_label[i]):.3f} < {sel.teacher_confident})")
+            y, p_y = int(labels[i]), float(p_label[i])
+            if int(pred[i]) != y:
+                reasons[i] = f"{NOT_CONFIDENT} (predicts {int(pred[i])}, not the label {y}; p(label) = {p_y:.3f})"
+            elif p_y < sel.teacher_confident:
+                reasons[i] = f"{NOT_CONFIDENT} (p(label {y}) = {p_y:.3f} < {sel.teacher_confident})"
         timings["teacher_s"] = time.perf_counter() - t0
     cand = torch.tensor([i for i in range(len(pool)) if i not in reasons], dtype=torch.long)
     for y in classes:
@@ -146,6 +148,7 @@ def run_select_cls(recipe: ClsSelectRecipe) -> dict:
               "examples": rows,
               "paths": {"selection": str(out / SELECTION), "selected": str(out / SELECTED), "report": str(out / REPORT)}}
     out.mkdir(parents=True, exist_ok=True)
+    (out / SELECTION).unlink(missing_ok=True)  # written last: a crash below leaves no stale "complete" selection
     atomic_write_text(out / "select_recipe.resolved.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     atomic_write_text(out / SELECTED, "".join(json.dumps({"sentence": pool[i].text, "label": pool[i].label,
                                                           "example_id": i}, ensure_ascii=False) + "\n" for i in ids))
