@@ -5,8 +5,10 @@ embeddings ``S [m, L, H]`` (soft prompts as in Lester, Al-Rfou & Constant 2021, 
 Scale for Parameter-Efficient Prompt Tuning", EMNLP), fed to a model as ``inputs_embeds``.
 Their targets are soft labels at every position: by default the teacher's next-token
 distribution ``p_T(. | S_{i,<=t})``, recomputed from the current ``S`` before every use (the
-teacher reads the same embeddings; no gradient flows through it), or with
-``labels="learned"`` free logits ``Y [m, L, V]`` initialized from the teacher's.
+teacher reads the same embeddings; its weights are frozen, but the matching loss is
+differentiated through it w.r.t. ``S``: with the labels held fixed in the gradient, a step on
+``S`` moved them unseen and the matching distance grew), or with ``labels="learned"`` free
+logits ``Y [m, L, V]`` initialized from the teacher's.
 
 The KD loss of student parameters ``theta`` on inputs ``X`` with mask ``M`` is the forward KL
 (Hinton et al. 2015) averaged over the positions that count::
@@ -252,14 +254,16 @@ def lm_gradient_distance(student: nn.Module, theta: dict[str, Tensor], teacher: 
     """``D(grad_theta L(theta; S), grad_theta L(theta; B))`` (Zhao et al. 2021, eq. 10) for one real batch.
 
     ``embeds [m, L, H]``/``mask [m, L]`` is the synthetic side, ``target_logits [m, L, V]`` its
-    labels (default: the teacher on ``embeds``, no grad); differentiable w.r.t. both when
+    labels (default: the frozen teacher on ``embeds``, differentiable w.r.t. ``embeds``, so that a
+    step on the embeddings sees how it moves their labels too); differentiable w.r.t. both when
     ``create_graph``. Call it with student and teacher frozen (as :func:`condense_lm` does).
     """
     ids, rmask = real
     with torch.no_grad():
         t_real = _lm_logits(teacher, None, rmask, ids=ids)
-        if target_logits is None:
-            target_logits = _lm_logits(teacher, embeds.detach(), mask)
+    if target_logits is None:
+        with torch.set_grad_enabled(create_graph):
+            target_logits = _lm_logits(teacher, embeds if create_graph else embeds.detach(), mask)
     tensors = list(theta.values())
     g_real = torch.autograd.grad(kd_loss(_lm_logits(student, None, rmask, theta, ids=ids), t_real, rmask), tensors)
     g_syn = torch.autograd.grad(kd_loss(_lm_logits(student, embeds, mask, theta), target_logits, mask), tensors,
@@ -308,7 +312,7 @@ def condense_lm(student: nn.Module, teacher: nn.Module, real_batches, syn: SoftP
     mask, learn = syn.attention_mask, syn.learn_mask
     hist: dict[str, list[float]] = {"match": [], "reg": [], "time_s": []}
     t0, step = time.perf_counter(), 0
-    with _frozen(student, teacher), _eager(student):
+    with _frozen(student, teacher), _eager(student), _eager(teacher):
         for k in range(outer_steps):
             init_seed = seed * 100_003 + (k % n_inits if n_inits else k)
             theta = {n: v.detach().clone().requires_grad_(True) for n, v in init_fn(init_seed).items() if n in names}

@@ -179,14 +179,19 @@ class CondenseRecipe(_Strict):
         return self
 
 
-def load_condense_recipe(source: str | Path | dict, overrides: Sequence[str] = ()) -> CondenseRecipe:
+def load_condense_recipe(source: str | Path | dict, overrides: Sequence[str] = ()):
     """A validated :class:`CondenseRecipe` from a YAML file (``yaml.safe_load``) or a dict, with
     ``key.path=value`` overrides (``method.iterations=5``); any problem raises
-    :class:`PotstillError` naming the key."""
+    :class:`PotstillError` naming the key. ``kind: causal_lm`` gives a
+    :class:`~potstill.dd.condense_lm_recipe.CondenseLMRecipe` (soft prompts for an LLM student)."""
     from ..config import apply_plain_overrides, format_validation_error, read_recipe_file
 
     data = copy.deepcopy(source) if isinstance(source, dict) else read_recipe_file(source, "dataset, per_class, method, learner, ...")
     apply_plain_overrides(data, overrides, "method.iterations=5")
+    if data.get("kind") == "causal_lm":
+        from .condense_lm_recipe import load_condense_lm_recipe
+
+        return load_condense_lm_recipe(data, base_dir=None if isinstance(source, dict) else Path(source).parent)
     try:
         return CondenseRecipe.model_validate(data)
     except ValidationError as err:
@@ -264,9 +269,14 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def run_condense(recipe: CondenseRecipe) -> dict:
+def run_condense(recipe) -> dict:
     """Condense, save and evaluate as the recipe says (see the module docstring); returns the report
-    written to ``output_dir/condense_report.json``."""
+    written to ``output_dir/condense_report.json``. A ``causal_lm`` recipe runs
+    :func:`potstill.dd.condense_lm_recipe.run_condense_lm`."""
+    if not isinstance(recipe, CondenseRecipe):
+        from .condense_lm_recipe import run_condense_lm
+
+        return run_condense_lm(recipe)
     t_start = time.perf_counter()
     out = Path(recipe.output_dir)
     lr_cfg, meth = recipe.learner, recipe.method
