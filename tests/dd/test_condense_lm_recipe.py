@@ -108,3 +108,14 @@ def test_teacher_labels_are_differentiated_so_fixed_theta_matching_falls(assets,
     run_condense(load_condense_recipe(rec))
     h = load_soft_prompts(tmp_path / "o").history["match"]
     assert all(b < a for a, b in zip(h, h[1:])), h
+
+
+def test_windows_keep_the_end_or_the_start():
+    from potstill.dd.condense_lm_recipe import _pad
+
+    ids, mask = _pad([[1, 2, 3, 4, 5], [6, 7]], pad_id=0, length=3, window="end")
+    assert ids.tolist() == [[3, 4, 5], [6, 7, 0]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    ids, _ = _pad([[1, 2, 3, 4, 5], [6, 7]], pad_id=0, length=3, window="start")
+    assert ids.tolist() == [[1, 2, 3], [6, 7, 0]]
+    ids, mask = _pad([[1, 2, 3], [6]], pad_id=9)
+    assert ids.tolist() == [[1, 2, 3], [6, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -6,9 +6,10 @@ distill sections ``teacher``, ``student``, ``data``; they must share the tokeniz
 embedding width, e.g. a student pruned from the teacher).
 
 1. The pool is distill's train split. Real batches for matching: ``real_batch`` pool sequences
-   (prompt + response, right-padded), cycled. The set starts from the first ``length`` tokens of
-   ``sequences`` seeded pool examples (``init: real``) or from random text tokens (``random``);
-   special tokens and padding stay fixed.
+   (prompt + response, right-padded), cycled. The set starts from a ``length``-token window of
+   ``sequences`` seeded pool examples (``init: real``; ``window: end``, the default, keeps the last
+   tokens, the end of the response; ``start`` the chat header and prompt) or from random text
+   tokens (``random``); special tokens and padding stay fixed.
 2. :func:`~potstill.dd.condense_lm.condense_lm` for ``outer_steps``. ``theta: student`` matches
    gradients at the student's own starting weights (the student that will be trained); ``fresh``
    re-draws them every outer step (Zhao et al. 2021, for students trained from scratch).
@@ -17,7 +18,7 @@ embedding width, e.g. a student pruned from the teacher).
    ``condense_report.json``.
 4. ``evaluate`` (optional): fresh copies of the student are trained for the same steps on the
    condensed set, on its own start (the set before condensing) and on ``seeds`` random real
-   subsets of ``sequences`` pool sequences cut to ``length`` tokens (the same size); held-out
+   subsets of ``sequences`` pool sequences cut to the same window (the same size); held-out
    forward KL to the teacher on the recipe's eval split (all tokens), and the gain over random.
 
 Why experimental: see :mod:`potstill.dd.condense_lm`. On tiny models the set beats the untrained
@@ -50,8 +51,11 @@ TEXT = "condensed_text.jsonl"
 class CondenseLMSettings(cr._Strict):
     sequences: int = Field(8, ge=1, description="Soft-prompt sequences in the set.")
     length: int = Field(32, ge=2, description="Tokens per sequence.")
-    init: Literal["real", "random"] = Field("real", description="Start from the first `length` tokens of seeded "
+    init: Literal["real", "random"] = Field("real", description="Start from a `length`-token window of seeded "
                                             "pool examples, or from random text tokens.")
+    window: Literal["end", "start"] = Field("end", description="Which tokens of a real example a window keeps: the "
+                                            "last `length` (the end of the response) or the first (the chat "
+                                            "header and prompt). Also the random real subsets of the evaluation.")
     labels: Literal["teacher", "learned"] = Field("teacher", description="Targets: the teacher on the current "
                                                   "embeddings, or free logits started from it.")
     theta: Literal["student", "fresh"] = Field("student", description="Match gradients at the student's own "
@@ -112,9 +116,11 @@ def load_condense_lm_recipe(data: dict, base_dir: Path | None = None) -> Condens
     return recipe
 
 
-def _pad(seqs: list[list[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``(input_ids, attention_mask)``, cut to ``length`` tokens when given."""
-    seqs = [s[:length] if length else s for s in seqs]
+def _pad(seqs: list[list[int]], pad_id: int, length: int | None = None,
+         window: str = "start") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask)``, cut to ``length`` tokens when given (the first
+    ones, or with ``window="end"`` the last ones)."""
+    seqs = [(s[-length:] if window == "end" else s[:length]) if length else s for s in seqs]
     width = length or max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -151,7 +157,7 @@ def run_condense_lm(recipe: CondenseLMRecipe) -> dict:
     batches = [tuple(t.to(device) for t in _pad([pool[i]["input_ids"] for i in order[j:j + c.real_batch]], pad))
                for j in range(0, len(order), c.real_batch)]
     if c.init == "real":
-        ids, mask = _pad([pool[i]["input_ids"] for i in order[:c.sequences]], pad, c.length)
+        ids, mask = _pad([pool[i]["input_ids"] for i in order[:c.sequences]], pad, c.length, c.window)
         syn = init_soft_prompts(ids.to(device), mask.to(device), E, special_ids=prep.tokenizer.all_special_ids,
                                 labels=c.labels, teacher=teacher)
     else:
@@ -181,7 +187,8 @@ def run_condense_lm(recipe: CondenseLMRecipe) -> dict:
         rnd = []
         for s in range(ev.seeds):
             pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(1000 + s))[:c.sequences]
-            real = tuple(t.to(device) for t in _pad([pool[int(i)]["input_ids"] for i in pick], pad, c.length))
+            real = tuple(t.to(device) for t in _pad([pool[int(i)]["input_ids"] for i in pick], pad, c.length,
+                                                    c.window))
             rnd.append(evaluate_lm_set(student, teacher, real, eval_batches, seed=s, **common)["forward_kl"])
         base = statistics.fmean(rnd)
         evaluation = {"untrained_forward_kl": arms["condensed"]["forward_kl_init"],
