@@ -169,6 +169,7 @@ def _bad_cases(assets, data_file, selection, tmp_path):
         "data.selection": ({**base, "data": {**base["data"], "selection": str(selection)}}, "remove data.selection"),
         "unknown key": ({**base, "epoch": 2}, "'epoch' is not a known option"),
         "bad run": ({**base, "runs": [{"name": "kd", "alpha": 2.0}]}, "runs.0.alpha"),
+        "run named teacher": ({**base, "runs": [{"name": "teacher", "alpha": 0.0}]}, "clash with the teacher"),
         "jsonl set with a cache": ({**base, "cache": {"signal": {"kind": "topk", "k": 8}},
                                     "sets": [{"name": "syn", "path": str(selection), "format": "jsonl"}]},
                                    "set 'syn' holds new examples that the cache does not cover"),
@@ -179,7 +180,7 @@ def _bad_cases(assets, data_file, selection, tmp_path):
 
 
 BAD = ["missing set", "selection of another pool", "no random baseline", "reserved set name", "data.selection",
-       "unknown key", "bad run", "jsonl set with a cache", "jsonl set missing a column"]
+       "unknown key", "bad run", "run named teacher", "jsonl set with a cache", "jsonl set missing a column"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -274,3 +275,16 @@ def test_data_paths_resolve_as_in_distill_and_select(assets, data_file, selectio
     rec["data"]["source"]["path"] = "pool.jsonl"
     loaded = load_eval_data_recipe(write(tmp_path / "sub" / "r.yaml", rec))
     assert Path(loaded.data.source.path).resolve() == (tmp_path / "sub" / "pool.jsonl").resolve()
+
+
+def test_one_teacher_pass_per_arm_serves_every_run(assets, data_file, selection, tmp_path, monkeypatch):
+    import potstill.eval as ev
+
+    calls = []
+    real = ev.evaluate_runs
+    monkeypatch.setattr(ev, "evaluate_runs", lambda students, *a, **k: calls.append(sorted(students)) or
+                        real(students, *a, **k))
+    run_eval_data(load_eval_data_recipe(lm_recipe(assets, data_file, tmp_path / "o", selection, seeds=1,
+                                                  baselines=["random"], full=False)))
+    # the untrained student, then the set's and random's hard + soft students, each pair in one call
+    assert calls == [["student"], ["hard", "soft"], ["hard", "soft"]]

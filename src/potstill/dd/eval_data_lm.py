@@ -114,6 +114,8 @@ class EvalDataLMRecipe(_Strict):
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup is not None:
             raise ValueError(f"'{dup}' is listed twice; name each once")
+        if info.field_name == "runs" and "teacher" in names:
+            raise ValueError("a run named 'teacher' would clash with the teacher's own row; rename it")
         if info.field_name == "baselines" and "random" not in v:
             raise ValueError("must include random (the gains are over it)")
         if info.field_name == "sets":
@@ -300,22 +302,23 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
             return done[key]
         steps = steps_for(len(examples))
         row: dict = {"examples": len(examples), "response_tokens": _tokens(examples), "steps": steps, "runs": {}}
+        models, train_s = {}, {}
         for run in distill.runs:
             r = distill.model_copy(deep=True)
             r.train.max_steps, r.train.seed = steps, recipe.train.seed + seed
             t0 = time.perf_counter()
-            model, _ = train_run(r, run, copy.deepcopy(prep.student0).train(), prep.teacher, prep.tokenizer,
-                                 examples, scratch / key / run.name, prep.device, prep.vocab_size,
-                                 source=source if run.uses_teacher else None)
-            train_s = time.perf_counter() - t0
-            m = metrics_only(evaluate_runs({"student": model.eval()}, prep.teacher, prep.tokenizer,
-                                           prep.eval_examples, vocab_size=prep.vocab_size,
-                                           batch_size=recipe.eval_batch_size, max_new_tokens=0,
-                                           progress=False))["student"]
-            row["runs"][run.name] = {k: m[k] for k in METRICS} | {"train_s": train_s}
-            del model
-            if not recipe.keep_students:
-                shutil.rmtree(scratch / key / run.name, ignore_errors=True)
+            models[run.name], _ = train_run(r, run, copy.deepcopy(prep.student0).train(), prep.teacher,
+                                            prep.tokenizer, examples, scratch / key / run.name, prep.device,
+                                            prep.vocab_size, source=source if run.uses_teacher else None)
+            train_s[run.name] = time.perf_counter() - t0
+        # the arm's students together: one teacher pass over the held-out examples serves them all
+        m = metrics_only(evaluate_runs({n: x.eval() for n, x in models.items()}, prep.teacher, prep.tokenizer,
+                                       prep.eval_examples, vocab_size=prep.vocab_size,
+                                       batch_size=recipe.eval_batch_size, max_new_tokens=0, progress=False))
+        row["runs"] = {n: {k: m[n][k] for k in METRICS} | {"train_s": train_s[n]} for n in models}
+        del models
+        if not recipe.keep_students:
+            shutil.rmtree(scratch / key, ignore_errors=True)
         done[key] = row
         atomic_write_json(arms_path, _finite({"fingerprint": fp, "arms": done}))
         return row
