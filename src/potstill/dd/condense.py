@@ -625,21 +625,29 @@ def trajectory_matching(learner: nn.Module, experts: Sequence[Sequence[dict[str,
 # --------------------------------------------------------------------------- save / load
 
 
-def save_condensed(cs: CondensedSet, path: str | Path) -> Path:
-    """Write ``path/condensed.safetensors`` (all tensors) and ``path/condensed.json`` (meta, history,
-    shapes), each atomically; returns the directory."""
+def save_set(path: str | Path, stem: str, tensors: dict[str, Tensor | None], record: dict) -> Path:
+    """Write ``path/<stem>.safetensors`` (the tensors that are not None, on the CPU, booleans as
+    uint8) and ``path/<stem>.json`` (``record``), each atomically; returns the directory. Shared by
+    condensed sets and soft-prompt sets."""
     from safetensors.torch import save
 
     path = Path(path)
-    tensors = {k: getattr(cs, k).detach().contiguous().cpu() for k in _TENSORS}
-    tensors["learn_mask"] = tensors["learn_mask"].to(torch.uint8)
-    if cs.lr_log is not None:
-        tensors["lr_log"] = cs.lr_log.detach().contiguous().cpu()
-    atomic_write_bytes(path / "condensed.safetensors", save(tensors))
+    out = {}
+    for k, t in tensors.items():
+        if t is not None:
+            t = t.detach().contiguous().cpu()
+            out[k] = t.to(torch.uint8) if t.dtype == torch.bool else t
+    atomic_write_bytes(path / f"{stem}.safetensors", save(out))
+    atomic_write_json(path / f"{stem}.json", _jsonable(record))
+    return path
+
+
+def save_condensed(cs: CondensedSet, path: str | Path) -> Path:
+    """Write ``path/condensed.safetensors`` (all tensors) and ``path/condensed.json`` (meta, history,
+    shapes), each atomically; returns the directory."""
     record = {"format": "potstill.condensed/1", "num_examples": len(cs), "num_classes": cs.num_classes,
               "shape": list(cs.embeddings.shape), "meta": cs.meta, "history": cs.history}
-    atomic_write_json(path / "condensed.json", _jsonable(record))
-    return path
+    return save_set(path, "condensed", {**{k: getattr(cs, k) for k in _TENSORS}, "lr_log": cs.lr_log}, record)
 
 
 def load_condensed(path: str | Path) -> CondensedSet:

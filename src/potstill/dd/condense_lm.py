@@ -58,15 +58,14 @@ from torch.func import functional_call
 
 from ..divergences import forward_kl
 from ..errors import PotstillError, VocabMismatchError
-from ..io import atomic_write_bytes, atomic_write_json
 from ..models.head import output_head, unwrap_model
 from .condense import (
     _frozen,
-    _jsonable,
     fresh_init,
     gradient_distance,
     latent_regularizer,
     nearest_tokens,
+    save_set,
     select_params,
     text_candidates,
 )
@@ -122,18 +121,10 @@ class SoftPromptSet:
 
     def save(self, path: str | Path) -> Path:
         """Write ``path/soft_prompts.safetensors`` and ``path/soft_prompts.json`` (meta, history), each atomically."""
-        from safetensors.torch import save
-
-        path = Path(path)
-        tensors = {k: getattr(self, k).detach().contiguous().cpu() for k in _TENSORS}
-        tensors["learn_mask"] = tensors["learn_mask"].to(torch.uint8)
-        if self.label_logits is not None:
-            tensors["label_logits"] = self.label_logits.detach().contiguous().cpu()
-        atomic_write_bytes(path / "soft_prompts.safetensors", save(tensors))
         record = {"format": "potstill.soft_prompts/1", "labels": self.labels, "shape": list(self.embeddings.shape),
                   "meta": self.meta, "history": self.history}
-        atomic_write_json(path / "soft_prompts.json", _jsonable(record))
-        return path
+        return save_set(path, "soft_prompts", {**{k: getattr(self, k) for k in _TENSORS},
+                                               "label_logits": self.label_logits}, record)
 
 
 def load_soft_prompts(path: str | Path) -> SoftPromptSet:

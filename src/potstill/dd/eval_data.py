@@ -70,7 +70,7 @@ __all__ = ["EvalDataRecipe", "EvalSet", "load_eval_data_recipe", "pool_rows", "r
 Baseline = Literal["random", "k_center", "herding", "kmeans_medoids"]
 CORESETS = {"k_center": (greedy_k_center, True), "kmeans_medoids": (kmeans_medoids, True), "herding": (herding, False)}
 REPORT_TIMINGS = {"condense_report.json": ("construction_s",), "selection_report.json": ("timings_s", "total_s"),
-                  "report.json": ("construction_s",)}
+                  "synthesis_report.json": ("round_seconds",), "report.json": ("construction_s",)}
 METRICS = ("accuracy", "macro_f1")
 
 
@@ -238,8 +238,9 @@ def _class_counts(name: str, replicas: list[list[Example]], pool_counts: Counter
     return dict(sorted(counts[0].items()))
 
 
-def _construction(s: EvalSet, path: Path) -> tuple[float | None, str | None]:
-    """``(seconds, source)``: the recipe's figure, else a report's timing beside the set, else unknown."""
+def _construction(s, path: Path) -> tuple[float | None, str | None]:
+    """``(seconds, source)``: the recipe's figure, else a report's timing beside the set, else unknown
+    (any set with ``construction_seconds``: this verb's and the causal-LM one's)."""
     if s.construction_seconds is not None:
         return s.construction_seconds, "recipe"
     folder = path if path.is_dir() else path.parent

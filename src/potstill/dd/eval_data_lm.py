@@ -182,25 +182,6 @@ def _set_path(s: LMSet) -> Path:
     return p
 
 
-# where a set's construction time is read from: the report beside it and the keys to its seconds
-REPORT_TIMINGS = {"selection_report.json": ("timings_s", "total_s"), "synthesis_report.json": ("round_seconds",)}
-
-
-def _construction(s: LMSet, path: Path) -> tuple[float | None, str | None]:
-    if s.construction_seconds is not None:
-        return s.construction_seconds, "recipe"
-    for name, keys in REPORT_TIMINGS.items():
-        try:
-            v = json.loads((path.parent / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        for k in keys:
-            v = v.get(k) if isinstance(v, dict) else None
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
-            return float(v), str(path.parent / name)
-    return None, None
-
-
 def _jsonl_examples(s: LMSet, path: Path, recipe: EvalDataLMRecipe, tokenizer) -> list[dict]:
     """A jsonl set's rows as encoded examples (the recipe's chat template, system prompt, max_length)."""
     from ..data import load_records, records_to_pairs
@@ -250,6 +231,7 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
     ``output_dir/eval_data.json``."""
     from ..eval import evaluate_runs, metrics_only
     from ..pipeline import Prepared, train_run
+    from .eval_data import _construction as construction
     from .pipeline import REPORT, SELECTION, load_selection, run_select, select_recipe_from_dict
 
     t_start = time.perf_counter()
@@ -270,7 +252,7 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
         if len(examples) >= len(pool):
             raise PotstillError(f"set '{s.name}' has {len(examples)} examples, the pool {len(pool)}: no real subset "
                                 "of its size to compare it with; raise the pool or judge a smaller set")
-        loaded.append((s, path, examples, *_construction(s, path),
+        loaded.append((s, path, examples, *construction(s, path),
                        hashlib.sha256(path.read_bytes()).hexdigest()[:16]))
     source = prep.cached_source() if any(r.uses_teacher for r in distill.runs) else None
 
