@@ -202,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import PotstillError
 
     try:
-        return _run(args)
+        code = _run(args)
+        from .distributed import end_distributed
+
+        end_distributed()  # under accelerate launch: a clean exit, not an abort at interpreter shutdown
+        return code
     except PotstillError as err:
         if args.debug:
             raise

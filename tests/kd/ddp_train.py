@@ -15,6 +15,7 @@ from safetensors.torch import save_file  # noqa: E402
 from conftest import _tiny_llama, make_tiny_tokenizer  # noqa: E402
 from kd.test_logit import cfg, dataset  # noqa: E402
 from potstill.kd import KDTrainer  # noqa: E402
+from potstill.distributed import end_distributed  # noqa: E402
 
 
 def main(out: str, per_device: int, accum: int) -> None:
@@ -31,6 +32,7 @@ def main(out: str, per_device: int, accum: int) -> None:
     if tr.accelerator.is_main_process:
         model = tr.accelerator.unwrap_model(tr.model)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "student.safetensors"))
+    end_distributed()
 
 
 if __name__ == "__main__":
