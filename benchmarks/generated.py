@@ -5,8 +5,10 @@ Three parts, each measured in one run of this script (``--part all``):
 * **demo** (the demo's teacher, student, data and equal optimizer steps): off-policy KD
   (forward KL on the teacher's responses), sequence-level KD (Kim & Rush 2016: SFT on the
   teacher's greedy responses), GKD (Agarwal et al. 2024: lambda = 0.5 of the steps on
-  student samples, generalized JSD beta = 0.5) and DistiLLM (Ko et al. 2024: skew forward
-  KL alpha = 0.1, replay buffer, adaptive student-sample probability). Held-out forward KL
+  student samples, generalized JSD beta = 0.5), DistiLLM (Ko et al. 2024: skew forward
+  KL alpha = 0.1, replay buffer, adaptive student-sample probability) and DistiLLM-2 (Ko et
+  al. 2025: every step skew KL on the teacher's responses + skew reverse KL on the student's
+  samples; once plain, once with its beta ramp and per-sequence skew). Held-out forward KL
   to the teacher, top-1 agreement, ROUGE-L; the student's generation tokens/s and the share
   of training time spent generating.
 * **arith** (the project's multi-step arithmetic task, exact rationales): with the same
@@ -17,7 +19,7 @@ Three parts, each measured in one run of this script (``--part all``):
   the human rationales) end to end into the demo's student on a training subset; exact match
   on the first 50 test problems, however small.
 
-Usage: ``python benchmarks/generated.py [--part demo|arith|gsm8k|all] [--quick] [--out PATH]``.
+Usage: ``python benchmarks/generated.py [--part demo|arith|gsm8k|all] [--demo-runs a,b] [--quick] [--out PATH]``.
 Writes JSON (a part run alone is merged into the existing file), prints one line.
 """
 
@@ -45,7 +47,8 @@ MODES = ("answer_only", "multitask", "cot")
 
 
 def demo_runs():
-    from potstill.config import ForwardKL, GeneralizedJSD, OnPolicyOptions, RunConfig, SkewForwardKL
+    from potstill.config import (ContrastiveOptions, ForwardKL, GeneralizedJSD, OnPolicyOptions, RunConfig,
+                                 SkewForwardKL)
 
     return [
         RunConfig(name="off_policy_kd", alpha=0.0, divergence=ForwardKL()),
@@ -55,16 +58,22 @@ def demo_runs():
         RunConfig(name="distillm", alpha=0.0, divergence=SkewForwardKL(alpha=0.1),
                   on_policy=OnPolicyOptions(lmbda=0.2, adaptive=True, adaptive_every=5, adaptive_step=0.2,
                                             adaptive_max=0.8, replay_size=64, replay_reuse=0.5, max_new_tokens=32)),
+        RunConfig(name="distillm2", alpha=0.0, divergence=SkewForwardKL(alpha=0.1),
+                  on_policy=OnPolicyOptions(max_new_tokens=32, contrastive=ContrastiveOptions())),
+        RunConfig(name="distillm2_curriculum", alpha=0.0, divergence=SkewForwardKL(alpha=0.1),
+                  on_policy=OnPolicyOptions(max_new_tokens=32, contrastive=ContrastiveOptions(
+                      beta_end=1.5, adaptive_skew=True))),
     ]
 
 
-def part_demo(quick: bool, work: Path) -> dict:
+def part_demo(quick: bool, work: Path, only: list[str] | None = None) -> dict:
     from potstill.config import Recipe
     from potstill.eval import evaluate_runs, metrics_only
     from potstill.pipeline import Prepared, train_run
     from potstill.signals import TeacherMemo
 
-    overrides = {"runs": [r.model_dump() for r in demo_runs()]}
+    keep = None if only is None else {"off_policy_kd", *only}  # the baseline is always measured in the same run
+    overrides = {"runs": [r.model_dump() for r in demo_runs() if keep is None or r.name in keep]}
     if quick:
         overrides |= {"data": {"source": {"kind": "demo", "num_prompts": 24, "max_new_tokens": 8}, "eval_size": 8},
                       "train": {"max_steps": 4, "batch_size": 4}}
@@ -97,6 +106,8 @@ def part_demo(quick: bool, work: Path) -> dict:
             row["gen_tokens_per_s"] = op["gen_tokens"] / op["gen_seconds"] if op["gen_seconds"] > 0 else None
             row["gen_share_of_train_time"] = op["gen_seconds"] / i["train_seconds"]
             row["lmbda_history"] = op["lmbda_history"]
+            if "skew_history" in op:
+                row["skew_history"], row["skew_anchors"] = op["skew_history"], op["skew_anchors"]
         runs[name] = row
     base = runs["off_policy_kd"]["forward_kl"]
     for row in runs.values():
@@ -191,6 +202,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate of the arithmetic students")
     p.add_argument("--batch", type=int, default=16, help="batch size of the arithmetic students")
     p.add_argument("--modes", default=",".join(MODES), help="arithmetic arms, comma-separated")
+    p.add_argument("--demo-runs", default=None,
+                   help="only these demo arms (comma-separated; off_policy_kd always runs as the baseline); "
+                        "their results go under demo_<names> instead of replacing demo")
     args = p.parse_args(argv)
 
     import torch
@@ -208,7 +222,9 @@ def main(argv=None) -> int:
         work = Path(tmp)
         t0 = time.perf_counter()
         if args.part in ("demo", "all"):
-            results["demo"] = part_demo(args.quick, work)
+            only = None if args.demo_runs is None else [n for n in args.demo_runs.split(",") if n]
+            key = "demo" if only is None else "demo_" + "_".join(n for n in only if n != "off_policy_kd")
+            results[key] = part_demo(args.quick, work, only)
         if args.part in ("arith", "all"):
             results["arith"] = part_arith(args.quick, work, args.level, args.steps, args.layers, args.lr,
                                           tuple(args.modes.split(",")), args.batch)
@@ -217,10 +233,11 @@ def main(argv=None) -> int:
         results[f"seconds_{args.part}"] = time.perf_counter() - t0
     write_json_atomic(out, results)
     items: dict = {}
-    if "demo" in results:
-        d = results["demo"]["runs"]
+    for key in [k for k in results if k == "demo" or k.startswith("demo_")]:
+        d = results[key]["runs"]
         items |= {f"fkl_vs_offpolicy_{k}": v["forward_kl_vs_off_policy"] for k, v in d.items() if k != "off_policy_kd"}
-        items["gkd_gen_share"] = d["gkd"].get("gen_share_of_train_time")
+        if "gkd" in d:
+            items["gkd_gen_share"] = d["gkd"].get("gen_share_of_train_time")
     if "arith" in results:
         items["rationale_beats_answer_only"] = results["arith"]["rationale_beats_answer_only"]
     if "gsm8k" in results:

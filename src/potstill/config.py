@@ -192,8 +192,24 @@ DivergenceConfig = Annotated[
 ]
 
 
+class ContrastiveOptions(_Strict):
+    """DistiLLM-2 (Ko et al. 2025): every step pairs the data's (teacher) responses with the student's own
+    samples for the same prompts; the run's divergence scores the first, `student_divergence` the second."""
+
+    student_divergence: DivergenceConfig = Field(
+        default_factory=lambda: SkewReverseKL(alpha=0.1),
+        description="Divergence on the student's samples (DistiLLM-2: skew reverse KL, alpha 0.1).")
+    beta: float = Field(1.0, ge=0.0, le=2.0, description="Loss = (2 - beta) * data term + beta * student term.")
+    beta_end: float | None = Field(
+        None, ge=0.0, le=2.0, description="Ramp beta linearly to this over the first half of training "
+        "(DistiLLM-2 uses 1 -> 1.5); null: fixed.")
+    adaptive_skew: bool = Field(
+        False, description="Per-sequence skew alpha from the teacher-student probability gap (DistiLLM-2's "
+        "curriculum); both divergences must then be skew ones, their alpha the cap.")
+
+
 class OnPolicyOptions(_Strict):
-    """Student-generated data: GKD (Agarwal et al. 2024) and DistiLLM (Ko et al. 2024)."""
+    """Student-generated data: GKD (Agarwal et al. 2024), DistiLLM (Ko et al. 2024), DistiLLM-2 (Ko et al. 2025)."""
 
     lmbda: float = Field(0.5, ge=0.0, le=1.0, description="GKD's lambda: share of steps on the student's own samples.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the student (not the KD one).")
@@ -206,11 +222,16 @@ class OnPolicyOptions(_Strict):
     adaptive_max: float = Field(1.0, ge=0.0, le=1.0, description="Cap of the adaptive lmbda.")
     adaptive_every: int = Field(10, ge=1, description="Steps between validation-loss measurements.")
     validation_size: int = Field(16, ge=1, description="Training examples (seeded pick) the validation loss is taken on.")
+    contrastive: ContrastiveOptions | None = Field(
+        None, description="DistiLLM-2: every step trains on both the data and the student's samples (lmbda unused).")
 
     @model_validator(mode="after")
     def _replay(self) -> "OnPolicyOptions":
         if self.replay_reuse > 0 and self.replay_size == 0:
             raise ValueError("replay_reuse > 0 needs a replay buffer; set replay_size >= 1")
+        if self.contrastive is not None and self.adaptive:
+            raise ValueError("on_policy.contrastive trains every step on both the data and student samples, so "
+                             "DistiLLM's adaptive lmbda has nothing to move; set adaptive false")
         return self
 
 
@@ -344,6 +365,16 @@ class RunConfig(_Strict):
             raise ValueError("on_policy steps are scored by the teacher; set alpha < 1 or remove on_policy")
         if self.on_policy is not None and self.feature is not None:
             raise ValueError("on_policy and feature cannot be combined in one run; split them into two runs")
+        c = None if self.on_policy is None else self.on_policy.contrastive
+        if c is not None and c.adaptive_skew:
+            skews = ("skew_forward_kl", "skew_reverse_kl")
+            bad = [d.name for d in (self.divergence, c.student_divergence) if d.name not in skews]
+            if bad:
+                raise ValueError(f"contrastive.adaptive_skew adapts the alpha of skew divergences, but {bad} is not "
+                                 "one; use skew_forward_kl / skew_reverse_kl or set adaptive_skew false")
+        if c is not None and (self.token_weighting != "none" or self.multi_teacher is not None):
+            raise ValueError("on_policy.contrastive cannot be combined with token_weighting or multi_teacher in one "
+                             "run yet; split them into separate runs")
         sft = self.alpha >= 1.0 and (self.schedule is None or self.schedule.alpha_end in (None, 1.0))
         if sft and (self.token_weighting != "none" or self.multi_teacher is not None or self.curriculum != "none"):
             raise ValueError("token_weighting, multi_teacher and curriculum act on the KD term; set alpha < 1 "

@@ -208,6 +208,14 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
         extra.update(alpha_end=run.schedule.alpha_end, temperature_end=run.schedule.temperature_end,
                      schedule=run.schedule.kind)
     cls = OnPolicyConfig if op is not None else FeatureKDConfig if run.feature is not None else KDConfig
+    if op is not None and op.contrastive is not None:
+        from .kd.contrastive import ContrastiveConfig
+
+        c = op.contrastive
+        extra.update(student_divergence=c.student_divergence.name,
+                     student_divergence_kwargs=divergence_params(c.student_divergence), beta=c.beta,
+                     beta_end=c.beta_end, adaptive_skew=c.adaptive_skew)
+        cls = ContrastiveConfig
     return cls(
         output_dir=output_dir,
         max_steps=t.max_steps,
@@ -278,6 +286,10 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         extra["validation_dataset"] = [{k: train_examples[i][k] for k in cols[:3]} for i in pick]
     with tempfile.TemporaryDirectory(prefix="potstill-trainer-") as tmp:
         cls = OnPolicyKDTrainer if run.on_policy is not None else FeatureKDTrainer if run.feature else KDTrainer
+        if run.on_policy is not None and run.on_policy.contrastive is not None:
+            from .kd.contrastive import ContrastiveKDTrainer
+
+            cls = ContrastiveKDTrainer
         trainer = cls(
             model=student,
             teacher_model=None,
@@ -307,6 +319,8 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         rs = trainer.rollout_stats
         info["on_policy"] = {"gen_tokens": rs["gen_tokens"], "gen_seconds": rs["gen_seconds"], "modes": rs["modes"],
                              "lmbda_history": trainer.lmbda_history}
+        if run.on_policy.contrastive is not None:
+            info["on_policy"].update(skew_anchors=trainer.anchors, skew_history=trainer.skew_history)
     save_student(model, tokenizer, out_dir, info)
     return model, curve
 
