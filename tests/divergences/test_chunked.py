@@ -560,3 +560,50 @@ def test_kd_weights_of_one_change_nothing_and_bad_weights_raise():
     bad[0] = float("nan")
     with pytest.raises(ValueError, match="finite and >= 0"):
         chunked_kd_loss(hidden, head, labels, teacher, kd_weights=bad, **kw)
+
+
+# ------------------------------------------------------------------ per-row divergence parameters
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 50])
+@pytest.mark.parametrize("name,teacher_kind,variant", [
+    ("skew_forward_kl", "logits", "plain"),      # has a closed form: per-row alphas must leave it
+    ("skew_reverse_kl", "hidden", "bias"),
+    ("skew_forward_kl", "logits", "softcap_scale"),
+])
+def test_row_divergence_kwargs_equal_single_row_losses_with_scalar_parameters(chunk_size, name, teacher_kind, variant):
+    """A per-row skew alpha (DistiLLM-2's per-sequence curriculum) gives the sum over rows of
+    the loss of each row alone with its alpha as a plain scalar: values and gradients."""
+    hidden, head, leaves = _student(variant, seed=4)
+    labels, teacher = _labels(), _teacher(teacher_kind)
+    a = torch.rand(N, generator=torch.Generator().manual_seed(6)) * 0.5 + 0.01
+    kw = dict(divergence=name, temperature=1.5, normalizer=N, alpha=0.3)
+    ce_loss, _ = unchunked_kd_loss(hidden, head, labels, None, **{**kw, "alpha": 1.0})
+    ref = 0.3 * ce_loss
+    for i in range(N):
+        if labels[i] == -100:
+            continue
+        single = torch.full_like(labels, -100)
+        single[i] = labels[i]
+        li, _ = unchunked_kd_loss(hidden, head, single, teacher, divergence_kwargs={"alpha": float(a[i])},
+                                  **{**kw, "alpha": 0.0})
+        ref = ref + 0.7 * li
+    ref_grads = torch.autograd.grad(ref, leaves, retain_graph=True)
+    loss, _ = chunked_kd_loss(hidden, head, labels, teacher, chunk_size=chunk_size, divergence_kwargs={"alpha": 0.9},
+                              row_divergence_kwargs={"alpha": a}, **kw)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(loss, leaves, retain_graph=True), ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_row_divergence_kwargs_are_checked():
+    hidden, head, _ = _student("plain")
+    labels = _labels()
+    kw = dict(divergence="skew_forward_kl", normalizer=N)
+    with pytest.raises(ValueError, match=r"must be \[n\]"):
+        chunked_kd_loss(hidden, head, labels, _teacher("logits"), row_divergence_kwargs={"alpha": torch.ones(3)}, **kw)
+    with pytest.raises(ValueError, match="dense teacher"):
+        chunked_kd_loss(hidden, head, labels, _teacher("sparse"), row_divergence_kwargs={"alpha": torch.ones(N)}, **kw)
+    with pytest.raises(ValueError, match="in every row"):
+        chunked_kd_loss(hidden, head, labels, _teacher("logits"),
+                        row_divergence_kwargs={"alpha": torch.full((N,), 1.5)}, **kw)

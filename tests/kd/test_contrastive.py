@@ -37,31 +37,33 @@ def make(teacher, student, tok, tmp_path, **kw):
                                 train_dataset=dataset(tok), processing_class=tok)
 
 
-def fake_samples(batch: dict, tok) -> list[dict]:
-    """Deterministic 'student samples' for a data batch: its prompts + the response reversed, minus a token."""
+def fake_samples(batch: dict, tok, longer: bool = False) -> list[dict]:
+    """Deterministic 'student samples' for a data batch: its prompts + the response reversed, minus a token
+    (``longer``: the reversed response twice, so the student side is the wider one)."""
     feats = []
     for i in range(batch["input_ids"].shape[0]):
         ids, lab, m = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]
         k = int(m.sum())
         p = int((lab != -100).nonzero()[0])
         resp = ids[p:k].flip(0)[: max(1, k - p - 1)].tolist()
+        resp = resp + resp if longer else resp
         feats.append({"input_ids": ids[:p].tolist() + resp, "attention_mask": [1] * (p + len(resp)),
                       "labels": [-100] * p + resp})
     return feats
 
 
-def paired(tr, tok, batches):
+def paired(tr, tok, batches, longer=False):
     """What get_batch_samples makes of ``batches``, with fake_samples in place of generation."""
     coll = PadCollator(tok.pad_token_id)
-    student = [coll(fake_samples(b, tok)) for b in batches]
+    student = [coll(fake_samples(b, tok, longer)) for b in batches]
     n_d = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     n_s = sum(int((s["labels"][:, 1:] != -100).sum()) for s in student)
     return [{**b, _STUDENT: {**s, _ROLLOUT: True}, _N_DATA: n_d, _N_STUDENT: n_s} for b, s in zip(batches, student)]
 
 
 # ------------------------------------------------------------------ independent reference (float64, full logits)
-def _logits(model, b):
-    return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].double()
+def _logits(model, b, T=1.0):
+    return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].double() / T
 
 
 def _skew_kl(la, lb, a):
@@ -71,13 +73,13 @@ def _skew_kl(la, lb, a):
     return (pa * (la - mix.log())).sum(-1)
 
 
-def ref_side(student, teacher, b, kind, alpha):
+def ref_side(student, teacher, b, kind, alpha, T=1.0):
     """Per-row skew divergence of one side and each row's sequence id; ``alpha`` a float or a [B] tensor."""
     y = b["labels"][:, 1:]
     valid = y != -100
-    s = _logits(student, b).log_softmax(-1)
+    s = _logits(student, b, T).log_softmax(-1)
     with torch.no_grad():
-        t = _logits(teacher, b).log_softmax(-1)
+        t = _logits(teacher, b, T).log_softmax(-1)
     a = alpha if isinstance(alpha, float) else alpha.double()[:, None].expand_as(y)[valid][:, None]
     seq = torch.arange(y.shape[0])[:, None].expand_as(y)[valid]
     if kind == "skew_forward_kl":
@@ -105,11 +107,13 @@ def ref_alphas(student, teacher, b, side, cap, anchor=None):
 
 
 # --------------------------------------------------------------------------------------------------- tests
-def test_paired_loss_matches_float64_reference_values_and_gradients(tiny_llama_pair, tmp_path):
+@pytest.mark.parametrize("longer", [False, True])
+def test_paired_loss_matches_float64_reference_values_and_gradients(tiny_llama_pair, tmp_path, longer):
     teacher, student, tok = tiny_llama_pair
     tr = make(teacher, student, tok, tmp_path, beta=1.3)
-    (inp,) = paired(tr, tok, [PadCollator(tok.pad_token_id)(encoded(tok)[:4])])
-    assert inp[_STUDENT]["input_ids"].shape[1] != inp["input_ids"].shape[1], "the sides must need re-padding"
+    (inp,) = paired(tr, tok, [PadCollator(tok.pad_token_id)(encoded(tok)[:4])], longer)
+    wider = inp[_STUDENT]["input_ids"].shape[1] > inp["input_ids"].shape[1]
+    assert wider == longer, "each side must in turn need re-padding"
     got = tr.compute_loss(student, inp)
     (g_got,) = torch.autograd.grad(got, [student.model.embed_tokens.weight])
 
@@ -151,9 +155,10 @@ def test_adaptive_skew_per_sequence_matches_reference(tiny_llama_pair, tmp_path)
     teacher, student, tok = tiny_llama_pair
     teacher = taught(teacher, tok)
     tr = make(teacher, student, tok, tmp_path, adaptive_skew=True, divergence_kwargs={"alpha": 0.3},
-              student_divergence_kwargs={"alpha": 0.25})
+              student_divergence_kwargs={"alpha": 0.25}, temperature=2.0)
     coll = PadCollator(tok.pad_token_id)
     first, second = paired(tr, tok, [coll(encoded(tok)[:4]), coll(encoded(tok)[4:])])
+    second["labels"][0] = -100  # a sequence with no response token: no row, no skew, no shift of the others
     for k, inp in enumerate((first, second)):
         got = tr.compute_loss(student, inp)
         a_d, c_d = ref_alphas(student, teacher, inp, "data", 0.3, None if k == 0 else tr.anchors["data"])
@@ -163,13 +168,14 @@ def test_adaptive_skew_per_sequence_matches_reference(tiny_llama_pair, tmp_path)
             assert tr.anchors["data"] == pytest.approx(c_d, rel=1e-4)
             assert tr.anchors["student"] == pytest.approx(c_s, rel=1e-4)
             assert len(set(a_d.tolist())) > 1, "the test needs sequences with different skews"
-        d_rows, d_seq = ref_side(student, teacher, inp, "skew_forward_kl", a_d)
-        s_rows, s_seq = ref_side(student, teacher, inp[_STUDENT], "skew_reverse_kl", a_s)
+        # the skews come from temperature-1 probabilities; the divergences are at the run's T = 2
+        d_rows, d_seq = ref_side(student, teacher, inp, "skew_forward_kl", a_d, T=2.0)
+        s_rows, s_seq = ref_side(student, teacher, inp[_STUDENT], "skew_reverse_kl", a_s, T=2.0)
         want = d_rows.sum() / inp[_N_DATA] + s_rows.sum() / inp[_N_STUDENT]
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-        fixed = ref_side(student, teacher, inp, "skew_forward_kl", 0.3)[0].sum() / inp[_N_DATA] + \
-            ref_side(student, teacher, inp[_STUDENT], "skew_reverse_kl", 0.25)[0].sum() / inp[_N_STUDENT]
-        assert abs(float(fixed) - float(want)) > 1e-4, "adaptive skew must change the loss here"
+        fixed = ref_side(student, teacher, inp, "skew_forward_kl", 0.3, T=2.0)[0].sum() / inp[_N_DATA] + \
+            ref_side(student, teacher, inp[_STUDENT], "skew_reverse_kl", 0.25, T=2.0)[0].sum() / inp[_N_STUDENT]
+        assert abs(fixed.item() - want.item()) > 1e-4, "adaptive skew must change the loss here"
 
 
 def test_sequence_skew_closed_forms():
@@ -211,7 +217,7 @@ def test_every_micro_batch_gets_student_samples_for_its_prompts(tiny_llama_pair,
     coll = PadCollator(tok.pad_token_id)
     data = [coll(encoded(tok)[:2]), coll(encoded(tok)[2:4])]
     out, n_items = tr.get_batch_samples(iter(data), 2, torch.device("cpu"))
-    assert len(out) == 2 and tr.rollout_stats["modes"] == ["student", "student"]
+    assert len(out) == 2 and tr.rollout_stats["modes"] == ["student"]  # one entry per optimizer step
     n_d = sum(int((b["labels"][:, 1:] != -100).sum()) for b in data)
     n_s = sum(int((b[_STUDENT]["labels"][:, 1:] != -100).sum()) for b in out)
     assert all(int(b[_N_DATA]) == n_d and int(b[_N_STUDENT]) == n_s for b in out) and int(n_items) == n_d + n_s
@@ -261,6 +267,10 @@ def test_bad_configurations_fail_with_the_fix(tiny_llama_pair, tmp_path):
         ccfg(tmp_path, student_divergence="kl")
     with pytest.raises(PotstillError, match="set adaptive false"):
         ccfg(tmp_path, adaptive=True)
+    with pytest.raises(PotstillError, match="contrastive steps are scored by the teacher; set alpha < 1$"):
+        ccfg(tmp_path, alpha=1.0)
+    with pytest.raises(PotstillError, match="token_weighting 'none'"):
+        ccfg(tmp_path, token_weighting="teacher_confidence")
 
     class Cache:
         temperature = None
@@ -269,8 +279,8 @@ def test_bad_configurations_fail_with_the_fix(tiny_llama_pair, tmp_path):
         def signal(self, batch):
             raise AssertionError
 
-    with pytest.raises(PotstillError, match="live teacher"):
-        ContrastiveKDTrainer(model=student, signal_source=Cache(), args=ccfg(tmp_path, lmbda=0.0),
+    with pytest.raises(PotstillError, match="live teacher.*instead of a teacher-signal cache"):
+        ContrastiveKDTrainer(model=student, signal_source=Cache(), args=ccfg(tmp_path),
                              train_dataset=dataset(tok), processing_class=tok)
     with pytest.raises(PotstillError, match="ContrastiveConfig"):
         ContrastiveKDTrainer(model=student, teacher_model=teacher, args=KDConfig(output_dir=str(tmp_path)),

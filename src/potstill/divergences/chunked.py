@@ -51,6 +51,18 @@ class _Plan:
     softcap: float | None
     chunk_size: int
     kd_weights: Tensor | None = None
+    row_kwargs: dict | None = None  # per-row divergence parameters, each [n]
+
+
+def _row_params(plan: _Plan, start: int, end: int, rows: Tensor | None) -> dict:
+    """The divergence's parameters for rows ``start:end`` (then ``rows``): per-row ones as ``[m, 1]``."""
+    if not plan.row_kwargs:
+        return plan.divergence_kwargs
+    out = dict(plan.divergence_kwargs)
+    for k, v in plan.row_kwargs.items():
+        v = v[start:end] if rows is None else v[start:end][rows]
+        out[k] = v.unsqueeze(-1)
+    return out
 
 
 def _validate(
@@ -147,8 +159,9 @@ def _raise_nonfinite(start: int, bad: Tensor, rows: Tensor | None) -> None:
 
 
 def _chunk_loss(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, teacher,
-                w: Tensor | None = None):
+                w: Tensor | None = None, params: dict | None = None):
     """Sum of CE and of the (``w``-weighted) divergence over the chunk's rows (all valid), float32."""
+    params = plan.divergence_kwargs if params is None else params
     logits = apply_head(hidden, weight, bias, plan.logit_scale, plan.softcap)
     # CE is always reported; it only enters the graph when it has weight.
     with nullcontext() if plan.alpha > 0.0 else torch.no_grad():
@@ -156,13 +169,9 @@ def _chunk_loss(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
     kd = torch.zeros((), dtype=torch.float32, device=logits.device)
     if plan.alpha < 1.0:
         if isinstance(teacher, Tensor):
-            div = DIVERGENCES[plan.divergence](
-                logits, teacher, temperature=plan.temperature, **plan.divergence_kwargs
-            )
+            div = DIVERGENCES[plan.divergence](logits, teacher, temperature=plan.temperature, **params)
         else:
-            div = sparse_divergence(
-                plan.divergence, logits, teacher, temperature=plan.temperature, **plan.divergence_kwargs
-            )
+            div = sparse_divergence(plan.divergence, logits, teacher, temperature=plan.temperature, **params)
         kd = div.float().sum() if w is None else (div.float() * w).sum()
     total = plan.alpha * ce + (1.0 - plan.alpha) * plan.kd_scale * kd
     return total, ce, kd
@@ -375,7 +384,7 @@ def _run_chunks(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
     # The most common case gets its gradient in closed form instead of through autograd.
     plain_head = plan.softcap is None and plan.logit_scale in (None, 1.0)
     sparse = isinstance(plan.teacher, SparseSignal)
-    fast = any_grad and plain_head and (
+    fast = any_grad and plain_head and not plan.row_kwargs and (
         plan.alpha == 1.0
         or (plan.divergence in CLOSED_FORM and isinstance(plan.teacher, DenseSignal))
         or (plan.divergence in SPARSE_CLOSED_FORM and sparse)
@@ -413,7 +422,8 @@ def _run_chunks(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
             continue
         h_leaf = h.detach().requires_grad_(need_h)
         with torch.enable_grad() if any_grad else torch.no_grad():
-            total, ce, kd = _chunk_loss(plan, h_leaf, w_leaf, b_leaf, y, teacher, w)
+            params = _row_params(plan, start, end, rows) if use_teacher else None
+            total, ce, kd = _chunk_loss(plan, h_leaf, w_leaf, b_leaf, y, teacher, w, params)
             if any_grad and total.requires_grad:
                 inputs = [t for t, want in ((h_leaf, need_h), (w_leaf, need_w), (b_leaf, need_b)) if want]
                 grads = list(torch.autograd.grad(total, inputs, allow_unused=True, materialize_grads=True))
@@ -478,6 +488,22 @@ def _check_weights(w: Tensor | None, n: int) -> Tensor | None:
     return w
 
 
+def _check_row_kwargs(row_kwargs: dict | None, n: int, teacher) -> dict | None:
+    if not row_kwargs:
+        return None
+    if not isinstance(teacher, DenseSignal):
+        raise ValueError("row_divergence_kwargs need a dense teacher (the sparse divergences take scalars)")
+    out = {}
+    for k, v in row_kwargs.items():
+        if v.shape != (n,):
+            raise ValueError(f"row_divergence_kwargs['{k}'] must be [n] = [{n}] (one per row), got {tuple(v.shape)}")
+        v = v.detach().float()
+        if n and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"row_divergence_kwargs['{k}'] must be finite")
+        out[k] = v
+    return out
+
+
 def _prepare(student_head: Head, vocab: int, normalizer, device):
     weight, bias = student_head.with_vocab(vocab).sliced()
     norm = torch.as_tensor(normalizer, dtype=torch.float32, device=device).detach()
@@ -500,6 +526,7 @@ def chunked_kd_loss(
     chunk_size: int = 1024,
     vocab_size: int | None = None,
     kd_weights: Tensor | None = None,
+    row_divergence_kwargs: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """CE + distillation loss over the student's head, chunk by chunk.
 
@@ -520,6 +547,10 @@ def chunked_kd_loss(
         kd_weights: optional ``[n]`` non-negative per-row weights of the divergence (token
             weighting: uncertainty-aware, selective or cross-tokenizer-aligned KD); detached,
             CE is never weighted. ``None`` is weight 1 everywhere.
+        row_divergence_kwargs: optional divergence parameters given per row, each ``[n]``
+            (e.g. DistiLLM-2's per-sequence skew ``alpha``), detached; they override
+            ``divergence_kwargs``, reach the divergence as ``[m, 1]`` per chunk, and take the
+            autograd path. Dense teachers only.
 
     Returns:
         ``(loss, stats)``: ``loss`` is a float32 scalar; ``stats`` holds detached float32
@@ -531,6 +562,7 @@ def chunked_kd_loss(
     )
     weight, bias, norm = _prepare(student_head, vocab, normalizer, student_hidden.device)
     kd_weights = _check_weights(kd_weights, labels.shape[0])
+    row_kwargs = _check_row_kwargs(row_divergence_kwargs, labels.shape[0], teacher) if alpha < 1.0 else None
     plan = _Plan(
         labels=labels,
         teacher=teacher,
@@ -544,6 +576,7 @@ def chunked_kd_loss(
         softcap=student_head.softcap,
         chunk_size=int(chunk_size),
         kd_weights=kd_weights,
+        row_kwargs=row_kwargs,
     )
     loss, ce, kd, n_tok = _ChunkedKDFunction.apply(student_hidden, weight, bias, norm, plan)
     return loss, {"ce_sum": ce, "kd_sum": kd, "n_tokens": n_tok}

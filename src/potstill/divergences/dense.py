@@ -98,20 +98,29 @@ def _kl(la: Tensor, lb: Tensor) -> Tensor:
     return _kl_terms(la, lb).sum(-1)
 
 
-def _log_mix(la: Tensor, lb: Tensor, w: float) -> Tensor:
-    """``log(w * a + (1 - w) * b)``, exact at ``w in {0, 1}``."""
-    if w == 0.0:
-        return lb
-    if w == 1.0:
-        return la
+def _log_mix(la: Tensor, lb: Tensor, w: float | Tensor) -> Tensor:
+    """``log(w * a + (1 - w) * b)``, exact at ``w in {0, 1}``; ``w`` a float or per-row ``[..., 1]``."""
+    if not isinstance(w, Tensor):
+        if w == 0.0:
+            return lb
+        if w == 1.0:
+            return la
     # logaddexp(-inf, -inf) has a NaN gradient: compute on zeros there, then put -inf back.
     both = torch.isneginf(la) & torch.isneginf(lb)
     la_s, lb_s = _zero_where(both, la, lb)
-    out = torch.logaddexp(la_s + math.log(w), lb_s + math.log1p(-w))
+    if isinstance(w, Tensor):
+        w = w.to(la.dtype)
+        out = torch.logaddexp(la_s + torch.log(w), lb_s + torch.log1p(-w))
+    else:
+        out = torch.logaddexp(la_s + math.log(w), lb_s + math.log1p(-w))
     return torch.where(both, torch.full((), float("-inf"), dtype=out.dtype, device=out.device), out)
 
 
-def _check_unit(name: str, value: float) -> None:
+def _check_unit(name: str, value: float | Tensor) -> None:
+    if isinstance(value, Tensor):
+        if value.numel() and not bool(((value >= 0.0) & (value <= 1.0)).all()):
+            raise ValueError(f"{name} must be in [0, 1] in every row, got {value.min().item()}..{value.max().item()}")
+        return
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 

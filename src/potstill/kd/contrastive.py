@@ -7,8 +7,8 @@ responses the student samples for the same prompts, and trains on both in one fo
     L = (2 - beta) * sum_{data tokens} D_data(p, q) / N_data
         +     beta * sum_{student tokens} D_student(p, q) / N_student
 
-``D_data`` is the run's divergence, by default in this method the skew forward KL
-``KL(p || a p + (1 - a) q)`` that raises the likelihood of the teacher's responses;
+``D_data`` is the run's divergence; DistiLLM-2 sets it to the skew forward KL
+``KL(p || a p + (1 - a) q)``, which raises the likelihood of the teacher's responses.
 ``D_student`` is ``student_divergence``, by default the skew reverse KL
 ``KL(q || a q + (1 - a) p)`` that lowers the student's own responses where the teacher
 disagrees. ``N_data`` and ``N_student`` count each side's response tokens across the
@@ -32,6 +32,8 @@ skew ``a_0``, near ones get less (closer to the plain KL).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import warnings
 
 import torch
 
@@ -57,6 +59,13 @@ class ContrastiveConfig(OnPolicyConfig):
     adaptive_skew: bool = field(default=False, metadata={"help": "Per-sequence skew alpha (DistiLLM-2 curriculum)."})
 
     def __post_init__(self):
+        # checked first: OnPolicyConfig's own messages would name fixes (lmbda, adaptive) that do not apply here
+        if self.alpha >= 1.0:
+            raise PotstillError("contrastive steps are scored by the teacher; set alpha < 1")
+        if self.adaptive:
+            raise PotstillError("contrastive trains every step on both sides; set adaptive false")
+        if self.token_weighting != "none":
+            raise PotstillError("contrastive does not apply token_weighting yet; set token_weighting 'none'")
         super().__post_init__()
         if self.student_divergence not in DIVERGENCES:
             raise PotstillError(f"unknown student_divergence '{self.student_divergence}'; use one of "
@@ -65,13 +74,9 @@ class ContrastiveConfig(OnPolicyConfig):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 2.0:
                 raise PotstillError(f"{name}={v} is outside [0, 2]; the loss is (2 - beta) data + beta student")
-        if self.adaptive:
-            raise PotstillError("contrastive trains every step on both sides; set adaptive false")
         if self.adaptive_skew and (self.divergence not in _SKEWS or self.student_divergence not in _SKEWS):
             raise PotstillError(f"adaptive_skew needs skew divergences on both sides, got {self.divergence} and "
-                                f"{self.student_divergence}; use {_SKEWS} or set adaptive_skew false")
-        if self.alpha >= 1.0:
-            raise PotstillError("contrastive steps are scored by the teacher; set alpha < 1")
+                                f"{self.student_divergence}; use {' or '.join(_SKEWS)} or set adaptive_skew false")
 
 
 def sequence_skew(gap: torch.Tensor, anchor: float, cap: float) -> torch.Tensor:
@@ -102,13 +107,15 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
     def __init__(self, *args, **kwargs):
         if not isinstance(kwargs.get("args", args[2] if len(args) > 2 else None), ContrastiveConfig):
             raise PotstillError("ContrastiveKDTrainer needs args=ContrastiveConfig(...)")
+        src = kwargs.get("signal_source")
+        if kwargs.get("teacher_model") is None and src is not None and not isinstance(src, OnlineTeacher):
+            raise PotstillError("contrastive distillation needs a live teacher to score the student's samples; "
+                                "pass teacher_model=... (or an OnlineTeacher) instead of a teacher-signal cache")
         super().__init__(*args, **kwargs)
         if self._scorer is None:
-            if not isinstance(self.signal_source, OnlineTeacher):
-                raise PotstillError("contrastive distillation needs a live teacher to score the student's samples; "
-                                    "train without a teacher-signal cache")
             self._scorer = OnlineTeacher(self.signal_source.model)
         self.lmbda = 1.0  # every step has student samples (reported as such)
+        self.lmbda_history = [(0, 1.0, None)]
         self._last_beta = self.args.beta
         self.anchors: dict[str, float | None] = {"data": None, "student": None}
         self.skew_history: list[tuple[int, float, float]] = []
@@ -121,11 +128,12 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
         if not batches:
             return batches, None
         cfg: ContrastiveConfig = self.args
-        student = []
+        student, fresh = [], False
         for b in batches:
             replay = cfg.replay_size > 0 and self._buffer and self._rng.random() < cfg.replay_reuse
-            self.rollout_stats["modes"].append("replay" if replay else "student")
+            fresh = fresh or not replay
             student.append(self._replay_batch(len(b["input_ids"])) if replay else self._student_batch(b))
+        self.rollout_stats["modes"].append("student" if fresh else "replay")  # one entry per step
         n_data = self._get_num_items_in_batch(batches, device)
         n_student = self._get_num_items_in_batch(student, device)
         paired = []
@@ -197,27 +205,15 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
         normalizer = n_items if int(n_items) > 0 else 1
         common = dict(alpha=alpha_ce, temperature=self._temperature(), scale_t2=self.args.scale_t2,
                       normalizer=normalizer, chunk_size=self.args.chunk_size, vocab_size=self.vocab_size)
-        if not (self.args.adaptive_skew and signal is not None and rows.shape[0]):
-            loss, stats = chunked_kd_loss(rows, head, targets, signal, divergence=divergence,
-                                          divergence_kwargs=kwargs, **common)
-            self._count(name, stats)
-            return loss
-        # one scalar skew per sequence: the rows of sequence i are contiguous (row-major target index)
-        seq = torch.div(index, labels.shape[1] - 1, rounding_mode="floor")
-        alphas = self._sequence_alphas(name, head, rows, targets, signal, seq, float(kwargs.get("alpha", 0.1)))
-        loss = None
-        counts = torch.bincount(seq, minlength=labels.shape[0]).tolist()
-        lo = 0
-        for i, c in enumerate(counts):
-            if c == 0:
-                continue
-            sel = torch.arange(lo, lo + c, device=rows.device)
-            part, stats = chunked_kd_loss(rows[lo:lo + c], head, targets[lo:lo + c], signal.rows(sel),
-                                          divergence=divergence, divergence_kwargs={**kwargs, "alpha": float(alphas[i])},
-                                          **common)
-            self._count(name, stats)
-            loss = part if loss is None else loss + part
-            lo += c
+        per_row = None
+        if self.args.adaptive_skew and signal is not None and rows.shape[0]:
+            # one skew per sequence, given to each of its rows
+            seq = torch.div(index, labels.shape[1] - 1, rounding_mode="floor")
+            alphas = self._sequence_alphas(name, head, rows, targets, signal, seq, float(kwargs.get("alpha", 0.1)))
+            per_row = {"alpha": alphas[seq]}
+        loss, stats = chunked_kd_loss(rows, head, targets, signal, divergence=divergence, divergence_kwargs=kwargs,
+                                      row_divergence_kwargs=per_row, **common)
+        self._count(name, stats)
         return loss
 
     @torch.no_grad()
@@ -226,6 +222,9 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
             raise PotstillError("adaptive_skew needs the teacher's full distribution (a live teacher or a dense "
                                 "cache); a top-k cache may not hold the response's tokens; set adaptive_skew false")
         vocab = self.vocab_size if self.vocab_size is not None else head.vocab
+        if targets.numel() and int(targets.max()) >= vocab:
+            raise PotstillError(f"label id {int(targets.max())} is outside the compared vocabulary ({vocab} rows); "
+                                "the samples or labels use tokens the teacher does not have")
         chunk = self.args.chunk_size
         n = rows.shape[0]
         lq = _target_logprobs(lambda a, b: head(rows[a:b])[..., :vocab], n, targets, chunk)
@@ -236,16 +235,24 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
         mean_q = torch.zeros(s, device=rows.device).index_add_(0, seq, lq) / cnt
         present = torch.bincount(seq, minlength=s) > 0
         gap = mean_p.exp() - mean_q.exp() if name == "data" else mean_q.exp() - mean_p.exp()
-        if self.anchors[name] is None:
-            self.anchors[name] = (1.0 - cap) * float(gap[present].mean())
+        if self.anchors[name] is None:  # the mean gap of the first micro-batch, over all processes
+            total = torch.stack([gap[present].sum(), present.sum().to(gap.dtype)])
+            if self.accelerator.num_processes > 1:
+                total = self.accelerator.reduce(total, reduction="sum")
+            mean = float(total[0] / total[1].clamp(min=1))
+            self.anchors[name] = (1.0 - cap) * mean
+            if mean <= 0:
+                warnings.warn(f"adaptive_skew: the student is not behind the teacher on the first {name} batch "
+                              f"(mean gap {mean:.3g}); every sequence keeps the full skew {cap}")
         alphas = sequence_skew(gap, self.anchors[name], cap)
         self._skew_sums[name] += float(alphas[present].sum())
         self._skew_sums[f"n_{name}"] += int(present.sum())
         return alphas
 
     def _count(self, name: str, stats: dict) -> None:
-        for k in ("ce_sum", "kd_sum", "n_tokens"):
-            self._stats[k] += float(stats[k])
+        if name == "data":  # ce_per_token / kd_per_token: the data side (CE on the student's own samples is moot)
+            for k in ("ce_sum", "kd_sum", "n_tokens"):
+                self._stats[k] += float(stats[k])
         self._side_stats[f"{name}_kd"] += float(stats["kd_sum"])
         self._side_stats[f"{name}_n"] += float(stats["n_tokens"])
 
