@@ -8,7 +8,8 @@ Three parts, each measured in one run of this script (``--part all``):
   student samples, generalized JSD beta = 0.5), DistiLLM (Ko et al. 2024: skew forward
   KL alpha = 0.1, replay buffer, adaptive student-sample probability) and DistiLLM-2 (Ko et
   al. 2025: every step skew KL on the teacher's responses + skew reverse KL on the student's
-  samples; once plain, once with its beta ramp and per-sequence skew). Held-out forward KL
+  samples; once plain, once with its beta ramp and per-sequence skew) and MiniLLM (Gu et al.
+  2024: reverse KL by policy gradient on teacher-mixed samples, mix 0.2). Held-out forward KL
   to the teacher, top-1 agreement, ROUGE-L; the student's generation tokens/s and the share
   of training time spent generating.
 * **arith** (the project's multi-step arithmetic task, exact rationales): with the same
@@ -47,8 +48,8 @@ MODES = ("answer_only", "multitask", "cot")
 
 
 def demo_runs():
-    from potstill.config import (ContrastiveOptions, ForwardKL, GeneralizedJSD, OnPolicyOptions, RunConfig,
-                                 SkewForwardKL)
+    from potstill.config import (ContrastiveOptions, ForwardKL, GeneralizedJSD, MiniLLMOptions, OnPolicyOptions,
+                                 ReverseKL, RunConfig, SkewForwardKL)
 
     return [
         RunConfig(name="off_policy_kd", alpha=0.0, divergence=ForwardKL()),
@@ -63,6 +64,8 @@ def demo_runs():
         RunConfig(name="distillm2_curriculum", alpha=0.0, divergence=SkewForwardKL(alpha=0.1),
                   on_policy=OnPolicyOptions(max_new_tokens=32, contrastive=ContrastiveOptions(
                       beta_end=1.5, adaptive_skew=True))),
+        RunConfig(name="minillm", alpha=0.0, divergence=ReverseKL(),
+                  on_policy=OnPolicyOptions(max_new_tokens=32, minillm=MiniLLMOptions(mix=0.2))),
     ]
 
 
@@ -106,6 +109,8 @@ def part_demo(quick: bool, work: Path, only: list[str] | None = None) -> dict:
             row["gen_tokens_per_s"] = op["gen_tokens"] / op["gen_seconds"] if op["gen_seconds"] > 0 else None
             row["gen_share_of_train_time"] = op["gen_seconds"] / i["train_seconds"]
             row["lmbda_history"] = op["lmbda_history"]
+            if "minillm_stats" in op:
+                row["minillm_stats"] = op["minillm_stats"]
             if "skew_history" in op:
                 row["skew_history"], row["skew_anchors"] = op["skew_history"], op["skew_anchors"]
         runs[name] = row

@@ -208,6 +208,15 @@ class ContrastiveOptions(_Strict):
         "curriculum); both divergences must then be skew ones, their alpha the cap.")
 
 
+class MiniLLMOptions(_Strict):
+    """MiniLLM (Gu et al. 2024): sequence-level reverse KL by policy gradient on teacher-mixed samples."""
+
+    mix: float = Field(0.2, ge=0.0, lt=1.0, description="Teacher share of the sampling distribution (paper: 0.2).")
+    length_norm: bool = Field(True, description="Later-token return as a mean (length normalization), not a sum.")
+    long_term: bool = Field(True, description="Keep the policy-gradient term of later tokens (false: single-step "
+                            "reverse KL on the samples only).")
+
+
 class OnPolicyOptions(_Strict):
     """Student-generated data: GKD (Agarwal et al. 2024), DistiLLM (Ko et al. 2024), DistiLLM-2 (Ko et al. 2025)."""
 
@@ -224,11 +233,16 @@ class OnPolicyOptions(_Strict):
     validation_size: int = Field(16, ge=1, description="Training examples (seeded pick) the validation loss is taken on.")
     contrastive: ContrastiveOptions | None = Field(
         None, description="DistiLLM-2: every step trains on both the data and the student's samples (lmbda unused).")
+    minillm: MiniLLMOptions | None = Field(
+        None, description="MiniLLM: every step on teacher-mixed samples, reverse KL by policy gradient (lmbda unused).")
 
     @model_validator(mode="after")
     def _replay(self) -> "OnPolicyOptions":
         if self.replay_reuse > 0 and self.replay_size == 0:
             raise ValueError("replay_reuse > 0 needs a replay buffer; set replay_size >= 1")
+        if self.minillm is not None and (self.contrastive is not None or self.adaptive or self.replay_size):
+            raise ValueError("on_policy.minillm samples on-policy and updates once per sample; remove contrastive, "
+                             "adaptive and replay_size from this run")
         if self.contrastive is not None and self.adaptive:
             raise ValueError("on_policy.contrastive trains every step on both the data and student samples, so "
                              "DistiLLM's adaptive lmbda has nothing to move; set adaptive false")
@@ -365,6 +379,13 @@ class RunConfig(_Strict):
             raise ValueError("on_policy steps are scored by the teacher; set alpha < 1 or remove on_policy")
         if self.on_policy is not None and self.feature is not None:
             raise ValueError("on_policy and feature cannot be combined in one run; split them into two runs")
+        m = None if self.on_policy is None else self.on_policy.minillm
+        if m is not None and (self.divergence.name != "reverse_kl" or self.alpha != 0.0):
+            raise ValueError("on_policy.minillm minimizes the reverse KL on samples (no CE target there); set "
+                             "divergence {name: reverse_kl} and alpha 0")
+        if m is not None and (self.token_weighting != "none" or self.multi_teacher is not None):
+            raise ValueError("on_policy.minillm cannot be combined with token_weighting or multi_teacher in one "
+                             "run; split them into separate runs")
         c = None if self.on_policy is None else self.on_policy.contrastive
         if c is not None and c.adaptive_skew:
             skews = ("skew_forward_kl", "skew_reverse_kl")

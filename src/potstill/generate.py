@@ -84,6 +84,7 @@ def generate(
     progress: bool = True,
     desc: str = "generate",
     on_batch: Callable[[], None] | None = None,
+    processor: Callable[[torch.Tensor, torch.Tensor], object] | None = None,
 ) -> Generations:
     """Continue each tokenized prompt; returns the new tokens in the input order.
 
@@ -92,6 +93,8 @@ def generate(
     one untimed 2-token call first so that tokens/s does not favour whichever model is
     timed second. ``no_grad`` rather than ``inference_mode``: buffers that models build
     lazily (rotary caches) would otherwise become inference tensors and break training.
+    ``processor(ids, mask)`` (optional) makes a ``transformers`` logits processor for each
+    left-padded batch, e.g. MiniLLM's teacher-mixed sampling.
     """
     from transformers import GenerationConfig
 
@@ -128,7 +131,8 @@ def generate(
             ids, mask = left_pad([prompts[i] for i in idx], pad, device)
             _sync(device)
             t0 = time.perf_counter()
-            seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            extra = {} if processor is None else {"logits_processor": [processor(ids, mask)]}
+            seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
             _sync(device)
             seconds += time.perf_counter() - t0
             for r, new in zip(idx, seqs[:, ids.shape[1]:].tolist()):

@@ -216,6 +216,11 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
                      student_divergence_kwargs=divergence_params(c.student_divergence), beta=c.beta,
                      beta_end=c.beta_end, adaptive_skew=c.adaptive_skew)
         cls = ContrastiveConfig
+    if op is not None and op.minillm is not None:
+        from .kd.minillm import MiniLLMConfig
+
+        extra.update(mix=op.minillm.mix, length_norm=op.minillm.length_norm, long_term=op.minillm.long_term)
+        cls = MiniLLMConfig
     return cls(
         output_dir=output_dir,
         max_steps=t.max_steps,
@@ -290,6 +295,10 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
             from .kd.contrastive import ContrastiveKDTrainer
 
             cls = ContrastiveKDTrainer
+        if run.on_policy is not None and run.on_policy.minillm is not None:
+            from .kd.minillm import MiniLLMKDTrainer
+
+            cls = MiniLLMKDTrainer
         trainer = cls(
             model=student,
             teacher_model=None,
@@ -321,6 +330,8 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
                              "lmbda_history": trainer.lmbda_history}
         if run.on_policy.contrastive is not None:
             info["on_policy"].update(skew_anchors=trainer.anchors, skew_history=trainer.skew_history)
+        if run.on_policy.minillm is not None:
+            info["on_policy"]["minillm_stats"] = trainer.minillm_stats
     save_student(model, tokenizer, out_dir, info)
     return model, curve
 

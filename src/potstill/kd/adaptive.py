@@ -187,6 +187,17 @@ def example_divergences(model, source, examples, collator, *, vocab: int | None,
     return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
 
 
+@torch.no_grad()
+def target_logprobs(logits_of, n: int, targets: Tensor, chunk: int) -> Tensor:
+    """``log softmax(logits_of(lo, hi))[row, target]`` for ``n`` rows, ``chunk`` rows at a time: ``[n]`` float32."""
+    out = torch.empty(n, dtype=torch.float32, device=targets.device)
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        lp = logits_of(lo, hi).float().log_softmax(-1)
+        out[lo:hi] = lp.gather(-1, targets[lo:hi, None]).squeeze(-1)
+    return out
+
+
 def _dense_or_sparse_chunk(sig, start: int, end: int, vocab: int):
     if isinstance(sig, SparseSignal):
         return sig.chunk(start, end)

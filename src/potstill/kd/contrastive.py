@@ -40,6 +40,7 @@ import torch
 from ..divergences import DIVERGENCES, chunked_kd_loss
 from ..errors import PotstillError
 from ..signals import DenseSignal, OnlineTeacher, target_index, target_rows
+from .adaptive import target_logprobs
 from .onpolicy import _ROLLOUT, OnPolicyConfig, OnPolicyKDTrainer
 
 _STUDENT = "_potstill_student_batch"  # the student's samples paired with a data micro-batch
@@ -84,16 +85,6 @@ def sequence_skew(gap: torch.Tensor, anchor: float, cap: float) -> torch.Tensor:
     safe = torch.where(gap > 0, gap, torch.ones_like(gap))
     a = (1.0 - anchor / safe).clamp(min=ALPHA_MIN, max=cap)
     return torch.where(gap > 0, a, torch.full_like(gap, cap))
-
-
-def _target_logprobs(logits_of, n: int, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``log softmax(logits)[row, target]`` for ``n`` rows, ``chunk`` rows at a time: ``[n]``."""
-    out = torch.empty(n, dtype=torch.float32, device=targets.device)
-    for lo in range(0, n, chunk):
-        hi = min(lo + chunk, n)
-        lp = logits_of(lo, hi).float().log_softmax(-1)
-        out[lo:hi] = lp.gather(-1, targets[lo:hi, None]).squeeze(-1)
-    return out
 
 
 class ContrastiveKDTrainer(OnPolicyKDTrainer):
@@ -227,8 +218,8 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
                                 "the samples or labels use tokens the teacher does not have")
         chunk = self.args.chunk_size
         n = rows.shape[0]
-        lq = _target_logprobs(lambda a, b: head(rows[a:b])[..., :vocab], n, targets, chunk)
-        lp = _target_logprobs(lambda a, b: signal.chunk_logits(a, b, vocab), n, targets, chunk)
+        lq = target_logprobs(lambda a, b: head(rows[a:b])[..., :vocab], n, targets, chunk)
+        lp = target_logprobs(lambda a, b: signal.chunk_logits(a, b, vocab), n, targets, chunk)
         s = int(seq.max()) + 1
         cnt = torch.bincount(seq, minlength=s).clamp(min=1).float()
         mean_p = torch.zeros(s, device=rows.device).index_add_(0, seq, lp) / cnt

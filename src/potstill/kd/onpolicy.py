@@ -158,7 +158,7 @@ class OnPolicyKDTrainer(KDTrainer):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             gen = generate(model, tok, prompts, max_new_tokens=cfg.gen_max_new_tokens, batch_size=len(prompts),
                            do_sample=True, temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, seed=seed,
-                           sort_by_length=False, progress=False)
+                           sort_by_length=False, progress=False, processor=self._sampling_processor())
         self.rollout_stats["gen_seconds"] += time.perf_counter() - t0
         self.rollout_stats["gen_tokens"] += gen.num_tokens
         feats = []
@@ -176,6 +176,10 @@ class OnPolicyKDTrainer(KDTrainer):
         if cfg.replay_size > 0:
             self._buffer.extend(feats)
         return self._collate(feats)
+
+    def _sampling_processor(self):
+        """A factory ``(ids, mask) -> logits processor`` for the student's sampling, or None (subclasses)."""
+        return None
 
     def _replay_batch(self, n: int) -> dict:
         pool = list(self._buffer)
