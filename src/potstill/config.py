@@ -383,6 +383,11 @@ class RunConfig(_Strict):
         if m is not None and (self.divergence.name != "reverse_kl" or self.alpha != 0.0):
             raise ValueError("on_policy.minillm minimizes the reverse KL on samples (no CE target there); set "
                              "divergence {name: reverse_kl} and alpha 0")
+        if m is not None and (self.temperature != 1.0 or self.on_policy.temperature != 1.0 or self.on_policy.top_p != 1.0
+                              or (self.schedule is not None and self.schedule.temperature_end is not None)):
+            raise ValueError("on_policy.minillm samples from the plain teacher-student mixture and scores at "
+                             "temperature 1; set temperature 1, on_policy.temperature 1, on_policy.top_p 1 and no "
+                             "temperature schedule")
         if m is not None and (self.token_weighting != "none" or self.multi_teacher is not None):
             raise ValueError("on_policy.minillm cannot be combined with token_weighting or multi_teacher in one "
                              "run; split them into separate runs")

@@ -26,6 +26,7 @@ class Generations:
     token_ids: list[list[int]]
     num_tokens: int
     seconds: float
+    stops: list[int | None] | None = None  # the EOS id each generation stopped on (None: it ran to the cap)
 
     @property
     def tokens_per_s(self) -> float:
@@ -112,9 +113,15 @@ def generate(
         eos_token_id=sorted(eos) if eos else None,
         pad_token_id=pad,
         use_cache=True,
-        **({"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}),
+        # Sampling draws from softmax(logits / T) cut at top_p and nothing else: the model's own
+        # generation_config would otherwise fill these in (e.g. an instruct model's repetition penalty),
+        # and on-policy losses that assume the student's distribution would be silently wrong.
+        **({"temperature": temperature, "top_p": top_p, "top_k": 0, "min_p": 0.0, "typical_p": 1.0,
+            "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+           if do_sample else {}),
     )
     out: list[list[int]] = [[] for _ in prompts]
+    stops: list[int | None] = [None for _ in prompts]
     num_tokens, seconds = 0, 0.0
     try:
         if warmup and batches and max_new_tokens > 0:
@@ -139,9 +146,10 @@ def generate(
                 cut = next((j for j, t in enumerate(new) if t in eos), None)
                 num_tokens += len(new) if cut is None else cut + 1
                 out[r] = new if cut is None else new[:cut]
+                stops[r] = None if cut is None else int(new[cut])
             if on_batch:
                 on_batch()
     finally:
         if was_training:
             model.train()
-    return Generations(out, num_tokens, seconds)
+    return Generations(out, num_tokens, seconds, stops)

@@ -160,7 +160,9 @@ def test_bad_configurations_fail_with_the_fix(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
     for kw, msg in (({"alpha": 0.5}, "set alpha 0"), ({"divergence": "forward_kl"}, "set divergence reverse_kl"),
                     ({"replay_size": 4}, "replay_size 0"), ({"mix": 1.0}, r"must be in \[0, 1\)"),
-                    ({"token_weighting": "teacher_confidence"}, "token_weighting 'none'")):
+                    ({"token_weighting": "teacher_confidence"}, "token_weighting 'none'"),
+                    ({"gen_temperature": 0.7}, "gen_temperature 1"), ({"gen_top_p": 0.9}, "gen_top_p 1"),
+                    ({"temperature": 2.0}, "set temperature 1"), ({"temperature_end": 2.0}, "temperature schedule")):
         with pytest.raises(PotstillError, match=msg):
             mcfg(tmp_path, **kw)
 
@@ -191,18 +193,23 @@ def test_minillm_recipe_end_to_end(assets, tmp_path):  # noqa: F811
     assert "minillm" in json.loads((out / "metrics.json").read_text())["runs"]
 
 
-@pytest.mark.parametrize("case", ["divergence", "alpha", "replay", "contrastive"])
+@pytest.mark.parametrize("case", ["divergence", "alpha", "replay", "contrastive", "top_p", "temperature"])
 def test_bad_minillm_recipes_give_one_line(assets, tmp_path, capsys, case):  # noqa: F811
     out = tmp_path / "out"
     r = recipe(assets, out)
     run = {"name": "m", "alpha": 0.0, "divergence": {"name": "reverse_kl"}, "on_policy": {"minillm": {}}}
-    want = {"divergence": "reverse_kl", "alpha": "alpha 0", "replay": "replay_size", "contrastive": "contrastive"}[case]
+    want = {"divergence": "reverse_kl", "alpha": "alpha 0", "replay": "replay_size", "contrastive": "contrastive",
+            "top_p": "on_policy.top_p 1", "temperature": "set temperature 1"}[case]
     if case == "divergence":
         run["divergence"] = {"name": "forward_kl"}
     elif case == "alpha":
         run["alpha"] = 0.3
     elif case == "replay":
         run["on_policy"]["replay_size"] = 4
+    elif case == "top_p":
+        run["on_policy"]["top_p"] = 0.9
+    elif case == "temperature":
+        run["temperature"] = 2.0
     else:
         run["on_policy"]["contrastive"] = {}
     r["runs"] = [run]
@@ -216,3 +223,42 @@ def test_left_pad_is_what_the_processor_sees(tiny_llama_pair):
     _, _, tok = tiny_llama_pair
     ids, mask = left_pad([[5, 6, 7], [8]], tok.pad_token_id, "cpu")
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]] and ids[1, -1] == 8
+
+
+def test_teacher_mix_gives_no_mass_past_the_shared_vocabulary(tiny_llama_pair):
+    teacher, _, tok = tiny_llama_pair
+    ids, mask = left_pad([[5, 6, 7], [8, 9]], tok.pad_token_id, "cpu")
+    scores = torch.randn(2, 400, generator=torch.Generator().manual_seed(0))
+    out = TeacherMix(teacher, 0.2, mask, 390)(ids, scores)
+    assert torch.isneginf(out[:, 390:]).all()
+    torch.testing.assert_close(out[:, :390].exp().sum(-1), torch.ones(2), rtol=1e-5, atol=1e-6)
+
+
+def test_sampling_ignores_the_models_own_generation_config(tiny_llama_pair):
+    """An instruct model's repetition penalty or min_p must not reach on-policy samples."""
+    _, student, tok = tiny_llama_pair
+    prompts = [e["input_ids"][:12] for e in encoded(tok)[:3]]
+    kw = dict(max_new_tokens=8, batch_size=3, do_sample=True, seed=5, sort_by_length=False, progress=False)
+    plain = generate(student, tok, prompts, **kw).token_ids
+    skewed = copy.deepcopy(student)
+    skewed.generation_config.repetition_penalty = 5.0
+    skewed.generation_config.min_p = 0.5
+    skewed.generation_config.no_repeat_ngram_size = 1
+    assert generate(skewed, tok, prompts, **kw).token_ids == plain
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_llama_pair, tmp_path, monkeypatch):
+    teacher, student, tok = tiny_llama_pair
+    monkeypatch.setattr(MiniLLMKDTrainer, "_student_batch", lambda self, b: self._collate(fake_samples(b, tok)))
+    finals = []
+    for bs, acc in ((4, 1), (2, 2)):
+        s = copy.deepcopy(student)
+        tr = MiniLLMKDTrainer(model=s, teacher_model=teacher, train_dataset=dataset(tok).select(range(4)),
+                              processing_class=tok,
+                              args=mcfg(tmp_path / f"{bs}", per_device_train_batch_size=bs, gradient_accumulation_steps=acc))
+        tr._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(4))
+        tr.train()
+        finals.append({k: v.detach().clone() for k, v in s.named_parameters()})
+    assert max(float((finals[0][k] - p).abs().max()) for k, p in student.named_parameters()) > 1e-4
+    for k, v in finals[0].items():
+        torch.testing.assert_close(finals[1][k], v, rtol=1e-4, atol=1e-6)

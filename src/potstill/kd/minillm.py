@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..divergences import chunked_kd_loss
 from ..errors import PotstillError
-from ..signals import OnlineTeacher, target_index, target_rows
+from ..signals import OnlineTeacher, apply_head, target_index, target_rows
 from .adaptive import target_logprobs
 from .onpolicy import _ROLLOUT, OnPolicyConfig, OnPolicyKDTrainer
 
@@ -58,6 +58,12 @@ class MiniLLMConfig(OnPolicyConfig):
             raise PotstillError(f"mix={self.mix} must be in [0, 1): the student keeps a share of the sampling")
         if self.token_weighting != "none":
             raise PotstillError("MiniLLM weighs tokens by its importance weights; set token_weighting 'none'")
+        if self.gen_temperature != 1.0 or self.gen_top_p != 1.0:
+            raise PotstillError("MiniLLM's importance weights assume samples from the plain teacher-student mixture; "
+                                f"set gen_temperature 1 and gen_top_p 1 (got {self.gen_temperature}, {self.gen_top_p})")
+        if self.temperature != 1.0 or self.temperature_end is not None:
+            raise PotstillError("MiniLLM's rewards and reverse KL are at temperature 1; set temperature 1 and no "
+                                "temperature schedule")
         super().__post_init__()
 
 
@@ -69,7 +75,7 @@ class TeacherMix:
     """
 
     def __init__(self, teacher, mix: float, mask: torch.Tensor, vocab: int):
-        self.teacher, self.mix, self.mask, self.vocab = teacher, float(mix), mask, int(vocab)
+        self.teacher, self.mix, self.mask, self.vocab = teacher.eval(), float(mix), mask, int(vocab)
         self.cache = None
         self.seen = 0  # tokens of each row the teacher has read
 
@@ -82,7 +88,7 @@ class TeacherMix:
             mask = torch.cat([self.mask, self.mask.new_ones(new.shape)], dim=1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -new.shape[1]:]
         out = self.teacher(input_ids=new, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
-                           use_cache=True)
+                           use_cache=True, logits_to_keep=1)  # the prefill needs the last position only
         self.cache, self.mask, self.seen = out.past_key_values, mask, input_ids.shape[1]
         v = self.vocab
         lp = out.logits[:, -1, :v].float().log_softmax(-1)
@@ -105,36 +111,36 @@ def later_returns(r: torch.Tensor, seq: torch.Tensor, length_norm: bool) -> torc
     n = r.shape[0]
     if n == 0:
         return r
-    c = r.cumsum(0)
+    c = r.double().cumsum(0)  # float64: one running sum over every row of the micro-batch
     idx = torch.arange(n, device=r.device)
     last = torch.zeros(int(seq.max()) + 1, dtype=torch.long, device=r.device).scatter_reduce(
         0, seq, idx, reduce="amax", include_self=False)[seq]
     out = c[last] - c
     if length_norm:
-        after = (last - idx).to(r.dtype)
+        after = (last - idx).double()
         out = torch.where(after > 0, out / after.clamp(min=1), torch.zeros_like(out))
-    return out
+    return out.to(r.dtype)
 
 
-def _chunk_nll(h: torch.Tensor, weight, bias, targets: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    logits = torch.nn.functional.linear(h, weight, bias).float()
+def _chunk_nll(h: torch.Tensor, weight, bias, targets: torch.Tensor, coef: torch.Tensor, scale, softcap):
+    logits = apply_head(h, weight, bias, scale, softcap).float()
     return -(logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1) * coef).sum()
 
 
 def weighted_nll(rows: torch.Tensor, head, targets: torch.Tensor, coef: torch.Tensor, vocab: int, chunk: int):
     """``sum_i coef_i * (-log q(targets_i))`` over rows, ``chunk`` rows at a time; each chunk's
-    ``[chunk, V]`` logits are recomputed in backward (checkpointing), never held for all rows.
-    Plain linear heads (no softcap / logit scale)."""
-    if head.softcap is not None or head.logit_scale not in (None, 1.0):
-        raise PotstillError("MiniLLM's long-term term needs a plain linear output head (no softcap or logit scale); "
-                            "set long_term false")
+    ``[chunk, V]`` logits are recomputed in backward (checkpointing), never held for all rows."""
     weight, bias = head.with_vocab(vocab).sliced()
     total = rows.new_zeros((), dtype=torch.float32)
     for lo in range(0, rows.shape[0], chunk):
         hi = min(lo + chunk, rows.shape[0])
         total = total + checkpoint(_chunk_nll, rows[lo:hi], weight, bias, targets[lo:hi], coef[lo:hi],
-                                   use_reentrant=False)
+                                   head.logit_scale, head.softcap, use_reentrant=False)
     return total
+
+
+def _has_active_dropout(model) -> bool:
+    return model.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 class MiniLLMKDTrainer(OnPolicyKDTrainer):
@@ -188,8 +194,9 @@ class MiniLLMKDTrainer(OnPolicyKDTrainer):
         vocab = self._vocab()
         normalizer = num_items_in_batch if num_items_in_batch is not None else max(int(index.numel()), 1)
         with torch.no_grad():
-            lq = target_logprobs(lambda a, b: head(rows[a:b].detach())[..., :vocab], rows.shape[0], targets,
-                                 cfg.chunk_size)
+            # w and r belong to the policy that sampled: eval mode, where dropout is off
+            src = rows.detach() if not _has_active_dropout(model) else target_rows(self._eval_hidden(model, inputs), index)
+            lq = target_logprobs(lambda a, b: head(src[a:b])[..., :vocab], rows.shape[0], targets, cfg.chunk_size)
             lp = target_logprobs(lambda a, b: signal.chunk_logits(a, b, vocab), rows.shape[0], targets,
                                  cfg.chunk_size)
             r = lp - lq
@@ -214,6 +221,15 @@ class MiniLLMKDTrainer(OnPolicyKDTrainer):
         if return_outputs:
             return loss, {"loss": loss}
         return loss
+
+    @torch.no_grad()
+    def _eval_hidden(self, model, inputs):
+        was = model.training
+        model.eval()
+        try:
+            return self._student_hidden(model, inputs)
+        finally:
+            model.train(was)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._acc["n"]:

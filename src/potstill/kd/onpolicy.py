@@ -162,10 +162,12 @@ class OnPolicyKDTrainer(KDTrainer):
         self.rollout_stats["gen_seconds"] += time.perf_counter() - t0
         self.rollout_stats["gen_tokens"] += gen.num_tokens
         feats = []
-        for p, g in zip(prompts, gen.token_ids):
+        stops = gen.stops or [None] * len(prompts)
+        for p, g, stop in zip(prompts, gen.token_ids, stops):
             resp = list(g)
-            if len(resp) < cfg.gen_max_new_tokens and eos is not None:
-                resp.append(int(eos))  # it stopped on EOS: the student learns where to stop too
+            if len(resp) < cfg.gen_max_new_tokens and (stop is not None or eos is not None):
+                # it stopped on an EOS: the student learns where to stop too, on the id it sampled
+                resp.append(int(stop if stop is not None else eos))
             if not resp:
                 continue
             feats.append({"input_ids": p + resp, "attention_mask": [1] * (len(p) + len(resp)),
