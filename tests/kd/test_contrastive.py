@@ -20,6 +20,7 @@ from potstill.kd.onpolicy import _ROLLOUT
 from test_cli import assets, recipe, write  # noqa: F401  (module fixture reused)
 
 from .test_logit import dataset, encoded
+from .test_onpolicy import FakeCache
 
 
 def ccfg(tmp_path, **kw):
@@ -272,15 +273,8 @@ def test_bad_configurations_fail_with_the_fix(tiny_llama_pair, tmp_path):
     with pytest.raises(PotstillError, match="token_weighting 'none'"):
         ccfg(tmp_path, token_weighting="teacher_confidence")
 
-    class Cache:
-        temperature = None
-        vocab_size = None
-
-        def signal(self, batch):
-            raise AssertionError
-
     with pytest.raises(PotstillError, match="live teacher.*instead of a teacher-signal cache"):
-        ContrastiveKDTrainer(model=student, signal_source=Cache(), args=ccfg(tmp_path),
+        ContrastiveKDTrainer(model=student, signal_source=FakeCache(), args=ccfg(tmp_path),
                              train_dataset=dataset(tok), processing_class=tok)
     with pytest.raises(PotstillError, match="ContrastiveConfig"):
         ContrastiveKDTrainer(model=student, teacher_model=teacher, args=KDConfig(output_dir=str(tmp_path)),

@@ -21,6 +21,7 @@ from test_cli import assets, recipe, write  # noqa: F401  (module fixture reused
 
 from .test_contrastive import fake_samples
 from .test_logit import dataset, encoded
+from .test_onpolicy import FakeCache
 
 
 def mcfg(tmp_path, **kw):
@@ -166,15 +167,8 @@ def test_bad_configurations_fail_with_the_fix(tiny_llama_pair, tmp_path):
         with pytest.raises(PotstillError, match=msg):
             mcfg(tmp_path, **kw)
 
-    class Cache:
-        temperature = None
-        vocab_size = None
-
-        def signal(self, batch):
-            raise AssertionError
-
     with pytest.raises(PotstillError, match="instead of a teacher-signal cache"):
-        MiniLLMKDTrainer(model=student, signal_source=Cache(), args=mcfg(tmp_path), train_dataset=dataset(tok),
+        MiniLLMKDTrainer(model=student, signal_source=FakeCache(), args=mcfg(tmp_path), train_dataset=dataset(tok),
                          processing_class=tok)
     with pytest.raises(PotstillError, match="MiniLLMConfig"):
         MiniLLMKDTrainer(model=student, teacher_model=teacher, args=KDConfig(output_dir=str(tmp_path)),

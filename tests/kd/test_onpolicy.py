@@ -18,6 +18,16 @@ from potstill.signals import OnlineTeacher
 from .test_logit import dataset, encoded
 
 
+class FakeCache:
+    """A teacher-signal cache that must never be read (the trainer has to refuse it first)."""
+
+    temperature = None
+    vocab_size = None
+
+    def signal(self, batch):
+        raise AssertionError
+
+
 def ocfg(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.1,
                 optim="sgd", lr_scheduler_type="constant", report_to="none", save_strategy="no", use_cpu=True,
@@ -211,15 +221,8 @@ def test_bad_configurations_fail_with_the_fix(tiny_llama_pair, tmp_path):
     with pytest.raises(PotstillError, match="validation_dataset"):
         make(teacher, student, tok, tmp_path, adaptive=True)
 
-    class Cache:
-        temperature = None
-        vocab_size = None
-
-        def signal(self, batch):
-            raise AssertionError
-
     with pytest.raises(PotstillError, match="live teacher"):
-        OnPolicyKDTrainer(model=student, signal_source=Cache(), args=ocfg(tmp_path, lmbda=0.5),
+        OnPolicyKDTrainer(model=student, signal_source=FakeCache(), args=ocfg(tmp_path, lmbda=0.5),
                           train_dataset=dataset(tok), processing_class=tok)
     with pytest.raises(PotstillError, match="OnPolicyConfig"):
         OnPolicyKDTrainer(model=student, teacher_model=teacher, args=KDConfig(output_dir=str(tmp_path)),

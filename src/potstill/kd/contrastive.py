@@ -39,7 +39,7 @@ import torch
 
 from ..divergences import DIVERGENCES, chunked_kd_loss
 from ..errors import PotstillError
-from ..signals import DenseSignal, OnlineTeacher, target_index, target_rows
+from ..signals import DenseSignal, target_index, target_rows
 from .adaptive import target_logprobs
 from .onpolicy import _ROLLOUT, OnPolicyConfig, OnPolicyKDTrainer
 
@@ -95,18 +95,12 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
     each logged interval when ``adaptive_skew`` is on; ``anchors`` the frozen ``c`` per side.
     """
 
+    config_class = ContrastiveConfig
+    samples_every_step = True
+    method = "contrastive distillation (DistiLLM-2)"
+
     def __init__(self, *args, **kwargs):
-        if not isinstance(kwargs.get("args", args[2] if len(args) > 2 else None), ContrastiveConfig):
-            raise PotstillError("ContrastiveKDTrainer needs args=ContrastiveConfig(...)")
-        src = kwargs.get("signal_source")
-        if kwargs.get("teacher_model") is None and src is not None and not isinstance(src, OnlineTeacher):
-            raise PotstillError("contrastive distillation needs a live teacher to score the student's samples; "
-                                "pass teacher_model=... (or an OnlineTeacher) instead of a teacher-signal cache")
         super().__init__(*args, **kwargs)
-        if self._scorer is None:
-            self._scorer = OnlineTeacher(self.signal_source.model)
-        self.lmbda = 1.0  # every step has student samples (reported as such)
-        self.lmbda_history = [(0, 1.0, None)]
         self._last_beta = self.args.beta
         self.anchors: dict[str, float | None] = {"data": None, "student": None}
         self.skew_history: list[tuple[int, float, float]] = []

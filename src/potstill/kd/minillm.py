@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..divergences import chunked_kd_loss
 from ..errors import PotstillError
-from ..signals import OnlineTeacher, apply_head, target_index, target_rows
+from ..signals import apply_head, target_index, target_rows
 from .adaptive import target_logprobs
 from .onpolicy import _ROLLOUT, OnPolicyConfig, OnPolicyKDTrainer
 
@@ -149,18 +149,12 @@ class MiniLLMKDTrainer(OnPolicyKDTrainer):
     After training, ``minillm_stats`` holds the mean importance weight and mean reward per logged interval.
     """
 
+    config_class = MiniLLMConfig
+    samples_every_step = True
+    method = "MiniLLM"
+
     def __init__(self, *args, **kwargs):
-        if not isinstance(kwargs.get("args", args[2] if len(args) > 2 else None), MiniLLMConfig):
-            raise PotstillError("MiniLLMKDTrainer needs args=MiniLLMConfig(...)")
-        src = kwargs.get("signal_source")
-        if kwargs.get("teacher_model") is None and src is not None and not isinstance(src, OnlineTeacher):
-            raise PotstillError("MiniLLM needs a live teacher to mix into sampling and score the samples; pass "
-                                "teacher_model=... (or an OnlineTeacher) instead of a teacher-signal cache")
         super().__init__(*args, **kwargs)
-        if self._scorer is None:
-            self._scorer = OnlineTeacher(self.signal_source.model)
-        self.lmbda = 1.0
-        self.lmbda_history = [(0, 1.0, None)]
         self.minillm_stats: list[tuple[int, float, float]] = []
         self._acc = {"w": 0.0, "r": 0.0, "n": 0}
 

@@ -83,12 +83,21 @@ class OnPolicyKDTrainer(KDTrainer):
     generation seconds and the modes of every step; ``lmbda_history`` the adaptive schedule.
     """
 
+    config_class: type = None  # OnPolicyConfig (set below the class); subclasses name their own
+    samples_every_step = False  # subclasses that train on the student's samples at every step (lmbda unused)
+    method = "on-policy distillation"
+
     def __init__(self, *args, validation_dataset=None, **kwargs):
+        if not isinstance(kwargs.get("args", args[2] if len(args) > 2 else None), self.config_class):
+            raise PotstillError(f"{type(self).__name__} needs args={self.config_class.__name__}(...)")
+        src = kwargs.get("signal_source")
+        if (self.samples_every_step and kwargs.get("teacher_model") is None and src is not None
+                and not isinstance(src, OnlineTeacher)):
+            raise PotstillError(f"{self.method} needs a live teacher to score the student's samples; pass "
+                                "teacher_model=... (or an OnlineTeacher) instead of a teacher-signal cache")
         super().__init__(*args, **kwargs)
         cfg: OnPolicyConfig = self.args
-        if not isinstance(cfg, OnPolicyConfig):
-            raise PotstillError("OnPolicyKDTrainer needs args=OnPolicyConfig(...)")
-        uses_student = cfg.lmbda > 0 or cfg.adaptive
+        uses_student = self.samples_every_step or cfg.lmbda > 0 or cfg.adaptive
         self._scorer = None
         if uses_student:
             src = self.signal_source
@@ -102,8 +111,8 @@ class OnPolicyKDTrainer(KDTrainer):
         if cfg.adaptive and validation_dataset is None:
             raise PotstillError("adaptive (DistiLLM) needs validation_dataset=... for its validation loss")
         self.validation_dataset = validation_dataset
-        self.lmbda = cfg.lmbda
-        self.lmbda_history: list[tuple[int, float, float | None]] = [(0, cfg.lmbda, None)]
+        self.lmbda = 1.0 if self.samples_every_step else cfg.lmbda
+        self.lmbda_history: list[tuple[int, float, float | None]] = [(0, self.lmbda, None)]
         self._rng = random.Random(cfg.seed + 7919)
         self._buffer: deque = deque(maxlen=max(cfg.replay_size, 1))
         self._last_val: float | None = None
@@ -236,3 +245,6 @@ class OnPolicyKDTrainer(KDTrainer):
             logs["student_step_share"] = round(sum(m != "data" for m in modes) / max(len(modes), 1), 4)
             logs["lmbda"] = self.lmbda
         super().log(logs, *args, **kwargs)
+
+
+OnPolicyKDTrainer.config_class = OnPolicyConfig
