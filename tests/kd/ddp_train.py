@@ -2,6 +2,8 @@
 
 Run single-process (batch 8) or under ``accelerate launch --num_processes 2 --cpu``
 (2 processes x 2 examples x 2 accumulation steps = the same global batch of 8).
+``python ddp_train.py OUT PER_DEVICE ACCUM [kd|contrastive|minillm]``: the on-policy methods
+get deterministic stand-in samples for each example, so both layouts see the same samples.
 """
 
 import os
@@ -18,16 +20,28 @@ from potstill.kd import KDTrainer  # noqa: E402
 from potstill.distributed import end_distributed  # noqa: E402
 
 
-def main(out: str, per_device: int, accum: int) -> None:
+def main(out: str, per_device: int, accum: int, method: str = "kd") -> None:
     from pathlib import Path
 
     torch.set_num_threads(1)
     tok = make_tiny_tokenizer()
     teacher = _tiny_llama(tok, layers=2, hidden=64, heads=4, kv_heads=2, seed=0)
     student = _tiny_llama(tok, layers=1, hidden=32, heads=2, kv_heads=1, seed=1)
-    args = cfg(Path(out), per_device_train_batch_size=per_device, gradient_accumulation_steps=accum, alpha=0.2,
-               max_steps=1, ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
-    tr = KDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset(tok), processing_class=tok)
+    kw = dict(per_device_train_batch_size=per_device, gradient_accumulation_steps=accum, max_steps=1,
+              ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
+    if method == "kd":
+        trainer_cls, args = KDTrainer, cfg(Path(out), alpha=0.2, **kw)
+    else:
+        from kd.test_contrastive import ccfg, fake_samples
+        from kd.test_minillm import mcfg
+        from potstill.kd import ContrastiveKDTrainer, MiniLLMKDTrainer
+
+        if method == "contrastive":
+            trainer_cls, args = ContrastiveKDTrainer, ccfg(Path(out), alpha=0.2, beta=1.4, **kw)
+        else:
+            trainer_cls, args = MiniLLMKDTrainer, mcfg(Path(out), **kw)
+        trainer_cls._student_batch = lambda self, b: self._collate(fake_samples(b, tok))
+    tr = trainer_cls(model=student, teacher_model=teacher, args=args, train_dataset=dataset(tok), processing_class=tok)
     tr.train()
     if tr.accelerator.is_main_process:
         model = tr.accelerator.unwrap_model(tr.model)
@@ -36,4 +50,4 @@ def main(out: str, per_device: int, accum: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])

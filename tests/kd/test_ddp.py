@@ -21,19 +21,26 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_single_process(tmp_path):
+@pytest.mark.parametrize("method", ["kd", "contrastive", "minillm"])
+def test_two_process_ddp_equals_single_process(tmp_path, method):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     single, multi = tmp_path / "single", tmp_path / "multi"
     single.mkdir(), multi.mkdir()
-    r1 = subprocess.run([sys.executable, str(HERE / "ddp_train.py"), str(single), "8", "1"], env=env,
+    r1 = subprocess.run([sys.executable, str(HERE / "ddp_train.py"), str(single), "8", "1", method], env=env,
                         capture_output=True, text=True, timeout=300)
     assert r1.returncode == 0, r1.stderr[-3000:]
     # `--multi_gpu` is accelerate's torchrun path; on a machine without GPUs the script's `use_cpu=True` and
     # `ddp_backend="gloo"` make it 2 CPU processes (accelerate's `--cpu` multi-process path needs MPI).
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-              str(HERE / "ddp_train.py"), str(multi), "2", "2"]
-    r2 = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+              str(HERE / "ddp_train.py"), str(multi), "2", "2", method]
+    try:
+        r2 = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        # Once, under a second DDP job on this 2-core machine, a gloo group hung at teardown after its work was
+        # written; a hang is retried once on a fresh port (a failure is never retried).
+        launch[launch.index("--main_process_port") + 1] = str(_free_port())
+        r2 = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240)
     assert r2.returncode == 0, r2.stderr[-3000:]
     a = load_file(single / "student.safetensors")
     b = load_file(multi / "student.safetensors")
