@@ -19,7 +19,7 @@ approximation; it is at most ``1 / (1 - mix)``), the loss is::
 
 Each batch of samples is used for one update, so the policy ratio of the paper's PPO clipping
 is 1 and the clip never acts; it is left out. So is the paper's language-modelling loss on a
-pretraining corpus (``L_PT``): train a run with ``alpha: 1`` on that corpus for it.
+pretraining corpus (``L_PT``).
 """
 
 from __future__ import annotations
