@@ -11,6 +11,7 @@ from potstill.eval.metrics import (
     count_parameters,
     expected_calibration_error,
     perplexity,
+    distinct_n,
     rouge_l,
     teacher_forced_stats,
 )
@@ -77,6 +78,18 @@ def test_rouge_l():
     assert math.isnan(rouge_l([], []))
     with pytest.raises(ValueError):
         rouge_l(["a"], [])
+
+
+def test_distinct_n_hand_cases():
+    # "a b a b" + "a c": unigrams a b a b a c -> 3 distinct of 6; bigrams ab ba ab ac -> 3 of 4
+    assert distinct_n(["a b a b", "A c"], 1) == pytest.approx(3 / 6)
+    assert distinct_n(["a b a b", "A c"], 2) == pytest.approx(3 / 4)
+    # a collapsed model: the same answer everywhere is 1 / number of answers
+    assert distinct_n(["yes it is"] * 4, 2) == pytest.approx(1 / 4)
+    assert distinct_n(["one two three"], 3) == 1.0
+    assert math.isnan(distinct_n(["", "solo"], 2)) and math.isnan(distinct_n([], 1))
+    with pytest.raises(ValueError, match="n=0"):
+        distinct_n(["a"], 0)
 
 
 def test_count_parameters_counts_tied_weights_once():

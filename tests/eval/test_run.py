@@ -10,6 +10,7 @@ import torch
 
 import potstill.models
 from potstill.errors import PotstillError, VocabMismatchError
+from potstill.eval.metrics import distinct_n
 from potstill.eval.run import GENERATIONS_KEY, METRIC_KEYS, collect_samples, evaluate_runs, metrics_only
 
 from .tiny import make_examples, make_llama
@@ -63,6 +64,9 @@ def test_self_student_is_zero_and_other_student_matches_reference(teacher, other
         for key in ("forward_kl", "top1_agreement", "perplexity", "rouge_l", "tokens_per_s"):
             assert type(run[key]) is float, (name, key)
         assert len(run[GENERATIONS_KEY]) == len(examples)
+        for n in (1, 2):  # diversity of the very generations reported (nan only if they hold no n-gram)
+            want = distinct_n(run[GENERATIONS_KEY], n)
+            assert run[f"distinct_{n}"] == pytest.approx(want, nan_ok=True)
 
     for name in ("teacher", "same"):
         assert abs(res[name]["forward_kl"]) < 1e-6

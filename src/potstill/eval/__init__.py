@@ -6,6 +6,7 @@
 
 from .metrics import (
     count_parameters,
+    distinct_n,
     expected_calibration_error,
     perplexity,
     rouge_l,
@@ -21,6 +22,7 @@ __all__ = [
     "TEACHER",
     "collect_samples",
     "count_parameters",
+    "distinct_n",
     "evaluate_runs",
     "expected_calibration_error",
     "metrics_only",

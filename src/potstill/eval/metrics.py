@@ -15,6 +15,7 @@ from torch import Tensor
 
 __all__ = [
     "count_parameters",
+    "distinct_n",
     "expected_calibration_error",
     "perplexity",
     "rouge_l",
@@ -93,6 +94,25 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     for pred, ref in zip(predictions, references):
         total += _ROUGE.score(ref, pred)["rougeL"].fmeasure  # score(target, prediction)
     return total / len(predictions)
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n (Li et al. 2016, *A Diversity-Promoting Objective Function for Neural Conversation
+    Models*): distinct word n-grams over all n-grams in ``texts``, pooled across texts.
+
+    Words are lowercased whitespace-separated tokens. In ``[0, 1]``; ``nan`` when the texts hold
+    no n-gram. A collapsed model that answers every prompt the same scores near ``1 / len(texts)``.
+    """
+    if n < 1:
+        raise ValueError(f"n={n} must be >= 1")
+    seen: set[tuple[str, ...]] = set()
+    total = 0
+    for text in texts:
+        words = text.lower().split()
+        for i in range(len(words) - n + 1):
+            seen.add(tuple(words[i:i + n]))
+            total += 1
+    return len(seen) / total if total else float("nan")
 
 
 def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:

@@ -28,6 +28,8 @@ METRIC_INFO: dict[str, tuple[str, str | None]] = {
     "perplexity": ("perplexity", "lower"),
     "ece": ("ECE", "lower"),
     "rouge_l": ("ROUGE-L", "higher"),
+    "distinct_1": ("distinct-1", None),
+    "distinct_2": ("distinct-2", None),
     "exact_match": ("exact match", "higher"),
     "params": ("params", None),
     "tokens_per_s": ("tokens/s", "higher"),

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import PotstillError, VocabMismatchError
 from ..signals.online import target_index, target_rows
-from .metrics import count_parameters, expected_calibration_error, perplexity, rouge_l, teacher_forced_stats
+from .metrics import count_parameters, distinct_n, expected_calibration_error, perplexity, rouge_l, teacher_forced_stats
 from ..generate import pad_id as generation_pad_id
 from .report import GENERATIONS_KEY
 
@@ -39,7 +39,8 @@ __all__ = [
 TEACHER = "teacher"
 """The name the teacher's own row is reported under."""
 
-METRIC_KEYS = ("forward_kl", "top1_agreement", "perplexity", "ece", "rouge_l", "params", "tokens_per_s")
+METRIC_KEYS = ("forward_kl", "top1_agreement", "perplexity", "ece", "rouge_l", "distinct_1", "distinct_2", "params",
+               "tokens_per_s")
 """The scalar metrics of one run, in report order."""
 
 
@@ -155,6 +156,8 @@ def evaluate_runs(
             "perplexity": perplexity(s["nll_sum"], s["n"]),
             "ece": _ece(s),
             "rouge_l": rouge_l(texts, references) if max_new_tokens else float("nan"),
+            "distinct_1": distinct_n(texts, 1) if max_new_tokens else float("nan"),
+            "distinct_2": distinct_n(texts, 2) if max_new_tokens else float("nan"),
             "params": count_parameters(model),
             "tokens_per_s": n_tokens / seconds if seconds > 0 else float("nan"),
             GENERATIONS_KEY: texts,
