@@ -99,7 +99,7 @@ def part_demo(quick: bool, work: Path, only: list[str] | None = None) -> dict:
     runs = {}
     for name in models:
         m, i = res[name], info[name]
-        row = {k: m[k] for k in ("forward_kl", "top1_agreement", "rouge_l", "perplexity")}
+        row = {k: m[k] for k in ("forward_kl", "top1_agreement", "rouge_l", "perplexity", "distinct_2")}
         row["train_seconds"] = i["train_seconds"]
         op = i.get("on_policy")
         if op:
