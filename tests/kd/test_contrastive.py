@@ -170,8 +170,8 @@ def test_adaptive_skew_per_sequence_matches_reference(tiny_llama_pair, tmp_path)
             assert tr.anchors["student"] == pytest.approx(c_s, rel=1e-4)
             assert len(set(a_d.tolist())) > 1, "the test needs sequences with different skews"
         # the skews come from temperature-1 probabilities; the divergences are at the run's T = 2
-        d_rows, d_seq = ref_side(student, teacher, inp, "skew_forward_kl", a_d, T=2.0)
-        s_rows, s_seq = ref_side(student, teacher, inp[_STUDENT], "skew_reverse_kl", a_s, T=2.0)
+        d_rows, _ = ref_side(student, teacher, inp, "skew_forward_kl", a_d, T=2.0)
+        s_rows, _ = ref_side(student, teacher, inp[_STUDENT], "skew_reverse_kl", a_s, T=2.0)
         want = d_rows.sum() / inp[_N_DATA] + s_rows.sum() / inp[_N_STUDENT]
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
         fixed = ref_side(student, teacher, inp, "skew_forward_kl", 0.3, T=2.0)[0].sum() / inp[_N_DATA] + \
