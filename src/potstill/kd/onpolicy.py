@@ -83,7 +83,7 @@ class OnPolicyKDTrainer(KDTrainer):
     generation seconds and the modes of every step; ``lmbda_history`` the adaptive schedule.
     """
 
-    config_class: type = None  # OnPolicyConfig (set below the class); subclasses name their own
+    config_class: type = OnPolicyConfig  # subclasses name their own
     samples_every_step = False  # subclasses that train on the student's samples at every step (lmbda unused)
     method = "on-policy distillation"
 
@@ -245,6 +245,3 @@ class OnPolicyKDTrainer(KDTrainer):
             logs["student_step_share"] = round(sum(m != "data" for m in modes) / max(len(modes), 1), 4)
             logs["lmbda"] = self.lmbda
         super().log(logs, *args, **kwargs)
-
-
-OnPolicyKDTrainer.config_class = OnPolicyConfig
