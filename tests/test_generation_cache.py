@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -126,12 +127,19 @@ def test_resume_after_kill_matches_uninterrupted_sampling(tiny_teacher, tiny_tok
         _run(tiny_teacher, tiny_tokenizer, prompts, part, SAMPLED, chunk_size=3, on_chunk=die_after_1)
     assert [f.name for f in _chunks(part)] == ["chunk-00000.json", "chunk-00001.json"]
     kept = {f.name: f.read_bytes() for f in _chunks(part)}
-    (part / ".chunk-00002.json.abc123.tmp").write_text('{"key": "half a fi')  # a killed atomic write
+    from potstill.io import temporary_prefix
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    # A killed atomic write, and one of a writer that still runs (this process): only the first is removed.
+    (part / f"{temporary_prefix('chunk-00002.json', gone.pid)}abc123.tmp").write_text('{"key": "half a fi')
+    live = part / f"{temporary_prefix('chunk-00003.json')}abc123.tmp"
+    live.write_text('{"key": "being writ')
 
     count_generate.clear()
     resumed = _run(tiny_teacher, tiny_tokenizer, prompts, part, SAMPLED, chunk_size=3)
     assert count_generate == [prompts[6:9], prompts[9:]], "only the missing chunks are generated"
-    assert not list(part.glob("*.tmp"))
+    assert list(part.glob("*.tmp")) == [live]
     assert {f.name: f.read_bytes() for f in _chunks(part)[:2]} == kept
     assert resumed.token_ids == full.token_ids
     assert resumed.num_tokens == full.num_tokens

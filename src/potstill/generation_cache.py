@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .errors import PotstillError
 from .generate import Generations
-from .io import atomic_write_bytes, atomic_write_json
+from .io import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 
 __all__ = [
     "BACKENDS",
@@ -172,13 +172,9 @@ def _read_chunk(path: Path, key: str, j: int, sha: str, n: int) -> dict | None:
 
 
 def _clean_tmp(path: Path) -> None:
-    """Remove temporary files a killed atomic write left behind (``.<name>.*.tmp``)."""
-    for pattern in (".chunk-*.tmp", f".{META}.*.tmp"):
-        for tmp in path.glob(pattern):
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
+    """Remove temporary files a killed atomic write left behind: only those whose writer process is gone, so a
+    second generation running in the same directory keeps its own (``potstill.io.remove_stale_temporaries``)."""
+    remove_stale_temporaries(path)
 
 
 # ----------------------------------------------------------------------- cached generation

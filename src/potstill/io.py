@@ -3,18 +3,84 @@
 Each helper writes to a temporary file in the destination's directory (same filesystem,
 so the rename is atomic), flushes and fsyncs it, then ``os.replace``-s it over the
 destination. A crash mid-write leaves the old file intact and at most a stray
-``.<name>.*.tmp`` beside it. Parent directories are created as needed.
+``.<name>.pid<PID>.<host>.<random>.tmp`` beside it; the name records the process that
+owned it, so :func:`remove_stale_temporaries` can later delete the ones whose owner is
+gone (and only those). Parent directories are created as needed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "remove_stale_temporaries"]
+
+# ``.<destination name>.pid<pid>.<host>.<mkstemp's random part>.tmp``. The host is part of
+# the name because a pid means nothing on another machine sharing the same filesystem.
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.pid(?P<pid>[0-9]+)\.(?P<host>[A-Za-z0-9_-]+)\.[A-Za-z0-9_]+\.tmp")
+
+
+def _host() -> str:
+    return (re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "host")[:40]
+
+
+def temporary_prefix(name: str, pid: int | None = None) -> str:
+    """The start of the name of a temporary for ``name`` written by process ``pid`` (default: this one)."""
+    return f".{name}.pid{os.getpid() if pid is None else pid}.{_host()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # 0 / negative address process groups, never one process: treat as alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    except OverflowError:
+        return False  # no process can have such a pid
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that a killed writer left in ``directory``; returns them.
+
+    Only regular files named exactly as :func:`atomic_write_bytes` names its temporaries,
+    by a process on this host that no longer exists, are removed: a temporary whose
+    writer still runs (or runs on another host), and any other file, are left alone. Not
+    recursive; a missing directory has nothing to remove.
+    """
+    directory = Path(directory)
+    host = _host()
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        m = _TEMP_NAME.fullmatch(entry.name)
+        if m is None or m["host"] != host:
+            continue
+        try:
+            if not stat.S_ISREG(entry.stat(follow_symlinks=False).st_mode):
+                continue
+        except FileNotFoundError:
+            continue
+        if _pid_alive(int(m["pid"])):
+            continue
+        try:
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            continue  # another process cleaned it first
+        removed.append(Path(entry.path))
+    return removed
 
 
 def _default_mode() -> int:
@@ -35,7 +101,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         mode = path.stat().st_mode & 0o7777
     except FileNotFoundError:
         mode = _default_mode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path.name), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

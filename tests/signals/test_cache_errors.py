@@ -294,48 +294,59 @@ def _rerun_fix(msg: str) -> None:
 
 
 @pytest.mark.parametrize("verify", [True, False])
-def test_a_truncated_shard_is_detected(cache_copy, pad, verify):
-    path, exs = cache_copy
+def test_a_truncated_shard_is_detected_when_the_cache_is_opened(cache_copy, verify):
+    path, _ = cache_copy
     f = shard(path, 1)
     f.write_bytes(f.read_bytes()[:-10])
-    src = CachedSignal(path, verify=verify)
     for _ in range(2):  # and again: a failure is not remembered as a success
+        _rerun_fix(fails(lambda: CachedSignal(path, verify=verify), "shard-00001", "does not match its manifest",
+                         "truncated"))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_shard_truncated_after_opening_is_detected_when_read(cache_copy, pad, verify):
+    path, exs = cache_copy
+    src = CachedSignal(path, verify=verify)
+    f = shard(path, 1)
+    f.write_bytes(f.read_bytes()[:-10])
+    for _ in range(2):
         _rerun_fix(fails(lambda: src.signal(batch([exs[3]], pad)), "shard-00001", "truncated"))
     fails(lambda: src.example(4), "truncated")
     assert src.signal(batch([exs[0], exs[6]], pad)).num_rows > 0  # other shards still read
 
 
-def test_a_flipped_data_byte_fails_the_sha256_check(cache_copy, pad):
+def test_a_flipped_data_byte_fails_the_sha256_check_when_the_cache_is_opened(cache_copy, pad):
     path, exs = cache_copy
     f = shard(path, 2)
     data = bytearray(f.read_bytes())
     assert len(data) - 1 >= _header_end(f)
     data[-1] ^= 0x40  # inside the tensor data, not the header
     f.write_bytes(bytes(data))
-    src = CachedSignal(path, verify=True)
     for _ in range(2):
-        _rerun_fix(fails(lambda: src.signal(batch([exs[6]], pad)), "shard-00002", "sha256", "corrupt"))
-    # a batch without ids looks its examples up in every shard, so it trips too
-    fails(lambda: CachedSignal(path).signal(batch([exs[0]], pad, drop_ids=True)), "sha256")
+        _rerun_fix(fails(lambda: CachedSignal(path, verify=True), "shard-00002", "does not match its manifest",
+                         "sha256", "corrupt"))
+    # verify=False opts out of hashing (sizes are still checked): the flipped byte goes unnoticed
+    assert CachedSignal(path, verify=False).signal(batch([exs[0]], pad)).num_rows > 0
 
 
-def test_a_corrupt_header_is_detected_without_verify(cache_copy, pad):
+def test_a_corrupt_header_is_detected(cache_copy, pad):
     path, exs = cache_copy
     f = shard(path, 0)
     data = bytearray(f.read_bytes())
     assert data[8:9] == b"{"
     data[8:9] = b"#"  # the JSON header no longer parses; the size is unchanged
     f.write_bytes(bytes(data))
-    src = CachedSignal(path, verify=False)
+    _rerun_fix(fails(lambda: CachedSignal(path), "shard-00000", "sha256"))
+    src = CachedSignal(path, verify=False)  # without the hash: when the shard is first read
     for _ in range(2):
         _rerun_fix(fails(lambda: src.signal(batch([exs[1]], pad)), "shard-00000", "cannot be read"))
 
 
-def test_a_missing_shard_file_is_detected(cache_copy, pad):
-    path, exs = cache_copy
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_missing_shard_file_is_detected_when_the_cache_is_opened(cache_copy, verify):
+    path, _ = cache_copy
     shard(path, 1).unlink()
-    src = CachedSignal(path)
-    _rerun_fix(fails(lambda: src.signal(batch([exs[5]], pad)), "shard-00001", "missing"))
+    _rerun_fix(fails(lambda: CachedSignal(path, verify=verify), "shard-00001", "missing"))
 
 
 def test_a_shard_that_disagrees_with_its_manifest_record_is_detected(cache_copy, pad):
@@ -373,6 +384,101 @@ def test_a_manifest_that_is_a_list(cache_copy):
     fails(lambda: CachedSignal(path), "not a potstill cache manifest")
 
 
+def _edit_manifest(path: Path, edit) -> None:
+    man = json.loads((path / "manifest.json").read_text())
+    edit(man)
+    (path / "manifest.json").write_text(json.dumps(man))
+
+
+def _set(keys: str, value):
+    def edit(m):
+        *parents, last = keys.split(".")
+        for k in parents:
+            m = m[int(k) if isinstance(m, list) else k]
+        m[int(last) if isinstance(m, list) else last] = value
+    return edit
+
+
+def _drop(keys: str):
+    def edit(m):
+        *parents, last = keys.split(".")
+        for k in parents:
+            m = m[int(k) if isinstance(m, list) else k]
+        del m[last]
+    return edit
+
+
+MANIFEST_DAMAGE = {
+    # name: (edit, words the one-line message must contain)
+    "num_shards removed": (_drop("num_shards"), ("has no field 'num_shards'",)),
+    "spec is a string": (_set("spec", "topk"), ("bad field 'spec'",)),
+    "spec.k is a string": (_set("spec.k", "8"), ("bad field 'spec.k'",)),
+    "spec.kind unknown": (_set("spec.kind", "toppk"), ("bad field 'spec.kind'",)),
+    "spec field removed": (_drop("spec.examples_per_shard"), ("has no field 'spec.examples_per_shard'",)),
+    "a shard record without sha256": (_drop("shards.1.sha256"), ("has no field 'shards.1.sha256'",)),
+    "a shard's sha256 is a number": (_set("shards.0.sha256", 123), ("bad field 'shards.0.sha256'",)),
+    "a shard's bytes negative": (_set("shards.2.bytes", -1), ("bad field 'shards.2.bytes'",)),
+    "shards is an object": (_set("shards", {}), ("bad field 'shards'",)),
+    "teacher is null": (_set("teacher", None), ("bad field 'teacher'",)),
+    "data.fingerprint removed": (_drop("data.fingerprint"), ("has no field 'data.fingerprint'",)),
+    "vocab_size a float": (_set("vocab_size", 1.5), ("bad field 'vocab_size'",)),
+    "a mistyped key": (lambda m: m.update(num_shard=m.pop("num_shards")), ("has no field 'num_shards'",)),
+    "an unknown key": (_set("shards.0.sha265", "x"), ("unknown field 'shards.0.sha265'",)),
+    "num_shards disagrees": (_set("num_shards", 4), ("lists 3 shards", "'num_shards' says 4")),
+    "a shard file outside the cache": (_set("shards.2.file", "../../elsewhere.safetensors"),
+                                       ("bad record for shard 2",)),
+    "shards out of order": (lambda m: m["shards"].reverse(), ("bad record for shard 0",)),
+    "a shard missing from the list": (lambda m: (m["shards"].pop(), m.update(num_shards=2)),
+                                      ("holding 6 examples", "'data.num_examples' says 7")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST_DAMAGE))
+def test_a_manifest_with_a_missing_or_mistyped_field(cache_copy, case):
+    path, _ = cache_copy
+    edit, words = MANIFEST_DAMAGE[case]
+    _edit_manifest(path, edit)
+    for call in (lambda: read_manifest(path), lambda: CachedSignal(path, verify=False)):
+        _rerun_fix(fails(call, "manifest.json", *words))
+
+
+@pytest.mark.parametrize("case", ["num_shards removed", "a shard record without sha256", "spec is a string"])
+def test_rerunning_the_cache_rewrites_a_damaged_manifest(built, cache_copy, tiny_teacher, tiny_tokenizer, case):
+    # The fix the message names works: the shards are intact, so only the manifest is rewritten.
+    ref, _ = built
+    path, exs = cache_copy
+    _edit_manifest(path, MANIFEST_DAMAGE[case][0])
+    written = []
+    write_cache(tiny_teacher, tiny_tokenizer, exs, path, SPEC, progress=False, on_shard=written.append)
+    assert written == [] and snapshot(path) == snapshot(ref)
+    assert CachedSignal(path).manifest == read_manifest(ref)
+
+
+# ------------------------------------------------------------------ cache.dir is a file
+
+
+@pytest.mark.parametrize("where", ["the file itself", "under the file"])
+def test_writing_to_a_cache_dir_that_is_a_file(tmp_path, built, tiny_teacher, tiny_tokenizer, where):
+    _, exs = built
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    path = f if where == "the file itself" else f / "cache"
+    words = ("is a file",) if where == "the file itself" else ("lies under", "notes.txt', which is a file")
+    fails(lambda: write_cache(tiny_teacher, tiny_tokenizer, exs, path, SPEC, progress=False),
+          "cache.dir", *words, "not a directory", "point cache.dir at a directory")
+    assert f.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("where", ["the file itself", "under the file"])
+def test_reading_from_a_cache_dir_that_is_a_file(tmp_path, where):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    path = f if where == "the file itself" else f / "cache"
+    for call in (lambda: read_manifest(path), lambda: CachedSignal(path)):
+        fails(call, "cache.dir", "not a directory", "point cache.dir at the directory `potstill cache` wrote")
+    assert f.read_text() == "mine"
+
+
 def test_writing_again_repairs_a_corrupt_shard_and_only_that_one(built, cache_copy, tiny_teacher, tiny_tokenizer,
                                                                  pad):
     ref, _ = built
@@ -381,7 +487,7 @@ def test_writing_again_repairs_a_corrupt_shard_and_only_that_one(built, cache_co
     data = bytearray(f.read_bytes())
     data[-3] ^= 0xFF
     f.write_bytes(bytes(data))
-    fails(lambda: CachedSignal(path).signal(batch([exs[4]], pad)), "sha256")
+    fails(lambda: CachedSignal(path), "sha256")
     stamps = {j: shard(path, j).stat().st_mtime_ns for j in (0, 2)}
     man = write_cache(tiny_teacher, tiny_tokenizer, exs, path, SPEC, progress=False)
     assert man is not None

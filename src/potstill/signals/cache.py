@@ -39,19 +39,22 @@ import json
 import logging
 import math
 import os
+import re
 import time
+import typing
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from torch import Tensor
 
 from ..errors import PotstillError
-from ..io import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from .online import target_index, target_rows
 from .quant import (
     VALUE_DTYPES,
@@ -460,6 +463,7 @@ def write_cache(
         raise PotstillError("no examples to cache; check the recipe's data section")
     if not 0 <= rank < world_size:
         raise PotstillError(f"rank {rank} is not in [0, {world_size}); pass --rank in 0..world_size-1")
+    _refuse_a_file(path, "point cache.dir at a directory (new or one `potstill cache` wrote)")
     head = output_head(teacher)
     vocab = head.vocab
     spec.check(vocab)
@@ -486,7 +490,9 @@ def write_cache(
         try:
             old = json.loads(plan_path.read_text())
         except ValueError:
-            raise PotstillError(f"{plan_path} is not valid JSON; delete the cache directory and rerun") from None
+            old = None
+        if not isinstance(old, dict):
+            raise PotstillError(f"{plan_path} is not valid JSON; delete the cache directory and rerun")
         changed = _diff_plans(old, plan)
         if changed:
             raise PotstillError(
@@ -495,6 +501,8 @@ def write_cache(
             )
     else:
         atomic_write_json(plan_path, plan)
+    for stale in remove_stale_temporaries(path):  # left by a killed writer (their pid is gone)
+        log.info("removed %s, a temporary file of a killed `potstill cache`", stale)
 
     mine = [j for j in range(n_shards) if j % world_size == rank]
     todo = [j for j in mine if _shard_record_ok(path, j) is None]
@@ -576,12 +584,108 @@ def finalize_cache(path: str | Path) -> dict | None:
     return manifest
 
 
+def _refuse_a_file(path: Path, fix: str) -> None:
+    """A one-line error when ``path`` (or the nearest existing folder above it) is not a directory."""
+    for p in (path, *path.parents):
+        if p.is_dir():
+            return
+        if p.exists() or p.is_symlink():
+            where = "is a file" if p == path else f"lies under '{p}', which is a file"
+            raise PotstillError(f"cache.dir '{path}' {where}, not a directory; {fix}")
+
+
 # ----------------------------------------------------------------------------- reader
+
+# The manifest's structure (read_manifest validates it before anything indexes into it).
+_Strict = ConfigDict(extra="forbid", strict=True)
+_SpecRecord = create_model(  # CacheSpec's fields, every one required, with its declared types
+    "_SpecRecord", __config__=_Strict,
+    **{f.name: (typing.get_type_hints(CacheSpec)[f.name], ...) for f in fields(CacheSpec)},
+)
+
+
+class _ShardRecord(BaseModel):
+    model_config = _Strict
+    index: int = Field(ge=0)
+    file: str
+    first_example: int = Field(ge=0)
+    num_examples: int = Field(ge=1)
+    num_rows: int = Field(ge=0)
+    num_slots: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class _TeacherRecord(BaseModel):
+    model_config = _Strict
+    name: str | None  # the recipe's teacher.model (None: unnamed)
+    fingerprint: str
+
+
+class _TokenizerRecord(BaseModel):
+    model_config = _Strict
+    fingerprint: str
+
+
+class _DataRecord(BaseModel):
+    model_config = _Strict
+    fingerprint: str
+    num_examples: int = Field(ge=1)
+    num_rows: int = Field(ge=0)
+
+
+class _Manifest(BaseModel):
+    model_config = _Strict
+    format: str
+    version: int
+    spec: _SpecRecord  # type: ignore[valid-type]
+    vocab_size: int = Field(ge=1)
+    id_bits: int = Field(ge=1)
+    teacher: _TeacherRecord
+    tokenizer: _TokenizerRecord
+    chat_template: str
+    data: _DataRecord
+    num_shards: int = Field(ge=1)
+    shards: list[_ShardRecord]
+    total_bytes: int = Field(ge=0)
+    bytes_per_token: float
+    complete: bool
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What is wrong with a manifest's structure (first problem only), or None."""
+    try:
+        _Manifest.model_validate(m)
+    except ValidationError as err:
+        e = err.errors()[0]
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "missing":
+            return f"has no field '{field}'"
+        if e["type"] == "extra_forbidden":
+            return f"has an unknown field '{field}'"
+        got = e["input"]
+        shown = repr(got) if isinstance(got, (bool, int, float, str, type(None))) else type(got).__name__
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        # pydantic's words, without its class names: "a valid dictionary or instance of _SpecRecord"
+        why = re.sub(r" or instance of \w+", "", " ".join(str(e["msg"]).split())).replace("valid dictionary", "JSON object")
+        return f"has a bad field '{field}' ({why}, got {shown})"
+    if len(m["shards"]) != m["num_shards"]:
+        return f"lists {len(m['shards'])} shards but its field 'num_shards' says {m['num_shards']}"
+    start = 0
+    for j, rec in enumerate(m["shards"]):
+        # The file name is fixed by the index: a manifest never points outside the cache directory.
+        if rec["index"] != j or rec["file"] != _shard_name(j) or rec["first_example"] != start:
+            return f"has a bad record for shard {j} (field 'shards.{j}': index, file or first_example)"
+        start += rec["num_examples"]
+    if start != m["data"]["num_examples"]:
+        return f"has shards holding {start} examples but its field 'data.num_examples' says {m['data']['num_examples']}"
+    return None
 
 
 def read_manifest(path: str | Path) -> dict:
     """The manifest of a complete cache, or a one-line error saying what is wrong and how to fix it."""
     path = Path(path)
+    _refuse_a_file(path, "point cache.dir at the directory `potstill cache` wrote")
     man = path / MANIFEST
     if not man.is_file():
         if (path / PLAN).is_file():
@@ -603,6 +707,9 @@ def read_manifest(path: str | Path) -> dict:
         raise PotstillError(f"{man} is not a potstill cache manifest; point the recipe at a cache directory")
     if m.get("version") != VERSION:
         raise PotstillError(f"cache format version {m.get('version')} is not {VERSION}; rebuild the cache")
+    problem = _manifest_problem(m)
+    if problem is not None:
+        raise PotstillError(f"{man} {problem}; rerun `potstill cache` with the same recipe to rewrite it")
     return m
 
 
@@ -635,8 +742,12 @@ class CachedSignal:
     the cached ones and that its number of target rows matches, and returns a
     :class:`SparseSignal` (top-k or sampled) or a :class:`DenseSignal` (dense) for the
     batch's rows. ``tokenizer`` (and ``teacher_fingerprint``) are checked against the
-    manifest when given. ``verify`` checks each shard's sha256 the first time this
-    process opens it (a truncated file is always detected by its size).
+    manifest when given.
+
+    Opening the cache checks every shard file against its manifest record before any
+    batch is read, so a damaged cache stops a run before it trains: the size of every
+    shard always, and its sha256 too unless ``verify=False`` (hashing streams each file
+    once; shard contents are still loaded lazily, when a batch first needs them).
     """
 
     def __init__(self, path: str | Path, *, tokenizer=None, teacher_fingerprint: str | None = None,
@@ -668,8 +779,37 @@ class CachedSignal:
             )
         self._starts = [s["first_example"] for s in m["shards"]]
         self._open: OrderedDict[int, _Shard] = OrderedDict()
-        self._verified: set[int] = set()
         self._by_hash: dict[bytes, int] | None = None
+        self._check_files()
+
+    _FIX = "rerun `potstill cache` with the same recipe to rewrite it"
+
+    def _check_size(self, j: int) -> Path:
+        rec = self.manifest["shards"][j]
+        f = self.path / rec["file"]
+        if not f.is_file():
+            raise PotstillError(f"cache shard {f} is missing; {self._FIX}")
+        size = f.stat().st_size
+        if size != rec["bytes"]:
+            raise PotstillError(f"cache shard {f} does not match its manifest: {size} bytes, the manifest says "
+                                f"{rec['bytes']} (truncated or overwritten); {self._FIX}")
+        return f
+
+    def _check_files(self) -> None:
+        """Every shard's size, then (with ``verify``) every shard's sha256, streamed in parallel."""
+        files = [self._check_size(j) for j in range(len(self.manifest["shards"]))]
+        if not self.verify:
+            return
+        t0 = time.perf_counter()
+        # hashlib releases the GIL on large reads, so threads hash several shards at once.
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            digests = list(pool.map(_file_sha256, files))
+        for f, rec, got in zip(files, self.manifest["shards"], digests):
+            if got != rec["sha256"]:
+                raise PotstillError(f"cache shard {f} does not match its manifest: its sha256 differs (corrupt); "
+                                    f"{self._FIX}")
+        log.info("verified the sha256 of %d cache shards (%.1f MB) in %.1f s", len(files),
+                 self.manifest["total_bytes"] / 1e6, time.perf_counter() - t0)
 
     def check_data(self, examples: list[dict]) -> None:
         """Refuse a dataset other than the cached one (before any training starts)."""
@@ -702,17 +842,8 @@ class CachedSignal:
         from safetensors import safe_open
 
         rec = self.manifest["shards"][j]
-        f = self.path / rec["file"]
-        fix = "rerun `potstill cache` with the same recipe to rewrite it"
-        if not f.is_file():
-            raise PotstillError(f"cache shard {f} is missing; {fix}")
-        size = f.stat().st_size
-        if size != rec["bytes"]:
-            raise PotstillError(f"cache shard {f} is {size} bytes, the manifest says {rec['bytes']} (truncated?); {fix}")
-        if self.verify and j not in self._verified:
-            if _file_sha256(f) != rec["sha256"]:
-                raise PotstillError(f"cache shard {f} fails its sha256 check (corrupt); {fix}")
-            self._verified.add(j)
+        f = self._check_size(j)  # again: cheap, and catches a file replaced since the cache was opened
+        fix = self._FIX
         try:
             handle = safe_open(str(f), framework="pt")
             sh = _Shard(
