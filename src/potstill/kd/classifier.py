@@ -47,6 +47,7 @@ from ..errors import PotstillError
 from ..eval.metrics import count_parameters, expected_calibration_error
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..models.student import select_layers
+from .guards import check_finite
 
 __all__ = [
     "ENCODERS",
@@ -340,6 +341,9 @@ def _soft_targets(soft_labels, n: int, num_labels: int) -> Tensor:
     return torch.log(p)  # log-probabilities are logits of the same distribution at any temperature
 
 
+_DIVERGED_HINT = "lower the learning rate (teacher.lr / train.lr) or raise kd.temperature"
+
+
 def train_classifier(model: TextClassifier, train_examples: Sequence[Example], *, teacher: TextClassifier | None = None,
                      alpha: float = 1.0, temperature: float = 1.0, hidden_weight: float = 0.0,
                      layer_map: Sequence[Sequence[int]] | None = None, steps: int = 100, batch_size: int = 16,
@@ -455,11 +459,10 @@ def train_classifier(model: TextClassifier, train_examples: Sequence[Example], *
                     hid = hid + masked_hidden_mse(out.hidden_states[s], th, mask, log.projection)
                 hid = hid / len(pairs)
             loss = alpha * ce + (1 - alpha) * kd + hidden_weight * hid
-            if not torch.isfinite(loss):
-                raise PotstillError(f"training loss became {loss.item()} at step {len(log.loss)}; lower lr")
             loss.backward()
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else \
+                torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            check_finite(len(log.loss) + 1, loss, norm, hint=_DIVERGED_HINT, distributed=False)  # before the step
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

@@ -26,6 +26,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..divergences import DIVERGENCES, chunked_kd_loss
 from .adaptive import CURRICULA, TOKEN_WEIGHTINGS, curriculum_order, example_divergences, scheduled, token_weights
+from .guards import NonFiniteGuard
 from ..errors import PotstillError, VocabMismatchError
 from ..signals import OnlineTeacher, SignalSource, target_index, target_rows
 
@@ -78,13 +79,14 @@ def _vocab_rows(model: torch.nn.Module) -> int:
     return output_head(model).weight.shape[0]
 
 
-class KDTrainer(Trainer):
+class KDTrainer(NonFiniteGuard, Trainer):
     """``transformers.Trainer`` whose loss is CE + a divergence to a teacher.
 
     ``KDTrainer(model=student, teacher_model=teacher, args=KDConfig(...), train_dataset=...,
     processing_class=tokenizer)``. Instead of ``teacher_model`` a ``signal_source`` (e.g. a
     cache) may be given; trainers never branch on which one it is. ``peft_config`` wraps
-    the student with a LoRA adapter (through ``peft``).
+    the student with a LoRA adapter (through ``peft``). A NaN or inf loss or gradient norm stops
+    the run before that optimizer step (:mod:`potstill.kd.guards`), in every subclass.
     """
 
     def __init__(
