@@ -9,6 +9,8 @@ formulas gives the reference gradients.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 
 
@@ -114,8 +116,26 @@ def alpha_beta_divergence(s, t, temperature=1.0, alpha=0.5, beta=0.5):
     return 0.5 * ((lp - lq) ** 2).sum(-1)
 
 
+def akl_head(probs, mu):
+    """AKL's head (Wu et al. 2024, Sec. 5) from the paper's text: the fewest outcomes whose teacher
+    mass reaches mu -- take outcomes in order of decreasing p until their total reaches mu (the
+    one that crosses mu included). Sums are exact (Fractions of the float64 probabilities); "reaches"
+    is measured against the row's own total, which rounding keeps a hair off 1. Returns the set of
+    indices; mu = 0 needs no outcome."""
+    exact = [Fraction(float(x)) for x in probs]
+    target = Fraction(float(mu)) * sum(exact, Fraction(0))
+    head, mass = set(), Fraction(0)
+    for v in sorted(range(len(exact)), key=lambda i: -exact[i]):
+        if mass >= target:
+            break
+        head.add(v)
+        mass += exact[v]
+    return head
+
+
 def adaptive_kl(s, t, temperature=1.0, mu=0.5):
-    """Wu et al. (2024): head/tail split by the teacher's cumulative mass, detached weights."""
+    """Wu et al. (2024): w FKL + (1 - w) RKL, w = g_head / (g_head + g_tail) with the gaps
+    g = sum |p - q| over the head / the rest, detached weights."""
     q, lq = softmax_and_log(s, temperature)
     p, lp = softmax_and_log(t, temperature)
     fkl, rkl = kl(p, lp, q, lq), kl(q, lq, p, lp)
@@ -123,15 +143,10 @@ def adaptive_kl(s, t, temperature=1.0, mu=0.5):
     flat_q = q.detach().reshape(-1, q.shape[-1])
     w = torch.empty(flat_p.shape[0], dtype=torch.float64)
     for r in range(flat_p.shape[0]):
-        order = sorted(range(flat_p.shape[1]), key=lambda v: -float(flat_p[r, v]))
-        cum, g_head, g_tail = 0.0, 0.0, 0.0
-        for v in order:
-            gap = abs(float(flat_p[r, v]) - float(flat_q[r, v]))
-            if cum < mu:
-                g_head += gap
-            else:
-                g_tail += gap
-            cum += float(flat_p[r, v])
+        head = akl_head(flat_p[r].tolist(), mu)
+        gaps = [abs(float(a) - float(b)) for a, b in zip(flat_p[r], flat_q[r])]
+        g_head = sum(g for v, g in enumerate(gaps) if v in head)
+        g_tail = sum(g for v, g in enumerate(gaps) if v not in head)
         w[r] = g_head / (g_head + g_tail) if g_head + g_tail > 0 else 0.5
     w = w.reshape(p.shape[:-1])
     return w * fkl + (1 - w) * rkl

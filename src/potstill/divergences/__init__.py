@@ -17,6 +17,7 @@ from .dense import (
     skew_reverse_kl,
     total_variation,
 )
+from .params import check_divergence_params, check_temperature
 from .sparse import coarsen, sparse_divergence
 from .uld import uld_loss
 
@@ -26,6 +27,8 @@ __all__ = [
     "DivergenceName",
     "adaptive_kl",
     "alpha_beta_divergence",
+    "check_divergence_params",
+    "check_temperature",
     "chunked_kd_loss",
     "coarsen",
     "forward_kl",

@@ -145,6 +145,9 @@ def _gjsd(lq: Tensor, lp: Tensor, beta: float = 0.5) -> Tensor:
 
     Exactly this formula, so it is 0 at ``beta = 0`` and ``beta = 1`` (m equals one of the
     two distributions and the other term has weight 0); ``beta = 0.5`` is the symmetric JSD.
+    TRL and Liger alias those two ends to forward / reverse KL, the limits of ``JSD / beta``
+    and ``JSD / (1 - beta)``; here they are left as the formula says and a recipe that asks
+    for them is refused by :func:`~.params.check_divergence_params`.
     """
     _check_unit("beta", beta)
     lm = _log_mix(lp, lq, beta)
@@ -174,6 +177,10 @@ def _tv(lq: Tensor, lp: Tensor) -> Tensor:
     return 0.5 * (torch.exp(lp) - torch.exp(lq)).abs().sum(-1)
 
 
+_AB_NEAR = 0.05
+"""Within this distance of a limit line (alpha, beta or alpha + beta = 0) :func:`_ab` computes in float64."""
+
+
 def _ab(lq: Tensor, lp: Tensor, alpha: float = 0.5, beta: float = 0.5) -> Tensor:
     """Alpha-beta divergence D_AB^(alpha, beta)(p || q) (ABKD, Wang et al. 2025, eq. 6;
     Cichocki, Cruces & Amari 2011, eq. 4 with its limit cases eq. 5-9):
@@ -187,13 +194,24 @@ def _ab(lq: Tensor, lp: Tensor, alpha: float = 0.5, beta: float = 0.5) -> Tensor
     * alpha = -beta != 0: ``1/alpha^2 sum(log(q^a / p^a) + (q^a / p^a)^-1 - 1)``
     * alpha = beta = 0: ``1/2 sum (log p - log q)^2``
 
-    Outcomes impossible on both sides are skipped. The general formula cancels
-    catastrophically as ``alpha * beta -> 0``; the limits are used only at exactly 0.
+    The limit cases carry ``1/alpha^2`` (``1/beta^2``), as the equations do; ABKD's reference
+    code divides by ``alpha`` there, which is off by a factor ``alpha`` except at alpha = 1.
+    Outcomes impossible on both sides are skipped. Every formula cancels catastrophically
+    as the nonzero ones among alpha, beta, alpha+beta approach 0 (float32 keeps about
+    ``1e-7 / alpha`` relative precision, ``1e-7 / alpha^2`` near alpha = beta = 0: 40% lost
+    at 1e-4), so within ``_AB_NEAR`` of a limit line the terms are computed in float64 (twice
+    the memory of the ``[..., V]`` temporaries) and the result cast back: the values then run
+    continuously into the limits, which are used only at exactly 0. Which (alpha, beta) a
+    recipe may use (no negative powers, alpha + beta <= 5) is
+    :func:`~.params.check_divergence_params`'s.
     """
     a, b = float(alpha), float(beta)
+    s = a + b
+    out_dtype = lp.dtype
+    if any(0.0 < abs(x) < _AB_NEAR for x in (a, b, s)):
+        lp, lq = lp.double(), lq.double()
     absent = torch.isneginf(lp) & torch.isneginf(lq)
     lp_s, lq_s = _zero_where(absent, lp, lq)
-    s = a + b
     if a != 0.0 and b != 0.0 and s != 0.0:
         terms = (
             torch.exp(a * lp_s + b * lq_s)
@@ -209,31 +227,60 @@ def _ab(lq: Tensor, lp: Tensor, alpha: float = 0.5, beta: float = 0.5) -> Tensor
         terms = (torch.expm1(x) - x) / (a * a)
     else:  # alpha = beta = 0
         terms = 0.5 * (lp_s - lq_s) ** 2
-    return torch.where(absent, torch.zeros((), dtype=terms.dtype, device=terms.device), terms).sum(-1)
+    out = torch.where(absent, torch.zeros((), dtype=terms.dtype, device=terms.device), terms).sum(-1)
+    return out.to(out_dtype)
 
 
 def _akl(lq: Tensor, lp: Tensor, mu: float = 0.5) -> Tensor:
-    """Adaptive KL (AKL, Wu et al. 2024, eq. 10-12).
+    """Adaptive KL (AKL; Wu et al. 2024, "Rethinking Kullback-Leibler Divergence in Knowledge
+    Distillation for Large Language Models", arXiv:2404.02657, Sec. 5, eq. 10-12).
 
-    The head is the smallest set of the teacher's top outcomes whose cumulative p reaches
-    ``mu``; ``g_head = sum_head |p - q|``, ``g_tail = sum_tail |p - q|``, and
-    ``AKL = g_head / (g_head + g_tail) * FKL + g_tail / (g_head + g_tail) * RKL``.
-    The two weights are detached (treated as constants, no gradient through the split),
-    and are 1/2 each when ``p == q`` (then both KLs are 0).
+    ``AKL = g_head / (g_head + g_tail) * FKL + g_tail / (g_head + g_tail) * RKL`` with
+    ``g_head = sum_head |p - q|``, ``g_tail = sum_tail |p - q|``; the head is the paper's mask
+    (see :func:`akl_head_weight`). The two weights are detached (treated as constants, no
+    gradient through the split), and are 1/2 each when ``p == q`` (then both KLs are 0).
+    ``mu = 1`` puts every outcome with ``p > 0`` into the head: AKL is then forward KL.
     """
     w = akl_head_weight(lq, lp, mu)
     return w * _fkl(lq, lp) + (1.0 - w) * _rkl(lq, lp)
 
 
 @torch.no_grad()
-def akl_head_weight(lq: Tensor, lp: Tensor, mu: float = 0.5) -> Tensor:
-    """AKL's detached weight of the forward KL per position, ``g_head / (g_head + g_tail)``, ``[...]``."""
+def akl_head_weight(lq: Tensor, lp: Tensor, mu: float | Tensor = 0.5) -> Tensor:
+    """AKL's detached weight of the forward KL per position, ``g_head / (g_head + g_tail)``, ``[...]``.
+
+    The head follows the paper's mask (Wu et al. 2024, Sec. 5): the *fewest* outcomes whose
+    teacher mass reaches ``mu`` -- the top outcomes of ``p`` up to and including the one whose
+    mass carries the running sum to ``mu`` (the first author restating the paper's mask in
+    songmzhang/DSKD issue #1, translated: "select the fewest elements whose sum exceeds the
+    threshold mu"; his worked examples count a sum equal to mu as reaching it). So an outcome is in
+    the head iff the teacher mass ranked strictly above it is ``< mu``, and for ``mu > 0`` the
+    head holds at least the top outcome.
+
+    The authors' released ``AKL.py`` (``get_ratio``) differs: its head is the longest prefix whose
+    running sum stays ``<= mu`` (plus the top outcome), i.e. it leaves out the outcome that
+    crosses ``mu``. On an unpeaked teacher the two weights differ; on a peaked one (top ``p >= mu``)
+    they agree. We follow the paper.
+
+    Numerics: sorting ascending and summing from the smallest outcome up gives each outcome's
+    mass at or below it accurately (small terms first), and the test "mass above < mu" is made
+    as "mass at or below > (1 - mu) * total" against the row's own total, so ``mu = 1`` keeps
+    every outcome with ``p > 0`` in the head even where float32 rounds the mass above a tail
+    outcome of a peaked teacher to 1. ``mu`` is a float or per-row ``[..., 1]``.
+    """
     _check_unit("mu", mu)
     p, q = torch.exp(lp), torch.exp(lq)
-    p_sorted, order = torch.sort(p, dim=-1, descending=True)
-    before = torch.cumsum(p_sorted, dim=-1) - p_sorted  # mass strictly above each outcome
-    head_sorted = before < mu
-    head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
+    p_asc, order = torch.sort(p, dim=-1)
+    at_or_below = torch.cumsum(p_asc, dim=-1)
+    total = at_or_below[..., -1:]
+    if isinstance(mu, Tensor):
+        mu = mu.to(p.dtype)
+    head_asc = at_or_below > (1.0 - mu) * total
+    # mu > 0: the top outcome always reaches into the head ((1 - mu) rounds to 1 for mu < 6e-8).
+    top = torch.zeros_like(head_asc)
+    top[..., -1] = True
+    head_asc = head_asc | (top & (torch.as_tensor(mu, device=p.device) > 0))
+    head = torch.zeros_like(head_asc).scatter(-1, order, head_asc)
     gap = (p - q).abs()
     g_head = torch.where(head, gap, torch.zeros((), dtype=gap.dtype, device=gap.device)).sum(-1)
     g_total = gap.sum(-1)

@@ -19,6 +19,8 @@ picks the map:
   (DistillKit's top-k). Biased: it ignores the mass outside the ids entirely.
 
 Ids in a top-k row must be unique (padding slots excepted); duplicates raise ``ValueError``.
+AKL on a top-k signal is AKL of the coarsened pair: its head set (``dense.akl_head_weight``,
+the one implementation) ranks the tail bucket as a single outcome by its mass.
 
 **Sampled signals** (``weights`` given; Anshumann et al. 2025, "Sparse Logit Sampling",
 random-sampling KD). Every divergence here except AKL is a sum over outcomes of a term
