@@ -7,7 +7,6 @@ recipe is written into the output directory next to the results.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -26,7 +25,37 @@ from .errors import PotstillError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    # allow_inf_nan=False: a learning rate, temperature or divergence parameter of inf/NaN is refused at load
+    # time; otherwise it trains a NaN student and exits 0.
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
+
+
+SEED_MAX = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+"""A seed numpy, torch and Python's random all accept (numpy refuses negatives and >= 2**32)."""
+
+RESERVED_RUN_NAMES = ("teacher", "student_init")
+"""Rows of the report that are not runs: a run of that name would silently replace them."""
+
+RUN_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+"""A plain directory name: no separators, and never '.' or '..' (a run dir must lie inside output_dir/runs)."""
+
+
+def _check_divergence(d: "BaseModel") -> "BaseModel":
+    """Degenerate or undefined parameter end points are refused in one line (e.g. GKD's JSD at beta 0 is 0)."""
+    from .divergences import check_divergence_params
+
+    check_divergence_params(d.name, d.model_dump(exclude={"name"}))
+    return d
+
+
+def _check_temperature(value: float | None, what: str) -> float | None:
+    if value is None:
+        return value
+    from .divergences import check_temperature
+
+    check_temperature(value, what)
+    return value
 
 
 # ----------------------------------------------------------------------------- models
@@ -111,7 +140,7 @@ class ArithmeticData(_Strict):
     kind: Literal["arithmetic"] = "arithmetic"
     num_problems: int = Field(600, ge=2, description="Problems generated (held-out ones included).")
     level: int = Field(3, ge=1, le=5, description="Operations per problem (the number of rationale steps).")
-    seed: int = Field(0, description="Seed of the generator (problem i is the same for any num_problems).")
+    seed: Seed = Field(0, description="Seed of the generator (problem i is the same for any num_problems).")
     mode: RationaleMode = Field(
         "multitask", description="answer_only; multitask (Distilling step-by-step, answer + rationale tasks); "
         "cot (rationale then the answer in one target).")
@@ -136,7 +165,7 @@ class DataConfig(_Strict):
     eval_size: int = Field(40, ge=1, description="Held-out examples (taken from the end after a seeded shuffle).")
     max_length: int = Field(256, ge=8, description="Truncate prompt + response to this many tokens.")
     system_prompt: str | None = Field(None, description="Optional system message put before every prompt.")
-    seed: int = Field(0, description="Seed of the train/eval split.")
+    seed: Seed = Field(0, description="Seed of the train/eval split.")
     selection: str | None = Field(
         None, description="Train only on the examples of a `potstill select` selection.json (same data section).")
 
@@ -145,7 +174,9 @@ class DataConfig(_Strict):
 
 
 class _Div(_Strict):
-    pass
+    @model_validator(mode="after")
+    def _end_points(self) -> "_Div":
+        return _check_divergence(self)
 
 
 class ForwardKL(_Div):
@@ -222,6 +253,11 @@ class OnPolicyOptions(_Strict):
 
     lmbda: float = Field(0.5, ge=0.0, le=1.0, description="GKD's lambda: share of steps on the student's own samples.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the student (not the KD one).")
+
+    @field_validator("temperature")
+    @classmethod
+    def _sampling_temperature(cls, v: float) -> float:
+        return _check_temperature(v, "on_policy.temperature")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the student.")
     max_new_tokens: int = Field(32, ge=1, description="Length cap of the student's samples.")
     replay_size: int = Field(0, ge=0, description="DistiLLM replay buffer capacity in examples (0: none).")
@@ -255,6 +291,11 @@ class ScheduleOptions(_Strict):
     kind: Literal["linear", "cosine"] = Field("linear", description="Shape of the schedule over optimizer steps.")
     alpha_end: float | None = Field(None, ge=0.0, le=1.0, description="CE weight at the last step (null: fixed).")
     temperature_end: float | None = Field(None, gt=0.0, description="Distillation temperature at the last step.")
+
+    @field_validator("temperature_end")
+    @classmethod
+    def _temperature_end(cls, v: float | None) -> float | None:
+        return _check_temperature(v, "schedule.temperature_end")
 
 
 class RelationOptions(_Strict):
@@ -336,20 +377,22 @@ class LoraConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    max_steps: int = Field(40, ge=1, description="Optimizer steps per run (equal across runs).")
-    batch_size: int = Field(8, ge=1, description="Per-device micro-batch size.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_steps: int = Field(40, ge=1, le=2**31 - 1, description="Optimizer steps per run (equal across runs).")
+    batch_size: int = Field(8, ge=1, le=2**16, description="Per-device micro-batch size.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=2**16, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    seed: int = Field(0, description="Training seed (data order, init of random students).")
+    seed: Seed = Field(0, description="Training seed (data order, init of random students).")
     chunk_size: int = Field(256, ge=1, description="Token rows per chunk in the fused lm_head + loss reducer.")
     lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
     logging_steps: int = Field(5, ge=1, description="Log the loss every N steps (loss curves).")
 
 
 class RunConfig(_Strict):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Run name (a directory name).")
+    name: str = Field(..., pattern=RUN_NAME_PATTERN, max_length=128,
+                      description="Run name: a plain directory name (letters, digits, _ . -; not starting with '.'); "
+                      "not 'teacher' or 'student_init', which are rows of the report.")
     alpha: float = Field(
         0.0, ge=0.0, le=1.0, description="Weight of cross-entropy on labels; (1 - alpha) weights the divergence."
     )
@@ -423,9 +466,15 @@ class RunConfig(_Strict):
 
     @field_validator("temperature")
     @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("temperature must be finite")
+    def _temperature(cls, v: float) -> float:
+        return _check_temperature(v, "temperature")
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v in RESERVED_RUN_NAMES:
+            raise ValueError(f"run name '{v}' is a row of the report already ({' and '.join(RESERVED_RUN_NAMES)}); "
+                             "rename the run")
         return v
 
 
@@ -455,6 +504,11 @@ class SampledCache(_Strict):
         1.0, gt=0.0, description="Draw from the teacher at this extra temperature (importance-weighted when != 1)."
     )
 
+    @field_validator("proposal_temperature")
+    @classmethod
+    def _proposal(cls, v: float) -> float:
+        return _check_temperature(v, "cache.signal.proposal_temperature")
+
 
 class DenseCache(_Strict):
     kind: Literal["dense"] = "dense"
@@ -472,13 +526,19 @@ class CacheConfig(_Strict):
     )
     examples_per_shard: int = Field(256, ge=1, description="Examples per shard file (the unit of resume).")
     batch_size: int = Field(8, ge=1, description="Teacher batch size while caching.")
-    seed: int = Field(0, description="Seed of the sampled draws (per example, so any sharding gives one cache).")
-    verify: bool = Field(True, description="Check each shard's sha256 when training opens it.")
+    seed: Seed = Field(0, description="Seed of the sampled draws (per example, so any sharding gives one cache).")
+    verify: bool = Field(True, description="Check every shard's sha256 when the cache is opened, before training "
+                         "(sizes are always checked).")
+
+    @field_validator("temperature")
+    @classmethod
+    def _cache_temperature(cls, v: float | None) -> float | None:
+        return _check_temperature(v, "cache.temperature")
 
 
 class EvalConfig(_Strict):
     max_new_tokens: int = Field(32, ge=1, description="Greedy generation length for ROUGE-L and tokens/s.")
-    batch_size: int = Field(8, ge=1, description="Evaluation batch size.")
+    batch_size: int = Field(8, ge=1, le=2**16, description="Evaluation batch size.")
     include_untrained: bool = Field(True, description="Also evaluate the student before training.")
 
 
@@ -625,6 +685,9 @@ def format_validation_error(err: ValidationError, data: Any = None, verb: str = 
         return (f"recipe key '{where}' is '{ctx.get('tag')}'; use one of {ctx.get('expected_tags')}"
                 if "expected_tags" in ctx else f"recipe key '{loc}': {msg}; use one of the listed values")
     more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
+    if "; " in msg:  # the validator's message names its own fix: keep it last
+        problem, fix = msg.split("; ", 1)
+        return f"recipe key '{loc}': {problem}{more}; {fix}"
     return f"recipe key '{loc}': {msg}{more}; fix the value in the recipe"
 
 
@@ -638,11 +701,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     if not key:
         raise PotstillError(f"override '{item}' has an empty key; write e.g. train.max_steps=10")
+    return key.split("."), _override_value(raw)
+
+
+def _override_value(raw: str) -> Any:
+    """An override's value read as YAML; what YAML cannot read (``[1``, a 5,000-digit number) stays a string,
+    which the schema then refuses in one line naming the key."""
+    if raw == "":
+        return ""
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+        return yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return raw
 
 
 def _default_at(path: list[str]) -> Any:
@@ -679,7 +749,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         elif isinstance(node, dict):
             node[last] = value
         else:
-            raise PotstillError(f"override '{item}': '{'.'.join(path[:-1])}' is not a section")
+            raise PotstillError(f"override '{item}': '{'.'.join(path[:-1])}' is not a section; override "
+                                f"'{'.'.join(path[:-1])}' itself or a key of a section")
     return data
 
 
@@ -707,17 +778,35 @@ def read_recipe_file(path: str | Path, sections: str = "teacher, student, data, 
     p = Path(path)
     if not p.is_file():
         raise PotstillError(f"recipe file '{p}' does not exist; pass the path of a YAML recipe (see recipes/)")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise PotstillError(f"recipe '{p}' is not valid YAML{where}; fix its syntax") from None
+    data = parse_recipe_text(p)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise PotstillError(f"recipe '{p}' must be a YAML mapping of sections ({sections})")
     return data
+
+
+def parse_recipe_text(p: Path) -> Any:
+    """``yaml.safe_load`` of a recipe file, with every way it can fail as one line naming the file and the fix."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PotstillError(f"recipe '{p}' is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                            f"{err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise PotstillError(f"recipe '{p}' cannot be read ({err.strerror}); check the path and its permissions") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise PotstillError(f"recipe '{p}' is not valid YAML{where}; fix its syntax") from None
+    except RecursionError:
+        raise PotstillError(f"recipe '{p}' is nested too deeply to read; a recipe is a few levels of sections, "
+                            "fix its structure") from None
+    except ValueError as err:  # e.g. Python's limit on the digits of an integer
+        raise PotstillError(f"recipe '{p}' holds a value YAML cannot read ({str(err).splitlines()[0]}); "
+                            "fix that value") from None
 
 
 def apply_plain_overrides(data: dict, overrides: Sequence[str], example: str = "train.steps=10") -> dict:
@@ -733,7 +822,7 @@ def apply_plain_overrides(data: dict, overrides: Sequence[str], example: str = "
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise PotstillError(f"override '{item}': '{part}' is not a section")
-        node[last] = yaml.safe_load(raw) if raw else ""
+        node[last] = _override_value(raw)
     return data
 
 

@@ -201,3 +201,21 @@ def test_teacher_memo_pays_the_teacher_once_and_changes_nothing(tiny_llama_pair,
     assert memo.hits == 3
     for k in plain:
         assert torch.equal(plain[k], first[k]) and torch.equal(first[k], second[k])
+
+
+@pytest.mark.parametrize("divergence, kwargs, fix", [
+    ("generalized_jsd", {"beta": 0.0}, "forward_kl"),
+    ("generalized_jsd", {"beta": 1.0}, "reverse_kl"),
+    ("skew_forward_kl", {"alpha": 1.0}, "alpha"),
+    ("adaptive_kl", {"mu": 0.0}, "reverse_kl"),
+])
+def test_kd_config_refuses_parameters_that_train_on_a_zero_or_other_loss(tmp_path, divergence, kwargs, fix):
+    """The Python API refuses what a recipe refuses: GKD's JSD at beta 0 is identically 0 (TRL means forward KL)."""
+    from potstill.errors import PotstillError
+
+    with pytest.raises(PotstillError) as info:
+        cfg(tmp_path, divergence=divergence, divergence_kwargs=kwargs)
+    assert "\n" not in str(info.value) and fix in str(info.value)
+    with pytest.raises(PotstillError, match="temperature"):
+        cfg(tmp_path, temperature=1e-45)
+    cfg(tmp_path, divergence=divergence)  # the defaults are fine

@@ -83,7 +83,7 @@ ARMS = ("condensed_emb", "condensed_emb_learned", "condensed_text", "random")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class CondenseData(_Strict):
@@ -157,7 +157,7 @@ class CondenseRecipe(_Strict):
     output_dir: str = Field("runs/condense", description="Where the condensed set, condensed.jsonl and "
                             "condense_report.json go.")
     per_class: int = Field(10, ge=1, description="Synthetic examples per class.")
-    seed: int = Field(0, description="Seed of the pool, eval subset, initial subset and condensation.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the pool, eval subset, initial subset and condensation.")
     data: CondenseData = Field(default_factory=CondenseData, description="Pool and evaluation sizes.")
     learner: CondenseLearner = Field(default_factory=CondenseLearner, description="The learner (condensation "
                                      "and evaluation protocol).")

@@ -97,7 +97,7 @@ class EvalDataRecipe(cr._Strict):
     dataset: Literal["sst2", "sms_spam"] = Field(..., description="The real data the pool and held-out set come "
                                                  "from, read from $POTSTILL_DATA.")
     output_dir: str = Field("runs/eval_data", description="Where eval_data.json goes.")
-    seed: int = Field(0, description="Seed of the pool, the held-out subset, the teacher and the random draws.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the pool, the held-out subset, the teacher and the random draws.")
     data: CondenseData = Field(default_factory=CondenseData, description="Pool and evaluation sizes.")
     learner: CondenseLearner = Field(default_factory=CondenseLearner, description="The one learner every arm "
                                      "is trained with (learner.seeds learners per set).")

@@ -75,7 +75,7 @@ LESS_TARGET = "LESS target set, held out"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 ScoringModel = Literal["student", "teacher"]
@@ -211,7 +211,7 @@ class SelectConfig(_Strict):
     largest: bool = Field(True, description="Keep the highest scores (hardest: most divergence, perplexity, IFD, "
                           "influence); false keeps the lowest. Ignored by random and embedding selectors.")
     filters: list[FilterConfig] = Field(default_factory=list, description="Applied in order before the budget.")
-    seed: int = Field(0, description="Seed of random picks, k-means, k-center's first point and LESS.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of random picks, k-means, k-center's first point and LESS.")
     batch_size: int = Field(8, ge=1, description="Examples per scoring forward pass.")
     chunk_size: int = Field(256, ge=1, description="Token rows per chunk of [rows, vocab] logits while scoring.")
 
@@ -233,7 +233,7 @@ class SelectRecipe(_Strict):
     student: StudentConfig = Field(
         default_factory=FromTeacherStudent,
         description="The scoring student: the KD student's initial state (as in the distill recipe).")
-    student_seed: int = Field(0, description="The distill recipe's train.seed: the initial weights of a scaled "
+    student_seed: int = Field(0, ge=0, le=2**32 - 1, description="The distill recipe's train.seed: the initial weights of a scaled "
                               "(random-init) scoring student.")
     data: DataConfig = Field(default_factory=DataConfig, description="The distill recipe's data section: the pool "
                              "is its train split, example for example.")

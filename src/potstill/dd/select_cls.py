@@ -51,7 +51,7 @@ class ClsSelectConfig(cr._Strict):
     teacher_confident: float | None = Field(0.9, gt=0.0, le=1.0, description="Keep only examples whose label "
                                             "the pool-trained teacher gives at least this probability (null: "
                                             "no filter, no teacher).")
-    seed: int = Field(0, description="Seed of random picks, k-means and k-center's first point.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of random picks, k-means and k-center's first point.")
 
 
 class ClsSelectRecipe(cr._Strict):
@@ -60,7 +60,7 @@ class ClsSelectRecipe(cr._Strict):
     dataset: Literal["sst2", "sms_spam"] = Field(..., description="The data the pool comes from, read from "
                                                  "$POTSTILL_DATA (as eval-data and condense).")
     output_dir: str = Field("runs/select_cls", description="Where selection.json and its report go.")
-    seed: int = Field(0, description="Seed of the pool draw and of the teacher (as eval-data's seed).")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the pool draw and of the teacher (as eval-data's seed).")
     data: CondenseData = Field(default_factory=CondenseData, description="Pool size (and eval split) exactly as "
                                "the eval-data recipe that judges the selection.")
     learner: CondenseLearner = Field(default_factory=CondenseLearner, description="The learner whose features "

@@ -38,7 +38,7 @@ from typing import Annotated, Any, Literal
 import torch
 import torch.nn.functional as F
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import Tensor, nn
 
 from ..data.classification import Example, load_sms_spam, load_sst2, stratified_split
@@ -555,7 +555,7 @@ def latency(model: TextClassifier, examples: Sequence[Example], batch_size: int 
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ClassifierData(_Strict):
@@ -563,7 +563,7 @@ class ClassifierData(_Strict):
                                    "examples (null: all).")
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="SMS spam only: stratified held-out share "
                                  "(SST-2 is evaluated on its dev split).")
-    seed: int = Field(0, description="Seed of the split and of the subsets.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the split and of the subsets.")
 
 
 class ClassifierTeacher(_Strict):
@@ -572,7 +572,7 @@ class ClassifierTeacher(_Strict):
     steps: int = Field(200, ge=1, description="Fine-tuning steps of the teacher (hard labels only).")
     batch_size: int = Field(16, ge=1, description="Teacher fine-tuning batch size.")
     lr: float = Field(1e-4, gt=0.0, description="Teacher fine-tuning learning rate (AdamW).")
-    seed: int = Field(0, description="Seed of the teacher's head init, batches and dropout.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the teacher's head init, batches and dropout.")
 
 
 class LayerSubsetStudent(_Strict):
@@ -587,13 +587,21 @@ class NarrowStudent(_Strict):
     hidden_size: int = Field(..., ge=8, description="Width of the student.")
     num_attention_heads: int = Field(..., ge=1, description="Attention heads (must divide hidden_size).")
     intermediate_size: int | None = Field(None, ge=8, description="MLP width; default 4 * hidden_size.")
-    seed: int = Field(0, description="Seed of the random init.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the random init.")
 
 
 class ClassifierKD(_Strict):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the hard-label CE; 1 - alpha on the "
                          "T^2-scaled KL to the teacher's soft labels (Hinton et al. 2015).")
     temperature: float = Field(2.0, gt=0.0, description="Distillation temperature of both softmaxes.")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        from ..divergences import check_temperature
+
+        check_temperature(v, "kd.temperature")
+        return v
     hidden_weight: float = Field(1.0, ge=0.0, description="Weight of the hidden-state MSE (TinyBERT eq. 7).")
     layer_map: list[tuple[int, int]] | None = Field(
         None, description="(student, teacher) hidden-state index pairs, 0 = embeddings; null: each student layer "
@@ -605,7 +613,7 @@ class ClassifierTrain(_Strict):
     batch_size: int = Field(16, ge=1, description="Student batch size.")
     lr: float = Field(1e-4, gt=0.0, description="Student learning rate (AdamW, warmup then linear decay).")
     max_length: int = Field(64, ge=8, description="Truncate every text to this many tokens (teacher too).")
-    seed: int = Field(0, description="Seed of the students' batches and dropout.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the students' batches and dropout.")
 
 
 class ClassifierEval(_Strict):

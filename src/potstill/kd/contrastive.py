@@ -41,6 +41,7 @@ from ..divergences import DIVERGENCES, chunked_kd_loss
 from ..errors import PotstillError
 from ..signals import DenseSignal, target_index, target_rows
 from .adaptive import target_logprobs
+from .logit import checked_params
 from .onpolicy import _ROLLOUT, OnPolicyConfig, OnPolicyKDTrainer
 
 _STUDENT = "_potstill_student_batch"  # the student's samples paired with a data micro-batch
@@ -71,6 +72,7 @@ class ContrastiveConfig(OnPolicyConfig):
         if self.student_divergence not in DIVERGENCES:
             raise PotstillError(f"unknown student_divergence '{self.student_divergence}'; use one of "
                                 f"{sorted(DIVERGENCES)}")
+        checked_params(self.student_divergence, self.student_divergence_kwargs)
         for name in ("beta", "beta_end"):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 2.0:

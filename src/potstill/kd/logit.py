@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
-from ..divergences import DIVERGENCES, chunked_kd_loss
+from ..divergences import DIVERGENCES, check_divergence_params, check_temperature, chunked_kd_loss
 from .adaptive import CURRICULA, TOKEN_WEIGHTINGS, curriculum_order, example_divergences, scheduled, token_weights
 from .guards import NonFiniteGuard
 from ..errors import PotstillError, VocabMismatchError
@@ -55,8 +55,13 @@ class KDConfig(TrainingArguments):
             raise PotstillError(f"alpha={self.alpha} is outside [0, 1]; alpha weights CE and 1 - alpha the divergence")
         if self.divergence not in DIVERGENCES:
             raise PotstillError(f"unknown divergence '{self.divergence}'; use one of {sorted(DIVERGENCES)}")
-        if not self.temperature > 0:
-            raise PotstillError(f"temperature={self.temperature} must be > 0")
+        checked_params(self.divergence, self.divergence_kwargs)
+        for name in ("temperature", "temperature_end"):
+            if getattr(self, name) is not None:
+                try:
+                    check_temperature(getattr(self, name), name)
+                except ValueError as err:
+                    raise PotstillError(str(err)) from None
         if self.chunk_size < 1:
             raise PotstillError(f"chunk_size={self.chunk_size} must be >= 1")
         if self.token_weighting not in TOKEN_WEIGHTINGS:
@@ -65,12 +70,19 @@ class KDConfig(TrainingArguments):
             raise PotstillError(f"token_weighting_ratio={self.token_weighting_ratio} must be in (0, 1]")
         if self.alpha_end is not None and not 0.0 <= self.alpha_end <= 1.0:
             raise PotstillError(f"alpha_end={self.alpha_end} is outside [0, 1]")
-        if self.temperature_end is not None and not self.temperature_end > 0:
-            raise PotstillError(f"temperature_end={self.temperature_end} must be > 0")
         if self.curriculum not in CURRICULA:
             raise PotstillError(f"unknown curriculum '{self.curriculum}'; use one of {CURRICULA}")
         if self.schedule not in ("linear", "cosine"):
             raise PotstillError(f"unknown schedule '{self.schedule}'; use linear or cosine")
+
+
+def checked_params(divergence: str, params: dict | None) -> None:
+    """Degenerate or undefined divergence parameters (GKD's JSD at beta 0 is identically 0, ...) as a one-line
+    ``PotstillError``, so the Python API refuses what a recipe refuses."""
+    try:
+        check_divergence_params(divergence, dict(params or {}))
+    except ValueError as err:
+        raise PotstillError(str(err)) from None
 
 
 def _vocab_rows(model: torch.nn.Module) -> int:
