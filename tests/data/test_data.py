@@ -82,3 +82,101 @@ def test_hub_path_loads_a_local_dataset_dir(tmp_path):
     assert load_records(hub_name=str(d), split="train") == ROWS
     with pytest.raises(PotstillError, match="could not be loaded"):
         load_records(hub_name=str(tmp_path / "absent_ds"))
+
+
+# ----------------------------------------------------------------------------- bad input (issue 14)
+
+
+def _one_line_with_fix(err) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg and "; " in msg, msg
+    return msg
+
+
+def test_a_broken_jsonl_line_is_named_by_file_and_line_number(tmp_path, capfd):
+    p = tmp_path / "data.jsonl"
+    p.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n'
+                 '{"prompt": "e", broken\n{"prompt": "f", "response": "g"}\n')
+    with pytest.raises(PotstillError) as err:
+        load_records(p)
+    msg = _one_line_with_fix(err)
+    assert str(p) in msg and "line 3 is not valid JSON" in msg
+    assert capfd.readouterr().err == ""  # datasets' own multi-line log is kept off stderr
+
+
+@pytest.mark.parametrize("body, needle", [
+    ('[{"prompt": "a", "response": "b"},\n {"prompt": "c" "response": "d"}]\n', "line 2 is not valid JSON"),
+    ('{\n  "prompt": ["a", "b"],\n  "response": ["c" "d"]\n}\n', "line 3 is not valid JSON"),
+    ('[{"prompt": "a", "response": "b"}, 3]', "item 2 of its array is an int"),
+])
+def test_a_broken_json_document_names_the_line(tmp_path, body, needle):
+    p = tmp_path / "data.json"
+    p.write_text(body)
+    with pytest.raises(PotstillError) as err:
+        load_records(p)
+    assert needle in _one_line_with_fix(err)
+
+
+def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path):
+    p = tmp_path / "data.jsonl"
+    p.write_text('{"prompt": "a", "response": "b"}\n["a", "b"]\n')
+    with pytest.raises(PotstillError) as err:
+        load_records(p)
+    assert "line 2 is a JSON list" in _one_line_with_fix(err)
+
+
+@pytest.mark.parametrize("suffix, body, line", [
+    (".jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n', 2),
+    (".csv", b"prompt,response\ncaf\xe9,b\n", 2),
+    (".json", b'[{"prompt": "caf\xe9", "response": "b"}]', 1),
+])
+def test_a_latin1_data_file_says_save_it_as_utf8(tmp_path, suffix, body, line):
+    p = tmp_path / f"data{suffix}"
+    p.write_bytes(body)
+    with pytest.raises(PotstillError) as err:
+        load_records(p)
+    msg = _one_line_with_fix(err)
+    assert str(p) in msg and f"line {line}" in msg and "0xe9" in msg and "save it as UTF-8" in msg
+
+
+@pytest.mark.parametrize("row, field, what", [
+    ({"prompt": None, "response": "b"}, "prompt", "is null"),
+    ({"prompt": "a", "response": None}, "response", "is null"),
+    ({"prompt": 5, "response": "b"}, "prompt", "is an int"),
+    ({"prompt": "a", "response": ["x"]}, "response", "is a list"),
+])
+def test_a_prompt_or_response_that_is_not_a_string_is_refused(row, field, what):
+    rows = [{"prompt": "q", "response": "r"}, row]
+    with pytest.raises(PotstillError) as err:
+        records_to_pairs(rows, where="data.jsonl")
+    msg = _one_line_with_fix(err)
+    assert msg.startswith("data.jsonl: row 2 ") and f"field '{field}' {what}" in msg
+
+
+def test_a_null_prompt_read_from_a_file_never_becomes_the_text_None(tmp_path):
+    p = tmp_path / "data.jsonl"
+    p.write_text('{"prompt": "a", "response": "b"}\n{"prompt": null, "response": "b"}\n')
+    with pytest.raises(PotstillError, match=r"row 2 field 'prompt' is null"):
+        records_to_pairs(load_records(p), where=str(p))
+
+
+@pytest.mark.parametrize("chat, needle", [
+    (["hi", "there"], "turn 1 is a str ('hi'), not a message"),
+    ("hi", "is a str, not a list of messages"),
+    (None, "is null, not a list of messages"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": None}], "turn 2 has its 'content' null"),
+    ([{"role": "user", "content": "q"}, {"content": "a"}], "turn 2 has its 'role' null or missing"),
+])
+def test_messages_that_are_not_role_content_turns_are_refused(chat, needle):
+    rows = [{"chat": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, {"chat": chat}]
+    with pytest.raises(PotstillError) as err:
+        records_to_pairs(rows, messages_field="chat", where="chats.jsonl")
+    msg = _one_line_with_fix(err)
+    assert msg.startswith("chats.jsonl: row 2 field 'chat' ") and needle in msg and '"role"' in msg
+
+
+def test_messages_as_a_list_of_strings_read_from_a_file(tmp_path):
+    p = tmp_path / "chats.jsonl"
+    p.write_text('{"messages": ["hello", "hi there"]}\n')
+    with pytest.raises(PotstillError, match=r"row 1 field 'messages' turn 1 is a str"):
+        records_to_pairs(load_records(p), messages_field="messages", where=str(p))

@@ -481,6 +481,15 @@ def test_runtime_config_errors(tmp_path):
         load_seed_tasks(bad)
 
 
+def test_a_latin1_seeds_file_says_save_it_as_utf8(tmp_path):
+    p = tmp_path / "seeds.jsonl"
+    p.write_bytes(b'{"instruction": "Say hi.", "instances": []}\n{"instruction": "Caf\xe9?", "instances": []}\n')
+    with pytest.raises(PotstillError) as err:
+        load_seed_tasks(p)
+    msg = str(err.value)
+    assert "\n" not in msg and str(p) in msg and "line 2" in msg and "0xe9" in msg and msg.endswith("; save it as UTF-8")
+
+
 def test_recipe_and_seed_tasks_load():
     cfg = load_synthesis_config(RECIPE)
     assert cfg.teacher == "smollm2-135m-instruct" and cfg.method.kind == "self_instruct"

