@@ -184,7 +184,55 @@ def _bad_cases(assets, tmp_path):
                             "layer"),
         "no cuda": (["distill", str(write(tmp_path / "cu.yaml", recipe(assets, out, device="cuda:0")))], "cuda"),
         "eval with no finished runs": (["eval", str(write(tmp_path / "ev.yaml", recipe(assets, out)))], "no finished runs"),
+        # Issue 14: inputs found by trying potstill as a new user would.
+        "recipe nested 60,000 lists deep": (
+            ["distill", str(write(tmp_path / "deep.yaml", "train: " + "[" * 60_000 + "]" * 60_000 + "\n"))],
+            "nested too deeply"),
+        "latin-1 recipe": (["distill", str(_write_bytes(tmp_path / "l1.yaml", b"output_dir: caf\xe9\n"))], "save it as UTF-8"),
+        "5,000-digit integer": (["distill", str(write(tmp_path / "dig.yaml", "train:\n  max_steps: " + "9" * 5000 + "\n"))],
+                                "cannot read"),
+        "override below a plain value": (["distill", str(write(tmp_path / "ov.yaml", recipe(assets, out))), "output_dir.x=1"],
+                                         "not a section; override"),
+        "negative seed": (["distill", str(write(tmp_path / "sd.yaml", recipe(assets, out))), "train.seed=-1"], "train.seed"),
+        "seed past 2**32": (["distill", str(write(tmp_path / "sd2.yaml", recipe(assets, out))), f"train.seed={2**70}"],
+                            "train.seed"),
+        "infinite learning rate": (["distill", str(write(tmp_path / "lr.yaml", recipe(assets, out))),
+                                    "train.learning_rate=.inf"], "train.learning_rate"),
+        "infinite weight decay": (["distill", str(write(tmp_path / "wd.yaml", recipe(assets, out))),
+                                   "train.weight_decay=.inf"], "train.weight_decay"),
+        "batch size 1e20": (["distill", str(write(tmp_path / "bs.yaml", recipe(assets, out))), "train.batch_size=1e20"],
+                            "train.batch_size"),
+        "ABKD alpha NaN": (["distill", str(write(tmp_path / "ab.yaml", recipe(assets, out))),
+                            "runs.1.divergence={name: alpha_beta_divergence, alpha: .nan, beta: 0.1}"], "runs.1.divergence"),
+        "KD temperature 1e-45": (["distill", str(write(tmp_path / "kt.yaml", recipe(assets, out))),
+                                  "runs.1.temperature=1e-45"], "temperature"),
+        "sampling temperature 1e-45": (["distill", str(write(tmp_path / "st.yaml", recipe(assets, out))),
+                                        "runs.1.on_policy={temperature: 1e-45}"], "on_policy.temperature"),
+        "GKD JSD at beta 0": (["distill", str(write(tmp_path / "b0.yaml", recipe(assets, out))),
+                               "runs.1.divergence={name: generalized_jsd, beta: 0}"], "forward_kl"),
+        "GKD JSD at beta 1": (["distill", str(write(tmp_path / "b1.yaml", recipe(assets, out))),
+                               "runs.1.divergence={name: generalized_jsd, beta: 1}"], "reverse_kl"),
+        "run named ..": (["distill", str(write(tmp_path / "dd.yaml", recipe(assets, out))), "runs.0.name=.."],
+                         "runs.0.name"),
+        "run named student_init": (["distill", str(write(tmp_path / "si.yaml", recipe(assets, out))),
+                                    "runs.0.name=student_init"], "row of the report"),
+        "run named teacher": (["distill", str(write(tmp_path / "te.yaml", recipe(assets, out))), "runs.0.name=teacher"],
+                              "row of the report"),
+        "device mps": (["distill", str(write(tmp_path / "mps.yaml", recipe(assets, out, device="mps")))], "mps"),
+        "device meta": (["distill", str(write(tmp_path / "meta.yaml", recipe(assets, out, device="meta")))],
+                        "cannot train"),
+        "LoRA target module that does not exist": (
+            ["distill", str(write(tmp_path / "lo.yaml", recipe(assets, out, **{"train.lora": {"target_modules": ["no_such_proj"]}})))],
+            "no_such_proj"),
+        "feature layer 9 on a 1-layer student": (
+            ["distill", str(write(tmp_path / "fl.yaml", recipe(assets, out, **{"runs.1.feature": {"layers": [[9, 1]]}})))],
+            "student layer 9"),
     }
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 CASES = [
@@ -194,6 +242,11 @@ CASES = [
     "dataset with no rows", "unsupported data format", "missing data column", "eval split too large",
     "missing teacher dir", "vocab mismatch", "NaN teacher logits", "bad layer index", "no cuda",
     "eval with no finished runs",
+    "recipe nested 60,000 lists deep", "latin-1 recipe", "5,000-digit integer", "override below a plain value",
+    "negative seed", "seed past 2**32", "infinite learning rate", "infinite weight decay", "batch size 1e20",
+    "ABKD alpha NaN", "KD temperature 1e-45", "sampling temperature 1e-45", "GKD JSD at beta 0", "GKD JSD at beta 1",
+    "run named ..", "run named student_init", "run named teacher", "device mps", "device meta",
+    "LoRA target module that does not exist", "feature layer 9 on a 1-layer student",
 ]
 
 
@@ -201,10 +254,12 @@ CASES = [
 def test_bad_input_gives_one_line_and_leaves_nothing(assets, tmp_path, capsys, case):
     if case == "no cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is available here, so device cuda:0 is valid input")
+    if case == "device mps" and torch.backends.mps.is_available():
+        pytest.skip("MPS is available here, so device mps is valid input")
     argv, expected = _bad_cases(assets, tmp_path)[case]
     rc = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc != 0
+    assert rc == 2
     assert len(err) == 1, err
     assert err[0].startswith("error: ") and expected.lower() in err[0].lower(), err[0]
     assert "Traceback" not in err[0]
@@ -408,3 +463,157 @@ def test_examples_whose_prompt_fills_max_length_are_dropped_and_counted(tiny_tok
     assert "dropped 1 of 3" in caplog.text
     with pytest.raises(PotstillError, match="every prompt"):
         encode_pairs(pairs[1:2], tiny_tokenizer, 40)
+
+
+# ------------------------------------------------------- trust: output dirs, finished students, leftovers
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "; " in err[0], err
+    return err[0]
+
+
+def test_output_dir_that_cannot_be_written_is_refused_and_left_as_it_was(assets, tmp_path, capsys):
+    a_file = write(tmp_path / "a_file", "keep me\n")
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    if os.geteuid() == 0:  # root ignores permission bits: a directory no one may create files in
+        read_only = Path("/sys/potstill-test-out")
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        read_only = ro / "out"
+    for out, expected in ((a_file, "is a file"), (dangling, "symbolic link to nothing"),
+                          (a_file / "out", "lies under the file"), (read_only, "cannot be written")):
+        rp = write(tmp_path / "r.yaml", recipe(assets, out))
+        assert main(["distill", str(rp)]) == 2
+        assert expected in _one_error_line(capsys)
+    assert a_file.read_text() == "keep me\n" and dangling.is_symlink() and not (tmp_path / "nowhere").exists()
+    assert not read_only.exists()
+
+
+def test_run_dirs_that_are_not_potstills_are_refused_never_deleted(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("mine")
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "sft").symlink_to(elsewhere, target_is_directory=True)
+    rp = write(tmp_path / "r.yaml", recipe(assets, out))
+    assert main(["distill", str(rp)]) == 2
+    assert "symbolic link" in _one_error_line(capsys)
+    (out / "runs" / "sft").unlink()
+    half = out / "runs" / "sft"
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    assert main(["distill", str(rp)]) == 2
+    assert "not a finished potstill student" in _one_error_line(capsys)
+    assert (elsewhere / "precious.txt").read_text() == "mine" and (half / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in out.iterdir()) == ["runs"]  # nothing written beside what the user had
+
+
+def test_finished_students_are_reused_only_when_they_verify(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    rp = write(tmp_path / "r.yaml", recipe(assets, out, runs=[{"name": "kd", "alpha": 0.0}],
+                                           **{"eval.include_untrained": False}))
+    assert main(["distill", str(rp)]) == 0
+    kd = out / "runs" / "kd"
+    marker = json.loads((kd / "POTSTILL_DONE").read_text())
+    assert set(marker["files"]) >= {"model.safetensors", "config.json", "train_info.json"}
+    assert marker["recipe"]["train"]["max_steps"] == 3 and marker["recipe"]["run"]["name"] == "kd"
+    capsys.readouterr()
+    # another recipe: named, not reused and not retrained
+    assert main(["distill", str(rp), "train.max_steps=4"]) == 2
+    assert "trained by another recipe (train.max_steps differs)" in _one_error_line(capsys)
+    # eval-only keys do not decide the student: reused
+    stamp = (kd / "model.safetensors").stat().st_mtime_ns
+    assert main(["distill", str(rp), "eval.max_new_tokens=3"]) == 0
+    assert (kd / "model.safetensors").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    # one flipped byte in the weights: loadable, but it does not verify
+    weights = kd / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    for verb in ("distill", "eval"):
+        assert main([verb, str(rp)]) == 2
+        assert "'model.safetensors' changed since it was written" in _one_error_line(capsys)
+    assert weights.read_bytes() == bytes(data), "a student that does not verify is never retrained silently"
+    # a missing file, and a marker without checksums (an older potstill)
+    weights.unlink()
+    assert main(["distill", str(rp)]) == 2
+    assert "missing its file 'model.safetensors'" in _one_error_line(capsys)
+    (kd / "POTSTILL_DONE").write_text("ok\n")
+    assert main(["distill", str(rp)]) == 2
+    assert "has no checksums" in _one_error_line(capsys)
+
+
+def test_eval_refuses_a_student_that_would_replace_a_row_or_does_not_load(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    rp = write(tmp_path / "r.yaml", recipe(assets, out))
+    _, teacher, *_ = assets
+    same_name = tmp_path / "elsewhere" / "sft"
+    import shutil
+
+    shutil.copytree(teacher, same_name)
+    assert main(["eval", str(rp), "--student", str(same_name)]) == 2
+    assert "already a row" in _one_error_line(capsys)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(teacher, truncated)
+    w = truncated / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    assert main(["eval", str(rp), "--student", str(truncated)]) == 2
+    assert "does not load" in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_a_failure_after_writing_began_removes_what_this_run_created(assets, tmp_path, capsys, monkeypatch):
+    """Late bad input (here a trainer that fails at its first step) leaves no half output directory."""
+    from potstill.errors import PotstillError
+    from potstill.kd import KDTrainer
+
+    def fail(self, *a, **k):
+        raise PotstillError("training diverged at step 1; lower train.learning_rate")
+
+    monkeypatch.setattr(KDTrainer, "train", fail)
+    out = tmp_path / "out"
+    rp = write(tmp_path / "r.yaml", recipe(assets, out))
+    assert main(["distill", str(rp)]) == 2
+    assert "diverged at step 1" in _one_error_line(capsys)
+    assert not out.exists()
+    # A directory the user had is kept, with what was in it.
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["distill", str(rp)]) == 2
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_sigkilled_distill_leaves_no_temporary_behind_and_resumes(assets, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    scratch_tmp = tmp_path / "tmpdir"
+    scratch_tmp.mkdir()
+    rp = write(tmp_path / "r.yaml", recipe(assets, out, **{"train.max_steps": 40}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(scratch_tmp)}
+    cmd = [sys.executable, "-m", "potstill", "distill", str(rp)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "recipe.resolved.yaml").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # inside the first run's training
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not [p.name for p in scratch_tmp.iterdir() if "potstill" in p.name]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    left = [p.name for p in (out / "runs").iterdir() if p.name.startswith(".") or p.name.endswith(".partial")]
+    assert not left, left
+    assert all((out / "runs" / n / "POTSTILL_DONE").is_file() for n in ("sft", "kd"))

@@ -215,6 +215,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume (finished runs are kept)", file=sys.stderr)
         return 130
+    except OSError as err:  # the file system said no: a path, a permission, a full disk
+        if args.debug:
+            raise
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(f"error: {err.strerror or type(err).__name__}{where}; check the path, its permissions and the free "
+              "space (--debug shows the traceback)", file=sys.stderr)
+        return 2
+    except Exception as err:  # a bug, or bad input no check caught yet: still one line, no traceback
+        if args.debug:
+            raise
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"error: unexpected {type(err).__name__}: {first}; rerun with --debug for the traceback, and report "
+              "it if the input looks right", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,11 +8,8 @@ atomically; rerunning the same recipe skips the runs that finished (resume).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +32,19 @@ from .config import (
     dump_recipe,
 )
 from .errors import PotstillError, VocabMismatchError
-from .io import atomic_write_json, atomic_write_text
+from .finished import (
+    check_output_dir,
+    load_finished,
+    owned_output_dir,
+    remove_scratch,
+    run_fingerprint,
+    save_student,
+    trainer_scratch,
+    verify_finished,
+)
+from .io import atomic_write_text, remove_stale_temporaries
 
 log = logging.getLogger("potstill")
-
-DONE = "POTSTILL_DONE"
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -54,6 +59,14 @@ def resolve_device(name: str | None) -> torch.device:
         raise PotstillError(f"device '{name}' is not a torch device; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PotstillError(f"device '{name}' asked for but CUDA is not available; set device: cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise PotstillError(f"device '{name}' asked for but Apple's MPS is not available here; set device: cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise PotstillError(f"device '{name}' cannot train a model (potstill runs on cpu, cuda and mps); "
+                            "set device: cpu or cuda")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PotstillError(f"device '{name}' does not exist ({torch.cuda.device_count()} CUDA device(s)); "
+                            "use cuda:0 .. cuda:N-1")
     return dev
 
 
@@ -233,6 +246,7 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
         logging_steps=t.logging_steps,
         save_strategy="no",
         report_to="none",
+        run_name=run.name,
         seed=t.seed,
         data_seed=t.seed,
         use_cpu=device.type == "cpu",
@@ -289,7 +303,9 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         val = run.on_policy.validation_size
         pick = random.Random(recipe.train.seed).sample(range(len(train_examples)), min(val, len(train_examples)))
         extra["validation_dataset"] = [{k: train_examples[i][k] for k in cols[:3]} for i in pick]
-    with tempfile.TemporaryDirectory(prefix="potstill-trainer-") as tmp:
+    scratch = trainer_scratch(out_dir)
+    try:
+        tmp = str(scratch)
         cls = OnPolicyKDTrainer if run.on_policy is not None else FeatureKDTrainer if run.feature else KDTrainer
         if run.on_policy is not None and run.on_policy.contrastive is not None:
             from .kd.contrastive import ContrastiveKDTrainer
@@ -314,6 +330,8 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         trainer.train()
         seconds = time.perf_counter() - t0
         model = trainer.model
+    finally:
+        remove_scratch(scratch)
     if peft_config is not None:
         model = model.merge_and_unload()
     curve = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
@@ -332,7 +350,7 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
             info["on_policy"].update(skew_anchors=trainer.anchors, skew_history=trainer.skew_history)
         if run.on_policy.minillm is not None:
             info["on_policy"]["minillm_stats"] = trainer.minillm_stats
-    save_student(model, tokenizer, out_dir, info)
+    save_student(model, tokenizer, out_dir, info, run_fingerprint(recipe, run))
     return model, curve
 
 
@@ -374,7 +392,9 @@ def _train_cross(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, ds
         raise PotstillError(f"run {run.name} uses cross_tokenizer but the student shares the teacher's tokenizer; "
                             "remove cross_tokenizer or use a student with its own tokenizer")
     ct = run.cross_tokenizer
-    with tempfile.TemporaryDirectory(prefix="potstill-trainer-") as tmp:
+    scratch = trainer_scratch(out_dir)
+    try:
+        tmp = str(scratch)
         trainer = CrossTokenizerKDTrainer(
             student, teacher_model=teacher.to(device), args=kd_config(recipe, run, tmp, device),
             teacher_tokenizer=cross["teacher_tokenizer"], method=ct.method, vocab_map=cross.get("vocab_map"),
@@ -384,37 +404,13 @@ def _train_cross(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, ds
         trainer.train()
         seconds = time.perf_counter() - t0
         model = trainer.model
+    finally:
+        remove_scratch(scratch)
     curve = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
     info = {"loss_curve": curve, "train_seconds": seconds, "run": run.model_dump(mode="json"),
             "cross_tokenizer": trainer.coverage_stats()}
-    save_student(model, tokenizer, out_dir, info)
+    save_student(model, tokenizer, out_dir, info, run_fingerprint(recipe, run))
     return model, curve
-
-
-def save_student(model, tokenizer, out_dir: Path, info: dict) -> None:
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    atomic_write_json(tmp / "train_info.json", info)
-    (tmp / DONE).write_text("ok\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-
-
-def load_finished(out_dir: Path, device: torch.device):
-    if not (out_dir / DONE).is_file():
-        return None
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(out_dir).to(device)
-        info = json.loads((out_dir / "train_info.json").read_text())
-    except Exception:  # a damaged finished run is retrained
-        return None
-    return model, [tuple(x) for x in info.get("loss_curve", [])]
 
 
 # ----------------------------------------------------------------------------- main
@@ -573,6 +569,7 @@ def cache(recipe: Recipe, *, rank: int = 0, world_size: int = 1, progress: bool 
 
     if recipe.cache is None:
         raise PotstillError("the recipe has no `cache` section; add e.g. `cache: {signal: {kind: topk, k: 32}}`")
+    check_output_dir(recipe.cache_dir, key="cache.dir")
     prep = Prepared(recipe)
     spec = cache_spec(recipe)
     return write_cache(prep.teacher, prep.tokenizer, prep.pool_examples, recipe.cache_dir, spec,
@@ -611,15 +608,55 @@ def evaluate_and_report(prep: Prepared, students: dict[str, Any], curves: dict[s
     return metrics
 
 
+def preflight(prep: Prepared) -> None:
+    """Checks that need the loaded models, run before anything is written: every run's layer indices and LoRA
+    targets exist, and every finished student on disk verifies (or there is none)."""
+    from .models.head import text_config
+
+    r = prep.recipe
+    n_s = int(text_config(prep.student0).num_hidden_layers)
+    n_t = None if r.teacher.model is None else int(text_config(prep.teacher).num_hidden_layers)
+    for run in r.runs:
+        pairs = [] if run.feature is None else [("feature.layers", p) for p in run.feature.layers or []]
+        if run.feature is not None and run.feature.relations is not None:
+            pairs += [("feature.relations.layers", p) for p in run.feature.relations.layers]
+        for key, (i_s, i_t) in pairs:
+            for who, i, n in (("student", i_s, n_s), ("teacher", i_t, n_t)):
+                if n is not None and not -(n + 1) <= i <= n:
+                    raise PotstillError(f"run {run.name}: {key} names {who} layer {i}, but the {who} has {n} layers; "
+                                        f"use 0..{n} (0 the embeddings) or -1 for the last")
+    lora = r.train.lora
+    if lora is not None and lora.target_modules != "all-linear":
+        names = [n for n, _ in prep.student0.named_modules()]
+        missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in prep.student0.named_modules()
+                             if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})
+            raise PotstillError(f"train.lora.target_modules {missing} are not modules of the student; use some of "
+                                f"{linear} or all-linear")
+    out = Path(r.output_dir)
+    for run in r.runs:
+        verify_finished(out / "runs" / run.name, run_fingerprint(r, run))
+
+
 def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
     """Run a recipe end to end; returns the metrics of every run."""
     t_start = time.perf_counter()
+    out = Path(recipe.output_dir)
+    check_output_dir(out)
     prep = Prepared(recipe)
     source = prep.cached_source() if any(r.uses_teacher for r in recipe.runs) else None
     prep.extra_teachers()  # load and check them before anything is written
-    # Input is valid: from here on we write.
-    out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    preflight(prep)
+    # Input is valid: from here on we write (and a failure before the first student finishes removes it all).
+    with owned_output_dir(out):
+        return _distill_runs(prep, source, out, t_start, progress)
+
+
+def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: bool) -> dict[str, dict]:
+    recipe = prep.recipe
+    for d in (out, out / "runs"):  # what a killed earlier run left half-written
+        remove_stale_temporaries(d)
     atomic_write_text(out / "recipe.resolved.yaml", dump_recipe(recipe))
     students: dict[str, Any] = {}
     curves: dict[str, list] = {}
@@ -629,7 +666,7 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
     memo = TeacherMemo()
     for run in recipe.runs:
         run_dir = out / "runs" / run.name
-        done = load_finished(run_dir, prep.device)
+        done = load_finished(run_dir, prep.device, run_fingerprint(recipe, run))
         if done is not None:
             log.info("run %s already finished; reusing %s", run.name, run_dir)
             students[run.name], curves[run.name] = done
@@ -657,27 +694,40 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
 
 def evaluate_only(recipe: Recipe, extra: list[str] | None = None, *, progress: bool = True) -> dict[str, dict]:
     """``potstill eval``: evaluate the finished runs of a recipe (and extra student dirs) on its held-out set."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    prep = Prepared(recipe)
     out = Path(recipe.output_dir)
+    check_output_dir(out)
+    taken = {"teacher", "student_init", *(r.name for r in recipe.runs)}
+    for d in extra or []:
+        p = Path(d)
+        if not (p / "config.json").is_file():
+            raise PotstillError(f"student directory '{p}' has no config.json; pass a save_pretrained directory")
+        if p.name in taken:
+            raise PotstillError(f"--student '{p}' would be reported as '{p.name}', which is already a row of this "
+                                "recipe's report; copy or rename the directory to a name of its own")
+        taken.add(p.name)
+    prep = Prepared(recipe)
     students: dict[str, Any] = {}
     curves: dict[str, list] = {}
     if recipe.eval.include_untrained:
         students["student_init"] = prep.student0
     for run in recipe.runs:
-        done = load_finished(out / "runs" / run.name, prep.device)
+        done = load_finished(out / "runs" / run.name, prep.device, run_fingerprint(recipe, run))
         if done is not None:
             students[run.name], curves[run.name] = done
     for d in extra or []:
         p = Path(d)
-        if not (p / "config.json").is_file():
-            raise PotstillError(f"student directory '{p}' has no config.json; pass a save_pretrained directory")
-        students[p.name] = AutoModelForCausalLM.from_pretrained(p).to(prep.device)
+        try:
+            students[p.name] = AutoModelForCausalLM.from_pretrained(p).to(prep.device)
+        except (OSError, ValueError, SafetensorError) as err:
+            raise PotstillError(f"student directory '{p}' does not load ({str(err).splitlines()[0][:200]}); pass a "
+                                "complete save_pretrained directory") from None
     if not set(students) - {"student_init"}:
         raise PotstillError(f"no finished runs in '{out}/runs' and no --student given; run `potstill distill` first")
-    out.mkdir(parents=True, exist_ok=True)
-    return evaluate_and_report(prep, students, curves, out, [f"evaluation only of {sorted(students)}"], progress)
+    with owned_output_dir(out):
+        return evaluate_and_report(prep, students, curves, out, [f"evaluation only of {sorted(students)}"], progress)
 
 
 def train_eval_split(pairs: list[dict], recipe: Recipe) -> tuple[list[dict], list[dict]]:
