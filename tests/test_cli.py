@@ -227,6 +227,43 @@ def _bad_cases(assets, tmp_path):
         "feature layer 9 on a 1-layer student": (
             ["distill", str(write(tmp_path / "fl.yaml", recipe(assets, out, **{"runs.1.feature": {"layers": [[9, 1]]}})))],
             "student layer 9"),
+        **_bad_model_and_data_cases(assets, tmp_path, out),
+    }
+
+
+def _bad_model_and_data_cases(assets, tmp_path, out):
+    """Item 7's loading half through the CLI (each one also has a unit test in tests/models, tests/data)."""
+    import shutil
+
+    _, teacher, *_ = assets
+    lines = [json.dumps({"prompt": p, "response": r}) for p, r in PAIRS]
+    broken = write(tmp_path / "broken.jsonl", "\n".join(lines[:4] + ['{"prompt": "x", "response": '] + lines[4:]) + "\n")
+    null = write(tmp_path / "null.jsonl", "\n".join(lines[:2] + [json.dumps({"prompt": None, "response": "r"})] + lines[2:]))
+    chats = write(tmp_path / "chats.jsonl", "\n".join(json.dumps({"chat": ["hi", "hello"]}) for _ in range(10)) + "\n")
+    truncated = tmp_path / "truncated_teacher"
+    shutil.copytree(teacher, truncated)
+    w = truncated / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    no_tok = tmp_path / "no_tokenizer"
+    no_tok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(teacher / f, no_tok / f)
+    gguf = _write_bytes(tmp_path / "junk.gguf", bytes(range(256)) * 16)
+
+    def teacher_at(name, path):
+        return ["distill", str(write(tmp_path / f"{name}.yaml", recipe(assets, out, **{"teacher.model": str(path)})))]
+
+    def data_at(name, path, **source):
+        return ["distill", str(write(tmp_path / f"{name}.yaml",
+                                     recipe(assets, out, **{"data.source": {"kind": "file", "path": str(path), **source}})))]
+
+    return {
+        "JSONL with a broken line": (data_at("bj", broken), "line 5 is not valid JSON"),
+        "prompt null": (data_at("pn", null), "field 'prompt' is null"),
+        "messages as a list of strings": (data_at("ms", chats, messages_field="chat"), "not a message"),
+        "truncated teacher weights": (teacher_at("tw", truncated), "truncated or corrupt"),
+        "teacher dir without a tokenizer": (teacher_at("nt", no_tok), "has no tokenizer"),
+        "junk gguf teacher": (teacher_at("jg", gguf), "not a readable GGUF model"),
     }
 
 
@@ -247,6 +284,8 @@ CASES = [
     "ABKD alpha NaN", "KD temperature 1e-45", "sampling temperature 1e-45", "GKD JSD at beta 0", "GKD JSD at beta 1",
     "run named ..", "run named student_init", "run named teacher", "device mps", "device meta",
     "LoRA target module that does not exist", "feature layer 9 on a 1-layer student",
+    "JSONL with a broken line", "prompt null", "messages as a list of strings", "truncated teacher weights",
+    "teacher dir without a tokenizer", "junk gguf teacher",
 ]
 
 

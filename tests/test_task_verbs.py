@@ -34,9 +34,13 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
     ("eval-data", "eval_data_sst2.yaml", "learner.steps=[1", "learner.steps"),
     ("classify", "classify_sms_spam.yaml", "kd.temperature=.inf", "kd.temperature"),
     ("synthesize", "synthesize_self_instruct.yaml", f"seed={2**70}", "seed"),
+    ("synthesize", "synthesize_self_instruct.yaml", "instruction_generation.temperature=1e-45",
+     "instruction_generation.temperature"),
 ])
-def test_overrides_yaml_cannot_read_or_out_of_range_are_one_line(verb, recipe, override, key, capsys):
+def test_overrides_yaml_cannot_read_or_out_of_range_are_one_line(verb, recipe, override, key, capsys, tmp_path,
+                                                                  monkeypatch):
     """An override value YAML cannot read (``[1``) stays a string the schema refuses, naming the key."""
+    monkeypatch.chdir(tmp_path)  # were the value accepted, the recipe's relative output_dir lands here
     assert main([verb, str(RECIPES / recipe), override]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: recipe key '{key}'") and "; " in err[0], err

@@ -275,7 +275,7 @@ class SynthesisConfig(_Strict):
     seeds_path: str | None = Field(
         None, description=f"Seed tasks JSONL (instruction, instances); default $POTSTILL_DATA/{SEEDS_RELPATH}."
     )
-    seed: int = Field(0, ge=0, description="Seed of example sampling, evolution operations and generation.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of example sampling, evolution operations and generation.")
     method: MethodConfig = Field(default_factory=SelfInstructConfig, description="self_instruct or evol_instruct.")
     instruction_generation: SamplingConfig = Field(
         default_factory=SamplingConfig, description="Sampling of new or evolved instructions."
