@@ -387,6 +387,12 @@ class TrainConfig(_Strict):
     chunk_size: int = Field(256, ge=1, description="Token rows per chunk in the fused lm_head + loss reducer.")
     lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
     logging_steps: int = Field(5, ge=1, description="Log the loss every N steps (loss curves).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Student compute precision: fp32, or bf16/fp16 autocast (the Trainer's mixed precision; "
+        "master weights stay float32, fp16 adds a loss scaler and needs a GPU).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the student's decoder layers in backward (non-reentrant activation "
+        "checkpointing): less activation memory for about one more forward pass per step.")
 
 
 class RunConfig(_Strict):

@@ -116,6 +116,7 @@ def run_fingerprint(recipe, run) -> dict[str, Any]:
     """The recipe keys that decide run ``run``'s student (JSON-ready): not eval, device, output_dir or other runs."""
     data = recipe.model_dump(mode="json")
     keep = {k: data[k] for k in ("teacher", "extra_teachers", "student", "data", "train")}
+    keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("gradient_checkpointing", "logging_steps")}
     if data.get("cache") is not None:
         keep["cache"] = {k: v for k, v in data["cache"].items() if k not in ("dir", "verify", "batch_size")}
     keep["run"] = run.model_dump(mode="json")

@@ -200,11 +200,54 @@ def build_student(recipe: Recipe, teacher, teacher_tok):
 # ----------------------------------------------------------------------------- train
 
 
+def check_precision(precision: str, device: torch.device, student=None) -> None:
+    """Refuse, in one line, mixed precision ``train.precision`` that ``device`` cannot do or that has no float32
+    master weights to keep (a fully trained ``student`` loaded in 16 bits; pass None under LoRA, whose adapters
+    peft keeps in float32); ``fp32`` always passes.
+
+    fp16 on cpu is refused because accelerate does not refuse it: it turns off autocast and the loss scaler
+    there and silently trains in float32.
+    """
+    if precision == "fp32":
+        return
+    if precision == "fp16" and device.type == "cpu":
+        raise PotstillError("train.precision fp16 needs a GPU (on cpu the Trainer silently trains in float32 without "
+                            "its loss scaler); set train.precision bf16 or fp32 on cpu")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise PotstillError(f"train.precision bf16: {torch.cuda.get_device_name(device)} has no native bfloat16 "
+                            "(Ampere or newer has); set train.precision fp16 or fp32")
+    if student is not None:
+        dtypes = {p.dtype for p in student.parameters() if p.requires_grad}
+        if dtypes - {torch.float32}:
+            low = sorted(str(d).removeprefix("torch.") for d in dtypes - {torch.float32})
+            raise PotstillError(f"train.precision {precision} is autocast over float32 master weights, but the student "
+                                f"has {', '.join(low)} weights; set student.dtype float32 (or train.precision fp32)")
+
+
+def _checkpointing_args(on: bool) -> dict[str, Any]:
+    """TrainingArguments for non-reentrant activation checkpointing (``activation_checkpointing`` from
+    transformers 5, before it ``gradient_checkpointing``). Non-reentrant: gradients also flow from tensors taken
+    inside a checkpointed layer (feature KD's attention-projection hooks), which the reentrant variant drops."""
+    if not on:
+        return {}
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing"
+    if name not in {f.name for f in fields(TrainingArguments)}:
+        name = "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
 def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.device):
     from .kd import KDConfig, OnPolicyConfig
     from .kd.feature import FeatureKDConfig
 
     t = recipe.train
+    check_precision(t.precision, device)
+    extra_args = dict(bf16=t.precision == "bf16", fp16=t.precision == "fp16",
+                      **_checkpointing_args(t.gradient_checkpointing))
     op = run.on_policy
     extra: dict[str, Any] = {} if op is None else dict(
         lmbda=op.lmbda, gen_temperature=op.temperature, gen_top_p=op.top_p, gen_max_new_tokens=op.max_new_tokens,
@@ -260,6 +303,7 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
         token_weighting=run.token_weighting,
         token_weighting_ratio=run.token_weighting_ratio,
         curriculum=run.curriculum,
+        **extra_args,
         **extra,
     )
 
@@ -329,7 +373,8 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
-        model = trainer.model
+        # without accelerate's autocast wrapper: a fresh bf16 student is evaluated in fp32, like a reloaded one
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     finally:
         remove_scratch(scratch)
     if peft_config is not None:
@@ -403,7 +448,8 @@ def _train_cross(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, ds
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
-        model = trainer.model
+        # without accelerate's autocast wrapper: a fresh bf16 student is evaluated in fp32, like a reloaded one
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     finally:
         remove_scratch(scratch)
     curve = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
@@ -424,8 +470,10 @@ class Prepared:
 
         self.recipe = recipe
         self.device = resolve_device(recipe.device)
+        check_precision(recipe.train.precision, self.device)
         if recipe.teacher.model is None:
             self._black_box(recipe)
+            check_precision(recipe.train.precision, self.device, None if recipe.train.lora else self.student0)
             return
         try:
             self.teacher, self.tokenizer = load_model(recipe.teacher.model, dtype=recipe.teacher.dtype,
@@ -436,6 +484,7 @@ class Prepared:
         teacher_id = str(getattr(self.teacher, "name_or_path", recipe.teacher.model))
         self.student0, vocab_size, student_tok = build_student(recipe, self.teacher, self.tokenizer)
         self.student0.to(self.device)
+        check_precision(recipe.train.precision, self.device, None if recipe.train.lora else self.student0)
         self.teacher_tokenizer = self.tokenizer
         self.cross = student_tok is not None
         if self.cross:

@@ -204,6 +204,10 @@ class FeatureKDTrainer(KDTrainer):
     def _student_hidden(self, model, inputs):
         from ..models import all_hidden
 
+        # The hooks live only for this forward: under activation checkpointing the backward's recompute of a
+        # layer captures nothing, so the loss uses the real forward's tensors and is computed once. Checkpointing
+        # must be non-reentrant (kd_config sets it): a reentrant one runs the layer without a graph and the
+        # relation term's gradients into q/k/v would be silently lost.
         with self._capture(model, teacher=False) as proj:
             self._student_states = all_hidden(model, inputs["input_ids"], inputs["attention_mask"])
         self._student_proj = proj
