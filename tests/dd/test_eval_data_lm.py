@@ -169,7 +169,7 @@ def _bad_cases(assets, data_file, selection, tmp_path):
         "data.selection": ({**base, "data": {**base["data"], "selection": str(selection)}}, "remove data.selection"),
         "unknown key": ({**base, "epoch": 2}, "'epoch' is not a known option"),
         "bad run": ({**base, "runs": [{"name": "kd", "alpha": 2.0}]}, "runs.0.alpha"),
-        "run named teacher": ({**base, "runs": [{"name": "teacher", "alpha": 0.0}]}, "clash with the teacher"),
+        "run named teacher": ({**base, "runs": [{"name": "teacher", "alpha": 0.0}]}, "row of the report"),
         "jsonl set with a cache": ({**base, "cache": {"signal": {"kind": "topk", "k": 8}},
                                     "sets": [{"name": "syn", "path": str(selection), "format": "jsonl"}]},
                                    "set 'syn' holds new examples that the cache does not cover"),

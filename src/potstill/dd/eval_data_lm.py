@@ -114,8 +114,6 @@ class EvalDataLMRecipe(_Strict):
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup is not None:
             raise ValueError(f"'{dup}' is listed twice; name each once")
-        if info.field_name == "runs" and "teacher" in names:
-            raise ValueError("a run named 'teacher' would clash with the teacher's own row; rename it")
         if info.field_name == "baselines" and "random" not in v:
             raise ValueError("must include random (the gains are over it)")
         if info.field_name == "sets":
