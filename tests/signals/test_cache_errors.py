@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from potstill.data import PadCollator, encode_example
+from potstill.data import PadCollator
 from potstill.errors import PotstillError
 from potstill.signals import SparseSignal
 from potstill.signals.cache import (
@@ -26,25 +25,8 @@ from potstill.signals.cache import (
     write_cache,
 )
 
-PAIRS = [
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("What is two plus two?", "Two plus two is four."),
-    ("Write a poem about the sea.", "The sea is blue and the waves are loud at night."),
-    ("How many days are in a week?", "There are seven days in a week."),
-    ("Explain why the sky is blue.", "Light from the sun is scattered by the air."),
-    ("Count from one to five:", "one, two, three, four, five"),
-    ("Translate hello into Spanish:", "hola"),
-]
-SPEC = CacheSpec(kind="topk", k=8, dtype="fp16", examples_per_shard=3, batch_size=2)  # 7 examples -> 3 shards
+from .cache_helpers import PAIRS, SPEC, encode, shard
 
-
-def encode(tok, pairs=PAIRS, max_length: int = 64) -> list[dict]:
-    out = []
-    for i, (p, r) in enumerate(pairs):
-        ex = encode_example(tok, [{"role": "user", "content": p}], r, max_length)
-        ex["example_id"] = i
-        out.append(ex)
-    return out
 
 
 def batch(examples: list[dict], pad_id: int, *, drop_ids: bool = False) -> dict[str, torch.Tensor]:
@@ -69,26 +51,7 @@ def snapshot(path: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(path.iterdir()) if f.is_file()}
 
 
-def shard(path: Path, j: int) -> Path:
-    return path / f"shard-{j:05d}.safetensors"
 
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, _tiny_teacher_session, _tiny_tokenizer_session):
-    """A finished reference cache (read-only: tests that damage a cache copy it first)."""
-    path = tmp_path_factory.mktemp("cache") / "ref"
-    exs = encode(_tiny_tokenizer_session)
-    man = write_cache(_tiny_teacher_session, _tiny_tokenizer_session, exs, path, SPEC, progress=False)
-    assert man is not None and man["num_shards"] == 3
-    return path, exs
-
-
-@pytest.fixture
-def cache_copy(built, tmp_path):
-    ref, exs = built
-    path = tmp_path / "cache"
-    shutil.copytree(ref, path)
-    return path, exs
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,34 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from potstill.data import PadCollator, encode_example
+from potstill.data import PadCollator
 from potstill.errors import PotstillError
 from potstill.io import atomic_write_bytes, remove_stale_temporaries
-from potstill.signals.cache import CachedSignal, CacheSpec, write_cache
+from potstill.signals.cache import CachedSignal, write_cache
 
-PAIRS = [
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("What is two plus two?", "Two plus two is four."),
-    ("Write a poem about the sea.", "The sea is blue and the waves are loud at night."),
-    ("How many days are in a week?", "There are seven days in a week."),
-    ("Explain why the sky is blue.", "Light from the sun is scattered by the air."),
-    ("Count from one to five:", "one, two, three, four, five"),
-    ("Translate hello into Spanish:", "hola"),
-]
-SPEC = CacheSpec(kind="topk", k=8, dtype="fp16", examples_per_shard=3, batch_size=2)  # 7 examples -> 3 shards
+from .cache_helpers import SPEC, shard
 
 
-def encode(tok) -> list[dict]:
-    out = []
-    for i, (p, r) in enumerate(PAIRS):
-        ex = encode_example(tok, [{"role": "user", "content": p}], r, 64)
-        ex["example_id"] = i
-        out.append(ex)
-    return out
-
-
-def shard(path: Path, j: int) -> Path:
-    return path / f"shard-{j:05d}.safetensors"
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
@@ -69,21 +48,6 @@ def one_line_error(call) -> str:
     return msg
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, _tiny_teacher_session, _tiny_tokenizer_session):
-    path = tmp_path_factory.mktemp("integrity") / "ref"
-    exs = encode(_tiny_tokenizer_session)
-    man = write_cache(_tiny_teacher_session, _tiny_tokenizer_session, exs, path, SPEC, progress=False)
-    assert man is not None and man["num_shards"] == 3
-    return path, exs
-
-
-@pytest.fixture
-def cache_copy(built, tmp_path):
-    ref, exs = built
-    path = tmp_path / "cache"
-    shutil.copytree(ref, path)
-    return path, exs
 
 
 # ------------------------------------------------------------ verification when opening
