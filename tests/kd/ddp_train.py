@@ -4,10 +4,14 @@ Run single-process (batch 8) or under ``accelerate launch --num_processes 2 --cp
 (2 processes x 2 examples x 2 accumulation steps = the same global batch of 8).
 ``python ddp_train.py OUT PER_DEVICE ACCUM [kd|contrastive|minillm]``: the on-policy methods
 get deterministic stand-in samples for each example, so both layouts see the same samples.
+A rank still running after 180 s prints every thread's stack and exits 1, so a hang shows where it is.
 """
 
+import faulthandler
 import os
 import sys
+
+faulthandler.dump_traceback_later(180, exit=True)  # armed until the process ends, its teardown included
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 

@@ -1,13 +1,15 @@
 """Two CPU processes under ``accelerate launch`` (gloo) equal one process on the same global batch."""
 
 import os
-import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from helpers_proc import run, run_all
 
 HERE = Path(__file__).parent
 
@@ -26,21 +28,16 @@ def test_two_process_ddp_equals_single_process(tmp_path, method):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     single, multi = tmp_path / "single", tmp_path / "multi"
     single.mkdir(), multi.mkdir()
-    r1 = subprocess.run([sys.executable, str(HERE / "ddp_train.py"), str(single), "8", "1", method], env=env,
-                        capture_output=True, text=True, timeout=300)
+    # `run` kills every process of the command on timeout (torchrun's ranks have sessions of their own) and fails
+    # the test if one outlives it; ddp_train.py dumps its stacks and exits first if a rank hangs (180 s).
+    r1 = run([sys.executable, str(HERE / "ddp_train.py"), str(single), "8", "1", method], env=env, timeout=300)
     assert r1.returncode == 0, r1.stderr[-3000:]
     # `--multi_gpu` is accelerate's torchrun path; on a machine without GPUs the script's `use_cpu=True` and
     # `ddp_backend="gloo"` make it 2 CPU processes (accelerate's `--cpu` multi-process path needs MPI).
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
               str(HERE / "ddp_train.py"), str(multi), "2", "2", method]
-    try:
-        r2 = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired:
-        # Once, under a second DDP job on this 2-core machine, a gloo group hung at teardown after its work was
-        # written; a hang is retried once on a fresh port (a failure is never retried).
-        launch[launch.index("--main_process_port") + 1] = str(_free_port())
-        r2 = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240)
+    r2 = run(launch, env=env, timeout=240)
     assert r2.returncode == 0, r2.stderr[-3000:]
     a = load_file(single / "student.safetensors")
     b = load_file(multi / "student.safetensors")
@@ -71,3 +68,36 @@ def test_end_distributed_tears_the_group_down_and_is_a_no_op_without_one(tmp_pat
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# One rank of a 2-process gloo job that, round after round, does what the end of a training run does: a DDP step,
+# an all_gather of tensors made in Python (Trainer's last collective is one), end_distributed(), and only then
+# drops the DDP model. Before end_distributed() kept the group until exit, the Reducer (freed with the GIL held)
+# was the group's last owner: ~ProcessGroupGloo joined a gloo thread that was waiting for the GIL to free those
+# tensors, and the rank hung for good (the hang of issue 14; here within a few rounds).
+_TEARDOWN_RANK = textwrap.dedent("""
+    import sys
+    import torch, torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from potstill.distributed import end_distributed
+    rank, store, rounds = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    torch.set_num_threads(1)
+    for i in range(rounds):
+        dist.init_process_group("gloo", init_method=f"file://{store}{i}", rank=rank, world_size=2)
+        model = DistributedDataParallel(torch.nn.Linear(4, 4))
+        model(torch.randn(2, 4)).sum().backward()
+        gathered = [torch.zeros(3) for _ in range(2)]
+        dist.all_gather(gathered, torch.ones(3))
+        del gathered
+        end_distributed()
+        del model
+    print("ok", flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_a_ddp_model_freed_after_end_distributed_does_not_hang_the_exit(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ranks = [[sys.executable, "-c", _TEARDOWN_RANK, str(r), str(tmp_path / "store"), "20"] for r in (0, 1)]
+    for r in run_all(ranks, env=env, timeout=120):
+        assert r.returncode == 0 and r.stdout == "ok\n", r.stderr[-2000:]

@@ -15,9 +15,9 @@ import torch
 from potstill.data import PadCollator, encode_example
 from potstill.divergences import chunked_kd_loss
 from potstill.models import final_hidden, output_head
-from potstill.signals import DenseSignal, OnlineTeacher, SparseSignal, target_index, target_rows
+from potstill.signals import OnlineTeacher, SparseSignal, target_index, target_rows
 from potstill.signals.cache import CachedSignal, CacheSpec, _build_shard, extract, write_cache
-from potstill.signals.quant import decode_logprobs, encode_logprobs, id_bits
+from potstill.signals.quant import id_bits
 
 TEXTS = [
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -255,19 +255,20 @@ def _cache_cmd(model_dir: Path, out: Path, rank: int, world: int) -> list[str]:
 
 
 def test_two_processes_give_the_same_cache_as_one(tmp_path, tiny_teacher, tiny_tokenizer):
+    from helpers_proc import run, run_all  # here: the child processes import this module without tests/ on their path
+
     model_dir = tmp_path / "teacher"
     tiny_teacher.save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = tmp_path / "one"
-    r = subprocess.run(_cache_cmd(model_dir, one, 0, 1), capture_output=True, text=True, env=env, timeout=120)
+    r = run(_cache_cmd(model_dir, one, 0, 1), env=env, timeout=120)
     assert r.returncode == 0 and "MANIFEST" in r.stdout, r.stderr
     two = tmp_path / "two"
-    procs = [subprocess.Popen(_cache_cmd(model_dir, two, rank, 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for rank in (0, 1)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
-    assert any("MANIFEST" in o[0] for o in outs)  # the last rank to finish merged the manifest
+    # run_all: on timeout both ranks are killed (and the test fails), and none may outlive the test
+    ranks = run_all([_cache_cmd(model_dir, two, rank, 2) for rank in (0, 1)], env=env, timeout=120)
+    assert all(p.returncode == 0 for p in ranks), [p.stderr for p in ranks]
+    assert any("MANIFEST" in p.stdout for p in ranks)  # the last rank to finish merged the manifest
     names = sorted(f.name for f in one.iterdir())
     assert names == sorted(f.name for f in two.iterdir())
     assert len([n for n in names if n.endswith(".safetensors")]) == 7

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..distributed import full_tensor
 from ..errors import PotstillError
 from ..signals.types import DenseSignal, Head, SparseSignal, apply_head
 from .dense import DIVERGENCES, akl_head_weight, get_divergence
@@ -504,6 +505,38 @@ def _check_row_kwargs(row_kwargs: dict | None, n: int, teacher) -> dict | None:
     return out
 
 
+def full_head(head: Head) -> Head:
+    """``head`` with its weight and bias whole on every rank (a collective when they are sharded).
+
+    Under FSDP2 (``fully_shard``) a parameter is a sharded ``DTensor`` whenever its unit is not
+    all-gathered: always for a frozen teacher whose head was read at construction (``OnlineTeacher``),
+    and for a student whose lm_head unit reshards after forward (``reshard_after_forward=True`` given
+    explicitly on the root, as accelerate does, or lm_head as a unit of its own). Only a root left at
+    FSDP2's default keeps its parameters unsharded after forward; then the head is a plain tensor here
+    and FSDP's own reduce-scatter handles its gradient. The reducer runs *after* the model's forward,
+    on hidden states, so it cannot rely on FSDP's forward-time unshard. Gathering explicitly (rather
+    than calling the owning unit's ``unshard()`` / ``reshard()``) needs no knowledge of which unit
+    holds the head, works the same for the teacher under ``no_grad``, and is released with the step. Gathering the ``[V, H]`` head once per call (here, before the chunk
+    loop, on every rank) is the one collective the reducer needs: per-chunk gathers would deadlock when
+    ranks have different numbers of chunks, and both models' ``[tokens, V]`` logits are still never
+    built. The student's gradient flows back to its shard (:func:`potstill.distributed.full_tensor`);
+    the teacher's gather keeps no graph. Plain tensors pass through: the same ``Head`` object is returned.
+    """
+    weight = full_tensor(head.weight)
+    bias = None if head.bias is None else full_tensor(head.bias)
+    if weight is head.weight and bias is head.bias:
+        return head
+    return replace(head, weight=weight, bias=bias)
+
+
+def _full_teacher(teacher, alpha: float):
+    """A dense teacher given as hidden states + head, with its head gathered (see :func:`full_head`)."""
+    if alpha >= 1.0 or not isinstance(teacher, DenseSignal) or teacher.head is None:
+        return teacher
+    head = full_head(teacher.head)
+    return teacher if head is teacher.head else DenseSignal(hidden=teacher.hidden, head=head)
+
+
 def _prepare(student_head: Head, vocab: int, normalizer, device):
     weight, bias = student_head.with_vocab(vocab).sliced()
     norm = torch.as_tensor(normalizer, dtype=torch.float32, device=device).detach()
@@ -532,7 +565,8 @@ def chunked_kd_loss(
 
     Args:
         student_hidden: ``[n, H]`` final hidden states of the valid token positions.
-        student_head: the student's :class:`Head` (trainable, tied, or frozen).
+        student_head: the student's :class:`Head` (trainable, tied, or frozen); a head sharded by
+            FSDP2 (``DTensor``), and a dense teacher's, is gathered once per call (:func:`full_head`).
         labels: ``[n]`` target ids; rows with ``-100`` contribute nothing.
         teacher: same ``n`` rows (``DenseSignal`` logits or hidden+head, or ``SparseSignal``);
             ``None`` only with ``alpha=1`` (pure cross-entropy / SFT).
@@ -556,6 +590,8 @@ def chunked_kd_loss(
         ``(loss, stats)``: ``loss`` is a float32 scalar; ``stats`` holds detached float32
         ``ce_sum``, ``kd_sum`` (sum of the divergence, weighted by ``kd_weights`` if given) and ``n_tokens``.
     """
+    student_head = full_head(student_head)
+    teacher = _full_teacher(teacher, alpha)
     vocab = _validate(
         student_hidden, student_head, labels, teacher, divergence, alpha, temperature,
         normalizer, chunk_size, vocab_size,
@@ -602,6 +638,8 @@ def unchunked_kd_loss(
 
     For tests and the benchmark's naive arm; ``chunk_size`` is accepted and ignored.
     """
+    student_head = full_head(student_head)
+    teacher = _full_teacher(teacher, alpha)
     vocab = _validate(
         student_hidden, student_head, labels, teacher, divergence, alpha, temperature,
         normalizer, chunk_size, vocab_size,

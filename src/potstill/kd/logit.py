@@ -25,6 +25,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from ..divergences import DIVERGENCES, check_divergence_params, check_temperature, chunked_kd_loss
+from ..divergences.chunked import full_head
 from .adaptive import CURRICULA, TOKEN_WEIGHTINGS, curriculum_order, example_divergences, scheduled, token_weights
 from .guards import NonFiniteGuard
 from ..errors import PotstillError, VocabMismatchError
@@ -253,7 +254,7 @@ class KDTrainer(NonFiniteGuard, Trainer):
             )
         normalizer = num_items_in_batch if num_items_in_batch is not None else max(int(index.numel()), 1)
         args: KDConfig = self.args
-        head = output_head(model)
+        head = full_head(output_head(model))  # FSDP2: gathered once here, for the reducer and the token weights
         temperature = self._temperature()
         loss, stats = chunked_kd_loss(
             rows,

@@ -69,6 +69,11 @@ def output_head(model: nn.Module) -> Head:
     embeddings and gradients are kept). ``logit_scale`` comes from ``config.logit_scale``
     (Cohere/Cohere2); ``softcap`` from ``config.final_logit_softcapping`` (Gemma-2/3),
     ``None`` when absent or unset.
+
+    Under FSDP2 (``fully_shard``) the weight is whatever the module holds at the time of the call:
+    the unsharded parameter while its unit is all-gathered, otherwise this rank's shard as a
+    ``DTensor``. Nothing is gathered here; the chunked reducer gathers a sharded head once per call
+    (:func:`potstill.divergences.chunked.full_head`), with the gradient flowing back to the shard.
     """
     base = unwrap_model(model)
     get_out = getattr(base, "get_output_embeddings", None)
