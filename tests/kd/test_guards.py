@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import copy
 import os
-import signal
-import subprocess
 import sys
 import textwrap
 
@@ -34,6 +32,8 @@ from potstill.kd import (
     guards,
 )
 from potstill.kd.guards import KD_HINT, check_finite, nonfinite_flags, nonfinite_message
+
+from helpers_proc import run_all
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -334,20 +334,11 @@ _RANK = textwrap.dedent("""
 def test_two_processes_raise_together_when_only_one_sees_a_nan(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [str(tmp_path / "store"), guards.__file__]
-    procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) for r in (0, 1)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=180))
-    except subprocess.TimeoutExpired:
-        for p in procs:  # each rank leads its own session: kill its whole group, no orphans
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
-        pytest.fail("the two ranks hung")
-    for p, (out, errtext) in zip(procs, outs):
-        assert p.returncode == 0, errtext[-2000:]
+    # run_all kills both ranks' sessions on a timeout and fails the test if a process outlives it
+    results = run_all([[sys.executable, "-c", _RANK, str(r), *args] for r in (0, 1)], env=env, timeout=180)
+    for r in results:
+        assert r.returncode == 0, r.stderr[-2000:]
+    outs = [(r.stdout, r.stderr) for r in results]
     lines = [out.strip() for out, _ in outs]
     want = f"RAISED training diverged at step 2 of run r (first on rank 1): the loss is nan; {KD_HINT}"
     assert lines == [want, want]
