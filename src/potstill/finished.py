@@ -203,9 +203,13 @@ def verify_finished(out_dir: Path, fingerprint: dict | None = None) -> bool:
     return True
 
 
-def load_finished(out_dir: Path, device, fingerprint: dict | None = None):
-    """``(model, loss curve)`` of a verified finished student, ``None`` if there is none (see ``verify_finished``)."""
-    if not verify_finished(out_dir, fingerprint):
+def load_finished(out_dir: Path, device, fingerprint: dict | None = None, *, verified: bool = False):
+    """``(model, loss curve)`` of a verified finished student, ``None`` if there is none (see ``verify_finished``).
+
+    ``verified``: the caller ran ``verify_finished`` on it already (``distill``'s preflight), so the files are
+    not hashed a second time."""
+    exists = (Path(out_dir) / DONE).is_file() if verified else verify_finished(out_dir, fingerprint)
+    if not exists:
         return None
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM

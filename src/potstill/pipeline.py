@@ -715,7 +715,7 @@ def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: b
     memo = TeacherMemo()
     for run in recipe.runs:
         run_dir = out / "runs" / run.name
-        done = load_finished(run_dir, prep.device, run_fingerprint(recipe, run))
+        done = load_finished(run_dir, prep.device, verified=True)  # preflight verified every finished student
         if done is not None:
             log.info("run %s already finished; reusing %s", run.name, run_dir)
             students[run.name], curves[run.name] = done
