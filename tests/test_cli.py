@@ -264,6 +264,15 @@ def _bad_model_and_data_cases(assets, tmp_path, out):
         "truncated teacher weights": (teacher_at("tw", truncated), "truncated or corrupt"),
         "teacher dir without a tokenizer": (teacher_at("nt", no_tok), "has no tokenizer"),
         "junk gguf teacher": (teacher_at("jg", gguf), "not a readable GGUF model"),
+        "fsdp2 with one process": (
+            ["distill", str(write(tmp_path / "f1.yaml", recipe(assets, out, **{"train.distributed": "fsdp2"})))],
+            "one process with nothing to share with"),
+        "ddp with one process": (
+            ["distill", str(write(tmp_path / "d1.yaml", recipe(assets, out, **{"train.distributed": "ddp"})))],
+            "start it that way, or set train.distributed none"),
+        "unknown distributed engine": (
+            ["distill", str(write(tmp_path / "de.yaml", recipe(assets, out, **{"train.distributed": "zero3"})))],
+            "train.distributed"),
     }
 
 
@@ -285,7 +294,8 @@ CASES = [
     "run named ..", "run named student_init", "run named teacher", "device mps", "device meta",
     "LoRA target module that does not exist", "feature layer 9 on a 1-layer student",
     "JSONL with a broken line", "prompt null", "messages as a list of strings", "truncated teacher weights",
-    "teacher dir without a tokenizer", "junk gguf teacher",
+    "teacher dir without a tokenizer", "junk gguf teacher", "fsdp2 with one process", "ddp with one process",
+    "unknown distributed engine",
 ]
 
 
@@ -656,3 +666,32 @@ def test_sigkilled_distill_leaves_no_temporary_behind_and_resumes(assets, tmp_pa
     left = [p.name for p in (out / "runs").iterdir() if p.name.startswith(".") or p.name.endswith(".partial")]
     assert not left, left
     assert all((out / "runs" / n / "POTSTILL_DONE").is_file() for n in ("sft", "kd"))
+
+
+@pytest.mark.parametrize("kind, patch, expected", [
+    ("none", {}, "train.distributed is none, so every process would train its own copy"),
+    ("fsdp2", {"runs.1.on_policy": {"lmbda": 0.5}}, "run kd: on_policy is not supported under train.distributed fsdp2"),
+])
+def test_bad_distributed_input_under_a_launcher(assets, tmp_path, capsys, monkeypatch, kind, patch, expected):
+    """What a process of `accelerate launch` sees ($WORLD_SIZE 2) is refused before any model loads or any
+    process group is made (so no process waits for the others)."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "out"
+    rp = write(tmp_path / "r.yaml", recipe(assets, out, **{"train.distributed": kind, **patch}))
+    assert main(["distill", str(rp)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not out.exists() and not dist.is_initialized()
+
+
+def test_fsdp2_refuses_a_model_without_decoder_layer_classes():
+    from potstill.distributed import layer_classes, shard_frozen
+    from potstill.errors import PotstillError
+
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert layer_classes(plain) == []
+    with pytest.raises(PotstillError, match="declares no decoder-layer classes"):
+        shard_frozen(plain)

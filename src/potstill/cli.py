@@ -123,6 +123,10 @@ def _run(args: argparse.Namespace) -> int:
     else:  # pragma: no cover - argparse handles it
         raise AssertionError(args.verb)
     out = Path(recipe.output_dir)
+    from .distributed import is_main_process
+
+    if not is_main_process():  # the first of several processes evaluates and reports
+        return 0
     _summary(metrics)
     print(f"report: {out / 'report.md'}  metrics: {out / 'metrics.json'}")
     return 0

@@ -393,6 +393,10 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute the student's decoder layers in backward (non-reentrant activation "
         "checkpointing): less activation memory for about one more forward pass per step.")
+    distributed: Literal["none", "ddp", "fsdp2"] = Field(
+        "none", description="How the processes of `accelerate launch` share the work: none (one process), ddp "
+        "(a whole student per process, gradients averaged) or fsdp2 (student and teacher sharded with PyTorch "
+        "FSDP2 through accelerate's plugin: each process holds 1/N of the weights, gradients and optimizer state).")
 
 
 class RunConfig(_Strict):

@@ -87,3 +87,127 @@ def full_tensor(t):
     if n > 1:
         full.register_hook(lambda g: g / n)
     return full
+
+
+# ----------------------------------------------------------------------------- engines (``train.distributed``)
+
+DISTRIBUTED_KINDS = ("none", "ddp", "fsdp2")
+
+
+def world_size() -> int:
+    """The number of processes ``accelerate launch`` / ``torchrun`` started (``$WORLD_SIZE``, 1 without them)."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def process_rank() -> int:
+    """This process's rank (``$RANK``, 0 without a launcher)."""
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def is_main_process() -> bool:
+    return process_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every process; a no-op without a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def layer_classes(model) -> list[str]:
+    """The names of ``model``'s repeated blocks that FSDP2 shards one by one (Hugging Face's ``_no_split_modules``:
+    the decoder layer classes), through a PEFT wrapper too; empty when the model declares none."""
+    base = model
+    while hasattr(base, "base_model") and base.base_model is not base:  # PeftModel -> LoraModel -> the model
+        base = base.base_model
+    for m in (base, getattr(base, "model", None)):
+        names = getattr(m, "_no_split_modules", None)
+        if names:
+            return sorted(set(names))
+    return []
+
+
+def fsdp2_trainer_args(model) -> dict:
+    """``TrainingArguments`` that make the Trainer shard the student with accelerate's FSDP2 plugin.
+
+    Each decoder layer is one ``fully_shard`` unit and the root holds the embeddings and the head; the
+    full state dict is gathered for saving. ``reshard_after_forward`` frees each layer's gathered weights
+    after its forward (ZeRO-3's memory; the weights are gathered again for backward)."""
+    return {"fsdp": True, "fsdp_config": {
+        "fsdp_version": 2,
+        "reshard_after_forward": True,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": layer_classes(model),
+        "state_dict_type": "FULL_STATE_DICT",
+        "cpu_ram_efficient_loading": False,
+    }}
+
+
+class FSDPOnCPU:
+    """Trainer mixin: accelerate's FSDP2 plugin on CPU processes too.
+
+    accelerate (1.16) turns its FSDP plugin on only for GPU-class devices; on CPU processes it keeps the
+    plugin aside and wraps the model in DDP, silently. This mixin, after the Trainer made its accelerator,
+    gives the CPU processes' state the plugin the Trainer asked for, so ``accelerator.prepare`` takes the
+    very code path it takes on GPUs (``fully_shard`` per decoder layer, the optimizer re-pointed at the
+    sharded parameters, the full state dict gathered for saving). Nothing changes when FSDP was not asked
+    for, or when accelerate already turned it on (GPUs)."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        plugin_args = getattr(self.args, "fsdp_plugin_args", None)
+        state = self.accelerator.state
+        if plugin_args is None or getattr(state, "fsdp_plugin", None) is not None:
+            return
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        if state.distributed_type != DistributedType.MULTI_CPU:
+            return
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin_args)
+        state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.is_fsdp_enabled = True
+
+
+def shard_frozen(model) -> None:
+    """Shard a frozen model (a teacher) with FSDP2 ``fully_shard``, in place: each decoder layer, then the root.
+
+    Each process then holds 1/world of its weights between forwards. The root's weights (embeddings, head)
+    are freed again after every forward: FSDP2 keeps a root's weights gathered after its forward for the
+    backward that follows, and a frozen teacher has none. Call it on every process, after the process
+    group exists, with the same model; a model that declares no decoder-layer classes is refused."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from .errors import PotstillError
+
+    names = set(layer_classes(model))
+    if not names:
+        raise PotstillError(f"{type(model).__name__} declares no decoder-layer classes (_no_split_modules), so "
+                            "FSDP2 cannot shard it layer by layer; set train.distributed ddp")
+    for module in model.modules():
+        if type(module).__name__ in names and not isinstance(module, FSDPModule):
+            fully_shard(module)
+    fully_shard(model)
+    model.register_forward_hook(lambda module, args, output: module.reshard())
+
+
+def is_sharded(model) -> bool:
+    """Whether ``model`` (or a module inside it) is an FSDP2 ``fully_shard`` module."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())

@@ -116,7 +116,13 @@ def run_fingerprint(recipe, run) -> dict[str, Any]:
     """The recipe keys that decide run ``run``'s student (JSON-ready): not eval, device, output_dir or other runs."""
     data = recipe.model_dump(mode="json")
     keep = {k: data[k] for k in ("teacher", "extra_teachers", "student", "data", "train")}
-    keep["train"] = {k: v for k, v in keep["train"].items() if k not in ("gradient_checkpointing", "logging_steps")}
+    # The engine (ddp / fsdp2) does not change the student; the number of processes does (the global batch).
+    keep["train"] = {k: v for k, v in keep["train"].items()
+                     if k not in ("gradient_checkpointing", "logging_steps", "distributed")}
+    from .distributed import world_size
+
+    if world_size() > 1:
+        keep["processes"] = world_size()
     if data.get("cache") is not None:
         keep["cache"] = {k: v for k, v in data["cache"].items() if k not in ("dir", "verify", "batch_size")}
     keep["run"] = run.model_dump(mode="json")

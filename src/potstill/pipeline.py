@@ -31,8 +31,21 @@ from .config import (
     divergence_params,
     dump_recipe,
 )
+from .distributed import (
+    FSDPOnCPU,
+    barrier,
+    end_distributed,
+    fsdp2_trainer_args,
+    is_main_process,
+    is_sharded,
+    layer_classes,
+    process_rank,
+    shard_frozen,
+    world_size,
+)
 from .errors import PotstillError, VocabMismatchError
 from .finished import (
+    DONE,
     check_output_dir,
     load_finished,
     owned_output_dir,
@@ -165,7 +178,13 @@ def encode_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[dict]:
 def build_student(recipe: Recipe, teacher, teacher_tok):
     """``(student, aligned vocab or None, the student's own tokenizer or None)``; the tokenizer is
     returned only when it differs from the teacher's and every KD run chose a cross-tokenizer method."""
-    from .models import align_vocab, load_model, output_head, student_from_teacher, student_scaled
+    from .models import (
+        align_vocab,
+        load_model,
+        output_head,
+        student_from_teacher,
+        student_scaled,
+    )
 
     cfg = recipe.student
     torch.manual_seed(recipe.train.seed)
@@ -240,7 +259,7 @@ def _checkpointing_args(on: bool) -> dict[str, Any]:
     return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
-def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.device):
+def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.device, student=None):
     from .kd import KDConfig, OnPolicyConfig
     from .kd.feature import FeatureKDConfig
 
@@ -248,6 +267,10 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
     check_precision(t.precision, device)
     extra_args = dict(bf16=t.precision == "bf16", fp16=t.precision == "fp16",
                       **_checkpointing_args(t.gradient_checkpointing))
+    if t.distributed != "none" and device.type == "cpu":
+        extra_args["ddp_backend"] = "gloo"
+    if t.distributed == "fsdp2":
+        extra_args.update(fsdp2_trainer_args(student))
     op = run.on_policy
     extra: dict[str, Any] = {} if op is None else dict(
         lmbda=op.lmbda, gen_temperature=op.temperature, gen_top_p=op.top_p, gen_max_new_tokens=op.max_new_tokens,
@@ -337,7 +360,7 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
     if run.cross_tokenizer is not None:
         return _train_cross(recipe, run, student, teacher, tokenizer, ds, out_dir, device, cross or {})
     if kd and source is None:
-        source = OnlineTeacher(teacher.to(device), memo=memo)
+        source = OnlineTeacher(teacher if is_sharded(teacher) else teacher.to(device), memo=memo)
     if run.multi_teacher is not None:
         source = _multi_source(recipe, run, source, extra_teachers or [], tokenizer, student, device, vocab_size)
     extra: dict[str, Any] = {}
@@ -347,6 +370,8 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         val = run.on_policy.validation_size
         pick = random.Random(recipe.train.seed).sample(range(len(train_examples)), min(val, len(train_examples)))
         extra["validation_dataset"] = [{k: train_examples[i][k] for k in cols[:3]} for i in pick]
+    sharded = recipe.train.distributed == "fsdp2"
+    blank = (type(student), student.config)  # the consolidated student's class, when it was sharded
     scratch = trainer_scratch(out_dir)
     try:
         tmp = str(scratch)
@@ -359,11 +384,13 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
             from .kd.minillm import MiniLLMKDTrainer
 
             cls = MiniLLMKDTrainer
+        if sharded:  # accelerate's FSDP2 plugin on CPU processes too (a no-op where accelerate enables it)
+            cls = type(cls.__name__, (FSDPOnCPU, cls), {})
         trainer = cls(
             model=student,
             teacher_model=None,
             signal_source=source if kd else None,
-            args=kd_config(recipe, run, tmp, device),
+            args=kd_config(recipe, run, tmp, device, student),
             train_dataset=ds,
             processing_class=tokenizer,
             peft_config=peft_config,
@@ -373,14 +400,25 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
-        # without accelerate's autocast wrapper: a fresh bf16 student is evaluated in fp32, like a reloaded one
-        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        student_sharded = is_sharded(trainer.model)
+        if sharded:  # every process takes part in gathering the full weights; the first one keeps them
+            state = trainer.accelerator.get_state_dict(trainer.model)
+            model = _consolidated(*blank, peft_config, state, device) if is_main_process() else None
+        else:
+            # without accelerate's autocast wrapper: a fresh bf16 student is evaluated in fp32, like a reloaded one
+            model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     finally:
         remove_scratch(scratch)
+    curve = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
+    if not is_main_process():  # the first process writes the student
+        return None, curve
     if peft_config is not None:
         model = model.merge_and_unload()
-    curve = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
     info = {"loss_curve": curve, "train_seconds": seconds, "run": run.model_dump(mode="json")}
+    if world_size() > 1:  # how the processes shared the work: what a reader of the result needs to know
+        info["distributed"] = {"engine": recipe.train.distributed, "processes": world_size(),
+                               "student_sharded": student_sharded,
+                               "teacher_sharded": teacher is not None and is_sharded(teacher)}
     if run.multi_teacher is not None:
         if run.multi_teacher.mode == "select":
             info["teacher_selected_examples"] = source.selected_counts
@@ -397,6 +435,24 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
             info["on_policy"]["minillm_stats"] = trainer.minillm_stats
     save_student(model, tokenizer, out_dir, info, run_fingerprint(recipe, run))
     return model, curve
+
+
+def _consolidated(cls, config, peft_config, state: dict, device: torch.device):
+    """A plain (unsharded) student of class ``cls`` holding the gathered full ``state``: what FSDP2 trained,
+    ready for ``save_pretrained`` and evaluation in one process. Built without random initialization."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+
+    with no_init_weights():
+        model = cls(config)
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    model.load_state_dict(state)
+    return model.to(device)
 
 
 @dataclass
@@ -683,20 +739,67 @@ def preflight(prep: Prepared) -> None:
                              if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})
             raise PotstillError(f"train.lora.target_modules {missing} are not modules of the student; use some of "
                                 f"{linear} or all-linear")
+    if r.train.distributed == "fsdp2":
+        for who, model in (("student", prep.student0), ("teacher", getattr(prep, "teacher", None))):
+            if model is not None and not layer_classes(model):
+                raise PotstillError(f"train.distributed fsdp2: the {who} ({type(model).__name__}) declares no "
+                                    "decoder-layer classes (_no_split_modules) to shard one by one; set "
+                                    "train.distributed ddp")
     out = Path(r.output_dir)
     for run in r.runs:
         verify_finished(out / "runs" / run.name, run_fingerprint(r, run))
 
 
+def check_distributed(recipe: Recipe, device: torch.device) -> None:
+    """Refuse, in one line, a ``train.distributed`` that does not match how the processes were started."""
+    kind, world = recipe.train.distributed, world_size()
+    if world > 1 and kind == "none":
+        raise PotstillError(f"this is process {process_rank()} of {world} (accelerate launch / torchrun), but "
+                            "train.distributed is none, so every process would train its own copy; set "
+                            "train.distributed ddp or fsdp2, or start one process")
+    if world == 1 and kind != "none":
+        raise PotstillError(f"train.distributed {kind} splits the work over the processes of `accelerate launch "
+                            f"--num_processes N`, but this is one process with nothing to share with; start it "
+                            "that way, or set train.distributed none")
+    if kind != "none" and device.type not in ("cpu", "cuda"):
+        raise PotstillError(f"train.distributed {kind} runs on cuda or cpu processes, not {device.type}; set "
+                            "device cuda or cpu")
+    if kind == "fsdp2":
+        for run in recipe.runs:
+            if run.on_policy is not None or run.cross_tokenizer is not None:
+                what = "on_policy" if run.on_policy is not None else "cross_tokenizer"
+                raise PotstillError(f"run {run.name}: {what} is not supported under train.distributed fsdp2 yet "
+                                    "(each process would sample or align sequences of its own length from a "
+                                    "sharded model); set train.distributed ddp")
+
+
+def _start_processes(device: torch.device) -> None:
+    """The process group of a multi-process run, made before the models are sharded (the Trainer reuses it)."""
+    import torch.distributed as dist
+
+    if world_size() == 1 or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
 def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
-    """Run a recipe end to end; returns the metrics of every run."""
+    """Run a recipe end to end; returns the metrics of every run (``{}`` on every process but the first)."""
     t_start = time.perf_counter()
     out = Path(recipe.output_dir)
+    check_distributed(recipe, resolve_device(recipe.device))
     check_output_dir(out)
+    _start_processes(resolve_device(recipe.device))
     prep = Prepared(recipe)
     source = prep.cached_source() if any(r.uses_teacher for r in recipe.runs) else None
     prep.extra_teachers()  # load and check them before anything is written
     preflight(prep)
+    if recipe.train.distributed == "fsdp2" and prep.teacher is not None and source is None:
+        shard_frozen(prep.teacher)
+    barrier()  # every process checked the input before the first one writes
+    if not is_main_process():  # the first process owns the output directory
+        return _distill_runs(prep, source, out, t_start, progress)
     # Input is valid: from here on we write (and a failure before the first student finishes removes it all).
     with owned_output_dir(out):
         return _distill_runs(prep, source, out, t_start, progress)
@@ -704,9 +807,11 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
 
 def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: bool) -> dict[str, dict]:
     recipe = prep.recipe
-    for d in (out, out / "runs"):  # what a killed earlier run left half-written
-        remove_stale_temporaries(d)
-    atomic_write_text(out / "recipe.resolved.yaml", dump_recipe(recipe))
+    main = is_main_process()
+    if main:
+        for d in (out, out / "runs"):  # what a killed earlier run left half-written
+            remove_stale_temporaries(d)
+        atomic_write_text(out / "recipe.resolved.yaml", dump_recipe(recipe))
     students: dict[str, Any] = {}
     curves: dict[str, list] = {}
     # Every run sees the same batches in the same order: the teacher's forward is paid once.
@@ -715,10 +820,14 @@ def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: b
     memo = TeacherMemo()
     for run in recipe.runs:
         run_dir = out / "runs" / run.name
-        done = load_finished(run_dir, prep.device, verified=True)  # preflight verified every finished student
+        if main:
+            done = load_finished(run_dir, prep.device, verified=True)  # preflight verified every finished student
+        else:
+            done = (run_dir / DONE).is_file() or None
         if done is not None:
             log.info("run %s already finished; reusing %s", run.name, run_dir)
-            students[run.name], curves[run.name] = done
+            if main:
+                students[run.name], curves[run.name] = done
             continue
         student = copy.deepcopy(prep.student0)
         student.train()
@@ -726,6 +835,16 @@ def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: b
                                  prep.device, prep.vocab_size, memo=memo, source=source,
                                  extra_teachers=prep.extra_teachers(), cross=prep.cross_context())
         students[run.name], curves[run.name] = model, curve
+        barrier()  # the student is on disk before any process goes on
+    if world_size() > 1:
+        end_distributed()  # evaluation is the first process's alone, with whole (unsharded) models
+        if not main:
+            return {}
+        if prep.teacher is not None and is_sharded(prep.teacher):
+            from .models import load_model
+
+            prep.teacher = load_model(recipe.teacher.model, dtype=recipe.teacher.dtype,
+                                      trust_remote_code=recipe.teacher.trust_remote_code)[0].to(prep.device)
     if recipe.eval.include_untrained:
         students = {"student_init": prep.student0, **students}
     notes = [

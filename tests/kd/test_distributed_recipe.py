@@ -1,0 +1,153 @@
+"""``train.distributed``: a recipe run by ``accelerate launch`` on 2 CPU processes (gloo) equals one process.
+
+The whole ``potstill distill`` path runs: each process loads and checks the recipe, FSDP2 shards the student
+through accelerate's plugin (and the live teacher with ``fully_shard``), the first process gathers the full
+weights, writes the student and evaluates. The global batch is the same in both layouts (4 = 2 processes x 2),
+on 8 training examples so that no process pads its share. The optimizer is the recipe's AdamW: it is blind
+to a gradient's overall scale, so the loss curves (normalized by the global number of tokens) are compared
+too; both agree to float32 rounding.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from helpers_proc import run
+
+HERE = Path(__file__).parent
+PAIRS = [(f"Question number {i}: what comes after {i}?", f"The number {i + 1} comes after {i}.") for i in range(10)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, _tiny_teacher_session, _tiny_tokenizer_session):
+    root = tmp_path_factory.mktemp("dist")
+    _tiny_teacher_session.save_pretrained(root / "teacher")
+    _tiny_tokenizer_session.save_pretrained(root / "teacher")
+    (root / "data.jsonl").write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS))
+    return root
+
+
+def _recipe(root: Path, path: Path, **extra) -> Path:
+    r = {
+        "output_dir": str(path.parent / "unused"),
+        "teacher": {"model": str(root / "teacher")},
+        "student": {"kind": "scaled", "num_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
+                    "num_key_value_heads": 1},
+        "data": {"source": {"kind": "file", "path": str(root / "data.jsonl")}, "eval_size": 2, "max_length": 64},
+        "train": {"max_steps": 3, "batch_size": 4, "logging_steps": 1, "learning_rate": 1e-2},
+        "runs": [{"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}}],
+        "eval": {"max_new_tokens": 4, "batch_size": 4},
+        "device": "cpu",
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def _env() -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _distill(recipe: Path, out: Path, *overrides: str, processes: int = 1):
+    cli = ["-m", "potstill", "distill", str(recipe), f"output_dir={out}", *overrides]
+    if processes == 1:
+        cmd = [sys.executable, *cli]
+    else:  # accelerate's torchrun path; `device: cpu` makes the processes CPU ones with gloo
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), *cli]
+    r = run(cmd, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def _same_student(one: Path, two: Path, run_name: str) -> dict:
+    a_info = json.loads((one / "runs" / run_name / "train_info.json").read_text())
+    b_info = json.loads((two / "runs" / run_name / "train_info.json").read_text())
+    # The loss of each step (global-token normalized, so not blind to a wrong scale as AdamW is).
+    torch.testing.assert_close(torch.tensor([v for _, v in b_info["loss_curve"]]),
+                               torch.tensor([v for _, v in a_info["loss_curve"]]), rtol=1e-5, atol=0)
+    a = load_file(one / "runs" / run_name / "model.safetensors")
+    b = load_file(two / "runs" / run_name / "model.safetensors")
+    assert a.keys() == b.keys()
+    # AdamW moves each weight by about lr = 1e-2 per step whatever its gradient's size, so summation-order
+    # differences in a gradient near AdamW's eps show up at about 1e-3 of a step (measured max 7e-6 after
+    # 3 steps); 1e-4 is 1 % of one step. A rank training on the wrong rows is off by whole steps.
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=f"{k} differs between 2 processes and 1")
+    return b_info
+
+
+@pytest.mark.slow
+def test_fsdp2_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path):
+    """Live teacher: forward KL with CE (alpha 0.2) and GKD's JSD(0.5); student and teacher sharded."""
+    recipe = _recipe(teacher_dir, tmp_path / "r.yaml", runs=[
+        {"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}},
+        {"name": "gkd", "alpha": 0.0, "divergence": {"name": "generalized_jsd", "beta": 0.5}}])
+    one, two = tmp_path / "one", tmp_path / "two"
+    _distill(recipe, one)
+    r = _distill(recipe, two, "train.batch_size=2", "train.distributed=fsdp2", processes=2)
+    assert r.stdout.count("report:") == 1, "only the first process reports"
+    for name in ("kd", "gkd"):
+        info = _same_student(one, two, name)
+        assert info["distributed"] == {"engine": "fsdp2", "processes": 2, "student_sharded": True,
+                                       "teacher_sharded": True}
+    # The first process evaluated the gathered students like one process did (the same weights, so the
+    # same metrics up to the weights' rounding).
+    m1 = json.loads((one / "metrics.json").read_text())["runs"]
+    m2 = json.loads((two / "metrics.json").read_text())["runs"]
+    assert set(m1) == set(m2) == {"teacher", "student_init", "kd", "gkd"}
+    for name in m1:
+        assert m2[name]["forward_kl"] == pytest.approx(m1[name]["forward_kl"], rel=1e-3, abs=1e-6)
+    # What was written is an ordinary Hugging Face checkpoint: plain transformers loads it.
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(two / "runs" / "kd").state_dict()
+    saved = load_file(two / "runs" / "kd" / "model.safetensors")
+    for k, v in saved.items():
+        torch.testing.assert_close(hf[k], v, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_student_from_a_sampled_cache_equals_one_process(teacher_dir, tmp_path):
+    """A LoRA student (merged at the end) trained from a sampled teacher cache: no teacher in the loop."""
+    recipe = _recipe(teacher_dir, tmp_path / "r.yaml",
+                     cache={"signal": {"kind": "sampled", "draws": 8}, "dtype": "fp32", "dir": str(tmp_path / "c")})
+    one, two = tmp_path / "one", tmp_path / "two"
+    lora = ["train.lora.r=4", "train.lora.lora_alpha=8", "train.lora.target_modules=[q_proj, v_proj]"]
+    r = run([sys.executable, "-m", "potstill", "cache", str(recipe), f"output_dir={one}"], env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _distill(recipe, one, *lora)
+    _distill(recipe, two, *lora, "train.batch_size=2", "train.distributed=fsdp2", processes=2)
+    info = _same_student(one, two, "kd")
+    assert info["distributed"]["student_sharded"] and not info["distributed"]["teacher_sharded"]
+    base = load_file(one / "runs" / "kd" / "model.safetensors")
+    assert not any("lora" in k for k in base), "the adapter is merged into plain weights"
+
+
+@pytest.mark.slow
+def test_ddp_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path):
+    recipe = _recipe(teacher_dir, tmp_path / "r.yaml")
+    one, two = tmp_path / "one", tmp_path / "two"
+    _distill(recipe, one)
+    _distill(recipe, two, "train.batch_size=2", "train.distributed=ddp", processes=2)
+    info = _same_student(one, two, "kd")
+    assert info["distributed"] == {"engine": "ddp", "processes": 2, "student_sharded": False,
+                                   "teacher_sharded": False}
