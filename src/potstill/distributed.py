@@ -73,6 +73,11 @@ def full_tensor(t):
     """
     import torch
 
+    if getattr(t, "ds_id", None) is not None and t.numel() == 0:  # a parameter DeepSpeed ZeRO-3 partitioned away
+        from .errors import PotstillError
+
+        raise PotstillError("DeepSpeed ZeRO-3 partitions the lm_head outside its module's forward, where potstill's "
+                            "chunked reducer reads it; use train.distributed fsdp2 (PyTorch FSDP2), or ZeRO stage 2")
     try:
         from torch.distributed.tensor import DTensor, Partial
     except ImportError:  # a torch without DTensor: nothing can be sharded
