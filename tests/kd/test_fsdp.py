@@ -120,3 +120,18 @@ def test_full_head_passes_plain_heads_through_and_gathers_a_sharded_one(tmp_path
         assert full_head(Head(weight=frozen)).weight.grad_fn is None
     finally:
         end_distributed()
+
+
+def test_a_head_partitioned_by_deepspeed_zero3_is_refused_in_one_line():
+    """Under ZeRO-3 a parameter outside its module's forward is an empty tensor tagged with ``ds_id``; the
+    reducer would otherwise fail on a shape mismatch that does not say why. A whole tagged tensor passes."""
+    from potstill.distributed import full_tensor
+    from potstill.errors import PotstillError
+
+    partitioned = torch.nn.Parameter(torch.empty(0))
+    partitioned.ds_id = 3
+    with pytest.raises(PotstillError, match="ZeRO-3 partitions the lm_head.*fsdp2"):
+        full_tensor(partitioned)
+    whole = torch.nn.Parameter(torch.ones(4, 2))
+    whole.ds_id = 3
+    assert full_tensor(whole) is whole
