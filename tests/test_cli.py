@@ -270,6 +270,9 @@ def _bad_model_and_data_cases(assets, tmp_path, out):
         "ddp with one process": (
             ["distill", str(write(tmp_path / "d1.yaml", recipe(assets, out, **{"train.distributed": "ddp"})))],
             "start it that way, or set train.distributed none"),
+        "liger loss backend on cpu": (
+            ["distill", str(write(tmp_path / "lg.yaml", recipe(assets, out, **{"train.loss_backend": "liger"})))],
+            "loss_backend 'liger'"),
         "unknown distributed engine": (
             ["distill", str(write(tmp_path / "de.yaml", recipe(assets, out, **{"train.distributed": "zero3"})))],
             "train.distributed"),
@@ -295,7 +298,7 @@ CASES = [
     "LoRA target module that does not exist", "feature layer 9 on a 1-layer student",
     "JSONL with a broken line", "prompt null", "messages as a list of strings", "truncated teacher weights",
     "teacher dir without a tokenizer", "junk gguf teacher", "fsdp2 with one process", "ddp with one process",
-    "unknown distributed engine",
+    "unknown distributed engine", "liger loss backend on cpu",
 ]
 
 

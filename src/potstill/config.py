@@ -393,6 +393,10 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute the student's decoder layers in backward (non-reentrant activation "
         "checkpointing): less activation memory for about one more forward pass per step.")
+    loss_backend: Literal["potstill", "liger"] = Field(
+        "potstill", description="Who computes the logit-KD loss: potstill's chunked reducer (every divergence and "
+        "signal), or liger (Liger-Kernel's fused linear JSD: CUDA, pip install 'potstill[liger]', a live teacher, "
+        "forward_kl / reverse_kl / generalized_jsd).")
     distributed: Literal["none", "ddp", "fsdp2"] = Field(
         "none", description="How the processes of `accelerate launch` share the work: none (one process), ddp "
         "(a whole student per process, gradients averaged) or fsdp2 (student and teacher sharded with PyTorch "

@@ -326,6 +326,7 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
         token_weighting=run.token_weighting,
         token_weighting_ratio=run.token_weighting_ratio,
         curriculum=run.curriculum,
+        loss_backend=t.loss_backend,
         **extra_args,
         **extra,
     )
@@ -764,6 +765,13 @@ def check_distributed(recipe: Recipe, device: torch.device) -> None:
     if kind != "none" and device.type not in ("cpu", "cuda"):
         raise PotstillError(f"train.distributed {kind} runs on cuda or cpu processes, not {device.type}; set "
                             "device cuda or cpu")
+    if recipe.train.loss_backend == "liger":
+        from .divergences.liger import require_liger
+
+        try:
+            require_liger(device)
+        except RuntimeError as err:
+            raise PotstillError(str(err)) from None
     if kind == "fsdp2":
         for run in recipe.runs:
             if run.on_policy is not None or run.cross_tokenizer is not None:

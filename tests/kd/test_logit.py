@@ -219,3 +219,100 @@ def test_kd_config_refuses_parameters_that_train_on_a_zero_or_other_loss(tmp_pat
     with pytest.raises(PotstillError, match="temperature"):
         cfg(tmp_path, temperature=1e-45)
     cfg(tmp_path, divergence=divergence)  # the defaults are fine
+
+
+# ----------------------------------------------------------------------------- loss_backend="liger"
+
+
+def _one_line(info, *needles):
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    for s in needles:
+        assert s in msg, msg
+
+
+@pytest.mark.parametrize("kw, needles", [
+    (dict(divergence="skew_forward_kl"), ("skew_forward_kl", "loss_backend 'potstill'")),
+    (dict(divergence="total_variation"), ("total_variation", "loss_backend 'potstill'")),
+    (dict(token_weighting="student_entropy"), ("token_weighting", "loss_backend 'potstill'")),
+    (dict(divergence="generalized_jsd", divergence_kwargs={"beta": 0.0}), ("forward_kl",)),
+])
+def test_kd_config_liger_backend_refuses_what_liger_cannot_compute(tmp_path, kw, needles):
+    with pytest.raises(PotstillError) as info:
+        cfg(tmp_path, loss_backend="liger", **kw)
+    _one_line(info, *needles)
+    with pytest.raises(PotstillError) as info:
+        cfg(tmp_path, loss_backend="fused")
+    _one_line(info, "potstill or liger")
+    assert cfg(tmp_path).loss_backend == "potstill"
+    cfg(tmp_path, loss_backend="liger", divergence="generalized_jsd", divergence_kwargs={"beta": 0.3})
+
+
+def test_liger_backend_is_refused_before_training_with_the_fix(tiny_llama_pair, tmp_path, monkeypatch):
+    """Not installed, not on CUDA, a cached signal, or a subclass with its own loss: one line at construction."""
+    import potstill.divergences.liger as liger_mod
+
+    teacher, student, tok = tiny_llama_pair
+    args = cfg(tmp_path, loss_backend="liger")
+
+    def make(cls=KDTrainer, **kw):
+        kw.setdefault("teacher_model", teacher)
+        return cls(model=student, args=args, train_dataset=dataset(tok), processing_class=tok, **kw)
+
+    monkeypatch.setattr(liger_mod, "liger_available", lambda: False)
+    with pytest.raises(PotstillError) as info:
+        make()
+    _one_line(info, "pip install 'potstill[liger]'", "loss_backend 'potstill'")
+    monkeypatch.setattr(liger_mod, "liger_available", lambda: True)
+    with pytest.raises(PotstillError) as info:
+        make()  # use_cpu=True
+    _one_line(info, "CUDA", "loss_backend 'potstill'")
+
+    class Cached:
+        def signal(self, batch):
+            raise AssertionError("never asked")
+
+    with pytest.raises(PotstillError) as info:
+        make(teacher_model=None, signal_source=Cached())
+    _one_line(info, "cached", "Cached", "loss_backend 'potstill'")
+
+    class OwnLoss(KDTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    with pytest.raises(PotstillError) as info:
+        make(OwnLoss)
+    _one_line(info, "OwnLoss", "loss_backend 'potstill'")
+
+
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_liger_backend_receives_potstills_arguments(tiny_llama_pair, tmp_path, monkeypatch, alpha):
+    """compute_loss hands the Liger backend the reducer's arguments (global normalizer, aligned vocab, T, alpha);
+    alpha = 1 has no teacher to fuse and stays with the reducer. The backend itself is tested in
+    tests/divergences/test_liger.py; here a stand-in with its signature computes the reducer's loss."""
+    import potstill.kd.logit as logit_mod
+    from potstill.divergences import chunked_kd_loss
+
+    teacher, student, tok = tiny_llama_pair
+    calls = []
+
+    def stand_in(rows, head, targets, signal, **kw):
+        calls.append(kw)
+        return chunked_kd_loss(rows, head, targets, signal, **kw)
+
+    monkeypatch.setattr(logit_mod, "require_liger", lambda device=None: None)
+    monkeypatch.setattr(logit_mod, "liger_kd_loss", stand_in)
+    trainer = KDTrainer(model=student, teacher_model=teacher, train_dataset=dataset(tok), processing_class=tok,
+                        args=cfg(tmp_path, alpha=alpha, temperature=2.0, chunk_size=7, loss_backend="liger"))
+    batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
+    student.train()
+    got = trainer.compute_loss(student, batch, num_items_in_batch=torch.tensor(57))
+    if alpha == 1.0:
+        assert calls == []
+        return
+    (kw,) = calls
+    assert kw["alpha"] == alpha and kw["temperature"] == 2.0 and kw["divergence"] == "forward_kl"
+    assert int(kw["normalizer"]) == 57 and kw["chunk_size"] == 7 and kw["vocab_size"] is None
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    want = ref_loss(student, teacher, batch, alpha, T=2.0) * n / 57
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)

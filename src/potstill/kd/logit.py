@@ -13,19 +13,22 @@ teacher forward at all.
 
 The maths lives in :mod:`potstill.divergences`; this file only wires the student's final
 hidden states, the teacher's signal and the chunked reducer into ``transformers.Trainer``.
+``loss_backend="liger"`` computes the same loss through Liger-Kernel's fused linear JSD instead
+(:mod:`potstill.divergences.liger`; CUDA, a live teacher, forward/reverse KL or JSD).
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import Trainer, TrainingArguments
 
 from ..divergences import DIVERGENCES, check_divergence_params, check_temperature, chunked_kd_loss
 from ..divergences.chunked import full_head
+from ..divergences.liger import LIGER_DIVERGENCES, check_liger_inputs, liger_kd_loss, require_liger
 from .adaptive import CURRICULA, TOKEN_WEIGHTINGS, curriculum_order, example_divergences, scheduled, token_weights
 from .guards import NonFiniteGuard
 from ..errors import PotstillError, VocabMismatchError
@@ -49,6 +52,10 @@ class KDConfig(TrainingArguments):
     schedule: str = field(default="linear", metadata={"help": "Shape of the alpha/temperature schedules: linear, cosine."})
     curriculum: str = field(default="none", metadata={"help": f"Example order by initial divergence: {CURRICULA}."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep dataset columns (the collator picks)."})
+    loss_backend: Literal["potstill", "liger"] = field(default="potstill", metadata={"help": (
+        "Who computes the loss: 'potstill' (the chunked reducer, every divergence and signal) or 'liger' (Liger-Kernel's "
+        "fused linear JSD, the same loss: CUDA, pip install 'potstill[liger]', a live teacher, "
+        f"{', '.join(LIGER_DIVERGENCES)}, no token weighting; batches with alpha = 1 are plain CE by the reducer).")})
 
     def __post_init__(self):
         super().__post_init__()
@@ -75,6 +82,19 @@ class KDConfig(TrainingArguments):
             raise PotstillError(f"unknown curriculum '{self.curriculum}'; use one of {CURRICULA}")
         if self.schedule not in ("linear", "cosine"):
             raise PotstillError(f"unknown schedule '{self.schedule}'; use linear or cosine")
+        if self.loss_backend not in ("potstill", "liger"):
+            raise PotstillError(f"unknown loss_backend '{self.loss_backend}'; use potstill or liger")
+        if self.loss_backend == "liger":
+            if self.divergence not in LIGER_DIVERGENCES:
+                raise PotstillError(
+                    f"loss_backend 'liger' computes {', '.join(LIGER_DIVERGENCES)} only (Liger's fused JSD), not "
+                    f"{self.divergence}; use loss_backend 'potstill' (the default)"
+                )
+            if self.token_weighting != "none":
+                raise PotstillError(
+                    f"loss_backend 'liger' has no per-token KD weights (token_weighting '{self.token_weighting}'); "
+                    "use loss_backend 'potstill' or token_weighting none"
+                )
 
 
 def checked_params(divergence: str, params: dict | None) -> None:
@@ -165,6 +185,37 @@ class KDTrainer(NonFiniteGuard, Trainer):
                                              getattr(self.signal_source, "vocab_size", None))
         self.vocab_size = vocab_size
         self._stats: dict[str, float] = {"ce_sum": 0.0, "kd_sum": 0.0, "n_tokens": 0.0}
+        if args.loss_backend == "liger":
+            self._check_liger_backend(model)
+
+    def _check_liger_backend(self, model) -> None:
+        """What ``loss_backend='liger'`` cannot run on, refused before training in one line."""
+        from ..models import output_head
+
+        name = type(self).__name__
+        if type(self).compute_loss is not KDTrainer.compute_loss:
+            raise PotstillError(
+                f"loss_backend 'liger' is wired into KDTrainer's loss only and {name} computes its own; "
+                "use loss_backend 'potstill'"
+            )
+        if self.needs_teacher and not isinstance(self.signal_source, OnlineTeacher):
+            raise PotstillError(
+                f"loss_backend 'liger' fuses the teacher's lm_head, so it needs a live teacher (teacher_model=...), "
+                f"not a cached or top-k signal ({type(self.signal_source).__name__}); use loss_backend 'potstill'"
+            )
+        heads = [("student", output_head(model))]
+        if self.needs_teacher:
+            heads.append(("teacher", self.signal_source.head))
+        for who, head in heads:
+            if head.softcap is not None:
+                raise PotstillError(
+                    f"the {who}'s head softcaps its logits ({head.softcap}), which Liger's fused JSD cannot apply; "
+                    "use loss_backend 'potstill'"
+                )
+        try:
+            require_liger(self.args.device)
+        except RuntimeError as err:
+            raise PotstillError(str(err)) from None
 
     # ------------------------------------------------------------------ vocab alignment
     def _aligned_vocab(self, student, teacher, tokenizer, source_vocab: int | None = None) -> int | None:
@@ -256,21 +307,18 @@ class KDTrainer(NonFiniteGuard, Trainer):
         args: KDConfig = self.args
         head = full_head(output_head(model))  # FSDP2: gathered once here, for the reducer and the token weights
         temperature = self._temperature()
-        loss, stats = chunked_kd_loss(
-            rows,
-            head,
-            targets,
-            signal,
-            divergence=args.divergence,
-            divergence_kwargs=args.divergence_kwargs or {},
-            alpha=alpha,
-            temperature=temperature,
-            scale_t2=args.scale_t2,
-            normalizer=normalizer,
-            chunk_size=args.chunk_size,
-            vocab_size=self.vocab_size,
-            kd_weights=self._kd_weights(signal, rows, head, targets, temperature),
-        )
+        common = dict(divergence=args.divergence, divergence_kwargs=args.divergence_kwargs or {}, alpha=alpha,
+                      temperature=temperature, scale_t2=args.scale_t2, normalizer=normalizer,
+                      chunk_size=args.chunk_size, vocab_size=self.vocab_size)
+        if args.loss_backend == "liger" and signal is not None:
+            try:
+                check_liger_inputs(head, signal, args.divergence, args.divergence_kwargs)
+            except ValueError as err:
+                raise PotstillError(str(err)) from None
+            loss, stats = liger_kd_loss(rows, head, targets, signal, **common)
+        else:  # also alpha = 1 under 'liger': plain CE, no teacher to fuse
+            loss, stats = chunked_kd_loss(rows, head, targets, signal, **common,
+                                          kd_weights=self._kd_weights(signal, rows, head, targets, temperature))
         if (
             num_items_in_batch is not None
             and args.average_tokens_across_devices
