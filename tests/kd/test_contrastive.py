@@ -152,6 +152,19 @@ def taught(teacher, tok, steps=30):
     return t.eval().requires_grad_(False)
 
 
+def test_adaptive_skew_anchor_waits_for_a_micro_batch_with_sequences(tiny_llama_pair, tmp_path):
+    """A micro-batch with no response rows on any process leaves the anchor unset (the next one sets it);
+    the first with rows sets it to (1 - cap) x its mean gap, and it stays frozen after."""
+    teacher, student, tok = tiny_llama_pair
+    tr = make(teacher, student, tok, tmp_path, adaptive_skew=True, divergence_kwargs={"alpha": 0.3})
+    tr._set_anchor("data", torch.zeros(2), 0.3)
+    assert tr.anchors["data"] is None
+    tr._set_anchor("data", torch.tensor([0.8, 4.0]), 0.3)
+    assert tr.anchors["data"] == pytest.approx(0.7 * 0.2)
+    tr._set_anchor("data", torch.tensor([9.0, 1.0]), 0.3)
+    assert tr.anchors["data"] == pytest.approx(0.7 * 0.2)
+
+
 def test_adaptive_skew_per_sequence_matches_reference(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
     teacher = taught(teacher, tok)

@@ -193,11 +193,14 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
         common = dict(alpha=alpha_ce, temperature=self._temperature(), scale_t2=self.args.scale_t2,
                       normalizer=normalizer, chunk_size=self.args.chunk_size, vocab_size=self.vocab_size)
         per_row = None
+        cap = float(kwargs.get("alpha", 0.1))
         if self.args.adaptive_skew and signal is not None and rows.shape[0]:
             # one skew per sequence, given to each of its rows
             seq = torch.div(index, labels.shape[1] - 1, rounding_mode="floor")
-            alphas = self._sequence_alphas(name, head, rows, targets, signal, seq, float(kwargs.get("alpha", 0.1)))
+            alphas = self._sequence_alphas(name, head, rows, targets, signal, seq, cap)
             per_row = {"alpha": alphas[seq]}
+        elif self.args.adaptive_skew and signal is not None:  # no rows here, but the anchor's reduce needs everyone
+            self._set_anchor(name, torch.zeros(2, device=rows.device), cap)
         loss, stats = chunked_kd_loss(rows, head, targets, signal, divergence=divergence, divergence_kwargs=kwargs,
                                       row_divergence_kwargs=per_row, **common)
         self._count(name, stats)
@@ -222,19 +225,31 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
         mean_q = torch.zeros(s, device=rows.device).index_add_(0, seq, lq) / cnt
         present = torch.bincount(seq, minlength=s) > 0
         gap = mean_p.exp() - mean_q.exp() if name == "data" else mean_q.exp() - mean_p.exp()
-        if self.anchors[name] is None:  # the mean gap of the first micro-batch, over all processes
-            total = torch.stack([gap[present].sum(), present.sum().to(gap.dtype)])
-            if self.accelerator.num_processes > 1:
-                total = self.accelerator.reduce(total, reduction="sum")
-            mean = float(total[0] / total[1].clamp(min=1))
-            self.anchors[name] = (1.0 - cap) * mean
-            if mean <= 0:
-                warnings.warn(f"adaptive_skew: the student is not behind the teacher on the first {name} batch "
-                              f"(mean gap {mean:.3g}); every sequence keeps the full skew {cap}")
+        self._set_anchor(name, torch.stack([gap[present].sum(), present.sum().to(gap.dtype)]).float(), cap)
         alphas = sequence_skew(gap, self.anchors[name], cap)
         self._skew_sums[name] += float(alphas[present].sum())
         self._skew_sums[f"n_{name}"] += int(present.sum())
         return alphas
+
+    def _set_anchor(self, name: str, local: torch.Tensor, cap: float) -> None:
+        """The anchor: the mean gap over the sequences of the first micro-batch that has any, on all processes.
+
+        ``local`` is this process's ``[sum of gaps, number of sequences]`` (zeros when it has no rows). Every
+        process takes part in the reduce, also one with no rows in this micro-batch: skipping it would
+        leave the others waiting in a collective that never completes. While no process has a sequence,
+        the anchor stays unset and the next micro-batch sets it."""
+        if self.anchors[name] is not None:
+            return
+        total = local
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(local, reduction="sum")
+        if float(total[1]) == 0:
+            return
+        mean = float(total[0] / total[1])
+        self.anchors[name] = (1.0 - cap) * mean
+        if mean <= 0:
+            warnings.warn(f"adaptive_skew: the student is not behind the teacher on the first {name} batch "
+                          f"(mean gap {mean:.3g}); every sequence keeps the full skew {cap}")
 
     def _count(self, name: str, stats: dict) -> None:
         if name == "data":  # ce_per_token / kd_per_token: the data side (CE on the student's own samples is moot)
