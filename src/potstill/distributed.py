@@ -209,10 +209,53 @@ def shard_frozen(model) -> None:
     model.register_forward_hook(lambda module, args, output: module.reshard())
 
 
-def is_sharded(model) -> bool:
-    """Whether ``model`` (or a module inside it) is an FSDP2 ``fully_shard`` module."""
+def _is_fsdp_unit(module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
-    except ImportError:
+    except ImportError:  # a torch without FSDP2: nothing is sharded
         return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    return isinstance(module, FSDPModule)
+
+
+def is_sharded(model) -> bool:
+    """Whether ``model`` (or a module inside it) is an FSDP2 ``fully_shard`` module."""
+    return any(_is_fsdp_unit(m) for m in model.modules())
+
+
+class gathered_for_generation:
+    """Context manager: an FSDP2-sharded model's weights gathered once, for generation; a no-op otherwise.
+
+    Sampling runs one forward per new token, and each process stops when its own sequences end, so the
+    processes run different numbers of forwards. A sharded model's forward all-gathers its weights, a
+    collective every process must join: a process that stopped early would leave the others waiting.
+    Here every unit is gathered once on entry (the same collectives, in the same order, on every
+    process) and kept gathered through the forwards (``reshard_after_forward`` off), so generation needs
+    no collective at all; on exit the units are resharded and get back exactly the resharding they had
+    (restoring it through the public ``set_reshard_after_forward(True)`` also turns it on for the root,
+    which FSDP2 leaves gathered after forward, and the next backward crashed on CPU). Costs one whole copy of the model per process for
+    the length of the generation: the price of sampling from a sharded model without a separate engine."""
+
+    def __init__(self, model):
+        self.units = [m for m in model.modules() if _is_fsdp_unit(m)]
+
+    def __enter__(self):
+        self.saved = []
+        for unit in self.units:
+            group = _param_group(unit)
+            self.saved.append(None if group is None else group.post_forward_mesh_info)
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for unit, info in zip(self.units, self.saved):
+            unit.reshard()
+            group = _param_group(unit)
+            if group is not None:
+                group.post_forward_mesh_info = info
+
+
+def _param_group(unit):
+    """The FSDP2 parameter group of a ``fully_shard`` unit (torch's private state: its resharding setting
+    has no public getter), or ``None`` for a unit that owns no parameters."""
+    return getattr(unit._get_fsdp_state(), "_fsdp_param_group", None)

@@ -774,11 +774,14 @@ def check_distributed(recipe: Recipe, device: torch.device) -> None:
             raise PotstillError(str(err)) from None
     if kind == "fsdp2":
         for run in recipe.runs:
-            if run.on_policy is not None or run.cross_tokenizer is not None:
-                what = "on_policy" if run.on_policy is not None else "cross_tokenizer"
+            minillm = run.on_policy is not None and run.on_policy.minillm is not None
+            if minillm or run.cross_tokenizer is not None:
+                what = "on_policy.minillm" if minillm else "cross_tokenizer"
+                why = ("its teacher-mixed sampling runs the sharded teacher once per new token, and the processes' "
+                       "samples end at different lengths" if minillm else
+                       "the cross-tokenizer trainer has not been run with sharded models")
                 raise PotstillError(f"run {run.name}: {what} is not supported under train.distributed fsdp2 yet "
-                                    "(each process would sample or align sequences of its own length from a "
-                                    "sharded model); set train.distributed ddp")
+                                    f"({why}); set train.distributed ddp")
 
 
 def _start_processes(device: torch.device) -> None:

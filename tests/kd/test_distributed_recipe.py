@@ -97,10 +97,17 @@ def _same_student(one: Path, two: Path, run_name: str) -> dict:
 
 @pytest.mark.slow
 def test_fsdp2_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path):
-    """Live teacher: forward KL with CE (alpha 0.2) and GKD's JSD(0.5); student and teacher sharded."""
+    """Live teacher: forward KL with CE (alpha 0.2), and on-policy GKD (JSD(0.5), lambda = 1: every step on
+    the student's own samples, generated from the sharded student); student and teacher sharded.
+
+    The samples must be the same in both layouts for the students to be comparable, but a process draws
+    from its own random stream over its own rows; top_p = 1e-6 keeps only each step's most likely token,
+    so sampling is greedy and independent of the draws. The processes' samples still end at different
+    lengths, which is what generation from a sharded model has to survive."""
     recipe = _recipe(teacher_dir, tmp_path / "r.yaml", runs=[
         {"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}},
-        {"name": "gkd", "alpha": 0.0, "divergence": {"name": "generalized_jsd", "beta": 0.5}}])
+        {"name": "gkd", "alpha": 0.0, "divergence": {"name": "generalized_jsd", "beta": 0.5},
+         "on_policy": {"lmbda": 1.0, "top_p": 1e-6, "max_new_tokens": 6}}])
     one, two = tmp_path / "one", tmp_path / "two"
     _distill(recipe, one)
     r = _distill(recipe, two, "train.batch_size=2", "train.distributed=fsdp2", processes=2)
@@ -109,6 +116,8 @@ def test_fsdp2_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
         info = _same_student(one, two, name)
         assert info["distributed"] == {"engine": "fsdp2", "processes": 2, "student_sharded": True,
                                        "teacher_sharded": True}
+        if name == "gkd":
+            assert info["on_policy"]["modes"] == ["student"] * 3 and info["on_policy"]["gen_tokens"] > 0
     # The first process evaluated the gathered students like one process did (the same weights, so the
     # same metrics up to the weights' rounding).
     m1 = json.loads((one / "metrics.json").read_text())["runs"]

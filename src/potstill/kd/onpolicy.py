@@ -149,6 +149,7 @@ class OnPolicyKDTrainer(KDTrainer):
 
     @torch.no_grad()
     def _student_batch(self, batch: dict) -> dict:
+        from ..distributed import gathered_for_generation
         from ..generate import generate
 
         cfg: OnPolicyConfig = self.args
@@ -164,7 +165,7 @@ class OnPolicyKDTrainer(KDTrainer):
         device = next(model.parameters()).device
         seed = cfg.seed * 1_000_003 + self.state.global_step * 101 + len(self.rollout_stats["modes"])
         t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), gathered_for_generation(model):
             gen = generate(model, tok, prompts, max_new_tokens=cfg.gen_max_new_tokens, batch_size=len(prompts),
                            do_sample=True, temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, seed=seed,
                            sort_by_length=False, progress=False, processor=self._sampling_processor())
