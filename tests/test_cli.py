@@ -675,6 +675,7 @@ def test_sigkilled_distill_leaves_no_temporary_behind_and_resumes(assets, tmp_pa
     ("none", {}, "train.distributed is none, so every process would train its own copy"),
     ("fsdp2", {"runs.1.on_policy": {"minillm": {}}, "runs.1.divergence": {"name": "reverse_kl"}},
      "run kd: on_policy.minillm is not supported under train.distributed fsdp2"),
+    ("fsdp2", {"runs.1.feature": {"layers": [[1, 2]]}}, "run kd: feature is not supported under train.distributed fsdp2"),
 ])
 def test_bad_distributed_input_under_a_launcher(assets, tmp_path, capsys, monkeypatch, kind, patch, expected):
     """What a process of `accelerate launch` sees ($WORLD_SIZE 2) is refused before any model loads or any

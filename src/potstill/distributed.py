@@ -182,6 +182,8 @@ class FSDPOnCPU:
         if state.distributed_type != DistributedType.MULTI_CPU:
             return
         state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin_args)
+        if state.mixed_precision != "no":  # what accelerate's state does for FSDP: bf16/fp16 params, gradients
+            state.fsdp_plugin.set_mixed_precision(state.mixed_precision)  # (left out, the run was silently fp32)
         state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         self.is_fsdp_enabled = True

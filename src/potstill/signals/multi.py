@@ -30,6 +30,7 @@ batch's target rows (each teacher is projected chunk by chunk).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Literal, Sequence
 
 import torch
@@ -96,7 +97,12 @@ class MultiTeacher:
 
     @torch.no_grad()
     def signal(self, batch: dict[str, Tensor]) -> DenseSignal:
+        from ..divergences.chunked import full_head
+
         sigs = [s.signal(batch) for s in self.sources]
+        # A teacher sharded with FSDP2 has a sharded head: gathered once per batch, on every process alike.
+        sigs = [replace(s, head=full_head(s.head)) if isinstance(s, DenseSignal) and s.head is not None else s
+                for s in sigs]
         n = sigs[0].num_rows
         if any(s.num_rows != n for s in sigs):
             raise PotstillError("the teachers returned different row counts for one batch; they must see the same data")
