@@ -692,6 +692,14 @@ def test_bad_distributed_input_under_a_launcher(assets, tmp_path, capsys, monkey
     assert not out.exists() and not dist.is_initialized()
 
 
+def test_eval_under_a_launcher_is_refused(assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rp = write(tmp_path / "r.yaml", recipe(assets, tmp_path / "out"))
+    assert main(["eval", str(rp)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "potstill eval runs in one process" in err[0], err
+
+
 def test_fsdp2_refuses_a_model_without_decoder_layer_classes():
     from potstill.distributed import layer_classes, shard_frozen
     from potstill.errors import PotstillError

@@ -879,6 +879,9 @@ def evaluate_only(recipe: Recipe, extra: list[str] | None = None, *, progress: b
     from transformers import AutoModelForCausalLM
 
     out = Path(recipe.output_dir)
+    if world_size() > 1:
+        raise PotstillError(f"potstill eval runs in one process, but this is process {process_rank()} of "
+                            f"{world_size()} (accelerate launch / torchrun); run it without the launcher")
     check_output_dir(out)
     taken = {"teacher", "student_init", *(r.name for r in recipe.runs)}
     for d in extra or []:
