@@ -147,9 +147,11 @@ def layer_classes(model) -> list[str]:
 def fsdp2_trainer_args(model) -> dict:
     """``TrainingArguments`` that make the Trainer shard the student with accelerate's FSDP2 plugin.
 
-    Each decoder layer is one ``fully_shard`` unit and the root holds the embeddings and the head; the
-    full state dict is gathered for saving. ``reshard_after_forward`` frees each layer's gathered weights
-    after its forward (ZeRO-3's memory; the weights are gathered again for backward)."""
+    Each decoder layer is one ``fully_shard`` unit (accelerate 1.16 also makes the input embeddings one,
+    and the final norm with the output head another, which stays gathered from its forward to its
+    backward; at the loss the student's head is then a whole tensor and ``full_head`` passes it through);
+    the full state dict is gathered for saving. ``reshard_after_forward`` frees each layer's gathered
+    weights after its forward (ZeRO-3's memory; the weights are gathered again for backward)."""
     return {"fsdp": True, "fsdp_config": {
         "fsdp_version": 2,
         "reshard_after_forward": True,
@@ -207,6 +209,16 @@ def shard_frozen(model) -> None:
     for module in model.modules():
         if type(module).__name__ in names and not isinstance(module, FSDPModule):
             fully_shard(module)
+    # The input embeddings and the output head as units of their own (unless tied: one parameter cannot be in
+    # two units): in the root together they are gathered together for the whole forward, the largest
+    # transient of a big-vocabulary teacher (benchmarks/fsdp.py: 2069 -> 1997 MB per process). The head's
+    # module never runs its forward here (the chunked reducer gathers its weight itself), so it stays sharded.
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and out is not None and out.weight is not emb.weight:
+        for module in (emb, out):
+            if not isinstance(module, FSDPModule):
+                fully_shard(module)
     fully_shard(model)
     model.register_forward_hook(lambda module, args, output: module.reshard())
 
