@@ -141,3 +141,12 @@ def run(cmd: Sequence[str], *, timeout: float, env: dict | None = None, cwd=None
         tail: int = 3000) -> subprocess.CompletedProcess:
     """``run_all([cmd], ...)[0]``."""
     return run_all([cmd], timeout=timeout, env=env, cwd=cwd, tail=tail)[0]
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's process group rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

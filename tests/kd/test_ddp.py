@@ -9,17 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_proc import run, run_all
+from helpers_proc import free_port, run, run_all
 
 HERE = Path(__file__).parent
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -35,7 +27,7 @@ def test_two_process_ddp_equals_single_process(tmp_path, method):
     # `--multi_gpu` is accelerate's torchrun path; on a machine without GPUs the script's `use_cpu=True` and
     # `ddp_backend="gloo"` make it 2 CPU processes (accelerate's `--cpu` multi-process path needs MPI).
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
               str(HERE / "ddp_train.py"), str(multi), "2", "2", method]
     r2 = run(launch, env=env, timeout=240)
     assert r2.returncode == 0, r2.stderr[-3000:]

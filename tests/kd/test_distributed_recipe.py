@@ -18,18 +18,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers_proc import run
+from helpers_proc import free_port, run
 
 HERE = Path(__file__).parent
 PAIRS = [(f"Question number {i}: what comes after {i}?", f"The number {i + 1} comes after {i}.") for i in range(10)]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +64,7 @@ def _distill(recipe: Path, out: Path, *overrides: str, processes: int = 1):
     else:  # accelerate's torchrun path; `device: cpu` makes the processes CPU ones with gloo
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), *cli]
+               "--main_process_port", str(free_port()), *cli]
     r = run(cmd, env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     return r

@@ -14,17 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_proc import run, run_all
+from helpers_proc import free_port, run, run_all
 
 HERE = Path(__file__).parent
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -40,7 +32,7 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path, divergence, tied):
     # fsdp_train.py dumps its stacks and exits first if a rank hangs (180 s).
     r1 = run([sys.executable, script, str(single), divergence, tied], env=env, timeout=240)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    port = str(_free_port())
+    port = str(free_port())
     ranks = [{**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
               "MASTER_PORT": port} for r in range(2)]
     # run_all takes one environment: each rank gets its own through `env` on the command line.
