@@ -134,7 +134,9 @@ def _teacher_chunk(plan: _Plan, start: int, end: int, rows: Tensor | None):
         t = teacher.chunk_logits(start, end, plan.vocab)
         if rows is not None:
             t = t[rows]
-        bad = ~torch.isfinite(t).all(-1)
+        # A row's max and min are non-finite exactly when one of its entries is (NaN propagates
+        # through both): two reductions instead of a [chunk, V] boolean tensor.
+        bad = ~(torch.isfinite(t.amax(-1)) & torch.isfinite(t.amin(-1)))
     else:
         t = teacher.chunk(start, end)
         if rows is not None:
@@ -314,20 +316,33 @@ def _closed_form_chunk(plan: _Plan, h: Tensor, weight: Tensor, bias: Tensor | No
     elif plan.alpha < 1.0:
         tl = teacher.float()
         lt = torch.log_softmax(tl / T if T != 1.0 else tl, dim=-1)
-        values, g = CLOSED_FORM[plan.divergence](ls, lt, ls.exp(), lt.exp(), **plan.divergence_kwargs)
-        del lt
+        del tl
+        p = lt.exp()
+        if plan.divergence == "forward_kl":
+            # KL(p || q) = sum p (log p - log q) as one batched dot per row, and d/du = q - p with
+            # q written over ls when nothing reads ls later: two [chunk, V] passes fewer.
+            values = torch.bmm(p.unsqueeze(1), lt.sub_(ls).unsqueeze(2)).view(-1)
+            g = (ls.exp() if plan.alpha > 0 and ls1 is ls else ls.exp_()).sub_(p)
+        else:
+            values, g = CLOSED_FORM[plan.divergence](ls, lt, ls.exp(), p, **plan.divergence_kwargs)
+        del lt, p
         if w is not None:
             values = values * w
             g.mul_(w.unsqueeze(-1))
         kd = values.sum()
-        g.mul_((1.0 - plan.alpha) * plan.kd_scale / T)
+        factor = (1.0 - plan.alpha) * plan.kd_scale / T
+        if factor != 1.0:
+            g.mul_(factor)
     else:
         kd = torch.zeros((), dtype=torch.float32, device=h.device)
     if folded:
         g[c, y] -= plan.alpha
     elif plan.alpha > 0:
         sm = ls1.exp_()  # the divergence is done with the log-probs: reuse their memory
-        g = sm.mul_(plan.alpha) if g is None else g.add_(sm, alpha=plan.alpha)
+        if g is None:
+            g = sm if plan.alpha == 1.0 else sm.mul_(plan.alpha)
+        else:
+            g.add_(sm, alpha=plan.alpha)
         g[c, y] -= plan.alpha
     del ls, ls1
     total = plan.alpha * ce + (1.0 - plan.alpha) * plan.kd_scale * kd
