@@ -274,8 +274,11 @@ def _bad_model_and_data_cases(assets, tmp_path, out):
             ["distill", str(write(tmp_path / "lg.yaml", recipe(assets, out, **{"train.loss_backend": "liger"})))],
             "loss_backend 'liger'"),
         "unknown distributed engine": (
-            ["distill", str(write(tmp_path / "de.yaml", recipe(assets, out, **{"train.distributed": "zero3"})))],
+            ["distill", str(write(tmp_path / "de.yaml", recipe(assets, out, **{"train.distributed": "megatron"})))],
             "train.distributed"),
+        "deepspeed config without zero3": (
+            ["distill", str(write(tmp_path / "dc.yaml", recipe(assets, out, **{"train.deepspeed_config": "ds.json"})))],
+            "train.deepspeed_config is for train.distributed zero3, not none"),
     }
 
 
@@ -298,7 +301,7 @@ CASES = [
     "LoRA target module that does not exist", "feature layer 9 on a 1-layer student",
     "JSONL with a broken line", "prompt null", "messages as a list of strings", "truncated teacher weights",
     "teacher dir without a tokenizer", "junk gguf teacher", "fsdp2 with one process", "ddp with one process",
-    "unknown distributed engine", "liger loss backend on cpu",
+    "unknown distributed engine", "liger loss backend on cpu", "deepspeed config without zero3",
 ]
 
 
@@ -676,6 +679,11 @@ def test_sigkilled_distill_leaves_no_temporary_behind_and_resumes(assets, tmp_pa
     ("fsdp2", {"runs.1.on_policy": {"minillm": {}}, "runs.1.divergence": {"name": "reverse_kl"}},
      "run kd: on_policy.minillm is not supported under train.distributed fsdp2"),
     ("fsdp2", {"runs.1.feature": {"layers": [[1, 2]]}}, "run kd: feature is not supported under train.distributed fsdp2"),
+    ("zero3", {"runs.1.feature": {"layers": [[1, 2]]}}, "run kd: feature is not supported under train.distributed zero3"),
+    ("zero3", {"train.deepspeed_config": "{tmp}/stage2.json"}, "zero_optimization.stage is 2, but train.distributed "
+     "zero3 needs stage 3"),
+    ("zero3", {"train.deepspeed_config": "{tmp}/missing.json"}, "cannot read it as a DeepSpeed JSON config"),
+    ("zero3", {"deepspeed": None}, "DeepSpeed, which is not installed; pip install 'potstill[deepspeed]'"),
 ])
 def test_bad_distributed_input_under_a_launcher(assets, tmp_path, capsys, monkeypatch, kind, patch, expected):
     """What a process of `accelerate launch` sees ($WORLD_SIZE 2) is refused before any model loads or any
@@ -684,6 +692,11 @@ def test_bad_distributed_input_under_a_launcher(assets, tmp_path, capsys, monkey
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
+    patch = dict(patch)
+    if "deepspeed" in patch:  # DeepSpeed not installed: its import fails
+        monkeypatch.setitem(sys.modules, "deepspeed", patch.pop("deepspeed"))
+    (tmp_path / "stage2.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    patch = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in patch.items()}
     out = tmp_path / "out"
     rp = write(tmp_path / "r.yaml", recipe(assets, out, **{"train.distributed": kind, **patch}))
     assert main(["distill", str(rp)]) == 2

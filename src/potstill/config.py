@@ -397,10 +397,14 @@ class TrainConfig(_Strict):
         "potstill", description="Who computes the logit-KD loss: potstill's chunked reducer (every divergence and "
         "signal), or liger (Liger-Kernel's fused linear JSD: CUDA, pip install 'potstill[liger]', a live teacher, "
         "forward_kl / reverse_kl / generalized_jsd).")
-    distributed: Literal["none", "ddp", "fsdp2"] = Field(
+    distributed: Literal["none", "ddp", "fsdp2", "zero3"] = Field(
         "none", description="How the processes of `accelerate launch` share the work: none (one process), ddp "
-        "(a whole student per process, gradients averaged) or fsdp2 (student and teacher sharded with PyTorch "
-        "FSDP2 through accelerate's plugin: each process holds 1/N of the weights, gradients and optimizer state).")
+        "(a whole student per process, gradients averaged), fsdp2 (student and teacher sharded with PyTorch "
+        "FSDP2 through accelerate's plugin: each process holds 1/N of the weights, gradients and optimizer state) "
+        "or zero3 (the same with DeepSpeed ZeRO stage 3: pip install 'potstill[deepspeed]').")
+    deepspeed_config: str | None = Field(
+        None, description="With distributed zero3: a DeepSpeed JSON config (stage 3) used instead of the built-in "
+        "one, e.g. to offload optimizer state or parameters to CPU; \"auto\" values are filled by the Trainer.")
 
 
 class RunConfig(_Strict):

@@ -59,7 +59,8 @@ def end_distributed() -> None:
 
 
 def full_tensor(t):
-    """``t`` whole: a sharded ``DTensor`` (an FSDP2 ``fully_shard`` parameter) gathered, anything else as is.
+    """``t`` whole: a sharded ``DTensor`` (an FSDP2 ``fully_shard`` parameter) or a parameter DeepSpeed ZeRO-3
+    partitioned (see :func:`_zero3_full`) gathered, anything else as is.
 
     A plain tensor comes back unchanged (the same object), so a single-process run takes exactly the path
     it took before. A ``DTensor`` is all-gathered across its mesh; call this on every rank, once per use
@@ -73,11 +74,8 @@ def full_tensor(t):
     """
     import torch
 
-    if getattr(t, "ds_id", None) is not None and t.numel() == 0:  # a parameter DeepSpeed ZeRO-3 partitioned away
-        from .errors import PotstillError
-
-        raise PotstillError("DeepSpeed ZeRO-3 partitions the lm_head outside its module's forward, where potstill's "
-                            "chunked reducer reads it; use train.distributed fsdp2 (PyTorch FSDP2), or ZeRO stage 2")
+    if is_zero3_partitioned(t):
+        return _zero3_full(t)
     try:
         from torch.distributed.tensor import DTensor, Partial
     except ImportError:  # a torch without DTensor: nothing can be sharded
@@ -94,9 +92,73 @@ def full_tensor(t):
     return full
 
 
+def global_rows(t) -> int:
+    """The number of rows of a possibly sharded parameter (a ZeRO-3 partition's local data is empty; a DTensor
+    reports its global shape already)."""
+    shape = getattr(t, "ds_shape", None)
+    return int(shape[0]) if getattr(t, "ds_id", None) is not None and shape is not None else int(t.shape[0])
+
+
+def is_zero3_partitioned(t) -> bool:
+    """Whether ``t`` is a parameter DeepSpeed ZeRO-3 has partitioned away (its local data is empty). One it
+    keeps whole (below its persistence threshold, or held by a module that is using it, as a tied embedding
+    can be) is used as it is, like any tensor."""
+    return getattr(t, "ds_id", None) is not None and t.numel() == 0 and not getattr(t, "ds_active_sub_modules", None)
+
+
+_ZERO_GATHER = None
+
+
+def _zero3_full(p):
+    """A ZeRO-3-partitioned parameter whole, as a new tensor whose gradient reaches ``p`` (every rank calls it).
+
+    DeepSpeed gathers a parameter inside its module's forward and backward only; the chunked reducer reads the
+    output head *after* the model's forward. So the weight is gathered here (``GatheredParameters``, read-only)
+    and copied, and autograd records ``p`` at its whole shape. In backward the copy's gradient goes back to
+    ``p`` unchanged, with ``p`` gathered again for the moment its gradient is accumulated (autograd lays the
+    gradient out like the parameter's data), as DeepSpeed does around a module's backward: its own gradient
+    hook on ``p`` then averages and partitions the gradient like every other parameter's, and a second hook,
+    run after it, partitions ``p`` again."""
+    import deepspeed
+    import torch
+
+    global _ZERO_GATHER
+    if _ZERO_GATHER is None:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        def release(param):
+            if getattr(param, "_potstill_regathered", False):
+                param._potstill_regathered = False
+                if not param.ds_active_sub_modules:  # else a module (a tied embedding) holds it and frees it after
+                    param.partition()
+
+        class _ZeroGather(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, param):
+                ctx.param = param
+                if not getattr(param, "_potstill_release_hook", False):  # after DeepSpeed's reduce hook
+                    param.register_post_accumulate_grad_hook(release)
+                    param._potstill_release_hook = True
+                return param.detach().clone()
+
+            @staticmethod
+            def backward(ctx, grad):
+                param = ctx.param
+                if param.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+                    param.all_gather()
+                    param._potstill_regathered = True
+                return grad
+
+        _ZERO_GATHER = _ZeroGather
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+        if p.requires_grad and torch.is_grad_enabled():
+            return _ZERO_GATHER.apply(p)
+        return p.detach().clone()
+
+
 # ----------------------------------------------------------------------------- engines (``train.distributed``)
 
-DISTRIBUTED_KINDS = ("none", "ddp", "fsdp2")
+DISTRIBUTED_KINDS = ("none", "ddp", "fsdp2", "zero3")
 
 
 def world_size() -> int:
@@ -160,6 +222,66 @@ def fsdp2_trainer_args(model) -> dict:
         "state_dict_type": "FULL_STATE_DICT",
         "cpu_ram_efficient_loading": False,
     }}
+
+
+def require_deepspeed() -> None:
+    """Refuse, in one line, ``train.distributed zero3`` where DeepSpeed is not installed."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        from .errors import PotstillError
+
+        raise PotstillError("train.distributed zero3 runs on DeepSpeed, which is not installed; pip install "
+                            "'potstill[deepspeed]', or set train.distributed fsdp2") from None
+
+
+def zero3_config(path: str | None = None) -> dict:
+    """The DeepSpeed configuration of ``train.distributed zero3``: the file at ``path`` (DeepSpeed's own JSON,
+    for offloading or bucket sizes), else ZeRO stage 3 with every size left to the Trainer (``"auto"``).
+
+    No ``optimizer`` or ``scheduler`` block: the Trainer builds the recipe's own (AdamW, its schedule) and
+    DeepSpeed partitions their state, so one recipe trains the same under every engine. The consolidated
+    weights are gathered for saving (``stage3_gather_16bit_weights_on_model_save``: in the parameters' own
+    dtype, float32 unless the student was loaded in bf16). Parameters below the persistence threshold
+    (``"auto"``: 10 x hidden size, the norms and biases) stay whole on every process."""
+    if path is not None:
+        import json
+        from pathlib import Path
+
+        return json.loads(Path(path).read_text())
+    return {
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
+                              "stage3_param_persistence_threshold": "auto", "stage3_prefetch_bucket_size": "auto",
+                              "reduce_bucket_size": "auto"},
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+_FROZEN_ENGINES: list = []  # DeepSpeed engines of frozen teachers: their hooks live as long as the run
+
+
+def shard_frozen_zero3(model, dtype=None) -> None:
+    """Partition a frozen model (a teacher) with DeepSpeed ZeRO-3, in place, for inference (no optimizer).
+
+    Each process then holds 1/world of its weights; DeepSpeed's hooks gather each module's weights for its
+    forward and free them after. Call it on every process, after the process group exists."""
+    import deepspeed
+    import torch
+
+    dtype = dtype or next(model.parameters()).dtype
+    hidden = getattr(model.config, "hidden_size", None) or 0
+    config = {"train_micro_batch_size_per_gpu": 1,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10 * hidden},
+              "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    _FROZEN_ENGINES.append(engine)
 
 
 class FSDPOnCPU:
@@ -232,8 +354,10 @@ def _is_fsdp_unit(module) -> bool:
 
 
 def is_sharded(model) -> bool:
-    """Whether ``model`` (or a module inside it) is an FSDP2 ``fully_shard`` module."""
-    return any(_is_fsdp_unit(m) for m in model.modules())
+    """Whether ``model`` (or a module inside it) is an FSDP2 ``fully_shard`` module, or has parameters DeepSpeed
+    ZeRO-3 partitions."""
+    return (any(_is_fsdp_unit(m) for m in model.modules())
+            or any(getattr(p, "ds_id", None) is not None for p in model.parameters()))
 
 
 class gathered_for_generation:

@@ -40,8 +40,11 @@ from .distributed import (
     is_sharded,
     layer_classes,
     process_rank,
+    require_deepspeed,
     shard_frozen,
+    shard_frozen_zero3,
     world_size,
+    zero3_config,
 )
 from .errors import PotstillError, VocabMismatchError
 from .finished import (
@@ -271,6 +274,8 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
         extra_args["ddp_backend"] = "gloo"
     if t.distributed == "fsdp2":
         extra_args.update(fsdp2_trainer_args(student))
+    if t.distributed == "zero3":  # the Trainer hands it to accelerate's DeepSpeed plugin
+        extra_args["deepspeed"] = zero3_config(t.deepspeed_config)
     op = run.on_policy
     extra: dict[str, Any] = {} if op is None else dict(
         lmbda=op.lmbda, gen_temperature=op.temperature, gen_top_p=op.top_p, gen_max_new_tokens=op.max_new_tokens,
@@ -371,7 +376,7 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         val = run.on_policy.validation_size
         pick = random.Random(recipe.train.seed).sample(range(len(train_examples)), min(val, len(train_examples)))
         extra["validation_dataset"] = [{k: train_examples[i][k] for k in cols[:3]} for i in pick]
-    sharded = recipe.train.distributed == "fsdp2"
+    sharded = recipe.train.distributed in ("fsdp2", "zero3")
     blank = (type(student), student.config)  # the consolidated student's class, when it was sharded
     scratch = trainer_scratch(out_dir)
     try:
@@ -403,7 +408,8 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         seconds = time.perf_counter() - t0
         student_sharded = is_sharded(trainer.model)
         if sharded:  # every process takes part in gathering the full weights; the first one keeps them
-            state = trainer.accelerator.get_state_dict(trainer.model)
+            engine = trainer.model_wrapped if recipe.train.distributed == "zero3" else trainer.model  # DeepSpeed's
+            state = trainer.accelerator.get_state_dict(engine)
             model = _consolidated(*blank, peft_config, state, device) if is_main_process() else None
         else:
             # without accelerate's autocast wrapper: a fresh bf16 student is evaluated in fp32, like a reloaded one
@@ -772,7 +778,11 @@ def check_distributed(recipe: Recipe, device: torch.device) -> None:
             require_liger(device)
         except RuntimeError as err:
             raise PotstillError(str(err)) from None
-    if kind == "fsdp2":
+    if recipe.train.deepspeed_config is not None:
+        _check_deepspeed_config(kind, recipe.train.deepspeed_config)
+    if kind == "zero3":
+        require_deepspeed()
+    if kind in ("fsdp2", "zero3"):
         for run in recipe.runs:
             minillm = run.on_policy is not None and run.on_policy.minillm is not None
             if minillm or run.cross_tokenizer is not None or run.feature is not None:
@@ -782,8 +792,24 @@ def check_distributed(recipe: Recipe, device: torch.device) -> None:
                        "feature": "its learned projections live outside the student, where accelerate's FSDP2 "
                        "preparation cannot shard their optimizer state",
                        "cross_tokenizer": "the cross-tokenizer trainer has not been run with sharded models"}[what]
-                raise PotstillError(f"run {run.name}: {what} is not supported under train.distributed fsdp2 yet "
+                raise PotstillError(f"run {run.name}: {what} is not supported under train.distributed {kind} yet "
                                     f"({why}); set train.distributed ddp")
+
+
+def _check_deepspeed_config(kind: str, path: str) -> None:
+    import json
+
+    if kind != "zero3":
+        raise PotstillError(f"train.deepspeed_config is for train.distributed zero3, not {kind}; remove it or set "
+                            "train.distributed zero3")
+    try:
+        stage = json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage")
+    except (OSError, ValueError, AttributeError) as err:
+        raise PotstillError(f"train.deepspeed_config {path}: cannot read it as a DeepSpeed JSON config "
+                            f"({type(err).__name__}); fix the path or the file") from None
+    if stage != 3:
+        raise PotstillError(f"train.deepspeed_config {path}: zero_optimization.stage is {stage}, but train.distributed "
+                            "zero3 needs stage 3; set it to 3 (or use train.distributed ddp)")
 
 
 def _start_processes(device: torch.device) -> None:
@@ -810,6 +836,8 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
     preflight(prep)
     if recipe.train.distributed == "fsdp2" and prep.teacher is not None and source is None:
         shard_frozen(prep.teacher)
+    if recipe.train.distributed == "zero3" and prep.teacher is not None and source is None:
+        shard_frozen_zero3(prep.teacher)
     barrier()  # every process checked the input before the first one writes
     if not is_main_process():  # the first process owns the output directory
         return _distill_runs(prep, source, out, t_start, progress)
@@ -851,6 +879,10 @@ def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: b
         barrier()  # the student is on disk before any process goes on
     if world_size() > 1:
         end_distributed()  # evaluation is the first process's alone, with whole (unsharded) models
+        if recipe.train.distributed == "zero3":  # else from_pretrained would load into ZeRO-3 partitions
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
         if not main:
             return {}
         if prep.teacher is not None and is_sharded(prep.teacher):

@@ -1,7 +1,7 @@
 """``train.distributed``: a recipe run by ``accelerate launch`` on 2 CPU processes (gloo) equals one process.
 
 The whole ``potstill distill`` path runs: each process loads and checks the recipe, FSDP2 shards the student
-through accelerate's plugin (and the live teacher with ``fully_shard``), the first process gathers the full
+through accelerate's plugin (and the live teacher with ``fully_shard``; or DeepSpeed ZeRO-3 partitions both), the first process gathers the full
 weights, writes the student and evaluates. The global batch is the same in both layouts (4 = 2 processes x 2),
 on 8 training examples so that no process pads its share. The optimizer is the recipe's AdamW: it is blind
 to a gradient's overall scale, so the loss curves (normalized by the global number of tokens) are compared
@@ -166,3 +166,30 @@ def test_ddp_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path):
     info = _same_student(one, two, "kd")
     assert info["distributed"] == {"engine": "ddp", "processes": 2, "student_sharded": False,
                                    "teacher_sharded": False}
+
+
+@pytest.mark.slow
+def test_zero3_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path):
+    """DeepSpeed ZeRO-3 through accelerate's DeepSpeed plugin, the same recipe: the student partitioned by the
+    Trainer's engine (its output head too: 400 x 32 is above the persistence threshold of 10 x hidden), the
+    live teacher partitioned for inference. The reducer reads both heads after the models' forwards, so it
+    gathers them itself and hands the student head's gradient back to DeepSpeed; on-policy GKD samples from
+    the partitioned student (Hugging Face's generate keeps the processes in step). As for FSDP2, greedy
+    sampling (top_p 1e-6) makes the samples the same in both layouts."""
+    pytest.importorskip("deepspeed")
+    recipe = _recipe(teacher_dir, tmp_path / "r.yaml", runs=[
+        {"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}},
+        {"name": "gkd", "alpha": 0.0, "divergence": {"name": "generalized_jsd", "beta": 0.5},
+         "on_policy": {"lmbda": 1.0, "top_p": 1e-6, "max_new_tokens": 6}}])
+    one, two = tmp_path / "one", tmp_path / "two"
+    _distill(recipe, one)
+    _distill(recipe, two, "train.batch_size=2", "train.distributed=zero3", processes=2)
+    for name in ("kd", "gkd"):
+        info = _same_student(one, two, name)
+        assert info["distributed"] == {"engine": "zero3", "processes": 2, "student_sharded": True,
+                                       "teacher_sharded": True}
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(two / "runs" / "kd").state_dict()
+    for k, v in load_file(two / "runs" / "kd" / "model.safetensors").items():
+        torch.testing.assert_close(hf[k], v, rtol=0, atol=0)

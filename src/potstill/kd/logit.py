@@ -28,6 +28,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..divergences import DIVERGENCES, check_divergence_params, check_temperature, chunked_kd_loss
 from ..divergences.chunked import full_head
+from ..distributed import global_rows
 from ..divergences.liger import LIGER_DIVERGENCES, check_liger_inputs, liger_kd_loss, require_liger
 from .adaptive import CURRICULA, TOKEN_WEIGHTINGS, curriculum_order, example_divergences, scheduled, token_weights
 from .guards import NonFiniteGuard
@@ -109,7 +110,7 @@ def checked_params(divergence: str, params: dict | None) -> None:
 def _vocab_rows(model: torch.nn.Module) -> int:
     from ..models import output_head
 
-    return output_head(model).weight.shape[0]
+    return global_rows(output_head(model).weight)
 
 
 class KDTrainer(NonFiniteGuard, Trainer):

@@ -7,6 +7,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from ..distributed import global_rows
 from .types import DenseSignal, Signal
 
 
@@ -52,7 +53,7 @@ class OnlineTeacher:
     @property
     def vocab_size(self) -> int:
         """Rows of the teacher's output head (the trainer aligns the student's vocabulary to it)."""
-        return self.head.weight.shape[0]
+        return global_rows(self.head.weight)
 
     def to(self, device) -> "OnlineTeacher":
         self.model.to(device)

@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..distributed import global_rows
+
 TailMode = Literal["bucket", "renormalize"]
 
 
@@ -45,7 +47,7 @@ class Head:
 
     @property
     def vocab(self) -> int:
-        return self.vocab_size if self.vocab_size is not None else self.weight.shape[0]
+        return self.vocab_size if self.vocab_size is not None else global_rows(self.weight)
 
     def sliced(self) -> tuple[Tensor, Tensor | None]:
         """``(weight[:V], bias[:V])`` for the aligned vocabulary ``V``."""
