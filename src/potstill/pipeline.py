@@ -785,12 +785,10 @@ def check_distributed(recipe: Recipe, device: torch.device) -> None:
     if kind in ("fsdp2", "zero3"):
         for run in recipe.runs:
             minillm = run.on_policy is not None and run.on_policy.minillm is not None
-            if minillm or run.cross_tokenizer is not None or run.feature is not None:
-                what = "on_policy.minillm" if minillm else "feature" if run.feature is not None else "cross_tokenizer"
+            if minillm or run.cross_tokenizer is not None:
+                what = "on_policy.minillm" if minillm else "cross_tokenizer"
                 why = {"on_policy.minillm": "its teacher-mixed sampling runs the sharded teacher once per new token, "
                        "and the processes' samples end at different lengths",
-                       "feature": "its learned projections live outside the student, where accelerate's FSDP2 "
-                       "preparation cannot shard their optimizer state",
                        "cross_tokenizer": "the cross-tokenizer trainer has not been run with sharded models"}[what]
                 raise PotstillError(f"run {run.name}: {what} is not supported under train.distributed {kind} yet "
                                     f"({why}); set train.distributed ddp")

@@ -21,6 +21,10 @@ from safetensors.torch import load_file
 from helpers_proc import free_port, run
 
 HERE = Path(__file__).parent
+# Feature KD: hidden states through a learned projection (student width 32 -> teacher 64) and attention relations;
+# the projection hangs on the student while it trains, so each engine averages / shards it like the student's own.
+FEAT = {"name": "feat", "alpha": 0.2, "divergence": {"name": "forward_kl"},
+        "feature": {"layers": [[1, 2]], "relations": {"layers": [[1, 2]], "heads": 2}}}
 PAIRS = [(f"Question number {i}: what comes after {i}?", f"The number {i + 1} comes after {i}.") for i in range(10)]
 
 
@@ -100,13 +104,13 @@ def test_fsdp2_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
         {"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}},
         {"name": "gkd", "alpha": 0.0, "divergence": {"name": "generalized_jsd", "beta": 0.5},
          "on_policy": {"lmbda": 1.0, "top_p": 1e-6, "max_new_tokens": 6}},
-        {"name": "multi", "alpha": 0.0, "divergence": {"name": "forward_kl"}, "multi_teacher": {"mode": "confidence"}}],
-        extra_teachers=[{"model": str(teacher_dir / "teacher")}])
+        {"name": "multi", "alpha": 0.0, "divergence": {"name": "forward_kl"}, "multi_teacher": {"mode": "confidence"}},
+        FEAT], extra_teachers=[{"model": str(teacher_dir / "teacher")}])
     one, two = tmp_path / "one", tmp_path / "two"
     _distill(recipe, one)
     r = _distill(recipe, two, "train.batch_size=2", "train.distributed=fsdp2", processes=2)
     assert r.stdout.count("report:") == 1, "only the first process reports"
-    for name in ("kd", "gkd", "multi"):
+    for name in ("kd", "gkd", "multi", "feat"):
         info = _same_student(one, two, name)
         assert info["distributed"] == {"engine": "fsdp2", "processes": 2, "student_sharded": True,
                                        "teacher_sharded": True}
@@ -116,7 +120,7 @@ def test_fsdp2_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
     # same metrics up to the weights' rounding).
     m1 = json.loads((one / "metrics.json").read_text())["runs"]
     m2 = json.loads((two / "metrics.json").read_text())["runs"]
-    assert set(m1) == set(m2) == {"teacher", "student_init", "kd", "gkd", "multi"}
+    assert set(m1) == set(m2) == {"teacher", "student_init", "kd", "gkd", "multi", "feat"}
     for name in m1:
         assert m2[name]["forward_kl"] == pytest.approx(m1[name]["forward_kl"], rel=1e-3, abs=1e-6)
     # bf16 under FSDP2 with activation checkpointing (accelerate's FSDP2 mixed precision: bf16 parameters for
@@ -159,13 +163,16 @@ def test_fsdp2_lora_student_from_a_sampled_cache_equals_one_process(teacher_dir,
 
 @pytest.mark.slow
 def test_ddp_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path):
-    recipe = _recipe(teacher_dir, tmp_path / "r.yaml")
+    """Also feature KD: DDP averages the projection's gradient like the student's (before the projection hung
+    on the student, each process trained its own copy and the students drifted apart)."""
+    recipe = _recipe(teacher_dir, tmp_path / "r.yaml", runs=[{"name": "kd", "alpha": 0.2}, FEAT])
     one, two = tmp_path / "one", tmp_path / "two"
     _distill(recipe, one)
     _distill(recipe, two, "train.batch_size=2", "train.distributed=ddp", processes=2)
-    info = _same_student(one, two, "kd")
-    assert info["distributed"] == {"engine": "ddp", "processes": 2, "student_sharded": False,
-                                   "teacher_sharded": False}
+    for name in ("kd", "feat"):
+        info = _same_student(one, two, name)
+        assert info["distributed"] == {"engine": "ddp", "processes": 2, "student_sharded": False,
+                                       "teacher_sharded": False}
 
 
 @pytest.mark.slow
@@ -180,11 +187,11 @@ def test_zero3_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
     recipe = _recipe(teacher_dir, tmp_path / "r.yaml", runs=[
         {"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}},
         {"name": "gkd", "alpha": 0.0, "divergence": {"name": "generalized_jsd", "beta": 0.5},
-         "on_policy": {"lmbda": 1.0, "top_p": 1e-6, "max_new_tokens": 6}}])
+         "on_policy": {"lmbda": 1.0, "top_p": 1e-6, "max_new_tokens": 6}}, FEAT])
     one, two = tmp_path / "one", tmp_path / "two"
     _distill(recipe, one)
     _distill(recipe, two, "train.batch_size=2", "train.distributed=zero3", processes=2)
-    for name in ("kd", "gkd"):
+    for name in ("kd", "gkd", "feat"):
         info = _same_student(one, two, name)
         assert info["distributed"] == {"engine": "zero3", "processes": 2, "student_sharded": True,
                                        "teacher_sharded": True}

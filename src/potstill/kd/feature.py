@@ -13,8 +13,10 @@ learned linear projection (TinyBERT's ``W_h``) when the widths differ, the ident
 they are equal. Layer index 0 is the embedding output, ``i`` the output of layer ``i``;
 negative indices count from the end (-1: the final, post-norm hidden state).
 
-The projections are trained with the student (their own optimizer parameter group) and
-are not part of the saved student. The teacher must be a live model of the same
+The projections are trained with the student (no weight decay) and are not part of the saved
+student: while it trains they are a submodule of it (:data:`PROJECTIONS`), so that every engine
+treats them as the student's own weights (DDP averages their gradients, FSDP2 and ZeRO-3 shard
+them and their optimizer state), and they are taken out when training ends. The teacher must be a live model of the same
 tokenization: a cache holds only the teacher's output distribution.
 
 Optionally (``relation_layers``), MiniLMv2's attention-relation term (Wang et al. 2021,
@@ -49,6 +51,14 @@ from .attention_relation import (
 from .logit import KDConfig, KDTrainer
 
 FEATURE_LOSSES = ("mse", "cosine")
+PROJECTIONS = "potstill_feature_projections"
+"""The name under which the projections hang on the student while it trains."""
+
+
+class FeatureProjection(nn.Linear):
+    """TinyBERT's ``W_h`` (student width -> teacher width, no bias); a class of its own so that FSDP2 makes
+    each one a unit of its own: it is called after the student's forward, where only a unit's own hooks
+    gather its weight."""
 
 
 @dataclass
@@ -84,6 +94,10 @@ class FeatureKDConfig(KDConfig):
         if not kinds or any(k not in RELATION_KINDS for k in kinds) or len(set(kinds)) != len(kinds):
             raise PotstillError(f"relation_kinds={kinds!r} must be distinct entries of {RELATION_KINDS}")
         self.relation_kinds = kinds
+        if self.ddp_find_unused_parameters is None:
+            # The projections are the student's parameters used after its forward: DDP's search for unused
+            # parameters (the Trainer's default) would mark them ready at the forward's end, before their gradient.
+            self.ddp_find_unused_parameters = False
         if not self.relation_weight >= 0:
             raise PotstillError(f"relation_weight={self.relation_weight} must be >= 0")
         if self.relation_layers:
@@ -156,8 +170,15 @@ class FeatureKDTrainer(KDTrainer):
                       for s, t in args.feature_layers]
         ws, wt = _width(self.model), _width(teacher)
         self.projections = nn.ModuleList(
-            [nn.Linear(ws, wt, bias=False) if ws != wt else nn.Identity() for _ in self.pairs]
+            [FeatureProjection(ws, wt, bias=False) if ws != wt else nn.Identity() for _ in self.pairs]
         ).to(self.args.device)
+        learned = args.feature_weight > 0 and any(isinstance(m, FeatureProjection) for m in self.projections)
+        if learned:  # until training ends (module docstring); unused ones stay off (DDP wants every gradient)
+            self.model.add_module(PROJECTIONS, self.projections)
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is not None and learned:
+            names = list(plugin.transformer_cls_names_to_wrap or [])
+            plugin.transformer_cls_names_to_wrap = [*names, FeatureProjection.__name__]
         self.relation_pairs = [(decoder_index(s, n_s, "student"), decoder_index(t, n_t, "teacher"))
                                for s, t in args.relation_layers]
         self._check_relation_widths()
@@ -193,13 +214,17 @@ class FeatureKDTrainer(KDTrainer):
         ls, lt = self._relation_layers()
         return capture_projections(model, lt if teacher else ls, self.args.relation_kinds)
 
-    def create_optimizer(self, *a, **k):
-        opt = super().create_optimizer(*a, **k)
-        params = list(self.projections.parameters())
-        held = {id(p) for g in opt.param_groups for p in g["params"]}
-        if params and id(params[0]) not in held:  # the projections are not the model's parameters
-            opt.add_param_group({"params": params, "weight_decay": 0.0})
-        return opt
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return [n for n in super().get_decay_parameter_names(model) if PROJECTIONS not in n]
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # the student leaves without them (under FSDP2 / ZeRO-3, before its weights are gathered)
+            base = self.accelerator.unwrap_model(self.model)
+            for holder in (base, self.model):
+                if PROJECTIONS in holder._modules:
+                    del holder._modules[PROJECTIONS]
 
     def _student_hidden(self, model, inputs):
         from ..models import all_hidden
