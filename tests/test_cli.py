@@ -676,8 +676,6 @@ def test_sigkilled_distill_leaves_no_temporary_behind_and_resumes(assets, tmp_pa
 
 @pytest.mark.parametrize("kind, patch, expected", [
     ("none", {}, "train.distributed is none, so every process would train its own copy"),
-    ("fsdp2", {"runs.1.on_policy": {"minillm": {}}, "runs.1.divergence": {"name": "reverse_kl"}},
-     "run kd: on_policy.minillm is not supported under train.distributed fsdp2"),
     ("zero3", {"runs.1.on_policy": {"minillm": {}}, "runs.1.divergence": {"name": "reverse_kl"}},
      "run kd: on_policy.minillm is not supported under train.distributed zero3"),
     ("zero3", {"train.deepspeed_config": "{tmp}/stage2.json"}, "zero_optimization.stage is 2, but train.distributed "

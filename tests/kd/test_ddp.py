@@ -15,8 +15,10 @@ HERE = Path(__file__).parent
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["kd", "contrastive", "minillm"])
-def test_two_process_ddp_equals_single_process(tmp_path, method):
+@pytest.mark.parametrize("method, engine", [("kd", "ddp"), ("contrastive", "ddp"), ("minillm", "ddp"),
+                                            ("minillm", "fsdp2")])
+def test_two_process_ddp_equals_single_process(tmp_path, method, engine):
+    """And MiniLLM with student and teacher sharded by FSDP2: its loss reads both (gathered) heads directly."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     single, multi = tmp_path / "single", tmp_path / "multi"
     single.mkdir(), multi.mkdir()
@@ -28,7 +30,7 @@ def test_two_process_ddp_equals_single_process(tmp_path, method):
     # `ddp_backend="gloo"` make it 2 CPU processes (accelerate's `--cpu` multi-process path needs MPI).
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-              str(HERE / "ddp_train.py"), str(multi), "2", "2", method]
+              str(HERE / "ddp_train.py"), str(multi), "2", "2", method, engine]
     r2 = run(launch, env=env, timeout=240)
     assert r2.returncode == 0, r2.stderr[-3000:]
     a = load_file(single / "student.safetensors")

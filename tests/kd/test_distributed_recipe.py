@@ -25,6 +25,12 @@ HERE = Path(__file__).parent
 # the projection hangs on the student while it trains, so each engine averages / shards it like the student's own.
 FEAT = {"name": "feat", "alpha": 0.2, "divergence": {"name": "forward_kl"},
         "feature": {"layers": [[1, 2]], "relations": {"layers": [[1, 2]], "heads": 2}}}
+# MiniLLM: the teacher mixes into the sampling (a forward of the sharded teacher per new token). It must sample at
+# temperature 1 and top_p 1, so the processes' samples differ from one process's: the run must finish (no process
+# left waiting when the others' samples end) and train; its loss under sharding equals one process's on fixed
+# samples in tests/kd/test_ddp.py.
+MINILLM = {"name": "minillm", "alpha": 0.0, "divergence": {"name": "reverse_kl"},
+           "on_policy": {"lmbda": 1.0, "max_new_tokens": 6, "minillm": {"mix": 0.2}}}
 PAIRS = [(f"Question number {i}: what comes after {i}?", f"The number {i + 1} comes after {i}.") for i in range(10)]
 
 
@@ -105,7 +111,7 @@ def test_fsdp2_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
         {"name": "gkd", "alpha": 0.0, "divergence": {"name": "generalized_jsd", "beta": 0.5},
          "on_policy": {"lmbda": 1.0, "top_p": 1e-6, "max_new_tokens": 6}},
         {"name": "multi", "alpha": 0.0, "divergence": {"name": "forward_kl"}, "multi_teacher": {"mode": "confidence"}},
-        FEAT], extra_teachers=[{"model": str(teacher_dir / "teacher")}])
+        FEAT, MINILLM], extra_teachers=[{"model": str(teacher_dir / "teacher")}])
     one, two = tmp_path / "one", tmp_path / "two"
     _distill(recipe, one)
     r = _distill(recipe, two, "train.batch_size=2", "train.distributed=fsdp2", processes=2)
@@ -116,12 +122,15 @@ def test_fsdp2_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
                                        "teacher_sharded": True}
         if name == "gkd":
             assert info["on_policy"]["modes"] == ["student"] * 3 and info["on_policy"]["gen_tokens"] > 0
+    info = json.loads((two / "runs" / "minillm" / "train_info.json").read_text())
+    assert info["distributed"]["teacher_sharded"] and info["on_policy"]["gen_tokens"] > 0
+    assert len(info["loss_curve"]) == 3 and all(v == v and abs(v) < 1e3 for _, v in info["loss_curve"])
     # The first process evaluated the gathered students like one process did (the same weights, so the
     # same metrics up to the weights' rounding).
     m1 = json.loads((one / "metrics.json").read_text())["runs"]
     m2 = json.loads((two / "metrics.json").read_text())["runs"]
-    assert set(m1) == set(m2) == {"teacher", "student_init", "kd", "gkd", "multi", "feat"}
-    for name in m1:
+    assert set(m1) == set(m2) == {"teacher", "student_init", "kd", "gkd", "multi", "feat", "minillm"}
+    for name in set(m1) - {"minillm"}:
         assert m2[name]["forward_kl"] == pytest.approx(m1[name]["forward_kl"], rel=1e-3, abs=1e-6)
     # bf16 under FSDP2 with activation checkpointing (accelerate's FSDP2 mixed precision: bf16 parameters for
     # compute, bf16 gradient reduce-scatter, float32 master weights). bf16 must be on: the first step's loss

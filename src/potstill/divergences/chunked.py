@@ -544,7 +544,7 @@ def full_head(head: Head) -> Head:
     return replace(head, weight=weight, bias=bias)
 
 
-def _full_teacher(teacher, alpha: float):
+def full_teacher(teacher, alpha: float):
     """A dense teacher given as hidden states + head, with its head gathered (see :func:`full_head`)."""
     if alpha >= 1.0 or not isinstance(teacher, DenseSignal) or teacher.head is None:
         return teacher
@@ -606,7 +606,7 @@ def chunked_kd_loss(
         ``ce_sum``, ``kd_sum`` (sum of the divergence, weighted by ``kd_weights`` if given) and ``n_tokens``.
     """
     student_head = full_head(student_head)
-    teacher = _full_teacher(teacher, alpha)
+    teacher = full_teacher(teacher, alpha)
     vocab = _validate(
         student_hidden, student_head, labels, teacher, divergence, alpha, temperature,
         normalizer, chunk_size, vocab_size,
@@ -654,7 +654,7 @@ def unchunked_kd_loss(
     For tests and the benchmark's naive arm; ``chunk_size`` is accepted and ignored.
     """
     student_head = full_head(student_head)
-    teacher = _full_teacher(teacher, alpha)
+    teacher = full_teacher(teacher, alpha)
     vocab = _validate(
         student_hidden, student_head, labels, teacher, divergence, alpha, temperature,
         normalizer, chunk_size, vocab_size,

@@ -31,6 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..divergences import chunked_kd_loss
+from ..divergences.chunked import full_teacher, full_head
 from ..errors import PotstillError
 from ..signals import apply_head, target_index, target_rows
 from .adaptive import target_logprobs
@@ -166,6 +167,9 @@ class MiniLLMKDTrainer(OnPolicyKDTrainer):
         vocab = self._vocab()
         return lambda ids, mask: TeacherMix(teacher, self.args.mix, mask, vocab)
 
+    def _sampling_models(self, student) -> list:
+        return [student, self._scorer.model]  # the teacher runs once per sampled token too (TeacherMix)
+
     def _vocab(self) -> int:
         from ..models import output_head
 
@@ -183,8 +187,9 @@ class MiniLLMKDTrainer(OnPolicyKDTrainer):
         index = target_index(labels)
         rows = target_rows(self._student_hidden(model, inputs), index)
         targets = labels[:, 1:].reshape(-1).index_select(0, index)
-        signal = self._scorer.signal(inputs)
-        head = output_head(model)
+        # Sharded heads (FSDP2 / ZeRO-3) whole, once per step: the log-probs below read them directly.
+        signal = full_teacher(self._scorer.signal(inputs), 0.0)
+        head = full_head(output_head(model))
         vocab = self._vocab()
         normalizer = num_items_in_batch if num_items_in_batch is not None else max(int(index.numel()), 1)
         with torch.no_grad():

@@ -26,6 +26,7 @@ distillation ``temperature``.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections import deque
@@ -165,7 +166,9 @@ class OnPolicyKDTrainer(KDTrainer):
         device = next(model.parameters()).device
         seed = cfg.seed * 1_000_003 + self.state.global_step * 101 + len(self.rollout_stats["modes"])
         t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), gathered_for_generation(model):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), contextlib.ExitStack() as held:
+            for m in self._sampling_models(model):  # sharded ones gathered once for the whole generation
+                held.enter_context(gathered_for_generation(m))
             gen = generate(model, tok, prompts, max_new_tokens=cfg.gen_max_new_tokens, batch_size=len(prompts),
                            do_sample=True, temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, seed=seed,
                            sort_by_length=False, progress=False, processor=self._sampling_processor())
@@ -192,6 +195,11 @@ class OnPolicyKDTrainer(KDTrainer):
     def _sampling_processor(self):
         """A factory ``(ids, mask) -> logits processor`` for the student's sampling, or None (subclasses)."""
         return None
+
+    def _sampling_models(self, student) -> list:
+        """The models that run a forward per sampled token: the student (subclasses add a teacher that mixes
+        into the sampling)."""
+        return [student]
 
     def _replay_batch(self, n: int) -> dict:
         pool = list(self._buffer)
