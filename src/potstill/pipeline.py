@@ -426,6 +426,9 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         info["distributed"] = {"engine": recipe.train.distributed, "processes": world_size(),
                                "student_sharded": student_sharded,
                                "teacher_sharded": teacher is not None and is_sharded(teacher)}
+        if run.multi_teacher is not None:
+            info["distributed"]["extra_teachers_sharded"] = [
+                is_sharded(t.model if isinstance(t, ExtraTeacher) else t) for t in extra_teachers or []]
     if run.multi_teacher is not None:
         if run.multi_teacher.mode == "select":
             info["teacher_selected_examples"] = source.selected_counts
@@ -481,7 +484,7 @@ def _multi_source(recipe: Recipe, run: RunConfig, source, extra: list, tokenizer
     for t in extra:
         model, tok = (t.model, t.tokenizer) if isinstance(t, ExtraTeacher) else (t, None)
         if tok is None:
-            sources.append(OnlineTeacher(model.to(device)))
+            sources.append(OnlineTeacher(model if is_sharded(model) else model.to(device)))
         else:
             v_s = vocab_size or output_head(student).weight.shape[0]
             sources.append(CrossTokenizerTeacher(model.to(device), tok, tokenizer, student_vocab=v_s,
@@ -834,10 +837,12 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
     source = prep.cached_source() if any(r.uses_teacher for r in recipe.runs) else None
     prep.extra_teachers()  # load and check them before anything is written
     preflight(prep)
-    if recipe.train.distributed == "fsdp2" and prep.teacher is not None and source is None:
-        shard_frozen(prep.teacher)
-    if recipe.train.distributed == "zero3" and prep.teacher is not None and source is None:
-        shard_frozen_zero3(prep.teacher)
+    shard = {"fsdp2": shard_frozen, "zero3": shard_frozen_zero3}.get(recipe.train.distributed)
+    if shard is not None:  # the live teachers: the main one, and extra ones that share the student's tokenizer
+        frozen = [prep.teacher] if prep.teacher is not None and source is None else []
+        frozen += [t.model for t in prep.extra_teachers() if t.tokenizer is None]
+        for model in frozen:
+            shard(model)
     barrier()  # every process checked the input before the first one writes
     if not is_main_process():  # the first process owns the output directory
         return _distill_runs(prep, source, out, t_start, progress)
