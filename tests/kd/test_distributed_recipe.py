@@ -155,16 +155,22 @@ def test_fsdp2_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
 
 
 @pytest.mark.slow
-def test_fsdp2_lora_student_from_a_sampled_cache_equals_one_process(teacher_dir, tmp_path):
-    """A LoRA student (merged at the end) trained from a sampled teacher cache: no teacher in the loop."""
-    recipe = _recipe(teacher_dir, tmp_path / "r.yaml",
-                     cache={"signal": {"kind": "sampled", "draws": 8}, "dtype": "fp32", "dir": str(tmp_path / "c")})
+@pytest.mark.parametrize("signal, engine, lora", [({"kind": "sampled", "draws": 8}, "fsdp2", True),
+                                                  ({"kind": "topk", "k": 8}, "zero3", False)],
+                         ids=["sampled-fsdp2-lora", "topk-zero3"])
+def test_student_from_a_cache_equals_one_process(teacher_dir, tmp_path, signal, engine, lora):
+    """A student trained from a teacher cache, no teacher in the loop: a LoRA student (merged at the end) from
+    sampled tokens under FSDP2, a whole student from top-k log-probs under ZeRO-3."""
+    if engine == "zero3":
+        pytest.importorskip("deepspeed")
+    recipe = _recipe(teacher_dir, tmp_path / "r.yaml", cache={"signal": signal, "dtype": "fp32",
+                                                             "dir": str(tmp_path / "c")})
     one, two = tmp_path / "one", tmp_path / "two"
-    lora = ["train.lora.r=4", "train.lora.lora_alpha=8", "train.lora.target_modules=[q_proj, v_proj]"]
+    extra = ["train.lora.r=4", "train.lora.lora_alpha=8", "train.lora.target_modules=[q_proj, v_proj]"] if lora else []
     r = run([sys.executable, "-m", "potstill", "cache", str(recipe), f"output_dir={one}"], env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    _distill(recipe, one, *lora)
-    _distill(recipe, two, *lora, "train.batch_size=2", "train.distributed=fsdp2", processes=2)
+    _distill(recipe, one, *extra)
+    _distill(recipe, two, *extra, "train.batch_size=2", f"train.distributed={engine}", processes=2)
     info = _same_student(one, two, "kd")
     assert info["distributed"]["student_sharded"] and not info["distributed"]["teacher_sharded"]
     base = load_file(one / "runs" / "kd" / "model.safetensors")
