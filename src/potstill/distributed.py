@@ -240,9 +240,9 @@ def zero3_config(path: str | None = None) -> dict:
     for offloading or bucket sizes), else ZeRO stage 3 with every size left to the Trainer (``"auto"``).
 
     No ``optimizer`` or ``scheduler`` block: the Trainer builds the recipe's own (AdamW, its schedule) and
-    DeepSpeed partitions their state, so one recipe trains the same under every engine. The consolidated
-    weights are gathered for saving (``stage3_gather_16bit_weights_on_model_save``: in the parameters' own
-    dtype, float32 unless the student was loaded in bf16). Parameters below the persistence threshold
+    DeepSpeed partitions their state, so one recipe trains the same under every engine. The student is saved
+    from its float32 master weights (:func:`zero3_full_state`); DeepSpeed's own 16-bit gather stays on for
+    Trainer checkpoints. Parameters below the persistence threshold
     (``"auto"``: 10 x hidden size, the norms and biases) stay whole on every process."""
     if path is not None:
         import json
@@ -261,6 +261,32 @@ def zero3_config(path: str | None = None) -> dict:
         "gradient_clipping": "auto",
         "zero_allow_untested_optimizer": True,
     }
+
+
+def zero3_full_state(engine) -> dict:
+    """The whole state of a module DeepSpeed ZeRO-3 trained (``engine.module``), for saving; every process takes
+    part (each parameter is a collective) and gets it.
+
+    Trainable parameters come as their float32 master weights from DeepSpeed's optimizer: under bf16 / fp16
+    the module itself holds 16-bit copies, which is what DeepSpeed's own consolidated state dict gathers
+    (the student would then be saved rounded to bf16). Frozen parameters are gathered as they are; tied
+    parameters appear under each of their names, as in ``state_dict()``."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    keys = set(module.state_dict().keys())
+    state = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                full = p.detach().clone()
+        state[name] = full.detach().cpu()
+    for name, b in module.named_buffers():
+        if name in keys:
+            state[name] = b.detach().cpu()
+    return state
 
 
 _FROZEN_ENGINES: list = []  # DeepSpeed engines of frozen teachers: their hooks live as long as the run

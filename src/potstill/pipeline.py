@@ -45,6 +45,7 @@ from .distributed import (
     shard_frozen_zero3,
     world_size,
     zero3_config,
+    zero3_full_state,
 )
 from .errors import PotstillError, VocabMismatchError
 from .finished import (
@@ -408,8 +409,10 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         seconds = time.perf_counter() - t0
         student_sharded = is_sharded(trainer.model)
         if sharded:  # every process takes part in gathering the full weights; the first one keeps them
-            engine = trainer.model_wrapped if recipe.train.distributed == "zero3" else trainer.model  # DeepSpeed's
-            state = trainer.accelerator.get_state_dict(engine)
+            if recipe.train.distributed == "zero3":  # the float32 master weights, also under bf16
+                state = zero3_full_state(trainer.model_wrapped)
+            else:
+                state = trainer.accelerator.get_state_dict(trainer.model)
             model = _consolidated(*blank, peft_config, state, device) if is_main_process() else None
         else:
             # without accelerate's autocast wrapper: a fresh bf16 student is evaluated in fp32, like a reloaded one

@@ -216,3 +216,15 @@ def test_zero3_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(two / "runs" / "kd").state_dict()
     for k, v in load_file(two / "runs" / "kd" / "model.safetensors").items():
         torch.testing.assert_close(hf[k], v, rtol=0, atol=0)
+    # bf16: DeepSpeed computes with a bf16 module over float32 master weights in its optimizer. bf16 takes
+    # effect (the first loss moves, by no more than 2^-8 relative, as for FSDP2) and the student saved is the
+    # float32 masters, not the module's bf16 copy (whose every weight a bf16 round trip leaves unchanged).
+    bf16 = _recipe(teacher_dir, tmp_path / "bf16.yaml")
+    _distill(bf16, tmp_path / "bf16", "train.batch_size=2", "train.distributed=zero3", "train.precision=bf16",
+             processes=2)
+    first = json.loads((tmp_path / "bf16" / "runs" / "kd" / "train_info.json").read_text())["loss_curve"][0][1]
+    ref = json.loads((two / "runs" / "kd" / "train_info.json").read_text())["loss_curve"][0][1]
+    assert first != ref and abs(first - ref) <= 2**-8 * ref, (first, ref)
+    saved = load_file(tmp_path / "bf16" / "runs" / "kd" / "model.safetensors")
+    w = saved["model.layers.0.mlp.down_proj.weight"]
+    assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float())
