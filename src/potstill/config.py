@@ -387,6 +387,13 @@ class TrainConfig(_Strict):
     chunk_size: int = Field(256, ge=1, description="Token rows per chunk in the fused lm_head + loss reducer.")
     lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
     logging_steps: int = Field(5, ge=1, description="Log the loss every N steps (loss curves).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        [], description="Trackers the Trainer sends the logs to (each an optional extra; tensorboard writes "
+        "under <output_dir>/logs/<run>). Empty (the default): nothing is sent or written anywhere else.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Every N steps, measure the student on the held-out examples against the teacher "
+        "(forward KL and top-1 agreement per response token) and log them as eval_forward_kl / "
+        "eval_top1_agreement (trackers, train_info.json). Needs the teacher model.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Student compute precision: fp32, or bf16/fp16 autocast (the Trainer's mixed precision; "
         "master weights stay float32, fp16 adds a loss scaler and needs a GPU).")
@@ -587,6 +594,9 @@ class Recipe(_Strict):
             self._check_cache(self.cache)
         if self.teacher.model is None:
             self._check_black_box()
+        if self.train.eval_steps is not None and self.teacher.model is None:
+            raise ValueError("train.eval_steps measures the student against the teacher model, and a black-box "
+                             "teacher has none; remove train.eval_steps (metrics.json still has perplexity)")
         multi = [r.name for r in self.runs if r.multi_teacher is not None]
         if multi and not self.extra_teachers:
             raise ValueError(f"run(s) {multi} use multi_teacher but extra_teachers is empty; list the other teachers")

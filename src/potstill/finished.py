@@ -118,7 +118,8 @@ def run_fingerprint(recipe, run) -> dict[str, Any]:
     keep = {k: data[k] for k in ("teacher", "extra_teachers", "student", "data", "train")}
     # The engine (ddp / fsdp2) does not change the student; the number of processes does (the global batch).
     keep["train"] = {k: v for k, v in keep["train"].items()
-                     if k not in ("gradient_checkpointing", "logging_steps", "distributed", "deepspeed_config")}
+                     if k not in ("gradient_checkpointing", "logging_steps", "distributed", "deepspeed_config",
+                                  "report_to", "eval_steps")}
     if keep["train"].get("loss_backend") == "potstill":  # the default: fingerprints from before the key stay valid
         del keep["train"]["loss_backend"]
     from .distributed import world_size

@@ -317,7 +317,7 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
         lr_scheduler_type="linear",
         logging_steps=t.logging_steps,
         save_strategy="no",
-        report_to="none",
+        report_to=list(t.report_to) or "none",
         run_name=run.name,
         seed=t.seed,
         data_seed=t.seed,
@@ -341,7 +341,7 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
 def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train_examples: list[dict],
               out_dir: Path, device: torch.device, vocab_size: int | None,
               memo=None, source=None, extra_teachers: list | None = None,
-              cross: dict | None = None) -> tuple[Any, list[tuple[int, float]]]:
+              cross: dict | None = None, eval_examples: list | None = None) -> tuple[Any, list[tuple[int, float]]]:
     """Train one student; write it atomically to ``out_dir`` and return it with its loss curve.
 
     ``source`` (a teacher-signal cache) replaces the live ``teacher`` during training;
@@ -404,6 +404,7 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
             vocab_size=vocab_size,
             **extra,
         )
+        watch = _watch(recipe, run, trainer, teacher, tokenizer, out_dir, eval_examples, vocab_size)
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
@@ -425,6 +426,8 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
     if peft_config is not None:
         model = model.merge_and_unload()
     info = {"loss_curve": curve, "train_seconds": seconds, "run": run.model_dump(mode="json")}
+    if watch is not None:  # [step, forward KL, top-1 agreement] on the held-out examples during training
+        info["eval_history"] = watch.history
     if world_size() > 1:  # how the processes shared the work: what a reader of the result needs to know
         info["distributed"] = {"engine": recipe.train.distributed, "processes": world_size(),
                                "student_sharded": student_sharded,
@@ -497,6 +500,21 @@ def _multi_source(recipe: Recipe, run: RunConfig, source, extra: list, tokenizer
                         temperature=run.temperature, vocab_size=vocab_size, chunk_size=recipe.train.chunk_size)
 
 
+def _watch(recipe: Recipe, run: RunConfig, trainer, teacher, tokenizer, out_dir: Path, eval_examples, vocab_size):
+    """Trackers write under ``<output_dir>/logs/<run>``; with ``train.eval_steps`` the held-out figures are measured
+    during training (:class:`potstill.tracking.HeldOutEval`, returned; None without)."""
+    from .tracking import HeldOutEval, place_tracker_logs
+
+    place_tracker_logs(trainer, out_dir.parent.parent / "logs" / run.name)
+    every = recipe.train.eval_steps
+    if every is None or teacher is None or not eval_examples:
+        return None
+    watch = HeldOutEval(trainer, teacher, tokenizer, eval_examples, every=every, vocab_size=vocab_size,
+                        batch_size=recipe.eval.batch_size)
+    trainer.add_callback(watch)
+    return watch
+
+
 def _train_cross(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, ds, out_dir: Path,
                  device: torch.device, cross: dict):
     """One cross-tokenizer run (:class:`potstill.kd.cross_tokenizer.CrossTokenizerKDTrainer`)."""
@@ -514,6 +532,7 @@ def _train_cross(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, ds
             teacher_tokenizer=cross["teacher_tokenizer"], method=ct.method, vocab_map=cross.get("vocab_map"),
             kinds=tuple(ct.kinds), max_teacher_length=ct.max_teacher_length, processing_class=tokenizer,
             train_dataset=ds)
+        _watch(recipe, run, trainer, None, tokenizer, out_dir, None, None)
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
@@ -732,6 +751,9 @@ def preflight(prep: Prepared) -> None:
     from .models.head import text_config
 
     r = prep.recipe
+    if r.train.eval_steps is not None and getattr(prep, "cross", False):
+        raise PotstillError("train.eval_steps compares the student with the teacher token by token, but the student "
+                            "has another tokenizer; remove train.eval_steps (the report measures it at the end)")
     n_s = int(text_config(prep.student0).num_hidden_layers)
     n_t = None if r.teacher.model is None else int(text_config(prep.teacher).num_hidden_layers)
     for run in r.runs:
@@ -802,6 +824,24 @@ def check_distributed(recipe: Recipe, device: torch.device) -> None:
                                     f"({why}); set train.distributed {alt}")
 
 
+# The module each tracker of ``train.report_to`` needs (tensorboard: torch's SummaryWriter writes with it).
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+
+
+def check_watch(recipe: Recipe) -> None:
+    """Refuse, in one line, trackers that are not installed and ``eval_steps`` where models are sharded."""
+    import importlib.util
+
+    for name in recipe.train.report_to:
+        if importlib.util.find_spec(TRACKER_MODULES[name]) is None:
+            raise PotstillError(f"train.report_to {name} needs the {TRACKER_MODULES[name]} package; pip install "
+                                f"'potstill[tracking]' (tensorboard) or {TRACKER_MODULES[name]}, or remove it")
+    if recipe.train.eval_steps is not None and recipe.train.distributed in ("fsdp2", "zero3"):
+        raise PotstillError(f"train.eval_steps measures with whole models in the first process, but under "
+                            f"train.distributed {recipe.train.distributed} they are sharded; remove train.eval_steps "
+                            "(the held-out figures are measured at the end) or use ddp")
+
+
 def _check_deepspeed_config(kind: str, path: str) -> None:
     import json
 
@@ -834,6 +874,7 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
     t_start = time.perf_counter()
     out = Path(recipe.output_dir)
     check_distributed(recipe, resolve_device(recipe.device))
+    check_watch(recipe)
     check_output_dir(out)
     _start_processes(resolve_device(recipe.device))
     prep = Prepared(recipe)
@@ -882,7 +923,8 @@ def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: b
         student.train()
         model, curve = train_run(recipe, run, student, prep.teacher, prep.tokenizer, prep.train_examples, run_dir,
                                  prep.device, prep.vocab_size, memo=memo, source=source,
-                                 extra_teachers=prep.extra_teachers(), cross=prep.cross_context())
+                                 extra_teachers=prep.extra_teachers(), cross=prep.cross_context(),
+                                 eval_examples=prep.eval_examples)
         students[run.name], curves[run.name] = model, curve
         barrier()  # the student is on disk before any process goes on
     if world_size() > 1:
