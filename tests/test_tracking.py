@@ -6,8 +6,11 @@ import os
 
 import pytest
 
+import test_cli
 from potstill.cli import main
-from test_cli import assets, recipe, write  # noqa: F401  (assets is a fixture)
+from test_cli import recipe, write
+
+assets = test_cli.assets  # the tiny teacher and data files of the CLI tests (a module-scoped fixture)
 
 
 def _scalars(log_dir):

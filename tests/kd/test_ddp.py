@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_proc import free_port, run, run_all
+from helpers_proc import free_port, launch_env, run, run_all
 
 HERE = Path(__file__).parent
 
@@ -19,7 +19,7 @@ HERE = Path(__file__).parent
                                             ("minillm", "fsdp2")])
 def test_two_process_ddp_equals_single_process(tmp_path, method, engine):
     """And MiniLLM with student and teacher sharded by FSDP2: its loss reads both (gathered) heads directly."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = launch_env()
     single, multi = tmp_path / "single", tmp_path / "multi"
     single.mkdir(), multi.mkdir()
     # `run` kills every process of the command on timeout (torchrun's ranks have sessions of their own) and fails

@@ -9,7 +9,6 @@ too; both agree to float32 rounding.
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers_proc import free_port, run
+from helpers_proc import free_port, launch_env, run
 
 HERE = Path(__file__).parent
 # Feature KD: hidden states through a learned projection (student width 32 -> teacher 64) and attention relations;
@@ -60,11 +59,6 @@ def _recipe(root: Path, path: Path, **extra) -> Path:
     return path
 
 
-def _env() -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _distill(recipe: Path, out: Path, *overrides: str, processes: int = 1):
@@ -75,7 +69,7 @@ def _distill(recipe: Path, out: Path, *overrides: str, processes: int = 1):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), *cli]
-    r = run(cmd, env=_env(), timeout=300)
+    r = run(cmd, env=launch_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     return r
 
@@ -167,7 +161,7 @@ def test_student_from_a_cache_equals_one_process(teacher_dir, tmp_path, signal, 
                                                              "dir": str(tmp_path / "c")})
     one, two = tmp_path / "one", tmp_path / "two"
     extra = ["train.lora.r=4", "train.lora.lora_alpha=8", "train.lora.target_modules=[q_proj, v_proj]"] if lora else []
-    r = run([sys.executable, "-m", "potstill", "cache", str(recipe), f"output_dir={one}"], env=_env(), timeout=300)
+    r = run([sys.executable, "-m", "potstill", "cache", str(recipe), f"output_dir={one}"], env=launch_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     _distill(recipe, one, *extra)
     _distill(recipe, two, *extra, "train.batch_size=2", f"train.distributed={engine}", processes=2)

@@ -6,7 +6,6 @@ shard has half the vocabulary rows: a wrong loss, or a refused one).
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_proc import free_port, run, run_all
+from helpers_proc import free_port, launch_env, run, run_all
 
 HERE = Path(__file__).parent
 
@@ -22,9 +21,7 @@ HERE = Path(__file__).parent
 @pytest.mark.slow
 @pytest.mark.parametrize("divergence, tied", [("forward_kl", ""), ("generalized_jsd", ""), ("forward_kl", "tied")])
 def test_fsdp2_two_processes_equal_one_process(tmp_path, divergence, tied):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = launch_env()
     single, multi = tmp_path / "single", tmp_path / "multi"
     single.mkdir(), multi.mkdir()
     script = str(HERE / "fsdp_train.py")
@@ -121,9 +118,7 @@ def test_zero3_tied_head_two_processes_equal_one_process(tmp_path):
     to DeepSpeed while DeepSpeed also gathers the same parameter for the embedding; the student equals one
     process's after 3 SGD steps (measured 4e-9)."""
     pytest.importorskip("deepspeed")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = launch_env()
     single, multi = tmp_path / "single", tmp_path / "multi"
     single.mkdir(), multi.mkdir()
     script = str(HERE / "zero3_train.py")
