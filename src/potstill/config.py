@@ -61,6 +61,14 @@ def _check_temperature(value: float | None, what: str) -> float | None:
 # ----------------------------------------------------------------------------- models
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
+_ATTN = ("Attention kernel (transformers' attn_implementation): eager, sdpa, flash_attention_2/3 (CUDA and the "
+         "flash-attn package), flex_attention; default: transformers' choice (sdpa where it can).")
+
+
+class Quantization(_Strict):
+    bits: Literal[4, 8] = Field(..., description="Load the teacher's linear layers in 4-bit (NF4) or 8-bit through "
+                                "bitsandbytes (pip install 'potstill[quantization]'; CUDA only).")
 
 
 class TeacherConfig(_Strict):
@@ -71,6 +79,10 @@ class TeacherConfig(_Strict):
     )
     dtype: Dtype = Field("float32", description="Weights dtype of the teacher.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust it.")
+    attn_implementation: AttnImplementation | None = Field(None, description=_ATTN)
+    quantization: Quantization | None = Field(
+        None, description="A frozen teacher in 4 or 8 bits (its output head stays unquantized, as the reducer reads "
+        "it); a safetensors checkpoint on CUDA.")
 
 
 class FromTeacherStudent(_Strict):
@@ -78,6 +90,7 @@ class FromTeacherStudent(_Strict):
     layers: int | list[int] = Field(
         6, description="Number of teacher layers to keep (evenly spaced) or their explicit indices."
     )
+    attn_implementation: AttnImplementation | None = Field(None, description=_ATTN)
 
 
 class ScaledStudent(_Strict):
@@ -87,6 +100,7 @@ class ScaledStudent(_Strict):
     intermediate_size: int | None = Field(None, ge=8, description="MLP width; default: scaled with hidden_size.")
     num_attention_heads: int | None = Field(None, ge=1, description="Attention heads; default: the teacher's.")
     num_key_value_heads: int | None = Field(None, ge=1, description="KV heads; default: the teacher's.")
+    attn_implementation: AttnImplementation | None = Field(None, description=_ATTN)
 
 
 class PretrainedStudent(_Strict):
@@ -96,6 +110,7 @@ class PretrainedStudent(_Strict):
         None, description="Keep only these of the student's own layers (a count, evenly spaced, or indices).")
     dtype: Dtype = Field("float32", description="Weights dtype of the student.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+    attn_implementation: AttnImplementation | None = Field(None, description=_ATTN)
 
 
 StudentConfig = Annotated[

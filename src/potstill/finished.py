@@ -122,6 +122,10 @@ def run_fingerprint(recipe, run) -> dict[str, Any]:
                                   "report_to", "eval_steps")}
     if keep["train"].get("loss_backend") == "potstill":  # the default: fingerprints from before the key stay valid
         del keep["train"]["loss_backend"]
+    for entry in [keep["teacher"], keep["student"], *keep["extra_teachers"]]:  # loading options left unset: likewise
+        for k in ("attn_implementation", "quantization"):
+            if entry.get(k, 0) is None:
+                del entry[k]
     from .distributed import world_size
 
     if world_size() > 1:

@@ -179,6 +179,17 @@ def encode_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[dict]:
 # ---------------------------------------------------------------------------- models
 
 
+def load_teacher(cfg, device: torch.device):
+    """``(model, tokenizer)`` of a teacher entry (``teacher`` or one of ``extra_teachers``) on ``device``, with its
+    loading options: dtype, attention kernel, quantization (checked first: CUDA and bitsandbytes)."""
+    from .models import check_quantization, load_model
+
+    bits = cfg.quantization.bits if cfg.quantization is not None else None
+    check_quantization(bits, device)
+    return load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device=device,
+                      attn_implementation=cfg.attn_implementation, quantization_bits=bits)
+
+
 def build_student(recipe: Recipe, teacher, teacher_tok):
     """``(student, aligned vocab or None, the student's own tokenizer or None)``; the tokenizer is
     returned only when it differs from the teacher's and every KD run chose a cross-tokenizer method."""
@@ -186,6 +197,7 @@ def build_student(recipe: Recipe, teacher, teacher_tok):
         align_vocab,
         load_model,
         output_head,
+        set_attention,
         student_from_teacher,
         student_scaled,
     )
@@ -193,9 +205,11 @@ def build_student(recipe: Recipe, teacher, teacher_tok):
     cfg = recipe.student
     torch.manual_seed(recipe.train.seed)
     if isinstance(cfg, FromTeacherStudent):
-        return student_from_teacher(teacher, cfg.layers), None, None
+        student = student_from_teacher(teacher, cfg.layers)
+        set_attention(student, cfg.attn_implementation, "student")
+        return student, None, None
     if isinstance(cfg, ScaledStudent):
-        return student_scaled(
+        student = student_scaled(
             teacher,
             num_layers=cfg.num_layers,
             hidden_size=cfg.hidden_size,
@@ -203,9 +217,12 @@ def build_student(recipe: Recipe, teacher, teacher_tok):
             num_attention_heads=cfg.num_attention_heads,
             num_key_value_heads=cfg.num_key_value_heads,
             seed=recipe.train.seed,
-        ), None, None
+        )
+        set_attention(student, cfg.attn_implementation, "student")
+        return student, None, None
     assert isinstance(cfg, PretrainedStudent)
-    student, student_tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    student, student_tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                                      attn_implementation=cfg.attn_implementation)
     if cfg.layers is not None:
         student = student_from_teacher(student, cfg.layers)
     try:
@@ -554,7 +571,7 @@ class Prepared:
     """Teacher, tokenizer, initial student and encoded data of a recipe (all input checked)."""
 
     def __init__(self, recipe: Recipe):
-        from .models import load_model, output_head
+        from .models import output_head
 
         self.recipe = recipe
         self.device = resolve_device(recipe.device)
@@ -564,11 +581,9 @@ class Prepared:
             check_precision(recipe.train.precision, self.device, None if recipe.train.lora else self.student0)
             return
         try:
-            self.teacher, self.tokenizer = load_model(recipe.teacher.model, dtype=recipe.teacher.dtype,
-                                                      trust_remote_code=recipe.teacher.trust_remote_code)
+            self.teacher, self.tokenizer = load_teacher(recipe.teacher, self.device)
         except PotstillError as err:
             raise PotstillError(f"teacher: {err}") from None
-        self.teacher.to(self.device)
         teacher_id = str(getattr(self.teacher, "name_or_path", recipe.teacher.model))
         self.student0, vocab_size, student_tok = build_student(recipe, self.teacher, self.tokenizer)
         self.student0.to(self.device)
@@ -612,7 +627,8 @@ class Prepared:
         self.teacher = None
         try:
             self.student0, self.tokenizer = load_model(cfg.model, dtype=cfg.dtype,
-                                                       trust_remote_code=cfg.trust_remote_code)
+                                                       trust_remote_code=cfg.trust_remote_code,
+                                                       attn_implementation=cfg.attn_implementation)
         except PotstillError as err:
             raise PotstillError(f"student: {err}") from None
         self.student0.to(self.device)
@@ -647,20 +663,20 @@ class Prepared:
         if not any(r.multi_teacher is not None for r in self.recipe.runs):
             return []
         if getattr(self, "_extra", None) is None:
-            from .models import load_model, tokenizer_fingerprint
+            from .models import tokenizer_fingerprint
 
             self._extra = []
             want = tokenizer_fingerprint(self.tokenizer)
             for i, cfg in enumerate(self.recipe.extra_teachers):
                 try:
-                    model, tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+                    model, tok = load_teacher(cfg, self.device)
                 except PotstillError as err:
                     raise PotstillError(f"extra_teachers[{i}]: {err}") from None
                 same = tokenizer_fingerprint(tok) == want
                 if not same:
                     log.info("extra_teachers[%d] (%s) has another tokenizer than the student: it joins on aligned "
                              "rows through the vocabulary map", i, cfg.model)
-                self._extra.append(ExtraTeacher(model.to(self.device), None if same else tok))
+                self._extra.append(ExtraTeacher(model, None if same else tok))
         return self._extra
 
     def cached_source(self):
@@ -936,10 +952,7 @@ def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: b
         if not main:
             return {}
         if prep.teacher is not None and is_sharded(prep.teacher):
-            from .models import load_model
-
-            prep.teacher = load_model(recipe.teacher.model, dtype=recipe.teacher.dtype,
-                                      trust_remote_code=recipe.teacher.trust_remote_code)[0].to(prep.device)
+            prep.teacher = load_teacher(recipe.teacher, prep.device)[0]
     if recipe.eval.include_untrained:
         students = {"student_init": prep.student0, **students}
     notes = [

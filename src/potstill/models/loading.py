@@ -292,8 +292,14 @@ def load_model(
     dtype: DType = "float32",
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
+    quantization_bits: int | None = None,
 ):
     """Load ``(model, tokenizer)``: a causal LM in eval mode and its tokenizer (with a pad token).
+
+    ``attn_implementation``: the attention kernel (:func:`set_attention`). ``quantization_bits`` (4 or 8): the
+    linear layers through bitsandbytes, placed on ``device`` (CUDA; :func:`check_quantization` first), the
+    output head left unquantized (transformers' default), which the chunked reducer reads.
 
     ``dtype``: ``"float32"`` (default), ``"bfloat16"``, ``"float16"``, or ``"auto"`` (the
     checkpoint's own dtype; the offline models are cached in float32).
@@ -318,10 +324,22 @@ def load_model(
     report_filter = _DropLoadReport()
     mu_logger = logging.getLogger("transformers.modeling_utils")
     mu_logger.addFilter(report_filter)
+    extra = {}
+    if quantization_bits is not None:
+        if kind == "gguf":
+            raise PotstillError(f"{loc} is a GGUF model, which transformers dequantizes on load; quantization "
+                                "applies to a safetensors checkpoint (remove quantization or use one)")
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization_bits == 4, load_in_8bit=quantization_bits == 8,
+            bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        extra["device_map"] = {"": str(device or "cuda")}
+        device = None  # placed by from_pretrained; bitsandbytes models are not moved after loading
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             loc, config=config, dtype=_DTYPES[dtype], trust_remote_code=bool(trust_remote_code),
-            output_loading_info=True, ignore_mismatched_sizes=True,
+            output_loading_info=True, ignore_mismatched_sizes=True, **extra,
         )
     except SafetensorError as err:
         raise _corrupt_weights_error(loc, err) from None
@@ -340,5 +358,32 @@ def load_model(
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if device is not None:
         model = model.to(device)
+    set_attention(model, attn_implementation, str(loc))
     model.eval()
     return model, tokenizer
+
+
+def set_attention(model, attn_implementation: str | None, who: str = "the model") -> None:
+    """Switch ``model`` (loaded or built from a config) to the attention kernel ``attn_implementation``
+    (transformers' ``set_attn_implementation``); ``None`` keeps transformers' choice. A kernel that cannot run
+    here (flash attention without its package or without CUDA) is refused in one line."""
+    if attn_implementation is None:
+        return
+    try:
+        model.set_attn_implementation(attn_implementation)
+    except (ImportError, ValueError) as err:
+        raise PotstillError(f"{who}: attn_implementation {attn_implementation} cannot be used here "
+                            f"({_first_line(err)}); use sdpa or eager") from None
+
+
+def check_quantization(bits: int | None, device: torch.device) -> None:
+    """Refuse, in one line, a quantized model where bitsandbytes cannot run it (it needs CUDA and its package)."""
+    if bits is None:
+        return
+    if device.type != "cuda":
+        raise PotstillError(f"quantization {bits}-bit runs on CUDA through bitsandbytes, not on {device.type}; "
+                            "remove quantization (or set dtype bfloat16 to halve the memory)")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise PotstillError("quantization needs bitsandbytes; pip install 'potstill[quantization]'")
