@@ -44,8 +44,15 @@ def test_tensorboard_gets_the_loss_and_the_held_out_figures(assets, tmp_path):
         # measured after the last step on the student that was then saved and evaluated: the same figures
         assert info["eval_history"][-1][1] == pytest.approx(final["forward_kl"], rel=1e-5)
         assert info["eval_history"][-1][2] == pytest.approx(final["top1_agreement"], rel=1e-9)
-    kd = json.loads((out / "runs" / "kd" / "train_info.json").read_text())["eval_history"]
+    kd_info = json.loads((out / "runs" / "kd" / "train_info.json").read_text())
+    kd = kd_info["eval_history"]
     assert kd[-1][1] < kd[0][1], "the KD student moves towards its teacher"
+    # Throughput: loss tokens per second in every loss log (the tracker and the progress bar get it), and the
+    # run's loss tokens in train_info.json: what the per-token figures are averaged over.
+    rates = _scalars(out / "logs" / "kd")["train/loss_tokens_per_s"]
+    assert [s for s, _ in rates] == [1, 2, 3, 4, 5] and all(v > 0 for _, v in rates)
+    assert kd_info["loss_tokens"] > 0
+    assert kd_info["loss_tokens_per_s"] == pytest.approx(kd_info["loss_tokens"] / kd_info["train_seconds"], rel=1e-2)
 
 
 def test_no_tracker_writes_nothing_outside_the_output_directory(assets, tmp_path, monkeypatch):

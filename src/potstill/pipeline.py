@@ -443,6 +443,9 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
     if peft_config is not None:
         model = model.merge_and_unload()
     info = {"loss_curve": curve, "train_seconds": seconds, "run": run.model_dump(mode="json")}
+    if hasattr(trainer, "loss_tokens"):  # the first process's tokens that carried loss, and their rate
+        info["loss_tokens"] = trainer.loss_tokens
+        info["loss_tokens_per_s"] = round(trainer.loss_tokens / seconds, 1) if seconds > 0 else None
     if watch is not None:  # [step, forward KL, top-1 agreement] on the held-out examples during training
         info["eval_history"] = watch.history
     if world_size() > 1:  # how the processes shared the work: what a reader of the result needs to know

@@ -19,6 +19,7 @@ hidden states, the teacher's signal and the chunked reducer into ``transformers.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -186,6 +187,8 @@ class KDTrainer(NonFiniteGuard, Trainer):
                                              getattr(self.signal_source, "vocab_size", None))
         self.vocab_size = vocab_size
         self._stats: dict[str, float] = {"ce_sum": 0.0, "kd_sum": 0.0, "n_tokens": 0.0}
+        self._logged_tokens = 0.0  # loss tokens of the intervals already logged
+        self._interval_t0: float | None = None  # when the current logging interval's first step began
         if args.loss_backend == "liger":
             self._check_liger_backend(model)
 
@@ -333,11 +336,26 @@ class KDTrainer(NonFiniteGuard, Trainer):
             return loss, {"loss": loss}
         return loss
 
+    @property
+    def loss_tokens(self) -> int:
+        """Tokens that carried loss on this process so far (training steps)."""
+        return int(self._logged_tokens + self._stats["n_tokens"])
+
+    def training_step(self, *args, **kwargs):
+        if self._interval_t0 is None:
+            self._interval_t0 = time.perf_counter()
+        return super().training_step(*args, **kwargs)
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         n = self._stats["n_tokens"]
         if "loss" in logs and n > 0:
             logs["ce_per_token"] = round(self._stats["ce_sum"] / n, 6)
             if self.needs_teacher:
                 logs["kd_per_token"] = round(self._stats["kd_sum"] / n, 6)
+            if self._interval_t0 is not None:  # this process's loss tokens per second since the last log
+                now = time.perf_counter()
+                logs["loss_tokens_per_s"] = round(n / max(now - self._interval_t0, 1e-9), 1)
+                self._interval_t0 = now
+            self._logged_tokens += n
             self._stats = {k: 0.0 for k in self._stats}
         super().log(logs, *args, **kwargs)
