@@ -409,6 +409,12 @@ class TrainConfig(_Strict):
         None, ge=1, description="Every N steps, measure the student on the held-out examples against the teacher "
         "(forward KL and top-1 agreement per response token) and log them as eval_forward_kl / "
         "eval_top1_agreement (trackers, train_info.json). Needs the teacher model.")
+    save_steps: int | None = Field(
+        None, ge=1, description="Write a checkpoint every N steps under <output_dir>/checkpoints/<run>; a rerun of a "
+        "killed run resumes from the latest one that verifies and ends with the same student. Off-policy runs "
+        "(live teacher, caches, feature KD) in one process or under ddp.")
+    save_total_limit: int = Field(2, ge=2, le=1000, description="Checkpoints kept per run (the oldest go first; at "
+                                  "least 2, so a kill while one is written leaves a whole one).")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Student compute precision: fp32, or bf16/fp16 autocast (the Trainer's mixed precision; "
         "master weights stay float32, fp16 adds a loss scaler and needs a GPU).")
@@ -609,6 +615,8 @@ class Recipe(_Strict):
             self._check_cache(self.cache)
         if self.teacher.model is None:
             self._check_black_box()
+        if self.train.save_steps is not None:
+            self._check_checkpointing()
         if self.train.eval_steps is not None and self.teacher.model is None:
             raise ValueError("train.eval_steps measures the student against the teacher model, and a black-box "
                              "teacher has none; remove train.eval_steps (metrics.json still has perplexity)")
@@ -627,6 +635,20 @@ class Recipe(_Strict):
         if any(t.model is None for t in self.extra_teachers):
             raise ValueError("extra_teachers need weights (model: null is only for the main black-box teacher)")
         return self
+
+    def _check_checkpointing(self) -> None:
+        on_policy = [r.name for r in self.runs if r.on_policy is not None]
+        if on_policy:
+            raise ValueError(f"train.save_steps: run(s) {on_policy} sample on-policy, and their sampler, replay "
+                             "buffer and adaptive state are not checkpointed yet, so a resumed run would not end "
+                             "with the same student; remove train.save_steps or those runs")
+        cross = [r.name for r in self.runs if r.cross_tokenizer is not None]
+        if cross:
+            raise ValueError(f"train.save_steps: cross-tokenizer run(s) {cross} do not checkpoint yet; remove "
+                             "train.save_steps or those runs")
+        if self.train.distributed in ("fsdp2", "zero3"):
+            raise ValueError(f"train.save_steps with train.distributed {self.train.distributed}: sharded "
+                             "checkpoints are not resumed yet; use ddp or remove train.save_steps")
 
     def _check_black_box(self) -> None:
         if self.student.kind != "pretrained":

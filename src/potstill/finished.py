@@ -34,6 +34,8 @@ from .errors import PotstillError
 from .io import atomic_write_json, atomic_write_text
 
 DONE = "POTSTILL_DONE"
+CHECKPOINTS = "checkpoints"  # <output_dir>/checkpoints/<run>/checkpoint-<step>: a run's Trainer checkpoints
+MARK = "potstill_run.json"  # written into a checkpoint last: the run fingerprint it belongs to
 FORMAT = 1
 PARTIAL = ".partial"
 
@@ -93,7 +95,8 @@ def owned_output_dir(out: Path) -> Iterator[Path]:
     except BaseException:
         runs = out / "runs"
         finished = runs.is_dir() and any((d / DONE).is_file() for d in runs.iterdir() if not d.is_symlink())
-        if created and not finished and out.is_dir() and not out.is_symlink():
+        saved = (out / CHECKPOINTS).is_dir() and any((out / CHECKPOINTS).glob("*/checkpoint-*"))
+        if created and not finished and not saved and out.is_dir() and not out.is_symlink():
             shutil.rmtree(out, ignore_errors=True)
         raise
 
@@ -119,7 +122,7 @@ def run_fingerprint(recipe, run) -> dict[str, Any]:
     # The engine (ddp / fsdp2) does not change the student; the number of processes does (the global batch).
     keep["train"] = {k: v for k, v in keep["train"].items()
                      if k not in ("gradient_checkpointing", "logging_steps", "distributed", "deepspeed_config",
-                                  "report_to", "eval_steps")}
+                                  "report_to", "eval_steps", "save_steps", "save_total_limit")}
     if keep["train"].get("loss_backend") == "potstill":  # the default: fingerprints from before the key stay valid
         del keep["train"]["loss_backend"]
     for entry in [keep["teacher"], keep["student"], *keep["extra_teachers"]]:  # loading options left unset: likewise

@@ -48,6 +48,7 @@ from .distributed import (
     zero3_full_state,
 )
 from .errors import PotstillError, VocabMismatchError
+from .checkpoints import MarkCheckpoints, checkpoint_dir, resume_point
 from .finished import (
     DONE,
     check_output_dir,
@@ -333,7 +334,8 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
         weight_decay=t.weight_decay,
         lr_scheduler_type="linear",
         logging_steps=t.logging_steps,
-        save_strategy="no",
+        **({"save_strategy": "steps", "save_steps": t.save_steps, "save_total_limit": t.save_total_limit}
+           if t.save_steps else {"save_strategy": "no"}),
         report_to=list(t.report_to) or "none",
         run_name=run.name,
         seed=t.seed,
@@ -396,7 +398,10 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         extra["validation_dataset"] = [{k: train_examples[i][k] for k in cols[:3]} for i in pick]
     sharded = recipe.train.distributed in ("fsdp2", "zero3")
     blank = (type(student), student.config)  # the consolidated student's class, when it was sharded
-    scratch = trainer_scratch(out_dir)
+    saving = recipe.train.save_steps is not None
+    # With checkpoints the Trainer's directory must outlive a killed process: <output_dir>/checkpoints/<run>.
+    scratch = checkpoint_dir(out_dir.parent.parent, run.name) if saving else trainer_scratch(out_dir)
+    resume = resume_point(scratch, run_fingerprint(recipe, run)) if saving else None
     try:
         tmp = str(scratch)
         cls = OnPolicyKDTrainer if run.on_policy is not None else FeatureKDTrainer if run.feature else KDTrainer
@@ -422,8 +427,12 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
             **extra,
         )
         watch = _watch(recipe, run, trainer, teacher, tokenizer, out_dir, eval_examples, vocab_size)
+        if saving:
+            trainer.add_callback(MarkCheckpoints(run_fingerprint(recipe, run)))
+            if resume is not None:
+                log.info("run %s resumes from %s", run.name, resume)
         t0 = time.perf_counter()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - t0
         student_sharded = is_sharded(trainer.model)
         if sharded:  # every process takes part in gathering the full weights; the first one keeps them
@@ -436,7 +445,8 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
             # without accelerate's autocast wrapper: a fresh bf16 student is evaluated in fp32, like a reloaded one
             model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     finally:
-        remove_scratch(scratch)
+        if not saving:  # checkpoints stay until the student is written (below)
+            remove_scratch(scratch)
     curve = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
     if not is_main_process():  # the first process writes the student
         return None, curve
@@ -469,7 +479,11 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
             info["on_policy"].update(skew_anchors=trainer.anchors, skew_history=trainer.skew_history)
         if run.on_policy.minillm is not None:
             info["on_policy"]["minillm_stats"] = trainer.minillm_stats
+    if resume is not None:
+        info["resumed_from"] = Path(resume).name
     save_student(model, tokenizer, out_dir, info, run_fingerprint(recipe, run))
+    if saving:  # the student is on disk: its checkpoints have served
+        remove_scratch(scratch)
     return model, curve
 
 
@@ -802,6 +816,8 @@ def preflight(prep: Prepared) -> None:
     out = Path(r.output_dir)
     for run in r.runs:
         verify_finished(out / "runs" / run.name, run_fingerprint(r, run))
+        if r.train.save_steps is not None and not (out / "runs" / run.name / DONE).is_file():
+            resume_point(checkpoint_dir(out, run.name), run_fingerprint(r, run))  # another recipe's: refused now
 
 
 def check_distributed(recipe: Recipe, device: torch.device) -> None:
