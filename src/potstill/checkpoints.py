@@ -31,23 +31,38 @@ def checkpoint_dir(out: Path, run_name: str) -> Path:
     return Path(out) / CHECKPOINTS / run_name
 
 
-class MarkCheckpoints(TrainerCallback):
-    """Write the run's fingerprint into each checkpoint once the Trainer has written it (its ``on_save``)."""
+STATE = "potstill_state.json"  # a trainer's own state beyond the Trainer's (on-policy sampling), when it has one
 
-    def __init__(self, fingerprint: dict):
+
+class MarkCheckpoints(TrainerCallback):
+    """Once the Trainer has written a checkpoint (its ``on_save``): the trainer's own state (``potstill_state()``,
+    where it has one), then the run's fingerprint, last."""
+
+    def __init__(self, fingerprint: dict, trainer=None):
         self.text = json.dumps(fingerprint, sort_keys=True)
+        self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():
+                if hasattr(self.trainer, "potstill_state"):
+                    atomic_write_text(path / STATE, json.dumps(self.trainer.potstill_state()))
                 atomic_write_text(path / MARK, self.text)
         return control
+
+
+def restore_state(trainer, checkpoint: str) -> None:
+    """Give ``trainer`` back the state :class:`MarkCheckpoints` wrote into ``checkpoint`` (a no-op without one)."""
+    if hasattr(trainer, "load_potstill_state"):
+        trainer.load_potstill_state(json.loads((Path(checkpoint) / STATE).read_text()))
 
 
 def _complete(path: Path) -> bool:
     try:
         json.loads((path / "trainer_state.json").read_text())
+        if (path / STATE).exists():
+            json.loads((path / STATE).read_text())
     except (OSError, ValueError):
         return False
     return any(path.glob("model*.safetensors")) or any(path.glob("adapter_model*.safetensors"))

@@ -637,11 +637,12 @@ class Recipe(_Strict):
         return self
 
     def _check_checkpointing(self) -> None:
-        on_policy = [r.name for r in self.runs if r.on_policy is not None]
-        if on_policy:
-            raise ValueError(f"train.save_steps: run(s) {on_policy} sample on-policy, and their sampler, replay "
-                             "buffer and adaptive state are not checkpointed yet, so a resumed run would not end "
-                             "with the same student; remove train.save_steps or those runs")
+        special = [r.name for r in self.runs if r.on_policy is not None
+                   and (r.on_policy.contrastive is not None or r.on_policy.minillm is not None)]
+        if special:
+            raise ValueError(f"train.save_steps: run(s) {special} (DistiLLM-2 / MiniLLM) keep state of their own that "
+                             "is not checkpointed yet, so a resumed run would not end with the same student; remove "
+                             "train.save_steps or those runs")
         cross = [r.name for r in self.runs if r.cross_tokenizer is not None]
         if cross:
             raise ValueError(f"train.save_steps: cross-tokenizer run(s) {cross} do not checkpoint yet; remove "

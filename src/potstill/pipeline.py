@@ -48,7 +48,7 @@ from .distributed import (
     zero3_full_state,
 )
 from .errors import PotstillError, VocabMismatchError
-from .checkpoints import MarkCheckpoints, checkpoint_dir, resume_point
+from .checkpoints import MarkCheckpoints, checkpoint_dir, restore_state, resume_point
 from .finished import (
     DONE,
     check_output_dir,
@@ -428,9 +428,10 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         )
         watch = _watch(recipe, run, trainer, teacher, tokenizer, out_dir, eval_examples, vocab_size)
         if saving:
-            trainer.add_callback(MarkCheckpoints(run_fingerprint(recipe, run)))
+            trainer.add_callback(MarkCheckpoints(run_fingerprint(recipe, run), trainer))
             if resume is not None:
                 log.info("run %s resumes from %s", run.name, resume)
+                restore_state(trainer, resume)
         t0 = time.perf_counter()
         trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - t0

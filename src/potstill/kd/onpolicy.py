@@ -120,6 +120,25 @@ class OnPolicyKDTrainer(KDTrainer):
         self._last_val_step = 0
         self.rollout_stats = {"gen_tokens": 0, "gen_seconds": 0.0, "modes": []}
 
+    # -------------------------------------------------------------------------- checkpoints
+    def potstill_state(self) -> dict:
+        """What a resumed run needs beyond the Trainer's own checkpoint (JSON): the mode-choice RNG, the replay
+        buffer, the adaptive schedule and the rollout counts (the sampling seed counts the steps' modes)."""
+        version, internal, gauss = self._rng.getstate()
+        return {"rng": [version, list(internal), gauss], "buffer": list(self._buffer), "lmbda": self.lmbda,
+                "lmbda_history": self.lmbda_history, "last_val": self._last_val,
+                "last_val_step": self._last_val_step, "rollout_stats": self.rollout_stats}
+
+    def load_potstill_state(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._buffer.clear()
+        self._buffer.extend(state["buffer"])
+        self.lmbda = state["lmbda"]
+        self.lmbda_history = [tuple(row) for row in state["lmbda_history"]]
+        self._last_val, self._last_val_step = state["last_val"], state["last_val_step"]
+        self.rollout_stats = state["rollout_stats"]
+
     # -------------------------------------------------------------------------- steps
     def choose_mode(self) -> str:
         """``"data"`` (fixed data), ``"student"`` (fresh samples) or ``"replay"`` (from the buffer)."""
