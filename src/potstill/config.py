@@ -412,7 +412,7 @@ class TrainConfig(_Strict):
     save_steps: int | None = Field(
         None, ge=1, description="Write a checkpoint every N steps under <output_dir>/checkpoints/<run>; a rerun of a "
         "killed run resumes from the latest one that verifies and ends with the same student. Off-policy runs "
-        "(live teacher, caches, feature KD) in one process or under ddp.")
+        "(live teacher, caches, feature KD) and on-policy GKD / DistiLLM; one process or ddp.")
     save_total_limit: int = Field(2, ge=2, le=1000, description="Checkpoints kept per run (the oldest go first; at "
                                   "least 2, so a kill while one is written leaves a whole one).")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
