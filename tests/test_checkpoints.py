@@ -72,7 +72,7 @@ def test_a_killed_run_resumes_and_ends_bit_identical(assets, tmp_path, steps):
         assert {"data", "student", "replay"} <= set(ref_info["on_policy"]["modes"])
     a, b = load_file(ref / "runs" / "kd" / "model.safetensors"), load_file(out / "runs" / "kd" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not ckpts.exists()
+    assert not (out / "checkpoints").exists(), "nothing of the checkpoints is left once the student is saved"
 
 
 def test_a_checkpoint_of_another_recipe_is_refused_in_one_line(assets, tmp_path, capsys):
@@ -94,3 +94,22 @@ def test_checkpoints_are_refused_for_minillm_runs(assets, tmp_path, capsys):
     assert main(["distill", str(rp)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "keep state of their own that is not checkpointed yet" in err[0], err
+
+
+def test_resume_point_passes_over_a_checkpoint_whose_mark_is_unreadable(tmp_path):
+    """The newest checkpoint's mark is garbled (a disk that failed mid-write): the one before is taken."""
+    from potstill.checkpoints import resume_point
+
+    fingerprint = {"run": {"name": "kd"}}
+    for step, mark in ((2, json.dumps(fingerprint)), (4, "{ garbled")):
+        ck = tmp_path / f"checkpoint-{step}"
+        ck.mkdir()
+        (ck / "trainer_state.json").write_text("{}")
+        (ck / "model.safetensors").write_bytes(b"")
+        (ck / "potstill_run.json").write_text(mark)
+    assert resume_point(tmp_path, fingerprint) == str(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-2" / "potstill_run.json").write_text("{ garbled too")
+    from potstill.errors import PotstillError
+
+    with pytest.raises(PotstillError, match="no checkpoint in .* is complete"):
+        resume_point(tmp_path, fingerprint)

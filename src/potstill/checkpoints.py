@@ -78,13 +78,13 @@ def resume_point(directory: Path, fingerprint: dict) -> str | None:
                    reverse=True)
     if not found:
         return None
-    want = json.dumps(fingerprint, sort_keys=True)
+    want = json.loads(json.dumps(fingerprint))  # as it reads back from a mark
     for step, path in found:
         try:
-            mark = (path / MARK).read_text()
-        except OSError:
+            mark = json.loads((path / MARK).read_text())
+        except (OSError, ValueError):  # no mark, or an unreadable one: cut short
             mark = None
-        if mark is not None and json.loads(mark) != json.loads(want):
+        if mark is not None and mark != want:
             raise PotstillError(f"{path} is a checkpoint of another recipe (its run fingerprint differs); point "
                                 "output_dir elsewhere or remove that directory to start the run over")
         if mark is not None and _complete(path):

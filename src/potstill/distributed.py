@@ -292,7 +292,7 @@ def zero3_full_state(engine) -> dict:
 _FROZEN_ENGINES: list = []  # DeepSpeed engines of frozen teachers: their hooks live as long as the run
 
 
-def shard_frozen_zero3(model, dtype=None) -> None:
+def shard_frozen_zero3(model) -> None:
     """Partition a frozen model (a teacher) with DeepSpeed ZeRO-3, in place, for inference (no optimizer).
 
     Each process then holds 1/world of its weights; DeepSpeed's hooks gather each module's weights for its
@@ -300,7 +300,7 @@ def shard_frozen_zero3(model, dtype=None) -> None:
     import deepspeed
     import torch
 
-    dtype = dtype or next(model.parameters()).dtype
+    dtype = next(model.parameters()).dtype
     hidden = getattr(model.config, "hidden_size", None) or 0
     config = {"train_micro_batch_size_per_gpu": 1,
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10 * hidden},

@@ -7,6 +7,7 @@ atomically; rerunning the same recipe skips the runs that finished (resume).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -399,9 +400,10 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
     sharded = recipe.train.distributed in ("fsdp2", "zero3")
     blank = (type(student), student.config)  # the consolidated student's class, when it was sharded
     saving = recipe.train.save_steps is not None
+    fingerprint = run_fingerprint(recipe, run)
     # With checkpoints the Trainer's directory must outlive a killed process: <output_dir>/checkpoints/<run>.
     scratch = checkpoint_dir(out_dir.parent.parent, run.name) if saving else trainer_scratch(out_dir)
-    resume = resume_point(scratch, run_fingerprint(recipe, run)) if saving else None
+    resume = resume_point(scratch, fingerprint) if saving else None
     try:
         tmp = str(scratch)
         cls = OnPolicyKDTrainer if run.on_policy is not None else FeatureKDTrainer if run.feature else KDTrainer
@@ -428,7 +430,7 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         )
         watch = _watch(recipe, run, trainer, teacher, tokenizer, out_dir, eval_examples, vocab_size)
         if saving:
-            trainer.add_callback(MarkCheckpoints(run_fingerprint(recipe, run), trainer))
+            trainer.add_callback(MarkCheckpoints(fingerprint, trainer))
             if resume is not None:
                 log.info("run %s resumes from %s", run.name, resume)
                 restore_state(trainer, resume)
@@ -482,9 +484,11 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
             info["on_policy"]["minillm_stats"] = trainer.minillm_stats
     if resume is not None:
         info["resumed_from"] = Path(resume).name
-    save_student(model, tokenizer, out_dir, info, run_fingerprint(recipe, run))
+    save_student(model, tokenizer, out_dir, info, fingerprint)
     if saving:  # the student is on disk: its checkpoints have served
         remove_scratch(scratch)
+        with contextlib.suppress(OSError):  # checkpoints/ itself once no run keeps any
+            scratch.parent.rmdir()
     return model, curve
 
 
