@@ -183,6 +183,10 @@ class DataConfig(_Strict):
     seed: Seed = Field(0, description="Seed of the train/eval split.")
     selection: str | None = Field(
         None, description="Train only on the examples of a `potstill select` selection.json (same data section).")
+    packing: bool = Field(
+        False, description="Pack each batch's examples into rows of max_length (position ids restart per example, "
+        "attention stays inside each example): no padding computed. The batch still counts examples, so the loss, "
+        "caches and on-policy sampling are those of the padded batch.")
 
 
 # ------------------------------------------------------------------------ divergences
@@ -582,6 +586,30 @@ class CacheConfig(_Strict):
         return _check_temperature(v, "cache.temperature")
 
 
+class VLLMOptions(_Strict):
+    mode: Literal["colocate", "server"] = Field(
+        "colocate", description="colocate: a vLLM engine in this process, sharing the GPU with training (on-policy: "
+        "the student's weights are copied into it after each optimizer step); server: a vLLM server you start "
+        "(`trl vllm-serve --model ...`), reached over HTTP at server_url (weights synced through its "
+        "weight-update endpoints).")
+    server_url: str = Field("http://localhost:8000", description="server mode: the server's base URL.")
+    server_timeout: float = Field(240.0, gt=0, description="server mode: seconds to wait for the server to answer.")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0.0, le=1.0, description="colocate mode: share of the GPU's memory vLLM may take (weights + KV cache).")
+    tensor_parallel_size: int = Field(1, ge=1, description="colocate mode: GPUs one engine spans.")
+    max_model_len: int | None = Field(None, ge=16, description="colocate mode: the engine's context length "
+                                      "(default: the model's).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="colocate mode: the engine's weights dtype.")
+
+
+class GenerationOptions(_Strict):
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="Who generates: hf (transformers' generate, any device, the default) or vllm (pip install "
+        "'potstill[vllm]', CUDA): the teacher's answers for the demo data and on-policy sampling.")
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions, description="Options of the vllm backend.")
+
+
 class EvalConfig(_Strict):
     max_new_tokens: int = Field(32, ge=1, description="Greedy generation length for ROUGE-L and tokens/s.")
     batch_size: int = Field(8, ge=1, le=2**16, description="Evaluation batch size.")
@@ -598,6 +626,8 @@ class Recipe(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization, equal for every run.")
     runs: list[RunConfig] = Field(default_factory=_default_runs, description="Students to train and compare.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    generation: GenerationOptions = Field(default_factory=GenerationOptions,
+                                          description="The generation engine (teacher answers, on-policy sampling).")
     device: str | None = Field(None, description="torch device; default: cuda if available, else cpu.")
     cache: CacheConfig | None = Field(
         None, description="Distill from a teacher-signal cache (`potstill cache` writes it) instead of a live teacher."
