@@ -647,6 +647,8 @@ class Recipe(_Strict):
             self._check_black_box()
         if self.train.save_steps is not None:
             self._check_checkpointing()
+        if self.data.packing:
+            self._check_packing()
         if self.train.eval_steps is not None and self.teacher.model is None:
             raise ValueError("train.eval_steps measures the student against the teacher model, and a black-box "
                              "teacher has none; remove train.eval_steps (metrics.json still has perplexity)")
@@ -680,6 +682,19 @@ class Recipe(_Strict):
         if self.train.distributed in ("fsdp2", "zero3"):
             raise ValueError(f"train.save_steps with train.distributed {self.train.distributed}: sharded "
                              "checkpoints are not resumed yet; use ddp or remove train.save_steps")
+
+    def _check_packing(self) -> None:
+        """What reads a batch row by row (not example by example) cannot take packed rows yet."""
+        for r in self.runs:
+            op = r.on_policy
+            what = [k for k, on in (
+                ("cross_tokenizer", r.cross_tokenizer is not None),
+                ("on_policy.contrastive (DistiLLM-2)", op is not None and op.contrastive is not None),
+                ("on_policy.minillm", op is not None and op.minillm is not None),
+                ("feature.relations", r.feature is not None and r.feature.relations is not None)) if on]
+            if what:
+                raise ValueError(f"data.packing: run {r.name} uses {what[0]}, which reads each row of a batch as one "
+                                 "example; set data.packing false or remove it from the run")
 
     def _check_black_box(self) -> None:
         if self.student.kind != "pretrained":

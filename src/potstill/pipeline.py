@@ -417,6 +417,11 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
             cls = MiniLLMKDTrainer
         if sharded:  # accelerate's FSDP2 plugin on CPU processes too (a no-op where accelerate enables it)
             cls = type(cls.__name__, (FSDPOnCPU, cls), {})
+        if recipe.data.packing:  # the batch's examples end to end in rows of max_length
+            from .data import PackCollator
+            from .generate import pad_id
+
+            extra["data_collator"] = PackCollator(pad_id(tokenizer), recipe.data.max_length)
         trainer = cls(
             model=student,
             teacher_model=None,
@@ -459,6 +464,7 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
     if hasattr(trainer, "loss_tokens"):  # the first process's tokens that carried loss, and their rate
         info["loss_tokens"] = trainer.loss_tokens
         info["loss_tokens_per_s"] = round(trainer.loss_tokens / seconds, 1) if seconds > 0 else None
+        info["padding_share"] = trainer.padding_share
     if watch is not None:  # [step, forward KL, top-1 agreement] on the held-out examples during training
         info["eval_history"] = watch.history
     if world_size() > 1:  # how the processes shared the work: what a reader of the result needs to know
@@ -803,6 +809,8 @@ def preflight(prep: Prepared) -> None:
                 if n is not None and not -(n + 1) <= i <= n:
                     raise PotstillError(f"run {run.name}: {key} names {who} layer {i}, but the {who} has {n} layers; "
                                         f"use 0..{n} (0 the embeddings) or -1 for the last")
+    if r.data.packing:
+        check_packing_models(prep)
     lora = r.train.lora
     if lora is not None and lora.target_modules != "all-linear":
         names = [n for n, _ in prep.student0.named_modules()]
@@ -823,6 +831,23 @@ def preflight(prep: Prepared) -> None:
         verify_finished(out / "runs" / run.name, run_fingerprint(r, run))
         if r.train.save_steps is not None and not (out / "runs" / run.name / DONE).is_file():
             resume_point(checkpoint_dir(out, run.name), run_fingerprint(r, run))  # another recipe's: refused now
+
+
+def check_packing_models(prep: Prepared) -> None:
+    """``data.packing``: every model that reads the packed rows keeps each example's attention to itself."""
+    from .data.packing import check_packing
+
+    r = prep.recipe
+    models = [("student", prep.student0)]
+    if any(run.uses_teacher for run in r.runs) and r.cache is None:
+        models.append(("teacher", prep.teacher))
+    for i, t in enumerate(prep.extra_teachers()):
+        if t.tokenizer is not None:
+            raise PotstillError(f"data.packing: extra_teachers[{i}] has another tokenizer and reads each row of a "
+                                "batch as one example; set data.packing false or give it the student's tokenizer")
+        models.append((f"extra_teachers[{i}]", t.model))
+    for who, model in models:
+        check_packing(model, who)
 
 
 def check_distributed(recipe: Recipe, device: torch.device) -> None:

@@ -3,9 +3,13 @@
 from .chat import encode_example, encode_prompt
 from .collate import PadCollator
 from .loading import load_records, records_to_pairs, train_eval_split
+from .packing import PackCollator, forward_kwargs, segments
 
 __all__ = [
+    "PackCollator",
     "PadCollator",
+    "forward_kwargs",
+    "segments",
     "encode_example",
     "encode_prompt",
     "load_records",

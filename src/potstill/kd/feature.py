@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..data.packing import forward_kwargs
 from ..errors import PotstillError
 from ..signals import DenseSignal, OnlineTeacher, target_index, target_rows
 from .attention_relation import (
@@ -234,7 +235,8 @@ class FeatureKDTrainer(KDTrainer):
         # must be non-reentrant (kd_config sets it): a reentrant one runs the layer without a graph and the
         # relation term's gradients into q/k/v would be silently lost.
         with self._capture(model, teacher=False) as proj:
-            self._student_states = all_hidden(model, inputs["input_ids"], inputs["attention_mask"])
+            self._student_states = all_hidden(model, inputs["input_ids"], inputs["attention_mask"],
+                                              **forward_kwargs(inputs))
         self._student_proj = proj
         return self._student_states[-1]
 
@@ -245,7 +247,8 @@ class FeatureKDTrainer(KDTrainer):
         if self._teacher.training:
             self._teacher.eval()
         with self._capture(self._teacher, teacher=True) as proj:
-            self._teacher_states = all_hidden(self._teacher, inputs["input_ids"], inputs["attention_mask"])
+            self._teacher_states = all_hidden(self._teacher, inputs["input_ids"], inputs["attention_mask"],
+                                              **forward_kwargs(inputs))
         self._teacher_proj = proj
 
     def _batch_signal(self, inputs):

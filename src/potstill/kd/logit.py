@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer, TrainingArguments
 
+from ..data.packing import forward_kwargs
 from ..divergences import DIVERGENCES, check_divergence_params, check_temperature, chunked_kd_loss
 from ..divergences.chunked import full_head
 from ..distributed import global_rows
@@ -188,6 +189,7 @@ class KDTrainer(NonFiniteGuard, Trainer):
         self.vocab_size = vocab_size
         self._stats: dict[str, float] = {"ce_sum": 0.0, "kd_sum": 0.0, "n_tokens": 0.0}
         self._logged_tokens = 0.0  # loss tokens of the intervals already logged
+        self._slots = [0, 0]  # [token slots of the training batches, real tokens among them]
         self._interval_t0: float | None = None  # when the current logging interval's first step began
         if args.loss_backend == "liger":
             self._check_liger_backend(model)
@@ -249,7 +251,8 @@ class KDTrainer(NonFiniteGuard, Trainer):
         if self.args.curriculum != "none" and getattr(self, "curriculum_scores", None) is None:
             if self.signal_source is None:
                 raise PotstillError("a curriculum ranks examples by the teacher-student divergence; set alpha < 1")
-            scores = example_divergences(self.model, self.signal_source, self.train_dataset, self.data_collator,
+            collator = getattr(self.data_collator, "unpacked", self.data_collator)  # scores per example
+            scores = example_divergences(self.model, self.signal_source, self.train_dataset, collator,
                                          vocab=self.vocab_size, temperature=self.args.temperature,
                                          batch_size=self.args.per_device_train_batch_size,
                                          chunk_size=self.args.chunk_size)
@@ -269,7 +272,7 @@ class KDTrainer(NonFiniteGuard, Trainer):
         """The student's final hidden states ``[B, T, H]`` (subclasses keep other layers too)."""
         from ..models import final_hidden
 
-        return final_hidden(model, inputs["input_ids"], inputs["attention_mask"])
+        return final_hidden(model, inputs["input_ids"], inputs["attention_mask"], **forward_kwargs(inputs))
 
     def _progress(self) -> float:
         """Share of training done, in [0, 1] (optimizer steps / max steps)."""
@@ -332,6 +335,9 @@ class KDTrainer(NonFiniteGuard, Trainer):
             loss = loss * self.accelerator.num_processes
         for k in ("ce_sum", "kd_sum", "n_tokens"):
             self._stats[k] += float(stats[k])
+        if model.training:  # the token slots the student computed, and how many of them held a token
+            self._slots[0] += int(inputs["input_ids"].numel())
+            self._slots[1] += int(inputs["attention_mask"].sum())
         if return_outputs:
             return loss, {"loss": loss}
         return loss
@@ -340,6 +346,12 @@ class KDTrainer(NonFiniteGuard, Trainer):
     def loss_tokens(self) -> int:
         """Tokens that carried loss on this process so far (training steps)."""
         return int(self._logged_tokens + self._stats["n_tokens"])
+
+    @property
+    def padding_share(self) -> float | None:
+        """Share of the training batches' token slots that held padding (data.packing lowers it)."""
+        slots, real = self._slots
+        return round(1.0 - real / slots, 4) if slots else None
 
     def training_step(self, *args, **kwargs):
         if self._interval_t0 is None:

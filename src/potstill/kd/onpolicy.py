@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.packing import segments
 from ..errors import PotstillError
 from ..signals import OnlineTeacher
 from .logit import KDConfig, KDTrainer
@@ -159,7 +160,7 @@ class OnPolicyKDTrainer(KDTrainer):
         self.rollout_stats["modes"].append(mode)
         if mode == "data":
             return batches, num_items
-        new = [self._student_batch(b) if mode == "student" else self._replay_batch(len(b["input_ids"])) for b in batches]
+        new = [self._student_batch(b) if mode == "student" else self._replay_batch(len(segments(b))) for b in batches]
         return new, self._get_num_items_in_batch(new, device)
 
     def _collate(self, feats: list[dict]) -> dict:
@@ -173,12 +174,12 @@ class OnPolicyKDTrainer(KDTrainer):
         from ..generate import generate
 
         cfg: OnPolicyConfig = self.args
-        labels, ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
+        labels, ids = batch["labels"], batch["input_ids"]
         prompts = []
-        for i in range(ids.shape[0]):
-            resp = (labels[i] != -100).nonzero()
-            end = int(resp[0]) if resp.numel() else int(mask[i].sum())
-            prompts.append(ids[i, :end].tolist())
+        for row, start, stop in segments(batch, collated_order=True):  # one per example, in the data's order
+            resp = (labels[row, start:stop] != -100).nonzero()
+            end = start + int(resp[0]) if resp.numel() else stop
+            prompts.append(ids[row, start:end].tolist())
         model = self.accelerator.unwrap_model(self.model)
         tok = self.processing_class
         eos = tok.eos_token_id if tok is not None else None

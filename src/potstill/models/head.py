@@ -131,10 +131,14 @@ def all_hidden(
     (so the ``[B, T, V]`` logits are never computed), and returns ``hidden_states[-1]``,
     which in transformers is the output of the final norm. Checked against
     ``get_decoder()(...).last_hidden_state`` for Llama, Gemma-2 and Cohere in the tests.
-    Extra ``kwargs`` (e.g. ``position_ids``) are passed through.
+    Extra ``kwargs`` (e.g. ``position_ids``) are passed through. A packed batch
+    (:mod:`potstill.data.packing`: ``position_ids`` given) runs without ``attention_mask``, so that
+    transformers confines attention to each example from the position restarts.
     """
     base = unwrap_model(model)
     call_kwargs = dict(kwargs)
+    if call_kwargs.get("position_ids") is not None:
+        attention_mask = None
     call_kwargs.setdefault("use_cache", False)
     if _accepts(base.forward, "logits_to_keep"):
         call_kwargs["logits_to_keep"] = 1

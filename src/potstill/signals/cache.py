@@ -912,14 +912,15 @@ class CachedSignal:
 
     # -------------------------------------------------------------------- signal
     def signal(self, batch: dict[str, Tensor]) -> Signal:
+        from ..data.packing import segments
+
         labels = batch["labels"]
         ids = batch["input_ids"].detach().cpu()
-        mask = batch["attention_mask"].detach().cpu().bool()
         lab = labels.detach().cpu()
         given = batch.get("example_id")
         parts: list[_Example] = []
-        for b in range(lab.shape[0]):
-            h = example_hash(ids[b][mask[b]], lab[b][mask[b]])
+        for b, (row, start, end) in enumerate(segments(batch)):  # one per example, packed or padded
+            h = example_hash(ids[row, start:end], lab[row, start:end])
             if given is not None:
                 eid = int(given[b])
             else:
@@ -930,7 +931,7 @@ class CachedSignal:
                         "the data, tokenizer or chat template changed: rebuild the cache"
                     )
             ex = self.example(eid, h)
-            want = int((lab[b, 1:] != -100).sum())
+            want = int((lab[row, start + 1:end] != -100).sum())
             if ex.rows != want:
                 raise PotstillError(
                     f"example {eid}: {want} target tokens in the batch but {ex.rows} cached rows; rebuild the cache"

@@ -64,6 +64,7 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def signal(self, batch: dict[str, Tensor]) -> DenseSignal:
+        from ..data.packing import forward_kwargs
         from ..models import final_hidden
 
         key = None
@@ -74,7 +75,7 @@ class OnlineTeacher:
                 return DenseSignal(hidden=rows, head=self.head)
         if self.model.training:  # someone called .train() on the shared module
             self.model.eval()
-        hidden = final_hidden(self.model, batch["input_ids"], batch["attention_mask"])
+        hidden = final_hidden(self.model, batch["input_ids"], batch["attention_mask"], **forward_kwargs(batch))
         rows = target_rows(hidden, target_index(batch["labels"]))
         if self.memo is not None:
             self.memo.put(key, rows)
@@ -101,7 +102,10 @@ class TeacherMemo:
         import hashlib
 
         h = hashlib.blake2b(digest_size=16)
-        for name in ("input_ids", "attention_mask", "labels"):
+        for name in ("input_ids", "attention_mask", "labels", "position_ids"):
+            if batch.get(name) is None:  # position_ids: packed batches only
+                continue
+            h.update(name.encode())
             t = batch[name].detach().to("cpu", torch.long).contiguous()
             h.update(str(tuple(t.shape)).encode())
             h.update(t.numpy().tobytes())
