@@ -22,9 +22,12 @@ the prompts; ``model_id`` and ``batch_size`` are recorded in ``meta.json`` but a
 part of it. One writer per directory: two processes generating into the same directory
 at once are not supported.
 
-:func:`generate_vllm` is an optional backend (``pip install 'potstill[vllm]'``, CUDA
-only) behind an import guard; :func:`backend_generate` dispatches between ``hf`` and
-``vllm``.
+The backend: ``hf`` (:func:`potstill.generate.generate`, the default) or vLLM
+(``pip install 'potstill[vllm]'``, CUDA only): pass ``engine`` (a
+:class:`potstill.vllm_engine.VLLMEngine`) to :func:`generate_cached` or :func:`backend_generate`.
+Chunk files are the same for both; the run key records a vLLM engine's identity (hf and
+vllm outputs differ), and an hf run's key is unchanged from before backends existed.
+:func:`generate_vllm` is the one-shot form that takes a model name or path.
 """
 
 from __future__ import annotations
@@ -110,8 +113,12 @@ def prompts_sha(prompts: Iterable[Iterable[int]]) -> str:
     return h.hexdigest()
 
 
-def run_key(model_fp: str, tokenizer_fp: str, params: GenerationParams, chunk_size: int, prompts_digest: str) -> str:
-    """sha256 (hex) identifying one generation run: what a directory's chunks must match."""
+def run_key(model_fp: str, tokenizer_fp: str, params: GenerationParams, chunk_size: int, prompts_digest: str,
+            backend: dict | None = None) -> str:
+    """sha256 (hex) identifying one generation run: what a directory's chunks must match.
+
+    ``backend``: a vLLM engine's ``identity`` (``None``: the hf backend, left out of the key).
+    """
     ident = {
         "format": FORMAT,
         "version": VERSION,
@@ -121,6 +128,8 @@ def run_key(model_fp: str, tokenizer_fp: str, params: GenerationParams, chunk_si
         "chunk_size": chunk_size,
         "prompts": prompts_digest,
     }
+    if backend is not None:
+        ident["backend"] = backend
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -192,8 +201,12 @@ def generate_cached(
     batch_size: int = 8,
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
+    engine=None,
 ) -> Generations:
     """Generate continuations of ``prompts`` into the directory ``path``, resuming from it.
+
+    ``engine``: a :class:`~potstill.vllm_engine.VLLMEngine` serving ``model`` (``None``: the hf
+    backend); ``model`` is still what the run key fingerprints.
 
     Returns :class:`~potstill.generate.Generations` with ``token_ids`` in the input order;
     ``num_tokens`` and ``seconds`` are summed over the chunk files, so a fully cached call
@@ -216,7 +229,8 @@ def generate_cached(
 
     model_fp = weights_fingerprint(model)
     tok_fp = tokenizer_fingerprint(tokenizer)
-    key = run_key(model_fp, tok_fp, params, chunk_size, prompts_sha(prompts))
+    backend = None if engine is None else engine.identity
+    key = run_key(model_fp, tok_fp, params, chunk_size, prompts_sha(prompts), backend)
     n_chunks = -(-len(prompts) // chunk_size)
 
     meta_path = path / META
@@ -245,6 +259,7 @@ def generate_cached(
             "chunk_size": chunk_size,
             "num_chunks": n_chunks,
             "batch_size": batch_size,
+            "backend": backend or "hf",
         }
         atomic_write_json(meta_path, meta)
     _clean_tmp(path)
@@ -259,18 +274,11 @@ def generate_cached(
             file = path / _chunk_name(j)
             rec = _read_chunk(file, key, j, sha, len(chunk))
             if rec is None:
-                out = _engine().generate(
-                    model,
-                    tokenizer,
-                    chunk,
-                    max_new_tokens=params.max_new_tokens,
-                    batch_size=batch_size,
-                    do_sample=params.do_sample,
-                    temperature=params.temperature,
-                    top_p=params.top_p,
-                    seed=params.seed + j,
-                    progress=False,
-                )
+                kw = {**params.generate_kwargs(), "seed": params.seed + j}
+                if engine is None:
+                    out = _engine().generate(model, tokenizer, chunk, batch_size=batch_size, progress=False, **kw)
+                else:
+                    out = engine.generate(chunk, **kw)
                 rec = {
                     "key": key,
                     "chunk": j,
@@ -307,22 +315,17 @@ def generate_vllm(
     eos_token_ids: Iterable[int] | None = None,
     **llm_kwargs,
 ) -> Generations:
-    """Generate with vLLM (optional extra, CUDA only); same output convention as ``hf``.
-
-    ``llm_kwargs`` go to ``vllm.LLM`` (e.g. ``dtype``, ``gpu_memory_utilization``). Prompts
-    are passed as token ids (``TokensPrompt``), so no re-tokenization happens. Greedy is
-    ``temperature=0``. vLLM stops at EOS and keeps the EOS id in its output; here the
-    tokens from the first EOS on are removed (the EOS is counted in ``num_tokens``), as
-    :func:`potstill.generate.generate` does. EOS ids: ``eos_token_ids`` if given, else
-    the tokenizer's EOS, plus a stop token id vLLM reports. ``seconds`` times
-    ``llm.generate`` only, not loading the model.
+    """Generate with a fresh ``vllm.LLM(model=model_name_or_path, **llm_kwargs)`` (CUDA only), one seed for the
+    batch; the conventions of ``hf``: token-id prompts (no re-tokenization), greedy is temperature 0, tokens
+    from the first EOS on removed (the EOS counted in ``num_tokens``). EOS ids: ``eos_token_ids``, else the
+    tokenizer's, plus a stop id vLLM reports. ``seconds`` times ``llm.generate`` only, not the loading.
     """
+    from .vllm_engine import MISSING_VLLM, to_generations
+
     try:
         import vllm
     except ImportError:
-        raise PotstillError(
-            "the vllm backend needs the vllm package; pip install 'potstill[vllm]' (CUDA only) or use backend 'hf'"
-        ) from None
+        raise PotstillError(MISSING_VLLM) from None
     if not isinstance(params, GenerationParams):
         raise PotstillError(f"params must be a GenerationParams, not {type(params).__name__}")
     if not isinstance(model_name_or_path, (str, Path)):
@@ -330,7 +333,6 @@ def generate_vllm(
             "the vllm backend takes a model name or path, not a loaded model; pass the model id or use backend 'hf'"
         )
     prompts = _check_prompts(prompts)
-
     llm = vllm.LLM(model=str(model_name_or_path), **llm_kwargs)
     sampling = vllm.SamplingParams(
         max_tokens=params.max_new_tokens,
@@ -338,33 +340,17 @@ def generate_vllm(
         top_p=params.top_p if params.do_sample else 1.0,
         seed=params.seed,
     )
-    if eos_token_ids is not None:
-        eos = {int(t) for t in eos_token_ids}
-    else:
-        eos = set()
-        tok = llm.get_tokenizer() if hasattr(llm, "get_tokenizer") else None
-        e = getattr(tok, "eos_token_id", None)
-        if isinstance(e, int):
-            eos.add(e)
-        elif isinstance(e, (list, tuple)):
-            eos.update(int(x) for x in e)
-
+    if eos_token_ids is None:
+        e = getattr(llm.get_tokenizer() if hasattr(llm, "get_tokenizer") else None, "eos_token_id", None)
+        eos_token_ids = [e] if isinstance(e, int) else (e or [])
     t0 = time.perf_counter()
     results = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling_params=sampling, use_tqdm=progress)
     seconds = time.perf_counter() - t0
-
-    out: list[list[int]] = []
-    num_tokens = 0
-    for res in results:
-        completion = res.outputs[0]
-        new = [int(t) for t in completion.token_ids]
-        stops = eos | ({completion.stop_reason} if isinstance(getattr(completion, "stop_reason", None), int) else set())
-        cut = next((i for i, t in enumerate(new) if t in stops), None)
-        num_tokens += len(new) if cut is None else cut + 1
-        out.append(new if cut is None else new[:cut])
-    if len(out) != len(prompts):
-        raise PotstillError(f"vllm returned {len(out)} outputs for {len(prompts)} prompts; check the vllm version")
-    return Generations(out, num_tokens, seconds)
+    if len(results) != len(prompts):
+        raise PotstillError(f"vllm returned {len(results)} outputs for {len(prompts)} prompts; check the vllm version")
+    outs = [(c.token_ids, getattr(c, "finish_reason", None), getattr(c, "stop_reason", None))
+            for c in (r.outputs[0] for r in results)]
+    return to_generations(outs, {int(t) for t in eos_token_ids}, seconds)
 
 
 def backend_generate(
@@ -376,10 +362,13 @@ def backend_generate(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    engine=None,
     **backend_kwargs,
 ) -> Generations:
     """Generate with ``backend``: ``hf`` (:func:`potstill.generate.generate`, a loaded model)
-    or ``vllm`` (:func:`generate_vllm`, ``model`` is a name or path; ``tokenizer`` unused).
+    or ``vllm``: through ``engine`` (a :class:`~potstill.vllm_engine.VLLMEngine`, e.g.
+    ``VLLMEngine.from_options(model, tokenizer, recipe.generation.vllm)``) if given, else
+    :func:`generate_vllm` with ``model`` a name or path (``tokenizer`` unused).
 
     ``backend_kwargs`` go to the backend (``generate`` for ``hf``, ``vllm.LLM`` for ``vllm``).
     """
@@ -387,6 +376,8 @@ def backend_generate(
         raise PotstillError(f"generation backend '{backend}' is unknown; use one of {', '.join(BACKENDS)}")
     if not isinstance(params, GenerationParams):
         raise PotstillError(f"params must be a GenerationParams, not {type(params).__name__}")
+    if backend == "vllm" and engine is not None:
+        return engine.generate(_check_prompts(prompts), progress=progress, **params.generate_kwargs())
     if backend == "vllm":
         return generate_vllm(model, prompts, params, progress=progress, **backend_kwargs)
     if isinstance(model, (str, Path)):

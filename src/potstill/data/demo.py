@@ -2,7 +2,8 @@
 
 The teacher's greedy answers are the targets (sequence-level KD data, Kim & Rush 2016).
 They are generated once and cached as JSON under the user cache dir, keyed by the
-teacher's identity, the prompts, the chat template and the generation settings.
+teacher's identity, the prompts, the chat template and the generation settings (the
+backend included: with ``generation.backend: vllm`` a vLLM engine writes them).
 """
 
 from __future__ import annotations
@@ -27,10 +28,21 @@ def demo_prompts(n: int | None = None) -> list[dict]:
 
 
 def teacher_responses(teacher, tokenizer, teacher_id: str, prompts: list[dict], *, max_new_tokens: int,
-                      batch_size: int = 32, system_prompt: str | None = None) -> list[dict]:
-    """``[{"messages", "response", "id"}]``: the teacher's greedy answer to each prompt, cached."""
+                      batch_size: int = 32, system_prompt: str | None = None, generation=None) -> list[dict]:
+    """``[{"messages", "response", "id"}]``: the teacher's greedy answer to each prompt, cached.
+
+    ``generation``: the recipe's ``config.GenerationOptions`` (``None``: the hf backend). With
+    ``backend: vllm`` a :class:`~potstill.vllm_engine.VLLMEngine` for the teacher generates
+    (checked up front: no CUDA or no vllm is a one-line error); it starts only if an answer is missing.
+    """
     from ..models.offline import cache_root
     from .chat import encode_prompt
+
+    engine = None
+    if generation is not None and generation.backend == "vllm":
+        from ..vllm_engine import VLLMEngine
+
+        engine = VLLMEngine.from_options(teacher, tokenizer, generation.vllm)  # lazy: starts on a missing chunk
 
     def msgs(p: dict) -> list[dict]:
         m = [{"role": "user", "content": p["prompt"]}]
@@ -45,6 +57,7 @@ def teacher_responses(teacher, tokenizer, teacher_id: str, prompts: list[dict], 
                 "system": system_prompt,
                 "max_new_tokens": max_new_tokens,
                 "decoding": "greedy",
+                **({} if engine is None else {"backend": engine.identity}),
             },
             sort_keys=True,
         ).encode()
@@ -61,8 +74,12 @@ def teacher_responses(teacher, tokenizer, teacher_id: str, prompts: list[dict], 
 
     # Chunks written atomically as they finish: an interrupted run resumes where it stopped.
     prompt_ids = [encode_prompt(tokenizer, msgs(p)) for p in prompts]
-    gen = generate_cached(teacher, tokenizer, prompt_ids, path.with_suffix(""), GenerationParams(max_new_tokens),
-                          model_id=teacher_id, batch_size=batch_size)
+    try:
+        gen = generate_cached(teacher, tokenizer, prompt_ids, path.with_suffix(""), GenerationParams(max_new_tokens),
+                              model_id=teacher_id, batch_size=batch_size, engine=engine)
+    finally:
+        if engine is not None:
+            engine.close()
     responses = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in gen.token_ids]
     responses = [r if r else "I don't know." for r in responses]
     atomic_write_json(path, {"key": key, "teacher": teacher_id, "responses": responses})

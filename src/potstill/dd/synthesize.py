@@ -30,7 +30,8 @@ the sha256 of the previous round file, so a rerun loads finished rounds instead 
 generating them and only resumes the first missing one. Within a round the teacher
 generates through :func:`potstill.generation_cache.generate_cached` (directory
 ``<output_dir>/generations/round-NNN-<stage>-<prompts hash>``), so a killed generation
-resumes by chunk.
+resumes by chunk. ``generation.backend: vllm`` generates with a vLLM engine for the teacher
+(colocated or a server, :mod:`potstill.vllm_engine`); the backend is part of the run key.
 Rounds are deterministic given ``seed``: example sampling and evolution operations use a
 per-round ``random.Random``, and each stage samples with its own derived generation seed.
 
@@ -77,6 +78,7 @@ from pydantic import (
     model_validator,
 )
 
+from ..config import GenerationOptions
 from ..errors import PotstillError
 from ..generation_cache import GenerationParams
 from ..io import atomic_write_json, atomic_write_text
@@ -287,6 +289,9 @@ class SynthesisConfig(_Strict):
     system_prompt: str | None = Field(None, description="Optional system message before every teacher prompt.")
     batch_size: int = Field(8, ge=1, description="Teacher generation batch size.")
     chunk_size: int = Field(64, ge=1, description="Prompts per resumable generation chunk.")
+    generation: GenerationOptions = Field(
+        default_factory=GenerationOptions, description="The teacher's generation engine: hf (default, any device) "
+        "or vllm (pip install 'potstill[vllm]', CUDA; colocate or server).")
 
 
 def synthesis_config_from_dict(data: dict | None, overrides: list[str] | None = None,
@@ -400,24 +405,27 @@ class TeacherGenerator:
     Each call generates into ``cache_dir/<tag>-<sha of its prompt ids, 12 hex>``: a rerun
     with the same prompts resumes there, while prompts that changed (an earlier round came
     out differently, e.g. after a change of the filters) get a fresh directory instead of
-    a refusal from the cache of the old ones.
+    a refusal from the cache of the old ones. ``engine``: a :class:`~potstill.vllm_engine.VLLMEngine`
+    serving ``model`` (``None``: the hf backend).
     """
 
     def __init__(self, model, tokenizer, cache_dir: str | Path, *, model_id: str, system_prompt: str | None = None,
-                 batch_size: int = 8, chunk_size: int = 64, progress: bool = True):
+                 batch_size: int = 8, chunk_size: int = 64, progress: bool = True, engine=None):
         self.model, self.tokenizer, self.cache_dir = model, tokenizer, Path(cache_dir)
         self.model_id, self.system_prompt = model_id, system_prompt
         self.batch_size, self.chunk_size, self.progress = batch_size, chunk_size, progress
+        self.engine = engine
 
     @property
     def identity(self) -> str:
-        """What the generations depend on besides the prompts and params: weights, tokenizer, template."""
+        """What the generations depend on besides the prompts and params: weights, tokenizer, template, backend."""
         from ..models import tokenizer_fingerprint
         from ..signals.cache import weights_fingerprint
 
         template = getattr(self.tokenizer, "chat_template", None) or ""
         return json.dumps([weights_fingerprint(self.model), tokenizer_fingerprint(self.tokenizer),
-                           hashlib.sha256(template.encode()).hexdigest(), self.system_prompt, self.chunk_size])
+                           hashlib.sha256(template.encode()).hexdigest(), self.system_prompt, self.chunk_size]
+                          + ([] if self.engine is None else [self.engine.identity]))
 
     def __call__(self, prompts: list[str], *, tag: str, params: GenerationParams) -> list[Completion]:
         from ..data.chat import encode_prompt
@@ -427,7 +435,8 @@ class TeacherGenerator:
         ids = [encode_prompt(self.tokenizer, system + [{"role": "user", "content": p}]) for p in prompts]
         path = self.cache_dir / f"{tag}-{prompts_sha(ids)[:12]}"
         gen = generate_cached(self.model, self.tokenizer, ids, path, params, model_id=self.model_id,
-                              chunk_size=self.chunk_size, batch_size=self.batch_size, progress=self.progress)
+                              chunk_size=self.chunk_size, batch_size=self.batch_size, progress=self.progress,
+                              engine=self.engine)
         return [Completion(self.tokenizer.decode(t, skip_special_tokens=True).strip(), len(t) >= params.max_new_tokens)
                 for t in gen.token_ids]
 
@@ -702,14 +711,26 @@ def run_synthesis(cfg: SynthesisConfig | dict, output_dir: str | Path | None = N
     seeds = load_seed_tasks(cfg.seeds_path)
     if (model is None) != (tokenizer is None):
         raise PotstillError("pass both model and tokenizer, or neither (the teacher is then loaded from cfg.teacher)")
+    vllm = cfg.generation.backend == "vllm"
+    if vllm:
+        from ..vllm_engine import VLLMEngine, require_vllm
+
+        require_vllm(cfg.generation.vllm.mode, cfg.device or "cuda")  # before loading the teacher
     if model is None:
         import torch
 
         from ..models import load_model
 
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer = load_model(cfg.teacher, dtype=cfg.dtype, device=device)
+        # With vllm the HF copy only fingerprints the weights (and is saved for the engine): kept off the GPU.
+        model, tokenizer = load_model(cfg.teacher, dtype=cfg.dtype, device="cpu" if vllm else device)
+    engine = VLLMEngine.from_options(model, tokenizer, cfg.generation.vllm, device=cfg.device or "cuda",
+                                     seed=cfg.seed, workdir=out) if vllm else None
     gen = TeacherGenerator(model, tokenizer, out / "generations", model_id=cfg.teacher, system_prompt=cfg.system_prompt,
-                           batch_size=cfg.batch_size, chunk_size=cfg.chunk_size, progress=progress)
+                           batch_size=cfg.batch_size, chunk_size=cfg.chunk_size, progress=progress, engine=engine)
     atomic_write_text(out / "synthesis.resolved.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    return synthesize(cfg, gen, out, generator_id=gen.identity, seeds=seeds, teacher=cfg.teacher)
+    try:
+        return synthesize(cfg, gen, out, generator_id=gen.identity, seeds=seeds, teacher=cfg.teacher)
+    finally:
+        if engine is not None:
+            engine.close()
