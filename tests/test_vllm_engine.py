@@ -26,7 +26,10 @@ from potstill.errors import PotstillError
 from potstill.generation_cache import GenerationParams, backend_generate, generate_cached
 from potstill.vllm_engine import VLLMEngine, named_weights, require_vllm, save_for_vllm
 
+import test_cli
+
 pytestmark = pytest.mark.usefixtures("one_thread")
+cli_assets = test_cli.assets  # the tiny teacher and data files of the CLI tests
 
 EOS = 3
 
@@ -405,3 +408,65 @@ def test_synthesize_schema_and_generator(monkeypatch, tiny_teacher, tiny_tokeniz
     assert gen.identity != hf.identity
     comps = gen(["one", "two"], tag="round-001-answer", params=GenerationParams(max_new_tokens=64))
     assert [c.text for c in comps] == ["a synthetic answer"] * 2 and not comps[0].truncated
+
+
+# ----------------------------------------------------------------------- on-policy sampling through the engine
+
+
+def test_on_policy_steps_sample_from_the_engine_after_syncing_the_student(monkeypatch, tiny_llama_pair, tmp_path):
+    """GKD with lmbda 1: before each step's sampling the engine gets the student's current weights (once per
+    optimizer step), the data's prompts go in, and the engine's tokens (EOS cut, stop id kept) are what the
+    student is trained on."""
+    from datasets import Dataset
+
+    from potstill.data import encode_example
+    from potstill.kd import OnPolicyConfig, OnPolicyKDTrainer
+
+    teacher, student, tok = tiny_llama_pair
+    rows = [encode_example(tok, [{"role": "user", "content": q}], "an answer", 64)
+            for q in ("What is two plus two?", "Name a fruit.", "Say hello.", "Count to three.")]
+    ds = Dataset.from_list([{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows])
+    trainer = OnPolicyKDTrainer(
+        model=student, teacher_model=teacher, processing_class=tok, train_dataset=ds,
+        args=OnPolicyConfig(output_dir=str(tmp_path), lmbda=1.0, max_steps=2, per_device_train_batch_size=2,
+                            gen_max_new_tokens=4, learning_rate=1e-2, report_to="none", use_cpu=True,
+                            save_strategy="no", logging_steps=1, divergence="forward_kl"))
+    log: dict = {}
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(log))
+    eng = VLLMEngine(llm=sys.modules["vllm"].LLM(), eos_ids=[tok.eos_token_id])
+    pushed: list = []
+    llm = eng._llm  # the trainer closes the engine when training ends
+    load = llm.llm_engine.model_executor.driver_worker.model_runner.model
+    load.load_weights = lambda pairs: pushed.extend((n, t.clone()) for n, t in pairs)
+    trainer._vllm = eng
+    before = {n: p.detach().clone() for n, p in student.state_dict().items()}
+    trainer.train()
+    # one sync per sampling step (each after the optimizer step before it), every weight once in each
+    assert llm.resets == 2 and len(pushed) == 2 * len(before)
+    synced = [dict(pushed[:len(before)]), dict(pushed[len(before):])]
+    assert all(torch.equal(synced[0][n], before[n]) for n in before)  # step 0: the initial student
+    assert any(not torch.equal(synced[1][n], before[n]) for n in before)  # step 1: the updated one
+    sent = [p["prompt_token_ids"] for call in log["prompts"] for p in call]
+    prompts = {tuple(r["prompt_ids"]) for r in rows}
+    assert len(sent) == 4 and all(tuple(p) in prompts for p in sent)
+    expected = sum(len(toks) if finish == "length" else toks.index(tok.eos_token_id) + 1
+                   if tok.eos_token_id in toks else len(toks)
+                   for toks, finish, _ in map(_scripted, sent))
+    assert trainer.rollout_stats["gen_tokens"] == expected > 0
+    assert trainer.rollout_stats["modes"] == ["student", "student"]
+
+
+def test_a_vllm_recipe_without_cuda_is_one_line_exit_2(cli_assets, tmp_path, capsys):
+    from potstill.cli import main
+    from test_cli import recipe, write
+
+    on_policy = [{"name": "gkd", "alpha": 0.0, "divergence": {"name": "forward_kl"}, "on_policy": {"lmbda": 1.0}}]
+    r = recipe(cli_assets, tmp_path / "out", generation={"backend": "vllm"}, runs=on_policy)
+    assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA only" in err[0] and "cpu" in err[0]
+    assert not (tmp_path / "out" / "runs").exists()
+    minillm = [{"name": "m", "alpha": 0.0, "divergence": {"name": "reverse_kl"}, "on_policy": {"minillm": {}}}]
+    r = recipe(cli_assets, tmp_path / "out", generation={"backend": "vllm"}, runs=minillm)
+    assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 2
+    assert "mix the teacher into the student's sampling" in capsys.readouterr().err

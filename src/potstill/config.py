@@ -83,6 +83,31 @@ class TeacherConfig(_Strict):
     quantization: Quantization | None = Field(
         None, description="A frozen teacher in 4 or 8 bits (its output head stays unquantized, as the reducer reads "
         "it); a safetensors checkpoint on CUDA.")
+    device: str | None = Field(
+        None, description="The torch device of this teacher when it is not the student's (e.g. cuda:1): its forward "
+        "runs there and its final hidden states, with one copy of its output head, come to the student's device. "
+        "Default: the recipe's device.")
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str] | None = Field(
+        None, description="Spread the teacher over the GPUs, CPU RAM and disk with accelerate's big-model loading "
+        "(transformers' from_pretrained device_map): 'auto' or {module: device, cpu or disk}; for a teacher larger "
+        "than one device. Offloaded weights are loaded for the time of their forward.")
+    max_memory: dict[int | str, str] | None = Field(
+        None, description="With device_map: the memory each place may take, e.g. {0: 20GiB, cpu: 60GiB}.")
+    offload_folder: str | None = Field(None, description="With device_map: where weights offloaded to disk go.")
+
+    @model_validator(mode="after")
+    def _placement(self) -> "TeacherConfig":
+        if self.device is not None and self.device_map is not None:
+            raise ValueError("teacher.device and teacher.device_map both place the teacher; keep one")
+        if self.device_map is None and (self.max_memory is not None or self.offload_folder is not None):
+            raise ValueError("teacher.max_memory and teacher.offload_folder go with teacher.device_map; set it "
+                             "(e.g. auto) or remove them")
+        return self
+
+    @property
+    def placed(self) -> bool:
+        """Whether the teacher is placed on its own (another device, or spread by a device map)."""
+        return self.device is not None or self.device_map is not None
 
 
 class FromTeacherStudent(_Strict):
@@ -649,6 +674,9 @@ class Recipe(_Strict):
             self._check_checkpointing()
         if self.data.packing:
             self._check_packing()
+        self._check_placement()
+        if self.generation.backend == "vllm":
+            self._check_vllm()
         if self.train.eval_steps is not None and self.teacher.model is None:
             raise ValueError("train.eval_steps measures the student against the teacher model, and a black-box "
                              "teacher has none; remove train.eval_steps (metrics.json still has perplexity)")
@@ -682,6 +710,29 @@ class Recipe(_Strict):
         if self.train.distributed in ("fsdp2", "zero3"):
             raise ValueError(f"train.save_steps with train.distributed {self.train.distributed}: sharded "
                              "checkpoints are not resumed yet; use ddp or remove train.save_steps")
+
+    def _check_placement(self) -> None:
+        placed = [("teacher", self.teacher)] + [(f"extra_teachers[{i}]", t) for i, t in enumerate(self.extra_teachers)]
+        placed = [who for who, t in placed if t.placed]
+        if not placed:
+            return
+        if self.train.distributed in ("fsdp2", "zero3"):
+            raise ValueError(f"{placed[0]}.device / device_map: under train.distributed {self.train.distributed} the "
+                             "teacher is sharded over the processes instead; remove them")
+        feature = [r.name for r in self.runs if r.feature is not None or r.cross_tokenizer is not None]
+        if feature:
+            raise ValueError(f"run(s) {feature} (feature or cross-tokenizer KD) read the teacher's layers on the "
+                             f"student's device; remove {placed[0]}.device / device_map or those runs")
+
+    def _check_vllm(self) -> None:
+        on = [r for r in self.runs if r.on_policy is not None]
+        mixed = [r.name for r in on if r.on_policy.minillm is not None]
+        if mixed:
+            raise ValueError(f"generation.backend vllm: run(s) {mixed} (MiniLLM) mix the teacher into the student's "
+                             "sampling, which only the hf backend does; set generation.backend hf")
+        if on and self.train.distributed == "zero3":
+            raise ValueError("generation.backend vllm with train.distributed zero3: the student's partitioned weights "
+                             "are not synced into vLLM yet; use fsdp2 or ddp, or generation.backend hf")
 
     def _check_packing(self) -> None:
         """What reads a batch row by row (not example by example) cannot take packed rows yet."""

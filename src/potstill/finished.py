@@ -129,6 +129,13 @@ def run_fingerprint(recipe, run) -> dict[str, Any]:
         for k in ("attn_implementation", "quantization"):
             if entry.get(k, 0) is None:
                 del entry[k]
+        for k in ("device", "device_map", "max_memory", "offload_folder"):  # where a teacher runs, not what it says
+            entry.pop(k, None)
+    if not keep["data"].get("packing", True):  # off, the default: fingerprints from before the key stay valid
+        del keep["data"]["packing"]
+    gen = data.get("generation") or {}
+    if gen.get("backend", "hf") != "hf":  # who samples the on-policy steps
+        keep["generation"] = {"backend": gen["backend"], "mode": gen["vllm"]["mode"]}
     from .distributed import world_size
 
     if world_size() > 1:

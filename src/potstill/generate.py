@@ -101,7 +101,9 @@ def generate(
 
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    from .models.placement import input_device
+
+    device = input_device(model)  # a model spread by a device map: where its embeddings run
     pad = pad_id(tokenizer)
     eos = eos_ids(model, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if sort_by_length else list(range(len(prompts)))

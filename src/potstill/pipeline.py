@@ -98,7 +98,8 @@ def load_pairs(recipe: Recipe, teacher, tokenizer, teacher_id: str) -> list[dict
         from .data.demo import demo_prompts, teacher_responses
 
         return teacher_responses(teacher, tokenizer, teacher_id, demo_prompts(src.num_prompts),
-                                 max_new_tokens=src.max_new_tokens, system_prompt=recipe.data.system_prompt)
+                                 max_new_tokens=src.max_new_tokens, system_prompt=recipe.data.system_prompt,
+                                 generation=recipe.generation)
     from .data import load_records, records_to_pairs
 
     if isinstance(src, FileData):
@@ -187,9 +188,12 @@ def load_teacher(cfg, device: torch.device):
     from .models import check_quantization, load_model
 
     bits = cfg.quantization.bits if cfg.quantization is not None else None
+    if cfg.device is not None:  # a device of its own
+        device = resolve_device(cfg.device)
     check_quantization(bits, device)
     return load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device=device,
-                      attn_implementation=cfg.attn_implementation, quantization_bits=bits)
+                      attn_implementation=cfg.attn_implementation, quantization_bits=bits,
+                      device_map=cfg.device_map, max_memory=cfg.max_memory, offload_folder=cfg.offload_folder)
 
 
 def build_student(recipe: Recipe, teacher, teacher_tok):
@@ -387,7 +391,10 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
     if run.cross_tokenizer is not None:
         return _train_cross(recipe, run, student, teacher, tokenizer, ds, out_dir, device, cross or {})
     if kd and source is None:
-        source = OnlineTeacher(teacher if is_sharded(teacher) else teacher.to(device), memo=memo)
+        if recipe.teacher.placed:  # on a device of its own or spread by a device map: it stays where it is
+            source = OnlineTeacher(teacher, memo=memo, out_device=device)
+        else:
+            source = OnlineTeacher(teacher if is_sharded(teacher) else teacher.to(device), memo=memo)
     if run.multi_teacher is not None:
         source = _multi_source(recipe, run, source, extra_teachers or [], tokenizer, student, device, vocab_size)
     extra: dict[str, Any] = {}
@@ -397,6 +404,8 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         val = run.on_policy.validation_size
         pick = random.Random(recipe.train.seed).sample(range(len(train_examples)), min(val, len(train_examples)))
         extra["validation_dataset"] = [{k: train_examples[i][k] for k in cols[:3]} for i in pick]
+        if recipe.generation.backend == "vllm":  # the student's samples from a vLLM engine
+            extra["vllm_options"] = recipe.generation.vllm
     sharded = recipe.train.distributed in ("fsdp2", "zero3")
     blank = (type(student), student.config)  # the consolidated student's class, when it was sharded
     saving = recipe.train.save_steps is not None
@@ -532,10 +541,16 @@ def _multi_source(recipe: Recipe, run: RunConfig, source, extra: list, tokenizer
 
     mt = run.multi_teacher
     sources = [source]
-    for t in extra:
+    for i, t in enumerate(extra):
         model, tok = (t.model, t.tokenizer) if isinstance(t, ExtraTeacher) else (t, None)
-        if tok is None:
+        placed = i < len(recipe.extra_teachers) and recipe.extra_teachers[i].placed
+        if tok is None and placed:
+            sources.append(OnlineTeacher(model, out_device=device))
+        elif tok is None:
             sources.append(OnlineTeacher(model if is_sharded(model) else model.to(device)))
+        elif placed:
+            raise PotstillError(f"extra_teachers[{i}] has another tokenizer, whose projection runs on the student's "
+                                "device; remove its device / device_map")
         else:
             v_s = vocab_size or output_head(student).weight.shape[0]
             sources.append(CrossTokenizerTeacher(model.to(device), tok, tokenizer, student_vocab=v_s,
@@ -604,6 +619,11 @@ class Prepared:
         self.recipe = recipe
         self.device = resolve_device(recipe.device)
         check_precision(recipe.train.precision, self.device)
+        if recipe.generation.backend == "vllm":  # before any model is loaded: vllm and CUDA are there
+            from .vllm_engine import require_vllm
+
+            require_vllm(recipe.generation.vllm.mode, self.device,
+                         sync=any(r.on_policy is not None for r in recipe.runs))
         if recipe.teacher.model is None:
             self._black_box(recipe)
             check_precision(recipe.train.precision, self.device, None if recipe.train.lora else self.student0)
@@ -760,7 +780,9 @@ def cache(recipe: Recipe, *, rank: int = 0, world_size: int = 1, progress: bool 
 @torch.no_grad()
 def check_teacher_finite(teacher, example: dict, device: torch.device) -> None:
     """Preflight: one teacher forward on a real example, so NaN weights fail before anything is written."""
-    ids = torch.tensor([example["input_ids"]], device=device)
+    from .models.placement import input_device
+
+    ids = torch.tensor([example["input_ids"]], device=input_device(teacher))  # its own device, when placed
     logits = teacher(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     if not torch.isfinite(logits).all():
         raise PotstillError(

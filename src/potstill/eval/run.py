@@ -25,6 +25,7 @@ from ..errors import PotstillError, VocabMismatchError
 from ..signals.online import target_index, target_rows
 from .metrics import count_parameters, distinct_n, expected_calibration_error, perplexity, rouge_l, teacher_forced_stats
 from ..generate import pad_id as generation_pad_id
+from ..models.placement import input_device
 from .report import GENERATIONS_KEY
 
 __all__ = [
@@ -90,7 +91,8 @@ def evaluate_runs(
     A model passed both as teacher and as a student (the same object) is run once.
     Models are put in eval mode and each submodule's training flag is restored after.
     """
-    from ..models import final_hidden, output_head
+    from ..models import final_hidden
+    from ..models.placement import head_on
 
     if not examples:
         raise PotstillError("no evaluation examples; check the eval split / `eval_size`")
@@ -107,7 +109,10 @@ def evaluate_runs(
     # pass (only its perplexity is kept; KL and agreement are reported as nan).
     models: dict[str, torch.nn.Module] = {TEACHER: teacher if not black_box else next(iter(students.values())),
                                           **students}
-    heads = {name: output_head(m) for name, m in models.items()}
+    # every head read on one device (the first student's): a teacher placed on its own device or spread by a
+    # device map sends its rows there and has its head copied there once (potstill.models.placement)
+    common = input_device(next(iter(students.values())) if students else models[TEACHER])
+    heads = {name: head_on(m, common) for name, m in models.items()}
     vocab = _aligned_vocab({name: h.vocab for name, h in heads.items()}, tokenizer, vocab_size)
     heads = {name: h.with_vocab(vocab) if h.vocab != vocab else h for name, h in heads.items()}
     pad_id = generation_pad_id(tokenizer)
@@ -222,7 +227,7 @@ def _teacher_forced_batch(batch, models, heads, unique, sums, pad_id, vocab, fin
         model = models[name]
         dev = _device(model)
         hidden = final_hidden(model, input_ids.to(dev), attention_mask.to(dev))
-        rows[name] = target_rows(hidden, index.to(dev))
+        rows[name] = target_rows(hidden, index.to(hidden.device)).to(heads[name].weight.device)
         del hidden
 
     n = int(index.numel())
@@ -307,7 +312,7 @@ def _aligned_vocab(sizes: dict[str, int], tokenizer, vocab_size: int | None) -> 
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)
 
 
 def _ratio(num: float, den: int) -> float:

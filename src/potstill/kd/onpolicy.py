@@ -81,7 +81,9 @@ class OnPolicyKDTrainer(KDTrainer):
     """``KDTrainer`` that trains a share of its steps on the student's own samples.
 
     ``validation_dataset`` (encoded examples, needed when ``adaptive``) drives DistiLLM's
-    schedule. After training, ``rollout_stats`` holds the number of generated tokens, the
+    schedule. ``vllm_options`` (``config.VLLMOptions``) samples with a vLLM engine instead of transformers'
+    ``generate`` (:mod:`potstill.vllm_engine`): the student's weights are synced into it before a sampling
+    step whenever an optimizer step changed them. After training, ``rollout_stats`` holds the number of generated tokens, the
     generation seconds and the modes of every step; ``lmbda_history`` the adaptive schedule.
     """
 
@@ -89,7 +91,7 @@ class OnPolicyKDTrainer(KDTrainer):
     samples_every_step = False  # subclasses that train on the student's samples at every step (lmbda unused)
     method = "on-policy distillation"
 
-    def __init__(self, *args, validation_dataset=None, **kwargs):
+    def __init__(self, *args, validation_dataset=None, vllm_options=None, **kwargs):
         if not isinstance(kwargs.get("args", args[2] if len(args) > 2 else None), self.config_class):
             raise PotstillError(f"{type(self).__name__} needs args={self.config_class.__name__}(...)")
         src = kwargs.get("signal_source")
@@ -120,6 +122,15 @@ class OnPolicyKDTrainer(KDTrainer):
         self._last_val: float | None = None
         self._last_val_step = 0
         self.rollout_stats = {"gen_tokens": 0, "gen_seconds": 0.0, "modes": []}
+        self._vllm = None
+        if vllm_options is not None and uses_student:
+            if self._sampling_processor() is not None:
+                raise PotstillError(f"{self.method} mixes the teacher into the student's sampling, which runs on "
+                                    "generation.backend hf only; set generation.backend hf")
+            from ..vllm_engine import VLLMEngine
+
+            self._vllm = VLLMEngine.from_options(self.accelerator.unwrap_model(self.model), self.processing_class,
+                                                 vllm_options, device=self.args.device, seed=cfg.seed, sync=True)
 
     # -------------------------------------------------------------------------- checkpoints
     def potstill_state(self) -> dict:
@@ -168,11 +179,28 @@ class OnPolicyKDTrainer(KDTrainer):
         out[_ROLLOUT] = True
         return out
 
-    @torch.no_grad()
-    def _student_batch(self, batch: dict) -> dict:
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self._vllm is not None:
+                self._vllm.close()
+
+    def _hf_samples(self, model, tok, prompts: list[list[int]], seed: int, device):
+        """The student's samples through transformers' ``generate`` (sharded models gathered for it)."""
         from ..distributed import gathered_for_generation
         from ..generate import generate
 
+        cfg: OnPolicyConfig = self.args
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), contextlib.ExitStack() as held:
+            for m in self._sampling_models(model):  # sharded ones gathered once for the whole generation
+                held.enter_context(gathered_for_generation(m))
+            return generate(model, tok, prompts, max_new_tokens=cfg.gen_max_new_tokens, batch_size=len(prompts),
+                            do_sample=True, temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, seed=seed,
+                            sort_by_length=False, progress=False, processor=self._sampling_processor())
+
+    @torch.no_grad()
+    def _student_batch(self, batch: dict) -> dict:
         cfg: OnPolicyConfig = self.args
         labels, ids = batch["labels"], batch["input_ids"]
         prompts = []
@@ -186,12 +214,12 @@ class OnPolicyKDTrainer(KDTrainer):
         device = next(model.parameters()).device
         seed = cfg.seed * 1_000_003 + self.state.global_step * 101 + len(self.rollout_stats["modes"])
         t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), contextlib.ExitStack() as held:
-            for m in self._sampling_models(model):  # sharded ones gathered once for the whole generation
-                held.enter_context(gathered_for_generation(m))
-            gen = generate(model, tok, prompts, max_new_tokens=cfg.gen_max_new_tokens, batch_size=len(prompts),
-                           do_sample=True, temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, seed=seed,
-                           sort_by_length=False, progress=False, processor=self._sampling_processor())
+        if self._vllm is not None:  # every process syncs and samples (the engine is per process or one server)
+            self._vllm.sync_weights(model, version=self.state.global_step)
+            gen = self._vllm.generate(prompts, max_new_tokens=cfg.gen_max_new_tokens, do_sample=True,
+                                      temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, seed=seed)
+        else:
+            gen = self._hf_samples(model, tok, prompts, seed, device)
         self.rollout_stats["gen_seconds"] += time.perf_counter() - t0
         self.rollout_stats["gen_tokens"] += gen.num_tokens
         feats = []

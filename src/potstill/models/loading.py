@@ -294,8 +294,14 @@ def load_model(
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
     quantization_bits: int | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | None = None,
 ):
     """Load ``(model, tokenizer)``: a causal LM in eval mode and its tokenizer (with a pad token).
+
+    ``device_map`` (with ``max_memory`` / ``offload_folder``): spread over devices, CPU RAM and disk by
+    accelerate's big-model loading (``from_pretrained(device_map=...)``); the model is then not moved.
 
     ``attn_implementation``: the attention kernel (:func:`set_attention`). ``quantization_bits`` (4 or 8): the
     linear layers through bitsandbytes, placed on ``device`` (CUDA; :func:`check_quantization` first), the
@@ -336,6 +342,11 @@ def load_model(
             bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
         extra["device_map"] = {"": str(device or "cuda")}
         device = None  # placed by from_pretrained; bitsandbytes models are not moved after loading
+    if device_map is not None:
+        extra["device_map"] = device_map
+        extra.update({k: v for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder))
+                      if v is not None})
+        device = None  # accelerate placed every module (and put hooks on the offloaded ones)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             loc, config=config, dtype=_DTYPES[dtype], trust_remote_code=bool(trust_remote_code),

@@ -131,7 +131,13 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from ..models.placement import materialized
+
     state = model.state_dict()
+    for name, t in state.items():  # offloaded by a device map: the weight from accelerate's offload store
+        if t.device.type == "meta":
+            owner, _, leaf = name.rpartition(".")
+            state[name] = materialized(model.get_submodule(owner), leaf)
     seen: dict[int, str] = {}
     entries: list[tuple[str, torch.Tensor, int]] = []
     for name in sorted(state):
@@ -455,7 +461,7 @@ def write_cache(
     the time spent in the teacher's body and head, and ``total_s``, the whole call.
     """
     from ..generate import pad_id as _pad_id
-    from ..models import output_head, tokenizer_fingerprint
+    from ..models import tokenizer_fingerprint
 
     t_start = time.perf_counter()
     path = Path(path)
@@ -464,10 +470,12 @@ def write_cache(
     if not 0 <= rank < world_size:
         raise PotstillError(f"rank {rank} is not in [0, {world_size}); pass --rank in 0..world_size-1")
     _refuse_a_file(path, "point cache.dir at a directory (new or one `potstill cache` wrote)")
-    head = output_head(teacher)
+    from ..models.placement import head_on, input_device
+
+    device = input_device(teacher)  # a teacher spread by a device map: where its embeddings run
+    head = head_on(teacher, device)
     vocab = head.vocab
     spec.check(vocab)
-    device = next(teacher.parameters()).device
     teacher.eval()
     hashes = [example_hash(x["input_ids"], x["labels"]) for x in examples]
     num_rows = sum(_num_rows(x["labels"]) for x in examples)
@@ -919,7 +927,8 @@ class CachedSignal:
         lab = labels.detach().cpu()
         given = batch.get("example_id")
         parts: list[_Example] = []
-        for b, (row, start, end) in enumerate(segments(batch)):  # one per example, packed or padded
+        segs = segments(batch)  # one per example, packed or padded
+        for b, (row, start, end) in enumerate(segs):
             h = example_hash(ids[row, start:end], lab[row, start:end])
             if given is not None:
                 eid = int(given[b])
@@ -931,7 +940,9 @@ class CachedSignal:
                         "the data, tokenizer or chat template changed: rebuild the cache"
                     )
             ex = self.example(eid, h)
-            want = int((lab[row, start + 1:end] != -100).sum())
+            # its targets up to the next example of the row or the row's end (a label on padding counts: refused)
+            upto = segs[b + 1][1] if b + 1 < len(segs) and segs[b + 1][0] == row else lab.shape[1]
+            want = int((lab[row, start + 1:upto] != -100).sum())
             if ex.rows != want:
                 raise PotstillError(
                     f"example {eid}: {want} target tokens in the batch but {ex.rows} cached rows; rebuild the cache"

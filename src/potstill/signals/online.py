@@ -40,14 +40,24 @@ class OnlineTeacher:
     The teacher body runs once per batch without gradients; its output head is *not*
     applied here: the signal carries final hidden states and the head, and the chunked
     reducer projects them chunk by chunk, so ``[n, V]`` teacher logits never exist whole.
+
+    ``out_device``: a teacher placed on its own (another device, or spread by a device map,
+    :mod:`potstill.models.placement`) gets each batch on its input device, and its hidden rows come
+    back to ``out_device`` (the student's), where a copy of its output head is kept for the reducer.
     """
 
-    def __init__(self, model: torch.nn.Module, memo: "TeacherMemo | None" = None):
+    def __init__(self, model: torch.nn.Module, memo: "TeacherMemo | None" = None, out_device=None):
         from ..models import output_head
 
         self.model = model.eval()
         self.model.requires_grad_(False)
-        self.head = output_head(self.model)
+        self.out_device = None if out_device is None else torch.device(out_device)
+        if self.out_device is not None:
+            from ..models.placement import head_on
+
+            self.head = head_on(self.model, self.out_device)
+        else:
+            self.head = output_head(self.model)
         self.memo = memo
 
     @property
@@ -56,6 +66,8 @@ class OnlineTeacher:
         return global_rows(self.head.weight)
 
     def to(self, device) -> "OnlineTeacher":
+        if self.out_device is not None:  # placed on its own: it stays there
+            return self
         self.model.to(device)
         from ..models import output_head
 
@@ -75,8 +87,15 @@ class OnlineTeacher:
                 return DenseSignal(hidden=rows, head=self.head)
         if self.model.training:  # someone called .train() on the shared module
             self.model.eval()
+        if self.out_device is not None:  # its inputs on its own (input) device, its rows back to the student's
+            from ..models.placement import input_device
+
+            dev = input_device(self.model)
+            batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
         hidden = final_hidden(self.model, batch["input_ids"], batch["attention_mask"], **forward_kwargs(batch))
-        rows = target_rows(hidden, target_index(batch["labels"]))
+        rows = target_rows(hidden, target_index(batch["labels"]).to(hidden.device))
+        if self.out_device is not None:
+            rows = rows.to(self.out_device)
         if self.memo is not None:
             self.memo.put(key, rows)
         return DenseSignal(hidden=rows, head=self.head)
