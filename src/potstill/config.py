@@ -641,6 +641,12 @@ class EvalConfig(_Strict):
     include_untrained: bool = Field(True, description="Also evaluate the student before training.")
 
 
+class PushToHub(_Strict):
+    repo: str = Field(..., min_length=3, description="Hub repository of each student, e.g. you/smol-student-{run} "
+                      "({run}: the run's name; needed with several runs).")
+    private: bool = Field(True, description="Create the repositories private.")
+
+
 class Recipe(_Strict):
     output_dir: str = Field("runs/demo", description="Where the resolved recipe, students, metrics and report go.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher.")
@@ -653,6 +659,9 @@ class Recipe(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
     generation: GenerationOptions = Field(default_factory=GenerationOptions,
                                           description="The generation engine (teacher answers, on-policy sampling).")
+    push_to_hub: PushToHub | None = Field(
+        None, description="Upload each finished student to a hub repository after the report (off by default: "
+        "nothing leaves this machine unless named here); needs a token (HF_TOKEN or huggingface-cli login).")
     device: str | None = Field(None, description="torch device; default: cuda if available, else cpu.")
     cache: CacheConfig | None = Field(
         None, description="Distill from a teacher-signal cache (`potstill cache` writes it) instead of a live teacher."

@@ -50,6 +50,7 @@ from .distributed import (
 )
 from .errors import PotstillError, VocabMismatchError
 from .checkpoints import MarkCheckpoints, checkpoint_dir, restore_state, resume_point
+from .hub import check_push, push_students
 from .finished import (
     DONE,
     check_output_dir,
@@ -963,6 +964,8 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
     check_distributed(recipe, resolve_device(recipe.device))
     check_watch(recipe)
     check_output_dir(out)
+    if is_main_process():  # a push that cannot happen is refused before anything is trained
+        check_push(recipe.push_to_hub, [r.name for r in recipe.runs])
     _start_processes(resolve_device(recipe.device))
     prep = Prepared(recipe)
     source = prep.cached_source() if any(r.uses_teacher for r in recipe.runs) else None
@@ -979,7 +982,11 @@ def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
         return _distill_runs(prep, source, out, t_start, progress)
     # Input is valid: from here on we write (and a failure before the first student finishes removes it all).
     with owned_output_dir(out):
-        return _distill_runs(prep, source, out, t_start, progress)
+        metrics = _distill_runs(prep, source, out, t_start, progress)
+    if recipe.push_to_hub is not None:
+        for name, url in push_students(recipe.push_to_hub, out / "runs", [r.name for r in recipe.runs]).items():
+            log.info("run %s pushed to %s", name, url)
+    return metrics
 
 
 def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: bool) -> dict[str, dict]:
