@@ -441,7 +441,8 @@ class TrainConfig(_Strict):
     save_steps: int | None = Field(
         None, ge=1, description="Write a checkpoint every N steps under <output_dir>/checkpoints/<run>; a rerun of a "
         "killed run resumes from the latest one that verifies and ends with the same student. Off-policy runs "
-        "(live teacher, caches, feature KD) and on-policy GKD / DistiLLM; one process or ddp.")
+        "(live teacher, caches, feature KD) and on-policy GKD / DistiLLM / DistiLLM-2 / MiniLLM; one process, ddp "
+        "or fsdp2.")
     save_total_limit: int = Field(2, ge=2, le=1000, description="Checkpoints kept per run (the oldest go first; at "
                                   "least 2, so a kill while one is written leaves a whole one).")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -706,19 +707,13 @@ class Recipe(_Strict):
         return self
 
     def _check_checkpointing(self) -> None:
-        special = [r.name for r in self.runs if r.on_policy is not None
-                   and (r.on_policy.contrastive is not None or r.on_policy.minillm is not None)]
-        if special:
-            raise ValueError(f"train.save_steps: run(s) {special} (DistiLLM-2 / MiniLLM) keep state of their own that "
-                             "is not checkpointed yet, so a resumed run would not end with the same student; remove "
-                             "train.save_steps or those runs")
         cross = [r.name for r in self.runs if r.cross_tokenizer is not None]
         if cross:
             raise ValueError(f"train.save_steps: cross-tokenizer run(s) {cross} do not checkpoint yet; remove "
                              "train.save_steps or those runs")
-        if self.train.distributed in ("fsdp2", "zero3"):
-            raise ValueError(f"train.save_steps with train.distributed {self.train.distributed}: sharded "
-                             "checkpoints are not resumed yet; use ddp or remove train.save_steps")
+        if self.train.distributed == "zero3":
+            raise ValueError("train.save_steps with train.distributed zero3: DeepSpeed's partitioned checkpoints are "
+                             "not resumed yet; use fsdp2 or ddp, or remove train.save_steps")
 
     def _check_placement(self) -> None:
         placed = [("teacher", self.teacher)] + [(f"extra_teachers[{i}]", t) for i, t in enumerate(self.extra_teachers)]

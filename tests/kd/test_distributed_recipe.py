@@ -222,3 +222,50 @@ def test_zero3_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
     saved = load_file(tmp_path / "bf16" / "runs" / "kd" / "model.safetensors")
     w = saved["model.layers.0.mlp.down_proj.weight"]
     assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_a_run_killed_mid_run_resumes_to_the_uninterrupted_student(teacher_dir, tmp_path, engine):
+    """``train.save_steps`` under ddp and fsdp2 (the Trainer's sharded checkpoint: each process's shards of the
+    student and its optimizer state): the two processes SIGKILLed (launcher and ranks) once the checkpoint at
+    step 4 of 8 is marked, then the same launch again: it resumes from a marked checkpoint and ends with the
+    student and loss curve of a ddp run never interrupted, bit for bit (CPU, float32, gloo). The replicas'
+    RNG states are the Trainer's per-process ones; on-policy GKD with a replay buffer draws from both."""
+    import subprocess
+    import time
+    import uuid
+
+    from helpers_proc import MARKER, kill_marked
+
+    runs = [{"name": "kd", "alpha": 0.0, "divergence": {"name": "generalized_jsd", "beta": 0.5},
+             "on_policy": {"lmbda": 0.7, "max_new_tokens": 5, "replay_size": 4, "replay_reuse": 0.5}}]
+    recipe = _recipe(teacher_dir, tmp_path / "r.yaml", runs=runs,
+                     train={"max_steps": 8, "batch_size": 2, "logging_steps": 1, "learning_rate": 1e-2,
+                            "save_steps": 2, "distributed": engine})
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    _distill(recipe, ref, processes=2)
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "-m", "potstill", "distill", str(recipe), f"output_dir={out}"]
+    value = uuid.uuid4().hex
+    mark = out / "checkpoints" / "kd" / "checkpoint-4" / "potstill_run.json"
+    proc = subprocess.Popen(cmd, env={**launch_env(), MARKER: value}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        kill_marked(value, [proc])
+    assert mark.exists() and not (out / "runs" / "kd" / "POTSTILL_DONE").exists(), "killed mid-run"
+
+    _distill(recipe, out, processes=2)
+    info = json.loads((out / "runs" / "kd" / "train_info.json").read_text())
+    ref_info = json.loads((ref / "runs" / "kd" / "train_info.json").read_text())
+    assert int(info["resumed_from"].split("-")[1]) >= 4
+    assert info["loss_curve"] == ref_info["loss_curve"]
+    assert info["on_policy"]["modes"] == ref_info["on_policy"]["modes"]
+    a, b = load_file(ref / "runs" / "kd" / "model.safetensors"), load_file(out / "runs" / "kd" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -109,6 +109,20 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
         self._skew_sums = {"data": 0.0, "student": 0.0, "n_data": 0, "n_student": 0}
         self._side_stats = {"data_kd": 0.0, "data_n": 0.0, "student_kd": 0.0, "student_n": 0.0}
 
+    # ---------------------------------------------------------------------- checkpoints
+    def potstill_state(self) -> dict:
+        """The on-policy state plus DistiLLM-2's own: the frozen skew anchors (they set every later step's
+        skews), the skew and per-side sums of the interval being logged, and the skew history."""
+        return {**super().potstill_state(), "anchors": self.anchors, "skew_history": self.skew_history,
+                "skew_sums": self._skew_sums, "side_stats": self._side_stats, "last_beta": self._last_beta}
+
+    def load_potstill_state(self, state: dict) -> None:
+        super().load_potstill_state(state)
+        self.anchors = dict(state["anchors"])
+        self.skew_history = [tuple(row) for row in state["skew_history"]]
+        self._skew_sums, self._side_stats = dict(state["skew_sums"]), dict(state["side_stats"])
+        self._last_beta = state["last_beta"]
+
     # ---------------------------------------------------------------------- steps
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, _ = super(OnPolicyKDTrainer, self).get_batch_samples(epoch_iterator, num_batches, device)

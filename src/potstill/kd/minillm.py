@@ -159,6 +159,15 @@ class MiniLLMKDTrainer(OnPolicyKDTrainer):
         self.minillm_stats: list[tuple[int, float, float]] = []
         self._acc = {"w": 0.0, "r": 0.0, "n": 0}
 
+    def potstill_state(self) -> dict:
+        """The on-policy state plus the importance-weight and reward statistics (logged interval and history)."""
+        return {**super().potstill_state(), "minillm_stats": self.minillm_stats, "acc": self._acc}
+
+    def load_potstill_state(self, state: dict) -> None:
+        super().load_potstill_state(state)
+        self.minillm_stats = [tuple(row) for row in state["minillm_stats"]]
+        self._acc = dict(state["acc"])
+
     def choose_mode(self) -> str:
         return "student"
 
