@@ -100,12 +100,13 @@ def test_a_checkpoint_of_another_recipe_is_refused_in_one_line(assets, tmp_path,
     assert not (out / "runs").exists()
 
 
-def test_checkpoints_are_refused_under_zero3(assets, tmp_path, capsys):
+def test_checkpoints_are_refused_for_cross_tokenizer_runs(assets, tmp_path, capsys):
     rp = write(tmp_path / "r.yaml", recipe(assets, tmp_path / "out", **{
-        "train.save_steps": 2, "train.distributed": "zero3"}))
+        "train.save_steps": 2, "student": {"kind": "pretrained", "model": str(assets[3])},
+        "runs": [{"name": "x", "alpha": 0.0, "cross_tokenizer": {"method": "uld"}}]}))
     assert main(["distill", str(rp)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "partitioned checkpoints are not resumed yet" in err[0], err
+    assert len(err) == 1 and "cross-tokenizer run(s) ['x'] do not checkpoint yet" in err[0], err
 
 
 def test_resume_point_passes_over_a_checkpoint_whose_mark_is_unreadable(tmp_path):

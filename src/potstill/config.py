@@ -441,8 +441,8 @@ class TrainConfig(_Strict):
     save_steps: int | None = Field(
         None, ge=1, description="Write a checkpoint every N steps under <output_dir>/checkpoints/<run>; a rerun of a "
         "killed run resumes from the latest one that verifies and ends with the same student. Off-policy runs "
-        "(live teacher, caches, feature KD) and on-policy GKD / DistiLLM / DistiLLM-2 / MiniLLM; one process, ddp "
-        "or fsdp2.")
+        "(live teacher, caches, feature KD) and on-policy GKD / DistiLLM / DistiLLM-2 / MiniLLM; one process, ddp, "
+        "fsdp2 or zero3.")
     save_total_limit: int = Field(2, ge=2, le=1000, description="Checkpoints kept per run (the oldest go first; at "
                                   "least 2, so a kill while one is written leaves a whole one).")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -711,9 +711,6 @@ class Recipe(_Strict):
         if cross:
             raise ValueError(f"train.save_steps: cross-tokenizer run(s) {cross} do not checkpoint yet; remove "
                              "train.save_steps or those runs")
-        if self.train.distributed == "zero3":
-            raise ValueError("train.save_steps with train.distributed zero3: DeepSpeed's partitioned checkpoints are "
-                             "not resumed yet; use fsdp2 or ddp, or remove train.save_steps")
 
     def _check_placement(self) -> None:
         placed = [("teacher", self.teacher)] + [(f"extra_teachers[{i}]", t) for i, t in enumerate(self.extra_teachers)]

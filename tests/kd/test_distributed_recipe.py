@@ -225,10 +225,10 @@ def test_zero3_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero3"])
 def test_a_run_killed_mid_run_resumes_to_the_uninterrupted_student(teacher_dir, tmp_path, engine):
-    """``train.save_steps`` under ddp and fsdp2 (the Trainer's sharded checkpoint: each process's shards of the
-    student and its optimizer state): the two processes SIGKILLed (launcher and ranks) once the checkpoint at
+    """``train.save_steps`` under ddp, fsdp2 and zero3 (the Trainer's sharded checkpoints: each process's shards
+    of the student and its optimizer state): the two processes SIGKILLed (launcher and ranks) once the checkpoint at
     step 4 of 8 is marked, then the same launch again: it resumes from a marked checkpoint and ends with the
     student and loss curve of a ddp run never interrupted, bit for bit (CPU, float32, gloo). The replicas'
     RNG states are the Trainer's per-process ones; on-policy GKD with a replay buffer draws from both."""
