@@ -680,8 +680,6 @@ class Recipe(_Strict):
             self._check_cache(self.cache)
         if self.teacher.model is None:
             self._check_black_box()
-        if self.train.save_steps is not None:
-            self._check_checkpointing()
         if self.data.packing:
             self._check_packing()
         self._check_placement()
@@ -705,12 +703,6 @@ class Recipe(_Strict):
         if any(t.model is None for t in self.extra_teachers):
             raise ValueError("extra_teachers need weights (model: null is only for the main black-box teacher)")
         return self
-
-    def _check_checkpointing(self) -> None:
-        cross = [r.name for r in self.runs if r.cross_tokenizer is not None]
-        if cross:
-            raise ValueError(f"train.save_steps: cross-tokenizer run(s) {cross} do not checkpoint yet; remove "
-                             "train.save_steps or those runs")
 
     def _check_placement(self) -> None:
         placed = [("teacher", self.teacher)] + [(f"extra_teachers[{i}]", t) for i, t in enumerate(self.extra_teachers)]

@@ -585,7 +585,10 @@ def _train_cross(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, ds
         raise PotstillError(f"run {run.name} uses cross_tokenizer but the student shares the teacher's tokenizer; "
                             "remove cross_tokenizer or use a student with its own tokenizer")
     ct = run.cross_tokenizer
-    scratch = trainer_scratch(out_dir)
+    saving = recipe.train.save_steps is not None
+    fingerprint = run_fingerprint(recipe, run)
+    scratch = checkpoint_dir(out_dir.parent.parent, run.name) if saving else trainer_scratch(out_dir)
+    resume = resume_point(scratch, fingerprint) if saving else None
     try:
         tmp = str(scratch)
         trainer = CrossTokenizerKDTrainer(
@@ -594,17 +597,29 @@ def _train_cross(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, ds
             kinds=tuple(ct.kinds), max_teacher_length=ct.max_teacher_length, processing_class=tokenizer,
             train_dataset=ds)
         _watch(recipe, run, trainer, None, tokenizer, out_dir, None, None)
+        if saving:
+            trainer.add_callback(MarkCheckpoints(fingerprint, trainer))
+            if resume is not None:
+                log.info("run %s resumes from %s", run.name, resume)
+                restore_state(trainer, resume)
         t0 = time.perf_counter()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - t0
         # without accelerate's autocast wrapper: a fresh bf16 student is evaluated in fp32, like a reloaded one
         model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     finally:
-        remove_scratch(scratch)
+        if not saving:
+            remove_scratch(scratch)
     curve = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
     info = {"loss_curve": curve, "train_seconds": seconds, "run": run.model_dump(mode="json"),
             "cross_tokenizer": trainer.coverage_stats()}
-    save_student(model, tokenizer, out_dir, info, run_fingerprint(recipe, run))
+    if resume is not None:
+        info["resumed_from"] = Path(resume).name
+    save_student(model, tokenizer, out_dir, info, fingerprint)
+    if saving:  # the student is on disk: its checkpoints have served
+        remove_scratch(scratch)
+        with contextlib.suppress(OSError):
+            scratch.parent.rmdir()
     return model, curve
 
 

@@ -250,18 +250,25 @@ class CrossTokenizerKDTrainer(KDTrainer):
 
     # -------------------------------------------------------------------------- stats
     def coverage_stats(self) -> dict[str, float]:
-        """Accumulated over training: share of target rows aligned (``aligned_row_share``) and given a
+        """Accumulated over training: the target rows seen (``rows``), the share of them aligned (``aligned_row_share``) and given a
         KD term (``kd_row_share``); the teacher's mean probability mass per aligned row on tokens of
         each kind (``teacher_mass_<kind>``, at the distillation temperature, when a vocab map is
         set) and on the kinds used (``teacher_mass_used``, method ``vocab_map``)."""
         c = self._coverage
         rows, aligned = max(c["rows"], 1.0), max(c["aligned"], 1.0)
-        out = {"aligned_row_share": c["aligned"] / rows, "kd_row_share": c["kd_rows"] / rows}
+        out = {"rows": int(c["rows"]), "aligned_row_share": c["aligned"] / rows, "kd_row_share": c["kd_rows"] / rows}
         if self.vocab_map is not None:
             out.update({f"teacher_mass_{k}": c[f"mass_{k}"] / aligned for k in KINDS})
         if self.method == "vocab_map":
             out["teacher_mass_used"] = c["mass_used"] / aligned
         return out
+
+    def potstill_state(self) -> dict:
+        """What a resumed run needs beyond the Trainer's checkpoint: the coverage sums so far."""
+        return {"coverage": self._coverage}
+
+    def load_potstill_state(self, state: dict) -> None:
+        self._coverage = dict(state["coverage"])
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._coverage["rows"] > 0:
