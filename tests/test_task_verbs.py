@@ -55,19 +55,30 @@ def test_a_recipe_that_is_not_utf8_is_one_line(verb, tmp_path, capsys):
     assert len(err) == 1 and "save it as UTF-8" in err[0], err
 
 
-def test_classify_verb_runs_a_tiny_recipe(tmp_path, capsys, monkeypatch):
-    """The verb wires the loader to the runner (the runner itself is tested in tests/kd/test_classifier.py)."""
+def test_classify_verb_runs_a_tiny_recipe(tmp_path, capsys, monkeypatch, one_thread):
+    """The verb runs the real runner on the recipe with the CLI's overrides applied: the three models are
+    trained and evaluated, metrics.json / report.md land in the recipe's output_dir, and the printed summary
+    is those metrics. Only the encoder and the data are stand-ins (a tiny BERT, a separable toy set)."""
+    import json
+
     import potstill.kd.classifier as clf
+    from kd.test_classifier import tiny_bert, tiny_tokenizer, toy_examples
 
-    seen = {}
-
-    def fake_run(recipe, output_dir=None):
-        seen["recipe"] = recipe
-        return {"teacher_accuracy": 0.9}
-
-    monkeypatch.setattr(clf, "run_classifier_recipe", fake_run)
+    tok = tiny_tokenizer()
+    monkeypatch.setattr(clf, "load_encoder", lambda name: (tiny_bert(tok, layers=2, hidden=16, seed=2), tok))
+    monkeypatch.setattr(clf, "load_sms_spam", lambda: toy_examples(40, 8))
+    out = tmp_path / "out"
     p = tmp_path / "r.yaml"
-    p.write_text(f"dataset: sms_spam\noutput_dir: {tmp_path / 'out'}\n")
+    p.write_text(f"dataset: sms_spam\noutput_dir: {out}\nteacher: {{model: tiny, steps: 2, batch_size: 8}}\n"
+                 "student: {layers: [0]}\ntrain: {batch_size: 8, max_length: 16}\n"
+                 "eval: {latency_batch_size: 4, latency_repeats: 1}\n")
     assert main(["classify", str(p), "train.steps=3"]) == 0
-    assert seen["recipe"].train.steps == 3
-    assert "teacher_accuracy" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 3 and m["n_train"] + m["n_eval"] == 40 and m["n_eval"] == 8
+    assert set(m["models"]) == {"teacher", "kd_student", "no_teacher"}
+    assert m["models"]["teacher"]["layers"] == 2 and m["models"]["kd_student"]["layers"] == 1
+    assert (out / "report.md").is_file() and (out / "recipe.yaml").is_file()
+    printed = capsys.readouterr().out.strip().splitlines()
+    brief = json.loads(printed[0])
+    assert brief == {k: v for k, v in m.items() if isinstance(v, (int, float, str))} and brief["steps"] == 3
+    assert printed[-1] == f"classify: results in {out}"

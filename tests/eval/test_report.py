@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from potstill.errors import PotstillError
 from potstill.eval.report import read_metrics, write_report
@@ -22,7 +24,19 @@ METRICS = {
 }
 
 
-def test_report_files_and_round_trip(tmp_path):
+def test_report_files_and_round_trip(tmp_path, monkeypatch):
+    """The files, the metrics round trip, the markdown, and the plots: PNGs of the figure's size with
+    content (not blank), whose figures plot exactly the loss curves and, per metric, the runs' values."""
+    from potstill.eval import report
+
+    figures = {}
+    real_png = report._png
+
+    def capture(fig):
+        figures["loss" if fig.axes[0].get_title() == "Training loss" else "metrics"] = fig
+        return real_png(fig)
+
+    monkeypatch.setattr(report, "_png", capture)
     runs = {name: dict(run, generations=["a", "b"]) for name, run in METRICS.items()}
     samples = [{"prompt": "What | is\nthis?", "reference": "a ref", "outputs": {"teacher": "t out", "sft": "s out"}}]
     paths = write_report(
@@ -39,6 +53,17 @@ def test_report_files_and_round_trip(tmp_path):
         assert p.exists() and p.stat().st_size > 0
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == PNG_MAGIC
+            pixels = np.asarray(Image.open(p).convert("L"), dtype=np.float64)
+            width, height = (700, 400) if p.name == "loss_curves.png" else (1600, 380)  # figsize x 100 dpi
+            assert pixels.shape == (height, width), (p.name, pixels.shape)
+            assert pixels.std() > 10 and (pixels < 128).mean() > 0.01, p.name  # drawn on, not a blank canvas
+    lines = {line.get_label(): line.get_xydata().tolist() for line in figures["loss"].axes[0].get_lines()}
+    assert lines == {"logit_kd": [[0, 3.0], [10, 2.0]], "sft": [[0, 3.1], [10, 2.4]]}
+    axes = figures["metrics"].axes
+    assert [ax.get_title().split(" ")[0] for ax in axes] == ["forward", "top-1", "perplexity", "ROUGE-L"]
+    for ax, key in zip(axes, ("forward_kl", "top1_agreement", "perplexity", "rouge_l")):
+        assert [t.get_text() for t in ax.get_xticklabels()] == list(METRICS)
+        assert [bar.get_height() for bar in ax.patches] == pytest.approx([m[key] for m in METRICS.values()]), key
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
 
     raw = json.loads((tmp_path / "out" / "metrics.json").read_text())

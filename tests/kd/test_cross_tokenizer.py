@@ -656,7 +656,6 @@ def test_real_gemma_to_smollm2_vocab_map_and_alignment():
     counts = vm.counts()
     share = {k: v / vm.teacher_vocab for k, v in counts.items()}
     print(f"vocab map {vm.teacher_vocab} x {vm.student_vocab} in {seconds:.1f}s: {counts} {share}")
-    assert seconds < 60
     assert vm.teacher_vocab == 262144 and vm.student_vocab == 49152
     assert share["none"] < 0.05  # the <unused*> / image / control tokens
     assert counts["exact"] > 0.9 * 49152  # nearly every student token has its teacher twin

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -107,10 +109,19 @@ def test_wrappers_peft_and_ddp(tiny_teacher):
 
 
 def test_final_hidden_has_gradients_through_wrapper(tiny_student):
+    """Through a DDP-like wrapper, head(final_hidden) gives every parameter the gradient that
+    plain autograd through ``decoder(...).last_hidden_state @ lm_head.weight.T`` gives a copy."""
     ids, mask = _batch()
     ids = ids % tiny_student.config.vocab_size
+    reference = copy.deepcopy(tiny_student)
     tiny_student.train()
+    reference.train()
     hid = final_hidden(_DDPLike(tiny_student), ids, mask)
     output_head(tiny_student)(hid).logsumexp(-1).sum().backward()
-    assert tiny_student.lm_head.weight.grad is not None
-    assert tiny_student.model.embed_tokens.weight.grad is not None
+    ref_hid = reference.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    (ref_hid @ reference.lm_head.weight.T).logsumexp(-1).sum().backward()
+    got = dict(tiny_student.named_parameters())
+    for name, p in reference.named_parameters():
+        assert p.grad is not None and got[name].grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(got[name].grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
