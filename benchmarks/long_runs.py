@@ -20,9 +20,9 @@ process per arm. Evaluation is cut to 2 held-out examples and 1 generated token 
   steps before the last checkpoint that it redid (target 0), and whether the student equals the uninterrupted
   saving arm's bit for bit.
 
-Usage: ``python benchmarks/long_runs.py [--steps 30] [--every 10] [--repeats 2] [--parts abc] [--out PATH]``.
-Writes JSON (default ``benchmarks/results/long_runs.json``) and prints a one-line summary. About 25 minutes on
-2 cores.
+Usage: ``python benchmarks/long_runs.py [--steps 30] [--every 10] [--repeats 2] [--pack-steps 12] [--parts abc]
+[--out PATH]``. Writes JSON (default ``benchmarks/results/long_runs.json``) and prints a one-line summary. About
+40 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--pack-steps", type=int, default=12, help="steps of each packing arm (a)")
     p.add_argument("--parts", default="abc", help="which of (a) packing, (b) checkpoint overhead, (c) resume")
     p.add_argument("--out", default=str(HERE / "results" / "long_runs.json"))
     a = p.parse_args(argv)
@@ -137,15 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {
         "benchmark": "long_runs",
         "config": {"recipe": "recipes/demo.yaml", "runs": "one forward-KL run", "steps": a.steps,
+                   "packing_steps": a.pack_steps,
                    "batch_size": 8, "save_steps": a.every, "save_total_limit": 2, "repeats": a.repeats},
     }
     line: dict = {}
     with tempfile.TemporaryDirectory(prefix="long_runs_") as tmp:
         root = Path(tmp)
         if "a" in a.parts:
-            report["packing"] = {"demo": _packing(root / "pack_demo", a.steps, a.repeats, []),
-                                 "gsm8k_cot": {"data": GSM8K, **_packing(root / "pack_gsm8k", a.steps, a.repeats,
-                                                                           GSM8K)}}
+            report["packing"] = {"demo": _packing(root / "pack_demo", a.pack_steps, a.repeats, []),
+                                 "gsm8k_cot": {"data": GSM8K, **_packing(root / "pack_gsm8k", a.pack_steps,
+                                                                           a.repeats, GSM8K)}}
             line.update(packing_speedup_demo=report["packing"]["demo"]["speedup"],
                         packing_speedup_gsm8k=report["packing"]["gsm8k_cot"]["speedup"])
         if "b" in a.parts or "c" in a.parts:
