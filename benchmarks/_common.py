@@ -63,7 +63,7 @@ class PeakRSS:
     ``increment_mb = peak_mb - baseline_mb``: what the block itself cost.
     """
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         import gc
 
         gc.collect()
@@ -90,7 +90,9 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
-def run_worker(script: str | Path, args: list[str], *, env: dict[str, str] | None = None, timeout: float | None = None) -> dict:
+def run_worker(
+    script: str | Path, args: list[str], *, env: dict[str, str] | None = None, timeout: float | None = None
+) -> dict:
     """Run ``python script *args --result FILE`` in a fresh process; return the JSON it wrote.
 
     A fresh process per measured arm keeps peak memory (and allocator state, caches,

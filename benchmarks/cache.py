@@ -88,8 +88,15 @@ def train(prep, run, source, out: Path, warmup: int) -> dict:
     timer = step_timer()
     args = kd_config(prep.recipe, run, str(out), prep.device)
     args.disable_tqdm = True
-    trainer = KDTrainer(model=student, args=args, signal_source=source, train_dataset=dataset(prep.train_examples),
-                        processing_class=prep.tokenizer, vocab_size=prep.vocab_size, callbacks=[timer])
+    trainer = KDTrainer(
+        model=student,
+        args=args,
+        signal_source=source,
+        train_dataset=dataset(prep.train_examples),
+        processing_class=prep.tokenizer,
+        vocab_size=prep.vocab_size,
+        callbacks=[timer],
+    )
     trainer.train()
     return {"model": trainer.model, "step_s": median(timer.times[warmup:]), "steps_s": timer.times}
 
@@ -106,8 +113,13 @@ def train_hf_sft(prep, run, out: Path, warmup: int) -> dict:
     args = kd_config(prep.recipe, run, str(out), prep.device)
     args.disable_tqdm = True
     ds = dataset(prep.train_examples).remove_columns(["example_id"])
-    trainer = Trainer(model=student, args=args, train_dataset=ds, data_collator=PadCollator(prep.tokenizer.pad_token_id),
-                      callbacks=[timer])
+    trainer = Trainer(
+        model=student,
+        args=args,
+        train_dataset=ds,
+        data_collator=PadCollator(prep.tokenizer.pad_token_id),
+        callbacks=[timer],
+    )
     trainer.train()
     return {"step_s": median(timer.times[warmup:]), "steps_s": timer.times}
 
@@ -127,10 +139,10 @@ def teacher_passes(prep, spec) -> dict:
     collate = PadCollator(pad_id(prep.tokenizer))
     batches = []
     for lo in range(0, len(exs), spec.examples_per_shard):
-        shard = exs[lo:lo + spec.examples_per_shard]
+        shard = exs[lo : lo + spec.examples_per_shard]
         order = sorted(range(len(shard)), key=lambda i: (len(shard[i]["input_ids"]), i))
         for b in range(0, len(order), spec.batch_size):
-            batches.append(collate([shard[i] for i in order[b:b + spec.batch_size]]))
+            batches.append(collate([shard[i] for i in order[b : b + spec.batch_size]]))
     out = {}
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -138,11 +150,11 @@ def teacher_passes(prep, spec) -> dict:
             hidden = final_hidden(teacher, batch["input_ids"], batch["attention_mask"])
             rows = target_rows(hidden, target_index(batch["labels"]))
             for s in range(0, rows.shape[0], spec.chunk_size):
-                head(rows[s:s + spec.chunk_size]).float().cpu()
+                head(rows[s : s + spec.chunk_size]).float().cpu()
         out["strict_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         for batch in batches:
-            teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            _ = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         out["hf_s"] = time.perf_counter() - t0
     return out
 
@@ -150,8 +162,18 @@ def teacher_passes(prep, spec) -> dict:
 def held_out(prep, models: dict) -> dict:
     from potstill.eval import evaluate_runs, metrics_only
 
-    res = metrics_only(evaluate_runs(models, prep.teacher, prep.tokenizer, prep.eval_examples,
-                                     vocab_size=prep.vocab_size, batch_size=8, max_new_tokens=1, progress=False))
+    res = metrics_only(
+        evaluate_runs(
+            models,
+            prep.teacher,
+            prep.tokenizer,
+            prep.eval_examples,
+            vocab_size=prep.vocab_size,
+            batch_size=8,
+            max_new_tokens=1,
+            progress=False,
+        )
+    )
     return {name: {"forward_kl": m["forward_kl"], "top1_agreement": m["top1_agreement"]} for name, m in res.items()}
 
 
@@ -160,13 +182,23 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny run (few prompts and steps), smoke test only")
     p.add_argument("--out", default=None, help=f"JSON path (default {DEFAULT_OUT}; --quick: a temp file)")
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the step-time medians")
-    p.add_argument("--write-only", action="store_true",
-                   help="measure only the writing part and update it in an existing JSON (training results kept)")
-    p.add_argument("--decompose", action="store_true",
-                   help="only split each write into the teacher's forward and the rest (one write per setting), "
-                        "merged into an existing JSON")
-    p.add_argument("--reps", type=int, default=3,
-                   help="paired (teacher forward, cache write) measurements per setting; ratios are their medians")
+    p.add_argument(
+        "--write-only",
+        action="store_true",
+        help="measure only the writing part and update it in an existing JSON (training results kept)",
+    )
+    p.add_argument(
+        "--decompose",
+        action="store_true",
+        help="only split each write into the teacher's forward and the rest (one write per setting), "
+        "merged into an existing JSON",
+    )
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=3,
+        help="paired (teacher forward, cache write) measurements per setting; ratios are their medians",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -182,8 +214,10 @@ def main(argv=None) -> int:
 
     overrides = {}
     if args.quick:
-        overrides = {"data": {"source": {"kind": "demo", "num_prompts": 24, "max_new_tokens": 8}, "eval_size": 8},
-                     "train": {"max_steps": 6, "batch_size": 4}}
+        overrides = {
+            "data": {"source": {"kind": "demo", "num_prompts": 24, "max_new_tokens": 8}, "eval_size": 8},
+            "train": {"max_steps": 6, "batch_size": 4},
+        }
     recipe = Recipe.model_validate(overrides)
     torch.manual_seed(0)
     prep = Prepared(recipe)
@@ -192,11 +226,23 @@ def main(argv=None) -> int:
     kd_run = RunConfig(name="kd", alpha=0.0, divergence=ForwardKL())
     sft_run = RunConfig(name="sft", alpha=1.0)
     work = Path(tempfile.mkdtemp(prefix="potstill-bench-cache-"))
-    results: dict = {"setup": {
-        "teacher": recipe.teacher.model, "student": "from_teacher, 6 of 30 layers", "train_examples": n_train,
-        "eval_examples": len(prep.eval_examples), "response_tokens": n_tokens, "steps": recipe.train.max_steps,
-        "batch_size": recipe.train.batch_size, "divergence": "forward_kl", "alpha": 0.0, "temperature": 1.0,
-        "torch_threads": torch.get_num_threads(), "quick": args.quick, "write_reps": max(1, args.reps)}}
+    results: dict = {
+        "setup": {
+            "teacher": recipe.teacher.model,
+            "student": "from_teacher, 6 of 30 layers",
+            "train_examples": n_train,
+            "eval_examples": len(prep.eval_examples),
+            "response_tokens": n_tokens,
+            "steps": recipe.train.max_steps,
+            "batch_size": recipe.train.batch_size,
+            "divergence": "forward_kl",
+            "alpha": 0.0,
+            "temperature": 1.0,
+            "torch_threads": torch.get_num_threads(),
+            "quick": args.quick,
+            "write_reps": max(1, args.reps),
+        }
+    }
     try:
         # -- writing: each setting right after the teacher's forward over the same batches -----
         # (paired, so that drift in a shared machine's speed hits both sides of each ratio)
@@ -214,19 +260,31 @@ def main(argv=None) -> int:
                 target = work / name if rep == 0 else work / f"{name}-rep{rep}"
                 t0 = time.perf_counter()
                 parts: dict = {}
-                man = write_cache(prep.teacher, prep.tokenizer, prep.train_examples, target, spec,
-                                  teacher_name=recipe.teacher.model, progress=False, timings=parts)
+                man = write_cache(
+                    prep.teacher,
+                    prep.tokenizer,
+                    prep.train_examples,
+                    target,
+                    spec,
+                    teacher_name=recipe.teacher.model,
+                    progress=False,
+                    timings=parts,
+                )
                 pairs.append((before, time.perf_counter() - t0))
                 split.append(parts["forward_s"] / parts["total_s"])
                 if rep:
                     shutil.rmtree(target, ignore_errors=True)
-            writes[name] = {"write_s": median([w for _, w in pairs]), "writes_s": [w for _, w in pairs],
-                            "bytes_per_token": man["bytes_per_token"], "total_bytes": man["total_bytes"],
-                            "teacher_strict_s": [b["strict_s"] for b, _ in pairs],
-                            "teacher_hf_s": [b["hf_s"] for b, _ in pairs],
-                            "throughput_vs_teacher_strict": median([b["strict_s"] / w for b, w in pairs]),
-                            "throughput_vs_teacher_hf": median([b["hf_s"] / w for b, w in pairs]),
-                            "decomposed": {"throughput_vs_own_forward": median(split), "per_rep": split}}
+            writes[name] = {
+                "write_s": median([w for _, w in pairs]),
+                "writes_s": [w for _, w in pairs],
+                "bytes_per_token": man["bytes_per_token"],
+                "total_bytes": man["total_bytes"],
+                "teacher_strict_s": [b["strict_s"] for b, _ in pairs],
+                "teacher_hf_s": [b["hf_s"] for b, _ in pairs],
+                "throughput_vs_teacher_strict": median([b["strict_s"] / w for b, w in pairs]),
+                "throughput_vs_teacher_hf": median([b["hf_s"] / w for b, w in pairs]),
+                "decomposed": {"throughput_vs_own_forward": median(split), "per_rep": split},
+            }
             caches[name] = work / name
         results["teacher_forward"] = {"strict_s": [x["strict_s"] for x in passes], "hf_s": [x["hf_s"] for x in passes]}
         results["write"] = writes
@@ -243,9 +301,13 @@ def main(argv=None) -> int:
         quality = held_out(prep, {name: r["model"] for name, r in runs.items()})
         online_fkl = quality["online_dense"]["forward_kl"]
         sft_step = min(sft_hf["step_s"], sft_chunked["step_s"])
-        results["sft_step_s"] = {"hf_trainer": sft_hf["step_s"], "potstill_chunked_ce": sft_chunked["step_s"],
-                                 "baseline": sft_step, "hf_steps_s": sft_hf["steps_s"],
-                                 "chunked_steps_s": sft_chunked["steps_s"]}
+        results["sft_step_s"] = {
+            "hf_trainer": sft_hf["step_s"],
+            "potstill_chunked_ce": sft_chunked["step_s"],
+            "baseline": sft_step,
+            "hf_steps_s": sft_hf["steps_s"],
+            "chunked_steps_s": sft_chunked["steps_s"],
+        }
         results["teacher_quality"] = quality["teacher"]
         results["runs"] = {}
         for name, r in runs.items():
@@ -276,12 +338,22 @@ def decompose(prep, recipe, work: Path) -> dict:
     write_cache(prep.teacher, prep.tokenizer, prep.train_examples, work / "warm", CacheSpec(), progress=False)
     for name, (kind, params, dtype) in SETTINGS.items():
         t: dict = {}
-        write_cache(prep.teacher, prep.tokenizer, prep.train_examples, work / f"d-{name}",
-                    CacheSpec(kind=kind, dtype=dtype, **params), teacher_name=recipe.teacher.model,
-                    progress=False, timings=t)
-        out[name] = {"forward_s": t["forward_s"], "total_s": t["total_s"],
-                     "rest_s": t["total_s"] - t["forward_s"],
-                     "throughput_vs_own_forward": t["forward_s"] / t["total_s"]}
+        write_cache(
+            prep.teacher,
+            prep.tokenizer,
+            prep.train_examples,
+            work / f"d-{name}",
+            CacheSpec(kind=kind, dtype=dtype, **params),
+            teacher_name=recipe.teacher.model,
+            progress=False,
+            timings=t,
+        )
+        out[name] = {
+            "forward_s": t["forward_s"],
+            "total_s": t["total_s"],
+            "rest_s": t["total_s"] - t["forward_s"],
+            "throughput_vs_own_forward": t["forward_s"] / t["total_s"],
+        }
     return out
 
 
@@ -303,7 +375,11 @@ def _merge_write(args, results: dict) -> int:
 
 
 def _out_path(args) -> Path:
-    return Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "cache_quick.json" if args.quick else DEFAULT_OUT)
+    return (
+        Path(args.out)
+        if args.out
+        else (Path(tempfile.gettempdir()) / "cache_quick.json" if args.quick else DEFAULT_OUT)
+    )
 
 
 def _finish(args, results: dict) -> int:
@@ -328,19 +404,22 @@ def _finish(args, results: dict) -> int:
     write_json_atomic(out, results)
     best = min(ok_quality or cached, key=lambda n: cached[n]["bytes_per_token"])
     t = results["targets"]
-    print(summary_line("cache", {
-        "best": best,
-        "bytes_per_token": cached[best]["bytes_per_token"],
-        "fkl_vs_online": cached[best]["forward_kl_vs_online"],
-        "max_cached_step_vs_sft": t["max_cached_step_vs_sft"],
-        "min_write_vs_teacher": t["min_write_vs_teacher_strict"],
-        "min_write_vs_own_forward": t.get("min_write_vs_own_forward"),
-        "targets_met": f"{t['quality_met']},{t['step_met']},{t['write_met']}",
-        "json": str(out),
-    }))
+    print(
+        summary_line(
+            "cache",
+            {
+                "best": best,
+                "bytes_per_token": cached[best]["bytes_per_token"],
+                "fkl_vs_online": cached[best]["forward_kl_vs_online"],
+                "max_cached_step_vs_sft": t["max_cached_step_vs_sft"],
+                "min_write_vs_teacher": t["min_write_vs_teacher_strict"],
+                "min_write_vs_own_forward": t.get("min_write_vs_own_forward"),
+                "targets_met": f"{t['quality_met']},{t['step_met']},{t['write_met']}",
+                "json": str(out),
+            },
+        )
+    )
     return 0
-
-
 
 
 if __name__ == "__main__":

@@ -170,7 +170,13 @@ def main(argv=None) -> int:
         teacher_probs = predict_features(teacher, pool_f)
     setup["teacher_cpu_s"] = c.cpu
     teacher_eval = evaluate_features(teacher, eval_f)
-    protocol = {"learner": learner, "eval_examples": eval_f, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size}
+    protocol = {
+        "learner": learner,
+        "eval_examples": eval_f,
+        "steps": args.steps,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+    }
     full_pool = evaluate_set(pool_f, seed=0, **protocol)
 
     confident = (teacher_probs.argmax(-1) == labels) & (teacher_probs[torch.arange(len(labels)), labels] >= 0.9)
@@ -195,21 +201,37 @@ def main(argv=None) -> int:
     for s in range(sets):
         g = torch.Generator().manual_seed(s)
         sub = torch.randperm(len(pool), generator=g)[: len(pool) // 2]
-        real_s = RealData(real_all.input_ids[sub], real_all.attention_mask[sub], labels[sub],
-                          features=real_all.features[sub])
+        real_s = RealData(
+            real_all.input_ids[sub], real_all.attention_mask[sub], labels[sub], features=real_all.features[sub]
+        )
         experts = None
         if args.condense == "tm":
             with Clock() as ce:
-                experts = train_experts(learner.new_top(0), real_s, E, init_fn=init_fn, n_experts=5,
-                                        steps=20 if args.quick else 100, save_every=5 if args.quick else 10,
-                                        lr=0.5, batch_size=32, seed=s)
+                experts = train_experts(
+                    learner.new_top(0),
+                    real_s,
+                    E,
+                    init_fn=init_fn,
+                    n_experts=5,
+                    steps=20 if args.quick else 100,
+                    save_every=5 if args.quick else 10,
+                    lr=0.5,
+                    batch_size=32,
+                    seed=s,
+                )
         for b in budgets:
             arms: dict = {}
             times: dict = {}
             with Clock() as c:
                 gen = torch.Generator().manual_seed(1000 * s + b)
-                idx = torch.cat([(labels[sub] == k).nonzero().flatten()[
-                    torch.randperm(int((labels[sub] == k).sum()), generator=gen)[:b]] for k in (0, 1)])
+                idx = torch.cat(
+                    [
+                        (labels[sub] == k)
+                        .nonzero()
+                        .flatten()[torch.randperm(int((labels[sub] == k).sum()), generator=gen)[:b]]
+                        for k in (0, 1)
+                    ]
+                )
                 arms["random"] = [pool[int(sub[i])] for i in idx]
             times["random"] = c.cpu
             with Clock() as c:
@@ -228,19 +250,54 @@ def main(argv=None) -> int:
             times["potstill_select"] = c.cpu  # + the teacher, trained once: setup.teacher_cpu_s
             # condensation, started from this index's random set
             with Clock() as c:
-                enc = tokenizer([e.text for e in arms["random"]], padding=True, truncation=True,
-                                max_length=args.max_length, return_tensors="pt")
-                syn = init_from_ids(enc["input_ids"], enc["attention_mask"],
-                                    torch.tensor([e.label for e in arms["random"]]), E, num_classes=2,
-                                    special_ids=tokenizer.all_special_ids)
-                common = {"prefix": learner.prefix, "candidates": candidates, "reg_weight": 1.0, "reg_kind": "cosine",
-                              "lr_embed": 5e-2, "lr_label": 1e-2, "seed": s}
+                enc = tokenizer(
+                    [e.text for e in arms["random"]],
+                    padding=True,
+                    truncation=True,
+                    max_length=args.max_length,
+                    return_tensors="pt",
+                )
+                syn = init_from_ids(
+                    enc["input_ids"],
+                    enc["attention_mask"],
+                    torch.tensor([e.label for e in arms["random"]]),
+                    E,
+                    num_classes=2,
+                    special_ids=tokenizer.all_special_ids,
+                )
+                common = {
+                    "prefix": learner.prefix,
+                    "candidates": candidates,
+                    "reg_weight": 1.0,
+                    "reg_kind": "cosine",
+                    "lr_embed": 5e-2,
+                    "lr_label": 1e-2,
+                    "seed": s,
+                }
                 if args.condense == "tm":
-                    cs = trajectory_matching(learner.new_top(0), experts, syn, E, iterations=iterations,
-                                             syn_steps=20, expert_span=2, syn_lr=0.5, **common)
+                    cs = trajectory_matching(
+                        learner.new_top(0),
+                        experts,
+                        syn,
+                        E,
+                        iterations=iterations,
+                        syn_steps=20,
+                        expert_span=2,
+                        syn_lr=0.5,
+                        **common,
+                    )
                 else:
-                    cs = gradient_matching(learner.new_top(0), real_s, syn, E, init_fn=init_fn,
-                                           iterations=iterations, inner_steps=2, real_batch=128, **common)
+                    cs = gradient_matching(
+                        learner.new_top(0),
+                        real_s,
+                        syn,
+                        E,
+                        init_fn=init_fn,
+                        iterations=iterations,
+                        inner_steps=2,
+                        real_batch=128,
+                        **common,
+                    )
             times["potstill_condense_emb"] = c.cpu + (ce.cpu if experts is not None else 0.0)
             history[b].append([round(v, 5) for v in cs.history["match"]])
             with Clock() as c2:
@@ -250,19 +307,22 @@ def main(argv=None) -> int:
             if args.save_dir:
                 save_condensed(cs, Path(args.save_dir) / f"dpc{b}_set{s}")
             if s == 0:
-                examples_text[b] = {"init": [e.text for e in arms["random"][:3]] + [e.text for e in arms["random"][b:b + 3]],
-                                    "projected": [e.text for e in arms["potstill_condense_text"][:3]]
-                                    + [e.text for e in arms["potstill_condense_text"][b:b + 3]],
-                                    "dilm": [e.text for e in arms["dilm"][:3]] + [e.text for e in arms["dilm"][b:b + 3]],
-                                    "potstill_select": [e.text for e in arms["potstill_select"][:3]]
-                                    + [e.text for e in arms["potstill_select"][b:b + 3]]}
+                examples_text[b] = {
+                    "init": [e.text for e in arms["random"][:3]] + [e.text for e in arms["random"][b : b + 3]],
+                    "projected": [e.text for e in arms["potstill_condense_text"][:3]]
+                    + [e.text for e in arms["potstill_condense_text"][b : b + 3]],
+                    "dilm": [e.text for e in arms["dilm"][:3]] + [e.text for e in arms["dilm"][b : b + 3]],
+                    "potstill_select": [e.text for e in arms["potstill_select"][:3]]
+                    + [e.text for e in arms["potstill_select"][b : b + 3]],
+                }
             for arm, data in arms.items():
                 feats, soft = soft_of(data)
                 if arm == "potstill_condense_emb":
                     cs_feats = feats
                 for kind in ("hard", "soft"):
-                    r = evaluate_set(feats, seed=s, labels=kind, soft_labels=soft if kind == "soft" else None,
-                                     **protocol)
+                    r = evaluate_set(
+                        feats, seed=s, labels=kind, soft_labels=soft if kind == "soft" else None, **protocol
+                    )
                     results[b][kind].setdefault(arm, []).append(r)
                 build[b].setdefault(arm, []).append(times.get(arm, 0.0))
             learned[b].append(evaluate_set(cs_feats, seed=s, labels="soft", soft_labels=cs.soft_labels(), **protocol))
@@ -283,38 +343,75 @@ def main(argv=None) -> int:
         same_kind = "soft" if best_kind == "learned" else best_kind
         dilm = table[b][same_kind]["dilm"]
         dilm_best = max(table[b][k]["dilm"]["mean"] for k in ("hard", "soft"))
-        best_text = max((table[b][k][a]["mean"], a, k) for k in ("hard", "soft")
-                        for a in ("potstill_select", "potstill_condense_text"))
-        verdict[b] = {"best_arm": best_arm, "best_labels": best_kind, "best_mean": best_mean,
-                      "dilm_mean_same_labels": dilm["mean"], "delta_vs_dilm_same_labels": best_mean - dilm["mean"],
-                      "dilm_best_mean": dilm_best, "beats_dilm_best": best_mean > dilm_best,
-                      "best_text_arm": best_text[1], "best_text_labels": best_text[2], "best_text_mean": best_text[0],
-                      "best_text_beats_dilm_best": best_text[0] > dilm_best}
+        best_text = max(
+            (table[b][k][a]["mean"], a, k)
+            for k in ("hard", "soft")
+            for a in ("potstill_select", "potstill_condense_text")
+        )
+        verdict[b] = {
+            "best_arm": best_arm,
+            "best_labels": best_kind,
+            "best_mean": best_mean,
+            "dilm_mean_same_labels": dilm["mean"],
+            "delta_vs_dilm_same_labels": best_mean - dilm["mean"],
+            "dilm_best_mean": dilm_best,
+            "beats_dilm_best": best_mean > dilm_best,
+            "best_text_arm": best_text[1],
+            "best_text_labels": best_text[2],
+            "best_text_mean": best_text[0],
+            "best_text_beats_dilm_best": best_text[0] > dilm_best,
+        }
     total.__exit__()
     for b in budgets:
         for kind in table[b]:
             for row in table[b][kind].values():
                 row["values"] = [round(v, 4) for v in row["values"]]
     data = {
-        "setup": {"pool": pool_n, "eval": eval_n, "sets": sets, "budgets": budgets, "steps": args.steps,
-                  "lr": args.lr, "batch_size": args.batch_size, "max_length": args.max_length,
-                  "trainable_layers": args.trainable_layers, "learner": learner.name,
-                  "condense": {"method": args.condense, "iterations": iterations, "syn_steps": 20, "expert_span": 2,
-                               "experts": 5, "expert_steps": 100, "save_every": 10, "expert_lr": 0.5,
-                               "syn_lr_init": 0.5, "lr_embed": 5e-2, "lr_label": 1e-2, "reg_weight": 1.0,
-                               "reg_kind": "cosine", "init": "the random arm's set of the same index"},
-                  "select": "teacher p(label) >= 0.9 and correct, then per-class herding",
-                  "teacher": {"what": "same learner, linear head on the whole pool, 500 steps, batch 64",
-                              **{k: teacher_eval[k] for k in ("accuracy", "macro_f1", "ece")}},
-                  "full_pool_protocol_accuracy": full_pool["accuracy"], "quick": args.quick,
-                  "torch_threads": torch.get_num_threads(), **setup},
+        "setup": {
+            "pool": pool_n,
+            "eval": eval_n,
+            "sets": sets,
+            "budgets": budgets,
+            "steps": args.steps,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+            "trainable_layers": args.trainable_layers,
+            "learner": learner.name,
+            "condense": {
+                "method": args.condense,
+                "iterations": iterations,
+                "syn_steps": 20,
+                "expert_span": 2,
+                "experts": 5,
+                "expert_steps": 100,
+                "save_every": 10,
+                "expert_lr": 0.5,
+                "syn_lr_init": 0.5,
+                "lr_embed": 5e-2,
+                "lr_label": 1e-2,
+                "reg_weight": 1.0,
+                "reg_kind": "cosine",
+                "init": "the random arm's set of the same index",
+            },
+            "select": "teacher p(label) >= 0.9 and correct, then per-class herding",
+            "teacher": {
+                "what": "same learner, linear head on the whole pool, 500 steps, batch 64",
+                **{k: teacher_eval[k] for k in ("accuracy", "macro_f1", "ece")},
+            },
+            "full_pool_protocol_accuracy": full_pool["accuracy"],
+            "quick": args.quick,
+            "torch_threads": torch.get_num_threads(),
+            **setup,
+        },
         "results": {str(b): table[b] for b in budgets},
         "vs_dilm": {str(b): verdict[b] for b in budgets},
         "goal_met": all(v["beats_dilm_best"] for v in verdict.values()),
         "goal_met_with_text_arm": all(v["best_text_beats_dilm_best"] for v in verdict.values()),
         "condense_match_history": {str(b): history[b] for b in budgets},
         "examples": {str(b): v for b, v in examples_text.items()},
-        "cpu_s": total.cpu, "wall_s": total.wall,
+        "cpu_s": total.cpu,
+        "wall_s": total.wall,
     }
     write_json_atomic(out_path, data)
     items = {}
@@ -323,8 +420,12 @@ def main(argv=None) -> int:
         items[f"b{b}_best"] = f"{v['best_arm']}/{v['best_labels']}:{v['best_mean']:.3f}"
         items[f"b{b}_dilm"] = round(v["dilm_best_mean"], 3)
         items[f"b{b}_random"] = round(table[b]["hard"]["random"]["mean"], 3)
-    items.update(goal_met=data["goal_met"], text_goal_met=data["goal_met_with_text_arm"], cpu_min=round(total.cpu / 60, 1),
-                 out=str(out_path))
+    items.update(
+        goal_met=data["goal_met"],
+        text_goal_met=data["goal_met_with_text_arm"],
+        cpu_min=round(total.cpu / 60, 1),
+        out=str(out_path),
+    )
     print(summary_line("dd_sst2", items))
     return 0
 

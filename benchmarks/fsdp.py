@@ -262,7 +262,9 @@ def worker(arm: str, cfg: dict, result_path: str) -> None:
 
     class Recording(KDTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            out = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
             losses.append(float((out[0] if return_outputs else out).detach()))
             phases.set("backward_and_clip")
             return out
@@ -290,8 +292,14 @@ def worker(arm: str, cfg: dict, result_path: str) -> None:
             temperature=1.0,
             **extra,
         )
-        trainer = cls(model=student, teacher_model=None, signal_source=source, args=args, train_dataset=train_ds,
-                      data_collator=_stack)
+        trainer = cls(
+            model=student,
+            teacher_model=None,
+            signal_source=source,
+            args=args,
+            train_dataset=train_ds,
+            data_collator=_stack,
+        )
         trainer.add_callback(Timer())
         rss["trainer_built"] = rss_mb()
         setup_peak = ru_maxrss_mb()  # peak of model building, sharding and the Trainer (not reset: one lifetime)
@@ -363,8 +371,11 @@ def _marked(value: str) -> list:
 
     found = []
     for proc in psutil.process_iter(["pid", "environ", "status"], ad_value=None):
-        if proc.info["pid"] != os.getpid() and proc.info["status"] != psutil.STATUS_ZOMBIE \
-                and (proc.info["environ"] or {}).get(MARKER) == value:
+        if (
+            proc.info["pid"] != os.getpid()
+            and proc.info["status"] != psutil.STATUS_ZOMBIE
+            and (proc.info["environ"] or {}).get(MARKER) == value
+        ):
             found.append(proc)
     return found
 
@@ -390,8 +401,7 @@ def _kill_launch(launcher: subprocess.Popen, value: str) -> int:
 
 def run_arm(arm: str, cfg: dict, *, env_extra: dict[str, str]) -> dict:
     """One ``accelerate launch`` of ``PROCESSES`` ranks of this script; the JSON rank 0 wrote."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           **env_extra}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env_extra}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     marker = uuid.uuid4().hex
@@ -399,10 +409,29 @@ def run_arm(arm: str, cfg: dict, *, env_extra: dict[str, str]) -> dict:
     fd, result = tempfile.mkstemp(prefix="bench_fsdp_", suffix=".json")
     os.close(fd)
     os.unlink(result)  # rank 0 creates it: its absence means the arm did not finish
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()),
-           str(Path(__file__).resolve()), "--worker", arm, "--config", json.dumps(cfg), "--result", result]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(PROCESSES),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(Path(__file__).resolve()),
+        "--worker",
+        arm,
+        "--config",
+        json.dumps(cfg),
+        "--result",
+        result,
+    ]
     timeout = cfg["rank_timeout_s"] + 120  # the ranks time themselves out first
     launcher = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
@@ -517,8 +546,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="unmeasured steps first (default 2; quick 1)")
     p.add_argument("--out", default=None, help=f"JSON output (default {DEFAULT_OUT}; with --quick a temp file)")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
-    p.add_argument("--mmap-threshold", type=int, default=128 * 1024,
-                   help="the second pass's MALLOC_MMAP_THRESHOLD_ in bytes (default 131072)")
+    p.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=128 * 1024,
+        help="the second pass's MALLOC_MMAP_THRESHOLD_ in bytes (default 131072)",
+    )
     p.add_argument("--no-mmap-pass", action="store_true", help="skip the second pass (fixed mmap threshold)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="exit 1 when the target is missed")
@@ -557,14 +590,22 @@ def main(argv: list[str] | None = None) -> int:
         for arm in arms:
             t0 = time.perf_counter()
             res = runs[name][arm] = _arm_summary(run_arm(arm, cfg, env_extra=env_extra), time.perf_counter() - t0)
-            print(f"[fsdp] {name} {arm}: peak +{res['peak_mem_mb_max_over_ranks']} MB per process (max over ranks), "
-                  f"step {res['step_time_s_max_over_ranks']} s, student sharded {res['student_sharded']}, teacher "
-                  f"sharded {res['teacher_sharded']} [{res['wall_s']:.0f} s wall]", flush=True)
+            print(
+                f"[fsdp] {name} {arm}: peak +{res['peak_mem_mb_max_over_ranks']} MB per process (max over ranks), "
+                f"step {res['step_time_s_max_over_ranks']} s, student sharded {res['student_sharded']}, teacher "
+                f"sharded {res['teacher_sharded']} [{res['wall_s']:.0f} s wall]",
+                flush=True,
+            )
 
     main_runs = runs["glibc_default"]
     r0 = next(iter(main_runs.values()))["ranks"][0]
-    pred = predicted(r0["n_params"]["student"], r0["n_params"]["teacher"], cfg["vocab_size"],
-                     cfg["student"]["hidden_size"], PROCESSES)
+    pred = predicted(
+        r0["n_params"]["student"],
+        r0["n_params"]["teacher"],
+        cfg["vocab_size"],
+        cfg["student"]["hidden_size"],
+        PROCESSES,
+    )
     ratios, targets, checks = {}, {}, {}
     for name, rr in runs.items():
         r, c = _compare(rr)
@@ -583,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         if "ddp" in rr:
             m["ddp_measured_mb"] = rr["ddp"]["peak_mem_mb_max_over_ranks"]
             m["ddp_working_set_mb (measured - predicted: activations, reducer chunks, allocator)"] = round(
-                m["ddp_measured_mb"] - pred["ddp_total_mb"], 1)
+                m["ddp_measured_mb"] - pred["ddp_total_mb"], 1
+            )
         if "fsdp2" in rr:
             m["fsdp2_measured_mb"] = rr["fsdp2"]["peak_mem_mb_max_over_ranks"]
             m["fsdp2_measured_minus_predicted_mb"] = round(m["fsdp2_measured_mb"] - pred["fsdp2_peak_mb"], 1)
@@ -628,9 +670,11 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
     }
     write_json_atomic(out_path, report)
-    print(f"[fsdp] predicted per process: ddp {pred['ddp_total_mb']} MB, fsdp2 {pred['fsdp2_sharded_total_mb']} MB "
-          f"sharded, {pred['fsdp2_peak_mb']} MB at its largest gather (activations and reducer chunks excluded)",
-          flush=True)
+    print(
+        f"[fsdp] predicted per process: ddp {pred['ddp_total_mb']} MB, fsdp2 {pred['fsdp2_sharded_total_mb']} MB "
+        f"sharded, {pred['fsdp2_peak_mb']} MB at its largest gather (activations and reducer chunks excluded)",
+        flush=True,
+    )
     print(f"[fsdp] wrote {out_path}")
     print(summary_line("fsdp", {**ratios, **{k: ("yes" if v else "NO") for k, v in targets.items()}}), flush=True)
     return 1 if a.strict and not all(targets.values()) else 0

@@ -48,24 +48,61 @@ MODES = ("answer_only", "multitask", "cot")
 
 
 def demo_runs():
-    from potstill.config import (ContrastiveOptions, ForwardKL, GeneralizedJSD, MiniLLMOptions, OnPolicyOptions,
-                                 ReverseKL, RunConfig, SkewForwardKL)
+    from potstill.config import (
+        ContrastiveOptions,
+        ForwardKL,
+        GeneralizedJSD,
+        MiniLLMOptions,
+        OnPolicyOptions,
+        ReverseKL,
+        RunConfig,
+        SkewForwardKL,
+    )
 
     return [
         RunConfig(name="off_policy_kd", alpha=0.0, divergence=ForwardKL()),
         RunConfig(name="seq_kd", alpha=1.0),
-        RunConfig(name="gkd", alpha=0.0, divergence=GeneralizedJSD(beta=0.5),
-                  on_policy=OnPolicyOptions(lmbda=0.5, temperature=1.0, max_new_tokens=32)),
-        RunConfig(name="distillm", alpha=0.0, divergence=SkewForwardKL(alpha=0.1),
-                  on_policy=OnPolicyOptions(lmbda=0.2, adaptive=True, adaptive_every=5, adaptive_step=0.2,
-                                            adaptive_max=0.8, replay_size=64, replay_reuse=0.5, max_new_tokens=32)),
-        RunConfig(name="distillm2", alpha=0.0, divergence=SkewForwardKL(alpha=0.1),
-                  on_policy=OnPolicyOptions(max_new_tokens=32, contrastive=ContrastiveOptions())),
-        RunConfig(name="distillm2_curriculum", alpha=0.0, divergence=SkewForwardKL(alpha=0.1),
-                  on_policy=OnPolicyOptions(max_new_tokens=32, contrastive=ContrastiveOptions(
-                      beta_end=1.5, adaptive_skew=True))),
-        RunConfig(name="minillm", alpha=0.0, divergence=ReverseKL(),
-                  on_policy=OnPolicyOptions(max_new_tokens=32, minillm=MiniLLMOptions(mix=0.2))),
+        RunConfig(
+            name="gkd",
+            alpha=0.0,
+            divergence=GeneralizedJSD(beta=0.5),
+            on_policy=OnPolicyOptions(lmbda=0.5, temperature=1.0, max_new_tokens=32),
+        ),
+        RunConfig(
+            name="distillm",
+            alpha=0.0,
+            divergence=SkewForwardKL(alpha=0.1),
+            on_policy=OnPolicyOptions(
+                lmbda=0.2,
+                adaptive=True,
+                adaptive_every=5,
+                adaptive_step=0.2,
+                adaptive_max=0.8,
+                replay_size=64,
+                replay_reuse=0.5,
+                max_new_tokens=32,
+            ),
+        ),
+        RunConfig(
+            name="distillm2",
+            alpha=0.0,
+            divergence=SkewForwardKL(alpha=0.1),
+            on_policy=OnPolicyOptions(max_new_tokens=32, contrastive=ContrastiveOptions()),
+        ),
+        RunConfig(
+            name="distillm2_curriculum",
+            alpha=0.0,
+            divergence=SkewForwardKL(alpha=0.1),
+            on_policy=OnPolicyOptions(
+                max_new_tokens=32, contrastive=ContrastiveOptions(beta_end=1.5, adaptive_skew=True)
+            ),
+        ),
+        RunConfig(
+            name="minillm",
+            alpha=0.0,
+            divergence=ReverseKL(),
+            on_policy=OnPolicyOptions(max_new_tokens=32, minillm=MiniLLMOptions(mix=0.2)),
+        ),
     ]
 
 
@@ -78,8 +115,10 @@ def part_demo(quick: bool, work: Path, only: list[str] | None = None) -> dict:
     keep = None if only is None else {"off_policy_kd", *only}  # the baseline is always measured in the same run
     overrides = {"runs": [r.model_dump() for r in demo_runs() if keep is None or r.name in keep]}
     if quick:
-        overrides |= {"data": {"source": {"kind": "demo", "num_prompts": 24, "max_new_tokens": 8}, "eval_size": 8},
-                      "train": {"max_steps": 4, "batch_size": 4}}
+        overrides |= {
+            "data": {"source": {"kind": "demo", "num_prompts": 24, "max_new_tokens": 8}, "eval_size": 8},
+            "train": {"max_steps": 4, "batch_size": 4},
+        }
         for r in overrides["runs"]:
             if r.get("on_policy"):
                 r["on_policy"].update(max_new_tokens=8, adaptive_every=2)
@@ -90,12 +129,31 @@ def part_demo(quick: bool, work: Path, only: list[str] | None = None) -> dict:
     for run in recipe.runs:
         out = work / "demo" / run.name
         student = copy.deepcopy(prep.student0).train()
-        models[run.name], _ = train_run(recipe, run, student, prep.teacher, prep.tokenizer, prep.train_examples, out,
-                                        prep.device, prep.vocab_size, memo=memo)
+        models[run.name], _ = train_run(
+            recipe,
+            run,
+            student,
+            prep.teacher,
+            prep.tokenizer,
+            prep.train_examples,
+            out,
+            prep.device,
+            prep.vocab_size,
+            memo=memo,
+        )
         info[run.name] = json.loads((out / "train_info.json").read_text())
-    res = metrics_only(evaluate_runs(models, prep.teacher, prep.tokenizer, prep.eval_examples,
-                                     vocab_size=prep.vocab_size, batch_size=recipe.eval.batch_size,
-                                     max_new_tokens=recipe.eval.max_new_tokens, progress=False))
+    res = metrics_only(
+        evaluate_runs(
+            models,
+            prep.teacher,
+            prep.tokenizer,
+            prep.eval_examples,
+            vocab_size=prep.vocab_size,
+            batch_size=recipe.eval.batch_size,
+            max_new_tokens=recipe.eval.max_new_tokens,
+            progress=False,
+        )
+    )
     runs = {}
     for name in models:
         m, i = res[name], info[name]
@@ -117,19 +175,33 @@ def part_demo(quick: bool, work: Path, only: list[str] | None = None) -> dict:
     base = runs["off_policy_kd"]["forward_kl"]
     for row in runs.values():
         row["forward_kl_vs_off_policy"] = row["forward_kl"] / base
-    return {"setup": {"teacher": recipe.teacher.model, "student": "from_teacher, 6 of 30 layers",
-                      "train_examples": len(prep.train_examples), "eval_examples": len(prep.eval_examples),
-                      "steps": recipe.train.max_steps, "batch_size": recipe.train.batch_size,
-                      "runs": [r.model_dump(mode="json") for r in recipe.runs]},
-            "teacher": {k: res["teacher"][k] for k in ("rouge_l", "perplexity")}, "runs": runs}
+    return {
+        "setup": {
+            "teacher": recipe.teacher.model,
+            "student": "from_teacher, 6 of 30 layers",
+            "train_examples": len(prep.train_examples),
+            "eval_examples": len(prep.eval_examples),
+            "steps": recipe.train.max_steps,
+            "batch_size": recipe.train.batch_size,
+            "runs": [r.model_dump(mode="json") for r in recipe.runs],
+        },
+        "teacher": {k: res["teacher"][k] for k in ("rouge_l", "perplexity")},
+        "runs": runs,
+    }
 
 
 def exact_match_of(model, tokenizer, examples, max_new_tokens: int) -> tuple[float, list[str]]:
     from potstill.data.rationale import exact_match
     from potstill.generate import generate
 
-    gen = generate(model, tokenizer, [ex["prompt_ids"] for ex in examples], max_new_tokens=max_new_tokens,
-                   batch_size=16, progress=False)
+    gen = generate(
+        model,
+        tokenizer,
+        [ex["prompt_ids"] for ex in examples],
+        max_new_tokens=max_new_tokens,
+        batch_size=16,
+        progress=False,
+    )
     texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in gen.token_ids]
     return exact_match(texts, [ex["answer"] for ex in examples]), texts
 
@@ -137,13 +209,15 @@ def exact_match_of(model, tokenizer, examples, max_new_tokens: int) -> tuple[flo
 def rationale_recipe(source: dict, steps: int, batch: int, eval_size: int, layers: int = 6, lr: float = 5e-4):
     from potstill.config import Recipe
 
-    return Recipe.model_validate({
-        "student": {"kind": "from_teacher", "layers": layers},
-        "data": {"source": source, "eval_size": eval_size, "max_length": 256},
-        "train": {"max_steps": steps, "batch_size": batch, "learning_rate": lr, "logging_steps": 10},
-        "runs": [{"name": "sft", "alpha": 1.0}],
-        "eval": {"include_untrained": False},
-    })
+    return Recipe.model_validate(
+        {
+            "student": {"kind": "from_teacher", "layers": layers},
+            "data": {"source": source, "eval_size": eval_size, "max_length": 256},
+            "train": {"max_steps": steps, "batch_size": batch, "learning_rate": lr, "logging_steps": 10},
+            "runs": [{"name": "sft", "alpha": 1.0}],
+            "eval": {"include_untrained": False},
+        }
+    )
 
 
 def train_rationale(recipe, work: Path, max_new_tokens: int) -> dict:
@@ -151,42 +225,84 @@ def train_rationale(recipe, work: Path, max_new_tokens: int) -> dict:
 
     prep = Prepared(recipe)
     run = recipe.runs[0]
-    model, curve = train_run(recipe, run, copy.deepcopy(prep.student0).train(), prep.teacher, prep.tokenizer,
-                             prep.train_examples, work, prep.device, prep.vocab_size)
+    model, curve = train_run(
+        recipe,
+        run,
+        copy.deepcopy(prep.student0).train(),
+        prep.teacher,
+        prep.tokenizer,
+        prep.train_examples,
+        work,
+        prep.device,
+        prep.vocab_size,
+    )
     em, texts = exact_match_of(model, prep.tokenizer, prep.eval_examples, max_new_tokens)
-    return {"exact_match": em, "train_pairs": len(prep.train_examples), "final_loss": curve[-1][1] if curve else None,
-            "samples": [{"prompt": ex["reference"], "output": t} for ex, t in zip(prep.eval_examples[:3], texts[:3])]}
+    return {
+        "exact_match": em,
+        "train_pairs": len(prep.train_examples),
+        "final_loss": curve[-1][1] if curve else None,
+        "samples": [{"prompt": ex["reference"], "output": t} for ex, t in zip(prep.eval_examples[:3], texts[:3])],
+    }
 
 
-def part_arith(quick: bool, work: Path, level: int, steps: int, layers: int = 6, lr: float = 5e-4,
-               modes: tuple[str, ...] = MODES, batch: int = 16) -> dict:
+def part_arith(
+    quick: bool,
+    work: Path,
+    level: int,
+    steps: int,
+    layers: int = 6,
+    lr: float = 5e-4,
+    modes: tuple[str, ...] = MODES,
+    batch: int = 16,
+) -> dict:
     n, eval_size = (60, 12) if quick else (700, 100)
     batch = 4 if quick else batch
     steps = 4 if quick else steps
-    out: dict = {"setup": {"num_problems": n, "eval_problems": eval_size, "level": level, "steps": steps,
-                           "batch_size": batch, "learning_rate": lr,
-                           "student": f"from_teacher, {layers} of 30 layers (smollm2-135m-instruct)",
-                           "training": "alpha=1 on the exact rationales (equal steps and batch in every arm)"},
-                 "exact_match": {m: {} for m in modes}}
+    out: dict = {
+        "setup": {
+            "num_problems": n,
+            "eval_problems": eval_size,
+            "level": level,
+            "steps": steps,
+            "batch_size": batch,
+            "learning_rate": lr,
+            "student": f"from_teacher, {layers} of 30 layers (smollm2-135m-instruct)",
+            "training": "alpha=1 on the exact rationales (equal steps and batch in every arm)",
+        },
+        "exact_match": {m: {} for m in modes},
+    }
     for frac in FRACTIONS:
         for mode in modes:
             src = {"kind": "arithmetic", "num_problems": n, "level": level, "mode": mode, "fraction": frac}
-            r = train_rationale(rationale_recipe(src, steps, batch, eval_size, layers, lr), work / f"a-{mode}-{frac}",
-                                64 if mode == "cot" else 12)
+            r = train_rationale(
+                rationale_recipe(src, steps, batch, eval_size, layers, lr),
+                work / f"a-{mode}-{frac}",
+                64 if mode == "cot" else 12,
+            )
             out["exact_match"][mode][str(frac)] = r["exact_match"]
             out.setdefault("details", {})[f"{mode}@{frac}"] = r
             print(f"arith {mode} {frac}: exact match {r['exact_match']:.3f}", flush=True)
     em = out["exact_match"]
     out["rationale_beats_answer_only"] = {
         mode: all(em[mode][str(f)] > em["answer_only"][str(f)] for f in FRACTIONS)
-        for mode in ("multitask", "cot") if mode in em}
+        for mode in ("multitask", "cot")
+        if mode in em
+    }
     return out
 
 
 def part_gsm8k(quick: bool, work: Path) -> dict:
     limit, eval_size, steps, batch = (16, 4, 2, 2) if quick else (2000, 50, 60, 8)
-    out = {"setup": {"train_problems": limit, "test_problems": eval_size, "steps": steps, "batch_size": batch,
-                     "student": "from_teacher, 6 of 30 layers (smollm2-135m-instruct)"}, "exact_match": {}}
+    out = {
+        "setup": {
+            "train_problems": limit,
+            "test_problems": eval_size,
+            "steps": steps,
+            "batch_size": batch,
+            "student": "from_teacher, 6 of 30 layers (smollm2-135m-instruct)",
+        },
+        "exact_match": {},
+    }
     for mode in ("cot",):
         src = {"kind": "gsm8k", "limit": limit, "mode": mode}
         r = train_rationale(rationale_recipe(src, steps, batch, eval_size), work / f"g-{mode}", 160)
@@ -207,9 +323,12 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate of the arithmetic students")
     p.add_argument("--batch", type=int, default=16, help="batch size of the arithmetic students")
     p.add_argument("--modes", default=",".join(MODES), help="arithmetic arms, comma-separated")
-    p.add_argument("--demo-runs", default=None,
-                   help="only these demo arms (comma-separated; off_policy_kd always runs as the baseline); "
-                        "their results go under demo_<names> instead of replacing demo")
+    p.add_argument(
+        "--demo-runs",
+        default=None,
+        help="only these demo arms (comma-separated; off_policy_kd always runs as the baseline); "
+        "their results go under demo_<names> instead of replacing demo",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -218,8 +337,11 @@ def main(argv=None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
-    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "generated_quick.json" if args.quick
-                                           else DEFAULT_OUT)
+    out = (
+        Path(args.out)
+        if args.out
+        else (Path(tempfile.gettempdir()) / "generated_quick.json" if args.quick else DEFAULT_OUT)
+    )
     results = json.loads(out.read_text()) if out.is_file() and args.part != "all" else {}
     results["torch_threads"] = torch.get_num_threads()
     results["quick"] = args.quick
@@ -231,8 +353,9 @@ def main(argv=None) -> int:
             key = "demo" if only is None else "demo_" + "_".join(n for n in only if n != "off_policy_kd")
             results[key] = part_demo(args.quick, work, only)
         if args.part in ("arith", "all"):
-            results["arith"] = part_arith(args.quick, work, args.level, args.steps, args.layers, args.lr,
-                                          tuple(args.modes.split(",")), args.batch)
+            results["arith"] = part_arith(
+                args.quick, work, args.level, args.steps, args.layers, args.lr, tuple(args.modes.split(",")), args.batch
+            )
         if args.part in ("gsm8k", "all"):
             results["gsm8k"] = part_gsm8k(args.quick, work)
         results[f"seconds_{args.part}"] = time.perf_counter() - t0

@@ -76,10 +76,20 @@ GIB = float(1 << 30)
 
 FULL = {
     "vocab_size": 128256,
-    "teacher": {"num_hidden_layers": 16, "hidden_size": 2048, "intermediate_size": 8192,
-                "num_attention_heads": 32, "num_key_value_heads": 8},
-    "student": {"num_hidden_layers": 8, "hidden_size": 1024, "intermediate_size": 4096,
-                "num_attention_heads": 16, "num_key_value_heads": 4},
+    "teacher": {
+        "num_hidden_layers": 16,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+    },
+    "student": {
+        "num_hidden_layers": 8,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+    },
     "batch_size": 4,
     "seq_len": 2048,
     "prompt_len": 256,
@@ -90,10 +100,20 @@ FULL = {
 }
 CPU_SMOKE = {
     "vocab_size": 512,
-    "teacher": {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-                "num_attention_heads": 4, "num_key_value_heads": 2},
-    "student": {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
-                "num_attention_heads": 2, "num_key_value_heads": 1},
+    "teacher": {
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+    "student": {
+        "num_hidden_layers": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    },
     "batch_size": 2,
     "seq_len": 64,
     "prompt_len": 8,
@@ -152,8 +172,13 @@ def build_models(cfg: dict, dev: Device):
     dtype = getattr(torch, cfg["dtype"])
 
     def make(spec: dict, seed: int):
-        conf = LlamaConfig(vocab_size=cfg["vocab_size"], max_position_embeddings=max(4096, cfg["seq_len"]),
-                           tie_word_embeddings=True, use_cache=False, **spec)
+        conf = LlamaConfig(
+            vocab_size=cfg["vocab_size"],
+            max_position_embeddings=max(4096, cfg["seq_len"]),
+            tie_word_embeddings=True,
+            use_cache=False,
+            **spec,
+        )
         torch.manual_seed(seed)
         with torch.device(dev.type):  # initialise on the GPU: a CPU init of 1.2 B parameters takes minutes
             model = LlamaForCausalLM(conf)
@@ -172,8 +197,10 @@ def make_batch(cfg: dict, dev: Device) -> dict:
     ids = torch.randint(3, cfg["vocab_size"], (b, t), generator=g)
     labels = ids.clone()
     labels[:, : cfg["prompt_len"]] = -100
-    return {k: v.to(dev.type) for k, v in {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                           "labels": labels}.items()}
+    return {
+        k: v.to(dev.type)
+        for k, v in {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}.items()
+    }
 
 
 def _n_params(m) -> int:
@@ -181,10 +208,21 @@ def _n_params(m) -> int:
 
 
 def _training_args(cfg: dict, out_dir: str, dev: Device) -> dict:
-    return dict(output_dir=out_dir, per_device_train_batch_size=cfg["batch_size"],
-                max_steps=cfg["warmup"] + cfg["steps"], learning_rate=cfg["lr"], lr_scheduler_type="constant",
-                max_grad_norm=1.0, logging_strategy="no", save_strategy="no", report_to="none",
-                disable_tqdm=True, use_cpu=not dev.cuda, dataloader_num_workers=0, seed=cfg["seed"])
+    return dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=cfg["batch_size"],
+        max_steps=cfg["warmup"] + cfg["steps"],
+        learning_rate=cfg["lr"],
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not dev.cuda,
+        dataloader_num_workers=0,
+        seed=cfg["seed"],
+    )
 
 
 def _optimizer(cfg: dict, model, dev: Device):
@@ -266,8 +304,15 @@ def arm_floor(cfg, dev, student, teacher, batch):
     def loss_fn():
         with torch.no_grad():
             teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # full logits, discarded
-        loss, _ = chunked_kd_loss(student_rows(), output_head(student), targets, None, alpha=1.0,
-                                  normalizer=index.numel(), chunk_size=cfg["chunk_size"])
+        loss, _ = chunked_kd_loss(
+            student_rows(),
+            output_head(student),
+            targets,
+            None,
+            alpha=1.0,
+            normalizer=index.numel(),
+            chunk_size=cfg["chunk_size"],
+        )
         return loss
 
     return _plain_loop(cfg, dev, student, loss_fn)
@@ -278,8 +323,18 @@ def _kd_arm(cfg, dev, student, teacher, batch, loss_impl, chunk_size, **extra):
 
     def loss_fn():
         signal = online.signal(batch)
-        loss, _ = loss_impl(student_rows(), output_head(student), targets, signal, divergence="forward_kl",
-                            alpha=0.0, temperature=1.0, normalizer=index.numel(), chunk_size=chunk_size, **extra)
+        loss, _ = loss_impl(
+            student_rows(),
+            output_head(student),
+            targets,
+            signal,
+            divergence="forward_kl",
+            alpha=0.0,
+            temperature=1.0,
+            normalizer=index.numel(),
+            chunk_size=chunk_size,
+            **extra,
+        )
         return loss
 
     out = _plain_loop(cfg, dev, student, loss_fn)
@@ -357,18 +412,31 @@ def arm_trl_gkd(cfg, dev, student, teacher, batch):
 
     class Recording(GKDTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                       num_items_in_batch=num_items_in_batch)
+            out = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
             losses.append(float((out[0] if return_outputs else out).detach()))
             return out
 
     with tempfile.TemporaryDirectory() as out_dir:
-        args = GKDConfig(**_training_args(cfg, out_dir, dev), lmbda=0.0, beta=0.0, temperature=1.0, bf16=False,
-                         gradient_checkpointing=False, max_length=None,
-                         dataset_kwargs={"skip_prepare_dataset": True})
-        trainer = Recording(model=student, teacher_model=teacher, args=args, train_dataset=rows,
-                            data_collator=lambda xs: {k: torch.stack([x[k] for x in xs]) for k in xs[0]},
-                            processing_class=_tokenizer())
+        args = GKDConfig(
+            **_training_args(cfg, out_dir, dev),
+            lmbda=0.0,
+            beta=0.0,
+            temperature=1.0,
+            bf16=False,
+            gradient_checkpointing=False,
+            max_length=None,
+            dataset_kwargs={"skip_prepare_dataset": True},
+        )
+        trainer = Recording(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=rows,
+            data_collator=lambda xs: {k: torch.stack([x[k] for x in xs]) for k in xs[0]},
+            processing_class=_tokenizer(),
+        )
         trainer.add_callback(Timer())
         dev.sync()
         marks["base"] = dev.allocated()
@@ -423,8 +491,10 @@ def parity(cfg, dev, student, teacher, batch) -> dict:
     impls = {"potstill": chunked_kd_loss}
     if dev.cuda and liger_available():
         impls["liger"] = lambda *a, **k: liger_kd_loss(*a, compiled=False, **k)
-    cases = {"forward_kl_alpha0.2": dict(divergence="forward_kl", alpha=0.2, temperature=1.0),
-             "jsd0.5_T2": dict(divergence="generalized_jsd", alpha=0.0, temperature=2.0)}
+    cases = {
+        "forward_kl_alpha0.2": dict(divergence="forward_kl", alpha=0.2, temperature=1.0),
+        "jsd0.5_T2": dict(divergence="generalized_jsd", alpha=0.0, temperature=2.0),
+    }
     out: dict = {"rows": m, "tolerance_rel": PARITY_TOL}
     ok = True
     for case, kw in cases.items():
@@ -440,13 +510,25 @@ def parity(cfg, dev, student, teacher, batch) -> dict:
                 ws = w_s.to(dtype).requires_grad_(True)
                 sig = DenseSignal(hidden=h_t.to(dtype), head=Head(weight=w_t.to(dtype)))
                 div_kw = {"beta": 0.5} if kw["divergence"] == "generalized_jsd" else {}
-                loss, _ = fn(hs, Head(weight=ws), y, sig, divergence=kw["divergence"], divergence_kwargs=div_kw,
-                             alpha=kw["alpha"], temperature=kw["temperature"], normalizer=m,
-                             chunk_size=cfg["chunk_size"])
+                loss, _ = fn(
+                    hs,
+                    Head(weight=ws),
+                    y,
+                    sig,
+                    divergence=kw["divergence"],
+                    divergence_kwargs=div_kw,
+                    alpha=kw["alpha"],
+                    temperature=kw["temperature"],
+                    normalizer=m,
+                    chunk_size=cfg["chunk_size"],
+                )
                 gh, gw = torch.autograd.grad(loss, [hs, ws])
                 key = str(dtype).removeprefix("torch.")
-                r = {"loss_rel": _rel(loss.detach(), ref.detach()), "grad_rows_rel": _rel(gh, g_ref[0]),
-                     "grad_head_rel": _rel(gw, g_ref[1])}
+                r = {
+                    "loss_rel": _rel(loss.detach(), ref.detach()),
+                    "grad_rows_rel": _rel(gh, g_ref[0]),
+                    "grad_head_rel": _rel(gw, g_ref[1]),
+                }
                 tol = PARITY_TOL[key]
                 r["ok"] = r["loss_rel"] <= tol["loss"] and max(r["grad_rows_rel"], r["grad_head_rel"]) <= tol["grad"]
                 ok = ok and r["ok"]
@@ -475,8 +557,9 @@ def deepspeed_smoke(cfg: dict, dev: Device) -> dict:
     os.close(fd)
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
     try:
-        proc = subprocess.run([sys.executable, __file__, "--deepspeed-worker", path], env=env, timeout=240,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--deepspeed-worker", path], env=env, timeout=240, capture_output=True, text=True
+        )
         if proc.returncode != 0:
             return {"ok": False, "error": (proc.stderr or proc.stdout)[-2000:]}
         return json.loads(Path(path).read_text())
@@ -497,24 +580,53 @@ def deepspeed_worker(path: str) -> None:
 
     def make(layers, hidden, seed):
         torch.manual_seed(seed)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden,
-                                            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                            use_cache=False))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=1024,
+                hidden_size=hidden,
+                intermediate_size=2 * hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                use_cache=False,
+            )
+        )
 
     student, teacher = make(1, 64, 0), make(2, 128, 1)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(3, 1024, (8, 64), generator=g)
     labels = ids.clone()
     labels[:, :8] = -100
-    rows = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
-                              "labels": labels.tolist()}).with_format("torch")
-    ds = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": "auto",
-          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+    rows = Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()}
+    ).with_format("torch")
+    ds = {
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": True},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+    }
     with tempfile.TemporaryDirectory() as d:
-        args = KDConfig(output_dir=d, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-4, bf16=True,
-                        deepspeed=ds, report_to="none", save_strategy="no", logging_steps=1, alpha=0.1)
-        tr = KDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows,
-                       data_collator=lambda xs: {k: torch.stack([x[k] for x in xs]) for k in xs[0]})
+        args = KDConfig(
+            output_dir=d,
+            per_device_train_batch_size=4,
+            max_steps=2,
+            learning_rate=1e-4,
+            bf16=True,
+            deepspeed=ds,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=1,
+            alpha=0.1,
+        )
+        tr = KDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=rows,
+            data_collator=lambda xs: {k: torch.stack([x[k] for x in xs]) for k in xs[0]},
+        )
         out = tr.train()
     loss = float(out.training_loss)
     Path(path).write_text(json.dumps({"ok": math.isfinite(loss), "training_loss": loss, "steps": 2}))
@@ -527,8 +639,18 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     out = {}
-    for pkg in ("torch", "transformers", "accelerate", "peft", "trl", "liger-kernel", "triton", "datasets",
-                "deepspeed", "potstill"):
+    for pkg in (
+        "torch",
+        "transformers",
+        "accelerate",
+        "peft",
+        "trl",
+        "liger-kernel",
+        "triton",
+        "datasets",
+        "deepspeed",
+        "potstill",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -552,9 +674,17 @@ def _ratios(arms: dict) -> dict:
         if a in ok and b in ok and ok[a].get(key) and ok[b].get(key):
             out[name] = round(ok[a][key] / ok[b][key], 3)
 
-    for a, b in (("potstill", "floor"), ("potstill_chunk1024", "floor"), ("liger", "floor"), ("naive", "floor"),
-                 ("trl_gkd", "floor"), ("potstill", "naive"), ("potstill", "trl_gkd"), ("liger", "potstill"),
-                 ("potstill_chunk1024", "potstill")):
+    for a, b in (
+        ("potstill", "floor"),
+        ("potstill_chunk1024", "floor"),
+        ("liger", "floor"),
+        ("naive", "floor"),
+        ("trl_gkd", "floor"),
+        ("potstill", "naive"),
+        ("potstill", "trl_gkd"),
+        ("liger", "potstill"),
+        ("potstill_chunk1024", "potstill"),
+    ):
         ratio(a, b, "step_time_s", f"{a}_over_{b}_time")
         ratio(a, b, "peak_over_base_gib", f"{a}_over_{b}_mem")
     return out
@@ -587,12 +717,20 @@ def main(argv: list[str] | None = None) -> int:
     if a.warmup is not None:
         cfg["warmup"] = a.warmup
     cfg["chunk_size"] = _kdconfig_chunk_size()
-    out_path = Path(a.out) if a.out else (Path(tempfile.gettempdir()) / "gpu_check.cpu_smoke.json" if a.cpu_smoke
-                                          else DEFAULT_OUT)
+    out_path = (
+        Path(a.out)
+        if a.out
+        else (Path(tempfile.gettempdir()) / "gpu_check.cpu_smoke.json" if a.cpu_smoke else DEFAULT_OUT)
+    )
 
-    report: dict = {"benchmark": "gpu_check", "mode": "cpu_smoke" if a.cpu_smoke else "full", "config": cfg,
-                    "device": torch.cuda.get_device_name() if dev.cuda else "cpu", "versions": _versions(),
-                    "arms": {}}
+    report: dict = {
+        "benchmark": "gpu_check",
+        "mode": "cpu_smoke" if a.cpu_smoke else "full",
+        "config": cfg,
+        "device": torch.cuda.get_device_name() if dev.cuda else "cpu",
+        "versions": _versions(),
+        "arms": {},
+    }
 
     def save() -> None:
         report["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -603,9 +741,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg["n_loss_tokens"] = int((batch["labels"][:, 1:] != -100).sum())
     report["params"] = {"student": _n_params(student), "teacher": _n_params(teacher)}
     init_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    print(f"[gpu_check] {report['device']}: student {report['params']['student'] / 1e9:.3f} B, teacher "
-          f"{report['params']['teacher'] / 1e9:.3f} B params, batch {cfg['batch_size']}x{cfg['seq_len']}, "
-          f"{cfg['n_loss_tokens']} loss tokens; built in {time.perf_counter() - t_start:.0f} s", flush=True)
+    print(
+        f"[gpu_check] {report['device']}: student {report['params']['student'] / 1e9:.3f} B, teacher "
+        f"{report['params']['teacher'] / 1e9:.3f} B params, batch {cfg['batch_size']}x{cfg['seq_len']}, "
+        f"{cfg['n_loss_tokens']} loss tokens; built in {time.perf_counter() - t_start:.0f} s",
+        flush=True,
+    )
 
     trl_missing = _why_not_importable("trl.experimental.gkd")
     plan = [
@@ -652,8 +793,11 @@ def main(argv: list[str] | None = None) -> int:
             report[key] = res
         else:
             report["arms"][name] = res
-        brief = {k: res.get(k) for k in ("step_time_s", "peak_over_base_gib", "loss", "ok", "skipped", "error")
-                 if res.get(k) is not None}
+        brief = {
+            k: res.get(k)
+            for k in ("step_time_s", "peak_over_base_gib", "loss", "ok", "skipped", "error")
+            if res.get(k) is not None
+        }
         print(f"[gpu_check] {name}: {json.dumps(brief)[:400]} [{time.perf_counter() - t0:.0f} s]", flush=True)
         report["ratios"] = _ratios(report["arms"])
         save()
@@ -663,8 +807,15 @@ def main(argv: list[str] | None = None) -> int:
     naive = arms.get("naive", {}).get("loss")
     report["loss_check"] = {
         "first_step_loss": {k: v["loss"] for k, v in arms.items() if "loss" in v and k != "floor"},
-        **({f"{k}_vs_naive_rel_diff": abs(v["loss"] - naive) / max(abs(naive), 1e-12)
-            for k, v in arms.items() if "loss" in v and k not in ("floor", "naive")} if naive else {}),
+        **(
+            {
+                f"{k}_vs_naive_rel_diff": abs(v["loss"] - naive) / max(abs(naive), 1e-12)
+                for k, v in arms.items()
+                if "loss" in v and k not in ("floor", "naive")
+            }
+            if naive
+            else {}
+        ),
     }
     r = report["ratios"]
     met = {}
@@ -677,12 +828,25 @@ def main(argv: list[str] | None = None) -> int:
     report["targets_met"] = met
     save()
     print(f"[gpu_check] wrote {out_path}")
-    skipped = [k for k, v in arms.items() if "skipped" in v] + [k for k in ("deepspeed",) if "skipped" in report.get(k, {})]
-    failed = [k for k, v in arms.items() if "error" in v] + [k for k in ("bf16_vs_fp32", "deepspeed")
-                                                             if "error" in report.get(k, {})]
-    print(summary_line("gpu_check", {**r, **{k: ("yes" if v else "NO") for k, v in met.items()},
-                                     "skipped": ",".join(skipped) or "none", "failed": ",".join(failed) or "none",
-                                     "wall_s": report["wall_s"]}), flush=True)
+    skipped = [k for k, v in arms.items() if "skipped" in v] + [
+        k for k in ("deepspeed",) if "skipped" in report.get(k, {})
+    ]
+    failed = [k for k, v in arms.items() if "error" in v] + [
+        k for k in ("bf16_vs_fp32", "deepspeed") if "error" in report.get(k, {})
+    ]
+    print(
+        summary_line(
+            "gpu_check",
+            {
+                **r,
+                **{k: ("yes" if v else "NO") for k, v in met.items()},
+                "skipped": ",".join(skipped) or "none",
+                "failed": ",".join(failed) or "none",
+                "wall_s": report["wall_s"],
+            },
+        ),
+        flush=True,
+    )
     return 0
 
 

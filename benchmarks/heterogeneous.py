@@ -55,19 +55,38 @@ def kd_runs(student_layers: list[int]):
         RunConfig(name="plain_kd", alpha=0.0, divergence=fkl),
         RunConfig(name="teacher_confidence", alpha=0.0, divergence=fkl, token_weighting="teacher_confidence"),
         RunConfig(name="teacher_maxprob", alpha=0.0, divergence=fkl, token_weighting="teacher_maxprob"),
-        RunConfig(name="selective_student_entropy", alpha=0.0, divergence=fkl, token_weighting="student_entropy",
-                  token_weighting_ratio=0.5),
-        RunConfig(name="temperature_schedule", alpha=0.0, divergence=fkl, temperature=2.0,
-                  schedule=ScheduleOptions(kind="cosine", temperature_end=1.0)),
+        RunConfig(
+            name="selective_student_entropy",
+            alpha=0.0,
+            divergence=fkl,
+            token_weighting="student_entropy",
+            token_weighting_ratio=0.5,
+        ),
+        RunConfig(
+            name="temperature_schedule",
+            alpha=0.0,
+            divergence=fkl,
+            temperature=2.0,
+            schedule=ScheduleOptions(kind="cosine", temperature_end=1.0),
+        ),
         RunConfig(name="alpha_schedule", alpha=0.5, divergence=fkl, schedule=ScheduleOptions(alpha_end=0.0)),
         RunConfig(name="curriculum", alpha=0.0, divergence=fkl, curriculum="easy_to_hard"),
-        RunConfig(name="feature_kd", alpha=0.0, divergence=fkl,
-                  feature=FeatureOptions(layers=pairs, loss="mse", weight=1.0)),
-        RunConfig(name="multi_teacher_confidence", alpha=0.0, divergence=fkl,
-                  multi_teacher=MultiTeacherOptions(mode="confidence", confidence="entropy")),
+        RunConfig(
+            name="feature_kd", alpha=0.0, divergence=fkl, feature=FeatureOptions(layers=pairs, loss="mse", weight=1.0)
+        ),
+        RunConfig(
+            name="multi_teacher_confidence",
+            alpha=0.0,
+            divergence=fkl,
+            multi_teacher=MultiTeacherOptions(mode="confidence", confidence="entropy"),
+        ),
         # the second teacher has another tokenizer (gemma3-270m): it joins on aligned rows via the vocab map
-        RunConfig(name="multi_teacher_cross_tokenizer", alpha=0.0, divergence=fkl,
-                  multi_teacher=MultiTeacherOptions(mode="confidence", confidence="entropy")),
+        RunConfig(
+            name="multi_teacher_cross_tokenizer",
+            alpha=0.0,
+            divergence=fkl,
+            multi_teacher=MultiTeacherOptions(mode="confidence", confidence="entropy"),
+        ),
     ]
 
 
@@ -83,12 +102,16 @@ def part_kd(quick: bool, work: Path) -> dict:
     from potstill.signals import TeacherMemo
 
     layers = select_layers(30, 6)
-    overrides = {"runs": [r.model_dump() for r in kd_runs(layers)],
-                 # the second teacher: the demo teacher's own 15-layer cut (same tokenizer), a weaker voice
-                 "extra_teachers": [{"model": "smollm2-135m-instruct"}]}
+    overrides = {
+        "runs": [r.model_dump() for r in kd_runs(layers)],
+        # the second teacher: the demo teacher's own 15-layer cut (same tokenizer), a weaker voice
+        "extra_teachers": [{"model": "smollm2-135m-instruct"}],
+    }
     if quick:
-        overrides |= {"data": {"source": {"kind": "demo", "num_prompts": 24, "max_new_tokens": 8}, "eval_size": 8},
-                      "train": {"max_steps": 3, "batch_size": 4}}
+        overrides |= {
+            "data": {"source": {"kind": "demo", "num_prompts": 24, "max_new_tokens": 8}, "eval_size": 8},
+            "train": {"max_steps": 3, "batch_size": 4},
+        }
     recipe = Recipe.model_validate(overrides)
     prep = Prepared(recipe)
     extra = prep.extra_teachers()
@@ -105,13 +128,32 @@ def part_kd(quick: bool, work: Path) -> dict:
     for run in recipe.runs:
         out = work / "kd" / run.name
         student = copy.deepcopy(prep.student0).train()
-        models[run.name], _ = train_run(recipe, run, student, prep.teacher, prep.tokenizer, prep.train_examples, out,
-                                        prep.device, prep.vocab_size, memo=memo,
-                                        extra_teachers=extra_cross if "cross_tokenizer" in run.name else extra)
+        models[run.name], _ = train_run(
+            recipe,
+            run,
+            student,
+            prep.teacher,
+            prep.tokenizer,
+            prep.train_examples,
+            out,
+            prep.device,
+            prep.vocab_size,
+            memo=memo,
+            extra_teachers=extra_cross if "cross_tokenizer" in run.name else extra,
+        )
         info[run.name] = json.loads((out / "train_info.json").read_text())
-    res = metrics_only(evaluate_runs(models, prep.teacher, prep.tokenizer, prep.eval_examples,
-                                     vocab_size=prep.vocab_size, batch_size=recipe.eval.batch_size,
-                                     max_new_tokens=recipe.eval.max_new_tokens, progress=False))
+    res = metrics_only(
+        evaluate_runs(
+            models,
+            prep.teacher,
+            prep.tokenizer,
+            prep.eval_examples,
+            vocab_size=prep.vocab_size,
+            batch_size=recipe.eval.batch_size,
+            max_new_tokens=recipe.eval.max_new_tokens,
+            progress=False,
+        )
+    )
     runs = {}
     base = res["plain_kd"]
     for name in models:
@@ -125,14 +167,23 @@ def part_kd(quick: bool, work: Path) -> dict:
         if "cross_tokenizer_coverage" in info[name]:
             row["second_teacher_coverage"] = info[name]["cross_tokenizer_coverage"]["1"]
         runs[name] = row
-    return {"setup": {"teacher": recipe.teacher.model, "student": f"from_teacher, layers {layers}",
-                      "second_teacher": {"multi_teacher_confidence": "15-of-30-layer cut of the teacher",
-                                         "multi_teacher_cross_tokenizer": "gemma3-270m (vocab 262,144), projected "
-                                                                          "on aligned rows"},
-                      "train_examples": len(prep.train_examples), "eval_examples": len(prep.eval_examples),
-                      "steps": recipe.train.max_steps, "batch_size": recipe.train.batch_size,
-                      "runs": [r.model_dump(mode="json") for r in recipe.runs]},
-            "teacher": {k: res["teacher"][k] for k in ("ece", "perplexity", "rouge_l")}, "runs": runs}
+    return {
+        "setup": {
+            "teacher": recipe.teacher.model,
+            "student": f"from_teacher, layers {layers}",
+            "second_teacher": {
+                "multi_teacher_confidence": "15-of-30-layer cut of the teacher",
+                "multi_teacher_cross_tokenizer": "gemma3-270m (vocab 262,144), projected on aligned rows",
+            },
+            "train_examples": len(prep.train_examples),
+            "eval_examples": len(prep.eval_examples),
+            "steps": recipe.train.max_steps,
+            "batch_size": recipe.train.batch_size,
+            "runs": [r.model_dump(mode="json") for r in recipe.runs],
+        },
+        "teacher": {k: res["teacher"][k] for k in ("ece", "perplexity", "rouge_l")},
+        "runs": runs,
+    }
 
 
 def part_cross(quick: bool, work: Path, steps: int | None = None) -> dict:
@@ -151,13 +202,30 @@ def part_cross(quick: bool, work: Path, steps: int | None = None) -> dict:
     models, info = {"student_init": prep.student0}, {}
     for run in recipe.runs:
         out = work / "cross" / run.name
-        models[run.name], _ = train_run(recipe, run, copy.deepcopy(prep.student0).train(), prep.teacher,
-                                        prep.tokenizer, prep.train_examples, out, prep.device, prep.vocab_size,
-                                        cross=ctx)
+        models[run.name], _ = train_run(
+            recipe,
+            run,
+            copy.deepcopy(prep.student0).train(),
+            prep.teacher,
+            prep.tokenizer,
+            prep.train_examples,
+            out,
+            prep.device,
+            prep.vocab_size,
+            cross=ctx,
+        )
         info[run.name] = json.loads((out / "train_info.json").read_text())
-    res = metrics_only(evaluate_runs(models, None, prep.tokenizer, prep.eval_examples,
-                                     batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
-                                     progress=False))
+    res = metrics_only(
+        evaluate_runs(
+            models,
+            None,
+            prep.tokenizer,
+            prep.eval_examples,
+            batch_size=recipe.eval.batch_size,
+            max_new_tokens=recipe.eval.max_new_tokens,
+            progress=False,
+        )
+    )
     runs = {}
     for name in models:
         row = {k: res[name][k] for k in ("perplexity", "ece", "rouge_l")}
@@ -167,13 +235,23 @@ def part_cross(quick: bool, work: Path, steps: int | None = None) -> dict:
         row["perplexity_vs_sft"] = _ratio(res[name]["perplexity"], res["sft"]["perplexity"])
         runs[name] = row
     vmap = ctx.get("vocab_map")
-    return {"setup": {"teacher": recipe.teacher.model, "student": "smollm2-135m-instruct, 6 of 30 layers",
-                      "data": "AlpacaEval instructions with GPT-4 answers", "train_examples": len(prep.train_examples),
-                      "eval_examples": len(prep.eval_examples), "steps": recipe.train.max_steps,
-                      "batch_size": recipe.train.batch_size, "runs": [r.model_dump(mode="json") for r in recipe.runs]},
-            "vocab_map": {"teacher_tokens_by_kind": vmap.counts() if vmap is not None else None,
-                          "prepare_seconds": map_seconds},
-            "runs": runs}
+    return {
+        "setup": {
+            "teacher": recipe.teacher.model,
+            "student": "smollm2-135m-instruct, 6 of 30 layers",
+            "data": "AlpacaEval instructions with GPT-4 answers",
+            "train_examples": len(prep.train_examples),
+            "eval_examples": len(prep.eval_examples),
+            "steps": recipe.train.max_steps,
+            "batch_size": recipe.train.batch_size,
+            "runs": [r.model_dump(mode="json") for r in recipe.runs],
+        },
+        "vocab_map": {
+            "teacher_tokens_by_kind": vmap.counts() if vmap is not None else None,
+            "prepare_seconds": map_seconds,
+        },
+        "runs": runs,
+    }
 
 
 def part_classifier(quick: bool, work: Path) -> dict:
@@ -184,11 +262,22 @@ def part_classifier(quick: bool, work: Path) -> dict:
     recipe = load_classifier_recipe(HERE.parent / "recipes" / "classify_sms_spam.yaml", overrides)
     # the recipe's own output_dir keeps the fine-tuned teacher (keyed by its settings and data) across runs
     m = run_classifier_recipe(recipe, work / "classifier" if quick else None)
-    keep = ("accuracy", "f1", "macro_f1", "ece", "params", "params_ratio", "latency_ms_per_example", "speedup",
-            "train_seconds")
-    return {"setup": {k: m[k] for k in ("dataset", "n_train", "n_eval", "steps", "kd", "student_layers")},
-            "models": {name: {k: row.get(k) for k in keep} for name, row in m["models"].items()},
-            "kd_at_least_as_accurate": m["kd_at_least_as_accurate"]}
+    keep = (
+        "accuracy",
+        "f1",
+        "macro_f1",
+        "ece",
+        "params",
+        "params_ratio",
+        "latency_ms_per_example",
+        "speedup",
+        "train_seconds",
+    )
+    return {
+        "setup": {k: m[k] for k in ("dataset", "n_train", "n_eval", "steps", "kd", "student_layers")},
+        "models": {name: {k: row.get(k) for k in keep} for name, row in m["models"].items()},
+        "kd_at_least_as_accurate": m["kd_at_least_as_accurate"],
+    }
 
 
 def main(argv=None) -> int:
@@ -205,8 +294,11 @@ def main(argv=None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
-    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "heterogeneous_quick.json" if args.quick
-                                           else DEFAULT_OUT)
+    out = (
+        Path(args.out)
+        if args.out
+        else (Path(tempfile.gettempdir()) / "heterogeneous_quick.json" if args.quick else DEFAULT_OUT)
+    )
     results = json.loads(out.read_text()) if out.is_file() and args.part != "all" else {}
     results["torch_threads"] = torch.get_num_threads()
     results["quick"] = args.quick
@@ -221,11 +313,15 @@ def main(argv=None) -> int:
     write_json_atomic(out, results)
     items: dict = {}
     if "kd" in results:
-        items |= {f"fkl_vs_plain_{k}": v["forward_kl_vs_plain"] for k, v in results["kd"]["runs"].items()
-                  if k != "plain_kd"}
+        items |= {
+            f"fkl_vs_plain_{k}": v["forward_kl_vs_plain"] for k, v in results["kd"]["runs"].items() if k != "plain_kd"
+        }
     if "cross" in results:
-        items |= {f"ppl_vs_sft_{k}": v["perplexity_vs_sft"] for k, v in results["cross"]["runs"].items()
-                  if k in ("uld", "vocab_map")}
+        items |= {
+            f"ppl_vs_sft_{k}": v["perplexity_vs_sft"]
+            for k, v in results["cross"]["runs"].items()
+            if k in ("uld", "vocab_map")
+        }
     if "classifier" in results:
         c = results["classifier"]["models"]
         items["sms_kd_acc"] = c["kd_student"]["accuracy"]

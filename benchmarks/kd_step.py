@@ -250,7 +250,9 @@ def _trainer_arm(trainer_cls, make_trainer, pipe: _Pipe) -> dict:
     class Recording(trainer_cls):
         # Records the loss compute_loss returns (a float() of a CPU scalar: no measurable cost).
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            out = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
             losses.append(float((out[0] if return_outputs else out).detach()))
             return out
 
@@ -291,8 +293,12 @@ def arm_floor_chunked(cfg, student, teacher, batch, pipe) -> dict:
         # alpha=1: KDTrainer never builds a teacher signal; the teacher forward is added by hand.
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             with torch.no_grad():
-                teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])  # full logits, discarded
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+                teacher(
+                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+                )  # full logits, discarded
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
 
     def make(cls, out_dir):
         args = KDConfig(**_common_args(cfg, out_dir), alpha=1.0, chunk_size=_default_chunk(cfg))
@@ -407,7 +413,9 @@ def arm_worker(arm: str, cfg: dict) -> None:
     mem = ARM_FNS[arm.split("@")[0]](cfg, student, teacher, batch, pipe)
     pipe.wait_finish()
     chunked = arm.split("@")[0] in ("kdtrainer_chunked", "floor_chunked")
-    pipe.send(done=True, **mem, threads=torch.get_num_threads(), **({"chunk_size": cfg["chunk_size"]} if chunked else {}))
+    pipe.send(
+        done=True, **mem, threads=torch.get_num_threads(), **({"chunk_size": cfg["chunk_size"]} if chunked else {})
+    )
 
 
 # ----------------------------------------------------------------------------- profile (worker side)
@@ -498,9 +506,11 @@ def profile(cfg: dict) -> dict:
         def run():
             for i in range(len(spans)):
                 fn(i)
+
         return run
 
     pieces: dict[str, object] = {}
+
     # bodies (per step)
     def student_body_fwd_bwd():
         rows = target_rows(final_hidden(student, ids, am), index)
@@ -523,19 +533,25 @@ def profile(cfg: dict) -> dict:
     pieces["student_sft_fwd_bwd (HF CE, full logits; floor's student part)"] = hf_ce
     # the pieces of the chunked forward-KL loss, one step's worth (all chunks)
     ops = {
-        "student_head_fwd (h W^T)": lambda i: F.linear(h_rows[spans[i][0]:spans[i][1]], W),
+        "student_head_fwd (h W^T)": lambda i: F.linear(h_rows[spans[i][0] : spans[i][1]], W),
         "teacher_head_fwd (h_t W_t^T, loss rows)": lambda i: sig.chunk_logits(*spans[i]),
         "log_softmax (one side)": lambda i: torch.log_softmax(z[i], -1),
         "finite_check isfinite().all(-1) (current)": lambda i: ~torch.isfinite(tl[i]).all(-1),
-        "finite_check isfinite(amax) & isfinite(amin) (lean)": lambda i: ~(torch.isfinite(tl[i].amax(-1)) & torch.isfinite(tl[i].amin(-1))),
+        "finite_check isfinite(amax) & isfinite(amin) (lean)": lambda i: (
+            ~(torch.isfinite(tl[i].amax(-1)) & torch.isfinite(tl[i].amin(-1)))
+        ),
         "exp into a new tensor (current: q and p)": lambda i: lt[i].exp(),
         "exp into existing memory (lean: q)": lambda i: torch.exp(ls[i], out=buf[i]),
         "fkl_value xlogy(p,p) - p*ls (current)": lambda i: (torch.xlogy(p[i], p[i]) - p[i] * ls[i]).sum(-1),
         "fkl_value p.(lt - ls), in place + bmm (lean)": lambda i: torch.bmm(
-            p[i].unsqueeze(1), torch.sub(lt[i], ls[i], out=buf[i]).unsqueeze(2)),
+            p[i].unsqueeze(1), torch.sub(lt[i], ls[i], out=buf[i]).unsqueeze(2)
+        ),
         "grad q - p, in place": lambda i: torch.sub(q[i], p[i], out=buf[i]),
         "grad scale mul_(1.0) (current; a no-op at alpha=0, T=1)": lambda i: g[i].mul_(1.0),
-        "student_head_bwd (g W, grad_W += g^T h)": lambda i: (g[i] @ W, grad_w.addmm_(g[i].t(), h_rows[spans[i][0]:spans[i][1]])),
+        "student_head_bwd (g W, grad_W += g^T h)": lambda i: (
+            g[i] @ W,
+            grad_w.addmm_(g[i].t(), h_rows[spans[i][0] : spans[i][1]]),
+        ),
     }
     for name, fn in ops.items():
         pieces["op: " + name] = over_chunks(fn)
@@ -545,18 +561,21 @@ def profile(cfg: dict) -> dict:
 
     def kd_loss(c, alpha):
         def run():
-            loss, _ = chunked_kd_loss(h_leaf, s_head, targets, sig if alpha < 1 else None, alpha=alpha,
-                                      normalizer=n, chunk_size=c)
+            loss, _ = chunked_kd_loss(
+                h_leaf, s_head, targets, sig if alpha < 1 else None, alpha=alpha, normalizer=n, chunk_size=c
+            )
             loss.backward()
             losses[f"chunked alpha={alpha} chunk {c}"] = float(loss.detach())
             h_leaf.grad = None
             w_leaf.grad = None
+
         return run
 
     def lean(c):
         def run():
             loss, _, _ = lean_fkl_loss(h_rows, W, targets, sig.hidden, Wt, c)
             losses[f"lean chunk {c}"] = float(loss)
+
         return run
 
     chunks = sorted({cs, *cfg["profile_chunks"]})
@@ -575,8 +594,10 @@ def profile(cfg: dict) -> dict:
             pieces[name]()
             times[name].append(time.perf_counter() - t0)
     out: dict = {
-        "what": (f"seconds per training step ({n} loss rows, chunk {cs} unless named): median and min over "
-                 f"{cfg['steps']} rounds after {w}, all pieces interleaved, each piece alone"),
+        "what": (
+            f"seconds per training step ({n} loss rows, chunk {cs} unless named): median and min over "
+            f"{cfg['steps']} rounds after {w}, all pieces interleaved, each piece alone"
+        ),
         "pieces": {k: {"median_s": round(median(v[w:]), 4), "min_s": round(min(v[w:]), 4)} for k, v in times.items()},
         "losses": losses,
     }
@@ -622,6 +643,7 @@ def _breakdown(pieces: dict, cs: int) -> dict:
     student body + teacher body + KD loss; (c2) = student body + teacher forward with its full
     logits + CE loss; ``step_a_lean`` with ``lean_fkl_loss`` in place of the KD loss.
     """
+
     def m(name, key):
         return pieces[name][key]
 
@@ -691,7 +713,11 @@ class _Worker:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", name, "--config", json.dumps(cfg)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+            bufsize=1,
         )
 
     def send(self, **msg) -> None:
@@ -788,12 +814,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test (seconds)")
     p.add_argument("--out", default=None, help=f"JSON output (default {DEFAULT_OUT}; with --quick a temp file)")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
-    p.add_argument("--chunk-size", type=int, default=None, help="KDConfig.chunk_size for (a) and (c2) (default: KDConfig's)")
+    p.add_argument(
+        "--chunk-size", type=int, default=None, help="KDConfig.chunk_size for (a) and (c2) (default: KDConfig's)"
+    )
     p.add_argument("--chunk-sweep", default="", help="also run (a) at these chunk sizes, interleaved, e.g. 128,512")
     p.add_argument("--profile", action="store_true", help="also time the pieces of (a) vs the floors")
     p.add_argument("--profile-chunks", default="128,256,512", help="chunk sizes of the whole-loss pieces in --profile")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per worker (default: torch's, all cores); 1 steadies a machine shared with others")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per worker (default: torch's, all cores); 1 steadies a machine shared with others",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     # worker mode (internal)
@@ -830,7 +862,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg["n_loss_tokens"] = cfg["batch_size"] * (cfg["seq_len"] - cfg["prompt_len"])
     if cfg["steps"] < 1 or cfg["warmup"] < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
-    out_path = Path(a.out) if a.out else (Path(tempfile.gettempdir()) / "kd_step.quick.json" if a.quick else DEFAULT_OUT)
+    out_path = (
+        Path(a.out) if a.out else (Path(tempfile.gettempdir()) / "kd_step.quick.json" if a.quick else DEFAULT_OUT)
+    )
     arms = [x for x in a.arms.split(",") if x]
     for x in arms:
         if x not in ARMS:
@@ -867,8 +901,10 @@ def main(argv: list[str] | None = None) -> int:
         sweep[str(cfg["chunk_size"])] = results["kdtrainer_chunked"]
     for name in sweep_names:
         sweep[name.split("@")[1]] = everything[name]
-    sweep = {k: {f: v[f] for f in ("step_time_s", "step_time_min_s", "step_times_s", "peak_mem_mb", "peak_rss_mb", "loss")}
-             for k, v in sweep.items()}
+    sweep = {
+        k: {f: v[f] for f in ("step_time_s", "step_time_min_s", "step_times_s", "peak_mem_mb", "peak_rss_mb", "loss")}
+        for k, v in sweep.items()
+    }
 
     prof = None
     if a.profile:
@@ -904,7 +940,8 @@ def main(argv: list[str] | None = None) -> int:
                 ratios[f"{x}_over_{fl}_time"] = round(results[x]["step_time_s"] / results[fl]["step_time_s"], 3)
     if results.get("floor_chunked") and results.get("floor"):
         ratios["floor_chunked_over_floor_time"] = round(
-            results["floor_chunked"]["step_time_s"] / results["floor"]["step_time_s"], 3)
+            results["floor_chunked"]["step_time_s"] / results["floor"]["step_time_s"], 3
+        )
     if A and B:
         loss_check["a_vs_naive_rel_diff"] = _rel(A["loss"], B["loss"])
         targets["loss_a_matches_naive"] = loss_check["a_vs_naive_rel_diff"] <= LOSS_RTOL
@@ -953,8 +990,13 @@ def main(argv: list[str] | None = None) -> int:
     if prof:
         print("[kd_step] profile breakdown: " + json.dumps(prof["breakdown"]))
     if sweep:
-        print("[kd_step] chunk sweep: " + ", ".join(
-            f"{k}: {v['step_time_s']} s (min {v['step_time_min_s']}) / +{v['peak_mem_mb']} MB" for k, v in sweep.items()))
+        print(
+            "[kd_step] chunk sweep: "
+            + ", ".join(
+                f"{k}: {v['step_time_s']} s (min {v['step_time_min_s']}) / +{v['peak_mem_mb']} MB"
+                for k, v in sweep.items()
+            )
+        )
     print(f"[kd_step] wrote {out_path}")
     print(summary_line("kd_step", {**ratios, **{k: ("yes" if v else "NO") for k, v in targets.items()}}), flush=True)
     return 1 if a.strict and not all(targets.values()) else 0

@@ -56,9 +56,21 @@ GSM8K = ["data.source={kind: gsm8k, mode: cot, limit: 400}", "data.max_length=51
 
 
 def _cmd(out: Path, steps: int, every: int | None, extra: list[str] = ()) -> list[str]:
-    cmd = [sys.executable, "-m", "potstill", "distill", str(RECIPE), f"output_dir={out}", f"train.max_steps={steps}",
-           "train.logging_steps=1", "data.eval_size=2", "eval.max_new_tokens=1", "eval.include_untrained=false",
-           "runs=[{name: kd, alpha: 0.0, divergence: {name: forward_kl}}]", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "potstill",
+        "distill",
+        str(RECIPE),
+        f"output_dir={out}",
+        f"train.max_steps={steps}",
+        "train.logging_steps=1",
+        "data.eval_size=2",
+        "eval.max_new_tokens=1",
+        "eval.include_untrained=false",
+        "runs=[{name: kd, alpha: 0.0, divergence: {name: forward_kl}}]",
+        *extra,
+    ]
     return cmd + ([f"train.save_steps={every}"] if every else [])
 
 
@@ -85,10 +97,17 @@ def _packing(root: Path, steps: int, repeats: int, data: list[str]) -> dict:
     speedup = median(arms["padded"]) / median(arms["packed"])
     # what removing the padding could give at most if time went with the token slots computed
     ceiling = (1.0 - share["packed"]) / (1.0 - share["padded"])
-    return {"padded_train_seconds": arms["padded"], "packed_train_seconds": arms["packed"],
-            "padding_share": share, "loss_tokens": tokens, "equal_tokens": tokens["padded"] == tokens["packed"],
-            "speedup": round(speedup, 4), "slot_ceiling": round(ceiling, 4), "target_min": 1.3,
-            "target_met": speedup >= 1.3}
+    return {
+        "padded_train_seconds": arms["padded"],
+        "packed_train_seconds": arms["packed"],
+        "padding_share": share,
+        "loss_tokens": tokens,
+        "equal_tokens": tokens["padded"] == tokens["packed"],
+        "speedup": round(speedup, 4),
+        "slot_ceiling": round(ceiling, 4),
+        "target_min": 1.3,
+        "target_met": speedup >= 1.3,
+    }
 
 
 def _resume(root: Path, steps: int, every: int, reference: Path) -> dict:
@@ -97,8 +116,9 @@ def _resume(root: Path, steps: int, every: int, reference: Path) -> dict:
     target = ckpts / f"checkpoint-{2 * every}" / "potstill_run.json"
     log = root / "killed.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen(_cmd(out, steps, every), env=_env(), stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            _cmd(out, steps, every), env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             while not target.exists() and proc.poll() is None:
                 time.sleep(0.02)
@@ -107,8 +127,11 @@ def _resume(root: Path, steps: int, every: int, reference: Path) -> dict:
             proc.wait()
     logged = [m for m in re.findall(r"'loss': '[^']*'", log.read_text())]
     kill_step = len(logged)  # logging_steps = 1: one loss line per finished step
-    marked = [int(p.name.split("-")[1]) for p in ckpts.iterdir()
-              if p.name.startswith("checkpoint-") and (p / "potstill_run.json").exists()]
+    marked = [
+        int(p.name.split("-")[1])
+        for p in ckpts.iterdir()
+        if p.name.startswith("checkpoint-") and (p / "potstill_run.json").exists()
+    ]
     newest = max(marked) if marked else 0
     _run(out, steps, every)
     info = json.loads((out / "runs" / "kd" / "train_info.json").read_text())
@@ -117,11 +140,16 @@ def _resume(root: Path, steps: int, every: int, reference: Path) -> dict:
 
     a = load_file(reference / "runs" / "kd" / "model.safetensors")
     b = load_file(out / "runs" / "kd" / "model.safetensors")
-    return {"kill_step": kill_step, "newest_checkpoint_at_kill": newest, "resumed_from_step": resumed,
-            "steps_redone": kill_step - resumed, "steps_redone_before_last_checkpoint": max(newest - resumed, 0),
-            "student_bit_identical": a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a),
-            "loss_curve_identical": info["loss_curve"] == json.loads(
-                (reference / "runs" / "kd" / "train_info.json").read_text())["loss_curve"]}
+    return {
+        "kill_step": kill_step,
+        "newest_checkpoint_at_kill": newest,
+        "resumed_from_step": resumed,
+        "steps_redone": kill_step - resumed,
+        "steps_redone_before_last_checkpoint": max(newest - resumed, 0),
+        "student_bit_identical": a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a),
+        "loss_curve_identical": info["loss_curve"]
+        == json.loads((reference / "runs" / "kd" / "train_info.json").read_text())["loss_curve"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,19 +165,29 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     report: dict = {
         "benchmark": "long_runs",
-        "config": {"recipe": "recipes/demo.yaml", "runs": "one forward-KL run", "steps": a.steps,
-                   "packing_steps": a.pack_steps,
-                   "batch_size": 8, "save_steps": a.every, "save_total_limit": 2, "repeats": a.repeats},
+        "config": {
+            "recipe": "recipes/demo.yaml",
+            "runs": "one forward-KL run",
+            "steps": a.steps,
+            "packing_steps": a.pack_steps,
+            "batch_size": 8,
+            "save_steps": a.every,
+            "save_total_limit": 2,
+            "repeats": a.repeats,
+        },
     }
     line: dict = {}
     with tempfile.TemporaryDirectory(prefix="long_runs_") as tmp:
         root = Path(tmp)
         if "a" in a.parts:
-            report["packing"] = {"demo": _packing(root / "pack_demo", a.pack_steps, a.repeats, []),
-                                 "gsm8k_cot": {"data": GSM8K, **_packing(root / "pack_gsm8k", a.pack_steps,
-                                                                           a.repeats, GSM8K)}}
-            line.update(packing_speedup_demo=report["packing"]["demo"]["speedup"],
-                        packing_speedup_gsm8k=report["packing"]["gsm8k_cot"]["speedup"])
+            report["packing"] = {
+                "demo": _packing(root / "pack_demo", a.pack_steps, a.repeats, []),
+                "gsm8k_cot": {"data": GSM8K, **_packing(root / "pack_gsm8k", a.pack_steps, a.repeats, GSM8K)},
+            }
+            line.update(
+                packing_speedup_demo=report["packing"]["demo"]["speedup"],
+                packing_speedup_gsm8k=report["packing"]["gsm8k_cot"]["speedup"],
+            )
         if "b" in a.parts or "c" in a.parts:
             plain, saving = [], []
             for i in range(a.repeats if "b" in a.parts else 0):
@@ -157,26 +195,35 @@ def main(argv: list[str] | None = None) -> int:
                 saving.append(_run(root / f"saving{i}", a.steps, a.every))
             if plain:
                 overhead = median(saving) / median(plain) - 1.0
-                report["checkpoint_overhead"] = {"plain_train_seconds": plain, "saving_train_seconds": saving,
-                                                 "overhead": round(overhead, 4), "target_max": 0.05,
-                                                 "target_met": overhead <= 0.05}
+                report["checkpoint_overhead"] = {
+                    "plain_train_seconds": plain,
+                    "saving_train_seconds": saving,
+                    "overhead": round(overhead, 4),
+                    "target_max": 0.05,
+                    "target_met": overhead <= 0.05,
+                }
                 line["checkpoint_overhead"] = overhead
             if "c" in a.parts:
                 if not saving:
                     saving.append(_run(root / "saving0", a.steps, a.every))
                 resume = _resume(root, a.steps, a.every, root / "saving0")
                 report["resume"] = {**resume, "target_steps_redone_before_last_checkpoint": 0}
-                line.update(steps_redone=resume["steps_redone"],
-                            redone_before_last_checkpoint=resume["steps_redone_before_last_checkpoint"],
-                            bit_identical=resume["student_bit_identical"])
+                line.update(
+                    steps_redone=resume["steps_redone"],
+                    redone_before_last_checkpoint=resume["steps_redone_before_last_checkpoint"],
+                    bit_identical=resume["student_bit_identical"],
+                )
     previous = Path(a.out)
     if previous.is_file():  # parts not measured now: their figures from the earlier run, said so
         old = json.loads(previous.read_text())
         for key in ("packing", "checkpoint_overhead", "resume"):
             if key not in report and isinstance(old.get(key), dict):
                 report[key] = {**old[key], "measured": old[key].get("measured", "in an earlier run of this script")}
-    report.update(wall_s=round(time.time() - t0, 1),
-                  loadavg_1_5_15={"start": list(load0), "end": list(os.getloadavg())}, cpu_count=os.cpu_count())
+    report.update(
+        wall_s=round(time.time() - t0, 1),
+        loadavg_1_5_15={"start": list(load0), "end": list(os.getloadavg())},
+        cpu_count=os.cpu_count(),
+    )
     write_json_atomic(a.out, report)
     print(summary_line("long_runs", line))
     return 0

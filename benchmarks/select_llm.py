@@ -72,20 +72,30 @@ RANDOM_SEEDS = (0, 1, 2)
 
 ARMS = {
     "perplexity": {"scorer": {"kind": "perplexity", "model": "student"}},
-    "ifd_loss_ratio": {"scorer": {"kind": "ifd_loss_ratio", "model": "teacher"},
-                       "filters": [{"kind": "drop_ifd_above_one", "model": "teacher"}]},
+    "ifd_loss_ratio": {
+        "scorer": {"kind": "ifd_loss_ratio", "model": "teacher"},
+        "filters": [{"kind": "drop_ifd_above_one", "model": "teacher"}],
+    },
     "kd_divergence": {"scorer": {"kind": "kd_divergence", "divergence": {"name": "forward_kl"}}},
     # the same score, lowest first: the examples the student already imitates best
-    "kd_divergence_easiest": {"scorer": {"kind": "kd_divergence", "divergence": {"name": "forward_kl"}},
-                              "largest": False},
+    "kd_divergence_easiest": {
+        "scorer": {"kind": "kd_divergence", "divergence": {"name": "forward_kl"}},
+        "largest": False,
+    },
     "confident_teacher_unsure_student": {"scorer": {"kind": "confident_teacher_unsure_student"}},
     "kmeans_medoids": {"scorer": {"kind": "kmeans_medoids", "embeddings": "minilm"}},
     "k_center": {"scorer": {"kind": "k_center", "embeddings": "minilm"}},
     "herding": {"scorer": {"kind": "herding", "embeddings": "minilm"}},
     "less": {"scorer": {"kind": "less", "proj_dim": 1024, "target_size": 16, "warmup_steps": 8}},
 }
-DEFAULT_ARMS = ("random", "perplexity", "ifd_loss_ratio", "kd_divergence", "confident_teacher_unsure_student",
-                "kmeans_medoids")
+DEFAULT_ARMS = (
+    "random",
+    "perplexity",
+    "ifd_loss_ratio",
+    "kd_divergence",
+    "confident_teacher_unsure_student",
+    "kmeans_medoids",
+)
 KD_AWARE = ("kd_divergence", "confident_teacher_unsure_student", "kd_divergence_easiest")
 
 
@@ -97,8 +107,10 @@ def _source_rows(source: str) -> tuple[list[dict], list[str]]:
 
     root = data_root()
     src = root / "alpaca_eval" / "gpt4_outputs.json"
-    rows = [{"instruction": r["instruction"], "output": r["output"], "dataset": r["dataset"]}
-            for r in json.loads(src.read_text(encoding="utf-8"))]
+    rows = [
+        {"instruction": r["instruction"], "output": r["output"], "dataset": r["dataset"]}
+        for r in json.loads(src.read_text(encoding="utf-8"))
+    ]
     paths = [str(src)]
     if source == "mixed":
         for name in ("user_oriented_instructions", "seed_tasks"):
@@ -129,11 +141,18 @@ def write_pool(path: Path, n_rows: int, max_length: int, seed: int = 0, source: 
         if len(keep) == n_rows:
             break
     if len(keep) < n_rows:
-        raise SystemExit(f"select_llm: only {len(keep)} prompts of {source!r} fit max_length {max_length}; "
-                         f"lower --pool/--eval-size or raise --max-length")
+        raise SystemExit(
+            f"select_llm: only {len(keep)} prompts of {source!r} fit max_length {max_length}; "
+            f"lower --pool/--eval-size or raise --max-length"
+        )
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
-    return {"source": paths if len(paths) > 1 else paths[0], "rows": len(keep), "of": len(rows), "seed": seed,
-            "datasets": {d: sum(r["dataset"] == d for r in keep) for d in sorted({r["dataset"] for r in keep})}}
+    return {
+        "source": paths if len(paths) > 1 else paths[0],
+        "rows": len(keep),
+        "of": len(rows),
+        "seed": seed,
+        "datasets": {d: sum(r["dataset"] == d for r in keep) for d in sorted({r["dataset"] for r in keep})},
+    }
 
 
 def base_dict(data_path: Path, work: Path, args) -> dict:
@@ -141,8 +160,16 @@ def base_dict(data_path: Path, work: Path, args) -> dict:
         "output_dir": str(work / "distill"),
         "teacher": {"model": TEACHER},
         "student": {"kind": "from_teacher", "layers": args.layers},
-        "data": {"source": {"kind": "file", "path": str(data_path), "prompt_field": "instruction",
-                            "response_field": "output"}, "eval_size": args.eval_size, "max_length": args.max_length},
+        "data": {
+            "source": {
+                "kind": "file",
+                "path": str(data_path),
+                "prompt_field": "instruction",
+                "response_field": "output",
+            },
+            "eval_size": args.eval_size,
+            "max_length": args.max_length,
+        },
         "train": {"batch_size": args.batch_size, "learning_rate": args.lr, "logging_steps": 10, "seed": 0},
         "runs": [{"name": "kd", "alpha": 0.0, "divergence": {"name": "forward_kl"}, "temperature": 1.0}],
         "cache": {"dir": str(work / "teacher_cache"), "signal": {"kind": "topk", "k": 32}, "dtype": "fp16"},
@@ -151,9 +178,14 @@ def base_dict(data_path: Path, work: Path, args) -> dict:
 
 
 def select_dict(base: dict, name: str, spec: dict, seed: int, work: Path, budget: float) -> dict:
-    return {"output_dir": str(work / "select" / name), "teacher": base["teacher"], "student": base["student"],
-            "data": base["data"], "cache": base["cache"],
-            "select": {"budget": budget, "seed": seed, "batch_size": 8, **spec}}
+    return {
+        "output_dir": str(work / "select" / name),
+        "teacher": base["teacher"],
+        "student": base["student"],
+        "data": base["data"],
+        "cache": base["cache"],
+        "select": {"budget": budget, "seed": seed, "batch_size": 8, **spec},
+    }
 
 
 def main(argv=None) -> int:
@@ -161,8 +193,12 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny run, smoke test only")
     p.add_argument("--out", default=None, help=f"JSON path (default {DEFAULT_OUT}; --quick: a temp file)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"10%% arms (of random, {', '.join(ARMS)})")
-    p.add_argument("--source", choices=("alpaca", "mixed"), default="alpaca",
-                   help="alpaca: AlpacaEval's 805; mixed: plus Self-Instruct's user-oriented and seed tasks")
+    p.add_argument(
+        "--source",
+        choices=("alpaca", "mixed"),
+        default="alpaca",
+        help="alpaca: AlpacaEval's 805; mixed: plus Self-Instruct's user-oriented and seed tasks",
+    )
     p.add_argument("--pool", type=int, default=400, help="training pool size (examples)")
     p.add_argument("--eval-size", type=int, default=40, help="held-out examples")
     p.add_argument("--max-length", type=int, default=96, help="prompt + answer tokens")
@@ -192,11 +228,17 @@ def main(argv=None) -> int:
     bad = [a for a in arms if a != "random" and a not in ARMS]
     if bad:
         p.error(f"unknown arms {bad}; choose from random, {', '.join(ARMS)}")
-    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "select_llm_quick.json" if args.quick
-                                           else DEFAULT_OUT)
+    out = (
+        Path(args.out)
+        if args.out
+        else (Path(tempfile.gettempdir()) / "select_llm_quick.json" if args.quick else DEFAULT_OUT)
+    )
     t_all = time.perf_counter()
-    results: dict = {"quick": args.quick, "torch_threads": torch.get_num_threads(),
-                     "loadavg_start": list(os.getloadavg())}
+    results: dict = {
+        "quick": args.quick,
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_start": list(os.getloadavg()),
+    }
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_all:7.0f}s] {msg}", flush=True)
@@ -228,8 +270,10 @@ def main(argv=None) -> int:
             rep = run_select(sr)
             ids = json.loads(Path(rep["paths"]["selection"]).read_text())["example_ids"]
             selections[name] = {"ids": ids, "report": rep}
-            log(f"select {name}: kept {rep['kept']} of {rep['pool']}, dropped {rep['dropped']}, "
-                f"scoring {rep['timings_s']['scoring_s']:.0f} s")
+            log(
+                f"select {name}: kept {rep['kept']} of {rep['pool']}, dropped {rep['dropped']}, "
+                f"scoring {rep['timings_s']['scoring_s']:.0f} s"
+            )
 
         # training: equal epochs
         run = RunConfig(name="kd", alpha=0.0, temperature=1.0)
@@ -239,13 +283,27 @@ def main(argv=None) -> int:
             r = recipe.model_copy(deep=True)
             r.train.max_steps = steps
             t = time.perf_counter()
-            model, curve = train_run(r, run, copy.deepcopy(prep.student0).train(), prep.teacher, prep.tokenizer,
-                                     examples, work / "runs" / name, prep.device, prep.vocab_size, source=source)
+            model, curve = train_run(
+                r,
+                run,
+                copy.deepcopy(prep.student0).train(),
+                prep.teacher,
+                prep.tokenizer,
+                examples,
+                work / "runs" / name,
+                prep.device,
+                prep.vocab_size,
+                source=source,
+            )
             secs = time.perf_counter() - t
             students[name] = model.eval()
-            info[name] = {"examples": len(examples), "steps": steps, "train_seconds": secs,
-                          "response_tokens": sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in examples),
-                          "final_loss": curve[-1][1] if curve else None}
+            info[name] = {
+                "examples": len(examples),
+                "steps": steps,
+                "train_seconds": secs,
+                "response_tokens": sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in examples),
+                "final_loss": curve[-1][1] if curve else None,
+            }
             log(f"train {name}: {len(examples)} examples, {steps} steps, {secs:.0f} s")
 
         def steps_for(n: int) -> int:
@@ -262,9 +320,18 @@ def main(argv=None) -> int:
                     train(f"{a}_equal_steps", sub, info["full"]["steps"])
 
         t0 = time.perf_counter()
-        res = metrics_only(evaluate_runs({"student_init": prep.student0, **students}, prep.teacher, prep.tokenizer,
-                                         prep.eval_examples, vocab_size=prep.vocab_size, batch_size=8,
-                                         max_new_tokens=1, progress=False))
+        res = metrics_only(
+            evaluate_runs(
+                {"student_init": prep.student0, **students},
+                prep.teacher,
+                prep.tokenizer,
+                prep.eval_examples,
+                vocab_size=prep.vocab_size,
+                batch_size=8,
+                max_new_tokens=1,
+                progress=False,
+            )
+        )
         log(f"eval: {time.perf_counter() - t0:.0f} s")
 
     full_fkl = res["full"]["forward_kl"]
@@ -273,8 +340,11 @@ def main(argv=None) -> int:
     rows: dict[str, dict] = {}
     for name in ["student_init", "full", *[n for n in students if n != "full"]]:
         m = res[name]
-        row = {"forward_kl": m["forward_kl"], "fkl_ratio_to_full": m["forward_kl"] / full_fkl,
-               "top1_agreement": m["top1_agreement"]}
+        row = {
+            "forward_kl": m["forward_kl"],
+            "fkl_ratio_to_full": m["forward_kl"] / full_fkl,
+            "top1_agreement": m["top1_agreement"],
+        }
         if name in info:
             row |= info[name]
         arm = name.removesuffix("_equal_steps")
@@ -283,43 +353,76 @@ def main(argv=None) -> int:
             sel_s = rep["timings_s"]["scoring_s"]
             # teacher pass the arm needs: the whole pool for KD-aware scores, else only its subset
             teacher_s = cache_s if arm in KD_AWARE else cache_s * row["examples"] / n_pool
-            row |= {"selection_seconds": sel_s, "selection_timings": rep["timings_s"],
-                    "selection_vs_full_train": sel_s / full_train,
-                    "est_total_cost_vs_full": (teacher_s + sel_s + row["train_seconds"]) / full_cost,
-                    "dropped": rep["dropped"], "scores": rep["scores"]}
+            row |= {
+                "selection_seconds": sel_s,
+                "selection_timings": rep["timings_s"],
+                "selection_vs_full_train": sel_s / full_train,
+                "est_total_cost_vs_full": (teacher_s + sel_s + row["train_seconds"]) / full_cost,
+                "dropped": rep["dropped"],
+                "scores": rep["scores"],
+            }
         rows[name] = row
     rnd = [rows[n] for n in rows if n.startswith("random_s")]
     if rnd:
         fk = [r["forward_kl"] for r in rnd]
         mean = sum(fk) / len(fk)
-        rows["random_mean"] = {"forward_kl": mean, "fkl_ratio_to_full": mean / full_fkl,
-                               "forward_kl_std": (sum((x - mean) ** 2 for x in fk) / max(1, len(fk) - 1)) ** 0.5,
-                               "seeds": list(RANDOM_SEEDS),
-                               "top1_agreement": sum(r["top1_agreement"] for r in rnd) / len(rnd),
-                               "train_seconds": sum(r["train_seconds"] for r in rnd) / len(rnd),
-                               "response_tokens": sum(r["response_tokens"] for r in rnd) / len(rnd)}
+        rows["random_mean"] = {
+            "forward_kl": mean,
+            "fkl_ratio_to_full": mean / full_fkl,
+            "forward_kl_std": (sum((x - mean) ** 2 for x in fk) / max(1, len(fk) - 1)) ** 0.5,
+            "seeds": list(RANDOM_SEEDS),
+            "top1_agreement": sum(r["top1_agreement"] for r in rnd) / len(rnd),
+            "train_seconds": sum(r["train_seconds"] for r in rnd) / len(rnd),
+            "response_tokens": sum(r["response_tokens"] for r in rnd) / len(rnd),
+        }
     # how much the chosen subsets overlap (Jaccard), to read the arms side by side
     names = [n for n in selections]
-    overlap = {a: {b: round(len(set(selections[a]["ids"]) & set(selections[b]["ids"]))
-                            / len(set(selections[a]["ids"]) | set(selections[b]["ids"])), 3) for b in names}
-               for a in names}
+    overlap = {
+        a: {
+            b: round(
+                len(set(selections[a]["ids"]) & set(selections[b]["ids"]))
+                / len(set(selections[a]["ids"]) | set(selections[b]["ids"])),
+                3,
+            )
+            for b in names
+        }
+        for a in names
+    }
     kd_ratio = rows.get("kd_divergence", {}).get("fkl_ratio_to_full")
     results |= {
-        "setup": {"teacher": TEACHER, "student": f"from_teacher, {args.layers} of 30 layers", "pool": n_pool,
-                  "pool_response_tokens": pool_tokens, "eval_examples": len(prep.eval_examples),
-                  "max_length": args.max_length, "batch_size": args.batch_size, "learning_rate": args.lr,
-                  "epochs": args.epochs, "fraction": args.fraction, "budget": math.ceil(args.fraction * n_pool - 1e-9),
-                  "training": "KD alpha 0, forward KL, T 1, from the top-k 32 cache (tail bucket, fp16), "
-                              "train_run; equal epochs",
-                  "cache": {"seconds": cache_s, "bytes_per_token": man["bytes_per_token"]},
-                  "arms": arms, "equal_steps": args.equal_steps},
+        "setup": {
+            "teacher": TEACHER,
+            "student": f"from_teacher, {args.layers} of 30 layers",
+            "pool": n_pool,
+            "pool_response_tokens": pool_tokens,
+            "eval_examples": len(prep.eval_examples),
+            "max_length": args.max_length,
+            "batch_size": args.batch_size,
+            "learning_rate": args.lr,
+            "epochs": args.epochs,
+            "fraction": args.fraction,
+            "budget": math.ceil(args.fraction * n_pool - 1e-9),
+            "training": "KD alpha 0, forward KL, T 1, from the top-k 32 cache (tail bucket, fp16), "
+            "train_run; equal epochs",
+            "cache": {"seconds": cache_s, "bytes_per_token": man["bytes_per_token"]},
+            "arms": arms,
+            "equal_steps": args.equal_steps,
+        },
         "runs": rows,
         "overlap_jaccard": overlap,
-        "goal": {"kd_aware_within_5pct_of_full": None if kd_ratio is None else kd_ratio <= 1.05,
-                 "kd_divergence_ratio": kd_ratio,
-                 "best_10pct_arm": min((n for n in rows if n not in ("full", "student_init", "random_mean")
-                                        and not n.endswith("_equal_steps")),
-                                       key=lambda n: rows[n]["forward_kl"], default=None)},
+        "goal": {
+            "kd_aware_within_5pct_of_full": None if kd_ratio is None else kd_ratio <= 1.05,
+            "kd_divergence_ratio": kd_ratio,
+            "best_10pct_arm": min(
+                (
+                    n
+                    for n in rows
+                    if n not in ("full", "student_init", "random_mean") and not n.endswith("_equal_steps")
+                ),
+                key=lambda n: rows[n]["forward_kl"],
+                default=None,
+            ),
+        },
         "seconds_total": time.perf_counter() - t_all,
         "loadavg_end": list(os.getloadavg()),
     }

@@ -52,6 +52,7 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
+
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

@@ -91,8 +91,9 @@ def kill_marked(value: str, roots: Sequence[subprocess.Popen] = (), *, patience:
             root.poll()  # reap our own children, or they stay zombies
 
 
-def run_all(cmds: Sequence[Sequence[str]], *, timeout: float, env: dict | None = None, cwd=None,
-            tail: int = 3000) -> list[subprocess.CompletedProcess]:
+def run_all(
+    cmds: Sequence[Sequence[str]], *, timeout: float, env: dict | None = None, cwd=None, tail: int = 3000
+) -> list[subprocess.CompletedProcess]:
     """Run ``cmds`` at once; fail the test on a timeout or on a process left behind (module docstring)."""
     value = f"{os.getpid()}-{uuid.uuid4().hex}"
     full_env = {**(os.environ if env is None else env), MARKER: value}
@@ -100,8 +101,11 @@ def run_all(cmds: Sequence[Sequence[str]], *, timeout: float, env: dict | None =
     procs: list[subprocess.Popen] = []
     try:
         for cmd, (out, err) in zip(cmds, outs):
-            procs.append(subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, env=full_env, cwd=cwd,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [str(c) for c in cmd], stdout=out, stderr=err, env=full_env, cwd=cwd, start_new_session=True
+                )
+            )
         deadline = time.monotonic() + timeout
         timed_out = False
         for p in procs:
@@ -117,18 +121,24 @@ def run_all(cmds: Sequence[Sequence[str]], *, timeout: float, env: dict | None =
             out.seek(0), err.seek(0)
             texts.append((out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")))
         if timed_out:
-            shown = "\n".join(f"--- {' '.join(map(str, cmd))[:200]}\n[stdout]\n{o[-tail:]}\n[stderr]\n{e[-tail:]}"
-                              for cmd, (o, e) in zip(cmds, texts))
-            pytest.fail(f"timed out after {timeout:g} s; killed {n} processes of the command(s)\n{shown}",
-                        pytrace=False)
+            shown = "\n".join(
+                f"--- {' '.join(map(str, cmd))[:200]}\n[stdout]\n{o[-tail:]}\n[stderr]\n{e[-tail:]}"
+                for cmd, (o, e) in zip(cmds, texts)
+            )
+            pytest.fail(
+                f"timed out after {timeout:g} s; killed {n} processes of the command(s)\n{shown}", pytrace=False
+            )
         left = marked(value, [p.pid for p in procs])
         if left:
             names = _describe(left)
             kill_marked(value, procs)
-            pytest.fail(f"{len(left)} process(es) outlived the command(s) that started them, now killed: {names}",
-                        pytrace=False)
-        return [subprocess.CompletedProcess([str(c) for c in cmd], p.returncode, o, e)
-                for cmd, p, (o, e) in zip(cmds, procs, texts)]
+            pytest.fail(
+                f"{len(left)} process(es) outlived the command(s) that started them, now killed: {names}", pytrace=False
+            )
+        return [
+            subprocess.CompletedProcess([str(c) for c in cmd], p.returncode, o, e)
+            for cmd, p, (o, e) in zip(cmds, procs, texts)
+        ]
     except BaseException:  # a timeout or leftover (above), an interrupt, an error of our own: leave nothing behind
         kill_marked(value, procs)
         raise
@@ -137,8 +147,9 @@ def run_all(cmds: Sequence[Sequence[str]], *, timeout: float, env: dict | None =
             out.close(), err.close()
 
 
-def run(cmd: Sequence[str], *, timeout: float, env: dict | None = None, cwd=None,
-        tail: int = 3000) -> subprocess.CompletedProcess:
+def run(
+    cmd: Sequence[str], *, timeout: float, env: dict | None = None, cwd=None, tail: int = 3000
+) -> subprocess.CompletedProcess:
     """``run_all([cmd], ...)[0]``."""
     return run_all([cmd], timeout=timeout, env=env, cwd=cwd, tail=tail)[0]
 

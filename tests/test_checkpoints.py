@@ -8,37 +8,74 @@ import sys
 import time
 
 import pytest
-import torch
-from safetensors.torch import load_file
-
 import test_cli
+import torch
 from helpers_proc import launch_env
-from potstill.cli import main
+from safetensors.torch import load_file
 from test_cli import recipe, write
 
+from potstill.cli import main
+
 assets = test_cli.assets  # the tiny teacher and data files of the CLI tests (a module-scoped fixture)
-STEPS = {"train.max_steps": 12, "train.save_steps": 2, "train.logging_steps": 1,
-         "runs": [{"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}}]}
+STEPS = {
+    "train.max_steps": 12,
+    "train.save_steps": 2,
+    "train.logging_steps": 1,
+    "runs": [{"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}}],
+}
 # GKD with a replay buffer: a share of the steps on fresh student samples, some on replayed ones; the choices come
 # from the trainer's own RNG and the samples from a seed that counts the steps, both restored from the checkpoint.
-ON_POLICY = {**STEPS, "runs": [{"name": "kd", "alpha": 0.0, "divergence": {"name": "generalized_jsd", "beta": 0.5},
-                                "on_policy": {"lmbda": 0.8, "replay_size": 4, "replay_reuse": 0.7,
-                                              "max_new_tokens": 6}}]}
+ON_POLICY = {
+    **STEPS,
+    "runs": [
+        {
+            "name": "kd",
+            "alpha": 0.0,
+            "divergence": {"name": "generalized_jsd", "beta": 0.5},
+            "on_policy": {"lmbda": 0.8, "replay_size": 4, "replay_reuse": 0.7, "max_new_tokens": 6},
+        }
+    ],
+}
 
 # DistiLLM-2 with adaptive skews and a beta ramp: its frozen skew anchors, set at the first step, drive every later
 # step's loss; MiniLLM: teacher-mixed samples every step, its reward statistics logged per interval.
-DISTILLM2 = {**STEPS, "runs": [{"name": "kd", "alpha": 0.0, "divergence": {"name": "skew_forward_kl", "alpha": 0.1},
-                                "on_policy": {"max_new_tokens": 6, "replay_size": 4, "replay_reuse": 0.5,
-                                              "contrastive": {"adaptive_skew": True, "beta_end": 1.5}}}]}
-MINILLM = {**STEPS, "runs": [{"name": "kd", "alpha": 0.0, "divergence": {"name": "reverse_kl"},
-                              "on_policy": {"max_new_tokens": 6, "minillm": {}}}]}
+DISTILLM2 = {
+    **STEPS,
+    "runs": [
+        {
+            "name": "kd",
+            "alpha": 0.0,
+            "divergence": {"name": "skew_forward_kl", "alpha": 0.1},
+            "on_policy": {
+                "max_new_tokens": 6,
+                "replay_size": 4,
+                "replay_reuse": 0.5,
+                "contrastive": {"adaptive_skew": True, "beta_end": 1.5},
+            },
+        }
+    ],
+}
+MINILLM = {
+    **STEPS,
+    "runs": [
+        {
+            "name": "kd",
+            "alpha": 0.0,
+            "divergence": {"name": "reverse_kl"},
+            "on_policy": {"max_new_tokens": 6, "minillm": {}},
+        }
+    ],
+}
 # Cross-tokenizer KD (vocabulary map) into a student with its own tokenizer: its coverage sums carry over.
 CROSS = {**STEPS, "runs": [{"name": "kd", "alpha": 0.2, "cross_tokenizer": {"method": "vocab_map"}}]}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("steps", [STEPS, ON_POLICY, DISTILLM2, MINILLM, CROSS],
-                         ids=["live-teacher", "on-policy-replay", "distillm2", "minillm", "cross-tokenizer"])
+@pytest.mark.parametrize(
+    "steps",
+    [STEPS, ON_POLICY, DISTILLM2, MINILLM, CROSS],
+    ids=["live-teacher", "on-policy-replay", "distillm2", "minillm", "cross-tokenizer"],
+)
 def test_a_killed_run_resumes_and_ends_bit_identical(assets, tmp_path, steps):
     """A live teacher, AdamW with a linear schedule: killed right after a checkpoint, the newest checkpoint then
     broken (as if the kill had cut its writing short), rerun: the run falls back to the one before, resumes, and
@@ -47,21 +84,33 @@ def test_a_killed_run_resumes_and_ends_bit_identical(assets, tmp_path, steps):
         steps = {**steps, "student": {"kind": "pretrained", "model": str(assets[3])}}
     ref = tmp_path / "ref"
     # every run in a child process of the same environment (one thread each): the same summation order
-    r = subprocess.run([sys.executable, "-m", "potstill", "distill",
-                        str(write(tmp_path / "ref.yaml", recipe(assets, ref, **steps)))],
-                       env=launch_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "potstill", "distill", str(write(tmp_path / "ref.yaml", recipe(assets, ref, **steps)))],
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (ref / "checkpoints" / "kd").exists(), "checkpoints go once the student is written"
 
     out = tmp_path / "out"
     rp = write(tmp_path / "r.yaml", recipe(assets, out, **steps))
     ckpts = out / "checkpoints" / "kd"
-    proc = subprocess.Popen([sys.executable, "-m", "potstill", "distill", str(rp)], env=launch_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "potstill", "distill", str(rp)],
+        env=launch_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
-        while not (ckpts / "checkpoint-6" / "potstill_run.json").exists() and proc.poll() is None \
-                and time.monotonic() < deadline:
+        while (
+            not (ckpts / "checkpoint-6" / "potstill_run.json").exists()
+            and proc.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -72,8 +121,13 @@ def test_a_killed_run_resumes_and_ends_bit_identical(assets, tmp_path, steps):
     newest = ckpts / f"checkpoint-{saved[-1]}"
     (newest / "trainer_state.json").write_text("{ cut short")
 
-    r = subprocess.run([sys.executable, "-m", "potstill", "distill", str(rp)], env=launch_env(), capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "potstill", "distill", str(rp)],
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "is incomplete" in r.stderr
     info = json.loads((out / "runs" / "kd" / "train_info.json").read_text())

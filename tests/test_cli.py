@@ -49,16 +49,24 @@ def assets(tmp_path_factory, _tiny_teacher_session, _tiny_tokenizer_session):
     nan_model.save_pretrained(nan_teacher)
     tok.save_pretrained(nan_teacher)
     # A student with another tokenizer (a different vocabulary).
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     words = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"w{i}" for i in range(60)]
     other = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
     other.pre_tokenizer = pre_tokenizers.Whitespace()
     other_tok = PreTrainedTokenizerFast(tokenizer_object=other, pad_token="<pad>", eos_token="<|im_end|>")
     other_student = root / "other_student"
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(other_student)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(words),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).save_pretrained(other_student)
     other_tok.save_pretrained(other_student)
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS))
@@ -70,8 +78,13 @@ def recipe(assets, out: Path, **patch) -> dict:
     r = {
         "output_dir": str(out),
         "teacher": {"model": str(teacher)},
-        "student": {"kind": "scaled", "num_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
-                    "num_key_value_heads": 1},
+        "student": {
+            "kind": "scaled",
+            "num_layers": 1,
+            "hidden_size": 32,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        },
         "data": {"source": {"kind": "file", "path": str(data)}, "eval_size": 3, "max_length": 64},
         "train": {"max_steps": 3, "batch_size": 2, "logging_steps": 1, "learning_rate": 1e-3},
         "runs": [{"name": "sft", "alpha": 1.0}, {"name": "kd", "alpha": 0.0, "divergence": {"name": "forward_kl"}}],
@@ -130,103 +143,219 @@ def _bad_cases(assets, tmp_path):
         "missing recipe file": (["distill", str(tmp_path / "nope.yaml")], "does not exist"),
         "invalid yaml": (["distill", str(write(tmp_path / "b.yaml", "train: [1, 2\n"))], "not valid YAML"),
         "yaml not a mapping": (["distill", str(write(tmp_path / "l.yaml", "- 1\n- 2\n"))], "mapping"),
-        "unknown top-level key": (["distill", str(write(tmp_path / "u.yaml", {**recipe(assets, out), "tacher": {}}))],
-                                  "'tacher' is not a known option"),
-        "unknown nested key": (["distill", str(write(tmp_path / "n.yaml", recipe(assets, out, **{"train.max_stepz": 3})))],
-                               "'train.max_stepz' is not a known option"),
-        "wrong type": (["distill", str(write(tmp_path / "t.yaml", recipe(assets, out, **{"train.max_steps": "ten"})))],
-                       "train.max_steps"),
-        "alpha out of range": (["distill", str(write(tmp_path / "a.yaml", recipe(assets, out, **{"runs.0.alpha": 1.5})))],
-                               "runs.0.alpha"),
-        "unknown divergence": (["distill", str(write(tmp_path / "d.yaml",
-                                                     recipe(assets, out, **{"runs.1.divergence": {"name": "kll"}})))],
-                               "runs.1.divergence"),
+        "unknown top-level key": (
+            ["distill", str(write(tmp_path / "u.yaml", {**recipe(assets, out), "tacher": {}}))],
+            "'tacher' is not a known option",
+        ),
+        "unknown nested key": (
+            ["distill", str(write(tmp_path / "n.yaml", recipe(assets, out, **{"train.max_stepz": 3})))],
+            "'train.max_stepz' is not a known option",
+        ),
+        "wrong type": (
+            ["distill", str(write(tmp_path / "t.yaml", recipe(assets, out, **{"train.max_steps": "ten"})))],
+            "train.max_steps",
+        ),
+        "alpha out of range": (
+            ["distill", str(write(tmp_path / "a.yaml", recipe(assets, out, **{"runs.0.alpha": 1.5})))],
+            "runs.0.alpha",
+        ),
+        "unknown divergence": (
+            ["distill", str(write(tmp_path / "d.yaml", recipe(assets, out, **{"runs.1.divergence": {"name": "kll"}})))],
+            "runs.1.divergence",
+        ),
         "divergence parameter out of range": (
-            ["distill", str(write(tmp_path / "j.yaml",
-                                  recipe(assets, out, **{"runs.1.divergence": {"name": "generalized_jsd", "beta": 2}})))],
-            "beta"),
-        "non-positive temperature": (["distill", str(write(tmp_path / "tt.yaml",
-                                                           recipe(assets, out, **{"runs.1.temperature": 0})))],
-                                     "temperature"),
-        "duplicate run names": (["distill", str(write(tmp_path / "dup.yaml",
-                                                      recipe(assets, out, runs=[{"name": "x"}, {"name": "x"}])))],
-                                "unique"),
-        "bad override": (["distill", str(write(tmp_path / "o.yaml", recipe(assets, out))), "train.max_steps"],
-                         "key=value"),
-        "missing data file": (["distill", str(write(tmp_path / "m.yaml",
-                                                    recipe(assets, out, **{"data.source.path": str(tmp_path / "x.jsonl")})))],
-                              "does not exist"),
-        "empty data file": (["distill", str(write(tmp_path / "e.yaml", recipe(assets, out, **{"data.source.path": str(empty)})))],
-                            "empty"),
-        "dataset with no rows": (["distill", str(write(tmp_path / "h.yaml",
-                                                       recipe(assets, out, **{"data.source.path": str(header_only)})))],
-                                 "no examples"),
-        "unsupported data format": (["distill", str(write(tmp_path / "f.yaml",
-                                                          recipe(assets, out, **{"data.source.path": str(txt)})))],
-                                    "unsupported extension"),
-        "missing data column": (["distill", str(write(tmp_path / "c.yaml",
-                                                      recipe(assets, out, **{"data.source.path": str(nocol)})))],
-                                "column 'prompt' not found"),
-        "eval split too large": (["distill", str(write(tmp_path / "s.yaml", recipe(assets, out, **{"data.eval_size": 50})))],
-                                 "eval_size"),
-        "missing teacher dir": (["distill", str(write(tmp_path / "md.yaml",
-                                                      recipe(assets, out, **{"teacher.model": str(tmp_path / "no_model")})))],
-                                "teacher"),
-        "vocab mismatch": (["distill", str(write(tmp_path / "v.yaml",
-                                                 recipe(assets, out, student={"kind": "pretrained",
-                                                                              "model": str(other_student)})))],
-                           "tokenizers differ"),
-        "NaN teacher logits": (["distill", str(write(tmp_path / "nan.yaml",
-                                                     recipe(assets, out, **{"teacher.model": str(nan_teacher)})))],
-                               "NaN"),
-        "bad layer index": (["distill", str(write(tmp_path / "li.yaml",
-                                                  recipe(assets, out, student={"kind": "from_teacher", "layers": [0, 7]})))],
-                            "layer"),
+            [
+                "distill",
+                str(
+                    write(
+                        tmp_path / "j.yaml",
+                        recipe(assets, out, **{"runs.1.divergence": {"name": "generalized_jsd", "beta": 2}}),
+                    )
+                ),
+            ],
+            "beta",
+        ),
+        "non-positive temperature": (
+            ["distill", str(write(tmp_path / "tt.yaml", recipe(assets, out, **{"runs.1.temperature": 0})))],
+            "temperature",
+        ),
+        "duplicate run names": (
+            ["distill", str(write(tmp_path / "dup.yaml", recipe(assets, out, runs=[{"name": "x"}, {"name": "x"}])))],
+            "unique",
+        ),
+        "bad override": (
+            ["distill", str(write(tmp_path / "o.yaml", recipe(assets, out))), "train.max_steps"],
+            "key=value",
+        ),
+        "missing data file": (
+            [
+                "distill",
+                str(write(tmp_path / "m.yaml", recipe(assets, out, **{"data.source.path": str(tmp_path / "x.jsonl")}))),
+            ],
+            "does not exist",
+        ),
+        "empty data file": (
+            ["distill", str(write(tmp_path / "e.yaml", recipe(assets, out, **{"data.source.path": str(empty)})))],
+            "empty",
+        ),
+        "dataset with no rows": (
+            ["distill", str(write(tmp_path / "h.yaml", recipe(assets, out, **{"data.source.path": str(header_only)})))],
+            "no examples",
+        ),
+        "unsupported data format": (
+            ["distill", str(write(tmp_path / "f.yaml", recipe(assets, out, **{"data.source.path": str(txt)})))],
+            "unsupported extension",
+        ),
+        "missing data column": (
+            ["distill", str(write(tmp_path / "c.yaml", recipe(assets, out, **{"data.source.path": str(nocol)})))],
+            "column 'prompt' not found",
+        ),
+        "eval split too large": (
+            ["distill", str(write(tmp_path / "s.yaml", recipe(assets, out, **{"data.eval_size": 50})))],
+            "eval_size",
+        ),
+        "missing teacher dir": (
+            [
+                "distill",
+                str(write(tmp_path / "md.yaml", recipe(assets, out, **{"teacher.model": str(tmp_path / "no_model")}))),
+            ],
+            "teacher",
+        ),
+        "vocab mismatch": (
+            [
+                "distill",
+                str(
+                    write(
+                        tmp_path / "v.yaml",
+                        recipe(assets, out, student={"kind": "pretrained", "model": str(other_student)}),
+                    )
+                ),
+            ],
+            "tokenizers differ",
+        ),
+        "NaN teacher logits": (
+            ["distill", str(write(tmp_path / "nan.yaml", recipe(assets, out, **{"teacher.model": str(nan_teacher)})))],
+            "NaN",
+        ),
+        "bad layer index": (
+            [
+                "distill",
+                str(
+                    write(tmp_path / "li.yaml", recipe(assets, out, student={"kind": "from_teacher", "layers": [0, 7]}))
+                ),
+            ],
+            "layer",
+        ),
         "no cuda": (["distill", str(write(tmp_path / "cu.yaml", recipe(assets, out, device="cuda:0")))], "cuda"),
-        "eval with no finished runs": (["eval", str(write(tmp_path / "ev.yaml", recipe(assets, out)))], "no finished runs"),
+        "eval with no finished runs": (
+            ["eval", str(write(tmp_path / "ev.yaml", recipe(assets, out)))],
+            "no finished runs",
+        ),
         # Issue 14: inputs found by trying potstill as a new user would.
         "recipe nested 60,000 lists deep": (
             ["distill", str(write(tmp_path / "deep.yaml", "train: " + "[" * 60_000 + "]" * 60_000 + "\n"))],
-            "nested too deeply"),
-        "latin-1 recipe": (["distill", str(_write_bytes(tmp_path / "l1.yaml", b"output_dir: caf\xe9\n"))], "save it as UTF-8"),
-        "5,000-digit integer": (["distill", str(write(tmp_path / "dig.yaml", "train:\n  max_steps: " + "9" * 5000 + "\n"))],
-                                "cannot read"),
-        "override below a plain value": (["distill", str(write(tmp_path / "ov.yaml", recipe(assets, out))), "output_dir.x=1"],
-                                         "not a section; override"),
-        "negative seed": (["distill", str(write(tmp_path / "sd.yaml", recipe(assets, out))), "train.seed=-1"], "train.seed"),
-        "seed past 2**32": (["distill", str(write(tmp_path / "sd2.yaml", recipe(assets, out))), f"train.seed={2**70}"],
-                            "train.seed"),
-        "infinite learning rate": (["distill", str(write(tmp_path / "lr.yaml", recipe(assets, out))),
-                                    "train.learning_rate=.inf"], "train.learning_rate"),
-        "infinite weight decay": (["distill", str(write(tmp_path / "wd.yaml", recipe(assets, out))),
-                                   "train.weight_decay=.inf"], "train.weight_decay"),
-        "batch size 1e20": (["distill", str(write(tmp_path / "bs.yaml", recipe(assets, out))), "train.batch_size=1e20"],
-                            "train.batch_size"),
-        "ABKD alpha NaN": (["distill", str(write(tmp_path / "ab.yaml", recipe(assets, out))),
-                            "runs.1.divergence={name: alpha_beta_divergence, alpha: .nan, beta: 0.1}"], "runs.1.divergence"),
-        "KD temperature 1e-45": (["distill", str(write(tmp_path / "kt.yaml", recipe(assets, out))),
-                                  "runs.1.temperature=1e-45"], "temperature"),
-        "sampling temperature 1e-45": (["distill", str(write(tmp_path / "st.yaml", recipe(assets, out))),
-                                        "runs.1.on_policy={temperature: 1e-45}"], "on_policy.temperature"),
-        "GKD JSD at beta 0": (["distill", str(write(tmp_path / "b0.yaml", recipe(assets, out))),
-                               "runs.1.divergence={name: generalized_jsd, beta: 0}"], "forward_kl"),
-        "GKD JSD at beta 1": (["distill", str(write(tmp_path / "b1.yaml", recipe(assets, out))),
-                               "runs.1.divergence={name: generalized_jsd, beta: 1}"], "reverse_kl"),
-        "run named ..": (["distill", str(write(tmp_path / "dd.yaml", recipe(assets, out))), "runs.0.name=.."],
-                         "runs.0.name"),
-        "run named student_init": (["distill", str(write(tmp_path / "si.yaml", recipe(assets, out))),
-                                    "runs.0.name=student_init"], "row of the report"),
-        "run named teacher": (["distill", str(write(tmp_path / "te.yaml", recipe(assets, out))), "runs.0.name=teacher"],
-                              "row of the report"),
+            "nested too deeply",
+        ),
+        "latin-1 recipe": (
+            ["distill", str(_write_bytes(tmp_path / "l1.yaml", b"output_dir: caf\xe9\n"))],
+            "save it as UTF-8",
+        ),
+        "5,000-digit integer": (
+            ["distill", str(write(tmp_path / "dig.yaml", "train:\n  max_steps: " + "9" * 5000 + "\n"))],
+            "cannot read",
+        ),
+        "override below a plain value": (
+            ["distill", str(write(tmp_path / "ov.yaml", recipe(assets, out))), "output_dir.x=1"],
+            "not a section; override",
+        ),
+        "negative seed": (
+            ["distill", str(write(tmp_path / "sd.yaml", recipe(assets, out))), "train.seed=-1"],
+            "train.seed",
+        ),
+        "seed past 2**32": (
+            ["distill", str(write(tmp_path / "sd2.yaml", recipe(assets, out))), f"train.seed={2**70}"],
+            "train.seed",
+        ),
+        "infinite learning rate": (
+            ["distill", str(write(tmp_path / "lr.yaml", recipe(assets, out))), "train.learning_rate=.inf"],
+            "train.learning_rate",
+        ),
+        "infinite weight decay": (
+            ["distill", str(write(tmp_path / "wd.yaml", recipe(assets, out))), "train.weight_decay=.inf"],
+            "train.weight_decay",
+        ),
+        "batch size 1e20": (
+            ["distill", str(write(tmp_path / "bs.yaml", recipe(assets, out))), "train.batch_size=1e20"],
+            "train.batch_size",
+        ),
+        "ABKD alpha NaN": (
+            [
+                "distill",
+                str(write(tmp_path / "ab.yaml", recipe(assets, out))),
+                "runs.1.divergence={name: alpha_beta_divergence, alpha: .nan, beta: 0.1}",
+            ],
+            "runs.1.divergence",
+        ),
+        "KD temperature 1e-45": (
+            ["distill", str(write(tmp_path / "kt.yaml", recipe(assets, out))), "runs.1.temperature=1e-45"],
+            "temperature",
+        ),
+        "sampling temperature 1e-45": (
+            ["distill", str(write(tmp_path / "st.yaml", recipe(assets, out))), "runs.1.on_policy={temperature: 1e-45}"],
+            "on_policy.temperature",
+        ),
+        "GKD JSD at beta 0": (
+            [
+                "distill",
+                str(write(tmp_path / "b0.yaml", recipe(assets, out))),
+                "runs.1.divergence={name: generalized_jsd, beta: 0}",
+            ],
+            "forward_kl",
+        ),
+        "GKD JSD at beta 1": (
+            [
+                "distill",
+                str(write(tmp_path / "b1.yaml", recipe(assets, out))),
+                "runs.1.divergence={name: generalized_jsd, beta: 1}",
+            ],
+            "reverse_kl",
+        ),
+        "run named ..": (
+            ["distill", str(write(tmp_path / "dd.yaml", recipe(assets, out))), "runs.0.name=.."],
+            "runs.0.name",
+        ),
+        "run named student_init": (
+            ["distill", str(write(tmp_path / "si.yaml", recipe(assets, out))), "runs.0.name=student_init"],
+            "row of the report",
+        ),
+        "run named teacher": (
+            ["distill", str(write(tmp_path / "te.yaml", recipe(assets, out))), "runs.0.name=teacher"],
+            "row of the report",
+        ),
         "device mps": (["distill", str(write(tmp_path / "mps.yaml", recipe(assets, out, device="mps")))], "mps"),
-        "device meta": (["distill", str(write(tmp_path / "meta.yaml", recipe(assets, out, device="meta")))],
-                        "cannot train"),
+        "device meta": (
+            ["distill", str(write(tmp_path / "meta.yaml", recipe(assets, out, device="meta")))],
+            "cannot train",
+        ),
         "LoRA target module that does not exist": (
-            ["distill", str(write(tmp_path / "lo.yaml", recipe(assets, out, **{"train.lora": {"target_modules": ["no_such_proj"]}})))],
-            "no_such_proj"),
+            [
+                "distill",
+                str(
+                    write(
+                        tmp_path / "lo.yaml",
+                        recipe(assets, out, **{"train.lora": {"target_modules": ["no_such_proj"]}}),
+                    )
+                ),
+            ],
+            "no_such_proj",
+        ),
         "feature layer 9 on a 1-layer student": (
-            ["distill", str(write(tmp_path / "fl.yaml", recipe(assets, out, **{"runs.1.feature": {"layers": [[9, 1]]}})))],
-            "student layer 9"),
+            [
+                "distill",
+                str(write(tmp_path / "fl.yaml", recipe(assets, out, **{"runs.1.feature": {"layers": [[9, 1]]}}))),
+            ],
+            "student layer 9",
+        ),
         **_bad_model_and_data_cases(assets, tmp_path, out),
     }
 
@@ -237,8 +366,12 @@ def _bad_model_and_data_cases(assets, tmp_path, out):
 
     _, teacher, *_ = assets
     lines = [json.dumps({"prompt": p, "response": r}) for p, r in PAIRS]
-    broken = write(tmp_path / "broken.jsonl", "\n".join(lines[:4] + ['{"prompt": "x", "response": '] + lines[4:]) + "\n")
-    null = write(tmp_path / "null.jsonl", "\n".join(lines[:2] + [json.dumps({"prompt": None, "response": "r"})] + lines[2:]))
+    broken = write(
+        tmp_path / "broken.jsonl", "\n".join(lines[:4] + ['{"prompt": "x", "response": '] + lines[4:]) + "\n"
+    )
+    null = write(
+        tmp_path / "null.jsonl", "\n".join(lines[:2] + [json.dumps({"prompt": None, "response": "r"})] + lines[2:])
+    )
     chats = write(tmp_path / "chats.jsonl", "\n".join(json.dumps({"chat": ["hi", "hello"]}) for _ in range(10)) + "\n")
     truncated = tmp_path / "truncated_teacher"
     shutil.copytree(teacher, truncated)
@@ -254,8 +387,15 @@ def _bad_model_and_data_cases(assets, tmp_path, out):
         return ["distill", str(write(tmp_path / f"{name}.yaml", recipe(assets, out, **{"teacher.model": str(path)})))]
 
     def data_at(name, path, **source):
-        return ["distill", str(write(tmp_path / f"{name}.yaml",
-                                     recipe(assets, out, **{"data.source": {"kind": "file", "path": str(path), **source}})))]
+        return [
+            "distill",
+            str(
+                write(
+                    tmp_path / f"{name}.yaml",
+                    recipe(assets, out, **{"data.source": {"kind": "file", "path": str(path), **source}}),
+                )
+            ),
+        ]
 
     return {
         "JSONL with a broken line": (data_at("bj", broken), "line 5 is not valid JSON"),
@@ -266,19 +406,24 @@ def _bad_model_and_data_cases(assets, tmp_path, out):
         "junk gguf teacher": (teacher_at("jg", gguf), "not a readable GGUF model"),
         "fsdp2 with one process": (
             ["distill", str(write(tmp_path / "f1.yaml", recipe(assets, out, **{"train.distributed": "fsdp2"})))],
-            "one process with nothing to share with"),
+            "one process with nothing to share with",
+        ),
         "ddp with one process": (
             ["distill", str(write(tmp_path / "d1.yaml", recipe(assets, out, **{"train.distributed": "ddp"})))],
-            "start it that way, or set train.distributed none"),
+            "start it that way, or set train.distributed none",
+        ),
         "liger loss backend on cpu": (
             ["distill", str(write(tmp_path / "lg.yaml", recipe(assets, out, **{"train.loss_backend": "liger"})))],
-            "loss_backend 'liger'"),
+            "loss_backend 'liger'",
+        ),
         "unknown distributed engine": (
             ["distill", str(write(tmp_path / "de.yaml", recipe(assets, out, **{"train.distributed": "megatron"})))],
-            "train.distributed"),
+            "train.distributed",
+        ),
         "deepspeed config without zero3": (
             ["distill", str(write(tmp_path / "dc.yaml", recipe(assets, out, **{"train.deepspeed_config": "ds.json"})))],
-            "train.deepspeed_config is for train.distributed zero3, not none"),
+            "train.deepspeed_config is for train.distributed zero3, not none",
+        ),
     }
 
 
@@ -288,20 +433,62 @@ def _write_bytes(path: Path, data: bytes) -> Path:
 
 
 CASES = [
-    "missing recipe file", "invalid yaml", "yaml not a mapping", "unknown top-level key", "unknown nested key",
-    "wrong type", "alpha out of range", "unknown divergence", "divergence parameter out of range",
-    "non-positive temperature", "duplicate run names", "bad override", "missing data file", "empty data file",
-    "dataset with no rows", "unsupported data format", "missing data column", "eval split too large",
-    "missing teacher dir", "vocab mismatch", "NaN teacher logits", "bad layer index", "no cuda",
+    "missing recipe file",
+    "invalid yaml",
+    "yaml not a mapping",
+    "unknown top-level key",
+    "unknown nested key",
+    "wrong type",
+    "alpha out of range",
+    "unknown divergence",
+    "divergence parameter out of range",
+    "non-positive temperature",
+    "duplicate run names",
+    "bad override",
+    "missing data file",
+    "empty data file",
+    "dataset with no rows",
+    "unsupported data format",
+    "missing data column",
+    "eval split too large",
+    "missing teacher dir",
+    "vocab mismatch",
+    "NaN teacher logits",
+    "bad layer index",
+    "no cuda",
     "eval with no finished runs",
-    "recipe nested 60,000 lists deep", "latin-1 recipe", "5,000-digit integer", "override below a plain value",
-    "negative seed", "seed past 2**32", "infinite learning rate", "infinite weight decay", "batch size 1e20",
-    "ABKD alpha NaN", "KD temperature 1e-45", "sampling temperature 1e-45", "GKD JSD at beta 0", "GKD JSD at beta 1",
-    "run named ..", "run named student_init", "run named teacher", "device mps", "device meta",
-    "LoRA target module that does not exist", "feature layer 9 on a 1-layer student",
-    "JSONL with a broken line", "prompt null", "messages as a list of strings", "truncated teacher weights",
-    "teacher dir without a tokenizer", "junk gguf teacher", "fsdp2 with one process", "ddp with one process",
-    "unknown distributed engine", "liger loss backend on cpu", "deepspeed config without zero3",
+    "recipe nested 60,000 lists deep",
+    "latin-1 recipe",
+    "5,000-digit integer",
+    "override below a plain value",
+    "negative seed",
+    "seed past 2**32",
+    "infinite learning rate",
+    "infinite weight decay",
+    "batch size 1e20",
+    "ABKD alpha NaN",
+    "KD temperature 1e-45",
+    "sampling temperature 1e-45",
+    "GKD JSD at beta 0",
+    "GKD JSD at beta 1",
+    "run named ..",
+    "run named student_init",
+    "run named teacher",
+    "device mps",
+    "device meta",
+    "LoRA target module that does not exist",
+    "feature layer 9 on a 1-layer student",
+    "JSONL with a broken line",
+    "prompt null",
+    "messages as a list of strings",
+    "truncated teacher weights",
+    "teacher dir without a tokenizer",
+    "junk gguf teacher",
+    "fsdp2 with one process",
+    "ddp with one process",
+    "unknown distributed engine",
+    "liger loss backend on cpu",
+    "deepspeed config without zero3",
 ]
 
 
@@ -323,11 +510,21 @@ def test_bad_input_gives_one_line_and_leaves_nothing(assets, tmp_path, capsys, c
 
 def test_debug_shows_traceback_and_subprocess_exit_code(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "potstill", "distill", str(tmp_path / "nope.yaml")], env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "potstill", "distill", str(tmp_path / "nope.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: ")
-    r = subprocess.run([sys.executable, "-m", "potstill", "--debug", "distill", str(tmp_path / "nope.yaml")],
-                       env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "potstill", "--debug", "distill", str(tmp_path / "nope.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
@@ -348,16 +545,17 @@ def test_cache_then_distill_from_the_cache(assets, tmp_path, capsys, monkeypatch
     from potstill.signals.cache import CachedSignal
 
     out = tmp_path / "out"
-    rp = write(tmp_path / "r.yaml", recipe(assets, out, cache=CACHE, runs=KD_ONLY,
-                                           **{"eval.include_untrained": False}))
+    rp = write(tmp_path / "r.yaml", recipe(assets, out, cache=CACHE, runs=KD_ONLY, **{"eval.include_untrained": False}))
     assert main(["cache", str(rp)]) == 0
     cache_dir = out / "teacher_cache"
     man = json.loads((cache_dir / "manifest.json").read_text())
     assert man["complete"] and man["spec"]["kind"] == "topk" and man["spec"]["k"] == 8
     assert man["data"]["num_examples"] == len(PAIRS) - 3 and man["num_shards"] == 3  # eval_size 3 held out
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith(f"cache: {cache_dir}  topk (fp16)  {man['data']['num_examples']} examples, "
-                           f"{man['data']['num_rows']} tokens, 3 shards, "), line
+    assert line.startswith(
+        f"cache: {cache_dir}  topk (fp16)  {man['data']['num_examples']} examples, "
+        f"{man['data']['num_rows']} tokens, 3 shards, "
+    ), line
     assert line.endswith(f"{man['bytes_per_token']:.1f} bytes/token")
     # a second run finds every shard on disk and rewrites nothing
     stamps = {f.name: f.stat().st_mtime_ns for f in cache_dir.iterdir()}
@@ -394,26 +592,45 @@ def _cache_bad_cases(assets, tmp_path):
         "cache with no cache section": (["cache", rec("nc")], "no `cache` section"),
         "distill before the cache is written": (["distill", rec("nw", cache=CACHE)], "run `potstill cache` first"),
         "sampled cache with adaptive_kl": (
-            ["distill", rec("ak", cache={"signal": {"kind": "sampled"}},
-                            **{"runs.1.divergence": {"name": "adaptive_kl"}})], "adaptive_kl"),
-        "topk cache with two temperatures": (["cache", rec("tt", cache=CACHE, runs=two_temps)],
-                                             "temperatures [1.0, 2.0]"),
+            [
+                "distill",
+                rec("ak", cache={"signal": {"kind": "sampled"}}, **{"runs.1.divergence": {"name": "adaptive_kl"}}),
+            ],
+            "adaptive_kl",
+        ),
+        "topk cache with two temperatures": (
+            ["cache", rec("tt", cache=CACHE, runs=two_temps)],
+            "temperatures [1.0, 2.0]",
+        ),
         "cache temperature differs from the runs": (
-            ["distill", rec("ct", cache={**CACHE, "temperature": 2.0})], "cache.temperature=2.0"),
+            ["distill", rec("ct", cache={**CACHE, "temperature": 2.0})],
+            "cache.temperature=2.0",
+        ),
         "unknown cache kind": (["cache", rec("uk", cache={"signal": {"kind": "topq"}})], "cache.signal"),
         "zero draws": (["cache", rec("d0", cache={"signal": {"kind": "sampled", "draws": 0}})], "draws"),
         "256 draws": (["cache", rec("d256", cache={"signal": {"kind": "sampled", "draws": 256}})], "draws"),
-        "k larger than the vocabulary": (["cache", rec("bigk", cache={"signal": {"kind": "topk", "k": 100_000}})],
-                                         "k=100000 must be in [1, "),
-        "rank outside the world": (["cache", rec("rk", cache=CACHE), "--rank", "2", "--world-size", "2"],
-                                   "rank 2 is not in [0, 2)"),
+        "k larger than the vocabulary": (
+            ["cache", rec("bigk", cache={"signal": {"kind": "topk", "k": 100_000}})],
+            "k=100000 must be in [1, ",
+        ),
+        "rank outside the world": (
+            ["cache", rec("rk", cache=CACHE), "--rank", "2", "--world-size", "2"],
+            "rank 2 is not in [0, 2)",
+        ),
     }
 
 
 CACHE_CASES = [
-    "cache with no cache section", "distill before the cache is written", "sampled cache with adaptive_kl",
-    "topk cache with two temperatures", "cache temperature differs from the runs", "unknown cache kind",
-    "zero draws", "256 draws", "k larger than the vocabulary", "rank outside the world",
+    "cache with no cache section",
+    "distill before the cache is written",
+    "sampled cache with adaptive_kl",
+    "topk cache with two temperatures",
+    "cache temperature differs from the runs",
+    "unknown cache kind",
+    "zero draws",
+    "256 draws",
+    "k larger than the vocabulary",
+    "rank outside the world",
 ]
 
 
@@ -443,8 +660,9 @@ def test_kd_trainer_refuses_a_cache_at_another_temperature(tmp_path, tiny_teache
     from potstill.signals.cache import CachedSignal, CacheSpec, write_cache
 
     exs = [encode_example(tiny_tokenizer, [{"role": "user", "content": p}], r, 64) for p, r in PAIRS[:3]]
-    write_cache(tiny_teacher, tiny_tokenizer, exs, tmp_path / "c", CacheSpec(kind="topk", k=8, temperature=2.0),
-                progress=False)
+    write_cache(
+        tiny_teacher, tiny_tokenizer, exs, tmp_path / "c", CacheSpec(kind="topk", k=8, temperature=2.0), progress=False
+    )
     src = CachedSignal(tmp_path / "c", tokenizer=tiny_tokenizer)
     assert src.temperature == 2.0
 
@@ -509,9 +727,11 @@ def test_examples_whose_prompt_fills_max_length_are_dropped_and_counted(tiny_tok
     from potstill.errors import PotstillError
     from potstill.pipeline import encode_pairs
 
-    pairs = [{"messages": [{"role": "user", "content": "hi"}], "response": "ok"},
-             {"messages": [{"role": "user", "content": "word " * 80}], "response": "ok"},
-             {"messages": [{"role": "user", "content": "yo"}], "response": "fine"}]
+    pairs = [
+        {"messages": [{"role": "user", "content": "hi"}], "response": "ok"},
+        {"messages": [{"role": "user", "content": "word " * 80}], "response": "ok"},
+        {"messages": [{"role": "user", "content": "yo"}], "response": "fine"},
+    ]
     with caplog.at_level("WARNING", logger="potstill"):
         out = encode_pairs(pairs, tiny_tokenizer, 40)
     assert [e["reference"] for e in out] == ["ok", "fine"] and [e["example_id"] for e in out] == [0, 1]
@@ -540,8 +760,12 @@ def test_output_dir_that_cannot_be_written_is_refused_and_left_as_it_was(assets,
         ro.mkdir()
         ro.chmod(0o500)
         read_only = ro / "out"
-    for out, expected in ((a_file, "is a file"), (dangling, "symbolic link to nothing"),
-                          (a_file / "out", "lies under the file"), (read_only, "cannot be written")):
+    for out, expected in (
+        (a_file, "is a file"),
+        (dangling, "symbolic link to nothing"),
+        (a_file / "out", "lies under the file"),
+        (read_only, "cannot be written"),
+    ):
         rp = write(tmp_path / "r.yaml", recipe(assets, out))
         assert main(["distill", str(rp)]) == 2
         assert expected in _one_error_line(capsys)
@@ -571,8 +795,10 @@ def test_run_dirs_that_are_not_potstills_are_refused_never_deleted(assets, tmp_p
 
 def test_finished_students_are_reused_only_when_they_verify(assets, tmp_path, capsys):
     out = tmp_path / "out"
-    rp = write(tmp_path / "r.yaml", recipe(assets, out, runs=[{"name": "kd", "alpha": 0.0}],
-                                           **{"eval.include_untrained": False}))
+    rp = write(
+        tmp_path / "r.yaml",
+        recipe(assets, out, runs=[{"name": "kd", "alpha": 0.0}], **{"eval.include_untrained": False}),
+    )
     assert main(["distill", str(rp)]) == 0
     kd = out / "runs" / "kd"
     marker = json.loads((kd / "POTSTILL_DONE").read_text())
@@ -656,8 +882,7 @@ def test_sigkilled_distill_leaves_no_temporary_behind_and_resumes(assets, tmp_pa
     rp = write(tmp_path / "r.yaml", recipe(assets, out, **{"train.max_steps": 40}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(scratch_tmp)}
     cmd = [sys.executable, "-m", "potstill", "distill", str(rp)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not (out / "recipe.resolved.yaml").exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -674,15 +899,24 @@ def test_sigkilled_distill_leaves_no_temporary_behind_and_resumes(assets, tmp_pa
     assert all((out / "runs" / n / "POTSTILL_DONE").is_file() for n in ("sft", "kd"))
 
 
-@pytest.mark.parametrize("kind, patch, expected", [
-    ("none", {}, "train.distributed is none, so every process would train its own copy"),
-    ("zero3", {"runs.1.on_policy": {"minillm": {}}, "runs.1.divergence": {"name": "reverse_kl"}},
-     "run kd: on_policy.minillm is not supported under train.distributed zero3"),
-    ("zero3", {"train.deepspeed_config": "{tmp}/stage2.json"}, "zero_optimization.stage is 2, but train.distributed "
-     "zero3 needs stage 3"),
-    ("zero3", {"train.deepspeed_config": "{tmp}/missing.json"}, "cannot read it as a DeepSpeed JSON config"),
-    ("zero3", {"deepspeed": None}, "DeepSpeed, which is not installed; pip install 'potstill[deepspeed]'"),
-])
+@pytest.mark.parametrize(
+    "kind, patch, expected",
+    [
+        ("none", {}, "train.distributed is none, so every process would train its own copy"),
+        (
+            "zero3",
+            {"runs.1.on_policy": {"minillm": {}}, "runs.1.divergence": {"name": "reverse_kl"}},
+            "run kd: on_policy.minillm is not supported under train.distributed zero3",
+        ),
+        (
+            "zero3",
+            {"train.deepspeed_config": "{tmp}/stage2.json"},
+            "zero_optimization.stage is 2, but train.distributed zero3 needs stage 3",
+        ),
+        ("zero3", {"train.deepspeed_config": "{tmp}/missing.json"}, "cannot read it as a DeepSpeed JSON config"),
+        ("zero3", {"deepspeed": None}, "DeepSpeed, which is not installed; pip install 'potstill[deepspeed]'"),
+    ],
+)
 def test_bad_distributed_input_under_a_launcher(assets, tmp_path, capsys, monkeypatch, kind, patch, expected):
     """What a process of `accelerate launch` sees ($WORLD_SIZE 2) is refused before any model loads or any
     process group is made (so no process waits for the others)."""

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from potstill.cli import main
-
 from kd.test_cross_tokenizer import _llama, make_metaspace_tokenizer
 from test_cli import assets, recipe, write  # noqa: F401  (module-scoped fixture)
+
+from potstill.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +32,11 @@ def _cross_recipe(assets, out, teacher, runs):  # noqa: F811
 
 def test_cross_tokenizer_recipe_trains_with_uld_and_vocab_map(assets, other_teacher, tmp_path):  # noqa: F811
     out = tmp_path / "out"
-    runs = [{"name": "sft", "alpha": 1.0},
-            {"name": "uld", "alpha": 0.5, "cross_tokenizer": {"method": "uld"}},
-            {"name": "vmap", "alpha": 0.5, "cross_tokenizer": {"method": "vocab_map", "kinds": ["exact", "mined"]}}]
+    runs = [
+        {"name": "sft", "alpha": 1.0},
+        {"name": "uld", "alpha": 0.5, "cross_tokenizer": {"method": "uld"}},
+        {"name": "vmap", "alpha": 0.5, "cross_tokenizer": {"method": "vocab_map", "kinds": ["exact", "mined"]}},
+    ]
     r = _cross_recipe(assets, out, other_teacher, runs)
     assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 0
     metrics = json.loads((out / "metrics.json").read_text())["runs"]
@@ -79,10 +80,19 @@ def test_gemma_teacher_trains_a_smollm2_student_end_to_end(tmp_path):
 
     recipe = Path(__file__).parent.parent / "recipes" / "cross_tokenizer.yaml"
     out = tmp_path / "out"
-    args = ["distill", str(recipe), f"output_dir={out}", "train.max_steps=2", "train.batch_size=2",
-            "data.eval_size=2", "data.max_length=512", "eval.max_new_tokens=4", "eval.include_untrained=false",
-            "runs=[{name: vmap, alpha: 0.5, cross_tokenizer: {method: vocab_map}}, "
-            "{name: uld, alpha: 0.5, cross_tokenizer: {method: uld}}]"]
+    args = [
+        "distill",
+        str(recipe),
+        f"output_dir={out}",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "data.eval_size=2",
+        "data.max_length=512",
+        "eval.max_new_tokens=4",
+        "eval.include_untrained=false",
+        "runs=[{name: vmap, alpha: 0.5, cross_tokenizer: {method: vocab_map}}, "
+        "{name: uld, alpha: 0.5, cross_tokenizer: {method: uld}}]",
+    ]
     assert main(args) == 0
     for name in ("vmap", "uld"):
         cov = json.loads((out / "runs" / name / "train_info.json").read_text())["cross_tokenizer"]
@@ -97,8 +107,10 @@ def test_gemma_teacher_trains_a_smollm2_student_end_to_end(tmp_path):
 def test_an_extra_teacher_with_another_tokenizer_joins_a_multi_teacher_run(assets, other_teacher, tmp_path):  # noqa: F811
     _, teacher, *_ = assets
     out = tmp_path / "out"
-    runs = [{"name": "mean", "alpha": 0.0, "multi_teacher": {"mode": "confidence"}},
-            {"name": "pick", "alpha": 0.0, "multi_teacher": {"mode": "select", "cross_kinds": ["exact"]}}]
+    runs = [
+        {"name": "mean", "alpha": 0.0, "multi_teacher": {"mode": "confidence"}},
+        {"name": "pick", "alpha": 0.0, "multi_teacher": {"mode": "select", "cross_kinds": ["exact"]}},
+    ]
     r = recipe(assets, out, runs=runs, extra_teachers=[{"model": str(other_teacher)}])
     r["eval"]["include_untrained"] = False
     assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 0

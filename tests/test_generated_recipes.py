@@ -5,17 +5,23 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_cli import assets, recipe, write  # noqa: F401  (module fixture reused)
 
 from potstill.cli import main
 from potstill.config import Recipe
 from potstill.data.rationale import ANSWER_PREFIX, RATIONALE_PREFIX, arithmetic_problems
 from potstill.pipeline import rationale_split
-from test_cli import assets, recipe, write  # noqa: F401  (module fixture reused)
 
 
 def test_rationale_split_is_by_problem_and_nested():
-    r = Recipe.model_validate({"data": {"source": {"kind": "arithmetic", "num_problems": 40, "level": 2,
-                                                   "mode": "multitask"}, "eval_size": 8}})
+    r = Recipe.model_validate(
+        {
+            "data": {
+                "source": {"kind": "arithmetic", "num_problems": 40, "level": 2, "mode": "multitask"},
+                "eval_size": 8,
+            }
+        }
+    )
     train, held = rationale_split(r)
     assert len(held) == 8 and len(train) == 2 * 32
     assert [p["task"] for p in train[:4]] == ["answer", "rationale", "answer", "rationale"]
@@ -25,16 +31,20 @@ def test_rationale_split_is_by_problem_and_nested():
     assert held_q.isdisjoint(train_q) and held_q | train_q == set(problems)
     for h in held:  # multitask is evaluated on the answer prompt, against the answer
         q = h["messages"][0]["content"]
-        assert q.startswith(ANSWER_PREFIX) and h["response"] == h["answer"] == problems[q[len(ANSWER_PREFIX):]].answer
-    half = rationale_split(r.model_copy(update={"data": r.data.model_copy(
-        update={"source": r.data.source.model_copy(update={"fraction": 0.5})})}))
+        assert q.startswith(ANSWER_PREFIX) and h["response"] == h["answer"] == problems[q[len(ANSWER_PREFIX) :]].answer
+    half = rationale_split(
+        r.model_copy(
+            update={"data": r.data.model_copy(update={"source": r.data.source.model_copy(update={"fraction": 0.5})})}
+        )
+    )
     assert half[1] == held and len(half[0]) == 2 * 16
     assert {json.dumps(p, sort_keys=True) for p in half[0]} <= {json.dumps(p, sort_keys=True) for p in train}
 
 
 def test_cot_holds_out_the_rationale_and_answer():
-    r = Recipe.model_validate({"data": {"source": {"kind": "arithmetic", "num_problems": 10, "mode": "cot"},
-                                        "eval_size": 3}})
+    r = Recipe.model_validate(
+        {"data": {"source": {"kind": "arithmetic", "num_problems": 10, "mode": "cot"}, "eval_size": 3}}
+    )
     train, held = rationale_split(r)
     assert len(train) == 7 and all(t["response"].endswith(".") and "The answer is" in t["response"] for t in train)
     for h in held:
@@ -44,15 +54,34 @@ def test_cot_holds_out_the_rationale_and_answer():
 
 def test_arithmetic_gkd_distillm_recipe_end_to_end(assets, tmp_path):  # noqa: F811
     out = tmp_path / "out"
-    r = recipe(assets, out, **{"data.source": {"kind": "arithmetic", "num_problems": 20, "level": 2, "mode": "cot"},
-                               "data.eval_size": 4})
+    r = recipe(
+        assets,
+        out,
+        **{"data.source": {"kind": "arithmetic", "num_problems": 20, "level": 2, "mode": "cot"}, "data.eval_size": 4},
+    )
     r["runs"] = [
         {"name": "sft", "alpha": 1.0},
-        {"name": "gkd", "alpha": 0.0, "divergence": {"name": "generalized_jsd", "beta": 0.5},
-         "on_policy": {"lmbda": 1.0, "max_new_tokens": 4}},
-        {"name": "distillm", "alpha": 0.0, "divergence": {"name": "skew_forward_kl", "alpha": 0.1},
-         "on_policy": {"lmbda": 0.0, "adaptive": True, "adaptive_every": 1, "adaptive_step": 0.5,
-                       "validation_size": 3, "replay_size": 4, "replay_reuse": 0.5, "max_new_tokens": 4}},
+        {
+            "name": "gkd",
+            "alpha": 0.0,
+            "divergence": {"name": "generalized_jsd", "beta": 0.5},
+            "on_policy": {"lmbda": 1.0, "max_new_tokens": 4},
+        },
+        {
+            "name": "distillm",
+            "alpha": 0.0,
+            "divergence": {"name": "skew_forward_kl", "alpha": 0.1},
+            "on_policy": {
+                "lmbda": 0.0,
+                "adaptive": True,
+                "adaptive_every": 1,
+                "adaptive_step": 0.5,
+                "validation_size": 3,
+                "replay_size": 4,
+                "replay_reuse": 0.5,
+                "max_new_tokens": 4,
+            },
+        },
     ]
     assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 0
     metrics = json.loads((out / "metrics.json").read_text())["runs"]
@@ -100,8 +129,14 @@ def test_multitask_batches_carry_prefixes_and_response_only_masks(tiny_tokenizer
     from potstill.data import PadCollator
     from potstill.pipeline import encode_pairs
 
-    r = Recipe.model_validate({"data": {"source": {"kind": "arithmetic", "num_problems": 12, "level": 2,
-                                                   "mode": "multitask"}, "eval_size": 2}})
+    r = Recipe.model_validate(
+        {
+            "data": {
+                "source": {"kind": "arithmetic", "num_problems": 12, "level": 2, "mode": "multitask"},
+                "eval_size": 2,
+            }
+        }
+    )
     train, _ = rationale_split(r)
     enc = encode_pairs(train[:4], tiny_tokenizer, 256)
     batch = PadCollator(tiny_tokenizer.pad_token_id)(enc)
@@ -130,8 +165,7 @@ def test_black_box_recipe_runs_with_no_teacher_weights(assets, tmp_path, monkeyp
 
     monkeypatch.setattr(models, "load_model", spy)
     out = tmp_path / "out"
-    r = recipe(assets, out, teacher={"model": None},
-               student={"kind": "pretrained", "model": str(teacher_dir)})
+    r = recipe(assets, out, teacher={"model": None}, student={"kind": "pretrained", "model": str(teacher_dir)})
     r["runs"] = [{"name": "seq_kd", "alpha": 1.0}]
     assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 0
     assert loaded == [str(teacher_dir)]  # the student only: there is no teacher to load
@@ -150,8 +184,12 @@ def test_black_box_refusals(assets, tmp_path, capsys, case):  # noqa: F811
     out = tmp_path / "out"
     r = recipe(assets, out, teacher={"model": None}, student={"kind": "pretrained", "model": str(teacher_dir)})
     r["runs"] = [{"name": "seq_kd", "alpha": 1.0}]
-    want = {"kd run": "alpha 1", "built student": "student.kind pretrained", "demo data": "kind file",
-            "cache": "cannot be cached"}[case]
+    want = {
+        "kd run": "alpha 1",
+        "built student": "student.kind pretrained",
+        "demo data": "kind file",
+        "cache": "cannot be cached",
+    }[case]
     if case == "kd run":
         r["runs"].append({"name": "kd", "alpha": 0.0})
     elif case == "built student":

@@ -86,8 +86,8 @@ def test_cached_equals_direct_generate_greedy(tiny_teacher, tiny_tokenizer, prom
     for j, f in enumerate(files):
         rec = json.loads(f.read_text())
         assert rec["key"] == meta["key"] and rec["chunk"] == j
-        assert rec["prompts_sha"] == prompts_sha(prompts[j * chunk_size:(j + 1) * chunk_size])
-        assert rec["token_ids"] == direct.token_ids[j * chunk_size:(j + 1) * chunk_size]
+        assert rec["prompts_sha"] == prompts_sha(prompts[j * chunk_size : (j + 1) * chunk_size])
+        assert rec["token_ids"] == direct.token_ids[j * chunk_size : (j + 1) * chunk_size]
     assert sum(json.loads(f.read_text())["num_tokens"] for f in files) == got.num_tokens
 
 
@@ -113,7 +113,9 @@ def test_second_call_reads_from_disk(tiny_teacher, tiny_tokenizer, prompts, tmp_
 # ----------------------------------------------------------------------- (c) kill and resume
 
 
-def test_resume_after_kill_matches_uninterrupted_sampling(tiny_teacher, tiny_tokenizer, prompts, tmp_path, count_generate):
+def test_resume_after_kill_matches_uninterrupted_sampling(
+    tiny_teacher, tiny_tokenizer, prompts, tmp_path, count_generate
+):
     full = _run(tiny_teacher, tiny_tokenizer, prompts, tmp_path / "full", SAMPLED, chunk_size=3)
     assert [len(c) for c in count_generate] == [3, 3, 3, 1]
 
@@ -149,8 +151,9 @@ def test_resume_after_kill_matches_uninterrupted_sampling(tiny_teacher, tiny_tok
         assert _without_seconds(a) == _without_seconds(b)
 
     # The sampling is real: another seed gives other tokens.
-    other = _run(tiny_teacher, tiny_tokenizer, prompts, tmp_path / "seed8",
-                 dataclasses.replace(SAMPLED, seed=8), chunk_size=3)
+    other = _run(
+        tiny_teacher, tiny_tokenizer, prompts, tmp_path / "seed8", dataclasses.replace(SAMPLED, seed=8), chunk_size=3
+    )
     assert other.token_ids != full.token_ids
 
 
@@ -160,8 +163,14 @@ def test_sampling_is_seeded_per_chunk(tiny_teacher, tiny_tokenizer, prompts, tmp
 
     a = _run(tiny_teacher, tiny_tokenizer, prompts, tmp_path / "a", SAMPLED, chunk_size=3)
     torch.manual_seed(999)
-    tail = _run(tiny_teacher, tiny_tokenizer, prompts[6:9], tmp_path / "b",
-                dataclasses.replace(SAMPLED, seed=SAMPLED.seed + 2), chunk_size=3)
+    tail = _run(
+        tiny_teacher,
+        tiny_tokenizer,
+        prompts[6:9],
+        tmp_path / "b",
+        dataclasses.replace(SAMPLED, seed=SAMPLED.seed + 2),
+        chunk_size=3,
+    )
     assert tail.token_ids == a.token_ids[6:9]
 
 

@@ -8,7 +8,6 @@ import textwrap
 
 import psutil
 import pytest
-
 from helpers_proc import run, run_all
 
 SLEEP = shutil.which("sleep")
@@ -45,8 +44,9 @@ def test_a_timeout_kills_the_whole_tree_and_fails_with_the_output(tmp_path):
         run(cmd, timeout=3)
     assert "tree started" in str(err.value)  # the tail of the output is in the failure
     grandchildren = json.loads(pids.read_text())
-    assert all(_gone(pid) for pid in grandchildren), [psutil.Process(p).cmdline() for p in grandchildren
-                                                      if not _gone(p)]
+    assert all(_gone(pid) for pid in grandchildren), [
+        psutil.Process(p).cmdline() for p in grandchildren if not _gone(p)
+    ]
 
 
 def test_a_process_left_running_after_a_normal_exit_fails_the_test_and_is_killed(tmp_path):
@@ -57,7 +57,12 @@ def test_a_process_left_running_after_a_normal_exit_fails_the_test_and_is_killed
 
 
 def test_commands_run_together_and_give_their_output_and_exit_codes():
-    a, b = run_all([[sys.executable, "-c", "import sys; print('out a'); sys.exit(3)"],
-                    [sys.executable, "-c", "import os, sys; print(os.environ['X'], file=sys.stderr)"]],
-                   timeout=60, env={**os.environ, "X": "err b"})
+    a, b = run_all(
+        [
+            [sys.executable, "-c", "import sys; print('out a'); sys.exit(3)"],
+            [sys.executable, "-c", "import os, sys; print(os.environ['X'], file=sys.stderr)"],
+        ],
+        timeout=60,
+        env={**os.environ, "X": "err b"},
+    )
     assert (a.returncode, a.stdout, b.returncode, b.stderr) == (3, "out a\n", 0, "err b\n")

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import yaml
+from test_cli import assets, recipe, write  # noqa: F401  (module-scoped fixture)
 
 from potstill.cli import main
-
-from test_cli import assets, recipe, write  # noqa: F401  (module-scoped fixture)
 
 
 def test_every_method_runs_as_a_recipe(assets, tmp_path):  # noqa: F811
@@ -20,8 +19,12 @@ def test_every_method_runs_as_a_recipe(assets, tmp_path):  # noqa: F811
         {"name": "plain", "alpha": 0.0},
         {"name": "conf", "alpha": 0.0, "token_weighting": "teacher_confidence"},
         {"name": "selective", "alpha": 0.0, "token_weighting": "student_entropy", "token_weighting_ratio": 0.5},
-        {"name": "sched", "alpha": 0.5, "temperature": 2.0,
-         "schedule": {"kind": "cosine", "alpha_end": 0.0, "temperature_end": 1.0}},
+        {
+            "name": "sched",
+            "alpha": 0.5,
+            "temperature": 2.0,
+            "schedule": {"kind": "cosine", "alpha_end": 0.0, "temperature_end": 1.0},
+        },
         {"name": "feat", "alpha": 0.0, "feature": {"layers": [[1, 2], [0, 0]], "loss": "cosine", "weight": 0.5}},
         {"name": "rel", "alpha": 0.0, "feature": {"relations": {"layers": [[1, 2]], "heads": 2}}},
         {"name": "multi", "alpha": 0.0, "multi_teacher": {"mode": "confidence", "confidence": "maxprob"}},
@@ -44,18 +47,36 @@ def test_every_method_runs_as_a_recipe(assets, tmp_path):  # noqa: F811
     assert resolved["runs"][4]["feature"]["layers"] == [[1, 2], [0, 0]]
 
 
-@pytest.mark.parametrize("patch,message", [
-    ({"runs": [{"name": "m", "alpha": 0.0, "multi_teacher": {"mode": "mean"}}]}, "extra_teachers is empty"),
-    ({"runs": [{"name": "w", "alpha": 1.0, "token_weighting": "teacher_confidence"}]}, "act on the KD term"),
-    ({"runs": [{"name": "f", "alpha": 0.0, "feature": {"layers": []}}]}, "runs.0.feature.layers"),
-    ({"runs": [{"name": "c", "alpha": 0.0, "curriculum": "random"}]}, "runs.0.curriculum"),
-    ({"runs": [{"name": "f", "alpha": 0.0, "feature": {"layers": [[0, 0]]}}], "cache": {"signal": {"kind": "topk"}}},
-     "need live teachers"),
-    ({"runs": [{"name": "s", "alpha": 0.0, "schedule": {"temperature_end": 2.0}}],
-      "cache": {"signal": {"kind": "topk"}}}, "schedule the temperature"),
-    ({"runs": [{"name": "m", "alpha": 0.0, "multi_teacher": {"weights": [1, 2, 3]}}],
-      "extra_teachers": [{"model": "x"}]}, "3 entries for 2 teachers"),
-])
+@pytest.mark.parametrize(
+    "patch,message",
+    [
+        ({"runs": [{"name": "m", "alpha": 0.0, "multi_teacher": {"mode": "mean"}}]}, "extra_teachers is empty"),
+        ({"runs": [{"name": "w", "alpha": 1.0, "token_weighting": "teacher_confidence"}]}, "act on the KD term"),
+        ({"runs": [{"name": "f", "alpha": 0.0, "feature": {"layers": []}}]}, "runs.0.feature.layers"),
+        ({"runs": [{"name": "c", "alpha": 0.0, "curriculum": "random"}]}, "runs.0.curriculum"),
+        (
+            {
+                "runs": [{"name": "f", "alpha": 0.0, "feature": {"layers": [[0, 0]]}}],
+                "cache": {"signal": {"kind": "topk"}},
+            },
+            "need live teachers",
+        ),
+        (
+            {
+                "runs": [{"name": "s", "alpha": 0.0, "schedule": {"temperature_end": 2.0}}],
+                "cache": {"signal": {"kind": "topk"}},
+            },
+            "schedule the temperature",
+        ),
+        (
+            {
+                "runs": [{"name": "m", "alpha": 0.0, "multi_teacher": {"weights": [1, 2, 3]}}],
+                "extra_teachers": [{"model": "x"}],
+            },
+            "3 entries for 2 teachers",
+        ),
+    ],
+)
 def test_bad_options_are_refused_at_load(assets, tmp_path, capsys, patch, message):  # noqa: F811
     r = recipe(assets, tmp_path / "out", **patch)
     assert main(["distill", str(write(tmp_path / "r.yaml", r))]) != 0

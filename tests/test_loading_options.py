@@ -3,14 +3,14 @@
 import json
 
 import pytest
-import torch
-
 import test_cli
+import torch
+from test_cli import recipe, write
+
 from potstill.cli import main
 from potstill.config import Recipe
 from potstill.finished import run_fingerprint
 from potstill.pipeline import Prepared
-from test_cli import recipe, write
 
 assets = test_cli.assets  # the tiny teacher and data files of the CLI tests (a module-scoped fixture)
 
@@ -18,8 +18,11 @@ assets = test_cli.assets  # the tiny teacher and data files of the CLI tests (a 
 def test_attention_kernel_reaches_teacher_and_student_and_changes_no_logit(assets, tmp_path):
     """eager and sdpa are two kernels for one function: the teacher's logits agree to float32 rounding."""
     base = recipe(assets, tmp_path / "out")
-    eager = Recipe.model_validate(recipe(assets, tmp_path / "out", **{"teacher.attn_implementation": "eager",
-                                                                       "student.attn_implementation": "eager"}))
+    eager = Recipe.model_validate(
+        recipe(
+            assets, tmp_path / "out", **{"teacher.attn_implementation": "eager", "student.attn_implementation": "eager"}
+        )
+    )
     prep = Prepared(eager)
     assert prep.teacher.config._attn_implementation == "eager"
     assert prep.student0.config._attn_implementation == "eager"
@@ -36,13 +39,24 @@ def test_attention_kernel_reaches_teacher_and_student_and_changes_no_logit(asset
     assert run_fingerprint(eager, run)["teacher"]["attn_implementation"] == "eager"
 
 
-@pytest.mark.parametrize("patch, expected", [
-    ({"teacher.quantization": {"bits": 4}}, "teacher: quantization 4-bit runs on CUDA through bitsandbytes, not on cpu"),
-    ({"teacher.attn_implementation": "flash_attention_2"},
-     "attn_implementation flash_attention_2 cannot be used here"),
-    ({"student.attn_implementation": "flash_attention_2"},
-     "student: attn_implementation flash_attention_2 cannot be used here"),
-], ids=["quantized teacher on cpu", "flash attention teacher", "flash attention student"])
+@pytest.mark.parametrize(
+    "patch, expected",
+    [
+        (
+            {"teacher.quantization": {"bits": 4}},
+            "teacher: quantization 4-bit runs on CUDA through bitsandbytes, not on cpu",
+        ),
+        (
+            {"teacher.attn_implementation": "flash_attention_2"},
+            "attn_implementation flash_attention_2 cannot be used here",
+        ),
+        (
+            {"student.attn_implementation": "flash_attention_2"},
+            "student: attn_implementation flash_attention_2 cannot be used here",
+        ),
+    ],
+    ids=["quantized teacher on cpu", "flash attention teacher", "flash attention student"],
+)
 def test_a_loading_option_this_machine_cannot_run_is_refused_in_one_line(assets, tmp_path, capsys, patch, expected):
     out = tmp_path / "out"
     rp = write(tmp_path / "r.yaml", recipe(assets, out, **patch))
@@ -54,9 +68,18 @@ def test_a_loading_option_this_machine_cannot_run_is_refused_in_one_line(assets,
 
 def test_a_recipe_with_an_attention_kernel_distills(assets, tmp_path):
     out = tmp_path / "out"
-    rp = write(tmp_path / "r.yaml", recipe(assets, out, **{"teacher.attn_implementation": "eager",
-                                                           "student.attn_implementation": "eager",
-                                                           "runs": [{"name": "kd", "alpha": 0.5}]}))
+    rp = write(
+        tmp_path / "r.yaml",
+        recipe(
+            assets,
+            out,
+            **{
+                "teacher.attn_implementation": "eager",
+                "student.attn_implementation": "eager",
+                "runs": [{"name": "kd", "alpha": 0.5}],
+            },
+        ),
+    )
     assert main(["distill", str(rp)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())["runs"]
     assert set(metrics) >= {"teacher", "kd"} and metrics["kd"]["forward_kl"] > 0

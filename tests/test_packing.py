@@ -4,16 +4,16 @@ import json
 import random
 
 import pytest
+import test_cli
 import torch
+from test_cli import recipe, write
 from transformers import OPTConfig, OPTForCausalLM
 
-import test_cli
 from potstill.cli import main
 from potstill.data import PackCollator, PadCollator, encode_example, segments
 from potstill.data.packing import check_packing, pack_rows
 from potstill.errors import PotstillError
 from potstill.kd import KDConfig, KDTrainer
-from test_cli import recipe, write
 
 assets = test_cli.assets
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,8 +27,14 @@ def _examples(tok, n=7, seed=0):
         prompt = " ".join(rng.choice(words) for _ in range(rng.randint(1, 6)))
         answer = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
         ex = encode_example(tok, [{"role": "user", "content": prompt}], answer, 64)
-        out.append({"input_ids": ex["input_ids"], "labels": ex["labels"], "attention_mask": ex["attention_mask"],
-                    "example_id": 100 + i})
+        out.append(
+            {
+                "input_ids": ex["input_ids"],
+                "labels": ex["labels"],
+                "attention_mask": ex["attention_mask"],
+                "example_id": 100 + i,
+            }
+        )
     # plain LM text, loss on every token, its first one included; the shortest, so packed after another example
     ids = tok("a small dog")["input_ids"]
     out.append({"input_ids": ids, "labels": list(ids), "attention_mask": [1] * len(ids), "example_id": 99})
@@ -55,7 +61,7 @@ def test_packed_layout_restarts_positions_and_masks_each_first_label(tiny_tokeni
         assert eid == f["example_id"]
         assert batch["input_ids"][row, s:e].tolist() == f["input_ids"]
         assert batch["position_ids"][row, s:e].tolist() == list(range(e - s))
-        assert batch["labels"][row, s].item() == -100 and batch["labels"][row, s + 1:e].tolist() == f["labels"][1:]
+        assert batch["labels"][row, s].item() == -100 and batch["labels"][row, s + 1 : e].tolist() == f["labels"][1:]
     last = segments(batch)[batch["pack_order"].tolist().index(len(feats) - 1)]
     assert feats[-1]["labels"][0] != -100 and last[1] > 0  # masked: no example learns the next one's first token
     loss_tokens = int((batch["labels"][:, 1:] != -100).sum())
@@ -69,9 +75,14 @@ def test_packed_layout_restarts_positions_and_masks_each_first_label(tiny_tokeni
 def test_packed_loss_and_gradients_equal_padded(tiny_llama_pair, tmp_path, alpha, divergence):
     teacher, student, tok = tiny_llama_pair
     feats = _examples(tok)
-    trainer = KDTrainer(model=student, teacher_model=teacher, processing_class=tok,
-                        args=KDConfig(output_dir=str(tmp_path), alpha=alpha, divergence=divergence, report_to="none",
-                                      use_cpu=True, chunk_size=16))
+    trainer = KDTrainer(
+        model=student,
+        teacher_model=teacher,
+        processing_class=tok,
+        args=KDConfig(
+            output_dir=str(tmp_path), alpha=alpha, divergence=divergence, report_to="none", use_cpu=True, chunk_size=16
+        ),
+    )
     results = []
     for collator in (PadCollator(tok.pad_token_id), PackCollator(tok.pad_token_id, 64)):
         batch = collator(feats)
@@ -91,22 +102,36 @@ def test_a_model_whose_attention_crosses_examples_is_refused(tiny_llama_pair):
     _, student, _ = tiny_llama_pair
     check_packing(student, "student")  # Llama: attention follows the position restarts
     torch.manual_seed(0)
-    opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
-                                   num_attention_heads=2, word_embed_proj_dim=16))
+    opt = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=64,
+            hidden_size=16,
+            ffn_dim=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+        )
+    )
     with pytest.raises(PotstillError, match="lets one packed example attend to another"):
         check_packing(opt, "student")
 
 
 PACKED_RUNS = [
     {"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}},
-    {"name": "gkd", "alpha": 0.0, "divergence": {"name": "generalized_jsd", "beta": 0.5},
-     "on_policy": {"lmbda": 1.0, "max_new_tokens": 5}},
+    {
+        "name": "gkd",
+        "alpha": 0.0,
+        "divergence": {"name": "generalized_jsd", "beta": 0.5},
+        "on_policy": {"lmbda": 1.0, "max_new_tokens": 5},
+    },
 ]
 
 
-@pytest.mark.parametrize("extra", [{"runs": PACKED_RUNS},
-                                   {"runs": PACKED_RUNS[:1], "cache": {"signal": {"kind": "topk", "k": 8}}}],
-                         ids=["live-and-on-policy", "topk-cache"])
+@pytest.mark.parametrize(
+    "extra",
+    [{"runs": PACKED_RUNS}, {"runs": PACKED_RUNS[:1], "cache": {"signal": {"kind": "topk", "k": 8}}}],
+    ids=["live-and-on-policy", "topk-cache"],
+)
 def test_a_packed_recipe_trains_the_student_of_the_padded_one(assets, tmp_path, extra):
     """The whole distill verb, packed and padded: the same loss curve step by step (off-policy with a live teacher,
     on-policy GKD sampling from the same prompts, a top-k cache read by example) and the same student."""
@@ -138,12 +163,27 @@ def test_a_packed_recipe_trains_the_student_of_the_padded_one(assets, tmp_path, 
 def test_packing_with_a_leaking_student_is_one_line_exit_2(assets, tmp_path, capsys, tiny_tokenizer):
     student = tmp_path / "opt"
     torch.manual_seed(0)
-    OPTForCausalLM(OPTConfig(vocab_size=len(tiny_tokenizer), hidden_size=16, ffn_dim=32, num_hidden_layers=1,
-                             num_attention_heads=2, word_embed_proj_dim=16)).save_pretrained(student)
+    OPTForCausalLM(
+        OPTConfig(
+            vocab_size=len(tiny_tokenizer),
+            hidden_size=16,
+            ffn_dim=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+        )
+    ).save_pretrained(student)
     tiny_tokenizer.save_pretrained(student)
     capsys.readouterr()  # the save's progress bar
-    r = recipe(assets, tmp_path / "out", **{"data.packing": True, "student": {"kind": "pretrained", "model": str(student)},
-                                            "runs": [{"name": "sft", "alpha": 1.0}]})
+    r = recipe(
+        assets,
+        tmp_path / "out",
+        **{
+            "data.packing": True,
+            "student": {"kind": "pretrained", "model": str(student)},
+            "runs": [{"name": "sft", "alpha": 1.0}],
+        },
+    )
     assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.packing: the student (OPTForCausalLM" in err[0]
@@ -151,8 +191,20 @@ def test_packing_with_a_leaking_student_is_one_line_exit_2(assets, tmp_path, cap
 
 
 def test_packing_with_a_row_reading_method_is_refused(assets, tmp_path, capsys):
-    r = recipe(assets, tmp_path / "out", **{"data.packing": True, "runs": [
-        {"name": "d2", "alpha": 0.0, "divergence": {"name": "skew_forward_kl"},
-         "on_policy": {"contrastive": {}}}]})
+    r = recipe(
+        assets,
+        tmp_path / "out",
+        **{
+            "data.packing": True,
+            "runs": [
+                {
+                    "name": "d2",
+                    "alpha": 0.0,
+                    "divergence": {"name": "skew_forward_kl"},
+                    "on_policy": {"contrastive": {}},
+                }
+            ],
+        },
+    )
     assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 2
     assert "data.packing: run d2 uses on_policy.contrastive" in capsys.readouterr().err

@@ -8,22 +8,28 @@ the chunked reducer reads directly and so must get from the offload store.
 import json
 
 import pytest
+import test_cli
 import torch
 from safetensors.torch import load_file
+from test_cli import recipe, write
 
-import test_cli
 from potstill.cli import main
 from potstill.models import load_model
 from potstill.models.placement import head_on, input_device
 from potstill.signals.cache import weights_fingerprint
-from test_cli import recipe, write
 
 assets = test_cli.assets
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # the tiny 2-layer Llama teacher: its second layer and its output head on disk, the rest in CPU RAM
-OFFLOAD = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
-           "model.rotary_emb": "cpu", "lm_head": "disk"}
+OFFLOAD = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "disk",
+}
 
 
 def test_an_offloaded_teacher_reads_like_the_whole_one(assets, tmp_path):
@@ -50,8 +56,12 @@ def test_a_placed_teacher_trains_and_evaluates_the_same_student(assets, tmp_path
         teacher = {"model": str(assets[1]), **extra}
         if "device_map" in extra:
             teacher["offload_folder"] = str(tmp_path / "offload")
-        r = recipe(assets, out, teacher=teacher, **{"train.eval_steps": 2, "runs": [
-            {"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}}]})
+        r = recipe(
+            assets,
+            out,
+            teacher=teacher,
+            **{"train.eval_steps": 2, "runs": [{"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}}]},
+        )
         assert main(["distill", str(write(tmp_path / f"{name}.yaml", r))]) == 0
         outs[name] = out
     a, b = (json.loads((outs[n] / "runs" / "kd" / "train_info.json").read_text()) for n in ("plain", "placed"))
@@ -64,12 +74,15 @@ def test_a_placed_teacher_trains_and_evaluates_the_same_student(assets, tmp_path
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("patch,words", [
-    ({"teacher.device": "cpu", "teacher.device_map": "auto"}, "both place the teacher"),
-    ({"teacher.offload_folder": "x"}, "go with teacher.device_map"),
-    ({"teacher.device": "cuda:1"}, "CUDA is not available"),
-    ({"teacher.device_map": "auto", "train.distributed": "fsdp2"}, "sharded over the processes instead"),
-])
+@pytest.mark.parametrize(
+    "patch,words",
+    [
+        ({"teacher.device": "cpu", "teacher.device_map": "auto"}, "both place the teacher"),
+        ({"teacher.offload_folder": "x"}, "go with teacher.device_map"),
+        ({"teacher.device": "cuda:1"}, "CUDA is not available"),
+        ({"teacher.device_map": "auto", "train.distributed": "fsdp2"}, "sharded over the processes instead"),
+    ],
+)
 def test_bad_placement_is_one_line_exit_2(assets, tmp_path, capsys, patch, words):
     r = recipe(assets, tmp_path / "out", **patch)
     assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 2

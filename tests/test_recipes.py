@@ -10,11 +10,13 @@ from potstill.errors import PotstillError
 
 ALL = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 # Recipes of the task verbs (potstill classify | select | synthesize | condense | eval-data) are their own kind.
-TASK_PREFIXES = {"classify_": ("potstill.kd.classifier", "load_classifier_recipe"),
-                 "select_": ("potstill.dd.pipeline", "load_select_recipe"),
-                 "synthesize_": ("potstill.dd.synthesize", "load_synthesis_config"),
-                 "condense_": ("potstill.dd.condense_recipe", "load_condense_recipe"),
-                 "eval_data_": ("potstill.dd.eval_data", "load_eval_data_recipe")}
+TASK_PREFIXES = {
+    "classify_": ("potstill.kd.classifier", "load_classifier_recipe"),
+    "select_": ("potstill.dd.pipeline", "load_select_recipe"),
+    "synthesize_": ("potstill.dd.synthesize", "load_synthesis_config"),
+    "condense_": ("potstill.dd.condense_recipe", "load_condense_recipe"),
+    "eval_data_": ("potstill.dd.eval_data", "load_eval_data_recipe"),
+}
 TASK_RECIPES = [p for p in ALL if p.name.startswith(tuple(TASK_PREFIXES))]
 RECIPES = [p for p in ALL if p not in TASK_RECIPES]
 

@@ -28,17 +28,25 @@ def test_unknown_key_is_one_line(verb, tmp_path, capsys):
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.mark.parametrize("verb, recipe, override, key", [
-    ("condense", "condense_sst2.yaml", "method.iterations=[1", "method.iterations"),
-    ("classify", "classify_sms_spam.yaml", "kd.temperature=[1", "kd.temperature"),
-    ("eval-data", "eval_data_sst2.yaml", "learner.steps=[1", "learner.steps"),
-    ("classify", "classify_sms_spam.yaml", "kd.temperature=.inf", "kd.temperature"),
-    ("synthesize", "synthesize_self_instruct.yaml", f"seed={2**70}", "seed"),
-    ("synthesize", "synthesize_self_instruct.yaml", "instruction_generation.temperature=1e-45",
-     "instruction_generation.temperature"),
-])
-def test_overrides_yaml_cannot_read_or_out_of_range_are_one_line(verb, recipe, override, key, capsys, tmp_path,
-                                                                  monkeypatch):
+@pytest.mark.parametrize(
+    "verb, recipe, override, key",
+    [
+        ("condense", "condense_sst2.yaml", "method.iterations=[1", "method.iterations"),
+        ("classify", "classify_sms_spam.yaml", "kd.temperature=[1", "kd.temperature"),
+        ("eval-data", "eval_data_sst2.yaml", "learner.steps=[1", "learner.steps"),
+        ("classify", "classify_sms_spam.yaml", "kd.temperature=.inf", "kd.temperature"),
+        ("synthesize", "synthesize_self_instruct.yaml", f"seed={2**70}", "seed"),
+        (
+            "synthesize",
+            "synthesize_self_instruct.yaml",
+            "instruction_generation.temperature=1e-45",
+            "instruction_generation.temperature",
+        ),
+    ],
+)
+def test_overrides_yaml_cannot_read_or_out_of_range_are_one_line(
+    verb, recipe, override, key, capsys, tmp_path, monkeypatch
+):
     """An override value YAML cannot read (``[1``) stays a string the schema refuses, naming the key."""
     monkeypatch.chdir(tmp_path)  # were the value accepted, the recipe's relative output_dir lands here
     assert main([verb, str(RECIPES / recipe), override]) == 2
@@ -61,17 +69,20 @@ def test_classify_verb_runs_a_tiny_recipe(tmp_path, capsys, monkeypatch, one_thr
     is those metrics. Only the encoder and the data are stand-ins (a tiny BERT, a separable toy set)."""
     import json
 
-    import potstill.kd.classifier as clf
     from kd.test_classifier import tiny_bert, tiny_tokenizer, toy_examples
+
+    import potstill.kd.classifier as clf
 
     tok = tiny_tokenizer()
     monkeypatch.setattr(clf, "load_encoder", lambda name: (tiny_bert(tok, layers=2, hidden=16, seed=2), tok))
     monkeypatch.setattr(clf, "load_sms_spam", lambda: toy_examples(40, 8))
     out = tmp_path / "out"
     p = tmp_path / "r.yaml"
-    p.write_text(f"dataset: sms_spam\noutput_dir: {out}\nteacher: {{model: tiny, steps: 2, batch_size: 8}}\n"
-                 "student: {layers: [0]}\ntrain: {batch_size: 8, max_length: 16}\n"
-                 "eval: {latency_batch_size: 4, latency_repeats: 1}\n")
+    p.write_text(
+        f"dataset: sms_spam\noutput_dir: {out}\nteacher: {{model: tiny, steps: 2, batch_size: 8}}\n"
+        "student: {layers: [0]}\ntrain: {batch_size: 8, max_length: 16}\n"
+        "eval: {latency_batch_size: 4, latency_repeats: 1}\n"
+    )
     assert main(["classify", str(p), "train.steps=3"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 3 and m["n_train"] + m["n_eval"] == 40 and m["n_eval"] == 8

@@ -5,10 +5,10 @@ import json
 import os
 
 import pytest
-
 import test_cli
-from potstill.cli import main
 from test_cli import recipe, write
+
+from potstill.cli import main
 
 assets = test_cli.assets  # the tiny teacher and data files of the CLI tests (a module-scoped fixture)
 
@@ -26,8 +26,10 @@ def test_tensorboard_gets_the_loss_and_the_held_out_figures(assets, tmp_path):
     reach tensorboard, train_info.json, and the last one is what the final evaluation reports."""
     pytest.importorskip("tensorboard")
     out = tmp_path / "out"
-    rp = write(tmp_path / "r.yaml", recipe(assets, out, **{"train.max_steps": 5, "train.eval_steps": 2,
-                                                           "train.report_to": ["tensorboard"]}))
+    rp = write(
+        tmp_path / "r.yaml",
+        recipe(assets, out, **{"train.max_steps": 5, "train.eval_steps": 2, "train.report_to": ["tensorboard"]}),
+    )
     assert main(["distill", str(rp)]) == 0
     for run in ("sft", "kd"):
         tb = _scalars(out / "logs" / run)
@@ -36,10 +38,12 @@ def test_tensorboard_gets_the_loss_and_the_held_out_figures(assets, tmp_path):
         info = json.loads((out / "runs" / run / "train_info.json").read_text())
         assert [row[0] for row in info["eval_history"]] == [2, 4, 5]
         # the tracker saw the same numbers (float32 in the event file)
-        assert [v for _, v in tb["eval/forward_kl"]] == pytest.approx([row[1] for row in info["eval_history"]],
-                                                                     rel=1e-6)
-        assert [v for _, v in tb["eval/top1_agreement"]] == pytest.approx([row[2] for row in info["eval_history"]],
-                                                                         rel=1e-6)
+        assert [v for _, v in tb["eval/forward_kl"]] == pytest.approx(
+            [row[1] for row in info["eval_history"]], rel=1e-6
+        )
+        assert [v for _, v in tb["eval/top1_agreement"]] == pytest.approx(
+            [row[2] for row in info["eval_history"]], rel=1e-6
+        )
         final = json.loads((out / "metrics.json").read_text())["runs"][run]
         # measured after the last step on the student that was then saved and evaluated: the same figures
         assert info["eval_history"][-1][1] == pytest.approx(final["forward_kl"], rel=1e-5)

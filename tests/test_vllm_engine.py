@@ -18,6 +18,7 @@ import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import test_cli
 import torch
 
 import potstill.vllm_engine as ve
@@ -25,8 +26,6 @@ from potstill.config import GenerationOptions, VLLMOptions
 from potstill.errors import PotstillError
 from potstill.generation_cache import GenerationParams, backend_generate, generate_cached
 from potstill.vllm_engine import VLLMEngine, named_weights, require_vllm, save_for_vllm
-
-import test_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 cli_assets = test_cli.assets  # the tiny teacher and data files of the CLI tests
@@ -58,16 +57,23 @@ def _fake_vllm(log: dict, *, reorder: bool = False) -> types.ModuleType:
             self.loaded: list[tuple[str, torch.Tensor]] = []
             self.resets = 0
             model = types.SimpleNamespace(load_weights=lambda pairs: self.loaded.extend(pairs))
-            self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
-                driver_worker=types.SimpleNamespace(model_runner=types.SimpleNamespace(model=model))))
+            self.llm_engine = types.SimpleNamespace(
+                model_executor=types.SimpleNamespace(
+                    driver_worker=types.SimpleNamespace(model_runner=types.SimpleNamespace(model=model))
+                )
+            )
 
         def generate(self, prompts, sampling_params=None, use_tqdm=True):
             log.setdefault("prompts", []).append(prompts)
             out = []
             for p in prompts:
                 toks, finish, stop = _scripted(p["prompt_token_ids"])
-                out.append(types.SimpleNamespace(prompt_token_ids=p["prompt_token_ids"], outputs=[
-                    types.SimpleNamespace(token_ids=toks, finish_reason=finish, stop_reason=stop)]))
+                out.append(
+                    types.SimpleNamespace(
+                        prompt_token_ids=p["prompt_token_ids"],
+                        outputs=[types.SimpleNamespace(token_ids=toks, finish_reason=finish, stop_reason=stop)],
+                    )
+                )
             return out[::-1] if reorder else out
 
         def reset_prefix_cache(self):
@@ -122,14 +128,24 @@ def test_colocate_mapping_and_sampling(monkeypatch):
     _check_outputs(eng.generate(PROMPTS, max_new_tokens=5))
     assert log["prompts"][-1] == [{"prompt_token_ids": p} for p in PROMPTS]
     greedy = log["sampling"][-1]
-    assert greedy == {"n": 1, "max_tokens": 5, "stop_token_ids": [0, EOS], "top_k": -1, "min_p": 0.0,
-                      "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                      "temperature": 0.0, "top_p": 1.0}
+    assert greedy == {
+        "n": 1,
+        "max_tokens": 5,
+        "stop_token_ids": [0, EOS],
+        "top_k": -1,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "temperature": 0.0,
+        "top_p": 1.0,
+    }
     log["sampling"].clear()
     eng.generate(PROMPTS + [[6, 1]], max_new_tokens=7, do_sample=True, temperature=0.7, top_p=0.9, seed=11)
     sampled = log["sampling"]
-    assert all(s["temperature"] == 0.7 and s["top_p"] == 0.9 and s["max_tokens"] == 7 and s["top_k"] == -1
-               for s in sampled)
+    assert all(
+        s["temperature"] == 0.7 and s["top_p"] == 0.9 and s["max_tokens"] == 7 and s["top_k"] == -1 for s in sampled
+    )
     seeds = [s["seed"] for s in sampled]
     assert len(set(seeds)) == len(seeds)  # equal prompts (first and last) are sampled independently
     log["sampling"].clear()
@@ -177,8 +193,21 @@ def fake_server():
             if self.path != "/v1/completions" or body["prompt"] == [99]:
                 return self._send(400, b"bad\nrequest")
             toks, finish, stop = _scripted(body["prompt"])
-            self._send(200, {"choices": [{"index": 0, "text": "", "token_ids": toks, "finish_reason": finish,
-                                          "stop_reason": stop, "prompt_token_ids": body["prompt"]}]})
+            self._send(
+                200,
+                {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": "",
+                            "token_ids": toks,
+                            "finish_reason": finish,
+                            "stop_reason": stop,
+                            "prompt_token_ids": body["prompt"],
+                        }
+                    ]
+                },
+            )
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -195,8 +224,13 @@ def test_server_mapping_and_requests(fake_server):
     assert sorted(b["prompt"] for b in seen) == sorted(PROMPTS)  # one request per prompt, each with its seed
     for b in seen:
         assert b["model"] == "served/teacher" and b["return_token_ids"] is True and b["max_tokens"] == 5
-        assert (b["temperature"], b["top_p"], b["top_k"], b["min_p"], b["repetition_penalty"]) == (1.3, 0.95, -1,
-                                                                                                     0.0, 1.0)
+        assert (b["temperature"], b["top_p"], b["top_k"], b["min_p"], b["repetition_penalty"]) == (
+            1.3,
+            0.95,
+            -1,
+            0.0,
+            1.0,
+        )
         assert b["stop_token_ids"] == [EOS]
     assert len({b["seed"] for b in seen}) == len(PROMPTS)
     seen.clear()
@@ -225,9 +259,17 @@ def test_server_unreachable_is_one_line():
 def _tiny_llama(tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                      tie_word_embeddings=tie, eos_token_id=EOS)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        eos_token_id=EOS,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return LlamaForCausalLM(cfg).eval()
@@ -236,8 +278,16 @@ def _tiny_llama(tie: bool = False):
 def _lora(model):
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                  modules_to_save=["lm_head"], lora_dropout=0.0))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            modules_to_save=["lm_head"],
+            lora_dropout=0.0,
+        ),
+    )
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         for name, p in peft_model.named_parameters():
@@ -341,21 +391,43 @@ def test_generate_cached_with_engine(monkeypatch, tiny_teacher, tiny_tokenizer, 
     prompts = PROMPTS + [[8, 8], [9]]
     params = GenerationParams(max_new_tokens=4)
     eng = VLLMEngine(make_llm=make_llm, eos_ids=[EOS], identity={"dtype": "auto"})
-    out = generate_cached(tiny_teacher, tiny_tokenizer, prompts, tmp_path / "g", params, model_id="t", chunk_size=4,
-                          engine=eng, progress=False)
+    out = generate_cached(
+        tiny_teacher,
+        tiny_tokenizer,
+        prompts,
+        tmp_path / "g",
+        params,
+        model_id="t",
+        chunk_size=4,
+        engine=eng,
+        progress=False,
+    )
     assert out.token_ids[:4] == EXPECTED and len(log["prompts"]) == 2 and built == [1]
     rec = json.loads((tmp_path / "g" / "chunk-00000.json").read_text())
     assert set(rec) == {"key", "chunk", "prompts_sha", "token_ids", "num_tokens", "seconds"}
     meta = json.loads((tmp_path / "g" / "meta.json").read_text())
     assert meta["backend"] == {"backend": "vllm", "mode": "colocate", "dtype": "auto"}
-    lazy = VLLMEngine(make_llm=lambda: pytest.fail("a fully cached run must not start vLLM"), eos_ids=[EOS],
-                      identity={"dtype": "auto"})
-    again = generate_cached(tiny_teacher, tiny_tokenizer, prompts, tmp_path / "g", params, model_id="t",
-                            chunk_size=4, engine=lazy, progress=False)
+    lazy = VLLMEngine(
+        make_llm=lambda: pytest.fail("a fully cached run must not start vLLM"),
+        eos_ids=[EOS],
+        identity={"dtype": "auto"},
+    )
+    again = generate_cached(
+        tiny_teacher,
+        tiny_tokenizer,
+        prompts,
+        tmp_path / "g",
+        params,
+        model_id="t",
+        chunk_size=4,
+        engine=lazy,
+        progress=False,
+    )
     assert again.token_ids == out.token_ids
     with pytest.raises(PotstillError, match="run key differs"):  # hf generations are not vllm generations
-        generate_cached(tiny_teacher, tiny_tokenizer, prompts, tmp_path / "g", params, model_id="t", chunk_size=4,
-                        progress=False)
+        generate_cached(
+            tiny_teacher, tiny_tokenizer, prompts, tmp_path / "g", params, model_id="t", chunk_size=4, progress=False
+        )
     got = backend_generate("vllm", tiny_teacher, tiny_tokenizer, PROMPTS, params, engine=eng, progress=False)
     assert got.token_ids == EXPECTED
 
@@ -367,18 +439,23 @@ def test_demo_teacher_answers_through_vllm(monkeypatch, tiny_teacher, tiny_token
     monkeypatch.setitem(sys.modules, "vllm", _fake_vllm({}))
     opts = GenerationOptions(backend="vllm")
     with pytest.raises(PotstillError, match="CUDA only"):  # the model is on the CPU
-        teacher_responses(tiny_teacher, tiny_tokenizer, "t", [{"id": "a", "prompt": "Hi"}], max_new_tokens=4,
-                          generation=opts)
+        teacher_responses(
+            tiny_teacher, tiny_tokenizer, "t", [{"id": "a", "prompt": "Hi"}], max_new_tokens=4, generation=opts
+        )
     answer = tiny_tokenizer.encode("fine")
 
     class Engine(VLLMEngine):
         def generate(self, prompts, **kw):
             return ve.to_generations([(answer + [EOS], "stop", None) for _ in prompts], {EOS}, 0.0)
 
-    monkeypatch.setattr(VLLMEngine, "from_options", classmethod(
-        lambda cls, model, tok, options, **kw: Engine(eos_ids=[EOS], identity={"dtype": options.dtype})))
-    rows = teacher_responses(tiny_teacher, tiny_tokenizer, "t", [{"id": "a", "prompt": "Hi"}], max_new_tokens=4,
-                             generation=opts)
+    monkeypatch.setattr(
+        VLLMEngine,
+        "from_options",
+        classmethod(lambda cls, model, tok, options, **kw: Engine(eos_ids=[EOS], identity={"dtype": options.dtype})),
+    )
+    rows = teacher_responses(
+        tiny_teacher, tiny_tokenizer, "t", [{"id": "a", "prompt": "Hi"}], max_new_tokens=4, generation=opts
+    )
     assert rows[0]["response"] == "fine"
     hf = teacher_responses(tiny_teacher, tiny_tokenizer, "t", [{"id": "a", "prompt": "Hi"}], max_new_tokens=4)
     assert hf[0]["response"] != "fine"  # another cache entry: the backend is in the key
@@ -387,22 +464,30 @@ def test_demo_teacher_answers_through_vllm(monkeypatch, tiny_teacher, tiny_token
 def test_synthesize_schema_and_generator(monkeypatch, tiny_teacher, tiny_tokenizer, tmp_path):
     from potstill.dd.synthesize import TeacherGenerator, run_synthesis, synthesis_config_from_dict
 
-    cfg = synthesis_config_from_dict({"generation": {"backend": "vllm", "vllm": {"mode": "server"}}},
-                                     ["generation.vllm.server_url=http://h:1"])
+    cfg = synthesis_config_from_dict(
+        {"generation": {"backend": "vllm", "vllm": {"mode": "server"}}}, ["generation.vllm.server_url=http://h:1"]
+    )
     assert isinstance(cfg.generation, GenerationOptions) and cfg.generation.vllm.server_url == "http://h:1"
     with pytest.raises(PotstillError, match="generation.backend") as err:
         synthesis_config_from_dict({"generation": {"backend": "tgi"}})
     assert "\n" not in str(err.value)
     with pytest.raises(PotstillError, match="CUDA only"):
-        run_synthesis({"generation": {"backend": "vllm"}, "device": "cpu"}, tmp_path / "s", model=tiny_teacher,
-                      tokenizer=tiny_tokenizer)
+        run_synthesis(
+            {"generation": {"backend": "vllm"}, "device": "cpu"},
+            tmp_path / "s",
+            model=tiny_teacher,
+            tokenizer=tiny_tokenizer,
+        )
     assert not (tmp_path / "s").exists()
 
     monkeypatch.setitem(sys.modules, "vllm", _fake_vllm({}))
     answer = tiny_tokenizer.encode("a synthetic answer")
     eng = VLLMEngine(eos_ids=[EOS], identity={"dtype": "auto"})
-    monkeypatch.setattr(eng, "generate", lambda prompts, **kw: ve.to_generations(
-        [(answer + [EOS], "stop", None) for _ in prompts], {EOS}, 0.0))
+    monkeypatch.setattr(
+        eng,
+        "generate",
+        lambda prompts, **kw: ve.to_generations([(answer + [EOS], "stop", None) for _ in prompts], {EOS}, 0.0),
+    )
     gen = TeacherGenerator(tiny_teacher, tiny_tokenizer, tmp_path / "gen", model_id="t", progress=False, engine=eng)
     hf = TeacherGenerator(tiny_teacher, tiny_tokenizer, tmp_path / "gen", model_id="t", progress=False)
     assert gen.identity != hf.identity
@@ -423,14 +508,30 @@ def test_on_policy_steps_sample_from_the_engine_after_syncing_the_student(monkey
     from potstill.kd import OnPolicyConfig, OnPolicyKDTrainer
 
     teacher, student, tok = tiny_llama_pair
-    rows = [encode_example(tok, [{"role": "user", "content": q}], "an answer", 64)
-            for q in ("What is two plus two?", "Name a fruit.", "Say hello.", "Count to three.")]
+    rows = [
+        encode_example(tok, [{"role": "user", "content": q}], "an answer", 64)
+        for q in ("What is two plus two?", "Name a fruit.", "Say hello.", "Count to three.")
+    ]
     ds = Dataset.from_list([{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows])
     trainer = OnPolicyKDTrainer(
-        model=student, teacher_model=teacher, processing_class=tok, train_dataset=ds,
-        args=OnPolicyConfig(output_dir=str(tmp_path), lmbda=1.0, max_steps=2, per_device_train_batch_size=2,
-                            gen_max_new_tokens=4, learning_rate=1e-2, report_to="none", use_cpu=True,
-                            save_strategy="no", logging_steps=1, divergence="forward_kl"))
+        model=student,
+        teacher_model=teacher,
+        processing_class=tok,
+        train_dataset=ds,
+        args=OnPolicyConfig(
+            output_dir=str(tmp_path),
+            lmbda=1.0,
+            max_steps=2,
+            per_device_train_batch_size=2,
+            gen_max_new_tokens=4,
+            learning_rate=1e-2,
+            report_to="none",
+            use_cpu=True,
+            save_strategy="no",
+            logging_steps=1,
+            divergence="forward_kl",
+        ),
+    )
     log: dict = {}
     monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(log))
     eng = VLLMEngine(llm=sys.modules["vllm"].LLM(), eos_ids=[tok.eos_token_id])
@@ -443,22 +544,24 @@ def test_on_policy_steps_sample_from_the_engine_after_syncing_the_student(monkey
     trainer.train()
     # one sync per sampling step (each after the optimizer step before it), every weight once in each
     assert llm.resets == 2 and len(pushed) == 2 * len(before)
-    synced = [dict(pushed[:len(before)]), dict(pushed[len(before):])]
+    synced = [dict(pushed[: len(before)]), dict(pushed[len(before) :])]
     assert all(torch.equal(synced[0][n], before[n]) for n in before)  # step 0: the initial student
     assert any(not torch.equal(synced[1][n], before[n]) for n in before)  # step 1: the updated one
     sent = [p["prompt_token_ids"] for call in log["prompts"] for p in call]
     prompts = {tuple(r["prompt_ids"]) for r in rows}
     assert len(sent) == 4 and all(tuple(p) in prompts for p in sent)
-    expected = sum(len(toks) if finish == "length" else toks.index(tok.eos_token_id) + 1
-                   if tok.eos_token_id in toks else len(toks)
-                   for toks, finish, _ in map(_scripted, sent))
+    expected = sum(
+        len(toks) if finish == "length" else toks.index(tok.eos_token_id) + 1 if tok.eos_token_id in toks else len(toks)
+        for toks, finish, _ in map(_scripted, sent)
+    )
     assert trainer.rollout_stats["gen_tokens"] == expected > 0
     assert trainer.rollout_stats["modes"] == ["student", "student"]
 
 
 def test_a_vllm_recipe_without_cuda_is_one_line_exit_2(cli_assets, tmp_path, capsys):
-    from potstill.cli import main
     from test_cli import recipe, write
+
+    from potstill.cli import main
 
     on_policy = [{"name": "gkd", "alpha": 0.0, "divergence": {"name": "forward_kl"}, "on_policy": {"lmbda": 1.0}}]
     r = recipe(cli_assets, tmp_path / "out", generation={"backend": "vllm"}, runs=on_policy)

@@ -74,19 +74,22 @@ def resume_point(directory: Path, fingerprint: dict) -> str | None:
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    found = sorted(((int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()),
-                   reverse=True)
+    found = sorted(
+        ((int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()), reverse=True
+    )
     if not found:
         return None
     want = json.loads(json.dumps(fingerprint))  # as it reads back from a mark
-    for step, path in found:
+    for _step, path in found:
         try:
             mark = json.loads((path / MARK).read_text())
         except (OSError, ValueError):  # no mark, or an unreadable one: cut short
             mark = None
         if mark is not None and mark != want:
-            raise PotstillError(f"{path} is a checkpoint of another recipe (its run fingerprint differs); point "
-                                "output_dir elsewhere or remove that directory to start the run over")
+            raise PotstillError(
+                f"{path} is a checkpoint of another recipe (its run fingerprint differs); point "
+                "output_dir elsewhere or remove that directory to start the run over"
+            )
         if mark is not None and _complete(path):
             return str(path)
         log.warning("checkpoint %s is incomplete (cut short when the run was killed?); trying an earlier one", path)

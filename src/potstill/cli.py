@@ -27,16 +27,36 @@ EXAMPLE = """example:
 
 # verb -> (help, module, recipe loader, runner): recipes of their own kind, outside distill's.
 TASKS = {
-    "classify": ("task-specific KD of a text classifier: teacher, KD student, no-teacher student",
-                 "potstill.kd.classifier", "load_classifier_recipe", "run_classifier_recipe"),
-    "select": ("score and select training examples (dataset distillation by selection)",
-               "potstill.dd.pipeline", "load_select_recipe", "run_select"),
-    "synthesize": ("generate a compact instruction dataset with a teacher (Self-Instruct, Evol-Instruct)",
-                   "potstill.dd.synthesize", "load_synthesis_config", "run_synthesis"),
-    "condense": ("learn a small synthetic classification set (gradient / trajectory matching)",
-                 "potstill.dd.condense_recipe", "load_condense_recipe", "run_condense"),
-    "eval-data": ("judge distilled / selected sets against random and coreset subsets of the same size",
-                  "potstill.dd.eval_data", "load_eval_data_recipe", "run_eval_data"),
+    "classify": (
+        "task-specific KD of a text classifier: teacher, KD student, no-teacher student",
+        "potstill.kd.classifier",
+        "load_classifier_recipe",
+        "run_classifier_recipe",
+    ),
+    "select": (
+        "score and select training examples (dataset distillation by selection)",
+        "potstill.dd.pipeline",
+        "load_select_recipe",
+        "run_select",
+    ),
+    "synthesize": (
+        "generate a compact instruction dataset with a teacher (Self-Instruct, Evol-Instruct)",
+        "potstill.dd.synthesize",
+        "load_synthesis_config",
+        "run_synthesis",
+    ),
+    "condense": (
+        "learn a small synthetic classification set (gradient / trajectory matching)",
+        "potstill.dd.condense_recipe",
+        "load_condense_recipe",
+        "run_condense",
+    ),
+    "eval-data": (
+        "judge distilled / selected sets against random and coreset subsets of the same size",
+        "potstill.dd.eval_data",
+        "load_eval_data_recipe",
+        "run_eval_data",
+    ),
 }
 
 
@@ -50,14 +70,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
 
-    d = sub.add_parser("distill", help="train the recipe's students from its teacher, evaluate, report",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLE)
+    d = sub.add_parser(
+        "distill",
+        help="train the recipe's students from its teacher, evaluate, report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLE,
+    )
     d.add_argument("recipe", help="YAML recipe (see recipes/)")
     d.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
-    c = sub.add_parser("cache", help="run the recipe's teacher once over its training data and store its signal",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLE)
+    c = sub.add_parser(
+        "cache",
+        help="run the recipe's teacher once over its training data and store its signal",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLE,
+    )
     c.add_argument("recipe", help="YAML recipe with a `cache` section")
     c.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     c.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK or 0)")
@@ -155,12 +183,16 @@ def _cache(args: argparse.Namespace) -> int:
     world = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE", 1)
     manifest = cache(recipe, rank=rank, world_size=world)
     if manifest is None:
-        print(f"rank {rank} of {world}: its shards are written to {recipe.cache_dir}; the last process to finish "
-              "writes the manifest")
+        print(
+            f"rank {rank} of {world}: its shards are written to {recipe.cache_dir}; the last process to finish "
+            "writes the manifest"
+        )
         return 0
-    print(f"cache: {recipe.cache_dir}  {manifest['spec']['kind']} ({manifest['spec']['dtype']})  "
-          f"{manifest['data']['num_examples']} examples, {manifest['data']['num_rows']} tokens, "
-          f"{manifest['num_shards']} shards, {manifest['bytes_per_token']:.1f} bytes/token")
+    print(
+        f"cache: {recipe.cache_dir}  {manifest['spec']['kind']} ({manifest['spec']['dtype']})  "
+        f"{manifest['data']['num_examples']} examples, {manifest['data']['num_rows']} tokens, "
+        f"{manifest['num_shards']} shards, {manifest['bytes_per_token']:.1f} bytes/token"
+    )
     return 0
 
 
@@ -223,15 +255,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-        print(f"error: {err.strerror or type(err).__name__}{where}; check the path, its permissions and the free "
-              "space (--debug shows the traceback)", file=sys.stderr)
+        print(
+            f"error: {err.strerror or type(err).__name__}{where}; check the path, its permissions and the free "
+            "space (--debug shows the traceback)",
+            file=sys.stderr,
+        )
         return 2
     except Exception as err:  # a bug, or bad input no check caught yet: still one line, no traceback
         if args.debug:
             raise
         first = (str(err).strip().splitlines() or [""])[0][:300]
-        print(f"error: unexpected {type(err).__name__}: {first}; rerun with --debug for the traceback, and report "
-              "it if the input looks right", file=sys.stderr)
+        print(
+            f"error: unexpected {type(err).__name__}: {first}; rerun with --debug for the traceback, and report "
+            "it if the input looks right",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -41,7 +41,7 @@ RUN_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 """A plain directory name: no separators, and never '.' or '..' (a run dir must lie inside output_dir/runs)."""
 
 
-def _check_divergence(d: "BaseModel") -> "BaseModel":
+def _check_divergence(d: BaseModel) -> BaseModel:
     """Degenerate or undefined parameter end points are refused in one line (e.g. GKD's JSD at beta 0 is 0)."""
     from .divergences import check_divergence_params
 
@@ -62,13 +62,18 @@ def _check_temperature(value: float | None, what: str) -> float | None:
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 AttnImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
-_ATTN = ("Attention kernel (transformers' attn_implementation): eager, sdpa, flash_attention_2/3 (CUDA and the "
-         "flash-attn package), flex_attention; default: transformers' choice (sdpa where it can).")
+_ATTN = (
+    "Attention kernel (transformers' attn_implementation): eager, sdpa, flash_attention_2/3 (CUDA and the "
+    "flash-attn package), flex_attention; default: transformers' choice (sdpa where it can)."
+)
 
 
 class Quantization(_Strict):
-    bits: Literal[4, 8] = Field(..., description="Load the teacher's linear layers in 4-bit (NF4) or 8-bit through "
-                                "bitsandbytes (pip install 'potstill[quantization]'; CUDA only).")
+    bits: Literal[4, 8] = Field(
+        ...,
+        description="Load the teacher's linear layers in 4-bit (NF4) or 8-bit through "
+        "bitsandbytes (pip install 'potstill[quantization]'; CUDA only).",
+    )
 
 
 class TeacherConfig(_Strict):
@@ -81,27 +86,36 @@ class TeacherConfig(_Strict):
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust it.")
     attn_implementation: AttnImplementation | None = Field(None, description=_ATTN)
     quantization: Quantization | None = Field(
-        None, description="A frozen teacher in 4 or 8 bits (its output head stays unquantized, as the reducer reads "
-        "it); a safetensors checkpoint on CUDA.")
+        None,
+        description="A frozen teacher in 4 or 8 bits (its output head stays unquantized, as the reducer reads "
+        "it); a safetensors checkpoint on CUDA.",
+    )
     device: str | None = Field(
-        None, description="The torch device of this teacher when it is not the student's (e.g. cuda:1): its forward "
+        None,
+        description="The torch device of this teacher when it is not the student's (e.g. cuda:1): its forward "
         "runs there and its final hidden states, with one copy of its output head, come to the student's device. "
-        "Default: the recipe's device.")
+        "Default: the recipe's device.",
+    )
     device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str] | None = Field(
-        None, description="Spread the teacher over the GPUs, CPU RAM and disk with accelerate's big-model loading "
+        None,
+        description="Spread the teacher over the GPUs, CPU RAM and disk with accelerate's big-model loading "
         "(transformers' from_pretrained device_map): 'auto' or {module: device, cpu or disk}; for a teacher larger "
-        "than one device. Offloaded weights are loaded for the time of their forward.")
+        "than one device. Offloaded weights are loaded for the time of their forward.",
+    )
     max_memory: dict[int | str, str] | None = Field(
-        None, description="With device_map: the memory each place may take, e.g. {0: 20GiB, cpu: 60GiB}.")
+        None, description="With device_map: the memory each place may take, e.g. {0: 20GiB, cpu: 60GiB}."
+    )
     offload_folder: str | None = Field(None, description="With device_map: where weights offloaded to disk go.")
 
     @model_validator(mode="after")
-    def _placement(self) -> "TeacherConfig":
+    def _placement(self) -> TeacherConfig:
         if self.device is not None and self.device_map is not None:
             raise ValueError("teacher.device and teacher.device_map both place the teacher; keep one")
         if self.device_map is None and (self.max_memory is not None or self.offload_folder is not None):
-            raise ValueError("teacher.max_memory and teacher.offload_folder go with teacher.device_map; set it "
-                             "(e.g. auto) or remove them")
+            raise ValueError(
+                "teacher.max_memory and teacher.offload_folder go with teacher.device_map; set it "
+                "(e.g. auto) or remove them"
+            )
         return self
 
     @property
@@ -132,15 +146,14 @@ class PretrainedStudent(_Strict):
     kind: Literal["pretrained"] = "pretrained"
     model: str = Field(..., description="Short name, local directory or hub id of the student.")
     layers: int | list[int] | None = Field(
-        None, description="Keep only these of the student's own layers (a count, evenly spaced, or indices).")
+        None, description="Keep only these of the student's own layers (a count, evenly spaced, or indices)."
+    )
     dtype: Dtype = Field("float32", description="Weights dtype of the student.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
     attn_implementation: AttnImplementation | None = Field(None, description=_ATTN)
 
 
-StudentConfig = Annotated[
-    Union[FromTeacherStudent, ScaledStudent, PretrainedStudent], Field(discriminator="kind")
-]
+StudentConfig = Annotated[FromTeacherStudent | ScaledStudent | PretrainedStudent, Field(discriminator="kind")]
 
 
 # ------------------------------------------------------------------------------- data
@@ -154,8 +167,11 @@ class DemoData(_Strict):
 
 class FileData(_Strict):
     kind: Literal["file"] = "file"
-    path: str = Field(..., description="A .json, .jsonl, .csv or .parquet file (relative paths: to the recipe; "
-                      "a leading $POTSTILL_DATA/ is the shared data directory).")
+    path: str = Field(
+        ...,
+        description="A .json, .jsonl, .csv or .parquet file (relative paths: to the recipe; "
+        "a leading $POTSTILL_DATA/ is the shared data directory).",
+    )
     prompt_field: str = Field("prompt", description="Column holding the prompt text.")
     response_field: str = Field("response", description="Column holding the target response text.")
     messages_field: str | None = Field(
@@ -182,8 +198,10 @@ class ArithmeticData(_Strict):
     level: int = Field(3, ge=1, le=5, description="Operations per problem (the number of rationale steps).")
     seed: Seed = Field(0, description="Seed of the generator (problem i is the same for any num_problems).")
     mode: RationaleMode = Field(
-        "multitask", description="answer_only; multitask (Distilling step-by-step, answer + rationale tasks); "
-        "cot (rationale then the answer in one target).")
+        "multitask",
+        description="answer_only; multitask (Distilling step-by-step, answer + rationale tasks); "
+        "cot (rationale then the answer in one target).",
+    )
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="Share of the training problems used (nested subsets).")
 
 
@@ -191,13 +209,14 @@ class Gsm8kData(_Strict):
     kind: Literal["gsm8k"] = "gsm8k"
     path: str | None = Field(None, description="Training JSONL; default $POTSTILL_DATA/gsm8k/train.jsonl.")
     eval_path: str | None = Field(
-        None, description="Held-out JSONL (its first data.eval_size problems); default $POTSTILL_DATA/gsm8k/test.jsonl.")
+        None, description="Held-out JSONL (its first data.eval_size problems); default $POTSTILL_DATA/gsm8k/test.jsonl."
+    )
     limit: int | None = Field(None, ge=1, description="Read only the first N training problems.")
     mode: RationaleMode = Field("multitask", description="answer_only, multitask or cot (see arithmetic).")
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="Share of the training problems used (nested subsets).")
 
 
-DataSource = Annotated[Union[DemoData, FileData, HubData, ArithmeticData, Gsm8kData], Field(discriminator="kind")]
+DataSource = Annotated[DemoData | FileData | HubData | ArithmeticData | Gsm8kData, Field(discriminator="kind")]
 
 
 class DataConfig(_Strict):
@@ -207,11 +226,14 @@ class DataConfig(_Strict):
     system_prompt: str | None = Field(None, description="Optional system message put before every prompt.")
     seed: Seed = Field(0, description="Seed of the train/eval split.")
     selection: str | None = Field(
-        None, description="Train only on the examples of a `potstill select` selection.json (same data section).")
+        None, description="Train only on the examples of a `potstill select` selection.json (same data section)."
+    )
     packing: bool = Field(
-        False, description="Pack each batch's examples into rows of max_length (position ids restart per example, "
+        False,
+        description="Pack each batch's examples into rows of max_length (position ids restart per example, "
         "attention stays inside each example): no padding computed. The batch still counts examples, so the loss, "
-        "caches and on-policy sampling are those of the padded batch.")
+        "caches and on-policy sampling are those of the padded batch.",
+    )
 
 
 # ------------------------------------------------------------------------ divergences
@@ -219,7 +241,7 @@ class DataConfig(_Strict):
 
 class _Div(_Strict):
     @model_validator(mode="after")
-    def _end_points(self) -> "_Div":
+    def _end_points(self) -> _Div:
         return _check_divergence(self)
 
 
@@ -262,7 +284,7 @@ class AdaptiveKL(_Div):
 
 
 DivergenceConfig = Annotated[
-    Union[ForwardKL, ReverseKL, TotalVariation, GeneralizedJSD, SkewForwardKL, SkewReverseKL, AlphaBeta, AdaptiveKL],
+    ForwardKL | ReverseKL | TotalVariation | GeneralizedJSD | SkewForwardKL | SkewReverseKL | AlphaBeta | AdaptiveKL,
     Field(discriminator="name"),
 ]
 
@@ -273,14 +295,21 @@ class ContrastiveOptions(_Strict):
 
     student_divergence: DivergenceConfig = Field(
         default_factory=lambda: SkewReverseKL(alpha=0.1),
-        description="Divergence on the student's samples (DistiLLM-2: skew reverse KL, alpha 0.1).")
+        description="Divergence on the student's samples (DistiLLM-2: skew reverse KL, alpha 0.1).",
+    )
     beta: float = Field(1.0, ge=0.0, le=2.0, description="Loss = (2 - beta) * data term + beta * student term.")
     beta_end: float | None = Field(
-        None, ge=0.0, le=2.0, description="Ramp beta linearly to this over the first half of training "
-        "(DistiLLM-2 uses 1 -> 1.5); null: fixed.")
+        None,
+        ge=0.0,
+        le=2.0,
+        description="Ramp beta linearly to this over the first half of training "
+        "(DistiLLM-2 uses 1 -> 1.5); null: fixed.",
+    )
     adaptive_skew: bool = Field(
-        False, description="Per-sequence skew alpha from the teacher-student probability gap (DistiLLM-2's "
-        "curriculum); both divergences must then be skew ones, their alpha the cap.")
+        False,
+        description="Per-sequence skew alpha from the teacher-student probability gap (DistiLLM-2's "
+        "curriculum); both divergences must then be skew ones, their alpha the cap.",
+    )
 
 
 class MiniLLMOptions(_Strict):
@@ -288,8 +317,11 @@ class MiniLLMOptions(_Strict):
 
     mix: float = Field(0.2, ge=0.0, lt=1.0, description="Teacher share of the sampling distribution (paper: 0.2).")
     length_norm: bool = Field(True, description="Later-token return as a mean (length normalization), not a sum.")
-    long_term: bool = Field(True, description="Keep the policy-gradient term of later tokens (false: single-step "
-                            "reverse KL on the samples only).")
+    long_term: bool = Field(
+        True,
+        description="Keep the policy-gradient term of later tokens (false: single-step "
+        "reverse KL on the samples only).",
+    )
 
 
 class OnPolicyOptions(_Strict):
@@ -302,6 +334,7 @@ class OnPolicyOptions(_Strict):
     @classmethod
     def _sampling_temperature(cls, v: float) -> float:
         return _check_temperature(v, "on_policy.temperature")
+
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the student.")
     max_new_tokens: int = Field(32, ge=1, description="Length cap of the student's samples.")
     replay_size: int = Field(0, ge=0, description="DistiLLM replay buffer capacity in examples (0: none).")
@@ -310,22 +343,30 @@ class OnPolicyOptions(_Strict):
     adaptive_step: float = Field(0.1, gt=0.0, le=1.0, description="Rise of lmbda per validation-loss increase.")
     adaptive_max: float = Field(1.0, ge=0.0, le=1.0, description="Cap of the adaptive lmbda.")
     adaptive_every: int = Field(10, ge=1, description="Steps between validation-loss measurements.")
-    validation_size: int = Field(16, ge=1, description="Training examples (seeded pick) the validation loss is taken on.")
+    validation_size: int = Field(
+        16, ge=1, description="Training examples (seeded pick) the validation loss is taken on."
+    )
     contrastive: ContrastiveOptions | None = Field(
-        None, description="DistiLLM-2: every step trains on both the data and the student's samples (lmbda unused).")
+        None, description="DistiLLM-2: every step trains on both the data and the student's samples (lmbda unused)."
+    )
     minillm: MiniLLMOptions | None = Field(
-        None, description="MiniLLM: every step on teacher-mixed samples, reverse KL by policy gradient (lmbda unused).")
+        None, description="MiniLLM: every step on teacher-mixed samples, reverse KL by policy gradient (lmbda unused)."
+    )
 
     @model_validator(mode="after")
-    def _replay(self) -> "OnPolicyOptions":
+    def _replay(self) -> OnPolicyOptions:
         if self.replay_reuse > 0 and self.replay_size == 0:
             raise ValueError("replay_reuse > 0 needs a replay buffer; set replay_size >= 1")
         if self.minillm is not None and (self.contrastive is not None or self.adaptive or self.replay_size):
-            raise ValueError("on_policy.minillm samples on-policy and updates once per sample; remove contrastive, "
-                             "adaptive and replay_size from this run")
+            raise ValueError(
+                "on_policy.minillm samples on-policy and updates once per sample; remove contrastive, "
+                "adaptive and replay_size from this run"
+            )
         if self.contrastive is not None and self.adaptive:
-            raise ValueError("on_policy.contrastive trains every step on both the data and student samples, so "
-                             "DistiLLM's adaptive lmbda has nothing to move; set adaptive false")
+            raise ValueError(
+                "on_policy.contrastive trains every step on both the data and student samples, so "
+                "DistiLLM's adaptive lmbda has nothing to move; set adaptive false"
+            )
         return self
 
 
@@ -346,15 +387,21 @@ class RelationOptions(_Strict):
     """Attention-relation distillation (MiniLMv2, Wang et al. 2021), causal: q-q/k-k/v-v relations over past keys."""
 
     layers: list[tuple[int, int]] = Field(
-        ..., min_length=1, description="Pairs [student_layer, teacher_layer] of decoder layers, 1-based; -1 the last.")
+        ..., min_length=1, description="Pairs [student_layer, teacher_layer] of decoder layers, 1-based; -1 the last."
+    )
     kinds: list[Literal["q", "k", "v"]] = Field(
-        ["q", "k", "v"], min_length=1, description="Relations to distill: q-q, k-k and/or v-v (averaged).")
-    heads: int = Field(..., ge=1, description="Relation heads R; must divide the q/k/v projection widths of both "
-                       "models (k/v: num_key_value_heads * head_dim).")
+        ["q", "k", "v"], min_length=1, description="Relations to distill: q-q, k-k and/or v-v (averaged)."
+    )
+    heads: int = Field(
+        ...,
+        ge=1,
+        description="Relation heads R; must divide the q/k/v projection widths of both "
+        "models (k/v: num_key_value_heads * head_dim).",
+    )
     weight: float = Field(1.0, ge=0.0, description="Weight of the relation term next to the logit loss.")
 
     @model_validator(mode="after")
-    def _decoder_layers(self) -> "RelationOptions":
+    def _decoder_layers(self) -> RelationOptions:
         if any(0 in p for p in self.layers):
             raise ValueError("layer 0 is the embeddings (no attention); decoder layers are 1-based, -1 the last")
         if len(set(self.kinds)) != len(self.kinds):
@@ -367,14 +414,17 @@ class FeatureOptions(_Strict):
     relations (MiniLMv2)."""
 
     layers: list[tuple[int, int]] | None = Field(
-        None, min_length=1, description="Pairs [student_layer, teacher_layer] of hidden states; 0 is the embeddings, "
-        "-1 the last layer. Optional when `relations` is set.")
+        None,
+        min_length=1,
+        description="Pairs [student_layer, teacher_layer] of hidden states; 0 is the embeddings, "
+        "-1 the last layer. Optional when `relations` is set.",
+    )
     loss: Literal["mse", "cosine"] = Field("mse", description="Distance between (projected) hidden states.")
     weight: float = Field(1.0, ge=0.0, description="Weight of the hidden-state term next to the logit loss.")
     relations: RelationOptions | None = Field(None, description="Add MiniLMv2 attention-relation distillation.")
 
     @model_validator(mode="after")
-    def _some_term(self) -> "FeatureOptions":
+    def _some_term(self) -> FeatureOptions:
         if self.layers is None and self.relations is None:
             raise ValueError("feature needs layers (hidden-state pairs) or relations (attention-relation pairs)")
         return self
@@ -384,11 +434,15 @@ class CrossTokenizerOptions(_Strict):
     """Distill across tokenizers: the teacher reads the same text in its own tokens."""
 
     method: Literal["uld", "vocab_map"] = Field(
-        "vocab_map", description="uld: sorted-probability Wasserstein loss (Boizard et al. 2024); vocab_map: the "
-        "teacher's distribution projected onto the student's vocabulary by token-string matches.")
+        "vocab_map",
+        description="uld: sorted-probability Wasserstein loss (Boizard et al. 2024); vocab_map: the "
+        "teacher's distribution projected onto the student's vocabulary by token-string matches.",
+    )
     kinds: list[Literal["exact", "normalized", "mined"]] = Field(
-        ["exact", "normalized", "mined"], min_length=1,
-        description="vocab_map: which matches carry teacher mass (exact bytes, NFKC/case, longest student prefix).")
+        ["exact", "normalized", "mined"],
+        min_length=1,
+        description="vocab_map: which matches carry teacher mass (exact bytes, NFKC/case, longest student prefix).",
+    )
     max_teacher_length: int | None = Field(None, ge=8, description="Truncate the teacher's tokens to this many.")
 
 
@@ -396,12 +450,15 @@ class MultiTeacherOptions(_Strict):
     """Combine the teacher with `extra_teachers` per token (one with another tokenizer joins on aligned rows)."""
 
     mode: Literal["mean", "confidence", "select"] = Field(
-        "mean", description="mean: fixed weights; confidence: per-token teacher confidence; select: per example.")
+        "mean", description="mean: fixed weights; confidence: per-token teacher confidence; select: per example."
+    )
     confidence: Literal["entropy", "maxprob"] = Field("entropy", description="Confidence measure of mode confidence.")
     weights: list[float] | None = Field(None, description="Weights of mode mean, teacher first (default: equal).")
     cross_kinds: list[Literal["exact", "normalized", "mined"]] = Field(
-        ["exact", "normalized", "mined"], min_length=1,
-        description="Vocab-map matches that carry the mass of an extra teacher with another tokenizer.")
+        ["exact", "normalized", "mined"],
+        min_length=1,
+        description="Vocab-map matches that carry the mass of an extra teacher with another tokenizer.",
+    )
 
 
 def divergence_params(d: _Div) -> dict[str, Any]:
@@ -432,43 +489,70 @@ class TrainConfig(_Strict):
     lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
     logging_steps: int = Field(5, ge=1, description="Log the loss every N steps (loss curves).")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
-        [], description="Trackers the Trainer sends the logs to (each an optional extra; tensorboard writes "
-        "under <output_dir>/logs/<run>). Empty (the default): nothing is sent or written anywhere else.")
+        [],
+        description="Trackers the Trainer sends the logs to (each an optional extra; tensorboard writes "
+        "under <output_dir>/logs/<run>). Empty (the default): nothing is sent or written anywhere else.",
+    )
     eval_steps: int | None = Field(
-        None, ge=1, description="Every N steps, measure the student on the held-out examples against the teacher "
+        None,
+        ge=1,
+        description="Every N steps, measure the student on the held-out examples against the teacher "
         "(forward KL and top-1 agreement per response token) and log them as eval_forward_kl / "
-        "eval_top1_agreement (trackers, train_info.json). Needs the teacher model.")
+        "eval_top1_agreement (trackers, train_info.json). Needs the teacher model.",
+    )
     save_steps: int | None = Field(
-        None, ge=1, description="Write a checkpoint every N steps under <output_dir>/checkpoints/<run>; a rerun of a "
+        None,
+        ge=1,
+        description="Write a checkpoint every N steps under <output_dir>/checkpoints/<run>; a rerun of a "
         "killed run resumes from the latest one that verifies and ends with the same student. Off-policy runs "
         "(live teacher, caches, feature KD) and on-policy GKD / DistiLLM / DistiLLM-2 / MiniLLM; one process, ddp, "
-        "fsdp2 or zero3.")
-    save_total_limit: int = Field(2, ge=2, le=1000, description="Checkpoints kept per run (the oldest go first; at "
-                                  "least 2, so a kill while one is written leaves a whole one).")
+        "fsdp2 or zero3.",
+    )
+    save_total_limit: int = Field(
+        2,
+        ge=2,
+        le=1000,
+        description="Checkpoints kept per run (the oldest go first; at "
+        "least 2, so a kill while one is written leaves a whole one).",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Student compute precision: fp32, or bf16/fp16 autocast (the Trainer's mixed precision; "
-        "master weights stay float32, fp16 adds a loss scaler and needs a GPU).")
+        "fp32",
+        description="Student compute precision: fp32, or bf16/fp16 autocast (the Trainer's mixed precision; "
+        "master weights stay float32, fp16 adds a loss scaler and needs a GPU).",
+    )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute the student's decoder layers in backward (non-reentrant activation "
-        "checkpointing): less activation memory for about one more forward pass per step.")
+        False,
+        description="Recompute the student's decoder layers in backward (non-reentrant activation "
+        "checkpointing): less activation memory for about one more forward pass per step.",
+    )
     loss_backend: Literal["potstill", "liger"] = Field(
-        "potstill", description="Who computes the logit-KD loss: potstill's chunked reducer (every divergence and "
+        "potstill",
+        description="Who computes the logit-KD loss: potstill's chunked reducer (every divergence and "
         "signal), or liger (Liger-Kernel's fused linear JSD: CUDA, pip install 'potstill[liger]', a live teacher, "
-        "forward_kl / reverse_kl / generalized_jsd).")
+        "forward_kl / reverse_kl / generalized_jsd).",
+    )
     distributed: Literal["none", "ddp", "fsdp2", "zero3"] = Field(
-        "none", description="How the processes of `accelerate launch` share the work: none (one process), ddp "
+        "none",
+        description="How the processes of `accelerate launch` share the work: none (one process), ddp "
         "(a whole student per process, gradients averaged), fsdp2 (student and teacher sharded with PyTorch "
         "FSDP2 through accelerate's plugin: each process holds 1/N of the weights, gradients and optimizer state) "
-        "or zero3 (the same with DeepSpeed ZeRO stage 3: pip install 'potstill[deepspeed]').")
+        "or zero3 (the same with DeepSpeed ZeRO stage 3: pip install 'potstill[deepspeed]').",
+    )
     deepspeed_config: str | None = Field(
-        None, description="With distributed zero3: a DeepSpeed JSON config (stage 3) used instead of the built-in "
-        "one, e.g. to offload optimizer state or parameters to CPU; \"auto\" values are filled by the Trainer.")
+        None,
+        description="With distributed zero3: a DeepSpeed JSON config (stage 3) used instead of the built-in "
+        'one, e.g. to offload optimizer state or parameters to CPU; "auto" values are filled by the Trainer.',
+    )
 
 
 class RunConfig(_Strict):
-    name: str = Field(..., pattern=RUN_NAME_PATTERN, max_length=128,
-                      description="Run name: a plain directory name (letters, digits, _ . -; not starting with '.'); "
-                      "not 'teacher' or 'student_init', which are rows of the report.")
+    name: str = Field(
+        ...,
+        pattern=RUN_NAME_PATTERN,
+        max_length=128,
+        description="Run name: a plain directory name (letters, digits, _ . -; not starting with '.'); "
+        "not 'teacher' or 'student_init', which are rows of the report.",
+    )
     alpha: float = Field(
         0.0, ge=0.0, le=1.0, description="Weight of cross-entropy on labels; (1 - alpha) weights the divergence."
     )
@@ -476,62 +560,95 @@ class RunConfig(_Strict):
     temperature: float = Field(1.0, gt=0.0, description="Distillation temperature (not the generation one).")
     scale_t2: bool = Field(False, description="Multiply the divergence by T^2 (Hinton et al. 2015).")
     on_policy: OnPolicyOptions | None = Field(
-        None, description="Train a share of the steps on the student's own samples (GKD / DistiLLM).")
+        None, description="Train a share of the steps on the student's own samples (GKD / DistiLLM)."
+    )
     token_weighting: Literal["none", "teacher_confidence", "teacher_maxprob", "student_entropy"] = Field(
-        "none", description="Per-token KD weights: teacher certainty, or selective KD on the student's most "
-        "uncertain positions (student_entropy).")
+        "none",
+        description="Per-token KD weights: teacher certainty, or selective KD on the student's most "
+        "uncertain positions (student_entropy).",
+    )
     token_weighting_ratio: float = Field(
-        0.5, gt=0.0, le=1.0, description="student_entropy: share of response positions that get the divergence.")
+        0.5, gt=0.0, le=1.0, description="student_entropy: share of response positions that get the divergence."
+    )
     schedule: ScheduleOptions | None = Field(None, description="Schedules of alpha and temperature.")
     feature: FeatureOptions | None = Field(
-        None, description="Add hidden-state and/or attention-relation distillation between layer pairs.")
+        None, description="Add hidden-state and/or attention-relation distillation between layer pairs."
+    )
     multi_teacher: MultiTeacherOptions | None = Field(
-        None, description="Distill from the teacher and `extra_teachers` combined.")
+        None, description="Distill from the teacher and `extra_teachers` combined."
+    )
     curriculum: Literal["none", "easy_to_hard", "hard_to_easy"] = Field(
-        "none", description="Order training examples by the initial teacher-student divergence.")
+        "none", description="Order training examples by the initial teacher-student divergence."
+    )
     cross_tokenizer: CrossTokenizerOptions | None = Field(
-        None, description="The teacher has another tokenizer than the student: align and map (ULD or vocab_map).")
+        None, description="The teacher has another tokenizer than the student: align and map (ULD or vocab_map)."
+    )
 
     @model_validator(mode="after")
-    def _on_policy_needs_teacher(self) -> "RunConfig":
+    def _on_policy_needs_teacher(self) -> RunConfig:
         if self.on_policy is not None and self.alpha >= 1.0:
             raise ValueError("on_policy steps are scored by the teacher; set alpha < 1 or remove on_policy")
         if self.on_policy is not None and self.feature is not None:
             raise ValueError("on_policy and feature cannot be combined in one run; split them into two runs")
         m = None if self.on_policy is None else self.on_policy.minillm
         if m is not None and (self.divergence.name != "reverse_kl" or self.alpha != 0.0):
-            raise ValueError("on_policy.minillm minimizes the reverse KL on samples (no CE target there); set "
-                             "divergence {name: reverse_kl} and alpha 0")
-        if m is not None and (self.temperature != 1.0 or self.on_policy.temperature != 1.0 or self.on_policy.top_p != 1.0
-                              or (self.schedule is not None and self.schedule.temperature_end is not None)):
-            raise ValueError("on_policy.minillm samples from the plain teacher-student mixture and scores at "
-                             "temperature 1; set temperature 1, on_policy.temperature 1, on_policy.top_p 1 and no "
-                             "temperature schedule")
+            raise ValueError(
+                "on_policy.minillm minimizes the reverse KL on samples (no CE target there); set "
+                "divergence {name: reverse_kl} and alpha 0"
+            )
+        if m is not None and (
+            self.temperature != 1.0
+            or self.on_policy.temperature != 1.0
+            or self.on_policy.top_p != 1.0
+            or (self.schedule is not None and self.schedule.temperature_end is not None)
+        ):
+            raise ValueError(
+                "on_policy.minillm samples from the plain teacher-student mixture and scores at "
+                "temperature 1; set temperature 1, on_policy.temperature 1, on_policy.top_p 1 and no "
+                "temperature schedule"
+            )
         if m is not None and (self.token_weighting != "none" or self.multi_teacher is not None):
-            raise ValueError("on_policy.minillm cannot be combined with token_weighting or multi_teacher in one "
-                             "run; split them into separate runs")
+            raise ValueError(
+                "on_policy.minillm cannot be combined with token_weighting or multi_teacher in one "
+                "run; split them into separate runs"
+            )
         c = None if self.on_policy is None else self.on_policy.contrastive
         if c is not None and c.adaptive_skew:
             skews = ("skew_forward_kl", "skew_reverse_kl")
             bad = [d.name for d in (self.divergence, c.student_divergence) if d.name not in skews]
             if bad:
-                raise ValueError(f"contrastive.adaptive_skew adapts the alpha of skew divergences, but {bad} is not "
-                                 "one; use skew_forward_kl / skew_reverse_kl or set adaptive_skew false")
+                raise ValueError(
+                    f"contrastive.adaptive_skew adapts the alpha of skew divergences, but {bad} is not "
+                    "one; use skew_forward_kl / skew_reverse_kl or set adaptive_skew false"
+                )
         if c is not None and (self.token_weighting != "none" or self.multi_teacher is not None):
-            raise ValueError("on_policy.contrastive cannot be combined with token_weighting or multi_teacher in one "
-                             "run yet; split them into separate runs")
+            raise ValueError(
+                "on_policy.contrastive cannot be combined with token_weighting or multi_teacher in one "
+                "run yet; split them into separate runs"
+            )
         sft = self.alpha >= 1.0 and (self.schedule is None or self.schedule.alpha_end in (None, 1.0))
         if sft and (self.token_weighting != "none" or self.multi_teacher is not None or self.curriculum != "none"):
-            raise ValueError("token_weighting, multi_teacher and curriculum act on the KD term; set alpha < 1 "
-                             "(or a schedule.alpha_end < 1)")
+            raise ValueError(
+                "token_weighting, multi_teacher and curriculum act on the KD term; set alpha < 1 "
+                "(or a schedule.alpha_end < 1)"
+            )
         if self.cross_tokenizer is not None:
-            other = [k for k, on in (("on_policy", self.on_policy is not None), ("feature", self.feature is not None),
-                                     ("multi_teacher", self.multi_teacher is not None),
-                                     ("token_weighting", self.token_weighting != "none"),
-                                     ("curriculum", self.curriculum != "none")) if on]
+            other = [
+                k
+                for k, on in (
+                    ("on_policy", self.on_policy is not None),
+                    ("feature", self.feature is not None),
+                    ("multi_teacher", self.multi_teacher is not None),
+                    ("token_weighting", self.token_weighting != "none"),
+                    ("curriculum", self.curriculum != "none"),
+                )
+                if on
+            ]
             if other:
-                raise ValueError(f"cross_tokenizer cannot be combined with {', '.join(other)} in one run yet; "
-                                 "split them into separate runs")
+                raise ValueError(
+                    f"cross_tokenizer cannot be combined with {', '.join(other)} in one run yet; "
+                    "split them into separate runs"
+                )
         return self
 
     @property
@@ -549,8 +666,9 @@ class RunConfig(_Strict):
     @classmethod
     def _not_reserved(cls, v: str) -> str:
         if v in RESERVED_RUN_NAMES:
-            raise ValueError(f"run name '{v}' is a row of the report already ({' and '.join(RESERVED_RUN_NAMES)}); "
-                             "rename the run")
+            raise ValueError(
+                f"run name '{v}' is a row of the report already ({' and '.join(RESERVED_RUN_NAMES)}); rename the run"
+            )
         return v
 
 
@@ -590,7 +708,7 @@ class DenseCache(_Strict):
     kind: Literal["dense"] = "dense"
 
 
-CacheSignalConfig = Annotated[Union[TopKCache, SampledCache, DenseCache], Field(discriminator="kind")]
+CacheSignalConfig = Annotated[TopKCache | SampledCache | DenseCache, Field(discriminator="kind")]
 
 
 class CacheConfig(_Strict):
@@ -603,8 +721,10 @@ class CacheConfig(_Strict):
     examples_per_shard: int = Field(256, ge=1, description="Examples per shard file (the unit of resume).")
     batch_size: int = Field(8, ge=1, description="Teacher batch size while caching.")
     seed: Seed = Field(0, description="Seed of the sampled draws (per example, so any sharding gives one cache).")
-    verify: bool = Field(True, description="Check every shard's sha256 when the cache is opened, before training "
-                         "(sizes are always checked).")
+    verify: bool = Field(
+        True,
+        description="Check every shard's sha256 when the cache is opened, before training (sizes are always checked).",
+    )
 
     @field_validator("temperature")
     @classmethod
@@ -614,25 +734,32 @@ class CacheConfig(_Strict):
 
 class VLLMOptions(_Strict):
     mode: Literal["colocate", "server"] = Field(
-        "colocate", description="colocate: a vLLM engine in this process, sharing the GPU with training (on-policy: "
+        "colocate",
+        description="colocate: a vLLM engine in this process, sharing the GPU with training (on-policy: "
         "the student's weights are copied into it after each optimizer step); server: a vLLM server you start "
         "(`trl vllm-serve --model ...`), reached over HTTP at server_url (weights synced through its "
-        "weight-update endpoints).")
+        "weight-update endpoints).",
+    )
     server_url: str = Field("http://localhost:8000", description="server mode: the server's base URL.")
     server_timeout: float = Field(240.0, gt=0, description="server mode: seconds to wait for the server to answer.")
     gpu_memory_utilization: float = Field(
-        0.3, gt=0.0, le=1.0, description="colocate mode: share of the GPU's memory vLLM may take (weights + KV cache).")
+        0.3, gt=0.0, le=1.0, description="colocate mode: share of the GPU's memory vLLM may take (weights + KV cache)."
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="colocate mode: GPUs one engine spans.")
-    max_model_len: int | None = Field(None, ge=16, description="colocate mode: the engine's context length "
-                                      "(default: the model's).")
+    max_model_len: int | None = Field(
+        None, ge=16, description="colocate mode: the engine's context length (default: the model's)."
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="colocate mode: the engine's weights dtype.")
+        "auto", description="colocate mode: the engine's weights dtype."
+    )
 
 
 class GenerationOptions(_Strict):
     backend: Literal["hf", "vllm"] = Field(
-        "hf", description="Who generates: hf (transformers' generate, any device, the default) or vllm (pip install "
-        "'potstill[vllm]', CUDA): the teacher's answers for the demo data and on-policy sampling.")
+        "hf",
+        description="Who generates: hf (transformers' generate, any device, the default) or vllm (pip install "
+        "'potstill[vllm]', CUDA): the teacher's answers for the demo data and on-policy sampling.",
+    )
     vllm: VLLMOptions = Field(default_factory=VLLMOptions, description="Options of the vllm backend.")
 
 
@@ -643,8 +770,12 @@ class EvalConfig(_Strict):
 
 
 class PushToHub(_Strict):
-    repo: str = Field(..., min_length=3, description="Hub repository of each student, e.g. you/smol-student-{run} "
-                      "({run}: the run's name; needed with several runs).")
+    repo: str = Field(
+        ...,
+        min_length=3,
+        description="Hub repository of each student, e.g. you/smol-student-{run} "
+        "({run}: the run's name; needed with several runs).",
+    )
     private: bool = Field(True, description="Create the repositories private.")
 
 
@@ -652,24 +783,28 @@ class Recipe(_Strict):
     output_dir: str = Field("runs/demo", description="Where the resolved recipe, students, metrics and report go.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher.")
     extra_teachers: list[TeacherConfig] = Field(
-        default_factory=list, description="Further teachers for runs with multi_teacher (any tokenizer).")
+        default_factory=list, description="Further teachers for runs with multi_teacher (any tokenizer)."
+    )
     student: StudentConfig = Field(default_factory=FromTeacherStudent, description="How the student is built.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training and held-out examples.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization, equal for every run.")
     runs: list[RunConfig] = Field(default_factory=_default_runs, description="Students to train and compare.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
-    generation: GenerationOptions = Field(default_factory=GenerationOptions,
-                                          description="The generation engine (teacher answers, on-policy sampling).")
+    generation: GenerationOptions = Field(
+        default_factory=GenerationOptions, description="The generation engine (teacher answers, on-policy sampling)."
+    )
     push_to_hub: PushToHub | None = Field(
-        None, description="Upload each finished student to a hub repository after the report (off by default: "
-        "nothing leaves this machine unless named here); needs a token (HF_TOKEN or huggingface-cli login).")
+        None,
+        description="Upload each finished student to a hub repository after the report (off by default: "
+        "nothing leaves this machine unless named here); needs a token (HF_TOKEN or huggingface-cli login).",
+    )
     device: str | None = Field(None, description="torch device; default: cuda if available, else cpu.")
     cache: CacheConfig | None = Field(
         None, description="Distill from a teacher-signal cache (`potstill cache` writes it) instead of a live teacher."
     )
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "Recipe":
+    def _unique_names(self) -> Recipe:
         names = [r.name for r in self.runs]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -686,20 +821,26 @@ class Recipe(_Strict):
         if self.generation.backend == "vllm":
             self._check_vllm()
         if self.train.eval_steps is not None and self.teacher.model is None:
-            raise ValueError("train.eval_steps measures the student against the teacher model, and a black-box "
-                             "teacher has none; remove train.eval_steps (metrics.json still has perplexity)")
+            raise ValueError(
+                "train.eval_steps measures the student against the teacher model, and a black-box "
+                "teacher has none; remove train.eval_steps (metrics.json still has perplexity)"
+            )
         multi = [r.name for r in self.runs if r.multi_teacher is not None]
         if multi and not self.extra_teachers:
             raise ValueError(f"run(s) {multi} use multi_teacher but extra_teachers is empty; list the other teachers")
         for r in self.runs:
             mt = r.multi_teacher
             if mt is not None and mt.weights is not None and len(mt.weights) != 1 + len(self.extra_teachers):
-                raise ValueError(f"run {r.name}: multi_teacher.weights has {len(mt.weights)} entries for "
-                                 f"{1 + len(self.extra_teachers)} teachers (teacher first)")
+                raise ValueError(
+                    f"run {r.name}: multi_teacher.weights has {len(mt.weights)} entries for "
+                    f"{1 + len(self.extra_teachers)} teachers (teacher first)"
+                )
         cross = [r.name for r in self.runs if r.cross_tokenizer is not None]
         if cross and self.student.kind != "pretrained":
-            raise ValueError(f"run(s) {cross} use cross_tokenizer, which needs a student with its own tokenizer; "
-                             "use student.kind pretrained (with layers to cut it)")
+            raise ValueError(
+                f"run(s) {cross} use cross_tokenizer, which needs a student with its own tokenizer; "
+                "use student.kind pretrained (with layers to cut it)"
+            )
         if any(t.model is None for t in self.extra_teachers):
             raise ValueError("extra_teachers need weights (model: null is only for the main black-box teacher)")
         return self
@@ -710,81 +851,117 @@ class Recipe(_Strict):
         if not placed:
             return
         if self.train.distributed in ("fsdp2", "zero3"):
-            raise ValueError(f"{placed[0]}.device / device_map: under train.distributed {self.train.distributed} the "
-                             "teacher is sharded over the processes instead; remove them")
+            raise ValueError(
+                f"{placed[0]}.device / device_map: under train.distributed {self.train.distributed} the "
+                "teacher is sharded over the processes instead; remove them"
+            )
         feature = [r.name for r in self.runs if r.feature is not None or r.cross_tokenizer is not None]
         if feature:
-            raise ValueError(f"run(s) {feature} (feature or cross-tokenizer KD) read the teacher's layers on the "
-                             f"student's device; remove {placed[0]}.device / device_map or those runs")
+            raise ValueError(
+                f"run(s) {feature} (feature or cross-tokenizer KD) read the teacher's layers on the "
+                f"student's device; remove {placed[0]}.device / device_map or those runs"
+            )
 
     def _check_vllm(self) -> None:
         on = [r for r in self.runs if r.on_policy is not None]
         mixed = [r.name for r in on if r.on_policy.minillm is not None]
         if mixed:
-            raise ValueError(f"generation.backend vllm: run(s) {mixed} (MiniLLM) mix the teacher into the student's "
-                             "sampling, which only the hf backend does; set generation.backend hf")
+            raise ValueError(
+                f"generation.backend vllm: run(s) {mixed} (MiniLLM) mix the teacher into the student's "
+                "sampling, which only the hf backend does; set generation.backend hf"
+            )
         if on and self.train.distributed == "zero3":
-            raise ValueError("generation.backend vllm with train.distributed zero3: the student's partitioned weights "
-                             "are not synced into vLLM yet; use fsdp2 or ddp, or generation.backend hf")
+            raise ValueError(
+                "generation.backend vllm with train.distributed zero3: the student's partitioned weights "
+                "are not synced into vLLM yet; use fsdp2 or ddp, or generation.backend hf"
+            )
 
     def _check_packing(self) -> None:
         """What reads a batch row by row (not example by example) cannot take packed rows yet."""
         for r in self.runs:
             op = r.on_policy
-            what = [k for k, on in (
-                ("cross_tokenizer", r.cross_tokenizer is not None),
-                ("on_policy.contrastive (DistiLLM-2)", op is not None and op.contrastive is not None),
-                ("on_policy.minillm", op is not None and op.minillm is not None),
-                ("feature.relations", r.feature is not None and r.feature.relations is not None)) if on]
+            what = [
+                k
+                for k, on in (
+                    ("cross_tokenizer", r.cross_tokenizer is not None),
+                    ("on_policy.contrastive (DistiLLM-2)", op is not None and op.contrastive is not None),
+                    ("on_policy.minillm", op is not None and op.minillm is not None),
+                    ("feature.relations", r.feature is not None and r.feature.relations is not None),
+                )
+                if on
+            ]
             if what:
-                raise ValueError(f"data.packing: run {r.name} uses {what[0]}, which reads each row of a batch as one "
-                                 "example; set data.packing false or remove it from the run")
+                raise ValueError(
+                    f"data.packing: run {r.name} uses {what[0]}, which reads each row of a batch as one "
+                    "example; set data.packing false or remove it from the run"
+                )
 
     def _check_black_box(self) -> None:
         if self.student.kind != "pretrained":
-            raise ValueError("a black-box teacher (teacher.model null) has no weights to build the student from; "
-                             "use student.kind pretrained")
+            raise ValueError(
+                "a black-box teacher (teacher.model null) has no weights to build the student from; "
+                "use student.kind pretrained"
+            )
         white = [r.name for r in self.runs if r.uses_teacher]
         if white:
-            raise ValueError(f"run(s) {white} need the teacher's logits (alpha < 1), which a black-box teacher "
-                             "(teacher.model null) does not have; set alpha 1 (sequence-level KD) or name a teacher")
+            raise ValueError(
+                f"run(s) {white} need the teacher's logits (alpha < 1), which a black-box teacher "
+                "(teacher.model null) does not have; set alpha 1 (sequence-level KD) or name a teacher"
+            )
         if self.cache is not None:
             raise ValueError("a black-box teacher (teacher.model null) cannot be cached; remove the cache section")
         if self.data.source.kind == "demo":
-            raise ValueError("the demo data is answered by the teacher's weights; with teacher.model null give "
-                             "data.source kind file (prompts and the teacher's responses)")
+            raise ValueError(
+                "the demo data is answered by the teacher's weights; with teacher.model null give "
+                "data.source kind file (prompts and the teacher's responses)"
+            )
 
     def _check_cache(self, cache: CacheConfig) -> None:
         kd = [r for r in self.runs if r.alpha < 1.0]
         live = [r.name for r in kd if r.on_policy is not None]
         if live:
-            raise ValueError(f"run(s) {live} use on_policy, which needs the live teacher to score the student's "
-                             "samples; remove the cache section or on_policy")
-        live = [r.name for r in self.runs
-                if r.feature is not None or r.multi_teacher is not None or r.cross_tokenizer is not None]
+            raise ValueError(
+                f"run(s) {live} use on_policy, which needs the live teacher to score the student's "
+                "samples; remove the cache section or on_policy"
+            )
+        live = [
+            r.name
+            for r in self.runs
+            if r.feature is not None or r.multi_teacher is not None or r.cross_tokenizer is not None
+        ]
         if live:
-            raise ValueError(f"run(s) {live} use feature, multi_teacher or cross_tokenizer, which need live teachers "
-                             "(a cache holds one teacher's signal in its tokens); remove the cache section or them")
+            raise ValueError(
+                f"run(s) {live} use feature, multi_teacher or cross_tokenizer, which need live teachers "
+                "(a cache holds one teacher's signal in its tokens); remove the cache section or them"
+            )
         sched = [r.name for r in self.runs if r.schedule is not None and r.schedule.temperature_end is not None]
         if sched and cache.signal.kind != "dense":
-            raise ValueError(f"run(s) {sched} schedule the temperature, which a {cache.signal.kind} cache (one "
-                             "temperature) cannot follow; use cache.signal.kind dense or no temperature_end")
+            raise ValueError(
+                f"run(s) {sched} schedule the temperature, which a {cache.signal.kind} cache (one "
+                "temperature) cannot follow; use cache.signal.kind dense or no temperature_end"
+            )
         if cache.signal.kind == "sampled":
             bad = [r.name for r in kd if r.divergence.name == "adaptive_kl"]
             if bad:
-                raise ValueError(f"run(s) {bad} use adaptive_kl, which a sampled cache cannot estimate; "
-                                 "use cache.signal.kind topk or dense")
+                raise ValueError(
+                    f"run(s) {bad} use adaptive_kl, which a sampled cache cannot estimate; "
+                    "use cache.signal.kind topk or dense"
+                )
         if cache.signal.kind == "dense":
             return
         temps = sorted({r.temperature for r in kd})
         if cache.temperature is None:
             if len(temps) > 1:
-                raise ValueError(f"the KD runs use temperatures {temps} but a {cache.signal.kind} cache holds one; "
-                                 "use one temperature or cache.signal.kind dense")
+                raise ValueError(
+                    f"the KD runs use temperatures {temps} but a {cache.signal.kind} cache holds one; "
+                    "use one temperature or cache.signal.kind dense"
+                )
             cache.temperature = temps[0] if temps else 1.0
         elif any(t != cache.temperature for t in temps):
-            raise ValueError(f"cache.temperature={cache.temperature} but the KD runs use {temps}; "
-                             "make them equal (a sparse cache holds one temperature)")
+            raise ValueError(
+                f"cache.temperature={cache.temperature} but the KD runs use {temps}; "
+                "make them equal (a sparse cache holds one temperature)"
+            )
 
     @property
     def cache_dir(self) -> Path | None:
@@ -808,10 +985,15 @@ def _key_path(loc: tuple, data: Any, absent_last: bool = False) -> str:
             continue
         last = i == len(loc) - 1
         nxt = None if last else loc[i + 1]
-        if isinstance(node, dict) and isinstance(p, str) and (
+        if (
+            isinstance(node, dict)
+            and isinstance(p, str)
+            and (
                 (p not in node and not (last and absent_last))
                 # a tag that is also a field name (student kind `layers` with a `layers` list)
-                or (isinstance(nxt, str) and nxt in node and not isinstance(node.get(p), dict))):
+                or (isinstance(nxt, str) and nxt in node and not isinstance(node.get(p), dict))
+            )
+        ):
             continue  # the tag of a discriminated union
         parts.append(str(p))
         if isinstance(node, dict):
@@ -837,8 +1019,11 @@ def format_validation_error(err: ValidationError, data: Any = None, verb: str = 
         ctx = e.get("ctx") or {}
         key = str(ctx.get("discriminator", "")).strip("'")
         where = f"{loc}.{key}" if key.isidentifier() else loc  # a callable discriminator names no key
-        return (f"recipe key '{where}' is '{ctx.get('tag')}'; use one of {ctx.get('expected_tags')}"
-                if "expected_tags" in ctx else f"recipe key '{loc}': {msg}; use one of the listed values")
+        return (
+            f"recipe key '{where}' is '{ctx.get('tag')}'; use one of {ctx.get('expected_tags')}"
+            if "expected_tags" in ctx
+            else f"recipe key '{loc}': {msg}; use one of the listed values"
+        )
     more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
     if "; " in msg:  # the validator's message names its own fix: keep it last
         problem, fix = msg.split("; ", 1)
@@ -904,8 +1089,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         elif isinstance(node, dict):
             node[last] = value
         else:
-            raise PotstillError(f"override '{item}': '{'.'.join(path[:-1])}' is not a section; override "
-                                f"'{'.'.join(path[:-1])}' itself or a key of a section")
+            raise PotstillError(
+                f"override '{item}': '{'.'.join(path[:-1])}' is not a section; override "
+                f"'{'.'.join(path[:-1])}' itself or a key of a section"
+            )
     return data
 
 
@@ -921,7 +1108,7 @@ def recipe_from_dict(data: dict, overrides: list[str] | None = None, base_dir: P
         if isinstance(value, str) and value.startswith(DATA_VAR):
             from .data.rationale import data_root
 
-            setattr(obj, key, str(data_root() / value[len(DATA_VAR):].lstrip("/")))
+            setattr(obj, key, str(data_root() / value[len(DATA_VAR) :].lstrip("/")))
     if base_dir is not None:
         if isinstance(src, FileData) and not Path(src.path).is_absolute():
             src.path = str((base_dir / src.path).resolve())
@@ -946,10 +1133,14 @@ def parse_recipe_text(p: Path) -> Any:
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise PotstillError(f"recipe '{p}' is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
-                            f"{err.start}); save it as UTF-8") from None
+        raise PotstillError(
+            f"recipe '{p}' is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start}); save it as UTF-8"
+        ) from None
     except OSError as err:
-        raise PotstillError(f"recipe '{p}' cannot be read ({err.strerror}); check the path and its permissions") from None
+        raise PotstillError(
+            f"recipe '{p}' cannot be read ({err.strerror}); check the path and its permissions"
+        ) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -957,11 +1148,13 @@ def parse_recipe_text(p: Path) -> Any:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise PotstillError(f"recipe '{p}' is not valid YAML{where}; fix its syntax") from None
     except RecursionError:
-        raise PotstillError(f"recipe '{p}' is nested too deeply to read; a recipe is a few levels of sections, "
-                            "fix its structure") from None
+        raise PotstillError(
+            f"recipe '{p}' is nested too deeply to read; a recipe is a few levels of sections, fix its structure"
+        ) from None
     except ValueError as err:  # e.g. Python's limit on the digits of an integer
-        raise PotstillError(f"recipe '{p}' holds a value YAML cannot read ({str(err).splitlines()[0]}); "
-                            "fix that value") from None
+        raise PotstillError(
+            f"recipe '{p}' holds a value YAML cannot read ({str(err).splitlines()[0]}); fix that value"
+        ) from None
 
 
 def apply_plain_overrides(data: dict, overrides: Sequence[str], example: str = "train.steps=10") -> dict:

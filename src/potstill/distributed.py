@@ -214,14 +214,17 @@ def fsdp2_trainer_args(model) -> dict:
     backward; at the loss the student's head is then a whole tensor and ``full_head`` passes it through);
     the full state dict is gathered for saving. ``reshard_after_forward`` frees each layer's gathered
     weights after its forward (ZeRO-3's memory; the weights are gathered again for backward)."""
-    return {"fsdp": True, "fsdp_config": {
-        "fsdp_version": 2,
-        "reshard_after_forward": True,
-        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-        "transformer_layer_cls_to_wrap": layer_classes(model),
-        "state_dict_type": "FULL_STATE_DICT",
-        "cpu_ram_efficient_loading": False,
-    }}
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "fsdp_version": 2,
+            "reshard_after_forward": True,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": layer_classes(model),
+            "state_dict_type": "FULL_STATE_DICT",
+            "cpu_ram_efficient_loading": False,
+        },
+    }
 
 
 def require_deepspeed() -> None:
@@ -231,8 +234,10 @@ def require_deepspeed() -> None:
     except ImportError:
         from .errors import PotstillError
 
-        raise PotstillError("train.distributed zero3 runs on DeepSpeed, which is not installed; pip install "
-                            "'potstill[deepspeed]', or set train.distributed fsdp2") from None
+        raise PotstillError(
+            "train.distributed zero3 runs on DeepSpeed, which is not installed; pip install "
+            "'potstill[deepspeed]', or set train.distributed fsdp2"
+        ) from None
 
 
 def zero3_config(path: str | None = None) -> dict:
@@ -250,9 +255,13 @@ def zero3_config(path: str | None = None) -> dict:
 
         return json.loads(Path(path).read_text())
     return {
-        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
-                              "stage3_param_persistence_threshold": "auto", "stage3_prefetch_bucket_size": "auto",
-                              "reduce_bucket_size": "auto"},
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_gather_16bit_weights_on_model_save": True,
+            "stage3_param_persistence_threshold": "auto",
+            "stage3_prefetch_bucket_size": "auto",
+            "reduce_bucket_size": "auto",
+        },
         "bf16": {"enabled": "auto"},
         "fp16": {"enabled": "auto"},
         "train_micro_batch_size_per_gpu": "auto",
@@ -302,9 +311,12 @@ def shard_frozen_zero3(model) -> None:
 
     dtype = next(model.parameters()).dtype
     hidden = getattr(model.config, "hidden_size", None) or 0
-    config = {"train_micro_batch_size_per_gpu": 1,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10 * hidden},
-              "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10 * hidden},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+    }
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     _FROZEN_ENGINES.append(engine)
@@ -352,8 +364,10 @@ def shard_frozen(model) -> None:
 
     names = set(layer_classes(model))
     if not names:
-        raise PotstillError(f"{type(model).__name__} declares no decoder-layer classes (_no_split_modules), so "
-                            "FSDP2 cannot shard it layer by layer; set train.distributed ddp")
+        raise PotstillError(
+            f"{type(model).__name__} declares no decoder-layer classes (_no_split_modules), so "
+            "FSDP2 cannot shard it layer by layer; set train.distributed ddp"
+        )
     for module in model.modules():
         if type(module).__name__ in names and not isinstance(module, FSDPModule):
             fully_shard(module)
@@ -382,8 +396,9 @@ def _is_fsdp_unit(module) -> bool:
 def is_sharded(model) -> bool:
     """Whether ``model`` (or a module inside it) is an FSDP2 ``fully_shard`` module, or has parameters DeepSpeed
     ZeRO-3 partitions."""
-    return (any(_is_fsdp_unit(m) for m in model.modules())
-            or any(getattr(p, "ds_id", None) is not None for p in model.parameters()))
+    return any(_is_fsdp_unit(m) for m in model.modules()) or any(
+        getattr(p, "ds_id", None) is not None for p in model.parameters()
+    )
 
 
 class gathered_for_generation:

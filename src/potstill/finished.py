@@ -50,8 +50,10 @@ def check_output_dir(out: Path, key: str = "output_dir") -> None:
     cannot be created gives one line naming the path and the fix."""
     out = Path(out)
     if out.is_symlink() and not out.exists():
-        raise PotstillError(f"{key} '{out}' is a symbolic link to nothing ({os.readlink(out)}); remove the link "
-                            f"or point {key} elsewhere")
+        raise PotstillError(
+            f"{key} '{out}' is a symbolic link to nothing ({os.readlink(out)}); remove the link "
+            f"or point {key} elsewhere"
+        )
     if out.exists() and not out.is_dir():
         raise PotstillError(f"{key} '{out}' is a file, not a directory; set {key} to a directory path")
     probe = out
@@ -64,8 +66,10 @@ def check_output_dir(out: Path, key: str = "output_dir") -> None:
     try:
         fd, name = tempfile.mkstemp(prefix=".potstill-probe-", dir=probe)
     except OSError as err:
-        raise PotstillError(f"{key} '{out}' cannot be written ('{probe}': {err.strerror}); choose a writable "
-                            "directory or fix its permissions") from None
+        raise PotstillError(
+            f"{key} '{out}' cannot be written ('{probe}': {err.strerror}); choose a writable "
+            "directory or fix its permissions"
+        ) from None
     os.close(fd)
     os.unlink(name)
 
@@ -74,11 +78,15 @@ def check_run_dir(run_dir: Path) -> None:
     """A run directory must be ours to replace: not a symlink, and not a folder potstill did not finish."""
     for p in (run_dir.parent, run_dir, run_dir.with_name(run_dir.name + PARTIAL)):
         if p.is_symlink():
-            raise PotstillError(f"'{p}' is a symbolic link; potstill writes its runs itself, so remove the link "
-                                "or choose another output_dir")
+            raise PotstillError(
+                f"'{p}' is a symbolic link; potstill writes its runs itself, so remove the link "
+                "or choose another output_dir"
+            )
     if run_dir.exists() and not (run_dir / DONE).is_file():
-        raise PotstillError(f"'{run_dir}' exists but is not a finished potstill student (no {DONE}); move it away "
-                            "or delete it to train this run")
+        raise PotstillError(
+            f"'{run_dir}' exists but is not a finished potstill student (no {DONE}); move it away "
+            "or delete it to train this run"
+        )
 
 
 @contextlib.contextmanager
@@ -120,9 +128,21 @@ def run_fingerprint(recipe, run) -> dict[str, Any]:
     data = recipe.model_dump(mode="json")
     keep = {k: data[k] for k in ("teacher", "extra_teachers", "student", "data", "train")}
     # The engine (ddp / fsdp2) does not change the student; the number of processes does (the global batch).
-    keep["train"] = {k: v for k, v in keep["train"].items()
-                     if k not in ("gradient_checkpointing", "logging_steps", "distributed", "deepspeed_config",
-                                  "report_to", "eval_steps", "save_steps", "save_total_limit")}
+    keep["train"] = {
+        k: v
+        for k, v in keep["train"].items()
+        if k
+        not in (
+            "gradient_checkpointing",
+            "logging_steps",
+            "distributed",
+            "deepspeed_config",
+            "report_to",
+            "eval_steps",
+            "save_steps",
+            "save_total_limit",
+        )
+    }
     if keep["train"].get("loss_backend") == "potstill":  # the default: fingerprints from before the key stay valid
         del keep["train"]["loss_backend"]
     for entry in [keep["teacher"], keep["student"], *keep["extra_teachers"]]:  # loading options left unset: likewise
@@ -209,20 +229,26 @@ def verify_finished(out_dir: Path, fingerprint: dict | None = None) -> bool:
     except (ValueError, OSError):
         marker = None
     if not isinstance(marker, dict) or marker.get("format") != FORMAT or not isinstance(marker.get("files"), dict):
-        raise PotstillError(f"the finished student '{out_dir}' has no checksums (written by an older potstill or "
-                            f"edited), so it cannot be verified; {fix}")
+        raise PotstillError(
+            f"the finished student '{out_dir}' has no checksums (written by an older potstill or "
+            f"edited), so it cannot be verified; {fix}"
+        )
     for name, digest in marker["files"].items():
         f = out_dir / name
         if not f.is_file():
             raise PotstillError(f"the finished student '{out_dir}' is missing its file '{name}'; {fix}")
         if _sha256(f) != digest:
-            raise PotstillError(f"the finished student '{out_dir}' does not verify: '{name}' changed since it was "
-                                f"written (corrupt or edited); {fix}")
+            raise PotstillError(
+                f"the finished student '{out_dir}' does not verify: '{name}' changed since it was "
+                f"written (corrupt or edited); {fix}"
+            )
     if fingerprint is not None:
         diff = _first_difference(marker.get("recipe"), fingerprint)
         if diff is not None:
-            raise PotstillError(f"the finished student '{out_dir}' was trained by another recipe ({diff} differs); "
-                                f"{fix}, or use another output_dir")
+            raise PotstillError(
+                f"the finished student '{out_dir}' was trained by another recipe ({diff} differs); "
+                f"{fix}, or use another output_dir"
+            )
     return True
 
 
@@ -240,7 +266,9 @@ def load_finished(out_dir: Path, device, fingerprint: dict | None = None, *, ver
     try:
         model = AutoModelForCausalLM.from_pretrained(out_dir).to(device)
     except (OSError, ValueError, SafetensorError) as err:
-        raise PotstillError(f"the finished student '{out_dir}' does not load ({str(err).splitlines()[0][:200]}); "
-                            f"delete it to train it again") from None
+        raise PotstillError(
+            f"the finished student '{out_dir}' does not load ({str(err).splitlines()[0][:200]}); "
+            f"delete it to train it again"
+        ) from None
     info = json.loads((Path(out_dir) / "train_info.json").read_text(encoding="utf-8"))
     return model, [tuple(x) for x in info.get("loss_curve", [])]

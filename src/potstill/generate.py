@@ -8,8 +8,8 @@ sampling parameter and has nothing to do with the distillation temperature of
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -63,8 +63,8 @@ def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, 
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        mask[row, width - len(p):] = 1
+        ids[row, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        mask[row, width - len(p) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -107,7 +107,7 @@ def generate(
     pad = pad_id(tokenizer)
     eos = eos_ids(model, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if sort_by_length else list(range(len(prompts)))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -118,9 +118,21 @@ def generate(
         # Sampling draws from softmax(logits / T) cut at top_p and nothing else: the model's own
         # generation_config would otherwise fill these in (e.g. an instruct model's repetition penalty),
         # and on-policy losses that assume the student's distribution would be silently wrong.
-        **({"temperature": temperature, "top_p": top_p, "top_k": 0, "min_p": 0.0, "typical_p": 1.0,
-            "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
-           if do_sample else {}),
+        **(
+            {
+                "temperature": temperature,
+                "top_p": top_p,
+                "top_k": 0,
+                "min_p": 0.0,
+                "typical_p": 1.0,
+                "repetition_penalty": 1.0,
+                "no_repeat_ngram_size": 0,
+                "epsilon_cutoff": 0.0,
+                "eta_cutoff": 0.0,
+            }
+            if do_sample
+            else {}
+        ),
     )
     out: list[list[int]] = [[] for _ in prompts]
     stops: list[int | None] = [None for _ in prompts]
@@ -144,7 +156,7 @@ def generate(
             seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
             _sync(device)
             seconds += time.perf_counter() - t0
-            for r, new in zip(idx, seqs[:, ids.shape[1]:].tolist()):
+            for r, new in zip(idx, seqs[:, ids.shape[1] :].tolist()):
                 cut = next((j for j, t in enumerate(new) if t in eos), None)
                 num_tokens += len(new) if cut is None else cut + 1
                 out[r] = new if cut is None else new[:cut]

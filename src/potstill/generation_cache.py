@@ -84,13 +84,19 @@ class GenerationParams:
             raise PotstillError(f"generation max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
         if not isinstance(self.do_sample, bool):
             raise PotstillError(f"generation do_sample={self.do_sample!r} must be true or false")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature <= 0:
+        if (
+            not isinstance(self.temperature, (int, float))
+            or not math.isfinite(self.temperature)
+            or self.temperature <= 0
+        ):
             raise PotstillError(
                 f"generation temperature={self.temperature!r} must be a finite number > 0 "
                 "(for greedy decoding set do_sample: false instead)"
             )
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise PotstillError(f"generation top_p={self.top_p!r} must be in (0, 1]; use 1.0 to disable nucleus sampling")
+            raise PotstillError(
+                f"generation top_p={self.top_p!r} must be in (0, 1]; use 1.0 to disable nucleus sampling"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise PotstillError(f"generation seed={self.seed!r} must be an integer >= 0")
 
@@ -113,8 +119,14 @@ def prompts_sha(prompts: Iterable[Iterable[int]]) -> str:
     return h.hexdigest()
 
 
-def run_key(model_fp: str, tokenizer_fp: str, params: GenerationParams, chunk_size: int, prompts_digest: str,
-            backend: dict | None = None) -> str:
+def run_key(
+    model_fp: str,
+    tokenizer_fp: str,
+    params: GenerationParams,
+    chunk_size: int,
+    prompts_digest: str,
+    backend: dict | None = None,
+) -> str:
     """sha256 (hex) identifying one generation run: what a directory's chunks must match.
 
     ``backend``: a vLLM engine's ``identity`` (``None``: the hf backend, left out of the key).
@@ -152,7 +164,9 @@ def _check_prompts(prompts) -> list[list[int]]:
         except (TypeError, ValueError):
             raise PotstillError(f"prompt {i} is not a list of token ids; tokenize the prompts first") from None
         if not ids:
-            raise PotstillError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS or a chat header)")
+            raise PotstillError(
+                f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS or a chat header)"
+            )
         out.append(ids)
     return out
 
@@ -170,7 +184,9 @@ def _read_chunk(path: Path, key: str, j: int, sha: str, n: int) -> dict | None:
     ids = rec.get("token_ids")
     if not isinstance(ids, list) or len(ids) != n:
         return None
-    if not all(isinstance(row, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in row) for row in ids):
+    if not all(
+        isinstance(row, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in row) for row in ids
+    ):
         return None
     num, sec = rec.get("num_tokens"), rec.get("seconds")
     if not isinstance(num, int) or isinstance(num, bool) or num < 0:
@@ -238,9 +254,7 @@ def generate_cached(
         try:
             old = json.loads(meta_path.read_bytes())
         except (OSError, ValueError):
-            raise PotstillError(
-                f"{meta_path} is corrupt (not JSON); delete the directory '{path}' and rerun"
-            ) from None
+            raise PotstillError(f"{meta_path} is corrupt (not JSON); delete the directory '{path}' and rerun") from None
         if not isinstance(old, dict) or old.get("key") != key:
             raise PotstillError(
                 f"the directory '{path}' holds generations of another model/tokenizer/params/prompts "
@@ -269,7 +283,7 @@ def generate_cached(
     bar = tqdm(total=n_chunks, desc=f"generate {model_id}", unit="chunk", disable=not progress)
     try:
         for j in range(n_chunks):
-            chunk = prompts[j * chunk_size:(j + 1) * chunk_size]
+            chunk = prompts[j * chunk_size : (j + 1) * chunk_size]
             sha = prompts_sha(chunk)
             file = path / _chunk_name(j)
             rec = _read_chunk(file, key, j, sha, len(chunk))
@@ -348,8 +362,10 @@ def generate_vllm(
     seconds = time.perf_counter() - t0
     if len(results) != len(prompts):
         raise PotstillError(f"vllm returned {len(results)} outputs for {len(prompts)} prompts; check the vllm version")
-    outs = [(c.token_ids, getattr(c, "finish_reason", None), getattr(c, "stop_reason", None))
-            for c in (r.outputs[0] for r in results)]
+    outs = [
+        (c.token_ids, getattr(c, "finish_reason", None), getattr(c, "stop_reason", None))
+        for c in (r.outputs[0] for r in results)
+    ]
     return to_generations(outs, {int(t) for t in eos_token_ids}, seconds)
 
 
@@ -381,7 +397,9 @@ def backend_generate(
     if backend == "vllm":
         return generate_vllm(model, prompts, params, progress=progress, **backend_kwargs)
     if isinstance(model, (str, Path)):
-        raise PotstillError(f"the hf backend takes a loaded model, not '{model}'; load it with potstill.models.load_model")
+        raise PotstillError(
+            f"the hf backend takes a loaded model, not '{model}'; load it with potstill.models.load_model"
+        )
     return _engine().generate(
         model,
         tokenizer,

@@ -26,16 +26,20 @@ def check_push(cfg, run_names: list[str]) -> None:
     if cfg is None:
         return
     if len(run_names) > 1 and "{run}" not in cfg.repo:
-        raise PotstillError(f"push_to_hub.repo '{cfg.repo}' would receive all {len(run_names)} runs; put {{run}} in "
-                            "it (e.g. you/student-{run})")
+        raise PotstillError(
+            f"push_to_hub.repo '{cfg.repo}' would receive all {len(run_names)} runs; put {{run}} in "
+            "it (e.g. you/student-{run})"
+        )
     from huggingface_hub import constants, get_token
 
     if constants.HF_HUB_OFFLINE:
-        raise PotstillError("push_to_hub: the hub is switched off here (HF_HUB_OFFLINE=1); unset it or remove "
-                            "push_to_hub")
+        raise PotstillError(
+            "push_to_hub: the hub is switched off here (HF_HUB_OFFLINE=1); unset it or remove push_to_hub"
+        )
     if get_token() is None:
-        raise PotstillError("push_to_hub needs a hub token; set HF_TOKEN or run `huggingface-cli login`, or remove "
-                            "push_to_hub")
+        raise PotstillError(
+            "push_to_hub needs a hub token; set HF_TOKEN or run `huggingface-cli login`, or remove push_to_hub"
+        )
 
 
 def push_students(cfg, runs_dir: Path, run_names: list[str]) -> dict[str, str]:
@@ -48,11 +52,17 @@ def push_students(cfg, runs_dir: Path, run_names: list[str]) -> dict[str, str]:
         repo_id = repo_for(cfg.repo, name)
         try:
             url = api.create_repo(repo_id, private=cfg.private, exist_ok=True)
-            api.upload_folder(repo_id=repo_id, folder_path=str(runs_dir / name), ignore_patterns=_SKIP,
-                              commit_message=f"potstill: student '{name}'")
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(runs_dir / name),
+                ignore_patterns=_SKIP,
+                commit_message=f"potstill: student '{name}'",
+            )
         except Exception as err:  # noqa: BLE001 - network, auth and name errors all end here, in one line
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-            raise PotstillError(f"push_to_hub: uploading run {name} to '{repo_id}' failed ({first}); the student "
-                                f"is saved in {runs_dir / name}") from None
+            raise PotstillError(
+                f"push_to_hub: uploading run {name} to '{repo_id}' failed ({first}); the student "
+                f"is saved in {runs_dir / name}"
+            ) from None
         urls[name] = str(url)
     return urls

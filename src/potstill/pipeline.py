@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .checkpoints import MarkCheckpoints, checkpoint_dir, restore_state, resume_point
 from .config import (
     ArithmeticData,
     DemoData,
@@ -49,8 +50,6 @@ from .distributed import (
     zero3_full_state,
 )
 from .errors import PotstillError, VocabMismatchError
-from .checkpoints import MarkCheckpoints, checkpoint_dir, restore_state, resume_point
-from .hub import check_push, push_students
 from .finished import (
     DONE,
     check_output_dir,
@@ -62,6 +61,7 @@ from .finished import (
     trainer_scratch,
     verify_finished,
 )
+from .hub import check_push, push_students
 from .io import atomic_write_text, remove_stale_temporaries
 
 log = logging.getLogger("potstill")
@@ -82,11 +82,13 @@ def resolve_device(name: str | None) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise PotstillError(f"device '{name}' asked for but Apple's MPS is not available here; set device: cpu")
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise PotstillError(f"device '{name}' cannot train a model (potstill runs on cpu, cuda and mps); "
-                            "set device: cpu or cuda")
+        raise PotstillError(
+            f"device '{name}' cannot train a model (potstill runs on cpu, cuda and mps); set device: cpu or cuda"
+        )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise PotstillError(f"device '{name}' does not exist ({torch.cuda.device_count()} CUDA device(s)); "
-                            "use cuda:0 .. cuda:N-1")
+        raise PotstillError(
+            f"device '{name}' does not exist ({torch.cuda.device_count()} CUDA device(s)); use cuda:0 .. cuda:N-1"
+        )
     return dev
 
 
@@ -98,9 +100,15 @@ def load_pairs(recipe: Recipe, teacher, tokenizer, teacher_id: str) -> list[dict
     if isinstance(src, DemoData):
         from .data.demo import demo_prompts, teacher_responses
 
-        return teacher_responses(teacher, tokenizer, teacher_id, demo_prompts(src.num_prompts),
-                                 max_new_tokens=src.max_new_tokens, system_prompt=recipe.data.system_prompt,
-                                 generation=recipe.generation)
+        return teacher_responses(
+            teacher,
+            tokenizer,
+            teacher_id,
+            demo_prompts(src.num_prompts),
+            max_new_tokens=src.max_new_tokens,
+            system_prompt=recipe.data.system_prompt,
+            generation=recipe.generation,
+        )
     from .data import load_records, records_to_pairs
 
     if isinstance(src, FileData):
@@ -110,8 +118,14 @@ def load_pairs(recipe: Recipe, teacher, tokenizer, teacher_id: str) -> list[dict
         assert isinstance(src, HubData)
         rows = load_records(hub_name=src.name, config_name=src.config_name, split=src.split)
         where = src.name
-    return records_to_pairs(rows, prompt_field=src.prompt_field, response_field=src.response_field,
-                            messages_field=src.messages_field, system_prompt=recipe.data.system_prompt, where=where)
+    return records_to_pairs(
+        rows,
+        prompt_field=src.prompt_field,
+        response_field=src.response_field,
+        messages_field=src.messages_field,
+        system_prompt=recipe.data.system_prompt,
+        where=where,
+    )
 
 
 def rationale_split(recipe: Recipe) -> tuple[list[dict], list[dict]]:
@@ -129,17 +143,21 @@ def rationale_split(recipe: Recipe) -> tuple[list[dict], list[dict]]:
     else:
         assert isinstance(src, Gsm8kData)
         train = R.load_gsm8k(src.path or str(R.data_root() / "gsm8k" / "train.jsonl"), limit=src.limit)
-        held = R.load_gsm8k(src.eval_path or str(R.data_root() / "gsm8k" / "test.jsonl"),
-                            limit=recipe.data.eval_size)
+        held = R.load_gsm8k(src.eval_path or str(R.data_root() / "gsm8k" / "test.jsonl"), limit=recipe.data.eval_size)
         problems = None
     if problems is not None:
         train, held = train_eval_split(problems, recipe)
     train = R.subset(train, src.fraction, seed=recipe.data.seed)
     train_pairs = R.rationale_pairs(train, src.mode)
     cot = src.mode == "cot"
-    eval_pairs = [{"messages": [{"role": "user", "content": R.inference_prompt(p, src.mode)}],
-                   "response": f"{p.rationale} The answer is {p.answer}." if cot else p.answer,
-                   "answer": p.answer} for p in held]
+    eval_pairs = [
+        {
+            "messages": [{"role": "user", "content": R.inference_prompt(p, src.mode)}],
+            "response": f"{p.rationale} The answer is {p.answer}." if cot else p.answer,
+            "answer": p.answer,
+        }
+        for p in held
+    ]
     return train_pairs, eval_pairs
 
 
@@ -173,10 +191,16 @@ def encode_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[dict]:
         out.append(ex)
     if too_long:
         if not out:
-            raise PotstillError(f"every prompt ({too_long}) is at least data.max_length={max_length} tokens; "
-                                "raise data.max_length")
-        log.warning("dropped %d of %d examples whose prompt alone fills data.max_length=%d (no response token "
-                    "left); raise max_length to keep them", too_long, len(pairs), max_length)
+            raise PotstillError(
+                f"every prompt ({too_long}) is at least data.max_length={max_length} tokens; raise data.max_length"
+            )
+        log.warning(
+            "dropped %d of %d examples whose prompt alone fills data.max_length=%d (no response token "
+            "left); raise max_length to keep them",
+            too_long,
+            len(pairs),
+            max_length,
+        )
     return out
 
 
@@ -192,9 +216,17 @@ def load_teacher(cfg, device: torch.device):
     if cfg.device is not None:  # a device of its own
         device = resolve_device(cfg.device)
     check_quantization(bits, device)
-    return load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device=device,
-                      attn_implementation=cfg.attn_implementation, quantization_bits=bits,
-                      device_map=cfg.device_map, max_memory=cfg.max_memory, offload_folder=cfg.offload_folder)
+    return load_model(
+        cfg.model,
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        device=device,
+        attn_implementation=cfg.attn_implementation,
+        quantization_bits=bits,
+        device_map=cfg.device_map,
+        max_memory=cfg.max_memory,
+        offload_folder=cfg.offload_folder,
+    )
 
 
 def build_student(recipe: Recipe, teacher, teacher_tok):
@@ -228,18 +260,21 @@ def build_student(recipe: Recipe, teacher, teacher_tok):
         set_attention(student, cfg.attn_implementation, "student")
         return student, None, None
     assert isinstance(cfg, PretrainedStudent)
-    student, student_tok = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                                      attn_implementation=cfg.attn_implementation)
+    student, student_tok = load_model(
+        cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation
+    )
     if cfg.layers is not None:
         student = student_from_teacher(student, cfg.layers)
     try:
-        vocab = align_vocab(teacher_tok, student_tok, output_head(teacher).weight.shape[0],
-                            output_head(student).weight.shape[0])
+        vocab = align_vocab(
+            teacher_tok, student_tok, output_head(teacher).weight.shape[0], output_head(student).weight.shape[0]
+        )
     except VocabMismatchError as err:
         token_level = [r.name for r in recipe.runs if r.uses_teacher and r.cross_tokenizer is None]
         if token_level:
-            raise VocabMismatchError(f"{err} (runs {token_level}: set runs[].cross_tokenizer, e.g. "
-                                     "{{method: vocab_map}}, or alpha 1)") from None
+            raise VocabMismatchError(
+                f"{err} (runs {token_level}: set runs[].cross_tokenizer, e.g. {{{{method: vocab_map}}}}, or alpha 1)"
+            ) from None
         return student, None, student_tok
     return student, vocab, None
 
@@ -258,17 +293,23 @@ def check_precision(precision: str, device: torch.device, student=None) -> None:
     if precision == "fp32":
         return
     if precision == "fp16" and device.type == "cpu":
-        raise PotstillError("train.precision fp16 needs a GPU (on cpu the Trainer silently trains in float32 without "
-                            "its loss scaler); set train.precision bf16 or fp32 on cpu")
+        raise PotstillError(
+            "train.precision fp16 needs a GPU (on cpu the Trainer silently trains in float32 without "
+            "its loss scaler); set train.precision bf16 or fp32 on cpu"
+        )
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise PotstillError(f"train.precision bf16: {torch.cuda.get_device_name(device)} has no native bfloat16 "
-                            "(Ampere or newer has); set train.precision fp16 or fp32")
+        raise PotstillError(
+            f"train.precision bf16: {torch.cuda.get_device_name(device)} has no native bfloat16 "
+            "(Ampere or newer has); set train.precision fp16 or fp32"
+        )
     if student is not None:
         dtypes = {p.dtype for p in student.parameters() if p.requires_grad}
         if dtypes - {torch.float32}:
             low = sorted(str(d).removeprefix("torch.") for d in dtypes - {torch.float32})
-            raise PotstillError(f"train.precision {precision} is autocast over float32 master weights, but the student "
-                                f"has {', '.join(low)} weights; set student.dtype float32 (or train.precision fp32)")
+            raise PotstillError(
+                f"train.precision {precision} is autocast over float32 master weights, but the student "
+                f"has {', '.join(low)} weights; set student.dtype float32 (or train.precision fp32)"
+            )
 
 
 def _checkpointing_args(on: bool) -> dict[str, Any]:
@@ -293,8 +334,9 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
 
     t = recipe.train
     check_precision(t.precision, device)
-    extra_args = dict(bf16=t.precision == "bf16", fp16=t.precision == "fp16",
-                      **_checkpointing_args(t.gradient_checkpointing))
+    extra_args = dict(
+        bf16=t.precision == "bf16", fp16=t.precision == "fp16", **_checkpointing_args(t.gradient_checkpointing)
+    )
     if t.distributed != "none" and device.type == "cpu":
         extra_args["ddp_backend"] = "gloo"
     if t.distributed == "fsdp2":
@@ -302,28 +344,52 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
     if t.distributed == "zero3":  # the Trainer hands it to accelerate's DeepSpeed plugin
         extra_args["deepspeed"] = zero3_config(t.deepspeed_config)
     op = run.on_policy
-    extra: dict[str, Any] = {} if op is None else dict(
-        lmbda=op.lmbda, gen_temperature=op.temperature, gen_top_p=op.top_p, gen_max_new_tokens=op.max_new_tokens,
-        replay_size=op.replay_size, replay_reuse=op.replay_reuse, adaptive=op.adaptive,
-        adaptive_step=op.adaptive_step, adaptive_max=op.adaptive_max, adaptive_every=op.adaptive_every)
+    extra: dict[str, Any] = (
+        {}
+        if op is None
+        else dict(
+            lmbda=op.lmbda,
+            gen_temperature=op.temperature,
+            gen_top_p=op.top_p,
+            gen_max_new_tokens=op.max_new_tokens,
+            replay_size=op.replay_size,
+            replay_reuse=op.replay_reuse,
+            adaptive=op.adaptive,
+            adaptive_step=op.adaptive_step,
+            adaptive_max=op.adaptive_max,
+            adaptive_every=op.adaptive_every,
+        )
+    )
     if run.feature is not None:
         f = run.feature
-        extra.update(feature_layers=None if f.layers is None else [list(p) for p in f.layers], feature_loss=f.loss,
-                     feature_weight=f.weight)
+        extra.update(
+            feature_layers=None if f.layers is None else [list(p) for p in f.layers],
+            feature_loss=f.loss,
+            feature_weight=f.weight,
+        )
         if f.relations is not None:
-            extra.update(relation_layers=[list(p) for p in f.relations.layers], relation_kinds=list(f.relations.kinds),
-                         relation_heads=f.relations.heads, relation_weight=f.relations.weight)
+            extra.update(
+                relation_layers=[list(p) for p in f.relations.layers],
+                relation_kinds=list(f.relations.kinds),
+                relation_heads=f.relations.heads,
+                relation_weight=f.relations.weight,
+            )
     if run.schedule is not None:
-        extra.update(alpha_end=run.schedule.alpha_end, temperature_end=run.schedule.temperature_end,
-                     schedule=run.schedule.kind)
+        extra.update(
+            alpha_end=run.schedule.alpha_end, temperature_end=run.schedule.temperature_end, schedule=run.schedule.kind
+        )
     cls = OnPolicyConfig if op is not None else FeatureKDConfig if run.feature is not None else KDConfig
     if op is not None and op.contrastive is not None:
         from .kd.contrastive import ContrastiveConfig
 
         c = op.contrastive
-        extra.update(student_divergence=c.student_divergence.name,
-                     student_divergence_kwargs=divergence_params(c.student_divergence), beta=c.beta,
-                     beta_end=c.beta_end, adaptive_skew=c.adaptive_skew)
+        extra.update(
+            student_divergence=c.student_divergence.name,
+            student_divergence_kwargs=divergence_params(c.student_divergence),
+            beta=c.beta,
+            beta_end=c.beta_end,
+            adaptive_skew=c.adaptive_skew,
+        )
         cls = ContrastiveConfig
     if op is not None and op.minillm is not None:
         from .kd.minillm import MiniLLMConfig
@@ -340,8 +406,11 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
         weight_decay=t.weight_decay,
         lr_scheduler_type="linear",
         logging_steps=t.logging_steps,
-        **({"save_strategy": "steps", "save_steps": t.save_steps, "save_total_limit": t.save_total_limit}
-           if t.save_steps else {"save_strategy": "no"}),
+        **(
+            {"save_strategy": "steps", "save_steps": t.save_steps, "save_total_limit": t.save_total_limit}
+            if t.save_steps
+            else {"save_strategy": "no"}
+        ),
         report_to=list(t.report_to) or "none",
         run_name=run.name,
         seed=t.seed,
@@ -363,10 +432,22 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
     )
 
 
-def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train_examples: list[dict],
-              out_dir: Path, device: torch.device, vocab_size: int | None,
-              memo=None, source=None, extra_teachers: list | None = None,
-              cross: dict | None = None, eval_examples: list | None = None) -> tuple[Any, list[tuple[int, float]]]:
+def train_run(
+    recipe: Recipe,
+    run: RunConfig,
+    student,
+    teacher,
+    tokenizer,
+    train_examples: list[dict],
+    out_dir: Path,
+    device: torch.device,
+    vocab_size: int | None,
+    memo=None,
+    source=None,
+    extra_teachers: list | None = None,
+    cross: dict | None = None,
+    eval_examples: list | None = None,
+) -> tuple[Any, list[tuple[int, float]]]:
     """Train one student; write it atomically to ``out_dir`` and return it with its loss curve.
 
     ``source`` (a teacher-signal cache) replaces the live ``teacher`` during training;
@@ -384,8 +465,13 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
         from peft import LoraConfig as PeftLora
 
         lc = recipe.train.lora
-        peft_config = PeftLora(r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.dropout,
-                               target_modules=lc.target_modules, task_type="CAUSAL_LM")
+        peft_config = PeftLora(
+            r=lc.r,
+            lora_alpha=lc.lora_alpha,
+            lora_dropout=lc.dropout,
+            target_modules=lc.target_modules,
+            task_type="CAUSAL_LM",
+        )
     cols = ("input_ids", "attention_mask", "labels", "example_id")
     ds = Dataset.from_list([{k: ex[k] for k in cols if k in ex} for ex in train_examples])
     kd = run.uses_teacher
@@ -478,12 +564,16 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
     if watch is not None:  # [step, forward KL, top-1 agreement] on the held-out examples during training
         info["eval_history"] = watch.history
     if world_size() > 1:  # how the processes shared the work: what a reader of the result needs to know
-        info["distributed"] = {"engine": recipe.train.distributed, "processes": world_size(),
-                               "student_sharded": student_sharded,
-                               "teacher_sharded": teacher is not None and is_sharded(teacher)}
+        info["distributed"] = {
+            "engine": recipe.train.distributed,
+            "processes": world_size(),
+            "student_sharded": student_sharded,
+            "teacher_sharded": teacher is not None and is_sharded(teacher),
+        }
         if run.multi_teacher is not None:
             info["distributed"]["extra_teachers_sharded"] = [
-                is_sharded(t.model if isinstance(t, ExtraTeacher) else t) for t in extra_teachers or []]
+                is_sharded(t.model if isinstance(t, ExtraTeacher) else t) for t in extra_teachers or []
+            ]
     if run.multi_teacher is not None:
         if run.multi_teacher.mode == "select":
             info["teacher_selected_examples"] = source.selected_counts
@@ -492,8 +582,12 @@ def train_run(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, train
             info["cross_tokenizer_coverage"] = cov
     if run.on_policy is not None:
         rs = trainer.rollout_stats
-        info["on_policy"] = {"gen_tokens": rs["gen_tokens"], "gen_seconds": rs["gen_seconds"], "modes": rs["modes"],
-                             "lmbda_history": trainer.lmbda_history}
+        info["on_policy"] = {
+            "gen_tokens": rs["gen_tokens"],
+            "gen_seconds": rs["gen_seconds"],
+            "modes": rs["modes"],
+            "lmbda_history": trainer.lmbda_history,
+        }
         if run.on_policy.contrastive is not None:
             info["on_policy"].update(skew_anchors=trainer.anchors, skew_history=trainer.skew_history)
         if run.on_policy.minillm is not None:
@@ -550,15 +644,32 @@ def _multi_source(recipe: Recipe, run: RunConfig, source, extra: list, tokenizer
         elif tok is None:
             sources.append(OnlineTeacher(model if is_sharded(model) else model.to(device)))
         elif placed:
-            raise PotstillError(f"extra_teachers[{i}] has another tokenizer, whose projection runs on the student's "
-                                "device; remove its device / device_map")
+            raise PotstillError(
+                f"extra_teachers[{i}] has another tokenizer, whose projection runs on the student's "
+                "device; remove its device / device_map"
+            )
         else:
             v_s = vocab_size or output_head(student).weight.shape[0]
-            sources.append(CrossTokenizerTeacher(model.to(device), tok, tokenizer, student_vocab=v_s,
-                                                 kinds=mt.cross_kinds, temperature=run.temperature,
-                                                 chunk_size=recipe.train.chunk_size))
-    return MultiTeacher(sources, mode=mt.mode, confidence=mt.confidence, weights=mt.weights,
-                        temperature=run.temperature, vocab_size=vocab_size, chunk_size=recipe.train.chunk_size)
+            sources.append(
+                CrossTokenizerTeacher(
+                    model.to(device),
+                    tok,
+                    tokenizer,
+                    student_vocab=v_s,
+                    kinds=mt.cross_kinds,
+                    temperature=run.temperature,
+                    chunk_size=recipe.train.chunk_size,
+                )
+            )
+    return MultiTeacher(
+        sources,
+        mode=mt.mode,
+        confidence=mt.confidence,
+        weights=mt.weights,
+        temperature=run.temperature,
+        vocab_size=vocab_size,
+        chunk_size=recipe.train.chunk_size,
+    )
 
 
 def _watch(recipe: Recipe, run: RunConfig, trainer, teacher, tokenizer, out_dir: Path, eval_examples, vocab_size):
@@ -570,20 +681,30 @@ def _watch(recipe: Recipe, run: RunConfig, trainer, teacher, tokenizer, out_dir:
     every = recipe.train.eval_steps
     if every is None or teacher is None or not eval_examples:
         return None
-    watch = HeldOutEval(trainer, teacher, tokenizer, eval_examples, every=every, vocab_size=vocab_size,
-                        batch_size=recipe.eval.batch_size)
+    watch = HeldOutEval(
+        trainer,
+        teacher,
+        tokenizer,
+        eval_examples,
+        every=every,
+        vocab_size=vocab_size,
+        batch_size=recipe.eval.batch_size,
+    )
     trainer.add_callback(watch)
     return watch
 
 
-def _train_cross(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, ds, out_dir: Path,
-                 device: torch.device, cross: dict):
+def _train_cross(
+    recipe: Recipe, run: RunConfig, student, teacher, tokenizer, ds, out_dir: Path, device: torch.device, cross: dict
+):
     """One cross-tokenizer run (:class:`potstill.kd.cross_tokenizer.CrossTokenizerKDTrainer`)."""
     from .kd.cross_tokenizer import CrossTokenizerKDTrainer
 
     if "teacher_tokenizer" not in cross:
-        raise PotstillError(f"run {run.name} uses cross_tokenizer but the student shares the teacher's tokenizer; "
-                            "remove cross_tokenizer or use a student with its own tokenizer")
+        raise PotstillError(
+            f"run {run.name} uses cross_tokenizer but the student shares the teacher's tokenizer; "
+            "remove cross_tokenizer or use a student with its own tokenizer"
+        )
     ct = run.cross_tokenizer
     saving = recipe.train.save_steps is not None
     fingerprint = run_fingerprint(recipe, run)
@@ -592,10 +713,17 @@ def _train_cross(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, ds
     try:
         tmp = str(scratch)
         trainer = CrossTokenizerKDTrainer(
-            student, teacher_model=teacher.to(device), args=kd_config(recipe, run, tmp, device),
-            teacher_tokenizer=cross["teacher_tokenizer"], method=ct.method, vocab_map=cross.get("vocab_map"),
-            kinds=tuple(ct.kinds), max_teacher_length=ct.max_teacher_length, processing_class=tokenizer,
-            train_dataset=ds)
+            student,
+            teacher_model=teacher.to(device),
+            args=kd_config(recipe, run, tmp, device),
+            teacher_tokenizer=cross["teacher_tokenizer"],
+            method=ct.method,
+            vocab_map=cross.get("vocab_map"),
+            kinds=tuple(ct.kinds),
+            max_teacher_length=ct.max_teacher_length,
+            processing_class=tokenizer,
+            train_dataset=ds,
+        )
         _watch(recipe, run, trainer, None, tokenizer, out_dir, None, None)
         if saving:
             trainer.add_callback(MarkCheckpoints(fingerprint, trainer))
@@ -611,8 +739,12 @@ def _train_cross(recipe: Recipe, run: RunConfig, student, teacher, tokenizer, ds
         if not saving:
             remove_scratch(scratch)
     curve = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
-    info = {"loss_curve": curve, "train_seconds": seconds, "run": run.model_dump(mode="json"),
-            "cross_tokenizer": trainer.coverage_stats()}
+    info = {
+        "loss_curve": curve,
+        "train_seconds": seconds,
+        "run": run.model_dump(mode="json"),
+        "cross_tokenizer": trainer.coverage_stats(),
+    }
     if resume is not None:
         info["resumed_from"] = Path(resume).name
     save_student(model, tokenizer, out_dir, info, fingerprint)
@@ -638,8 +770,9 @@ class Prepared:
         if recipe.generation.backend == "vllm":  # before any model is loaded: vllm and CUDA are there
             from .vllm_engine import require_vllm
 
-            require_vllm(recipe.generation.vllm.mode, self.device,
-                         sync=any(r.on_policy is not None for r in recipe.runs))
+            require_vllm(
+                recipe.generation.vllm.mode, self.device, sync=any(r.on_policy is not None for r in recipe.runs)
+            )
         if recipe.teacher.model is None:
             self._black_box(recipe)
             check_precision(recipe.train.precision, self.device, None if recipe.train.lora else self.student0)
@@ -656,8 +789,10 @@ class Prepared:
         self.cross = student_tok is not None
         if self.cross:
             if recipe.data.source.kind == "demo":
-                raise PotstillError("the demo data is answered by the teacher in its own tokens; a cross-tokenizer "
-                                    "recipe needs data with responses (data.source kind file, hub, arithmetic, gsm8k)")
+                raise PotstillError(
+                    "the demo data is answered by the teacher in its own tokens; a cross-tokenizer "
+                    "recipe needs data with responses (data.source kind file, hub, arithmetic, gsm8k)"
+                )
             self.tokenizer = student_tok
         train_pairs, eval_pairs = split_pairs(recipe, self.teacher, self.tokenizer, teacher_id)
         self.train_examples = encode_pairs(train_pairs, self.tokenizer, recipe.data.max_length)
@@ -669,8 +804,11 @@ class Prepared:
         self.vocab_size = vocab_size
         probe = self.train_examples[0]
         if self.cross:  # the teacher reads its own tokens
-            probe = {"input_ids": self.teacher_tokenizer(probe["reference"] or "Hello", add_special_tokens=True)
-                     ["input_ids"][:64]}
+            probe = {
+                "input_ids": self.teacher_tokenizer(probe["reference"] or "Hello", add_special_tokens=True)[
+                    "input_ids"
+                ][:64]
+            }
         check_teacher_finite(self.teacher, probe, self.device)
 
     def vocab_map(self):
@@ -679,8 +817,9 @@ class Prepared:
             from .kd.cross_tokenizer import build_vocab_map
             from .models import output_head
 
-            self._vmap = build_vocab_map(self.teacher_tokenizer, self.tokenizer,
-                                         student_vocab=output_head(self.student0).weight.shape[0])
+            self._vmap = build_vocab_map(
+                self.teacher_tokenizer, self.tokenizer, student_vocab=output_head(self.student0).weight.shape[0]
+            )
         return self._vmap
 
     def _black_box(self, recipe: Recipe) -> None:
@@ -690,9 +829,12 @@ class Prepared:
         cfg = recipe.student
         self.teacher = None
         try:
-            self.student0, self.tokenizer = load_model(cfg.model, dtype=cfg.dtype,
-                                                       trust_remote_code=cfg.trust_remote_code,
-                                                       attn_implementation=cfg.attn_implementation)
+            self.student0, self.tokenizer = load_model(
+                cfg.model,
+                dtype=cfg.dtype,
+                trust_remote_code=cfg.trust_remote_code,
+                attn_implementation=cfg.attn_implementation,
+            )
         except PotstillError as err:
             raise PotstillError(f"student: {err}") from None
         self.student0.to(self.device)
@@ -738,8 +880,12 @@ class Prepared:
                     raise PotstillError(f"extra_teachers[{i}]: {err}") from None
                 same = tokenizer_fingerprint(tok) == want
                 if not same:
-                    log.info("extra_teachers[%d] (%s) has another tokenizer than the student: it joins on aligned "
-                             "rows through the vocabulary map", i, cfg.model)
+                    log.info(
+                        "extra_teachers[%d] (%s) has another tokenizer than the student: it joins on aligned "
+                        "rows through the vocabulary map",
+                        i,
+                        cfg.model,
+                    )
                 self._extra.append(ExtraTeacher(model, None if same else tok))
         return self._extra
 
@@ -750,8 +896,13 @@ class Prepared:
         from .signals.cache import CachedSignal, weights_fingerprint
 
         spec = cache_spec(self.recipe)
-        source = CachedSignal(self.recipe.cache_dir, tokenizer=self.tokenizer, tail=spec.tail,
-                              teacher_fingerprint=weights_fingerprint(self.teacher), verify=self.recipe.cache.verify)
+        source = CachedSignal(
+            self.recipe.cache_dir,
+            tokenizer=self.tokenizer,
+            tail=spec.tail,
+            teacher_fingerprint=weights_fingerprint(self.teacher),
+            verify=self.recipe.cache.verify,
+        )
         source.check_spec(spec)
         source.check_data(self.pool_examples)
         return source
@@ -789,8 +940,17 @@ def cache(recipe: Recipe, *, rank: int = 0, world_size: int = 1, progress: bool 
     check_output_dir(recipe.cache_dir, key="cache.dir")
     prep = Prepared(recipe)
     spec = cache_spec(recipe)
-    return write_cache(prep.teacher, prep.tokenizer, prep.pool_examples, recipe.cache_dir, spec,
-                       teacher_name=recipe.teacher.model, rank=rank, world_size=world_size, progress=progress)
+    return write_cache(
+        prep.teacher,
+        prep.tokenizer,
+        prep.pool_examples,
+        recipe.cache_dir,
+        spec,
+        teacher_name=recipe.teacher.model,
+        rank=rank,
+        world_size=world_size,
+        progress=progress,
+    )
 
 
 @torch.no_grad()
@@ -807,14 +967,28 @@ def check_teacher_finite(teacher, example: dict, device: torch.device) -> None:
         )
 
 
-def evaluate_and_report(prep: Prepared, students: dict[str, Any], curves: dict[str, list], out: Path,
-                        notes: list[str], progress: bool = True) -> dict[str, dict]:
+def evaluate_and_report(
+    prep: Prepared,
+    students: dict[str, Any],
+    curves: dict[str, list],
+    out: Path,
+    notes: list[str],
+    progress: bool = True,
+) -> dict[str, dict]:
     from .eval import collect_samples, evaluate_runs, metrics_only, write_report
 
     r = prep.recipe
     teacher = None if getattr(prep, "cross", False) else prep.teacher  # other tokens: no token-level comparison
-    results = evaluate_runs(students, teacher, prep.tokenizer, prep.eval_examples, vocab_size=prep.vocab_size,
-                            batch_size=r.eval.batch_size, max_new_tokens=r.eval.max_new_tokens, progress=progress)
+    results = evaluate_runs(
+        students,
+        teacher,
+        prep.tokenizer,
+        prep.eval_examples,
+        vocab_size=prep.vocab_size,
+        batch_size=r.eval.batch_size,
+        max_new_tokens=r.eval.max_new_tokens,
+        progress=progress,
+    )
     answers = [ex.get("answer") for ex in prep.eval_examples]
     if all(a is not None for a in answers):
         from .data.rationale import exact_match
@@ -834,8 +1008,10 @@ def preflight(prep: Prepared) -> None:
 
     r = prep.recipe
     if r.train.eval_steps is not None and getattr(prep, "cross", False):
-        raise PotstillError("train.eval_steps compares the student with the teacher token by token, but the student "
-                            "has another tokenizer; remove train.eval_steps (the report measures it at the end)")
+        raise PotstillError(
+            "train.eval_steps compares the student with the teacher token by token, but the student "
+            "has another tokenizer; remove train.eval_steps (the report measures it at the end)"
+        )
     n_s = int(text_config(prep.student0).num_hidden_layers)
     n_t = None if r.teacher.model is None else int(text_config(prep.teacher).num_hidden_layers)
     for run in r.runs:
@@ -845,8 +1021,10 @@ def preflight(prep: Prepared) -> None:
         for key, (i_s, i_t) in pairs:
             for who, i, n in (("student", i_s, n_s), ("teacher", i_t, n_t)):
                 if n is not None and not -(n + 1) <= i <= n:
-                    raise PotstillError(f"run {run.name}: {key} names {who} layer {i}, but the {who} has {n} layers; "
-                                        f"use 0..{n} (0 the embeddings) or -1 for the last")
+                    raise PotstillError(
+                        f"run {run.name}: {key} names {who} layer {i}, but the {who} has {n} layers; "
+                        f"use 0..{n} (0 the embeddings) or -1 for the last"
+                    )
     if r.data.packing:
         check_packing_models(prep)
     lora = r.train.lora
@@ -854,16 +1032,25 @@ def preflight(prep: Prepared) -> None:
         names = [n for n, _ in prep.student0.named_modules()]
         missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
         if missing:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in prep.student0.named_modules()
-                             if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})
-            raise PotstillError(f"train.lora.target_modules {missing} are not modules of the student; use some of "
-                                f"{linear} or all-linear")
+            linear = sorted(
+                {
+                    n.rsplit(".", 1)[-1]
+                    for n, m in prep.student0.named_modules()
+                    if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+                }
+            )
+            raise PotstillError(
+                f"train.lora.target_modules {missing} are not modules of the student; use some of "
+                f"{linear} or all-linear"
+            )
     if r.train.distributed == "fsdp2":
         for who, model in (("student", prep.student0), ("teacher", getattr(prep, "teacher", None))):
             if model is not None and not layer_classes(model):
-                raise PotstillError(f"train.distributed fsdp2: the {who} ({type(model).__name__}) declares no "
-                                    "decoder-layer classes (_no_split_modules) to shard one by one; set "
-                                    "train.distributed ddp")
+                raise PotstillError(
+                    f"train.distributed fsdp2: the {who} ({type(model).__name__}) declares no "
+                    "decoder-layer classes (_no_split_modules) to shard one by one; set "
+                    "train.distributed ddp"
+                )
     out = Path(r.output_dir)
     for run in r.runs:
         verify_finished(out / "runs" / run.name, run_fingerprint(r, run))
@@ -881,8 +1068,10 @@ def check_packing_models(prep: Prepared) -> None:
         models.append(("teacher", prep.teacher))
     for i, t in enumerate(prep.extra_teachers()):
         if t.tokenizer is not None:
-            raise PotstillError(f"data.packing: extra_teachers[{i}] has another tokenizer and reads each row of a "
-                                "batch as one example; set data.packing false or give it the student's tokenizer")
+            raise PotstillError(
+                f"data.packing: extra_teachers[{i}] has another tokenizer and reads each row of a "
+                "batch as one example; set data.packing false or give it the student's tokenizer"
+            )
         models.append((f"extra_teachers[{i}]", t.model))
     for who, model in models:
         check_packing(model, who)
@@ -892,16 +1081,21 @@ def check_distributed(recipe: Recipe, device: torch.device) -> None:
     """Refuse, in one line, a ``train.distributed`` that does not match how the processes were started."""
     kind, world = recipe.train.distributed, world_size()
     if world > 1 and kind == "none":
-        raise PotstillError(f"this is process {process_rank()} of {world} (accelerate launch / torchrun), but "
-                            "train.distributed is none, so every process would train its own copy; set "
-                            "train.distributed ddp or fsdp2, or start one process")
+        raise PotstillError(
+            f"this is process {process_rank()} of {world} (accelerate launch / torchrun), but "
+            "train.distributed is none, so every process would train its own copy; set "
+            "train.distributed ddp or fsdp2, or start one process"
+        )
     if world == 1 and kind != "none":
-        raise PotstillError(f"train.distributed {kind} splits the work over the processes of `accelerate launch "
-                            f"--num_processes N`, but this is one process with nothing to share with; start it "
-                            "that way, or set train.distributed none")
+        raise PotstillError(
+            f"train.distributed {kind} splits the work over the processes of `accelerate launch "
+            f"--num_processes N`, but this is one process with nothing to share with; start it "
+            "that way, or set train.distributed none"
+        )
     if kind != "none" and device.type not in ("cpu", "cuda"):
-        raise PotstillError(f"train.distributed {kind} runs on cuda or cpu processes, not {device.type}; set "
-                            "device cuda or cpu")
+        raise PotstillError(
+            f"train.distributed {kind} runs on cuda or cpu processes, not {device.type}; set device cuda or cpu"
+        )
     if recipe.train.loss_backend == "liger":
         from .divergences.liger import require_liger
 
@@ -918,13 +1112,17 @@ def check_distributed(recipe: Recipe, device: torch.device) -> None:
             minillm = run.on_policy is not None and run.on_policy.minillm is not None and kind == "zero3"
             if minillm or run.cross_tokenizer is not None:
                 what = "on_policy.minillm" if minillm else "cross_tokenizer"
-                why = {"on_policy.minillm": "its teacher-mixed sampling runs the partitioned teacher once per new "
-                       "token, and a process whose samples ended stops calling it while the others still gather "
-                       "its weights; fsdp2 gathers the teacher once for the whole generation",
-                       "cross_tokenizer": "the cross-tokenizer trainer has not been run with sharded models"}[what]
+                why = {
+                    "on_policy.minillm": "its teacher-mixed sampling runs the partitioned teacher once per new "
+                    "token, and a process whose samples ended stops calling it while the others still gather "
+                    "its weights; fsdp2 gathers the teacher once for the whole generation",
+                    "cross_tokenizer": "the cross-tokenizer trainer has not been run with sharded models",
+                }[what]
                 alt = "fsdp2 or ddp" if minillm else "ddp"
-                raise PotstillError(f"run {run.name}: {what} is not supported under train.distributed {kind} yet "
-                                    f"({why}); set train.distributed {alt}")
+                raise PotstillError(
+                    f"run {run.name}: {what} is not supported under train.distributed {kind} yet "
+                    f"({why}); set train.distributed {alt}"
+                )
 
 
 # The module each tracker of ``train.report_to`` needs (tensorboard: torch's SummaryWriter writes with it).
@@ -937,28 +1135,38 @@ def check_watch(recipe: Recipe) -> None:
 
     for name in recipe.train.report_to:
         if importlib.util.find_spec(TRACKER_MODULES[name]) is None:
-            raise PotstillError(f"train.report_to {name} needs the {TRACKER_MODULES[name]} package; pip install "
-                                f"'potstill[tracking]' (tensorboard) or {TRACKER_MODULES[name]}, or remove it")
+            raise PotstillError(
+                f"train.report_to {name} needs the {TRACKER_MODULES[name]} package; pip install "
+                f"'potstill[tracking]' (tensorboard) or {TRACKER_MODULES[name]}, or remove it"
+            )
     if recipe.train.eval_steps is not None and recipe.train.distributed in ("fsdp2", "zero3"):
-        raise PotstillError(f"train.eval_steps measures with whole models in the first process, but under "
-                            f"train.distributed {recipe.train.distributed} they are sharded; remove train.eval_steps "
-                            "(the held-out figures are measured at the end) or use ddp")
+        raise PotstillError(
+            f"train.eval_steps measures with whole models in the first process, but under "
+            f"train.distributed {recipe.train.distributed} they are sharded; remove train.eval_steps "
+            "(the held-out figures are measured at the end) or use ddp"
+        )
 
 
 def _check_deepspeed_config(kind: str, path: str) -> None:
     import json
 
     if kind != "zero3":
-        raise PotstillError(f"train.deepspeed_config is for train.distributed zero3, not {kind}; remove it or set "
-                            "train.distributed zero3")
+        raise PotstillError(
+            f"train.deepspeed_config is for train.distributed zero3, not {kind}; remove it or set "
+            "train.distributed zero3"
+        )
     try:
         stage = json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage")
     except (OSError, ValueError, AttributeError) as err:
-        raise PotstillError(f"train.deepspeed_config {path}: cannot read it as a DeepSpeed JSON config "
-                            f"({type(err).__name__}); fix the path or the file") from None
+        raise PotstillError(
+            f"train.deepspeed_config {path}: cannot read it as a DeepSpeed JSON config "
+            f"({type(err).__name__}); fix the path or the file"
+        ) from None
     if stage != 3:
-        raise PotstillError(f"train.deepspeed_config {path}: zero_optimization.stage is {stage}, but train.distributed "
-                            "zero3 needs stage 3; set it to 3 (or use train.distributed ddp)")
+        raise PotstillError(
+            f"train.deepspeed_config {path}: zero_optimization.stage is {stage}, but train.distributed "
+            "zero3 needs stage 3; set it to 3 (or use train.distributed ddp)"
+        )
 
 
 def _start_processes(device: torch.device) -> None:
@@ -1030,10 +1238,22 @@ def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: b
             continue
         student = copy.deepcopy(prep.student0)
         student.train()
-        model, curve = train_run(recipe, run, student, prep.teacher, prep.tokenizer, prep.train_examples, run_dir,
-                                 prep.device, prep.vocab_size, memo=memo, source=source,
-                                 extra_teachers=prep.extra_teachers(), cross=prep.cross_context(),
-                                 eval_examples=prep.eval_examples)
+        model, curve = train_run(
+            recipe,
+            run,
+            student,
+            prep.teacher,
+            prep.tokenizer,
+            prep.train_examples,
+            run_dir,
+            prep.device,
+            prep.vocab_size,
+            memo=memo,
+            source=source,
+            extra_teachers=prep.extra_teachers(),
+            cross=prep.cross_context(),
+            eval_examples=prep.eval_examples,
+        )
         students[run.name], curves[run.name] = model, curve
         barrier()  # the student is on disk before any process goes on
     if world_size() > 1:
@@ -1056,8 +1276,10 @@ def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: b
     ]
     if source is not None:
         m = source.manifest
-        notes.append(f"teacher signal from the cache at {recipe.cache_dir}: {source.kind} "
-                     f"({m['spec']['dtype']}), {m['bytes_per_token']:.1f} bytes/token")
+        notes.append(
+            f"teacher signal from the cache at {recipe.cache_dir}: {source.kind} "
+            f"({m['spec']['dtype']}), {m['bytes_per_token']:.1f} bytes/token"
+        )
     return evaluate_and_report(prep, students, curves, out, notes, progress)
 
 
@@ -1068,8 +1290,10 @@ def evaluate_only(recipe: Recipe, extra: list[str] | None = None, *, progress: b
 
     out = Path(recipe.output_dir)
     if world_size() > 1:
-        raise PotstillError(f"potstill eval runs in one process, but this is process {process_rank()} of "
-                            f"{world_size()} (accelerate launch / torchrun); run it without the launcher")
+        raise PotstillError(
+            f"potstill eval runs in one process, but this is process {process_rank()} of "
+            f"{world_size()} (accelerate launch / torchrun); run it without the launcher"
+        )
     check_output_dir(out)
     taken = {"teacher", "student_init", *(r.name for r in recipe.runs)}
     for d in extra or []:
@@ -1077,8 +1301,10 @@ def evaluate_only(recipe: Recipe, extra: list[str] | None = None, *, progress: b
         if not (p / "config.json").is_file():
             raise PotstillError(f"student directory '{p}' has no config.json; pass a save_pretrained directory")
         if p.name in taken:
-            raise PotstillError(f"--student '{p}' would be reported as '{p.name}', which is already a row of this "
-                                "recipe's report; copy or rename the directory to a name of its own")
+            raise PotstillError(
+                f"--student '{p}' would be reported as '{p.name}', which is already a row of this "
+                "recipe's report; copy or rename the directory to a name of its own"
+            )
         taken.add(p.name)
     prep = Prepared(recipe)
     students: dict[str, Any] = {}
@@ -1094,8 +1320,10 @@ def evaluate_only(recipe: Recipe, extra: list[str] | None = None, *, progress: b
         try:
             students[p.name] = AutoModelForCausalLM.from_pretrained(p).to(prep.device)
         except (OSError, ValueError, SafetensorError) as err:
-            raise PotstillError(f"student directory '{p}' does not load ({str(err).splitlines()[0][:200]}); pass a "
-                                "complete save_pretrained directory") from None
+            raise PotstillError(
+                f"student directory '{p}' does not load ({str(err).splitlines()[0][:200]}); pass a "
+                "complete save_pretrained directory"
+            ) from None
     if not set(students) - {"student_init"}:
         raise PotstillError(f"no finished runs in '{out}/runs' and no --student given; run `potstill distill` first")
     with owned_output_dir(out):

@@ -30,8 +30,9 @@ class HeldOutEval(TrainerCallback):
     ``[step, forward_kl, top1_agreement]`` rows. Under DDP the first process measures alone, with its whole
     student (no collective is involved); the others go on to the next step's synchronisation."""
 
-    def __init__(self, trainer, teacher, tokenizer, examples, *, every: int, vocab_size: int | None,
-                 batch_size: int = 8):
+    def __init__(
+        self, trainer, teacher, tokenizer, examples, *, every: int, vocab_size: int | None, batch_size: int = 8
+    ):
         self.trainer, self.teacher, self.tokenizer, self.examples = trainer, teacher, tokenizer, list(examples)
         self.every, self.vocab_size, self.batch_size = int(every), vocab_size, int(batch_size)
         self.history: list[list] = []
@@ -43,9 +44,16 @@ class HeldOutEval(TrainerCallback):
         from .eval.run import evaluate_runs
 
         student = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        row = evaluate_runs({"student": student}, self.teacher, self.tokenizer, self.examples,
-                            vocab_size=self.vocab_size, batch_size=self.batch_size, max_new_tokens=0,
-                            progress=False)["student"]
+        row = evaluate_runs(
+            {"student": student},
+            self.teacher,
+            self.tokenizer,
+            self.examples,
+            vocab_size=self.vocab_size,
+            batch_size=self.batch_size,
+            max_new_tokens=0,
+            progress=False,
+        )["student"]
         self.history.append([state.global_step, row["forward_kl"], row["top1_agreement"]])
         due_log = control.should_log  # Trainer.log clears it, and the step's own loss would go unlogged
         self.trainer.log({"eval_forward_kl": row["forward_kl"], "eval_top1_agreement": row["top1_agreement"]})

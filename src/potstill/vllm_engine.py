@@ -35,13 +35,31 @@ from torch import nn
 from .errors import PotstillError
 from .generate import Generations
 
-__all__ = ["MISSING_VLLM", "MODES", "VLLMEngine", "VLLMServerClient", "local_model_dir", "named_weights",
-           "require_vllm", "sampling_params", "save_for_vllm", "to_generations"]
+__all__ = [
+    "MISSING_VLLM",
+    "MODES",
+    "VLLMEngine",
+    "VLLMServerClient",
+    "local_model_dir",
+    "named_weights",
+    "require_vllm",
+    "sampling_params",
+    "save_for_vllm",
+    "to_generations",
+]
 
 MODES = ("colocate", "server")
 MISSING_VLLM = "the vllm backend needs the vllm package; pip install 'potstill[vllm]' (CUDA only) or use backend 'hf'"
-_ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
+_ARCH_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+)
 
 
 def _importable(name: str) -> bool:
@@ -61,15 +79,19 @@ def require_vllm(mode: str = "colocate", device=None, *, sync: bool = False) -> 
     cuda = dev.type == "cuda" and torch.cuda.is_available()
     if mode == "colocate" and not cuda:
         where = "no CUDA device is available here" if dev.type == "cuda" else f"not on '{dev}'"
-        raise PotstillError(f"the vllm backend (colocate) runs on CUDA only, {where}; use a GPU, a vLLM "
-                            "server (generation.vllm.mode: server) or generation.backend: hf")
+        raise PotstillError(
+            f"the vllm backend (colocate) runs on CUDA only, {where}; use a GPU, a vLLM "
+            "server (generation.vllm.mode: server) or generation.backend: hf"
+        )
     if mode == "colocate" and not _importable("vllm"):
         raise PotstillError(MISSING_VLLM)
     if mode == "server" and not _importable("requests"):
         raise PotstillError("the vllm server mode needs the requests package; pip install requests")
     if mode == "server" and sync and not (cuda and _importable("vllm") and _importable("trl.generation.vllm_client")):
-        raise PotstillError("syncing weights into a vLLM server needs vllm, trl and a CUDA device here (NCCL); "
-                            "pip install 'potstill[vllm]' trl on a GPU machine, or use generation.backend: hf")
+        raise PotstillError(
+            "syncing weights into a vLLM server needs vllm, trl and a CUDA device here (NCCL); "
+            "pip install 'potstill[vllm]' trl on a GPU machine, or use generation.backend: hf"
+        )
 
 
 def _outer(model: nn.Module) -> nn.Module:
@@ -88,7 +110,8 @@ def _plain_lora(layer, adapters: list[str]) -> bool:
     from peft.tuners.lora.layer import Linear
 
     return isinstance(layer, Linear) and not any(
-        a in getattr(layer, "lora_variant", {}) or layer.lora_bias.get(a) for a in adapters)
+        a in getattr(layer, "lora_variant", {}) or layer.lora_bias.get(a) for a in adapters
+    )
 
 
 def _hf_name(key: str, prefix: str, adapter: str) -> str | None:
@@ -98,9 +121,9 @@ def _hf_name(key: str, prefix: str, adapter: str) -> str | None:
         return None  # lora_A / lora_B / magnitudes (merged) and the frozen copy of a modules_to_save module
     if "modules_to_save" in parts:
         i = parts.index("modules_to_save")
-        if parts[i + 1:i + 2] != [adapter]:
+        if parts[i + 1 : i + 2] != [adapter]:
             return None
-        del parts[i:i + 2]
+        del parts[i : i + 2]
     return ".".join(p for p in parts if p != "base_layer")
 
 
@@ -171,13 +194,21 @@ def _prompt_seed(seed: int, i: int) -> int:
     return int.from_bytes(hashlib.sha256(f"potstill.vllm:{seed}:{i}".encode()).digest()[:4], "little") >> 1
 
 
-def sampling_params(*, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, seed: int | None,
-                    eos: Iterable[int]) -> dict[str, Any]:
+def sampling_params(
+    *, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, seed: int | None, eos: Iterable[int]
+) -> dict[str, Any]:
     """One request's ``SamplingParams`` kwargs / ``/v1/completions`` fields: greedy is temperature 0, sampling
     softmax(logits / temperature) cut at ``top_p`` only; it stops on exactly the EOS ids the hf backend does."""
-    kw: dict[str, Any] = {"n": 1, "max_tokens": int(max_new_tokens), "stop_token_ids": sorted(int(e) for e in eos),
-                          "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-                          "frequency_penalty": 0.0}
+    kw: dict[str, Any] = {
+        "n": 1,
+        "max_tokens": int(max_new_tokens),
+        "stop_token_ids": sorted(int(e) for e in eos),
+        "top_k": -1,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+    }
     if do_sample:
         return {**kw, "temperature": float(temperature), "top_p": float(top_p), "seed": int(seed or 0)}
     return {**kw, "temperature": 0.0, "top_p": 1.0}
@@ -215,13 +246,17 @@ class VLLMServerClient:
                 r = self._session.get(f"{self.base_url}/v1/models", timeout=max(1.0, min(10.0, self.timeout)))
                 self.model = str(r.json()["data"][0]["id"]) if r.status_code == 200 else None
             except (ValueError, KeyError, IndexError, TypeError):  # first: a JSONDecodeError is a ValueError
-                raise PotstillError(f"{self.base_url} answers, but not as a vLLM server (GET /v1/models); "
-                                    "fix generation.vllm.server_url") from None
+                raise PotstillError(
+                    f"{self.base_url} answers, but not as a vLLM server (GET /v1/models); "
+                    "fix generation.vllm.server_url"
+                ) from None
             except requests.RequestException:
                 pass
             if self.model is None and time.monotonic() >= deadline:
-                raise PotstillError(f"no vLLM server answers at {self.base_url} (waited {self.timeout:g} s); start "
-                                    "one with `trl vllm-serve --model MODEL` or fix generation.vllm.server_url")
+                raise PotstillError(
+                    f"no vLLM server answers at {self.base_url} (waited {self.timeout:g} s); start "
+                    "one with `trl vllm-serve --model MODEL` or fix generation.vllm.server_url"
+                )
             time.sleep(0.0 if self.model else min(1.0, max(0.0, deadline - time.monotonic())))
         return self.model
 
@@ -233,18 +268,24 @@ class VLLMServerClient:
         try:
             r = self._session.post(f"{self.base_url}/v1/completions", json=body, timeout=self.timeout)
         except requests.RequestException as err:
-            raise PotstillError(f"the vLLM server at {self.base_url} did not answer a completion "
-                                f"({type(err).__name__}); check that it still runs") from None
+            raise PotstillError(
+                f"the vLLM server at {self.base_url} did not answer a completion "
+                f"({type(err).__name__}); check that it still runs"
+            ) from None
         if r.status_code != 200:
-            raise PotstillError(f"the vLLM server at {self.base_url} refused a completion (HTTP {r.status_code}: "
-                                f"{' '.join(r.text.split())[:160]}); check the server's model and version")
+            raise PotstillError(
+                f"the vLLM server at {self.base_url} refused a completion (HTTP {r.status_code}: "
+                f"{' '.join(r.text.split())[:160]}); check the server's model and version"
+            )
         try:
             choice = r.json()["choices"][0]
         except (ValueError, KeyError, IndexError, TypeError):
             choice = None
         if not isinstance(choice, dict) or not isinstance(choice.get("token_ids"), list):
-            raise PotstillError(f"the vLLM server at {self.base_url} returned no token ids; upgrade vllm on the "
-                                "server (its /v1/completions must honour return_token_ids)")
+            raise PotstillError(
+                f"the vLLM server at {self.base_url} returned no token ids; upgrade vllm on the "
+                "server (its /v1/completions must honour return_token_ids)"
+            )
         return choice
 
     def weight_client(self, device):
@@ -256,8 +297,10 @@ class VLLMServerClient:
             client.init_communicator(device=device)
         except (RuntimeError, ConnectionError, ImportError) as err:
             why = " ".join(str(err).split())[:160]
-            raise PotstillError(f"cannot sync weights into the vLLM server at {self.base_url} ({why}); "
-                                "start it with `trl vllm-serve --model MODEL`") from None
+            raise PotstillError(
+                f"cannot sync weights into the vLLM server at {self.base_url} ({why}); "
+                "start it with `trl vllm-serve --model MODEL`"
+            ) from None
         return client
 
 
@@ -265,8 +308,13 @@ def _launcher_env() -> None:
     """The torch.distributed variables vLLM's ``external_launcher`` reads: torchrun's, else one process."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        for k, v in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1), ("MASTER_ADDR", "127.0.0.1"),
-                     ("MASTER_PORT", s.getsockname()[1])):
+        for k, v in (
+            ("RANK", 0),
+            ("LOCAL_RANK", 0),
+            ("WORLD_SIZE", 1),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", s.getsockname()[1]),
+        ):
             os.environ.setdefault(k, str(v))
 
 
@@ -276,9 +324,18 @@ class VLLMEngine:
     ``eos_ids``: where generation stops; ``identity``: what outputs depend on besides weights and params (it
     goes into cache run keys). Build one with :meth:`from_options`; tests pass fakes."""
 
-    def __init__(self, mode: str = "colocate", *, eos_ids: Iterable[int], llm=None, make_llm: Callable | None = None,
-                 client=None, make_weight_client: Callable | None = None, identity: dict | None = None,
-                 owned_dirs: list[str] | None = None):
+    def __init__(
+        self,
+        mode: str = "colocate",
+        *,
+        eos_ids: Iterable[int],
+        llm=None,
+        make_llm: Callable | None = None,
+        client=None,
+        make_weight_client: Callable | None = None,
+        identity: dict | None = None,
+        owned_dirs: list[str] | None = None,
+    ):
         self.mode, self.eos_ids = mode, {int(e) for e in eos_ids}
         self._llm, self._make_llm, self._client = llm, make_llm, client
         self._weights, self._make_weights = None, make_weight_client
@@ -287,8 +344,17 @@ class VLLMEngine:
         self._version, self._meta = object(), None  # object(): equal to no version, so the first sync runs
 
     @classmethod
-    def from_options(cls, model: nn.Module, tokenizer, options, *, device=None, seed: int = 0, sync: bool = False,
-                     workdir: str | Path | None = None) -> VLLMEngine:
+    def from_options(
+        cls,
+        model: nn.Module,
+        tokenizer,
+        options,
+        *,
+        device=None,
+        seed: int = 0,
+        sync: bool = False,
+        workdir: str | Path | None = None,
+    ) -> VLLMEngine:
         """An engine for ``model`` set up by ``options`` (``config.VLLMOptions``, or any object with its fields).
 
         Checks the machine at once (:func:`require_vllm`); vLLM starts on the first generation, so a
@@ -305,10 +371,14 @@ class VLLMEngine:
             client = VLLMServerClient(options.server_url, options.server_timeout)
             return cls("server", eos_ids=eos, client=client, make_weight_client=lambda: client.weight_client(device))
         owned: list[str] = []
-        kw = {"dtype": options.dtype, "gpu_memory_utilization": options.gpu_memory_utilization,
-              "tensor_parallel_size": options.tensor_parallel_size, "seed": int(seed),
-              **({} if options.max_model_len is None else {"max_model_len": options.max_model_len}),
-              **({"distributed_executor_backend": "external_launcher"} if sync else {})}  # in-process: load_weights
+        kw = {
+            "dtype": options.dtype,
+            "gpu_memory_utilization": options.gpu_memory_utilization,
+            "tensor_parallel_size": options.tensor_parallel_size,
+            "seed": int(seed),
+            **({} if options.max_model_len is None else {"max_model_len": options.max_model_len}),
+            **({"distributed_executor_backend": "external_launcher"} if sync else {}),
+        }  # in-process: load_weights
 
         def make_llm():
             path = local_model_dir(model)
@@ -327,30 +397,59 @@ class VLLMEngine:
             self._llm = self._make_llm()
         return self._llm
 
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int = 64, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, eos_ids: Iterable[int] | None = None,
-                 progress: bool = False) -> Generations:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        eos_ids: Iterable[int] | None = None,
+        progress: bool = False,
+    ) -> Generations:
         """Continue each token-id prompt: :class:`Generations` in the input order (see the module docstring);
         prompt ``i`` sampled with a seed hashed from ``(seed, i)``; ``seconds``: the requests' wall time."""
         prompts = [[int(t) for t in p] for p in prompts]
         eos = self.eos_ids if eos_ids is None else {int(e) for e in eos_ids}
-        kws = [sampling_params(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                               top_p=top_p, seed=_prompt_seed(seed, i), eos=eos) for i in range(len(prompts))]
+        kws = [
+            sampling_params(
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                seed=_prompt_seed(seed, i),
+                eos=eos,
+            )
+            for i in range(len(prompts))
+        ]
         t0 = time.perf_counter()
         if self.mode == "colocate":
             vllm = importlib.import_module("vllm")
-            results = list(self._engine().generate([{"prompt_token_ids": p} for p in prompts], use_tqdm=progress,
-                                                   sampling_params=[vllm.SamplingParams(**k) for k in kws]))
+            results = list(
+                self._engine().generate(
+                    [{"prompt_token_ids": p} for p in prompts],
+                    use_tqdm=progress,
+                    sampling_params=[vllm.SamplingParams(**k) for k in kws],
+                )
+            )
             echoed = [list(getattr(r, "prompt_token_ids", None) or p) for r, p in zip(results, prompts)]
             if len(results) != len(prompts) or echoed != prompts:
-                raise PotstillError(f"vllm returned {len(results)} outputs that do not match the {len(prompts)} "
-                                    "prompts in order; check the vllm version")
-            outs = [(c.token_ids, getattr(c, "finish_reason", None), getattr(c, "stop_reason", None))
-                    for c in (r.outputs[0] for r in results)]
+                raise PotstillError(
+                    f"vllm returned {len(results)} outputs that do not match the {len(prompts)} "
+                    "prompts in order; check the vllm version"
+                )
+            outs = [
+                (c.token_ids, getattr(c, "finish_reason", None), getattr(c, "stop_reason", None))
+                for c in (r.outputs[0] for r in results)
+            ]
         else:
             with ThreadPoolExecutor(max_workers=max(1, min(32, len(prompts)))) as pool:
-                outs = [(c["token_ids"], c.get("finish_reason"), c.get("stop_reason"))
-                        for c in pool.map(self._client.complete, prompts, kws)]
+                outs = [
+                    (c["token_ids"], c.get("finish_reason"), c.get("stop_reason"))
+                    for c in pool.map(self._client.complete, prompts, kws)
+                ]
         return to_generations(outs, eos, time.perf_counter() - t0)
 
     def sync_weights(self, model: nn.Module, *, version: Any = None) -> bool:
@@ -370,8 +469,9 @@ class VLLMEngine:
             if not dist or torch.distributed.get_rank() == 0:
                 self._weights = self._weights or self._make_weights()
                 if self._meta is None:  # the server must know every tensor before the first one is sent
-                    self._meta = [(n, str(t.dtype).removeprefix("torch."), list(t.shape))
-                                  for n, t in named_weights(model)]
+                    self._meta = [
+                        (n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in named_weights(model)
+                    ]
                 self._weights.update_named_params(self._meta, named_weights(model))
                 self._weights.reset_prefix_cache()
             else:

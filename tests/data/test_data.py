@@ -41,8 +41,9 @@ def test_prompt_tokens_are_masked_and_response_is_the_template_suffix(tiny_token
 def test_truncation_keeps_prompt_and_cuts_response(tiny_tokenizer):
     msgs = [{"role": "user", "content": "Hi"}]
     full = encode_example(tiny_tokenizer, msgs, "one two three four five six seven eight nine ten", 512)
-    short = encode_example(tiny_tokenizer, msgs, "one two three four five six seven eight nine ten",
-                           len(full["prompt_ids"]) + 3)
+    short = encode_example(
+        tiny_tokenizer, msgs, "one two three four five six seven eight nine ten", len(full["prompt_ids"]) + 3
+    )
     assert short["prompt_ids"] == full["prompt_ids"] and len(short["response_ids"]) == 3
     with pytest.raises(PotstillError, match="max_length"):
         encode_example(tiny_tokenizer, msgs, "x", len(full["prompt_ids"]))
@@ -51,8 +52,9 @@ def test_truncation_keeps_prompt_and_cuts_response(tiny_tokenizer):
 def test_messages_column_and_system_prompt():
     rows = [{"chat": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
     pairs = records_to_pairs(rows, messages_field="chat", system_prompt="Be brief.")
-    assert pairs == [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}],
-                      "response": "a"}]
+    assert pairs == [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}], "response": "a"}
+    ]
     with pytest.raises(PotstillError, match="assistant"):
         records_to_pairs([{"chat": [{"role": "user", "content": "q"}]}], messages_field="chat")
     with pytest.raises(PotstillError, match="column 'prompt' not found"):
@@ -95,8 +97,10 @@ def _one_line_with_fix(err) -> str:
 
 def test_a_broken_jsonl_line_is_named_by_file_and_line_number(tmp_path, capfd):
     p = tmp_path / "data.jsonl"
-    p.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n'
-                 '{"prompt": "e", broken\n{"prompt": "f", "response": "g"}\n')
+    p.write_text(
+        '{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n'
+        '{"prompt": "e", broken\n{"prompt": "f", "response": "g"}\n'
+    )
     with pytest.raises(PotstillError) as err:
         load_records(p)
     msg = _one_line_with_fix(err)
@@ -104,11 +108,14 @@ def test_a_broken_jsonl_line_is_named_by_file_and_line_number(tmp_path, capfd):
     assert capfd.readouterr().err == ""  # datasets' own multi-line log is kept off stderr
 
 
-@pytest.mark.parametrize("body, needle", [
-    ('[{"prompt": "a", "response": "b"},\n {"prompt": "c" "response": "d"}]\n', "line 2 is not valid JSON"),
-    ('{\n  "prompt": ["a", "b"],\n  "response": ["c" "d"]\n}\n', "line 3 is not valid JSON"),
-    ('[{"prompt": "a", "response": "b"}, 3]', "item 2 of its array is an int"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ('[{"prompt": "a", "response": "b"},\n {"prompt": "c" "response": "d"}]\n', "line 2 is not valid JSON"),
+        ('{\n  "prompt": ["a", "b"],\n  "response": ["c" "d"]\n}\n', "line 3 is not valid JSON"),
+        ('[{"prompt": "a", "response": "b"}, 3]', "item 2 of its array is an int"),
+    ],
+)
 def test_a_broken_json_document_names_the_line(tmp_path, body, needle):
     p = tmp_path / "data.json"
     p.write_text(body)
@@ -125,11 +132,14 @@ def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path):
     assert "line 2 is a JSON list" in _one_line_with_fix(err)
 
 
-@pytest.mark.parametrize("suffix, body, line", [
-    (".jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n', 2),
-    (".csv", b"prompt,response\ncaf\xe9,b\n", 2),
-    (".json", b'[{"prompt": "caf\xe9", "response": "b"}]', 1),
-])
+@pytest.mark.parametrize(
+    "suffix, body, line",
+    [
+        (".jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n', 2),
+        (".csv", b"prompt,response\ncaf\xe9,b\n", 2),
+        (".json", b'[{"prompt": "caf\xe9", "response": "b"}]', 1),
+    ],
+)
 def test_a_latin1_data_file_says_save_it_as_utf8(tmp_path, suffix, body, line):
     p = tmp_path / f"data{suffix}"
     p.write_bytes(body)
@@ -139,12 +149,15 @@ def test_a_latin1_data_file_says_save_it_as_utf8(tmp_path, suffix, body, line):
     assert str(p) in msg and f"line {line}" in msg and "0xe9" in msg and "save it as UTF-8" in msg
 
 
-@pytest.mark.parametrize("row, field, what", [
-    ({"prompt": None, "response": "b"}, "prompt", "is null"),
-    ({"prompt": "a", "response": None}, "response", "is null"),
-    ({"prompt": 5, "response": "b"}, "prompt", "is an int"),
-    ({"prompt": "a", "response": ["x"]}, "response", "is a list"),
-])
+@pytest.mark.parametrize(
+    "row, field, what",
+    [
+        ({"prompt": None, "response": "b"}, "prompt", "is null"),
+        ({"prompt": "a", "response": None}, "response", "is null"),
+        ({"prompt": 5, "response": "b"}, "prompt", "is an int"),
+        ({"prompt": "a", "response": ["x"]}, "response", "is a list"),
+    ],
+)
 def test_a_prompt_or_response_that_is_not_a_string_is_refused(row, field, what):
     rows = [{"prompt": "q", "response": "r"}, row]
     with pytest.raises(PotstillError) as err:
@@ -160,13 +173,16 @@ def test_a_null_prompt_read_from_a_file_never_becomes_the_text_None(tmp_path):
         records_to_pairs(load_records(p), where=str(p))
 
 
-@pytest.mark.parametrize("chat, needle", [
-    (["hi", "there"], "turn 1 is a str ('hi'), not a message"),
-    ("hi", "is a str, not a list of messages"),
-    (None, "is null, not a list of messages"),
-    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": None}], "turn 2 has its 'content' null"),
-    ([{"role": "user", "content": "q"}, {"content": "a"}], "turn 2 has its 'role' null or missing"),
-])
+@pytest.mark.parametrize(
+    "chat, needle",
+    [
+        (["hi", "there"], "turn 1 is a str ('hi'), not a message"),
+        ("hi", "is a str, not a list of messages"),
+        (None, "is null, not a list of messages"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": None}], "turn 2 has its 'content' null"),
+        ([{"role": "user", "content": "q"}, {"content": "a"}], "turn 2 has its 'role' null or missing"),
+    ],
+)
 def test_messages_that_are_not_role_content_turns_are_refused(chat, needle):
     rows = [{"chat": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, {"chat": chat}]
     with pytest.raises(PotstillError) as err:

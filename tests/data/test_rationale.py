@@ -29,7 +29,8 @@ VERB = {"add": "+", "subtract": "-", "multiply by": "*"}
 
 REAL_GSM8K = (
     Path(os.environ.get("POTSTILL_DATA") or Path(__file__).resolve().parents[2] / ".." / "shared" / "data")
-    / "gsm8k" / "train.jsonl"
+    / "gsm8k"
+    / "train.jsonl"
 )
 
 
@@ -49,10 +50,16 @@ def test_arithmetic_golden_values():
     # Pinned output: fails if the seeding goes through hash() (randomized per process) or the
     # generator changes, either of which would silently change every benchmark's data.
     assert arithmetic_problems(2, seed=0, level=3) == [
-        Problem("Start with 16. Subtract 17, then subtract 13, then add 18. What is the result?",
-                "16 - 17 = -1. -1 - 13 = -14. -14 + 18 = 4.", "4"),
-        Problem("Start with 12. Subtract 19, then subtract 1, then add 19. What is the result?",
-                "12 - 19 = -7. -7 - 1 = -8. -8 + 19 = 11.", "11"),
+        Problem(
+            "Start with 16. Subtract 17, then subtract 13, then add 18. What is the result?",
+            "16 - 17 = -1. -1 - 13 = -14. -14 + 18 = 4.",
+            "4",
+        ),
+        Problem(
+            "Start with 12. Subtract 19, then subtract 1, then add 19. What is the result?",
+            "12 - 19 = -7. -7 - 1 = -8. -8 + 19 = 11.",
+            "11",
+        ),
     ]
 
 
@@ -113,16 +120,21 @@ def _write_jsonl(path: Path, rows) -> Path:
 
 def test_load_gsm8k_strips_annotations_and_commas(tmp_path):
     rows = [
-        {"question": "  Natalia sold 48 clips in April and half as many in May. How many? ",
-         "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nIn total 48+24 = <<48+24=72>>72 clips.\n#### 72"},
+        {
+            "question": "  Natalia sold 48 clips in April and half as many in May. How many? ",
+            "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nIn total 48+24 = <<48+24=72>>72 clips.\n#### 72",
+        },
         {"question": "How many grams?", "answer": "It is 10*100 = <<10*100=1000>>1000  grams.\n\n#### 1,000"},
         {"question": "Debt?", "answer": "She owes 3 dollars.\n#### -3 "},
     ]
     path = _write_jsonl(tmp_path / "g.jsonl", rows + [""])  # a trailing blank line is skipped
     got = load_gsm8k(path)
     assert got == [
-        Problem("Natalia sold 48 clips in April and half as many in May. How many?",
-                "Natalia sold 48/2 = 24 clips in May. In total 48+24 = 72 clips.", "72"),
+        Problem(
+            "Natalia sold 48 clips in April and half as many in May. How many?",
+            "Natalia sold 48/2 = 24 clips in May. In total 48+24 = 72 clips.",
+            "72",
+        ),
         Problem("How many grams?", "It is 10*100 = 1000 grams.", "1000"),
         Problem("Debt?", "She owes 3 dollars.", "-3"),
     ]
@@ -183,8 +195,10 @@ def test_data_root_reads_env(tmp_path, monkeypatch):
 
 # ---- pairs ---------------------------------------------------------------------------------------
 
-PROBS = [Problem("Start with 2. Add 3. What is the result?", "2 + 3 = 5.", "5"),
-         Problem("Start with 4. Multiply by 2. What is the result?", "4 * 2 = 8.", "8")]
+PROBS = [
+    Problem("Start with 2. Add 3. What is the result?", "2 + 3 = 5.", "5"),
+    Problem("Start with 4. Multiply by 2. What is the result?", "4 * 2 = 8.", "8"),
+]
 
 
 def _user(text):
@@ -193,10 +207,18 @@ def _user(text):
 
 def test_answer_only_pairs():
     assert rationale_pairs(PROBS, "answer_only") == [
-        {"messages": _user("[answer] Start with 2. Add 3. What is the result?"), "response": "5",
-         "task": "answer", "problem": 0},
-        {"messages": _user("[answer] Start with 4. Multiply by 2. What is the result?"), "response": "8",
-         "task": "answer", "problem": 1},
+        {
+            "messages": _user("[answer] Start with 2. Add 3. What is the result?"),
+            "response": "5",
+            "task": "answer",
+            "problem": 0,
+        },
+        {
+            "messages": _user("[answer] Start with 4. Multiply by 2. What is the result?"),
+            "response": "8",
+            "task": "answer",
+            "problem": 1,
+        },
     ]
 
 
@@ -205,10 +227,18 @@ def test_multitask_pairs_answer_then_rationale():
     assert len(pairs) == 2 * len(PROBS)
     order = [(p["task"], p["problem"]) for p in pairs]
     assert order == [("answer", 0), ("rationale", 0), ("answer", 1), ("rationale", 1)]
-    assert pairs[0] == {"messages": _user("[answer] " + PROBS[0].question), "response": "5",
-                        "task": "answer", "problem": 0}
-    assert pairs[1] == {"messages": _user("[rationale] " + PROBS[0].question), "response": "2 + 3 = 5.",
-                        "task": "rationale", "problem": 0}
+    assert pairs[0] == {
+        "messages": _user("[answer] " + PROBS[0].question),
+        "response": "5",
+        "task": "answer",
+        "problem": 0,
+    }
+    assert pairs[1] == {
+        "messages": _user("[rationale] " + PROBS[0].question),
+        "response": "2 + 3 = 5.",
+        "task": "rationale",
+        "problem": 0,
+    }
     assert pairs[3]["response"] == "4 * 2 = 8."
     assert ANSWER_PREFIX == "[answer] " and RATIONALE_PREFIX == "[rationale] "
 

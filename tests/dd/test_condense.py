@@ -84,8 +84,14 @@ def accuracy_after_training(cs: CondensedSet, test: RealData, E, seeds=(0, 1, 2)
     accs = []
     for s in seeds:
         top = Tiny(100 + s)
-        train_top(top, Features(cs.embeddings.detach(), cs.attention_mask, cs.classes), steps=60, lr=3e-2,
-                  batch_size=8, seed=s)
+        train_top(
+            top,
+            Features(cs.embeddings.detach(), cs.attention_mask, cs.classes),
+            steps=60,
+            lr=3e-2,
+            batch_size=8,
+            seed=s,
+        )
         accs.append(evaluate_features(top, Features(E[test.input_ids], test.attention_mask, test.labels))["accuracy"])
     return sum(accs) / len(accs)
 
@@ -168,9 +174,12 @@ def word_tokenizer():
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
 
 
 def test_to_text_returns_nearest_words_and_keeps_specials():
@@ -187,7 +196,7 @@ def test_to_text_returns_nearest_words_and_keeps_specials():
     want = []
     for i in range(len(cs)):
         pos = cs.learn_mask[i].nonzero().flatten().tolist()
-        words = targets[int(cs.classes[i])][:len(pos)]
+        words = targets[int(cs.classes[i])][: len(pos)]
         for p, w in zip(pos, words):
             x[i, p] = E[vocab[w]] * 1.3 + 0.01  # a scaled, shifted token row: still nearest (cosine)
         want.append(" ".join(words))
@@ -243,8 +252,9 @@ def test_gradient_matching_decreases_its_loss_and_keeps_fixed_positions():
     real = real_data(256, seed=1)
     syn = noise_init(E)
     syn.learn_mask[:, 0] = False  # pretend position 0 is a special token
-    out = gradient_matching(Tiny(0), real, syn, E, iterations=40, inner_steps=1, n_inits=1, real_batch=128,
-                            lr_embed=0.05, seed=0)
+    out = gradient_matching(
+        Tiny(0), real, syn, E, iterations=40, inner_steps=1, n_inits=1, real_batch=128, lr_embed=0.05, seed=0
+    )
     h = out.history["match"]
     assert len(h) == 40 and len(out.history["reg"]) == 40
     assert sum(h[-5:]) / 5 < 0.5 * h[0]
@@ -258,8 +268,20 @@ def test_trajectory_matching_decreases_its_loss():
     real = real_data(256, seed=1)
     experts = train_experts(Tiny(0), real, E, n_experts=1, steps=40, save_every=10, lr=0.3, batch_size=32)
     assert len(experts) == 1 and len(experts[0]) == 5
-    out = trajectory_matching(Tiny(0), experts, noise_init(E), E, iterations=40, syn_steps=5, expert_span=2,
-                              max_start=0, syn_lr=0.3, lr_embed=0.05, per_step_lr=True, seed=0)
+    out = trajectory_matching(
+        Tiny(0),
+        experts,
+        noise_init(E),
+        E,
+        iterations=40,
+        syn_steps=5,
+        expert_span=2,
+        max_start=0,
+        syn_lr=0.3,
+        lr_embed=0.05,
+        per_step_lr=True,
+        seed=0,
+    )
     h = out.history["match"]
     assert sum(h[-5:]) / 5 < 0.5 * h[0]
     assert out.lr_log is not None and out.lr_log.shape == (5,)
@@ -272,8 +294,9 @@ def test_condensed_set_trains_a_learner_above_chance():
     before = accuracy_after_training(syn, test, E)
     gm = gradient_matching(Tiny(0), real, syn, E, iterations=30, inner_steps=3, real_batch=64, lr_embed=0.05, seed=0)
     experts = train_experts(Tiny(0), real, E, n_experts=2, steps=40, save_every=10, lr=0.3)
-    tm = trajectory_matching(Tiny(0), experts, syn, E, iterations=40, syn_steps=5, expert_span=2, syn_lr=0.3,
-                             lr_embed=0.05, seed=0)
+    tm = trajectory_matching(
+        Tiny(0), experts, syn, E, iterations=40, syn_steps=5, expert_span=2, syn_lr=0.3, lr_embed=0.05, seed=0
+    )
     assert before < 0.65
     assert accuracy_after_training(gm, test, E) > 0.8
     assert accuracy_after_training(tm, test, E) > 0.8

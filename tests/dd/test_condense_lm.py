@@ -29,12 +29,21 @@ from potstill.dd.condense_lm import (
 from potstill.errors import PotstillError, VocabMismatchError
 
 SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.", "A small model learns from a large model.",
-    "What is the capital of France?", "The capital of France is Paris.", "What is two plus two?",
-    "Two plus two is four.", "Please answer the question in one short sentence.", "Sure, here is a short answer.",
-    "I like apples, bananas and oranges.", "She reads a book every day in the morning.",
-    "The sea is blue and the waves are loud at night.", "Thank you very much for your help!",
-    "How many days are in a week?", "There are seven days in a week.", "Explain why the sky is blue.",
+    "The quick brown fox jumps over the lazy dog.",
+    "A small model learns from a large model.",
+    "What is the capital of France?",
+    "The capital of France is Paris.",
+    "What is two plus two?",
+    "Two plus two is four.",
+    "Please answer the question in one short sentence.",
+    "Sure, here is a short answer.",
+    "I like apples, bananas and oranges.",
+    "She reads a book every day in the morning.",
+    "The sea is blue and the waves are loud at night.",
+    "Thank you very much for your help!",
+    "How many days are in a week?",
+    "There are seven days in a week.",
+    "Explain why the sky is blue.",
     "Light from the sun is scattered by the air.",
 ]
 
@@ -43,9 +52,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _llama(tok, *, layers: int, hidden: int = 32, vocab: int | None = None, seed: int) -> LlamaForCausalLM:
-    cfg = LlamaConfig(vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                      max_position_embeddings=64, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab or len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(cfg).float().eval()  # SDPA attention: condense_lm must switch to eager itself
@@ -76,10 +93,14 @@ def data(tok):
 
 def _hf_init(student):
     """HF Llama's init distribution (normal(0, 0.02) weights, unit norms), seeded: the student's own."""
+
     def init_fn(seed):
         g = torch.Generator().manual_seed(seed)
-        return {n: torch.randn(p.shape, generator=g) * 0.02 if p.dim() == 2 else p.detach().clone()
-                for n, p in student.named_parameters()}
+        return {
+            n: torch.randn(p.shape, generator=g) * 0.02 if p.dim() == 2 else p.detach().clone()
+            for n, p in student.named_parameters()
+        }
+
     return init_fn
 
 
@@ -88,10 +109,12 @@ def test_matching_loss_decreases(pair, data, tok, labels):
     teacher, student = pair
     ids, mask = data
     E = student.get_input_embeddings().weight
-    syn = random_soft_prompts(2, 6, E, candidates=text_candidates(tok, E.shape[0]), seed=0, labels=labels,
-                              teacher=teacher)
-    out = condense_lm(student, teacher, (ids[:4], mask[:4]), syn, outer_steps=10, n_inits=1, lr_embed=3e-3,
-                      lr_label=0.05)
+    syn = random_soft_prompts(
+        2, 6, E, candidates=text_candidates(tok, E.shape[0]), seed=0, labels=labels, teacher=teacher
+    )
+    out = condense_lm(
+        student, teacher, (ids[:4], mask[:4]), syn, outer_steps=10, n_inits=1, lr_embed=3e-3, lr_label=0.05
+    )
     h = out.history["match"]
     assert len(h) == 10 and len(out.history["reg"]) == 10 and len(out.history["time_s"]) == 10
     assert h[-1] < 0.8 * h[0], h
@@ -127,8 +150,13 @@ def test_inner_steps_train_the_student_between_matching_steps(pair, data, tok):
             with torch.no_grad():
                 t1 = teacher(inputs_embeds=x1, attention_mask=syn.attention_mask).logits
             # SGD step by hand on the KD loss of the synthetic set
-            loss = kd_loss(torch.func.functional_call(student, theta, (), {"inputs_embeds": x1,
-                           "attention_mask": syn.attention_mask}).logits, t1, syn.attention_mask)
+            loss = kd_loss(
+                torch.func.functional_call(
+                    student, theta, (), {"inputs_embeds": x1, "attention_mask": syn.attention_mask}
+                ).logits,
+                t1,
+                syn.attention_mask,
+            )
             grads = torch.autograd.grad(loss, list(theta.values()))
             theta1 = {n: (v - 1.0 * g).detach().requires_grad_(True) for (n, v), g in zip(theta.items(), grads)}
             d1 = float(lm_gradient_distance(student, theta1, teacher, real[1], x1, syn.attention_mask).detach())
@@ -149,8 +177,9 @@ def test_gradient_distance_is_zero_for_the_real_batch_itself(pair, data):
         student.set_attn_implementation("eager")
         try:
             same = lm_gradient_distance(student, theta, teacher, real, syn.embeddings, syn.attention_mask)
-            other = lm_gradient_distance(student, theta, teacher, (ids[4:8], mask[4:8]), syn.embeddings,
-                                         syn.attention_mask)
+            other = lm_gradient_distance(
+                student, theta, teacher, (ids[4:8], mask[4:8]), syn.embeddings, syn.attention_mask
+            )
         finally:
             student.set_attn_implementation("sdpa")
     n_rows = sum(v.shape[0] if v.dim() > 1 else 1 for v in theta.values())
@@ -177,8 +206,15 @@ def test_teacher_soft_labels_are_a_direct_teacher_softmax(pair, data):
         at_init = teacher(input_ids=ids[:3], attention_mask=mask[:3]).logits
     torch.testing.assert_close(learned.label_logits, at_init, rtol=0, atol=1e-5)
     # labels are recomputed on the current embeddings after condensation
-    out = condense_lm(student, teacher, (ids[4:8], mask[4:8]), init_soft_prompts(ids[:2], mask[:2], E),
-                      outer_steps=2, lr_embed=1e-2, seed=1)
+    out = condense_lm(
+        student,
+        teacher,
+        (ids[4:8], mask[4:8]),
+        init_soft_prompts(ids[:2], mask[:2], E),
+        outer_steps=2,
+        lr_embed=1e-2,
+        seed=1,
+    )
     with torch.no_grad():
         now = torch.softmax(teacher(inputs_embeds=out.embeddings, attention_mask=out.attention_mask).logits, -1)
     torch.testing.assert_close(out.soft_labels(teacher), now, rtol=0, atol=1e-7)
@@ -188,8 +224,14 @@ def test_teacher_soft_labels_are_a_direct_teacher_softmax(pair, data):
 def test_save_load_round_trip_is_exact(pair, data, tmp_path):
     teacher, student = pair
     ids, mask = data
-    syn = init_soft_prompts(ids[:3], mask[:3], student.get_input_embeddings().weight, special_ids=[ids[0, 0].item()],
-                            labels="learned", teacher=teacher)
+    syn = init_soft_prompts(
+        ids[:3],
+        mask[:3],
+        student.get_input_embeddings().weight,
+        special_ids=[ids[0, 0].item()],
+        labels="learned",
+        teacher=teacher,
+    )
     syn.embeddings += 1e-3 * torch.randn(syn.embeddings.shape)
     syn.meta, syn.history = {"method": "x", "params": ["a", "b"]}, {"match": [1.5, 0.25], "reg": [0.0, 0.0]}
     back = load_soft_prompts(syn.save(tmp_path / "sp"))
@@ -198,8 +240,9 @@ def test_save_load_round_trip_is_exact(pair, data, tmp_path):
         assert a.dtype == b.dtype and torch.equal(a, b), k
     assert (back.labels, back.meta, back.history) == (syn.labels, syn.meta, syn.history)
     assert not back.learn_mask[0, 0] and back.learn_mask[0, 1]
-    plain = load_soft_prompts(init_soft_prompts(ids[:1], mask[:1], student.get_input_embeddings().weight)
-                              .save(tmp_path / "plain"))
+    plain = load_soft_prompts(
+        init_soft_prompts(ids[:1], mask[:1], student.get_input_embeddings().weight).save(tmp_path / "plain")
+    )
     assert plain.labels == "teacher" and plain.label_logits is None
     with pytest.raises(PotstillError, match="holds no soft-prompt set"):
         load_soft_prompts(tmp_path / "missing")
@@ -227,17 +270,32 @@ def test_mismatched_width_or_vocab_raises_one_line(tiny_teacher, tiny_student, t
     teacher, student = pair
     bigger = _llama(tok, layers=1, vocab=len(tok) + 8, seed=3)
     with pytest.raises(VocabMismatchError, match=rf"{len(tok) + 8} vocab rows and teacher {len(tok)}") as err:
-        condense_lm(bigger, teacher, (torch.zeros(1, 3, dtype=torch.long),) * 2,
-                    random_soft_prompts(1, 3, student.get_input_embeddings().weight), outer_steps=1)
+        condense_lm(
+            bigger,
+            teacher,
+            (torch.zeros(1, 3, dtype=torch.long),) * 2,
+            random_soft_prompts(1, 3, student.get_input_embeddings().weight),
+            outer_steps=1,
+        )
     assert "\n" not in str(err.value)
     check_pair(student, teacher)  # same width and vocab: no error
     with pytest.warns(UserWarning, match="input embeddings differ"):
-        condense_lm(_llama(tok, layers=1, seed=5), teacher, (torch.ones(1, 3, dtype=torch.long),) * 2,
-                    random_soft_prompts(1, 3, student.get_input_embeddings().weight), outer_steps=1)
+        condense_lm(
+            _llama(tok, layers=1, seed=5),
+            teacher,
+            (torch.ones(1, 3, dtype=torch.long),) * 2,
+            random_soft_prompts(1, 3, student.get_input_embeddings().weight),
+            outer_steps=1,
+        )
     with pytest.raises(PotstillError, match="input embedding, which soft prompts bypass"):
-        condense_lm(student, teacher, (torch.zeros(1, 3, dtype=torch.long),) * 2,
-                    random_soft_prompts(1, 3, student.get_input_embeddings().weight), outer_steps=1,
-                    params=["model.embed_tokens"])
+        condense_lm(
+            student,
+            teacher,
+            (torch.zeros(1, 3, dtype=torch.long),) * 2,
+            random_soft_prompts(1, 3, student.get_input_embeddings().weight),
+            outer_steps=1,
+            params=["model.embed_tokens"],
+        )
 
 
 def test_evaluate_lm_set(pair, data, tok):
@@ -252,8 +310,15 @@ def test_evaluate_lm_set(pair, data, tok):
     assert soft["forward_kl"] == pytest.approx(real["forward_kl"], rel=1e-6)
     # a condensed set from random tokens lowers the held-out KL of the untrained student
     syn = random_soft_prompts(3, 8, E, candidates=text_candidates(tok, E.shape[0]), seed=4)
-    out = condense_lm(student, teacher, [(ids[i:i + 4], mask[i:i + 4]) for i in (0, 4)], syn, outer_steps=4,
-                      init_fn=_hf_init(student), seed=2)
+    out = condense_lm(
+        student,
+        teacher,
+        [(ids[i : i + 4], mask[i : i + 4]) for i in (0, 4)],
+        syn,
+        outer_steps=4,
+        init_fn=_hf_init(student),
+        seed=2,
+    )
     res = evaluate_lm_set(student, teacher, out, held_out, steps=15, lr=3e-3)
     assert res["forward_kl_init"] == pytest.approx(soft["forward_kl_init"], rel=1e-6)
     assert res["forward_kl"] < res["forward_kl_init"] - 0.05, res

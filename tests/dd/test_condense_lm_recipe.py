@@ -11,26 +11,43 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import assets, write  # noqa: F401  (module-scoped fixture reused)
 
+from dd.test_select_pipeline import data_file  # noqa: F401
 from potstill.cli import main
 from potstill.dd.condense_lm import load_soft_prompts
-from potstill.dd.condense_recipe import load_condense_recipe, run_condense
 from potstill.dd.condense_lm_recipe import CondenseLMRecipe
-from test_cli import assets, write  # noqa: F401  (module-scoped fixture reused)
-from dd.test_select_pipeline import data_file  # noqa: F401
+from potstill.dd.condense_recipe import load_condense_recipe, run_condense
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lm_condense(assets, data_file, out: Path, **condense) -> dict:
-    return {"kind": "causal_lm", "output_dir": str(out), "teacher": {"model": str(assets[1])},
-            # a fresh student of the teacher's width: far from the (near-uniform) tiny teacher, so training moves it
-            "student": {"kind": "scaled", "num_layers": 1, "hidden_size": 64, "num_attention_heads": 4,
-                        "num_key_value_heads": 2},
-            "data": {"source": {"kind": "file", "path": str(data_file)}, "eval_size": 4, "max_length": 64},
-            "condense": {"sequences": 3, "length": 12, "outer_steps": 12, "lr_embed": 3e-3, "reg_weight": 0.0,
-                         "real_batch": 32, **condense},  # one real batch: the matching target is fixed
-            "evaluate": {"steps": 8, "lr": 1e-2, "seeds": 2}, "device": "cpu"}
+    return {
+        "kind": "causal_lm",
+        "output_dir": str(out),
+        "teacher": {"model": str(assets[1])},
+        # a fresh student of the teacher's width: far from the (near-uniform) tiny teacher, so training moves it
+        "student": {
+            "kind": "scaled",
+            "num_layers": 1,
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        "data": {"source": {"kind": "file", "path": str(data_file)}, "eval_size": 4, "max_length": 64},
+        "condense": {
+            "sequences": 3,
+            "length": 12,
+            "outer_steps": 12,
+            "lr_embed": 3e-3,
+            "reg_weight": 0.0,
+            "real_batch": 32,
+            **condense,
+        },  # one real batch: the matching target is fixed
+        "evaluate": {"steps": 8, "lr": 1e-2, "seeds": 2},
+        "device": "cpu",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +90,14 @@ def test_evaluation_arms_and_gain(condensed):
 
 
 def test_random_init_and_learned_labels(assets, data_file, tmp_path):
-    rep = run_condense(load_condense_recipe(lm_condense(assets, data_file, tmp_path / "o", init="random",
-                                                        labels="learned", theta="fresh", outer_steps=2),
-                                            ["evaluate=null"]))
+    rep = run_condense(
+        load_condense_recipe(
+            lm_condense(
+                assets, data_file, tmp_path / "o", init="random", labels="learned", theta="fresh", outer_steps=2
+            ),
+            ["evaluate=null"],
+        )
+    )
     sp = load_soft_prompts(tmp_path / "o")
     assert sp.labels == "learned" and sp.label_logits is not None and rep["evaluation"] is None
     assert torch.all(sp.attention_mask == 1)
@@ -87,10 +109,12 @@ def test_cli_and_one_line_errors(assets, data_file, tmp_path, capsys):
     assert "condense: results in" in capsys.readouterr().out
     narrow = {"kind": "scaled", "num_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1}
     bad = lm_condense(assets, data_file, tmp_path / "o2", outer_steps=1)
-    cases = {"condense.sequences=500": (bad, "more than the pool"),
-             "condense.init=magic": (bad, "condense.init"),
-             "condense.lenght=3": (bad, "'condense.lenght' is not a known option"),
-             "narrow student": ({**bad, "student": narrow}, "embedding width 32 != teacher's 64")}
+    cases = {
+        "condense.sequences=500": (bad, "more than the pool"),
+        "condense.init=magic": (bad, "condense.init"),
+        "condense.lenght=3": (bad, "'condense.lenght' is not a known option"),
+        "narrow student": ({**bad, "student": narrow}, "embedding width 32 != teacher's 64"),
+    }
     for case, (rec, needle) in cases.items():
         overrides = [case] if "=" in case else []
         assert main(["condense", str(write(tmp_path / "bad.yaml", rec)), *overrides]) == 2, case

@@ -55,28 +55,54 @@ def tiny_tokenizer():
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + FILLER + POSITIVE + NEGATIVE)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", model_max_length=64)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        model_max_length=64,
+    )
 
 
 def tiny_bert(tok, seed: int = 0):
     from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return BertModel(cfg, add_pooling_layer=False).eval()
 
 
 TOY = {
-    "dataset": "sst2", "per_class": 3, "seed": 0,
+    "dataset": "sst2",
+    "per_class": 3,
+    "seed": 0,
     "data": {"pool_size": 80, "eval_size": 40},
     "learner": {"encoder": "tiny", "max_length": 16, "steps": 20, "lr": 5e-2, "batch_size": 8, "seeds": 2},
-    "method": {"kind": "trajectory", "iterations": 8, "syn_steps": 5, "expert_span": 2, "syn_lr": 0.5,
-               "experts": 2, "expert_steps": 20, "save_every": 5, "expert_lr": 0.5, "expert_batch": 16},
+    "method": {
+        "kind": "trajectory",
+        "iterations": 8,
+        "syn_steps": 5,
+        "expert_span": 2,
+        "syn_lr": 0.5,
+        "experts": 2,
+        "expert_steps": 20,
+        "save_every": 5,
+        "expert_lr": 0.5,
+        "expert_batch": 16,
+    },
 }
 
 
@@ -114,27 +140,29 @@ def test_defaults_and_method_kind():
     assert isinstance(r.method, TrajectoryMethod) and r.output_dir == "runs/condense"
     r = load_condense_recipe({"dataset": "sst2", "method": {"iterations": 3}})  # kind defaults to trajectory
     assert isinstance(r.method, TrajectoryMethod) and r.method.iterations == 3
-    r = load_condense_recipe({"dataset": "sst2"}, ["method.kind=gradient", "method.n_inits=4",
-                                                   "method.params=[head]"])
+    r = load_condense_recipe({"dataset": "sst2"}, ["method.kind=gradient", "method.n_inits=4", "method.params=[head]"])
     assert isinstance(r.method, GradientMethod) and r.method.n_inits == 4 and r.method.params == ["head"]
 
 
-@pytest.mark.parametrize("data, overrides, key", [
-    ({}, (), "'dataset' is required"),
-    ({"dataset": "imdb"}, (), "'dataset'"),
-    ({"dataset": "sst2", "per_clas": 3}, (), "'per_clas' is not a known option"),
-    ({"dataset": "sst2"}, ["per_class=0"], "'per_class'"),
-    ({"dataset": "sst2"}, ["learner.lr=-1"], "'learner.lr'"),
-    ({"dataset": "sst2"}, ["learner.bogus=1"], "'learner.bogus' is not a known option"),
-    ({"dataset": "sst2"}, ["method.kind=evolution"], "'method.kind'"),
-    ({"dataset": "sst2"}, ["method.syn_steps=0"], "'method.syn_steps'"),
-    ({"dataset": "sst2"}, ["method.kind=gradient", "method.syn_steps=3"], "'method.syn_steps' is not a known"),
-    ({"dataset": "sst2"}, ["method.kind=gradient", "method.real_batch=0"], "'method.real_batch'"),
-    ({"dataset": "sst2"}, ["method.reg_kind=manhattan"], "'method.reg_kind'"),
-    ({"dataset": "sst2"}, ["method.expert_steps=10", "method.save_every=10"], "'method'"),
-    ({"dataset": "sst2"}, ["data.pool_size=10", "per_class=10"], "data.pool_size=10"),
-    ({"dataset": "sst2"}, ["iterations"], "not key=value"),
-])
+@pytest.mark.parametrize(
+    "data, overrides, key",
+    [
+        ({}, (), "'dataset' is required"),
+        ({"dataset": "imdb"}, (), "'dataset'"),
+        ({"dataset": "sst2", "per_clas": 3}, (), "'per_clas' is not a known option"),
+        ({"dataset": "sst2"}, ["per_class=0"], "'per_class'"),
+        ({"dataset": "sst2"}, ["learner.lr=-1"], "'learner.lr'"),
+        ({"dataset": "sst2"}, ["learner.bogus=1"], "'learner.bogus' is not a known option"),
+        ({"dataset": "sst2"}, ["method.kind=evolution"], "'method.kind'"),
+        ({"dataset": "sst2"}, ["method.syn_steps=0"], "'method.syn_steps'"),
+        ({"dataset": "sst2"}, ["method.kind=gradient", "method.syn_steps=3"], "'method.syn_steps' is not a known"),
+        ({"dataset": "sst2"}, ["method.kind=gradient", "method.real_batch=0"], "'method.real_batch'"),
+        ({"dataset": "sst2"}, ["method.reg_kind=manhattan"], "'method.reg_kind'"),
+        ({"dataset": "sst2"}, ["method.expert_steps=10", "method.save_every=10"], "'method'"),
+        ({"dataset": "sst2"}, ["data.pool_size=10", "per_class=10"], "data.pool_size=10"),
+        ({"dataset": "sst2"}, ["iterations"], "not key=value"),
+    ],
+)
 def test_recipe_errors_name_the_key(data, overrides, key):
     with pytest.raises(PotstillError) as err:
         load_condense_recipe(data, overrides)
@@ -155,7 +183,7 @@ def test_recipe_file_errors(tmp_path):
 
 
 def test_jsonl_round_trip(tmp_path):
-    rows = [Example("a ünïcode \"quoted\" line", 0), Example("", 1), Example("tab\there", 1)]
+    rows = [Example('a ünïcode "quoted" line', 0), Example("", 1), Example("tab\there", 1)]
     soft = torch.tensor([[0.9, 0.1], [0.25, 0.75], [0.5, 0.5]])
     write_condensed_jsonl(tmp_path / "c.jsonl", rows, soft)
     back, soft_back = load_condensed_jsonl(tmp_path / "c.jsonl")

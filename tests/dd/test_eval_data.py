@@ -55,8 +55,11 @@ def _patch(mp: pytest.MonkeyPatch) -> list[str]:
         return tiny_bert(tok, seed=1), tok
 
     mp.setattr(ed, "load_encoder", fake_encoder)
-    mp.setattr(cr, "load_sst2", lambda split="train", path=None:
-               toy_examples(200 if split == "train" else 60, 0 if split == "train" else 1))
+    mp.setattr(
+        cr,
+        "load_sst2",
+        lambda split="train", path=None: toy_examples(200 if split == "train" else 60, 0 if split == "train" else 1),
+    )
     return loads
 
 
@@ -84,9 +87,15 @@ def uninformative(n: int, seed: int) -> list[Example]:
 
 
 def recipe_dict(out: Path, sets: list[dict], **extra) -> dict:
-    return {"dataset": "sst2", "output_dir": str(out), "data": {"pool_size": 80, "eval_size": 60},
-            "learner": {"encoder": "tiny", "max_length": 16, "steps": 30, "lr": 5e-2, "batch_size": 8, "seeds": SEEDS},
-            "teacher": {"steps": 100}, **extra, "sets": sets}
+    return {
+        "dataset": "sst2",
+        "output_dir": str(out),
+        "data": {"pool_size": 80, "eval_size": 60},
+        "learner": {"encoder": "tiny", "max_length": 16, "steps": 30, "lr": 5e-2, "batch_size": 8, "seeds": SEEDS},
+        "teacher": {"steps": 100},
+        **extra,
+        "sets": sets,
+    }
 
 
 def pool_of(data: dict) -> list[Example]:
@@ -107,11 +116,12 @@ def run(tmp_path_factory):
         write_rows(tmp / "bad" / "bad.jsonl", uninformative(8, 3), key=("text", "labels"))
         for i, seed in ((0, 4), (1, 5), (10, 6)):  # a DiLM-style directory: three replicas
             write_rows(tmp / "dilm" / f"set_{i}.json", informative(6, seed), key=("sentence", "labels"))
-        sets = [{"name": "good", "path": str(tmp / "good" / "condensed.jsonl"), "format": "jsonl"},
-                {"name": "bad", "path": str(tmp / "bad" / "bad.jsonl"), "format": "jsonl"},
-                {"name": "given", "path": str(tmp / "bad" / "bad.jsonl"), "format": "jsonl",
-                 "construction_seconds": 1.5},
-                {"name": "dilm", "path": str(tmp / "dilm"), "format": "dilm"}]
+        sets = [
+            {"name": "good", "path": str(tmp / "good" / "condensed.jsonl"), "format": "jsonl"},
+            {"name": "bad", "path": str(tmp / "bad" / "bad.jsonl"), "format": "jsonl"},
+            {"name": "given", "path": str(tmp / "bad" / "bad.jsonl"), "format": "jsonl", "construction_seconds": 1.5},
+            {"name": "dilm", "path": str(tmp / "dilm"), "format": "dilm"},
+        ]
         data = recipe_dict(tmp / "out", sets, baselines=["random", "k_center", "herding", "kmeans_medoids"])
         report = run_eval_data(load_eval_data_recipe(data))
     return tmp, report, {s["name"]: s for s in report["sets"]}, loads
@@ -218,7 +228,7 @@ def test_selection_round_trip(tmp_path, toy):
 
 
 def test_read_set_rows_accepts_both_key_spellings(tmp_path):
-    rows = [Example("a \"quoted\" ünïcode line", 1), Example("b", 0)]
+    rows = [Example('a "quoted" ünïcode line', 1), Example("b", 0)]
     assert read_set_rows(write_rows(tmp_path / "a.jsonl", rows)) == rows
     assert read_set_rows(write_rows(tmp_path / "b.jsonl", rows, key=("text", "labels"))) == rows
 
@@ -244,7 +254,10 @@ def _bad_sets(tmp: Path, pool: list[Example]) -> dict:
         "empty set": ({"path": str(tmp / "empty.jsonl"), "format": "jsonl"}, "holds no examples"),
         "empty dir": ({"path": str(tmp / "emptydir"), "format": "dilm"}, "holds no examples"),
         "unknown label": ({"path": str(tmp / "label7.jsonl"), "format": "jsonl"}, "label 7, which the pool does not"),
-        "larger than pool": ({"path": str(tmp / "big.jsonl"), "format": "jsonl"}, "81 examples, more than the pool's 80"),
+        "larger than pool": (
+            {"path": str(tmp / "big.jsonl"), "format": "jsonl"},
+            "81 examples, more than the pool's 80",
+        ),
         "class beyond pool": ({"path": str(tmp / "lopsided.jsonl"), "format": "jsonl"}, "60 examples of label 0"),
         "bad row": ({"path": str(tmp / "badrow.jsonl"), "format": "jsonl"}, "badrow.jsonl:1: not a set row"),
         "uneven replicas": ({"path": str(tmp / "uneven"), "format": "dilm"}, "differ in class counts"),
@@ -266,18 +279,23 @@ def test_bad_sets_fail_fast_with_one_line(tmp_path, toy):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("change, needle", [
-    ({"baselines": ["random", "coreset"]}, "'baselines.1'"),
-    ({"baselines": ["k_center"]}, "must include random"),
-    ({"baselines": ["random", "random"]}, "listed twice"),
-    ({"labels": ["kd"]}, "'labels.0'"),
-    ({"sets": []}, "'sets'"),
-    ({"sets": [{"name": "a", "path": "p", "format": "csv"}]}, "'sets.0.format'"),
-    ({"sets": [{"name": "a", "path": "p", "format": "jsonl"}] * 2}, "'a' is listed twice"),
-    ({"sets": [{"name": "a", "path": "p", "format": "jsonl", "construction_seconds": -1}]},
-     "'sets.0.construction_seconds'"),
-    ({"setz": 1}, "'setz' is not a known option"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"baselines": ["random", "coreset"]}, "'baselines.1'"),
+        ({"baselines": ["k_center"]}, "must include random"),
+        ({"baselines": ["random", "random"]}, "listed twice"),
+        ({"labels": ["kd"]}, "'labels.0'"),
+        ({"sets": []}, "'sets'"),
+        ({"sets": [{"name": "a", "path": "p", "format": "csv"}]}, "'sets.0.format'"),
+        ({"sets": [{"name": "a", "path": "p", "format": "jsonl"}] * 2}, "'a' is listed twice"),
+        (
+            {"sets": [{"name": "a", "path": "p", "format": "jsonl", "construction_seconds": -1}]},
+            "'sets.0.construction_seconds'",
+        ),
+        ({"setz": 1}, "'setz' is not a known option"),
+    ],
+)
 def test_recipe_errors_name_the_key(change, needle):
     data = {"dataset": "sst2", "sets": [{"name": "a", "path": "p", "format": "jsonl"}], **change}
     with pytest.raises(PotstillError) as err:
@@ -315,11 +333,17 @@ def test_cli_verb_end_to_end(tmp_path, toy, capsys, monkeypatch):
     monkeypatch.setattr(ed, "atomic_write_json", spy)
     write_rows(tmp_path / "good.jsonl", informative(6, 1))
     p = tmp_path / "r.yaml"
-    p.write_text(yaml.safe_dump(recipe_dict(tmp_path / "out", [
-        {"name": "good", "path": str(tmp_path / "good.jsonl"), "format": "jsonl"}])))
+    p.write_text(
+        yaml.safe_dump(
+            recipe_dict(tmp_path / "out", [{"name": "good", "path": str(tmp_path / "good.jsonl"), "format": "jsonl"}])
+        )
+    )
     assert main(["eval-data", str(p), "learner.seeds=2", "labels=[hard]"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("eval-data: good (n=6, 1x2): hard ") and out[-1] == f"eval-data: results in {tmp_path / 'out'}"
+    assert (
+        out[0].startswith("eval-data: good (n=6, 1x2): hard ")
+        and out[-1] == f"eval-data: results in {tmp_path / 'out'}"
+    )
     report = json.loads((tmp_path / "out" / "eval_data.json").read_text())
     assert written == [tmp_path / "out" / "eval_data.json"]  # through the atomic writer
     assert report["protocol"]["seeds"] == [0, 1] and report["labels"] == ["hard"]

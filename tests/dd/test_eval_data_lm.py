@@ -11,14 +11,14 @@ import math
 from pathlib import Path
 
 import pytest
+from test_cli import assets, recipe, write  # noqa: F401  (module-scoped fixture reused)
 
+from dd.test_select_pipeline import data_file, srecipe  # noqa: F401
 from potstill.cli import main
 from potstill.config import recipe_from_dict
 from potstill.dd import eval_data_lm
 from potstill.dd.eval_data import load_eval_data_recipe, run_eval_data, summary_line
 from potstill.dd.pipeline import REPORT, SELECTED, SELECTION, run_select, select_recipe_from_dict
-from test_cli import assets, recipe, write  # noqa: F401  (module-scoped fixture reused)
-from dd.test_select_pipeline import data_file, srecipe  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,8 +70,9 @@ def test_arms_share_size_and_steps_and_the_set_is_the_selection(judged, selectio
     assert {a["steps"] for a in st["arms"].values()} == {3} and {a["examples"] for a in st["arms"].values()} == {5}
     assert rep["full"]["steps"] == math.ceil(rep["n_pool"] / 2) and rep["full"]["examples"] == rep["n_pool"]
     # two random draws (one per seed), each of 5 pool examples, drawn by `potstill select`
-    draws = [json.loads((out / "baselines" / f"random_n5_s{i}" / SELECTION).read_text())["example_ids"]
-             for i in range(2)]
+    draws = [
+        json.loads((out / "baselines" / f"random_n5_s{i}" / SELECTION).read_text())["example_ids"] for i in range(2)
+    ]
     assert all(len(d) == 5 for d in draws) and draws[0] != draws[1]
     for run in ("hard", "soft"):
         fkl = st["arms"]["set"]["runs"][run]["forward_kl"]
@@ -104,11 +105,22 @@ def test_set_arm_trains_exactly_as_distill_on_the_selection(assets, data_file, s
     from potstill.pipeline import distill
 
     _, rep = judged
-    d = recipe(assets, tmp_path / "d", **{"data.source.path": str(data_file), "data.eval_size": 4,
-                                         "data.max_length": 64, "data.selection": str(selection)})
-    d.update(student={"kind": "from_teacher", "layers": 1}, runs=RUNS,
-             train={"max_steps": 3, "batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1, "seed": 0},
-             eval={"max_new_tokens": 1, "batch_size": 8, "include_untrained": True})
+    d = recipe(
+        assets,
+        tmp_path / "d",
+        **{
+            "data.source.path": str(data_file),
+            "data.eval_size": 4,
+            "data.max_length": 64,
+            "data.selection": str(selection),
+        },
+    )
+    d.update(
+        student={"kind": "from_teacher", "layers": 1},
+        runs=RUNS,
+        train={"max_steps": 3, "batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1, "seed": 0},
+        eval={"max_new_tokens": 1, "batch_size": 8, "include_untrained": True},
+    )
     metrics = distill(recipe_from_dict(d), progress=False)
     arm = rep["sets"][0]["arms"]["set"]["runs"]
     for run in ("hard", "soft"):
@@ -119,8 +131,7 @@ def test_set_arm_trains_exactly_as_distill_on_the_selection(assets, data_file, s
 
 def test_a_rerun_resumes_and_a_changed_recipe_starts_over(assets, data_file, selection, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    base = lm_recipe(assets, data_file, out, selection, seeds=1, baselines=["random"], full=False,
-                     runs=RUNS[1:])
+    base = lm_recipe(assets, data_file, out, selection, seeds=1, baselines=["random"], full=False, runs=RUNS[1:])
     first = run_eval_data(load_eval_data_recipe(base))
     calls, draws = [], []
     real = __import__("potstill.pipeline", fromlist=["train_run"]).train_run
@@ -159,8 +170,14 @@ def _bad_cases(assets, data_file, selection, tmp_path):
     out = tmp_path / "out"
     base = lm_recipe(assets, data_file, out, selection)
     other = tmp_path / "other"
-    run_select(select_recipe_from_dict({**srecipe(assets, data_file, other, scorer={"kind": "random"}, budget=3),
-                                        "data": {**base["data"], "seed": 1}}))
+    run_select(
+        select_recipe_from_dict(
+            {
+                **srecipe(assets, data_file, other, scorer={"kind": "random"}, budget=3),
+                "data": {**base["data"], "seed": 1},
+            }
+        )
+    )
     return {
         "missing set": ({**base, "sets": [{"name": "a", "path": str(tmp_path / "none.json")}]}, "does not exist"),
         "selection of another pool": ({**base, "sets": [{"name": "a", "path": str(other)}]}, "set 'a':"),
@@ -170,17 +187,43 @@ def _bad_cases(assets, data_file, selection, tmp_path):
         "unknown key": ({**base, "epoch": 2}, "'epoch' is not a known option"),
         "bad run": ({**base, "runs": [{"name": "kd", "alpha": 2.0}]}, "runs.0.alpha"),
         "run named teacher": ({**base, "runs": [{"name": "teacher", "alpha": 0.0}]}, "row of the report"),
-        "jsonl set with a cache": ({**base, "cache": {"signal": {"kind": "topk", "k": 8}},
-                                    "sets": [{"name": "syn", "path": str(selection), "format": "jsonl"}]},
-                                   "set 'syn' holds new examples that the cache does not cover"),
-        "jsonl set missing a column": ({**base, "sets": [{"name": "syn", "path": str(selection.parent / SELECTED),
-                                                          "format": "jsonl", "response_field": "answer"}]},
-                                       "set 'syn'"),
+        "jsonl set with a cache": (
+            {
+                **base,
+                "cache": {"signal": {"kind": "topk", "k": 8}},
+                "sets": [{"name": "syn", "path": str(selection), "format": "jsonl"}],
+            },
+            "set 'syn' holds new examples that the cache does not cover",
+        ),
+        "jsonl set missing a column": (
+            {
+                **base,
+                "sets": [
+                    {
+                        "name": "syn",
+                        "path": str(selection.parent / SELECTED),
+                        "format": "jsonl",
+                        "response_field": "answer",
+                    }
+                ],
+            },
+            "set 'syn'",
+        ),
     }
 
 
-BAD = ["missing set", "selection of another pool", "no random baseline", "reserved set name", "data.selection",
-       "unknown key", "bad run", "run named teacher", "jsonl set with a cache", "jsonl set missing a column"]
+BAD = [
+    "missing set",
+    "selection of another pool",
+    "no random baseline",
+    "reserved set name",
+    "data.selection",
+    "unknown key",
+    "bad run",
+    "run named teacher",
+    "jsonl set with a cache",
+    "jsonl set missing a column",
+]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -217,9 +260,16 @@ def test_soft_arms_from_an_exact_cache_equal_the_live_teacher(assets, data_file,
     vocab = AutoConfig.from_pretrained(assets[1]).vocab_size
     common = {"seeds": 1, "baselines": ["random"], "full": False, "runs": RUNS[1:]}
     live = run_eval_data(load_eval_data_recipe(lm_recipe(assets, data_file, tmp_path / "live", selection, **common)))
-    cached_rec = load_eval_data_recipe(lm_recipe(
-        assets, data_file, tmp_path / "cached", selection, **common,
-        cache={"dir": str(tmp_path / "tc"), "signal": {"kind": "topk", "k": vocab}, "dtype": "fp32"}))
+    cached_rec = load_eval_data_recipe(
+        lm_recipe(
+            assets,
+            data_file,
+            tmp_path / "cached",
+            selection,
+            **common,
+            cache={"dir": str(tmp_path / "tc"), "signal": {"kind": "topk", "k": vocab}, "dtype": "fp32"},
+        )
+    )
     cache(cached_rec.distill_recipe(), progress=False)
     cached = run_eval_data(cached_rec)
     for arm in ("set", "random"):
@@ -235,13 +285,21 @@ def test_a_jsonl_set_of_the_selected_rows_trains_as_the_selection(assets, data_f
     syn = tmp_path / "syn"
     syn.mkdir()
     rows = [json.loads(x) for x in (selection.parent / SELECTED).read_text().splitlines()]
-    (syn / "synthetic.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n"
-                                                 for r in rows))
+    (syn / "synthetic.jsonl").write_text(
+        "".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n" for r in rows)
+    )
     (syn / "synthesis_report.json").write_text(json.dumps({"round_seconds": 42.5, "wall_seconds": 3.0}))
-    sets = [{"name": "sel", "path": str(selection)},
-            {"name": "syn", "path": str(syn / "synthetic.jsonl"), "format": "jsonl"}]
-    rep = run_eval_data(load_eval_data_recipe(lm_recipe(assets, data_file, tmp_path / "out", selection, seeds=1,
-                                                        baselines=["random"], full=False, sets=sets)))
+    sets = [
+        {"name": "sel", "path": str(selection)},
+        {"name": "syn", "path": str(syn / "synthetic.jsonl"), "format": "jsonl"},
+    ]
+    rep = run_eval_data(
+        load_eval_data_recipe(
+            lm_recipe(
+                assets, data_file, tmp_path / "out", selection, seeds=1, baselines=["random"], full=False, sets=sets
+            )
+        )
+    )
     sel, new = rep["sets"]
     assert new["format"] == "jsonl" and new["size"] == sel["size"] == len(rows)
     for run in ("hard", "soft"):
@@ -258,9 +316,14 @@ def test_non_finite_metrics_are_counted_not_averaged_and_the_line_still_prints()
     assert st["mean"] == 2.0 and st["n"] == 2 and st["non_finite"] == 2
     assert math.isnan(eval_data_lm._stats([None])["mean"])
     row = {"forward_kl": {"mean": None}, "gain_vs_random_pct": None, "ratio_to_full": None}
-    report = {"kind": "causal_lm", "runs": ["soft"], "baselines": ["random"], "total_s": 1.0, "path": "x",
-              "sets": [{"name": "s", "size": 3, "arms": {"set": {"runs": {"soft": row}},
-                                                          "random": {"runs": {"soft": row}}}}]}
+    report = {
+        "kind": "causal_lm",
+        "runs": ["soft"],
+        "baselines": ["random"],
+        "total_s": 1.0,
+        "path": "x",
+        "sets": [{"name": "s", "size": 3, "arms": {"set": {"runs": {"soft": row}}, "random": {"runs": {"soft": row}}}}],
+    }
     assert summary_line(report) == "eval-data: s (n=3): soft FKL n/a (n/a% vs random; random n/a); 1 s  report: x"
 
 
@@ -282,9 +345,13 @@ def test_one_teacher_pass_per_arm_serves_every_run(assets, data_file, selection,
 
     calls = []
     real = ev.evaluate_runs
-    monkeypatch.setattr(ev, "evaluate_runs", lambda students, *a, **k: calls.append(sorted(students)) or
-                        real(students, *a, **k))
-    run_eval_data(load_eval_data_recipe(lm_recipe(assets, data_file, tmp_path / "o", selection, seeds=1,
-                                                  baselines=["random"], full=False)))
+    monkeypatch.setattr(
+        ev, "evaluate_runs", lambda students, *a, **k: calls.append(sorted(students)) or real(students, *a, **k)
+    )
+    run_eval_data(
+        load_eval_data_recipe(
+            lm_recipe(assets, data_file, tmp_path / "o", selection, seeds=1, baselines=["random"], full=False)
+        )
+    )
     # the untrained student, then the set's and random's hard + soft students, each pair in one call
     assert calls == [["student"], ["hard", "soft"], ["hard", "soft"]]

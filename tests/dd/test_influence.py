@@ -82,7 +82,7 @@ def test_projection_preserves_inner_products(kind):
     R = proj(torch.eye(P))
     assert torch.allclose(x @ R, y, atol=1e-3, rtol=1e-4)
     if kind == "rademacher":
-        assert torch.allclose(R.abs(), torch.full_like(R, d ** -0.5))
+        assert torch.allclose(R.abs(), torch.full_like(R, d**-0.5))
     # seeded
     assert torch.equal(RandomProjection(P, d, seed=11, kind=kind)(x), y)
     assert not torch.allclose(RandomProjection(P, d, seed=12, kind=kind)(x), y)
@@ -142,7 +142,7 @@ def test_adam_direction_is_the_step_torch_adam_takes(tiny_student, tiny_tokenize
     before = torch.cat([p.detach().reshape(-1).clone() for p in ps2])
     s = 0
     for p in ps2:
-        p.grad = g[s:s + p.numel()].view_as(p).clone()
+        p.grad = g[s : s + p.numel()].view_as(p).clone()
         s += p.numel()
     opt2.step()
     after = torch.cat([p.detach().reshape(-1) for p in ps2])

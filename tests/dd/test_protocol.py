@@ -34,8 +34,10 @@ def sentences(n: int, seed: int) -> list[Example]:
     out = []
     for _ in range(n):
         y = rng.randrange(2)
-        words = [(f"{'ab'[y]}{rng.randrange(20)}" if rng.random() > 0.3 else f"{rng.choice('ab')}{rng.randrange(20)}")
-                 for _ in range(rng.randint(2, 6))]
+        words = [
+            (f"{'ab'[y]}{rng.randrange(20)}" if rng.random() > 0.3 else f"{rng.choice('ab')}{rng.randrange(20)}")
+            for _ in range(rng.randint(2, 6))
+        ]
         out.append(Example(" ".join(words), y))
     return out
 
@@ -84,15 +86,17 @@ def test_soft_one_hot_labels_reproduce_hard_label_training_exactly():
     ev = learner.features(dev)
     hard = evaluate_set(train, learner=learner, eval_examples=ev, seed=3, labels="hard", return_model=True, **TRAIN)
     onehot = torch.nn.functional.one_hot(torch.tensor([e.label for e in train]), 2).float()
-    soft = evaluate_set(train, learner=learner, eval_examples=ev, seed=3, labels="soft", soft_labels=onehot,
-                        return_model=True, **TRAIN)
+    soft = evaluate_set(
+        train, learner=learner, eval_examples=ev, seed=3, labels="soft", soft_labels=onehot, return_model=True, **TRAIN
+    )
     assert hard["accuracy"] > 0.8 and hard["n"] == 200 and hard["n_train"] == 24
     assert soft["accuracy"] == hard["accuracy"]
     for (n, a), (_, b) in zip(hard["model"].named_parameters(), soft["model"].named_parameters()):
         assert torch.allclose(a, b, atol=1e-6), n
     # the soft targets are really used: flipped one-hot labels teach the opposite classifier
-    flipped = evaluate_set(train, learner=learner, eval_examples=ev, seed=3, labels="soft", soft_labels=1 - onehot,
-                           **TRAIN)
+    flipped = evaluate_set(
+        train, learner=learner, eval_examples=ev, seed=3, labels="soft", soft_labels=1 - onehot, **TRAIN
+    )
     assert flipped["accuracy"] < 0.3
     # and a different seed gives a different learner (the seed reaches init, batches and dropout)
     other = evaluate_set(train, learner=learner, eval_examples=ev, seed=4, labels="hard", return_model=True, **TRAIN)
@@ -104,8 +108,9 @@ def test_teacher_soft_labels_run_and_eval_text_equals_eval_features():
     train, dev = sentences(24, seed=1), sentences(100, seed=2)
     probs = torch.softmax(torch.randn(24, 2, generator=torch.Generator().manual_seed(0)), -1)
     a = evaluate_set(train, learner=learner, eval_examples=dev, seed=0, labels="soft", soft_labels=probs, **TRAIN)
-    b = evaluate_set(train, learner=learner, eval_examples=learner.features(dev), seed=0, labels="soft",
-                     soft_labels=probs, **TRAIN)
+    b = evaluate_set(
+        train, learner=learner, eval_examples=learner.features(dev), seed=0, labels="soft", soft_labels=probs, **TRAIN
+    )
     assert a["accuracy"] == b["accuracy"] and a["labels"] == "soft"
     assert set(a) >= {"accuracy", "f1", "macro_f1", "ece", "n", "train_s", "final_loss"}
 
@@ -123,7 +128,9 @@ def test_condensed_set_at_token_rows_trains_like_its_text():
     assert torch.allclose(a["model"].head.weight, b["model"].head.weight, atol=1e-6)
     # labels="soft" on a condensed set defaults to its own learned soft labels
     c = evaluate_set(cs, learner=learner, eval_examples=ev, seed=1, labels="soft", **TRAIN)
-    d = evaluate_set(cs, learner=learner, eval_examples=ev, seed=1, labels="soft", soft_labels=cs.soft_labels(), **TRAIN)
+    d = evaluate_set(
+        cs, learner=learner, eval_examples=ev, seed=1, labels="soft", soft_labels=cs.soft_labels(), **TRAIN
+    )
     assert c["accuracy"] == d["accuracy"]
 
 
@@ -133,7 +140,9 @@ def test_evaluate_set_rejects_bad_labels():
     with pytest.raises(PotstillError):
         evaluate_set(train, learner=learner, eval_examples=dev, labels="soft", **TRAIN)
     with pytest.raises(PotstillError):
-        evaluate_set(train, learner=learner, eval_examples=dev, labels="soft", soft_labels=torch.ones(3, 2) / 2, **TRAIN)
+        evaluate_set(
+            train, learner=learner, eval_examples=dev, labels="soft", soft_labels=torch.ones(3, 2) / 2, **TRAIN
+        )
     with pytest.raises(PotstillError):
         evaluate_set(train, learner=learner, eval_examples=dev, labels="soft", soft_labels=torch.ones(8, 2), **TRAIN)
     with pytest.raises(PotstillError):
@@ -147,8 +156,15 @@ def test_split_classifier_equals_the_whole_classifier():
     from potstill.kd.classifier import TextClassifier
 
     tok = word_tokenizer()
-    cfg = BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
-                     max_position_embeddings=32, pad_token_id=0)
+    cfg = BertConfig(
+        vocab_size=V,
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = TextClassifier(BertModel(cfg, add_pooling_layer=False), tok, 2, seed=0).eval()
     texts = ["a1 a2 a3 b4", "b1", "a5 b6 b7"]
@@ -190,7 +206,10 @@ def test_compare_arms_mean_std_delta_and_time():
 
 
 def test_features_subset_trims_padding():
-    f = Features(torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1),
-                 torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]), torch.tensor([0, 1]))
+    f = Features(
+        torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1),
+        torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]),
+        torch.tensor([0, 1]),
+    )
     s = f.subset([0])
     assert s.hidden.shape == (1, 2, 1) and s.mask.tolist() == [[1, 1]] and s.labels.tolist() == [0]

@@ -39,17 +39,23 @@ def noisy_pool(n: int) -> list[Example]:
 def toy(monkeypatch):
     tok = tiny_tokenizer()
     monkeypatch.setattr(ed, "load_encoder", lambda name: (tiny_bert(tok, seed=1), tok))
-    monkeypatch.setattr(cr, "load_sst2", lambda split="train", path=None:
-                        noisy_pool(200) if split == "train" else toy_examples(60, 1))
+    monkeypatch.setattr(
+        cr, "load_sst2", lambda split="train", path=None: noisy_pool(200) if split == "train" else toy_examples(60, 1)
+    )
 
 
 def recipe(out: Path, **select) -> dict:
     # pool_size = the whole toy split, so every flipped example is in the pool
-    return {"kind": "classification", "dataset": "sst2", "output_dir": str(out), "seed": 0,
-            "data": {"pool_size": 200, "eval_size": 60},
-            "learner": {"encoder": "tiny", "max_length": 16, "lr": 5e-2},
-            "teacher": {"steps": 150, "batch_size": 32},
-            "select": {"per_class": 5, "scorer": "herding", **select}}
+    return {
+        "kind": "classification",
+        "dataset": "sst2",
+        "output_dir": str(out),
+        "seed": 0,
+        "data": {"pool_size": 200, "eval_size": 60},
+        "learner": {"encoder": "tiny", "max_length": 16, "lr": 5e-2},
+        "teacher": {"steps": 150, "batch_size": 32},
+        "select": {"per_class": 5, "scorer": "herding", **select},
+    }
 
 
 def flipped_texts() -> set[str]:
@@ -98,11 +104,17 @@ def test_picks_equal_the_coreset_functions_on_the_same_space(toy, tmp_path, scor
 
 def test_eval_data_judges_the_selection(toy, tmp_path):
     run_select(load_cls_select_recipe(recipe(tmp_path / "sel", teacher_confident=0.6)))
-    ev = {"dataset": "sst2", "output_dir": str(tmp_path / "ev"), "seed": 0,
-          "data": {"pool_size": 200, "eval_size": 60},
-          "learner": {"encoder": "tiny", "max_length": 16, "steps": 30, "lr": 5e-2, "batch_size": 8, "seeds": 2},
-          "teacher": {"steps": 150, "batch_size": 32}, "labels": ["hard"], "baselines": ["random"],
-          "sets": [{"name": "confident_herding", "path": str(tmp_path / "sel" / SELECTION), "format": "selection"}]}
+    ev = {
+        "dataset": "sst2",
+        "output_dir": str(tmp_path / "ev"),
+        "seed": 0,
+        "data": {"pool_size": 200, "eval_size": 60},
+        "learner": {"encoder": "tiny", "max_length": 16, "steps": 30, "lr": 5e-2, "batch_size": 8, "seeds": 2},
+        "teacher": {"steps": 150, "batch_size": 32},
+        "labels": ["hard"],
+        "baselines": ["random"],
+        "sets": [{"name": "confident_herding", "path": str(tmp_path / "sel" / SELECTION), "format": "selection"}],
+    }
     rep = run_eval_data(load_eval_data_recipe(ev))
     st = rep["sets"][0]
     assert st["size"] == 10 and st["class_counts"] == {"0": 5, "1": 5}
@@ -121,10 +133,12 @@ def test_cli_and_one_line_errors(toy, tmp_path, capsys):
     assert main(["select", str(path), "select.per_class=3"]) == 0
     out = capsys.readouterr().out
     assert "select: kept 6 of 200 (herding)" in out
-    cases = {"select.per_class=500": "fewer than select.per_class=500",
-             "select.scorer=magic": "select.scorer",
-             "select.teacher_confident=1.5": "select.teacher_confident",
-             "selct.per_class=2": "'selct' is not a known option"}
+    cases = {
+        "select.per_class=500": "fewer than select.per_class=500",
+        "select.scorer=magic": "select.scorer",
+        "select.teacher_confident=1.5": "select.teacher_confident",
+        "selct.per_class=2": "'selct' is not a known option",
+    }
     for override, needle in cases.items():
         assert main(["select", str(path), override]) == 2
         err = capsys.readouterr().err.strip()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import assets, recipe, write  # noqa: F401  (module-scoped fixture reused)
 
 from potstill.config import recipe_from_dict
 from potstill.dd.pipeline import (
@@ -29,23 +30,42 @@ from potstill.dd.pipeline import (
 from potstill.dd.select import IFD_ABOVE_ONE, example_stats, ifd_loss_ratio
 from potstill.errors import PotstillError
 from potstill.pipeline import Prepared
-from test_cli import assets, recipe, write  # noqa: F401  (module-scoped fixture reused)
 
 REPO = Path(__file__).resolve().parents[2]
 
-_TOPICS = ["the sea", "a red apple", "the park", "seven days", "the blue sky", "a small model", "Paris",
-           "the lazy dog", "a book", "the children", "four numbers", "the weather", "a short poem", "the teacher"]
+_TOPICS = [
+    "the sea",
+    "a red apple",
+    "the park",
+    "seven days",
+    "the blue sky",
+    "a small model",
+    "Paris",
+    "the lazy dog",
+    "a book",
+    "the children",
+    "four numbers",
+    "the weather",
+    "a short poem",
+    "the teacher",
+]
 DUP = "The quick brown fox jumps over the lazy dog and the small model learns from the large model today."
 NEAR = "The quick brown fox jumps over the lazy dog and the small model learns from the large model now."
 
 
 def pool_pairs() -> list[tuple[str, str]]:
-    pairs = [(f"Write one sentence about {t}.", f"Here is a sentence about {t}: I like {t} very much.")
-             for t in _TOPICS]
-    pairs += [(f"What do you know about {t}?", f"{t.capitalize()} is nice, and the weather is good.")
-              for t in _TOPICS[:8]]
+    pairs = [
+        (f"Write one sentence about {t}.", f"Here is a sentence about {t}: I like {t} very much.") for t in _TOPICS
+    ]
+    pairs += [
+        (f"What do you know about {t}?", f"{t.capitalize()} is nice, and the weather is good.") for t in _TOPICS[:8]
+    ]
     # an exact duplicate (after case/space normalization) and a near-duplicate of one text
-    pairs += [("Tell me about the fox.", DUP), ("tell me  about the fox.", DUP.lower()), ("Tell me about the fox.", NEAR)]
+    pairs += [
+        ("Tell me about the fox.", DUP),
+        ("tell me  about the fox.", DUP.lower()),
+        ("Tell me about the fox.", NEAR),
+    ]
     return pairs
 
 
@@ -103,8 +123,11 @@ def check_outputs(rep: dict, out: Path) -> dict:
 def test_pool_is_distills_train_split(assets, data_file, tmp_path):
     sr = select_recipe_from_dict(srecipe(assets, data_file, tmp_path / "s", scorer={"kind": "random"}))
     # A distill recipe with the same data section but another student and runs.
-    d = recipe_from_dict(recipe(assets, tmp_path / "d", **{"data.source.path": str(data_file), "data.eval_size": 4,
-                                                            "data.max_length": 64}))
+    d = recipe_from_dict(
+        recipe(
+            assets, tmp_path / "d", **{"data.source.path": str(data_file), "data.eval_size": 4, "data.max_length": 64}
+        )
+    )
     train = Prepared(d).train_examples
     pool = Prepared(distill_recipe(sr)).pool_examples
     assert [x["example_id"] for x in pool] == [x["example_id"] for x in train] == list(range(len(train)))
@@ -126,16 +149,18 @@ SCORERS = {
     "ifd_loss_ratio": {"kind": "ifd_loss_ratio"},
     "ifd_ppl_ratio": {"kind": "ifd_ppl_ratio", "model": "student"},
     "kd_divergence": {"kind": "kd_divergence"},
-    "kd_divergence_jsd": {"kind": "kd_divergence", "divergence": {"name": "generalized_jsd", "beta": 0.5},
-                          "temperature": 2.0},
+    "kd_divergence_jsd": {
+        "kind": "kd_divergence",
+        "divergence": {"name": "generalized_jsd", "beta": 0.5},
+        "temperature": 2.0,
+    },
     "confident_teacher_unsure_student": {"kind": "confident_teacher_unsure_student"},
     "less_pool": {"kind": "less", "proj_dim": 32, "warmup_steps": 2, "target_size": 3},
     "less_eval": {"kind": "less", "proj_dim": 32, "warmup_steps": 1, "target": "eval", "adam": False},
     "k_center": {"kind": "k_center"},
     "kmeans_medoids": {"kind": "kmeans_medoids", "embeddings": "student_hidden"},
     "herding": {"kind": "herding"},
-    "deita": {"kind": "deita", "score": {"kind": "ifd_loss_ratio"}, "threshold": 0.95,
-              "embeddings": "student_hidden"},
+    "deita": {"kind": "deita", "score": {"kind": "ifd_loss_ratio"}, "threshold": 0.95, "embeddings": "student_hidden"},
 }
 
 
@@ -186,8 +211,16 @@ def test_lowest_scores_with_largest_false(assets, data_file, tmp_path):
 
 def test_filters_then_budget_give_the_right_counts(assets, data_file, tmp_path):
     out = tmp_path / "f"
-    sr = select_recipe_from_dict(srecipe(assets, data_file, out, scorer={"kind": "kd_divergence"}, budget=5, filters=[
-        {"kind": "minhash_dedup", "threshold": 0.5}, {"kind": "drop_ifd_above_one", "model": "student"}]))
+    sr = select_recipe_from_dict(
+        srecipe(
+            assets,
+            data_file,
+            out,
+            scorer={"kind": "kd_divergence"},
+            budget=5,
+            filters=[{"kind": "minhash_dedup", "threshold": 0.5}, {"kind": "drop_ifd_above_one", "model": "student"}],
+        )
+    )
     rep = run_select(sr)
     check_outputs(rep, out)
     prep = Prepared(distill_recipe(sr))
@@ -209,11 +242,24 @@ def test_filters_then_budget_give_the_right_counts(assets, data_file, tmp_path):
     survivors = len(pool) - dup_drops - n_ifd
     assert survivors > 5, "the tiny student should leave more than the budget after IFD > 1"
     assert rep["kept"] == 5 and rep["dropped"][BUDGET_CUT] == survivors - 5
-    assert rep["filter_report"] == {"total": len(pool), "kept": survivors,
-                                    "dropped": {k: v for k, v in rep["dropped"].items() if k != BUDGET_CUT}}
+    assert rep["filter_report"] == {
+        "total": len(pool),
+        "kept": survivors,
+        "dropped": {k: v for k, v in rep["dropped"].items() if k != BUDGET_CUT},
+    }
     # a budget larger than what the filters leave keeps every survivor and says so
-    rep2 = run_select(select_recipe_from_dict(srecipe(assets, data_file, tmp_path / "g", scorer={"kind": "random"},
-                                                      budget=len(pool), filters=[{"kind": "minhash_dedup"}])))
+    rep2 = run_select(
+        select_recipe_from_dict(
+            srecipe(
+                assets,
+                data_file,
+                tmp_path / "g",
+                scorer={"kind": "random"},
+                budget=len(pool),
+                filters=[{"kind": "minhash_dedup"}],
+            )
+        )
+    )
     assert rep2["budget"]["unmet"] and rep2["kept"] == len(pool) - dup_drops and BUDGET_CUT not in rep2["dropped"]
 
 
@@ -243,8 +289,16 @@ def test_kd_divergence_from_the_cache_equals_the_live_teacher(assets, data_file,
     # a sparse (top-k) cache also scores the data, on its coarsened space
     topk = {"dir": str(tmp_path / "tk"), "signal": {"kind": "topk", "k": 8}}
     _cache_for(base, topk)
-    rep = run_select(select_recipe_from_dict({**base, "output_dir": str(tmp_path / "topk"), "cache": topk, "select": {
-        **base["select"], "scorer": {"kind": "confident_teacher_unsure_student"}}}))
+    rep = run_select(
+        select_recipe_from_dict(
+            {
+                **base,
+                "output_dir": str(tmp_path / "topk"),
+                "cache": topk,
+                "select": {**base["select"], "scorer": {"kind": "confident_teacher_unsure_student"}},
+            }
+        )
+    )
     assert rep["kept"] == live["kept"] and rep["teacher_signal"].startswith("cache ")
 
 
@@ -268,8 +322,14 @@ def test_load_selection_round_trip_and_distill_hook(assets, data_file, tmp_path)
     # the distill hook: data.selection trains on the subset, the cache is keyed by the original ids
     from potstill.pipeline import distill
 
-    dd = recipe(assets, tmp_path / "d2", **data, **{"data.selection": str(out / SELECTION)},
-                runs=[{"name": "kd", "alpha": 0.0}], cache=cache)
+    dd = recipe(
+        assets,
+        tmp_path / "d2",
+        **data,
+        **{"data.selection": str(out / SELECTION)},
+        runs=[{"name": "kd", "alpha": 0.0}],
+        cache=cache,
+    )
     dd["train"]["max_steps"] = 2
     dr = recipe_from_dict(dd)
     prep = Prepared(dr)
@@ -281,8 +341,9 @@ def test_load_selection_round_trip_and_distill_hook(assets, data_file, tmp_path)
 def test_load_selection_refuses_other_data(assets, data_file, tmp_path):
     out = tmp_path / "s"
     run_select(select_recipe_from_dict(srecipe(assets, data_file, out, scorer={"kind": "random"})))
-    other = recipe_from_dict(recipe(assets, tmp_path / "d", **{"data.source.path": str(data_file),
-                                                                "data.eval_size": 4, "data.seed": 1}))
+    other = recipe_from_dict(
+        recipe(assets, tmp_path / "d", **{"data.source.path": str(data_file), "data.eval_size": 4, "data.seed": 1})
+    )
     with pytest.raises(PotstillError, match="made for other data") as e:
         load_selection(out / SELECTION, Prepared(other).train_examples)
     assert "\n" not in str(e.value)
@@ -307,21 +368,38 @@ def _bad(assets, data_file, tmp_path):
         "missing cache dir": ({**base, "cache": {"dir": str(tmp_path / "no_cache")}}, "run `potstill cache` first"),
         "unknown key": ({**base, "selct": {}}, "'selct' is not a known option"),
         "selection inside a select recipe": (
-            {**base, "data": {**base["data"], "selection": "x.json"}}, "data.selection belongs in the distill recipe"),
+            {**base, "data": {**base["data"], "selection": "x.json"}},
+            "data.selection belongs in the distill recipe",
+        ),
         "cache temperature differs": (
-            {**base, "cache": {"signal": {"kind": "topk"}, "temperature": 2.0}}, "cache.temperature=2.0"),
+            {**base, "cache": {"signal": {"kind": "topk"}, "temperature": 2.0}},
+            "cache.temperature=2.0",
+        ),
         "black-box teacher with a KD scorer": (
             {**base, "teacher": {"model": None}, "student": {"kind": "pretrained", "model": str(assets[1])}},
-            "black-box teacher"),
+            "black-box teacher",
+        ),
         "LESS target takes the whole pool": (
-            {**base, "select": {"scorer": {"kind": "less", "target_size": 1000}}}, "target_size=1000"),
+            {**base, "select": {"scorer": {"kind": "less", "target_size": 1000}}},
+            "target_size=1000",
+        ),
         "unknown filter": ({**base, "select": {"filters": [{"kind": "bloom"}]}}, "select.filters.0"),
     }
 
 
-BAD_CASES = ["unknown scorer", "budget 0", "budget fraction above 1", "budget above the pool", "missing cache dir",
-             "unknown key", "selection inside a select recipe", "cache temperature differs",
-             "black-box teacher with a KD scorer", "LESS target takes the whole pool", "unknown filter"]
+BAD_CASES = [
+    "unknown scorer",
+    "budget 0",
+    "budget fraction above 1",
+    "budget above the pool",
+    "missing cache dir",
+    "unknown key",
+    "selection inside a select recipe",
+    "cache temperature differs",
+    "black-box teacher with a KD scorer",
+    "LESS target takes the whole pool",
+    "unknown filter",
+]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

@@ -44,15 +44,42 @@ from potstill.generate import generate as real_generate
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "synthesize_self_instruct.yaml"
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-WORDS = ["river", "mountain", "recipe", "budget", "poem", "letter", "summary", "argument", "history", "planet",
-         "garden", "engine", "market", "song", "puzzle", "theory", "habit", "museum", "journey", "contract"]
+WORDS = [
+    "river",
+    "mountain",
+    "recipe",
+    "budget",
+    "poem",
+    "letter",
+    "summary",
+    "argument",
+    "history",
+    "planet",
+    "garden",
+    "engine",
+    "market",
+    "song",
+    "puzzle",
+    "theory",
+    "habit",
+    "museum",
+    "journey",
+    "contract",
+]
 VERBS = ["Write", "Explain", "Compare", "Describe", "Suggest", "Classify", "Summarize", "Plan", "Rewrite", "Translate"]
 
 
 def _seeds(n: int = 12) -> list[SeedTask]:
     rng = random.Random(0)
-    return [SeedTask(f"seed_{i}", f"{VERBS[i % len(VERBS)]} a {' '.join(rng.sample(WORDS, 3))} example number {i}.",
-                     "", f"Seed answer {i}: {' '.join(rng.sample(WORDS, 4))}.") for i in range(n)]
+    return [
+        SeedTask(
+            f"seed_{i}",
+            f"{VERBS[i % len(VERBS)]} a {' '.join(rng.sample(WORDS, 3))} example number {i}.",
+            "",
+            f"Seed answer {i}: {' '.join(rng.sample(WORDS, 4))}.",
+        )
+        for i in range(n)
+    ]
 
 
 def _rouge(a: str, b: str) -> float:
@@ -107,8 +134,9 @@ def test_sample_examples_is_seeded_and_mixes_pools():
 
 
 def test_rounds_sample_the_same_examples_in_every_run(tmp_path):
-    cfg = {"method": {"n_instructions": 50, "rounds": 2, "prompts_per_round": 2, "k_in_context": 4,
-                      "machine_examples": 2}}
+    cfg = {
+        "method": {"n_instructions": 50, "rounds": 2, "prompts_per_round": 2, "k_in_context": 4, "machine_examples": 2}
+    }
     a, b = Fake(), Fake()
     synthesize(cfg, a, tmp_path / "a", generator_id="fake", seeds=_seeds())
     synthesize(cfg, b, tmp_path / "b", generator_id="fake", seeds=_seeds())
@@ -120,17 +148,26 @@ def test_rounds_sample_the_same_examples_in_every_run(tmp_path):
 
 
 def test_parse_numbered_lists():
-    text = ("Sure! Here are the new tasks:\n\n9. Write a poem about cats.\n10) **Explain** gravity\n   to a child.\n"
-            "Task 11: \"List three fruits.\"\n12.\n**13.** Instruction: Plan a picnic.\n14. 1. Name a bird.\n"
-            "\nI hope!\n"
-            "The year 1990. was good")
+    text = (
+        "Sure! Here are the new tasks:\n\n9. Write a poem about cats.\n10) **Explain** gravity\n   to a child.\n"
+        'Task 11: "List three fruits."\n12.\n**13.** Instruction: Plan a picnic.\n14. 1. Name a bird.\n'
+        "\nI hope!\n"
+        "The year 1990. was good"
+    )
     assert parse_instructions(text) == [
-        "Write a poem about cats.", "Explain gravity to a child.", "List three fruits.", "", "Plan a picnic.",
-        "Name a bird."]
+        "Write a poem about cats.",
+        "Explain gravity to a child.",
+        "List three fruits.",
+        "",
+        "Plan a picnic.",
+        "Name a bird.",
+    ]
     assert parse_instructions("no list here, just chatter\nand more") == []
     assert parse_instructions("") == []
     assert parse_instructions("1.Write without a space.\n  2 . Spaced out number.") == [
-        "Write without a space.", "Spaced out number."]
+        "Write without a space.",
+        "Spaced out number.",
+    ]
     assert parse_instructions("Intro 3. inside a line\n- a bullet") == []  # numbers must start a line
 
 
@@ -144,8 +181,10 @@ def test_parse_answers_and_evolutions():
     assert parse_answer("A question back?\n\nOutput:") == ("", "")
     assert parse_answer("Input:\n  x = 2\n\n**Output:** x + 1 = 3") == ("x = 2", "x + 1 = 3")
     assert parse_answer("Input: x\nOutput: y", with_input=False) == ("", "Input: x\nOutput: y")
-    assert parse_evolution("Sure, here is the rewritten task:\nRewritten task: Explain X in 3 steps.") == \
-        "Explain X in 3 steps."
+    assert (
+        parse_evolution("Sure, here is the rewritten task:\nRewritten task: Explain X in 3 steps.")
+        == "Explain X in 3 steps."
+    )
     assert parse_evolution('"New task: Name a rare bird."') == "Name a rare bird."
     assert parse_instructions('1. "Hi" is a greeting; explain "bye"') == ['"Hi" is a greeting; explain "bye"']
     for op in EVOL_OPERATIONS:
@@ -242,10 +281,25 @@ def _scripted_propose(seeds):
 
 # The second proposal was cut inside a comment after its item: the item itself is whole and kept.
 CLOSED = Completion("1. Write a poem about rivers and lakes.\n\nThis is a fun task because it", truncated=True)
-EXPECTED_DROPS = {"answer_copies_prompt": 1, "repetitive": 2, "unsupported_modality": 1, "instruction_too_short": 1,
-                  "starts_with_punctuation": 1, "non_ascii": 1, "instruction_too_long": 1, "not_novel": 2,
-                  "empty_instruction": 1, "refusal": 2, "duplicate_output": 2, "unparsable_answer": 1,
-                  "empty_answer": 1, "answer_too_short": 1, "truncated_answer": 1, "truncated": 1, "over_budget": 3}
+EXPECTED_DROPS = {
+    "answer_copies_prompt": 1,
+    "repetitive": 2,
+    "unsupported_modality": 1,
+    "instruction_too_short": 1,
+    "starts_with_punctuation": 1,
+    "non_ascii": 1,
+    "instruction_too_long": 1,
+    "not_novel": 2,
+    "empty_instruction": 1,
+    "refusal": 2,
+    "duplicate_output": 2,
+    "unparsable_answer": 1,
+    "empty_answer": 1,
+    "answer_too_short": 1,
+    "truncated_answer": 1,
+    "truncated": 1,
+    "over_budget": 3,
+}
 
 
 def test_every_self_instruct_drop_has_its_reason_and_counts_add_up(tmp_path):
@@ -256,8 +310,10 @@ def test_every_self_instruct_drop_has_its_reason_and_counts_add_up(tmp_path):
             return [_scripted_propose(seeds), CLOSED]
         return [_answers(_task(p)) for p in prompts]
 
-    cfg = {"method": {"n_instructions": 2, "rounds": 3, "prompts_per_round": 2, "k_in_context": 4},
-           "filters": {"min_response_words": 2}}
+    cfg = {
+        "method": {"n_instructions": 2, "rounds": 3, "prompts_per_round": 2, "k_in_context": 4},
+        "filters": {"min_response_words": 2},
+    }
     report = synthesize(cfg, scripted, tmp_path, generator_id="scripted", seeds=seeds)
     assert report["dropped"] == EXPECTED_DROPS
     assert report["candidates"] == 25 and report["kept"] == 2
@@ -274,11 +330,20 @@ def test_every_self_instruct_drop_has_its_reason_and_counts_add_up(tmp_path):
     assert [d["detail"] for d in rnd["dropped"] if d["reason"] == "unsupported_modality"] == ["image"]
 
     rows = [json.loads(line) for line in (tmp_path / "synthetic.jsonl").open()]
-    assert [r["prompt"] for r in rows] == ["Write a haiku about autumn leaves falling.",
-                                           "Sort the following numbers in ascending order.\n\n3, 1, 2"]
-    assert rows[1] | {"id": None} == {"id": None, "response": "1, 2, 3", "source": "self_instruct", "round": 1,
-                                      "parent": None, "instruction": "Sort the following numbers in ascending order.",
-                                      "input": "3, 1, 2", "prompt": rows[1]["prompt"]}
+    assert [r["prompt"] for r in rows] == [
+        "Write a haiku about autumn leaves falling.",
+        "Sort the following numbers in ascending order.\n\n3, 1, 2",
+    ]
+    assert rows[1] | {"id": None} == {
+        "id": None,
+        "response": "1, 2, 3",
+        "source": "self_instruct",
+        "round": 1,
+        "parent": None,
+        "instruction": "Sort the following numbers in ascending order.",
+        "input": "3, 1, 2",
+        "prompt": rows[1]["prompt"],
+    }
 
 
 def test_answer_and_evolution_checks():
@@ -303,29 +368,51 @@ def test_answer_and_evolution_checks():
 
 
 EVOL = {  # parent -> (evolution, answer)
-    "Name three primary colours.": ("Name three primary colours and explain how each one is made from light.",
-                                    "Red, green and blue light combine to make every other colour we see."),
+    "Name three primary colours.": (
+        "Name three primary colours and explain how each one is made from light.",
+        "Red, green and blue light combine to make every other colour we see.",
+    ),
     "Give a synonym for happy.": ("", None),  # empty_instruction
     "Translate good morning into French.": ("Translate good morning into French.", None),  # evolution_unchanged
     "Suggest a name for a cat.": ("Here is the rewritten task for you: suggest two names for a cat.", None),
     "Explain what rain is.": ("Explain what rain is and how clouds form it over the ocean.", ""),  # empty_answer
     "Define gravity briefly.": ("Define gravity briefly and give one everyday example.", "Gravity pulls."),
-    "Describe a sunset.": ("Describe a sunset over the sea with five vivid adjectives.",
-                           "I'm sorry, but I am unable to describe sunsets as I have never seen one myself."),
+    "Describe a sunset.": (
+        "Describe a sunset over the sea with five vivid adjectives.",
+        "I'm sorry, but I am unable to describe sunsets as I have never seen one myself.",
+    ),
     "List two fruits.": ("Name three primary colours.", None),  # duplicate_instruction (a seed prompt)
     "Write a sentence about dogs.": ("Write a sentence about dogs that refers to a photo of a park.", None),
-    "Write about owls.": ("Write two sentences about owls and why they hunt at night.",
-                          "Seed answer: owls are birds of prey that hunt small animals."),  # duplicate_output
+    "Write about owls.": (
+        "Write two sentences about owls and why they hunt at night.",
+        "Seed answer: owls are birds of prey that hunt small animals.",
+    ),  # duplicate_output
     "Name a river.": ("Name a river in Asia that is longer than the", None),  # truncated
 }
-EVOL_DROPS = {"empty_instruction": 1, "evolution_unchanged": 1, "evolution_copies_template": 1, "empty_answer": 1,
-              "answer_too_short": 1, "refusal": 1, "duplicate_instruction": 1, "unsupported_modality": 1,
-              "duplicate_output": 1, "truncated": 1}
+EVOL_DROPS = {
+    "empty_instruction": 1,
+    "evolution_unchanged": 1,
+    "evolution_copies_template": 1,
+    "empty_answer": 1,
+    "answer_too_short": 1,
+    "refusal": 1,
+    "duplicate_instruction": 1,
+    "unsupported_modality": 1,
+    "duplicate_output": 1,
+    "truncated": 1,
+}
 
 
 def test_evol_elimination_rules_and_parents_stay_in_the_pool(tmp_path):
-    seeds = [SeedTask(f"s{i}", p, "", "Seed answer: owls are birds of prey that hunt small animals." if i == 9
-                      else f"seed output {i}") for i, p in enumerate(EVOL)]
+    seeds = [
+        SeedTask(
+            f"s{i}",
+            p,
+            "",
+            "Seed answer: owls are birds of prey that hunt small animals." if i == 9 else f"seed output {i}",
+        )
+        for i, p in enumerate(EVOL)
+    ]
     evolved = {v[0]: v[1] for v in EVOL.values() if v[1] is not None}
     seen_round2: list[str] = []
 
@@ -409,17 +496,37 @@ def test_a_corrupt_round_file_is_regenerated(tmp_path):
 
 def test_tiny_teacher_end_to_end_writes_a_loadable_jsonl(tiny_teacher, tiny_tokenizer, tmp_path, monkeypatch):
     seeds = tmp_path / "seeds.jsonl"
-    seeds.write_text("".join(json.dumps({"id": f"t{i}", "instruction": t, "instances": [{"input": "", "output": o}]})
-                             + "\n" for i, (t, o) in enumerate([("What is two plus two?", "Four."),
-                                                                ("Write a poem about the sea.", "The sea is blue."),
-                                                                ("Translate hello into Spanish.", "Hola.")])))
-    lax = {"min_instruction_words": 1, "min_response_words": 1, "drop_truncated": False, "max_non_ascii": 1.0,
-           "unsupported_keywords": []}
-    cfg = synthesis_config_from_dict({
-        "teacher": "tiny", "seeds_path": str(seeds), "seed": 0, "batch_size": 4,
-        "method": {"kind": "evol_instruct", "pool_size": 3, "rounds": 1},
-        "instruction_generation": {"max_new_tokens": 10}, "answer_generation": {"max_new_tokens": 10},
-        "filters": lax})
+    seeds.write_text(
+        "".join(
+            json.dumps({"id": f"t{i}", "instruction": t, "instances": [{"input": "", "output": o}]}) + "\n"
+            for i, (t, o) in enumerate(
+                [
+                    ("What is two plus two?", "Four."),
+                    ("Write a poem about the sea.", "The sea is blue."),
+                    ("Translate hello into Spanish.", "Hola."),
+                ]
+            )
+        )
+    )
+    lax = {
+        "min_instruction_words": 1,
+        "min_response_words": 1,
+        "drop_truncated": False,
+        "max_non_ascii": 1.0,
+        "unsupported_keywords": [],
+    }
+    cfg = synthesis_config_from_dict(
+        {
+            "teacher": "tiny",
+            "seeds_path": str(seeds),
+            "seed": 0,
+            "batch_size": 4,
+            "method": {"kind": "evol_instruct", "pool_size": 3, "rounds": 1},
+            "instruction_generation": {"max_new_tokens": 10},
+            "answer_generation": {"max_new_tokens": 10},
+            "filters": lax,
+        }
+    )
     report = run_synthesis(cfg, tmp_path / "out", model=tiny_teacher, tokenizer=tiny_tokenizer, progress=False)
     assert report["candidates"] == 3 and report["kept"] >= 1 and report["teacher"] == "tiny"
     assert report["candidates"] == report["kept"] + sum(report["dropped"].values())
@@ -443,15 +550,18 @@ def test_tiny_teacher_end_to_end_writes_a_loadable_jsonl(tiny_teacher, tiny_toke
 # ----------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("data, match", [
-    ({"metod": {}}, "recipe key 'metod' is not a known option"),
-    ({"method": {"kind": "magpie"}}, "recipe key 'method'.*'magpie'.*self_instruct"),
-    ({"method": {"machine_examples": 9, "k_in_context": 8}}, "machine_examples=9 exceeds k_in_context=8"),
-    ({"method": {"kind": "evol_instruct", "n_instructions": 5}}, "'method.n_instructions' is not a known option"),
-    ({"answer_generation": {"temperature": 0}}, "'answer_generation.temperature'.*greater than 0"),
-    ({"method": {"novelty_threshold": 1.5}}, "'method.novelty_threshold'"),
-    ({"method": {"kind": "evol_instruct", "operations": ["deepen", "deepen"]}}, "repeated"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"metod": {}}, "recipe key 'metod' is not a known option"),
+        ({"method": {"kind": "magpie"}}, "recipe key 'method'.*'magpie'.*self_instruct"),
+        ({"method": {"machine_examples": 9, "k_in_context": 8}}, "machine_examples=9 exceeds k_in_context=8"),
+        ({"method": {"kind": "evol_instruct", "n_instructions": 5}}, "'method.n_instructions' is not a known option"),
+        ({"answer_generation": {"temperature": 0}}, "'answer_generation.temperature'.*greater than 0"),
+        ({"method": {"novelty_threshold": 1.5}}, "'method.novelty_threshold'"),
+        ({"method": {"kind": "evol_instruct", "operations": ["deepen", "deepen"]}}, "repeated"),
+    ],
+)
 def test_bad_config_gives_one_line_error(data, match):
     with pytest.raises(PotstillError, match=match) as err:
         synthesis_config_from_dict(data)
@@ -460,14 +570,21 @@ def test_bad_config_gives_one_line_error(data, match):
 
 def test_runtime_config_errors(tmp_path):
     with pytest.raises(PotstillError, match="pool_size=20 exceeds the 12 seed tasks"):
-        synthesize({"method": {"kind": "evol_instruct", "pool_size": 20}}, Fake(), tmp_path, generator_id="f",
-                   seeds=_seeds())
+        synthesize(
+            {"method": {"kind": "evol_instruct", "pool_size": 20}}, Fake(), tmp_path, generator_id="f", seeds=_seeds()
+        )
     with pytest.raises(PotstillError, match="ids are not unique"):
-        synthesize({"method": {"kind": "evol_instruct", "pool_size": 2}}, Fake(), tmp_path, generator_id="f",
-                   seeds=_seeds(2) + [SeedTask("seed_0", "Another task here.", "", "x")])
+        synthesize(
+            {"method": {"kind": "evol_instruct", "pool_size": 2}},
+            Fake(),
+            tmp_path,
+            generator_id="f",
+            seeds=_seeds(2) + [SeedTask("seed_0", "Another task here.", "", "x")],
+        )
     with pytest.raises(PotstillError, match="k_in_context=13 exceeds the 12 seed tasks"):
-        synthesize({"method": {"k_in_context": 13, "machine_examples": 0}}, Fake(), tmp_path,
-                   generator_id="f", seeds=_seeds())
+        synthesize(
+            {"method": {"k_in_context": 13, "machine_examples": 0}}, Fake(), tmp_path, generator_id="f", seeds=_seeds()
+        )
     assert not tmp_path.joinpath("synthesis_key.json").exists()  # a refused config leaves nothing behind
     with pytest.raises(PotstillError, match="pass both model and tokenizer"):
         run_synthesis({}, tmp_path / "c", model=object())
@@ -487,7 +604,9 @@ def test_a_latin1_seeds_file_says_save_it_as_utf8(tmp_path):
     with pytest.raises(PotstillError) as err:
         load_seed_tasks(p)
     msg = str(err.value)
-    assert "\n" not in msg and str(p) in msg and "line 2" in msg and "0xe9" in msg and msg.endswith("; save it as UTF-8")
+    assert (
+        "\n" not in msg and str(p) in msg and "line 2" in msg and "0xe9" in msg and msg.endswith("; save it as UTF-8")
+    )
 
 
 def test_recipe_and_seed_tasks_load():

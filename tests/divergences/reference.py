@@ -164,8 +164,22 @@ REFERENCES = {
 }
 
 
-def kd_loss(hidden, weight, bias, labels, teacher_logits, *, name, params, alpha, temperature,
-            scale_t2, normalizer, logit_scale=None, softcap=None):
+def kd_loss(
+    hidden,
+    weight,
+    bias,
+    labels,
+    teacher_logits,
+    *,
+    name,
+    params,
+    alpha,
+    temperature,
+    scale_t2,
+    normalizer,
+    logit_scale=None,
+    softcap=None,
+):
     """The reducer's loss from its definition, row by row, in float64."""
     h, w = hidden.double(), weight.double()
     total = torch.zeros((), dtype=torch.float64)
@@ -184,8 +198,6 @@ def kd_loss(hidden, weight, bias, labels, teacher_logits, *, name, params, alpha
             div = REFERENCES[name](z, teacher_logits[i], temperature, **params)
         total = total + alpha * ce + (1 - alpha) * (temperature**2 if scale_t2 else 1.0) * div
     return total / (normalizer if normalizer else 1)
-
-
 
 
 def sparse_forward_kl(z, ids, logprobs, weights=None, tail="bucket", tail_logprob=None, temperature=1.0):
@@ -243,9 +255,13 @@ def sparse_kd_loss(hidden, weight, bias, labels, signal, *, alpha, temperature, 
         div = torch.zeros((), dtype=torch.float64)
         if alpha < 1:
             div = sparse_forward_kl(
-                z, signal.ids[i], signal.logprobs[i],
-                None if signal.weights is None else signal.weights[i], signal.tail,
-                None if signal.tail_logprob is None else signal.tail_logprob[i], temperature,
+                z,
+                signal.ids[i],
+                signal.logprobs[i],
+                None if signal.weights is None else signal.weights[i],
+                signal.tail,
+                None if signal.tail_logprob is None else signal.tail_logprob[i],
+                temperature,
             )
         total = total + alpha * ce + (1 - alpha) * (temperature**2 if scale_t2 else 1.0) * div
     return total / (normalizer if normalizer else 1)

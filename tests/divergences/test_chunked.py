@@ -75,8 +75,15 @@ def _both(hidden, head, leaves, labels, teacher, **kw):
 def test_chunked_equals_unchunked(chunk_size, teacher_kind, variant):
     hidden, head, leaves = _student(variant)
     labels = _labels()
-    kw = dict(divergence="generalized_jsd", divergence_kwargs={"beta": 0.3}, alpha=0.4, temperature=2.0,
-              scale_t2=True, normalizer=13, chunk_size=chunk_size)
+    kw = dict(
+        divergence="generalized_jsd",
+        divergence_kwargs={"beta": 0.3},
+        alpha=0.4,
+        temperature=2.0,
+        scale_t2=True,
+        normalizer=13,
+        chunk_size=chunk_size,
+    )
     (lc, sc, gc), (lu, su, gu) = _both(hidden, head, leaves, labels, _teacher(teacher_kind), **kw)
     assert lc.dtype == torch.float32 and lc.shape == ()
     torch.testing.assert_close(lc, lu, rtol=1e-5, atol=1e-6)
@@ -89,8 +96,18 @@ def test_chunked_equals_unchunked(chunk_size, teacher_kind, variant):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl",
-                                  "total_variation", "alpha_beta_divergence", "adaptive_kl"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "forward_kl",
+        "reverse_kl",
+        "skew_forward_kl",
+        "skew_reverse_kl",
+        "total_variation",
+        "alpha_beta_divergence",
+        "adaptive_kl",
+    ],
+)
 def test_chunked_equals_unchunked_for_every_divergence(name):
     hidden, head, leaves = _student("bias")
     kw = dict(divergence=name, alpha=0.0, temperature=1.5, normalizer=9, chunk_size=4)
@@ -111,8 +128,9 @@ def test_unchunked_matches_float64_reference(name):
         loss, _ = fn(hidden, head, labels, teacher, divergence=name, divergence_kwargs=params, chunk_size=4, **kw)
         leaves64 = [x.detach().double().requires_grad_(True) for x in leaves]
         h64, w64, b64 = leaves64
-        ref = reference_kd_loss(h64, w64, b64, labels, teacher.logits.double(), name=name, params=params,
-                                logit_scale=2.5, softcap=3.0, **kw)
+        ref = reference_kd_loss(
+            h64, w64, b64, labels, teacher.logits.double(), name=name, params=params, logit_scale=2.5, softcap=3.0, **kw
+        )
         torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
         for g, r in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(ref, leaves64)):
             torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-7)
@@ -193,8 +211,17 @@ def test_vocab_size_aligns_padded_teacher(teacher_kind):
     full = teacher.chunk_logits(0, N)
     assert full.shape[-1] == V + pad
     h64, w64, b64 = [x.detach().double().requires_grad_(True) for x in leaves]
-    ref = reference_kd_loss(h64, w64, b64, labels, full[:, :V].double(), name="forward_kl", params={},
-                            scale_t2=False, **kw_without(kw, "chunk_size"))
+    ref = reference_kd_loss(
+        h64,
+        w64,
+        b64,
+        labels,
+        full[:, :V].double(),
+        name="forward_kl",
+        params={},
+        scale_t2=False,
+        **kw_without(kw, "chunk_size"),
+    )
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
     for g, r in zip(grads, torch.autograd.grad(ref, [h64, w64, b64])):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-7)
@@ -274,7 +301,7 @@ def test_never_asks_teacher_for_more_than_a_chunk():
     assert seen and max(seen) <= 3 and sum(seen) == N
 
 
-U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
+U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 
 
 def test_bf16_inputs_give_bf16_grads_close_to_fp32():
@@ -325,9 +352,17 @@ def test_backward_scales_by_upstream_gradient_and_no_grad_mode():
     torch.testing.assert_close(loss_ng, loss.detach())
 
 
-@pytest.mark.parametrize("name,params", [("forward_kl", {}), ("reverse_kl", {}), ("skew_forward_kl", {"alpha": 0.3}),
-                                         ("skew_forward_kl", {"alpha": 0.0}), ("adaptive_kl", {"mu": 0.5}),
-                                         ("adaptive_kl", {"mu": 0.9})])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("forward_kl", {}),
+        ("reverse_kl", {}),
+        ("skew_forward_kl", {"alpha": 0.3}),
+        ("skew_forward_kl", {"alpha": 0.0}),
+        ("adaptive_kl", {"mu": 0.5}),
+        ("adaptive_kl", {"mu": 0.9}),
+    ],
+)
 @pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("variant", ["plain", "bias", "frozen", "tied"])
@@ -338,8 +373,15 @@ def test_closed_form_gradient_path_equals_autograd_reference(name, params, alpha
 
     assert name in CLOSED_FORM
     hidden, head, leaves = _student(variant, seed=31)
-    kw = dict(divergence=name, divergence_kwargs=params, alpha=alpha, temperature=temperature, scale_t2=True,
-              normalizer=11, chunk_size=3)
+    kw = dict(
+        divergence=name,
+        divergence_kwargs=params,
+        alpha=alpha,
+        temperature=temperature,
+        scale_t2=True,
+        normalizer=11,
+        chunk_size=3,
+    )
     (lc, sc, gc), (lu, su, gu) = _both(hidden, head, leaves, _labels(), _teacher(teacher_kind), **kw)
     torch.testing.assert_close(lc, lu, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sc["kd_sum"], su["kd_sum"], rtol=1e-5, atol=1e-6)
@@ -351,8 +393,15 @@ def test_closed_form_gradient_path_equals_autograd_reference(name, params, alpha
 
 # ------------------------------------------------------------------ closed forms against a sparse teacher
 
-SPARSE_KINDS = ["sampled", "sampled_proposal", "sampled_repeats", "bucket", "bucket_tail", "bucket_all_ids",
-                "renormalize"]
+SPARSE_KINDS = [
+    "sampled",
+    "sampled_proposal",
+    "sampled_repeats",
+    "bucket",
+    "bucket_tail",
+    "bucket_all_ids",
+    "renormalize",
+]
 
 
 def _sparse_teacher(kind, n=N, k=6, seed=200):
@@ -366,7 +415,9 @@ def _sparse_teacher(kind, n=N, k=6, seed=200):
         if kind == "sampled_repeats":  # one slot per draw: ids repeat within a row
             ids, w = drawn, torch.full((n, k), 1.0 / k, dtype=torch.float64)
         else:  # unique ids with counts
-            counts = torch.zeros(n, V, dtype=torch.float64).scatter_add_(-1, drawn, torch.ones(n, k, dtype=torch.float64))
+            counts = torch.zeros(n, V, dtype=torch.float64).scatter_add_(
+                -1, drawn, torch.ones(n, k, dtype=torch.float64)
+            )
             c, ids = counts.sort(-1, descending=True)
             c, ids = c[:, :k], ids[:, :k]
             w = c / k
@@ -516,8 +567,9 @@ def test_sparse_signal_errors_in_the_reducer():
     chunked_kd_loss(hidden, head, labels, SparseSignal(ids=dup, logprobs=top.logprobs), normalizer=N)
     tail = _sparse_teacher("bucket_tail")
     with pytest.raises(ValueError, match="tail_logprob"):
-        chunked_kd_loss(hidden, head, labels, SparseSignal(tail.ids, tail.logprobs, tail_logprob=torch.zeros(3)),
-                        normalizer=N)
+        chunked_kd_loss(
+            hidden, head, labels, SparseSignal(tail.ids, tail.logprobs, tail_logprob=torch.zeros(3)), normalizer=N
+        )
     nan_tail = tail.tail_logprob.clone()
     nan_tail[5] = float("nan")
     for fn in (chunked_kd_loss, unchunked_kd_loss):
@@ -530,14 +582,17 @@ def test_sparse_signal_errors_in_the_reducer():
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("alpha", [0.0, 0.4])
-@pytest.mark.parametrize("name,teacher_kind,variant", [
-    ("forward_kl", "logits", "plain"),          # dense closed form
-    ("reverse_kl", "hidden", "bias"),           # dense closed form, lazy teacher
-    ("adaptive_kl", "logits", "plain"),         # dense closed form with its own row weights
-    ("forward_kl", "sparse", "plain"),          # sparse closed form (bucket)
-    ("forward_kl", "sparse_renorm", "tied"),    # sparse closed form (renormalize)
-    ("generalized_jsd", "logits", "softcap_scale"),  # autograd path
-])
+@pytest.mark.parametrize(
+    "name,teacher_kind,variant",
+    [
+        ("forward_kl", "logits", "plain"),  # dense closed form
+        ("reverse_kl", "hidden", "bias"),  # dense closed form, lazy teacher
+        ("adaptive_kl", "logits", "plain"),  # dense closed form with its own row weights
+        ("forward_kl", "sparse", "plain"),  # sparse closed form (bucket)
+        ("forward_kl", "sparse_renorm", "tied"),  # sparse closed form (renormalize)
+        ("generalized_jsd", "logits", "softcap_scale"),  # autograd path
+    ],
+)
 def test_kd_weights_are_a_weighted_sum_of_single_row_losses(name, teacher_kind, variant, alpha, temperature):
     """With weights w, the loss is alpha * CE + (1 - alpha) * sum_i w_i * D_i, where D_i is
     the divergence of row i alone (every other row masked out): checked on values and gradients
@@ -583,11 +638,14 @@ def test_kd_weights_of_one_change_nothing_and_bad_weights_raise():
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 50])
-@pytest.mark.parametrize("name,teacher_kind,variant", [
-    ("skew_forward_kl", "logits", "plain"),      # has a closed form: per-row alphas must leave it
-    ("skew_reverse_kl", "hidden", "bias"),
-    ("skew_forward_kl", "logits", "softcap_scale"),
-])
+@pytest.mark.parametrize(
+    "name,teacher_kind,variant",
+    [
+        ("skew_forward_kl", "logits", "plain"),  # has a closed form: per-row alphas must leave it
+        ("skew_reverse_kl", "hidden", "bias"),
+        ("skew_forward_kl", "logits", "softcap_scale"),
+    ],
+)
 def test_row_divergence_kwargs_equal_single_row_losses_with_scalar_parameters(chunk_size, name, teacher_kind, variant):
     """A per-row skew alpha (DistiLLM-2's per-sequence curriculum) gives the sum over rows of
     the loss of each row alone with its alpha as a plain scalar: values and gradients."""
@@ -602,12 +660,21 @@ def test_row_divergence_kwargs_equal_single_row_losses_with_scalar_parameters(ch
             continue
         single = torch.full_like(labels, -100)
         single[i] = labels[i]
-        li, _ = unchunked_kd_loss(hidden, head, single, teacher, divergence_kwargs={"alpha": float(a[i])},
-                                  **{**kw, "alpha": 0.0})
+        li, _ = unchunked_kd_loss(
+            hidden, head, single, teacher, divergence_kwargs={"alpha": float(a[i])}, **{**kw, "alpha": 0.0}
+        )
         ref = ref + 0.7 * li
     ref_grads = torch.autograd.grad(ref, leaves, retain_graph=True)
-    loss, _ = chunked_kd_loss(hidden, head, labels, teacher, chunk_size=chunk_size, divergence_kwargs={"alpha": 0.9},
-                              row_divergence_kwargs={"alpha": a}, **kw)
+    loss, _ = chunked_kd_loss(
+        hidden,
+        head,
+        labels,
+        teacher,
+        chunk_size=chunk_size,
+        divergence_kwargs={"alpha": 0.9},
+        row_divergence_kwargs={"alpha": a},
+        **kw,
+    )
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     for g, r in zip(torch.autograd.grad(loss, leaves, retain_graph=True), ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
@@ -622,5 +689,6 @@ def test_row_divergence_kwargs_are_checked():
     with pytest.raises(ValueError, match="dense teacher"):
         chunked_kd_loss(hidden, head, labels, _teacher("sparse"), row_divergence_kwargs={"alpha": torch.ones(N)}, **kw)
     with pytest.raises(ValueError, match="in every row"):
-        chunked_kd_loss(hidden, head, labels, _teacher("logits"),
-                        row_divergence_kwargs={"alpha": torch.full((N,), 1.5)}, **kw)
+        chunked_kd_loss(
+            hidden, head, labels, _teacher("logits"), row_divergence_kwargs={"alpha": torch.full((N,), 1.5)}, **kw
+        )

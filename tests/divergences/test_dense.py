@@ -146,10 +146,13 @@ def test_ab_limits_are_kl_and_continuous():
     torch.testing.assert_close(ab(s, t, alpha=0.0, beta=1.0), d["reverse_kl"](s, t))
     # the general formula approaches each limit
     s64, t64 = s.double(), t.double()
-    for (a, b), (a0, b0) in [((1.0, 1e-6), (1.0, 0.0)), ((1e-6, 1.0), (0.0, 1.0)),
-                             ((0.5, -0.5 + 1e-6), (0.5, -0.5)), ((1e-5, 1e-5), (0.0, 0.0))]:
-        torch.testing.assert_close(ab(s64, t64, alpha=a, beta=b), ab(s64, t64, alpha=a0, beta=b0),
-                                   rtol=1e-3, atol=1e-5)
+    for (a, b), (a0, b0) in [
+        ((1.0, 1e-6), (1.0, 0.0)),
+        ((1e-6, 1.0), (0.0, 1.0)),
+        ((0.5, -0.5 + 1e-6), (0.5, -0.5)),
+        ((1e-5, 1e-5), (0.0, 0.0)),
+    ]:
+        torch.testing.assert_close(ab(s64, t64, alpha=a, beta=b), ab(s64, t64, alpha=a0, beta=b0), rtol=1e-3, atol=1e-5)
     # alpha = beta = 1/2 is 4x the squared Hellinger distance
     p, q = torch.softmax(t64, -1), torch.softmax(s64, -1)
     torch.testing.assert_close(ab(s64, t64), 2 * ((p.sqrt() - q.sqrt()) ** 2).sum(-1))

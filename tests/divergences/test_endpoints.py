@@ -70,17 +70,31 @@ def test_refused_in_one_line_with_the_fix(name, params, match):
 
 
 ALLOWED = [
-    ("forward_kl", {}), ("reverse_kl", {}), ("total_variation", {}),
-    ("generalized_jsd", {}), ("generalized_jsd", {"beta": 0.1}), ("generalized_jsd", {"beta": 0.9}),
-    ("generalized_jsd", {"beta": 1e-6}), ("generalized_jsd", {"beta": 1 - 1e-6}),
-    ("skew_forward_kl", {"alpha": 0.0}), ("skew_forward_kl", {"alpha": 0.1}), ("skew_forward_kl", {"alpha": 0.9}),
-    ("skew_reverse_kl", {"alpha": 0.0}), ("skew_reverse_kl", {"alpha": 0.1}),
-    ("alpha_beta_divergence", {}), ("alpha_beta_divergence", {"alpha": 0.2, "beta": 0.7}),
-    ("alpha_beta_divergence", {"alpha": 1.0, "beta": 0.0}), ("alpha_beta_divergence", {"alpha": 0.0, "beta": 1.0}),
-    ("alpha_beta_divergence", {"alpha": 0.0, "beta": 0.0}), ("alpha_beta_divergence", {"alpha": 5.0, "beta": 0.0}),
-    ("alpha_beta_divergence", {"alpha": 2.5, "beta": 2.5}), ("alpha_beta_divergence", {"alpha": 0.5, "beta": 1e-4}),
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("total_variation", {}),
+    ("generalized_jsd", {}),
+    ("generalized_jsd", {"beta": 0.1}),
+    ("generalized_jsd", {"beta": 0.9}),
+    ("generalized_jsd", {"beta": 1e-6}),
+    ("generalized_jsd", {"beta": 1 - 1e-6}),
+    ("skew_forward_kl", {"alpha": 0.0}),
+    ("skew_forward_kl", {"alpha": 0.1}),
+    ("skew_forward_kl", {"alpha": 0.9}),
+    ("skew_reverse_kl", {"alpha": 0.0}),
+    ("skew_reverse_kl", {"alpha": 0.1}),
+    ("alpha_beta_divergence", {}),
+    ("alpha_beta_divergence", {"alpha": 0.2, "beta": 0.7}),
+    ("alpha_beta_divergence", {"alpha": 1.0, "beta": 0.0}),
+    ("alpha_beta_divergence", {"alpha": 0.0, "beta": 1.0}),
+    ("alpha_beta_divergence", {"alpha": 0.0, "beta": 0.0}),
+    ("alpha_beta_divergence", {"alpha": 5.0, "beta": 0.0}),
+    ("alpha_beta_divergence", {"alpha": 2.5, "beta": 2.5}),
+    ("alpha_beta_divergence", {"alpha": 0.5, "beta": 1e-4}),
     ("alpha_beta_divergence", {"alpha": 1e-6, "beta": 1e-6}),
-    ("adaptive_kl", {}), ("adaptive_kl", {"mu": 1.0}), ("adaptive_kl", {"mu": 1e-3}),
+    ("adaptive_kl", {}),
+    ("adaptive_kl", {"mu": 1.0}),
+    ("adaptive_kl", {"mu": 1e-3}),
 ]
 
 
@@ -139,9 +153,15 @@ def test_ab_limit_cases_are_the_closed_forms():
 
 # (limit, a point 1e-4 away from it): every limit line, each direction of approach
 AB_NEAR = [
-    ((0.5, 0.0), (0.5, 1e-4)), ((1.5, 0.0), (1.5, 1e-4)), ((0.0, 0.5), (1e-4, 0.5)), ((0.0, 1.0), (1e-4, 1.0)),
-    ((0.0, 0.0), (1e-4, 1e-4)), ((0.0, 0.0), (1e-4, 0.0)), ((0.0, 0.0), (0.0, 1e-4)),
-    ((0.5, -0.5), (0.5, -0.5 + 1e-4)), ((0.0, -0.5), (1e-4, -0.5)),
+    ((0.5, 0.0), (0.5, 1e-4)),
+    ((1.5, 0.0), (1.5, 1e-4)),
+    ((0.0, 0.5), (1e-4, 0.5)),
+    ((0.0, 1.0), (1e-4, 1.0)),
+    ((0.0, 0.0), (1e-4, 1e-4)),
+    ((0.0, 0.0), (1e-4, 0.0)),
+    ((0.0, 0.0), (0.0, 1e-4)),
+    ((0.5, -0.5), (0.5, -0.5 + 1e-4)),
+    ((0.0, -0.5), (1e-4, -0.5)),
 ]
 
 
@@ -196,10 +216,18 @@ def test_ab_bounds_are_where_float32_fails():
 # ---------------------------------------------------------------------------------- temperature
 
 
-@pytest.mark.parametrize(("t", "match"), [(0.005, r"below 0.01: .*one-hot.*; use alpha 1 for hard labels"),
-                                         (0.0, r"must be > 0"), (-1.0, r"must be > 0"),
-                                         (float("nan"), "must be finite"), (float("inf"), "must be finite"),
-                                         (True, "real number"), ("2", "real number")])
+@pytest.mark.parametrize(
+    ("t", "match"),
+    [
+        (0.005, r"below 0.01: .*one-hot.*; use alpha 1 for hard labels"),
+        (0.0, r"must be > 0"),
+        (-1.0, r"must be > 0"),
+        (float("nan"), "must be finite"),
+        (float("inf"), "must be finite"),
+        (True, "real number"),
+        ("2", "real number"),
+    ],
+)
 def test_check_temperature_refuses(t, match):
     with pytest.raises(ValueError, match=match) as err:
         check_temperature(t)
@@ -308,8 +336,17 @@ def test_akl_mu_one_is_forward_kl_even_for_a_peaked_teacher_in_float32():
     labels = torch.zeros(4, dtype=torch.long)
     losses = {}
     for name, params in (("adaptive_kl", {"mu": 1.0}), ("forward_kl", {})):
-        loss, _ = chunked_kd_loss(hidden, head, labels, DenseSignal(logits=t), divergence=name,
-                                  divergence_kwargs=params, alpha=0.0, normalizer=4, chunk_size=3)
+        loss, _ = chunked_kd_loss(
+            hidden,
+            head,
+            labels,
+            DenseSignal(logits=t),
+            divergence=name,
+            divergence_kwargs=params,
+            alpha=0.0,
+            normalizer=4,
+            chunk_size=3,
+        )
         losses[name] = loss
     torch.testing.assert_close(losses["adaptive_kl"], losses["forward_kl"], rtol=1e-5, atol=1e-5)
 

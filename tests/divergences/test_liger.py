@@ -55,8 +55,10 @@ def _problem(variant="bias_scale", n=N, vocab=V, teacher_extra=0, dtype=torch.fl
         head = Head(weight=weight, bias=bias, logit_scale=1.5 if variant == "bias_scale" else None)
         leaves.append(bias)
     tv = vocab + teacher_extra
-    t_head = Head(weight=_rand(tv, HT, seed=seed + 4, scale=1.5, dtype=dtype).to(device),
-                  bias=_rand(tv, seed=seed + 5, dtype=dtype).to(device))
+    t_head = Head(
+        weight=_rand(tv, HT, seed=seed + 4, scale=1.5, dtype=dtype).to(device),
+        bias=_rand(tv, seed=seed + 5, dtype=dtype).to(device),
+    )
     teacher = DenseSignal(hidden=_rand(n, HT, seed=seed + 6, dtype=dtype).to(device), head=t_head)
     return hidden, head, leaves, _labels(n, vocab, seed).to(device), teacher
 
@@ -64,9 +66,23 @@ def _problem(variant="bias_scale", n=N, vocab=V, teacher_extra=0, dtype=torch.fl
 # ----------------------------------------------------------------------------- Liger's convention, by definition
 
 
-def liger_reference(student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias,
-                    teacher_bias, weight_hard_loss, weight_soft_loss, beta, ignore_index, temperature, compiled,
-                    chunk_size, return_soft_hard_loss):
+def liger_reference(
+    student_input,
+    student_weight,
+    teacher_input,
+    teacher_weight,
+    true_labels,
+    student_bias,
+    teacher_bias,
+    weight_hard_loss,
+    weight_soft_loss,
+    beta,
+    ignore_index,
+    temperature,
+    compiled,
+    chunk_size,
+    return_soft_hard_loss,
+):
     """Liger's ``liger_fused_linear_jsd`` as its documentation defines it, in float64, unchunked:
 
     ``hard = sum_valid CE(z_s, y) / max(n_valid, 1)`` at T = 1, ``soft = sum_valid JSD_beta / max(n_valid, 1)``
@@ -124,8 +140,15 @@ def _both(fused, hidden, head, leaves, labels, teacher, **kw):
 def test_conversion_maps_liger_convention_to_potstills(variant, divergence, kwargs, alpha, temperature, scale_t2):
     """Liger's loss (by its definition) through the conversion equals the reducer: value, stats, gradients."""
     hidden, head, leaves, labels, teacher = _problem(variant)
-    kw = dict(divergence=divergence, divergence_kwargs=kwargs, alpha=alpha, temperature=temperature,
-              scale_t2=scale_t2, normalizer=2 * N + 3, chunk_size=4)
+    kw = dict(
+        divergence=divergence,
+        divergence_kwargs=kwargs,
+        alpha=alpha,
+        temperature=temperature,
+        scale_t2=scale_t2,
+        normalizer=2 * N + 3,
+        chunk_size=4,
+    )
     (got, gs, gg), (want, ws, wg) = _both(liger_reference, hidden, head, leaves, labels, teacher, **kw)
     assert got.dtype == torch.float32 and got.dim() == 0
     torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
@@ -143,8 +166,9 @@ def test_beta_mapping_and_closed_forms():
     hidden, head, _, labels, _ = _problem("plain")
     twin = DenseSignal(hidden=hidden.detach(), head=Head(weight=head.weight.detach()))
     for div in ("forward_kl", "reverse_kl", "generalized_jsd"):
-        loss, stats = fused_jsd_kd_loss(liger_reference, hidden, head, labels, twin, divergence=div, alpha=0.5,
-                                        normalizer=stats_n(labels))
+        loss, stats = fused_jsd_kd_loss(
+            liger_reference, hidden, head, labels, twin, divergence=div, alpha=0.5, normalizer=stats_n(labels)
+        )
         assert abs(float(stats["kd_sum"])) < 1e-5
         torch.testing.assert_close(loss, 0.5 * stats["ce_sum"] / stats_n(labels))
 
@@ -259,8 +283,17 @@ def test_real_liger_on_cpu_matches_the_reducer(divergence, kwargs, alpha, temper
     """Liger's own function (uncompiled; its chunked loss is plain torch) through the conversion, on CPU."""
     fused = _liger_fn()
     hidden, head, leaves, labels, teacher = _problem("bias_scale", teacher_extra=3)
-    kw = dict(divergence=divergence, divergence_kwargs=kwargs, alpha=alpha, temperature=temperature,
-              scale_t2=scale_t2, normalizer=2 * N + 3, chunk_size=4, vocab_size=V, compiled=False)
+    kw = dict(
+        divergence=divergence,
+        divergence_kwargs=kwargs,
+        alpha=alpha,
+        temperature=temperature,
+        scale_t2=scale_t2,
+        normalizer=2 * N + 3,
+        chunk_size=4,
+        vocab_size=V,
+        compiled=False,
+    )
     got, got_stats = fused_jsd_kd_loss(fused, hidden, head, labels, teacher, **kw)
     gg = torch.autograd.grad(got, leaves)
     kw.pop("compiled")
@@ -293,14 +326,22 @@ def test_liger_kd_loss_matches_the_reducer_on_cuda(dtype, shape, divergence, kwa
         return (torch.randn(*s, generator=g, device="cuda") * scale).to(dtype)
 
     hidden = rnd(n, hs).requires_grad_(True)
-    weight = torch.nn.Parameter(rnd(v, hs, scale=hs ** -0.5 * 4))
+    weight = torch.nn.Parameter(rnd(v, hs, scale=hs**-0.5 * 4))
     bias = torch.nn.Parameter(rnd(v, scale=0.1))
     head = Head(weight=weight, bias=bias)
-    teacher = DenseSignal(hidden=rnd(n, ht), head=Head(weight=rnd(v + 7, ht, scale=ht ** -0.5 * 4)))
+    teacher = DenseSignal(hidden=rnd(n, ht), head=Head(weight=rnd(v + 7, ht, scale=ht**-0.5 * 4)))
     labels = torch.randint(0, v, (n,), generator=g, device="cuda")
     labels[::5] = -100
-    kw = dict(divergence=divergence, divergence_kwargs=kwargs, alpha=alpha, temperature=temperature,
-              scale_t2=scale_t2, normalizer=int((labels != -100).sum()) + 11, chunk_size=128, vocab_size=v)
+    kw = dict(
+        divergence=divergence,
+        divergence_kwargs=kwargs,
+        alpha=alpha,
+        temperature=temperature,
+        scale_t2=scale_t2,
+        normalizer=int((labels != -100).sum()) + 11,
+        chunk_size=128,
+        vocab_size=v,
+    )
     got, gs = liger_kd_loss(hidden, head, labels, teacher, compiled=False, **kw)
     gg = torch.autograd.grad(got, [hidden, weight, bias])
     want, ws = chunked_kd_loss(hidden, head, labels, teacher, **kw)

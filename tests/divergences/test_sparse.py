@@ -105,8 +105,8 @@ def test_padding_slots_are_ignored(name, params, tail):
     ids, lp = sig.ids.clone(), sig.logprobs.clone()
     for r in range(n):
         if r:
-            lp[r, k - r:] = float("-inf")
-            ids[r, k - r:] = torch.tensor([-1, 0, 3])[:r] if r <= 3 else 0
+            lp[r, k - r :] = float("-inf")
+            ids[r, k - r :] = torch.tensor([-1, 0, 3])[:r] if r <= 3 else 0
     padded = sparse_divergence(name, s, SparseSignal(ids=ids, logprobs=lp, tail=tail), **params)
     (g,) = torch.autograd.grad(padded.sum(), [s])
     assert torch.isfinite(padded).all() and torch.isfinite(g).all()
@@ -147,8 +147,11 @@ def test_errors():
     ids = torch.tensor([[0, 1, 2], [0, 1, 2]])
     with pytest.raises(ValueError, match="tail_logprob"):
         sparse_divergence("forward_kl", s, SparseSignal(ids=ids, logprobs=lp, tail_logprob=torch.zeros(3)))
-    for bad in (torch.tensor([[1.0, -0.1, 1.0], [1.0, 1.0, 1.0]]), torch.tensor([[1.0, float("nan"), 1.0]] * 2),
-                torch.tensor([[1.0, float("inf"), 1.0]] * 2)):
+    for bad in (
+        torch.tensor([[1.0, -0.1, 1.0], [1.0, 1.0, 1.0]]),
+        torch.tensor([[1.0, float("nan"), 1.0]] * 2),
+        torch.tensor([[1.0, float("inf"), 1.0]] * 2),
+    ):
         with pytest.raises(ValueError, match="finite and >= 0"):
             sparse_divergence("forward_kl", s, SparseSignal(ids=ids, logprobs=lp, weights=bad))
     with pytest.raises(ValueError, match="weights"):
@@ -205,7 +208,9 @@ def _sampled(lp, reps, draws, proposal_t, seed):
     lr = torch.log_softmax(lp / proposal_t, -1)
     g = torch.Generator().manual_seed(seed)
     drawn = torch.multinomial(lr.exp().expand(reps, -1), draws, replacement=True, generator=g)
-    counts = torch.zeros(reps, lp.shape[-1], dtype=lp.dtype).scatter_add_(-1, drawn, torch.ones_like(lp[:1]).expand(reps, draws))
+    counts = torch.zeros(reps, lp.shape[-1], dtype=lp.dtype).scatter_add_(
+        -1, drawn, torch.ones_like(lp[:1]).expand(reps, draws)
+    )
     c, ids = counts.sort(-1, descending=True)
     c, ids = c[:, :draws], ids[:, :draws]
     real = c > 0
@@ -251,8 +256,9 @@ def test_sampled_with_every_id_weighted_by_p_is_dense(name, params):
     g = torch.Generator().manual_seed(26)
     ids = torch.stack([torch.randperm(V, generator=g) for _ in range(n)])
     lp = torch.log_softmax(t / temperature, -1).gather(-1, ids)
-    out = sparse_divergence(name, s, SparseSignal(ids=ids, logprobs=lp, weights=lp.exp()), temperature=temperature,
-                            **params)
+    out = sparse_divergence(
+        name, s, SparseSignal(ids=ids, logprobs=lp, weights=lp.exp()), temperature=temperature, **params
+    )
     dense = DIVERGENCES[name](s, t, temperature=temperature, **params)
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-6)
     (gs,) = torch.autograd.grad(out.sum(), [s])
@@ -267,8 +273,9 @@ def test_sampled_duplicates_and_padding_equal_counts(name, params):
     reps, draws = 5, 7
     lp = torch.log_softmax(_logits((V,), seed=27).double(), -1)
     counted, drawn = _sampled(lp, reps, draws, 1.0, seed=28)
-    per_draw = SparseSignal(ids=drawn, logprobs=lp[drawn], weights=torch.full(drawn.shape, 1.0 / draws,
-                                                                              dtype=torch.float64))
+    per_draw = SparseSignal(
+        ids=drawn, logprobs=lp[drawn], weights=torch.full(drawn.shape, 1.0 / draws, dtype=torch.float64)
+    )
     s = _logits((reps, V), seed=29).double().requires_grad_(True)
     a = sparse_divergence(name, s, counted, **params)
     b = sparse_divergence(name, s, per_draw, **params)
@@ -358,8 +365,10 @@ def test_tail_logprob_renormalizes_quantized_logprobs():
         torch.testing.assert_close(out[r], (pc * (pc.log() - qc.log())).sum(), rtol=1e-10, atol=1e-12)
     # renormalize mode ignores tail_logprob
     renorm = SparseSignal(ids=ids, logprobs=lp_q, tail="renormalize", tail_logprob=exact.tail_logprob)
-    torch.testing.assert_close(sparse_divergence("forward_kl", s, renorm),
-                               sparse_divergence("forward_kl", s, SparseSignal(ids, lp_q, "renormalize")))
+    torch.testing.assert_close(
+        sparse_divergence("forward_kl", s, renorm),
+        sparse_divergence("forward_kl", s, SparseSignal(ids, lp_q, "renormalize")),
+    )
 
 
 @pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)

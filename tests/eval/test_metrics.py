@@ -9,9 +9,9 @@ import torch
 
 from potstill.eval.metrics import (
     count_parameters,
+    distinct_n,
     expected_calibration_error,
     perplexity,
-    distinct_n,
     rouge_l,
     teacher_forced_stats,
 )

@@ -15,12 +15,30 @@ from potstill.eval.report import read_metrics, write_report
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 METRICS = {
-    "teacher": {"forward_kl": 0.0, "top1_agreement": 1.0, "perplexity": 12.5, "rouge_l": 0.41,
-                "params": 1_230_000, "tokens_per_s": 150.0},
-    "logit_kd": {"forward_kl": 0.31, "top1_agreement": 0.72, "perplexity": 15.0, "rouge_l": 0.35,
-                 "params": 120_000, "tokens_per_s": 900.0},
-    "sft": {"forward_kl": 0.52, "top1_agreement": 0.61, "perplexity": 16.2, "rouge_l": 0.38,
-            "params": 120_000, "tokens_per_s": 905.5},
+    "teacher": {
+        "forward_kl": 0.0,
+        "top1_agreement": 1.0,
+        "perplexity": 12.5,
+        "rouge_l": 0.41,
+        "params": 1_230_000,
+        "tokens_per_s": 150.0,
+    },
+    "logit_kd": {
+        "forward_kl": 0.31,
+        "top1_agreement": 0.72,
+        "perplexity": 15.0,
+        "rouge_l": 0.35,
+        "params": 120_000,
+        "tokens_per_s": 900.0,
+    },
+    "sft": {
+        "forward_kl": 0.52,
+        "top1_agreement": 0.61,
+        "perplexity": 16.2,
+        "rouge_l": 0.38,
+        "params": 120_000,
+        "tokens_per_s": 905.5,
+    },
 }
 
 
@@ -104,7 +122,7 @@ def test_bad_metrics_input(tmp_path):
     [
         (None, "no such metrics file"),
         ("{not json", "cannot read metrics"),
-        ('[1, 2]', '"runs"'),
+        ("[1, 2]", '"runs"'),
         ('{"runs": {"a": 3}}', "run 'a' is not an object"),
         ('{"runs": {"a": {"kl": "x"}}}', "metric 'kl' of run 'a' is not a number"),
         ('{"runs": {"a": {"kl": true}}}', "not a number"),

@@ -245,8 +245,7 @@ def test_end_to_end_report(teacher, other, word_tokenizer, tmp_path):
     assert res["other"][GENERATIONS_KEY][-1] in (tmp_path / "report.md").read_text()
 
 
-def test_zero_new_tokens_skips_generation_and_keeps_teacher_forced_metrics(teacher, other, word_tokenizer,
-                                                                            monkeypatch):
+def test_zero_new_tokens_skips_generation_and_keeps_teacher_forced_metrics(teacher, other, word_tokenizer, monkeypatch):
     examples = make_examples(word_tokenizer, n=5)
     full = _run({"other": other}, teacher, word_tokenizer, examples)
 

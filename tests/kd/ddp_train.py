@@ -18,12 +18,12 @@ faulthandler.dump_traceback_later(180, exit=True)  # armed until the process end
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
+from conftest import _tiny_llama, make_tiny_tokenizer  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from conftest import _tiny_llama, make_tiny_tokenizer  # noqa: E402
 from kd.test_logit import cfg, dataset  # noqa: E402
-from potstill.kd import KDTrainer  # noqa: E402
 from potstill.distributed import end_distributed  # noqa: E402
+from potstill.kd import KDTrainer  # noqa: E402
 
 
 def main(out: str, per_device: int, accum: int, method: str = "kd", engine: str = "ddp") -> None:
@@ -34,8 +34,12 @@ def main(out: str, per_device: int, accum: int, method: str = "kd", engine: str 
     teacher = _tiny_llama(tok, layers=2, hidden=64, heads=4, kv_heads=2, seed=0)
     student = _tiny_llama(tok, layers=1, hidden=32, heads=2, kv_heads=1, seed=1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    kw = dict(per_device_train_batch_size=per_device, gradient_accumulation_steps=accum, max_steps=1,
-              ddp_backend="gloo" if world > 1 else None)
+    kw = dict(
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accum,
+        max_steps=1,
+        ddp_backend="gloo" if world > 1 else None,
+    )
     sharded = engine == "fsdp2" and world > 1
     if sharded:
         import torch.distributed as dist

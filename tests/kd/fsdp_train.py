@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from conftest import _tiny_llama, make_tiny_tokenizer  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from conftest import _tiny_llama, make_tiny_tokenizer  # noqa: E402
 from kd.test_logit import encoded  # noqa: E402
 from potstill.data import PadCollator  # noqa: E402
 from potstill.distributed import end_distributed  # noqa: E402
@@ -61,7 +61,7 @@ def main(out: str, divergence: str = "forward_kl", tied: str = "") -> None:
     # One padded batch of 8, then each rank's rows: both layouts see exactly the same inputs.
     full = PadCollator(tok.pad_token_id)(encoded(tok)[:GLOBAL_BATCH])
     per = GLOBAL_BATCH // world
-    batch = {k: v[rank * per:(rank + 1) * per] for k, v in full.items()}
+    batch = {k: v[rank * per : (rank + 1) * per] for k, v in full.items()}
     if world > 1:
         from torch.distributed.fsdp import fully_shard
 
@@ -73,8 +73,14 @@ def main(out: str, divergence: str = "forward_kl", tied: str = "") -> None:
     student.train()
     source = OnlineTeacher(teacher)
     opt = torch.optim.SGD(student.parameters(), lr=LR)
-    seen = {"rank": rank, "world": world, "student_head": [], "teacher_head": type(source.head.weight).__name__,
-            "head_shape": [], "loss": []}
+    seen = {
+        "rank": rank,
+        "world": world,
+        "student_head": [],
+        "teacher_head": type(source.head.weight).__name__,
+        "head_shape": [],
+        "loss": [],
+    }
     for _ in range(STEPS):
         labels = batch["labels"]
         index = target_index(labels)
@@ -87,10 +93,20 @@ def main(out: str, divergence: str = "forward_kl", tied: str = "") -> None:
             dist.all_reduce(count)  # the global number of target tokens (Trainer's num_items_in_batch)
         raw = output_head(student)
         seen["student_head"].append(type(raw.weight).__name__)
-        seen["head_shape"].append(list(raw.weight.to_local().shape if isinstance(raw.weight, DTensor)
-                                       else raw.weight.shape))
-        loss, _ = chunked_kd_loss(rows, full_head(raw), targets, signal, divergence=divergence, alpha=0.2,
-                                  divergence_kwargs=PARAMS.get(divergence, {}), normalizer=count, chunk_size=7)
+        seen["head_shape"].append(
+            list(raw.weight.to_local().shape if isinstance(raw.weight, DTensor) else raw.weight.shape)
+        )
+        loss, _ = chunked_kd_loss(
+            rows,
+            full_head(raw),
+            targets,
+            signal,
+            divergence=divergence,
+            alpha=0.2,
+            divergence_kwargs=PARAMS.get(divergence, {}),
+            normalizer=count,
+            chunk_size=7,
+        )
         (loss * world).backward()  # FSDP2 averages gradients over ranks; the loss is already globally normalized
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -105,8 +121,9 @@ def main(out: str, divergence: str = "forward_kl", tied: str = "") -> None:
         state, infos = student.state_dict(), [seen]
     if rank == 0:
         # clone: tied weights are one tensor under two names, which safetensors refuses
-        save_file({k: v.detach().clone().contiguous() for k, v in state.items()},
-                  os.path.join(out, "student.safetensors"))
+        save_file(
+            {k: v.detach().clone().contiguous() for k, v in state.items()}, os.path.join(out, "student.safetensors")
+        )
         # A consolidated Hugging Face checkpoint: a fresh unsharded model of the same config, the gathered weights.
         fresh = _student(tok, tied == "tied")
         fresh.load_state_dict(state)

@@ -45,8 +45,9 @@ def test_teacher_confidence_and_maxprob_from_their_definitions():
     # the same teacher given lazily as hidden states + head, in chunks of 1 row
     head = Head(weight=torch.eye(4))
     lazy = DenseSignal(hidden=logits, head=head)
-    torch.testing.assert_close(token_weights("teacher_confidence", signal=lazy, vocab=4, temperature=1.0,
-                                             chunk_size=1), w)
+    torch.testing.assert_close(
+        token_weights("teacher_confidence", signal=lazy, vocab=4, temperature=1.0, chunk_size=1), w
+    )
     # at temperature 2 the distribution is softmax(log p / 2)
     w2 = token_weights("teacher_confidence", signal=sig, vocab=4, temperature=2.0)
     p2 = F.softmax(torch.tensor(probs).log() / 2, -1).tolist()
@@ -65,12 +66,14 @@ def test_student_entropy_keeps_the_most_uncertain_share_with_rescaled_weight():
     base = torch.tensor([3.0, 1.0, 0.0, -1.0])
     rows = torch.stack([base / t for t in (0.2, 0.5, 1.0, 5.0, 2.0)])
     labels = torch.tensor([0, 1, 2, -100, 3])
-    w = token_weights("student_entropy", rows=rows, head=Head(weight=torch.eye(4)), labels=labels, vocab=4,
-                      temperature=1.0, ratio=0.5)
+    w = token_weights(
+        "student_entropy", rows=rows, head=Head(weight=torch.eye(4)), labels=labels, vocab=4, temperature=1.0, ratio=0.5
+    )
     # 4 valid rows, keep round(0.5 * 4) = 2: the highest-entropy valid rows are 4 (T=2) and 2 (T=1)
     assert w.tolist() == [0.0, 0.0, 2.0, 0.0, 2.0]
-    ones = token_weights("student_entropy", rows=rows, head=Head(weight=torch.eye(4)), labels=labels, vocab=4,
-                         temperature=1.0, ratio=1.0)
+    ones = token_weights(
+        "student_entropy", rows=rows, head=Head(weight=torch.eye(4)), labels=labels, vocab=4, temperature=1.0, ratio=1.0
+    )
     assert ones.tolist() == [1.0, 1.0, 1.0, 0.0, 1.0]
 
 
@@ -95,11 +98,20 @@ def test_selective_kd_with_ratio_one_is_plain_kd(tiny_llama_pair, tmp_path):
     import copy
 
     a, b = copy.deepcopy(student), copy.deepcopy(student)
-    KDTrainer(model=a, teacher_model=teacher, args=cfg(tmp_path, max_steps=2), train_dataset=dataset(tok),
-              processing_class=tok).train()
-    KDTrainer(model=b, teacher_model=teacher, args=cfg(tmp_path, max_steps=2, token_weighting="student_entropy",
-                                                       token_weighting_ratio=1.0),
-              train_dataset=dataset(tok), processing_class=tok).train()
+    KDTrainer(
+        model=a,
+        teacher_model=teacher,
+        args=cfg(tmp_path, max_steps=2),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+    ).train()
+    KDTrainer(
+        model=b,
+        teacher_model=teacher,
+        args=cfg(tmp_path, max_steps=2, token_weighting="student_entropy", token_weighting_ratio=1.0),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+    ).train()
     for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(x, y, msg=n)
 
@@ -107,9 +119,13 @@ def test_selective_kd_with_ratio_one_is_plain_kd(tiny_llama_pair, tmp_path):
 def test_teacher_confidence_loss_equals_weighted_reference(tiny_llama_pair, tmp_path):
     """The trainer's loss with teacher-confidence weights against full logits written out here."""
     teacher, student, tok = tiny_llama_pair
-    tr = KDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, alpha=0.2,
-                                                                    token_weighting="teacher_confidence"),
-                   train_dataset=dataset(tok), processing_class=tok)
+    tr = KDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=cfg(tmp_path, alpha=0.2, token_weighting="teacher_confidence"),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+    )
     batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
     loss = tr.compute_loss(student, batch)
     s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
@@ -137,22 +153,39 @@ def test_alpha_and_temperature_follow_their_schedules(tiny_llama_pair, tmp_path,
         return real(*a, **k)
 
     monkeypatch.setattr(logit_mod, "chunked_kd_loss", spy)
-    KDTrainer(model=student, teacher_model=teacher,
-              args=cfg(tmp_path, max_steps=4, alpha=1.0, alpha_end=0.0, temperature=3.0, temperature_end=1.0,
-                       per_device_train_batch_size=8),
-              train_dataset=dataset(tok), processing_class=tok).train()
+    KDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=cfg(
+            tmp_path,
+            max_steps=4,
+            alpha=1.0,
+            alpha_end=0.0,
+            temperature=3.0,
+            temperature_end=1.0,
+            per_device_train_batch_size=8,
+        ),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+    ).train()
     assert [a for a, _ in seen] == pytest.approx([1.0, 0.75, 0.5, 0.25])
     assert [t for _, t in seen] == pytest.approx([3.0, 2.5, 2.0, 1.5])
 
 
 def test_alpha_schedule_at_its_end_point_equals_the_fixed_loss(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
-    tr = KDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, alpha=0.0, alpha_end=0.6),
-                   train_dataset=dataset(tok), processing_class=tok)
+    tr = KDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=cfg(tmp_path, alpha=0.0, alpha_end=0.6),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+    )
     tr.state.max_steps, tr.state.global_step = 10, 10
     batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
-    torch.testing.assert_close(tr.compute_loss(student, batch).double(), ref_loss(student, teacher, batch, 0.6),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        tr.compute_loss(student, batch).double(), ref_loss(student, teacher, batch, 0.6), rtol=1e-5, atol=1e-6
+    )
 
 
 def _reference_example_kl(student, teacher, ex):
@@ -179,8 +212,13 @@ def test_curriculum_orders_examples_by_initial_divergence(tiny_llama_pair, tmp_p
         return real(self, model, inputs, *a, **k)
 
     monkeypatch.setattr(KDTrainer, "compute_loss", spy)
-    tr = KDTrainer(model=student, teacher_model=teacher, processing_class=tok, train_dataset=dataset(tok),
-                   args=cfg(tmp_path, max_steps=2, curriculum=kind, per_device_train_batch_size=4))
+    tr = KDTrainer(
+        model=student,
+        teacher_model=teacher,
+        processing_class=tok,
+        train_dataset=dataset(tok),
+        args=cfg(tmp_path, max_steps=2, curriculum=kind, per_device_train_batch_size=4),
+    )
     tr.train()
     torch.testing.assert_close(tr.curriculum_scores, torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-6)
     order = sorted(range(len(ex)), key=lambda i: want[i], reverse=kind == "hard_to_easy")
@@ -192,7 +230,11 @@ def test_curriculum_orders_examples_by_initial_divergence(tiny_llama_pair, tmp_p
 
 def test_curriculum_needs_a_teacher(tiny_llama_pair, tmp_path):
     _, student, tok = tiny_llama_pair
-    tr = KDTrainer(model=student, processing_class=tok, train_dataset=dataset(tok),
-                   args=cfg(tmp_path, alpha=1.0, curriculum="easy_to_hard"))
+    tr = KDTrainer(
+        model=student,
+        processing_class=tok,
+        train_dataset=dataset(tok),
+        args=cfg(tmp_path, alpha=1.0, curriculum="easy_to_hard"),
+    )
     with pytest.raises(PotstillError, match="curriculum"):
         tr.train()

@@ -21,9 +21,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rcfg(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.1,
-                optim="sgd", lr_scheduler_type="constant", report_to="none", save_strategy="no", use_cpu=True,
-                logging_steps=1, seed=0, data_seed=0, disable_tqdm=True, relation_layers=[[1, 2]], relation_heads=2)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        relation_layers=[[1, 2]],
+        relation_heads=2,
+    )
     base.update(kw)
     return FeatureKDConfig(**base)
 
@@ -43,7 +57,7 @@ def ref_relation_kl(xs, xt, mask, R):
                 dists = []
                 for x in (xt, xs):
                     d = x.shape[-1] // R
-                    part = x[b, :, r * d:(r + 1) * d].double()
+                    part = x[b, :, r * d : (r + 1) * d].double()
                     scores = torch.stack([part[i] @ part[j] for j in keys]) / math.sqrt(d)
                     dists.append(torch.exp(scores - torch.logsumexp(scores, 0)))
                 p, q = dists
@@ -105,8 +119,9 @@ def test_a_position_only_relates_to_itself_and_earlier_unpadded_keys():
 def test_hooks_capture_exactly_the_projection_outputs(tiny_teacher, tiny_tokenizer):
     batch = PadCollator(tiny_tokenizer.pad_token_id)(encoded(tiny_tokenizer)[:3])
     with torch.no_grad(), capture_projections(tiny_teacher, [0, 1], ["q", "k", "v"]) as out:
-        hs = tiny_teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          output_hidden_states=True).hidden_states
+        hs = tiny_teacher(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        ).hidden_states
     assert sorted(out) == [(layer, k) for layer in (0, 1) for k in ("k", "q", "v")]
     B, T = batch["input_ids"].shape
     for layer in (0, 1):
@@ -122,8 +137,9 @@ def test_hooks_capture_exactly_the_projection_outputs(tiny_teacher, tiny_tokeniz
 
 def _projection_inputs(model, batch, layer):
     """q/k/v of 0-based decoder ``layer``, by calling the modules on hidden_states (no hooks)."""
-    hs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-               output_hidden_states=True).hidden_states
+    hs = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+    ).hidden_states
     block = model.model.layers[layer]
     x = block.input_layernorm(hs[layer])
     return {k: getattr(block.self_attn, f"{k}_proj")(x) for k in "qkv"}, hs
@@ -140,11 +156,21 @@ def test_loss_is_logit_loss_plus_weighted_relation_term(tiny_llama_pair, tmp_pat
         kw = dict(relation_layers=[[1, 2]], relation_kinds=["q", "k", "v"], relation_heads=2)
         pairs, kinds, R = [(0, 1)], ["q", "k", "v"], 2
     else:
-        kw = dict(relation_layers=[[1, 1], [-1, -1]], relation_kinds=["k", "v"], relation_heads=4,
-                  feature_layers=[[1, 2]], feature_weight=0.5)
+        kw = dict(
+            relation_layers=[[1, 1], [-1, -1]],
+            relation_kinds=["k", "v"],
+            relation_heads=4,
+            feature_layers=[[1, 2]],
+            feature_weight=0.5,
+        )
         pairs, kinds, R = [(0, 0), (0, 1)], ["k", "v"], 4
-    tr = FeatureKDTrainer(model=student, teacher_model=teacher, processing_class=tok, train_dataset=dataset(tok),
-                          args=rcfg(tmp_path, alpha=0.3, relation_weight=0.7, **kw))
+    tr = FeatureKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        processing_class=tok,
+        train_dataset=dataset(tok),
+        args=rcfg(tmp_path, alpha=0.3, relation_weight=0.7, **kw),
+    )
     batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
     loss = tr.compute_loss(student, batch)
     valid = batch["labels"][:, 1:] != -100
@@ -172,8 +198,13 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_llama_pair, tmp_path):
     def grads(path, **kw):
         s = copy.deepcopy(student)
         before = copy.deepcopy(s.state_dict())
-        tr = FeatureKDTrainer(model=s, teacher_model=teacher, processing_class=tok, train_dataset=dataset(tok),
-                              args=rcfg(path, alpha=0.2, **kw))
+        tr = FeatureKDTrainer(
+            model=s,
+            teacher_model=teacher,
+            processing_class=tok,
+            train_dataset=dataset(tok),
+            args=rcfg(path, alpha=0.2, **kw),
+        )
         tr.train()
         return {k: (before[k] - v) / 0.1 for k, v in tr.model.state_dict().items()}
 
@@ -209,12 +240,20 @@ def test_bad_relation_options_are_refused(tiny_llama_pair, tmp_path):
         rcfg(tmp_path, relation_kinds=["q", "o"])
 
     def build(model=student, **kw):
-        return FeatureKDTrainer(model=model, teacher_model=teacher, processing_class=tok,
-                                train_dataset=dataset(tok), args=rcfg(tmp_path, **kw))
+        return FeatureKDTrainer(
+            model=model,
+            teacher_model=teacher,
+            processing_class=tok,
+            train_dataset=dataset(tok),
+            args=rcfg(tmp_path, **kw),
+        )
 
     # teacher q 64, k/v 32 (2 kv heads of 16); student q 32, k/v 16: R=3 divides none, R=32 not the student's k.
-    with pytest.raises(PotstillError, match=r"relation_heads=3 does not divide the q_proj widths \(student layer 1: "
-                                            r"32, teacher layer 2: 64\)") as e:
+    with pytest.raises(
+        PotstillError,
+        match=r"relation_heads=3 does not divide the q_proj widths \(student layer 1: "
+        r"32, teacher layer 2: 64\)",
+    ) as e:
         build(relation_heads=3)
     _one_line(e)
     with pytest.raises(PotstillError, match=r"relation_heads=32 does not divide the k_proj widths"):
@@ -229,12 +268,15 @@ def test_bad_relation_options_are_refused(tiny_llama_pair, tmp_path):
     assert build(model=no_q, relation_kinds=["k", "v"]).relation_pairs == [(0, 1)]
 
 
-@pytest.mark.parametrize("feature,message", [
-    ({}, "feature needs layers (hidden-state pairs) or relations"),
-    ({"relations": {"layers": [[0, 1]], "heads": 2}}, "layer 0 is the embeddings"),
-    ({"relations": {"layers": [[1, 2]]}}, "runs.0.feature.relations.heads"),
-    ({"relations": {"layers": [[1, 2]], "heads": 2, "kinds": ["o"]}}, "runs.0.feature.relations.kinds"),
-])
+@pytest.mark.parametrize(
+    "feature,message",
+    [
+        ({}, "feature needs layers (hidden-state pairs) or relations"),
+        ({"relations": {"layers": [[0, 1]], "heads": 2}}, "layer 0 is the embeddings"),
+        ({"relations": {"layers": [[1, 2]]}}, "runs.0.feature.relations.heads"),
+        ({"relations": {"layers": [[1, 2]], "heads": 2, "kinds": ["o"]}}, "runs.0.feature.relations.kinds"),
+    ],
+)
 def test_bad_relation_recipes_are_refused_at_load(feature, message):
     with pytest.raises(PotstillError) as e:
         recipe_from_dict({"runs": [{"name": "f", "alpha": 0.0, "feature": feature}]})
@@ -244,13 +286,26 @@ def test_bad_relation_recipes_are_refused_at_load(feature, message):
 def test_relation_only_recipe_becomes_a_relation_config(tmp_path):
     from potstill.pipeline import kd_config
 
-    r = recipe_from_dict({"runs": [{"name": "rel", "alpha": 0.0,
-                                    "feature": {"relations": {"layers": [[1, -1]], "heads": 4, "kinds": ["q", "k"],
-                                                              "weight": 0.25}}}]})
+    r = recipe_from_dict(
+        {
+            "runs": [
+                {
+                    "name": "rel",
+                    "alpha": 0.0,
+                    "feature": {"relations": {"layers": [[1, -1]], "heads": 4, "kinds": ["q", "k"], "weight": 0.25}},
+                }
+            ]
+        }
+    )
     c = kd_config(r, r.runs[0], str(tmp_path), torch.device("cpu"))
     assert isinstance(c, FeatureKDConfig)
     assert (c.feature_layers, c.relation_layers, c.relation_kinds, c.relation_heads, c.relation_weight) == (
-        [], [(1, -1)], ["q", "k"], 4, 0.25)
+        [],
+        [(1, -1)],
+        ["q", "k"],
+        4,
+        0.25,
+    )
 
 
 def test_kl_direction_is_teacher_to_student():

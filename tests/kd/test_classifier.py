@@ -38,8 +38,23 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 # ------------------------------------------------------------------------ tiny models
 
-FILLER = ["the", "a", "movie", "film", "was", "is", "really", "quite", "very", "plot", "acting", "story", "it", "this",
-          "one"]
+FILLER = [
+    "the",
+    "a",
+    "movie",
+    "film",
+    "was",
+    "is",
+    "really",
+    "quite",
+    "very",
+    "plot",
+    "acting",
+    "story",
+    "it",
+    "this",
+    "one",
+]
 POSITIVE = ["good", "great", "fine"]
 NEGATIVE = ["bad", "awful", "poor"]
 
@@ -64,17 +79,31 @@ def tiny_tokenizer():
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + FILLER + POSITIVE + NEGATIVE)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", model_max_length=64)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        model_max_length=64,
+    )
 
 
 def tiny_bert(tok, *, layers=3, hidden=32, heads=2, seed=0):
     from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=0)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return BertModel(cfg, add_pooling_layer=False).eval()
@@ -209,8 +238,9 @@ def test_layer_subset_student_copies_exactly_the_chosen_layers(teacher, tok):
     torch.testing.assert_close(sh[1], th[1], rtol=0, atol=0)
     with torch.no_grad():
         one.encoder.encoder.layer[0].output.dense.weight.add_(1.0)  # the copy owns its weights
-    assert not torch.equal(one.encoder.encoder.layer[0].output.dense.weight,
-                           teacher.encoder.encoder.layer[0].output.dense.weight)
+    assert not torch.equal(
+        one.encoder.encoder.layer[0].output.dense.weight, teacher.encoder.encoder.layer[0].output.dense.weight
+    )
     assert default_layer_map(student, teacher) == [(1, 1), (2, 3)]
     with pytest.raises(PotstillError, match="out of range"):
         student_from_layers(teacher, [3])
@@ -266,8 +296,9 @@ class Spy(nn.Module):
 def test_no_teacher_run_never_calls_the_teacher(teacher):
     student = student_from_layers(teacher, [1])
     spy = Spy(teacher)
-    log = train_classifier(student, toy_examples(20, 0), teacher=spy, alpha=1.0, hidden_weight=0.0, steps=3,
-                           batch_size=4, lr=1e-3)
+    log = train_classifier(
+        student, toy_examples(20, 0), teacher=spy, alpha=1.0, hidden_weight=0.0, steps=3, batch_size=4, lr=1e-3
+    )
     assert spy.calls == 0 and log.teacher_calls == 0 and log.kd == [0.0] * 3 and log.hidden == [0.0] * 3
     log = train_classifier(student, toy_examples(20, 0), teacher=spy, alpha=0.5, steps=2, batch_size=4)
     assert spy.calls > 0 and log.teacher_calls == spy.calls
@@ -302,8 +333,16 @@ def test_soft_labels_equal_the_live_teacher(teacher):
 def test_cached_teacher_equals_live_teacher_with_hidden_states_and_projection(teacher):
     data = toy_examples(24, 2)
     student = student_narrow(teacher, num_layers=2, hidden_size=16, num_attention_heads=2)
-    kw = {"teacher": teacher, "alpha": 0.5, "temperature": 3.0, "hidden_weight": 2.0, "steps": 4, "batch_size": 8,
-          "lr": 1e-3, "seed": 1}
+    kw = {
+        "teacher": teacher,
+        "alpha": 0.5,
+        "temperature": 3.0,
+        "hidden_weight": 2.0,
+        "steps": 4,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "seed": 1,
+    }
     a, b = copy.deepcopy(student), copy.deepcopy(student)
     la = train_classifier(a, data, cache_teacher=True, **kw)
     lb = train_classifier(b, data, cache_teacher=False, **kw)
@@ -327,8 +366,19 @@ def test_first_step_loss_is_the_weighted_sum_of_its_parts(teacher, tok):
     for m in student.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
-    log = train_classifier(copy.deepcopy(student), data, teacher=teacher, alpha=0.25, temperature=2.0,
-                           hidden_weight=0.5, layer_map=[(1, 1), (2, 2)], steps=1, batch_size=8, lr=1e-3, seed=0)
+    log = train_classifier(
+        copy.deepcopy(student),
+        data,
+        teacher=teacher,
+        alpha=0.25,
+        temperature=2.0,
+        hidden_weight=0.5,
+        layer_map=[(1, 1), (2, 2)],
+        steps=1,
+        batch_size=8,
+        lr=1e-3,
+        seed=0,
+    )
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(0)).tolist()
     batch = [data[i] for i in perm]
     enc = tok([e.text for e in batch], padding=True, return_tensors="pt")
@@ -350,8 +400,9 @@ def test_training_is_deterministic_in_the_seed(teacher):
     runs = []
     for seed in (0, 0, 1):
         m = student_from_layers(teacher, [1])
-        train_classifier(m, data, teacher=teacher, alpha=0.5, hidden_weight=1.0, steps=3, batch_size=4, lr=1e-3,
-                         seed=seed)
+        train_classifier(
+            m, data, teacher=teacher, alpha=0.5, hidden_weight=1.0, steps=3, batch_size=4, lr=1e-3, seed=seed
+        )
         runs.append(_params(m))
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
@@ -402,19 +453,31 @@ def test_shipped_recipes_validate():
         assert r.teacher.model == "all-minilm-l6-v2" and r.kd.alpha < 1
 
 
-@pytest.mark.parametrize("data, match", [
-    ({"dataset": "sms_spam", "kd": {"temprature": 2}}, "'kd.temprature' is not a known option"),
-    ({"dataset": "imdb"}, "'dataset'"),
-    ({}, "'dataset' is required"),
-    ({"dataset": "sst2", "kd": {"alpha": 1.5}}, "'kd.alpha'"),
-    ({"dataset": "sst2", "student": {"kind": "narrow", "num_layers": 2, "hidden_size": 100}},
-     "'student.num_attention_heads' is required"),
-    ({"dataset": "sst2", "student": {"kind": "layers", "layers": [0], "hidden_size": 8}},
-     "'student.hidden_size' is not a known option"),
-    ({"dataset": "sst2", "student": {"kind": "narrow", "num_layers": 2, "hidden_size": 100, "num_attention_heads": 3}},
-     "divisible"),
-    ({"dataset": "sst2", "student": {"kind": "wide"}}, "'student.kind' is 'wide'; use one of 'layers', 'narrow'"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"dataset": "sms_spam", "kd": {"temprature": 2}}, "'kd.temprature' is not a known option"),
+        ({"dataset": "imdb"}, "'dataset'"),
+        ({}, "'dataset' is required"),
+        ({"dataset": "sst2", "kd": {"alpha": 1.5}}, "'kd.alpha'"),
+        (
+            {"dataset": "sst2", "student": {"kind": "narrow", "num_layers": 2, "hidden_size": 100}},
+            "'student.num_attention_heads' is required",
+        ),
+        (
+            {"dataset": "sst2", "student": {"kind": "layers", "layers": [0], "hidden_size": 8}},
+            "'student.hidden_size' is not a known option",
+        ),
+        (
+            {
+                "dataset": "sst2",
+                "student": {"kind": "narrow", "num_layers": 2, "hidden_size": 100, "num_attention_heads": 3},
+            },
+            "divisible",
+        ),
+        ({"dataset": "sst2", "student": {"kind": "wide"}}, "'student.kind' is 'wide'; use one of 'layers', 'narrow'"),
+    ],
+)
 def test_bad_recipes_name_the_key(data, match):
     with pytest.raises(PotstillError, match=match):
         load_classifier_recipe(data)
@@ -443,15 +506,18 @@ def test_run_recipe_end_to_end(tmp_path, monkeypatch, tok):
 
     monkeypatch.setattr(clf, "load_encoder", fake_encoder)
     monkeypatch.setattr(clf, "load_sms_spam", lambda: toy_examples(160, 8))
-    recipe = load_classifier_recipe({
-        "dataset": "sms_spam", "output_dir": str(tmp_path / "unused"),
-        "data": {"train_size": 100, "eval_fraction": 0.25},
-        "teacher": {"model": "tiny", "steps": 60, "batch_size": 16, "lr": 3e-3},
-        "student": {"kind": "layers", "layers": [0, 2]},
-        "kd": {"alpha": 0.5, "temperature": 2.0, "hidden_weight": 1.0},
-        "train": {"steps": 10, "batch_size": 8, "lr": 1e-3, "max_length": 16},
-        "eval": {"latency_batch_size": 4, "latency_repeats": 2},
-    })
+    recipe = load_classifier_recipe(
+        {
+            "dataset": "sms_spam",
+            "output_dir": str(tmp_path / "unused"),
+            "data": {"train_size": 100, "eval_fraction": 0.25},
+            "teacher": {"model": "tiny", "steps": 60, "batch_size": 16, "lr": 3e-3},
+            "student": {"kind": "layers", "layers": [0, 2]},
+            "kd": {"alpha": 0.5, "temperature": 2.0, "hidden_weight": 1.0},
+            "train": {"steps": 10, "batch_size": 8, "lr": 1e-3, "max_length": 16},
+            "eval": {"latency_batch_size": 4, "latency_repeats": 2},
+        }
+    )
     out = tmp_path / "run"
     m = run_classifier_recipe(recipe, out)
     on_disk = json.loads((out / "metrics.json").read_text())
@@ -476,6 +542,7 @@ def _forbid_teacher_training(real):
         if model.num_layers == 3:
             raise AssertionError("teacher retrained although its weights are cached")
         return real(model, examples, **kw)
+
     return wrapped
 
 
@@ -496,8 +563,11 @@ def test_real_minilm_teacher_and_two_layer_student():
     assert teacher.num_layers == 6 and teacher.hidden_size == 384
     assert 22_500_000 < clf.count_parameters(teacher) < 22_800_000
     # mean pooling is the sentence embedding MiniLM was trained for: paraphrases are closer
-    enc = tokenizer(["A man is eating food.", "A man is eating a meal.", "The stock market fell sharply."],
-                    padding=True, return_tensors="pt")
+    enc = tokenizer(
+        ["A man is eating food.", "A man is eating a meal.", "The stock market fell sharply."],
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         h = teacher.encoder(**enc).last_hidden_state
     e = torch.nn.functional.normalize(mean_pool(h, enc["attention_mask"]), dim=-1)
@@ -505,8 +575,18 @@ def test_real_minilm_teacher_and_two_layer_student():
     train_classifier(teacher, data, steps=4, batch_size=16, lr=1e-4, max_length=48)
     student = student_from_layers(teacher, 2)
     assert student.source_layers == [0, 5]
-    log = train_classifier(student, data, teacher=teacher, alpha=0.5, temperature=2.0, hidden_weight=1.0,
-                           steps=4, batch_size=16, lr=1e-4, max_length=48)
+    log = train_classifier(
+        student,
+        data,
+        teacher=teacher,
+        alpha=0.5,
+        temperature=2.0,
+        hidden_weight=1.0,
+        steps=4,
+        batch_size=16,
+        lr=1e-4,
+        max_length=48,
+    )
     assert all(math.isfinite(v) for v in log.loss) and log.hidden[0] > 0 and log.projection is None
     m = evaluate_classifier(student, data, max_length=48)
     assert m["n"] == 64 and 0.0 <= m["accuracy"] <= 1.0

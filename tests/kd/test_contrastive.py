@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from test_cli import assets, recipe, write  # noqa: F401  (module fixture reused)
 
 from potstill.cli import main
 from potstill.data import PadCollator
@@ -17,25 +18,43 @@ from potstill.kd import ContrastiveConfig, ContrastiveKDTrainer, KDConfig
 from potstill.kd.contrastive import _N_DATA, _N_STUDENT, _STUDENT, sequence_skew
 from potstill.kd.onpolicy import _ROLLOUT
 
-from test_cli import assets, recipe, write  # noqa: F401  (module fixture reused)
-
 from .test_logit import dataset, encoded
 from .test_onpolicy import FakeCache
 
 
 def ccfg(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.1,
-                optim="sgd", lr_scheduler_type="constant", report_to="none", save_strategy="no", use_cpu=True,
-                logging_steps=1, seed=0, data_seed=0, disable_tqdm=True, gen_max_new_tokens=6,
-                divergence="skew_forward_kl", divergence_kwargs={"alpha": 0.1},
-                student_divergence="skew_reverse_kl", student_divergence_kwargs={"alpha": 0.2})
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        gen_max_new_tokens=6,
+        divergence="skew_forward_kl",
+        divergence_kwargs={"alpha": 0.1},
+        student_divergence="skew_reverse_kl",
+        student_divergence_kwargs={"alpha": 0.2},
+    )
     base.update(kw)
     return ContrastiveConfig(**base)
 
 
 def make(teacher, student, tok, tmp_path, **kw):
-    return ContrastiveKDTrainer(model=student, teacher_model=teacher, args=ccfg(tmp_path, **kw),
-                                train_dataset=dataset(tok), processing_class=tok)
+    return ContrastiveKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=ccfg(tmp_path, **kw),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+    )
 
 
 def fake_samples(batch: dict, tok, longer: bool = False) -> list[dict]:
@@ -48,8 +67,9 @@ def fake_samples(batch: dict, tok, longer: bool = False) -> list[dict]:
         p = int((lab != -100).nonzero()[0])
         resp = ids[p:k].flip(0)[: max(1, k - p - 1)].tolist()
         resp = resp + resp if longer else resp
-        feats.append({"input_ids": ids[:p].tolist() + resp, "attention_mask": [1] * (p + len(resp)),
-                      "labels": [-100] * p + resp})
+        feats.append(
+            {"input_ids": ids[:p].tolist() + resp, "attention_mask": [1] * (p + len(resp)), "labels": [-100] * p + resp}
+        )
     return feats
 
 
@@ -168,16 +188,25 @@ def test_adaptive_skew_anchor_waits_for_a_micro_batch_with_sequences(tiny_llama_
 def test_adaptive_skew_per_sequence_matches_reference(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
     teacher = taught(teacher, tok)
-    tr = make(teacher, student, tok, tmp_path, adaptive_skew=True, divergence_kwargs={"alpha": 0.3},
-              student_divergence_kwargs={"alpha": 0.25}, temperature=2.0)
+    tr = make(
+        teacher,
+        student,
+        tok,
+        tmp_path,
+        adaptive_skew=True,
+        divergence_kwargs={"alpha": 0.3},
+        student_divergence_kwargs={"alpha": 0.25},
+        temperature=2.0,
+    )
     coll = PadCollator(tok.pad_token_id)
     first, second = paired(tr, tok, [coll(encoded(tok)[:4]), coll(encoded(tok)[4:])])
     second["labels"][0] = -100  # a sequence with no response token: no row, no skew, no shift of the others
     for k, inp in enumerate((first, second)):
         got = tr.compute_loss(student, inp)
         a_d, c_d = ref_alphas(student, teacher, inp, "data", 0.3, None if k == 0 else tr.anchors["data"])
-        a_s, c_s = ref_alphas(student, teacher, inp[_STUDENT], "student", 0.25,
-                              None if k == 0 else tr.anchors["student"])
+        a_s, c_s = ref_alphas(
+            student, teacher, inp[_STUDENT], "student", 0.25, None if k == 0 else tr.anchors["student"]
+        )
         if k == 0:  # the anchors are taken on the first micro-batch, then frozen
             assert tr.anchors["data"] == pytest.approx(c_d, rel=1e-4)
             assert tr.anchors["student"] == pytest.approx(c_s, rel=1e-4)
@@ -187,8 +216,10 @@ def test_adaptive_skew_per_sequence_matches_reference(tiny_llama_pair, tmp_path)
         s_rows, _ = ref_side(student, teacher, inp[_STUDENT], "skew_reverse_kl", a_s, T=2.0)
         want = d_rows.sum() / inp[_N_DATA] + s_rows.sum() / inp[_N_STUDENT]
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-        fixed = ref_side(student, teacher, inp, "skew_forward_kl", 0.3, T=2.0)[0].sum() / inp[_N_DATA] + \
-            ref_side(student, teacher, inp[_STUDENT], "skew_reverse_kl", 0.25, T=2.0)[0].sum() / inp[_N_STUDENT]
+        fixed = (
+            ref_side(student, teacher, inp, "skew_forward_kl", 0.3, T=2.0)[0].sum() / inp[_N_DATA]
+            + ref_side(student, teacher, inp[_STUDENT], "skew_reverse_kl", 0.25, T=2.0)[0].sum() / inp[_N_STUDENT]
+        )
         assert abs(fixed.item() - want.item()) > 1e-4, "adaptive skew must change the loss here"
 
 
@@ -206,15 +237,17 @@ def test_sequence_skew_closed_forms():
 
 def test_gradient_accumulation_equals_one_big_batch_on_each_side(tiny_llama_pair, tmp_path, monkeypatch):
     teacher, student, tok = tiny_llama_pair
-    monkeypatch.setattr(ContrastiveKDTrainer, "_student_batch",
-                        lambda self, b: self._collate(fake_samples(b, tok)))
+    monkeypatch.setattr(ContrastiveKDTrainer, "_student_batch", lambda self, b: self._collate(fake_samples(b, tok)))
     finals = []
     for bs, acc in ((4, 1), (2, 2), (1, 4)):
         s = copy.deepcopy(student)
-        tr = ContrastiveKDTrainer(model=s, teacher_model=teacher, train_dataset=dataset(tok).select(range(4)),
-                                  processing_class=tok,
-                                  args=ccfg(tmp_path / f"{bs}", per_device_train_batch_size=bs,
-                                            gradient_accumulation_steps=acc, beta=1.4))
+        tr = ContrastiveKDTrainer(
+            model=s,
+            teacher_model=teacher,
+            train_dataset=dataset(tok).select(range(4)),
+            processing_class=tok,
+            args=ccfg(tmp_path / f"{bs}", per_device_train_batch_size=bs, gradient_accumulation_steps=acc, beta=1.4),
+        )
         tr._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(4))
         tr.train()
         finals.append({k: v.detach().clone() for k, v in s.named_parameters()})
@@ -258,8 +291,19 @@ def test_beta_ramps_over_the_first_half(tiny_llama_pair, tmp_path):
 def test_end_to_end_training_logs_both_sides(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
     before = copy.deepcopy(student.state_dict())
-    tr = make(teacher, student, tok, tmp_path, max_steps=3, per_device_train_batch_size=2, adaptive_skew=True,
-              beta=1.0, beta_end=1.5, replay_size=4, replay_reuse=0.5)
+    tr = make(
+        teacher,
+        student,
+        tok,
+        tmp_path,
+        max_steps=3,
+        per_device_train_batch_size=2,
+        adaptive_skew=True,
+        beta=1.0,
+        beta_end=1.5,
+        replay_size=4,
+        replay_reuse=0.5,
+    )
     tr.train()
     logs = [h for h in tr.state.log_history if "loss" in h]
     assert len(logs) == 3 and all(math.isfinite(h["loss"]) for h in logs)
@@ -287,19 +331,35 @@ def test_bad_configurations_fail_with_the_fix(tiny_llama_pair, tmp_path):
         ccfg(tmp_path, token_weighting="teacher_confidence")
 
     with pytest.raises(PotstillError, match="live teacher.*instead of a teacher-signal cache"):
-        ContrastiveKDTrainer(model=student, signal_source=FakeCache(), args=ccfg(tmp_path),
-                             train_dataset=dataset(tok), processing_class=tok)
+        ContrastiveKDTrainer(
+            model=student,
+            signal_source=FakeCache(),
+            args=ccfg(tmp_path),
+            train_dataset=dataset(tok),
+            processing_class=tok,
+        )
     with pytest.raises(PotstillError, match="ContrastiveConfig"):
-        ContrastiveKDTrainer(model=student, teacher_model=teacher, args=KDConfig(output_dir=str(tmp_path)),
-                             train_dataset=dataset(tok), processing_class=tok)
+        ContrastiveKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=KDConfig(output_dir=str(tmp_path)),
+            train_dataset=dataset(tok),
+            processing_class=tok,
+        )
 
 
 # ------------------------------------------------------------------------------------------- recipes
 def test_distillm2_recipe_end_to_end(assets, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     r = recipe(assets, out)
-    r["runs"] = [{"name": "distillm2", "alpha": 0.0, "divergence": {"name": "skew_forward_kl", "alpha": 0.1},
-                  "on_policy": {"max_new_tokens": 4, "contrastive": {"beta_end": 1.5, "adaptive_skew": True}}}]
+    r["runs"] = [
+        {
+            "name": "distillm2",
+            "alpha": 0.0,
+            "divergence": {"name": "skew_forward_kl", "alpha": 0.1},
+            "on_policy": {"max_new_tokens": 4, "contrastive": {"beta_end": 1.5, "adaptive_skew": True}},
+        }
+    ]
     assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 0
     info = json.loads((out / "runs" / "distillm2" / "train_info.json").read_text())["on_policy"]
     steps = r["train"]["max_steps"]
@@ -313,8 +373,12 @@ def test_bad_contrastive_recipes_give_one_line(assets, tmp_path, capsys, case): 
     out = tmp_path / "out"
     r = recipe(assets, out)
     run = {"name": "c", "alpha": 0.0, "divergence": {"name": "skew_forward_kl"}, "on_policy": {"contrastive": {}}}
-    want = {"adaptive lmbda": "set adaptive false", "not skew": "adaptive_skew", "cache": "needs the live teacher",
-            "token weighting": "token_weighting"}[case]
+    want = {
+        "adaptive lmbda": "set adaptive false",
+        "not skew": "adaptive_skew",
+        "cache": "needs the live teacher",
+        "token weighting": "token_weighting",
+    }[case]
     if case == "adaptive lmbda":
         run["on_policy"]["adaptive"] = True
     elif case == "not skew":

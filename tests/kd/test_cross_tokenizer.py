@@ -35,7 +35,6 @@ from potstill.kd.cross_tokenizer import (
     uld_loss,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -64,8 +63,9 @@ def make_metaspace_tokenizer(vocab_size: int = 160):
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"], show_progress=False
+    )
     lines = [x for x in TEACHER_CORPUS.strip().splitlines() if x.strip()]
     tok.train_from_iterator(lines * 3, trainer=trainer)
     spec = json.loads(tok.to_str())
@@ -86,9 +86,16 @@ def teacher_tok():
 def _llama(vocab: int, seed: int, hidden: int = 32, layers: int = 1):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
@@ -170,7 +177,7 @@ def _boundaries_by_decoding(tok, ids, first, skip_special):
     out = {}
     for k in range(first, len(ids)):
         a = tok.decode(ids[:k], skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
-        b = tok.decode(ids[:k + 1], skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
+        b = tok.decode(ids[: k + 1], skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
         if ids[k] in special or "\ufffd" in a or not b.startswith(a) or len(b) == len(a):
             continue
         out[len(a)] = k
@@ -199,8 +206,8 @@ def test_teacher_view_matches_prefix_decoding(tiny_tokenizer, teacher_tok):
         aligned = [(t, j) for t, j in enumerate(view["teacher_positions"]) if j >= 0]
         assert aligned, "the response words should align"
         for t, j in aligned:  # both positions have read the same text
-            s_text = tiny_tokenizer.decode(ids[:t + 1], skip_special_tokens=False)
-            t_text = teacher_tok.decode(t_ids[:j + 1], skip_special_tokens=True)
+            s_text = tiny_tokenizer.decode(ids[: t + 1], skip_special_tokens=False)
+            t_text = teacher_tok.decode(t_ids[: j + 1], skip_special_tokens=True)
             assert s_text == t_text
         # The row predicting the end-of-turn token is never aligned.
         eos = tiny_tokenizer.eos_token_id
@@ -216,12 +223,13 @@ def test_teacher_view_falls_back_for_non_canonical_ids(tiny_tokenizer, teacher_t
     chars = [tiny_tokenizer.convert_tokens_to_ids(c) for c in "TheĠcapital"]  # "Ġ": byte-level space
     assert None not in chars
     ids = prompt + chars + [tiny_tokenizer.eos_token_id]
-    labels = [-100] * len(prompt) + ids[len(prompt):]
+    labels = [-100] * len(prompt) + ids[len(prompt) :]
     aligner = CrossTokenizerAligner(tiny_tokenizer, teacher_tok)
     view = aligner(ids, labels)
     assert aligner.fallbacks == 1
-    assert view["teacher_positions"] == _expected_positions(tiny_tokenizer, teacher_tok, ids, labels,
-                                                            view["teacher_input_ids"])
+    assert view["teacher_positions"] == _expected_positions(
+        tiny_tokenizer, teacher_tok, ids, labels, view["teacher_input_ids"]
+    )
     assert sum(j >= 0 for j in view["teacher_positions"]) >= 2
 
 
@@ -243,7 +251,7 @@ def test_collator_pads_teacher_view_and_target_alignment(tiny_tokenizer, teacher
         assert batch["teacher_input_ids"][i, :k].tolist() == v["teacher_input_ids"]
         assert (batch["teacher_input_ids"][i, k:] == teacher_tok.pad_token_id).all()
         assert batch["teacher_attention_mask"][i].sum() == k
-        assert (batch["teacher_positions"][i, len(v["teacher_positions"]):] == -1).all()
+        assert (batch["teacher_positions"][i, len(v["teacher_positions"]) :] == -1).all()
     # Rows of target_index in row-major order, pointing into the flat [B * T_t] teacher grid.
     flat = target_alignment(batch["labels"], batch["teacher_positions"], t_len)
     want = []
@@ -279,8 +287,22 @@ def test_target_alignment_hand_example():
 def _constructed_pair():
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    t_vocab = ["<pad>", "<eos>", "▁the", "▁Paris", "▁THE", "ﬁ", "▁Parisian", "<0xC3>", "é", "▁café", "zq",
-               "▁tHe", "▁The", "A"]
+    t_vocab = [
+        "<pad>",
+        "<eos>",
+        "▁the",
+        "▁Paris",
+        "▁THE",
+        "ﬁ",
+        "▁Parisian",
+        "<0xC3>",
+        "é",
+        "▁café",
+        "zq",
+        "▁tHe",
+        "▁The",
+        "A",
+    ]
     t = Tokenizer(models.BPE({w: i for i, w in enumerate(t_vocab)}, [], byte_fallback=True))
     t.normalizer = normalizers.Replace(" ", "▁")
     t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
@@ -305,9 +327,15 @@ def test_vocab_map_kinds_on_constructed_pair():
     vm = build_vocab_map(teacher, student)
     got = {i: (int(vm.student_ids[i]), KINDS[int(vm.kinds[i])]) for i in range(vm.teacher_vocab)}
     want = {
-        0: (-1, "none"), 1: (-1, "none"),  # special tokens
-        2: (1, "exact"), 3: (2, "exact"), 12: (7, "exact"), 13: (9, "exact"),
-        7: (4, "exact"), 8: (5, "exact"), 9: (6, "exact"),  # bytes / non-ASCII through "Ġ" vs "▁"
+        0: (-1, "none"),
+        1: (-1, "none"),  # special tokens
+        2: (1, "exact"),
+        3: (2, "exact"),
+        12: (7, "exact"),
+        13: (9, "exact"),
+        7: (4, "exact"),
+        8: (5, "exact"),
+        9: (6, "exact"),  # bytes / non-ASCII through "Ġ" vs "▁"
         4: (1, "normalized"),  # " THE" -> casefold " the": " the" (id 1) and " The" (id 7) tie -> smallest id
         11: (1, "normalized"),
         5: (3, "normalized"),  # NFKC("ﬁ") == "fi"
@@ -351,8 +379,9 @@ def test_projection_hand_example():
     assert out[0, 2] == LOG_FLOOR
     out, mass = project_teacher(p.log(), _hand_map(), kinds=("exact",))
     torch.testing.assert_close(mass, torch.tensor([0.35], dtype=torch.float64))
-    torch.testing.assert_close(out.exp(), torch.tensor([[0.25 / 0.35, 0.1 / 0.35, 0.0, 0.0]], dtype=torch.float64),
-                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        out.exp(), torch.tensor([[0.25 / 0.35, 0.1 / 0.35, 0.0, 0.0]], dtype=torch.float64), rtol=1e-12, atol=0
+    )
 
 
 def _reference_projection(p, src_dst, v_s):
@@ -380,8 +409,12 @@ def test_projection_matches_reference_preserves_shared_mass_and_stays_finite(dty
     lp = torch.log_softmax(logits, -1).to(dtype)
     out, mass = project_teacher(lp, vm)
     assert out.dtype == dtype and torch.isfinite(out).all() and torch.isfinite(mass).all()
-    torch.testing.assert_close(out.double().exp().sum(-1), torch.ones(n, dtype=torch.float64),
-                               rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12)
+    torch.testing.assert_close(
+        out.double().exp().sum(-1),
+        torch.ones(n, dtype=torch.float64),
+        rtol=0,
+        atol=1e-6 if dtype == torch.float32 else 1e-12,
+    )
     assert (out[:, 9] == LOG_FLOOR).all()
     pairs = [(t, int(ids[t])) for t in range(v_t) if ids[t] >= 0]
     want, want_mass = _reference_projection(lp.double().exp(), pairs, v_s)
@@ -454,17 +487,37 @@ def test_uld_gradient_matches_finite_differences():
 
 
 def cfg(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1, learning_rate=1.0,
-                optim="sgd", lr_scheduler_type="constant", report_to="none", save_strategy="no", use_cpu=True,
-                logging_steps=1, seed=0, data_seed=0, disable_tqdm=True, max_grad_norm=0.0, chunk_size=5)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        max_grad_norm=0.0,
+        chunk_size=5,
+    )
     base.update(kw)
     return KDConfig(**base)
 
 
 def _trainer(student, teacher, stok, ttok, tmp_path, method="vocab_map", **kw):
-    return CrossTokenizerKDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, **kw),
-                                   teacher_tokenizer=ttok, method=method, train_dataset=_dataset(stok),
-                                   processing_class=stok)
+    return CrossTokenizerKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=cfg(tmp_path, **kw),
+        teacher_tokenizer=ttok,
+        method=method,
+        train_dataset=_dataset(stok),
+        processing_class=stok,
+    )
 
 
 def _sorted_w1(q, p):
@@ -479,8 +532,9 @@ def reference_loss(student, teacher, batch, vm, *, alpha, T, method, scale_t2=Fa
     """Full logits in float64, one row at a time."""
     s_all = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
     with torch.no_grad():
-        t_all = teacher(input_ids=batch["teacher_input_ids"],
-                        attention_mask=batch["teacher_attention_mask"]).logits.double()
+        t_all = teacher(
+            input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]
+        ).logits.double()
     if vm is not None:
         m = torch.zeros(t_all.shape[-1], s_all.shape[-1], dtype=torch.float64)
         for t in range(vm.teacher_vocab):
@@ -508,18 +562,32 @@ def reference_loss(student, teacher, batch, vm, *, alpha, T, method, scale_t2=Fa
     return total / count
 
 
-@pytest.mark.parametrize("method,alpha,T,scale_t2", [("vocab_map", 0.3, 1.0, False), ("vocab_map", 0.0, 2.0, True),
-                                                     ("uld", 0.4, 1.5, False)])
-def test_loss_matches_full_logit_reference(tiny_tokenizer, tiny_student, teacher_tok, teacher_model, tmp_path,
-                                           method, alpha, T, scale_t2):
-    tr = _trainer(tiny_student, teacher_model, tiny_tokenizer, teacher_tok, tmp_path, method, alpha=alpha,
-                  temperature=T, scale_t2=scale_t2, chunk_size=4)
-    batch = tr.data_collator([{k: e[k] for k in ("input_ids", "attention_mask", "labels")}
-                              for e in encoded(tiny_tokenizer)])
+@pytest.mark.parametrize(
+    "method,alpha,T,scale_t2", [("vocab_map", 0.3, 1.0, False), ("vocab_map", 0.0, 2.0, True), ("uld", 0.4, 1.5, False)]
+)
+def test_loss_matches_full_logit_reference(
+    tiny_tokenizer, tiny_student, teacher_tok, teacher_model, tmp_path, method, alpha, T, scale_t2
+):
+    tr = _trainer(
+        tiny_student,
+        teacher_model,
+        tiny_tokenizer,
+        teacher_tok,
+        tmp_path,
+        method,
+        alpha=alpha,
+        temperature=T,
+        scale_t2=scale_t2,
+        chunk_size=4,
+    )
+    batch = tr.data_collator(
+        [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encoded(tiny_tokenizer)]
+    )
     tiny_student.train()
     got = tr.compute_loss(tiny_student, batch)
-    want = reference_loss(tiny_student, teacher_model, batch, tr.vocab_map, alpha=alpha, T=T, method=method,
-                          scale_t2=scale_t2)
+    want = reference_loss(
+        tiny_student, teacher_model, batch, tr.vocab_map, alpha=alpha, T=T, method=method, scale_t2=scale_t2
+    )
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-6)
     with torch.no_grad():  # evaluation path: no checkpointing
         torch.testing.assert_close(tr.compute_loss(tiny_student, batch), got.detach())
@@ -535,24 +603,49 @@ def test_loss_matches_full_logit_reference(tiny_tokenizer, tiny_student, teacher
 
 def _sgd_grads(student, teacher, stok, ttok, tmp_path, method, **kw):
     before = copy.deepcopy(student.state_dict())
-    tr = CrossTokenizerKDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, **kw), teacher_tokenizer=ttok,
-                                 method=method, processing_class=stok,
-                                 train_dataset=_dataset(stok).select([0, 2]))
+    tr = CrossTokenizerKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=cfg(tmp_path, **kw),
+        teacher_tokenizer=ttok,
+        method=method,
+        processing_class=stok,
+        train_dataset=_dataset(stok).select([0, 2]),
+    )
     tr.train()
     after = tr.model.state_dict()
     return {k: before[k] - after[k] for k in before}  # lr = 1: the summed gradient
 
 
 @pytest.mark.parametrize("method", ["vocab_map", "uld"])
-def test_gradient_accumulation_equals_one_batch(tiny_tokenizer, tiny_student, teacher_tok, teacher_model, tmp_path,
-                                                method):
+def test_gradient_accumulation_equals_one_batch(
+    tiny_tokenizer, tiny_student, teacher_tok, teacher_model, tmp_path, method
+):
     ex = encoded(tiny_tokenizer)
     counts = [sum(y != -100 for y in ex[i]["labels"][1:]) for i in (0, 2)]
     assert counts[0] != counts[1], "micro-batches must differ in token count for the test to be able to fail"
-    g_big = _sgd_grads(copy.deepcopy(tiny_student), teacher_model, tiny_tokenizer, teacher_tok, tmp_path / "a", method,
-                       per_device_train_batch_size=2, gradient_accumulation_steps=1, alpha=0.2)
-    g_acc = _sgd_grads(copy.deepcopy(tiny_student), teacher_model, tiny_tokenizer, teacher_tok, tmp_path / "b", method,
-                       per_device_train_batch_size=1, gradient_accumulation_steps=2, alpha=0.2)
+    g_big = _sgd_grads(
+        copy.deepcopy(tiny_student),
+        teacher_model,
+        tiny_tokenizer,
+        teacher_tok,
+        tmp_path / "a",
+        method,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        alpha=0.2,
+    )
+    g_acc = _sgd_grads(
+        copy.deepcopy(tiny_student),
+        teacher_model,
+        tiny_tokenizer,
+        teacher_tok,
+        tmp_path / "b",
+        method,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        alpha=0.2,
+    )
     assert any(g.abs().max() > 0 for g in g_big.values())
     for k in g_big:
         torch.testing.assert_close(g_acc[k], g_big[k], rtol=1e-4, atol=1e-7)
@@ -577,8 +670,9 @@ def test_alpha_one_ignores_the_teacher(tiny_tokenizer, tiny_student, teacher_tok
     calls = []
     teacher_model.register_forward_hook(lambda *a: calls.append(1))
     tr = _trainer(tiny_student, teacher_model, tiny_tokenizer, teacher_tok, tmp_path, alpha=1.0)
-    batch = tr.data_collator([{k: e[k] for k in ("input_ids", "attention_mask", "labels")}
-                              for e in encoded(tiny_tokenizer)])
+    batch = tr.data_collator(
+        [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encoded(tiny_tokenizer)]
+    )
     got = tr.compute_loss(tiny_student, batch)
     hf = tiny_student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     torch.testing.assert_close(got, hf, rtol=1e-5, atol=1e-6)
@@ -587,13 +681,13 @@ def test_alpha_one_ignores_the_teacher(tiny_tokenizer, tiny_student, teacher_tok
 
 
 @pytest.mark.parametrize("method", ["vocab_map", "uld"])
-def test_loss_decreases_on_a_repeated_batch(tiny_tokenizer, tiny_student, teacher_tok, teacher_model, tmp_path,
-                                            method):
+def test_loss_decreases_on_a_repeated_batch(tiny_tokenizer, tiny_student, teacher_tok, teacher_model, tmp_path, method):
     with torch.no_grad():  # a confident teacher, so that there is something to learn
         teacher_model.lm_head.weight.mul_(10.0)
     tr = _trainer(tiny_student, teacher_model, tiny_tokenizer, teacher_tok, tmp_path, method, alpha=0.0)
-    batch = tr.data_collator([{k: e[k] for k in ("input_ids", "attention_mask", "labels")}
-                              for e in encoded(tiny_tokenizer)[:2]])
+    batch = tr.data_collator(
+        [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encoded(tiny_tokenizer)[:2]]
+    )
     tiny_student.train()
     opt = torch.optim.Adam(tiny_student.parameters(), lr=1e-2)
     losses = []
@@ -608,8 +702,18 @@ def test_loss_decreases_on_a_repeated_batch(tiny_tokenizer, tiny_student, teache
 
 @pytest.mark.parametrize("method", ["vocab_map", "uld"])
 def test_trainer_trains_end_to_end(tiny_tokenizer, tiny_student, teacher_tok, teacher_model, tmp_path, method):
-    tr = _trainer(tiny_student, teacher_model, tiny_tokenizer, teacher_tok, tmp_path, method, max_steps=2,
-                  learning_rate=1e-3, optim="adamw_torch", alpha=0.1)
+    tr = _trainer(
+        tiny_student,
+        teacher_model,
+        tiny_tokenizer,
+        teacher_tok,
+        tmp_path,
+        method,
+        max_steps=2,
+        learning_rate=1e-3,
+        optim="adamw_torch",
+        alpha=0.1,
+    )
     out = tr.train()
     assert math.isfinite(out.training_loss)
     logged = [h for h in tr.state.log_history if "ce_per_token" in h]
@@ -623,11 +727,13 @@ def test_refuses_bad_setups(tiny_tokenizer, tiny_student, teacher_tok, teacher_m
     with pytest.raises(PotstillError, match="token_weighting"):
         _trainer(tiny_student, teacher_model, tiny_tokenizer, teacher_tok, tmp_path, token_weighting="teacher_maxprob")
     with pytest.raises(PotstillError, match="teacher_tokenizer"):
-        CrossTokenizerKDTrainer(model=tiny_student, teacher_model=teacher_model, args=cfg(tmp_path),
-                                processing_class=tiny_tokenizer)
+        CrossTokenizerKDTrainer(
+            model=tiny_student, teacher_model=teacher_model, args=cfg(tmp_path), processing_class=tiny_tokenizer
+        )
     tr = _trainer(tiny_student, teacher_model, tiny_tokenizer, teacher_tok, tmp_path)
-    batch = PadCollator(tiny_tokenizer.pad_token_id)([{k: e[k] for k in ("input_ids", "attention_mask", "labels")}
-                                                      for e in encoded(tiny_tokenizer)[:1]])
+    batch = PadCollator(tiny_tokenizer.pad_token_id)(
+        [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encoded(tiny_tokenizer)[:1]]
+    )
     with pytest.raises(PotstillError, match="CrossTokenizerCollator"):
         tr.compute_loss(tiny_student, batch)
 
@@ -660,8 +766,10 @@ def test_real_gemma_to_smollm2_vocab_map_and_alignment():
     assert share["none"] < 0.05  # the <unused*> / image / control tokens
     assert counts["exact"] > 0.9 * 49152  # nearly every student token has its teacher twin
     # On text, almost every teacher token maps exactly (the long tail of the 262k vocab is rare).
-    text = ("Knowledge distillation trains a small student model to imitate a larger teacher. The capital of "
-            "France is Paris, and the weather there is nice today. Two plus two is four.")
+    text = (
+        "Knowledge distillation trains a small student model to imitate a larger teacher. The capital of "
+        "France is Paris, and the weather there is nice today. Two plus two is four."
+    )
     t_ids = gemma(text, add_special_tokens=False)["input_ids"]
     exact = sum(KINDS[int(vm.kinds[i])] == "exact" for i in t_ids) / len(t_ids)
     print(f"exact share of the teacher's tokens in an English paragraph: {exact:.3f}")
@@ -669,8 +777,9 @@ def test_real_gemma_to_smollm2_vocab_map_and_alignment():
     paris = gemma.convert_tokens_to_ids("▁Paris")
     assert int(vm.student_ids[paris]) == smol.convert_tokens_to_ids("ĠParis") and KINDS[int(vm.kinds[paris])] == "exact"
     # A real chat example: every word of the answer aligns; the end-of-turn row does not.
-    ex = encode_example(smol, [{"role": "user", "content": "What is the capital of France?"}],
-                        "The capital of France is Paris.", 256)
+    ex = encode_example(
+        smol, [{"role": "user", "content": "What is the capital of France?"}], "The capital of France is Paris.", 256
+    )
     aligner = CrossTokenizerAligner(smol, gemma)
     view = aligner(ex["input_ids"], ex["labels"])
     assert aligner.reproduced == 1
@@ -678,9 +787,17 @@ def test_real_gemma_to_smollm2_vocab_map_and_alignment():
     rows = [t for t in range(len(ids) - 1) if ex["labels"][t + 1] != -100]
     aligned = [t for t in rows if view["teacher_positions"][t] >= 0]
     print(f"aligned {len(aligned)} of {len(rows)} target rows")
-    assert [smol.decode([ids[t + 1]]) for t in aligned] == ["The", " capital", " of", " France", " is", " Paris", ".",
-                                                               "\n"]
+    assert [smol.decode([ids[t + 1]]) for t in aligned] == [
+        "The",
+        " capital",
+        " of",
+        " France",
+        " is",
+        " Paris",
+        ".",
+        "\n",
+    ]
     for t in aligned:
         j = view["teacher_positions"][t]
-        assert smol.decode(ids[:t + 1], skip_special_tokens=False) == gemma.decode(t_ids[1:j + 1])
+        assert smol.decode(ids[: t + 1], skip_special_tokens=False) == gemma.decode(t_ids[1 : j + 1])
     assert view["teacher_positions"][rows[-2]] == -1 and ids[rows[-2] + 1] == smol.convert_tokens_to_ids("<|im_end|>")

@@ -15,21 +15,28 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from helpers_proc import free_port, launch_env, run
+from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
 # Feature KD: hidden states through a learned projection (student width 32 -> teacher 64) and attention relations;
 # the projection hangs on the student while it trains, so each engine averages / shards it like the student's own.
-FEAT = {"name": "feat", "alpha": 0.2, "divergence": {"name": "forward_kl"},
-        "feature": {"layers": [[1, 2]], "relations": {"layers": [[1, 2]], "heads": 2}}}
+FEAT = {
+    "name": "feat",
+    "alpha": 0.2,
+    "divergence": {"name": "forward_kl"},
+    "feature": {"layers": [[1, 2]], "relations": {"layers": [[1, 2]], "heads": 2}},
+}
 # MiniLLM: the teacher mixes into the sampling (a forward of the sharded teacher per new token). It must sample at
 # temperature 1 and top_p 1, so the processes' samples differ from one process's: the run must finish (no process
 # left waiting when the others' samples end) and train; its loss under sharding equals one process's on fixed
 # samples in tests/kd/test_ddp.py.
-MINILLM = {"name": "minillm", "alpha": 0.0, "divergence": {"name": "reverse_kl"},
-           "on_policy": {"lmbda": 1.0, "max_new_tokens": 6, "minillm": {"mix": 0.2}}}
+MINILLM = {
+    "name": "minillm",
+    "alpha": 0.0,
+    "divergence": {"name": "reverse_kl"},
+    "on_policy": {"lmbda": 1.0, "max_new_tokens": 6, "minillm": {"mix": 0.2}},
+}
 PAIRS = [(f"Question number {i}: what comes after {i}?", f"The number {i + 1} comes after {i}.") for i in range(10)]
 
 
@@ -46,8 +53,13 @@ def _recipe(root: Path, path: Path, **extra) -> Path:
     r = {
         "output_dir": str(path.parent / "unused"),
         "teacher": {"model": str(root / "teacher")},
-        "student": {"kind": "scaled", "num_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
-                    "num_key_value_heads": 1},
+        "student": {
+            "kind": "scaled",
+            "num_layers": 1,
+            "hidden_size": 32,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        },
         "data": {"source": {"kind": "file", "path": str(root / "data.jsonl")}, "eval_size": 2, "max_length": 64},
         "train": {"max_steps": 3, "batch_size": 4, "logging_steps": 1, "learning_rate": 1e-2},
         "runs": [{"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}}],
@@ -59,16 +71,28 @@ def _recipe(root: Path, path: Path, **extra) -> Path:
     return path
 
 
-
-
 def _distill(recipe: Path, out: Path, *overrides: str, processes: int = 1):
     cli = ["-m", "potstill", "distill", str(recipe), f"output_dir={out}", *overrides]
     if processes == 1:
         cmd = [sys.executable, *cli]
     else:  # accelerate's torchrun path; `device: cpu` makes the processes CPU ones with gloo
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), *cli]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            *cli,
+        ]
     r = run(cmd, env=launch_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     return r
@@ -78,8 +102,12 @@ def _same_student(one: Path, two: Path, run_name: str) -> dict:
     a_info = json.loads((one / "runs" / run_name / "train_info.json").read_text())
     b_info = json.loads((two / "runs" / run_name / "train_info.json").read_text())
     # The loss of each step (global-token normalized, so not blind to a wrong scale as AdamW is).
-    torch.testing.assert_close(torch.tensor([v for _, v in b_info["loss_curve"]]),
-                               torch.tensor([v for _, v in a_info["loss_curve"]]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        torch.tensor([v for _, v in b_info["loss_curve"]]),
+        torch.tensor([v for _, v in a_info["loss_curve"]]),
+        rtol=1e-5,
+        atol=0,
+    )
     a = load_file(one / "runs" / run_name / "model.safetensors")
     b = load_file(two / "runs" / run_name / "model.safetensors")
     assert a.keys() == b.keys()
@@ -100,21 +128,41 @@ def test_fsdp2_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
     from its own random stream over its own rows; top_p = 1e-6 keeps only each step's most likely token,
     so sampling is greedy and independent of the draws. The processes' samples still end at different
     lengths, which is what generation from a sharded model has to survive."""
-    recipe = _recipe(teacher_dir, tmp_path / "r.yaml", runs=[
-        {"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}},
-        {"name": "gkd", "alpha": 0.0, "divergence": {"name": "generalized_jsd", "beta": 0.5},
-         "on_policy": {"lmbda": 1.0, "top_p": 1e-6, "max_new_tokens": 6}},
-        {"name": "multi", "alpha": 0.0, "divergence": {"name": "forward_kl"}, "multi_teacher": {"mode": "confidence"}},
-        FEAT, MINILLM], extra_teachers=[{"model": str(teacher_dir / "teacher")}])
+    recipe = _recipe(
+        teacher_dir,
+        tmp_path / "r.yaml",
+        runs=[
+            {"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}},
+            {
+                "name": "gkd",
+                "alpha": 0.0,
+                "divergence": {"name": "generalized_jsd", "beta": 0.5},
+                "on_policy": {"lmbda": 1.0, "top_p": 1e-6, "max_new_tokens": 6},
+            },
+            {
+                "name": "multi",
+                "alpha": 0.0,
+                "divergence": {"name": "forward_kl"},
+                "multi_teacher": {"mode": "confidence"},
+            },
+            FEAT,
+            MINILLM,
+        ],
+        extra_teachers=[{"model": str(teacher_dir / "teacher")}],
+    )
     one, two = tmp_path / "one", tmp_path / "two"
     _distill(recipe, one)
     r = _distill(recipe, two, "train.batch_size=2", "train.distributed=fsdp2", processes=2)
     assert r.stdout.count("report:") == 1, "only the first process reports"
     for name in ("kd", "gkd", "multi", "feat"):
         info = _same_student(one, two, name)
-        assert info["distributed"] == {"engine": "fsdp2", "processes": 2, "student_sharded": True,
-                                       "teacher_sharded": True,
-                                       **({"extra_teachers_sharded": [True]} if name == "multi" else {})}
+        assert info["distributed"] == {
+            "engine": "fsdp2",
+            "processes": 2,
+            "student_sharded": True,
+            "teacher_sharded": True,
+            **({"extra_teachers_sharded": [True]} if name == "multi" else {}),
+        }
         if name == "gkd":
             assert info["on_policy"]["modes"] == ["student"] * 3 and info["on_policy"]["gen_tokens"] > 0
     info = json.loads((two / "runs" / "minillm" / "train_info.json").read_text())
@@ -134,8 +182,15 @@ def test_fsdp2_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
     # 9e-6). Silently dropping bf16 (as the CPU path once did) gives the float32 run's loss in the same
     # layout bit for bit.
     bf16 = _recipe(teacher_dir, tmp_path / "bf16.yaml")
-    _distill(bf16, tmp_path / "bf16", "train.batch_size=2", "train.distributed=fsdp2", "train.precision=bf16",
-             "train.gradient_checkpointing=true", processes=2)
+    _distill(
+        bf16,
+        tmp_path / "bf16",
+        "train.batch_size=2",
+        "train.distributed=fsdp2",
+        "train.precision=bf16",
+        "train.gradient_checkpointing=true",
+        processes=2,
+    )
     first = json.loads((tmp_path / "bf16" / "runs" / "kd" / "train_info.json").read_text())["loss_curve"][0][1]
     ref = json.loads((two / "runs" / "kd" / "train_info.json").read_text())["loss_curve"][0][1]  # same layout
     assert first != ref and abs(first - ref) <= 2**-8 * ref, (first, ref)
@@ -149,19 +204,24 @@ def test_fsdp2_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signal, engine, lora", [({"kind": "sampled", "draws": 8}, "fsdp2", True),
-                                                  ({"kind": "topk", "k": 8}, "zero3", False)],
-                         ids=["sampled-fsdp2-lora", "topk-zero3"])
+@pytest.mark.parametrize(
+    "signal, engine, lora",
+    [({"kind": "sampled", "draws": 8}, "fsdp2", True), ({"kind": "topk", "k": 8}, "zero3", False)],
+    ids=["sampled-fsdp2-lora", "topk-zero3"],
+)
 def test_student_from_a_cache_equals_one_process(teacher_dir, tmp_path, signal, engine, lora):
     """A student trained from a teacher cache, no teacher in the loop: a LoRA student (merged at the end) from
     sampled tokens under FSDP2, a whole student from top-k log-probs under ZeRO-3."""
     if engine == "zero3":
         pytest.importorskip("deepspeed")
-    recipe = _recipe(teacher_dir, tmp_path / "r.yaml", cache={"signal": signal, "dtype": "fp32",
-                                                             "dir": str(tmp_path / "c")})
+    recipe = _recipe(
+        teacher_dir, tmp_path / "r.yaml", cache={"signal": signal, "dtype": "fp32", "dir": str(tmp_path / "c")}
+    )
     one, two = tmp_path / "one", tmp_path / "two"
     extra = ["train.lora.r=4", "train.lora.lora_alpha=8", "train.lora.target_modules=[q_proj, v_proj]"] if lora else []
-    r = run([sys.executable, "-m", "potstill", "cache", str(recipe), f"output_dir={one}"], env=launch_env(), timeout=300)
+    r = run(
+        [sys.executable, "-m", "potstill", "cache", str(recipe), f"output_dir={one}"], env=launch_env(), timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     _distill(recipe, one, *extra)
     _distill(recipe, two, *extra, "train.batch_size=2", f"train.distributed={engine}", processes=2)
@@ -181,8 +241,12 @@ def test_ddp_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path):
     _distill(recipe, two, "train.batch_size=2", "train.distributed=ddp", processes=2)
     for name in ("kd", "feat"):
         info = _same_student(one, two, name)
-        assert info["distributed"] == {"engine": "ddp", "processes": 2, "student_sharded": False,
-                                       "teacher_sharded": False}
+        assert info["distributed"] == {
+            "engine": "ddp",
+            "processes": 2,
+            "student_sharded": False,
+            "teacher_sharded": False,
+        }
 
 
 @pytest.mark.slow
@@ -194,17 +258,31 @@ def test_zero3_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
     the partitioned student (Hugging Face's generate keeps the processes in step). As for FSDP2, greedy
     sampling (top_p 1e-6) makes the samples the same in both layouts."""
     pytest.importorskip("deepspeed")
-    recipe = _recipe(teacher_dir, tmp_path / "r.yaml", runs=[
-        {"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}},
-        {"name": "gkd", "alpha": 0.0, "divergence": {"name": "generalized_jsd", "beta": 0.5},
-         "on_policy": {"lmbda": 1.0, "top_p": 1e-6, "max_new_tokens": 6}}, FEAT])
+    recipe = _recipe(
+        teacher_dir,
+        tmp_path / "r.yaml",
+        runs=[
+            {"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}},
+            {
+                "name": "gkd",
+                "alpha": 0.0,
+                "divergence": {"name": "generalized_jsd", "beta": 0.5},
+                "on_policy": {"lmbda": 1.0, "top_p": 1e-6, "max_new_tokens": 6},
+            },
+            FEAT,
+        ],
+    )
     one, two = tmp_path / "one", tmp_path / "two"
     _distill(recipe, one)
     _distill(recipe, two, "train.batch_size=2", "train.distributed=zero3", processes=2)
     for name in ("kd", "gkd", "feat"):
         info = _same_student(one, two, name)
-        assert info["distributed"] == {"engine": "zero3", "processes": 2, "student_sharded": True,
-                                       "teacher_sharded": True}
+        assert info["distributed"] == {
+            "engine": "zero3",
+            "processes": 2,
+            "student_sharded": True,
+            "teacher_sharded": True,
+        }
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(two / "runs" / "kd").state_dict()
@@ -214,8 +292,9 @@ def test_zero3_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
     # effect (the first loss moves, by no more than 2^-8 relative, as for FSDP2) and the student saved is the
     # float32 masters, not the module's bf16 copy (whose every weight a bf16 round trip leaves unchanged).
     bf16 = _recipe(teacher_dir, tmp_path / "bf16.yaml")
-    _distill(bf16, tmp_path / "bf16", "train.batch_size=2", "train.distributed=zero3", "train.precision=bf16",
-             processes=2)
+    _distill(
+        bf16, tmp_path / "bf16", "train.batch_size=2", "train.distributed=zero3", "train.precision=bf16", processes=2
+    )
     first = json.loads((tmp_path / "bf16" / "runs" / "kd" / "train_info.json").read_text())["loss_curve"][0][1]
     ref = json.loads((two / "runs" / "kd" / "train_info.json").read_text())["loss_curve"][0][1]
     assert first != ref and abs(first - ref) <= 2**-8 * ref, (first, ref)
@@ -238,21 +317,60 @@ def test_a_run_killed_mid_run_resumes_to_the_uninterrupted_student(teacher_dir, 
 
     from helpers_proc import MARKER, kill_marked
 
-    runs = [{"name": "kd", "alpha": 0.0, "divergence": {"name": "generalized_jsd", "beta": 0.5},
-             "on_policy": {"lmbda": 0.7, "max_new_tokens": 5, "replay_size": 4, "replay_reuse": 0.5}}]
-    recipe = _recipe(teacher_dir, tmp_path / "r.yaml", runs=runs,
-                     train={"max_steps": 8, "batch_size": 2, "logging_steps": 1, "learning_rate": 1e-2,
-                            "save_steps": 2, "distributed": engine})
+    runs = [
+        {
+            "name": "kd",
+            "alpha": 0.0,
+            "divergence": {"name": "generalized_jsd", "beta": 0.5},
+            "on_policy": {"lmbda": 0.7, "max_new_tokens": 5, "replay_size": 4, "replay_reuse": 0.5},
+        }
+    ]
+    recipe = _recipe(
+        teacher_dir,
+        tmp_path / "r.yaml",
+        runs=runs,
+        train={
+            "max_steps": 8,
+            "batch_size": 2,
+            "logging_steps": 1,
+            "learning_rate": 1e-2,
+            "save_steps": 2,
+            "distributed": engine,
+        },
+    )
     ref, out = tmp_path / "ref", tmp_path / "out"
     _distill(recipe, ref, processes=2)
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), "-m", "potstill", "distill", str(recipe), f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "potstill",
+        "distill",
+        str(recipe),
+        f"output_dir={out}",
+    ]
     value = uuid.uuid4().hex
     mark = out / "checkpoints" / "kd" / "checkpoint-4" / "potstill_run.json"
-    proc = subprocess.Popen(cmd, env={**launch_env(), MARKER: value}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env={**launch_env(), MARKER: value},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -17,9 +17,22 @@ from .test_logit import dataset, encoded, ref_loss
 
 
 def fcfg(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.1,
-                optim="sgd", lr_scheduler_type="constant", report_to="none", save_strategy="no", use_cpu=True,
-                logging_steps=1, seed=0, data_seed=0, disable_tqdm=True, feature_layers=[[1, 2], [0, 0]])
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        feature_layers=[[1, 2], [0, 0]],
+    )
     base.update(kw)
     return FeatureKDConfig(**base)
 
@@ -28,16 +41,22 @@ def test_feature_distances_closed_forms():
     s = torch.tensor([[1.0, 0.0], [2.0, 2.0], [1.0, 1.0]])
     t = torch.tensor([[0.0, 1.0], [1.0, 1.0], [1.0, 3.0]])
     torch.testing.assert_close(feature_distance(s, t, "mse"), torch.tensor([1.0, 1.0, 2.0]))
-    torch.testing.assert_close(feature_distance(s, t, "cosine"),
-                               torch.tensor([1.0, 0.0, 1 - 4 / (2 ** 0.5 * 10 ** 0.5)]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        feature_distance(s, t, "cosine"), torch.tensor([1.0, 0.0, 1 - 4 / (2**0.5 * 10**0.5)]), rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("kind", ["mse", "cosine"])
 def test_loss_is_logit_loss_plus_projected_hidden_distance(tiny_llama_pair, tmp_path, kind):
     """Student (hidden 32) -> teacher (hidden 64): reference written from hidden_states directly."""
     teacher, student, tok = tiny_llama_pair
-    tr = FeatureKDTrainer(model=student, teacher_model=teacher, processing_class=tok, train_dataset=dataset(tok),
-                          args=fcfg(tmp_path, alpha=0.3, feature_loss=kind, feature_weight=0.7))
+    tr = FeatureKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        processing_class=tok,
+        train_dataset=dataset(tok),
+        args=fcfg(tmp_path, alpha=0.3, feature_loss=kind, feature_weight=0.7),
+    )
     batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
     loss = tr.compute_loss(student, batch)
     hs = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
@@ -56,8 +75,13 @@ def test_loss_is_logit_loss_plus_projected_hidden_distance(tiny_llama_pair, tmp_
 
 def test_projections_train_and_stay_out_of_the_student(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
-    tr = FeatureKDTrainer(model=student, teacher_model=teacher, processing_class=tok, train_dataset=dataset(tok),
-                          args=fcfg(tmp_path, max_steps=2, feature_layers=[[-1, -1]]))
+    tr = FeatureKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        processing_class=tok,
+        train_dataset=dataset(tok),
+        args=fcfg(tmp_path, max_steps=2, feature_layers=[[-1, -1]]),
+    )
     w0 = tr.projections[0].weight.detach().clone()
     tr.train()
     assert not torch.equal(w0, tr.projections[0].weight)
@@ -71,8 +95,13 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_llama_pair, tmp_path):
     def grads(path, **kw):
         s = copy.deepcopy(student)
         before = copy.deepcopy(s.state_dict())
-        tr = FeatureKDTrainer(model=s, teacher_model=teacher, processing_class=tok, train_dataset=dataset(tok),
-                              args=fcfg(path, alpha=0.2, feature_weight=2.0, **kw))
+        tr = FeatureKDTrainer(
+            model=s,
+            teacher_model=teacher,
+            processing_class=tok,
+            train_dataset=dataset(tok),
+            args=fcfg(path, alpha=0.2, feature_weight=2.0, **kw),
+        )
         torch.manual_seed(0)
         for p in tr.projections:
             torch.nn.init.normal_(p.weight, std=0.1)
@@ -89,8 +118,13 @@ def test_one_teacher_forward_serves_logits_and_hidden_states(tiny_llama_pair, tm
     teacher, student, tok = tiny_llama_pair
     calls = []
     h = teacher.register_forward_hook(lambda *a: calls.append(1))
-    tr = FeatureKDTrainer(model=student, signal_source=OnlineTeacher(teacher), processing_class=tok,
-                          train_dataset=dataset(tok), args=fcfg(tmp_path))
+    tr = FeatureKDTrainer(
+        model=student,
+        signal_source=OnlineTeacher(teacher),
+        processing_class=tok,
+        train_dataset=dataset(tok),
+        args=fcfg(tmp_path),
+    )
     tr.compute_loss(student, PadCollator(tok.pad_token_id)(encoded(tok)[:4]))
     h.remove()
     assert len(calls) == 1
@@ -105,8 +139,13 @@ def test_bad_feature_options_are_refused(tiny_llama_pair, tmp_path):
     with pytest.raises(PotstillError, match="feature_loss"):
         fcfg(tmp_path, feature_loss="l1")
     with pytest.raises(PotstillError, match="out of range"):
-        FeatureKDTrainer(model=student, teacher_model=teacher, processing_class=tok, train_dataset=dataset(tok),
-                         args=fcfg(tmp_path, feature_layers=[[5, 0]]))
+        FeatureKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            processing_class=tok,
+            train_dataset=dataset(tok),
+            args=fcfg(tmp_path, feature_layers=[[5, 0]]),
+        )
 
     class Cache:
         temperature = None
@@ -115,5 +154,6 @@ def test_bad_feature_options_are_refused(tiny_llama_pair, tmp_path):
             return SparseSignal(ids=torch.zeros(1, 1, dtype=torch.long), logprobs=torch.zeros(1, 1))
 
     with pytest.raises(PotstillError, match="live teacher"):
-        FeatureKDTrainer(model=student, signal_source=Cache(), processing_class=tok, train_dataset=dataset(tok),
-                         args=fcfg(tmp_path))
+        FeatureKDTrainer(
+            model=student, signal_source=Cache(), processing_class=tok, train_dataset=dataset(tok), args=fcfg(tmp_path)
+        )

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers_proc import free_port, launch_env, run, run_all
+from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
 
@@ -30,12 +29,34 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path, divergence, tied):
     r1 = run([sys.executable, script, str(single), divergence, tied], env=env, timeout=240)
     assert r1.returncode == 0, r1.stderr[-3000:]
     port = str(free_port())
-    ranks = [{**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-              "MASTER_PORT": port} for r in range(2)]
+    ranks = [
+        {
+            **env,
+            "RANK": str(r),
+            "LOCAL_RANK": str(r),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        for r in range(2)
+    ]
     # run_all takes one environment: each rank gets its own through `env` on the command line.
-    cmds = [["env", *(f"{k}={v}" for k, v in e.items() if k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                                  "MASTER_PORT")), sys.executable, script, str(multi), divergence, tied]
-            for e in ranks]
+    cmds = [
+        [
+            "env",
+            *(
+                f"{k}={v}"
+                for k, v in e.items()
+                if k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+            ),
+            sys.executable,
+            script,
+            str(multi),
+            divergence,
+            tied,
+        ]
+        for e in ranks
+    ]
     results = run_all(cmds, env=env, timeout=240)
     for r in results:
         assert r.returncode == 0, r.stderr[-3000:]
@@ -49,8 +70,12 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path, divergence, tied):
         assert info["student_head"] == ["DTensor"] * 3 and info["teacher_head"] == "DTensor", info
         assert all(shape[0] < full_rows for shape in info["head_shape"]), info
     # The global normalization makes the ranks' losses add up to the one-process loss, step by step.
-    torch.testing.assert_close(torch.tensor([sum(v) for v in zip(*(i["loss"] for i in infos))]),
-                               torch.tensor(ref_info["loss"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor([sum(v) for v in zip(*(i["loss"] for i in infos))]),
+        torch.tensor(ref_info["loss"]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
     a = load_file(single / "student.safetensors")
     b = load_file(multi / "student.safetensors")
@@ -124,9 +149,29 @@ def test_zero3_tied_head_two_processes_equal_one_process(tmp_path):
     script = str(HERE / "zero3_train.py")
     r1 = run([sys.executable, script, str(single), "tied"], env=env, timeout=240)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), script, str(multi), "tied"], env=env, timeout=240)
+    r2 = run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            script,
+            str(multi),
+            "tied",
+        ],
+        env=env,
+        timeout=240,
+    )
     assert r2.returncode == 0, r2.stderr[-3000:]
     one = json.loads((single / "info.json").read_text())
     two = json.loads((multi / "info.json").read_text())

@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 from datasets import Dataset
+from helpers_proc import run_all
 from transformers import TrainerCallback
 
 from potstill.data import encode_example
@@ -33,8 +34,6 @@ from potstill.kd import (
 )
 from potstill.kd.feature import PROJECTIONS
 from potstill.kd.guards import KD_HINT, check_finite, nonfinite_flags, nonfinite_message
-
-from helpers_proc import run_all
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,10 +57,21 @@ def dataset(tok):
 
 
 def cfg(tmp_path, config=KDConfig, **kw):
-    base = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4, "max_steps": 1,
-            "learning_rate": 0.1, "optim": "sgd", "lr_scheduler_type": "constant", "report_to": "none",
-            "save_strategy": "no", "use_cpu": True, "logging_steps": 1, "seed": 0, "data_seed": 0,
-            "disable_tqdm": True}
+    base = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 4,
+        "max_steps": 1,
+        "learning_rate": 0.1,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "report_to": "none",
+        "save_strategy": "no",
+        "use_cpu": True,
+        "logging_steps": 1,
+        "seed": 0,
+        "data_seed": 0,
+        "disable_tqdm": True,
+    }
     base.update(kw)
     return config(**base)
 
@@ -103,16 +113,20 @@ def test_finite_steps_pass_and_the_message_is_one_line_naming_step_value_and_fix
     assert "learning_rate" in msg and "temperature" in msg and "divergence" in msg
 
 
-@pytest.mark.parametrize(("loss", "norm", "what"), [
-    (INF, 1.0, "the loss is inf;"),
-    (-INF, None, "the loss is -inf;"),
-    (1.0, NAN, "the gradient norm is nan (the loss is finite);"),
-    (torch.tensor([1.0, INF]), torch.tensor(2.0), "the loss is inf;"),
-    (torch.tensor([INF, -INF]), 2.0, "the loss is nan;"),  # their sum
-])
+@pytest.mark.parametrize(
+    ("loss", "norm", "what"),
+    [
+        (INF, 1.0, "the loss is inf;"),
+        (-INF, None, "the loss is -inf;"),
+        (1.0, NAN, "the gradient norm is nan (the loss is finite);"),
+        (torch.tensor([1.0, INF]), torch.tensor(2.0), "the loss is inf;"),
+        (torch.tensor([INF, -INF]), 2.0, "the loss is nan;"),  # their sum
+    ],
+)
 def test_each_kind_of_non_finite_value_is_named(loss, norm, what):
-    with pytest.raises(NonFiniteTrainingError, match="^training diverged at step 7: " + what.replace("(", r"\(")
-                       .replace(")", r"\)")):
+    with pytest.raises(
+        NonFiniteTrainingError, match="^training diverged at step 7: " + what.replace("(", r"\(").replace(")", r"\)")
+    ):
         check_finite(7, loss, norm)
 
 
@@ -140,13 +154,26 @@ def test_nan_at_step_3_stops_before_that_step_with_the_weights_after_step_2(tiny
 
     monkeypatch.setattr(guards, "_local_grad_norm", no_second_pass)
     reference = copy.deepcopy(student)
-    KDTrainer(model=reference, teacher_model=copy.deepcopy(teacher), args=cfg(tmp_path / "ref", max_steps=2),
-              train_dataset=dataset(tok), processing_class=tok).train()
+    KDTrainer(
+        model=reference,
+        teacher_model=copy.deepcopy(teacher),
+        args=cfg(tmp_path / "ref", max_steps=2),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+    ).train()
     calls = nan_from_call(student.model.norm, 3)  # the student's 3rd forward (step 3) gives NaN hidden states
-    trainer = KDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, max_steps=5),
-                        train_dataset=dataset(tok), processing_class=tok)
-    with pytest.raises(NonFiniteTrainingError, match=r"^training diverged at step 3: the loss is nan \(gradient "
-                                                     r"norm nan\); lower train\.learning_rate"):
+    trainer = KDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=cfg(tmp_path, max_steps=5),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+    )
+    with pytest.raises(
+        NonFiniteTrainingError,
+        match=r"^training diverged at step 3: the loss is nan \(gradient "
+        r"norm nan\); lower train\.learning_rate",
+    ):
         trainer.train()
     assert calls[0] == 3 and trainer.state.global_step == 2
     after = weights(student)
@@ -156,9 +183,13 @@ def test_nan_at_step_3_stops_before_that_step_with_the_weights_after_step_2(tiny
 
 def test_a_huge_learning_rate_stops_at_the_first_bad_step_with_finite_weights(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
-    trainer = KDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, max_steps=6, learning_rate=1e30,
-                                                                       max_grad_norm=0.0),
-                        train_dataset=dataset(tok), processing_class=tok)
+    trainer = KDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=cfg(tmp_path, max_steps=6, learning_rate=1e30, max_grad_norm=0.0),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+    )
     with pytest.raises(NonFiniteTrainingError) as err:
         trainer.train()
     step = trainer.state.global_step + 1
@@ -167,8 +198,9 @@ def test_a_huge_learning_rate_stops_at_the_first_bad_step_with_finite_weights(ti
 
 
 @pytest.mark.parametrize(("max_grad_norm", "own_norm"), [(1.0, False), (0.0, False), (1.0, True)])
-def test_a_non_finite_gradient_with_a_finite_loss_is_caught(tiny_llama_pair, tmp_path, monkeypatch, max_grad_norm,
-                                                           own_norm):
+def test_a_non_finite_gradient_with_a_finite_loss_is_caught(
+    tiny_llama_pair, tmp_path, monkeypatch, max_grad_norm, own_norm
+):
     """With clipping, without (Trainer's norm-only path), and with a Trainer that no longer reports its norm."""
     teacher, student, tok = tiny_llama_pair
     if own_norm:
@@ -178,9 +210,13 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_caught(tiny_llama_pair, tmp
     steps = [0]
     weight = student.model.layers[0].mlp.down_proj.weight
     weight.register_hook(lambda g: g * INF if steps[0] == 2 else g)
-    trainer = KDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, max_steps=3,
-                                                                       max_grad_norm=max_grad_norm),
-                        train_dataset=dataset(tok), processing_class=tok)
+    trainer = KDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=cfg(tmp_path, max_steps=3, max_grad_norm=max_grad_norm),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+    )
     orig = trainer.training_step
 
     def counted(*a, **k):
@@ -195,8 +231,11 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_caught(tiny_llama_pair, tmp
             before.append(weights(student))
 
     trainer.add_callback(Snapshot())
-    with pytest.raises(NonFiniteTrainingError, match=r"^training diverged at step 2: the gradient norm is (nan|inf) "
-                                                     r"\(the loss is finite\)"):
+    with pytest.raises(
+        NonFiniteTrainingError,
+        match=r"^training diverged at step 2: the gradient norm is (nan|inf) "
+        r"\(the loss is finite\)",
+    ):
         trainer.train()
     assert_same(weights(student), before[1])  # step 2 never applied
 
@@ -204,9 +243,13 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_caught(tiny_llama_pair, tmp
 def test_a_nan_in_one_micro_batch_of_an_accumulated_step_is_caught(tiny_llama_pair, tmp_path):
     """The loss is NaN in micro-batch 1 of step 2 (of 2), its gradients stay finite: only the summed loss sees it."""
     teacher, student, tok = tiny_llama_pair
-    trainer = KDTrainer(model=student, teacher_model=teacher,
-                        args=cfg(tmp_path, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2),
-                        train_dataset=dataset(tok), processing_class=tok)
+    trainer = KDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=cfg(tmp_path, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+    )
     orig = trainer.compute_loss
     micro = [0]
 
@@ -228,26 +271,45 @@ def _make(kind, teacher, student, tok, tmp_path):
     ds = dataset(tok)
     gen = {"gen_max_new_tokens": 4}
     if kind == "kd":
-        return KDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path), train_dataset=ds,
-                         processing_class=tok)
+        return KDTrainer(
+            model=student, teacher_model=teacher, args=cfg(tmp_path), train_dataset=ds, processing_class=tok
+        )
     if kind == "onpolicy":
-        return OnPolicyKDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, OnPolicyConfig, lmbda=1.0,
-                                                                                **gen),
-                                 train_dataset=ds, processing_class=tok)
+        return OnPolicyKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=cfg(tmp_path, OnPolicyConfig, lmbda=1.0, **gen),
+            train_dataset=ds,
+            processing_class=tok,
+        )
     if kind == "contrastive":
-        return ContrastiveKDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, ContrastiveConfig, **gen),
-                                    train_dataset=ds, processing_class=tok)
+        return ContrastiveKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=cfg(tmp_path, ContrastiveConfig, **gen),
+            train_dataset=ds,
+            processing_class=tok,
+        )
     if kind == "minillm":
-        return MiniLLMKDTrainer(model=student, teacher_model=teacher,
-                                args=cfg(tmp_path, MiniLLMConfig, divergence="reverse_kl", **gen),
-                                train_dataset=ds, processing_class=tok)
+        return MiniLLMKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=cfg(tmp_path, MiniLLMConfig, divergence="reverse_kl", **gen),
+            train_dataset=ds,
+            processing_class=tok,
+        )
     if kind == "feature":
-        return FeatureKDTrainer(model=student, teacher_model=teacher,
-                                args=cfg(tmp_path, FeatureKDConfig, feature_layers=[[1, 2]]),
-                                train_dataset=ds, processing_class=tok)
+        return FeatureKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=cfg(tmp_path, FeatureKDConfig, feature_layers=[[1, 2]]),
+            train_dataset=ds,
+            processing_class=tok,
+        )
     if kind == "cross_tokenizer":  # alpha = 1: the CE path of the cross-tokenizer trainer, no teacher tokenizer
-        return CrossTokenizerKDTrainer(model=student, args=cfg(tmp_path, alpha=1.0), train_dataset=ds,
-                                       processing_class=tok)
+        return CrossTokenizerKDTrainer(
+            model=student, args=cfg(tmp_path, alpha=1.0), train_dataset=ds, processing_class=tok
+        )
     raise AssertionError(kind)
 
 
@@ -283,8 +345,15 @@ def _tiny_classifier():
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", model_max_length=16)
-    config = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=16, pad_token_id=0)
+    config = BertConfig(
+        vocab_size=len(words),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        pad_token_id=0,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         encoder = BertModel(config, add_pooling_layer=False)
@@ -299,8 +368,11 @@ def test_the_classifier_loop_stops_before_a_nan_step():
     init = weights(model)
     nan_from_call(model.head, 2)
     data = [Example("the good film", 1), Example("the bad film", 0)] * 4
-    with pytest.raises(NonFiniteTrainingError, match=r"^training diverged at step 2: the loss is nan \(gradient norm "
-                                                     r"nan\); lower the learning rate \(teacher\.lr / train\.lr\)"):
+    with pytest.raises(
+        NonFiniteTrainingError,
+        match=r"^training diverged at step 2: the loss is nan \(gradient norm "
+        r"nan\); lower the learning rate \(teacher\.lr / train\.lr\)",
+    ):
         train_classifier(model, data, steps=4, batch_size=4, lr=1e-2, warmup_fraction=0.0)
     after = weights(model)
     assert all(torch.isfinite(v).all() for v in after.values())

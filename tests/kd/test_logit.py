@@ -34,9 +34,22 @@ def dataset(tok):
 
 
 def cfg(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.1,
-                optim="sgd", lr_scheduler_type="constant", report_to="none", save_strategy="no", use_cpu=True,
-                logging_steps=1, seed=0, data_seed=0, disable_tqdm=True, dataloader_drop_last=False)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_drop_last=False,
+    )
     base.update(kw)
     return KDConfig(**base)
 
@@ -58,8 +71,13 @@ def ref_loss(student, teacher, batch, alpha, T=1.0):
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_loss_matches_full_logit_reference(tiny_llama_pair, tmp_path, alpha):
     teacher, student, tok = tiny_llama_pair
-    trainer = KDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, alpha=alpha, chunk_size=7),
-                        train_dataset=dataset(tok), processing_class=tok)
+    trainer = KDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=cfg(tmp_path, alpha=alpha, chunk_size=7),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+    )
     batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
     student.train()
     got = trainer.compute_loss(student, batch)
@@ -71,8 +89,13 @@ def test_sft_baseline_equals_hf_causal_lm_loss_and_runs_no_teacher(tiny_llama_pa
     teacher, student, tok = tiny_llama_pair
     calls = []
     teacher.register_forward_hook(lambda *a: calls.append(1))
-    trainer = KDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, alpha=1.0),
-                        train_dataset=dataset(tok), processing_class=tok)
+    trainer = KDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=cfg(tmp_path, alpha=1.0),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+    )
     batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
     got = trainer.compute_loss(student, batch)
     hf = student(**batch).loss
@@ -83,8 +106,9 @@ def test_sft_baseline_equals_hf_causal_lm_loss_and_runs_no_teacher(tiny_llama_pa
 
 def _grads_after_one_sgd_step(student, teacher, tok, tmp_path, **kw):
     before = copy.deepcopy(student.state_dict())
-    tr = KDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, **kw), train_dataset=dataset(tok),
-                   processing_class=tok)
+    tr = KDTrainer(
+        model=student, teacher_model=teacher, args=cfg(tmp_path, **kw), train_dataset=dataset(tok), processing_class=tok
+    )
     tr.train()
     after = tr.model.state_dict()
     lr = kw.get("learning_rate", 0.1)
@@ -97,10 +121,24 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_llama_pair, tmp_path):
     ex = encoded(tok)
     counts = [sum(x != -100 for x in e["labels"][1:]) for e in ex]
     assert counts[0] + counts[1] != counts[2] + counts[3], "micro-batches must differ in token count"
-    g_big = _grads_after_one_sgd_step(copy.deepcopy(student), teacher, tok, tmp_path / "a",
-                                      per_device_train_batch_size=8, gradient_accumulation_steps=1, alpha=0.2)
-    g_acc = _grads_after_one_sgd_step(copy.deepcopy(student), teacher, tok, tmp_path / "b",
-                                      per_device_train_batch_size=2, gradient_accumulation_steps=4, alpha=0.2)
+    g_big = _grads_after_one_sgd_step(
+        copy.deepcopy(student),
+        teacher,
+        tok,
+        tmp_path / "a",
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        alpha=0.2,
+    )
+    g_acc = _grads_after_one_sgd_step(
+        copy.deepcopy(student),
+        teacher,
+        tok,
+        tmp_path / "b",
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        alpha=0.2,
+    )
     for k in g_big:
         torch.testing.assert_close(g_acc[k], g_big[k], rtol=1e-4, atol=1e-6)
     # The test can fail: a per-micro-batch mean gives a different gradient here.
@@ -109,7 +147,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_llama_pair, tmp_path):
     w = s.model.embed_tokens.weight
     big = ref_loss(s, teacher, batch, 0.2)
     (gb,) = torch.autograd.grad(big, w)
-    per_micro = sum(ref_loss(s, teacher, PadCollator(tok.pad_token_id)(ex[i:i + 2]), 0.2) for i in range(0, 8, 2)) / 4
+    per_micro = sum(ref_loss(s, teacher, PadCollator(tok.pad_token_id)(ex[i : i + 2]), 0.2) for i in range(0, 8, 2)) / 4
     (gm,) = torch.autograd.grad(per_micro, w)
     assert not torch.allclose(gb, gm, rtol=1e-3, atol=1e-6)
 
@@ -119,8 +157,13 @@ def test_teacher_is_frozen_and_unchanged(tiny_llama_pair, tmp_path):
     teacher.train()
     t0 = copy.deepcopy(teacher.state_dict())
     s0 = copy.deepcopy(student.state_dict())
-    tr = KDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, max_steps=2), train_dataset=dataset(tok),
-                   processing_class=tok)
+    tr = KDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=cfg(tmp_path, max_steps=2),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+    )
     tr.train()
     assert not teacher.training
     assert all(not p.requires_grad for p in teacher.parameters())
@@ -133,10 +176,16 @@ def test_lora_student_trains_only_the_adapter(tiny_llama_pair, tmp_path):
 
     teacher, student, tok = tiny_llama_pair
     base = copy.deepcopy(student.state_dict())
-    tr = KDTrainer(model=student, teacher_model=teacher, args=cfg(tmp_path, max_steps=2, learning_rate=0.5),
-                   train_dataset=dataset(tok), processing_class=tok,
-                   peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
-                                          init_lora_weights=False))
+    tr = KDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=cfg(tmp_path, max_steps=2, learning_rate=0.5),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+        peft_config=LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False
+        ),
+    )
     trainable = [n for n, p in tr.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     lora0 = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
@@ -153,11 +202,12 @@ def test_teacher_with_padding_rows_aligns(tiny_llama_pair, tmp_path):
     padded = copy.deepcopy(teacher)
     padded.resize_token_embeddings(len(tok) + 13)
     with torch.no_grad():
-        padded.lm_head.weight[len(tok):] = 5.0  # padding rows that would dominate if not dropped
+        padded.lm_head.weight[len(tok) :] = 5.0  # padding rows that would dominate if not dropped
     batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
     with pytest.warns(UserWarning, match="padding"):
-        tr = KDTrainer(model=student, teacher_model=padded, args=cfg(tmp_path), train_dataset=dataset(tok),
-                       processing_class=tok)
+        tr = KDTrainer(
+            model=student, teacher_model=padded, args=cfg(tmp_path), train_dataset=dataset(tok), processing_class=tok
+        )
     assert tr.vocab_size == len(tok)
     got = tr.compute_loss(student, batch)
     want = ref_loss(student, teacher, batch, 0.0)
@@ -186,9 +236,14 @@ def test_teacher_memo_pays_the_teacher_once_and_changes_nothing(tiny_llama_pair,
     memo = TeacherMemo()
 
     def run(sub, source):
-        tr = KDTrainer(model=copy.deepcopy(student), teacher_model=teacher, args=cfg(tmp_path / sub, max_steps=3,
-                       per_device_train_batch_size=2), train_dataset=dataset(tok), processing_class=tok,
-                       signal_source=source)
+        tr = KDTrainer(
+            model=copy.deepcopy(student),
+            teacher_model=teacher,
+            args=cfg(tmp_path / sub, max_steps=3, per_device_train_batch_size=2),
+            train_dataset=dataset(tok),
+            processing_class=tok,
+            signal_source=source,
+        )
         tr.train()
         return tr.model.state_dict()
 
@@ -203,12 +258,15 @@ def test_teacher_memo_pays_the_teacher_once_and_changes_nothing(tiny_llama_pair,
         assert torch.equal(plain[k], first[k]) and torch.equal(first[k], second[k])
 
 
-@pytest.mark.parametrize("divergence, kwargs, fix", [
-    ("generalized_jsd", {"beta": 0.0}, "forward_kl"),
-    ("generalized_jsd", {"beta": 1.0}, "reverse_kl"),
-    ("skew_forward_kl", {"alpha": 1.0}, "alpha"),
-    ("adaptive_kl", {"mu": 0.0}, "reverse_kl"),
-])
+@pytest.mark.parametrize(
+    "divergence, kwargs, fix",
+    [
+        ("generalized_jsd", {"beta": 0.0}, "forward_kl"),
+        ("generalized_jsd", {"beta": 1.0}, "reverse_kl"),
+        ("skew_forward_kl", {"alpha": 1.0}, "alpha"),
+        ("adaptive_kl", {"mu": 0.0}, "reverse_kl"),
+    ],
+)
 def test_kd_config_refuses_parameters_that_train_on_a_zero_or_other_loss(tmp_path, divergence, kwargs, fix):
     """The Python API refuses what a recipe refuses: GKD's JSD at beta 0 is identically 0 (TRL means forward KL)."""
     from potstill.errors import PotstillError
@@ -231,12 +289,15 @@ def _one_line(info, *needles):
         assert s in msg, msg
 
 
-@pytest.mark.parametrize("kw, needles", [
-    (dict(divergence="skew_forward_kl"), ("skew_forward_kl", "loss_backend 'potstill'")),
-    (dict(divergence="total_variation"), ("total_variation", "loss_backend 'potstill'")),
-    (dict(token_weighting="student_entropy"), ("token_weighting", "loss_backend 'potstill'")),
-    (dict(divergence="generalized_jsd", divergence_kwargs={"beta": 0.0}), ("forward_kl",)),
-])
+@pytest.mark.parametrize(
+    "kw, needles",
+    [
+        (dict(divergence="skew_forward_kl"), ("skew_forward_kl", "loss_backend 'potstill'")),
+        (dict(divergence="total_variation"), ("total_variation", "loss_backend 'potstill'")),
+        (dict(token_weighting="student_entropy"), ("token_weighting", "loss_backend 'potstill'")),
+        (dict(divergence="generalized_jsd", divergence_kwargs={"beta": 0.0}), ("forward_kl",)),
+    ],
+)
 def test_kd_config_liger_backend_refuses_what_liger_cannot_compute(tmp_path, kw, needles):
     with pytest.raises(PotstillError) as info:
         cfg(tmp_path, loss_backend="liger", **kw)
@@ -302,8 +363,13 @@ def test_liger_backend_receives_potstills_arguments(tiny_llama_pair, tmp_path, m
 
     monkeypatch.setattr(logit_mod, "require_liger", lambda device=None: None)
     monkeypatch.setattr(logit_mod, "liger_kd_loss", stand_in)
-    trainer = KDTrainer(model=student, teacher_model=teacher, train_dataset=dataset(tok), processing_class=tok,
-                        args=cfg(tmp_path, alpha=alpha, temperature=2.0, chunk_size=7, loss_backend="liger"))
+    trainer = KDTrainer(
+        model=student,
+        teacher_model=teacher,
+        train_dataset=dataset(tok),
+        processing_class=tok,
+        args=cfg(tmp_path, alpha=alpha, temperature=2.0, chunk_size=7, loss_backend="liger"),
+    )
     batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
     student.train()
     got = trainer.compute_loss(student, batch, num_items_in_batch=torch.tensor(57))

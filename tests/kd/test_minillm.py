@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from test_cli import assets, recipe, write  # noqa: F401  (module fixture reused)
 
 from potstill.cli import main
 from potstill.data import PadCollator
@@ -17,7 +18,6 @@ from potstill.generate import generate, left_pad
 from potstill.kd import KDConfig, MiniLLMConfig, MiniLLMKDTrainer
 from potstill.kd.minillm import TeacherMix, later_returns
 from potstill.kd.onpolicy import _ROLLOUT
-from test_cli import assets, recipe, write  # noqa: F401  (module fixture reused)
 
 from .test_contrastive import fake_samples
 from .test_logit import dataset, encoded
@@ -25,17 +25,35 @@ from .test_onpolicy import FakeCache
 
 
 def mcfg(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.1,
-                optim="sgd", lr_scheduler_type="constant", report_to="none", save_strategy="no", use_cpu=True,
-                logging_steps=1, seed=0, data_seed=0, disable_tqdm=True, gen_max_new_tokens=6,
-                divergence="reverse_kl")
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        gen_max_new_tokens=6,
+        divergence="reverse_kl",
+    )
     base.update(kw)
     return MiniLLMConfig(**base)
 
 
 def make(teacher, student, tok, tmp_path, **kw):
-    return MiniLLMKDTrainer(model=student, teacher_model=teacher, args=mcfg(tmp_path, **kw),
-                            train_dataset=dataset(tok), processing_class=tok)
+    return MiniLLMKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=mcfg(tmp_path, **kw),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+    )
 
 
 def rollout(tok, n=4):
@@ -63,7 +81,7 @@ def reference(student, teacher, b, mix, length_norm=True, long_term=True):
             q_y, p_y = math.exp(lq[j]), math.exp(lp[j])
             w = q_y / (mix * p_y + (1 - mix) * q_y)
             rkl = (s[i, p].exp() * (s[i, p] - t[i, p])).sum()
-            later = r[j + 1:]
+            later = r[j + 1 :]
             R = (sum(later) / len(later) if length_norm else sum(later)) if later else 0.0
             total = total + w * rkl
             if long_term:
@@ -119,10 +137,21 @@ def test_teacher_mix_processor_equals_the_mixture_of_uncached_forwards(tiny_llam
             out = proc(input_ids, scores)
             calls.append((input_ids.clone(), scores.clone(), out.clone(), mask))
             return out
+
         return record
 
-    gen = generate(student, tok, prompts, max_new_tokens=4, batch_size=3, do_sample=True, seed=3,
-                   sort_by_length=False, progress=False, processor=factory)
+    gen = generate(
+        student,
+        tok,
+        prompts,
+        max_new_tokens=4,
+        batch_size=3,
+        do_sample=True,
+        seed=3,
+        sort_by_length=False,
+        progress=False,
+        processor=factory,
+    )
     assert len(calls) >= 2 and gen.num_tokens > 0
     for ids, scores, out, mask0 in calls:
         mask = torch.cat([mask0, torch.ones(ids.shape[0], ids.shape[1] - mask0.shape[1], dtype=torch.long)], 1)
@@ -136,8 +165,15 @@ def test_teacher_mix_processor_equals_the_mixture_of_uncached_forwards(tiny_llam
 def test_importance_weights_are_bounded_and_one_without_mixing(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
     for mix, hi in ((0.0, 1.0), (0.4, 1 / 0.6)):
-        tr = make(teacher, copy.deepcopy(student), tok, tmp_path / str(mix), mix=mix, max_steps=2,
-                  per_device_train_batch_size=2)
+        tr = make(
+            teacher,
+            copy.deepcopy(student),
+            tok,
+            tmp_path / str(mix),
+            mix=mix,
+            max_steps=2,
+            per_device_train_batch_size=2,
+        )
         tr.train()
         ws = [w for _, w, _ in tr.minillm_stats]
         assert len(ws) == 2 and all(0 < w <= hi + 1e-6 for w in ws)
@@ -159,28 +195,50 @@ def test_end_to_end_trains_on_samples_every_step(tiny_llama_pair, tmp_path):
 
 def test_bad_configurations_fail_with_the_fix(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
-    for kw, msg in (({"alpha": 0.5}, "set alpha 0"), ({"divergence": "forward_kl"}, "set divergence reverse_kl"),
-                    ({"replay_size": 4}, "replay_size 0"), ({"mix": 1.0}, r"must be in \[0, 1\)"),
-                    ({"token_weighting": "teacher_confidence"}, "token_weighting 'none'"),
-                    ({"gen_temperature": 0.7}, "gen_temperature 1"), ({"gen_top_p": 0.9}, "gen_top_p 1"),
-                    ({"temperature": 2.0}, "set temperature 1"), ({"temperature_end": 2.0}, "temperature schedule")):
+    for kw, msg in (
+        ({"alpha": 0.5}, "set alpha 0"),
+        ({"divergence": "forward_kl"}, "set divergence reverse_kl"),
+        ({"replay_size": 4}, "replay_size 0"),
+        ({"mix": 1.0}, r"must be in \[0, 1\)"),
+        ({"token_weighting": "teacher_confidence"}, "token_weighting 'none'"),
+        ({"gen_temperature": 0.7}, "gen_temperature 1"),
+        ({"gen_top_p": 0.9}, "gen_top_p 1"),
+        ({"temperature": 2.0}, "set temperature 1"),
+        ({"temperature_end": 2.0}, "temperature schedule"),
+    ):
         with pytest.raises(PotstillError, match=msg):
             mcfg(tmp_path, **kw)
 
     with pytest.raises(PotstillError, match="instead of a teacher-signal cache"):
-        MiniLLMKDTrainer(model=student, signal_source=FakeCache(), args=mcfg(tmp_path), train_dataset=dataset(tok),
-                         processing_class=tok)
+        MiniLLMKDTrainer(
+            model=student,
+            signal_source=FakeCache(),
+            args=mcfg(tmp_path),
+            train_dataset=dataset(tok),
+            processing_class=tok,
+        )
     with pytest.raises(PotstillError, match="MiniLLMConfig"):
-        MiniLLMKDTrainer(model=student, teacher_model=teacher, args=KDConfig(output_dir=str(tmp_path)),
-                         train_dataset=dataset(tok), processing_class=tok)
+        MiniLLMKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=KDConfig(output_dir=str(tmp_path)),
+            train_dataset=dataset(tok),
+            processing_class=tok,
+        )
 
 
 # ------------------------------------------------------------------------------------------- recipes
 def test_minillm_recipe_end_to_end(assets, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     r = recipe(assets, out)
-    r["runs"] = [{"name": "minillm", "alpha": 0.0, "divergence": {"name": "reverse_kl"},
-                  "on_policy": {"max_new_tokens": 4, "minillm": {"mix": 0.2}}}]
+    r["runs"] = [
+        {
+            "name": "minillm",
+            "alpha": 0.0,
+            "divergence": {"name": "reverse_kl"},
+            "on_policy": {"max_new_tokens": 4, "minillm": {"mix": 0.2}},
+        }
+    ]
     assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 0
     info = json.loads((out / "runs" / "minillm" / "train_info.json").read_text())["on_policy"]
     assert info["modes"] == ["student"] * r["train"]["max_steps"] and len(info["minillm_stats"]) >= 1
@@ -192,8 +250,14 @@ def test_bad_minillm_recipes_give_one_line(assets, tmp_path, capsys, case):  # n
     out = tmp_path / "out"
     r = recipe(assets, out)
     run = {"name": "m", "alpha": 0.0, "divergence": {"name": "reverse_kl"}, "on_policy": {"minillm": {}}}
-    want = {"divergence": "reverse_kl", "alpha": "alpha 0", "replay": "replay_size", "contrastive": "contrastive",
-            "top_p": "on_policy.top_p 1", "temperature": "set temperature 1"}[case]
+    want = {
+        "divergence": "reverse_kl",
+        "alpha": "alpha 0",
+        "replay": "replay_size",
+        "contrastive": "contrastive",
+        "top_p": "on_policy.top_p 1",
+        "temperature": "set temperature 1",
+    }[case]
     if case == "divergence":
         run["divergence"] = {"name": "forward_kl"}
     elif case == "alpha":
@@ -247,9 +311,13 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_llama_pair, tmp_path, m
     finals = []
     for bs, acc in ((4, 1), (2, 2)):
         s = copy.deepcopy(student)
-        tr = MiniLLMKDTrainer(model=s, teacher_model=teacher, train_dataset=dataset(tok).select(range(4)),
-                              processing_class=tok,
-                              args=mcfg(tmp_path / f"{bs}", per_device_train_batch_size=bs, gradient_accumulation_steps=acc))
+        tr = MiniLLMKDTrainer(
+            model=s,
+            teacher_model=teacher,
+            train_dataset=dataset(tok).select(range(4)),
+            processing_class=tok,
+            args=mcfg(tmp_path / f"{bs}", per_device_train_batch_size=bs, gradient_accumulation_steps=acc),
+        )
         tr._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(4))
         tr.train()
         finals.append({k: v.detach().clone() for k, v in s.named_parameters()})

@@ -59,8 +59,9 @@ def _reference_projection(teacher, stok, ttok, feats, vm, v_s, T):
 def test_cross_source_is_the_projected_teacher_on_aligned_rows(tiny_tokenizer, teacher_tok, other_teacher, T):  # noqa: F811
     v_s = len(tiny_tokenizer)
     batch, feats = _batch(tiny_tokenizer)
-    src = CrossTokenizerTeacher(other_teacher, teacher_tok, tiny_tokenizer, student_vocab=v_s, temperature=T,
-                                chunk_size=3)
+    src = CrossTokenizerTeacher(
+        other_teacher, teacher_tok, tiny_tokenizer, student_vocab=v_s, temperature=T, chunk_size=3
+    )
     sig = src.signal(batch)
     ref = _reference_projection(other_teacher, tiny_tokenizer, teacher_tok, feats, src.vocab_map, v_s, T)
     assert sig.logits.shape == (target_index(batch["labels"]).numel(), v_s) == (len(ref), v_s)
@@ -123,8 +124,7 @@ def test_select_ranks_a_partial_teacher_on_the_rows_it_covers():
     torch.testing.assert_close(_p(full.signal(LABELS)), pb, rtol=1e-5, atol=1e-6)
     assert full.selected_counts == [0, 2]
     part = MultiTeacher([Fixed(PA), Fixed(pb, VALID_B)], mode="select")  # B silent on row 1
-    torch.testing.assert_close(_p(part.signal(LABELS)), torch.stack([PA[0], PA[1], pb[2], pb[3]]),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_p(part.signal(LABELS)), torch.stack([PA[0], PA[1], pb[2], pb[3]]), rtol=1e-5, atol=1e-6)
     assert part.selected_counts == [1, 1]
 
 
@@ -134,7 +134,8 @@ def test_partial_teachers_alone_are_refused():
 
 
 def test_kd_loss_with_a_cross_tokenizer_extra_teacher_matches_a_row_by_row_reference(
-        tiny_tokenizer, tiny_student, tiny_teacher, teacher_tok, other_teacher, tmp_path):  # noqa: F811
+    tiny_tokenizer, tiny_student, tiny_teacher, teacher_tok, other_teacher, tmp_path
+):  # noqa: F811
     """KDTrainer + MultiTeacher(same-tokenizer teacher, other-tokenizer teacher), forward KL, T = 2."""
     from datasets import Dataset
 
@@ -143,14 +144,33 @@ def test_kd_loss_with_a_cross_tokenizer_extra_teacher_matches_a_row_by_row_refer
     T = 2.0
     v_s = len(tiny_tokenizer)
     batch, feats = _batch(tiny_tokenizer)
-    mt = MultiTeacher([OnlineTeacher(tiny_teacher),
-                       CrossTokenizerTeacher(other_teacher, teacher_tok, tiny_tokenizer, student_vocab=v_s,
-                                             temperature=T)], mode="mean", temperature=T)
-    args = KDConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, max_steps=1, report_to="none",
-                    save_strategy="no", use_cpu=True, alpha=0.0, temperature=T, divergence="forward_kl",
-                    disable_tqdm=True)
-    tr = KDTrainer(model=tiny_student, args=args, signal_source=mt, train_dataset=Dataset.from_list(feats),
-                   processing_class=tiny_tokenizer)
+    mt = MultiTeacher(
+        [
+            OnlineTeacher(tiny_teacher),
+            CrossTokenizerTeacher(other_teacher, teacher_tok, tiny_tokenizer, student_vocab=v_s, temperature=T),
+        ],
+        mode="mean",
+        temperature=T,
+    )
+    args = KDConfig(
+        output_dir=str(tmp_path / "o"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        alpha=0.0,
+        temperature=T,
+        divergence="forward_kl",
+        disable_tqdm=True,
+    )
+    tr = KDTrainer(
+        model=tiny_student,
+        args=args,
+        signal_source=mt,
+        train_dataset=Dataset.from_list(feats),
+        processing_class=tiny_tokenizer,
+    )
     tiny_student.train()
     got = tr.compute_loss(tiny_student, batch)
 
@@ -177,9 +197,11 @@ def test_kd_loss_with_a_cross_tokenizer_extra_teacher_matches_a_row_by_row_refer
 
 def test_vocab_map_is_built_once_and_kinds_are_checked(tiny_tokenizer, teacher_tok, other_teacher):  # noqa: F811
     vm = build_vocab_map(teacher_tok, tiny_tokenizer, student_vocab=len(tiny_tokenizer))
-    src = CrossTokenizerTeacher(other_teacher, teacher_tok, tiny_tokenizer, student_vocab=len(tiny_tokenizer),
-                                vocab_map=vm, kinds=["exact"])
+    src = CrossTokenizerTeacher(
+        other_teacher, teacher_tok, tiny_tokenizer, student_vocab=len(tiny_tokenizer), vocab_map=vm, kinds=["exact"]
+    )
     assert src.vocab_map is vm and src.kinds == ("exact",)
     with pytest.raises(PotstillError, match="not vocab-map match kinds"):
-        CrossTokenizerTeacher(other_teacher, teacher_tok, tiny_tokenizer, student_vocab=len(tiny_tokenizer),
-                              vocab_map=vm, kinds=["fuzzy"])
+        CrossTokenizerTeacher(
+            other_teacher, teacher_tok, tiny_tokenizer, student_vocab=len(tiny_tokenizer), vocab_map=vm, kinds=["fuzzy"]
+        )

@@ -22,9 +22,13 @@ def test_multi_teacher_trains_a_student_end_to_end(tiny_llama_pair, tmp_path):
         for p in other.parameters():
             p.add_(0.05 * torch.randn_like(p))
     src = MultiTeacher([OnlineTeacher(teacher), OnlineTeacher(other)], mode="confidence")
-    tr = KDTrainer(model=student, signal_source=src, processing_class=tok, train_dataset=dataset(tok),
-                   args=cfg(tmp_path, max_steps=8, per_device_train_batch_size=8, learning_rate=3e-3,
-                            optim="adamw_torch"))
+    tr = KDTrainer(
+        model=student,
+        signal_source=src,
+        processing_class=tok,
+        train_dataset=dataset(tok),
+        args=cfg(tmp_path, max_steps=8, per_device_train_batch_size=8, learning_rate=3e-3, optim="adamw_torch"),
+    )
     tr.train()
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]

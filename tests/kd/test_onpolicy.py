@@ -29,17 +29,36 @@ class FakeCache:
 
 
 def ocfg(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.1,
-                optim="sgd", lr_scheduler_type="constant", report_to="none", save_strategy="no", use_cpu=True,
-                logging_steps=1, seed=0, data_seed=0, disable_tqdm=True, gen_max_new_tokens=6)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        gen_max_new_tokens=6,
+    )
     base.update(kw)
     return OnPolicyConfig(**base)
 
 
 def make(teacher, student, tok, tmp_path, **kw):
     val = kw.pop("validation_dataset", None)
-    return OnPolicyKDTrainer(model=student, teacher_model=teacher, args=ocfg(tmp_path, **kw),
-                             train_dataset=dataset(tok), processing_class=tok, validation_dataset=val)
+    return OnPolicyKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=ocfg(tmp_path, **kw),
+        train_dataset=dataset(tok),
+        processing_class=tok,
+        validation_dataset=val,
+    )
 
 
 def batch_of(tok, n=4):
@@ -49,11 +68,24 @@ def batch_of(tok, n=4):
 def test_lambda_zero_is_exactly_off_policy_kd(tiny_llama_pair, tmp_path, monkeypatch):
     teacher, student, tok = tiny_llama_pair
     s_off, s_on = copy.deepcopy(student), copy.deepcopy(student)
-    kd_args = dict(output_dir=str(tmp_path / "off"), per_device_train_batch_size=4, max_steps=3, learning_rate=0.1,
-                   optim="sgd", lr_scheduler_type="constant", report_to="none", save_strategy="no", use_cpu=True,
-                   logging_steps=1, seed=0, data_seed=0, disable_tqdm=True)
-    off = KDTrainer(model=s_off, teacher_model=teacher, processing_class=tok, train_dataset=dataset(tok),
-                    args=KDConfig(**kd_args))
+    kd_args = dict(
+        output_dir=str(tmp_path / "off"),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+    )
+    off = KDTrainer(
+        model=s_off, teacher_model=teacher, processing_class=tok, train_dataset=dataset(tok), args=KDConfig(**kd_args)
+    )
     off.train()
 
     def no_generation(*a, **k):
@@ -98,7 +130,9 @@ def test_rollout_loss_is_pure_divergence_to_the_teacher_on_the_samples(tiny_llam
     s = student(input_ids=ids, attention_mask=mask).logits[:, :-1].double()[valid]
     with torch.no_grad():
         t = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].double()[valid]
-    want = torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum") / valid.sum()
+    want = (
+        torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum") / valid.sum()
+    )
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)  # alpha=0.5 ignored: no CE on own samples
 
 
@@ -114,8 +148,7 @@ def test_rollouts_are_seeded(tiny_llama_pair, tmp_path):
 
 def test_gradient_accumulation_counts_tokens_of_all_rollout_micro_batches(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
-    tr = make(teacher, student, tok, tmp_path, lmbda=1.0, per_device_train_batch_size=2,
-              gradient_accumulation_steps=2)
+    tr = make(teacher, student, tok, tmp_path, lmbda=1.0, per_device_train_batch_size=2, gradient_accumulation_steps=2)
     enc = encoded(tok)
     coll = PadCollator(tok.pad_token_id)
     new, n_items = tr.get_batch_samples(iter([coll(enc[:2]), coll(enc[2:4])]), 2, torch.device("cpu"))
@@ -164,8 +197,18 @@ def test_replay_capacity_drops_the_oldest(tiny_llama_pair, tmp_path):
 def test_distillm_schedule_rises_only_when_validation_loss_rises(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
     val = encoded(tok)[4:]
-    tr = make(teacher, student, tok, tmp_path, lmbda=0.0, adaptive=True, adaptive_every=2, adaptive_step=0.25,
-              adaptive_max=0.6, validation_dataset=val)
+    tr = make(
+        teacher,
+        student,
+        tok,
+        tmp_path,
+        lmbda=0.0,
+        adaptive=True,
+        adaptive_every=2,
+        adaptive_step=0.25,
+        adaptive_max=0.6,
+        validation_dataset=val,
+    )
     losses = iter([1.0, 0.9, 1.1, 1.2, 0.5, 0.7])
     tr.validation_loss = lambda: next(losses)
     seen = []
@@ -197,9 +240,21 @@ def test_validation_loss_is_the_teacher_forced_kd_loss(tiny_llama_pair, tmp_path
 def test_end_to_end_gkd_and_distillm_train(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
     before = copy.deepcopy(student.state_dict())
-    tr = make(teacher, student, tok, tmp_path, max_steps=4, lmbda=0.5, divergence="skew_forward_kl",
-              divergence_kwargs={"alpha": 0.1}, replay_size=8, replay_reuse=0.5, adaptive=True, adaptive_every=2,
-              validation_dataset=encoded(tok)[4:])
+    tr = make(
+        teacher,
+        student,
+        tok,
+        tmp_path,
+        max_steps=4,
+        lmbda=0.5,
+        divergence="skew_forward_kl",
+        divergence_kwargs={"alpha": 0.1},
+        replay_size=8,
+        replay_reuse=0.5,
+        adaptive=True,
+        adaptive_every=2,
+        validation_dataset=encoded(tok)[4:],
+    )
     tr.train()
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
@@ -222,11 +277,21 @@ def test_bad_configurations_fail_with_the_fix(tiny_llama_pair, tmp_path):
         make(teacher, student, tok, tmp_path, adaptive=True)
 
     with pytest.raises(PotstillError, match="live teacher"):
-        OnPolicyKDTrainer(model=student, signal_source=FakeCache(), args=ocfg(tmp_path, lmbda=0.5),
-                          train_dataset=dataset(tok), processing_class=tok)
+        OnPolicyKDTrainer(
+            model=student,
+            signal_source=FakeCache(),
+            args=ocfg(tmp_path, lmbda=0.5),
+            train_dataset=dataset(tok),
+            processing_class=tok,
+        )
     with pytest.raises(PotstillError, match="OnPolicyConfig"):
-        OnPolicyKDTrainer(model=student, teacher_model=teacher, args=KDConfig(output_dir=str(tmp_path)),
-                          train_dataset=dataset(tok), processing_class=tok)
+        OnPolicyKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=KDConfig(output_dir=str(tmp_path)),
+            train_dataset=dataset(tok),
+            processing_class=tok,
+        )
     # the scorer is a live teacher without the memo (samples never repeat)
     tr = make(teacher, student, tok, tmp_path, lmbda=0.5)
     assert isinstance(tr._scorer, OnlineTeacher) and tr._scorer.memo is None

@@ -33,7 +33,7 @@ from potstill.signals import DenseSignal, Head
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
+U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 
 PAIRS = [
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -50,9 +50,23 @@ def dataset(tok):
 
 def cfg(tmp_path, cls=KDConfig, **kw):
     """One plain SGD step on one batch of 4, no clipping: the gradients seen are the raw ones."""
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.1,
-                optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, report_to="none", save_strategy="no",
-                use_cpu=True, logging_steps=1, seed=0, data_seed=0, disable_tqdm=True, alpha=0.5)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        alpha=0.5,
+    )
     base.update(kw)
     return cls(**base)
 
@@ -83,15 +97,22 @@ class _FirstGrads(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.grads is None:
-            self.grads = {n: p.grad.detach().double().clone() for n, p in model.named_parameters()
-                          if p.grad is not None}
+            self.grads = {
+                n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.grad is not None
+            }
 
 
 def first_step(teacher, student, tok, args, trainer_cls=KDTrainer):
     """``(first micro-batch loss, {name: grad}, trainer)`` of one training step on fresh copies of the models."""
     grab = _FirstGrads()
-    trainer = trainer_cls(model=copy.deepcopy(student), teacher_model=copy.deepcopy(teacher), args=args,
-                          train_dataset=dataset(tok), processing_class=tok, callbacks=[grab])
+    trainer = trainer_cls(
+        model=copy.deepcopy(student),
+        teacher_model=copy.deepcopy(teacher),
+        args=args,
+        train_dataset=dataset(tok),
+        processing_class=tok,
+        callbacks=[grab],
+    )
     losses = []
     compute = trainer.compute_loss
 
@@ -175,8 +196,16 @@ def test_bf16_reducer_finite_for_logits_up_to_1e4(name):
     teacher = (torch.rand(n, vocab, generator=g) * 2e4 - 1e4).bfloat16()
     labels = torch.randint(0, vocab, (n,), generator=g)
     labels[::5] = -100
-    loss, stats = chunked_kd_loss(h, Head(weight=w), labels, DenseSignal(logits=teacher), divergence=name,
-                                  alpha=0.5, normalizer=int((labels != -100).sum()), chunk_size=7)
+    loss, stats = chunked_kd_loss(
+        h,
+        Head(weight=w),
+        labels,
+        DenseSignal(logits=teacher),
+        divergence=name,
+        alpha=0.5,
+        normalizer=int((labels != -100).sum()),
+        chunk_size=7,
+    )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(stats["kd_sum"]), (name, loss)
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all(), name
@@ -189,10 +218,18 @@ def test_bf16_student_with_every_teacher_dtype(tiny_llama_pair, tmp_path, teache
     """bf16 autocast of the student works with teacher weights in fp32, bf16 and fp16 (``teacher.dtype``), for
     logit KD and for feature KD (hidden-state pairs through a projection, attention relations)."""
     teacher, student, tok = tiny_llama_pair
-    kw = dict(cls=FeatureKDConfig, feature_layers=[[1, 2]], relation_layers=[[1, 2]], relation_heads=2) \
-        if feature else {}
-    loss, grads, tr = first_step(teacher.to(teacher_dtype), student, tok, cfg(tmp_path, bf16=True, **kw),
-                                 FeatureKDTrainer if feature else KDTrainer)
+    kw = (
+        dict(cls=FeatureKDConfig, feature_layers=[[1, 2]], relation_layers=[[1, 2]], relation_heads=2)
+        if feature
+        else {}
+    )
+    loss, grads, tr = first_step(
+        teacher.to(teacher_dtype),
+        student,
+        tok,
+        cfg(tmp_path, bf16=True, **kw),
+        FeatureKDTrainer if feature else KDTrainer,
+    )
     assert math.isfinite(loss) and all(torch.isfinite(v).all() for v in grads.values())
     assert all(p.dtype == torch.float32 for p in tr.model.parameters())
 
@@ -232,8 +269,7 @@ def test_gradient_checkpointing_keeps_feature_kd_gradients(tiny_llama_pair, tmp_
     assert grad_errors(g0, g1)[0] <= 1e-6
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-9 * float(g0[name].abs().max()))
-    _, g2, _ = first_step(teacher, student, tok, cfg(tmp_path, **fk, **checkpointing(reentrant=True)),
-                          FeatureKDTrainer)
+    _, g2, _ = first_step(teacher, student, tok, cfg(tmp_path, **fk, **checkpointing(reentrant=True)), FeatureKDTrainer)
     q = "model.layers.0.self_attn.q_proj.weight"
     assert float((g2[q] - g0[q]).norm() / g0[q].norm()) > 1e-3, "the comparison must see lost relation gradients"
 
@@ -253,7 +289,8 @@ def test_generation_keeps_kv_cache_under_checkpointing(tiny_student, tiny_tokeni
     lengths = []
     hook = model.model.layers[0].register_forward_pre_hook(
         lambda mod, args, kwargs: lengths.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
-        with_kwargs=True)
+        with_kwargs=True,
+    )
     prompt = tiny_tokenizer("What is two plus two?")["input_ids"]
     generate(model, tiny_tokenizer, [prompt], max_new_tokens=5, do_sample=False, progress=False, warmup=False)
     hook.remove()
@@ -311,8 +348,13 @@ def _write_recipe(assets, tmp_path: Path, **train) -> Path:
     r = {
         "output_dir": str(tmp_path / "out"),
         "teacher": {"model": str(teacher)},
-        "student": {"kind": "scaled", "num_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
-                    "num_key_value_heads": 1},
+        "student": {
+            "kind": "scaled",
+            "num_layers": 1,
+            "hidden_size": 32,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        },
         "data": {"source": {"kind": "file", "path": str(data)}, "eval_size": 2, "max_length": 64},
         "train": {"max_steps": 2, "batch_size": 2, "logging_steps": 1, "learning_rate": 1e-3, **train},
         "runs": [{"name": "kd", "alpha": 0.5}],

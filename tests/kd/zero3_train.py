@@ -18,9 +18,9 @@ faulthandler.dump_traceback_later(180, exit=True)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
+from conftest import _tiny_llama, make_tiny_tokenizer  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from conftest import _tiny_llama, make_tiny_tokenizer  # noqa: E402
 from kd.fsdp_train import _student  # noqa: E402
 from kd.test_logit import cfg, dataset  # noqa: E402
 from potstill.distributed import end_distributed, is_zero3_partitioned, zero3_config  # noqa: E402
@@ -48,14 +48,16 @@ def main(out: str, tied: str = "") -> None:
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         kw = {"deepspeed": ds, "ddp_backend": "gloo"}
     args = cfg(Path(out), alpha=0.2, per_device_train_batch_size=8 // world, max_steps=3, **kw)
-    trainer = Recording(model=student, teacher_model=teacher, args=args, train_dataset=dataset(tok),
-                        processing_class=tok)
+    trainer = Recording(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset(tok), processing_class=tok
+    )
     trainer.train()
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if trainer.accelerator.is_main_process:
         # clone: tied weights are one tensor under two names, which safetensors refuses
-        save_file({k: v.detach().clone().contiguous() for k, v in state.items()},
-                  os.path.join(out, "student.safetensors"))
+        save_file(
+            {k: v.detach().clone().contiguous() for k, v in state.items()}, os.path.join(out, "student.safetensors")
+        )
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         Path(out, "info.json").write_text(json.dumps({"partitioned": Recording.partitioned, "loss": losses}))
     end_distributed()

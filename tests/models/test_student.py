@@ -18,9 +18,17 @@ def _tiny_gemma3(layers=6, tied=True):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     cfg = Gemma3TextConfig(
-        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
-        sliding_window=3, max_position_embeddings=64, tie_word_embeddings=tied,
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=3,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
         eos_token_id=[1, 2],
     )
     torch.manual_seed(0)

@@ -56,8 +56,9 @@ SPECS = {
     "topk_int8": CacheSpec(kind="topk", k=16, dtype="int8", examples_per_shard=5),
     "topk_bf16_T2": CacheSpec(kind="topk", k=8, dtype="bf16", temperature=2.0, examples_per_shard=4),
     "sampled_fp16": CacheSpec(kind="sampled", draws=12, examples_per_shard=4, batch_size=2),
-    "sampled_int8_tau2": CacheSpec(kind="sampled", draws=32, dtype="int8", proposal_temperature=2.0,
-                                   examples_per_shard=6),
+    "sampled_int8_tau2": CacheSpec(
+        kind="sampled", draws=32, dtype="int8", proposal_temperature=2.0, examples_per_shard=6
+    ),
     "dense_fp32": CacheSpec(kind="dense", dtype="fp32", examples_per_shard=4),
     "dense_int8": CacheSpec(kind="dense", dtype="int8", examples_per_shard=7),
 }
@@ -73,10 +74,19 @@ def test_round_trip_is_bit_exact_and_matches_the_teacher(tmp_path, tiny_teacher,
     head = output_head(tiny_teacher)
     vocab = head.vocab
     # 1. Bit-for-bit: the columns the writer computes in memory equal what is read from disk.
-    for j, rec in enumerate(man["shards"]):
+    for rec in man["shards"]:
         lo, n = rec["first_example"], rec["num_examples"]
-        cols = _build_shard(tiny_teacher, head, exs[lo:lo + n], lo, spec, vocab, id_bits(vocab),
-                            tiny_tokenizer.pad_token_id, torch.device("cpu"))
+        cols = _build_shard(
+            tiny_teacher,
+            head,
+            exs[lo : lo + n],
+            lo,
+            spec,
+            vocab,
+            id_bits(vocab),
+            tiny_tokenizer.pad_token_id,
+            torch.device("cpu"),
+        )
         from safetensors.torch import load_file
 
         disk = load_file(tmp_path / rec["file"])
@@ -133,8 +143,7 @@ def _loss(hidden, head, labels, signal, **kw):
 def test_topk_with_k_equal_vocab_equals_dense(tmp_path, tiny_teacher, tiny_student, tiny_tokenizer):
     exs = make_examples(tiny_tokenizer, 6)
     V = output_head(tiny_teacher).vocab
-    write_cache(tiny_teacher, tiny_tokenizer, exs, tmp_path, CacheSpec(kind="topk", k=V, dtype="fp32"),
-                progress=False)
+    write_cache(tiny_teacher, tiny_tokenizer, exs, tmp_path, CacheSpec(kind="topk", k=V, dtype="fp32"), progress=False)
     src = CachedSignal(tmp_path)
     batch = PadCollator(tiny_tokenizer.pad_token_id)(exs)
     sparse = src.signal(batch)
@@ -283,8 +292,7 @@ def test_kd_trainer_trains_from_the_cache_without_a_teacher(tmp_path, tiny_teach
     from potstill.kd import KDConfig, KDTrainer
 
     exs = make_examples(tiny_tokenizer, 8)
-    write_cache(tiny_teacher, tiny_tokenizer, exs, tmp_path / "c", CacheSpec(kind="sampled", draws=16),
-                progress=False)
+    write_cache(tiny_teacher, tiny_tokenizer, exs, tmp_path / "c", CacheSpec(kind="sampled", draws=16), progress=False)
     src = CachedSignal(tmp_path / "c", tokenizer=tiny_tokenizer)
     seen: list[list[int]] = []
     real_signal = src.signal
@@ -295,11 +303,24 @@ def test_kd_trainer_trains_from_the_cache_without_a_teacher(tmp_path, tiny_teach
 
     src.signal = spy
     ds = Dataset.from_list([{k: e[k] for k in ("input_ids", "attention_mask", "labels", "example_id")} for e in exs])
-    args = KDConfig(output_dir=str(tmp_path / "o"), max_steps=12, per_device_train_batch_size=4, learning_rate=3e-3,
-                    alpha=0.0, divergence="generalized_jsd", divergence_kwargs={"beta": 0.5}, report_to="none",
-                    logging_steps=1, save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
-    trainer = KDTrainer(model=tiny_student, args=args, signal_source=src, train_dataset=ds,
-                        processing_class=tiny_tokenizer)
+    args = KDConfig(
+        output_dir=str(tmp_path / "o"),
+        max_steps=12,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        alpha=0.0,
+        divergence="generalized_jsd",
+        divergence_kwargs={"beta": 0.5},
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = KDTrainer(
+        model=tiny_student, args=args, signal_source=src, train_dataset=ds, processing_class=tiny_tokenizer
+    )
     assert trainer.teacher_model is None
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

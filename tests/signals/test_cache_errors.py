@@ -28,10 +28,8 @@ from potstill.signals.cache import (
 from .cache_helpers import PAIRS, SPEC, encode, shard
 
 
-
 def batch(examples: list[dict], pad_id: int, *, drop_ids: bool = False) -> dict[str, torch.Tensor]:
-    b = PadCollator(pad_id)([{k: v for k, v in ex.items() if not (drop_ids and k == "example_id")}
-                             for ex in examples])
+    b = PadCollator(pad_id)([{k: v for k, v in ex.items() if not (drop_ids and k == "example_id")} for ex in examples])
     assert ("example_id" in b) != drop_ids
     return b
 
@@ -49,9 +47,6 @@ def fails(call, *words: str) -> str:
 
 def snapshot(path: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(path.iterdir()) if f.is_file()}
-
-
-
 
 
 @pytest.fixture
@@ -87,8 +82,11 @@ def test_reading_with_another_teacher_is_refused(built, tiny_teacher):
     path, _ = built
     with torch.no_grad():
         tiny_teacher.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-3
-    fails(lambda: CachedSignal(path, teacher_fingerprint=weights_fingerprint(tiny_teacher)),
-          "another teacher", "rebuild the cache")
+    fails(
+        lambda: CachedSignal(path, teacher_fingerprint=weights_fingerprint(tiny_teacher)),
+        "another teacher",
+        "rebuild the cache",
+    )
 
 
 def test_an_example_id_whose_tokens_changed_is_refused(built, tiny_tokenizer, pad):
@@ -106,16 +104,23 @@ def test_a_batch_without_ids_whose_tokens_are_not_cached_is_refused(built, tiny_
     path, exs = built
     src = CachedSignal(path)
     new = encode(tiny_tokenizer, [("Name a fruit.", "I like apples.")])[0]
-    fails(lambda: src.signal(batch([exs[0], new], pad, drop_ids=True)),
-          "example 1 of this batch", "not in", "rebuild the cache")
+    fails(
+        lambda: src.signal(batch([exs[0], new], pad, drop_ids=True)),
+        "example 1 of this batch",
+        "not in",
+        "rebuild the cache",
+    )
 
 
 @pytest.mark.parametrize("bad_id", [7, 1000, -1])
 def test_an_example_id_out_of_range_is_refused(built, pad, bad_id):
     path, exs = built
     src = CachedSignal(path)
-    fails(lambda: src.signal(batch([dict(exs[0], example_id=bad_id)], pad)),
-          f"example id {bad_id} is not in the cache (7 examples)", "rebuild the cache")
+    fails(
+        lambda: src.signal(batch([dict(exs[0], example_id=bad_id)], pad)),
+        f"example id {bad_id} is not in the cache (7 examples)",
+        "rebuild the cache",
+    )
     fails(lambda: src.example(bad_id), "rebuild the cache")
 
 
@@ -149,14 +154,23 @@ def _spec(**kw) -> CacheSpec:
 
 @pytest.mark.parametrize(
     ("change", "field"),
-    [({"k": 16}, "spec.k"), ({"kind": "dense"}, "spec.kind"), ({"dtype": "int8"}, "spec.dtype"),
-     ({"temperature": 2.0}, "spec.temperature"), ({"kind": "sampled"}, "spec.kind")],
+    [
+        ({"k": 16}, "spec.k"),
+        ({"kind": "dense"}, "spec.kind"),
+        ({"dtype": "int8"}, "spec.dtype"),
+        ({"temperature": 2.0}, "spec.temperature"),
+        ({"kind": "sampled"}, "spec.kind"),
+    ],
 )
 def test_rewriting_with_another_spec_is_refused(cache_copy, tiny_teacher, tiny_tokenizer, change, field):
     path, exs = cache_copy
     before = snapshot(path)
-    msg = fails(lambda: write_cache(tiny_teacher, tiny_tokenizer, exs, path, _spec(**change), progress=False),
-                "another setup", field, "another cache directory or delete this one")
+    msg = fails(
+        lambda: write_cache(tiny_teacher, tiny_tokenizer, exs, path, _spec(**change), progress=False),
+        "another setup",
+        field,
+        "another cache directory or delete this one",
+    )
     named = msg.split("(", 1)[1].split(" differ)", 1)[0].split(", ")
     assert field in named and not any(n.startswith(("teacher", "data", "tokenizer")) for n in named), named
     assert snapshot(path) == before
@@ -167,8 +181,11 @@ def test_rewriting_with_another_teacher_is_refused(cache_copy, tiny_teacher, tin
     before = snapshot(path)
     with torch.no_grad():
         tiny_teacher.lm_head.weight[3, 3] *= 2
-    msg = fails(lambda: write_cache(tiny_teacher, tiny_tokenizer, exs, path, SPEC, progress=False),
-                "teacher.fingerprint", "delete this one")
+    msg = fails(
+        lambda: write_cache(tiny_teacher, tiny_tokenizer, exs, path, SPEC, progress=False),
+        "teacher.fingerprint",
+        "delete this one",
+    )
     assert msg.split("(", 1)[1].split(" differ)", 1)[0] == "teacher.fingerprint"
     assert snapshot(path) == before
 
@@ -182,16 +199,23 @@ def test_rewriting_with_other_data_is_refused(cache_copy, tiny_teacher, tiny_tok
     else:
         pairs = PAIRS[:-1]
     new = encode(tiny_tokenizer, pairs)
-    fails(lambda: write_cache(tiny_teacher, tiny_tokenizer, new, path, SPEC, progress=False),
-          "data.fingerprint", "delete this one")
+    fails(
+        lambda: write_cache(tiny_teacher, tiny_tokenizer, new, path, SPEC, progress=False),
+        "data.fingerprint",
+        "delete this one",
+    )
     assert snapshot(path) == before
 
 
 def test_rewriting_with_another_chat_template_is_refused(cache_copy, tiny_teacher, tiny_tokenizer):
     path, exs = cache_copy
     tiny_tokenizer.chat_template = tiny_tokenizer.chat_template + "{{ '' }}"
-    msg = fails(lambda: write_cache(tiny_teacher, tiny_tokenizer, exs, path, SPEC, progress=False),
-                "tokenizer.fingerprint", "chat_template", "delete this one")
+    msg = fails(
+        lambda: write_cache(tiny_teacher, tiny_tokenizer, exs, path, SPEC, progress=False),
+        "tokenizer.fingerprint",
+        "chat_template",
+        "delete this one",
+    )
     named = msg.split("(", 1)[1].split(" differ)", 1)[0].split(", ")
     assert sorted(named) == ["chat_template", "tokenizer.fingerprint"], named
 
@@ -199,8 +223,11 @@ def test_rewriting_with_another_chat_template_is_refused(cache_copy, tiny_teache
 def test_a_corrupt_plan_is_reported(cache_copy, tiny_teacher, tiny_tokenizer):
     path, exs = cache_copy
     (path / "plan.json").write_text("{not json")
-    fails(lambda: write_cache(tiny_teacher, tiny_tokenizer, exs, path, SPEC, progress=False),
-          "plan.json is not valid JSON", "delete the cache directory and rerun")
+    fails(
+        lambda: write_cache(tiny_teacher, tiny_tokenizer, exs, path, SPEC, progress=False),
+        "plan.json is not valid JSON",
+        "delete the cache directory and rerun",
+    )
 
 
 # ----------------------------------------------------------------------- incomplete caches
@@ -210,8 +237,9 @@ class _Killed(Exception):
     pass
 
 
-def test_an_interrupted_cache_is_incomplete_then_resumes_to_the_same_bytes(built, tmp_path, tiny_teacher,
-                                                                           tiny_tokenizer, pad):
+def test_an_interrupted_cache_is_incomplete_then_resumes_to_the_same_bytes(
+    built, tmp_path, tiny_teacher, tiny_tokenizer, pad
+):
     ref, exs = built
     path = tmp_path / "c"
 
@@ -262,8 +290,9 @@ def test_a_truncated_shard_is_detected_when_the_cache_is_opened(cache_copy, veri
     f = shard(path, 1)
     f.write_bytes(f.read_bytes()[:-10])
     for _ in range(2):  # and again: a failure is not remembered as a success
-        _rerun_fix(fails(lambda: CachedSignal(path, verify=verify), "shard-00001", "does not match its manifest",
-                         "truncated"))
+        _rerun_fix(
+            fails(lambda: CachedSignal(path, verify=verify), "shard-00001", "does not match its manifest", "truncated")
+        )
 
 
 @pytest.mark.parametrize("verify", [True, False])
@@ -286,8 +315,15 @@ def test_a_flipped_data_byte_fails_the_sha256_check_when_the_cache_is_opened(cac
     data[-1] ^= 0x40  # inside the tensor data, not the header
     f.write_bytes(bytes(data))
     for _ in range(2):
-        _rerun_fix(fails(lambda: CachedSignal(path, verify=True), "shard-00002", "does not match its manifest",
-                         "sha256", "corrupt"))
+        _rerun_fix(
+            fails(
+                lambda: CachedSignal(path, verify=True),
+                "shard-00002",
+                "does not match its manifest",
+                "sha256",
+                "corrupt",
+            )
+        )
     # verify=False opts out of hashing (sizes are still checked): the flipped byte goes unnoticed
     assert CachedSignal(path, verify=False).signal(batch([exs[0]], pad)).num_rows > 0
 
@@ -329,9 +365,11 @@ def test_a_manifest_that_is_not_json(cache_copy):
 
 @pytest.mark.parametrize(
     ("edit", "words"),
-    [({"format": "other-cache"}, ("not a potstill cache manifest", "point the recipe at a cache directory")),
-     ({"version": 2}, ("version 2 is not 1", "rebuild the cache")),
-     ({"version": None}, ("version None is not 1", "rebuild the cache"))],
+    [
+        ({"format": "other-cache"}, ("not a potstill cache manifest", "point the recipe at a cache directory")),
+        ({"version": 2}, ("version 2 is not 1", "rebuild the cache")),
+        ({"version": None}, ("version None is not 1", "rebuild the cache")),
+    ],
 )
 def test_a_manifest_of_another_format_or_version(cache_copy, edit, words):
     path, _ = cache_copy
@@ -359,6 +397,7 @@ def _set(keys: str, value):
         for k in parents:
             m = m[int(k) if isinstance(m, list) else k]
         m[int(last) if isinstance(m, list) else last] = value
+
     return edit
 
 
@@ -368,6 +407,7 @@ def _drop(keys: str):
         for k in parents:
             m = m[int(k) if isinstance(m, list) else k]
         del m[last]
+
     return edit
 
 
@@ -388,11 +428,15 @@ MANIFEST_DAMAGE = {
     "a mistyped key": (lambda m: m.update(num_shard=m.pop("num_shards")), ("has no field 'num_shards'",)),
     "an unknown key": (_set("shards.0.sha265", "x"), ("unknown field 'shards.0.sha265'",)),
     "num_shards disagrees": (_set("num_shards", 4), ("lists 3 shards", "'num_shards' says 4")),
-    "a shard file outside the cache": (_set("shards.2.file", "../../elsewhere.safetensors"),
-                                       ("bad record for shard 2",)),
+    "a shard file outside the cache": (
+        _set("shards.2.file", "../../elsewhere.safetensors"),
+        ("bad record for shard 2",),
+    ),
     "shards out of order": (lambda m: m["shards"].reverse(), ("bad record for shard 0",)),
-    "a shard missing from the list": (lambda m: (m["shards"].pop(), m.update(num_shards=2)),
-                                      ("holding 6 examples", "'data.num_examples' says 7")),
+    "a shard missing from the list": (
+        lambda m: (m["shards"].pop(), m.update(num_shards=2)),
+        ("holding 6 examples", "'data.num_examples' says 7"),
+    ),
 }
 
 
@@ -427,8 +471,13 @@ def test_writing_to_a_cache_dir_that_is_a_file(tmp_path, built, tiny_teacher, ti
     f.write_text("mine")
     path = f if where == "the file itself" else f / "cache"
     words = ("is a file",) if where == "the file itself" else ("lies under", "notes.txt', which is a file")
-    fails(lambda: write_cache(tiny_teacher, tiny_tokenizer, exs, path, SPEC, progress=False),
-          "cache.dir", *words, "not a directory", "point cache.dir at a directory")
+    fails(
+        lambda: write_cache(tiny_teacher, tiny_tokenizer, exs, path, SPEC, progress=False),
+        "cache.dir",
+        *words,
+        "not a directory",
+        "point cache.dir at a directory",
+    )
     assert f.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
@@ -442,8 +491,7 @@ def test_reading_from_a_cache_dir_that_is_a_file(tmp_path, where):
     assert f.read_text() == "mine"
 
 
-def test_writing_again_repairs_a_corrupt_shard_and_only_that_one(built, cache_copy, tiny_teacher, tiny_tokenizer,
-                                                                 pad):
+def test_writing_again_repairs_a_corrupt_shard_and_only_that_one(built, cache_copy, tiny_teacher, tiny_tokenizer, pad):
     ref, _ = built
     path, exs = cache_copy
     f = shard(path, 1)
@@ -467,30 +515,44 @@ def test_writing_again_repairs_a_corrupt_shard_and_only_that_one(built, cache_co
 
 
 def test_write_cache_with_no_examples(tmp_path, tiny_teacher, tiny_tokenizer):
-    fails(lambda: write_cache(tiny_teacher, tiny_tokenizer, [], tmp_path / "c", SPEC, progress=False),
-          "no examples to cache", "data section")
+    fails(
+        lambda: write_cache(tiny_teacher, tiny_tokenizer, [], tmp_path / "c", SPEC, progress=False),
+        "no examples to cache",
+        "data section",
+    )
     assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize(("rank", "world"), [(2, 2), (5, 2), (-1, 2), (0, 0)])
 def test_write_cache_with_a_rank_outside_the_world(built, tmp_path, tiny_teacher, tiny_tokenizer, rank, world):
     _, exs = built
-    fails(lambda: write_cache(tiny_teacher, tiny_tokenizer, exs, tmp_path / "c", SPEC, rank=rank, world_size=world,
-                              progress=False),
-          f"rank {rank} is not in [0, {world})", "--rank")
+    fails(
+        lambda: write_cache(
+            tiny_teacher, tiny_tokenizer, exs, tmp_path / "c", SPEC, rank=rank, world_size=world, progress=False
+        ),
+        f"rank {rank} is not in [0, {world})",
+        "--rank",
+    )
     assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize(
     ("change", "words"),
-    [({"k": 0}, ("k=0", "[1, ")), ({"k": 10_000}, ("k=10000", "vocabulary")), ({"draws": 0, "kind": "sampled"}, ("draws=0",)),
-     ({"draws": 256, "kind": "sampled"}, ("draws=256", "one byte")), ({"temperature": 0.0}, ("temperature=0.0", "> 0")),
-     ({"examples_per_shard": 0}, ("examples_per_shard=0",)), ({"dtype": "int4"}, ("int4", "use one of"))],
+    [
+        ({"k": 0}, ("k=0", "[1, ")),
+        ({"k": 10_000}, ("k=10000", "vocabulary")),
+        ({"draws": 0, "kind": "sampled"}, ("draws=0",)),
+        ({"draws": 256, "kind": "sampled"}, ("draws=256", "one byte")),
+        ({"temperature": 0.0}, ("temperature=0.0", "> 0")),
+        ({"examples_per_shard": 0}, ("examples_per_shard=0",)),
+        ({"dtype": "int4"}, ("int4", "use one of")),
+    ],
 )
 def test_write_cache_with_a_bad_spec(tmp_path, built, tiny_teacher, tiny_tokenizer, change, words):
     _, exs = built
-    fails(lambda: write_cache(tiny_teacher, tiny_tokenizer, exs, tmp_path / "c", _spec(**change), progress=False),
-          *words)
+    fails(
+        lambda: write_cache(tiny_teacher, tiny_tokenizer, exs, tmp_path / "c", _spec(**change), progress=False), *words
+    )
     assert not (tmp_path / "c").exists()
 
 

@@ -29,8 +29,6 @@ from potstill.signals.cache import CachedSignal, write_cache
 from .cache_helpers import SPEC, shard
 
 
-
-
 def snapshot(path: Path) -> dict[str, bytes]:
     """Every file of a directory, hidden ones included."""
     return {f.name: f.read_bytes() for f in sorted(path.iterdir()) if f.is_file()}
@@ -46,8 +44,6 @@ def one_line_error(call) -> str:
     msg = str(info.value)
     assert msg and "\n" not in msg, msg
     return msg
-
-
 
 
 # ------------------------------------------------------------ verification when opening
@@ -108,8 +104,11 @@ def _orphan_temporary(directory: Path, name: str) -> tuple[Path, int]:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    left = [f for f in directory.iterdir() if f.name.startswith(f".{name}.") and f.name.endswith(".tmp")
-            and f".pid{proc.pid}." in f.name]
+    left = [
+        f
+        for f in directory.iterdir()
+        if f.name.startswith(f".{name}.") and f.name.endswith(".tmp") and f".pid{proc.pid}." in f.name
+    ]
     assert len(left) == 1, sorted(f.name for f in directory.iterdir())
     with pytest.raises(ProcessLookupError):
         os.kill(proc.pid, 0)
@@ -132,7 +131,9 @@ def test_remove_stale_temporaries_removes_only_ours_whose_writer_is_gone(tmp_pat
     prefix, host_and_rest = dead.name.split(f".pid{pid}.", 1)
     other_host = tmp_path / f"{prefix}.pid{pid}.some-other-host.{host_and_rest.split('.', 1)[1]}"
     other_host.write_bytes(b"written on another machine sharing this directory")
-    users = [tmp_path / n for n in ("notes.tmp", ".notes.tmp", f".x.{pid}.tmp", f"x.pid{pid}.y.tmp", f".x.pid{pid}.tmp")]
+    users = [
+        tmp_path / n for n in ("notes.tmp", ".notes.tmp", f".x.{pid}.tmp", f"x.pid{pid}.y.tmp", f".x.pid{pid}.tmp")
+    ]
     for f in users:
         f.write_text("mine")
     folder = tmp_path / dead.name.replace("shard-00001", "shard-00002")
@@ -188,7 +189,9 @@ def test_sigkill_while_caching_then_rerun_gives_the_identical_cache(built, tmp_p
                     on_shard=done.append)
     """)
     with open(tmp_path / "child.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + 240
             tmp = []

@@ -96,4 +96,3 @@ def test_bad_multi_teacher_setups_raise():
 
     with pytest.raises(PotstillError, match="dense teachers"):
         MultiTeacher([a, Sparse()]).signal(BATCH)
-

@@ -76,8 +76,20 @@ def test_packed_layout_is_little_endian():
 
 @pytest.mark.parametrize(
     ("vocab", "bits"),
-    [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (256, 8), (257, 9), (49152, 16), (65536, 16), (65537, 17),
-     (262144, 18), (262145, 19)],
+    [
+        (1, 1),
+        (2, 1),
+        (3, 2),
+        (4, 2),
+        (5, 3),
+        (256, 8),
+        (257, 9),
+        (49152, 16),
+        (65536, 16),
+        (65537, 17),
+        (262144, 18),
+        (262145, 19),
+    ],
 )
 def test_id_bits(vocab, bits):
     assert id_bits(vocab) == bits
@@ -117,7 +129,9 @@ def _random_logprob_rows(rows: int, k: int, seed: int, spread: float = 4.0) -> t
     return lp.topk(k, dim=-1).values.float()  # the first k slots of real teacher rows
 
 
-@pytest.mark.parametrize(("name", "dtype"), [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize(
+    ("name", "dtype"), [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)]
+)
 def test_float_codes_round_trip_what_torch_casts_to(name, dtype):
     lp = _random_logprob_rows(17, 9, seed=1, spread=8.0)
     lp[3, 5:] = float("-inf")  # absent slots

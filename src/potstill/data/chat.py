@@ -48,7 +48,7 @@ def encode_example(tokenizer, messages: list[dict[str, str]], response: str, max
                 "the chat template renders the prompt differently with and without the answer; "
                 "use a tokenizer whose template is prefix-consistent or give plain prompt/response text"
             )
-        response_ids = full[len(prompt_ids):]
+        response_ids = full[len(prompt_ids) :]
     else:
         response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
         if tokenizer.eos_token_id is not None:

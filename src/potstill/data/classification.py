@@ -10,9 +10,9 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import PotstillError
 from .rationale import data_root
@@ -94,7 +94,9 @@ def load_dilm_set(per_class: int, index: int, root: str | Path | None = None) ->
     return _nonempty(rows, p)
 
 
-def stratified_split(examples: Sequence[Example], eval_fraction: float, seed: int = 0) -> tuple[list[Example], list[Example]]:
+def stratified_split(
+    examples: Sequence[Example], eval_fraction: float, seed: int = 0
+) -> tuple[list[Example], list[Example]]:
     """Split keeping each label's share: ``(train, eval)``, deterministic in ``seed``."""
     if not 0.0 < eval_fraction < 1.0:
         raise PotstillError(f"eval_fraction={eval_fraction} must be in (0, 1)")

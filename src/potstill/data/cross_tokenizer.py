@@ -84,20 +84,27 @@ def align_positions(
     ``c`` are ordinary (not in ``*_special``) on both sides, and a predicting position exists on
     both sides (a boundary at a sequence's first token has none). Pairs are increasing in both.
     """
-    return _align_starts(token_starts(student_offsets, text, student_special),
-                         token_starts(teacher_offsets, text, teacher_special))
+    return _align_starts(
+        token_starts(student_offsets, text, student_special), token_starts(teacher_offsets, text, teacher_special)
+    )
 
 
 def _decode_starts(tokenizer, ids: list[int], text: str, special: set[int]) -> list[int]:
     """Token starts from prefix decoding, for ids that re-tokenizing ``text`` does not reproduce
     (a non-canonical split, a cut inside a character). O(len(ids)^2) characters, in Rust."""
-    prefixes = tokenizer.batch_decode([ids[:k] for k in range(len(ids) + 1)], skip_special_tokens=False,
-                                      clean_up_tokenization_spaces=False)
+    prefixes = tokenizer.batch_decode(
+        [ids[:k] for k in range(len(ids) + 1)], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
     out = []
     for k in range(len(ids)):
         a, b = prefixes[k], prefixes[k + 1]
-        clean = (text.startswith(a) and text.startswith(b) and len(b) > len(a)
-                 and not a.endswith("\ufffd") and k not in special)
+        clean = (
+            text.startswith(a)
+            and text.startswith(b)
+            and len(b) > len(a)
+            and not a.endswith("\ufffd")
+            and k not in special
+        )
         out.append(len(a) if clean else -1)
     return out
 
@@ -169,8 +176,10 @@ def target_alignment(labels: Tensor, teacher_positions: Tensor, teacher_length: 
     the value indexes the flattened teacher grid ``[B * teacher_length]``.
     """
     if teacher_positions.shape != labels.shape:
-        raise PotstillError(f"teacher_positions {tuple(teacher_positions.shape)} does not match labels "
-                            f"{tuple(labels.shape)}; pad both with CrossTokenizerCollator")
+        raise PotstillError(
+            f"teacher_positions {tuple(teacher_positions.shape)} does not match labels "
+            f"{tuple(labels.shape)}; pad both with CrossTokenizerCollator"
+        )
     index = target_index(labels)
     pos = teacher_positions[:, :-1].reshape(-1).index_select(0, index)
     example = index // max(labels.shape[1] - 1, 1)
@@ -185,18 +194,28 @@ class CrossTokenizerCollator:
     ``teacher_input_ids`` and ``teacher_positions`` (a ``dataset.map`` of the aligner) are only padded.
     """
 
-    def __init__(self, student_tokenizer, teacher_tokenizer, *, pad_token_id: int | None = None,
-                 teacher_pad_token_id: int | None = None, max_teacher_length: int | None = None,
-                 pad_to_multiple_of: int | None = None):
+    def __init__(
+        self,
+        student_tokenizer,
+        teacher_tokenizer,
+        *,
+        pad_token_id: int | None = None,
+        teacher_pad_token_id: int | None = None,
+        max_teacher_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+    ):
         pad = pad_token_id if pad_token_id is not None else _pad_id(student_tokenizer)
         self.pad = PadCollator(pad, pad_to_multiple_of)
         self.teacher_pad = teacher_pad_token_id if teacher_pad_token_id is not None else _pad_id(teacher_tokenizer)
-        self.aligner = CrossTokenizerAligner(student_tokenizer, teacher_tokenizer,
-                                             max_teacher_length=max_teacher_length)
+        self.aligner = CrossTokenizerAligner(
+            student_tokenizer, teacher_tokenizer, max_teacher_length=max_teacher_length
+        )
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
-        views = [f if ("teacher_input_ids" in f and "teacher_positions" in f)
-                 else self.aligner(f["input_ids"], f["labels"]) for f in features]
+        views = [
+            f if ("teacher_input_ids" in f and "teacher_positions" in f) else self.aligner(f["input_ids"], f["labels"])
+            for f in features
+        ]
         out = self.pad(features)
         b, t = out["input_ids"].shape
         t_len = max(len(v["teacher_input_ids"]) for v in views)

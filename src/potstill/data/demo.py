@@ -27,8 +27,17 @@ def demo_prompts(n: int | None = None) -> list[dict]:
     return rows
 
 
-def teacher_responses(teacher, tokenizer, teacher_id: str, prompts: list[dict], *, max_new_tokens: int,
-                      batch_size: int = 32, system_prompt: str | None = None, generation=None) -> list[dict]:
+def teacher_responses(
+    teacher,
+    tokenizer,
+    teacher_id: str,
+    prompts: list[dict],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    system_prompt: str | None = None,
+    generation=None,
+) -> list[dict]:
     """``[{"messages", "response", "id"}]``: the teacher's greedy answer to each prompt, cached.
 
     ``generation``: the recipe's ``config.GenerationOptions`` (``None``: the hf backend). With
@@ -67,7 +76,9 @@ def teacher_responses(teacher, tokenizer, teacher_id: str, prompts: list[dict], 
         try:
             cached = json.loads(path.read_text(encoding="utf-8"))
             if cached.get("key") == key and len(cached["responses"]) == len(prompts):
-                return [{"id": p["id"], "messages": msgs(p), "response": r} for p, r in zip(prompts, cached["responses"])]
+                return [
+                    {"id": p["id"], "messages": msgs(p), "response": r} for p, r in zip(prompts, cached["responses"])
+                ]
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # a corrupt cache is regenerated
     from ..generation_cache import GenerationParams, generate_cached
@@ -75,8 +86,16 @@ def teacher_responses(teacher, tokenizer, teacher_id: str, prompts: list[dict], 
     # Chunks written atomically as they finish: an interrupted run resumes where it stopped.
     prompt_ids = [encode_prompt(tokenizer, msgs(p)) for p in prompts]
     try:
-        gen = generate_cached(teacher, tokenizer, prompt_ids, path.with_suffix(""), GenerationParams(max_new_tokens),
-                              model_id=teacher_id, batch_size=batch_size, engine=engine)
+        gen = generate_cached(
+            teacher,
+            tokenizer,
+            prompt_ids,
+            path.with_suffix(""),
+            GenerationParams(max_new_tokens),
+            model_id=teacher_id,
+            batch_size=batch_size,
+            engine=engine,
+        )
     finally:
         if engine is not None:
             engine.close()

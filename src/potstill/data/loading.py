@@ -84,8 +84,9 @@ def _quiet_datasets():
         logger.setLevel(level)
 
 
-def load_records(path: str | Path | None = None, *, hub_name: str | None = None, config_name: str | None = None,
-                 split: str = "train") -> list[dict[str, Any]]:
+def load_records(
+    path: str | Path | None = None, *, hub_name: str | None = None, config_name: str | None = None, split: str = "train"
+) -> list[dict[str, Any]]:
     """Rows of a local file or a hub dataset, as dicts. Raises one-line errors for bad input.
 
     A local JSON / JSONL / CSV file must be UTF-8; a JSONL line that does not parse is named by
@@ -168,9 +169,15 @@ def _chat(value: Any, where: str, n: int, field: str) -> list[dict[str, str]]:
     return turns
 
 
-def records_to_pairs(rows: list[dict[str, Any]], *, prompt_field: str = "prompt", response_field: str = "response",
-                     messages_field: str | None = None, system_prompt: str | None = None,
-                     where: str = "data") -> list[dict[str, Any]]:
+def records_to_pairs(
+    rows: list[dict[str, Any]],
+    *,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    messages_field: str | None = None,
+    system_prompt: str | None = None,
+    where: str = "data",
+) -> list[dict[str, Any]]:
     """Records -> ``[{"messages": [...], "response": str}]``; a missing field names the columns that exist.
 
     A prompt or response that is not a string (``null``, a number, a list) and a chat turn that is

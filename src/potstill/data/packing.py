@@ -58,6 +58,7 @@ def balanced_rows(lengths: list[int], max_length: int) -> list[list[int]]:
     (rows x widest row). Packing every row full to ``max_length`` would leave the last rows short and pad
     them all to the widest; with ``R`` rows, the narrowest width that still fits them is found by bisection.
     """
+
     def slots(rows: list[list[int]]) -> int:
         return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
 
@@ -111,16 +112,21 @@ class PackCollator:
             at = 0
             for i in row:
                 n, f = lengths[i], features[i]
-                ids[r, at:at + n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-                labels[r, at:at + n] = torch.as_tensor(f["labels"], dtype=torch.long)
+                ids[r, at : at + n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+                labels[r, at : at + n] = torch.as_tensor(f["labels"], dtype=torch.long)
                 labels[r, at] = -100
-                pos[r, at:at + n] = torch.arange(n)
-                mask[r, at:at + n] = 1
+                pos[r, at : at + n] = torch.arange(n)
+                mask[r, at : at + n] = 1
                 at += n
                 order.append(i)
             pos[r, at:] = torch.arange(width - at)  # the tail padding: a run of its own, attended by nothing
-        out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": pos,
-               "pack_order": torch.tensor(order, dtype=torch.long)}
+        out = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "position_ids": pos,
+            "pack_order": torch.tensor(order, dtype=torch.long),
+        }
         if all("example_id" in f for f in features):
             out["example_id"] = torch.tensor([int(features[i]["example_id"]) for i in order], dtype=torch.long)
         return out
@@ -184,15 +190,20 @@ def check_packing(model: torch.nn.Module, who: str) -> None:
         pos = torch.cat([torch.arange(5), torch.arange(4)])[None].to(device)
         try:
             together = final_hidden(model, packed, None, position_ids=pos)[0, 5:].float()
-            alone = final_hidden(model, b[None].to(device), torch.ones(1, 4, dtype=torch.long, device=device))[0].float()
+            alone = final_hidden(model, b[None].to(device), torch.ones(1, 4, dtype=torch.long, device=device))[
+                0
+            ].float()
         except (TypeError, ValueError, RuntimeError) as err:
-            raise PotstillError(f"data.packing: the {who} ({type(model).__name__}) cannot run a packed row "
-                                f"({str(err).splitlines()[0][:120]}); set data.packing false") from None
+            raise PotstillError(
+                f"data.packing: the {who} ({type(model).__name__}) cannot run a packed row "
+                f"({str(err).splitlines()[0][:120]}); set data.packing false"
+            ) from None
         scale = float(alone.abs().max().clamp_min(1e-6))
         if not torch.allclose(together, alone, rtol=0, atol=1e-3 * scale):
             impl = getattr(model.config, "_attn_implementation", None)
             raise PotstillError(
                 f"data.packing: the {who} ({type(model).__name__}, attention {impl}) lets one packed example attend "
-                "to another (its attention does not follow position_ids restarts); set data.packing false for it")
+                "to another (its attention does not follow position_ids restarts); set data.packing false for it"
+            )
     finally:
         model.train(was)

@@ -153,13 +153,15 @@ def load_gsm8k(path: str | Path, *, limit: int | None = None) -> list[Problem]:
                 raise PotstillError(
                     f"GSM8K file '{p}' line {lineno} is not JSON ({err.msg}); fix or remove that line"
                 ) from None
-            if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(
-                row.get("answer"), str
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("question"), str)
+                or not isinstance(row.get("answer"), str)
             ):
                 found = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise PotstillError(
                     f"GSM8K file '{p}' line {lineno} lacks string fields 'question' and 'answer' (found {found}); "
-                    "give rows like {\"question\": ..., \"answer\": \"... #### 72\"}"
+                    'give rows like {"question": ..., "answer": "... #### 72"}'
                 )
             solution, sep, final = row["answer"].rpartition("####")
             answer = final.replace(",", "").strip()

@@ -111,8 +111,9 @@ class RealData:
     def from_examples(cls, examples: Sequence[Example], tokenizer, *, max_length: int) -> RealData:
         if not examples:
             raise PotstillError("no real examples given; pass a non-empty list of Example")
-        enc = tokenizer([e.text for e in examples], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        enc = tokenizer(
+            [e.text for e in examples], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         return cls(enc["input_ids"], enc["attention_mask"], torch.tensor([e.label for e in examples]))
 
     def __len__(self) -> int:
@@ -162,8 +163,9 @@ class CondensedSet:
         near = nearest_tokens(self.embeddings.detach(), embedding_matrix, metric=metric, candidates=candidates)
         return torch.where(self.learn_mask, near, self.token_ids)
 
-    def to_text(self, tokenizer, embedding_matrix: Tensor, *, metric: str = "cosine",
-                candidates: Tensor | None = None) -> list[Example]:
+    def to_text(
+        self, tokenizer, embedding_matrix: Tensor, *, metric: str = "cosine", candidates: Tensor | None = None
+    ) -> list[Example]:
         """Text examples by nearest-token projection of every learned position.
 
         ``metric="cosine"`` (default; word-embedding norms vary with frequency, so the angle is
@@ -186,15 +188,25 @@ class CondensedSet:
         return save_condensed(self, path)
 
 
-def init_from_ids(input_ids: Tensor, attention_mask: Tensor, labels: Tensor, embedding_matrix: Tensor, *,
-                  num_classes: int, special_ids: Sequence[int] = (), label_confidence: float = 0.9) -> CondensedSet:
+def init_from_ids(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    embedding_matrix: Tensor,
+    *,
+    num_classes: int,
+    special_ids: Sequence[int] = (),
+    label_confidence: float = 0.9,
+) -> CondensedSet:
     """A condensed set initialized from real token ids ``[m, L]`` (the learnable copy of their embeddings).
 
     ``label_logits`` start at ``log(label_confidence)`` on the class and
     ``log((1 - label_confidence) / (C - 1))`` elsewhere, so ``softmax`` gives ``label_confidence``.
     """
     if not 0.0 < label_confidence < 1.0 or num_classes < 2:
-        raise PotstillError(f"need 0 < label_confidence < 1 and num_classes >= 2, got {label_confidence}, {num_classes}")
+        raise PotstillError(
+            f"need 0 < label_confidence < 1 and num_classes >= 2, got {label_confidence}, {num_classes}"
+        )
     mask = attention_mask.long()
     special = torch.zeros_like(mask, dtype=torch.bool)
     for s in special_ids:
@@ -203,22 +215,42 @@ def init_from_ids(input_ids: Tensor, attention_mask: Tensor, labels: Tensor, emb
     off = math.log((1.0 - label_confidence) / (num_classes - 1))
     label_logits = torch.full((len(labels), num_classes), off)
     label_logits[torch.arange(len(labels)), labels.long()] = math.log(label_confidence)
-    return CondensedSet(embeddings=embedding_matrix.detach()[input_ids].clone().float(), attention_mask=mask,
-                        learn_mask=learn, token_ids=input_ids.long().clone(), classes=labels.long().clone(),
-                        label_logits=label_logits)
+    return CondensedSet(
+        embeddings=embedding_matrix.detach()[input_ids].clone().float(),
+        attention_mask=mask,
+        learn_mask=learn,
+        token_ids=input_ids.long().clone(),
+        classes=labels.long().clone(),
+        label_logits=label_logits,
+    )
 
 
-def init_condensed(examples: Sequence[Example], per_class: int, tokenizer, embedding_matrix: Tensor, *,
-                   max_length: int, seed: int = 0, num_classes: int | None = None,
-                   label_confidence: float = 0.9) -> CondensedSet:
+def init_condensed(
+    examples: Sequence[Example],
+    per_class: int,
+    tokenizer,
+    embedding_matrix: Tensor,
+    *,
+    max_length: int,
+    seed: int = 0,
+    num_classes: int | None = None,
+    label_confidence: float = 0.9,
+) -> CondensedSet:
     """``per_class`` random real examples of each class (seeded), tokenized and embedded as the start point."""
     from ..data.classification import per_class_sample
 
     chosen = per_class_sample(examples, per_class, seed=seed)
     real = RealData.from_examples(chosen, tokenizer, max_length=max_length)
     c = num_classes if num_classes is not None else int(max(e.label for e in examples)) + 1
-    cs = init_from_ids(real.input_ids, real.attention_mask, real.labels, embedding_matrix, num_classes=c,
-                       special_ids=tokenizer.all_special_ids, label_confidence=label_confidence)
+    cs = init_from_ids(
+        real.input_ids,
+        real.attention_mask,
+        real.labels,
+        embedding_matrix,
+        num_classes=c,
+        special_ids=tokenizer.all_special_ids,
+        label_confidence=label_confidence,
+    )
     cs.meta.update({"init_texts": [e.text for e in chosen], "init_seed": seed, "per_class": per_class})
     return cs
 
@@ -235,8 +267,9 @@ def text_candidates(tokenizer, vocab_rows: int) -> Tensor:
     return torch.tensor([i for i in range(vocab_rows) if i not in banned], dtype=torch.long)
 
 
-def nearest_tokens(x: Tensor, embedding_matrix: Tensor, *, metric: str = "cosine", candidates: Tensor | None = None,
-                   chunk: int = 4096) -> Tensor:
+def nearest_tokens(
+    x: Tensor, embedding_matrix: Tensor, *, metric: str = "cosine", candidates: Tensor | None = None, chunk: int = 4096
+) -> Tensor:
     """Index of the nearest embedding row for each vector of ``x [..., H]`` -> ``[...]`` (no grad).
 
     ``metric``: ``"cosine"`` (max cosine similarity) or ``"l2"`` (min Euclidean distance).
@@ -255,16 +288,22 @@ def nearest_tokens(x: Tensor, embedding_matrix: Tensor, *, metric: str = "cosine
     else:
         sq = (E * E).sum(-1)
     for s in range(0, flat.shape[0], chunk):
-        v = flat[s:s + chunk]
+        v = flat[s : s + chunk]
         if metric == "cosine":
-            out[s:s + chunk] = (F.normalize(v, dim=-1) @ En.T).argmax(-1)
+            out[s : s + chunk] = (F.normalize(v, dim=-1) @ En.T).argmax(-1)
         else:  # |v - e|^2 = |v|^2 - 2 v.e + |e|^2; |v|^2 does not change the argmin
-            out[s:s + chunk] = (sq[None, :] - 2.0 * v @ E.T).argmin(-1)
+            out[s : s + chunk] = (sq[None, :] - 2.0 * v @ E.T).argmin(-1)
     return rows[out].reshape(x.shape[:-1])
 
 
-def latent_regularizer(x: Tensor, embedding_matrix: Tensor, *, mask: Tensor | None = None, kind: str = "cosine",
-                       candidates: Tensor | None = None) -> Tensor:
+def latent_regularizer(
+    x: Tensor,
+    embedding_matrix: Tensor,
+    *,
+    mask: Tensor | None = None,
+    kind: str = "cosine",
+    candidates: Tensor | None = None,
+) -> Tensor:
     """Mean over (masked) positions of the distance from ``x [..., H]`` to its nearest token row (scalar).
 
     ``kind``: ``"cosine"`` -> ``1 - max_e cos(x, e)``; ``"l2"`` -> ``min_e |x - e|``;
@@ -301,8 +340,9 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def _logits(learner: nn.Module, params: dict[str, Tensor], embeds: Tensor, mask: Tensor) -> Tensor:
-    out = functional_call(learner, params, args=(), kwargs={"inputs_embeds": embeds, "attention_mask": mask},
-                          strict=False)
+    out = functional_call(
+        learner, params, args=(), kwargs={"inputs_embeds": embeds, "attention_mask": mask}, strict=False
+    )
     return out.logits if hasattr(out, "logits") else out
 
 
@@ -341,7 +381,9 @@ def fresh_init(learner: nn.Module, reinit: Sequence[str] = ("",)) -> Callable[[i
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for name, mod in learner.named_modules():
-                if any(name == r or name.startswith(r + ".") or r == "" for r in reinit) and hasattr(mod, "reset_parameters"):
+                if any(name == r or name.startswith(r + ".") or r == "" for r in reinit) and hasattr(
+                    mod, "reset_parameters"
+                ):
                     mod.reset_parameters()
         new = {n: p.detach().clone() for n, p in learner.named_parameters()}
         with torch.no_grad():
@@ -391,8 +433,9 @@ def gradient_distance(gs: Sequence[Tensor], gr: Sequence[Tensor], eps: float = 1
     return total
 
 
-def _syn_leaves(syn: CondensedSet, learn_labels: bool, lr_embed: float, lr_label: float,
-                extra: list[tuple[Tensor, float]] = ()) -> tuple[Tensor, Tensor, torch.optim.Optimizer]:
+def _syn_leaves(
+    syn: CondensedSet, learn_labels: bool, lr_embed: float, lr_label: float, extra: list[tuple[Tensor, float]] = ()
+) -> tuple[Tensor, Tensor, torch.optim.Optimizer]:
     x = syn.embeddings.detach().clone().requires_grad_(True)
     y = syn.label_logits.detach().clone().requires_grad_(learn_labels)
     groups = [{"params": [x], "lr": lr_embed}]
@@ -402,29 +445,52 @@ def _syn_leaves(syn: CondensedSet, learn_labels: bool, lr_embed: float, lr_label
     return x, y, torch.optim.Adam(groups)
 
 
-def _reg(x: Tensor, syn: CondensedSet, embedding_matrix: Tensor, weight: float, kind: str,
-         candidates: Tensor | None) -> Tensor:
+def _reg(
+    x: Tensor, syn: CondensedSet, embedding_matrix: Tensor, weight: float, kind: str, candidates: Tensor | None
+) -> Tensor:
     if weight <= 0:
         return x.new_zeros(())
     return weight * latent_regularizer(x, embedding_matrix, mask=syn.learn_mask, kind=kind, candidates=candidates)
 
 
 def _finish(syn: CondensedSet, x: Tensor, y: Tensor, lr_log: Tensor | None, history: dict, meta: dict) -> CondensedSet:
-    return replace(syn, embeddings=x.detach().clone(), label_logits=y.detach().clone(),
-                   lr_log=None if lr_log is None else lr_log.detach().clone(),
-                   meta={**syn.meta, **meta}, history=history)
+    return replace(
+        syn,
+        embeddings=x.detach().clone(),
+        label_logits=y.detach().clone(),
+        lr_log=None if lr_log is None else lr_log.detach().clone(),
+        meta={**syn.meta, **meta},
+        history=history,
+    )
 
 
 # --------------------------------------------------------------------------- gradient matching
 
 
-def gradient_matching(learner: nn.Module, real: RealData, syn: CondensedSet, embedding_matrix: Tensor, *,
-                      params: Sequence[str] | None = None, init_fn: Callable[[int], dict[str, Tensor]] | None = None,
-                      iterations: int = 100, inner_steps: int = 1, net_steps: int = 1, real_batch: int = 32,
-                      lr_embed: float = 1e-3, lr_label: float = 1e-2, lr_net: float = 1e-2, learn_labels: bool = True,
-                      n_inits: int | None = None, reg_weight: float = 0.0, reg_kind: str = "cosine",
-                      candidates: Tensor | None = None, seed: int = 0, prefix: nn.Module | None = None,
-                      callback: Callable[[int, dict], None] | None = None) -> CondensedSet:
+def gradient_matching(
+    learner: nn.Module,
+    real: RealData,
+    syn: CondensedSet,
+    embedding_matrix: Tensor,
+    *,
+    params: Sequence[str] | None = None,
+    init_fn: Callable[[int], dict[str, Tensor]] | None = None,
+    iterations: int = 100,
+    inner_steps: int = 1,
+    net_steps: int = 1,
+    real_batch: int = 32,
+    lr_embed: float = 1e-3,
+    lr_label: float = 1e-2,
+    lr_net: float = 1e-2,
+    learn_labels: bool = True,
+    n_inits: int | None = None,
+    reg_weight: float = 0.0,
+    reg_kind: str = "cosine",
+    candidates: Tensor | None = None,
+    seed: int = 0,
+    prefix: nn.Module | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> CondensedSet:
     """Dataset condensation with gradient matching (Zhao et al. 2021, Alg. 1) in embedding space.
 
     For each of ``iterations`` outer steps: take learner params ``theta = init_fn(seed_k)``
@@ -467,11 +533,13 @@ def gradient_matching(learner: nn.Module, real: RealData, syn: CondensedSet, emb
                     pool = real_by_class[c]
                     pick = pool[torch.randperm(len(pool), generator=gen)[:real_batch]]
                     re_, rm, rl = _real_batch(real, pick, E, prefix)
-                    g_real = torch.autograd.grad(F.cross_entropy(_logits(learner, theta, re_, rm).float(), rl),
-                                                 list(theta.values()))
+                    g_real = torch.autograd.grad(
+                        F.cross_entropy(_logits(learner, theta, re_, rm).float(), rl), list(theta.values())
+                    )
                     si = syn_by_class[c]
-                    loss_s = soft_cross_entropy(_logits(learner, theta, h[si], syn.attention_mask[si]),
-                                                torch.softmax(y[si], -1))
+                    loss_s = soft_cross_entropy(
+                        _logits(learner, theta, h[si], syn.attention_mask[si]), torch.softmax(y[si], -1)
+                    )
                     g_syn = torch.autograd.grad(loss_s, list(theta.values()), create_graph=True)
                     match = match + gradient_distance(g_syn, [g.detach() for g in g_real])
                 reg = _reg(x, syn, E, reg_weight, reg_kind, candidates)
@@ -489,27 +557,51 @@ def gradient_matching(learner: nn.Module, real: RealData, syn: CondensedSet, emb
                 for _ in range(net_steps):
                     loss = soft_cross_entropy(_logits(learner, theta, hs, syn.attention_mask), ps)
                     grads = torch.autograd.grad(loss, list(theta.values()))
-                    theta = {n: (v - lr_net * g).detach().requires_grad_(True)
-                             for (n, v), g in zip(theta.items(), grads)}
+                    theta = {
+                        n: (v - lr_net * g).detach().requires_grad_(True) for (n, v), g in zip(theta.items(), grads)
+                    }
             hist["match"].append(sum(ds) / len(ds))
             hist["reg"].append(sum(rs) / len(rs))
             hist["time_s"].append(time.perf_counter() - t0)
             if callback is not None:
                 callback(k, {key: v[-1] for key, v in hist.items()})
-    meta = {"method": "gradient_matching", "params": names, "iterations": iterations, "inner_steps": inner_steps,
-            "net_steps": net_steps, "real_batch": real_batch, "lr_embed": lr_embed, "lr_label": lr_label,
-            "lr_net": lr_net, "learn_labels": learn_labels, "n_inits": n_inits, "reg_weight": reg_weight,
-            "reg_kind": reg_kind, "seed": seed}
+    meta = {
+        "method": "gradient_matching",
+        "params": names,
+        "iterations": iterations,
+        "inner_steps": inner_steps,
+        "net_steps": net_steps,
+        "real_batch": real_batch,
+        "lr_embed": lr_embed,
+        "lr_label": lr_label,
+        "lr_net": lr_net,
+        "learn_labels": learn_labels,
+        "n_inits": n_inits,
+        "reg_weight": reg_weight,
+        "reg_kind": reg_kind,
+        "seed": seed,
+    }
     return _finish(syn, x, y, syn.lr_log, hist, meta)
 
 
 # --------------------------------------------------------------------------- trajectory matching
 
 
-def train_experts(learner: nn.Module, real: RealData, embedding_matrix: Tensor, *, params: Sequence[str] | None = None,
-                  init_fn: Callable[[int], dict[str, Tensor]] | None = None, n_experts: int = 2, steps: int = 100,
-                  save_every: int = 10, lr: float = 1e-2, batch_size: int = 32, seed: int = 0,
-                  prefix: nn.Module | None = None) -> list[list[dict[str, Tensor]]]:
+def train_experts(
+    learner: nn.Module,
+    real: RealData,
+    embedding_matrix: Tensor,
+    *,
+    params: Sequence[str] | None = None,
+    init_fn: Callable[[int], dict[str, Tensor]] | None = None,
+    n_experts: int = 2,
+    steps: int = 100,
+    save_every: int = 10,
+    lr: float = 1e-2,
+    batch_size: int = 32,
+    seed: int = 0,
+    prefix: nn.Module | None = None,
+) -> list[list[dict[str, Tensor]]]:
     """Expert trajectories for MTT (Cazenavette et al. 2022, Sec. 3): plain SGD on real data.
 
     Returns ``n_experts`` lists of snapshots ``{name: tensor}`` of the ``params`` subset, taken
@@ -533,11 +625,13 @@ def train_experts(learner: nn.Module, real: RealData, embedding_matrix: Tensor, 
             for step in range(1, steps + 1):
                 if pos + batch_size > len(order):
                     order, pos = torch.randperm(len(real), generator=gen), 0
-                idx = order[pos:pos + batch_size]
+                idx = order[pos : pos + batch_size]
                 pos += batch_size
                 xe, xm, xl = _real_batch(real, idx, E, prefix)
                 th = {n: v.requires_grad_(True) for n, v in theta.items()}
-                grads = torch.autograd.grad(F.cross_entropy(_logits(learner, th, xe, xm).float(), xl), list(th.values()))
+                grads = torch.autograd.grad(
+                    F.cross_entropy(_logits(learner, th, xe, xm).float(), xl), list(th.values())
+                )
                 theta = {n: (v - lr * g).detach() for (n, v), g in zip(th.items(), grads)}
                 if step % save_every == 0:
                     snaps.append({n: v.clone() for n, v in theta.items()})
@@ -545,14 +639,31 @@ def train_experts(learner: nn.Module, real: RealData, embedding_matrix: Tensor, 
     return experts
 
 
-def trajectory_matching(learner: nn.Module, experts: Sequence[Sequence[dict[str, Tensor]]], syn: CondensedSet,
-                        embedding_matrix: Tensor, *, iterations: int = 100, syn_steps: int = 10, expert_span: int = 2,
-                        max_start: int | None = None, syn_lr: float = 1e-2, learn_lr: bool = True,
-                        per_step_lr: bool = False, lr_embed: float = 1e-3, lr_label: float = 1e-2,
-                        lr_lr: float = 1e-2, learn_labels: bool = True, syn_batch: int | None = None,
-                        reg_weight: float = 0.0, reg_kind: str = "cosine", candidates: Tensor | None = None,
-                        seed: int = 0, prefix: nn.Module | None = None,
-                        callback: Callable[[int, dict], None] | None = None) -> CondensedSet:
+def trajectory_matching(
+    learner: nn.Module,
+    experts: Sequence[Sequence[dict[str, Tensor]]],
+    syn: CondensedSet,
+    embedding_matrix: Tensor,
+    *,
+    iterations: int = 100,
+    syn_steps: int = 10,
+    expert_span: int = 2,
+    max_start: int | None = None,
+    syn_lr: float = 1e-2,
+    learn_lr: bool = True,
+    per_step_lr: bool = False,
+    lr_embed: float = 1e-3,
+    lr_label: float = 1e-2,
+    lr_lr: float = 1e-2,
+    learn_labels: bool = True,
+    syn_batch: int | None = None,
+    reg_weight: float = 0.0,
+    reg_kind: str = "cosine",
+    candidates: Tensor | None = None,
+    seed: int = 0,
+    prefix: nn.Module | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> CondensedSet:
     """Matching training trajectories (Cazenavette et al. 2022, eq. 2) in embedding space.
 
     Each iteration picks an expert and a start snapshot ``t <= max_start`` (default: the last
@@ -595,8 +706,9 @@ def trajectory_matching(learner: nn.Module, experts: Sequence[Sequence[dict[str,
             h = _prefixed(x, syn.attention_mask, prefix)
             for n_step in range(syn_steps):
                 idx = torch.randperm(m, generator=gen)[:syn_batch] if syn_batch else torch.arange(m)
-                loss = soft_cross_entropy(_logits(learner, theta, h[idx], syn.attention_mask[idx]),
-                                          torch.softmax(y[idx], -1))
+                loss = soft_cross_entropy(
+                    _logits(learner, theta, h[idx], syn.attention_mask[idx]), torch.softmax(y[idx], -1)
+                )
                 grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
                 step_lr = lr_log[n_step if per_step_lr else 0].exp()
                 theta = {n: v - step_lr * g for (n, v), g in zip(theta.items(), grads)}
@@ -614,11 +726,26 @@ def trajectory_matching(learner: nn.Module, experts: Sequence[Sequence[dict[str,
             hist["time_s"].append(time.perf_counter() - t0)
             if callback is not None:
                 callback(k, {key: v[-1] for key, v in hist.items()})
-    meta = {"method": "trajectory_matching", "params": names, "iterations": iterations, "syn_steps": syn_steps,
-            "expert_span": expert_span, "max_start": max_start, "syn_lr": syn_lr, "learn_lr": learn_lr,
-            "per_step_lr": per_step_lr, "lr_embed": lr_embed, "lr_label": lr_label, "lr_lr": lr_lr,
-            "learn_labels": learn_labels, "syn_batch": syn_batch, "reg_weight": reg_weight, "reg_kind": reg_kind,
-            "seed": seed, "n_experts": len(experts)}
+    meta = {
+        "method": "trajectory_matching",
+        "params": names,
+        "iterations": iterations,
+        "syn_steps": syn_steps,
+        "expert_span": expert_span,
+        "max_start": max_start,
+        "syn_lr": syn_lr,
+        "learn_lr": learn_lr,
+        "per_step_lr": per_step_lr,
+        "lr_embed": lr_embed,
+        "lr_label": lr_label,
+        "lr_lr": lr_lr,
+        "learn_labels": learn_labels,
+        "syn_batch": syn_batch,
+        "reg_weight": reg_weight,
+        "reg_kind": reg_kind,
+        "seed": seed,
+        "n_experts": len(experts),
+    }
     return _finish(syn, x, y, lr_log, hist, meta)
 
 
@@ -645,8 +772,14 @@ def save_set(path: str | Path, stem: str, tensors: dict[str, Tensor | None], rec
 def save_condensed(cs: CondensedSet, path: str | Path) -> Path:
     """Write ``path/condensed.safetensors`` (all tensors) and ``path/condensed.json`` (meta, history,
     shapes), each atomically; returns the directory."""
-    record = {"format": "potstill.condensed/1", "num_examples": len(cs), "num_classes": cs.num_classes,
-              "shape": list(cs.embeddings.shape), "meta": cs.meta, "history": cs.history}
+    record = {
+        "format": "potstill.condensed/1",
+        "num_examples": len(cs),
+        "num_classes": cs.num_classes,
+        "shape": list(cs.embeddings.shape),
+        "meta": cs.meta,
+        "history": cs.history,
+    }
     return save_set(path, "condensed", {**{k: getattr(cs, k) for k in _TENSORS}, "lr_log": cs.lr_log}, record)
 
 
@@ -663,10 +796,17 @@ def load_condensed(path: str | Path) -> CondensedSet:
     missing = [k for k in _TENSORS if k not in t]
     if missing:
         raise PotstillError(f"'{st}' lacks tensors {missing}; it was not written by save_condensed")
-    return CondensedSet(embeddings=t["embeddings"], attention_mask=t["attention_mask"],
-                        learn_mask=t["learn_mask"].bool(), token_ids=t["token_ids"], classes=t["classes"],
-                        label_logits=t["label_logits"], lr_log=t.get("lr_log"), meta=rec.get("meta", {}),
-                        history=rec.get("history", {}))
+    return CondensedSet(
+        embeddings=t["embeddings"],
+        attention_mask=t["attention_mask"],
+        learn_mask=t["learn_mask"].bool(),
+        token_ids=t["token_ids"],
+        classes=t["classes"],
+        label_logits=t["label_logits"],
+        lr_log=t.get("lr_log"),
+        meta=rec.get("meta", {}),
+        history=rec.get("history", {}),
+    )
 
 
 def _jsonable(obj):

@@ -70,8 +70,18 @@ from .condense import (
     text_candidates,
 )
 
-__all__ = ["SoftPromptSet", "check_pair", "condense_lm", "evaluate_lm_set", "init_soft_prompts", "kd_loss",
-           "lm_forward_kl", "lm_gradient_distance", "load_soft_prompts", "random_soft_prompts"]
+__all__ = [
+    "SoftPromptSet",
+    "check_pair",
+    "condense_lm",
+    "evaluate_lm_set",
+    "init_soft_prompts",
+    "kd_loss",
+    "lm_forward_kl",
+    "lm_gradient_distance",
+    "load_soft_prompts",
+    "random_soft_prompts",
+]
 
 Labels = Literal["teacher", "learned"]
 Batch = tuple[Tensor, Tensor]  # (input_ids [b, T], attention_mask [b, T])
@@ -110,8 +120,9 @@ class SoftPromptSet:
         near = nearest_tokens(self.embeddings.detach(), embedding_matrix, metric=metric, candidates=candidates)
         return torch.where(self.learn_mask, near, self.token_ids)
 
-    def to_text(self, tokenizer, embedding_matrix: Tensor, *, metric: str = "cosine",
-                candidates: Tensor | None = None) -> list[str]:
+    def to_text(
+        self, tokenizer, embedding_matrix: Tensor, *, metric: str = "cosine", candidates: Tensor | None = None
+    ) -> list[str]:
         """One string per sequence by nearest-token projection (candidates default to
         :func:`~potstill.dd.condense.text_candidates`); padding dropped, fixed special tokens kept."""
         if candidates is None:
@@ -121,10 +132,16 @@ class SoftPromptSet:
 
     def save(self, path: str | Path) -> Path:
         """Write ``path/soft_prompts.safetensors`` and ``path/soft_prompts.json`` (meta, history), each atomically."""
-        record = {"format": "potstill.soft_prompts/1", "labels": self.labels, "shape": list(self.embeddings.shape),
-                  "meta": self.meta, "history": self.history}
-        return save_set(path, "soft_prompts", {**{k: getattr(self, k) for k in _TENSORS},
-                                               "label_logits": self.label_logits}, record)
+        record = {
+            "format": "potstill.soft_prompts/1",
+            "labels": self.labels,
+            "shape": list(self.embeddings.shape),
+            "meta": self.meta,
+            "history": self.history,
+        }
+        return save_set(
+            path, "soft_prompts", {**{k: getattr(self, k) for k in _TENSORS}, "label_logits": self.label_logits}, record
+        )
 
 
 def load_soft_prompts(path: str | Path) -> SoftPromptSet:
@@ -137,14 +154,27 @@ def load_soft_prompts(path: str | Path) -> SoftPromptSet:
     t, rec = load_file(str(st)), json.loads(js.read_text())
     if any(k not in t for k in _TENSORS):
         raise PotstillError(f"'{st}' lacks some of {list(_TENSORS)}; it was not written by SoftPromptSet.save")
-    return SoftPromptSet(embeddings=t["embeddings"], attention_mask=t["attention_mask"],
-                         learn_mask=t["learn_mask"].bool(), token_ids=t["token_ids"], labels=rec["labels"],
-                         label_logits=t.get("label_logits"), meta=rec.get("meta", {}), history=rec.get("history", {}))
+    return SoftPromptSet(
+        embeddings=t["embeddings"],
+        attention_mask=t["attention_mask"],
+        learn_mask=t["learn_mask"].bool(),
+        token_ids=t["token_ids"],
+        labels=rec["labels"],
+        label_logits=t.get("label_logits"),
+        meta=rec.get("meta", {}),
+        history=rec.get("history", {}),
+    )
 
 
-def init_soft_prompts(input_ids: Tensor, attention_mask: Tensor, embedding_matrix: Tensor, *,
-                      special_ids: Sequence[int] = (), labels: Labels = "teacher",
-                      teacher: nn.Module | None = None) -> SoftPromptSet:
+def init_soft_prompts(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    embedding_matrix: Tensor,
+    *,
+    special_ids: Sequence[int] = (),
+    labels: Labels = "teacher",
+    teacher: nn.Module | None = None,
+) -> SoftPromptSet:
     """A set initialized from real token ids ``[m, L]`` (a learnable copy of ``embedding_matrix[ids]``).
 
     Positions holding one of ``special_ids`` (e.g. chat-template markers) or padding are not
@@ -154,8 +184,12 @@ def init_soft_prompts(input_ids: Tensor, attention_mask: Tensor, embedding_matri
         raise PotstillError(f"labels '{labels}' is not one of teacher, learned")
     mask = attention_mask.long()
     special = torch.isin(input_ids, torch.tensor(list(special_ids), dtype=input_ids.dtype))
-    sp = SoftPromptSet(embeddings=embedding_matrix.detach()[input_ids].clone().float(), attention_mask=mask,
-                       learn_mask=mask.bool() & ~special, token_ids=input_ids.long().clone())
+    sp = SoftPromptSet(
+        embeddings=embedding_matrix.detach()[input_ids].clone().float(),
+        attention_mask=mask,
+        learn_mask=mask.bool() & ~special,
+        token_ids=input_ids.long().clone(),
+    )
     if labels == "learned":
         if teacher is None:
             raise PotstillError("labels='learned' starts from the teacher's logits; pass teacher=")
@@ -163,13 +197,22 @@ def init_soft_prompts(input_ids: Tensor, attention_mask: Tensor, embedding_matri
     return sp
 
 
-def random_soft_prompts(m: int, length: int, embedding_matrix: Tensor, *, candidates: Tensor | None = None,
-                        seed: int = 0, labels: Labels = "teacher", teacher: nn.Module | None = None) -> SoftPromptSet:
+def random_soft_prompts(
+    m: int,
+    length: int,
+    embedding_matrix: Tensor,
+    *,
+    candidates: Tensor | None = None,
+    seed: int = 0,
+    labels: Labels = "teacher",
+    teacher: nn.Module | None = None,
+) -> SoftPromptSet:
     """``m`` sequences of ``length`` random rows of ``embedding_matrix`` (drawn from ``candidates``), seeded."""
     rows = candidates if candidates is not None else torch.arange(embedding_matrix.shape[0])
     ids = rows[torch.randint(len(rows), (m, length), generator=torch.Generator().manual_seed(seed))]
-    return init_soft_prompts(ids, torch.ones(m, length, dtype=torch.long), embedding_matrix, labels=labels,
-                             teacher=teacher)
+    return init_soft_prompts(
+        ids, torch.ones(m, length, dtype=torch.long), embedding_matrix, labels=labels, teacher=teacher
+    )
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -184,17 +227,29 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> None:
     hs, ht = _input_embeddings(student).shape[1], _input_embeddings(teacher).shape[1]
     vs, vt = output_head(student).weight.shape[0], output_head(teacher).weight.shape[0]
     if hs != ht:
-        raise PotstillError(f"student embedding width {hs} != teacher's {ht}, and both read the same soft prompts; "
-                            "use a student with the teacher's hidden size (e.g. layers pruned from the teacher)")
+        raise PotstillError(
+            f"student embedding width {hs} != teacher's {ht}, and both read the same soft prompts; "
+            "use a student with the teacher's hidden size (e.g. layers pruned from the teacher)"
+        )
     if vs != vt:
-        raise VocabMismatchError(f"student has {vs} vocab rows and teacher {vt}; soft labels need one vocabulary: "
-                                 "give the student the teacher's tokenizer and vocab size")
+        raise VocabMismatchError(
+            f"student has {vs} vocab rows and teacher {vt}; soft labels need one vocabulary: "
+            "give the student the teacher's tokenizer and vocab size"
+        )
 
 
-def _lm_logits(model: nn.Module, embeds: Tensor | None, mask: Tensor, params: dict[str, Tensor] | None = None,
-               ids: Tensor | None = None) -> Tensor:
-    kw = {"attention_mask": mask, "use_cache": False, **({"input_ids": ids} if ids is not None
-                                                          else {"inputs_embeds": embeds})}
+def _lm_logits(
+    model: nn.Module,
+    embeds: Tensor | None,
+    mask: Tensor,
+    params: dict[str, Tensor] | None = None,
+    ids: Tensor | None = None,
+) -> Tensor:
+    kw = {
+        "attention_mask": mask,
+        "use_cache": False,
+        **({"input_ids": ids} if ids is not None else {"inputs_embeds": embeds}),
+    }
     out = model(**kw) if params is None else functional_call(model, params, args=(), kwargs=kw, strict=False)
     return out.logits
 
@@ -239,9 +294,18 @@ def _eager(model: nn.Module) -> Iterator[None]:
             base.set_attn_implementation(impl)
 
 
-def lm_gradient_distance(student: nn.Module, theta: dict[str, Tensor], teacher: nn.Module, real: Batch,
-                         embeds: Tensor, mask: Tensor, target_logits: Tensor | None = None, *,
-                         create_graph: bool = True, eps: float = 1e-12) -> Tensor:
+def lm_gradient_distance(
+    student: nn.Module,
+    theta: dict[str, Tensor],
+    teacher: nn.Module,
+    real: Batch,
+    embeds: Tensor,
+    mask: Tensor,
+    target_logits: Tensor | None = None,
+    *,
+    create_graph: bool = True,
+    eps: float = 1e-12,
+) -> Tensor:
     """``D(grad_theta L(theta; S), grad_theta L(theta; B))`` (Zhao et al. 2021, eq. 10) for one real batch.
 
     ``embeds [m, L, H]``/``mask [m, L]`` is the synthetic side, ``target_logits [m, L, V]`` its
@@ -257,21 +321,38 @@ def lm_gradient_distance(student: nn.Module, theta: dict[str, Tensor], teacher: 
             target_logits = _lm_logits(teacher, embeds if create_graph else embeds.detach(), mask)
     tensors = list(theta.values())
     g_real = torch.autograd.grad(kd_loss(_lm_logits(student, None, rmask, theta, ids=ids), t_real, rmask), tensors)
-    g_syn = torch.autograd.grad(kd_loss(_lm_logits(student, embeds, mask, theta), target_logits, mask), tensors,
-                                create_graph=create_graph)
+    g_syn = torch.autograd.grad(
+        kd_loss(_lm_logits(student, embeds, mask, theta), target_logits, mask), tensors, create_graph=create_graph
+    )
     return gradient_distance(g_syn, [g.detach() for g in g_real], eps=eps)
 
 
 # --------------------------------------------------------------------------- condensation
 
 
-def condense_lm(student: nn.Module, teacher: nn.Module, real_batches, syn: SoftPromptSet, *, outer_steps: int = 100,
-                inner_steps: int = 1, net_steps: int = 1, lr_embed: float = 1e-3, lr_label: float = 1e-2,
-                lr_net: float = 1e-2, params: Sequence[str] | None = None,
-                init_fn: Callable[[int], dict[str, Tensor]] | None = None, n_inits: int | None = None,
-                reg_weight: float = 0.0, reg_kind: str = "cosine", candidates: Tensor | None = None,
-                embedding_matrix: Tensor | None = None, eps: float = 1e-12, seed: int = 0,
-                callback: Callable[[int, dict], None] | None = None) -> SoftPromptSet:
+def condense_lm(
+    student: nn.Module,
+    teacher: nn.Module,
+    real_batches,
+    syn: SoftPromptSet,
+    *,
+    outer_steps: int = 100,
+    inner_steps: int = 1,
+    net_steps: int = 1,
+    lr_embed: float = 1e-3,
+    lr_label: float = 1e-2,
+    lr_net: float = 1e-2,
+    params: Sequence[str] | None = None,
+    init_fn: Callable[[int], dict[str, Tensor]] | None = None,
+    n_inits: int | None = None,
+    reg_weight: float = 0.0,
+    reg_kind: str = "cosine",
+    candidates: Tensor | None = None,
+    embedding_matrix: Tensor | None = None,
+    eps: float = 1e-12,
+    seed: int = 0,
+    callback: Callable[[int, dict], None] | None = None,
+) -> SoftPromptSet:
     """Gradient matching (Zhao et al. 2021, Alg. 1) of the KD loss into ``syn``; returns a new set.
 
     Per outer step: ``theta = init_fn(seed_k)`` on ``params`` (default
@@ -293,8 +374,11 @@ def condense_lm(student: nn.Module, teacher: nn.Module, real_batches, syn: SoftP
     names = _param_names(student, params)
     E = (embedding_matrix if embedding_matrix is not None else _input_embeddings(student)).detach()
     if not torch.equal(_input_embeddings(student), _input_embeddings(teacher)):
-        warnings.warn("student and teacher input embeddings differ; the teacher labels the soft prompts as read "
-                      "in the student's embedding space", stacklevel=2)
+        warnings.warn(
+            "student and teacher input embeddings differ; the teacher labels the soft prompts as read "
+            "in the student's embedding space",
+            stacklevel=2,
+        )
     init_fn = init_fn or fresh_init(student)
     learned = syn.labels == "learned"
     x = syn.embeddings.detach().clone().requires_grad_(True)
@@ -311,8 +395,11 @@ def condense_lm(student: nn.Module, teacher: nn.Module, real_batches, syn: SoftP
             for t in range(inner_steps):
                 match = lm_gradient_distance(student, theta, teacher, batches[step % len(batches)], x, mask, y, eps=eps)
                 step += 1
-                reg = (reg_weight * latent_regularizer(x, E, mask=learn, kind=reg_kind, candidates=candidates)
-                       if reg_weight > 0 else x.new_zeros(()))
+                reg = (
+                    reg_weight * latent_regularizer(x, E, mask=learn, kind=reg_kind, candidates=candidates)
+                    if reg_weight > 0
+                    else x.new_zeros(())
+                )
                 opt.zero_grad(set_to_none=True)
                 (match + reg).backward()
                 x.grad.mul_(learn[..., None])
@@ -333,11 +420,29 @@ def condense_lm(student: nn.Module, teacher: nn.Module, real_batches, syn: SoftP
             hist["time_s"].append(time.perf_counter() - t0)
             if callback is not None:
                 callback(k, {key: v[-1] for key, v in hist.items()})
-    meta = {"method": "gradient_matching_lm", "params": names, "outer_steps": outer_steps, "inner_steps": inner_steps,
-            "net_steps": net_steps, "lr_embed": lr_embed, "lr_label": lr_label, "lr_net": lr_net, "n_inits": n_inits,
-            "reg_weight": reg_weight, "reg_kind": reg_kind, "eps": eps, "seed": seed, "real_batches": len(batches)}
-    return replace(syn, embeddings=x.detach().clone(), label_logits=None if y is None else y.detach().clone(),
-                   meta={**syn.meta, **meta}, history=hist)
+    meta = {
+        "method": "gradient_matching_lm",
+        "params": names,
+        "outer_steps": outer_steps,
+        "inner_steps": inner_steps,
+        "net_steps": net_steps,
+        "lr_embed": lr_embed,
+        "lr_label": lr_label,
+        "lr_net": lr_net,
+        "n_inits": n_inits,
+        "reg_weight": reg_weight,
+        "reg_kind": reg_kind,
+        "eps": eps,
+        "seed": seed,
+        "real_batches": len(batches),
+    }
+    return replace(
+        syn,
+        embeddings=x.detach().clone(),
+        label_logits=None if y is None else y.detach().clone(),
+        meta={**syn.meta, **meta},
+        history=hist,
+    )
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -354,9 +459,18 @@ def lm_forward_kl(student: nn.Module, teacher: nn.Module, batches) -> float:
     return total / max(count, 1.0)
 
 
-def evaluate_lm_set(student_init: nn.Module, teacher: nn.Module, train_set, eval_batches, *, steps: int = 100,
-                    lr: float = 1e-3, batch_size: int | None = None, params: Sequence[str] | None = None,
-                    seed: int = 0) -> dict[str, float]:
+def evaluate_lm_set(
+    student_init: nn.Module,
+    teacher: nn.Module,
+    train_set,
+    eval_batches,
+    *,
+    steps: int = 100,
+    lr: float = 1e-3,
+    batch_size: int | None = None,
+    params: Sequence[str] | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
     """Train a copy of ``student_init`` on ``train_set``; return its held-out forward KL to the teacher.
 
     ``train_set``: a :class:`SoftPromptSet` (its soft labels) or real ``(input_ids,
@@ -383,10 +497,14 @@ def evaluate_lm_set(student_init: nn.Module, teacher: nn.Module, train_set, eval
         opt = torch.optim.Adam(trained, lr=lr)
         for _ in range(steps):
             idx = torch.randperm(mask.shape[0], generator=gen)[:batch_size] if batch_size else slice(None)
-            logits = _lm_logits(model, None if embeds is None else embeds[idx], mask[idx],
-                                ids=None if ids is None else ids[idx])
+            logits = _lm_logits(
+                model, None if embeds is None else embeds[idx], mask[idx], ids=None if ids is None else ids[idx]
+            )
             opt.zero_grad(set_to_none=True)
             kd_loss(logits, targets[idx], mask[idx]).backward()
             opt.step()
-    return {"forward_kl": lm_forward_kl(model, teacher, eval_batches), "forward_kl_init": before,
-            "time_s": time.perf_counter() - t0}
+    return {
+        "forward_kl": lm_forward_kl(model, teacher, eval_batches),
+        "forward_kl_init": before,
+        "time_s": time.perf_counter() - t0,
+    }

@@ -51,23 +51,31 @@ TEXT = "condensed_text.jsonl"
 class CondenseLMSettings(cr._Strict):
     sequences: int = Field(8, ge=1, description="Soft-prompt sequences in the set.")
     length: int = Field(32, ge=2, description="Tokens per sequence.")
-    init: Literal["real", "random"] = Field("real", description="Start from a `length`-token window of seeded "
-                                            "pool examples, or from random text tokens.")
-    window: Literal["end", "start"] = Field("end", description="Which tokens of a real example a window keeps: the "
-                                            "last `length` (the end of the response) or the first (the chat "
-                                            "header and prompt). Also the random real subsets of the evaluation.")
-    labels: Literal["teacher", "learned"] = Field("teacher", description="Targets: the teacher on the current "
-                                                  "embeddings, or free logits started from it.")
-    theta: Literal["student", "fresh"] = Field("student", description="Match gradients at the student's own "
-                                               "weights, or at freshly drawn ones every outer step.")
+    init: Literal["real", "random"] = Field(
+        "real", description="Start from a `length`-token window of seeded pool examples, or from random text tokens."
+    )
+    window: Literal["end", "start"] = Field(
+        "end",
+        description="Which tokens of a real example a window keeps: the "
+        "last `length` (the end of the response) or the first (the chat "
+        "header and prompt). Also the random real subsets of the evaluation.",
+    )
+    labels: Literal["teacher", "learned"] = Field(
+        "teacher", description="Targets: the teacher on the current embeddings, or free logits started from it."
+    )
+    theta: Literal["student", "fresh"] = Field(
+        "student",
+        description="Match gradients at the student's own weights, or at freshly drawn ones every outer step.",
+    )
     outer_steps: int = Field(40, ge=1, description="Outer steps (one set update per inner step).")
     inner_steps: int = Field(1, ge=1, description="Set updates per outer step (theta trained on the set between).")
     net_steps: int = Field(1, ge=1, description="SGD steps of theta on the set between inner steps.")
     lr_embed: float = Field(1e-3, gt=0.0, description="Adam lr of the soft-prompt embeddings.")
     lr_label: float = Field(1e-2, gt=0.0, description="Adam lr of learned label logits.")
     lr_net: float = Field(1e-2, gt=0.0, description="SGD lr of theta between inner steps.")
-    reg_weight: float = Field(0.1, ge=0.0, description="Weight of the latent-space regularizer (distance to the "
-                              "nearest token embedding).")
+    reg_weight: float = Field(
+        0.1, ge=0.0, description="Weight of the latent-space regularizer (distance to the nearest token embedding)."
+    )
     real_batch: int = Field(8, ge=1, description="Pool sequences per real matching batch.")
     seed: int = Field(0, description="Seed of the initial examples, the random tokens and fresh thetas.")
 
@@ -79,26 +87,39 @@ class CondenseLMEval(cr._Strict):
 
 
 class CondenseLMRecipe(cr._Strict):
-    kind: Literal["causal_lm"] = Field(..., description="causal_lm: soft prompts for an LLM student (without it, "
-                                       "condense learns a classification set).")
+    kind: Literal["causal_lm"] = Field(
+        ...,
+        description="causal_lm: soft prompts for an LLM student (without it, condense learns a classification set).",
+    )
     output_dir: str = Field("runs/condense_lm", description="Where the set, its text and the report go.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher (as in distill).")
-    student: StudentConfig = Field(default_factory=FromTeacherStudent, description="The student (as in distill); "
-                                   "it must share the teacher's tokenizer and embedding width.")
+    student: StudentConfig = Field(
+        default_factory=FromTeacherStudent,
+        description="The student (as in distill); it must share the teacher's tokenizer and embedding width.",
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="The distill data section: pool and held-out.")
     seed: int = Field(0, description="distill's train.seed: the initial weights of a scaled student.")
     condense: CondenseLMSettings = Field(default_factory=CondenseLMSettings, description="The set and its matching.")
-    evaluate: CondenseLMEval | None = Field(default_factory=CondenseLMEval, description="Students trained on the "
-                                            "set vs random real subsets of its size (null: skip).")
+    evaluate: CondenseLMEval | None = Field(
+        default_factory=CondenseLMEval,
+        description="Students trained on the set vs random real subsets of its size (null: skip).",
+    )
     device: str | None = Field(None, description="torch device; default: cuda if available, else cpu.")
 
     def distill_recipe(self):
         from ..config import Recipe
 
-        return Recipe.model_validate({
-            "output_dir": self.output_dir, "teacher": self.teacher.model_dump(mode="json"),
-            "student": self.student.model_dump(mode="json"), "data": self.data.model_dump(mode="json"),
-            "train": {"seed": self.seed}, "runs": [{"name": "kd", "alpha": 0.0}], "device": self.device})
+        return Recipe.model_validate(
+            {
+                "output_dir": self.output_dir,
+                "teacher": self.teacher.model_dump(mode="json"),
+                "student": self.student.model_dump(mode="json"),
+                "data": self.data.model_dump(mode="json"),
+                "train": {"seed": self.seed},
+                "runs": [{"name": "kd", "alpha": 0.0}],
+                "device": self.device,
+            }
+        )
 
 
 def load_condense_lm_recipe(data: dict, base_dir: Path | None = None) -> CondenseLMRecipe:
@@ -116,8 +137,9 @@ def load_condense_lm_recipe(data: dict, base_dir: Path | None = None) -> Condens
     return recipe
 
 
-def _pad(seqs: list[list[int]], pad_id: int, length: int | None = None,
-         window: str = "start") -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(
+    seqs: list[list[int]], pad_id: int, length: int | None = None, window: str = "start"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``(input_ids, attention_mask)``, cut to ``length`` tokens when given (the first
     ones, or with ``window="end"`` the last ones)."""
     seqs = [(s[-length:] if window == "end" else s[:length]) if length else s for s in seqs]
@@ -125,17 +147,17 @@ def _pad(seqs: list[list[int]], pad_id: int, length: int | None = None,
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
     return ids, mask
 
 
 def run_condense_lm(recipe: CondenseLMRecipe) -> dict:
     """Condense, save, export as text, evaluate (module docstring); returns the report."""
+    from ..generate import pad_id as pad_id_of
     from ..pipeline import Prepared
     from .condense import fresh_init, text_candidates
     from .condense_lm import check_pair, condense_lm, evaluate_lm_set, init_soft_prompts, random_soft_prompts
-    from ..generate import pad_id as pad_id_of
 
     t_start = time.perf_counter()
     c = recipe.condense
@@ -143,8 +165,9 @@ def run_condense_lm(recipe: CondenseLMRecipe) -> dict:
     check_pair(prep.student0, prep.teacher)
     pool, held = prep.pool_examples, prep.eval_examples
     if c.sequences > len(pool):
-        raise PotstillError(f"condense.sequences={c.sequences} is more than the pool's {len(pool)} examples; lower it "
-                            "or raise the data")
+        raise PotstillError(
+            f"condense.sequences={c.sequences} is more than the pool's {len(pool)} examples; lower it or raise the data"
+        )
     if recipe.evaluate is not None and not held:
         raise PotstillError("the held-out split is empty; raise data.eval_size or set evaluate: null")
     pad = pad_id_of(prep.tokenizer)
@@ -154,15 +177,24 @@ def run_condense_lm(recipe: CondenseLMRecipe) -> dict:
     cand = text_candidates(prep.tokenizer, E.shape[0]).to(E.device)
     g = torch.Generator().manual_seed(c.seed)
     order = torch.randperm(len(pool), generator=g).tolist()
-    batches = [tuple(t.to(device) for t in _pad([pool[i]["input_ids"] for i in order[j:j + c.real_batch]], pad))
-               for j in range(0, len(order), c.real_batch)]
+    batches = [
+        tuple(t.to(device) for t in _pad([pool[i]["input_ids"] for i in order[j : j + c.real_batch]], pad))
+        for j in range(0, len(order), c.real_batch)
+    ]
     if c.init == "real":
-        ids, mask = _pad([pool[i]["input_ids"] for i in order[:c.sequences]], pad, c.length, c.window)
-        syn = init_soft_prompts(ids.to(device), mask.to(device), E, special_ids=prep.tokenizer.all_special_ids,
-                                labels=c.labels, teacher=teacher)
+        ids, mask = _pad([pool[i]["input_ids"] for i in order[: c.sequences]], pad, c.length, c.window)
+        syn = init_soft_prompts(
+            ids.to(device),
+            mask.to(device),
+            E,
+            special_ids=prep.tokenizer.all_special_ids,
+            labels=c.labels,
+            teacher=teacher,
+        )
     else:
-        syn = random_soft_prompts(c.sequences, c.length, E, candidates=cand, seed=c.seed, labels=c.labels,
-                                  teacher=teacher)
+        syn = random_soft_prompts(
+            c.sequences, c.length, E, candidates=cand, seed=c.seed, labels=c.labels, teacher=teacher
+        )
     start = copy.deepcopy(syn)
     if c.theta == "student":
         own = {n: p.detach().clone() for n, p in student.named_parameters()}
@@ -170,34 +202,57 @@ def run_condense_lm(recipe: CondenseLMRecipe) -> dict:
     else:
         init_fn, n_inits = fresh_init(student), None
     t0 = time.perf_counter()
-    out_set = condense_lm(student, teacher, batches, syn, outer_steps=c.outer_steps, inner_steps=c.inner_steps,
-                          net_steps=c.net_steps, lr_embed=c.lr_embed, lr_label=c.lr_label, lr_net=c.lr_net,
-                          init_fn=init_fn, n_inits=n_inits, reg_weight=c.reg_weight, candidates=cand, seed=c.seed)
+    out_set = condense_lm(
+        student,
+        teacher,
+        batches,
+        syn,
+        outer_steps=c.outer_steps,
+        inner_steps=c.inner_steps,
+        net_steps=c.net_steps,
+        lr_embed=c.lr_embed,
+        lr_label=c.lr_label,
+        lr_net=c.lr_net,
+        init_fn=init_fn,
+        n_inits=n_inits,
+        reg_weight=c.reg_weight,
+        candidates=cand,
+        seed=c.seed,
+    )
     construction_s = time.perf_counter() - t0
     texts = out_set.to_text(prep.tokenizer, E, candidates=cand)
 
     evaluation = None
     if recipe.evaluate is not None:
         ev = recipe.evaluate
-        eval_batches = [tuple(t.to(device) for t in _pad([x["input_ids"] for x in held[j:j + 8]], pad))
-                        for j in range(0, len(held), 8)]
+        eval_batches = [
+            tuple(t.to(device) for t in _pad([x["input_ids"] for x in held[j : j + 8]], pad))
+            for j in range(0, len(held), 8)
+        ]
         common = {"steps": ev.steps, "lr": ev.lr}
-        arms = {"condensed": evaluate_lm_set(student, teacher, out_set, eval_batches, **common),
-                "start": evaluate_lm_set(student, teacher, start, eval_batches, **common)}
+        arms = {
+            "condensed": evaluate_lm_set(student, teacher, out_set, eval_batches, **common),
+            "start": evaluate_lm_set(student, teacher, start, eval_batches, **common),
+        }
         rnd = []
         for s in range(ev.seeds):
-            pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(1000 + s))[:c.sequences]
-            real = tuple(t.to(device) for t in _pad([pool[int(i)]["input_ids"] for i in pick], pad, c.length,
-                                                    c.window))
+            pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(1000 + s))[: c.sequences]
+            real = tuple(t.to(device) for t in _pad([pool[int(i)]["input_ids"] for i in pick], pad, c.length, c.window))
             rnd.append(evaluate_lm_set(student, teacher, real, eval_batches, seed=s, **common)["forward_kl"])
         base = statistics.fmean(rnd)
-        evaluation = {"untrained_forward_kl": arms["condensed"]["forward_kl_init"],
-                      "condensed_forward_kl": arms["condensed"]["forward_kl"],
-                      "start_forward_kl": arms["start"]["forward_kl"],
-                      "random_real_forward_kl": {"mean": base, "std": statistics.stdev(rnd) if len(rnd) > 1 else 0.0,
-                                                 "values": rnd},
-                      "gain_vs_random_pct": 100.0 * (base - arms["condensed"]["forward_kl"]) / base if base else None,
-                      "steps": ev.steps, "lr": ev.lr}
+        evaluation = {
+            "untrained_forward_kl": arms["condensed"]["forward_kl_init"],
+            "condensed_forward_kl": arms["condensed"]["forward_kl"],
+            "start_forward_kl": arms["start"]["forward_kl"],
+            "random_real_forward_kl": {
+                "mean": base,
+                "std": statistics.stdev(rnd) if len(rnd) > 1 else 0.0,
+                "values": rnd,
+            },
+            "gain_vs_random_pct": 100.0 * (base - arms["condensed"]["forward_kl"]) / base if base else None,
+            "steps": ev.steps,
+            "lr": ev.lr,
+        }
 
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,11 +260,24 @@ def run_condense_lm(recipe: CondenseLMRecipe) -> dict:
     out_set.save(out)
     atomic_write_text(out / TEXT, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
     hist = out_set.history["match"]
-    report = cr._finite({
-        "kind": "causal_lm", "sequences": c.sequences, "length": c.length, "pool": len(pool),
-        "construction_s": construction_s, "match_first": hist[0], "match_last": hist[-1],
-        "evaluation": evaluation, "total_s": time.perf_counter() - t_start,
-        "paths": {"set": str(out / "soft_prompts.safetensors"), "text": str(out / TEXT), "report": str(out / REPORT)},
-        "recipe": recipe.model_dump(mode="json")})
+    report = cr._finite(
+        {
+            "kind": "causal_lm",
+            "sequences": c.sequences,
+            "length": c.length,
+            "pool": len(pool),
+            "construction_s": construction_s,
+            "match_first": hist[0],
+            "match_last": hist[-1],
+            "evaluation": evaluation,
+            "total_s": time.perf_counter() - t_start,
+            "paths": {
+                "set": str(out / "soft_prompts.safetensors"),
+                "text": str(out / TEXT),
+                "report": str(out / REPORT),
+            },
+            "recipe": recipe.model_dump(mode="json"),
+        }
+    )
     atomic_write_json(out / REPORT, report)
     return report

@@ -87,19 +87,30 @@ class _Strict(BaseModel):
 
 
 class CondenseData(_Strict):
-    pool_size: int = Field(2000, ge=4, description="Seeded random subset of the training split condensed from "
-                           "(and the random arm drawn from).")
+    pool_size: int = Field(
+        2000,
+        ge=4,
+        description="Seeded random subset of the training split condensed from (and the random arm drawn from).",
+    )
     eval_size: int = Field(872, ge=1, description="Held-out examples every arm is evaluated on (seeded subset).")
-    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="SMS spam only: stratified held-out share "
-                                 "(SST-2 is evaluated on its dev split).")
+    eval_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="SMS spam only: stratified held-out share (SST-2 is evaluated on its dev split).",
+    )
 
 
 class CondenseLearner(_Strict):
-    encoder: str = Field("all-minilm-l6-v2", description="Encoder of the learner: a short name, a local "
-                         "directory or a hub id (potstill.kd.classifier.load_encoder).")
+    encoder: str = Field(
+        "all-minilm-l6-v2",
+        description="Encoder of the learner: a short name, a local "
+        "directory or a hub id (potstill.kd.classifier.load_encoder).",
+    )
     max_length: int = Field(48, ge=4, description="Tokens per example (real and synthetic).")
-    trainable_layers: int = Field(0, ge=0, description="Top encoder layers the learner trains (0: a linear "
-                                  "head on the frozen encoder).")
+    trainable_layers: int = Field(
+        0, ge=0, description="Top encoder layers the learner trains (0: a linear head on the frozen encoder)."
+    )
     steps: int = Field(100, ge=1, description="Training steps of each evaluated learner (every arm).")
     lr: float = Field(1e-2, gt=0.0, description="Learning rate of each evaluated learner (AdamW).")
     batch_size: int = Field(16, ge=1, description="Batch size of each evaluated learner.")
@@ -111,11 +122,18 @@ class _MethodCommon(_Strict):
     lr_embed: float = Field(5e-2, gt=0.0, description="Adam lr of the synthetic embeddings.")
     lr_label: float = Field(1e-2, gt=0.0, description="Adam lr of the soft-label logits.")
     learn_labels: bool = Field(True, description="Learn the soft labels too.")
-    reg_weight: float = Field(1.0, ge=0.0, description="Weight of the latent regularizer (distance to the "
-                              "nearest token embedding; keeps the text projection close).")
+    reg_weight: float = Field(
+        1.0,
+        ge=0.0,
+        description="Weight of the latent regularizer (distance to the "
+        "nearest token embedding; keeps the text projection close).",
+    )
     reg_kind: Literal["cosine", "l2", "sq"] = Field("cosine", description="Distance of the latent regularizer.")
-    params: list[str] | None = Field(None, description="Matched parameter subset of the learner's top: names or "
-                                     "dotted prefixes (e.g. [head]); null: all of them.")
+    params: list[str] | None = Field(
+        None,
+        description="Matched parameter subset of the learner's top: names or "
+        "dotted prefixes (e.g. [head]); null: all of them.",
+    )
 
 
 class TrajectoryMethod(_MethodCommon):
@@ -136,8 +154,10 @@ class TrajectoryMethod(_MethodCommon):
         if self.save_every > self.expert_steps:
             raise ValueError(f"save_every={self.save_every} exceeds expert_steps={self.expert_steps}")
         if self.expert_steps // self.save_every < self.expert_span:
-            raise ValueError(f"expert_span={self.expert_span} needs at least {self.expert_span + 1} snapshots, "
-                             f"experts keep {self.expert_steps // self.save_every + 1}; lower expert_span or save_every")
+            raise ValueError(
+                f"expert_span={self.expert_span} needs at least {self.expert_span + 1} snapshots, "
+                f"experts keep {self.expert_steps // self.save_every + 1}; lower expert_span or save_every"
+            )
         return self
 
 
@@ -147,22 +167,29 @@ class GradientMethod(_MethodCommon):
     net_steps: int = Field(1, ge=1, description="Learner SGD steps on the synthetic set between updates.")
     real_batch: int = Field(128, ge=1, description="Real examples per class per gradient.")
     lr_net: float = Field(1e-2, gt=0.0, description="Learner SGD lr between updates.")
-    n_inits: int | None = Field(None, ge=1, description="Cycle through this many fixed learner inits "
-                                "(null: a fresh one per iteration).")
+    n_inits: int | None = Field(
+        None, ge=1, description="Cycle through this many fixed learner inits (null: a fresh one per iteration)."
+    )
 
 
 class CondenseRecipe(_Strict):
-    dataset: Literal["sst2", "sms_spam"] = Field(..., description="sst2 (negative=0/positive=1) or sms_spam "
-                                                 "(ham=0/spam=1), read from $POTSTILL_DATA.")
-    output_dir: str = Field("runs/condense", description="Where the condensed set, condensed.jsonl and "
-                            "condense_report.json go.")
+    dataset: Literal["sst2", "sms_spam"] = Field(
+        ..., description="sst2 (negative=0/positive=1) or sms_spam (ham=0/spam=1), read from $POTSTILL_DATA."
+    )
+    output_dir: str = Field(
+        "runs/condense", description="Where the condensed set, condensed.jsonl and condense_report.json go."
+    )
     per_class: int = Field(10, ge=1, description="Synthetic examples per class.")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the pool, eval subset, initial subset and condensation.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed of the pool, eval subset, initial subset and condensation."
+    )
     data: CondenseData = Field(default_factory=CondenseData, description="Pool and evaluation sizes.")
-    learner: CondenseLearner = Field(default_factory=CondenseLearner, description="The learner (condensation "
-                                     "and evaluation protocol).")
+    learner: CondenseLearner = Field(
+        default_factory=CondenseLearner, description="The learner (condensation and evaluation protocol)."
+    )
     method: Annotated[TrajectoryMethod | GradientMethod, Field(discriminator="kind")] = Field(
-        default_factory=TrajectoryMethod, description="Condensation objective: kind trajectory or gradient.")
+        default_factory=TrajectoryMethod, description="Condensation objective: kind trajectory or gradient."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -186,7 +213,11 @@ def load_condense_recipe(source: str | Path | dict, overrides: Sequence[str] = (
     :class:`~potstill.dd.condense_lm_recipe.CondenseLMRecipe` (soft prompts for an LLM student)."""
     from ..config import apply_plain_overrides, format_validation_error, read_recipe_file
 
-    data = copy.deepcopy(source) if isinstance(source, dict) else read_recipe_file(source, "dataset, per_class, method, learner, ...")
+    data = (
+        copy.deepcopy(source)
+        if isinstance(source, dict)
+        else read_recipe_file(source, "dataset, per_class, method, learner, ...")
+    )
     apply_plain_overrides(data, overrides, "method.iterations=5")
     if data.get("kind") == "causal_lm":
         from .condense_lm_recipe import load_condense_lm_recipe
@@ -205,8 +236,12 @@ def write_condensed_jsonl(path: str | Path, examples: Sequence[Example], soft_la
     """One ``{"sentence", "label", "soft_label": [p_0, ..., p_C-1]}`` line per example, written atomically."""
     if len(examples) != len(soft_labels):
         raise PotstillError(f"{len(examples)} examples but {len(soft_labels)} soft-label rows; pass one per example")
-    lines = [json.dumps({"sentence": e.text, "label": int(e.label), "soft_label": [float(v) for v in row]},
-                        ensure_ascii=False) for e, row in zip(examples, soft_labels.tolist())]
+    lines = [
+        json.dumps(
+            {"sentence": e.text, "label": int(e.label), "soft_label": [float(v) for v in row]}, ensure_ascii=False
+        )
+        for e, row in zip(examples, soft_labels.tolist())
+    ]
     return atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
@@ -225,7 +260,9 @@ def load_condensed_jsonl(path: str | Path) -> tuple[list[Example], torch.Tensor]
                 examples.append(Example(str(rec["sentence"]), int(rec["label"])))
                 soft.append([float(v) for v in rec["soft_label"]])
             except (ValueError, KeyError, TypeError) as e:
-                raise PotstillError(f"{p}:{n}: not a condensed row {{'sentence', 'label', 'soft_label'}} ({e})") from None
+                raise PotstillError(
+                    f"{p}:{n}: not a condensed row {{'sentence', 'label', 'soft_label'}} ({e})"
+                ) from None
     if not examples:
         raise PotstillError(f"'{p}' holds no examples")
     return examples, torch.tensor(soft, dtype=torch.float32)
@@ -243,7 +280,7 @@ def _load_data(recipe: CondenseRecipe) -> tuple[list[Example], list[Example]]:
     pool = rng.sample(train, d.pool_size) if d.pool_size < len(train) else list(train)
     held = list(held)
     rng.shuffle(held)
-    return pool, held[:d.eval_size]
+    return pool, held[: d.eval_size]
 
 
 def _pooled(feats: Features) -> Features:
@@ -290,10 +327,13 @@ def run_condense(recipe) -> dict:
     model = TextClassifier(encoder, tokenizer, num_labels=num_classes, seed=recipe.seed)
     n_layers = encoder.config.num_hidden_layers
     if lr_cfg.trainable_layers > n_layers:
-        raise PotstillError(f"recipe key 'learner.trainable_layers': {lr_cfg.trainable_layers} exceeds the "
-                            f"encoder's {n_layers} layers; lower it")
-    learner = SplitLearner.from_classifier(model, trainable_layers=lr_cfg.trainable_layers,
-                                           max_length=lr_cfg.max_length)
+        raise PotstillError(
+            f"recipe key 'learner.trainable_layers': {lr_cfg.trainable_layers} exceeds the "
+            f"encoder's {n_layers} layers; lower it"
+        )
+    learner = SplitLearner.from_classifier(
+        model, trainable_layers=lr_cfg.trainable_layers, max_length=lr_cfg.max_length
+    )
     probe = lr_cfg.trainable_layers == 0
     E = learner.embedding_matrix
 
@@ -307,36 +347,81 @@ def run_condense(recipe) -> dict:
 
     # the random per-class subset: the baseline arm and the condensed set's start point
     random_set = per_class_sample(pool, recipe.per_class, seed=recipe.seed)
-    syn = init_condensed(pool, recipe.per_class, tokenizer, E, max_length=lr_cfg.max_length, seed=recipe.seed,
-                         num_classes=num_classes)
+    syn = init_condensed(
+        pool, recipe.per_class, tokenizer, E, max_length=lr_cfg.max_length, seed=recipe.seed, num_classes=num_classes
+    )
     candidates = text_candidates(tokenizer, E.shape[0])
-    real = RealData(torch.zeros(len(pool_f), 1, dtype=torch.long), pool_f.mask, pool_f.labels,
-                    features=pool_f.hidden)
+    real = RealData(torch.zeros(len(pool_f), 1, dtype=torch.long), pool_f.mask, pool_f.labels, features=pool_f.hidden)
 
     def init_fn(seed: int) -> dict:
         return {n: p.detach().clone() for n, p in learner.new_top(seed).named_parameters()}
 
-    common = {"prefix": learner.prefix, "candidates": candidates, "reg_weight": meth.reg_weight,
-              "reg_kind": meth.reg_kind, "lr_embed": meth.lr_embed, "lr_label": meth.lr_label,
-              "learn_labels": meth.learn_labels, "seed": recipe.seed}
+    common = {
+        "prefix": learner.prefix,
+        "candidates": candidates,
+        "reg_weight": meth.reg_weight,
+        "reg_kind": meth.reg_kind,
+        "lr_embed": meth.lr_embed,
+        "lr_label": meth.lr_label,
+        "learn_labels": meth.learn_labels,
+        "seed": recipe.seed,
+    }
     t0 = time.perf_counter()
     experts_s = 0.0
     if isinstance(meth, TrajectoryMethod):
-        experts = train_experts(learner.new_top(0), real, E, params=meth.params, init_fn=init_fn,
-                                n_experts=meth.experts, steps=meth.expert_steps, save_every=meth.save_every,
-                                lr=meth.expert_lr, batch_size=meth.expert_batch, seed=recipe.seed,
-                                prefix=learner.prefix)
+        experts = train_experts(
+            learner.new_top(0),
+            real,
+            E,
+            params=meth.params,
+            init_fn=init_fn,
+            n_experts=meth.experts,
+            steps=meth.expert_steps,
+            save_every=meth.save_every,
+            lr=meth.expert_lr,
+            batch_size=meth.expert_batch,
+            seed=recipe.seed,
+            prefix=learner.prefix,
+        )
         experts_s = time.perf_counter() - t0
-        cs = trajectory_matching(learner.new_top(0), experts, syn, E, iterations=meth.iterations,
-                                 syn_steps=meth.syn_steps, expert_span=meth.expert_span, syn_lr=meth.syn_lr,
-                                 learn_lr=meth.learn_lr, lr_lr=meth.lr_lr, **common)
+        cs = trajectory_matching(
+            learner.new_top(0),
+            experts,
+            syn,
+            E,
+            iterations=meth.iterations,
+            syn_steps=meth.syn_steps,
+            expert_span=meth.expert_span,
+            syn_lr=meth.syn_lr,
+            learn_lr=meth.learn_lr,
+            lr_lr=meth.lr_lr,
+            **common,
+        )
     else:
-        cs = gradient_matching(learner.new_top(0), real, syn, E, params=meth.params, init_fn=init_fn,
-                               iterations=meth.iterations, inner_steps=meth.inner_steps, net_steps=meth.net_steps,
-                               real_batch=meth.real_batch, lr_net=meth.lr_net, n_inits=meth.n_inits, **common)
+        cs = gradient_matching(
+            learner.new_top(0),
+            real,
+            syn,
+            E,
+            params=meth.params,
+            init_fn=init_fn,
+            iterations=meth.iterations,
+            inner_steps=meth.inner_steps,
+            net_steps=meth.net_steps,
+            real_batch=meth.real_batch,
+            lr_net=meth.lr_net,
+            n_inits=meth.n_inits,
+            **common,
+        )
     construction_s = time.perf_counter() - t0
-    cs.meta.update({"dataset": recipe.dataset, "encoder": lr_cfg.encoder, "max_length": lr_cfg.max_length,
-                    "trainable_layers": lr_cfg.trainable_layers})
+    cs.meta.update(
+        {
+            "dataset": recipe.dataset,
+            "encoder": lr_cfg.encoder,
+            "max_length": lr_cfg.max_length,
+            "trainable_layers": lr_cfg.trainable_layers,
+        }
+    )
 
     text = cs.to_text(tokenizer, E, candidates=candidates)
     soft = cs.soft_labels()
@@ -344,14 +429,20 @@ def run_condense(recipe) -> dict:
     write_condensed_jsonl(out / "condensed.jsonl", text, soft)
     atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
 
-    protocol = {"learner": learner, "eval_examples": eval_f, "steps": lr_cfg.steps, "lr": lr_cfg.lr,
-                "batch_size": lr_cfg.batch_size}
+    protocol = {
+        "learner": learner,
+        "eval_examples": eval_f,
+        "steps": lr_cfg.steps,
+        "lr": lr_cfg.lr,
+        "batch_size": lr_cfg.batch_size,
+    }
     cs_f, text_f, random_f = feats_of(cs), feats_of(text), feats_of(random_set)
     runs: dict[str, list[float]] = {arm: [] for arm in ARMS}
     for s in range(lr_cfg.seeds):
         runs["condensed_emb"].append(evaluate_set(cs_f, seed=s, **protocol)["accuracy"])
         runs["condensed_emb_learned"].append(
-            evaluate_set(cs_f, seed=s, labels="soft", soft_labels=soft, **protocol)["accuracy"])
+            evaluate_set(cs_f, seed=s, labels="soft", soft_labels=soft, **protocol)["accuracy"]
+        )
         runs["condensed_text"].append(evaluate_set(text_f, seed=s, **protocol)["accuracy"])
         runs["random"].append(evaluate_set(random_f, seed=s, **protocol)["accuracy"])
     accuracy = {arm: _summary(v) for arm, v in runs.items()}
@@ -359,20 +450,35 @@ def run_condense(recipe) -> dict:
     match = cs.history.get("match", [])
     reg = cs.history.get("reg", [])
     report = {
-        "dataset": recipe.dataset, "method": meth.kind, "per_class": recipe.per_class,
-        "n_condensed": len(cs), "n_pool": len(pool), "n_eval": len(held), "learner": learner.name,
+        "dataset": recipe.dataset,
+        "method": meth.kind,
+        "per_class": recipe.per_class,
+        "n_condensed": len(cs),
+        "n_pool": len(pool),
+        "n_eval": len(held),
+        "learner": learner.name,
         **{f"accuracy_{arm}": accuracy[arm]["mean"] for arm in ARMS},
         "gain_vs_random": accuracy["condensed_emb"]["mean"] - accuracy["random"]["mean"],
-        "match_first": match[0] if match else None, "match_last": match[-1] if match else None,
-        "construction_s": construction_s, "total_s": None,
+        "match_first": match[0] if match else None,
+        "match_last": match[-1] if match else None,
+        "construction_s": construction_s,
+        "total_s": None,
         "accuracy": accuracy,
-        "match": {"first": match[0] if match else None, "last": match[-1] if match else None,
-                  "min": min(match) if match else None, "iterations": len(match),
-                  "history": [round(v, 6) for v in match]},
+        "match": {
+            "first": match[0] if match else None,
+            "last": match[-1] if match else None,
+            "min": min(match) if match else None,
+            "iterations": len(match),
+            "history": [round(v, 6) for v in match],
+        },
         "reg": {"first": reg[0] if reg else None, "last": reg[-1] if reg else None},
         "timing_s": {"features": features_s, "experts": experts_s, "construction": construction_s},
-        "protocol": {"steps": lr_cfg.steps, "lr": lr_cfg.lr, "batch_size": lr_cfg.batch_size,
-                     "seeds": list(range(lr_cfg.seeds))},
+        "protocol": {
+            "steps": lr_cfg.steps,
+            "lr": lr_cfg.lr,
+            "batch_size": lr_cfg.batch_size,
+            "seeds": list(range(lr_cfg.seeds)),
+        },
         "examples": {"init": cs.meta.get("init_texts", [])[:4], "projected": [e.text for e in text[:4]]},
         "output_dir": str(out),
     }

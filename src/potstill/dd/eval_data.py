@@ -64,13 +64,25 @@ from .protocol import (
     train_top,
 )
 
-__all__ = ["EvalDataRecipe", "EvalSet", "load_eval_data_recipe", "pool_rows", "read_set_rows", "run_eval_data",
-           "selection_for_pool", "summary_line"]
+__all__ = [
+    "EvalDataRecipe",
+    "EvalSet",
+    "load_eval_data_recipe",
+    "pool_rows",
+    "read_set_rows",
+    "run_eval_data",
+    "selection_for_pool",
+    "summary_line",
+]
 
 Baseline = Literal["random", "k_center", "herding", "kmeans_medoids"]
 CORESETS = {"k_center": (greedy_k_center, True), "kmeans_medoids": (kmeans_medoids, True), "herding": (herding, False)}
-REPORT_TIMINGS = {"condense_report.json": ("construction_s",), "selection_report.json": ("timings_s", "total_s"),
-                  "synthesis_report.json": ("round_seconds",), "report.json": ("construction_s",)}
+REPORT_TIMINGS = {
+    "condense_report.json": ("construction_s",),
+    "selection_report.json": ("timings_s", "total_s"),
+    "synthesis_report.json": ("round_seconds",),
+    "report.json": ("construction_s",),
+}
 METRICS = ("accuracy", "macro_f1")
 
 
@@ -79,12 +91,19 @@ METRICS = ("accuracy", "macro_f1")
 
 class EvalSet(cr._Strict):
     name: str = Field(..., min_length=1, description="Name of the arm in the report.")
-    path: str = Field(..., min_length=1, description="File or directory ($POTSTILL_DATA/... or relative to the "
-                      "working directory, like output_dir).")
-    format: Literal["jsonl", "selection", "dilm"] = Field(..., description="jsonl rows, a selection.json over "
-                                                          "this pool, or a directory of DiLM set files.")
-    construction_seconds: float | None = Field(None, ge=0.0, description="Seconds it took to build one set "
-                                               "(null: read from a report beside the set, else unknown).")
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="File or directory ($POTSTILL_DATA/... or relative to the working directory, like output_dir).",
+    )
+    format: Literal["jsonl", "selection", "dilm"] = Field(
+        ..., description="jsonl rows, a selection.json over this pool, or a directory of DiLM set files."
+    )
+    construction_seconds: float | None = Field(
+        None,
+        ge=0.0,
+        description="Seconds it took to build one set (null: read from a report beside the set, else unknown).",
+    )
 
 
 class EvalDataTeacher(cr._Strict):
@@ -94,21 +113,32 @@ class EvalDataTeacher(cr._Strict):
 
 
 class EvalDataRecipe(cr._Strict):
-    dataset: Literal["sst2", "sms_spam"] = Field(..., description="The real data the pool and held-out set come "
-                                                 "from, read from $POTSTILL_DATA.")
+    dataset: Literal["sst2", "sms_spam"] = Field(
+        ..., description="The real data the pool and held-out set come from, read from $POTSTILL_DATA."
+    )
     output_dir: str = Field("runs/eval_data", description="Where eval_data.json goes.")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the pool, the held-out subset, the teacher and the random draws.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed of the pool, the held-out subset, the teacher and the random draws."
+    )
     data: CondenseData = Field(default_factory=CondenseData, description="Pool and evaluation sizes.")
-    learner: CondenseLearner = Field(default_factory=CondenseLearner, description="The one learner every arm "
-                                     "is trained with (learner.seeds learners per set).")
-    labels: list[Literal["hard", "soft"]] = Field(default_factory=lambda: ["hard", "soft"], min_length=1,
-                                                  description="hard: the set's labels; soft: the teacher's "
-                                                  "class probabilities on the set's inputs.")
+    learner: CondenseLearner = Field(
+        default_factory=CondenseLearner,
+        description="The one learner every arm is trained with (learner.seeds learners per set).",
+    )
+    labels: list[Literal["hard", "soft"]] = Field(
+        default_factory=lambda: ["hard", "soft"],
+        min_length=1,
+        description="hard: the set's labels; soft: the teacher's class probabilities on the set's inputs.",
+    )
     teacher: EvalDataTeacher = Field(default_factory=EvalDataTeacher, description="Soft-label teacher.")
-    baselines: list[Baseline] = Field(default_factory=lambda: ["random", "k_center"], min_length=1,
-                                      description="Real subsets of the same size and class balance.")
-    sets: list[EvalSet] = Field(..., min_length=1, description="The sets to judge: {name, path, format, "
-                                "construction_seconds}.")
+    baselines: list[Baseline] = Field(
+        default_factory=lambda: ["random", "k_center"],
+        min_length=1,
+        description="Real subsets of the same size and class balance.",
+    )
+    sets: list[EvalSet] = Field(
+        ..., min_length=1, description="The sets to judge: {name, path, format, construction_seconds}."
+    )
 
     @field_validator("labels", "baselines", "sets")
     @classmethod
@@ -128,7 +158,11 @@ def load_eval_data_recipe(source: str | Path | dict, overrides: Sequence[str] = 
     ``kind: causal_lm`` gives a :class:`~potstill.dd.eval_data_lm.EvalDataLMRecipe` instead."""
     from ..config import apply_plain_overrides, format_validation_error, read_recipe_file
 
-    data = copy.deepcopy(source) if isinstance(source, dict) else read_recipe_file(source, "dataset, data, learner, sets, ...")
+    data = (
+        copy.deepcopy(source)
+        if isinstance(source, dict)
+        else read_recipe_file(source, "dataset, data, learner, sets, ...")
+    )
     for item in overrides:  # apply_plain_overrides walks dicts only: refuse sets.0.path=... in one line
         head, _, rest = item.partition("=")[0].partition(".")
         if rest and isinstance(data.get(head), list):
@@ -162,22 +196,29 @@ def read_set_rows(path: str | Path) -> list[Example]:
                     raise TypeError(f"label {label!r} is not a class id")
                 rows.append(Example(str(text), label))
             except (ValueError, KeyError, TypeError) as e:
-                raise PotstillError(f"{path}:{n}: not a set row {{'sentence' or 'text', 'label' or 'labels'}} "
-                                    f"({e}); fix the line") from None
+                raise PotstillError(
+                    f"{path}:{n}: not a set row {{'sentence' or 'text', 'label' or 'labels'}} ({e}); fix the line"
+                ) from None
     return rows
 
 
 def pool_rows(pool: Sequence[Example]) -> list[dict]:
     """The pool as :func:`load_selection` reads it: ``example_id`` = position; the fingerprint covers
     each example's UTF-8 text and label, so a selection made over another pool is refused."""
-    return [{"example_id": i, "input_ids": list(e.text.encode("utf-8")), "labels": [e.label]}
-            for i, e in enumerate(pool)]
+    return [
+        {"example_id": i, "input_ids": list(e.text.encode("utf-8")), "labels": [e.label]} for i, e in enumerate(pool)
+    ]
 
 
 def selection_for_pool(pool: Sequence[Example], ids: Sequence[int]) -> dict:
     """A ``selection.json`` body keeping ``ids`` (pool positions), readable by a ``selection`` set."""
-    return {"format": FORMAT, "version": VERSION, "example_ids": sorted(int(i) for i in ids),
-            "pool_size": len(pool), "data_fingerprint": pool_fingerprint(pool_rows(pool))}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "example_ids": sorted(int(i) for i in ids),
+        "pool_size": len(pool),
+        "data_fingerprint": pool_fingerprint(pool_rows(pool)),
+    }
 
 
 def _resolve(path: str) -> Path:
@@ -186,7 +227,7 @@ def _resolve(path: str) -> Path:
     if path.startswith(DATA_VAR):
         from ..data.rationale import data_root
 
-        return data_root() / path[len(DATA_VAR):].lstrip("/")
+        return data_root() / path[len(DATA_VAR) :].lstrip("/")
     return Path(path)
 
 
@@ -222,19 +263,27 @@ def _class_counts(name: str, replicas: list[list[Example]], pool_counts: Counter
     for c in counts:
         bad = sorted(set(c) - set(pool_counts))
         if bad:
-            raise PotstillError(f"set '{name}' has label {bad[0]}, which the pool does not have (labels "
-                                f"{sorted(pool_counts)}); fix the set's labels or the recipe's dataset")
+            raise PotstillError(
+                f"set '{name}' has label {bad[0]}, which the pool does not have (labels "
+                f"{sorted(pool_counts)}); fix the set's labels or the recipe's dataset"
+            )
     if any(c != counts[0] for c in counts):
-        raise PotstillError(f"set '{name}': its files differ in class counts ({dict(counts[0])} vs "
-                            f"{dict(next(c for c in counts if c != counts[0]))}); list them as separate sets")
+        raise PotstillError(
+            f"set '{name}': its files differ in class counts ({dict(counts[0])} vs "
+            f"{dict(next(c for c in counts if c != counts[0]))}); list them as separate sets"
+        )
     n = sum(counts[0].values())
     if n > sum(pool_counts.values()):
-        raise PotstillError(f"set '{name}' has {n} examples, more than the pool's {sum(pool_counts.values())}; "
-                            "raise data.pool_size or judge a smaller set")
+        raise PotstillError(
+            f"set '{name}' has {n} examples, more than the pool's {sum(pool_counts.values())}; "
+            "raise data.pool_size or judge a smaller set"
+        )
     for y, k in counts[0].items():
         if k > pool_counts[y]:
-            raise PotstillError(f"set '{name}' has {k} examples of label {y}, the pool only {pool_counts[y]}, so no "
-                                "baseline of the same class balance exists; raise data.pool_size")
+            raise PotstillError(
+                f"set '{name}' has {k} examples of label {y}, the pool only {pool_counts[y]}, so no "
+                "baseline of the same class balance exists; raise data.pool_size"
+            )
     return dict(sorted(counts[0].items()))
 
 
@@ -276,7 +325,9 @@ def build_learner(recipe, num_labels: int):
     lr_cfg = recipe.learner
     encoder, tokenizer = load_encoder(lr_cfg.encoder)
     model = TextClassifier(encoder, tokenizer, num_labels=num_labels, seed=recipe.seed)
-    learner = SplitLearner.from_classifier(model, trainable_layers=lr_cfg.trainable_layers, max_length=lr_cfg.max_length)
+    learner = SplitLearner.from_classifier(
+        model, trainable_layers=lr_cfg.trainable_layers, max_length=lr_cfg.max_length
+    )
 
     def feats_of(data):
         f = learner.features(data)
@@ -294,8 +345,9 @@ def train_pool_teacher(recipe, learner: SplitLearner, pool_f):
     """The soft-label teacher: the learner trained on the whole pool (``teacher`` section, seed ``recipe.seed``)."""
     teacher = learner.new_top(10_000)
     tc = recipe.teacher
-    train_top(teacher, pool_f, steps=tc.steps, lr=tc.lr or recipe.learner.lr, batch_size=tc.batch_size,
-              seed=recipe.seed)
+    train_top(
+        teacher, pool_f, steps=tc.steps, lr=tc.lr or recipe.learner.lr, batch_size=tc.batch_size, seed=recipe.seed
+    )
     return teacher
 
 
@@ -316,7 +368,9 @@ def _aggregate(runs: dict[str, dict[str, list[dict]]], info: dict[str, dict]) ->
             out[arm][kind] = {
                 "accuracy": {k: acc[k] for k in ("mean", "std", "n", "values")},
                 "macro_f1": {k: table["macro_f1"][arm][k] for k in ("mean", "std")},
-                "gain_vs_random_pts": 100.0 * acc["delta_vs_baseline"], "gain_se_pts": 100.0 * acc["delta_se"]}
+                "gain_vs_random_pts": 100.0 * acc["delta_vs_baseline"],
+                "gain_se_pts": 100.0 * acc["delta_se"],
+            }
     return out
 
 
@@ -351,13 +405,19 @@ def run_eval_data(recipe) -> dict:
         pool_soft = predict_features(teacher, pool_f)
         teacher_report = {k: evaluate_features(teacher, eval_f)[k] for k in METRICS}
         teacher_report.update(steps=recipe.teacher.steps, train_s=time.perf_counter() - t0)
-    protocol = {"learner": learner, "eval_examples": eval_f, "steps": lr_cfg.steps, "lr": lr_cfg.lr,
-                "batch_size": lr_cfg.batch_size}
+    protocol = {
+        "learner": learner,
+        "eval_examples": eval_f,
+        "steps": lr_cfg.steps,
+        "lr": lr_cfg.lr,
+        "batch_size": lr_cfg.batch_size,
+    }
 
     def learn(runs: dict[str, dict[str, list]], arm: str, feats, soft, seed: int) -> None:
         for kind in kinds:  # hard and soft share the learner seed: only the targets differ
-            runs[kind].setdefault(arm, []).append(evaluate_set(
-                feats, seed=seed, labels=kind, soft_labels=soft if kind == "soft" else None, **protocol))
+            runs[kind].setdefault(arm, []).append(
+                evaluate_set(feats, seed=seed, labels=kind, soft_labels=soft if kind == "soft" else None, **protocol)
+            )
 
     baseline_cache: dict[tuple, tuple[dict, dict]] = {}  # sets of one size and balance share their baselines
     report_sets = []
@@ -382,27 +442,61 @@ def run_eval_data(recipe) -> dict:
                     drawn.append(idx)
                     learn(base_runs, b, pool_f.subset(idx), None if pool_soft is None else pool_soft[idx], seed)
                 # size and balance as measured on what the learners were given, not as requested
-                base_info[b] = {"size": len(drawn[0]), "class_counts": _count_labels(pool_f.labels[drawn[0]].tolist()),
-                                "distinct_draws": len({tuple(sorted(i.tolist())) for i in drawn}),
-                                "construction_seconds": sum(draw_s) / len(draw_s)}
+                base_info[b] = {
+                    "size": len(drawn[0]),
+                    "class_counts": _count_labels(pool_f.labels[drawn[0]].tolist()),
+                    "distinct_draws": len({tuple(sorted(i.tolist())) for i in drawn}),
+                    "construction_seconds": sum(draw_s) / len(draw_s),
+                }
             baseline_cache[key] = (base_runs, base_info)
         base_runs, base_info = baseline_cache[key]
-        set_info = {"size": sum(counts.values()), "class_counts": _count_labels([e.label for e in replicas[0]]),
-                    "replicas": len(replicas), "construction_seconds": cost}
+        set_info = {
+            "size": sum(counts.values()),
+            "class_counts": _count_labels([e.label for e in replicas[0]]),
+            "replicas": len(replicas),
+            "construction_seconds": cost,
+        }
         arms = _aggregate({kind: {**runs[kind], **base_runs[kind]} for kind in kinds}, {"set": set_info, **base_info})
-        report_sets.append({"name": s.name, "format": s.format, "path": str(path), "size": sum(counts.values()),
-                            "replicas": len(replicas), "class_counts": set_info["class_counts"],
-                            "construction_seconds": cost, "construction_source": source, "arms": arms,
-                            "eval_s": time.perf_counter() - t0})
+        report_sets.append(
+            {
+                "name": s.name,
+                "format": s.format,
+                "path": str(path),
+                "size": sum(counts.values()),
+                "replicas": len(replicas),
+                "class_counts": set_info["class_counts"],
+                "construction_seconds": cost,
+                "construction_source": source,
+                "arms": arms,
+                "eval_s": time.perf_counter() - t0,
+            }
+        )
 
     out = Path(recipe.output_dir) / "eval_data.json"
-    report = cr._finite({
-        "dataset": recipe.dataset, "n_pool": len(pool), "n_eval": len(held), "learner": learner.name,
-        "labels": list(kinds), "baselines": list(recipe.baselines), "teacher": teacher_report,
-        "protocol": {"steps": lr_cfg.steps, "lr": lr_cfg.lr, "batch_size": lr_cfg.batch_size, "seeds": list(seeds),
-                     "trainable_layers": lr_cfg.trainable_layers, "max_length": lr_cfg.max_length},
-        "sets": report_sets, "timing_s": {"features": features_s}, "total_s": time.perf_counter() - t_start,
-        "path": str(out), "recipe": recipe.model_dump(mode="json")})
+    report = cr._finite(
+        {
+            "dataset": recipe.dataset,
+            "n_pool": len(pool),
+            "n_eval": len(held),
+            "learner": learner.name,
+            "labels": list(kinds),
+            "baselines": list(recipe.baselines),
+            "teacher": teacher_report,
+            "protocol": {
+                "steps": lr_cfg.steps,
+                "lr": lr_cfg.lr,
+                "batch_size": lr_cfg.batch_size,
+                "seeds": list(seeds),
+                "trainable_layers": lr_cfg.trainable_layers,
+                "max_length": lr_cfg.max_length,
+            },
+            "sets": report_sets,
+            "timing_s": {"features": features_s},
+            "total_s": time.perf_counter() - t_start,
+            "path": str(out),
+            "recipe": recipe.model_dump(mode="json"),
+        }
+    )
     atomic_write_json(out, report)
     return report
 
@@ -420,8 +514,11 @@ def summary_line(report: dict) -> str:
         for kind in report["labels"]:
             row = arms["set"][kind]
             base = ", ".join(f"{b} {arms[b][kind]['accuracy']['mean']:.3f}" for b in report["baselines"])
-            kinds.append(f"{kind} {row['accuracy']['mean']:.3f}±{row['accuracy']['std']:.3f} "
-                         f"({row['gain_vs_random_pts']:+.1f} pts; {base})")
-        parts.append(f"{st['name']} (n={st['size']}, {st['replicas']}x{len(report['protocol']['seeds'])}): "
-                     + " | ".join(kinds))
+            kinds.append(
+                f"{kind} {row['accuracy']['mean']:.3f}±{row['accuracy']['std']:.3f} "
+                f"({row['gain_vs_random_pts']:+.1f} pts; {base})"
+            )
+        parts.append(
+            f"{st['name']} (n={st['size']}, {st['replicas']}x{len(report['protocol']['seeds'])}): " + " | ".join(kinds)
+        )
     return f"eval-data: {'; '.join(parts)}; {report['total_s']:.0f} s  report: {report['path']}"

@@ -68,44 +68,73 @@ def _default_lm_runs() -> list[RunConfig]:
 
 class LMSet(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Name of the arm in the report.")
-    path: str = Field(..., min_length=1, description="selection: a selection.json of `potstill select` over this "
-                      "recipe's pool (the same data section), or its folder; jsonl: a file of prompt/response rows.")
-    format: Literal["selection", "jsonl"] = Field("selection", description="selection: a subset of the pool; "
-                                                  "jsonl: new examples, e.g. synthetic.jsonl of `potstill synthesize`.")
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="selection: a selection.json of `potstill select` over this "
+        "recipe's pool (the same data section), or its folder; jsonl: a file of prompt/response rows.",
+    )
+    format: Literal["selection", "jsonl"] = Field(
+        "selection",
+        description="selection: a subset of the pool; "
+        "jsonl: new examples, e.g. synthetic.jsonl of `potstill synthesize`.",
+    )
     prompt_field: str = Field("prompt", description="jsonl: the column holding the prompt.")
     response_field: str = Field("response", description="jsonl: the column holding the response.")
-    construction_seconds: float | None = Field(None, ge=0.0, description="Seconds it took to build the set "
-                                               "(null: read from selection_report.json or synthesis_report.json "
-                                               "beside it, else unknown).")
+    construction_seconds: float | None = Field(
+        None,
+        ge=0.0,
+        description="Seconds it took to build the set "
+        "(null: read from selection_report.json or synthesis_report.json "
+        "beside it, else unknown).",
+    )
 
 
 class EvalDataLMRecipe(_Strict):
-    kind: Literal["causal_lm"] = Field(..., description="causal_lm: instruction data and LLM students "
-                                       "(without it, eval-data judges classification sets).")
-    output_dir: str = Field("runs/eval_data_lm", description="Where eval_data.json, arms.json and the baseline "
-                            "selections go.")
+    kind: Literal["causal_lm"] = Field(
+        ...,
+        description="causal_lm: instruction data and LLM students (without it, eval-data judges classification sets).",
+    )
+    output_dir: str = Field(
+        "runs/eval_data_lm", description="Where eval_data.json, arms.json and the baseline selections go."
+    )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher (as in distill).")
-    student: StudentConfig = Field(default_factory=FromTeacherStudent,
-                                   description="The student every arm starts from (as in distill).")
-    data: DataConfig = Field(default_factory=DataConfig, description="The distill data section: the pool is its "
-                             "train split, the held-out examples its eval split.")
-    cache: CacheConfig | None = Field(None, description="Teacher-signal cache the KD runs train from (built by "
-                                      "`potstill cache` with the same data); null: the live teacher.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization of every learner; "
-                               "max_steps is ignored (equal epochs decide the steps).")
-    runs: list[RunConfig] = Field(default_factory=_default_lm_runs, min_length=1, description="How each arm is "
-                                  "trained (distill runs): default hard (SFT) and soft (KD, forward KL, T 1).")
+    student: StudentConfig = Field(
+        default_factory=FromTeacherStudent, description="The student every arm starts from (as in distill)."
+    )
+    data: DataConfig = Field(
+        default_factory=DataConfig,
+        description="The distill data section: the pool is its train split, the held-out examples its eval split.",
+    )
+    cache: CacheConfig | None = Field(
+        None,
+        description="Teacher-signal cache the KD runs train from (built by "
+        "`potstill cache` with the same data); null: the live teacher.",
+    )
+    train: TrainConfig = Field(
+        default_factory=TrainConfig,
+        description="Optimization of every learner; max_steps is ignored (equal epochs decide the steps).",
+    )
+    runs: list[RunConfig] = Field(
+        default_factory=_default_lm_runs,
+        min_length=1,
+        description="How each arm is trained (distill runs): default hard (SFT) and soft (KD, forward KL, T 1).",
+    )
     epochs: float = Field(2.0, gt=0.0, description="Epochs of every learner over its own set.")
     seeds: int = Field(1, ge=1, description="Learners per arm (train.seed + i); random draws one subset per seed.")
-    baselines: list[LMBaseline] = Field(default_factory=lambda: ["random", "kmeans_medoids"], min_length=1,
-                                        description="Real subsets of the same size, drawn by `potstill select`.")
+    baselines: list[LMBaseline] = Field(
+        default_factory=lambda: ["random", "kmeans_medoids"],
+        min_length=1,
+        description="Real subsets of the same size, drawn by `potstill select`.",
+    )
     embeddings: Literal["minilm", "student_hidden"] = Field("minilm", description="Space of the coreset baselines.")
     full: bool = Field(True, description="Also train on the whole pool (one learner per run): the reference.")
     eval_batch_size: int = Field(8, ge=1, description="Examples per evaluation batch.")
     keep_students: bool = Field(False, description="Keep every trained student under output_dir/students.")
     device: str | None = Field(None, description="torch device; default: cuda if available, else cpu.")
-    sets: list[LMSet] = Field(..., min_length=1, description="The selections to judge: {name, path, "
-                              "construction_seconds}.")
+    sets: list[LMSet] = Field(
+        ..., min_length=1, description="The selections to judge: {name, path, construction_seconds}."
+    )
 
     @field_validator("baselines", "sets", "runs")
     @classmethod
@@ -125,25 +154,34 @@ class EvalDataLMRecipe(_Strict):
     @model_validator(mode="after")
     def _checks(self) -> EvalDataLMRecipe:
         if self.data.selection is not None:
-            raise ValueError("data.selection is set: eval-data judges the selections listed in `sets` against "
-                             "the whole pool; remove data.selection")
+            raise ValueError(
+                "data.selection is set: eval-data judges the selections listed in `sets` against "
+                "the whole pool; remove data.selection"
+            )
         if self.teacher.model is None:
             raise ValueError("teacher.model is null: held-out forward KL needs the teacher's logits; name a teacher")
         new = next((s.name for s in self.sets if s.format == "jsonl"), None)
         if new is not None and self.cache is not None:
-            raise ValueError(f"set '{new}' holds new examples that the cache does not cover; remove `cache` so every "
-                             "arm trains from the live teacher alike")
+            raise ValueError(
+                f"set '{new}' holds new examples that the cache does not cover; remove `cache` so every "
+                "arm trains from the live teacher alike"
+            )
         return self
 
     def distill_recipe(self):
         """The distill :class:`~potstill.config.Recipe` of this protocol (pool, models, runs, cache)."""
         from ..config import Recipe
 
-        d = {"output_dir": self.output_dir, "teacher": self.teacher.model_dump(mode="json"),
-             "student": self.student.model_dump(mode="json"),
-             "data": self.data.model_dump(mode="json"), "train": self.train.model_dump(mode="json"),
-             "runs": [r.model_dump(mode="json") for r in self.runs], "eval": {"include_untrained": True},
-             "device": self.device}
+        d = {
+            "output_dir": self.output_dir,
+            "teacher": self.teacher.model_dump(mode="json"),
+            "student": self.student.model_dump(mode="json"),
+            "data": self.data.model_dump(mode="json"),
+            "train": self.train.model_dump(mode="json"),
+            "runs": [r.model_dump(mode="json") for r in self.runs],
+            "eval": {"include_untrained": True},
+            "device": self.device,
+        }
         if self.cache is not None:
             d["cache"] = self.cache.model_dump(mode="json")
         return Recipe.model_validate(d)
@@ -188,8 +226,13 @@ def _jsonl_examples(s: LMSet, path: Path, recipe: EvalDataLMRecipe, tokenizer) -
     rows = load_records(str(path))
     if not rows:
         raise PotstillError(f"set '{s.name}': '{path}' holds no rows; point it at a non-empty set")
-    pairs = records_to_pairs(rows, prompt_field=s.prompt_field, response_field=s.response_field,
-                             system_prompt=recipe.data.system_prompt, where=f"set '{s.name}' ({path})")
+    pairs = records_to_pairs(
+        rows,
+        prompt_field=s.prompt_field,
+        response_field=s.response_field,
+        system_prompt=recipe.data.system_prompt,
+        where=f"set '{s.name}' ({path})",
+    )
     return encode_pairs(pairs, tokenizer, recipe.data.max_length)
 
 
@@ -242,16 +285,20 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
     loaded = []  # every set is read and checked before anything trains: bad input fails fast
     for s, path in zip(recipe.sets, paths):
         try:
-            examples = (load_selection(path, pool) if s.format == "selection"
-                        else _jsonl_examples(s, path, recipe, prep.tokenizer))
+            examples = (
+                load_selection(path, pool)
+                if s.format == "selection"
+                else _jsonl_examples(s, path, recipe, prep.tokenizer)
+            )
         except PotstillError as err:
             msg = str(err)
             raise PotstillError(msg if msg.startswith(f"set '{s.name}'") else f"set '{s.name}': {msg}") from None
         if len(examples) >= len(pool):
-            raise PotstillError(f"set '{s.name}' has {len(examples)} examples, the pool {len(pool)}: no real subset "
-                                "of its size to compare it with; raise the pool or judge a smaller set")
-        loaded.append((s, path, examples, *construction(s, path),
-                       hashlib.sha256(path.read_bytes()).hexdigest()[:16]))
+            raise PotstillError(
+                f"set '{s.name}' has {len(examples)} examples, the pool {len(pool)}: no real subset "
+                "of its size to compare it with; raise the pool or judge a smaller set"
+            )
+        loaded.append((s, path, examples, *construction(s, path), hashlib.sha256(path.read_bytes()).hexdigest()[:16]))
     source = prep.cached_source() if any(r.uses_teacher for r in distill.runs) else None
 
     out = Path(recipe.output_dir)
@@ -259,8 +306,11 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
     from ..signals.cache import weights_fingerprint
     from .pipeline import pool_fingerprint
 
-    fp = _fingerprint(recipe, [x[-1] for x in loaded] + [pool_fingerprint(pool), pool_fingerprint(prep.eval_examples),
-                                                          weights_fingerprint(prep.teacher)])
+    fp = _fingerprint(
+        recipe,
+        [x[-1] for x in loaded]
+        + [pool_fingerprint(pool), pool_fingerprint(prep.eval_examples), weights_fingerprint(prep.teacher)],
+    )
     arms_path = out / ARMS_FILE
     done: dict[str, dict] = {}
     if arms_path.is_file():
@@ -287,14 +337,32 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
             r = distill.model_copy(deep=True)
             r.train.max_steps, r.train.seed = steps, recipe.train.seed + seed
             t0 = time.perf_counter()
-            models[run.name], _ = train_run(r, run, copy.deepcopy(prep.student0).train(), prep.teacher,
-                                            prep.tokenizer, examples, scratch / key / run.name, prep.device,
-                                            prep.vocab_size, source=source if run.uses_teacher else None)
+            models[run.name], _ = train_run(
+                r,
+                run,
+                copy.deepcopy(prep.student0).train(),
+                prep.teacher,
+                prep.tokenizer,
+                examples,
+                scratch / key / run.name,
+                prep.device,
+                prep.vocab_size,
+                source=source if run.uses_teacher else None,
+            )
             train_s[run.name] = time.perf_counter() - t0
         # the arm's students together: one teacher pass over the held-out examples serves them all
-        m = metrics_only(evaluate_runs({n: x.eval() for n, x in models.items()}, prep.teacher, prep.tokenizer,
-                                       prep.eval_examples, vocab_size=prep.vocab_size,
-                                       batch_size=recipe.eval_batch_size, max_new_tokens=0, progress=False))
+        m = metrics_only(
+            evaluate_runs(
+                {n: x.eval() for n, x in models.items()},
+                prep.teacher,
+                prep.tokenizer,
+                prep.eval_examples,
+                vocab_size=prep.vocab_size,
+                batch_size=recipe.eval_batch_size,
+                max_new_tokens=0,
+                progress=False,
+            )
+        )
         row["runs"] = {n: {k: m[n][k] for k in METRICS} | {"train_s": train_s[n]} for n in models}
         del models
         if not recipe.keep_students:
@@ -309,11 +377,17 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
         key = f"{kind}_n{n}_s{seed}"
         sel_dir = out / "baselines" / key
         scorer: dict = {"kind": kind} if kind == "random" else {"kind": kind, "embeddings": recipe.embeddings}
-        sr = select_recipe_from_dict({
-            "output_dir": str(sel_dir), "teacher": recipe.teacher.model_dump(mode="json"),
-            "student": distill.student.model_dump(mode="json"), "student_seed": recipe.train.seed,
-            "data": recipe.data.model_dump(mode="json"), "device": recipe.device,
-            "select": {"scorer": scorer, "budget": n, "seed": recipe.train.seed + seed}})
+        sr = select_recipe_from_dict(
+            {
+                "output_dir": str(sel_dir),
+                "teacher": recipe.teacher.model_dump(mode="json"),
+                "student": distill.student.model_dump(mode="json"),
+                "student_seed": recipe.train.seed,
+                "data": recipe.data.model_dump(mode="json"),
+                "device": recipe.device,
+                "select": {"scorer": scorer, "budget": n, "seed": recipe.train.seed + seed},
+            }
+        )
         if key in done and (sel_dir / SELECTION).is_file() and (sel_dir / REPORT).is_file():
             timings = json.loads((sel_dir / REPORT).read_text(encoding="utf-8"))["timings_s"]
         else:  # drawn again after a changed recipe or an interruption before its learners finished
@@ -321,24 +395,40 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
         return load_selection(sel_dir / SELECTION, pool), float(timings["total_s"] - timings.get("load_s", 0.0))
 
     # every baseline is drawn before anything trains: a coreset that cannot run fails at once
-    draws = {(b, len(x[2]), i): baseline(b, len(x[2]), i) for x in loaded for b in recipe.baselines
-             for i in range(recipe.seeds)}
+    draws = {
+        (b, len(x[2]), i): baseline(b, len(x[2]), i)
+        for x in loaded
+        for b in recipe.baselines
+        for i in range(recipe.seeds)
+    }
 
     # references: the untrained student, and the 100% student
     if "student_init" not in done:
-        m = metrics_only(evaluate_runs({"student": prep.student0}, prep.teacher, prep.tokenizer, prep.eval_examples,
-                                       vocab_size=prep.vocab_size, batch_size=recipe.eval_batch_size,
-                                       max_new_tokens=0, progress=False))
-        done["student_init"] = {"runs": {"untrained": {k: m["student"][k] for k in METRICS}},
-                                "teacher": {k: m["teacher"][k] for k in METRICS}}
+        m = metrics_only(
+            evaluate_runs(
+                {"student": prep.student0},
+                prep.teacher,
+                prep.tokenizer,
+                prep.eval_examples,
+                vocab_size=prep.vocab_size,
+                batch_size=recipe.eval_batch_size,
+                max_new_tokens=0,
+                progress=False,
+            )
+        )
+        done["student_init"] = {
+            "runs": {"untrained": {k: m["student"][k] for k in METRICS}},
+            "teacher": {k: m["teacher"][k] for k in METRICS},
+        }
         atomic_write_json(arms_path, _finite({"fingerprint": fp, "arms": done}))
     full = learn("full", pool, 0) if recipe.full else None
 
     report_sets = []
     for s, path, examples, cost, cost_src, _h in loaded:
         n = len(examples)
-        arm_rows: dict[str, list[dict]] = {"set": [learn(f"set_{s.name}_s{i}", examples, i)
-                                                   for i in range(recipe.seeds)]}
+        arm_rows: dict[str, list[dict]] = {
+            "set": [learn(f"set_{s.name}_s{i}", examples, i) for i in range(recipe.seeds)]
+        }
         arm_info: dict[str, dict] = {"set": {"construction_seconds": cost, "construction_source": cost_src}}
         for b in recipe.baselines:
             rows, secs = [], []
@@ -350,8 +440,13 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
             arm_info[b] = {"construction_seconds": statistics.fmean(secs), "construction_source": "measured"}
         arms: dict[str, dict] = {}
         for arm, rows in arm_rows.items():
-            a = {"examples": n, "response_tokens": statistics.fmean(r["response_tokens"] for r in rows),
-                 "steps": rows[0]["steps"], **arm_info[arm], "runs": {}}
+            a = {
+                "examples": n,
+                "response_tokens": statistics.fmean(r["response_tokens"] for r in rows),
+                "steps": rows[0]["steps"],
+                **arm_info[arm],
+                "runs": {},
+            }
             for run in distill.runs:
                 per = {k: _stats([r["runs"][run.name][k] for r in rows]) for k in METRICS}
                 per["train_s"] = statistics.fmean(r["runs"][run.name]["train_s"] for r in rows)
@@ -365,21 +460,44 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
                 ref = full["runs"][run.name]["forward_kl"] if full else None
                 per["gain_vs_random_pct"] = 100.0 * (rnd - fkl) / rnd if math.isfinite(rnd) and rnd else None
                 per["ratio_to_full"] = fkl / ref if ref is not None and math.isfinite(ref) and ref else None
-        report_sets.append({"name": s.name, "format": s.format, "path": str(path), "size": n,
-                            "fraction_of_pool": n / len(pool),
-                            "arms": arms})
+        report_sets.append(
+            {
+                "name": s.name,
+                "format": s.format,
+                "path": str(path),
+                "size": n,
+                "fraction_of_pool": n / len(pool),
+                "arms": arms,
+            }
+        )
     if not recipe.keep_students:
         shutil.rmtree(scratch, ignore_errors=True)
-    report = _finite({
-        "kind": "causal_lm", "n_pool": len(pool), "n_eval": len(prep.eval_examples),
-        "pool_response_tokens": _tokens(pool), "runs": [r.name for r in distill.runs],
-        "baselines": list(recipe.baselines), "teacher": done["student_init"]["teacher"],
-        "student_init": done["student_init"]["runs"]["untrained"], "full": full,
-        "protocol": {"epochs": recipe.epochs, "batch_size": bsz, "learning_rate": recipe.train.learning_rate,
-                     "seeds": [recipe.train.seed + i for i in range(recipe.seeds)],
-                     "cache": recipe.cache is not None, "embeddings": recipe.embeddings},
-        "sets": report_sets, "fingerprint": fp, "total_s": time.perf_counter() - t_start,
-        "path": str(out / REPORT_FILE), "recipe": recipe.model_dump(mode="json")})
+    report = _finite(
+        {
+            "kind": "causal_lm",
+            "n_pool": len(pool),
+            "n_eval": len(prep.eval_examples),
+            "pool_response_tokens": _tokens(pool),
+            "runs": [r.name for r in distill.runs],
+            "baselines": list(recipe.baselines),
+            "teacher": done["student_init"]["teacher"],
+            "student_init": done["student_init"]["runs"]["untrained"],
+            "full": full,
+            "protocol": {
+                "epochs": recipe.epochs,
+                "batch_size": bsz,
+                "learning_rate": recipe.train.learning_rate,
+                "seeds": [recipe.train.seed + i for i in range(recipe.seeds)],
+                "cache": recipe.cache is not None,
+                "embeddings": recipe.embeddings,
+            },
+            "sets": report_sets,
+            "fingerprint": fp,
+            "total_s": time.perf_counter() - t_start,
+            "path": str(out / REPORT_FILE),
+            "recipe": recipe.model_dump(mode="json"),
+        }
+    )
     atomic_write_json(out / REPORT_FILE, report)
     return report
 
@@ -391,11 +509,15 @@ def summary_line(report: dict) -> str:
         runs = []
         for run in report["runs"]:
             row = st["arms"]["set"]["runs"][run]
-            base = ", ".join(f"{b} {_num(st['arms'][b]['runs'][run]['forward_kl']['mean'], '.3f')}"
-                             for b in report["baselines"])
+            base = ", ".join(
+                f"{b} {_num(st['arms'][b]['runs'][run]['forward_kl']['mean'], '.3f')}" for b in report["baselines"]
+            )
             ratio = row.get("ratio_to_full")
-            runs.append(f"{run} FKL {_num(row['forward_kl']['mean'], '.3f')} "
-                        f"({_num(row['gain_vs_random_pct'], '+.1f')}% vs random"
-                        + (f", {ratio:.2f}x full" if ratio is not None else "") + f"; {base})")
+            runs.append(
+                f"{run} FKL {_num(row['forward_kl']['mean'], '.3f')} "
+                f"({_num(row['gain_vs_random_pct'], '+.1f')}% vs random"
+                + (f", {ratio:.2f}x full" if ratio is not None else "")
+                + f"; {base})"
+            )
         parts.append(f"{st['name']} (n={st['size']}): " + " | ".join(runs))
     return f"eval-data: {'; '.join(parts)}; {report['total_s']:.0f} s  report: {report['path']}"

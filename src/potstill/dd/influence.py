@@ -62,7 +62,9 @@ class RandomProjection:
 
     def __init__(self, num_params: int, dim: int, *, seed: int = 0, kind: ProjectionKind = "rademacher"):
         if num_params < 1:
-            raise PotstillError(f"cannot project {num_params} gradient coordinates; give the model trainable parameters")
+            raise PotstillError(
+                f"cannot project {num_params} gradient coordinates; give the model trainable parameters"
+            )
         if dim < 1:
             raise PotstillError(f"proj_dim={dim} must be >= 1 (or None for no projection)")
         if kind not in ("rademacher", "gaussian"):
@@ -89,14 +91,15 @@ class RandomProjection:
         single = x.dim() == 1
         x2 = x.unsqueeze(0) if single else x
         if x2.dim() != 2 or x2.shape[1] != self.num_params:
-            raise PotstillError(f"cannot project a vector of shape {tuple(x.shape)} with a projection of "
-                                f"{self.num_params} coordinates")
+            raise PotstillError(
+                f"cannot project a vector of shape {tuple(x.shape)} with a projection of {self.num_params} coordinates"
+            )
         x2 = x2.float()
         out = torch.zeros(x2.shape[0], self.dim, device=x2.device, dtype=torch.float32)
         for b in range(math.ceil(self.num_params / self.BLOCK_ROWS)):
             s = b * self.BLOCK_ROWS
             r = self.block(b, x2.device)
-            out.addmm_(x2[:, s:s + r.shape[0]], r)
+            out.addmm_(x2[:, s : s + r.shape[0]], r)
         return out[0] if single else out
 
 
@@ -117,16 +120,25 @@ def trainable_parameters(model: torch.nn.Module, params=None) -> list[tuple[str,
         out = [(n, p) for n, p in named if n in want]
         missing = want - {n for n, _ in out}
         if missing:
-            raise PotstillError(f"the model has no parameter {min(missing)!r}; pass names from "
-                                "model.named_parameters()")
+            raise PotstillError(
+                f"the model has no parameter {min(missing)!r}; pass names from model.named_parameters()"
+            )
     if not out:
-        raise PotstillError("no trainable parameters to take gradients of; wrap the student with LoRA "
-                            "(potstill.dd.influence.lora_model) or pass params=[names]")
+        raise PotstillError(
+            "no trainable parameters to take gradients of; wrap the student with LoRA "
+            "(potstill.dd.influence.lora_model) or pass params=[names]"
+        )
     return out
 
 
-def lora_model(model: torch.nn.Module, *, r: int = 8, alpha: int = 16,
-               target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"), seed: int = 0):
+def lora_model(
+    model: torch.nn.Module,
+    *,
+    r: int = 8,
+    alpha: int = 16,
+    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    seed: int = 0,
+):
     """The student wrapped with peft LoRA adapters (LESS uses LoRA on the attention
     matrices; r=128, alpha=512 for 7B models). Only the adapters are trainable. peft
     starts ``B = 0``, so the gradient w.r.t. ``A`` is 0 until a warmup step: warm up first."""
@@ -134,8 +146,9 @@ def lora_model(model: torch.nn.Module, *, r: int = 8, alpha: int = 16,
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
-                                                target_modules=list(target_modules)))
+        return get_peft_model(
+            model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules))
+        )
 
 
 def _example_loss(model: torch.nn.Module, example: dict) -> Tensor:
@@ -170,8 +183,9 @@ def per_example_gradients(model: torch.nn.Module, examples: Sequence[dict], *, p
         with _eval_mode(model), torch.enable_grad():
             for ex in examples:
                 grads = torch.autograd.grad(_example_loss(model, ex), ps, allow_unused=True)
-                yield torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float()
-                                 for p, g in zip(ps, grads)])
+                yield torch.cat(
+                    [(torch.zeros_like(p) if g is None else g).reshape(-1).float() for p, g in zip(ps, grads)]
+                )
     finally:
         for p in frozen:
             p.requires_grad_(False)
@@ -198,17 +212,21 @@ class AdamState:
         for name, p in named:
             st = optimizer.state.get(p, {})
             if "exp_avg" not in st or "exp_avg_sq" not in st or id(p) not in groups:
-                raise PotstillError(f"the optimizer has no Adam state for {name!r}; warm the student up with "
-                                    "Adam/AdamW over these parameters first, or score with plain gradients (adam=None)")
+                raise PotstillError(
+                    f"the optimizer has no Adam state for {name!r}; warm the student up with "
+                    "Adam/AdamW over these parameters first, or score with plain gradients (adam=None)"
+                )
             m.append(st["exp_avg"].reshape(-1).float())
             v.append(st["exp_avg_sq"].reshape(-1).float())
             steps.add(int(st["step"]))
             g = groups[id(p)]
             hyper.add((tuple(float(b) for b in g["betas"]), float(g["eps"])))
         if len(steps) != 1 or len(hyper) != 1:
-            raise PotstillError("the LoRA parameters have different Adam step counts or betas/eps; warm them up "
-                                "together in one optimizer group")
-        (betas, eps), = hyper
+            raise PotstillError(
+                "the LoRA parameters have different Adam step counts or betas/eps; warm them up "
+                "together in one optimizer group"
+            )
+        ((betas, eps),) = hyper
         return cls(torch.cat(m), torch.cat(v), steps.pop(), betas, eps)
 
     def direction(self, grad: Tensor) -> Tensor:
@@ -216,14 +234,22 @@ class AdamState:
         ``grad [..., P]`` (the step Adam would take next, divided by the learning rate)."""
         b1, b2 = self.betas
         t = self.step + 1
-        m = (b1 * self.exp_avg.to(grad.device) + (1 - b1) * grad) / (1 - b1 ** t)
-        v = (b2 * self.exp_avg_sq.to(grad.device) + (1 - b2) * grad.pow(2)) / (1 - b2 ** t)
+        m = (b1 * self.exp_avg.to(grad.device) + (1 - b1) * grad) / (1 - b1**t)
+        v = (b2 * self.exp_avg_sq.to(grad.device) + (1 - b2) * grad.pow(2)) / (1 - b2**t)
         return m / (v.sqrt() + self.eps)
 
 
-def gradient_features(model: torch.nn.Module, examples: Sequence[dict], *, adam: AdamState | None = None,
-                      proj_dim: int | None = 8192, seed: int = 0, projection: ProjectionKind = "rademacher",
-                      params=None, proj_batch: int = 16) -> Tensor:
+def gradient_features(
+    model: torch.nn.Module,
+    examples: Sequence[dict],
+    *,
+    adam: AdamState | None = None,
+    proj_dim: int | None = 8192,
+    seed: int = 0,
+    projection: ProjectionKind = "rademacher",
+    params=None,
+    proj_batch: int = 16,
+) -> Tensor:
     """Per-example gradient features ``[N, d]`` (``[N, P]`` with ``proj_dim=None``), float32.
 
     The SGD gradient of each example's mean response loss, or with ``adam`` its Adam update
@@ -234,8 +260,10 @@ def gradient_features(model: torch.nn.Module, examples: Sequence[dict], *, adam:
     named = trainable_parameters(model, params)
     num = sum(p.numel() for _, p in named)
     if adam is not None and adam.exp_avg.numel() != num:
-        raise PotstillError(f"the Adam state has {adam.exp_avg.numel()} coordinates but the gradients {num}; "
-                            "read it with AdamState.from_optimizer for the same model and params")
+        raise PotstillError(
+            f"the Adam state has {adam.exp_avg.numel()} coordinates but the gradients {num}; "
+            "read it with AdamState.from_optimizer for the same model and params"
+        )
     if proj_batch < 1:
         raise PotstillError(f"proj_batch={proj_batch} must be >= 1")
     proj = None if proj_dim is None else RandomProjection(num, proj_dim, seed=seed, kind=projection)
@@ -261,10 +289,19 @@ def _unit(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
 
 
-def less_scores(model: torch.nn.Module, train_examples: Sequence[dict], target_examples: Sequence[dict], *,
-                adam: AdamState | None = None, proj_dim: int | None = 8192, seed: int = 0,
-                projection: ProjectionKind = "rademacher", target_groups: Sequence | None = None, params=None,
-                proj_batch: int = 16) -> Tensor:
+def less_scores(
+    model: torch.nn.Module,
+    train_examples: Sequence[dict],
+    target_examples: Sequence[dict],
+    *,
+    adam: AdamState | None = None,
+    proj_dim: int | None = 8192,
+    seed: int = 0,
+    projection: ProjectionKind = "rademacher",
+    target_groups: Sequence | None = None,
+    params=None,
+    proj_batch: int = 16,
+) -> Tensor:
     """LESS influence of each training example on the target set, ``[N_train]`` in [-1, 1].
 
     ``cos(R Gamma(z), mean_{z' in group} R g(z'))``, max over ``target_groups`` (one label
@@ -282,8 +319,10 @@ def less_scores(model: torch.nn.Module, train_examples: Sequence[dict], target_e
     target = gradient_features(model, target_examples, **kw)
     groups = [0] * len(target_examples) if target_groups is None else list(target_groups)
     if len(groups) != len(target_examples):
-        raise PotstillError(f"target_groups has {len(groups)} labels for {len(target_examples)} target examples; "
-                            "give one per target example")
+        raise PotstillError(
+            f"target_groups has {len(groups)} labels for {len(target_examples)} target examples; "
+            "give one per target example"
+        )
     u = _unit(train)
     scores = []
     for grp in sorted(set(groups), key=str):

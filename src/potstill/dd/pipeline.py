@@ -45,7 +45,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
@@ -97,23 +97,30 @@ class PerplexityScorer(_Strict):
 class IfdLossRatioScorer(_Strict):
     kind: Literal["ifd_loss_ratio"] = "ifd_loss_ratio"
     model: ScoringModel = Field(
-        "teacher", description="The model whose losses L(A|Q) / L(A) give Cherry LLM's IFD. The teacher by default: "
+        "teacher",
+        description="The model whose losses L(A|Q) / L(A) give Cherry LLM's IFD. The teacher by default: "
         "IFD asks whether the instruction helps a model that follows instructions, and a freshly cut or "
-        "random-init student does not (its IFD is > 1 almost everywhere); a pretrained student may score too.")
+        "random-init student does not (its IFD is > 1 almost everywhere); a pretrained student may score too.",
+    )
 
 
 class IfdPplRatioScorer(_Strict):
     kind: Literal["ifd_ppl_ratio"] = "ifd_ppl_ratio"
-    model: ScoringModel = Field("teacher", description="The model whose PPL(A|Q) / PPL(A) gives Superfiltering's "
-                                "IFD (see ifd_loss_ratio for the default).")
+    model: ScoringModel = Field(
+        "teacher",
+        description="The model whose PPL(A|Q) / PPL(A) gives Superfiltering's "
+        "IFD (see ifd_loss_ratio for the default).",
+    )
 
 
 class KdDivergenceScorer(_Strict):
     kind: Literal["kd_divergence"] = "kd_divergence"
     divergence: DivergenceConfig = Field(
-        default_factory=ForwardKL, description="Teacher-student divergence averaged over each response's tokens.")
-    temperature: float = Field(1.0, gt=0.0, description="Distillation temperature of the scores (a sparse cache "
-                               "must hold this temperature).")
+        default_factory=ForwardKL, description="Teacher-student divergence averaged over each response's tokens."
+    )
+    temperature: float = Field(
+        1.0, gt=0.0, description="Distillation temperature of the scores (a sparse cache must hold this temperature)."
+    )
 
 
 class ConfidentTeacherUnsureStudentScorer(_Strict):
@@ -125,8 +132,10 @@ class LessScorer(_Strict):
     kind: Literal["less"] = "less"
     proj_dim: int = Field(8192, ge=1, description="Random-projection size of the LoRA gradients (LESS: 8192).")
     target: Literal["pool", "eval"] = Field(
-        "pool", description="Target set whose loss the selection should lower: a seeded slice of the pool (held "
-        "out of the selection) or the recipe's eval split (then the eval metrics are no longer held out).")
+        "pool",
+        description="Target set whose loss the selection should lower: a seeded slice of the pool (held "
+        "out of the selection) or the recipe's eval split (then the eval metrics are no longer held out).",
+    )
     target_size: int = Field(16, ge=1, description="Target examples (pool: drawn with select.seed; eval: the first).")
     warmup_steps: int = Field(8, ge=1, description="AdamW steps of LoRA warmup on the pool before taking gradients.")
     learning_rate: float = Field(1e-4, gt=0.0, description="Warmup learning rate.")
@@ -138,8 +147,10 @@ class LessScorer(_Strict):
 class KCenterScorer(_Strict):
     kind: Literal["k_center"] = "k_center"
     embeddings: Embeddings = Field(
-        "minilm", description="minilm: all-MiniLM-L6-v2 over prompt + response text; student_hidden: the scoring "
-        "student's final hidden state averaged over the example's tokens (L2-normalized).")
+        "minilm",
+        description="minilm: all-MiniLM-L6-v2 over prompt + response text; student_hidden: the scoring "
+        "student's final hidden state averaged over the example's tokens (L2-normalized).",
+    )
 
 
 class KMeansMedoidsScorer(_Strict):
@@ -154,25 +165,39 @@ class HerdingScorer(_Strict):
 
 
 ScoreConfig = Annotated[
-    Union[PerplexityScorer, IfdLossRatioScorer, IfdPplRatioScorer, KdDivergenceScorer,
-          ConfidentTeacherUnsureStudentScorer],
+    PerplexityScorer
+    | IfdLossRatioScorer
+    | IfdPplRatioScorer
+    | KdDivergenceScorer
+    | ConfidentTeacherUnsureStudentScorer,
     Field(discriminator="kind"),
 ]
 
 
 class DeitaScorer(_Strict):
     kind: Literal["deita"] = "deita"
-    score: ScoreConfig = Field(default_factory=KdDivergenceScorer,
-                               description="Per-example score walked best first (select.largest says which end).")
-    threshold: float = Field(0.9, ge=-1.0, le=1.0, description="Skip an example whose cosine similarity to a "
-                             "chosen one exceeds this.")
+    score: ScoreConfig = Field(
+        default_factory=KdDivergenceScorer,
+        description="Per-example score walked best first (select.largest says which end).",
+    )
+    threshold: float = Field(
+        0.9, ge=-1.0, le=1.0, description="Skip an example whose cosine similarity to a chosen one exceeds this."
+    )
     embeddings: Embeddings = Field("minilm", description="See k_center.")
 
 
 ScorerConfig = Annotated[
-    Union[RandomScorer, PerplexityScorer, IfdLossRatioScorer, IfdPplRatioScorer, KdDivergenceScorer,
-          ConfidentTeacherUnsureStudentScorer, LessScorer, KCenterScorer, KMeansMedoidsScorer, HerdingScorer,
-          DeitaScorer],
+    RandomScorer
+    | PerplexityScorer
+    | IfdLossRatioScorer
+    | IfdPplRatioScorer
+    | KdDivergenceScorer
+    | ConfidentTeacherUnsureStudentScorer
+    | LessScorer
+    | KCenterScorer
+    | KMeansMedoidsScorer
+    | HerdingScorer
+    | DeitaScorer,
     Field(discriminator="kind"),
 ]
 
@@ -185,8 +210,13 @@ KD_SCORERS = ("kd_divergence", "confident_teacher_unsure_student")
 
 class MinHashFilter(_Strict):
     kind: Literal["minhash_dedup"] = "minhash_dedup"
-    threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity of shingle sets at or above "
-                             "which a later example is a near-duplicate of a kept one.")
+    threshold: float = Field(
+        0.8,
+        gt=0.0,
+        le=1.0,
+        description="Jaccard similarity of shingle sets at or above "
+        "which a later example is a near-duplicate of a kept one.",
+    )
     num_perm: int = Field(128, ge=2, description="MinHash permutations.")
     ngram: int = Field(5, ge=1, description="Shingle size.")
     unit: Literal["word", "char"] = Field("word", description="Shingles of words or of characters.")
@@ -194,11 +224,13 @@ class MinHashFilter(_Strict):
 
 class IfdAboveOneFilter(_Strict):
     kind: Literal["drop_ifd_above_one"] = "drop_ifd_above_one"
-    model: ScoringModel = Field("teacher", description="The model whose L(A|Q) > L(A) marks a misaligned pair "
-                                "(see ifd_loss_ratio for the default).")
+    model: ScoringModel = Field(
+        "teacher",
+        description="The model whose L(A|Q) > L(A) marks a misaligned pair (see ifd_loss_ratio for the default).",
+    )
 
 
-FilterConfig = Annotated[Union[MinHashFilter, IfdAboveOneFilter], Field(discriminator="kind")]
+FilterConfig = Annotated[MinHashFilter | IfdAboveOneFilter, Field(discriminator="kind")]
 
 
 # ------------------------------------------------------------------------------- recipe
@@ -207,11 +239,17 @@ FilterConfig = Annotated[Union[MinHashFilter, IfdAboveOneFilter], Field(discrimi
 class SelectConfig(_Strict):
     scorer: ScorerConfig = Field(default_factory=KdDivergenceScorer, description="How examples are ranked or chosen.")
     budget: int | float = Field(
-        0.1, description="Examples to keep: a fraction of the pool in (0, 1] (0.1 = 10%, rounded up) or a count >= 1.")
-    largest: bool = Field(True, description="Keep the highest scores (hardest: most divergence, perplexity, IFD, "
-                          "influence); false keeps the lowest. Ignored by random and embedding selectors.")
+        0.1, description="Examples to keep: a fraction of the pool in (0, 1] (0.1 = 10%, rounded up) or a count >= 1."
+    )
+    largest: bool = Field(
+        True,
+        description="Keep the highest scores (hardest: most divergence, perplexity, IFD, "
+        "influence); false keeps the lowest. Ignored by random and embedding selectors.",
+    )
     filters: list[FilterConfig] = Field(default_factory=list, description="Applied in order before the budget.")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of random picks, k-means, k-center's first point and LESS.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed of random picks, k-means, k-center's first point and LESS."
+    )
     batch_size: int = Field(8, ge=1, description="Examples per scoring forward pass.")
     chunk_size: int = Field(256, ge=1, description="Token rows per chunk of [rows, vocab] logits while scoring.")
 
@@ -232,35 +270,50 @@ class SelectRecipe(_Strict):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher (as in the distill recipe).")
     student: StudentConfig = Field(
         default_factory=FromTeacherStudent,
-        description="The scoring student: the KD student's initial state (as in the distill recipe).")
-    student_seed: int = Field(0, ge=0, le=2**32 - 1, description="The distill recipe's train.seed: the initial weights of a scaled "
-                              "(random-init) scoring student.")
-    data: DataConfig = Field(default_factory=DataConfig, description="The distill recipe's data section: the pool "
-                             "is its train split, example for example.")
+        description="The scoring student: the KD student's initial state (as in the distill recipe).",
+    )
+    student_seed: int = Field(
+        0,
+        ge=0,
+        le=2**32 - 1,
+        description="The distill recipe's train.seed: the initial weights of a scaled (random-init) scoring student.",
+    )
+    data: DataConfig = Field(
+        default_factory=DataConfig,
+        description="The distill recipe's data section: the pool is its train split, example for example.",
+    )
     cache: CacheConfig | None = Field(
-        None, description="The distill recipe's cache section: KD-aware scores read the teacher from this cache "
-        "(written by `potstill cache`) instead of running it.")
+        None,
+        description="The distill recipe's cache section: KD-aware scores read the teacher from this cache "
+        "(written by `potstill cache`) instead of running it.",
+    )
     select: SelectConfig = Field(default_factory=SelectConfig, description="Scorer, filters and budget.")
     device: str | None = Field(None, description="torch device; default: cuda if available, else cpu.")
 
     @model_validator(mode="after")
-    def _check(self) -> "SelectRecipe":
+    def _check(self) -> SelectRecipe:
         if self.data.selection is not None:
-            raise ValueError("data.selection belongs in the distill recipe; a select recipe scores the whole pool, "
-                             "remove it")
+            raise ValueError(
+                "data.selection belongs in the distill recipe; a select recipe scores the whole pool, remove it"
+            )
         kinds = _score_kinds(self.select)
         if self.teacher.model is None:
             needs = sorted(k for k in kinds if k in KD_SCORERS) + sorted(
-                f"{k} (model: teacher)" for k, m in _model_uses(self.select) if m == "teacher")
+                f"{k} (model: teacher)" for k, m in _model_uses(self.select) if m == "teacher"
+            )
             if needs:
-                raise ValueError(f"{', '.join(needs)} need the teacher's weights, which a black-box teacher "
-                                 "(teacher.model null) does not have; choose another scorer or name a teacher")
+                raise ValueError(
+                    f"{', '.join(needs)} need the teacher's weights, which a black-box teacher "
+                    "(teacher.model null) does not have; choose another scorer or name a teacher"
+                )
         kd = _kd_scorer(self.select)
         if self.cache is not None and kd is not None and self.cache.signal.kind != "dense":
             t = self.cache.temperature
             if t is not None and t != kd.temperature:
-                raise ValueError(f"cache.temperature={t} but the scorer's temperature is {kd.temperature}; a "
-                                 f"{self.cache.signal.kind} cache holds one temperature: make them equal")
+                raise ValueError(
+                    f"cache.temperature={t} but the scorer's temperature is {kd.temperature}; a "
+                    f"{self.cache.signal.kind} cache holds one temperature: make them equal"
+                )
         return self
 
 
@@ -288,8 +341,9 @@ def _model_uses(sel: SelectConfig) -> list[tuple[str, str]]:
     return out
 
 
-def select_recipe_from_dict(data: dict, overrides: list[str] | None = None,
-                            base_dir: Path | None = None) -> SelectRecipe:
+def select_recipe_from_dict(
+    data: dict, overrides: list[str] | None = None, base_dir: Path | None = None
+) -> SelectRecipe:
     """Validate a select recipe (``key=value`` overrides applied first); data paths resolved as distill does."""
     from ..config import apply_overrides, recipe_from_dict
 
@@ -415,8 +469,13 @@ def _open_cache(prep, recipe: Recipe):
     from ..signals.cache import CachedSignal, weights_fingerprint
 
     spec = cache_spec(recipe)
-    source = CachedSignal(recipe.cache_dir, tokenizer=prep.tokenizer, tail=spec.tail,
-                          teacher_fingerprint=weights_fingerprint(prep.teacher), verify=recipe.cache.verify)
+    source = CachedSignal(
+        recipe.cache_dir,
+        tokenizer=prep.tokenizer,
+        tail=spec.tail,
+        teacher_fingerprint=weights_fingerprint(prep.teacher),
+        verify=recipe.cache.verify,
+    )
     source.check_spec(dataclasses.replace(spec, chunk_size=source.spec.chunk_size))
     source.check_data(prep.pool_examples)
     return source
@@ -435,8 +494,10 @@ def _pool_pairs(prep, recipe: Recipe, pool: list[dict]) -> list[dict]:
     teacher_id = "" if prep.teacher is None else str(getattr(prep.teacher, "name_or_path", recipe.teacher.model))
     pairs, _ = split_pairs(recipe, prep.teacher, prep.tokenizer, teacher_id)
     if len(pairs) != len(pool) or any(p["response"] != ex["reference"] for p, ex in zip(pairs, pool)):
-        raise PotstillError("the pool's texts do not line up with its encoded examples (the data source is not "
-                            "deterministic); fix the data source so two reads give the same rows")
+        raise PotstillError(
+            "the pool's texts do not line up with its encoded examples (the data source is not "
+            "deterministic); fix the data source so two reads give the same rows"
+        )
     return pairs
 
 
@@ -463,8 +524,9 @@ def _hidden_embeddings(model: torch.nn.Module, examples: Sequence[dict], batch_s
     return out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def _less_scores(cfg: LessScorer, student0, pool: list[dict], targets: list[dict], sel: SelectConfig,
-                 clock: _Clock) -> Tensor:
+def _less_scores(
+    cfg: LessScorer, student0, pool: list[dict], targets: list[dict], sel: SelectConfig, clock: _Clock
+) -> Tensor:
     """LESS (Xia et al. 2024): warm a LoRA copy of the scoring student up on the pool, then the
     cosine of each example's (Adam) update with the target set's mean gradient, ``[N]``."""
     from ..data import PadCollator
@@ -485,10 +547,11 @@ def _less_scores(cfg: LessScorer, student0, pool: list[dict], targets: list[dict
         for _ in range(cfg.warmup_steps):
             if len(order) < sel.batch_size:
                 order += torch.randperm(len(pool), generator=g).tolist()
-            members, order = order[:sel.batch_size], order[sel.batch_size:]
+            members, order = order[: sel.batch_size], order[sel.batch_size :]
             batch = {k: v.to(device) for k, v in collate([pool[i] for i in members]).items()}
-            rows = target_rows(final_hidden(model, batch["input_ids"], batch["attention_mask"]),
-                               target_index(batch["labels"]))
+            rows = target_rows(
+                final_hidden(model, batch["input_ids"], batch["attention_mask"]), target_index(batch["labels"])
+            )
             lab = batch["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(output_head(model)(rows).float(), lab[lab != -100])
             loss.backward()
@@ -504,8 +567,15 @@ def _summary(x: Tensor) -> dict[str, float] | None:
         return None
     x = x.double()
     q = torch.quantile(x, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
-    return {"n": int(x.numel()), "min": float(x.min()), "p10": q[0], "median": q[1], "mean": float(x.mean()),
-            "p90": q[2], "max": float(x.max())}
+    return {
+        "n": int(x.numel()),
+        "min": float(x.min()),
+        "p10": q[0],
+        "median": q[1],
+        "mean": float(x.mean()),
+        "p90": q[2],
+        "max": float(x.max()),
+    }
 
 
 # ------------------------------------------------------------------------------ runner
@@ -529,8 +599,13 @@ class _Scoring:
         if have is None or not set(idx) <= set(have[0]):
             sel = self.sr.select
             with self.clock(f"{which}_s"):
-                st = example_stats(self._model(which), [self.pool[i] for i in idx], batch_size=sel.batch_size,
-                                   chunk_size=sel.chunk_size, pad_token_id=_pad(self.prep))
+                st = example_stats(
+                    self._model(which),
+                    [self.pool[i] for i in idx],
+                    batch_size=sel.batch_size,
+                    chunk_size=sel.chunk_size,
+                    pad_token_id=_pad(self.prep),
+                )
             have = (list(idx), st)
             self._stats[which] = have
         pos = {i: j for j, i in enumerate(have[0])}
@@ -558,9 +633,16 @@ class _Scoring:
                 kw |= {"divergence": cfg.divergence.name, "divergence_kwargs": divergence_params(cfg.divergence)}
             t0 = time.perf_counter()
             before = self.clock.s.get("teacher_s", 0.0)
-            st = S.kd_stats(self.prep.student0, timed, [self.pool[i] for i in idx], batch_size=sel.batch_size,
-                            chunk_size=sel.chunk_size, vocab_size=self.prep.vocab_size,
-                            pad_token_id=_pad(self.prep), **kw)
+            st = S.kd_stats(
+                self.prep.student0,
+                timed,
+                [self.pool[i] for i in idx],
+                batch_size=sel.batch_size,
+                chunk_size=sel.chunk_size,
+                vocab_size=self.prep.vocab_size,
+                pad_token_id=_pad(self.prep),
+                **kw,
+            )
             spent = time.perf_counter() - t0 - (self.clock.s.get("teacher_s", 0.0) - before)
             self.clock.add("student_s", spent)  # student body, both heads, the divergence
             return st["divergence" if isinstance(cfg, KdDivergenceScorer) else "confident_teacher_unsure_student"]
@@ -571,11 +653,11 @@ class _Scoring:
             from .diversity import embed_texts
 
             with self.clock("embedding_s"):
-                return embed_texts([_pair_text(self.pairs[i]) for i in idx], batch_size=32,
-                                   device=self.prep.device)
+                return embed_texts([_pair_text(self.pairs[i]) for i in idx], batch_size=32, device=self.prep.device)
         with self.clock("embedding_s"):
-            return _hidden_embeddings(self.prep.student0, [self.pool[i] for i in idx], self.sr.select.batch_size,
-                                      _pad(self.prep))
+            return _hidden_embeddings(
+                self.prep.student0, [self.pool[i] for i in idx], self.sr.select.batch_size, _pad(self.prep)
+            )
 
 
 def _pad(prep) -> int:
@@ -588,8 +670,9 @@ def _budget_count(budget: int | float, n: int) -> int:
     if isinstance(budget, float):
         return max(1, math.ceil(budget * n - 1e-9))
     if budget > n:
-        raise PotstillError(f"select.budget={budget} is more than the pool's {n} examples; lower it or give a "
-                            "fraction such as 0.1")
+        raise PotstillError(
+            f"select.budget={budget} is more than the pool's {n} examples; lower it or give a fraction such as 0.1"
+        )
     return budget
 
 
@@ -630,10 +713,12 @@ def run_select(sr: SelectRecipe) -> dict:
     if isinstance(scorer, LessScorer):
         if scorer.target == "pool":
             if scorer.target_size >= n:
-                raise PotstillError(f"select.scorer.target_size={scorer.target_size} leaves no pool examples to "
-                                    f"select from ({n} in all); lower it")
+                raise PotstillError(
+                    f"select.scorer.target_size={scorer.target_size} leaves no pool examples to "
+                    f"select from ({n} in all); lower it"
+                )
             g = torch.Generator().manual_seed(sel.seed)
-            held = sorted(torch.randperm(n, generator=g)[:scorer.target_size].tolist())
+            held = sorted(torch.randperm(n, generator=g)[: scorer.target_size].tolist())
             less_targets = [pool[i] for i in held]
             held_set = set(held)
 
@@ -643,11 +728,12 @@ def run_select(sr: SelectRecipe) -> dict:
             less_target.__name__ = "less_target"
             filters.append(less_target)
         else:
-            less_targets = prep.eval_examples[:scorer.target_size]
+            less_targets = prep.eval_examples[: scorer.target_size]
     for f in sel.filters:
         if isinstance(f, MinHashFilter):
-            filters.append(MinHashDedup(threshold=f.threshold, num_perm=f.num_perm, ngram=f.ngram, unit=f.unit,
-                                        seed=sel.seed + 1))
+            filters.append(
+                MinHashDedup(threshold=f.threshold, num_perm=f.num_perm, ngram=f.ngram, unit=f.unit, seed=sel.seed + 1)
+            )
         else:
             from .select import ifd_loss_ratio
 
@@ -727,13 +813,21 @@ def run_select(sr: SelectRecipe) -> dict:
         kept_pos = torch.tensor(sorted(chosen), dtype=torch.long)
         mask = torch.zeros(len(surv), dtype=torch.bool)
         mask[kept_pos] = True
-        summary = {"name": score_name, "largest": sel.largest, "scored": _summary(scores),
-                   "kept": _summary(scores[mask]), "cut": _summary(scores[~mask])}
+        summary = {
+            "name": score_name,
+            "largest": sel.largest,
+            "scored": _summary(scores),
+            "kept": _summary(scores[mask]),
+            "cut": _summary(scores[~mask]),
+        }
     coverage = None
     if emb is not None and chosen:
         d = torch.cdist(emb.double(), emb[torch.tensor(chosen)].double()).amin(1)
-        coverage = {"embeddings": getattr(scorer, "embeddings", None), "max_distance_to_kept": float(d.max()),
-                    "mean_distance_to_kept": float(d.mean())}
+        coverage = {
+            "embeddings": getattr(scorer, "embeddings", None),
+            "max_distance_to_kept": float(d.max()),
+            "mean_distance_to_kept": float(d.mean()),
+        }
     timings = {k_: round(v, 4) for k_, v in clock.s.items()}
     timings["scoring_s"] = round(sum(v for k_, v in clock.s.items() if k_ != "load_s"), 4)
     timings["total_s"] = round(time.perf_counter() - t_start, 4)
@@ -742,8 +836,11 @@ def run_select(sr: SelectRecipe) -> dict:
     ids = [pool[i]["example_id"] for i in kept]
     budget = {"requested": sel.budget, "count": k, "kept": len(kept), "unmet": len(kept) < k}
     report = {
-        "format": FORMAT, "version": VERSION,
-        "pool": n, "kept": len(kept), "dropped": dict(final.report.dropped),
+        "format": FORMAT,
+        "version": VERSION,
+        "pool": n,
+        "kept": len(kept),
+        "dropped": dict(final.report.dropped),
         "reason_order": list(final.report.dropped),
         "budget": budget,
         "scorer": scorer.model_dump(mode="json"),
@@ -751,17 +848,26 @@ def run_select(sr: SelectRecipe) -> dict:
         "filter_report": first.report.to_dict(),
         "scores": summary,
         "coverage": coverage,
-        "teacher_signal": "none" if _kd_scorer(sel) is None else (
-            f"cache {recipe.cache_dir}" if source is not None else "live teacher"),
+        "teacher_signal": "none"
+        if _kd_scorer(sel) is None
+        else (f"cache {recipe.cache_dir}" if source is not None else "live teacher"),
         "device": str(prep.device),
         "timings_s": timings,
         "data_fingerprint": fingerprint,
-        "examples": [{"example_id": pool[i]["example_id"], "kept": i in kept_set, "reason": reasons.get(i),
-                      "reason_key": None if i not in reasons else reason_key(reasons[i]),
-                      "score": score_of.get(i)} for i in range(n)],
+        "examples": [
+            {
+                "example_id": pool[i]["example_id"],
+                "kept": i in kept_set,
+                "reason": reasons.get(i),
+                "reason_key": None if i not in reasons else reason_key(reasons[i]),
+                "score": score_of.get(i),
+            }
+            for i in range(n)
+        ],
     }
     selection = {
-        "format": FORMAT, "version": VERSION,
+        "format": FORMAT,
+        "version": VERSION,
         "example_ids": ids,
         "scorer": scorer.model_dump(mode="json"),
         "largest": sel.largest,
@@ -781,10 +887,17 @@ def run_select(sr: SelectRecipe) -> dict:
     for i in kept:
         p = pairs[i]
         user = [m["content"] for m in p["messages"] if m.get("role") == "user"]
-        lines.append(json.dumps({"example_id": pool[i]["example_id"], "prompt": user[-1] if user else "",
-                                 "response": p["response"],
-                                 "messages": [*p["messages"], {"role": "assistant", "content": p["response"]}]},
-                                ensure_ascii=False))
+        lines.append(
+            json.dumps(
+                {
+                    "example_id": pool[i]["example_id"],
+                    "prompt": user[-1] if user else "",
+                    "response": p["response"],
+                    "messages": [*p["messages"], {"role": "assistant", "content": p["response"]}],
+                },
+                ensure_ascii=False,
+            )
+        )
     atomic_write_text(out / SELECTED, "".join(line + "\n" for line in lines))
     atomic_write_json(out / REPORT, report)
     atomic_write_json(out / SELECTION, selection)
@@ -795,9 +908,11 @@ def run_select(sr: SelectRecipe) -> dict:
 def summary_line(report: dict) -> str:
     """One line for the CLI: kept of pool, drops per reason, time, where the selection is."""
     drops = ", ".join(f"{k}: {v}" for k, v in report["dropped"].items())
-    return (f"select: kept {report['kept']} of {report['pool']} ({report['scorer']['kind']})"
-            + (f"; dropped {drops}" if drops else "")
-            + f"; {report['timings_s']['total_s']:.1f} s  selection: {report['paths']['selection']}")
+    return (
+        f"select: kept {report['kept']} of {report['pool']} ({report['scorer']['kind']})"
+        + (f"; dropped {drops}" if drops else "")
+        + f"; {report['timings_s']['total_s']:.1f} s  selection: {report['paths']['selection']}"
+    )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -827,14 +942,17 @@ def load_selection(path: str | Path, examples: Sequence[dict]) -> list[dict]:
         raise PotstillError(
             f"the selection at '{p}' was made for other data ({sel.get('pool_size')} examples then, {len(examples)} "
             "now; data, max_length, system prompt or chat template differ); rerun `potstill select` with this "
-            "recipe's data section")
+            "recipe's data section"
+        )
     ids = sel.get("example_ids")
     if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
         raise PotstillError(f"{p} has no example ids; rerun `potstill select` to rewrite it")
     by_id = {int(ex["example_id"]): ex for ex in examples}
     missing = [i for i in ids if i not in by_id]
     if missing or len(set(ids)) != len(ids):
-        raise PotstillError(f"{p} names example ids that are not in the pool once each (e.g. "
-                            f"{(missing or ids)[0]}); rerun `potstill select` to rewrite it")
+        raise PotstillError(
+            f"{p} names example ids that are not in the pool once each (e.g. "
+            f"{(missing or ids)[0]}); rerun `potstill select` to rewrite it"
+        )
     keep = set(ids)
     return [ex for ex in examples if int(ex["example_id"]) in keep]

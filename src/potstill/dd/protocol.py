@@ -95,8 +95,13 @@ class _BertPrefix(nn.Module):
         self.embeddings = encoder.embeddings
         self.layers = nn.ModuleList(list(encoder.encoder.layer[:n]))
 
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
-                inputs_embeds: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+    ) -> Tensor:
         h = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds)
         if attention_mask is None:
             attention_mask = torch.ones(h.shape[:2], dtype=torch.long, device=h.device)
@@ -136,10 +141,17 @@ class _Composite(nn.Module):
         super().__init__()
         self.prefix, self.top = prefix, top
 
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
-                inputs_embeds: Tensor | None = None) -> Tensor:
-        return self.top(inputs_embeds=self.prefix(input_ids, attention_mask, inputs_embeds=inputs_embeds),
-                        attention_mask=attention_mask)
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+    ) -> Tensor:
+        return self.top(
+            inputs_embeds=self.prefix(input_ids, attention_mask, inputs_embeds=inputs_embeds),
+            attention_mask=attention_mask,
+        )
 
 
 class SplitLearner:
@@ -152,8 +164,16 @@ class SplitLearner:
     table (the space a :class:`CondensedSet` lives in).
     """
 
-    def __init__(self, prefix: nn.Module, make_top: Callable[[int], nn.Module], *, tokenizer=None,
-                 embedding_matrix: Tensor | None = None, max_length: int = 48, name: str = "learner"):
+    def __init__(
+        self,
+        prefix: nn.Module,
+        make_top: Callable[[int], nn.Module],
+        *,
+        tokenizer=None,
+        embedding_matrix: Tensor | None = None,
+        max_length: int = 48,
+        name: str = "learner",
+    ):
         self.prefix = prefix.eval()
         for p in self.prefix.parameters():
             p.requires_grad_(False)
@@ -164,8 +184,14 @@ class SplitLearner:
         self.name = name
 
     @classmethod
-    def from_classifier(cls, model: nn.Module, *, trainable_layers: int = 1, max_length: int = 48,
-                        attn_implementation: str | None = "eager") -> SplitLearner:
+    def from_classifier(
+        cls,
+        model: nn.Module,
+        *,
+        trainable_layers: int = 1,
+        max_length: int = 48,
+        attn_implementation: str | None = "eager",
+    ) -> SplitLearner:
         """Cut a :class:`~potstill.kd.classifier.TextClassifier` (BERT-family ``model.encoder``,
         ``model.head``, ``model.dropout``) after layer ``L - trainable_layers``.
 
@@ -186,16 +212,21 @@ class SplitLearner:
                 enc.set_attn_implementation(attn_implementation)
             else:
                 enc.config._attn_implementation = attn_implementation
-        pristine = [copy.deepcopy(layer).eval() for layer in layers[n - trainable_layers:]]
+        pristine = [copy.deepcopy(layer).eval() for layer in layers[n - trainable_layers :]]
         hidden, labels, p = enc.config.hidden_size, model.head.out_features, model.dropout.p
         prefix = _BertPrefix(enc, n - trainable_layers)
 
         def make_top(seed: int) -> nn.Module:
             return _BertTop(enc.config, pristine, hidden, labels, p, seed)
 
-        return cls(prefix, make_top, tokenizer=model.tokenizer,
-                   embedding_matrix=enc.embeddings.word_embeddings.weight.detach(), max_length=max_length,
-                   name=f"{type(model).__name__}[top {trainable_layers} of {n} layers + head]")
+        return cls(
+            prefix,
+            make_top,
+            tokenizer=model.tokenizer,
+            embedding_matrix=enc.embeddings.word_embeddings.weight.detach(),
+            max_length=max_length,
+            name=f"{type(model).__name__}[top {trainable_layers} of {n} layers + head]",
+        )
 
     def new_top(self, seed: int) -> nn.Module:
         return self.make_top(seed)
@@ -205,8 +236,13 @@ class SplitLearner:
         return _Composite(self.prefix, top)
 
     @torch.no_grad()
-    def features(self, data: Sequence[Example] | CondensedSet | tuple, *, labels: Sequence[int] | Tensor | None = None,
-                 batch_size: int = 64) -> Features:
+    def features(
+        self,
+        data: Sequence[Example] | CondensedSet | tuple,
+        *,
+        labels: Sequence[int] | Tensor | None = None,
+        batch_size: int = 64,
+    ) -> Features:
         """Prefix outputs of text examples, a :class:`CondensedSet` (its embeddings, labels ``classes``)
         or ``(inputs_embeds [N, L, H], attention_mask [N, L], labels [N])``. Text is tokenized with
         ``max_length`` and run in length-sorted batches; rows come back in input order, padded."""
@@ -221,22 +257,31 @@ class SplitLearner:
             raise PotstillError("no examples to featurize; pass a non-empty set")
         if self.tokenizer is None:
             raise PotstillError("this learner has no tokenizer, so it cannot read text; pass inputs_embeds")
-        enc = self.tokenizer([e.text for e in examples], padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        lab = torch.tensor([e.label for e in examples], dtype=torch.long) if labels is None else \
-            torch.as_tensor(labels, dtype=torch.long)
+        enc = self.tokenizer(
+            [e.text for e in examples], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        lab = (
+            torch.tensor([e.label for e in examples], dtype=torch.long)
+            if labels is None
+            else torch.as_tensor(labels, dtype=torch.long)
+        )
         return self._run(enc["input_ids"], None, enc["attention_mask"], lab, batch_size)
 
-    def _run(self, ids: Tensor | None, embeds: Tensor | None, mask: Tensor, labels: Tensor, batch_size: int) -> Features:
+    def _run(
+        self, ids: Tensor | None, embeds: Tensor | None, mask: Tensor, labels: Tensor, batch_size: int
+    ) -> Features:
         n, width = mask.shape
         order = torch.argsort(mask.sum(1), stable=True)
         out = None
         for s in range(0, n, batch_size):
-            idx = order[s:s + batch_size]
+            idx = order[s : s + batch_size]
             w = max(1, int(mask[idx].sum(1).max()))
             m = mask[idx, :w]
-            h = self.prefix(ids[idx, :w] if ids is not None else None, m,
-                            inputs_embeds=embeds[idx, :w] if embeds is not None else None)
+            h = self.prefix(
+                ids[idx, :w] if ids is not None else None,
+                m,
+                inputs_embeds=embeds[idx, :w] if embeds is not None else None,
+            )
             if out is None:
                 out = h.new_zeros((n, width, h.shape[-1]))
             out[idx, :w] = h.float()
@@ -246,9 +291,19 @@ class SplitLearner:
 # ----------------------------------------------------------------------------- train / evaluate
 
 
-def train_top(top: nn.Module, train: Features, *, steps: int, lr: float, batch_size: int, seed: int,
-              targets: Tensor | None = None, weight_decay: float = 0.01, warmup_fraction: float = 0.1,
-              max_grad_norm: float = 1.0) -> list[float]:
+def train_top(
+    top: nn.Module,
+    train: Features,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    targets: Tensor | None = None,
+    weight_decay: float = 0.01,
+    warmup_fraction: float = 0.1,
+    max_grad_norm: float = 1.0,
+) -> list[float]:
     """Train ``top`` in place for exactly ``steps`` AdamW steps on ``train``; returns the per-step loss.
 
     ``targets [N, C]`` (probabilities) -> soft-label cross-entropy; ``None`` -> cross-entropy
@@ -259,16 +314,20 @@ def train_top(top: nn.Module, train: Features, *, steps: int, lr: float, batch_s
     """
     n = len(train)
     if n == 0 or steps < 1 or batch_size < 1 or lr <= 0:
-        raise PotstillError(f"need a non-empty set, steps >= 1, batch_size >= 1, lr > 0; got {n}, {steps}, "
-                            f"{batch_size}, {lr}")
+        raise PotstillError(
+            f"need a non-empty set, steps >= 1, batch_size >= 1, lr > 0; got {n}, {steps}, {batch_size}, {lr}"
+        )
     bs = min(batch_size, n)
     params = [p for p in top.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=lr)
     warm = max(1, int(steps * warmup_fraction)) if warmup_fraction > 0 else 0
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: (k + 1) / warm if k < warm else max(0.0, (steps - k) / max(1, steps - warm)))
+        opt, lambda k: (k + 1) / warm if k < warm else max(0.0, (steps - k) / max(1, steps - warm))
+    )
     gen = torch.Generator().manual_seed(seed)
     stream: list[int] = []
     losses = []
@@ -303,7 +362,7 @@ def predict_features(top: nn.Module, feats: Features, batch_size: int = 256) -> 
     order = torch.argsort(feats.mask.sum(1), stable=True)
     probs = None
     for s in range(0, len(feats), batch_size):
-        idx = order[s:s + batch_size]
+        idx = order[s : s + batch_size]
         b = feats.subset(idx)
         p = torch.softmax(top(inputs_embeds=b.hidden, attention_mask=b.mask).float(), -1)
         if probs is None:
@@ -320,10 +379,19 @@ def evaluate_features(top: nn.Module, feats: Features) -> dict:
     return classification_metrics(predict_features(top, feats), feats.labels)
 
 
-def evaluate_set(train: Sequence[Example] | CondensedSet | Features, *, learner: SplitLearner,
-                 eval_examples: Sequence[Example] | Features, steps: int = 100, lr: float = 1e-4,
-                 batch_size: int = 16, seed: int = 0, labels: str = "hard", soft_labels=None,
-                 return_model: bool = False) -> dict:
+def evaluate_set(
+    train: Sequence[Example] | CondensedSet | Features,
+    *,
+    learner: SplitLearner,
+    eval_examples: Sequence[Example] | Features,
+    steps: int = 100,
+    lr: float = 1e-4,
+    batch_size: int = 16,
+    seed: int = 0,
+    labels: str = "hard",
+    soft_labels=None,
+    return_model: bool = False,
+) -> dict:
     """Train a fresh learner (``learner.new_top(seed)``) on ``train`` and evaluate it on ``eval_examples``.
 
     ``train``: text examples, a :class:`CondensedSet` (fed as ``inputs_embeds``; hard label =
@@ -372,8 +440,13 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def compare_arms(results: Mapping[str, Sequence[Mapping[str, Any] | float]], *, baseline: str | None = "random",
-                 metric: str = "accuracy", construction_s: Mapping[str, Sequence[float]] | None = None) -> dict:
+def compare_arms(
+    results: Mapping[str, Sequence[Mapping[str, Any] | float]],
+    *,
+    baseline: str | None = "random",
+    metric: str = "accuracy",
+    construction_s: Mapping[str, Sequence[float]] | None = None,
+) -> dict:
     """Aggregate the per-set results of each arm.
 
     ``results[arm]``: one entry per set (a dict holding ``metric``, or the value itself).
@@ -395,11 +468,18 @@ def compare_arms(results: Mapping[str, Sequence[Mapping[str, Any] | float]], *, 
     out = {}
     for arm, v in vals.items():
         m, s = mean_std(v)
-        row = {"mean": m, "std": s, "n": len(v), "values": v, "delta_vs_baseline": None, "delta_se": None,
-               "construction_s": None}
+        row = {
+            "mean": m,
+            "std": s,
+            "n": len(v),
+            "values": v,
+            "delta_vs_baseline": None,
+            "delta_se": None,
+            "construction_s": None,
+        }
         if baseline is not None:
             row["delta_vs_baseline"] = m - bm
-            row["delta_se"] = math.sqrt(s ** 2 / len(v) + bs ** 2 / len(vals[baseline]))
+            row["delta_se"] = math.sqrt(s**2 / len(v) + bs**2 / len(vals[baseline]))
         if construction_s and construction_s.get(arm):
             row["construction_s"] = statistics.fmean(construction_s[arm])
         out[arm] = row

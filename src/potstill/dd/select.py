@@ -197,8 +197,9 @@ def _score_at(scores: Tensor, index: int, name: str) -> float:
     return float(scores[index])
 
 
-def top_k(scores, k: int | None = None, *, fraction: float | None = None, largest: bool = True,
-          name: str = "score") -> Filter:
+def top_k(
+    scores, k: int | None = None, *, fraction: float | None = None, largest: bool = True, name: str = "score"
+) -> Filter:
     """A filter keeping the ``k`` (or ``ceil(fraction * N)``) best of ``scores [N]``.
 
     Exactly ``k`` are kept; ties at the cut go to the lower index. The cut is taken over
@@ -232,8 +233,9 @@ def top_k(scores, k: int | None = None, *, fraction: float | None = None, larges
     return top_k_filter
 
 
-def score_threshold(scores, *, min: float | None = None, max: float | None = None, name: str = "score",
-                    reason: str | None = None) -> Filter:
+def score_threshold(
+    scores, *, min: float | None = None, max: float | None = None, name: str = "score", reason: str | None = None
+) -> Filter:
     """A filter keeping ``min <= scores[i] <= max`` (either bound optional).
 
     Drop reason: ``reason`` if given, else ``"{name} below {min}"`` / ``"{name} above {max}"``,
@@ -294,7 +296,9 @@ def _check_examples(examples: Sequence[dict], what: str = "examples") -> None:
         raise PotstillError(f"no {what} to score (empty dataset); check the data section of the recipe")
     for i, ex in enumerate(examples):
         if not isinstance(ex, Mapping) or "input_ids" not in ex or "labels" not in ex:
-            raise PotstillError(f"{what} #{i} has no input_ids/labels; encode examples with potstill.data.encode_example")
+            raise PotstillError(
+                f"{what} #{i} has no input_ids/labels; encode examples with potstill.data.encode_example"
+            )
         if len(ex["input_ids"]) != len(ex["labels"]):
             raise PotstillError(f"{what} #{i}: input_ids and labels differ in length; re-encode it")
         if not any(int(t) != IGNORE_INDEX for t in list(ex["labels"])[1:]):
@@ -317,8 +321,7 @@ def response_only_example(example: Mapping, start_token_id: int) -> dict[str, li
     tokenizer's BOS; ``start_token_id`` plays that role).
     """
     a = response_tokens(example)
-    return {"input_ids": [int(start_token_id)] + a, "attention_mask": [1] * (len(a) + 1),
-            "labels": [IGNORE_INDEX] + a}
+    return {"input_ids": [int(start_token_id)] + a, "attention_mask": [1] * (len(a) + 1), "labels": [IGNORE_INDEX] + a}
 
 
 @contextmanager
@@ -356,7 +359,7 @@ def _batches(examples: Sequence[dict], batch_size: int) -> Iterator[list[int]]:
         raise PotstillError(f"batch_size={batch_size} must be >= 1")
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
     for b in range(0, len(order), batch_size):
-        yield order[b:b + batch_size]
+        yield order[b : b + batch_size]
 
 
 def _row_owner(labels: Tensor) -> Tensor:
@@ -388,9 +391,16 @@ def _entropy(lp: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def example_stats(model: torch.nn.Module, examples: Sequence[dict], *, batch_size: int = 8,
-                  start_token_id: int | None = None, response_only: Sequence[dict] | None = None,
-                  chunk_size: int = 1024, pad_token_id: int | None = None) -> dict[str, Tensor]:
+def example_stats(
+    model: torch.nn.Module,
+    examples: Sequence[dict],
+    *,
+    batch_size: int = 8,
+    start_token_id: int | None = None,
+    response_only: Sequence[dict] | None = None,
+    chunk_size: int = 1024,
+    pad_token_id: int | None = None,
+) -> dict[str, Tensor]:
     """Per-example token statistics of one model, one forward call per batch.
 
     Each batch holds the prompted examples *and* their prompt-free responses
@@ -434,8 +444,10 @@ def example_stats(model: torch.nn.Module, examples: Sequence[dict], *, batch_siz
     with _eval_mode(model):
         device = _device_of(model)
         for members in _batches(examples, batch_size):
-            alone = [response_only[i] if response_only is not None else
-                     response_only_example(examples[i], start_token_id) for i in members]
+            alone = [
+                response_only[i] if response_only is not None else response_only_example(examples[i], start_token_id)
+                for i in members
+            ]
             feats = [{k: examples[i][k] for k in ("input_ids", "labels")} for i in members]
             feats += [{k: a[k] for k in ("input_ids", "labels")} for a in alone]
             batch = collate(feats)
@@ -479,8 +491,10 @@ def ifd_loss_ratio(stats: Mapping[str, Tensor]) -> Tensor:
     num, den = _stat(stats, "nll_given_prompt"), _stat(stats, "nll_response_only")
     if bool((den <= 0).any()):
         i = int((den <= 0).nonzero()[0, 0])
-        raise PotstillError(f"L(A) of example #{i} is {den[i].item()}, so the IFD loss ratio is undefined; "
-                            "use ifd_ppl_ratio or drop the example")
+        raise PotstillError(
+            f"L(A) of example #{i} is {den[i].item()}, so the IFD loss ratio is undefined; "
+            "use ifd_ppl_ratio or drop the example"
+        )
     return num / den
 
 
@@ -509,9 +523,19 @@ def _teacher_signal(teacher, batch: dict[str, Tensor]):
 
 
 @torch.no_grad()
-def kd_stats(student: torch.nn.Module, teacher, examples: Sequence[dict], *, divergence: str = "forward_kl",
-             temperature: float = 1.0, batch_size: int = 8, chunk_size: int = 1024, vocab_size: int | None = None,
-             pad_token_id: int | None = None, divergence_kwargs: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+def kd_stats(
+    student: torch.nn.Module,
+    teacher,
+    examples: Sequence[dict],
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    chunk_size: int = 1024,
+    vocab_size: int | None = None,
+    pad_token_id: int | None = None,
+    divergence_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Tensor]:
     """Teacher-student statistics per example, one forward pass per model per batch.
 
     ``teacher`` is a causal LM (run here, no gradients) or a
@@ -555,12 +579,15 @@ def kd_stats(student: torch.nn.Module, teacher, examples: Sequence[dict], *, div
         raise PotstillError(f"chunk_size={chunk_size} must be >= 1")
     is_model = isinstance(teacher, torch.nn.Module)
     if not is_model and not callable(getattr(teacher, "signal", None)):
-        raise PotstillError("teacher must be a causal LM or a signal source with .signal(batch) (OnlineTeacher, "
-                            "CachedSignal)")
+        raise PotstillError(
+            "teacher must be a causal LM or a signal source with .signal(batch) (OnlineTeacher, CachedSignal)"
+        )
     source_t = None if is_model else getattr(teacher, "temperature", None)
     if source_t is not None and float(source_t) != float(temperature):
-        raise PotstillError(f"the teacher signal holds temperature {source_t} but temperature={temperature}; "
-                            "score at the signal's temperature or rebuild the cache at this one")
+        raise PotstillError(
+            f"the teacher signal holds temperature {source_t} but temperature={temperature}; "
+            "score at the signal's temperature or rebuild the cache at this one"
+        )
     kw = dict(divergence_kwargs or {})
     vocab = vocab_size or output_head(student).vocab
     log_v = math.log(vocab)
@@ -575,11 +602,17 @@ def kd_stats(student: torch.nn.Module, teacher, examples: Sequence[dict], *, div
             s_sig = _model_signal(student, batch)
             t_sig = _teacher_signal(teacher, {k: v.to(device) for k, v in batch.items()})
             if t_sig.num_rows != s_sig.num_rows:
-                raise PotstillError(f"the teacher signal has {t_sig.num_rows} rows for {s_sig.num_rows} response tokens "
-                                    "of the batch; the signal was made for other data: rebuild it")
-            if isinstance(t_sig, DenseSignal) and (t_sig.vocab < vocab or (vocab_size is None and t_sig.vocab != vocab)):
-                raise PotstillError(f"teacher vocabulary ({t_sig.vocab}) and student vocabulary ({vocab}) differ; "
-                                    "pass vocab_size= to align vocabularies that differ only by padding rows")
+                raise PotstillError(
+                    f"the teacher signal has {t_sig.num_rows} rows for {s_sig.num_rows} response tokens "
+                    "of the batch; the signal was made for other data: rebuild it"
+                )
+            if isinstance(t_sig, DenseSignal) and (
+                t_sig.vocab < vocab or (vocab_size is None and t_sig.vocab != vocab)
+            ):
+                raise PotstillError(
+                    f"teacher vocabulary ({t_sig.vocab}) and student vocabulary ({vocab}) differ; "
+                    "pass vocab_size= to align vocabularies that differ only by padding rows"
+                )
             owner = torch.tensor(members)[_row_owner(batch["labels"])]
             for s in range(0, s_sig.num_rows, chunk_size):
                 e = min(s + chunk_size, s_sig.num_rows)
@@ -590,8 +623,10 @@ def kd_stats(student: torch.nn.Module, teacher, examples: Sequence[dict], *, div
                     try:
                         div = sparse_divergence(divergence, zs, t, temperature=temperature, **kw)
                     except ValueError as err:
-                        raise PotstillError(f"the sparse teacher signal does not fit the student ({err}); "
-                                            "build it with the student's tokenizer and vocabulary") from None
+                        raise PotstillError(
+                            f"the sparse teacher signal does not fit the student ({err}); "
+                            "build it with the student's tokenizer and vocabulary"
+                        ) from None
                     if t.weights is not None:
                         live = ~torch.isneginf(t.logprobs)
                         h_t = torch.where(live, t.weights.float() * -t.logprobs.float(), 0.0).sum(-1)
@@ -600,14 +635,18 @@ def kd_stats(student: torch.nn.Module, teacher, examples: Sequence[dict], *, div
                 else:
                     zt = t_sig.chunk_logits(s, e, vocab).to(zs.device).float()
                     if not bool(torch.isfinite(zt).all()):
-                        raise PotstillError("teacher logits contain NaN/inf; check the teacher model/dtype (try float32)")
+                        raise PotstillError(
+                            "teacher logits contain NaN/inf; check the teacher model/dtype (try float32)"
+                        )
                     div = f(zs, zt, temperature=temperature, **kw)
                     h_t = _entropy(torch.log_softmax(zt / temperature, -1))
                 h_s = _entropy(lq)
                 ctus = (1 - h_t / log_v).clamp(0, 1) * (h_s / log_v).clamp(0, 1)
                 if not bool(torch.isfinite(div).all()):
-                    raise PotstillError(f"{divergence} is not finite on some response tokens; check both models' "
-                                        "logits (NaN/inf) or choose a bounded divergence")
+                    raise PotstillError(
+                        f"{divergence} is not finite on some response tokens; check both models' "
+                        "logits (NaN/inf) or choose a bounded divergence"
+                    )
                 idx = owner[s:e]
                 for j, v in enumerate((div, h_t, h_s, ctus)):
                     sums[j].index_add_(0, idx, v.double().cpu())
@@ -622,15 +661,15 @@ def kd_stats(student: torch.nn.Module, teacher, examples: Sequence[dict], *, div
     }
 
 
-def kd_divergence_score(student: torch.nn.Module, teacher, examples: Sequence[dict], *,
-                        divergence: str = "forward_kl", **kwargs) -> Tensor:
+def kd_divergence_score(
+    student: torch.nn.Module, teacher, examples: Sequence[dict], *, divergence: str = "forward_kl", **kwargs
+) -> Tensor:
     """Mean teacher-student ``divergence`` over each example's response tokens, ``[N]``
     (0 where the two agree; high = the student has most to learn there). See :func:`kd_stats`."""
     return kd_stats(student, teacher, examples, divergence=divergence, **kwargs)["divergence"]
 
 
-def confident_teacher_unsure_student(student: torch.nn.Module, teacher, examples: Sequence[dict],
-                                     **kwargs) -> Tensor:
+def confident_teacher_unsure_student(student: torch.nn.Module, teacher, examples: Sequence[dict], **kwargs) -> Tensor:
     """Mean over response tokens of ``(1 - H(p)/log V) * H(q)/log V`` (clipped to [0, 1]), ``[N]``:
     potstill's score for tokens where the teacher is sure and the student is not. See :func:`kd_stats`."""
     return kd_stats(student, teacher, examples, **kwargs)["confident_teacher_unsure_student"]

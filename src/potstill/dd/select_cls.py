@@ -47,24 +47,40 @@ NOT_CONFIDENT = "teacher not confident"
 class ClsSelectConfig(cr._Strict):
     per_class: int = Field(..., ge=1, description="Examples kept per label (DiLM's budgets: 5, 10, 20).")
     scorer: Literal["random", "k_center", "kmeans_medoids", "herding"] = Field(
-        "herding", description="How the examples of each class are picked among the survivors.")
-    teacher_confident: float | None = Field(0.9, gt=0.0, le=1.0, description="Keep only examples whose label "
-                                            "the pool-trained teacher gives at least this probability (null: "
-                                            "no filter, no teacher).")
+        "herding", description="How the examples of each class are picked among the survivors."
+    )
+    teacher_confident: float | None = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="Keep only examples whose label "
+        "the pool-trained teacher gives at least this probability (null: "
+        "no filter, no teacher).",
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of random picks, k-means and k-center's first point.")
 
 
 class ClsSelectRecipe(cr._Strict):
-    kind: Literal["classification"] = Field(..., description="classification: pick from a labelled text pool "
-                                            "(without it, select works on an LLM recipe's instruction data).")
-    dataset: Literal["sst2", "sms_spam"] = Field(..., description="The data the pool comes from, read from "
-                                                 "$POTSTILL_DATA (as eval-data and condense).")
+    kind: Literal["classification"] = Field(
+        ...,
+        description="classification: pick from a labelled text pool "
+        "(without it, select works on an LLM recipe's instruction data).",
+    )
+    dataset: Literal["sst2", "sms_spam"] = Field(
+        ..., description="The data the pool comes from, read from $POTSTILL_DATA (as eval-data and condense)."
+    )
     output_dir: str = Field("runs/select_cls", description="Where selection.json and its report go.")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the pool draw and of the teacher (as eval-data's seed).")
-    data: CondenseData = Field(default_factory=CondenseData, description="Pool size (and eval split) exactly as "
-                               "the eval-data recipe that judges the selection.")
-    learner: CondenseLearner = Field(default_factory=CondenseLearner, description="The learner whose features "
-                                     "give the coreset space and whose pool-trained top is the teacher.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed of the pool draw and of the teacher (as eval-data's seed)."
+    )
+    data: CondenseData = Field(
+        default_factory=CondenseData,
+        description="Pool size (and eval split) exactly as the eval-data recipe that judges the selection.",
+    )
+    learner: CondenseLearner = Field(
+        default_factory=CondenseLearner,
+        description="The learner whose features give the coreset space and whose pool-trained top is the teacher.",
+    )
     teacher: EvalDataTeacher = Field(default_factory=EvalDataTeacher, description="Training of the teacher.")
     select: ClsSelectConfig = Field(..., description="per_class, scorer, teacher_confident, seed.")
 
@@ -92,8 +108,10 @@ def run_select_cls(recipe: ClsSelectRecipe) -> dict:
         raise PotstillError("the pool holds a single label; raise data.pool_size")
     short = next((y for y in classes if int((labels == y).sum()) < sel.per_class), None)
     if short is not None:
-        raise PotstillError(f"the pool has {int((labels == short).sum())} examples of label {short}, fewer than "
-                            f"select.per_class={sel.per_class}; lower per_class or raise data.pool_size")
+        raise PotstillError(
+            f"the pool has {int((labels == short).sum())} examples of label {short}, fewer than "
+            f"select.per_class={sel.per_class}; lower per_class or raise data.pool_size"
+        )
     learner, feats_of = build_learner(recipe, num_labels=max(max(classes) + 1, 2))
     t0 = time.perf_counter()
     pool_f = feats_of(pool)
@@ -120,9 +138,11 @@ def run_select_cls(recipe: ClsSelectRecipe) -> dict:
     for y in classes:
         left = int((labels[cand] == y).sum()) if len(cand) else 0
         if left < sel.per_class:
-            raise PotstillError(f"only {left} examples of label {y} pass teacher_confident={sel.teacher_confident}, "
-                                f"fewer than select.per_class={sel.per_class}; lower teacher_confident (or null) "
-                                "or raise data.pool_size")
+            raise PotstillError(
+                f"only {left} examples of label {y} pass teacher_confident={sel.teacher_confident}, "
+                f"fewer than select.per_class={sel.per_class}; lower teacher_confident (or null) "
+                "or raise data.pool_size"
+            )
     t0 = time.perf_counter()
     picked = cand[_draw(sel.scorer, {y: sel.per_class for y in classes}, labels[cand], emb[cand], seed=sel.seed)]
     timings["selection_s"] = time.perf_counter() - t0
@@ -136,22 +156,44 @@ def run_select_cls(recipe: ClsSelectRecipe) -> dict:
     def key(reason: str) -> str:
         return NOT_CONFIDENT if reason.startswith(NOT_CONFIDENT) else BUDGET_CUT
 
-    rows = [{"example_id": i, "label": e.label, "kept": i in keep, "reason": reasons.get(i),
-             "reason_key": None if i in keep else key(reasons[i]),
-             "teacher_p_label": None if p_label is None else round(float(p_label[i]), 6)}
-            for i, e in enumerate(pool)]
+    rows = [
+        {
+            "example_id": i,
+            "label": e.label,
+            "kept": i in keep,
+            "reason": reasons.get(i),
+            "reason_key": None if i in keep else key(reasons[i]),
+            "teacher_p_label": None if p_label is None else round(float(p_label[i]), 6),
+        }
+        for i, e in enumerate(pool)
+    ]
     out = Path(recipe.output_dir)
-    report = {"kind": "classification", "dataset": recipe.dataset, "scorer": {"kind": sel.scorer},
-              "teacher_confident": sel.teacher_confident, "per_class": sel.per_class, "pool": len(pool),
-              "kept": len(ids), "class_counts": {str(y): k for y, k in sorted(Counter(pool[i].label for i in ids).items())},
-              "dropped": dict(Counter(r["reason_key"] for r in rows if not r["kept"])), "timings_s": timings,
-              "examples": rows,
-              "paths": {"selection": str(out / SELECTION), "selected": str(out / SELECTED), "report": str(out / REPORT)}}
+    report = {
+        "kind": "classification",
+        "dataset": recipe.dataset,
+        "scorer": {"kind": sel.scorer},
+        "teacher_confident": sel.teacher_confident,
+        "per_class": sel.per_class,
+        "pool": len(pool),
+        "kept": len(ids),
+        "class_counts": {str(y): k for y, k in sorted(Counter(pool[i].label for i in ids).items())},
+        "dropped": dict(Counter(r["reason_key"] for r in rows if not r["kept"])),
+        "timings_s": timings,
+        "examples": rows,
+        "paths": {"selection": str(out / SELECTION), "selected": str(out / SELECTED), "report": str(out / REPORT)},
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / SELECTION).unlink(missing_ok=True)  # written last: a crash below leaves no stale "complete" selection
-    atomic_write_text(out / "select_recipe.resolved.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-    atomic_write_text(out / SELECTED, "".join(json.dumps({"sentence": pool[i].text, "label": pool[i].label,
-                                                          "example_id": i}, ensure_ascii=False) + "\n" for i in ids))
+    atomic_write_text(
+        out / "select_recipe.resolved.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    )
+    atomic_write_text(
+        out / SELECTED,
+        "".join(
+            json.dumps({"sentence": pool[i].text, "label": pool[i].label, "example_id": i}, ensure_ascii=False) + "\n"
+            for i in ids
+        ),
+    )
     atomic_write_json(out / REPORT, report)
     atomic_write_json(out / SELECTION, selection_for_pool(pool, ids))  # last: its presence means complete
     return report

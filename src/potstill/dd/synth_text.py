@@ -65,8 +65,9 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def sample_examples(seeds: Sequence[str], generated: Sequence[str], k: int, machine: int,
-                    rng: random.Random) -> list[str]:
+def sample_examples(
+    seeds: Sequence[str], generated: Sequence[str], k: int, machine: int, rng: random.Random
+) -> list[str]:
     """``k`` in-context instructions: ``min(machine, len(generated))`` generated ones, the rest seeds, shuffled."""
     m = min(machine, len(generated))
     if k - m > len(seeds):
@@ -92,8 +93,9 @@ def self_instruct_prompt(examples: Sequence[str], n_new: int) -> str:
 
 
 _ITEM = re.compile(r"^\s*(?:[#*_]+\s*)?(?:(?:task|instruction)\s*)?(\d{1,3})\s*[.):]\s*(.*)$", re.IGNORECASE)
-_LABEL = re.compile(r"^(?:new\s+|rewritten\s+|harder\s+|evolved\s+)?(?:task|instruction|prompt|version)\s*\d*\s*:\s*",
-                    re.IGNORECASE)
+_LABEL = re.compile(
+    r"^(?:new\s+|rewritten\s+|harder\s+|evolved\s+)?(?:task|instruction|prompt|version)\s*\d*\s*:\s*", re.IGNORECASE
+)
 
 
 _ENUM = re.compile(r"^\d{1,3}\s*[.)]\s+")
@@ -173,8 +175,8 @@ def parse_answer(text: str, *, with_input: bool = True) -> tuple[str, str] | Non
     if m:
         head = text[: m.start()]
         label = _INPUT.match(head)
-        inp = head[label.end():].strip() if label else ""
-        return ("" if inp.lower().strip(" .") in _NO_INPUT else inp), text[m.end():].strip()
+        inp = head[label.end() :].strip() if label else ""
+        return ("" if inp.lower().strip(" .") in _NO_INPUT else inp), text[m.end() :].strip()
     if _INPUT.match(text):
         return None
     return "", text
@@ -190,7 +192,8 @@ EVOL_OPERATIONS: dict[str, str] = {
     "deepen": _DEPTH.replace("{how}", "Make it harder by asking about the subject in more depth or breadth."),
     "concretize": _DEPTH.replace("{how}", "Make it harder by replacing general ideas with more specific ones."),
     "reasoning": _DEPTH.replace(
-        "{how}", "Make it harder by making it explicitly need several steps of reasoning where one step sufficed."),
+        "{how}", "Make it harder by making it explicitly need several steps of reasoning where one step sufficed."
+    ),
     "breadth": (
         "Invent a brand-new task from the same field as the task below but about a rarer, less common subject. "
         "It should be about as long and as hard as the original and doable with text alone. Reply with the new "
@@ -200,9 +203,19 @@ EVOL_OPERATIONS: dict[str, str] = {
 """In-depth (constraints, deepen, concretize, reasoning) and in-breadth evolving prompts (our wording)."""
 
 # Phrases of the templates that must not leak into an evolved instruction (WizardLM sec. 3.3, case 4).
-TEMPLATE_MARKERS = ("the task below", "rewritten task", "rewrite the task", "original task", "harder version",
-                    "without answering it", "reply with the", "given prompt", "rewritten prompt", "given task",
-                    "brand-new task")
+TEMPLATE_MARKERS = (
+    "the task below",
+    "rewritten task",
+    "rewrite the task",
+    "original task",
+    "harder version",
+    "without answering it",
+    "reply with the",
+    "given prompt",
+    "rewritten prompt",
+    "given task",
+    "brand-new task",
+)
 
 
 def evol_prompt(instruction: str, operation: str) -> str:
@@ -316,10 +329,40 @@ class NoveltyIndex:
 
 
 UNSUPPORTED_KEYWORDS = (
-    "image", "photo", "photograph", "picture", "screenshot", "diagram", "flowchart", "chart", "graph", "plot",
-    "sketch", "draw", "drawing", "painting", "video", "audio", "recording", "podcast", "listen", "file",
-    "attachment", "attached", "pdf", "spreadsheet", "upload", "download", "url", "hyperlink", "webpage",
-    "website", "browse", "click", "go to", "camera",
+    "image",
+    "photo",
+    "photograph",
+    "picture",
+    "screenshot",
+    "diagram",
+    "flowchart",
+    "chart",
+    "graph",
+    "plot",
+    "sketch",
+    "draw",
+    "drawing",
+    "painting",
+    "video",
+    "audio",
+    "recording",
+    "podcast",
+    "listen",
+    "file",
+    "attachment",
+    "attached",
+    "pdf",
+    "spreadsheet",
+    "upload",
+    "download",
+    "url",
+    "hyperlink",
+    "webpage",
+    "website",
+    "browse",
+    "click",
+    "go to",
+    "camera",
 )
 _REFUSAL = re.compile(  # refusals, and deflections that answer nothing ("how can I help?")
     r"\b(?:as an ai\b|as a language model|i(?:'m| am) (?:sorry|afraid|unable|not able)|"
@@ -514,8 +557,10 @@ def copies_prompt(output: str, prompt: str, min_tokens: int = 4) -> bool:
 
 
 def _answer_checks(filters: FilterConfig, min_words: int, seen_outputs: set[str]) -> list[Check]:
-    return [lambda c: "truncated_answer" if filters.drop_truncated and c.answer_truncated else None,
-            lambda c: None if c.answer_parsed else "unparsable_answer",
-            lambda c: check_answer(c.output, min_words, filters.max_repetition),
-            lambda c: "answer_copies_prompt" if copies_prompt(c.output, c.prompt) else None,
-            _Seen(seen_outputs, "output", "duplicate_output")]
+    return [
+        lambda c: "truncated_answer" if filters.drop_truncated and c.answer_truncated else None,
+        lambda c: None if c.answer_parsed else "unparsable_answer",
+        lambda c: check_answer(c.output, min_words, filters.max_repetition),
+        lambda c: "answer_copies_prompt" if copies_prompt(c.output, c.prompt) else None,
+        _Seen(seen_outputs, "output", "duplicate_output"),
+    ]

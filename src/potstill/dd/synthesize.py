@@ -202,9 +202,7 @@ class SelfInstructConfig(_Strict):
     @model_validator(mode="after")
     def _examples(self) -> SelfInstructConfig:
         if self.machine_examples > self.k_in_context:
-            raise ValueError(
-                f"machine_examples={self.machine_examples} exceeds k_in_context={self.k_in_context}"
-            )
+            raise ValueError(f"machine_examples={self.machine_examples} exceeds k_in_context={self.k_in_context}")
         return self
 
 
@@ -277,7 +275,9 @@ class SynthesisConfig(_Strict):
     seeds_path: str | None = Field(
         None, description=f"Seed tasks JSONL (instruction, instances); default $POTSTILL_DATA/{SEEDS_RELPATH}."
     )
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of example sampling, evolution operations and generation.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed of example sampling, evolution operations and generation."
+    )
     method: MethodConfig = Field(default_factory=SelfInstructConfig, description="self_instruct or evol_instruct.")
     instruction_generation: SamplingConfig = Field(
         default_factory=SamplingConfig, description="Sampling of new or evolved instructions."
@@ -290,12 +290,15 @@ class SynthesisConfig(_Strict):
     batch_size: int = Field(8, ge=1, description="Teacher generation batch size.")
     chunk_size: int = Field(64, ge=1, description="Prompts per resumable generation chunk.")
     generation: GenerationOptions = Field(
-        default_factory=GenerationOptions, description="The teacher's generation engine: hf (default, any device) "
-        "or vllm (pip install 'potstill[vllm]', CUDA; colocate or server).")
+        default_factory=GenerationOptions,
+        description="The teacher's generation engine: hf (default, any device) "
+        "or vllm (pip install 'potstill[vllm]', CUDA; colocate or server).",
+    )
 
 
-def synthesis_config_from_dict(data: dict | None, overrides: list[str] | None = None,
-                               base_dir: Path | None = None) -> SynthesisConfig:
+def synthesis_config_from_dict(
+    data: dict | None, overrides: list[str] | None = None, base_dir: Path | None = None
+) -> SynthesisConfig:
     """Validate a synthesis recipe (``key=value`` overrides applied); one-line errors."""
     from ..config import DATA_VAR, apply_overrides, format_validation_error
 
@@ -311,7 +314,7 @@ def synthesis_config_from_dict(data: dict | None, overrides: list[str] | None = 
         if cfg.seeds_path.startswith(DATA_VAR):
             from ..data.rationale import data_root
 
-            cfg.seeds_path = str(data_root() / cfg.seeds_path[len(DATA_VAR):].lstrip("/"))
+            cfg.seeds_path = str(data_root() / cfg.seeds_path[len(DATA_VAR) :].lstrip("/"))
         elif base_dir is not None and not Path(cfg.seeds_path).is_absolute():
             cfg.seeds_path = str((base_dir / cfg.seeds_path).resolve())
     return cfg
@@ -342,8 +345,6 @@ class SeedTask:
         return _join(self.instruction, self.input)
 
 
-
-
 def load_seed_tasks(path: str | Path | None = None) -> list[SeedTask]:
     """Self-Instruct seed tasks: JSONL rows ``{instruction, instances: [{input, output}], id?}``."""
     if path is None:
@@ -368,8 +369,14 @@ def load_seed_tasks(path: str | Path | None = None) -> list[SeedTask]:
         try:
             row = json.loads(line)
             inst = row["instances"][0] if row.get("instances") else {}
-            tasks.append(SeedTask(str(row.get("id", f"seed_{n}")), row["instruction"].strip(),
-                                  str(inst.get("input", "")).strip(), str(inst.get("output", "")).strip()))
+            tasks.append(
+                SeedTask(
+                    str(row.get("id", f"seed_{n}")),
+                    row["instruction"].strip(),
+                    str(inst.get("input", "")).strip(),
+                    str(inst.get("output", "")).strip(),
+                )
+            )
         except (ValueError, KeyError, TypeError, AttributeError):
             raise PotstillError(
                 f"{p}: line {n} is not a seed task (JSON with 'instruction' and 'instances'); fix or remove it"
@@ -409,8 +416,19 @@ class TeacherGenerator:
     serving ``model`` (``None``: the hf backend).
     """
 
-    def __init__(self, model, tokenizer, cache_dir: str | Path, *, model_id: str, system_prompt: str | None = None,
-                 batch_size: int = 8, chunk_size: int = 64, progress: bool = True, engine=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        cache_dir: str | Path,
+        *,
+        model_id: str,
+        system_prompt: str | None = None,
+        batch_size: int = 8,
+        chunk_size: int = 64,
+        progress: bool = True,
+        engine=None,
+    ):
         self.model, self.tokenizer, self.cache_dir = model, tokenizer, Path(cache_dir)
         self.model_id, self.system_prompt = model_id, system_prompt
         self.batch_size, self.chunk_size, self.progress = batch_size, chunk_size, progress
@@ -423,9 +441,16 @@ class TeacherGenerator:
         from ..signals.cache import weights_fingerprint
 
         template = getattr(self.tokenizer, "chat_template", None) or ""
-        return json.dumps([weights_fingerprint(self.model), tokenizer_fingerprint(self.tokenizer),
-                           hashlib.sha256(template.encode()).hexdigest(), self.system_prompt, self.chunk_size]
-                          + ([] if self.engine is None else [self.engine.identity]))
+        return json.dumps(
+            [
+                weights_fingerprint(self.model),
+                tokenizer_fingerprint(self.tokenizer),
+                hashlib.sha256(template.encode()).hexdigest(),
+                self.system_prompt,
+                self.chunk_size,
+            ]
+            + ([] if self.engine is None else [self.engine.identity])
+        )
 
     def __call__(self, prompts: list[str], *, tag: str, params: GenerationParams) -> list[Completion]:
         from ..data.chat import encode_prompt
@@ -434,11 +459,22 @@ class TeacherGenerator:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         ids = [encode_prompt(self.tokenizer, system + [{"role": "user", "content": p}]) for p in prompts]
         path = self.cache_dir / f"{tag}-{prompts_sha(ids)[:12]}"
-        gen = generate_cached(self.model, self.tokenizer, ids, path, params, model_id=self.model_id,
-                              chunk_size=self.chunk_size, batch_size=self.batch_size, progress=self.progress,
-                              engine=self.engine)
-        return [Completion(self.tokenizer.decode(t, skip_special_tokens=True).strip(), len(t) >= params.max_new_tokens)
-                for t in gen.token_ids]
+        gen = generate_cached(
+            self.model,
+            self.tokenizer,
+            ids,
+            path,
+            params,
+            model_id=self.model_id,
+            chunk_size=self.chunk_size,
+            batch_size=self.batch_size,
+            progress=self.progress,
+            engine=self.engine,
+        )
+        return [
+            Completion(self.tokenizer.decode(t, skip_special_tokens=True).strip(), len(t) >= params.max_new_tokens)
+            for t in gen.token_ids
+        ]
 
 
 def _call(generate: TextGenerator, prompts: list[str], tag: str, params: GenerationParams) -> list[Completion]:
@@ -463,8 +499,9 @@ def _min_words(cfg: SynthesisConfig) -> int:
     return 1 if cfg.method.kind == "self_instruct" else 5
 
 
-def _answer(cfg: SynthesisConfig, generate: TextGenerator, survivors: list[Candidate], rnd: int,
-            with_input: bool) -> None:
+def _answer(
+    cfg: SynthesisConfig, generate: TextGenerator, survivors: list[Candidate], rnd: int, with_input: bool
+) -> None:
     params = cfg.answer_generation.params(_stage_seed(cfg.seed, rnd, "answer"))
     prompts = [answer_prompt(c.instruction, with_input=with_input) for c in survivors]
     for c, comp in zip(survivors, _call(generate, prompts, f"round-{rnd:03d}-answer", params)):
@@ -480,8 +517,9 @@ class _SelfInstruct:
     def __init__(self, cfg: SynthesisConfig, seeds: list[SeedTask]):
         self.cfg, self.m = cfg, cfg.method
         if self.m.k_in_context > len(seeds):
-            raise PotstillError(f"k_in_context={self.m.k_in_context} exceeds the {len(seeds)} seed tasks; "
-                                "lower method.k_in_context")
+            raise PotstillError(
+                f"k_in_context={self.m.k_in_context} exceeds the {len(seeds)} seed tasks; lower method.k_in_context"
+            )
         self.seed_instructions = [s.instruction for s in seeds]
         self.generated: list[dict] = []
         self.index = NoveltyIndex(self.seed_instructions)
@@ -494,9 +532,12 @@ class _SelfInstruct:
         m, cfg = self.m, self.cfg
         rng = random.Random(f"potstill.synthesize.self_instruct:{cfg.seed}:{rnd}")
         pool = [r["instruction"] for r in self.generated]
-        prompts = [self_instruct_prompt(sample_examples(self.seed_instructions, pool, m.k_in_context,
-                                                        m.machine_examples, rng), m.new_per_prompt)
-                   for _ in range(m.prompts_per_round)]
+        prompts = [
+            self_instruct_prompt(
+                sample_examples(self.seed_instructions, pool, m.k_in_context, m.machine_examples, rng), m.new_per_prompt
+            )
+            for _ in range(m.prompts_per_round)
+        ]
         params = cfg.instruction_generation.params(_stage_seed(cfg.seed, rnd, "propose"))
         candidates, empty = [], 0
         for comp in _call(generate, prompts, f"round-{rnd:03d}-propose", params):
@@ -519,8 +560,16 @@ class _SelfInstruct:
             self.outputs.add(_norm(r["response"]))
 
     def record(self, c: Candidate, rnd: int, i: int) -> dict:
-        return {"id": f"si-r{rnd:03d}-{i:04d}", "prompt": c.prompt, "response": c.output, "source": self.source,
-                "round": rnd, "parent": None, "instruction": c.instruction, "input": c.input}
+        return {
+            "id": f"si-r{rnd:03d}-{i:04d}",
+            "prompt": c.prompt,
+            "response": c.output,
+            "source": self.source,
+            "round": rnd,
+            "parent": None,
+            "instruction": c.instruction,
+            "input": c.input,
+        }
 
     def final(self) -> tuple[list[dict], int]:
         n = self.m.n_instructions
@@ -554,13 +603,17 @@ class _EvolInstruct:
         prompts = [evol_prompt(p["prompt"], op) for p, op in zip(self.pool, ops)]
         params = cfg.instruction_generation.params(_stage_seed(cfg.seed, rnd, "evolve"))
         comps = _call(generate, prompts, f"round-{rnd:03d}-evolve", params)
-        candidates = [Candidate(parse_evolution(c.text), rnd, parent=p["id"], operation=op, truncated=c.truncated)
-                      for p, op, c in zip(self.pool, ops, comps)]
+        candidates = [
+            Candidate(parse_evolution(c.text), rnd, parent=p["id"], operation=op, truncated=c.truncated)
+            for p, op, c in zip(self.pool, ops, comps)
+        ]
         parents = {p["id"]: p["prompt"] for p in self.pool}
-        checks = [_truncated(cfg.filters),
-                  lambda c: check_evolution(parents[c.parent], c.instruction),
-                  _quality(cfg.filters),
-                  _Seen(self.instructions, "instruction", "duplicate_instruction")]
+        checks = [
+            _truncated(cfg.filters),
+            lambda c: check_evolution(parents[c.parent], c.instruction),
+            _quality(cfg.filters),
+            _Seen(self.instructions, "instruction", "duplicate_instruction"),
+        ]
         dropped: list[Candidate] = []
         survivors = list(keep_or_drop(candidates, checks, dropped))
         _answer(cfg, generate, survivors, rnd, with_input=False)
@@ -570,16 +623,25 @@ class _EvolInstruct:
     def apply(self, rec: dict) -> None:
         child = {r["parent"]: r for r in rec["kept"]}
         # A failed evolution leaves its parent in the pool for the next round (WizardLM sec. 3.3).
-        self.pool = [{"id": child[p["id"]]["id"], "prompt": child[p["id"]]["prompt"]} if p["id"] in child else p
-                     for p in self.pool]
+        self.pool = [
+            {"id": child[p["id"]]["id"], "prompt": child[p["id"]]["prompt"]} if p["id"] in child else p
+            for p in self.pool
+        ]
         for r in rec["kept"]:
             self.kept.append(r)
             self.instructions.add(_norm(r["prompt"]))
             self.outputs.add(_norm(r["response"]))
 
     def record(self, c: Candidate, rnd: int, i: int) -> dict:
-        return {"id": f"ev-r{rnd:03d}-{i:04d}", "prompt": c.instruction, "response": c.output, "source": self.source,
-                "round": rnd, "parent": c.parent, "operation": c.operation}
+        return {
+            "id": f"ev-r{rnd:03d}-{i:04d}",
+            "prompt": c.instruction,
+            "response": c.output,
+            "source": self.source,
+            "round": rnd,
+            "parent": c.parent,
+            "operation": c.operation,
+        }
 
     def final(self) -> tuple[list[dict], int]:
         return list(self.kept), 0
@@ -599,11 +661,17 @@ def _as_config(cfg: SynthesisConfig | dict) -> SynthesisConfig:
 def _run_key(cfg: SynthesisConfig, seeds: list[SeedTask], generator_id: str) -> str:
     # Budgets (n_instructions, rounds) are left out: raising one continues a finished run.
     method = cfg.method.model_dump(mode="json", exclude={"n_instructions", "rounds"})
-    ident = {"format": ROUND_FORMAT, "version": VERSION, "method": method, "seed": cfg.seed,
-             "filters": cfg.filters.model_dump(mode="json"), "generator": generator_id,
-             "instruction_generation": cfg.instruction_generation.model_dump(mode="json"),
-             "answer_generation": cfg.answer_generation.model_dump(mode="json"),
-             "seeds": [[s.id, s.instruction, s.input, s.output] for s in seeds]}
+    ident = {
+        "format": ROUND_FORMAT,
+        "version": VERSION,
+        "method": method,
+        "seed": cfg.seed,
+        "filters": cfg.filters.model_dump(mode="json"),
+        "generator": generator_id,
+        "instruction_generation": cfg.instruction_generation.model_dump(mode="json"),
+        "answer_generation": cfg.answer_generation.model_dump(mode="json"),
+        "seeds": [[s.id, s.instruction, s.input, s.output] for s in seeds],
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -619,14 +687,24 @@ def _read_round(path: Path, key: str, rnd: int, prev: str | None) -> dict | None
         rec = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
-    if not isinstance(rec, dict) or (rec.get("format"), rec.get("key"), rec.get("round"), rec.get("prev")) != (
-            ROUND_FORMAT, key, rnd, prev) or not isinstance(rec.get("kept"), list):
+    if (
+        not isinstance(rec, dict)
+        or (rec.get("format"), rec.get("key"), rec.get("round"), rec.get("prev")) != (ROUND_FORMAT, key, rnd, prev)
+        or not isinstance(rec.get("kept"), list)
+    ):
         return None
     return rec
 
 
-def synthesize(cfg: SynthesisConfig | dict, generate: TextGenerator, output_dir: str | Path, *,
-               generator_id: str, seeds: list[SeedTask] | None = None, teacher: str | None = None) -> dict:
+def synthesize(
+    cfg: SynthesisConfig | dict,
+    generate: TextGenerator,
+    output_dir: str | Path,
+    *,
+    generator_id: str,
+    seeds: list[SeedTask] | None = None,
+    teacher: str | None = None,
+) -> dict:
     """Run the configured method with ``generate`` as the teacher; returns the report (also written).
 
     ``generator_id`` identifies the teacher (weights, tokenizer, template): round files of
@@ -647,8 +725,10 @@ def synthesize(cfg: SynthesisConfig | dict, generate: TextGenerator, output_dir:
         except (OSError, ValueError, AttributeError):
             old = None
         if old != key:
-            raise PotstillError(f"'{out}' holds a synthesis with another teacher, seed tasks or settings; "
-                                "use another output_dir or delete it")
+            raise PotstillError(
+                f"'{out}' holds a synthesis with another teacher, seed tasks or settings; "
+                "use another output_dir or delete it"
+            )
     else:
         atomic_write_json(meta_path, {"key": key, "method": cfg.method.kind})
     prev, per_round = None, []
@@ -662,19 +742,43 @@ def synthesize(cfg: SynthesisConfig | dict, generate: TextGenerator, output_dir:
             r0 = time.perf_counter()
             candidates, kept, extra = method.run_round(rnd, generate)
             dropped = [c for c in candidates if c.reason]
-            rec = {"format": ROUND_FORMAT, "version": VERSION, "key": key, "round": rnd, "prev": prev,
-                   "candidates": len(candidates), "kept_count": len(kept),
-                   "dropped_counts": dict(sorted(Counter(c.reason for c in dropped).items())), **extra,
-                   "seconds": round(time.perf_counter() - r0, 3),
-                   "kept": [method.record(c, rnd, i) for i, c in enumerate(kept)],
-                   "dropped": [{"reason": c.reason, "detail": c.detail, "instruction": c.instruction,
-                                "parent": c.parent, "output": c.output} for c in dropped]}
+            rec = {
+                "format": ROUND_FORMAT,
+                "version": VERSION,
+                "key": key,
+                "round": rnd,
+                "prev": prev,
+                "candidates": len(candidates),
+                "kept_count": len(kept),
+                "dropped_counts": dict(sorted(Counter(c.reason for c in dropped).items())),
+                **extra,
+                "seconds": round(time.perf_counter() - r0, 3),
+                "kept": [method.record(c, rnd, i) for i, c in enumerate(kept)],
+                "dropped": [
+                    {
+                        "reason": c.reason,
+                        "detail": c.detail,
+                        "instruction": c.instruction,
+                        "parent": c.parent,
+                        "output": c.output,
+                    }
+                    for c in dropped
+                ],
+            }
             assert rec["candidates"] == rec["kept_count"] + len(dropped), "a candidate was neither kept nor dropped"
             atomic_write_json(path, rec, indent=1)
         prev = _content_sha(rec)
         method.apply(rec)
-        per_round.append({"round": rnd, "resumed": resumed, "candidates": rec["candidates"],
-                          "kept": rec["kept_count"], "dropped": rec["dropped_counts"], "seconds": rec["seconds"]})
+        per_round.append(
+            {
+                "round": rnd,
+                "resumed": resumed,
+                "candidates": rec["candidates"],
+                "kept": rec["kept_count"],
+                "dropped": rec["dropped_counts"],
+                "seconds": rec["seconds"],
+            }
+        )
 
     records, over = method.final()
     dropped_total: Counter = Counter()
@@ -685,20 +789,33 @@ def synthesize(cfg: SynthesisConfig | dict, generate: TextGenerator, output_dir:
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     atomic_write_text(out / "synthetic.jsonl", lines)
     candidates = sum(r["candidates"] for r in per_round)
-    report = {"method": cfg.method.kind, "teacher": teacher, "output": str(out / "synthetic.jsonl"),
-              "candidates": candidates,
-              "kept": len(records), "dropped": dict(sorted(dropped_total.items())),
-              "rounds": len(per_round), "rounds_resumed": sum(r["resumed"] for r in per_round),
-              "per_round": per_round, "round_seconds": round(sum(r["seconds"] for r in per_round), 3),
-              "wall_seconds": round(time.perf_counter() - t0, 3)}
+    report = {
+        "method": cfg.method.kind,
+        "teacher": teacher,
+        "output": str(out / "synthetic.jsonl"),
+        "candidates": candidates,
+        "kept": len(records),
+        "dropped": dict(sorted(dropped_total.items())),
+        "rounds": len(per_round),
+        "rounds_resumed": sum(r["resumed"] for r in per_round),
+        "per_round": per_round,
+        "round_seconds": round(sum(r["seconds"] for r in per_round), 3),
+        "wall_seconds": round(time.perf_counter() - t0, 3),
+    }
     if candidates != len(records) + sum(dropped_total.values()):
         raise AssertionError("synthesis counts do not add up")  # an internal bug, never a user error
     atomic_write_json(out / "synthesis_report.json", report)
     return report
 
 
-def run_synthesis(cfg: SynthesisConfig | dict, output_dir: str | Path | None = None, *, model=None, tokenizer=None,
-                  progress: bool = True) -> dict:
+def run_synthesis(
+    cfg: SynthesisConfig | dict,
+    output_dir: str | Path | None = None,
+    *,
+    model=None,
+    tokenizer=None,
+    progress: bool = True,
+) -> dict:
     """Load the teacher (unless given), synthesize into ``output_dir`` (default ``cfg.output_dir``), report.
 
     Writes ``synthesis.resolved.yaml``, ``rounds/``, ``generations/``, ``synthetic.jsonl`` and
@@ -724,10 +841,24 @@ def run_synthesis(cfg: SynthesisConfig | dict, output_dir: str | Path | None = N
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         # With vllm the HF copy only fingerprints the weights (and is saved for the engine): kept off the GPU.
         model, tokenizer = load_model(cfg.teacher, dtype=cfg.dtype, device="cpu" if vllm else device)
-    engine = VLLMEngine.from_options(model, tokenizer, cfg.generation.vllm, device=cfg.device or "cuda",
-                                     seed=cfg.seed, workdir=out) if vllm else None
-    gen = TeacherGenerator(model, tokenizer, out / "generations", model_id=cfg.teacher, system_prompt=cfg.system_prompt,
-                           batch_size=cfg.batch_size, chunk_size=cfg.chunk_size, progress=progress, engine=engine)
+    engine = (
+        VLLMEngine.from_options(
+            model, tokenizer, cfg.generation.vllm, device=cfg.device or "cuda", seed=cfg.seed, workdir=out
+        )
+        if vllm
+        else None
+    )
+    gen = TeacherGenerator(
+        model,
+        tokenizer,
+        out / "generations",
+        model_id=cfg.teacher,
+        system_prompt=cfg.system_prompt,
+        batch_size=cfg.batch_size,
+        chunk_size=cfg.chunk_size,
+        progress=progress,
+        engine=engine,
+    )
     atomic_write_text(out / "synthesis.resolved.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     try:
         return synthesize(cfg, gen, out, generator_id=gen.identity, seeds=seeds, teacher=cfg.teacher)

@@ -83,9 +83,7 @@ def _validate(
         raise ValueError(f"student_hidden must be [n, H] (valid rows only), got {tuple(student_hidden.shape)}")
     n, hidden = student_hidden.shape
     if student_head.weight.dim() != 2 or student_head.weight.shape[1] != hidden:
-        raise ValueError(
-            f"student head weight {tuple(student_head.weight.shape)} does not match hidden size {hidden}"
-        )
+        raise ValueError(f"student head weight {tuple(student_head.weight.shape)} does not match hidden size {hidden}")
     if labels.shape != (n,):
         raise ValueError(f"labels must be [n] = [{n}], got {tuple(labels.shape)}")
     if not 0.0 <= alpha <= 1.0:
@@ -121,7 +119,9 @@ def _validate(
             f"{tuple(teacher.logprobs.shape)} must both be [n, k]"
         )
     elif teacher.weights is not None and teacher.weights.shape != teacher.ids.shape:
-        raise ValueError(f"sampled teacher weights {tuple(teacher.weights.shape)} must match ids {tuple(teacher.ids.shape)}")
+        raise ValueError(
+            f"sampled teacher weights {tuple(teacher.weights.shape)} must match ids {tuple(teacher.ids.shape)}"
+        )
     elif teacher.tail_logprob is not None and tuple(teacher.tail_logprob.shape) != (n,):
         raise ValueError(f"sparse teacher tail_logprob {tuple(teacher.tail_logprob.shape)} must be [n] = [{n}]")
     return vocab
@@ -156,13 +156,19 @@ def _sparse_bad(t: SparseSignal) -> Tensor:
 def _raise_nonfinite(start: int, bad: Tensor, rows: Tensor | None) -> None:
     first = int(bad.nonzero()[0, 0])
     row = start + (int(rows[first]) if rows is not None else first)
-    raise PotstillError(
-        f"teacher logits contain NaN/inf at row {row}; check the teacher model/dtype (try float32)"
-    )
+    raise PotstillError(f"teacher logits contain NaN/inf at row {row}; check the teacher model/dtype (try float32)")
 
 
-def _chunk_loss(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, teacher,
-                w: Tensor | None = None, params: dict | None = None):
+def _chunk_loss(
+    plan: _Plan,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    teacher,
+    w: Tensor | None = None,
+    params: dict | None = None,
+):
     """Sum of CE and of the (``w``-weighted) divergence over the chunk's rows (all valid), float32."""
     params = plan.divergence_kwargs if params is None else params
     logits = apply_head(hidden, weight, bias, plan.logit_scale, plan.softcap)
@@ -216,8 +222,12 @@ def _akl_closed(ls: Tensor, lt: Tensor, q: Tensor, p: Tensor, mu: float = 0.5) -
 
 
 # Divergences whose gradient w.r.t. the student's logits has a short closed form.
-CLOSED_FORM = {"forward_kl": _fkl_closed, "reverse_kl": _rkl_closed, "skew_forward_kl": _skl_closed,
-               "adaptive_kl": _akl_closed}
+CLOSED_FORM = {
+    "forward_kl": _fkl_closed,
+    "reverse_kl": _rkl_closed,
+    "skew_forward_kl": _skl_closed,
+    "adaptive_kl": _akl_closed,
+}
 # ... and those that have one against a sparse teacher.
 SPARSE_CLOSED_FORM = ("forward_kl",)
 
@@ -273,10 +283,21 @@ def _sparse_fkl_closed(ls: Tensor, sig: SparseSignal, scale: float, extra: float
 
 
 @torch.no_grad()
-def _closed_form_chunk(plan: _Plan, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor,
-                       teacher: Tensor | SparseSignal | None, grad_h: Tensor | None, grad_w: Tensor | None,
-                       grad_b: Tensor | None, start: int, end: int, rows: Tensor | None,
-                       w: Tensor | None = None):
+def _closed_form_chunk(
+    plan: _Plan,
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    y: Tensor,
+    teacher: Tensor | SparseSignal | None,
+    grad_h: Tensor | None,
+    grad_w: Tensor | None,
+    grad_b: Tensor | None,
+    start: int,
+    end: int,
+    rows: Tensor | None,
+    w: Tensor | None = None,
+):
     """CE + a :data:`CLOSED_FORM` divergence (dense teacher) or a :data:`SPARSE_CLOSED_FORM`
     one (sparse teacher) for one chunk, with its gradient written out.
 
@@ -360,8 +381,18 @@ def _closed_form_chunk(plan: _Plan, h: Tensor, weight: Tensor, bias: Tensor | No
     return total, ce, kd
 
 
-def _exact_rows(plan: _Plan, r: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, teacher: SparseSignal,
-                scale: float, extra: float, values: Tensor, g: Tensor) -> None:
+def _exact_rows(
+    plan: _Plan,
+    r: Tensor,
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    teacher: SparseSignal,
+    scale: float,
+    extra: float,
+    values: Tensor,
+    g: Tensor,
+) -> None:
     """Rows ``r`` of :func:`_sparse_fkl_closed`'s output through the log-space autograd path
     (a student tail below float range: rare, so the common rows keep the fast path)."""
     T = plan.temperature
@@ -400,10 +431,15 @@ def _run_chunks(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
     # The most common case gets its gradient in closed form instead of through autograd.
     plain_head = plan.softcap is None and plan.logit_scale in (None, 1.0)
     sparse = isinstance(plan.teacher, SparseSignal)
-    fast = any_grad and plain_head and not plan.row_kwargs and (
-        plan.alpha == 1.0
-        or (plan.divergence in CLOSED_FORM and isinstance(plan.teacher, DenseSignal))
-        or (plan.divergence in SPARSE_CLOSED_FORM and sparse)
+    fast = (
+        any_grad
+        and plain_head
+        and not plan.row_kwargs
+        and (
+            plan.alpha == 1.0
+            or (plan.divergence in CLOSED_FORM and isinstance(plan.teacher, DenseSignal))
+            or (plan.divergence in SPARSE_CLOSED_FORM and sparse)
+        )
     )
     if fast and use_teacher and sparse:
         # The closed form skips coarsen's checks: run them once on the rows that count.
@@ -429,8 +465,9 @@ def _run_chunks(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
             if plan.kd_weights is not None:
                 w = plan.kd_weights[start:end] if rows is None else plan.kd_weights[start:end][rows]
         if fast:
-            total, ce, kd = _closed_form_chunk(plan, h, weight, bias, y, teacher, grad_h, grad_w, grad_b,
-                                                   start, end, rows, w)
+            total, ce, kd = _closed_form_chunk(
+                plan, h, weight, bias, y, teacher, grad_h, grad_w, grad_b, start, end, rows, w
+            )
             total_sum = total_sum + total
             ce_sum = ce_sum + ce
             kd_sum = kd_sum + kd
@@ -473,9 +510,7 @@ class _ChunkedKDFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, norm, plan):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         total, ce, kd, n_tok, (gh, gw, gb) = _run_chunks(plan, hidden, weight, bias, need)
-        ctx.save_for_backward(
-            *(g if g is not None else torch.empty(0) for g in (gh, gw, gb)), norm
-        )
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (gh, gw, gb)), norm)
         ctx.has = tuple(g is not None for g in (gh, gw, gb))
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(ce, kd, n_tok)
@@ -487,8 +522,7 @@ class _ChunkedKDFunction(torch.autograd.Function):
         # Scale in float32, then return each gradient in its input's dtype.
         scale = grad_loss.float() / norm
         out = [
-            (g.float() * scale).to(dtype) if has else None
-            for g, has, dtype in zip((gh, gw, gb), ctx.has, ctx.dtypes)
+            (g.float() * scale).to(dtype) if has else None for g, has, dtype in zip((gh, gw, gb), ctx.has, ctx.dtypes)
         ]
         return out[0], out[1], out[2], None, None
 
@@ -608,8 +642,16 @@ def chunked_kd_loss(
     student_head = full_head(student_head)
     teacher = full_teacher(teacher, alpha)
     vocab = _validate(
-        student_hidden, student_head, labels, teacher, divergence, alpha, temperature,
-        normalizer, chunk_size, vocab_size,
+        student_hidden,
+        student_head,
+        labels,
+        teacher,
+        divergence,
+        alpha,
+        temperature,
+        normalizer,
+        chunk_size,
+        vocab_size,
     )
     weight, bias, norm = _prepare(student_head, vocab, normalizer, student_hidden.device)
     kd_weights = _check_weights(kd_weights, labels.shape[0])
@@ -656,8 +698,16 @@ def unchunked_kd_loss(
     student_head = full_head(student_head)
     teacher = full_teacher(teacher, alpha)
     vocab = _validate(
-        student_hidden, student_head, labels, teacher, divergence, alpha, temperature,
-        normalizer, chunk_size, vocab_size,
+        student_hidden,
+        student_head,
+        labels,
+        teacher,
+        divergence,
+        alpha,
+        temperature,
+        normalizer,
+        chunk_size,
+        vocab_size,
     )
     weight, bias, norm = _prepare(student_head, vocab, normalizer, student_hidden.device)
     valid = labels != IGNORE_INDEX

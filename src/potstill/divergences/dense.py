@@ -29,7 +29,8 @@ Numerics, shared by all cores:
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -213,11 +214,9 @@ def _ab(lq: Tensor, lp: Tensor, alpha: float = 0.5, beta: float = 0.5) -> Tensor
     absent = torch.isneginf(lp) & torch.isneginf(lq)
     lp_s, lq_s = _zero_where(absent, lp, lq)
     if a != 0.0 and b != 0.0 and s != 0.0:
-        terms = (
-            torch.exp(a * lp_s + b * lq_s)
-            - (a / s) * torch.exp(s * lp_s)
-            - (b / s) * torch.exp(s * lq_s)
-        ) * (-1.0 / (a * b))
+        terms = (torch.exp(a * lp_s + b * lq_s) - (a / s) * torch.exp(s * lp_s) - (b / s) * torch.exp(s * lq_s)) * (
+            -1.0 / (a * b)
+        )
     elif a != 0.0 and b == 0.0:
         terms = (_kl_terms(a * lp_s, a * lq_s) - torch.exp(a * lp_s) + torch.exp(a * lq_s)) / (a * a)
     elif a == 0.0 and b != 0.0:
@@ -351,9 +350,7 @@ def alpha_beta_divergence(
     return _ab(*_pair(student_logits, teacher_logits, temperature), alpha=alpha, beta=beta)
 
 
-def adaptive_kl(
-    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, mu: float = 0.5
-) -> Tensor:
+def adaptive_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, mu: float = 0.5) -> Tensor:
     """AKL per position, ``[..., V] -> [...]``; see :func:`_akl`."""
     return _akl(*_pair(student_logits, teacher_logits, temperature), mu=mu)
 

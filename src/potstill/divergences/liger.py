@@ -114,7 +114,9 @@ def liger_beta(divergence: str, divergence_kwargs: dict | None = None) -> float:
 
 
 def check_liger_inputs(
-    student_head: Head, teacher: DenseSignal | SparseSignal | None, divergence: str,
+    student_head: Head,
+    teacher: DenseSignal | SparseSignal | None,
+    divergence: str,
     divergence_kwargs: dict | None = None,
 ) -> float:
     """Refuse, in one line (``ValueError``), what the Liger backend cannot compute; return Liger's beta."""
@@ -202,8 +204,10 @@ def fused_jsd_kd_loss(
     student_head = full_head(student_head)
     teacher_head = full_head(teacher.head)
     vocab = student_head.vocab if vocab_size is None else int(vocab_size)
-    if vocab > student_head.weight.shape[0] or vocab > teacher_head.weight.shape[0] or (
-        vocab_size is None and teacher_head.vocab != vocab
+    if (
+        vocab > student_head.weight.shape[0]
+        or vocab > teacher_head.weight.shape[0]
+        or (vocab_size is None and teacher_head.vocab != vocab)
     ):
         raise ValueError(
             f"teacher vocabulary ({teacher_head.vocab}) and student vocabulary ({student_head.vocab}) differ; "
@@ -235,9 +239,21 @@ def fused_jsd_kd_loss(
 
     kd_scale = float(temperature) ** 2 if scale_t2 else 1.0
     loss, soft, hard = fused(
-        student_hidden.to(w_s.dtype), w_s, h_t, w_t, labels, b_s, b_t,
-        float(alpha), (1.0 - float(alpha)) * kd_scale, beta, IGNORE_INDEX, float(temperature),
-        bool(compiled), int(chunk_size), True,
+        student_hidden.to(w_s.dtype),
+        w_s,
+        h_t,
+        w_t,
+        labels,
+        b_s,
+        b_t,
+        float(alpha),
+        (1.0 - float(alpha)) * kd_scale,
+        beta,
+        IGNORE_INDEX,
+        float(temperature),
+        bool(compiled),
+        int(chunk_size),
+        True,
     )
     counted = n_valid.clamp_min(1.0)
     loss = loss.float() * (counted / norm)
@@ -277,7 +293,18 @@ def liger_kd_loss(
     from liger_kernel.chunked_loss.functional import liger_fused_linear_jsd
 
     return fused_jsd_kd_loss(
-        liger_fused_linear_jsd, student_hidden, student_head, labels, teacher,
-        divergence=divergence, divergence_kwargs=divergence_kwargs, alpha=alpha, temperature=temperature,
-        scale_t2=scale_t2, normalizer=normalizer, chunk_size=chunk_size, vocab_size=vocab_size, compiled=compiled,
+        liger_fused_linear_jsd,
+        student_hidden,
+        student_head,
+        labels,
+        teacher,
+        divergence=divergence,
+        divergence_kwargs=divergence_kwargs,
+        alpha=alpha,
+        temperature=temperature,
+        scale_t2=scale_t2,
+        normalizer=normalizer,
+        chunk_size=chunk_size,
+        vocab_size=vocab_size,
+        compiled=compiled,
     )

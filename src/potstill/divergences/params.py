@@ -55,26 +55,37 @@ def _jsd(beta: float) -> None:
     name = "generalized_jsd"
     _finite(name, "beta", beta)
     if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"{name} beta must lie in [0, 1] (the teacher's weight in the mixture m), got {beta}; "
-                         "use a beta in (0, 1) (GKD uses 0.5)")
+        raise ValueError(
+            f"{name} beta must lie in [0, 1] (the teacher's weight in the mixture m), got {beta}; "
+            "use a beta in (0, 1) (GKD uses 0.5)"
+        )
     if beta == 0.0:
-        raise ValueError(f"{name} with beta 0 is identically 0 (m equals the student, and the teacher's term has "
-                         "weight 0); use divergence forward_kl, which is what TRL's beta=0 means")
+        raise ValueError(
+            f"{name} with beta 0 is identically 0 (m equals the student, and the teacher's term has "
+            "weight 0); use divergence forward_kl, which is what TRL's beta=0 means"
+        )
     if beta == 1.0:
-        raise ValueError(f"{name} with beta 1 is identically 0 (m equals the teacher, and the student's term has "
-                         "weight 0); use divergence reverse_kl, which is what TRL's beta=1 means")
+        raise ValueError(
+            f"{name} with beta 1 is identically 0 (m equals the teacher, and the student's term has "
+            "weight 0); use divergence reverse_kl, which is what TRL's beta=1 means"
+        )
 
 
 def _skew(name: str, alpha: float) -> None:
     _finite(name, "alpha", alpha)
-    plain, side = ("forward_kl", "teacher: KL(p || p)") if name == "skew_forward_kl" else (
-        "reverse_kl", "student: KL(q || q)")
+    plain, side = (
+        ("forward_kl", "teacher: KL(p || p)") if name == "skew_forward_kl" else ("reverse_kl", "student: KL(q || q)")
+    )
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"{name} alpha must lie in [0, 1) (the mixture weight), got {alpha}; "
-                         f"use an alpha in [0, 1) (0 is plain {plain}, DistiLLM uses 0.1)")
+        raise ValueError(
+            f"{name} alpha must lie in [0, 1) (the mixture weight), got {alpha}; "
+            f"use an alpha in [0, 1) (0 is plain {plain}, DistiLLM uses 0.1)"
+        )
     if alpha == 1.0:
-        raise ValueError(f"{name} with alpha 1 is identically 0 (the mixture is the {side}); "
-                         f"use an alpha in [0, 1) (0 is plain {plain}, DistiLLM uses 0.1)")
+        raise ValueError(
+            f"{name} with alpha 1 is identically 0 (the mixture is the {side}); "
+            f"use an alpha in [0, 1) (0 is plain {plain}, DistiLLM uses 0.1)"
+        )
 
 
 def _ab(alpha: float, beta: float) -> None:
@@ -86,29 +97,36 @@ def _ab(alpha: float, beta: float) -> None:
             raise ValueError(
                 f"{name} with {key} {v} raises {side} to a negative power: the divergence is unbounded and float32 "
                 f"overflows to inf once a log-prob falls below -{_FLOAT32_LOG_MAX / -v:.3g} nats (peaked teachers, "
-                f"low temperatures); use {key} >= 0 (ABKD's range)")
+                f"low temperatures); use {key} >= 0 (ABKD's range)"
+            )
         if 0.0 < v < AB_ZERO_BAND:
             raise ValueError(
                 f"{name} with {key} {v} (0 < {key} < {AB_ZERO_BAND:g}) has lost its digits to cancellation (its "
                 f"formula divides by {key}^2) and equals its {key} = 0 limit to ~1e-5; use {key} 0, the limit "
-                "(Cichocki et al. 2011, eq. 5-9)")
+                "(Cichocki et al. 2011, eq. 5-9)"
+            )
     if alpha + beta > AB_SUM_CAP:
         floor = math.exp(-87.3 / (alpha + beta))
         raise ValueError(
             f"{name} with alpha + beta = {alpha + beta:g} > {AB_SUM_CAP:g}: p^(alpha+beta) underflows float32 for "
             f"p < {floor:.2g}, so on a teacher spread flat over a large vocabulary loss and gradient vanish; use "
-            f"alpha + beta <= {AB_SUM_CAP:g} (ABKD uses about 1)")
+            f"alpha + beta <= {AB_SUM_CAP:g} (ABKD uses about 1)"
+        )
 
 
 def _akl(mu: float) -> None:
     name = "adaptive_kl"
     _finite(name, "mu", mu)
     if mu == 0.0:
-        raise ValueError(f"{name} with mu 0 has an empty head (no outcome is needed to reach mass 0), so it is "
-                         "plain reverse KL; use divergence reverse_kl, or a mu in (0, 1] (the paper uses 0.5)")
+        raise ValueError(
+            f"{name} with mu 0 has an empty head (no outcome is needed to reach mass 0), so it is "
+            "plain reverse KL; use divergence reverse_kl, or a mu in (0, 1] (the paper uses 0.5)"
+        )
     if not 0.0 < mu <= 1.0:
-        raise ValueError(f"{name} mu must lie in (0, 1] (the teacher mass the head reaches), got {mu}; "
-                         "use a mu in (0, 1] (the paper uses 0.5; 1 is forward KL)")
+        raise ValueError(
+            f"{name} mu must lie in (0, 1] (the teacher mass the head reaches), got {mu}; "
+            "use a mu in (0, 1] (the paper uses 0.5; 1 is forward KL)"
+        )
 
 
 def check_divergence_params(name: str, params: dict) -> None:
@@ -174,9 +192,12 @@ def check_temperature(t: float, what: str = "temperature") -> None:
     if not math.isfinite(t):
         raise ValueError(f"{what} must be finite, got {t}; use a temperature >= {TEMPERATURE_FLOOR:g} (1.0 is plain)")
     if t <= 0.0:
-        raise ValueError(f"{what} must be > 0 (logits are divided by it), got {t:g}; use a {what} >= "
-                         f"{TEMPERATURE_FLOOR:g} (1.0 is plain), or alpha 1 for hard labels")
+        raise ValueError(
+            f"{what} must be > 0 (logits are divided by it), got {t:g}; use a {what} >= "
+            f"{TEMPERATURE_FLOOR:g} (1.0 is plain), or alpha 1 for hard labels"
+        )
     if t < TEMPERATURE_FLOOR:
         raise ValueError(
             f"{what} {t:g} is below {TEMPERATURE_FLOOR:g}: the soft targets are one-hot to float precision and the "
-            f"gradients scale as 1/{what}; use alpha 1 for hard labels or a {what} >= {TEMPERATURE_FLOOR:g}")
+            f"gradients scale as 1/{what}; use alpha 1 for hard labels or a {what} >= {TEMPERATURE_FLOOR:g}"
+        )

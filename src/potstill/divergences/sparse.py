@@ -121,9 +121,7 @@ def bucket_teacher(lp: Tensor, pad: Tensor, tail_logprob: Tensor | None, bucket_
     return lp - norm.unsqueeze(-1), tail - norm
 
 
-def coarsen(
-    student_logits: Tensor, signal: SparseSignal, *, temperature: float = 1.0
-) -> tuple[Tensor, Tensor]:
+def coarsen(student_logits: Tensor, signal: SparseSignal, *, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """Map student ``[n, V]`` and a top-k teacher ``signal`` onto the sparse outcome space.
 
     Returns ``(lq, lp)``, both ``[n, k + 1]`` for ``tail="bucket"`` (last column = tail)
@@ -190,8 +188,9 @@ def sparse_divergence(
     return core(lq, lp, **params)
 
 
-def _sampled_estimate(core: Core, student_logits: Tensor, signal: SparseSignal, temperature: float,
-                      params: dict) -> Tensor:
+def _sampled_estimate(
+    core: Core, student_logits: Tensor, signal: SparseSignal, temperature: float, params: dict
+) -> Tensor:
     """``sum_i w_i phi(p_i, q_i) / p_i`` per row, ``phi`` = the core on one outcome."""
     if core is CORES["adaptive_kl"]:
         raise ValueError(

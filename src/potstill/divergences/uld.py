@@ -19,8 +19,10 @@ def uld_teacher_target(teacher_logits: Tensor, student_vocab: int, temperature: 
     descending order, ``tail`` the mass beyond them (paired with the student's zero padding). Only
     ``[n, min(V_s, V_t)]`` has to be kept for the loss, whatever the teacher's vocabulary size.
     """
-    p = torch.softmax(teacher_logits.float() / temperature if teacher_logits.dtype != torch.float64
-                      else teacher_logits / temperature, dim=-1)
+    p = torch.softmax(
+        teacher_logits.float() / temperature if teacher_logits.dtype != torch.float64 else teacher_logits / temperature,
+        dim=-1,
+    )
     ranked = torch.sort(p, dim=-1, descending=True).values
     k = min(int(student_vocab), p.shape[-1])
     return ranked[:, :k], ranked[:, k:].sum(-1)
@@ -49,8 +51,10 @@ def uld_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: flo
     ``student_logits`` (through the sort).
     """
     if student_logits.dim() != 2 or teacher_logits.dim() != 2 or student_logits.shape[0] != teacher_logits.shape[0]:
-        raise ValueError(f"uld_loss needs [n, V_s] and [n, V_t] logits, got {tuple(student_logits.shape)} "
-                         f"and {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"uld_loss needs [n, V_s] and [n, V_t] logits, got {tuple(student_logits.shape)} "
+            f"and {tuple(teacher_logits.shape)}"
+        )
     top, tail = uld_teacher_target(teacher_logits, student_logits.shape[-1], temperature)
     return _uld_from_target(student_logits, top, tail, temperature)
 

@@ -110,7 +110,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     for text in texts:
         words = text.lower().split()
         for i in range(len(words) - n + 1):
-            seen.add(tuple(words[i:i + n]))
+            seen.add(tuple(words[i : i + n]))
             total += 1
     return len(seen) / total if total else float("nan")
 

@@ -283,8 +283,9 @@ def _plot_metrics(runs: dict[str, dict]) -> bytes:
         bars = ax.bar(range(len(names)), heights, color=colors)
         for bar, v in zip(bars, values):
             label = "n/a" if not _finite(v) else f"{v:.3g}"
-            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)
+            ax.annotate(
+                label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
+            )
         label, direction = METRIC_INFO[key]
         ax.set_title(label + _ARROW[direction])
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")

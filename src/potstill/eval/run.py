@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 
 from ..errors import PotstillError, VocabMismatchError
-from ..signals.online import target_index, target_rows
-from .metrics import count_parameters, distinct_n, expected_calibration_error, perplexity, rouge_l, teacher_forced_stats
 from ..generate import pad_id as generation_pad_id
 from ..models.placement import input_device
+from ..signals.online import target_index, target_rows
+from .metrics import count_parameters, distinct_n, expected_calibration_error, perplexity, rouge_l, teacher_forced_stats
 from .report import GENERATIONS_KEY
 
 __all__ = [
@@ -40,8 +40,17 @@ __all__ = [
 TEACHER = "teacher"
 """The name the teacher's own row is reported under."""
 
-METRIC_KEYS = ("forward_kl", "top1_agreement", "perplexity", "ece", "rouge_l", "distinct_1", "distinct_2", "params",
-               "tokens_per_s")
+METRIC_KEYS = (
+    "forward_kl",
+    "top1_agreement",
+    "perplexity",
+    "ece",
+    "rouge_l",
+    "distinct_1",
+    "distinct_2",
+    "params",
+    "tokens_per_s",
+)
 """The scalar metrics of one run, in report order."""
 
 
@@ -107,8 +116,10 @@ def evaluate_runs(
         raise PotstillError("nothing to evaluate: no teacher and no students")
     # Without a teacher, the first student stands in as the reference of the teacher-forced
     # pass (only its perplexity is kept; KL and agreement are reported as nan).
-    models: dict[str, torch.nn.Module] = {TEACHER: teacher if not black_box else next(iter(students.values())),
-                                          **students}
+    models: dict[str, torch.nn.Module] = {
+        TEACHER: teacher if not black_box else next(iter(students.values())),
+        **students,
+    }
     # every head read on one device (the first student's): a teacher placed on its own device or spread by a
     # device map sends its rows there and has its head copied there once (potstill.models.placement)
     common = input_device(next(iter(students.values())) if students else models[TEACHER])
@@ -131,8 +142,9 @@ def evaluate_runs(
         # no_grad, not inference_mode: buffers some models create lazily (rotary caches)
         # would otherwise become inference tensors and break training after a mid-run eval.
         with torch.no_grad():
-            sums = {name: {"kl_sum": 0.0, "agree": 0, "nll_sum": 0.0, "n": 0, "conf": [], "correct": []}
-                    for name in unique}
+            sums = {
+                name: {"kl_sum": 0.0, "agree": 0, "nll_sum": 0.0, "n": 0, "conf": [], "correct": []} for name in unique
+            }
             bar.set_postfix_str("teacher-forced")
             for batch in batches:
                 _teacher_forced_batch(batch, models, heads, unique, sums, pad_id, vocab, final_hidden)
@@ -268,9 +280,17 @@ def _generate(model, tokenizer, batches, pad_id, max_new_tokens, on_batch) -> tu
         for _ in batches:
             on_batch()
         return [""] * len(prompts), 0, 0.0
-    gen = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                   batch_size=max((len(b) for b in batches), default=1), sort_by_length=False, warmup=True,
-                   progress=False, on_batch=on_batch)
+    gen = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=max((len(b) for b in batches), default=1),
+        sort_by_length=False,
+        warmup=True,
+        progress=False,
+        on_batch=on_batch,
+    )
     texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in gen.token_ids]
     return texts, gen.num_tokens, gen.seconds
 
@@ -317,4 +337,3 @@ def _device(model) -> torch.device:
 
 def _ratio(num: float, den: int) -> float:
     return num / den if den > 0 else float("nan")
-

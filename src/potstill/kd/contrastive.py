@@ -31,9 +31,8 @@ skew ``a_0``, near ones get less (closer to the plain KL).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,7 +53,9 @@ ALPHA_MIN = 0.01
 class ContrastiveConfig(OnPolicyConfig):
     """``OnPolicyConfig`` plus DistiLLM-2's pairing of data and student samples (``lmbda`` unused)."""
 
-    student_divergence: str = field(default="skew_reverse_kl", metadata={"help": "Divergence on the student's samples."})
+    student_divergence: str = field(
+        default="skew_reverse_kl", metadata={"help": "Divergence on the student's samples."}
+    )
     student_divergence_kwargs: dict | None = field(default=None, metadata={"help": "Its parameters (alpha...)."})
     beta: float = field(default=1.0, metadata={"help": "Loss = (2 - beta) data term + beta student term."})
     beta_end: float | None = field(default=None, metadata={"help": "beta ramps to this over the first half."})
@@ -70,16 +71,19 @@ class ContrastiveConfig(OnPolicyConfig):
             raise PotstillError("contrastive does not apply token_weighting yet; set token_weighting 'none'")
         super().__post_init__()
         if self.student_divergence not in DIVERGENCES:
-            raise PotstillError(f"unknown student_divergence '{self.student_divergence}'; use one of "
-                                f"{sorted(DIVERGENCES)}")
+            raise PotstillError(
+                f"unknown student_divergence '{self.student_divergence}'; use one of {sorted(DIVERGENCES)}"
+            )
         checked_params(self.student_divergence, self.student_divergence_kwargs)
         for name in ("beta", "beta_end"):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 2.0:
                 raise PotstillError(f"{name}={v} is outside [0, 2]; the loss is (2 - beta) data + beta student")
         if self.adaptive_skew and (self.divergence not in _SKEWS or self.student_divergence not in _SKEWS):
-            raise PotstillError(f"adaptive_skew needs skew divergences on both sides, got {self.divergence} and "
-                                f"{self.student_divergence}; use {' or '.join(_SKEWS)} or set adaptive_skew false")
+            raise PotstillError(
+                f"adaptive_skew needs skew divergences on both sides, got {self.divergence} and "
+                f"{self.student_divergence}; use {' or '.join(_SKEWS)} or set adaptive_skew false"
+            )
 
 
 def sequence_skew(gap: torch.Tensor, anchor: float, cap: float) -> torch.Tensor:
@@ -113,8 +117,14 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
     def potstill_state(self) -> dict:
         """The on-policy state plus DistiLLM-2's own: the frozen skew anchors (they set every later step's
         skews), the skew and per-side sums of the interval being logged, and the skew history."""
-        return {**super().potstill_state(), "anchors": self.anchors, "skew_history": self.skew_history,
-                "skew_sums": self._skew_sums, "side_stats": self._side_stats, "last_beta": self._last_beta}
+        return {
+            **super().potstill_state(),
+            "anchors": self.anchors,
+            "skew_history": self.skew_history,
+            "skew_sums": self._skew_sums,
+            "side_stats": self._side_stats,
+            "last_beta": self._last_beta,
+        }
 
     def load_potstill_state(self, state: dict) -> None:
         super().load_potstill_state(state)
@@ -164,10 +174,28 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
         beta = self._last_beta = self._beta()
         alpha_ce = self._batch_alpha(data)
         sides = (
-            ("data", hidden_d, data, self._batch_signal(data) if alpha_ce < 1.0 else None, cfg.divergence,
-             cfg.divergence_kwargs, alpha_ce, inputs[_N_DATA], 2.0 - beta),
-            ("student", hidden_s, student, self._scorer.signal(student), cfg.student_divergence,
-             cfg.student_divergence_kwargs, 0.0, inputs[_N_STUDENT], beta),
+            (
+                "data",
+                hidden_d,
+                data,
+                self._batch_signal(data) if alpha_ce < 1.0 else None,
+                cfg.divergence,
+                cfg.divergence_kwargs,
+                alpha_ce,
+                inputs[_N_DATA],
+                2.0 - beta,
+            ),
+            (
+                "student",
+                hidden_s,
+                student,
+                self._scorer.signal(student),
+                cfg.student_divergence,
+                cfg.student_divergence_kwargs,
+                0.0,
+                inputs[_N_STUDENT],
+                beta,
+            ),
         )
         loss = None
         for name, hidden, batch, signal, div, kwargs, a_ce, n, weight in sides:
@@ -189,8 +217,10 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
         def widen(x: torch.Tensor, value: int) -> torch.Tensor:
             return torch.nn.functional.pad(x, (0, t - x.shape[1]), value=value)
 
-        both = {"input_ids": torch.cat([widen(ids_d, pad), widen(ids_s, pad)]),
-                "attention_mask": torch.cat([widen(data["attention_mask"], 0), widen(student["attention_mask"], 0)])}
+        both = {
+            "input_ids": torch.cat([widen(ids_d, pad), widen(ids_s, pad)]),
+            "attention_mask": torch.cat([widen(data["attention_mask"], 0), widen(student["attention_mask"], 0)]),
+        }
         hidden = self._student_hidden(model, both)
         b = ids_d.shape[0]
         return hidden[:b, : ids_d.shape[1]], hidden[b:, : ids_s.shape[1]]
@@ -201,11 +231,19 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
         rows = target_rows(hidden, index)
         targets = labels[:, 1:].reshape(-1).index_select(0, index)
         if signal is not None and signal.num_rows != rows.shape[0]:
-            raise PotstillError(f"teacher signal has {signal.num_rows} rows for {rows.shape[0]} target tokens on the "
-                                f"{name} side; the signal does not match this batch (rebuild the cache for this data)")
+            raise PotstillError(
+                f"teacher signal has {signal.num_rows} rows for {rows.shape[0]} target tokens on the "
+                f"{name} side; the signal does not match this batch (rebuild the cache for this data)"
+            )
         normalizer = n_items if int(n_items) > 0 else 1
-        common = dict(alpha=alpha_ce, temperature=self._temperature(), scale_t2=self.args.scale_t2,
-                      normalizer=normalizer, chunk_size=self.args.chunk_size, vocab_size=self.vocab_size)
+        common = dict(
+            alpha=alpha_ce,
+            temperature=self._temperature(),
+            scale_t2=self.args.scale_t2,
+            normalizer=normalizer,
+            chunk_size=self.args.chunk_size,
+            vocab_size=self.vocab_size,
+        )
         per_row = None
         cap = float(kwargs.get("alpha", 0.1))
         if self.args.adaptive_skew and signal is not None and rows.shape[0]:
@@ -215,20 +253,32 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
             per_row = {"alpha": alphas[seq]}
         elif self.args.adaptive_skew and signal is not None:  # no rows here, but the anchor's reduce needs everyone
             self._set_anchor(name, torch.zeros(2, device=rows.device), cap)
-        loss, stats = chunked_kd_loss(rows, head, targets, signal, divergence=divergence, divergence_kwargs=kwargs,
-                                      row_divergence_kwargs=per_row, **common)
+        loss, stats = chunked_kd_loss(
+            rows,
+            head,
+            targets,
+            signal,
+            divergence=divergence,
+            divergence_kwargs=kwargs,
+            row_divergence_kwargs=per_row,
+            **common,
+        )
         self._count(name, stats)
         return loss
 
     @torch.no_grad()
     def _sequence_alphas(self, name, head, rows, targets, signal, seq, cap: float) -> torch.Tensor:
         if not isinstance(signal, DenseSignal):
-            raise PotstillError("adaptive_skew needs the teacher's full distribution (a live teacher or a dense "
-                                "cache); a top-k cache may not hold the response's tokens; set adaptive_skew false")
+            raise PotstillError(
+                "adaptive_skew needs the teacher's full distribution (a live teacher or a dense "
+                "cache); a top-k cache may not hold the response's tokens; set adaptive_skew false"
+            )
         vocab = self.vocab_size if self.vocab_size is not None else head.vocab
         if targets.numel() and int(targets.max()) >= vocab:
-            raise PotstillError(f"label id {int(targets.max())} is outside the compared vocabulary ({vocab} rows); "
-                                "the samples or labels use tokens the teacher does not have")
+            raise PotstillError(
+                f"label id {int(targets.max())} is outside the compared vocabulary ({vocab} rows); "
+                "the samples or labels use tokens the teacher does not have"
+            )
         chunk = self.args.chunk_size
         n = rows.shape[0]
         lq = target_logprobs(lambda a, b: head(rows[a:b])[..., :vocab], n, targets, chunk)
@@ -262,8 +312,11 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
         mean = float(total[0] / total[1])
         self.anchors[name] = (1.0 - cap) * mean
         if mean <= 0:
-            warnings.warn(f"adaptive_skew: the student is not behind the teacher on the first {name} batch "
-                          f"(mean gap {mean:.3g}); every sequence keeps the full skew {cap}")
+            warnings.warn(
+                f"adaptive_skew: the student is not behind the teacher on the first {name} batch "
+                f"(mean gap {mean:.3g}); every sequence keeps the full skew {cap}",
+                stacklevel=2,
+            )
 
     def _count(self, name: str, stats: dict) -> None:
         if name == "data":  # ce_per_token / kd_per_token: the data side (CE on the student's own samples is moot)

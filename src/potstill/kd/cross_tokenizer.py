@@ -82,18 +82,31 @@ class CrossTokenizerKDTrainer(KDTrainer):
     ``[chunk, V_s]`` intermediates are not kept either.
     """
 
-    def __init__(self, model: torch.nn.Module, teacher_model: torch.nn.Module | None = None,
-                 args: KDConfig | None = None, *, teacher_tokenizer=None, method: Method = "vocab_map",
-                 vocab_map: VocabMap | None = None, kinds: Sequence[MatchKind] = DEFAULT_KINDS,
-                 max_teacher_length: int | None = None, processing_class=None, data_collator=None, **kwargs):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        teacher_model: torch.nn.Module | None = None,
+        args: KDConfig | None = None,
+        *,
+        teacher_tokenizer=None,
+        method: Method = "vocab_map",
+        vocab_map: VocabMap | None = None,
+        kinds: Sequence[MatchKind] = DEFAULT_KINDS,
+        max_teacher_length: int | None = None,
+        processing_class=None,
+        data_collator=None,
+        **kwargs,
+    ):
         if method not in ("uld", "vocab_map"):
             raise PotstillError(f"unknown cross-tokenizer method '{method}'; use 'uld' or 'vocab_map'")
         bad = [k for k in kinds if k not in DEFAULT_KINDS]
         if bad or not kinds:
             raise PotstillError(f"kinds={list(kinds)} must be a non-empty subset of {list(DEFAULT_KINDS)}")
         if kwargs.get("signal_source") is not None:
-            raise PotstillError("cross-tokenizer KD runs a live teacher on its own tokens; pass teacher_model=..., "
-                                "not a signal_source (caches are keyed by student tokens)")
+            raise PotstillError(
+                "cross-tokenizer KD runs a live teacher on its own tokens; pass teacher_model=..., "
+                "not a signal_source (caches are keyed by student tokens)"
+            )
         # Both rank or weight rows with a same-vocabulary teacher signal, which does not exist here.
         for option in ("token_weighting", "curriculum"):
             if args is not None and getattr(args, option, "none") != "none":
@@ -105,14 +118,22 @@ class CrossTokenizerKDTrainer(KDTrainer):
         if processing_class is None and data_collator is None:
             raise PotstillError("CrossTokenizerKDTrainer needs processing_class=student_tokenizer to pad batches")
         if data_collator is None and teacher_tokenizer is not None:
-            data_collator = CrossTokenizerCollator(processing_class, teacher_tokenizer,
-                                                   max_teacher_length=max_teacher_length)
+            data_collator = CrossTokenizerCollator(
+                processing_class, teacher_tokenizer, max_teacher_length=max_teacher_length
+            )
         from ..models import output_head
 
         v_s = output_head(model).weight.shape[0]
         # vocab_size is given, so KDTrainer skips its same-vocabulary check (which would refuse).
-        super().__init__(model, teacher_model, args, data_collator=data_collator,
-                         processing_class=processing_class, vocab_size=v_s, **kwargs)
+        super().__init__(
+            model,
+            teacher_model,
+            args,
+            data_collator=data_collator,
+            processing_class=processing_class,
+            vocab_size=v_s,
+            **kwargs,
+        )
         self.method = method
         self.kinds = tuple(kinds)
         if self.needs_teacher and method == "vocab_map" and vocab_map is None:
@@ -121,13 +142,22 @@ class CrossTokenizerKDTrainer(KDTrainer):
         if self.needs_teacher and vocab_map is not None:
             v_t = output_head(teacher_model).weight.shape[0]
             if vocab_map.teacher_vocab > v_t:
-                raise PotstillError(f"the vocab map covers {vocab_map.teacher_vocab} teacher ids but the teacher head "
-                                    f"has {v_t} rows; build the map from the teacher's own tokenizer")
+                raise PotstillError(
+                    f"the vocab map covers {vocab_map.teacher_vocab} teacher ids but the teacher head "
+                    f"has {v_t} rows; build the map from the teacher's own tokenizer"
+                )
             if int(vocab_map.student_ids.max()) >= v_s:
-                raise PotstillError(f"the vocab map points past the student head ({v_s} rows); build it from the "
-                                    "student's own tokenizer")
-        self._coverage: dict[str, float] = {"rows": 0.0, "aligned": 0.0, "kd_rows": 0.0,
-                                            **{f"mass_{k}": 0.0 for k in KINDS}, "mass_used": 0.0}
+                raise PotstillError(
+                    f"the vocab map points past the student head ({v_s} rows); build it from the "
+                    "student's own tokenizer"
+                )
+        self._coverage: dict[str, float] = {
+            "rows": 0.0,
+            "aligned": 0.0,
+            "kd_rows": 0.0,
+            **{f"mass_{k}": 0.0 for k in KINDS},
+            "mass_used": 0.0,
+        }
 
     # ----------------------------------------------------------------------- teacher side
     @torch.no_grad()
@@ -174,8 +204,9 @@ class CrossTokenizerKDTrainer(KDTrainer):
             if self.method == "uld":
                 kd = _uld_from_target(student, target[0], target[1], temperature)
             else:
-                kd = DIVERGENCES[args.divergence](student, target[0], temperature=temperature,
-                                                  **(args.divergence_kwargs or {}))
+                kd = DIVERGENCES[args.divergence](
+                    student, target[0], temperature=temperature, **(args.divergence_kwargs or {})
+                )
             return ce, torch.where(keep, kd, torch.zeros((), dtype=kd.dtype, device=kd.device)).sum()
 
         return run
@@ -226,12 +257,13 @@ class CrossTokenizerKDTrainer(KDTrainer):
                 ce, kd = run(h, *target)
             ce_sum = ce_sum + ce
             kd_sum = kd_sum + kd
-        kd_scale = temperature ** 2 if args.scale_t2 else 1.0
+        kd_scale = temperature**2 if args.scale_t2 else 1.0
         total = alpha * ce_sum + (1.0 - alpha) * kd_scale * kd_sum
         if n == 0:
             total = total + rows.sum() * 0.0  # keep the graph: Trainer calls backward on it
-        norm = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else max(n, 1),
-                               dtype=torch.float32, device=rows.device)
+        norm = torch.as_tensor(
+            num_items_in_batch if num_items_in_batch is not None else max(n, 1), dtype=torch.float32, device=rows.device
+        )
         loss = total / torch.where(norm == 0, torch.ones_like(norm), norm)
         if num_items_in_batch is not None and args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             # DDP averages gradients over processes; the loss is already divided by the global count.

@@ -67,24 +67,33 @@ class FeatureKDConfig(KDConfig):
     """``KDConfig`` plus the hidden-state term and/or the attention-relation term."""
 
     feature_layers: list | None = field(
-        default=None,
-        metadata={"help": "Pairs [student_layer, teacher_layer] of hidden-state indices (0: embeddings)."})
+        default=None, metadata={"help": "Pairs [student_layer, teacher_layer] of hidden-state indices (0: embeddings)."}
+    )
     feature_loss: str = field(default="mse", metadata={"help": f"One of {FEATURE_LOSSES}."})
     feature_weight: float = field(default=1.0, metadata={"help": "Weight beta of the hidden-state term."})
     relation_layers: list | None = field(
-        default=None, metadata={"help": "Pairs [student_layer, teacher_layer] of decoder layers (1-based; -1: last) "
-                                        "for MiniLMv2 attention-relation KD."})
-    relation_kinds: list = field(default_factory=lambda: list(RELATION_KINDS),
-                                 metadata={"help": f"Relations to distill, a subset of {RELATION_KINDS}."})
+        default=None,
+        metadata={
+            "help": "Pairs [student_layer, teacher_layer] of decoder layers (1-based; -1: last) "
+            "for MiniLMv2 attention-relation KD."
+        },
+    )
+    relation_kinds: list = field(
+        default_factory=lambda: list(RELATION_KINDS),
+        metadata={"help": f"Relations to distill, a subset of {RELATION_KINDS}."},
+    )
     relation_heads: int | None = field(
-        default=None, metadata={"help": "Relation heads R; must divide the q/k/v widths of both models."})
+        default=None, metadata={"help": "Relation heads R; must divide the q/k/v widths of both models."}
+    )
     relation_weight: float = field(default=1.0, metadata={"help": "Weight gamma of the attention-relation term."})
 
     def __post_init__(self):
         super().__post_init__()
         if not self.feature_layers and not self.relation_layers:
-            raise PotstillError("feature KD needs feature_layers (hidden-state pairs) or relation_layers "
-                                "(attention-relation pairs), or both: lists of [student_layer, teacher_layer]")
+            raise PotstillError(
+                "feature KD needs feature_layers (hidden-state pairs) or relation_layers "
+                "(attention-relation pairs), or both: lists of [student_layer, teacher_layer]"
+            )
         self.feature_layers = _pairs(self.feature_layers, "feature_layers")
         self.relation_layers = _pairs(self.relation_layers, "relation_layers")
         if self.feature_loss not in FEATURE_LOSSES:
@@ -103,12 +112,19 @@ class FeatureKDConfig(KDConfig):
             raise PotstillError(f"relation_weight={self.relation_weight} must be >= 0")
         if self.relation_layers:
             if any(0 in p for p in self.relation_layers):
-                raise PotstillError(f"relation_layers={self.relation_layers} uses layer 0 (the embeddings, no "
-                                    "attention); decoder layers are 1-based, -1 the last")
-            if not isinstance(self.relation_heads, int) or isinstance(self.relation_heads, bool) \
-                    or self.relation_heads < 1:
-                raise PotstillError(f"relation_layers needs relation_heads (R >= 1), got {self.relation_heads!r}; "
-                                    "R must divide the q/k/v widths of both models")
+                raise PotstillError(
+                    f"relation_layers={self.relation_layers} uses layer 0 (the embeddings, no "
+                    "attention); decoder layers are 1-based, -1 the last"
+                )
+            if (
+                not isinstance(self.relation_heads, int)
+                or isinstance(self.relation_heads, bool)
+                or self.relation_heads < 1
+            ):
+                raise PotstillError(
+                    f"relation_layers needs relation_heads (R >= 1), got {self.relation_heads!r}; "
+                    "R must divide the q/k/v widths of both models"
+                )
 
 
 def _pairs(value, name: str) -> list[tuple[int, int]]:
@@ -152,23 +168,25 @@ def _check_index(i: int, n_layers: int, who: str) -> int:
 class FeatureKDTrainer(KDTrainer):
     """Logit KD plus hidden-state and/or attention-relation distillation between paired layers (module docstring)."""
 
-    def __init__(self, model, teacher_model=None, args: FeatureKDConfig | None = None, *, signal_source=None,
-                 **kwargs):
+    def __init__(self, model, teacher_model=None, args: FeatureKDConfig | None = None, *, signal_source=None, **kwargs):
         if not isinstance(args, FeatureKDConfig):
             raise PotstillError("FeatureKDTrainer needs args=FeatureKDConfig(...)")
         teacher = teacher_model
         if teacher is None and isinstance(signal_source, OnlineTeacher):
             teacher = signal_source.model
         if teacher is None:
-            raise PotstillError("feature KD needs a live teacher model (a cache holds no hidden states); "
-                                "pass teacher_model=... or drop the cache")
+            raise PotstillError(
+                "feature KD needs a live teacher model (a cache holds no hidden states); "
+                "pass teacher_model=... or drop the cache"
+            )
         super().__init__(model, teacher_model=teacher_model, args=args, signal_source=signal_source, **kwargs)
         self._teacher = teacher.to(self.args.device).eval()
         self._teacher.requires_grad_(False)
         self._teacher_head_source = signal_source if isinstance(signal_source, OnlineTeacher) else None
         n_s, n_t = _num_layers(self.model), _num_layers(teacher)
-        self.pairs = [(_check_index(s, n_s, "student"), _check_index(t, n_t, "teacher"))
-                      for s, t in args.feature_layers]
+        self.pairs = [
+            (_check_index(s, n_s, "student"), _check_index(t, n_t, "teacher")) for s, t in args.feature_layers
+        ]
         ws, wt = _width(self.model), _width(teacher)
         self.projections = nn.ModuleList(
             [FeatureProjection(ws, wt, bias=False) if ws != wt else nn.Identity() for _ in self.pairs]
@@ -180,8 +198,9 @@ class FeatureKDTrainer(KDTrainer):
         if plugin is not None and learned:
             names = list(plugin.transformer_cls_names_to_wrap or [])
             plugin.transformer_cls_names_to_wrap = [*names, FeatureProjection.__name__]
-        self.relation_pairs = [(decoder_index(s, n_s, "student"), decoder_index(t, n_t, "teacher"))
-                               for s, t in args.relation_layers]
+        self.relation_pairs = [
+            (decoder_index(s, n_s, "student"), decoder_index(t, n_t, "teacher")) for s, t in args.relation_layers
+        ]
         self._check_relation_widths()
         self._student_states = None
         self._teacher_states = None
@@ -207,7 +226,8 @@ class FeatureKDTrainer(KDTrainer):
                 if None not in widths and (widths[0] % r or widths[1] % r):
                     raise PotstillError(
                         f"relation_heads={r} does not divide the {kind}_proj widths (student layer {s + 1}: "
-                        f"{widths[0]}, teacher layer {t + 1}: {widths[1]}); choose a common divisor")
+                        f"{widths[0]}, teacher layer {t + 1}: {widths[1]}); choose a common divisor"
+                    )
 
     def _capture(self, model, teacher: bool):
         if not self.relation_pairs:
@@ -235,8 +255,9 @@ class FeatureKDTrainer(KDTrainer):
         # must be non-reentrant (kd_config sets it): a reentrant one runs the layer without a graph and the
         # relation term's gradients into q/k/v would be silently lost.
         with self._capture(model, teacher=False) as proj:
-            self._student_states = all_hidden(model, inputs["input_ids"], inputs["attention_mask"],
-                                              **forward_kwargs(inputs))
+            self._student_states = all_hidden(
+                model, inputs["input_ids"], inputs["attention_mask"], **forward_kwargs(inputs)
+            )
         self._student_proj = proj
         return self._student_states[-1]
 
@@ -247,8 +268,9 @@ class FeatureKDTrainer(KDTrainer):
         if self._teacher.training:
             self._teacher.eval()
         with self._capture(self._teacher, teacher=True) as proj:
-            self._teacher_states = all_hidden(self._teacher, inputs["input_ids"], inputs["attention_mask"],
-                                              **forward_kwargs(inputs))
+            self._teacher_states = all_hidden(
+                self._teacher, inputs["input_ids"], inputs["attention_mask"], **forward_kwargs(inputs)
+            )
         self._teacher_proj = proj
 
     def _batch_signal(self, inputs):
@@ -271,8 +293,11 @@ class FeatureKDTrainer(KDTrainer):
             index = target_index(inputs["labels"])
             normalizer = num_items_in_batch if num_items_in_batch is not None else max(int(index.numel()), 1)
             scale = 1.0
-            if (num_items_in_batch is not None and args.average_tokens_across_devices
-                    and self.accelerator.num_processes > 1):
+            if (
+                num_items_in_batch is not None
+                and args.average_tokens_across_devices
+                and self.accelerator.num_processes > 1
+            ):
                 scale = self.accelerator.num_processes
             if use_feat:
                 feat = loss.new_zeros(())
@@ -287,8 +312,9 @@ class FeatureKDTrainer(KDTrainer):
                 mask = inputs.get("attention_mask")
                 for ls, lt in self.relation_pairs:
                     for kind in args.relation_kinds:
-                        per_row = relation_kl(self._student_proj[(ls, kind)], self._teacher_proj[(lt, kind)], mask,
-                                              args.relation_heads)  # [B, T]
+                        per_row = relation_kl(
+                            self._student_proj[(ls, kind)], self._teacher_proj[(lt, kind)], mask, args.relation_heads
+                        )  # [B, T]
                         rel = rel + target_rows(per_row.unsqueeze(-1), index).sum() / len(args.relation_kinds)
                 self._stats["rel_sum"] += float(rel.detach())
                 loss = loss + scale * args.relation_weight * rel / normalizer

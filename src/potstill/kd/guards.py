@@ -108,8 +108,9 @@ def _value(nan: float, posinf: float, neginf: float) -> str | None:
     return None
 
 
-def nonfinite_message(flags: Sequence[float], step: int, *, run: str | None = None, hint: str = KD_HINT,
-                      world_size: int = 1) -> str | None:
+def nonfinite_message(
+    flags: Sequence[float], step: int, *, run: str | None = None, hint: str = KD_HINT, world_size: int = 1
+) -> str | None:
     """The one-line error for (reduced) ``flags`` at optimizer ``step`` (1-based), or None if all finite."""
     loss = _value(*flags[_LOSS_NAN:_NORM_NAN])
     norm = _value(*flags[_NORM_NAN:_RANK])
@@ -127,8 +128,9 @@ def nonfinite_message(flags: Sequence[float], step: int, *, run: str | None = No
     return f"{where}: {what}; {hint}"
 
 
-def check_finite(step: int, loss, grad_norm, *, run: str | None = None, hint: str = KD_HINT,
-                 distributed: bool = True, device=None) -> None:
+def check_finite(
+    step: int, loss, grad_norm, *, run: str | None = None, hint: str = KD_HINT, distributed: bool = True, device=None
+) -> None:
     """Raise :class:`NonFiniteTrainingError` if ``loss`` or ``grad_norm`` is NaN or inf on any process.
 
     Call it once per optimizer step, after the gradients are complete and before

@@ -28,37 +28,53 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from ..data.packing import forward_kwargs
+from ..distributed import global_rows
 from ..divergences import DIVERGENCES, check_divergence_params, check_temperature, chunked_kd_loss
 from ..divergences.chunked import full_head
-from ..distributed import global_rows
 from ..divergences.liger import LIGER_DIVERGENCES, check_liger_inputs, liger_kd_loss, require_liger
-from .adaptive import CURRICULA, TOKEN_WEIGHTINGS, curriculum_order, example_divergences, scheduled, token_weights
-from .guards import NonFiniteGuard
 from ..errors import PotstillError, VocabMismatchError
 from ..signals import OnlineTeacher, SignalSource, target_index, target_rows
+from .adaptive import CURRICULA, TOKEN_WEIGHTINGS, curriculum_order, example_divergences, scheduled, token_weights
+from .guards import NonFiniteGuard
 
 
 @dataclass
 class KDConfig(TrainingArguments):
     """``TrainingArguments`` plus the distillation loss (TRL-style: one config per trainer)."""
 
-    alpha: float = field(default=0.0, metadata={"help": "Weight of cross-entropy on labels; 1 - alpha weights the divergence."})
+    alpha: float = field(
+        default=0.0, metadata={"help": "Weight of cross-entropy on labels; 1 - alpha weights the divergence."}
+    )
     divergence: str = field(default="forward_kl", metadata={"help": f"One of {sorted(DIVERGENCES)}."})
-    divergence_kwargs: dict | None = field(default=None, metadata={"help": "Parameters of the divergence (beta, alpha, mu...)."})
-    temperature: float = field(default=1.0, metadata={"help": "Distillation temperature (not the generation temperature)."})
+    divergence_kwargs: dict | None = field(
+        default=None, metadata={"help": "Parameters of the divergence (beta, alpha, mu...)."}
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Distillation temperature (not the generation temperature)."}
+    )
     scale_t2: bool = field(default=False, metadata={"help": "Multiply the divergence term by T^2."})
     chunk_size: int = field(default=256, metadata={"help": "Token rows per chunk of the fused lm_head + loss."})
     token_weighting: str = field(default="none", metadata={"help": f"Per-token KD weights: one of {TOKEN_WEIGHTINGS}."})
     token_weighting_ratio: float = field(default=0.5, metadata={"help": "student_entropy: share of positions kept."})
-    alpha_end: float | None = field(default=None, metadata={"help": "Scheduled CE weight at the last step (None: fixed)."})
+    alpha_end: float | None = field(
+        default=None, metadata={"help": "Scheduled CE weight at the last step (None: fixed)."}
+    )
     temperature_end: float | None = field(default=None, metadata={"help": "Scheduled temperature at the last step."})
-    schedule: str = field(default="linear", metadata={"help": "Shape of the alpha/temperature schedules: linear, cosine."})
+    schedule: str = field(
+        default="linear", metadata={"help": "Shape of the alpha/temperature schedules: linear, cosine."}
+    )
     curriculum: str = field(default="none", metadata={"help": f"Example order by initial divergence: {CURRICULA}."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep dataset columns (the collator picks)."})
-    loss_backend: Literal["potstill", "liger"] = field(default="potstill", metadata={"help": (
-        "Who computes the loss: 'potstill' (the chunked reducer, every divergence and signal) or 'liger' (Liger-Kernel's "
-        "fused linear JSD, the same loss: CUDA, pip install 'potstill[liger]', a live teacher, "
-        f"{', '.join(LIGER_DIVERGENCES)}, no token weighting; batches with alpha = 1 are plain CE by the reducer).")})
+    loss_backend: Literal["potstill", "liger"] = field(
+        default="potstill",
+        metadata={
+            "help": (
+                "Who computes the loss: 'potstill' (the chunked reducer, every divergence and signal) or 'liger' (Liger-Kernel's "
+                "fused linear JSD, the same loss: CUDA, pip install 'potstill[liger]', a live teacher, "
+                f"{', '.join(LIGER_DIVERGENCES)}, no token weighting; batches with alpha = 1 are plain CE by the reducer)."
+            )
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -160,7 +176,9 @@ class KDTrainer(NonFiniteGuard, Trainer):
             raise PotstillError(
                 f"alpha={args.alpha} < 1 needs a teacher; pass teacher_model=... or signal_source=..., or set alpha=1 (SFT)"
             )
-        super().__init__(model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs)
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, processing_class=processing_class, **kwargs
+        )
         # Our loss is normalized by the global token count: let Trainer count it and not rescale.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
@@ -184,8 +202,9 @@ class KDTrainer(NonFiniteGuard, Trainer):
                 "distill at the signal's temperature or rebuild the cache at this one"
             )
         if vocab_size is None:
-            vocab_size = self._aligned_vocab(model, teacher_model, processing_class,
-                                             getattr(self.signal_source, "vocab_size", None))
+            vocab_size = self._aligned_vocab(
+                model, teacher_model, processing_class, getattr(self.signal_source, "vocab_size", None)
+            )
         self.vocab_size = vocab_size
         self._stats: dict[str, float] = {"ce_sum": 0.0, "kd_sum": 0.0, "n_tokens": 0.0}
         self._logged_tokens = 0.0  # loss tokens of the intervals already logged
@@ -238,7 +257,10 @@ class KDTrainer(NonFiniteGuard, Trainer):
                 f"teacher has {vt} vocab rows and student {vs}, and the tokenizer ({n_tok} tokens) does not fit in "
                 f"the smaller; use the teacher's tokenizer for the student or a cross-tokenizer method"
             )
-        warnings.warn(f"teacher ({vt}) and student ({vs}) vocab rows differ only by padding; comparing the first {v}")
+        warnings.warn(
+            f"teacher ({vt}) and student ({vs}) vocab rows differ only by padding; comparing the first {v}",
+            stacklevel=2,
+        )
         return v
 
     # --------------------------------------------------------------------------- loss
@@ -252,10 +274,16 @@ class KDTrainer(NonFiniteGuard, Trainer):
             if self.signal_source is None:
                 raise PotstillError("a curriculum ranks examples by the teacher-student divergence; set alpha < 1")
             collator = getattr(self.data_collator, "unpacked", self.data_collator)  # scores per example
-            scores = example_divergences(self.model, self.signal_source, self.train_dataset, collator,
-                                         vocab=self.vocab_size, temperature=self.args.temperature,
-                                         batch_size=self.args.per_device_train_batch_size,
-                                         chunk_size=self.args.chunk_size)
+            scores = example_divergences(
+                self.model,
+                self.signal_source,
+                self.train_dataset,
+                collator,
+                vocab=self.vocab_size,
+                temperature=self.args.temperature,
+                batch_size=self.args.per_device_train_batch_size,
+                chunk_size=self.args.chunk_size,
+            )
             self.curriculum_scores = scores
             self.curriculum_order = curriculum_order(scores, self.args.curriculum)
             self.train_dataset = self.train_dataset.select(self.curriculum_order)
@@ -291,9 +319,17 @@ class KDTrainer(NonFiniteGuard, Trainer):
         if signal is None or self.args.token_weighting == "none":
             return None
         vocab = self.vocab_size if self.vocab_size is not None else head.vocab
-        return token_weights(self.args.token_weighting, signal=signal, rows=rows, head=head, labels=targets,
-                             vocab=vocab, temperature=temperature, ratio=self.args.token_weighting_ratio,
-                             chunk_size=self.args.chunk_size)
+        return token_weights(
+            self.args.token_weighting,
+            signal=signal,
+            rows=rows,
+            head=head,
+            labels=targets,
+            vocab=vocab,
+            temperature=temperature,
+            ratio=self.args.token_weighting_ratio,
+            chunk_size=self.args.chunk_size,
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from ..models import output_head
@@ -314,9 +350,16 @@ class KDTrainer(NonFiniteGuard, Trainer):
         args: KDConfig = self.args
         head = full_head(output_head(model))  # FSDP2: gathered once here, for the reducer and the token weights
         temperature = self._temperature()
-        common = dict(divergence=args.divergence, divergence_kwargs=args.divergence_kwargs or {}, alpha=alpha,
-                      temperature=temperature, scale_t2=args.scale_t2, normalizer=normalizer,
-                      chunk_size=args.chunk_size, vocab_size=self.vocab_size)
+        common = dict(
+            divergence=args.divergence,
+            divergence_kwargs=args.divergence_kwargs or {},
+            alpha=alpha,
+            temperature=temperature,
+            scale_t2=args.scale_t2,
+            normalizer=normalizer,
+            chunk_size=args.chunk_size,
+            vocab_size=self.vocab_size,
+        )
         if args.loss_backend == "liger" and signal is not None:
             try:
                 check_liger_inputs(head, signal, args.divergence, args.divergence_kwargs)
@@ -324,13 +367,15 @@ class KDTrainer(NonFiniteGuard, Trainer):
                 raise PotstillError(str(err)) from None
             loss, stats = liger_kd_loss(rows, head, targets, signal, **common)
         else:  # also alpha = 1 under 'liger': plain CE, no teacher to fuse
-            loss, stats = chunked_kd_loss(rows, head, targets, signal, **common,
-                                          kd_weights=self._kd_weights(signal, rows, head, targets, temperature))
-        if (
-            num_items_in_batch is not None
-            and args.average_tokens_across_devices
-            and self.accelerator.num_processes > 1
-        ):
+            loss, stats = chunked_kd_loss(
+                rows,
+                head,
+                targets,
+                signal,
+                **common,
+                kd_weights=self._kd_weights(signal, rows, head, targets, temperature),
+            )
+        if num_items_in_batch is not None and args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             # DDP averages gradients over processes; the loss is already divided by the global count.
             loss = loss * self.accelerator.num_processes
         for k in ("ce_sum", "kd_sum", "n_tokens"):

@@ -31,7 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..divergences import chunked_kd_loss
-from ..divergences.chunked import full_teacher, full_head
+from ..divergences.chunked import full_head, full_teacher
 from ..errors import PotstillError
 from ..signals import apply_head, target_index, target_rows
 from .adaptive import target_logprobs
@@ -49,22 +49,28 @@ class MiniLLMConfig(OnPolicyConfig):
     def __post_init__(self):
         # checked before OnPolicyConfig's own checks, whose fixes (lmbda, adaptive) do not apply here
         if self.alpha != 0.0:
-            raise PotstillError(f"MiniLLM trains on samples only, where CE has no target; set alpha 0 (got {self.alpha})")
+            raise PotstillError(
+                f"MiniLLM trains on samples only, where CE has no target; set alpha 0 (got {self.alpha})"
+            )
         if self.divergence != "reverse_kl":
             raise PotstillError(f"MiniLLM minimizes the reverse KL; set divergence reverse_kl (got {self.divergence})")
         if self.adaptive or self.replay_size:
-            raise PotstillError("MiniLLM's samples are on-policy (one update each); set adaptive false and "
-                                "replay_size 0")
+            raise PotstillError(
+                "MiniLLM's samples are on-policy (one update each); set adaptive false and replay_size 0"
+            )
         if not 0.0 <= self.mix < 1.0:
             raise PotstillError(f"mix={self.mix} must be in [0, 1): the student keeps a share of the sampling")
         if self.token_weighting != "none":
             raise PotstillError("MiniLLM weighs tokens by its importance weights; set token_weighting 'none'")
         if self.gen_temperature != 1.0 or self.gen_top_p != 1.0:
-            raise PotstillError("MiniLLM's importance weights assume samples from the plain teacher-student mixture; "
-                                f"set gen_temperature 1 and gen_top_p 1 (got {self.gen_temperature}, {self.gen_top_p})")
+            raise PotstillError(
+                "MiniLLM's importance weights assume samples from the plain teacher-student mixture; "
+                f"set gen_temperature 1 and gen_top_p 1 (got {self.gen_temperature}, {self.gen_top_p})"
+            )
         if self.temperature != 1.0 or self.temperature_end is not None:
-            raise PotstillError("MiniLLM's rewards and reverse KL are at temperature 1; set temperature 1 and no "
-                                "temperature schedule")
+            raise PotstillError(
+                "MiniLLM's rewards and reverse KL are at temperature 1; set temperature 1 and no temperature schedule"
+            )
         super().__post_init__()
 
 
@@ -85,11 +91,17 @@ class TeacherMix:
         if self.cache is None:
             new, mask = input_ids, self.mask
         else:
-            new = input_ids[:, self.seen:]
+            new = input_ids[:, self.seen :]
             mask = torch.cat([self.mask, self.mask.new_ones(new.shape)], dim=1)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -new.shape[1]:]
-        out = self.teacher(input_ids=new, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
-                           use_cache=True, logits_to_keep=1)  # the prefill needs the last position only
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -new.shape[1] :]
+        out = self.teacher(
+            input_ids=new,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )  # the prefill needs the last position only
         self.cache, self.mask, self.seen = out.past_key_values, mask, input_ids.shape[1]
         v = self.vocab
         lp = out.logits[:, -1, :v].float().log_softmax(-1)
@@ -115,7 +127,8 @@ def later_returns(r: torch.Tensor, seq: torch.Tensor, length_norm: bool) -> torc
     c = r.double().cumsum(0)  # float64: one running sum over every row of the micro-batch
     idx = torch.arange(n, device=r.device)
     last = torch.zeros(int(seq.max()) + 1, dtype=torch.long, device=r.device).scatter_reduce(
-        0, seq, idx, reduce="amax", include_self=False)[seq]
+        0, seq, idx, reduce="amax", include_self=False
+    )[seq]
     out = c[last] - c
     if length_norm:
         after = (last - idx).double()
@@ -135,8 +148,17 @@ def weighted_nll(rows: torch.Tensor, head, targets: torch.Tensor, coef: torch.Te
     total = rows.new_zeros((), dtype=torch.float32)
     for lo in range(0, rows.shape[0], chunk):
         hi = min(lo + chunk, rows.shape[0])
-        total = total + checkpoint(_chunk_nll, rows[lo:hi], weight, bias, targets[lo:hi], coef[lo:hi],
-                                   head.logit_scale, head.softcap, use_reentrant=False)
+        total = total + checkpoint(
+            _chunk_nll,
+            rows[lo:hi],
+            weight,
+            bias,
+            targets[lo:hi],
+            coef[lo:hi],
+            head.logit_scale,
+            head.softcap,
+            use_reentrant=False,
+        )
     return total
 
 
@@ -203,17 +225,34 @@ class MiniLLMKDTrainer(OnPolicyKDTrainer):
         normalizer = num_items_in_batch if num_items_in_batch is not None else max(int(index.numel()), 1)
         with torch.no_grad():
             # w and r belong to the policy that sampled: eval mode, where dropout is off
-            src = rows.detach() if not _has_active_dropout(model) else target_rows(self._eval_hidden(model, inputs), index)
+            src = (
+                rows.detach()
+                if not _has_active_dropout(model)
+                else target_rows(self._eval_hidden(model, inputs), index)
+            )
             lq = target_logprobs(lambda a, b: head(src[a:b])[..., :vocab], rows.shape[0], targets, cfg.chunk_size)
-            lp = target_logprobs(lambda a, b: signal.chunk_logits(a, b, vocab), rows.shape[0], targets,
-                                 cfg.chunk_size)
+            lp = target_logprobs(lambda a, b: signal.chunk_logits(a, b, vocab), rows.shape[0], targets, cfg.chunk_size)
             r = lp - lq
             # w = q / (mix p + (1 - mix) q), in log space
-            w = (lq - torch.logaddexp(lp + math.log(cfg.mix), lq + math.log1p(-cfg.mix))).exp() \
-                if cfg.mix > 0 else torch.ones_like(lq)
-        loss, stats = chunked_kd_loss(rows, head, targets, signal, divergence="reverse_kl", alpha=0.0,
-                                      temperature=self._temperature(), scale_t2=cfg.scale_t2, normalizer=normalizer,
-                                      chunk_size=cfg.chunk_size, vocab_size=self.vocab_size, kd_weights=w)
+            w = (
+                (lq - torch.logaddexp(lp + math.log(cfg.mix), lq + math.log1p(-cfg.mix))).exp()
+                if cfg.mix > 0
+                else torch.ones_like(lq)
+            )
+        loss, stats = chunked_kd_loss(
+            rows,
+            head,
+            targets,
+            signal,
+            divergence="reverse_kl",
+            alpha=0.0,
+            temperature=self._temperature(),
+            scale_t2=cfg.scale_t2,
+            normalizer=normalizer,
+            chunk_size=cfg.chunk_size,
+            vocab_size=self.vocab_size,
+            kd_weights=w,
+        )
         if cfg.long_term and rows.shape[0]:
             seq = torch.div(index, labels.shape[1] - 1, rounding_mode="floor")
             coef = w * later_returns(r, seq, cfg.length_norm)

@@ -46,13 +46,19 @@ _ROLLOUT = "_potstill_rollout"  # marker key of a batch of student samples (neve
 class OnPolicyConfig(KDConfig):
     """``KDConfig`` plus the on-policy (GKD) and adaptive off-policy (DistiLLM) options."""
 
-    lmbda: float = field(default=0.5, metadata={"help": "GKD's lambda: probability that a step trains on student samples."})
+    lmbda: float = field(
+        default=0.5, metadata={"help": "GKD's lambda: probability that a step trains on student samples."}
+    )
     gen_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the student's generations."})
     gen_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the student's generations."})
     gen_max_new_tokens: int = field(default=32, metadata={"help": "Length cap of the student's generations."})
     replay_size: int = field(default=0, metadata={"help": "DistiLLM replay buffer capacity in examples (0: none)."})
-    replay_reuse: float = field(default=0.0, metadata={"help": "On a student step, probability of reusing the buffer instead of generating."})
-    adaptive: bool = field(default=False, metadata={"help": "DistiLLM: raise lmbda when the validation loss increases."})
+    replay_reuse: float = field(
+        default=0.0, metadata={"help": "On a student step, probability of reusing the buffer instead of generating."}
+    )
+    adaptive: bool = field(
+        default=False, metadata={"help": "DistiLLM: raise lmbda when the validation loss increases."}
+    )
     adaptive_step: float = field(default=0.1, metadata={"help": "Increase of lmbda per validation-loss increase."})
     adaptive_max: float = field(default=1.0, metadata={"help": "Upper bound of the adaptive lmbda."})
     adaptive_every: int = field(default=10, metadata={"help": "Steps between validation-loss measurements."})
@@ -74,7 +80,9 @@ class OnPolicyConfig(KDConfig):
         if self.adaptive and (self.adaptive_every < 1 or self.adaptive_step <= 0):
             raise PotstillError("adaptive needs adaptive_every >= 1 and adaptive_step > 0")
         if (self.lmbda > 0 or self.adaptive) and self.alpha >= 1.0:
-            raise PotstillError("on-policy steps are scored by the teacher only; set alpha < 1 (or lmbda 0 and adaptive off)")
+            raise PotstillError(
+                "on-policy steps are scored by the teacher only; set alpha < 1 (or lmbda 0 and adaptive off)"
+            )
 
 
 class OnPolicyKDTrainer(KDTrainer):
@@ -95,10 +103,16 @@ class OnPolicyKDTrainer(KDTrainer):
         if not isinstance(kwargs.get("args", args[2] if len(args) > 2 else None), self.config_class):
             raise PotstillError(f"{type(self).__name__} needs args={self.config_class.__name__}(...)")
         src = kwargs.get("signal_source")
-        if (self.samples_every_step and kwargs.get("teacher_model") is None and src is not None
-                and not isinstance(src, OnlineTeacher)):
-            raise PotstillError(f"{self.method} needs a live teacher to score the student's samples; pass "
-                                "teacher_model=... (or an OnlineTeacher) instead of a teacher-signal cache")
+        if (
+            self.samples_every_step
+            and kwargs.get("teacher_model") is None
+            and src is not None
+            and not isinstance(src, OnlineTeacher)
+        ):
+            raise PotstillError(
+                f"{self.method} needs a live teacher to score the student's samples; pass "
+                "teacher_model=... (or an OnlineTeacher) instead of a teacher-signal cache"
+            )
         super().__init__(*args, **kwargs)
         cfg: OnPolicyConfig = self.args
         uses_student = self.samples_every_step or cfg.lmbda > 0 or cfg.adaptive
@@ -125,21 +139,35 @@ class OnPolicyKDTrainer(KDTrainer):
         self._vllm = None
         if vllm_options is not None and uses_student:
             if self._sampling_processor() is not None:
-                raise PotstillError(f"{self.method} mixes the teacher into the student's sampling, which runs on "
-                                    "generation.backend hf only; set generation.backend hf")
+                raise PotstillError(
+                    f"{self.method} mixes the teacher into the student's sampling, which runs on "
+                    "generation.backend hf only; set generation.backend hf"
+                )
             from ..vllm_engine import VLLMEngine
 
-            self._vllm = VLLMEngine.from_options(self.accelerator.unwrap_model(self.model), self.processing_class,
-                                                 vllm_options, device=self.args.device, seed=cfg.seed, sync=True)
+            self._vllm = VLLMEngine.from_options(
+                self.accelerator.unwrap_model(self.model),
+                self.processing_class,
+                vllm_options,
+                device=self.args.device,
+                seed=cfg.seed,
+                sync=True,
+            )
 
     # -------------------------------------------------------------------------- checkpoints
     def potstill_state(self) -> dict:
         """What a resumed run needs beyond the Trainer's own checkpoint (JSON): the mode-choice RNG, the replay
         buffer, the adaptive schedule and the rollout counts (the sampling seed counts the steps' modes)."""
         version, internal, gauss = self._rng.getstate()
-        return {"rng": [version, list(internal), gauss], "buffer": list(self._buffer), "lmbda": self.lmbda,
-                "lmbda_history": self.lmbda_history, "last_val": self._last_val,
-                "last_val_step": self._last_val_step, "rollout_stats": self.rollout_stats}
+        return {
+            "rng": [version, list(internal), gauss],
+            "buffer": list(self._buffer),
+            "lmbda": self.lmbda,
+            "lmbda_history": self.lmbda_history,
+            "last_val": self._last_val,
+            "last_val_step": self._last_val_step,
+            "rollout_stats": self.rollout_stats,
+        }
 
     def load_potstill_state(self, state: dict) -> None:
         version, internal, gauss = state["rng"]
@@ -195,9 +223,20 @@ class OnPolicyKDTrainer(KDTrainer):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), contextlib.ExitStack() as held:
             for m in self._sampling_models(model):  # sharded ones gathered once for the whole generation
                 held.enter_context(gathered_for_generation(m))
-            return generate(model, tok, prompts, max_new_tokens=cfg.gen_max_new_tokens, batch_size=len(prompts),
-                            do_sample=True, temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, seed=seed,
-                            sort_by_length=False, progress=False, processor=self._sampling_processor())
+            return generate(
+                model,
+                tok,
+                prompts,
+                max_new_tokens=cfg.gen_max_new_tokens,
+                batch_size=len(prompts),
+                do_sample=True,
+                temperature=cfg.gen_temperature,
+                top_p=cfg.gen_top_p,
+                seed=seed,
+                sort_by_length=False,
+                progress=False,
+                processor=self._sampling_processor(),
+            )
 
     @torch.no_grad()
     def _student_batch(self, batch: dict) -> dict:
@@ -216,8 +255,14 @@ class OnPolicyKDTrainer(KDTrainer):
         t0 = time.perf_counter()
         if self._vllm is not None:  # every process syncs and samples (the engine is per process or one server)
             self._vllm.sync_weights(model, version=self.state.global_step)
-            gen = self._vllm.generate(prompts, max_new_tokens=cfg.gen_max_new_tokens, do_sample=True,
-                                      temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, seed=seed)
+            gen = self._vllm.generate(
+                prompts,
+                max_new_tokens=cfg.gen_max_new_tokens,
+                do_sample=True,
+                temperature=cfg.gen_temperature,
+                top_p=cfg.gen_top_p,
+                seed=seed,
+            )
         else:
             gen = self._hf_samples(model, tok, prompts, seed, device)
         self.rollout_stats["gen_seconds"] += time.perf_counter() - t0
@@ -231,11 +276,14 @@ class OnPolicyKDTrainer(KDTrainer):
                 resp.append(int(stop if stop is not None else eos))
             if not resp:
                 continue
-            feats.append({"input_ids": p + resp, "attention_mask": [1] * (len(p) + len(resp)),
-                          "labels": [-100] * len(p) + resp})
+            feats.append(
+                {"input_ids": p + resp, "attention_mask": [1] * (len(p) + len(resp)), "labels": [-100] * len(p) + resp}
+            )
         if not feats:
-            raise PotstillError("the student generated no token for a whole batch and the tokenizer has no EOS; "
-                                "set tokenizer.eos_token or raise gen_max_new_tokens")
+            raise PotstillError(
+                "the student generated no token for a whole batch and the tokenizer has no EOS; "
+                "set tokenizer.eos_token or raise gen_max_new_tokens"
+            )
         if cfg.replay_size > 0:
             self._buffer.extend(feats)
         return self._collate(feats)
@@ -274,7 +322,7 @@ class OnPolicyKDTrainer(KDTrainer):
             with torch.no_grad():
                 rows = list(self.validation_dataset)
                 for lo in range(0, len(rows), self.args.per_device_train_batch_size):
-                    chunk = rows[lo:lo + self.args.per_device_train_batch_size]
+                    chunk = rows[lo : lo + self.args.per_device_train_batch_size]
                     batch = self._prepare_inputs(self.data_collator(chunk))
                     k = int((batch["labels"][:, 1:] != -100).sum())
                     total += float(self.compute_loss(model, batch, num_items_in_batch=max(k, 1))) * k

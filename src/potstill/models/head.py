@@ -156,4 +156,3 @@ def all_hidden(
             "use a transformers causal LM"
         )
     return tuple(hidden)
-

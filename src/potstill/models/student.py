@@ -111,9 +111,7 @@ def _decoder_layers(base: nn.Module, num_layers: int) -> tuple[str, nn.ModuleLis
             return name, mod
         if target is None and isinstance(mod, nn.ModuleList) and len(mod) == num_layers:
             return name, mod
-    raise PotstillError(
-        f"cannot find the decoder layers of {type(base).__name__}; use a decoder-only causal LM"
-    )
+    raise PotstillError(f"cannot find the decoder layers of {type(base).__name__}; use a decoder-only causal LM")
 
 
 def _new_model(base: nn.Module, cfg, dtype: torch.dtype) -> nn.Module:
@@ -170,7 +168,7 @@ def student_from_teacher(teacher: nn.Module, layers: int | list[int]) -> nn.Modu
     mapped = {}
     for key in student.state_dict():
         if key.startswith(layer_prefix):
-            j, rest = key[len(layer_prefix):].split(".", 1)
+            j, rest = key[len(layer_prefix) :].split(".", 1)
             skey = f"{layer_prefix}{keep[int(j)]}.{rest}"
         else:
             skey = key

@@ -259,8 +259,10 @@ def build_vocab_map(teacher_tokenizer, student_tokenizer, *, student_vocab: int 
                 break
     v_s = student_vocab if student_vocab is not None else len(s_bytes)
     if v_s < len(s_bytes) and max(ids, default=-1) >= v_s:
-        raise PotstillError(f"student_vocab={v_s} is smaller than the student tokenizer ({len(s_bytes)} ids); "
-                            "pass the student head's row count")
+        raise PotstillError(
+            f"student_vocab={v_s} is smaller than the student tokenizer ({len(s_bytes)} ids); "
+            "pass the student head's row count"
+        )
     return VocabMap(torch.tensor(ids, dtype=torch.long), torch.tensor(kinds, dtype=torch.long), int(v_s))
 
 
@@ -286,24 +288,30 @@ def project_teacher(
     """
     v_s = int(student_vocab if student_vocab is not None else vmap.student_vocab)
     if teacher_logprobs.shape[-1] < vmap.teacher_vocab:
-        raise PotstillError(f"teacher log-probs have {teacher_logprobs.shape[-1]} columns but the vocab map covers "
-                            f"{vmap.teacher_vocab} teacher ids; build the map from the teacher's tokenizer")
+        raise PotstillError(
+            f"teacher log-probs have {teacher_logprobs.shape[-1]} columns but the vocab map covers "
+            f"{vmap.teacher_vocab} teacher ids; build the map from the teacher's tokenizer"
+        )
     dtype = torch.float64 if teacher_logprobs.dtype == torch.float64 else torch.float32
     lp = teacher_logprobs.to(dtype)
     n = lp.shape[0]
     src, dst = vmap.pairs(kinds, lp.device)
     if dst.numel() and int(dst.max()) >= v_s:
-        raise PotstillError(f"the vocab map points at student id {int(dst.max())} but student_vocab={v_s}; "
-                            "pass the student head's row count")
+        raise PotstillError(
+            f"the vocab map points at student id {int(dst.max())} but student_vocab={v_s}; "
+            "pass the student head's row count"
+        )
     vals = lp.index_select(1, src)
     idx = dst.unsqueeze(0).expand(n, -1)
     ninf = torch.full((), float("-inf"), dtype=dtype, device=lp.device)
     peak = torch.full((n, v_s), float("-inf"), dtype=dtype, device=lp.device).scatter_reduce(
-        1, idx, vals, reduce="amax", include_self=True)
+        1, idx, vals, reduce="amax", include_self=True
+    )
     live = torch.isfinite(peak)
     base = torch.where(live, peak, torch.zeros((), dtype=dtype, device=lp.device))
     summed = torch.zeros((n, v_s), dtype=dtype, device=lp.device).scatter_add_(
-        1, idx, torch.exp(vals - base.gather(1, idx)))
+        1, idx, torch.exp(vals - base.gather(1, idx))
+    )
     out = torch.where(live, base + torch.log(summed.clamp_min(torch.finfo(dtype).tiny)), ninf)
     log_mass = torch.logsumexp(out, dim=-1)
     has_mass = torch.isfinite(log_mass)

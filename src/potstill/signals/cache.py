@@ -260,8 +260,7 @@ def extract(z: Tensor, spec: CacheSpec, vocab: int, seeds: list[int] | None = No
     # counts of each run of equal ids, written at the run's first slot, then left-packed
     pos = torch.arange(n, device=z.device).expand(r, n)
     start = torch.where(first, pos, torch.zeros_like(pos)).cummax(-1).values
-    counts_at = torch.zeros((r, n), dtype=torch.long, device=z.device).scatter_add_(
-        -1, start, torch.ones_like(draws))
+    counts_at = torch.zeros((r, n), dtype=torch.long, device=z.device).scatter_add_(-1, start, torch.ones_like(draws))
     order = torch.sort((~first).to(torch.uint8), dim=-1, stable=True).indices  # uniques first, in id order
     ids = draws.gather(-1, order)
     counts = counts_at.gather(-1, order)
@@ -279,8 +278,10 @@ def extract(z: Tensor, spec: CacheSpec, vocab: int, seeds: list[int] | None = No
 def _check_finite(row_max: Tensor) -> None:
     """NaN/inf logits surface in each row's largest (log-)probability: checked there, not over ``[r, V]``."""
     if not bool(torch.isfinite(row_max).all()):
-        raise PotstillError("teacher logits contain NaN/inf while caching; check the teacher weights or "
-                            "load it with teacher.dtype: float32")
+        raise PotstillError(
+            "teacher logits contain NaN/inf while caching; check the teacher weights or "
+            "load it with teacher.dtype: float32"
+        )
 
 
 def _example_rows(cols: dict[str, Tensor], a: int, b: int, spec: CacheSpec) -> _Rows:
@@ -288,16 +289,27 @@ def _example_rows(cols: dict[str, Tensor], a: int, b: int, spec: CacheSpec) -> _
     lp = cols["lp"][a:b]
     if spec.kind == "dense":
         enc = encode_logprobs(lp, spec.dtype)
-        return _Rows(ids=torch.zeros(0, dtype=torch.long), values={"values": enc["values"].reshape(-1),
-                     **({"scale": enc["scale"]} if "scale" in enc else {})}, rows=b - a)
+        return _Rows(
+            ids=torch.zeros(0, dtype=torch.long),
+            values={"values": enc["values"].reshape(-1), **({"scale": enc["scale"]} if "scale" in enc else {})},
+            rows=b - a,
+        )
     enc = encode_logprobs(lp, spec.dtype)
     if spec.kind == "topk":
-        return _Rows(ids=cols["ids"][a:b].reshape(-1), rows=b - a, tail=cols["tail"][a:b],
-                     values={"values": enc["values"].reshape(-1), **({"scale": enc["scale"]} if "scale" in enc else {})})
+        return _Rows(
+            ids=cols["ids"][a:b].reshape(-1),
+            rows=b - a,
+            tail=cols["tail"][a:b],
+            values={"values": enc["values"].reshape(-1), **({"scale": enc["scale"]} if "scale" in enc else {})},
+        )
     counts = cols["counts"][a:b]
     live = counts > 0
-    out = _Rows(ids=cols["ids"][a:b][live], rows=b - a, row_len=live.sum(-1),
-                values={"values": enc["values"][live], **({"scale": enc["scale"]} if "scale" in enc else {})})
+    out = _Rows(
+        ids=cols["ids"][a:b][live],
+        rows=b - a,
+        row_len=live.sum(-1),
+        values={"values": enc["values"][live], **({"scale": enc["scale"]} if "scale" in enc else {})},
+    )
     if spec.proposal_temperature == 1.0:
         out.counts = counts[live]
     else:
@@ -324,8 +336,18 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _build_shard(teacher, head, examples: list[dict], first_id: int, spec: CacheSpec, vocab: int, bits: int,
-                 pad_id: int, device, timings: dict | None = None) -> dict[str, Tensor]:
+def _build_shard(
+    teacher,
+    head,
+    examples: list[dict],
+    first_id: int,
+    spec: CacheSpec,
+    vocab: int,
+    bits: int,
+    pad_id: int,
+    device,
+    timings: dict | None = None,
+) -> dict[str, Tensor]:
     """Run the teacher over one shard's examples and return its safetensors columns.
 
     ``timings["forward_s"]`` (when given) accumulates the time of the teacher's own work
@@ -340,7 +362,7 @@ def _build_shard(teacher, head, examples: list[dict], first_id: int, spec: Cache
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i]["input_ids"]), i))
     collate = PadCollator(pad_id)
     for b0 in range(0, len(order), spec.batch_size):
-        members = order[b0:b0 + spec.batch_size]
+        members = order[b0 : b0 + spec.batch_size]
         batch = collate([examples[i] for i in members])
         batch = {k: v.to(device) for k, v in batch.items() if k != "example_id"}
         labels = batch["labels"]
@@ -357,10 +379,10 @@ def _build_shard(teacher, head, examples: list[dict], first_id: int, spec: Cache
             parts = []
             for s in range(0, rows.shape[0], spec.chunk_size):
                 t0 = time.perf_counter()
-                z = head(rows[s:s + spec.chunk_size]).float()[:, :vocab]
+                z = head(rows[s : s + spec.chunk_size]).float()[:, :vocab]
                 _sync(device)
                 fwd += time.perf_counter() - t0
-                parts.append(extract(z, spec, vocab, None if seeds is None else seeds[s:s + spec.chunk_size]))
+                parts.append(extract(z, spec, vocab, None if seeds is None else seeds[s : s + spec.chunk_size]))
         if timings is not None:
             timings["forward_s"] = timings.get("forward_s", 0.0) + fwd
         cols = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
@@ -373,8 +395,13 @@ def _build_shard(teacher, head, examples: list[dict], first_id: int, spec: Cache
 
 def _empty_rows(spec: CacheSpec, vocab: int) -> _Rows:
     width = {"topk": spec.k, "sampled": spec.draws, "dense": vocab}[spec.kind]
-    cols = {"lp": torch.zeros(0, width), "ids": torch.zeros(0, width, dtype=torch.long),
-            "tail": torch.zeros(0), "counts": torch.zeros(0, width, dtype=torch.long), "weights": torch.zeros(0, width)}
+    cols = {
+        "lp": torch.zeros(0, width),
+        "ids": torch.zeros(0, width, dtype=torch.long),
+        "tail": torch.zeros(0),
+        "counts": torch.zeros(0, width, dtype=torch.long),
+        "weights": torch.zeros(0, width),
+    }
     return _example_rows(cols, 0, 0, spec)
 
 
@@ -390,8 +417,9 @@ def _assemble(examples: list[dict], rows: list[_Rows], first_id: int, spec: Cach
         byte_off.append(byte_off[-1] + p.numel())
     cols: dict[str, Tensor] = {
         "example_ids": torch.arange(first_id, first_id + e, dtype=torch.int64),
-        "token_hash": torch.tensor([list(example_hash(x["input_ids"], x["labels"])) for x in examples],
-                                   dtype=torch.uint8).reshape(e, 16),
+        "token_hash": torch.tensor(
+            [list(example_hash(x["input_ids"], x["labels"])) for x in examples], dtype=torch.uint8
+        ).reshape(e, 16),
         "row_offsets": torch.tensor(row_off, dtype=torch.int64),
         "slot_offsets": torch.tensor(slot_off, dtype=torch.int64),
         "id_byte_offsets": torch.tensor(byte_off, dtype=torch.int64),
@@ -489,8 +517,11 @@ def write_cache(
         "teacher": {"name": teacher_name, "fingerprint": weights_fingerprint(teacher)},
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer)},
         "chat_template": _text_hash(getattr(tokenizer, "chat_template", None)),
-        "data": {"fingerprint": hashlib.sha256(b"".join(hashes)).hexdigest(), "num_examples": len(examples),
-                 "num_rows": num_rows},
+        "data": {
+            "fingerprint": hashlib.sha256(b"".join(hashes)).hexdigest(),
+            "num_examples": len(examples),
+            "num_rows": num_rows,
+        },
         "num_shards": n_shards,
     }
     plan_path = path / PLAN
@@ -543,8 +574,15 @@ def write_cache(
     return manifest
 
 
-def _write_shard(path: Path, j: int, cols: dict[str, Tensor], lo: int, hi: int, spec: CacheSpec,
-                 on_shard: Callable[[int], None] | None) -> None:
+def _write_shard(
+    path: Path,
+    j: int,
+    cols: dict[str, Tensor],
+    lo: int,
+    hi: int,
+    spec: CacheSpec,
+    on_shard: Callable[[int], None] | None,
+) -> None:
     from safetensors.torch import save
 
     # One metadata key: safetensors writes a multi-key map in a random (per-process) order,
@@ -579,8 +617,13 @@ def finalize_cache(path: str | Path) -> dict | None:
         records.append(rec)
     total = sum(r["bytes"] for r in records)
     rows = sum(r["num_rows"] for r in records)
-    manifest = {**plan, "shards": records, "total_bytes": total,
-                "bytes_per_token": total / rows if rows else 0.0, "complete": True}
+    manifest = {
+        **plan,
+        "shards": records,
+        "total_bytes": total,
+        "bytes_per_token": total / rows if rows else 0.0,
+        "complete": True,
+    }
     man_path = path / MANIFEST
     if man_path.is_file():
         try:
@@ -607,7 +650,8 @@ def _refuse_a_file(path: Path, fix: str) -> None:
 # The manifest's structure (read_manifest validates it before anything indexes into it).
 _Strict = ConfigDict(extra="forbid", strict=True)
 _SpecRecord = create_model(  # CacheSpec's fields, every one required, with its declared types
-    "_SpecRecord", __config__=_Strict,
+    "_SpecRecord",
+    __config__=_Strict,
     **{f.name: (typing.get_type_hints(CacheSpec)[f.name], ...) for f in fields(CacheSpec)},
 )
 
@@ -675,7 +719,9 @@ def _manifest_problem(m: dict) -> str | None:
         shown = repr(got) if isinstance(got, (bool, int, float, str, type(None))) else type(got).__name__
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
         # pydantic's words, without its class names: "a valid dictionary or instance of _SpecRecord"
-        why = re.sub(r" or instance of \w+", "", " ".join(str(e["msg"]).split())).replace("valid dictionary", "JSON object")
+        why = re.sub(r" or instance of \w+", "", " ".join(str(e["msg"]).split())).replace(
+            "valid dictionary", "JSON object"
+        )
         return f"has a bad field '{field}' ({why}, got {shown})"
     if len(m["shards"]) != m["num_shards"]:
         return f"lists {len(m['shards'])} shards but its field 'num_shards' says {m['num_shards']}"
@@ -700,7 +746,9 @@ def read_manifest(path: str | Path) -> dict:
             try:
                 n_shards = int(json.loads((path / PLAN).read_text())["num_shards"])
             except (ValueError, KeyError, TypeError):
-                raise PotstillError(f"{path / PLAN} is corrupt; delete the cache directory and rerun `potstill cache`") from None
+                raise PotstillError(
+                    f"{path / PLAN} is corrupt; delete the cache directory and rerun `potstill cache`"
+                ) from None
             done = sum(_shard_record_ok(path, j, check_hash=False) is not None for j in range(n_shards))
             raise PotstillError(
                 f"the cache at '{path}' is incomplete ({done} of {n_shards} shards); "
@@ -758,8 +806,16 @@ class CachedSignal:
     once; shard contents are still loaded lazily, when a batch first needs them).
     """
 
-    def __init__(self, path: str | Path, *, tokenizer=None, teacher_fingerprint: str | None = None,
-                 tail: TailMode | None = None, verify: bool = True, max_open: int = 64):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        tokenizer=None,
+        teacher_fingerprint: str | None = None,
+        tail: TailMode | None = None,
+        verify: bool = True,
+        max_open: int = 64,
+    ):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         m = self.manifest
@@ -799,8 +855,10 @@ class CachedSignal:
             raise PotstillError(f"cache shard {f} is missing; {self._FIX}")
         size = f.stat().st_size
         if size != rec["bytes"]:
-            raise PotstillError(f"cache shard {f} does not match its manifest: {size} bytes, the manifest says "
-                                f"{rec['bytes']} (truncated or overwritten); {self._FIX}")
+            raise PotstillError(
+                f"cache shard {f} does not match its manifest: {size} bytes, the manifest says "
+                f"{rec['bytes']} (truncated or overwritten); {self._FIX}"
+            )
         return f
 
     def _check_files(self) -> None:
@@ -814,10 +872,15 @@ class CachedSignal:
             digests = list(pool.map(_file_sha256, files))
         for f, rec, got in zip(files, self.manifest["shards"], digests):
             if got != rec["sha256"]:
-                raise PotstillError(f"cache shard {f} does not match its manifest: its sha256 differs (corrupt); "
-                                    f"{self._FIX}")
-        log.info("verified the sha256 of %d cache shards (%.1f MB) in %.1f s", len(files),
-                 self.manifest["total_bytes"] / 1e6, time.perf_counter() - t0)
+                raise PotstillError(
+                    f"cache shard {f} does not match its manifest: its sha256 differs (corrupt); {self._FIX}"
+                )
+        log.info(
+            "verified the sha256 of %d cache shards (%.1f MB) in %.1f s",
+            len(files),
+            self.manifest["total_bytes"] / 1e6,
+            time.perf_counter() - t0,
+        )
 
     def check_data(self, examples: list[dict]) -> None:
         """Refuse a dataset other than the cached one (before any training starts)."""
@@ -942,7 +1005,7 @@ class CachedSignal:
             ex = self.example(eid, h)
             # its targets up to the next example of the row or the row's end (a label on padding counts: refused)
             upto = segs[b + 1][1] if b + 1 < len(segs) and segs[b + 1][0] == row else lab.shape[1]
-            want = int((lab[row, start + 1:upto] != -100).sum())
+            want = int((lab[row, start + 1 : upto] != -100).sum())
             if ex.rows != want:
                 raise PotstillError(
                     f"example {eid}: {want} target tokens in the batch but {ex.rows} cached rows; rebuild the cache"
@@ -952,8 +1015,10 @@ class CachedSignal:
 
     def _dense(self, parts: list[_Example], device) -> DenseSignal:
         v = self.vocab_size
-        lp = [decode_logprobs(p.values.reshape(p.rows, v), self.spec.dtype,
-                              None if p.scale is None else p.scale) for p in parts]
+        lp = [
+            decode_logprobs(p.values.reshape(p.rows, v), self.spec.dtype, None if p.scale is None else p.scale)
+            for p in parts
+        ]
         return DenseSignal(logits=torch.cat(lp).to(device) if lp else torch.zeros(0, v, device=device))
 
     def _combine(self, parts: list[_Example]) -> SparseSignal:
@@ -963,8 +1028,9 @@ class CachedSignal:
             ids = torch.cat([p.ids.reshape(p.rows, k) for p in parts])
             lp = torch.cat([decode_logprobs(p.values.reshape(p.rows, k), dtype, p.scale) for p in parts])
             tail = torch.cat([p.tail.float() for p in parts])
-            return SparseSignal(ids=ids, logprobs=lp, tail=self.tail,
-                                tail_logprob=tail if self.tail == "bucket" else None)
+            return SparseSignal(
+                ids=ids, logprobs=lp, tail=self.tail, tail_logprob=tail if self.tail == "bucket" else None
+            )
         row_len = torch.cat([p.row_len.long() for p in parts])
         flat_ids = torch.cat([p.ids for p in parts])
         flat_vals = torch.cat([p.values for p in parts])

@@ -41,7 +41,7 @@ class MaskedDenseSignal(DenseSignal):
 
     valid: Tensor | None = None
 
-    def rows(self, index: Tensor) -> "MaskedDenseSignal":
+    def rows(self, index: Tensor) -> MaskedDenseSignal:
         return MaskedDenseSignal(logits=self.logits[index], valid=None if self.valid is None else self.valid[index])
 
 
@@ -50,9 +50,19 @@ class CrossTokenizerTeacher:
 
     partial = True  # covers aligned rows only; MultiTeacher needs a full-coverage teacher beside it
 
-    def __init__(self, model: torch.nn.Module, teacher_tokenizer, student_tokenizer, *, student_vocab: int,
-                 vocab_map=None, kinds: Sequence[str] | None = None, temperature: float = 1.0,
-                 max_teacher_length: int | None = None, chunk_size: int = 256):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        teacher_tokenizer,
+        student_tokenizer,
+        *,
+        student_vocab: int,
+        vocab_map=None,
+        kinds: Sequence[str] | None = None,
+        temperature: float = 1.0,
+        max_teacher_length: int | None = None,
+        chunk_size: int = 256,
+    ):
         from ..data.cross_tokenizer import CrossTokenizerAligner, _pad_id
         from ..models.vocab_map import DEFAULT_KINDS, build_vocab_map
 
@@ -65,14 +75,16 @@ class CrossTokenizerTeacher:
         self.model = model
         self.vocab_size = int(student_vocab)
         self.vocab_map = vocab_map or build_vocab_map(teacher_tokenizer, student_tokenizer, student_vocab=student_vocab)
-        self.aligner = CrossTokenizerAligner(student_tokenizer, teacher_tokenizer, max_teacher_length=max_teacher_length)
+        self.aligner = CrossTokenizerAligner(
+            student_tokenizer, teacher_tokenizer, max_teacher_length=max_teacher_length
+        )
         self.teacher_pad = _pad_id(teacher_tokenizer)
         self.temperature = None  # no temperature of its own: MultiTeacher passes its T to signal()
         self._T = float(temperature)
         self.chunk_size = int(chunk_size)
         self._cov = {"rows": 0.0, "aligned": 0.0, "valid": 0.0, "mass": 0.0}
 
-    def to(self, device) -> "CrossTokenizerTeacher":
+    def to(self, device) -> CrossTokenizerTeacher:
         self.model.to(device)
         return self
 
@@ -138,8 +150,11 @@ class CrossTokenizerTeacher:
         mean mapped mass per aligned row (at the distillation temperature)."""
         c = self._cov
         rows = max(c["rows"], 1.0)
-        return {"aligned_row_share": c["aligned"] / rows, "valid_row_share": c["valid"] / rows,
-                "teacher_mass_used": c["mass"] / max(c["aligned"], 1.0)}
+        return {
+            "aligned_row_share": c["aligned"] / rows,
+            "valid_row_share": c["valid"] / rows,
+            "teacher_mass_used": c["mass"] / max(c["aligned"], 1.0),
+        }
 
 
 __all__ = ["CrossTokenizerTeacher", "MaskedDenseSignal"]

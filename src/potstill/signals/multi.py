@@ -30,8 +30,9 @@ batch's target rows (each teacher is projected chunk by chunk).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -48,9 +49,17 @@ CONFIDENCES = ("entropy", "maxprob")
 class MultiTeacher:
     """Combine the signals of several same-vocabulary teachers (see module docstring)."""
 
-    def __init__(self, sources: Sequence, *, mode: str = "mean", confidence: str = "entropy",
-                 weights: Sequence[float] | None = None, temperature: float = 1.0, vocab_size: int | None = None,
-                 chunk_size: int = 256):
+    def __init__(
+        self,
+        sources: Sequence,
+        *,
+        mode: str = "mean",
+        confidence: str = "entropy",
+        weights: Sequence[float] | None = None,
+        temperature: float = 1.0,
+        vocab_size: int | None = None,
+        chunk_size: int = 256,
+    ):
         if len(sources) < 2:
             raise PotstillError(f"a multi-teacher source needs at least 2 teachers, got {len(sources)}")
         if mode not in MULTI_MODES:
@@ -64,14 +73,18 @@ class MultiTeacher:
         if not temperature > 0:
             raise PotstillError(f"temperature={temperature} must be > 0")
         if all(getattr(s, "partial", False) for s in sources):
-            raise PotstillError("every teacher has another tokenizer than the student; a multi-teacher source needs "
-                                "at least one teacher that shares the student's tokenizer (the others cover aligned "
-                                "rows only)")
+            raise PotstillError(
+                "every teacher has another tokenizer than the student; a multi-teacher source needs "
+                "at least one teacher that shares the student's tokenizer (the others cover aligned "
+                "rows only)"
+            )
         vocabs = {getattr(s, "vocab_size", None) for s in sources} - {None}
         if vocab_size is None:
             if len(vocabs) > 1:
-                raise PotstillError(f"the teachers have different vocabularies {sorted(vocabs)}; use teachers that "
-                                    "share the student's tokenizer, or pass vocab_size= when they differ by padding")
+                raise PotstillError(
+                    f"the teachers have different vocabularies {sorted(vocabs)}; use teachers that "
+                    "share the student's tokenizer, or pass vocab_size= when they differ by padding"
+                )
             vocab_size = vocabs.pop() if vocabs else None
         self.sources = list(sources)
         self.mode = mode
@@ -83,7 +96,7 @@ class MultiTeacher:
         self.chunk_size = int(chunk_size)
         self.selected_counts = [0] * len(sources)
 
-    def to(self, device) -> "MultiTeacher":
+    def to(self, device) -> MultiTeacher:
         for s in self.sources:
             if hasattr(s, "to"):
                 s.to(device)
@@ -91,8 +104,9 @@ class MultiTeacher:
 
     def _logprobs(self, sig, start: int, end: int, vocab: int) -> Tensor:
         if isinstance(sig, SparseSignal):
-            raise PotstillError("multi-teacher KD needs dense teachers (live models or dense caches), "
-                                "not top-k or sampled caches")
+            raise PotstillError(
+                "multi-teacher KD needs dense teachers (live models or dense caches), not top-k or sampled caches"
+            )
         return torch.log_softmax(sig.chunk_logits(start, end, vocab).float() / self._T, dim=-1)
 
     @torch.no_grad()
@@ -101,8 +115,9 @@ class MultiTeacher:
 
         sigs = [s.signal(batch) for s in self.sources]
         # A teacher sharded with FSDP2 has a sharded head: gathered once per batch, on every process alike.
-        sigs = [replace(s, head=full_head(s.head)) if isinstance(s, DenseSignal) and s.head is not None else s
-                for s in sigs]
+        sigs = [
+            replace(s, head=full_head(s.head)) if isinstance(s, DenseSignal) and s.head is not None else s for s in sigs
+        ]
         n = sigs[0].num_rows
         if any(s.num_rows != n for s in sigs):
             raise PotstillError("the teachers returned different row counts for one batch; they must see the same data")
@@ -110,8 +125,14 @@ class MultiTeacher:
         device = batch["labels"].device
         out = torch.empty(n, vocab, dtype=torch.float32, device=device)
         # [K, n] bool: which teacher informs which row (partial, cross-tokenizer teachers: aligned rows)
-        valid = torch.stack([s.valid.to(device) if getattr(s, "valid", None) is not None
-                             else torch.ones(n, dtype=torch.bool, device=device) for s in sigs])
+        valid = torch.stack(
+            [
+                s.valid.to(device)
+                if getattr(s, "valid", None) is not None
+                else torch.ones(n, dtype=torch.bool, device=device)
+                for s in sigs
+            ]
+        )
         if n and not bool(valid.any(0).all()):
             raise PotstillError("some target rows have no teacher; keep a teacher with the student's tokenizer")
         choice = self._select(batch, sigs, vocab, valid) if self.mode == "select" else None

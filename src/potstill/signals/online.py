@@ -46,7 +46,7 @@ class OnlineTeacher:
     back to ``out_device`` (the student's), where a copy of its output head is kept for the reducer.
     """
 
-    def __init__(self, model: torch.nn.Module, memo: "TeacherMemo | None" = None, out_device=None):
+    def __init__(self, model: torch.nn.Module, memo: TeacherMemo | None = None, out_device=None):
         from ..models import output_head
 
         self.model = model.eval()
@@ -65,7 +65,7 @@ class OnlineTeacher:
         """Rows of the teacher's output head (the trainer aligns the student's vocabulary to it)."""
         return global_rows(self.head.weight)
 
-    def to(self, device) -> "OnlineTeacher":
+    def to(self, device) -> OnlineTeacher:
         if self.out_device is not None:  # placed on its own: it stays there
             return self
         self.model.to(device)

@@ -63,7 +63,7 @@ class Head:
         w, b = self.sliced()
         return apply_head(hidden, w, b, self.logit_scale, self.softcap)
 
-    def with_vocab(self, vocab_size: int) -> "Head":
+    def with_vocab(self, vocab_size: int) -> Head:
         return replace(self, vocab_size=vocab_size)
 
 
@@ -109,7 +109,7 @@ class DenseSignal:
     def vocab(self) -> int:
         return self.logits.shape[-1] if self.logits is not None else self.head.vocab
 
-    def rows(self, index: Tensor) -> "DenseSignal":
+    def rows(self, index: Tensor) -> DenseSignal:
         """Keep the rows in ``index`` (``LongTensor [n]``)."""
         if self.logits is not None:
             return DenseSignal(logits=self.logits[index])
@@ -168,7 +168,7 @@ class SparseSignal:
     def sampled(self) -> bool:
         return self.weights is not None
 
-    def _map(self, f) -> "SparseSignal":
+    def _map(self, f) -> SparseSignal:
         return SparseSignal(
             ids=f(self.ids),
             logprobs=f(self.logprobs),
@@ -177,13 +177,13 @@ class SparseSignal:
             tail_logprob=None if self.tail_logprob is None else f(self.tail_logprob),
         )
 
-    def rows(self, index: Tensor) -> "SparseSignal":
+    def rows(self, index: Tensor) -> SparseSignal:
         return self._map(lambda t: t[index])
 
-    def chunk(self, start: int, end: int) -> "SparseSignal":
+    def chunk(self, start: int, end: int) -> SparseSignal:
         return self._map(lambda t: t[start:end])
 
-    def to(self, device) -> "SparseSignal":
+    def to(self, device) -> SparseSignal:
         return self._map(lambda t: t.to(device))
 
 
