@@ -104,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
         t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
         t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
+    s = sub.add_parser("schema", help="print the JSON schema of a verb's recipe (for editors)")
+    s.add_argument("name", metavar="VERB", help="the verb whose recipe schema to print, e.g. distill")
+    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
     m = sub.add_parser("demo", help="the embedded default: SmolLM2 teacher, SFT vs KD students, report")
     m.add_argument("overrides", nargs="*", help="dotted key=value overrides of the embedded recipe")
     m.add_argument("--output-dir", default=None, help="where to write (default runs/demo)")
@@ -120,32 +124,32 @@ def _quiet_libraries() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import load_recipe
+    from .recipes import load_recipe
 
     _quiet_libraries()
 
     if args.verb == "demo":
-        from .config import Recipe, recipe_from_dict
-
         overrides = list(args.overrides)
         if args.output_dir:
             overrides.append(f"output_dir={args.output_dir}")
-        recipe = recipe_from_dict(Recipe().model_dump(mode="json"), overrides)
-        from .pipeline import distill
+        recipe = load_recipe(None, overrides, verb="demo")
+        from .runners.distill import distill
 
         metrics = distill(recipe)
     elif args.verb == "distill":
-        recipe = load_recipe(args.recipe, args.overrides)
-        from .pipeline import distill
+        recipe = load_recipe(args.recipe, args.overrides, verb="distill")
+        from .runners.distill import distill
 
         metrics = distill(recipe)
     elif args.verb == "cache":
         return _cache(args)
+    elif args.verb == "schema":
+        return _schema(args)
     elif args.verb in TASKS:
         return _task(args)
     elif args.verb == "eval":
-        recipe = load_recipe(args.recipe, args.overrides)
-        from .pipeline import evaluate_only
+        recipe = load_recipe(args.recipe, args.overrides, verb="eval")
+        from .runners.distill import evaluate_only
 
         metrics = evaluate_only(recipe, args.student)
     else:  # pragma: no cover - argparse handles it
@@ -157,6 +161,16 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     _summary(metrics)
     print(f"report: {out / 'report.md'}  metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    """Print the JSON schema of a verb's recipe (for editors: YAML language servers read it)."""
+    import json
+
+    from .recipes import recipe_schema
+
+    print(json.dumps(recipe_schema("distill" if args.name in ("cache", "eval", "demo") else args.name), indent=2))
     return 0
 
 
@@ -175,10 +189,10 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from .config import load_recipe
-    from .pipeline import cache
+    from .recipes import load_recipe
+    from .runners.cache import cache
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides, verb="cache")
     rank = args.rank if args.rank is not None else _env_int("RANK", 0)
     world = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE", 1)
     manifest = cache(recipe, rank=rank, world_size=world)
