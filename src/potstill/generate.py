@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .data.collate import pad_id as data_pad_id
+
 
 @dataclass
 class Generations:
@@ -46,10 +48,8 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 def pad_id(tokenizer) -> int:
-    p = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if p is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
-    return int(p)
+    """The id generation pads with (pad, else EOS); ``ValueError`` without either."""
+    return data_pad_id(tokenizer, required=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -66,6 +66,46 @@ def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, 
         ids[row, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
         mask[row, width - len(p) :] = 1
     return ids.to(device), mask.to(device)
+
+
+def _generation_config(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, eos: set[int], pad: int):
+    """The ``transformers.GenerationConfig`` of :func:`generate`: greedy, or plain tempered top-p sampling."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        num_beams=1,
+        eos_token_id=sorted(eos) if eos else None,
+        pad_token_id=pad,
+        use_cache=True,
+        # Sampling draws from softmax(logits / T) cut at top_p and nothing else: the model's own
+        # generation_config would otherwise fill these in (e.g. an instruct model's repetition penalty),
+        # and on-policy losses that assume the student's distribution would be silently wrong.
+        **(
+            {
+                "temperature": temperature,
+                "top_p": top_p,
+                "top_k": 0,
+                "min_p": 0.0,
+                "typical_p": 1.0,
+                "repetition_penalty": 1.0,
+                "no_repeat_ngram_size": 0,
+                "epsilon_cutoff": 0.0,
+                "eta_cutoff": 0.0,
+            }
+            if do_sample
+            else {}
+        ),
+    )
+
+
+def _cut_at_eos(new: list[int], eos: set[int]) -> tuple[list[int], int | None, int]:
+    """``(tokens before the first EOS, that EOS or None, tokens generated up to and including it)``."""
+    cut = next((j for j, t in enumerate(new) if t in eos), None)
+    if cut is None:
+        return new, None, len(new)
+    return new[:cut], int(new[cut]), cut + 1
 
 
 @torch.no_grad()
@@ -108,32 +148,7 @@ def generate(
     eos = eos_ids(model, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if sort_by_length else list(range(len(prompts)))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        num_beams=1,
-        eos_token_id=sorted(eos) if eos else None,
-        pad_token_id=pad,
-        use_cache=True,
-        # Sampling draws from softmax(logits / T) cut at top_p and nothing else: the model's own
-        # generation_config would otherwise fill these in (e.g. an instruct model's repetition penalty),
-        # and on-policy losses that assume the student's distribution would be silently wrong.
-        **(
-            {
-                "temperature": temperature,
-                "top_p": top_p,
-                "top_k": 0,
-                "min_p": 0.0,
-                "typical_p": 1.0,
-                "repetition_penalty": 1.0,
-                "no_repeat_ngram_size": 0,
-                "epsilon_cutoff": 0.0,
-                "eta_cutoff": 0.0,
-            }
-            if do_sample
-            else {}
-        ),
-    )
+    config = _generation_config(max_new_tokens, do_sample, temperature, top_p, eos, pad)
     out: list[list[int]] = [[] for _ in prompts]
     stops: list[int | None] = [None for _ in prompts]
     num_tokens, seconds = 0, 0.0
@@ -157,10 +172,8 @@ def generate(
             _sync(device)
             seconds += time.perf_counter() - t0
             for r, new in zip(idx, seqs[:, ids.shape[1] :].tolist()):
-                cut = next((j for j, t in enumerate(new) if t in eos), None)
-                num_tokens += len(new) if cut is None else cut + 1
-                out[r] = new if cut is None else new[:cut]
-                stops[r] = None if cut is None else int(new[cut])
+                out[r], stops[r], counted = _cut_at_eos(new, eos)
+                num_tokens += counted
             if on_batch:
                 on_batch()
     finally:

@@ -205,6 +205,55 @@ def _clean_tmp(path: Path) -> None:
 # ----------------------------------------------------------------------- cached generation
 
 
+def _check_args(prompts, path, params, chunk_size, batch_size) -> tuple[list[list[int]], Path]:
+    """:func:`generate_cached`'s arguments checked (one-line :class:`PotstillError`); the prompts and the path."""
+    if not isinstance(params, GenerationParams):
+        raise PotstillError(f"params must be a GenerationParams, not {type(params).__name__}")
+    prompts = _check_prompts(prompts)
+    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PotstillError(f"generation {name}={value!r} must be an integer >= 1")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PotstillError(f"'{path}' is a file, not a generation directory; pass a directory path")
+    return prompts, path
+
+
+def _open_meta(path: Path, meta: dict) -> None:
+    """Write ``meta.json``, or refuse a directory whose ``meta.json`` is corrupt or has another run key."""
+    meta_path = path / META
+    if meta_path.exists():
+        try:
+            old = json.loads(meta_path.read_bytes())
+        except (OSError, ValueError):
+            raise PotstillError(f"{meta_path} is corrupt (not JSON); delete the directory '{path}' and rerun") from None
+        if not isinstance(old, dict) or old.get("key") != meta["key"]:
+            raise PotstillError(
+                f"the directory '{path}' holds generations of another model/tokenizer/params/prompts "
+                f"(run key differs); use another path or delete it"
+            )
+    else:
+        atomic_write_json(meta_path, meta)
+
+
+def _write_chunk(file: Path, key: str, j: int, sha: str, out: Generations) -> dict:
+    """Chunk ``j``'s record of the generations ``out``, written atomically to ``file``; returns it."""
+    rec = {
+        "key": key,
+        "chunk": j,
+        "prompts_sha": sha,
+        "token_ids": [[int(t) for t in row] for row in out.token_ids],
+        "num_tokens": int(out.num_tokens),
+        "seconds": float(out.seconds),
+    }
+    # One row per line: compact but still greppable.
+    body = ",\n".join(json.dumps(row, separators=(",", ":")) for row in rec["token_ids"])
+    head = {k: v for k, v in rec.items() if k != "token_ids"}
+    text = json.dumps(head, allow_nan=False)[:-1] + ', "token_ids": [\n' + body + "\n]}\n"
+    atomic_write_bytes(file, text.encode())
+    return rec
+
+
 def generate_cached(
     model,
     tokenizer,
@@ -233,15 +282,7 @@ def generate_cached(
     from .models import tokenizer_fingerprint
     from .signals.cache import weights_fingerprint
 
-    if not isinstance(params, GenerationParams):
-        raise PotstillError(f"params must be a GenerationParams, not {type(params).__name__}")
-    prompts = _check_prompts(prompts)
-    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PotstillError(f"generation {name}={value!r} must be an integer >= 1")
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise PotstillError(f"'{path}' is a file, not a generation directory; pass a directory path")
+    prompts, path = _check_args(prompts, path, params, chunk_size, batch_size)
 
     model_fp = weights_fingerprint(model)
     tok_fp = tokenizer_fingerprint(tokenizer)
@@ -249,33 +290,21 @@ def generate_cached(
     key = run_key(model_fp, tok_fp, params, chunk_size, prompts_sha(prompts), backend)
     n_chunks = -(-len(prompts) // chunk_size)
 
-    meta_path = path / META
-    if meta_path.exists():
-        try:
-            old = json.loads(meta_path.read_bytes())
-        except (OSError, ValueError):
-            raise PotstillError(f"{meta_path} is corrupt (not JSON); delete the directory '{path}' and rerun") from None
-        if not isinstance(old, dict) or old.get("key") != key:
-            raise PotstillError(
-                f"the directory '{path}' holds generations of another model/tokenizer/params/prompts "
-                f"(run key differs); use another path or delete it"
-            )
-    else:
-        meta = {
-            "format": FORMAT,
-            "version": VERSION,
-            "key": key,
-            "params": asdict(params),
-            "model_id": model_id,
-            "model_fingerprint": model_fp,
-            "tokenizer_fingerprint": tok_fp,
-            "num_prompts": len(prompts),
-            "chunk_size": chunk_size,
-            "num_chunks": n_chunks,
-            "batch_size": batch_size,
-            "backend": backend or "hf",
-        }
-        atomic_write_json(meta_path, meta)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "key": key,
+        "params": asdict(params),
+        "model_id": model_id,
+        "model_fingerprint": model_fp,
+        "tokenizer_fingerprint": tok_fp,
+        "num_prompts": len(prompts),
+        "chunk_size": chunk_size,
+        "num_chunks": n_chunks,
+        "batch_size": batch_size,
+        "backend": backend or "hf",
+    }
+    _open_meta(path, meta)
     _clean_tmp(path)
 
     token_ids: list[list[int]] = []
@@ -293,19 +322,7 @@ def generate_cached(
                     out = _engine().generate(model, tokenizer, chunk, batch_size=batch_size, progress=False, **kw)
                 else:
                     out = engine.generate(chunk, **kw)
-                rec = {
-                    "key": key,
-                    "chunk": j,
-                    "prompts_sha": sha,
-                    "token_ids": [[int(t) for t in row] for row in out.token_ids],
-                    "num_tokens": int(out.num_tokens),
-                    "seconds": float(out.seconds),
-                }
-                # One row per line: compact but still greppable.
-                body = ",\n".join(json.dumps(row, separators=(",", ":")) for row in rec["token_ids"])
-                head = {k: v for k, v in rec.items() if k != "token_ids"}
-                text = json.dumps(head, allow_nan=False)[:-1] + ', "token_ids": [\n' + body + "\n]}\n"
-                atomic_write_bytes(file, text.encode())
+                rec = _write_chunk(file, key, j, sha, out)
             token_ids.extend(rec["token_ids"])
             num_tokens += rec["num_tokens"]
             seconds += rec["seconds"]

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from potstill.data import PadCollator, encode_example, load_records, records_to_pairs, train_eval_split
+from potstill.data import PadCollator, encode_example, load_records, pad_id, records_to_pairs, train_eval_split
 from potstill.errors import PotstillError
 
 ROWS = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(5)]
@@ -196,3 +196,14 @@ def test_messages_as_a_list_of_strings_read_from_a_file(tmp_path):
     p.write_text('{"messages": ["hello", "hi there"]}\n')
     with pytest.raises(PotstillError, match=r"row 1 field 'messages' turn 1 is a str"):
         records_to_pairs(load_records(p), messages_field="messages", where=str(p))
+
+
+def test_pad_id_prefers_pad_then_eos_then_zero_or_raises():
+    from types import SimpleNamespace
+
+    assert pad_id(SimpleNamespace(pad_token_id=3, eos_token_id=7)) == 3
+    assert pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=7), required=True) == 7
+    neither = SimpleNamespace(pad_token_id=None, eos_token_id=None)
+    assert pad_id(neither) == 0
+    with pytest.raises(ValueError, match="neither a pad nor an EOS token"):
+        pad_id(neither, required=True)

@@ -369,7 +369,7 @@ def test_backward_scales_by_upstream_gradient_and_no_grad_mode():
 @pytest.mark.parametrize("teacher_kind", ["logits", "hidden"])
 def test_closed_form_gradient_path_equals_autograd_reference(name, params, alpha, temperature, variant, teacher_kind):
     """The closed-form chunk path (plain heads, these divergences) against plain autograd on full logits."""
-    from potstill.divergences.chunked import CLOSED_FORM
+    from potstill.divergences.closed_form import CLOSED_FORM
 
     assert name in CLOSED_FORM
     hidden, head, leaves = _student(variant, seed=31)

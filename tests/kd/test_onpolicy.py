@@ -12,7 +12,7 @@ import potstill.generate as gen_mod
 from potstill.data import PadCollator
 from potstill.errors import PotstillError
 from potstill.kd import KDConfig, KDTrainer, OnPolicyConfig, OnPolicyKDTrainer
-from potstill.kd.onpolicy import _ROLLOUT
+from potstill.kd.onpolicy import ROLLOUT
 from potstill.signals import OnlineTeacher
 
 from .test_logit import dataset, encoded
@@ -107,7 +107,7 @@ def test_student_batch_keeps_prompts_and_labels_the_samples(tiny_llama_pair, tmp
     new, n_items = tr.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
     assert torch.equal(torch.random.get_rng_state(), state), "generation must not move the training RNG"
     (b,) = new
-    assert b[_ROLLOUT] is True and tr.rollout_stats["modes"] == ["student"]
+    assert b[ROLLOUT] is True and tr.rollout_stats["modes"] == ["student"]
     for i in range(4):
         p = int((batch["labels"][i] != -100).nonzero()[0])
         q = int((b["labels"][i] != -100).nonzero()[0])

@@ -16,7 +16,8 @@ from potstill.data import PadCollator, encode_example
 from potstill.divergences import chunked_kd_loss
 from potstill.models import final_hidden, output_head
 from potstill.signals import OnlineTeacher, SparseSignal, target_index, target_rows
-from potstill.signals.cache import CachedSignal, CacheSpec, _build_shard, extract, write_cache
+from potstill.signals.cache import CachedSignal, CacheSpec, extract, write_cache
+from potstill.signals.cache.write import build_shard
 from potstill.signals.quant import id_bits
 
 TEXTS = [
@@ -76,7 +77,7 @@ def test_round_trip_is_bit_exact_and_matches_the_teacher(tmp_path, tiny_teacher,
     # 1. Bit-for-bit: the columns the writer computes in memory equal what is read from disk.
     for rec in man["shards"]:
         lo, n = rec["first_example"], rec["num_examples"]
-        cols = _build_shard(
+        cols = build_shard(
             tiny_teacher,
             head,
             exs[lo : lo + n],

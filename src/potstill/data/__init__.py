@@ -1,7 +1,7 @@
 """Datasets in, tokenized chat examples out: loading, chat templates, prompt masking, collation."""
 
 from .chat import encode_example, encode_prompt
-from .collate import PadCollator
+from .collate import PadCollator, pad_id
 from .loading import load_records, records_to_pairs, train_eval_split
 from .packing import PackCollator, forward_kwargs, segments
 
@@ -13,6 +13,7 @@ __all__ = [
     "encode_example",
     "encode_prompt",
     "load_records",
+    "pad_id",
     "records_to_pairs",
     "train_eval_split",
 ]

@@ -1,10 +1,25 @@
-"""Pad a list of encoded examples into a batch (right padding; labels padded with -100)."""
+"""Pad a list of encoded examples into a batch (right padding; labels padded with -100), and the pad id."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+
+
+def pad_id(tokenizer, *, required: bool = False) -> int:
+    """The id to pad with: the tokenizer's ``pad_token_id``, else its ``eos_token_id``.
+
+    With neither, ``ValueError`` if ``required`` (generation, which must stop on something),
+    else 0 (the padded positions are masked out anyway).
+    """
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    if required:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+    return 0
 
 
 class PadCollator:

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..errors import PotstillError
 from ..models.vocab_map import special_ids
 from ..signals import target_index
-from .collate import PadCollator
+from .collate import PadCollator, pad_id
 
 
 def token_starts(offsets: Sequence[tuple[int, int]], text: str, special: Sequence[int] | set[int] = ()) -> list[int]:
@@ -204,9 +204,9 @@ class CrossTokenizerCollator:
         max_teacher_length: int | None = None,
         pad_to_multiple_of: int | None = None,
     ):
-        pad = pad_token_id if pad_token_id is not None else _pad_id(student_tokenizer)
+        pad = pad_token_id if pad_token_id is not None else pad_id(student_tokenizer)
         self.pad = PadCollator(pad, pad_to_multiple_of)
-        self.teacher_pad = teacher_pad_token_id if teacher_pad_token_id is not None else _pad_id(teacher_tokenizer)
+        self.teacher_pad = teacher_pad_token_id if teacher_pad_token_id is not None else pad_id(teacher_tokenizer)
         self.aligner = CrossTokenizerAligner(
             student_tokenizer, teacher_tokenizer, max_teacher_length=max_teacher_length
         )
@@ -230,14 +230,6 @@ class CrossTokenizerCollator:
             pos[i, : p.numel()] = p
         out.update(teacher_input_ids=ids, teacher_attention_mask=mask, teacher_positions=pos)
         return out
-
-
-def _pad_id(tokenizer) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    return 0
 
 
 __all__ = [

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 
 from ..signals.types import DenseSignal, Head, SparseSignal
-from .chunked import IGNORE_INDEX, full_head
+from .chunked import IGNORE_INDEX, check_mixing, full_head, loss_normalizer
 from .dense import get_core
 from .params import check_divergence_params
 
@@ -148,6 +148,42 @@ def _linear_args(head: Head, vocab: int) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
+def _aligned_heads(
+    student_hidden: Tensor, student_head: Head, labels: Tensor, teacher: DenseSignal, vocab_size: int | None
+) -> tuple[Head, Head, int]:
+    """Both heads gathered (:func:`~.chunked.full_head`) and the aligned vocabulary; ``ValueError``
+    on vocabularies that differ, rows that do not align or labels out of range."""
+    student_head = full_head(student_head)
+    teacher_head = full_head(teacher.head)
+    vocab = student_head.vocab if vocab_size is None else int(vocab_size)
+    if (
+        vocab > student_head.weight.shape[0]
+        or vocab > teacher_head.weight.shape[0]
+        or (vocab_size is None and teacher_head.vocab != vocab)
+    ):
+        raise ValueError(
+            f"teacher vocabulary ({teacher_head.vocab}) and student vocabulary ({student_head.vocab}) differ; "
+            "pass vocab_size= to align vocabularies that differ only by padding rows"
+        )
+    if teacher.hidden.shape[0] != student_hidden.shape[0]:
+        raise ValueError(
+            f"teacher has {teacher.hidden.shape[0]} rows but the student has {student_hidden.shape[0]}; rows must align"
+        )
+    if student_hidden.shape[0] and bool(((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))).any()):
+        raise ValueError(f"labels must be -100 or lie in [0, {vocab})")
+    return student_head, teacher_head, vocab
+
+
+@torch.no_grad()
+def _teacher_args(teacher: DenseSignal, teacher_head: Head, vocab: int) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The teacher's ``(weight, bias, hidden)`` for Liger, without a graph; ``ValueError`` on non-finite hidden states."""
+    w_t, b_t = _linear_args(teacher_head, vocab)
+    h_t = teacher.hidden.to(w_t.dtype)
+    if h_t.shape[0] and not bool(torch.isfinite(h_t).all()):
+        raise ValueError("teacher hidden states contain NaN/inf; check the teacher model/dtype (try float32)")
+    return w_t, b_t, h_t
+
+
 FusedJSD = Callable[..., tuple[Tensor, Tensor, Tensor]]
 """Liger's ``liger_fused_linear_jsd`` signature: ``(student_input, student_weight, teacher_input,
 teacher_weight, true_labels, student_bias, teacher_bias, weight_hard_loss, weight_soft_loss, beta,
@@ -194,43 +230,15 @@ def fused_jsd_kd_loss(
         raise ValueError(
             f"student_hidden must be [n, H] and labels [n], got {tuple(student_hidden.shape)} and {tuple(labels.shape)}"
         )
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha (the CE weight) must be in [0, 1], got {alpha}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_mixing(alpha, temperature, chunk_size)
     beta = check_liger_inputs(student_head, teacher, divergence, divergence_kwargs)
-    student_head = full_head(student_head)
-    teacher_head = full_head(teacher.head)
-    vocab = student_head.vocab if vocab_size is None else int(vocab_size)
-    if (
-        vocab > student_head.weight.shape[0]
-        or vocab > teacher_head.weight.shape[0]
-        or (vocab_size is None and teacher_head.vocab != vocab)
-    ):
-        raise ValueError(
-            f"teacher vocabulary ({teacher_head.vocab}) and student vocabulary ({student_head.vocab}) differ; "
-            "pass vocab_size= to align vocabularies that differ only by padding rows"
-        )
-    if teacher.hidden.shape[0] != student_hidden.shape[0]:
-        raise ValueError(
-            f"teacher has {teacher.hidden.shape[0]} rows but the student has {student_hidden.shape[0]}; rows must align"
-        )
+    student_head, teacher_head, vocab = _aligned_heads(student_hidden, student_head, labels, teacher, vocab_size)
     n = student_hidden.shape[0]
     valid = labels != IGNORE_INDEX
-    if n and bool((valid & ((labels < 0) | (labels >= vocab))).any()):
-        raise ValueError(f"labels must be -100 or lie in [0, {vocab})")
-
     w_s, b_s = _linear_args(student_head, vocab)
-    with torch.no_grad():
-        w_t, b_t = _linear_args(teacher_head, vocab)
-        h_t = teacher.hidden.to(w_t.dtype)
-        if n and not bool(torch.isfinite(h_t).all()):
-            raise ValueError("teacher hidden states contain NaN/inf; check the teacher model/dtype (try float32)")
+    w_t, b_t, h_t = _teacher_args(teacher, teacher_head, vocab)
     device = student_hidden.device
-    norm = torch.as_tensor(normalizer, dtype=torch.float32, device=device).detach()
-    norm = torch.where(norm == 0, torch.ones_like(norm), norm)
+    norm = loss_normalizer(normalizer, device)
     n_valid = valid.sum().float()
     if n == 0:  # nothing to chunk: a zero loss that still reaches the student's tensors
         zero = student_hidden.sum().float() * 0.0 + w_s.sum().float() * 0.0
@@ -257,12 +265,8 @@ def fused_jsd_kd_loss(
     )
     counted = n_valid.clamp_min(1.0)
     loss = loss.float() * (counted / norm)
-    stats = {
-        "ce_sum": (hard.detach().float() * counted),
-        "kd_sum": (soft.detach().float() * counted),
-        "n_tokens": n_valid,
-    }
-    return loss, stats
+    stats = {"ce_sum": (hard.detach().float() * counted), "kd_sum": (soft.detach().float() * counted)}
+    return loss, {**stats, "n_tokens": n_valid}
 
 
 def liger_kd_loss(

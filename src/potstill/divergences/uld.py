@@ -28,7 +28,7 @@ def uld_teacher_target(teacher_logits: Tensor, student_vocab: int, temperature: 
     return ranked[:, :k], ranked[:, k:].sum(-1)
 
 
-def _uld_from_target(student_logits: Tensor, top: Tensor, tail: Tensor, temperature: float) -> Tensor:
+def uld_from_target(student_logits: Tensor, top: Tensor, tail: Tensor, temperature: float) -> Tensor:
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     q = torch.softmax(student_logits.to(dtype) / temperature, dim=-1)
     q_ranked = torch.sort(q, dim=-1, descending=True).values
@@ -56,7 +56,7 @@ def uld_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: flo
             f"and {tuple(teacher_logits.shape)}"
         )
     top, tail = uld_teacher_target(teacher_logits, student_logits.shape[-1], temperature)
-    return _uld_from_target(student_logits, top, tail, temperature)
+    return uld_from_target(student_logits, top, tail, temperature)
 
 
 __all__ = ["uld_loss", "uld_teacher_target"]

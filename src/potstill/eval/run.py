@@ -100,20 +100,10 @@ def evaluate_runs(
     A model passed both as teacher and as a student (the same object) is run once.
     Models are put in eval mode and each submodule's training flag is restored after.
     """
-    from ..models import final_hidden
     from ..models.placement import head_on
 
-    if not examples:
-        raise PotstillError("no evaluation examples; check the eval split / `eval_size`")
-    if TEACHER in students:
-        raise PotstillError(f"a student is named {TEACHER!r}, which is reserved for the teacher's row; rename it")
-    if batch_size < 1 or max_new_tokens < 0:
-        raise PotstillError(f"batch_size must be >= 1 and max_new_tokens >= 0 (got {batch_size}, {max_new_tokens})")
-    examples = [_check_example(i, ex) for i, ex in enumerate(examples)]
-
+    examples = _check_inputs(students, teacher, examples, batch_size, max_new_tokens)
     black_box = teacher is None
-    if black_box and not students:
-        raise PotstillError("nothing to evaluate: no teacher and no students")
     # Without a teacher, the first student stands in as the reference of the teacher-forced
     # pass (only its perplexity is kept; KL and agreement are reported as nan).
     models: dict[str, torch.nn.Module] = {
@@ -132,6 +122,39 @@ def evaluate_runs(
     unique = [name for name in models if canonical[name] == name]
 
     batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    sums, generations = _run_passes(models, heads, unique, tokenizer, batches, pad_id, vocab, max_new_tokens, progress)
+    references = [ex["reference"] for ex in examples]
+    results: dict[str, dict] = {}
+    for name, model in models.items():
+        if black_box and name == TEACHER:
+            continue
+        s = sums[canonical[name]]
+        results[name] = _result_row(model, s, generations[canonical[name]], references, black_box, max_new_tokens)
+    return results
+
+
+def _check_inputs(students, teacher, examples: Sequence[dict], batch_size: int, max_new_tokens: int) -> list[dict]:
+    """:func:`evaluate_runs`' arguments checked (one-line :class:`PotstillError`); the examples, each checked."""
+    if not examples:
+        raise PotstillError("no evaluation examples; check the eval split / `eval_size`")
+    if TEACHER in students:
+        raise PotstillError(f"a student is named {TEACHER!r}, which is reserved for the teacher's row; rename it")
+    if batch_size < 1 or max_new_tokens < 0:
+        raise PotstillError(f"batch_size must be >= 1 and max_new_tokens >= 0 (got {batch_size}, {max_new_tokens})")
+    examples = [_check_example(i, ex) for i, ex in enumerate(examples)]
+    if teacher is None and not students:
+        raise PotstillError("nothing to evaluate: no teacher and no students")
+    return examples
+
+
+def _run_passes(models, heads, unique, tokenizer, batches, pad_id, vocab, max_new_tokens, progress):
+    """The teacher-forced pass over every batch, then greedy generation by each of the ``unique`` models.
+
+    Returns ``(sums, generations)``: per model the teacher-forced sums and ``(texts, n_tokens, seconds)``.
+    Models are in eval mode meanwhile; each submodule's training flag is restored after.
+    """
+    from ..models import final_hidden
+
     saved_modes = [(mod, mod.training) for m in models.values() for mod in m.modules()]
     from tqdm.auto import tqdm
 
@@ -159,27 +182,24 @@ def evaluate_runs(
         bar.close()
         for mod, mode in saved_modes:
             mod.training = mode
+    return sums, generations
 
-    references = [ex["reference"] for ex in examples]
-    results: dict[str, dict] = {}
-    for name, model in models.items():
-        if black_box and name == TEACHER:
-            continue
-        s = sums[canonical[name]]
-        texts, n_tokens, seconds = generations[canonical[name]]
-        results[name] = {
-            "forward_kl": float("nan") if black_box else _ratio(s["kl_sum"], s["n"]),
-            "top1_agreement": float("nan") if black_box else _ratio(s["agree"], s["n"]),
-            "perplexity": perplexity(s["nll_sum"], s["n"]),
-            "ece": _ece(s),
-            "rouge_l": rouge_l(texts, references) if max_new_tokens else float("nan"),
-            "distinct_1": distinct_n(texts, 1) if max_new_tokens else float("nan"),
-            "distinct_2": distinct_n(texts, 2) if max_new_tokens else float("nan"),
-            "params": count_parameters(model),
-            "tokens_per_s": n_tokens / seconds if seconds > 0 else float("nan"),
-            GENERATIONS_KEY: texts,
-        }
-    return results
+
+def _result_row(model, s: dict, generation: tuple[list[str], int, float], references, black_box, max_new_tokens):
+    """One model's row of :func:`evaluate_runs` from its teacher-forced sums ``s`` and its generations."""
+    texts, n_tokens, seconds = generation
+    return {
+        "forward_kl": float("nan") if black_box else _ratio(s["kl_sum"], s["n"]),
+        "top1_agreement": float("nan") if black_box else _ratio(s["agree"], s["n"]),
+        "perplexity": perplexity(s["nll_sum"], s["n"]),
+        "ece": _ece(s),
+        "rouge_l": rouge_l(texts, references) if max_new_tokens else float("nan"),
+        "distinct_1": distinct_n(texts, 1) if max_new_tokens else float("nan"),
+        "distinct_2": distinct_n(texts, 2) if max_new_tokens else float("nan"),
+        "params": count_parameters(model),
+        "tokens_per_s": n_tokens / seconds if seconds > 0 else float("nan"),
+        GENERATIONS_KEY: texts,
+    }
 
 
 def metrics_only(results: Mapping[str, Mapping]) -> dict[str, dict]:

@@ -83,9 +83,9 @@ def relation_kl(student_x: Tensor, teacher_x: Tensor, mask: Tensor | None, heads
 
 def _decoder_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     from ..models.head import text_config, unwrap_model
-    from ..models.student import _decoder_layers
+    from ..models.student import decoder_layers
 
-    return _decoder_layers(unwrap_model(model), int(text_config(model).num_hidden_layers))
+    return decoder_layers(unwrap_model(model), int(text_config(model).num_hidden_layers))
 
 
 def decoder_index(i: int, n_layers: int, who: str) -> int:

@@ -41,7 +41,7 @@ from ..errors import PotstillError
 from ..signals import DenseSignal, target_index, target_rows
 from .adaptive import target_logprobs
 from .logit import checked_params
-from .onpolicy import _ROLLOUT, OnPolicyConfig, OnPolicyKDTrainer
+from .onpolicy import ROLLOUT, OnPolicyConfig, OnPolicyKDTrainer
 
 _STUDENT = "_potstill_student_batch"  # the student's samples paired with a data micro-batch
 _N_DATA, _N_STUDENT = "_potstill_n_data", "_potstill_n_student"
@@ -167,7 +167,7 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
         from ..models import output_head
 
         cfg: ContrastiveConfig = self.args
-        student = {k: v for k, v in inputs[_STUDENT].items() if k != _ROLLOUT}
+        student = {k: v for k, v in inputs[_STUDENT].items() if k != ROLLOUT}
         data = {k: v for k, v in inputs.items() if not k.startswith("_potstill")}
         hidden_d, hidden_s = self._paired_hidden(model, data, student)
         head = output_head(model)

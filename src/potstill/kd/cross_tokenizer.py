@@ -37,7 +37,7 @@ from ..data.cross_tokenizer import (
     token_starts,
 )
 from ..divergences import DIVERGENCES
-from ..divergences.uld import _uld_from_target, uld_loss, uld_teacher_target
+from ..divergences.uld import uld_from_target, uld_loss, uld_teacher_target
 from ..errors import PotstillError
 from ..models.vocab_map import (
     DEFAULT_KINDS,
@@ -202,7 +202,7 @@ class CrossTokenizerKDTrainer(KDTrainer):
                 return ce, torch.zeros((), dtype=ce.dtype, device=ce.device)
             student = logits.index_select(0, local)
             if self.method == "uld":
-                kd = _uld_from_target(student, target[0], target[1], temperature)
+                kd = uld_from_target(student, target[0], target[1], temperature)
             else:
                 kd = DIVERGENCES[args.divergence](
                     student, target[0], temperature=temperature, **(args.divergence_kwargs or {})

@@ -35,7 +35,7 @@ from ..divergences.chunked import full_head, full_teacher
 from ..errors import PotstillError
 from ..signals import apply_head, target_index, target_rows
 from .adaptive import target_logprobs
-from .onpolicy import _ROLLOUT, OnPolicyConfig, OnPolicyKDTrainer
+from .onpolicy import ROLLOUT, OnPolicyConfig, OnPolicyKDTrainer
 
 
 @dataclass
@@ -209,7 +209,7 @@ class MiniLLMKDTrainer(OnPolicyKDTrainer):
         return min(output_head(self.accelerator.unwrap_model(self.model)).vocab, self._scorer.vocab_size)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not inputs.get(_ROLLOUT):  # e.g. a validation pass on plain data
+        if not inputs.get(ROLLOUT):  # e.g. a validation pass on plain data
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         from ..models import output_head
 

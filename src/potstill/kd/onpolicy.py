@@ -39,7 +39,7 @@ from ..errors import PotstillError
 from ..signals import OnlineTeacher
 from .logit import KDConfig, KDTrainer
 
-_ROLLOUT = "_potstill_rollout"  # marker key of a batch of student samples (never reaches the model)
+ROLLOUT = "_potstill_rollout"  # marker key of a batch of student samples (never reaches the model)
 
 
 @dataclass
@@ -204,7 +204,7 @@ class OnPolicyKDTrainer(KDTrainer):
 
     def _collate(self, feats: list[dict]) -> dict:
         out = self.data_collator([{k: f[k] for k in ("input_ids", "attention_mask", "labels")} for f in feats])
-        out[_ROLLOUT] = True
+        out[ROLLOUT] = True
         return out
 
     def train(self, *args, **kwargs):
@@ -303,12 +303,12 @@ class OnPolicyKDTrainer(KDTrainer):
 
     # ----------------------------------------------------------------- loss routing
     def _batch_signal(self, inputs: dict):
-        if inputs.get(_ROLLOUT):
+        if inputs.get(ROLLOUT):
             return self._scorer.signal(inputs)
         return super()._batch_signal(inputs)
 
     def _batch_alpha(self, inputs: dict) -> float:
-        return 0.0 if inputs.get(_ROLLOUT) else super()._batch_alpha(inputs)
+        return 0.0 if inputs.get(ROLLOUT) else super()._batch_alpha(inputs)
 
     # ------------------------------------------------------------- DistiLLM schedule
     def validation_loss(self) -> float:

@@ -289,6 +289,69 @@ class _DropLoadReport(logging.Filter):
         return "LOAD REPORT" not in str(record.msg)
 
 
+def _placement(
+    kind: str, loc, device, quantization_bits, device_map, max_memory, offload_folder
+) -> tuple[dict, object]:
+    """``from_pretrained``'s placement keywords (bitsandbytes quantization, a device map) and the device to
+    move the loaded model to (``None`` when ``from_pretrained`` already placed it)."""
+    extra = {}
+    if quantization_bits is not None:
+        if kind == "gguf":
+            raise PotstillError(
+                f"{loc} is a GGUF model, which transformers dequantizes on load; quantization "
+                "applies to a safetensors checkpoint (remove quantization or use one)"
+            )
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization_bits == 4,
+            load_in_8bit=quantization_bits == 8,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        extra["device_map"] = {"": str(device or "cuda")}
+        device = None  # placed by from_pretrained; bitsandbytes models are not moved after loading
+    if device_map is not None:
+        extra["device_map"] = device_map
+        extra.update(
+            {k: v for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder)) if v is not None}
+        )
+        device = None  # accelerate placed every module (and put hooks on the offloaded ones)
+    return extra, device
+
+
+def _from_pretrained(kind: str, loc, config, dtype: DType, trust_remote_code: bool, extra: dict):
+    """``AutoModelForCausalLM.from_pretrained`` with its loading info, load errors as one-line :class:`PotstillError`."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    report_filter = _DropLoadReport()
+    mu_logger = logging.getLogger("transformers.modeling_utils")
+    mu_logger.addFilter(report_filter)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            loc,
+            config=config,
+            dtype=_DTYPES[dtype],
+            trust_remote_code=bool(trust_remote_code),
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **extra,
+        )
+    except SafetensorError as err:
+        raise _corrupt_weights_error(loc, err) from None
+    except OSError as err:
+        if kind == "hub":
+            raise _hub_error(loc, err) from None
+        raise PotstillError(f"cannot load a model from {loc} ({_first_line(err)}); check the directory") from None
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise PotstillError(f"'{loc}' needs custom code; pass trust_remote_code=True if you trust it") from None
+        raise
+    finally:
+        mu_logger.removeFilter(report_filter)
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,
@@ -321,63 +384,14 @@ def load_model(
     model built from ``config.json`` (missing, e.g. an untied ``lm_head``; unexpected; or
     another shape, e.g. ``vocab_size`` disagreeing with the embedding rows).
     """
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-
     if dtype not in _DTYPES:
         raise PotstillError(f"dtype {dtype!r} is not supported; use one of: {', '.join(_DTYPES)}")
     kind, loc = resolve_source(name_or_path)
     config = _load_config(kind, loc, trust_remote_code)
     _check_causal_config(config, loc)
     tokenizer = load_tokenizer(loc, trust_remote_code=trust_remote_code)
-    report_filter = _DropLoadReport()
-    mu_logger = logging.getLogger("transformers.modeling_utils")
-    mu_logger.addFilter(report_filter)
-    extra = {}
-    if quantization_bits is not None:
-        if kind == "gguf":
-            raise PotstillError(
-                f"{loc} is a GGUF model, which transformers dequantizes on load; quantization "
-                "applies to a safetensors checkpoint (remove quantization or use one)"
-            )
-        from transformers import BitsAndBytesConfig
-
-        extra["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=quantization_bits == 4,
-            load_in_8bit=quantization_bits == 8,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        extra["device_map"] = {"": str(device or "cuda")}
-        device = None  # placed by from_pretrained; bitsandbytes models are not moved after loading
-    if device_map is not None:
-        extra["device_map"] = device_map
-        extra.update(
-            {k: v for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder)) if v is not None}
-        )
-        device = None  # accelerate placed every module (and put hooks on the offloaded ones)
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            loc,
-            config=config,
-            dtype=_DTYPES[dtype],
-            trust_remote_code=bool(trust_remote_code),
-            output_loading_info=True,
-            ignore_mismatched_sizes=True,
-            **extra,
-        )
-    except SafetensorError as err:
-        raise _corrupt_weights_error(loc, err) from None
-    except OSError as err:
-        if kind == "hub":
-            raise _hub_error(loc, err) from None
-        raise PotstillError(f"cannot load a model from {loc} ({_first_line(err)}); check the directory") from None
-    except ValueError as err:
-        if "trust_remote_code" in str(err):
-            raise PotstillError(f"'{loc}' needs custom code; pass trust_remote_code=True if you trust it") from None
-        raise
-    finally:
-        mu_logger.removeFilter(report_filter)
+    extra, device = _placement(kind, loc, device, quantization_bits, device_map, max_memory, offload_folder)
+    model, info = _from_pretrained(kind, loc, config, dtype, trust_remote_code, extra)
     _check_loading_info(model, info, loc)
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

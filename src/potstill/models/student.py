@@ -99,7 +99,7 @@ def _slice_per_layer(d: dict, num_layers: int, keep: list[int]) -> None:
             d[k] = [v[i] for i in keep]
 
 
-def _decoder_layers(base: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
+def decoder_layers(base: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
     """The qualified name and the ``ModuleList`` of decoder layers."""
     target = None
     get_dec = getattr(base, "get_decoder", None)
@@ -149,7 +149,7 @@ def student_from_teacher(teacher: nn.Module, layers: int | list[int]) -> nn.Modu
     cfg = base.config
     L = int(cfg.num_hidden_layers)
     keep = select_layers(L, layers)
-    prefix, teacher_layers = _decoder_layers(base, L)
+    prefix, teacher_layers = decoder_layers(base, L)
     if len(teacher_layers) != L:
         raise PotstillError(
             f"config says {L} layers but the model has {len(teacher_layers)}; fix config.num_hidden_layers"

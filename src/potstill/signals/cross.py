@@ -63,7 +63,8 @@ class CrossTokenizerTeacher:
         max_teacher_length: int | None = None,
         chunk_size: int = 256,
     ):
-        from ..data.cross_tokenizer import CrossTokenizerAligner, _pad_id
+        from ..data.collate import pad_id
+        from ..data.cross_tokenizer import CrossTokenizerAligner
         from ..models.vocab_map import DEFAULT_KINDS, build_vocab_map
 
         if not temperature > 0:
@@ -78,7 +79,7 @@ class CrossTokenizerTeacher:
         self.aligner = CrossTokenizerAligner(
             student_tokenizer, teacher_tokenizer, max_teacher_length=max_teacher_length
         )
-        self.teacher_pad = _pad_id(teacher_tokenizer)
+        self.teacher_pad = pad_id(teacher_tokenizer)
         self.temperature = None  # no temperature of its own: MultiTeacher passes its T to signal()
         self._T = float(temperature)
         self.chunk_size = int(chunk_size)

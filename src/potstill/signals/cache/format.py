@@ -1,0 +1,290 @@
+"""The teacher-signal cache's on-disk format: what a cache is, its file names and records.
+
+:class:`CacheSpec` (what is stored and how it is computed), the content fingerprints that
+tie a cache to its teacher, tokenizer and data, the shard file names and records, and the
+manifest's schema with :func:`read_manifest`, which refuses a cache that is incomplete or
+does not match its records. The layout is described in :mod:`potstill.signals.cache`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from ...errors import PotstillError
+from ..quant import VALUE_DTYPES, ValueDType
+from ..types import TailMode
+
+FORMAT = "potstill-cache"
+VERSION = 1
+CacheKind = Literal["topk", "sampled", "dense"]
+PLAN, MANIFEST = "plan.json", "manifest.json"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What the cache stores and how it is computed (every field is part of its identity)."""
+
+    kind: CacheKind = "topk"
+    k: int = 32
+    draws: int = 12
+    proposal_temperature: float = 1.0
+    tail: TailMode = "bucket"
+    dtype: ValueDType = "fp16"
+    temperature: float = 1.0
+    seed: int = 0
+    examples_per_shard: int = 256
+    batch_size: int = 8
+    chunk_size: int = 256
+
+    def check(self, vocab_size: int) -> None:
+        if self.kind not in ("topk", "sampled", "dense"):
+            raise PotstillError(f"cache kind '{self.kind}' is unknown; use topk, sampled or dense")
+        if self.dtype not in VALUE_DTYPES:
+            raise PotstillError(f"cache dtype '{self.dtype}' is unknown; use one of {list(VALUE_DTYPES)}")
+        if self.kind == "topk" and not 1 <= self.k <= vocab_size:
+            raise PotstillError(f"cache k={self.k} must be in [1, {vocab_size}] (the teacher's vocabulary)")
+        if self.kind == "sampled" and not 1 <= self.draws <= 255:
+            raise PotstillError(f"cache draws={self.draws} must be in [1, 255] (counts are stored in one byte)")
+        if self.tail not in ("bucket", "renormalize"):
+            raise PotstillError(f"cache tail '{self.tail}' is unknown; use bucket or renormalize")
+        for name in ("temperature", "proposal_temperature"):
+            if not getattr(self, name) > 0:
+                raise PotstillError(f"cache {name}={getattr(self, name)} must be > 0")
+        for name in ("examples_per_shard", "batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise PotstillError(f"cache {name}={getattr(self, name)} must be >= 1")
+
+
+# ----------------------------------------------------------------------- fingerprints
+
+
+def example_hash(input_ids, labels) -> bytes:
+    """16-byte content hash of one example's tokens and labels (the labels carry the prompt mask)."""
+    h = hashlib.blake2b(digest_size=16)
+    for seq in (input_ids, labels):
+        t = torch.as_tensor(seq, dtype=torch.int64).reshape(-1)
+        h.update(len(t).to_bytes(8, "little"))
+        h.update(t.to(torch.int32).numpy().tobytes())
+    return h.digest()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over a model's parameters and buffers (names, dtypes, shapes, and each tensor's sha256).
+
+    Tensors are hashed from their own memory (no copy on the CPU) in a thread pool:
+    ``hashlib`` releases the GIL on large buffers, so this runs on every core.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ...models.placement import materialized
+
+    state = model.state_dict()
+    for name, t in state.items():  # offloaded by a device map: the weight from accelerate's offload store
+        if t.device.type == "meta":
+            owner, _, leaf = name.rpartition(".")
+            state[name] = materialized(model.get_submodule(owner), leaf)
+    seen: dict[int, str] = {}
+    entries: list[tuple[str, torch.Tensor, int]] = []
+    for name in sorted(state):
+        t = state[name]
+        key = t.data_ptr()
+        entries.append((name, t, key))
+        if key not in seen or key == 0:
+            seen[key] = name  # tied weights: hashed once, under the first name
+
+    def digest(t: torch.Tensor) -> str:
+        arr = t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
+        return hashlib.sha256(memoryview(arr)).hexdigest()
+
+    owners = {name: t for name, t, key in entries if seen.get(key) == name or key == 0}
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        digests = dict(zip(owners, pool.map(digest, owners.values())))
+    h = hashlib.sha256()
+    for name, t, key in entries:
+        owner = name if key == 0 else seen[key]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{digests[owner]}".encode())
+    return h.hexdigest()
+
+
+def text_hash(text: Any) -> str:
+    return hashlib.sha256(json.dumps(text, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------- files and records
+
+
+def shard_name(j: int) -> str:
+    return f"shard-{j:05d}.safetensors"
+
+
+def shard_record_ok(path: Path, j: int, check_hash: bool = True) -> dict | None:
+    """The record of shard ``j`` if the shard file exists and matches it, else None."""
+    rec_path = path / shard_name(j).replace(".safetensors", ".json")
+    shard = path / shard_name(j)
+    try:
+        rec = json.loads(rec_path.read_text())
+        if not shard.is_file() or shard.stat().st_size != rec["bytes"]:
+            return None
+        if check_hash and file_sha256(shard) != rec["sha256"]:
+            return None
+        return rec
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def refuse_a_file(path: Path, fix: str) -> None:
+    """A one-line error when ``path`` (or the nearest existing folder above it) is not a directory."""
+    for p in (path, *path.parents):
+        if p.is_dir():
+            return
+        if p.exists() or p.is_symlink():
+            where = "is a file" if p == path else f"lies under '{p}', which is a file"
+            raise PotstillError(f"cache.dir '{path}' {where}, not a directory; {fix}")
+
+
+# --------------------------------------------------------------------------- manifest
+
+# The manifest's structure (read_manifest validates it before anything indexes into it).
+_Strict = ConfigDict(extra="forbid", strict=True)
+
+
+_SpecRecord = create_model(  # CacheSpec's fields, every one required, with its declared types
+    "_SpecRecord",
+    __config__=_Strict,
+    **{f.name: (typing.get_type_hints(CacheSpec)[f.name], ...) for f in fields(CacheSpec)},
+)
+
+
+class _ShardRecord(BaseModel):
+    model_config = _Strict
+    index: int = Field(ge=0)
+    file: str
+    first_example: int = Field(ge=0)
+    num_examples: int = Field(ge=1)
+    num_rows: int = Field(ge=0)
+    num_slots: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class _TeacherRecord(BaseModel):
+    model_config = _Strict
+    name: str | None  # the recipe's teacher.model (None: unnamed)
+    fingerprint: str
+
+
+class _TokenizerRecord(BaseModel):
+    model_config = _Strict
+    fingerprint: str
+
+
+class _DataRecord(BaseModel):
+    model_config = _Strict
+    fingerprint: str
+    num_examples: int = Field(ge=1)
+    num_rows: int = Field(ge=0)
+
+
+class _Manifest(BaseModel):
+    model_config = _Strict
+    format: str
+    version: int
+    spec: _SpecRecord  # type: ignore[valid-type]
+    vocab_size: int = Field(ge=1)
+    id_bits: int = Field(ge=1)
+    teacher: _TeacherRecord
+    tokenizer: _TokenizerRecord
+    chat_template: str
+    data: _DataRecord
+    num_shards: int = Field(ge=1)
+    shards: list[_ShardRecord]
+    total_bytes: int = Field(ge=0)
+    bytes_per_token: float
+    complete: bool
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What is wrong with a manifest's structure (first problem only), or None."""
+    try:
+        _Manifest.model_validate(m)
+    except ValidationError as err:
+        e = err.errors()[0]
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "missing":
+            return f"has no field '{field}'"
+        if e["type"] == "extra_forbidden":
+            return f"has an unknown field '{field}'"
+        got = e["input"]
+        shown = repr(got) if isinstance(got, (bool, int, float, str, type(None))) else type(got).__name__
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        # pydantic's words, without its class names: "a valid dictionary or instance of _SpecRecord"
+        why = re.sub(r" or instance of \w+", "", " ".join(str(e["msg"]).split())).replace(
+            "valid dictionary", "JSON object"
+        )
+        return f"has a bad field '{field}' ({why}, got {shown})"
+    if len(m["shards"]) != m["num_shards"]:
+        return f"lists {len(m['shards'])} shards but its field 'num_shards' says {m['num_shards']}"
+    start = 0
+    for j, rec in enumerate(m["shards"]):
+        # The file name is fixed by the index: a manifest never points outside the cache directory.
+        if rec["index"] != j or rec["file"] != shard_name(j) or rec["first_example"] != start:
+            return f"has a bad record for shard {j} (field 'shards.{j}': index, file or first_example)"
+        start += rec["num_examples"]
+    if start != m["data"]["num_examples"]:
+        return f"has shards holding {start} examples but its field 'data.num_examples' says {m['data']['num_examples']}"
+    return None
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of a complete cache, or a one-line error saying what is wrong and how to fix it."""
+    path = Path(path)
+    refuse_a_file(path, "point cache.dir at the directory `potstill cache` wrote")
+    man = path / MANIFEST
+    if not man.is_file():
+        if (path / PLAN).is_file():
+            try:
+                n_shards = int(json.loads((path / PLAN).read_text())["num_shards"])
+            except (ValueError, KeyError, TypeError):
+                raise PotstillError(
+                    f"{path / PLAN} is corrupt; delete the cache directory and rerun `potstill cache`"
+                ) from None
+            done = sum(shard_record_ok(path, j, check_hash=False) is not None for j in range(n_shards))
+            raise PotstillError(
+                f"the cache at '{path}' is incomplete ({done} of {n_shards} shards); "
+                "rerun `potstill cache` with the same recipe to finish it"
+            )
+        raise PotstillError(f"no teacher-signal cache at '{path}' (no {MANIFEST}); run `potstill cache` first")
+    try:
+        m = json.loads(man.read_text())
+    except ValueError:
+        raise PotstillError(f"{man} is corrupt (not JSON); rerun `potstill cache` to rewrite it") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise PotstillError(f"{man} is not a potstill cache manifest; point the recipe at a cache directory")
+    if m.get("version") != VERSION:
+        raise PotstillError(f"cache format version {m.get('version')} is not {VERSION}; rebuild the cache")
+    problem = _manifest_problem(m)
+    if problem is not None:
+        raise PotstillError(f"{man} {problem}; rerun `potstill cache` with the same recipe to rewrite it")
+    return m
