@@ -18,7 +18,6 @@ import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import test_cli
 import torch
 
 import potstill.vllm_engine as ve
@@ -28,7 +27,6 @@ from potstill.generation_cache import GenerationParams, backend_generate, genera
 from potstill.vllm_engine import VLLMEngine, named_weights, require_vllm, save_for_vllm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-cli_assets = test_cli.assets  # the tiny teacher and data files of the CLI tests
 
 EOS = 3
 
@@ -462,7 +460,8 @@ def test_demo_teacher_answers_through_vllm(monkeypatch, tiny_teacher, tiny_token
 
 
 def test_synthesize_schema_and_generator(monkeypatch, tiny_teacher, tiny_tokenizer, tmp_path):
-    from potstill.dd.synthesize import TeacherGenerator, run_synthesis, synthesis_config_from_dict
+    from potstill.dd.synth_teacher import TeacherGenerator
+    from potstill.runners.synthesize import run_synthesis, synthesis_config_from_dict
 
     cfg = synthesis_config_from_dict(
         {"generation": {"backend": "vllm", "vllm": {"mode": "server"}}}, ["generation.vllm.server_url=http://h:1"]
@@ -558,18 +557,18 @@ def test_on_policy_steps_sample_from_the_engine_after_syncing_the_student(monkey
     assert trainer.rollout_stats["modes"] == ["student", "student"]
 
 
-def test_a_vllm_recipe_without_cuda_is_one_line_exit_2(cli_assets, tmp_path, capsys):
-    from test_cli import recipe, write
+def test_a_vllm_recipe_without_cuda_is_one_line_exit_2(assets, tmp_path, capsys):
+    from helpers import recipe, write
 
     from potstill.cli import main
 
     on_policy = [{"name": "gkd", "alpha": 0.0, "divergence": {"name": "forward_kl"}, "on_policy": {"lmbda": 1.0}}]
-    r = recipe(cli_assets, tmp_path / "out", generation={"backend": "vllm"}, runs=on_policy)
+    r = recipe(assets, tmp_path / "out", generation={"backend": "vllm"}, runs=on_policy)
     assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "CUDA only" in err[0] and "cpu" in err[0]
     assert not (tmp_path / "out" / "runs").exists()
     minillm = [{"name": "m", "alpha": 0.0, "divergence": {"name": "reverse_kl"}, "on_policy": {"minillm": {}}}]
-    r = recipe(cli_assets, tmp_path / "out", generation={"backend": "vllm"}, runs=minillm)
+    r = recipe(assets, tmp_path / "out", generation={"backend": "vllm"}, runs=minillm)
     assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 2
     assert "mix the teacher into the student's sampling" in capsys.readouterr().err

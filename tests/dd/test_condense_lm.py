@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from potstill.dd.condense import _frozen, fresh_init, gradient_distance, text_candidates
+from potstill.dd.condense import fresh_init, frozen, gradient_distance, text_candidates
 from potstill.dd.condense_lm import (
     SoftPromptSet,
     check_pair,
@@ -144,7 +144,7 @@ def test_inner_steps_train_the_student_between_matching_steps(pair, data, tok):
     c = condense_lm(student, teacher, real, syn, outer_steps=1, inner_steps=2, net_steps=1, lr_net=1.0, **kw)
     x1 = condense_lm(student, teacher, real, syn, outer_steps=1, inner_steps=1, **kw).embeddings
     theta = {n: v.requires_grad_(True) for n, v in _hf_init(student)(0).items() if "embed_tokens" not in n}
-    with _frozen(student, teacher):
+    with frozen(student, teacher):
         student.set_attn_implementation("eager")
         try:
             with torch.no_grad():
@@ -173,7 +173,7 @@ def test_gradient_distance_is_zero_for_the_real_batch_itself(pair, data):
     real = (ids[:4], mask[:4])
     syn = init_soft_prompts(*real, student.get_input_embeddings().weight)
     theta = {n: v.requires_grad_(True) for n, v in fresh_init(student)(3).items() if "embed_tokens" not in n}
-    with _frozen(student, teacher):
+    with frozen(student, teacher):
         student.set_attn_implementation("eager")
         try:
             same = lm_gradient_distance(student, theta, teacher, real, syn.embeddings, syn.attention_mask)

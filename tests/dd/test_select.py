@@ -10,18 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from potstill.data import encode_example
+from potstill.dd.kd_scores import confident_teacher_unsure_student, kd_divergence_score, kd_stats
 from potstill.dd.select import (
     IFD_ABOVE_ONE,
     Dropped,
     apply_filters,
-    confident_teacher_unsure_student,
     drop_ifd_above_one,
     example_stats,
     filter_stream,
     ifd_loss_ratio,
     ifd_ppl_ratio,
-    kd_divergence_score,
-    kd_stats,
     keep_indices,
     perplexity_score,
     reason_key,

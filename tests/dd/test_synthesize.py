@@ -28,19 +28,23 @@ from potstill.dd.synthesize import (
     copies_prompt,
     evol_prompt,
     load_seed_tasks,
-    load_synthesis_config,
     parse_answer,
     parse_evolution,
     parse_instructions,
     rouge_l_f,
-    run_synthesis,
     sample_examples,
     self_instruct_prompt,
-    synthesis_config_from_dict,
     synthesize,
 )
 from potstill.errors import PotstillError
 from potstill.generate import generate as real_generate
+from potstill.runners.synthesize import load_synthesis_config, run_synthesis, synthesis_config_from_dict
+
+
+def _synthesize(cfg, *args, **kwargs):
+    """:func:`synthesize` of a recipe dict (validated as ``potstill synthesize`` does)."""
+    return synthesize(synthesis_config_from_dict(cfg), *args, **kwargs)
+
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "synthesize_self_instruct.yaml"
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
@@ -138,8 +142,8 @@ def test_rounds_sample_the_same_examples_in_every_run(tmp_path):
         "method": {"n_instructions": 50, "rounds": 2, "prompts_per_round": 2, "k_in_context": 4, "machine_examples": 2}
     }
     a, b = Fake(), Fake()
-    synthesize(cfg, a, tmp_path / "a", generator_id="fake", seeds=_seeds())
-    synthesize(cfg, b, tmp_path / "b", generator_id="fake", seeds=_seeds())
+    _synthesize(cfg, a, tmp_path / "a", generator_id="fake", seeds=_seeds())
+    _synthesize(cfg, b, tmp_path / "b", generator_id="fake", seeds=_seeds())
     assert a.prompts == b.prompts
     listed = [re.findall(r"(?m)^\d+\. (.*)$", p) for p in a.prompts["round-002-propose"]]
     assert all(len(x) == 4 for x in listed)
@@ -314,7 +318,7 @@ def test_every_self_instruct_drop_has_its_reason_and_counts_add_up(tmp_path):
         "method": {"n_instructions": 2, "rounds": 3, "prompts_per_round": 2, "k_in_context": 4},
         "filters": {"min_response_words": 2},
     }
-    report = synthesize(cfg, scripted, tmp_path, generator_id="scripted", seeds=seeds)
+    report = _synthesize(cfg, scripted, tmp_path, generator_id="scripted", seeds=seeds)
     assert report["dropped"] == EXPECTED_DROPS
     assert report["candidates"] == 25 and report["kept"] == 2
     assert report["candidates"] == report["kept"] + sum(report["dropped"].values())
@@ -428,7 +432,7 @@ def test_evol_elimination_rules_and_parents_stay_in_the_pool(tmp_path):
         return [f"A careful and complete answer to: {p}" for p in prompts]
 
     cfg = {"method": {"kind": "evol_instruct", "pool_size": len(seeds), "rounds": 2}}
-    report = synthesize(cfg, scripted, tmp_path, generator_id="scripted", seeds=seeds)
+    report = _synthesize(cfg, scripted, tmp_path, generator_id="scripted", seeds=seeds)
     r1 = report["per_round"][0]
     assert r1["dropped"] == EVOL_DROPS and r1["kept"] == 1 and r1["candidates"] == len(EVOL)
     assert report["per_round"][1] == {**report["per_round"][1], "kept": len(EVOL), "dropped": {}}
@@ -448,16 +452,16 @@ def test_evol_elimination_rules_and_parents_stay_in_the_pool(tmp_path):
 def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path):
     cfg = {"method": {"n_instructions": 100, "rounds": 3, "prompts_per_round": 2, "k_in_context": 3}}
     full = Fake()
-    ref = synthesize(cfg, full, tmp_path / "full", generator_id="fake", seeds=_seeds())
+    ref = _synthesize(cfg, full, tmp_path / "full", generator_id="fake", seeds=_seeds())
     assert full.calls == [f"round-00{r}-{s}" for r in (1, 2, 3) for s in ("propose", "answer")]
     assert ref["kept"] > 6
 
     part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
-        synthesize(cfg, Fake(fail_on="round-002"), part, generator_id="fake", seeds=_seeds())
+        _synthesize(cfg, Fake(fail_on="round-002"), part, generator_id="fake", seeds=_seeds())
     assert sorted(p.name for p in (part / "rounds").iterdir()) == ["round-001.json"]
     again = Fake()
-    resumed = synthesize(cfg, again, part, generator_id="fake", seeds=_seeds())
+    resumed = _synthesize(cfg, again, part, generator_id="fake", seeds=_seeds())
     assert again.calls == [f"round-00{r}-{s}" for r in (2, 3) for s in ("propose", "answer")], "round 1 regenerated"
     assert resumed["rounds_resumed"] == 1
     assert (part / "synthetic.jsonl").read_bytes() == (tmp_path / "full" / "synthetic.jsonl").read_bytes()
@@ -469,24 +473,24 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path):
 
     # A finished run generates nothing; a larger budget continues it; other settings are refused.
     idle = Fake()
-    synthesize(cfg, idle, part, generator_id="fake", seeds=_seeds())
+    _synthesize(cfg, idle, part, generator_id="fake", seeds=_seeds())
     assert idle.calls == []
     more = Fake()
-    synthesize({"method": {**cfg["method"], "rounds": 4}}, more, part, generator_id="fake", seeds=_seeds())
+    _synthesize({"method": {**cfg["method"], "rounds": 4}}, more, part, generator_id="fake", seeds=_seeds())
     assert more.calls == ["round-004-propose", "round-004-answer"]
     with pytest.raises(PotstillError, match="another teacher, seed tasks or settings"):
-        synthesize({**cfg, "seed": 1}, Fake(), part, generator_id="fake", seeds=_seeds())
+        _synthesize({**cfg, "seed": 1}, Fake(), part, generator_id="fake", seeds=_seeds())
     with pytest.raises(PotstillError, match="another teacher"):
-        synthesize(cfg, Fake(), part, generator_id="other", seeds=_seeds())
+        _synthesize(cfg, Fake(), part, generator_id="other", seeds=_seeds())
 
 
 def test_a_corrupt_round_file_is_regenerated(tmp_path):
     cfg = {"method": {"n_instructions": 100, "rounds": 2, "prompts_per_round": 1, "k_in_context": 3}}
-    synthesize(cfg, Fake(), tmp_path, generator_id="fake", seeds=_seeds())
+    _synthesize(cfg, Fake(), tmp_path, generator_id="fake", seeds=_seeds())
     before = (tmp_path / "synthetic.jsonl").read_bytes()
     (tmp_path / "rounds" / "round-002.json").write_text('{"format": "potstill-synth')
     again = Fake()
-    synthesize(cfg, again, tmp_path, generator_id="fake", seeds=_seeds())
+    _synthesize(cfg, again, tmp_path, generator_id="fake", seeds=_seeds())
     assert again.calls == ["round-002-propose", "round-002-answer"]
     assert (tmp_path / "synthetic.jsonl").read_bytes() == before
 
@@ -570,11 +574,11 @@ def test_bad_config_gives_one_line_error(data, match):
 
 def test_runtime_config_errors(tmp_path):
     with pytest.raises(PotstillError, match="pool_size=20 exceeds the 12 seed tasks"):
-        synthesize(
+        _synthesize(
             {"method": {"kind": "evol_instruct", "pool_size": 20}}, Fake(), tmp_path, generator_id="f", seeds=_seeds()
         )
     with pytest.raises(PotstillError, match="ids are not unique"):
-        synthesize(
+        _synthesize(
             {"method": {"kind": "evol_instruct", "pool_size": 2}},
             Fake(),
             tmp_path,
@@ -582,10 +586,12 @@ def test_runtime_config_errors(tmp_path):
             seeds=_seeds(2) + [SeedTask("seed_0", "Another task here.", "", "x")],
         )
     with pytest.raises(PotstillError, match="k_in_context=13 exceeds the 12 seed tasks"):
-        synthesize(
+        _synthesize(
             {"method": {"k_in_context": 13, "machine_examples": 0}}, Fake(), tmp_path, generator_id="f", seeds=_seeds()
         )
     assert not tmp_path.joinpath("synthesis_key.json").exists()  # a refused config leaves nothing behind
+    with pytest.raises(PotstillError, match="not a dict"):
+        synthesize({}, Fake(), tmp_path, generator_id="f", seeds=_seeds())
     with pytest.raises(PotstillError, match="pass both model and tokenizer"):
         run_synthesis({}, tmp_path / "c", model=object())
     with pytest.raises(PotstillError, match="does not exist"):
@@ -615,3 +621,11 @@ def test_recipe_and_seed_tasks_load():
     seeds = load_seed_tasks(cfg.seeds_path)
     assert len(seeds) == 175 and all(s.instruction for s in seeds)
     assert load_synthesis_config(RECIPE, ["method.rounds=1"]).method.rounds == 1
+
+
+def test_recipe_schema_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, potstill.recipes.synthesize; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

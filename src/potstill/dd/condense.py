@@ -49,14 +49,11 @@ the DD surveys (e.g. Yu, Liu & Wang 2023, "Dataset Distillation: A Comprehensive
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -64,14 +61,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..data.classification import Example
 from ..errors import PotstillError
-from ..io import atomic_write_bytes, atomic_write_json
+from .condensed_set import (  # the set, its projection, regularizer and files; re-exported (see __all__)
+    CondensedSet,
+    RealData,
+    init_condensed,
+    init_from_ids,
+    latent_regularizer,
+    load_condensed,
+    nearest_tokens,
+    save_condensed,
+    save_set,
+    text_candidates,
+)
 
 __all__ = [
     "CondensedSet",
     "RealData",
     "fresh_init",
+    "frozen",
     "gradient_distance",
     "gradient_matching",
     "init_condensed",
@@ -80,255 +88,13 @@ __all__ = [
     "load_condensed",
     "nearest_tokens",
     "save_condensed",
+    "save_set",
     "select_params",
     "soft_cross_entropy",
     "text_candidates",
     "train_experts",
     "trajectory_matching",
 ]
-
-REG_KINDS = ("cosine", "l2", "sq")
-_TENSORS = ("embeddings", "attention_mask", "learn_mask", "token_ids", "classes", "label_logits")
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class RealData:
-    """Real training examples as token ids: ``input_ids``/``attention_mask [N, L]`` (right-padded), ``labels [N]``.
-
-    ``features [N, L, D]`` (optional): the frozen ``prefix``'s outputs for these rows, computed
-    once (e.g. ``SplitLearner.features(...).hidden``); then real batches skip the prefix.
-    """
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    labels: Tensor
-    features: Tensor | None = None
-
-    @classmethod
-    def from_examples(cls, examples: Sequence[Example], tokenizer, *, max_length: int) -> RealData:
-        if not examples:
-            raise PotstillError("no real examples given; pass a non-empty list of Example")
-        enc = tokenizer(
-            [e.text for e in examples], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        return cls(enc["input_ids"], enc["attention_mask"], torch.tensor([e.label for e in examples]))
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def batch(self, idx: Tensor, embedding_matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(inputs_embeds [b, l, H] or features [b, l, D], attention_mask [b, l], labels [b])``, trimmed
-        to the longest row."""
-        mask = self.attention_mask[idx]
-        width = int(mask.sum(1).max())
-        if self.features is not None:
-            return self.features[idx, :width], mask[:, :width], self.labels[idx]
-        return embedding_matrix[self.input_ids[idx, :width]], mask[:, :width], self.labels[idx]
-
-
-@dataclass
-class CondensedSet:
-    """A learnable synthetic set in input-embedding space (see the module docstring for shapes)."""
-
-    embeddings: Tensor  # [m, L, H] float
-    attention_mask: Tensor  # [m, L] long
-    learn_mask: Tensor  # [m, L] bool: positions that are optimized
-    token_ids: Tensor  # [m, L] long: the real tokens it was initialized from
-    classes: Tensor  # [m] long: the class each synthetic example stands for
-    label_logits: Tensor  # [m, C] float
-    lr_log: Tensor | None = None  # [N] float, log learning rates of the student steps
-    meta: dict[str, Any] = field(default_factory=dict)
-    history: dict[str, list[float]] = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.label_logits.shape[1])
-
-    def __len__(self) -> int:
-        return int(self.embeddings.shape[0])
-
-    def soft_labels(self) -> Tensor:
-        """``softmax(label_logits)``, ``[m, C]``."""
-        return torch.softmax(self.label_logits.detach().float(), dim=-1)
-
-    def inputs(self) -> tuple[Tensor, Tensor]:
-        """``(inputs_embeds [m, L, H], attention_mask [m, L])`` to feed a learner."""
-        return self.embeddings.detach(), self.attention_mask
-
-    def project(self, embedding_matrix: Tensor, *, metric: str = "cosine", candidates: Tensor | None = None) -> Tensor:
-        """Token ids ``[m, L]``: learned positions -> nearest token row, fixed positions keep their token."""
-        near = nearest_tokens(self.embeddings.detach(), embedding_matrix, metric=metric, candidates=candidates)
-        return torch.where(self.learn_mask, near, self.token_ids)
-
-    def to_text(
-        self, tokenizer, embedding_matrix: Tensor, *, metric: str = "cosine", candidates: Tensor | None = None
-    ) -> list[Example]:
-        """Text examples by nearest-token projection of every learned position.
-
-        ``metric="cosine"`` (default; word-embedding norms vary with frequency, so the angle is
-        the better notion of "which word") or ``"l2"``. Candidates default to
-        :func:`text_candidates` (no special or ``[unusedN]`` tokens). Padding is dropped and
-        special tokens are skipped when decoding. Row ``i`` has label ``classes[i]``; its soft
-        label is ``soft_labels()[i]``. Re-tokenizing the text need not give the same ids
-        (WordPiece may merge or split pieces differently).
-        """
-        if candidates is None:
-            candidates = text_candidates(tokenizer, embedding_matrix.shape[0])
-        ids = self.project(embedding_matrix, metric=metric, candidates=candidates)
-        out = []
-        for i in range(len(self)):
-            row = ids[i][self.attention_mask[i].bool()].tolist()
-            out.append(Example(tokenizer.decode(row, skip_special_tokens=True).strip(), int(self.classes[i])))
-        return out
-
-    def save(self, path: str | Path) -> Path:
-        return save_condensed(self, path)
-
-
-def init_from_ids(
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    labels: Tensor,
-    embedding_matrix: Tensor,
-    *,
-    num_classes: int,
-    special_ids: Sequence[int] = (),
-    label_confidence: float = 0.9,
-) -> CondensedSet:
-    """A condensed set initialized from real token ids ``[m, L]`` (the learnable copy of their embeddings).
-
-    ``label_logits`` start at ``log(label_confidence)`` on the class and
-    ``log((1 - label_confidence) / (C - 1))`` elsewhere, so ``softmax`` gives ``label_confidence``.
-    """
-    if not 0.0 < label_confidence < 1.0 or num_classes < 2:
-        raise PotstillError(
-            f"need 0 < label_confidence < 1 and num_classes >= 2, got {label_confidence}, {num_classes}"
-        )
-    mask = attention_mask.long()
-    special = torch.zeros_like(mask, dtype=torch.bool)
-    for s in special_ids:
-        special |= input_ids == int(s)
-    learn = mask.bool() & ~special
-    off = math.log((1.0 - label_confidence) / (num_classes - 1))
-    label_logits = torch.full((len(labels), num_classes), off)
-    label_logits[torch.arange(len(labels)), labels.long()] = math.log(label_confidence)
-    return CondensedSet(
-        embeddings=embedding_matrix.detach()[input_ids].clone().float(),
-        attention_mask=mask,
-        learn_mask=learn,
-        token_ids=input_ids.long().clone(),
-        classes=labels.long().clone(),
-        label_logits=label_logits,
-    )
-
-
-def init_condensed(
-    examples: Sequence[Example],
-    per_class: int,
-    tokenizer,
-    embedding_matrix: Tensor,
-    *,
-    max_length: int,
-    seed: int = 0,
-    num_classes: int | None = None,
-    label_confidence: float = 0.9,
-) -> CondensedSet:
-    """``per_class`` random real examples of each class (seeded), tokenized and embedded as the start point."""
-    from ..data.classification import per_class_sample
-
-    chosen = per_class_sample(examples, per_class, seed=seed)
-    real = RealData.from_examples(chosen, tokenizer, max_length=max_length)
-    c = num_classes if num_classes is not None else int(max(e.label for e in examples)) + 1
-    cs = init_from_ids(
-        real.input_ids,
-        real.attention_mask,
-        real.labels,
-        embedding_matrix,
-        num_classes=c,
-        special_ids=tokenizer.all_special_ids,
-        label_confidence=label_confidence,
-    )
-    cs.meta.update({"init_texts": [e.text for e in chosen], "init_seed": seed, "per_class": per_class})
-    return cs
-
-
-# --------------------------------------------------------------------------- projection / regularizer
-
-
-def text_candidates(tokenizer, vocab_rows: int) -> Tensor:
-    """Token ids a projection may pick: not special, not a placeholder ``[unusedN]``/``<unusedN>``."""
-    banned = set(tokenizer.all_special_ids)
-    vocab = tokenizer.get_vocab()
-    pat = re.compile(r"^(\[unused\d+\]|<unused\d+>)$")
-    banned |= {i for t, i in vocab.items() if pat.match(t)}
-    return torch.tensor([i for i in range(vocab_rows) if i not in banned], dtype=torch.long)
-
-
-def nearest_tokens(
-    x: Tensor, embedding_matrix: Tensor, *, metric: str = "cosine", candidates: Tensor | None = None, chunk: int = 4096
-) -> Tensor:
-    """Index of the nearest embedding row for each vector of ``x [..., H]`` -> ``[...]`` (no grad).
-
-    ``metric``: ``"cosine"`` (max cosine similarity) or ``"l2"`` (min Euclidean distance).
-    ``candidates [K]`` restricts the rows searched; the result is still a row index of
-    ``embedding_matrix``. Computed in chunks of ``chunk`` vectors (never a full ``N x V`` on big sets).
-    """
-    if metric not in ("cosine", "l2"):
-        raise PotstillError(f"metric '{metric}' is not one of cosine, l2")
-    E = embedding_matrix.detach().float()
-    rows = candidates if candidates is not None else torch.arange(E.shape[0])
-    E = E[rows]
-    flat = x.detach().float().reshape(-1, x.shape[-1])
-    out = torch.empty(flat.shape[0], dtype=torch.long)
-    if metric == "cosine":
-        En = F.normalize(E, dim=-1)
-    else:
-        sq = (E * E).sum(-1)
-    for s in range(0, flat.shape[0], chunk):
-        v = flat[s : s + chunk]
-        if metric == "cosine":
-            out[s : s + chunk] = (F.normalize(v, dim=-1) @ En.T).argmax(-1)
-        else:  # |v - e|^2 = |v|^2 - 2 v.e + |e|^2; |v|^2 does not change the argmin
-            out[s : s + chunk] = (sq[None, :] - 2.0 * v @ E.T).argmin(-1)
-    return rows[out].reshape(x.shape[:-1])
-
-
-def latent_regularizer(
-    x: Tensor,
-    embedding_matrix: Tensor,
-    *,
-    mask: Tensor | None = None,
-    kind: str = "cosine",
-    candidates: Tensor | None = None,
-) -> Tensor:
-    """Mean over (masked) positions of the distance from ``x [..., H]`` to its nearest token row (scalar).
-
-    ``kind``: ``"cosine"`` -> ``1 - max_e cos(x, e)``; ``"l2"`` -> ``min_e |x - e|``;
-    ``"sq"`` -> ``min_e |x - e|^2``. Zero iff every vector is (a positive multiple of, for
-    cosine) a token row; grows with the distance. The nearest row is found without grad and
-    the distance to it is differentiated, which is the (almost-everywhere) gradient of the min.
-    ``mask [...]`` (bool) selects the positions that count; an empty mask gives 0.
-    """
-    if kind not in REG_KINDS:
-        raise PotstillError(f"regularizer kind '{kind}' is not one of {', '.join(REG_KINDS)}")
-    v = x.reshape(-1, x.shape[-1])
-    if mask is not None:
-        v = v[mask.reshape(-1).bool()]
-    if v.shape[0] == 0:
-        return x.sum() * 0.0
-    metric = "cosine" if kind == "cosine" else "l2"
-    idx = nearest_tokens(v, embedding_matrix, metric=metric, candidates=candidates)
-    e = embedding_matrix.detach().to(v.dtype)[idx]
-    if kind == "cosine":
-        d = 1.0 - F.cosine_similarity(v, e, dim=-1, eps=1e-8)
-    elif kind == "l2":
-        d = (v - e).pow(2).sum(-1).clamp_min(1e-12).sqrt()
-    else:
-        d = (v - e).pow(2).sum(-1)
-    return d.mean()
 
 
 # --------------------------------------------------------------------------- learner plumbing
@@ -394,7 +160,7 @@ def fresh_init(learner: nn.Module, reinit: Sequence[str] = ("",)) -> Callable[[i
     return init_fn
 
 
-class _frozen:
+class frozen:
     """Context: every parameter of the modules ``requires_grad=False`` (functional calls pass the
     matched ones explicitly) and eval mode (no dropout: the objective is deterministic in its inputs)."""
 
@@ -415,6 +181,9 @@ class _frozen:
             p.requires_grad_(flag)
         for m, mode in self.modes:
             m.train(mode)
+
+
+_frozen = frozen  # old name, removed once dd/pipeline.py imports the public one
 
 
 def gradient_distance(gs: Sequence[Tensor], gr: Sequence[Tensor], eps: float = 1e-6) -> Tensor:
@@ -464,6 +233,28 @@ def _finish(syn: CondensedSet, x: Tensor, y: Tensor, lr_log: Tensor | None, hist
     )
 
 
+def _set_step(opt: torch.optim.Optimizer, x: Tensor, syn: CondensedSet, loss: Tensor) -> None:
+    """One optimizer step on the synthetic leaves; only the learned positions of ``x`` move."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    x.grad.mul_(syn.learn_mask[..., None])
+    opt.step()
+
+
+def _log(hist: dict[str, list[float]], k: int, t0: float, callback: Callable[[int, dict], None] | None, **vals) -> None:
+    """Append outer iteration ``k``'s values and the elapsed time to ``hist``; report them to ``callback``."""
+    for key, v in vals.items():
+        hist[key].append(v)
+    hist["time_s"].append(time.perf_counter() - t0)
+    if callback is not None:
+        callback(k, {key: v[-1] for key, v in hist.items()})
+
+
+def _meta(method: str, names: list[str], settings: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """``{"method", "params", then settings[k] for k in keys}``: what a condensed set records of its run."""
+    return {"method": method, "params": names, **{k: settings[k] for k in keys}}
+
+
 # --------------------------------------------------------------------------- gradient matching
 
 
@@ -510,78 +301,94 @@ def gradient_matching(
     """
     names = select_params(learner, params)
     init_fn = init_fn or fresh_init(learner)
-    classes = sorted(int(c) for c in syn.classes.unique())
-    real_by_class = {c: torch.nonzero(real.labels == c).flatten() for c in classes}
-    for c, idx in real_by_class.items():
-        if len(idx) == 0:
-            raise PotstillError(f"class {c} has synthetic examples but no real ones; give real data of every class")
-    syn_by_class = {c: torch.nonzero(syn.classes == c).flatten() for c in classes}
+    real_by_class, syn_by_class = _class_rows(real, syn)
     gen = torch.Generator().manual_seed(seed)
     x, y, opt = _syn_leaves(syn, learn_labels, lr_embed, lr_label)
     E = embedding_matrix.detach()
     hist: dict[str, list[float]] = {"match": [], "reg": [], "time_s": []}
     t0 = time.perf_counter()
-    with _frozen(learner, prefix):
+    with frozen(learner, prefix):
         for k in range(iterations):
             init_seed = seed * 100_003 + (k % n_inits if n_inits else k)
             theta = {n: v.detach().clone().requires_grad_(True) for n, v in init_fn(init_seed).items() if n in names}
             ds, rs = [], []
             for t in range(inner_steps):
-                match = x.new_zeros(())
                 h = _prefixed(x, syn.attention_mask, prefix)
-                for c in classes:
+                match = x.new_zeros(())
+                for c, si in syn_by_class.items():
                     pool = real_by_class[c]
                     pick = pool[torch.randperm(len(pool), generator=gen)[:real_batch]]
-                    re_, rm, rl = _real_batch(real, pick, E, prefix)
-                    g_real = torch.autograd.grad(
-                        F.cross_entropy(_logits(learner, theta, re_, rm).float(), rl), list(theta.values())
-                    )
-                    si = syn_by_class[c]
+                    g_real = _real_gradient(learner, theta, real, pick, E, prefix)
                     loss_s = soft_cross_entropy(
                         _logits(learner, theta, h[si], syn.attention_mask[si]), torch.softmax(y[si], -1)
                     )
                     g_syn = torch.autograd.grad(loss_s, list(theta.values()), create_graph=True)
                     match = match + gradient_distance(g_syn, [g.detach() for g in g_real])
                 reg = _reg(x, syn, E, reg_weight, reg_kind, candidates)
-                opt.zero_grad(set_to_none=True)
-                (match + reg).backward()
-                x.grad.mul_(syn.learn_mask[..., None])
-                opt.step()
+                _set_step(opt, x, syn, match + reg)
                 ds.append(float(match.detach()))
                 rs.append(float(reg.detach()))
                 if t == inner_steps - 1:
                     break
-                with torch.no_grad():
-                    hs = _prefixed(x, syn.attention_mask, prefix)
-                hs, ps = hs.detach(), torch.softmax(y.detach(), -1)
-                for _ in range(net_steps):
-                    loss = soft_cross_entropy(_logits(learner, theta, hs, syn.attention_mask), ps)
-                    grads = torch.autograd.grad(loss, list(theta.values()))
-                    theta = {
-                        n: (v - lr_net * g).detach().requires_grad_(True) for (n, v), g in zip(theta.items(), grads)
-                    }
-            hist["match"].append(sum(ds) / len(ds))
-            hist["reg"].append(sum(rs) / len(rs))
-            hist["time_s"].append(time.perf_counter() - t0)
-            if callback is not None:
-                callback(k, {key: v[-1] for key, v in hist.items()})
-    meta = {
-        "method": "gradient_matching",
-        "params": names,
-        "iterations": iterations,
-        "inner_steps": inner_steps,
-        "net_steps": net_steps,
-        "real_batch": real_batch,
-        "lr_embed": lr_embed,
-        "lr_label": lr_label,
-        "lr_net": lr_net,
-        "learn_labels": learn_labels,
-        "n_inits": n_inits,
-        "reg_weight": reg_weight,
-        "reg_kind": reg_kind,
-        "seed": seed,
-    }
+                theta = _train_on_set(learner, theta, x, y, syn, prefix, net_steps, lr_net)
+            _log(hist, k, t0, callback, match=sum(ds) / len(ds), reg=sum(rs) / len(rs))
+    meta = _meta("gradient_matching", names, locals(), _GM_META)
     return _finish(syn, x, y, syn.lr_log, hist, meta)
+
+
+_GM_META = (
+    "iterations",
+    "inner_steps",
+    "net_steps",
+    "real_batch",
+    "lr_embed",
+    "lr_label",
+    "lr_net",
+    "learn_labels",
+    "n_inits",
+    "reg_weight",
+    "reg_kind",
+    "seed",
+)
+
+
+def _class_rows(real: RealData, syn: CondensedSet) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """Row indices of each synthetic class, in the real and in the synthetic set (classes in order)."""
+    classes = sorted(int(c) for c in syn.classes.unique())
+    real_by_class = {c: torch.nonzero(real.labels == c).flatten() for c in classes}
+    for c, idx in real_by_class.items():
+        if len(idx) == 0:
+            raise PotstillError(f"class {c} has synthetic examples but no real ones; give real data of every class")
+    return real_by_class, {c: torch.nonzero(syn.classes == c).flatten() for c in classes}
+
+
+def _real_gradient(
+    learner: nn.Module, theta: dict[str, Tensor], real: RealData, idx: Tensor, E: Tensor, prefix: nn.Module | None
+) -> tuple[Tensor, ...]:
+    """Gradient of the hard-label CE on real rows ``idx`` with respect to ``theta`` (first order)."""
+    re_, rm, rl = _real_batch(real, idx, E, prefix)
+    return torch.autograd.grad(F.cross_entropy(_logits(learner, theta, re_, rm).float(), rl), list(theta.values()))
+
+
+def _train_on_set(
+    learner: nn.Module,
+    theta: dict[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    syn: CondensedSet,
+    prefix: nn.Module | None,
+    net_steps: int,
+    lr_net: float,
+) -> dict[str, Tensor]:
+    """``net_steps`` plain SGD steps (``lr_net``) of ``theta`` on the whole synthetic set (no graph kept)."""
+    with torch.no_grad():
+        hs = _prefixed(x, syn.attention_mask, prefix)
+    hs, ps = hs.detach(), torch.softmax(y.detach(), -1)
+    for _ in range(net_steps):
+        loss = soft_cross_entropy(_logits(learner, theta, hs, syn.attention_mask), ps)
+        grads = torch.autograd.grad(loss, list(theta.values()))
+        theta = {n: (v - lr_net * g).detach().requires_grad_(True) for (n, v), g in zip(theta.items(), grads)}
+    return theta
 
 
 # --------------------------------------------------------------------------- trajectory matching
@@ -615,7 +422,7 @@ def train_experts(
     init_fn = init_fn or fresh_init(learner)
     E = embedding_matrix.detach()
     experts = []
-    with _frozen(learner, prefix):
+    with frozen(learner, prefix):
         for e in range(n_experts):
             gen = torch.Generator().manual_seed(seed * 1000 + e)
             theta = {n: v.detach().clone() for n, v in init_fn(seed * 1000 + e).items() if n in names}
@@ -677,27 +484,16 @@ def trajectory_matching(
     ``per_step_lr``, else one shared, initialized at ``syn_lr``). ``history["match"]`` is the
     normalized distance of each iteration. ``prefix`` as in :func:`gradient_matching`.
     """
-    if not experts or any(len(e) < expert_span + 1 for e in experts):
-        raise PotstillError(f"every expert needs at least expert_span + 1 = {expert_span + 1} snapshots")
-    names = list(experts[0][0].keys())
-    last = min(len(e) for e in experts) - 1 - expert_span
-    max_start = last if max_start is None else min(max_start, last)
-    if max_start < 0:
-        raise PotstillError(f"max_start={max_start} < 0; use shorter expert_span or longer experts")
+    names, max_start = _check_experts(experts, expert_span, max_start)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    n_lr = syn_steps if per_step_lr else 1
-    if syn.lr_log is not None and syn.lr_log.numel() == n_lr:
-        lr0 = syn.lr_log.detach().clone()
-    else:
-        lr0 = torch.full((n_lr,), math.log(syn_lr))
-    lr_log = lr0.requires_grad_(learn_lr)
+    lr_log = _initial_lr_log(syn, syn_steps if per_step_lr else 1, syn_lr).requires_grad_(learn_lr)
     x, y, opt = _syn_leaves(syn, learn_labels, lr_embed, lr_label, [(lr_log, lr_lr)] if learn_lr else [])
     E = embedding_matrix.detach()
     m = len(syn)
     hist: dict[str, list[float]] = {"match": [], "reg": [], "time_s": [], "lr": []}
     t0 = time.perf_counter()
-    with _frozen(learner, prefix):
+    with frozen(learner, prefix):
         for k in range(iterations):
             traj = experts[rng.randrange(len(experts))]
             t = rng.randint(0, max_start)
@@ -716,106 +512,48 @@ def trajectory_matching(
             den = sum(((start[n] - target[n]) ** 2).sum() for n in names)
             match = num / den.clamp_min(1e-12)
             reg = _reg(x, syn, E, reg_weight, reg_kind, candidates)
-            opt.zero_grad(set_to_none=True)
-            (match + reg).backward()
-            x.grad.mul_(syn.learn_mask[..., None])
-            opt.step()
-            hist["match"].append(float(match.detach()))
-            hist["reg"].append(float(reg.detach()))
-            hist["lr"].append(float(lr_log.detach().exp().mean()))
-            hist["time_s"].append(time.perf_counter() - t0)
-            if callback is not None:
-                callback(k, {key: v[-1] for key, v in hist.items()})
-    meta = {
-        "method": "trajectory_matching",
-        "params": names,
-        "iterations": iterations,
-        "syn_steps": syn_steps,
-        "expert_span": expert_span,
-        "max_start": max_start,
-        "syn_lr": syn_lr,
-        "learn_lr": learn_lr,
-        "per_step_lr": per_step_lr,
-        "lr_embed": lr_embed,
-        "lr_label": lr_label,
-        "lr_lr": lr_lr,
-        "learn_labels": learn_labels,
-        "syn_batch": syn_batch,
-        "reg_weight": reg_weight,
-        "reg_kind": reg_kind,
-        "seed": seed,
-        "n_experts": len(experts),
-    }
+            _set_step(opt, x, syn, match + reg)
+            lr = float(lr_log.detach().exp().mean())
+            _log(hist, k, t0, callback, match=float(match.detach()), reg=float(reg.detach()), lr=lr)
+    meta = {**_meta("trajectory_matching", names, locals(), _TM_META), "n_experts": len(experts)}
     return _finish(syn, x, y, lr_log, hist, meta)
 
 
-# --------------------------------------------------------------------------- save / load
+_TM_META = (
+    "iterations",
+    "syn_steps",
+    "expert_span",
+    "max_start",
+    "syn_lr",
+    "learn_lr",
+    "per_step_lr",
+    "lr_embed",
+    "lr_label",
+    "lr_lr",
+    "learn_labels",
+    "syn_batch",
+    "reg_weight",
+    "reg_kind",
+    "seed",
+)
 
 
-def save_set(path: str | Path, stem: str, tensors: dict[str, Tensor | None], record: dict) -> Path:
-    """Write ``path/<stem>.safetensors`` (the tensors that are not None, on the CPU, booleans as
-    uint8) and ``path/<stem>.json`` (``record``), each atomically; returns the directory. Shared by
-    condensed sets and soft-prompt sets."""
-    from safetensors.torch import save
-
-    path = Path(path)
-    out = {}
-    for k, t in tensors.items():
-        if t is not None:
-            t = t.detach().contiguous().cpu()
-            out[k] = t.to(torch.uint8) if t.dtype == torch.bool else t
-    atomic_write_bytes(path / f"{stem}.safetensors", save(out))
-    atomic_write_json(path / f"{stem}.json", _jsonable(record))
-    return path
+def _check_experts(
+    experts: Sequence[Sequence[dict[str, Tensor]]], expert_span: int, max_start: int | None
+) -> tuple[list[str], int]:
+    """The matched parameter names and the last start snapshot every expert can match from."""
+    if not experts or any(len(e) < expert_span + 1 for e in experts):
+        raise PotstillError(f"every expert needs at least expert_span + 1 = {expert_span + 1} snapshots")
+    names = list(experts[0][0].keys())
+    last = min(len(e) for e in experts) - 1 - expert_span
+    max_start = last if max_start is None else min(max_start, last)
+    if max_start < 0:
+        raise PotstillError(f"max_start={max_start} < 0; use shorter expert_span or longer experts")
+    return names, max_start
 
 
-def save_condensed(cs: CondensedSet, path: str | Path) -> Path:
-    """Write ``path/condensed.safetensors`` (all tensors) and ``path/condensed.json`` (meta, history,
-    shapes), each atomically; returns the directory."""
-    record = {
-        "format": "potstill.condensed/1",
-        "num_examples": len(cs),
-        "num_classes": cs.num_classes,
-        "shape": list(cs.embeddings.shape),
-        "meta": cs.meta,
-        "history": cs.history,
-    }
-    return save_set(path, "condensed", {**{k: getattr(cs, k) for k in _TENSORS}, "lr_log": cs.lr_log}, record)
-
-
-def load_condensed(path: str | Path) -> CondensedSet:
-    """Read a directory written by :func:`save_condensed`."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    st, js = path / "condensed.safetensors", path / "condensed.json"
-    if not st.is_file() or not js.is_file():
-        raise PotstillError(f"'{path}' holds no condensed set (condensed.safetensors + condensed.json); save one first")
-    t = load_file(str(st))
-    rec = json.loads(js.read_text())
-    missing = [k for k in _TENSORS if k not in t]
-    if missing:
-        raise PotstillError(f"'{st}' lacks tensors {missing}; it was not written by save_condensed")
-    return CondensedSet(
-        embeddings=t["embeddings"],
-        attention_mask=t["attention_mask"],
-        learn_mask=t["learn_mask"].bool(),
-        token_ids=t["token_ids"],
-        classes=t["classes"],
-        label_logits=t["label_logits"],
-        lr_log=t.get("lr_log"),
-        meta=rec.get("meta", {}),
-        history=rec.get("history", {}),
-    )
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    return obj
+def _initial_lr_log(syn: CondensedSet, n_lr: int, syn_lr: float) -> Tensor:
+    """``n_lr`` log learning rates: the set's own when it has that many, else ``log(syn_lr)`` each."""
+    if syn.lr_log is not None and syn.lr_log.numel() == n_lr:
+        return syn.lr_log.detach().clone()
+    return torch.full((n_lr,), math.log(syn_lr))

@@ -60,8 +60,8 @@ from ..divergences import forward_kl
 from ..errors import PotstillError, VocabMismatchError
 from ..models.head import output_head, unwrap_model
 from .condense import (
-    _frozen,
     fresh_init,
+    frozen,
     gradient_distance,
     latent_regularizer,
     nearest_tokens,
@@ -108,7 +108,7 @@ class SoftPromptSet:
         """``[m, L, V]``: the teacher's logits on the current embeddings, or the learned logits."""
         if self.labels == "learned":
             return self.label_logits.detach()
-        with _frozen(teacher), torch.no_grad():
+        with frozen(teacher), torch.no_grad():
             return _lm_logits(teacher, self.embeddings.detach(), self.attention_mask).float()
 
     def soft_labels(self, teacher: nn.Module) -> Tensor:
@@ -373,21 +373,13 @@ def condense_lm(
     batches = _batches(real_batches)
     names = _param_names(student, params)
     E = (embedding_matrix if embedding_matrix is not None else _input_embeddings(student)).detach()
-    if not torch.equal(_input_embeddings(student), _input_embeddings(teacher)):
-        warnings.warn(
-            "student and teacher input embeddings differ; the teacher labels the soft prompts as read "
-            "in the student's embedding space",
-            stacklevel=2,
-        )
+    _warn_if_embeddings_differ(student, teacher)
     init_fn = init_fn or fresh_init(student)
-    learned = syn.labels == "learned"
-    x = syn.embeddings.detach().clone().requires_grad_(True)
-    y = syn.label_logits.detach().clone().requires_grad_(True) if learned else None
-    opt = torch.optim.Adam([{"params": [x], "lr": lr_embed}] + ([{"params": [y], "lr": lr_label}] if learned else []))
+    x, y, opt = _prompt_leaves(syn, lr_embed, lr_label)
     mask, learn = syn.attention_mask, syn.learn_mask
     hist: dict[str, list[float]] = {"match": [], "reg": [], "time_s": []}
     t0, step = time.perf_counter(), 0
-    with _frozen(student, teacher), _eager(student), _eager(teacher):
+    with frozen(student, teacher), _eager(student), _eager(teacher):
         for k in range(outer_steps):
             init_seed = seed * 100_003 + (k % n_inits if n_inits else k)
             theta = {n: v.detach().clone().requires_grad_(True) for n, v in init_fn(init_seed).items() if n in names}
@@ -395,11 +387,7 @@ def condense_lm(
             for t in range(inner_steps):
                 match = lm_gradient_distance(student, theta, teacher, batches[step % len(batches)], x, mask, y, eps=eps)
                 step += 1
-                reg = (
-                    reg_weight * latent_regularizer(x, E, mask=learn, kind=reg_kind, candidates=candidates)
-                    if reg_weight > 0
-                    else x.new_zeros(())
-                )
+                reg = _regularizer(x, E, learn, reg_weight, reg_kind, candidates)
                 opt.zero_grad(set_to_none=True)
                 (match + reg).backward()
                 x.grad.mul_(learn[..., None])
@@ -408,41 +396,98 @@ def condense_lm(
                 rs.append(float(reg.detach()))
                 if t == inner_steps - 1:
                     break
-                with torch.no_grad():
-                    xs = x.detach()
-                    ts = y.detach() if learned else _lm_logits(teacher, xs, mask)
-                for _ in range(net_steps):
-                    loss = kd_loss(_lm_logits(student, xs, mask, theta), ts, mask)
-                    grads = torch.autograd.grad(loss, list(theta.values()))
-                    theta = {n: (theta[n] - lr_net * g).detach().requires_grad_(True) for n, g in zip(theta, grads)}
-            hist["match"].append(sum(ds) / len(ds))
-            hist["reg"].append(sum(rs) / len(rs))
-            hist["time_s"].append(time.perf_counter() - t0)
-            if callback is not None:
-                callback(k, {key: v[-1] for key, v in hist.items()})
-    meta = {
-        "method": "gradient_matching_lm",
-        "params": names,
-        "outer_steps": outer_steps,
-        "inner_steps": inner_steps,
-        "net_steps": net_steps,
-        "lr_embed": lr_embed,
-        "lr_label": lr_label,
-        "lr_net": lr_net,
-        "n_inits": n_inits,
-        "reg_weight": reg_weight,
-        "reg_kind": reg_kind,
-        "eps": eps,
-        "seed": seed,
-        "real_batches": len(batches),
-    }
+                theta = _train_on_prompts(student, teacher, theta, x, y, mask, net_steps, lr_net)
+            _log_outer(hist, k, t0, callback, ds, rs)
+    settings = locals()
+    meta = {"method": "gradient_matching_lm", "params": names, **{key: settings[key] for key in _LM_META}}
     return replace(
         syn,
         embeddings=x.detach().clone(),
         label_logits=None if y is None else y.detach().clone(),
-        meta={**syn.meta, **meta},
+        meta={**syn.meta, **meta, "real_batches": len(batches)},
         history=hist,
     )
+
+
+_LM_META = (
+    "outer_steps",
+    "inner_steps",
+    "net_steps",
+    "lr_embed",
+    "lr_label",
+    "lr_net",
+    "n_inits",
+    "reg_weight",
+    "reg_kind",
+    "eps",
+    "seed",
+)
+"""The settings :func:`condense_lm` records in ``meta`` (after ``method`` and ``params``, before ``real_batches``)."""
+
+
+def _log_outer(
+    hist: dict[str, list[float]],
+    k: int,
+    t0: float,
+    callback: Callable[[int, dict], None] | None,
+    ds: list[float],
+    rs: list[float],
+) -> None:
+    """Record outer step ``k``: mean match and regularizer of its inner steps, time since ``t0``."""
+    hist["match"].append(sum(ds) / len(ds))
+    hist["reg"].append(sum(rs) / len(rs))
+    hist["time_s"].append(time.perf_counter() - t0)
+    if callback is not None:
+        callback(k, {key: v[-1] for key, v in hist.items()})
+
+
+def _regularizer(x: Tensor, E: Tensor, learn: Tensor, weight: float, kind: str, candidates: Tensor | None) -> Tensor:
+    """``weight * latent_regularizer`` of the learned positions (a zero scalar when ``weight <= 0``)."""
+    if weight <= 0:
+        return x.new_zeros(())
+    return weight * latent_regularizer(x, E, mask=learn, kind=kind, candidates=candidates)
+
+
+def _warn_if_embeddings_differ(student: nn.Module, teacher: nn.Module) -> None:
+    if not torch.equal(_input_embeddings(student), _input_embeddings(teacher)):
+        warnings.warn(
+            "student and teacher input embeddings differ; the teacher labels the soft prompts as read "
+            "in the student's embedding space",
+            stacklevel=3,
+        )
+
+
+def _prompt_leaves(
+    syn: SoftPromptSet, lr_embed: float, lr_label: float
+) -> tuple[Tensor, Tensor | None, torch.optim.Optimizer]:
+    """The learnable copies of the embeddings and (``labels="learned"``) label logits, and their Adam."""
+    learned = syn.labels == "learned"
+    x = syn.embeddings.detach().clone().requires_grad_(True)
+    y = syn.label_logits.detach().clone().requires_grad_(True) if learned else None
+    opt = torch.optim.Adam([{"params": [x], "lr": lr_embed}] + ([{"params": [y], "lr": lr_label}] if learned else []))
+    return x, y, opt
+
+
+def _train_on_prompts(
+    student: nn.Module,
+    teacher: nn.Module,
+    theta: dict[str, Tensor],
+    x: Tensor,
+    y: Tensor | None,
+    mask: Tensor,
+    net_steps: int,
+    lr_net: float,
+) -> dict[str, Tensor]:
+    """``net_steps`` SGD steps (``lr_net``) of ``theta`` on the set: KD toward the learned labels, or the
+    teacher's logits on the prompts (no graph kept)."""
+    with torch.no_grad():
+        xs = x.detach()
+        ts = y.detach() if y is not None else _lm_logits(teacher, xs, mask)
+    for _ in range(net_steps):
+        loss = kd_loss(_lm_logits(student, xs, mask, theta), ts, mask)
+        grads = torch.autograd.grad(loss, list(theta.values()))
+        theta = {n: (theta[n] - lr_net * g).detach().requires_grad_(True) for n, g in zip(theta, grads)}
+    return theta
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -452,7 +497,7 @@ def condense_lm(
 def lm_forward_kl(student: nn.Module, teacher: nn.Module, batches) -> float:
     """Forward KL(teacher || student) per token, averaged over every non-padding token of ``batches``."""
     total, count = 0.0, 0.0
-    with _frozen(student, teacher):
+    with frozen(student, teacher):
         for ids, mask in _batches(batches):
             kl = forward_kl(_lm_logits(student, None, mask, ids=ids), _lm_logits(teacher, None, mask, ids=ids))
             total, count = total + float((kl * mask).sum()), count + float(mask.sum())
@@ -487,12 +532,12 @@ def evaluate_lm_set(
         targets = train_set.target_logits(teacher)
     else:
         (ids, mask), embeds = _batches(train_set)[0], None
-        with _frozen(teacher), torch.no_grad():
+        with frozen(teacher), torch.no_grad():
             targets = _lm_logits(teacher, None, mask, ids=ids).float()
     names = set(_param_names(model, params))
     before, t0 = lm_forward_kl(model, teacher, eval_batches), time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    with _frozen(model):
+    with frozen(model):
         trained = [p.requires_grad_(True) for n, p in model.named_parameters() if n in names]
         opt = torch.optim.Adam(trained, lr=lr)
         for _ in range(steps):

@@ -201,10 +201,10 @@ def deita_filter(emb, scores, k: int, threshold: float = 0.9, *, return_reasons:
     ``return_reasons``, also ``{index: reason}`` for every row not chosen (for
     :func:`potstill.dd.select.keep_indices`).
     """
-    from .select import _as_scores
+    from .select import as_scores
 
     x = _emb(emb, k)
-    s = _as_scores(scores, "deita")
+    s = as_scores(scores, "deita")
     if s.numel() != x.shape[0]:
         raise PotstillError(f"deita_filter got {s.numel()} scores for {x.shape[0]} embeddings; give one per example")
     if not -1.0 <= threshold <= 1.0:

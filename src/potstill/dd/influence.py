@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ..errors import PotstillError
+from .forward_pass import check_examples, eval_mode
 
 ProjectionKind = Literal["rademacher", "gaussian"]
 
@@ -171,16 +172,14 @@ def per_example_gradients(model: torch.nn.Module, examples: Sequence[dict], *, p
     order) of its mean response-token loss, one backward per example (no padding, no
     cross-example mixing). The model runs in eval mode (no dropout); ``.grad`` is untouched;
     parameters named in ``params`` that are frozen take gradients for the duration only."""
-    from .select import _check_examples, _eval_mode
-
-    _check_examples(examples)
+    check_examples(examples)
     named = trainable_parameters(model, params)
     ps = [p for _, p in named]
     frozen = [p for p in ps if not p.requires_grad]  # named in params= but frozen: unfrozen meanwhile
     try:
         for p in frozen:
             p.requires_grad_(True)
-        with _eval_mode(model), torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             for ex in examples:
                 grads = torch.autograd.grad(_example_loss(model, ex), ps, allow_unused=True)
                 yield torch.cat(
@@ -310,10 +309,8 @@ def less_scores(
     step on ``z`` lowers the target loss more. Select with
     ``potstill.dd.select.top_k(scores, fraction=0.05)`` (LESS keeps 5%).
     """
-    from .select import _check_examples
-
-    _check_examples(train_examples, "training examples")
-    _check_examples(target_examples, "target examples")
+    check_examples(train_examples, "training examples")
+    check_examples(target_examples, "target examples")
     kw = {"proj_dim": proj_dim, "seed": seed, "projection": projection, "params": params, "proj_batch": proj_batch}
     train = gradient_features(model, train_examples, adam=adam, **kw)
     target = gradient_features(model, target_examples, **kw)

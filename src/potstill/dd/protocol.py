@@ -41,7 +41,8 @@ from torch import Tensor, nn
 
 from ..data.classification import Example
 from ..errors import PotstillError
-from .condense import CondensedSet, soft_cross_entropy
+from .condense import soft_cross_entropy
+from .condensed_set import CondensedSet
 
 __all__ = [
     "Features",

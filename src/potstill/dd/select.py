@@ -23,7 +23,9 @@ prompt tokens, as :func:`potstill.data.encode_example` makes them). The response
   -- teacher-student scores from one forward pass per model per batch; the teacher is a
   live model *or* any :class:`~potstill.signals.SignalSource` (an ``OnlineTeacher``, a
   ``CachedSignal``), so the cache written for KD also scores the data: one teacher
-  pass feeds both soft targets and data scores.
+  pass feeds both soft targets and data scores. They live in :mod:`potstill.dd.kd_scores`
+  and are re-exported here; the batching and forward-pass helpers the scorers share live in
+  :mod:`potstill.dd.forward_pass`.
 
 **Filters** (GUIDE item 9; datatrove's ``filter(doc) -> bool | (False, reason)``): a filter
 is ``f(example, index) -> True | (False, reason)``. :func:`filter_stream` is a generator
@@ -38,7 +40,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +47,52 @@ import torch
 from torch import Tensor
 
 from ..errors import PotstillError
+from .forward_pass import (
+    IGNORE_INDEX,
+    batches,
+    check_examples,
+    device_of,
+    entropy,
+    eval_mode,
+    model_signal,
+    pad_id,
+    row_owner,
+    row_targets,
+)
+from .kd_scores import confident_teacher_unsure_student, kd_divergence_score, kd_stats  # re-exported
 
-IGNORE_INDEX = -100
+__all__ = [
+    "IFD_ABOVE_ONE",
+    "IGNORE_INDEX",
+    "Dropped",
+    "Filter",
+    "Selection",
+    "SelectionReport",
+    "apply_filters",
+    "as_scores",
+    "confident_teacher_unsure_student",
+    "drop_ifd_above_one",
+    "example_stats",
+    "filter_stream",
+    "ifd_loss_ratio",
+    "ifd_ppl_ratio",
+    "kd_divergence_score",
+    "kd_stats",
+    "keep_indices",
+    "perplexity_score",
+    "reason_key",
+    "response_only_example",
+    "response_tokens",
+    "score_threshold",
+    "top_k",
+]
+
+# old names, removed once dd/pipeline.py imports the public ones (from potstill.dd.forward_pass)
+_batches = batches
+_check_examples = check_examples
+_device_of = device_of
+_eval_mode = eval_mode
+_pad_id = pad_id
 
 Filter = Callable[[Any, int], "bool | tuple[bool, str]"]
 """``f(example, index) -> True | (False, reason)``; ``index`` is the example's position in the input."""
@@ -174,7 +219,7 @@ def apply_filters(examples: Iterable, filters: Sequence[Filter]) -> Selection:
     return Selection(kept, kept_index, dropped, report)
 
 
-def _as_scores(scores, name: str) -> Tensor:
+def as_scores(scores, name: str) -> Tensor:
     t = torch.as_tensor(scores).detach().to("cpu", torch.float64).reshape(-1)
     if t.numel() == 0:
         raise PotstillError(f"no {name} scores (empty dataset); score at least one example")
@@ -207,7 +252,7 @@ def top_k(
     Drop reason: ``"score below cut (name=x < cut)"`` (``largest=True``) or
     ``"score above cut (name=x > cut)"``.
     """
-    s = _as_scores(scores, name)
+    s = as_scores(scores, name)
     n = s.numel()
     if (k is None) == (fraction is None):
         raise PotstillError("top_k needs exactly one of k or fraction; pass k=<count> or fraction=<0..1>")
@@ -241,7 +286,7 @@ def score_threshold(
     Drop reason: ``reason`` if given, else ``"{name} below {min}"`` / ``"{name} above {max}"``,
     with the value in parentheses.
     """
-    s = _as_scores(scores, name)
+    s = as_scores(scores, name)
     if min is None and max is None:
         raise PotstillError("score_threshold needs min=, max= or both")
     lo, hi = min, max
@@ -291,23 +336,6 @@ def keep_indices(indices, reason: str | Mapping[int, str]) -> Filter:
 # =============================================================================== scores
 
 
-def _check_examples(examples: Sequence[dict], what: str = "examples") -> None:
-    if examples is None or len(examples) == 0:
-        raise PotstillError(f"no {what} to score (empty dataset); check the data section of the recipe")
-    for i, ex in enumerate(examples):
-        if not isinstance(ex, Mapping) or "input_ids" not in ex or "labels" not in ex:
-            raise PotstillError(
-                f"{what} #{i} has no input_ids/labels; encode examples with potstill.data.encode_example"
-            )
-        if len(ex["input_ids"]) != len(ex["labels"]):
-            raise PotstillError(f"{what} #{i}: input_ids and labels differ in length; re-encode it")
-        if not any(int(t) != IGNORE_INDEX for t in list(ex["labels"])[1:]):
-            raise PotstillError(
-                f"{what} #{i} has no response token (every label is -100); drop it before scoring "
-                "(e.g. a prompt that fills max_length)"
-            )
-
-
 def response_tokens(example: Mapping) -> list[int]:
     """The target tokens ``A`` of an example: ``labels[t]`` for ``t >= 1`` and ``labels[t] != -100``."""
     return [int(t) for t in list(example["labels"])[1:] if int(t) != IGNORE_INDEX]
@@ -324,70 +352,27 @@ def response_only_example(example: Mapping, start_token_id: int) -> dict[str, li
     return {"input_ids": [int(start_token_id)] + a, "attention_mask": [1] * (len(a) + 1), "labels": [IGNORE_INDEX] + a}
 
 
-@contextmanager
-def _eval_mode(*models: torch.nn.Module):
-    """Eval mode (no dropout) for the duration, then each model's own mode again."""
-    states = [(m, m.training) for m in models if isinstance(m, torch.nn.Module)]
-    for m, _ in states:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, was in states:
-            m.train(was)
+def _response_only_start(
+    model: torch.nn.Module, n: int, response_only: Sequence[dict] | None, start_token_id: int | None
+) -> int | None:
+    """Check ``response_only`` (one per example) or find the start token of prompt-free responses."""
+    if response_only is not None:
+        if len(response_only) != n:
+            raise PotstillError(
+                f"response_only has {len(response_only)} examples for {n} examples; give one per example, same order"
+            )
+        check_examples(response_only, "response_only example")
+        return start_token_id
+    if start_token_id is None:
+        from ..models.head import text_config
 
-
-def _device_of(model: torch.nn.Module, device=None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _pad_id(model: torch.nn.Module, pad_token_id: int | None) -> int:
-    if pad_token_id is not None:
-        return int(pad_token_id)
-    from ..models.head import text_config
-
-    p = getattr(text_config(model), "pad_token_id", None)
-    return int(p) if p is not None else 0  # right padding under an attention mask: any id works
-
-
-def _batches(examples: Sequence[dict], batch_size: int) -> Iterator[list[int]]:
-    """Indices of ``examples`` in batches of similar length (longest first, so memory fails early)."""
-    if batch_size < 1:
-        raise PotstillError(f"batch_size={batch_size} must be >= 1")
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
-    for b in range(0, len(order), batch_size):
-        yield order[b : b + batch_size]
-
-
-def _row_owner(labels: Tensor) -> Tensor:
-    """For each row of :func:`target_index` (row-major), the batch row it belongs to: ``[n]``."""
-    return (labels[:, 1:] != IGNORE_INDEX).nonzero()[:, 0]
-
-
-def _row_targets(labels: Tensor) -> Tensor:
-    """The label each target row predicts: ``[n]``."""
-    lab = labels[:, 1:]
-    return lab[lab != IGNORE_INDEX]
-
-
-def _model_signal(model: torch.nn.Module, batch: dict[str, Tensor]):
-    """``DenseSignal(hidden=[n, H], head)`` of a model's own target rows (no ``[n, V]`` yet)."""
-    from ..models import final_hidden, output_head
-    from ..signals import DenseSignal, target_index, target_rows
-
-    device = _device_of(model)
-    hidden = final_hidden(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-    rows = target_rows(hidden, target_index(batch["labels"].to(device)))
-    return DenseSignal(hidden=rows, head=output_head(model))
-
-
-def _entropy(lp: Tensor) -> Tensor:
-    """``-sum p log p`` over the last dim from log-probs (``0 log 0 = 0``)."""
-    p = lp.exp()
-    return -(p * torch.where(torch.isneginf(lp), torch.zeros_like(lp), lp)).sum(-1)
+        start_token_id = getattr(text_config(model), "bos_token_id", None)
+    if start_token_id is None:
+        raise PotstillError(
+            "the model config has no bos_token_id to start a prompt-free response; pass start_token_id= "
+            "(e.g. the tokenizer's BOS or EOS id) or response_only="
+        )
+    return start_token_id
 
 
 @torch.no_grad()
@@ -419,31 +404,16 @@ def example_stats(
     """
     from ..data import PadCollator
 
-    _check_examples(examples)
+    check_examples(examples)
     n = len(examples)
-    if response_only is not None:
-        if len(response_only) != n:
-            raise PotstillError(
-                f"response_only has {len(response_only)} examples for {n} examples; give one per example, same order"
-            )
-        _check_examples(response_only, "response_only example")
-    else:
-        if start_token_id is None:
-            from ..models.head import text_config
-
-            start_token_id = getattr(text_config(model), "bos_token_id", None)
-        if start_token_id is None:
-            raise PotstillError(
-                "the model config has no bos_token_id to start a prompt-free response; pass start_token_id= "
-                "(e.g. the tokenizer's BOS or EOS id) or response_only="
-            )
+    start_token_id = _response_only_start(model, n, response_only, start_token_id)
     if chunk_size < 1:
         raise PotstillError(f"chunk_size={chunk_size} must be >= 1")
-    collate = PadCollator(_pad_id(model, pad_token_id))
+    collate = PadCollator(pad_id(model, pad_token_id))
     sums = torch.zeros(3, 2 * n, dtype=torch.float64)  # nll, entropy, count per sequence
-    with _eval_mode(model):
-        device = _device_of(model)
-        for members in _batches(examples, batch_size):
+    with eval_mode(model):
+        device = device_of(model)
+        for members in batches(examples, batch_size):
             alone = [
                 response_only[i] if response_only is not None else response_only_example(examples[i], start_token_id)
                 for i in members
@@ -451,11 +421,11 @@ def example_stats(
             feats = [{k: examples[i][k] for k in ("input_ids", "labels")} for i in members]
             feats += [{k: a[k] for k in ("input_ids", "labels")} for a in alone]
             batch = collate(feats)
-            sig = _model_signal(model, batch)
+            sig = model_signal(model, batch)
             labels = batch["labels"].to(device)
-            owner = _row_owner(labels)
+            owner = row_owner(labels)
             seq = torch.tensor(members + [n + i for i in members], device=device)[owner]
-            targets = _row_targets(labels)
+            targets = row_targets(labels)
             for s in range(0, sig.num_rows, chunk_size):
                 e = min(s + chunk_size, sig.num_rows)
                 lp = torch.log_softmax(sig.chunk_logits(s, e).float(), -1)
@@ -464,7 +434,7 @@ def example_stats(
                     raise PotstillError("the model's logits contain NaN/inf; check its weights or load it in float32")
                 idx = seq[s:e].cpu()
                 sums[0].index_add_(0, idx, nll.double().cpu())
-                sums[1].index_add_(0, idx, _entropy(lp).double().cpu())
+                sums[1].index_add_(0, idx, entropy(lp).double().cpu())
                 sums[2].index_add_(0, idx, torch.ones(e - s, dtype=torch.float64))
     count = sums[2]
     return {
@@ -478,7 +448,7 @@ def example_stats(
 def _stat(stats: Mapping[str, Tensor], key: str) -> Tensor:
     if key not in stats:
         raise PotstillError(f"stats have no '{key}'; compute them with potstill.dd.select.example_stats")
-    return _as_scores(stats[key], key)
+    return as_scores(stats[key], key)
 
 
 def ifd_loss_ratio(stats: Mapping[str, Tensor]) -> Tensor:
@@ -511,165 +481,3 @@ def perplexity_score(stats: Mapping[str, Tensor], key: str = "nll_given_prompt")
     """``exp(mean NLL)`` per example, ``[N]``: the response's perplexity given the prompt
     (``key="nll_response_only"``: without it)."""
     return torch.exp(_stat(stats, key))
-
-
-# ----------------------------------------------------------------------------- KD scores
-
-
-def _teacher_signal(teacher, batch: dict[str, Tensor]):
-    if isinstance(teacher, torch.nn.Module):
-        return _model_signal(teacher, batch)
-    return teacher.signal(batch)
-
-
-@torch.no_grad()
-def kd_stats(
-    student: torch.nn.Module,
-    teacher,
-    examples: Sequence[dict],
-    *,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    batch_size: int = 8,
-    chunk_size: int = 1024,
-    vocab_size: int | None = None,
-    pad_token_id: int | None = None,
-    divergence_kwargs: Mapping[str, Any] | None = None,
-) -> dict[str, Tensor]:
-    """Teacher-student statistics per example, one forward pass per model per batch.
-
-    ``teacher`` is a causal LM (run here, no gradients) or a
-    :class:`~potstill.signals.SignalSource` whose ``signal(batch)`` gives a
-    :class:`~potstill.signals.DenseSignal` or :class:`~potstill.signals.SparseSignal` for
-    the batch's target rows (``OnlineTeacher``, ``CachedSignal``: the KD cache is read, the
-    teacher is not run). Batches carry ``example_id`` when the examples do. With
-    ``p = softmax(z_T / T)``, ``q = softmax(z_S / T)`` on the aligned vocabulary ``V``
-    (``vocab_size``, default the student's), the per-token values averaged over each
-    example's response tokens are, ``[N]`` float64 each:
-
-    * ``divergence``: ``DIVERGENCES[divergence](z_S, z_T)`` per token. A top-k signal gives
-      the divergence on the coarsened space of :func:`potstill.divergences.sparse.coarsen`
-      (k ids + one tail bucket, or renormalized over the ids, as the signal's ``tail``
-      says); a sampled signal gives the unbiased estimate of
-      :func:`potstill.divergences.sparse_divergence`;
-    * ``teacher_entropy`` ``H(p)``: exact for a dense signal; for top-k the entropy of the
-      same coarsened distribution (a lower bound on ``H(p)`` with a bucket); for sampled
-      the unbiased estimate ``sum_i w_i (-log p_i)``;
-    * ``student_entropy`` ``H(q)`` (exact);
-    * ``confident_teacher_unsure_student``: potstill's own score, per token
-      ``clip(1 - H(p) / log V, 0, 1) * clip(H(q) / log V, 0, 1)`` in [0, 1]: high where the
-      teacher is sure and the student is not (both entropies normalized by the uniform
-      entropy ``log V``);
-    * ``num_response_tokens`` (int64).
-
-    A cached signal at temperature ``T_c`` must be scored at ``temperature = T_c``.
-    """
-    from ..data import PadCollator
-    from ..divergences import DIVERGENCES, sparse_divergence
-    from ..divergences.sparse import coarsen
-    from ..models import output_head
-    from ..signals import DenseSignal, SparseSignal
-
-    _check_examples(examples)
-    if divergence not in DIVERGENCES:
-        raise PotstillError(f"unknown divergence '{divergence}'; choose one of {sorted(DIVERGENCES)}")
-    if not temperature > 0:
-        raise PotstillError(f"temperature={temperature} must be > 0")
-    if chunk_size < 1:
-        raise PotstillError(f"chunk_size={chunk_size} must be >= 1")
-    is_model = isinstance(teacher, torch.nn.Module)
-    if not is_model and not callable(getattr(teacher, "signal", None)):
-        raise PotstillError(
-            "teacher must be a causal LM or a signal source with .signal(batch) (OnlineTeacher, CachedSignal)"
-        )
-    source_t = None if is_model else getattr(teacher, "temperature", None)
-    if source_t is not None and float(source_t) != float(temperature):
-        raise PotstillError(
-            f"the teacher signal holds temperature {source_t} but temperature={temperature}; "
-            "score at the signal's temperature or rebuild the cache at this one"
-        )
-    kw = dict(divergence_kwargs or {})
-    vocab = vocab_size or output_head(student).vocab
-    log_v = math.log(vocab)
-    f = DIVERGENCES[divergence]
-    n = len(examples)
-    collate = PadCollator(_pad_id(student, pad_token_id))
-    sums = torch.zeros(5, n, dtype=torch.float64)  # divergence, H_T, H_S, ctus, count
-    with _eval_mode(student, teacher if is_model else None):
-        device = _device_of(student)
-        for members in _batches(examples, batch_size):
-            batch = collate([examples[i] for i in members])
-            s_sig = _model_signal(student, batch)
-            t_sig = _teacher_signal(teacher, {k: v.to(device) for k, v in batch.items()})
-            if t_sig.num_rows != s_sig.num_rows:
-                raise PotstillError(
-                    f"the teacher signal has {t_sig.num_rows} rows for {s_sig.num_rows} response tokens "
-                    "of the batch; the signal was made for other data: rebuild it"
-                )
-            if isinstance(t_sig, DenseSignal) and (
-                t_sig.vocab < vocab or (vocab_size is None and t_sig.vocab != vocab)
-            ):
-                raise PotstillError(
-                    f"teacher vocabulary ({t_sig.vocab}) and student vocabulary ({vocab}) differ; "
-                    "pass vocab_size= to align vocabularies that differ only by padding rows"
-                )
-            owner = torch.tensor(members)[_row_owner(batch["labels"])]
-            for s in range(0, s_sig.num_rows, chunk_size):
-                e = min(s + chunk_size, s_sig.num_rows)
-                zs = s_sig.chunk_logits(s, e, vocab).float()
-                lq = torch.log_softmax(zs / temperature, -1)
-                if isinstance(t_sig, SparseSignal):
-                    t = t_sig.chunk(s, e).to(zs.device)
-                    try:
-                        div = sparse_divergence(divergence, zs, t, temperature=temperature, **kw)
-                    except ValueError as err:
-                        raise PotstillError(
-                            f"the sparse teacher signal does not fit the student ({err}); "
-                            "build it with the student's tokenizer and vocabulary"
-                        ) from None
-                    if t.weights is not None:
-                        live = ~torch.isneginf(t.logprobs)
-                        h_t = torch.where(live, t.weights.float() * -t.logprobs.float(), 0.0).sum(-1)
-                    else:
-                        h_t = _entropy(coarsen(zs, t, temperature=temperature)[1])
-                else:
-                    zt = t_sig.chunk_logits(s, e, vocab).to(zs.device).float()
-                    if not bool(torch.isfinite(zt).all()):
-                        raise PotstillError(
-                            "teacher logits contain NaN/inf; check the teacher model/dtype (try float32)"
-                        )
-                    div = f(zs, zt, temperature=temperature, **kw)
-                    h_t = _entropy(torch.log_softmax(zt / temperature, -1))
-                h_s = _entropy(lq)
-                ctus = (1 - h_t / log_v).clamp(0, 1) * (h_s / log_v).clamp(0, 1)
-                if not bool(torch.isfinite(div).all()):
-                    raise PotstillError(
-                        f"{divergence} is not finite on some response tokens; check both models' "
-                        "logits (NaN/inf) or choose a bounded divergence"
-                    )
-                idx = owner[s:e]
-                for j, v in enumerate((div, h_t, h_s, ctus)):
-                    sums[j].index_add_(0, idx, v.double().cpu())
-                sums[4].index_add_(0, idx, torch.ones(e - s, dtype=torch.float64))
-    count = sums[4]
-    return {
-        "divergence": sums[0] / count,
-        "teacher_entropy": sums[1] / count,
-        "student_entropy": sums[2] / count,
-        "confident_teacher_unsure_student": sums[3] / count,
-        "num_response_tokens": count.long(),
-    }
-
-
-def kd_divergence_score(
-    student: torch.nn.Module, teacher, examples: Sequence[dict], *, divergence: str = "forward_kl", **kwargs
-) -> Tensor:
-    """Mean teacher-student ``divergence`` over each example's response tokens, ``[N]``
-    (0 where the two agree; high = the student has most to learn there). See :func:`kd_stats`."""
-    return kd_stats(student, teacher, examples, divergence=divergence, **kwargs)["divergence"]
-
-
-def confident_teacher_unsure_student(student: torch.nn.Module, teacher, examples: Sequence[dict], **kwargs) -> Tensor:
-    """Mean over response tokens of ``(1 - H(p)/log V) * H(q)/log V`` (clipped to [0, 1]), ``[N]``:
-    potstill's score for tokens where the teacher is sure and the student is not. See :func:`kd_stats`."""
-    return kd_stats(student, teacher, examples, **kwargs)["confident_teacher_unsure_student"]

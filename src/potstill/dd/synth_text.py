@@ -10,10 +10,10 @@
 
 Everything here works on text alone: no model, no tokenizer, no generation, no files
 (the only state is the novelty index and the duplicate sets a round's checks keep). It is
-kept apart from the config, seeds, generators and round driver of
-:mod:`potstill.dd.synthesize` so it can be read and tested on its own, and
-:mod:`potstill.dd.synthesize` re-exports its public names. The checks take a
-:class:`~potstill.dd.synthesize.FilterConfig`, imported for type checking only (no import cycle).
+kept apart from the seeds, generators and round driver of :mod:`potstill.dd.synthesize`
+so it can be read and tested on its own, and :mod:`potstill.dd.synthesize` re-exports its
+public names. It imports nothing of synthesis: the checks take any :class:`FilterSettings`
+(the recipe's :class:`~potstill.recipes.synthesize.FilterConfig` is one).
 """
 
 from __future__ import annotations
@@ -23,38 +23,54 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..errors import PotstillError
-
-if TYPE_CHECKING:
-    from .synthesize import FilterConfig
 
 __all__ = [
     "EVOL_OPERATIONS",
     "TEMPLATE_MARKERS",
-    "UNSUPPORTED_KEYWORDS",
     "Candidate",
     "Check",
+    "FilterSettings",
+    "Novel",
     "NoveltyIndex",
+    "Seen",
+    "answer_checks",
     "answer_prompt",
     "check_answer",
     "check_evolution",
     "check_instruction",
     "copies_prompt",
     "evol_prompt",
+    "join",
     "keep_or_drop",
+    "list_items",
+    "norm",
     "parse_answer",
     "parse_evolution",
     "parse_instructions",
+    "quality",
     "repetitive",
     "rouge_l_f",
     "sample_examples",
     "self_instruct_prompt",
+    "truncated",
 ]
 
 
-def _join(instruction: str, inp: str) -> str:
+class FilterSettings(Protocol):
+    """The quality-filter bounds the checks read (:class:`potstill.recipes.synthesize.FilterConfig` has them)."""
+
+    min_instruction_words: int
+    max_instruction_words: int
+    max_non_ascii: float
+    max_repetition: float
+    drop_truncated: bool
+    unsupported_keywords: list[str]
+
+
+def join(instruction: str, inp: str) -> str:
     return f"{instruction}\n\n{inp}" if inp else instruction
 
 
@@ -116,7 +132,7 @@ def _clean(text: str) -> str:
     return _unwrap(_one_line(text.replace("**", "").replace("__", "")))
 
 
-def _list_items(text: str) -> tuple[list[str], bool]:
+def list_items(text: str) -> tuple[list[str], bool]:
     """The cleaned items and whether the last one runs to the end of ``text`` (so a cut can hit it)."""
     items: list[list[str]] = []
     open_item = False
@@ -139,7 +155,7 @@ def parse_instructions(text: str) -> list[str]:
     an item (a comment, closing chatter) is ignored; other lines continue the current item.
     Items are cleaned of markdown, labels and quotes; one may come out empty (counted, not lost).
     """
-    return _list_items(text)[0]
+    return list_items(text)[0]
 
 
 def answer_prompt(instruction: str, *, with_input: bool = True) -> str:
@@ -328,42 +344,6 @@ class NoveltyIndex:
 # ------------------------------------------------------------------------------ filters
 
 
-UNSUPPORTED_KEYWORDS = (
-    "image",
-    "photo",
-    "photograph",
-    "picture",
-    "screenshot",
-    "diagram",
-    "flowchart",
-    "chart",
-    "graph",
-    "plot",
-    "sketch",
-    "draw",
-    "drawing",
-    "painting",
-    "video",
-    "audio",
-    "recording",
-    "podcast",
-    "listen",
-    "file",
-    "attachment",
-    "attached",
-    "pdf",
-    "spreadsheet",
-    "upload",
-    "download",
-    "url",
-    "hyperlink",
-    "webpage",
-    "website",
-    "browse",
-    "click",
-    "go to",
-    "camera",
-)
 _REFUSAL = re.compile(  # refusals, and deflections that answer nothing ("how can I help?")
     r"\b(?:as an ai\b|as a language model|i(?:'m| am) (?:sorry|afraid|unable|not able)|"
     r"i (?:cannot|can ?not|can't|won't|am unable to)|i do(?:n't| not) have (?:access|the ability)|"
@@ -397,7 +377,7 @@ class Candidate:
 
     @property
     def prompt(self) -> str:
-        return _join(self.instruction, self.input)
+        return join(self.instruction, self.input)
 
 
 Check = Callable[[Candidate], "str | tuple[str, str] | None"]
@@ -437,7 +417,9 @@ def _keyword_re(words: Sequence[str]) -> re.Pattern | None:
     return re.compile(rf"\b(?:{alts})s?\b", re.IGNORECASE)
 
 
-def check_instruction(text: str, filters: FilterConfig, _kw: re.Pattern | None = None) -> str | tuple[str, str] | None:
+def check_instruction(
+    text: str, filters: FilterSettings, _kw: re.Pattern | None = None
+) -> str | tuple[str, str] | None:
     """Reason to drop an instruction (length, punctuation, non-ASCII, modality, repetition, a refusal), or ``None``."""
     if not text.strip() or not _tokens(text):
         return "empty_instruction"
@@ -505,25 +487,25 @@ def check_evolution(parent: str, evolved: str) -> str | None:
     return None
 
 
-def _norm(text: str) -> str:
+def norm(text: str) -> str:
     return " ".join(_tokens(text))
 
 
-class _Seen:
+class Seen:
     """Drop an item whose normalized ``attr`` was seen (in the pool or earlier in the round); remember kept ones."""
 
     def __init__(self, seen: set[str], attr: str, reason: str):
         self.seen, self.local, self.attr, self.reason = seen, set(), attr, reason
 
     def __call__(self, c: Candidate) -> str | None:
-        key = _norm(getattr(c, self.attr))
+        key = norm(getattr(c, self.attr))
         if key in self.seen or key in self.local:
             return self.reason
         self.local.add(key)
         return None
 
 
-class _Novel:
+class Novel:
     """Self-Instruct's ROUGE-L novelty: vs the pool, then vs the round's earlier survivors."""
 
     def __init__(self, pool: NoveltyIndex, threshold: float):
@@ -538,11 +520,11 @@ class _Novel:
         return None
 
 
-def _truncated(filters: FilterConfig) -> Check:
+def truncated(filters: FilterSettings) -> Check:
     return lambda c: "truncated" if filters.drop_truncated and c.truncated else None
 
 
-def _quality(filters: FilterConfig) -> Check:
+def quality(filters: FilterSettings) -> Check:
     kw = _keyword_re(filters.unsupported_keywords)
     return lambda c: check_instruction(c.instruction, filters, kw)
 
@@ -556,11 +538,11 @@ def copies_prompt(output: str, prompt: str, min_tokens: int = 4) -> bool:
     return len(out) >= min_tokens and f" {' '.join(out)} " in f" {' '.join(_tokens(prompt))} "
 
 
-def _answer_checks(filters: FilterConfig, min_words: int, seen_outputs: set[str]) -> list[Check]:
+def answer_checks(filters: FilterSettings, min_words: int, seen_outputs: set[str]) -> list[Check]:
     return [
         lambda c: "truncated_answer" if filters.drop_truncated and c.answer_truncated else None,
         lambda c: None if c.answer_parsed else "unparsable_answer",
         lambda c: check_answer(c.output, min_words, filters.max_repetition),
         lambda c: "answer_copies_prompt" if copies_prompt(c.output, c.prompt) else None,
-        _Seen(seen_outputs, "output", "duplicate_output"),
+        Seen(seen_outputs, "output", "duplicate_output"),
     ]
