@@ -13,11 +13,18 @@ Everything here is built locally (no hub access: ``HF_HUB_OFFLINE=1`` is set at 
 All return fresh objects per test (cheap copies of session-built originals), so tests
 may train or mutate them freely. Both models are in ``eval()`` mode, fp32, with
 ``vocab_size == len(tiny_tokenizer)`` and the tokenizer's special token ids in the config.
+
+Module-scoped files shared by several test modules (plain helpers they use live in ``helpers.py``):
+
+* ``assets``: the CLI tests' ``(root, teacher, nan_teacher, other_student, data)``.
+* ``data_file``: the selection pool of the select / eval-data / condense tests as JSONL.
+* ``teacher_tok``: the Gemma-like teacher tokenizer of the cross-tokenizer tests.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -26,6 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import PAIRS, make_metaspace_tokenizer, pool_pairs  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -203,3 +211,62 @@ def smollm2():
         if "not installed" in str(err):
             pytest.skip(str(err))
         raise
+
+
+# -------------------------------------------------- files and tokenizers shared by several test modules
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, _tiny_teacher_session, _tiny_tokenizer_session):
+    """The CLI tests' files, once per module: ``(root, teacher, nan_teacher, other_student, data)`` -- the tiny
+    teacher saved with its tokenizer, a copy whose output head is NaN, a tiny student with another (word-level)
+    vocabulary, and ``PAIRS`` as a prompt/response JSONL file."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = _tiny_tokenizer_session
+    teacher = root / "teacher"
+    _tiny_teacher_session.save_pretrained(teacher)
+    tok.save_pretrained(teacher)
+    # A teacher whose weights are NaN.
+    nan_model = copy.deepcopy(_tiny_teacher_session)
+    with torch.no_grad():
+        nan_model.lm_head.weight.fill_(float("nan"))
+    nan_teacher = root / "nan_teacher"
+    nan_model.save_pretrained(nan_teacher)
+    tok.save_pretrained(nan_teacher)
+    # A student with another tokenizer (a different vocabulary).
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"w{i}" for i in range(60)]
+    other = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    other_tok = PreTrainedTokenizerFast(tokenizer_object=other, pad_token="<pad>", eos_token="<|im_end|>")
+    other_student = root / "other_student"
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(words),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).save_pretrained(other_student)
+    other_tok.save_pretrained(other_student)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS))
+    return root, teacher, nan_teacher, other_student, data
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """The selection pool (``pool_pairs()``) as a prompt/response JSONL file, once per module."""
+    p = tmp_path_factory.mktemp("sel") / "pool.jsonl"
+    p.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in pool_pairs()))
+    return p
+
+
+@pytest.fixture(scope="module")
+def teacher_tok():
+    """A Gemma-like metaspace teacher tokenizer (``make_metaspace_tokenizer()``), once per module."""
+    return make_metaspace_tokenizer()

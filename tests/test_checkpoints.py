@@ -8,15 +8,13 @@ import sys
 import time
 
 import pytest
-import test_cli
 import torch
+from helpers import recipe, write
 from helpers_proc import launch_env
 from safetensors.torch import load_file
-from test_cli import recipe, write
 
 from potstill.cli import main
 
-assets = test_cli.assets  # the tiny teacher and data files of the CLI tests (a module-scoped fixture)
 STEPS = {
     "train.max_steps": 12,
     "train.save_steps": 2,

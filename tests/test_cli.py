@@ -15,94 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import PAIRS, recipe, write
 
 from potstill.cli import main
-
-PAIRS = [
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("What is two plus two?", "Two plus two is four."),
-    ("Write a poem about the sea.", "The sea is blue and the waves are loud at night."),
-    ("How many days are in a week?", "There are seven days in a week."),
-    ("Explain why the sky is blue.", "Light from the sun is scattered by the air."),
-    ("Count from one to five:", "one, two, three, four, five"),
-    ("Translate hello into Spanish:", "hola"),
-    ("Please answer in one short sentence.", "Sure, here is a short answer."),
-    ("What do the children do?", "They play in the park."),
-    ("Name a fruit.", "I like apples."),
-]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory, _tiny_teacher_session, _tiny_tokenizer_session):
-    root = tmp_path_factory.mktemp("cli")
-    tok = _tiny_tokenizer_session
-    teacher = root / "teacher"
-    _tiny_teacher_session.save_pretrained(teacher)
-    tok.save_pretrained(teacher)
-    # A teacher whose weights are NaN.
-    import copy
-
-    nan_model = copy.deepcopy(_tiny_teacher_session)
-    with torch.no_grad():
-        nan_model.lm_head.weight.fill_(float("nan"))
-    nan_teacher = root / "nan_teacher"
-    nan_model.save_pretrained(nan_teacher)
-    tok.save_pretrained(nan_teacher)
-    # A student with another tokenizer (a different vocabulary).
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"w{i}" for i in range(60)]
-    other = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    other.pre_tokenizer = pre_tokenizers.Whitespace()
-    other_tok = PreTrainedTokenizerFast(tokenizer_object=other, pad_token="<pad>", eos_token="<|im_end|>")
-    other_student = root / "other_student"
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(words),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-        )
-    ).save_pretrained(other_student)
-    other_tok.save_pretrained(other_student)
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS))
-    return root, teacher, nan_teacher, other_student, data
-
-
-def recipe(assets, out: Path, **patch) -> dict:
-    root, teacher, _, _, data = assets
-    r = {
-        "output_dir": str(out),
-        "teacher": {"model": str(teacher)},
-        "student": {
-            "kind": "scaled",
-            "num_layers": 1,
-            "hidden_size": 32,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-        },
-        "data": {"source": {"kind": "file", "path": str(data)}, "eval_size": 3, "max_length": 64},
-        "train": {"max_steps": 3, "batch_size": 2, "logging_steps": 1, "learning_rate": 1e-3},
-        "runs": [{"name": "sft", "alpha": 1.0}, {"name": "kd", "alpha": 0.0, "divergence": {"name": "forward_kl"}}],
-        "eval": {"max_new_tokens": 4, "batch_size": 4},
-        "device": "cpu",
-    }
-    for key, value in patch.items():
-        node = r
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
-        node[parts[-1]] = value
-    return r
-
-
-def write(path: Path, content) -> Path:
-    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
-    return path
 
 
 def test_distill_end_to_end_then_resume(assets, tmp_path, capsys):
@@ -302,7 +217,7 @@ def _bad_cases(assets, tmp_path):
         ),
         "sampling temperature 1e-45": (
             ["distill", str(write(tmp_path / "st.yaml", recipe(assets, out))), "runs.1.on_policy={temperature: 1e-45}"],
-            "on_policy.temperature",
+            "method.temperature",
         ),
         "GKD JSD at beta 0": (
             [

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from kd.test_cross_tokenizer import _llama, make_metaspace_tokenizer
-from test_cli import assets, recipe, write  # noqa: F401  (module-scoped fixture)
+from helpers import make_metaspace_tokenizer, random_llama, recipe, write
 
 from potstill.cli import main
 
@@ -17,7 +16,7 @@ def other_teacher(tmp_path_factory):
     """A teacher with a SentencePiece-style tokenizer (the CLI assets' tiny model is the student)."""
     path = tmp_path_factory.mktemp("xtok") / "teacher"
     tok = make_metaspace_tokenizer()
-    _llama(len(tok), seed=3, hidden=48, layers=2).save_pretrained(path)
+    random_llama(len(tok), seed=3, hidden=48, layers=2).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

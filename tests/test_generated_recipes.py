@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cli import assets, recipe, write  # noqa: F401  (module fixture reused)
+from helpers import recipe, write
 
 from potstill.cli import main
 from potstill.config import Recipe

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from test_cli import assets, recipe, write  # noqa: F401  (module-scoped fixture)
+from helpers import recipe, write
 
 from potstill.cli import main
 

@@ -3,12 +3,10 @@ own repository. The hub itself is out of reach here (no network, ``HF_HUB_OFFLIN
 checked with ``huggingface_hub``'s two calls recorded instead of sent."""
 
 import pytest
-import test_cli
-from test_cli import recipe, write
+from helpers import recipe, write
 
 from potstill.cli import main
 
-assets = test_cli.assets
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -3,16 +3,13 @@
 import json
 
 import pytest
-import test_cli
 import torch
-from test_cli import recipe, write
+from helpers import recipe, write
 
 from potstill.cli import main
 from potstill.config import Recipe
 from potstill.finished import run_fingerprint
 from potstill.pipeline import Prepared
-
-assets = test_cli.assets  # the tiny teacher and data files of the CLI tests (a module-scoped fixture)
 
 
 def test_attention_kernel_reaches_teacher_and_student_and_changes_no_logit(assets, tmp_path):

@@ -4,9 +4,8 @@ import json
 import random
 
 import pytest
-import test_cli
 import torch
-from test_cli import recipe, write
+from helpers import recipe, write
 from transformers import OPTConfig, OPTForCausalLM
 
 from potstill.cli import main
@@ -15,7 +14,6 @@ from potstill.data.packing import check_packing, pack_rows
 from potstill.errors import PotstillError
 from potstill.kd import KDConfig, KDTrainer
 
-assets = test_cli.assets
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -8,17 +8,15 @@ the chunked reducer reads directly and so must get from the offload store.
 import json
 
 import pytest
-import test_cli
 import torch
+from helpers import recipe, write
 from safetensors.torch import load_file
-from test_cli import recipe, write
 
 from potstill.cli import main
 from potstill.models import load_model
 from potstill.models.placement import head_on, input_device
 from potstill.signals.cache import weights_fingerprint
 
-assets = test_cli.assets
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # the tiny 2-layer Llama teacher: its second layer and its output head on disk, the rest in CPU RAM

@@ -5,12 +5,9 @@ import json
 import os
 
 import pytest
-import test_cli
-from test_cli import recipe, write
+from helpers import recipe, write
 
 from potstill.cli import main
-
-assets = test_cli.assets  # the tiny teacher and data files of the CLI tests (a module-scoped fixture)
 
 
 def _scalars(log_dir):

@@ -8,13 +8,13 @@ hand values and finite differences, the trainer's loss against full-logit float6
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 
 import pytest
 import torch
 from datasets import Dataset
+from helpers import CROSS_PAIRS, encode_cross_pairs, fast_tokenizer, random_llama
 
 from potstill.data import PadCollator, encode_example
 from potstill.errors import PotstillError
@@ -40,71 +40,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ----------------------------------------------------------------------- tiny tokenizers
 
-TEACHER_CORPUS = """
-The capital of France is Paris. Paris is a large city and the capital is old.
-What is two plus two? Two plus two is four. Count from one to ten, please.
-The sea is blue and the waves are loud at night. A student learns from a teacher.
-Knowledge distillation trains a small model to imitate a large model on the same text.
-"""
-
-
-def _fast(tok, **special):
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="right", **special)
-
-
-def make_metaspace_tokenizer(vocab_size: int = 160):
-    """A Gemma-like teacher tokenizer: BPE on "▁"-marked text with byte fallback and a BOS
-    post-processor (offsets of "▁x" tokens include the space; bytes share one span)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE(byte_fallback=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"], show_progress=False
-    )
-    lines = [x for x in TEACHER_CORPUS.strip().splitlines() if x.strip()]
-    tok.train_from_iterator(lines * 3, trainer=trainer)
-    spec = json.loads(tok.to_str())
-    vocab = spec["model"]["vocab"]
-    n = len(vocab)
-    for b in range(256):
-        vocab[f"<0x{b:02X}>"] = n + b
-    tok = Tokenizer.from_str(json.dumps(spec))
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return _fast(tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
-
-
-@pytest.fixture(scope="module")
-def teacher_tok():
-    return make_metaspace_tokenizer()
-
-
-def _llama(vocab: int, seed: int, hidden: int = 32, layers: int = 1):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
-    return model.float().eval()
-
 
 @pytest.fixture(scope="module")
 def _teacher_model(teacher_tok):
-    return _llama(len(teacher_tok), seed=7, hidden=48)
+    return random_llama(len(teacher_tok), seed=7, hidden=48)
 
 
 @pytest.fixture
@@ -112,20 +51,10 @@ def teacher_model(_teacher_model):
     return copy.deepcopy(_teacher_model)
 
 
-PAIRS = [
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("What is two plus two?", "Two plus two is four, café."),
-    ("Write a poem about the sea.", "The sea is blue and the waves are loud at night."),
-    ("Count from one to ten:", "one, two, three"),
-]
-
-
-def encoded(tok):
-    return [encode_example(tok, [{"role": "user", "content": p}], r, 128) for p, r in PAIRS]
-
-
 def _dataset(tok):
-    return Dataset.from_list([{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encoded(tok)])
+    return Dataset.from_list(
+        [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encode_cross_pairs(tok)]
+    )
 
 
 # ------------------------------------------------------------------------- alignment
@@ -196,7 +125,7 @@ def _expected_positions(student_tok, teacher_tok, ids, labels, t_ids):
 
 def test_teacher_view_matches_prefix_decoding(tiny_tokenizer, teacher_tok):
     aligner = CrossTokenizerAligner(tiny_tokenizer, teacher_tok)
-    for ex in encoded(tiny_tokenizer):
+    for ex in encode_cross_pairs(tiny_tokenizer):
         view = aligner(ex["input_ids"], ex["labels"])
         ids, labels, t_ids = ex["input_ids"], ex["labels"], view["teacher_input_ids"]
         # The text round-trips: re-tokenizing it gives the student's ids back.
@@ -213,11 +142,11 @@ def test_teacher_view_matches_prefix_decoding(tiny_tokenizer, teacher_tok):
         eos = tiny_tokenizer.eos_token_id
         eos_rows = [t for t in range(len(ids) - 1) if ids[t + 1] == eos and labels[t + 1] != -100]
         assert eos_rows and all(view["teacher_positions"][t] == -1 for t in eos_rows)
-    assert aligner.reproduced == len(PAIRS) and aligner.fallbacks == 0
+    assert aligner.reproduced == len(CROSS_PAIRS) and aligner.fallbacks == 0
 
 
 def test_teacher_view_falls_back_for_non_canonical_ids(tiny_tokenizer, teacher_tok):
-    ex = encoded(tiny_tokenizer)[0]
+    ex = encode_cross_pairs(tiny_tokenizer)[0]
     # Spell the response one character per token: valid ids that re-tokenizing would merge.
     prompt = ex["prompt_ids"]
     chars = [tiny_tokenizer.convert_tokens_to_ids(c) for c in "TheĠcapital"]  # "Ġ": byte-level space
@@ -234,7 +163,9 @@ def test_teacher_view_falls_back_for_non_canonical_ids(tiny_tokenizer, teacher_t
 
 
 def test_collator_pads_teacher_view_and_target_alignment(tiny_tokenizer, teacher_tok):
-    feats = [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encoded(tiny_tokenizer)[:2]]
+    feats = [
+        {k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encode_cross_pairs(tiny_tokenizer)[:2]
+    ]
     aligner = CrossTokenizerAligner(tiny_tokenizer, teacher_tok)
     views = [aligner(f["input_ids"], f["labels"]) for f in feats]
     coll = CrossTokenizerCollator(tiny_tokenizer, teacher_tok)
@@ -264,7 +195,7 @@ def test_collator_pads_teacher_view_and_target_alignment(tiny_tokenizer, teacher
 
 
 def test_max_teacher_length_truncates_and_drops_alignments(tiny_tokenizer, teacher_tok):
-    ex = encoded(tiny_tokenizer)[2]
+    ex = encode_cross_pairs(tiny_tokenizer)[2]
     full = CrossTokenizerAligner(tiny_tokenizer, teacher_tok)(ex["input_ids"], ex["labels"])
     cut = len(full["teacher_input_ids"]) - 5
     short = CrossTokenizerAligner(tiny_tokenizer, teacher_tok, max_teacher_length=cut)(ex["input_ids"], ex["labels"])
@@ -310,7 +241,7 @@ def _constructed_pair():
     s = Tokenizer(models.WordLevel({w: i for i, w in enumerate(s_vocab)}, unk_token="<|endoftext|>"))
     s.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     s.decoder = decoders.ByteLevel()
-    return _fast(t, pad_token="<pad>", eos_token="<eos>"), _fast(s, eos_token="<|endoftext|>")
+    return fast_tokenizer(t, pad_token="<pad>", eos_token="<eos>"), fast_tokenizer(s, eos_token="<|endoftext|>")
 
 
 def test_token_bytes_share_one_space_and_byte_form():
@@ -357,7 +288,7 @@ def test_vocab_map_prefers_ordinary_tokens_over_byte_fallback():
     from tokenizers import Tokenizer, models
 
     both = Tokenizer(models.BPE({"<0x41>": 0, "x": 1, "A": 2}, [], byte_fallback=True))
-    vm = build_vocab_map(student, _fast(both))
+    vm = build_vocab_map(student, fast_tokenizer(both))
     assert int(vm.student_ids[9]) == 2  # "A" over the smaller-id "<0x41>"
 
 
@@ -581,7 +512,7 @@ def test_loss_matches_full_logit_reference(
         chunk_size=4,
     )
     batch = tr.data_collator(
-        [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encoded(tiny_tokenizer)]
+        [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encode_cross_pairs(tiny_tokenizer)]
     )
     tiny_student.train()
     got = tr.compute_loss(tiny_student, batch)
@@ -621,7 +552,7 @@ def _sgd_grads(student, teacher, stok, ttok, tmp_path, method, **kw):
 def test_gradient_accumulation_equals_one_batch(
     tiny_tokenizer, tiny_student, teacher_tok, teacher_model, tmp_path, method
 ):
-    ex = encoded(tiny_tokenizer)
+    ex = encode_cross_pairs(tiny_tokenizer)
     counts = [sum(y != -100 for y in ex[i]["labels"][1:]) for i in (0, 2)]
     assert counts[0] != counts[1], "micro-batches must differ in token count for the test to be able to fail"
     g_big = _sgd_grads(
@@ -654,7 +585,7 @@ def test_gradient_accumulation_equals_one_batch(
 def test_per_micro_batch_mean_would_differ(tiny_tokenizer, tiny_student, teacher_tok, teacher_model, tmp_path):
     """The failure the global normalizer prevents is visible on these two examples."""
     tr = _trainer(tiny_student, teacher_model, tiny_tokenizer, teacher_tok, tmp_path, alpha=0.2)
-    feats = [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encoded(tiny_tokenizer)]
+    feats = [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encode_cross_pairs(tiny_tokenizer)]
     one, two = tr.data_collator([feats[0]]), tr.data_collator([feats[2]])
     both = tr.data_collator([feats[0], feats[2]])
     w = tiny_student.lm_head.weight
@@ -671,7 +602,7 @@ def test_alpha_one_ignores_the_teacher(tiny_tokenizer, tiny_student, teacher_tok
     teacher_model.register_forward_hook(lambda *a: calls.append(1))
     tr = _trainer(tiny_student, teacher_model, tiny_tokenizer, teacher_tok, tmp_path, alpha=1.0)
     batch = tr.data_collator(
-        [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encoded(tiny_tokenizer)]
+        [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encode_cross_pairs(tiny_tokenizer)]
     )
     got = tr.compute_loss(tiny_student, batch)
     hf = tiny_student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
@@ -686,7 +617,7 @@ def test_loss_decreases_on_a_repeated_batch(tiny_tokenizer, tiny_student, teache
         teacher_model.lm_head.weight.mul_(10.0)
     tr = _trainer(tiny_student, teacher_model, tiny_tokenizer, teacher_tok, tmp_path, method, alpha=0.0)
     batch = tr.data_collator(
-        [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encoded(tiny_tokenizer)[:2]]
+        [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encode_cross_pairs(tiny_tokenizer)[:2]]
     )
     tiny_student.train()
     opt = torch.optim.Adam(tiny_student.parameters(), lr=1e-2)
@@ -732,7 +663,7 @@ def test_refuses_bad_setups(tiny_tokenizer, tiny_student, teacher_tok, teacher_m
         )
     tr = _trainer(tiny_student, teacher_model, tiny_tokenizer, teacher_tok, tmp_path)
     batch = PadCollator(tiny_tokenizer.pad_token_id)(
-        [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encoded(tiny_tokenizer)[:1]]
+        [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encode_cross_pairs(tiny_tokenizer)[:1]]
     )
     with pytest.raises(PotstillError, match="CrossTokenizerCollator"):
         tr.compute_loss(tiny_student, batch)

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from helpers import encode_cross_pairs, random_llama
 
 from potstill.data import PadCollator
 from potstill.errors import PotstillError
@@ -19,18 +20,16 @@ from potstill.kd.cross_tokenizer import CrossTokenizerCollator, build_vocab_map,
 from potstill.signals import DenseSignal, MultiTeacher, OnlineTeacher, target_index
 from potstill.signals.cross import CrossTokenizerTeacher, MaskedDenseSignal
 
-from .test_cross_tokenizer import _llama, encoded, teacher_tok  # noqa: F401  (fixtures)
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def other_teacher(teacher_tok):  # noqa: F811
-    return _llama(len(teacher_tok), seed=11, hidden=48)
+def other_teacher(teacher_tok):
+    return random_llama(len(teacher_tok), seed=11, hidden=48)
 
 
 def _batch(stok):
-    feats = [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encoded(stok)]
+    feats = [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encode_cross_pairs(stok)]
     return PadCollator(stok.pad_token_id)(feats), feats
 
 
@@ -56,7 +55,7 @@ def _reference_projection(teacher, stok, ttok, feats, vm, v_s, T):
 
 
 @pytest.mark.parametrize("T", [1.0, 2.0])
-def test_cross_source_is_the_projected_teacher_on_aligned_rows(tiny_tokenizer, teacher_tok, other_teacher, T):  # noqa: F811
+def test_cross_source_is_the_projected_teacher_on_aligned_rows(tiny_tokenizer, teacher_tok, other_teacher, T):
     v_s = len(tiny_tokenizer)
     batch, feats = _batch(tiny_tokenizer)
     src = CrossTokenizerTeacher(
@@ -135,7 +134,7 @@ def test_partial_teachers_alone_are_refused():
 
 def test_kd_loss_with_a_cross_tokenizer_extra_teacher_matches_a_row_by_row_reference(
     tiny_tokenizer, tiny_student, tiny_teacher, teacher_tok, other_teacher, tmp_path
-):  # noqa: F811
+):
     """KDTrainer + MultiTeacher(same-tokenizer teacher, other-tokenizer teacher), forward KL, T = 2."""
     from datasets import Dataset
 
@@ -195,7 +194,7 @@ def test_kd_loss_with_a_cross_tokenizer_extra_teacher_matches_a_row_by_row_refer
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
 
 
-def test_vocab_map_is_built_once_and_kinds_are_checked(tiny_tokenizer, teacher_tok, other_teacher):  # noqa: F811
+def test_vocab_map_is_built_once_and_kinds_are_checked(tiny_tokenizer, teacher_tok, other_teacher):
     vm = build_vocab_map(teacher_tok, tiny_tokenizer, student_vocab=len(tiny_tokenizer))
     src = CrossTokenizerTeacher(
         other_teacher, teacher_tok, tiny_tokenizer, student_vocab=len(tiny_tokenizer), vocab_map=vm, kinds=["exact"]

@@ -1,0 +1,270 @@
+"""Plain helpers shared by several test modules (fixtures live in conftest.py).
+
+* CLI: ``PAIRS`` (the tiny data set of the ``assets`` fixture), ``recipe`` (a distill recipe dict over
+  ``assets`` with dotted-key patches) and ``write`` (a file from text or a YAML dump).
+* select: ``pool_pairs`` (the selection pool of the ``data_file`` fixture, with an exact and a near
+  duplicate of ``DUP``) and ``srecipe`` (a select recipe dict).
+* classifier KD: ``toy_examples`` (a linearly separable toy task), ``tiny_bert_tokenizer`` and ``tiny_bert``.
+* cross-tokenizer KD: ``make_metaspace_tokenizer`` (a Gemma-like teacher tokenizer), ``random_llama``
+  and ``encode_cross_pairs``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import yaml
+
+if TYPE_CHECKING:
+    from potstill.data.classification import Example
+
+# ------------------------------------------------------------------------------ CLI
+
+PAIRS = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("What is two plus two?", "Two plus two is four."),
+    ("Write a poem about the sea.", "The sea is blue and the waves are loud at night."),
+    ("How many days are in a week?", "There are seven days in a week."),
+    ("Explain why the sky is blue.", "Light from the sun is scattered by the air."),
+    ("Count from one to five:", "one, two, three, four, five"),
+    ("Translate hello into Spanish:", "hola"),
+    ("Please answer in one short sentence.", "Sure, here is a short answer."),
+    ("What do the children do?", "They play in the park."),
+    ("Name a fruit.", "I like apples."),
+]
+
+
+def recipe(assets, out: Path, **patch) -> dict:
+    root, teacher, _, _, data = assets
+    r = {
+        "output_dir": str(out),
+        "teacher": {"model": str(teacher)},
+        "student": {
+            "kind": "scaled",
+            "num_layers": 1,
+            "hidden_size": 32,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        },
+        "data": {"source": {"kind": "file", "path": str(data)}, "eval_size": 3, "max_length": 64},
+        "train": {"max_steps": 3, "batch_size": 2, "logging_steps": 1, "learning_rate": 1e-3},
+        "runs": [{"name": "sft", "alpha": 1.0}, {"name": "kd", "alpha": 0.0, "divergence": {"name": "forward_kl"}}],
+        "eval": {"max_new_tokens": 4, "batch_size": 4},
+        "device": "cpu",
+    }
+    for key, value in patch.items():
+        node = r
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        node[parts[-1]] = value
+    return r
+
+
+def write(path: Path, content) -> Path:
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    return path
+
+
+# --------------------------------------------------------------------------- select
+
+_TOPICS = [
+    "the sea",
+    "a red apple",
+    "the park",
+    "seven days",
+    "the blue sky",
+    "a small model",
+    "Paris",
+    "the lazy dog",
+    "a book",
+    "the children",
+    "four numbers",
+    "the weather",
+    "a short poem",
+    "the teacher",
+]
+DUP = "The quick brown fox jumps over the lazy dog and the small model learns from the large model today."
+NEAR = "The quick brown fox jumps over the lazy dog and the small model learns from the large model now."
+
+
+def pool_pairs() -> list[tuple[str, str]]:
+    pairs = [
+        (f"Write one sentence about {t}.", f"Here is a sentence about {t}: I like {t} very much.") for t in _TOPICS
+    ]
+    pairs += [
+        (f"What do you know about {t}?", f"{t.capitalize()} is nice, and the weather is good.") for t in _TOPICS[:8]
+    ]
+    # an exact duplicate (after case/space normalization) and a near-duplicate of one text
+    pairs += [
+        ("Tell me about the fox.", DUP),
+        ("tell me  about the fox.", DUP.lower()),
+        ("Tell me about the fox.", NEAR),
+    ]
+    return pairs
+
+
+def srecipe(assets, data_file, out: Path, **select) -> dict:
+    return {
+        "output_dir": str(out),
+        "teacher": {"model": str(assets[1])},
+        "student": {"kind": "from_teacher", "layers": 1},
+        "data": {"source": {"kind": "file", "path": str(data_file)}, "eval_size": 4, "max_length": 64},
+        "select": {"budget": 0.25, "batch_size": 8, **select},
+        "device": "cpu",
+    }
+
+
+# -------------------------------------------------------------------- classifier KD
+
+FILLER = [
+    "the",
+    "a",
+    "movie",
+    "film",
+    "was",
+    "is",
+    "really",
+    "quite",
+    "very",
+    "plot",
+    "acting",
+    "story",
+    "it",
+    "this",
+    "one",
+]
+POSITIVE = ["good", "great", "fine"]
+NEGATIVE = ["bad", "awful", "poor"]
+
+
+def toy_examples(n: int, seed: int) -> list[Example]:
+    """Filler words plus one class word: label 1 iff the class word is positive (linearly separable)."""
+    from potstill.data.classification import Example
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = i % 2
+        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 7))]
+        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+        out.append(Example(" ".join(words), label))
+    rng.shuffle(out)
+    return out
+
+
+def tiny_bert_tokenizer():
+    """A word-level BERT-style tokenizer over the toy vocabulary (``[CLS] text [SEP]``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + FILLER + POSITIVE + NEGATIVE)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        model_max_length=64,
+    )
+
+
+def tiny_bert(tok, *, layers=3, hidden=32, heads=2, seed=0):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BertModel(cfg, add_pooling_layer=False).eval()
+
+
+# --------------------------------------------------------------- cross-tokenizer KD
+
+TEACHER_CORPUS = """
+The capital of France is Paris. Paris is a large city and the capital is old.
+What is two plus two? Two plus two is four. Count from one to ten, please.
+The sea is blue and the waves are loud at night. A student learns from a teacher.
+Knowledge distillation trains a small model to imitate a large model on the same text.
+"""
+
+
+def fast_tokenizer(tok, **special):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="right", **special)
+
+
+def make_metaspace_tokenizer(vocab_size: int = 160):
+    """A Gemma-like teacher tokenizer: BPE on "▁"-marked text with byte fallback and a BOS
+    post-processor (offsets of "▁x" tokens include the space; bytes share one span)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"], show_progress=False
+    )
+    lines = [x for x in TEACHER_CORPUS.strip().splitlines() if x.strip()]
+    tok.train_from_iterator(lines * 3, trainer=trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    n = len(vocab)
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = n + b
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return fast_tokenizer(tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+def random_llama(vocab: int, seed: int, hidden: int = 32, layers: int = 1):
+    """A seeded random ``LlamaForCausalLM`` (2 heads, 1 kv head), fp32, eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model.float().eval()
+
+
+CROSS_PAIRS = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("What is two plus two?", "Two plus two is four, café."),
+    ("Write a poem about the sea.", "The sea is blue and the waves are loud at night."),
+    ("Count from one to ten:", "one, two, three"),
+]
+
+
+def encode_cross_pairs(tok):
+    """``CROSS_PAIRS`` encoded as chat examples (max length 128) by ``tok``."""
+    from potstill.data import encode_example
+
+    return [encode_example(tok, [{"role": "user", "content": p}], r, 128) for p, r in CROSS_PAIRS]
