@@ -8,7 +8,7 @@ STAMP := $(VENV)/.potstill-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast lint docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,16 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not real_model and not slow"
 
+# ruff (lint and format) over the tree, mypy over the recipes, divergences, signals and the public API.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# The documentation site (docs/, mkdocs-material + mkdocstrings); --strict: a warning is an error.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -d site
+
 bench: install
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"
 	$(BIN)/python benchmarks/kd_step.py
@@ -47,4 +57,4 @@ bench: install
 	$(BIN)/python benchmarks/select_llm.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

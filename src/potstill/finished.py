@@ -162,7 +162,7 @@ def run_fingerprint(recipe, run) -> dict[str, Any]:
         keep["processes"] = world_size()
     if data.get("cache") is not None:
         keep["cache"] = {k: v for k, v in data["cache"].items() if k not in ("dir", "verify", "batch_size")}
-    keep["run"] = run.model_dump(mode="json")
+    keep["run"] = run.flat_dump()  # the shape before `method:`: runs finished before it still verify
     return keep
 
 

@@ -21,6 +21,10 @@ from potstill.recipes.base import RecipeFile, apply_overrides, format_validation
 # verb -> the module whose ``RECIPE`` is that verb's schema (a RecipeFile, or a union of them on ``kind``).
 VERBS: dict[str, str] = {
     "distill": "potstill.recipes.distill",
+    "classify": "potstill.recipes.classify",
+    "select": "potstill.recipes.select",
+    "condense": "potstill.recipes.condense",
+    "eval-data": "potstill.recipes.eval_data",
 }
 
 # Verbs that run a distill recipe.
@@ -39,7 +43,7 @@ def _verb_of(data: Any) -> str:
 @cache
 def _adapter() -> TypeAdapter:
     members = tuple(Annotated[recipe_type(v), Tag(v)] for v in VERBS)
-    return TypeAdapter(Annotated[Union[members], Discriminator(_verb_of)])  # noqa: UP007
+    return TypeAdapter(Annotated[Union[members], Discriminator(_verb_of)])  # type: ignore[arg-type]  # noqa: UP007
 
 
 def _defaults(verb: str) -> Any:

@@ -29,7 +29,7 @@ class RecipeFile(Strict):
     """A whole recipe file: its verb (the ``potstill`` command it is for) and format version, and what the verb
     needs. ``resolve_paths`` turns the file's paths into ones that work from anywhere."""
 
-    version: Literal[1] = Field(RECIPE_VERSION, description="The recipe format's version (1).")
+    version: Literal[1] = Field(1, description="The recipe format's version (1).")
 
     def resolve_paths(self, base_dir: Path | None) -> None:
         """Make ``$POTSTILL_DATA/...`` and recipe-relative paths absolute (``base_dir``: the recipe's folder)."""

@@ -24,7 +24,7 @@ from potstill.recipes.base import (
     format_validation_error,
     read_recipe_file,
 )
-from potstill.recipes.methods import RunConfig, TrainConfig, default_runs
+from potstill.recipes.methods import RunConfig, default_runs
 from potstill.recipes.models import (
     DataConfig,
     FileData,
@@ -33,6 +33,7 @@ from potstill.recipes.models import (
     TeacherConfig,
     check_temperature,
 )
+from potstill.recipes.train import TrainConfig
 
 """A seed numpy, torch and Python's random all accept (numpy refuses negatives and >= 2**32)."""
 
@@ -218,8 +219,10 @@ class Recipe(RecipeFile):
         return self
 
     def _check_placement(self) -> None:
-        placed = [("teacher", self.teacher)] + [(f"extra_teachers[{i}]", t) for i, t in enumerate(self.extra_teachers)]
-        placed = [who for who, t in placed if t.placed]
+        teachers = [("teacher", self.teacher)] + [
+            (f"extra_teachers[{i}]", t) for i, t in enumerate(self.extra_teachers)
+        ]
+        placed = [who for who, t in teachers if t.placed]
         if not placed:
             return
         if self.train.distributed in ("fsdp2", "zero3"):
@@ -235,14 +238,13 @@ class Recipe(RecipeFile):
             )
 
     def _check_vllm(self) -> None:
-        on = [r for r in self.runs if r.on_policy is not None]
-        mixed = [r.name for r in on if r.on_policy.minillm is not None]
+        mixed = [r.name for r in self.runs if r.method.kind == "minillm"]
         if mixed:
             raise ValueError(
                 f"generation.backend vllm: run(s) {mixed} (MiniLLM) mix the teacher into the student's "
                 "sampling, which only the hf backend does; set generation.backend hf"
             )
-        if on and self.train.distributed == "zero3":
+        if any(r.on_policy is not None for r in self.runs) and self.train.distributed == "zero3":
             raise ValueError(
                 "generation.backend vllm with train.distributed zero3: the student's partitioned weights "
                 "are not synced into vLLM yet; use fsdp2 or ddp, or generation.backend hf"
@@ -364,4 +366,6 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
 RECIPE = Recipe

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import Field, model_validator
 
 from potstill.recipes.base import Seed, Strict
 
+Temperature = TypeVar("Temperature", bound=float | None)
 
-def check_temperature(value: float | None, what: str) -> float | None:
+
+def check_temperature(value: Temperature, what: str) -> Temperature:
     if value is None:
         return value
     from potstill.divergences.params import check_temperature

@@ -5,8 +5,10 @@ resume, and the finished student written atomically.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,8 @@ from potstill.finished import (
     trainer_scratch,
 )
 from potstill.recipes.distill import Recipe
-from potstill.recipes.methods import RunConfig, divergence_params
+from potstill.recipes.divergences import divergence_params
+from potstill.recipes.methods import RunConfig
 from potstill.runners.prepare import ExtraTeacher, check_precision
 
 log = logging.getLogger("potstill")
@@ -52,26 +55,29 @@ def _checkpointing_args(on: bool) -> dict[str, Any]:
     return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
-def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.device, student=None):
-    from potstill.kd import KDConfig, OnPolicyConfig
-    from potstill.kd.feature import FeatureKDConfig
+# method kind -> (module, its trainer config class, its trainer class); cross_tokenizer runs train in _train_cross.
+METHODS: dict[str, tuple[str, str, str]] = {
+    "kd": ("potstill.kd", "KDConfig", "KDTrainer"),
+    "on_policy": ("potstill.kd", "OnPolicyConfig", "OnPolicyKDTrainer"),
+    "distillm2": ("potstill.kd.contrastive", "ContrastiveConfig", "ContrastiveKDTrainer"),
+    "minillm": ("potstill.kd.minillm", "MiniLLMConfig", "MiniLLMKDTrainer"),
+    "feature": ("potstill.kd.feature", "FeatureKDConfig", "FeatureKDTrainer"),
+}
 
-    t = recipe.train
-    check_precision(t.precision, device)
-    extra_args = dict(
-        bf16=t.precision == "bf16", fp16=t.precision == "fp16", **_checkpointing_args(t.gradient_checkpointing)
-    )
-    if t.distributed != "none" and device.type == "cpu":
-        extra_args["ddp_backend"] = "gloo"
-    if t.distributed == "fsdp2":
-        extra_args.update(fsdp2_trainer_args(student))
-    if t.distributed == "zero3":  # the Trainer hands it to accelerate's DeepSpeed plugin
-        extra_args["deepspeed"] = zero3_config(t.deepspeed_config)
-    op = run.on_policy
-    extra: dict[str, Any] = (
-        {}
-        if op is None
-        else dict(
+
+def method_classes(run: RunConfig) -> tuple[type, type]:
+    """The trainer config class and the trainer class of ``run``'s method."""
+    module, config, trainer = METHODS[run.method.kind]
+    mod = importlib.import_module(module)
+    return getattr(mod, config), getattr(mod, trainer)
+
+
+def _method_args(run: RunConfig) -> dict[str, Any]:
+    """The trainer config's arguments that ``run``'s method adds (on-policy sampling, feature pairs, DistiLLM-2's
+    second divergence, MiniLLM's mixture)."""
+    op, extra = run.on_policy, {}
+    if op is not None:
+        extra.update(
             lmbda=op.lmbda,
             gen_temperature=op.temperature,
             gen_top_p=op.top_p,
@@ -83,7 +89,17 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
             adaptive_max=op.adaptive_max,
             adaptive_every=op.adaptive_every,
         )
-    )
+        if op.contrastive is not None:
+            c = op.contrastive
+            extra.update(
+                student_divergence=c.student_divergence.name,
+                student_divergence_kwargs=divergence_params(c.student_divergence),
+                beta=c.beta,
+                beta_end=c.beta_end,
+                adaptive_skew=c.adaptive_skew,
+            )
+        if op.minillm is not None:
+            extra.update(mix=op.minillm.mix, length_norm=op.minillm.length_norm, long_term=op.minillm.long_term)
     if run.feature is not None:
         f = run.feature
         extra.update(
@@ -102,24 +118,23 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
         extra.update(
             alpha_end=run.schedule.alpha_end, temperature_end=run.schedule.temperature_end, schedule=run.schedule.kind
         )
-    cls = OnPolicyConfig if op is not None else FeatureKDConfig if run.feature is not None else KDConfig
-    if op is not None and op.contrastive is not None:
-        from potstill.kd.contrastive import ContrastiveConfig
+    return extra
 
-        c = op.contrastive
-        extra.update(
-            student_divergence=c.student_divergence.name,
-            student_divergence_kwargs=divergence_params(c.student_divergence),
-            beta=c.beta,
-            beta_end=c.beta_end,
-            adaptive_skew=c.adaptive_skew,
-        )
-        cls = ContrastiveConfig
-    if op is not None and op.minillm is not None:
-        from potstill.kd.minillm import MiniLLMConfig
 
-        extra.update(mix=op.minillm.mix, length_norm=op.minillm.length_norm, long_term=op.minillm.long_term)
-        cls = MiniLLMConfig
+def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.device, student=None):
+    t = recipe.train
+    check_precision(t.precision, device)
+    extra_args = dict(
+        bf16=t.precision == "bf16", fp16=t.precision == "fp16", **_checkpointing_args(t.gradient_checkpointing)
+    )
+    if t.distributed != "none" and device.type == "cpu":
+        extra_args["ddp_backend"] = "gloo"
+    if t.distributed == "fsdp2":
+        extra_args.update(fsdp2_trainer_args(student))
+    if t.distributed == "zero3":  # the Trainer hands it to accelerate's DeepSpeed plugin
+        extra_args["deepspeed"] = zero3_config(t.deepspeed_config)
+    cls, _ = method_classes(run)
+    extra = _method_args(run)
     return cls(
         output_dir=output_dir,
         max_steps=t.max_steps,
@@ -156,6 +171,44 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
     )
 
 
+def _peft_config(recipe: Recipe):
+    if recipe.train.lora is None:
+        return None
+    from peft import LoraConfig as PeftLora
+
+    lc = recipe.train.lora
+    return PeftLora(
+        r=lc.r,
+        lora_alpha=lc.lora_alpha,
+        lora_dropout=lc.dropout,
+        target_modules=lc.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+TRAIN_COLUMNS = ("input_ids", "attention_mask", "labels", "example_id")
+
+
+def _trainer_extras(recipe: Recipe, run: RunConfig, tokenizer, train_examples: list[dict]) -> dict[str, Any]:
+    """Trainer arguments beyond the common ones: an on-policy run's validation rows and vLLM engine, the packing
+    collator."""
+    extra: dict[str, Any] = {}
+    if run.on_policy is not None:
+        import random
+
+        val = run.on_policy.validation_size
+        pick = random.Random(recipe.train.seed).sample(range(len(train_examples)), min(val, len(train_examples)))
+        extra["validation_dataset"] = [{k: train_examples[i][k] for k in TRAIN_COLUMNS[:3]} for i in pick]
+        if recipe.generation.backend == "vllm":  # the student's samples from a vLLM engine
+            extra["vllm_options"] = recipe.generation.vllm
+    if recipe.data.packing:  # the batch's examples end to end in rows of max_length
+        from potstill.data import PackCollator
+        from potstill.generate import pad_id
+
+        extra["data_collator"] = PackCollator(pad_id(tokenizer), recipe.data.max_length)
+    return extra
+
+
 def train_run(
     recipe: Recipe,
     run: RunConfig,
@@ -174,119 +227,126 @@ def train_run(
 ) -> tuple[Any, list[tuple[int, float]]]:
     """Train one student; write it atomically to ``out_dir`` and return it with its loss curve.
 
-    ``source`` (a teacher-signal cache) replaces the live ``teacher`` during training;
-    ``extra_teachers`` join the teacher in runs with ``multi_teacher``; ``cross``
-    (``teacher_tokenizer``, ``vocab_map``) serves runs with ``cross_tokenizer``.
+    ``source`` (a teacher-signal cache) replaces the live ``teacher``; ``extra_teachers`` join the teacher in
+    runs with ``multi_teacher``; ``cross`` (``teacher_tokenizer``, ``vocab_map``) serves ``cross_tokenizer`` runs.
     """
     from datasets import Dataset
 
-    from potstill.kd import KDTrainer, OnPolicyKDTrainer
-    from potstill.kd.feature import FeatureKDTrainer
-    from potstill.signals import OnlineTeacher
-
-    peft_config = None
-    if recipe.train.lora is not None:
-        from peft import LoraConfig as PeftLora
-
-        lc = recipe.train.lora
-        peft_config = PeftLora(
-            r=lc.r,
-            lora_alpha=lc.lora_alpha,
-            lora_dropout=lc.dropout,
-            target_modules=lc.target_modules,
-            task_type="CAUSAL_LM",
-        )
-    cols = ("input_ids", "attention_mask", "labels", "example_id")
-    ds = Dataset.from_list([{k: ex[k] for k in cols if k in ex} for ex in train_examples])
+    ds = Dataset.from_list([{k: ex[k] for k in TRAIN_COLUMNS if k in ex} for ex in train_examples])
     kd = run.uses_teacher
     if run.cross_tokenizer is not None:
         return _train_cross(recipe, run, student, teacher, tokenizer, ds, out_dir, device, cross or {})
     if kd and source is None:
-        if recipe.teacher.placed:  # on a device of its own or spread by a device map: it stays where it is
-            source = OnlineTeacher(teacher, memo=memo, out_device=device)
-        else:
-            source = OnlineTeacher(teacher if is_sharded(teacher) else teacher.to(device), memo=memo)
+        source = _live_teacher(recipe, teacher, memo, device)
     if run.multi_teacher is not None:
         source = _multi_source(recipe, run, source, extra_teachers or [], tokenizer, student, device, vocab_size)
-    extra: dict[str, Any] = {}
-    if run.on_policy is not None:
-        import random
-
-        val = run.on_policy.validation_size
-        pick = random.Random(recipe.train.seed).sample(range(len(train_examples)), min(val, len(train_examples)))
-        extra["validation_dataset"] = [{k: train_examples[i][k] for k in cols[:3]} for i in pick]
-        if recipe.generation.backend == "vllm":  # the student's samples from a vLLM engine
-            extra["vllm_options"] = recipe.generation.vllm
-    sharded = recipe.train.distributed in ("fsdp2", "zero3")
+    peft_config, sharded = _peft_config(recipe), recipe.train.distributed in ("fsdp2", "zero3")
     blank = (type(student), student.config)  # the consolidated student's class, when it was sharded
-    saving = recipe.train.save_steps is not None
-    fingerprint = run_fingerprint(recipe, run)
-    # With checkpoints the Trainer's directory must outlive a killed process: <output_dir>/checkpoints/<run>.
-    scratch = checkpoint_dir(out_dir.parent.parent, run.name) if saving else trainer_scratch(out_dir)
-    resume = resume_point(scratch, fingerprint) if saving else None
+    sc = _Scratch.of(recipe, run, out_dir)
     try:
-        tmp = str(scratch)
-        cls = OnPolicyKDTrainer if run.on_policy is not None else FeatureKDTrainer if run.feature else KDTrainer
-        if run.on_policy is not None and run.on_policy.contrastive is not None:
-            from potstill.kd.contrastive import ContrastiveKDTrainer
-
-            cls = ContrastiveKDTrainer
-        if run.on_policy is not None and run.on_policy.minillm is not None:
-            from potstill.kd.minillm import MiniLLMKDTrainer
-
-            cls = MiniLLMKDTrainer
+        _, cls = method_classes(run)
         if sharded:  # accelerate's FSDP2 plugin on CPU processes too (a no-op where accelerate enables it)
             cls = type(cls.__name__, (FSDPOnCPU, cls), {})
-        if recipe.data.packing:  # the batch's examples end to end in rows of max_length
-            from potstill.data import PackCollator
-            from potstill.generate import pad_id
-
-            extra["data_collator"] = PackCollator(pad_id(tokenizer), recipe.data.max_length)
         trainer = cls(
             model=student,
             teacher_model=None,
             signal_source=source if kd else None,
-            args=kd_config(recipe, run, tmp, device, student),
+            args=kd_config(recipe, run, str(sc.dir), device, student),
             train_dataset=ds,
             processing_class=tokenizer,
             peft_config=peft_config,
             vocab_size=vocab_size,
-            **extra,
+            **_trainer_extras(recipe, run, tokenizer, train_examples),
         )
         watch = _watch(recipe, run, trainer, teacher, tokenizer, out_dir, eval_examples, vocab_size)
-        if saving:
-            trainer.add_callback(MarkCheckpoints(fingerprint, trainer))
-            if resume is not None:
-                log.info("run %s resumes from %s", run.name, resume)
-                restore_state(trainer, resume)
-        t0 = time.perf_counter()
-        trainer.train(resume_from_checkpoint=resume)
-        seconds = time.perf_counter() - t0
+        seconds = sc.fit(trainer, run.name)
         student_sharded = is_sharded(trainer.model)
-        if sharded:  # every process takes part in gathering the full weights; the first one keeps them
-            if recipe.train.distributed == "zero3":  # the float32 master weights, also under bf16
-                state = zero3_full_state(trainer.model_wrapped)
-            else:
-                state = trainer.accelerator.get_state_dict(trainer.model)
-            model = _consolidated(*blank, peft_config, state, device) if is_main_process() else None
-        else:
-            # without accelerate's autocast wrapper: a fresh bf16 student is evaluated in fp32, like a reloaded one
-            model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        model = _trained_student(recipe, trainer, blank, peft_config, device) if sharded or is_main_process() else None
     finally:
-        if not saving:  # checkpoints stay until the student is written (below)
-            remove_scratch(scratch)
+        sc.drop_unless_saving()
     curve = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
     if not is_main_process():  # the first process writes the student
         return None, curve
-    if peft_config is not None:
-        model = model.merge_and_unload()
     info = {"loss_curve": curve, "train_seconds": seconds, "run": run.model_dump(mode="json")}
+    info.update(_run_info(recipe, run, trainer, teacher, source, extra_teachers, student_sharded, seconds))
+    if watch is not None:  # [step, forward KL, top-1 agreement] on the held-out examples during training
+        info["eval_history"] = watch.history
+    model = model.merge_and_unload() if peft_config is not None else model
+    sc.save(model, tokenizer, out_dir, info)
+    return model, curve
+
+
+@dataclass
+class _Scratch:
+    """Where a run's Trainer writes, and whether it resumes. With checkpoints the directory must outlive a killed
+    process (``<output_dir>/checkpoints/<run>``) and is removed once the student is written; without, it is a
+    scratch directory removed when training ends."""
+
+    dir: Path
+    fingerprint: dict
+    saving: bool
+    resume: str | None
+
+    @classmethod
+    def of(cls, recipe: Recipe, run: RunConfig, out_dir: Path) -> _Scratch:
+        saving, fingerprint = recipe.train.save_steps is not None, run_fingerprint(recipe, run)
+        where = checkpoint_dir(out_dir.parent.parent, run.name) if saving else trainer_scratch(out_dir)
+        return cls(where, fingerprint, saving, resume_point(where, fingerprint) if saving else None)
+
+    def fit(self, trainer, name: str) -> float:
+        """Train (from the newest good checkpoint when resuming); the seconds it took."""
+        if self.saving:
+            trainer.add_callback(MarkCheckpoints(self.fingerprint, trainer))
+            if self.resume is not None:
+                log.info("run %s resumes from %s", name, self.resume)
+                restore_state(trainer, self.resume)
+        t0 = time.perf_counter()
+        trainer.train(resume_from_checkpoint=self.resume)
+        return time.perf_counter() - t0
+
+    def drop_unless_saving(self) -> None:
+        if not self.saving:  # checkpoints stay until the student is written
+            remove_scratch(self.dir)
+
+    def save(self, model, tokenizer, out_dir: Path, info: dict) -> None:
+        """Write the student atomically; then its checkpoints have served."""
+        if self.resume is not None:
+            info["resumed_from"] = Path(self.resume).name
+        save_student(model, tokenizer, out_dir, info, self.fingerprint)
+        if self.saving:
+            remove_scratch(self.dir)
+            with contextlib.suppress(OSError):  # checkpoints/ itself once no run keeps any
+                self.dir.parent.rmdir()
+
+
+def _live_teacher(recipe: Recipe, teacher, memo, device: torch.device):
+    from potstill.signals import OnlineTeacher
+
+    if recipe.teacher.placed:  # on a device of its own or spread by a device map: it stays where it is
+        return OnlineTeacher(teacher, memo=memo, out_device=device)
+    return OnlineTeacher(teacher if is_sharded(teacher) else teacher.to(device), memo=memo)
+
+
+def _trained_student(recipe: Recipe, trainer, blank: tuple, peft_config, device: torch.device):
+    """The trained student as one plain model. Sharded, every process takes part in gathering the full weights
+    and the first one keeps them (``None`` elsewhere)."""
+    if recipe.train.distributed == "zero3":  # the float32 master weights, also under bf16
+        state = zero3_full_state(trainer.model_wrapped)
+    elif recipe.train.distributed == "fsdp2":
+        state = trainer.accelerator.get_state_dict(trainer.model)
+    else:
+        # without accelerate's autocast wrapper: a fresh bf16 student is evaluated in fp32, like a reloaded one
+        return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    return _consolidated(*blank, peft_config, state, device) if is_main_process() else None
+
+
+def _run_info(recipe, run, trainer, teacher, source, extra_teachers, student_sharded: bool, seconds: float) -> dict:
+    """What ``train_info.json`` says of a run beyond its loss curve: tokens, processes, teachers, on-policy."""
+    info: dict[str, Any] = {}
     if hasattr(trainer, "loss_tokens"):  # the first process's tokens that carried loss, and their rate
         info["loss_tokens"] = trainer.loss_tokens
         info["loss_tokens_per_s"] = round(trainer.loss_tokens / seconds, 1) if seconds > 0 else None
         info["padding_share"] = trainer.padding_share
-    if watch is not None:  # [step, forward KL, top-1 agreement] on the held-out examples during training
-        info["eval_history"] = watch.history
     if world_size() > 1:  # how the processes shared the work: what a reader of the result needs to know
         info["distributed"] = {
             "engine": recipe.train.distributed,
@@ -316,14 +376,7 @@ def train_run(
             info["on_policy"].update(skew_anchors=trainer.anchors, skew_history=trainer.skew_history)
         if run.on_policy.minillm is not None:
             info["on_policy"]["minillm_stats"] = trainer.minillm_stats
-    if resume is not None:
-        info["resumed_from"] = Path(resume).name
-    save_student(model, tokenizer, out_dir, info, fingerprint)
-    if saving:  # the student is on disk: its checkpoints have served
-        remove_scratch(scratch)
-        with contextlib.suppress(OSError):  # checkpoints/ itself once no run keeps any
-            scratch.parent.rmdir()
-    return model, curve
+    return info
 
 
 def _consolidated(cls, config, peft_config, state: dict, device: torch.device):
@@ -421,17 +474,12 @@ def _train_cross(
             f"run {run.name} uses cross_tokenizer but the student shares the teacher's tokenizer; "
             "remove cross_tokenizer or use a student with its own tokenizer"
         )
-    ct = run.cross_tokenizer
-    saving = recipe.train.save_steps is not None
-    fingerprint = run_fingerprint(recipe, run)
-    scratch = checkpoint_dir(out_dir.parent.parent, run.name) if saving else trainer_scratch(out_dir)
-    resume = resume_point(scratch, fingerprint) if saving else None
+    ct, sc = run.cross_tokenizer, _Scratch.of(recipe, run, out_dir)
     try:
-        tmp = str(scratch)
         trainer = CrossTokenizerKDTrainer(
             student,
             teacher_model=teacher.to(device),
-            args=kd_config(recipe, run, tmp, device),
+            args=kd_config(recipe, run, str(sc.dir), device),
             teacher_tokenizer=cross["teacher_tokenizer"],
             method=ct.method,
             vocab_map=cross.get("vocab_map"),
@@ -441,19 +489,11 @@ def _train_cross(
             train_dataset=ds,
         )
         _watch(recipe, run, trainer, None, tokenizer, out_dir, None, None)
-        if saving:
-            trainer.add_callback(MarkCheckpoints(fingerprint, trainer))
-            if resume is not None:
-                log.info("run %s resumes from %s", run.name, resume)
-                restore_state(trainer, resume)
-        t0 = time.perf_counter()
-        trainer.train(resume_from_checkpoint=resume)
-        seconds = time.perf_counter() - t0
+        seconds = sc.fit(trainer, run.name)
         # without accelerate's autocast wrapper: a fresh bf16 student is evaluated in fp32, like a reloaded one
         model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     finally:
-        if not saving:
-            remove_scratch(scratch)
+        sc.drop_unless_saving()
     curve = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
     info = {
         "loss_curve": curve,
@@ -461,11 +501,5 @@ def _train_cross(
         "run": run.model_dump(mode="json"),
         "cross_tokenizer": trainer.coverage_stats(),
     }
-    if resume is not None:
-        info["resumed_from"] = Path(resume).name
-    save_student(model, tokenizer, out_dir, info, fingerprint)
-    if saving:  # the student is on disk: its checkpoints have served
-        remove_scratch(scratch)
-        with contextlib.suppress(OSError):
-            scratch.parent.rmdir()
+    sc.save(model, tokenizer, out_dir, info)
     return model, curve
