@@ -131,7 +131,7 @@ def make_tiny_tokenizer():
     return tok
 
 
-def _tiny_llama(tok, *, layers: int, hidden: int, heads: int, kv_heads: int, seed: int):
+def make_tiny_llama(tok, *, layers: int, hidden: int, heads: int, kv_heads: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -166,12 +166,12 @@ def tiny_tokenizer(_tiny_tokenizer_session):
 
 @pytest.fixture(scope="session")
 def _tiny_teacher_session(_tiny_tokenizer_session):
-    return _tiny_llama(_tiny_tokenizer_session, layers=2, hidden=64, heads=4, kv_heads=2, seed=0)
+    return make_tiny_llama(_tiny_tokenizer_session, layers=2, hidden=64, heads=4, kv_heads=2, seed=0)
 
 
 @pytest.fixture(scope="session")
 def _tiny_student_session(_tiny_tokenizer_session):
-    return _tiny_llama(_tiny_tokenizer_session, layers=1, hidden=32, heads=2, kv_heads=1, seed=1)
+    return make_tiny_llama(_tiny_tokenizer_session, layers=1, hidden=32, heads=2, kv_heads=1, seed=1)
 
 
 @pytest.fixture

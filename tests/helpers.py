@@ -7,6 +7,11 @@
 * classifier KD: ``toy_examples`` (a linearly separable toy task), ``tiny_bert_tokenizer`` and ``tiny_bert``.
 * cross-tokenizer KD: ``make_metaspace_tokenizer`` (a Gemma-like teacher tokenizer), ``random_llama``
   and ``encode_cross_pairs``.
+* logit KD: ``KD_PAIRS``, ``encode_kd_pairs``, ``kd_dataset``, ``kd_cfg`` (a one-step CPU ``KDConfig``) and
+  ``kd_ref_loss`` (an independent full-logit reference of the KD loss).
+* on-policy / contrastive / MiniLLM KD: ``FakeCache`` (a cache that must never be read), ``contrastive_cfg``,
+  ``fake_samples`` (deterministic stand-in student samples) and ``minillm_cfg``.
+* divergences: ``DIVERGENCE_PARAMS`` and the parametrization ``DIVERGENCE_CASES`` / ``DIVERGENCE_IDS``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 import yaml
+
+from potstill.divergences import DIVERGENCES
 
 if TYPE_CHECKING:
     from potstill.data.classification import Example
@@ -268,3 +276,187 @@ def encode_cross_pairs(tok):
     from potstill.data import encode_example
 
     return [encode_example(tok, [{"role": "user", "content": p}], r, 128) for p, r in CROSS_PAIRS]
+
+
+# ------------------------------------------------------------ logit KD (kd/test_logit.py)
+
+KD_PAIRS = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("What is two plus two?", "Four."),
+    ("Write a poem about the sea.", "The sea is blue and the waves are loud at night, so we walk to the park."),
+    ("How many days are in a week?", "Seven."),
+    ("Explain why the sky is blue.", "Light from the sun is scattered by the air."),
+    ("Count from one to ten:", "one, two, three, four, five, six, seven, eight, nine, ten"),
+    ("Translate hello into Spanish:", "hola"),
+    ("Please answer the question in one short sentence.", "Sure, here is a short answer."),
+]
+
+
+def encode_kd_pairs(tok):
+    """``KD_PAIRS`` encoded as chat examples (max length 128) by ``tok``."""
+    from potstill.data import encode_example
+
+    return [encode_example(tok, [{"role": "user", "content": p}], r, 128) for p, r in KD_PAIRS]
+
+
+def kd_dataset(tok):
+    """``encode_kd_pairs(tok)`` as a ``datasets.Dataset`` (input_ids, attention_mask, labels)."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encode_kd_pairs(tok)]
+    )
+
+
+def kd_cfg(tmp_path, **kw):
+    """A one-step CPU ``KDConfig`` (batch 4, SGD at lr 0.1, constant schedule, seeded) under ``tmp_path / "out"``."""
+    from potstill.kd import KDConfig
+
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_drop_last=False,
+    )
+    base.update(kw)
+    return KDConfig(**base)
+
+
+def kd_ref_loss(student, teacher, batch, alpha, T=1.0):
+    """Independent reference: full logits, torch's own kl_div / cross_entropy, mean over valid tokens."""
+    s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    y = batch["labels"][:, 1:]
+    valid = y != -100
+    ce = F.cross_entropy(s[valid], y[valid], reduction="sum")
+    if alpha == 1.0:
+        return ce / valid.sum()
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    kl = F.kl_div(F.log_softmax(s[valid] / T, -1), F.log_softmax(t[valid] / T, -1), log_target=True, reduction="sum")
+    return (alpha * ce + (1 - alpha) * kl) / valid.sum()
+
+
+# ---------------------------------------------------------- on-policy KD (kd/test_onpolicy.py)
+
+
+class FakeCache:
+    """A teacher-signal cache that must never be read (the trainer has to refuse it first)."""
+
+    temperature = None
+    vocab_size = None
+
+    def signal(self, batch):
+        raise AssertionError
+
+
+# ------------------------------------------------------- contrastive KD (kd/test_contrastive.py)
+
+
+def contrastive_cfg(tmp_path, **kw):
+    """A one-step CPU ``ContrastiveConfig`` (skew forward KL on the data side, skew reverse KL on the student's)."""
+    from potstill.kd import ContrastiveConfig
+
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        gen_max_new_tokens=6,
+        divergence="skew_forward_kl",
+        divergence_kwargs={"alpha": 0.1},
+        student_divergence="skew_reverse_kl",
+        student_divergence_kwargs={"alpha": 0.2},
+    )
+    base.update(kw)
+    return ContrastiveConfig(**base)
+
+
+def fake_samples(batch: dict, tok, longer: bool = False) -> list[dict]:
+    """Deterministic 'student samples' for a data batch: its prompts + the response reversed, minus a token
+    (``longer``: the reversed response twice, so the student side is the wider one)."""
+    feats = []
+    for i in range(batch["input_ids"].shape[0]):
+        ids, lab, m = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]
+        k = int(m.sum())
+        p = int((lab != -100).nonzero()[0])
+        resp = ids[p:k].flip(0)[: max(1, k - p - 1)].tolist()
+        resp = resp + resp if longer else resp
+        feats.append(
+            {"input_ids": ids[:p].tolist() + resp, "attention_mask": [1] * (p + len(resp)), "labels": [-100] * p + resp}
+        )
+    return feats
+
+
+# ---------------------------------------------------------------- MiniLLM (kd/test_minillm.py)
+
+
+def minillm_cfg(tmp_path, **kw):
+    """A one-step CPU ``MiniLLMConfig`` (reverse KL, 6 new tokens per rollout)."""
+    from potstill.kd import MiniLLMConfig
+
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        gen_max_new_tokens=6,
+        divergence="reverse_kl",
+    )
+    base.update(kw)
+    return MiniLLMConfig(**base)
+
+
+# ---------------------------------------------------------- divergences (divergences/test_dense.py)
+
+# Parameter settings per divergence, including the non-default corners of each.
+DIVERGENCE_PARAMS = {
+    "forward_kl": [{}],
+    "reverse_kl": [{}],
+    "generalized_jsd": [{}, {"beta": 0.1}, {"beta": 0.9}],
+    "skew_forward_kl": [{}, {"alpha": 0.5}],
+    "skew_reverse_kl": [{}, {"alpha": 0.5}],
+    "total_variation": [{}],
+    "alpha_beta_divergence": [
+        {},
+        {"alpha": 0.2, "beta": 0.7},
+        {"alpha": 1.5, "beta": -0.5},
+        {"alpha": 1.0, "beta": 0.0},
+        {"alpha": 0.0, "beta": 1.0},
+        {"alpha": 0.5, "beta": 0.0},
+        {"alpha": 0.0, "beta": 0.3},
+        {"alpha": 0.4, "beta": -0.4},
+        {"alpha": 0.0, "beta": 0.0},
+    ],
+    "adaptive_kl": [{}, {"mu": 0.8}],
+}
+# (name, params) for every registered divergence and each of its settings, and their pytest ids.
+DIVERGENCE_CASES = [(n, p) for n in list(DIVERGENCES) for p in DIVERGENCE_PARAMS[n]]
+DIVERGENCE_IDS = [f"{n}-{p}" for n, p in DIVERGENCE_CASES]

@@ -4,36 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import DIVERGENCE_CASES, DIVERGENCE_IDS
 
 from potstill.divergences import DIVERGENCES, get_core, get_divergence
 
 from .reference import REFERENCES
-
-NAMES = list(DIVERGENCES)
-
-# Parameter settings per divergence, including the non-default corners of each.
-PARAMS = {
-    "forward_kl": [{}],
-    "reverse_kl": [{}],
-    "generalized_jsd": [{}, {"beta": 0.1}, {"beta": 0.9}],
-    "skew_forward_kl": [{}, {"alpha": 0.5}],
-    "skew_reverse_kl": [{}, {"alpha": 0.5}],
-    "total_variation": [{}],
-    "alpha_beta_divergence": [
-        {},
-        {"alpha": 0.2, "beta": 0.7},
-        {"alpha": 1.5, "beta": -0.5},
-        {"alpha": 1.0, "beta": 0.0},
-        {"alpha": 0.0, "beta": 1.0},
-        {"alpha": 0.5, "beta": 0.0},
-        {"alpha": 0.0, "beta": 0.3},
-        {"alpha": 0.4, "beta": -0.4},
-        {"alpha": 0.0, "beta": 0.0},
-    ],
-    "adaptive_kl": [{}, {"mu": 0.8}],
-}
-CASES = [(n, p) for n in NAMES for p in PARAMS[n]]
-IDS = [f"{n}-{p}" for n, p in CASES]
 
 
 def _logits(shape, scale=1.0, seed=0, dtype=torch.float32):
@@ -43,7 +18,7 @@ def _logits(shape, scale=1.0, seed=0, dtype=torch.float32):
 
 @pytest.mark.parametrize("shape", [(3, 5, 37), (7, 37)])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
-@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "params"), DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_matches_reference_values_and_grads(name, params, shape, temperature):
     s = _logits(shape, 2.0, seed=1).requires_grad_(True)
     t = _logits(shape, 2.0, seed=2).requires_grad_(True)
@@ -68,10 +43,12 @@ def _finite_at_large_logits(name, params):
     return not (name == "alpha_beta_divergence" and (b < 0 or a < 0 or a * b == 0 and a + b <= 0))
 
 
-LARGE = [(n, p) for n, p in CASES if _finite_at_large_logits(n, p)]
+LARGE = [(n, p) for n, p in DIVERGENCE_CASES if _finite_at_large_logits(n, p)]
 
 
-@pytest.mark.parametrize(("name", "params"), LARGE, ids=[i for i, c in zip(IDS, CASES) if c in LARGE])
+@pytest.mark.parametrize(
+    ("name", "params"), LARGE, ids=[i for i, c in zip(DIVERGENCE_IDS, DIVERGENCE_CASES) if c in LARGE]
+)
 def test_large_logits_finite_and_match_reference(name, params):
     s = _logits((4, 37), 1e3, seed=4).requires_grad_(True)
     t = _logits((4, 37), 1e3, seed=5)
@@ -88,7 +65,7 @@ def test_large_logits_finite_and_match_reference(name, params):
     torch.testing.assert_close(g.double(), rg, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "params"), DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_logits_1e4_and_half_precision(name, params):
     s = _logits((3, 37), 1e4, seed=7)
     out = DIVERGENCES[name](s, s.clone(), **params)
@@ -104,7 +81,7 @@ def test_logits_1e4_and_half_precision(name, params):
         assert g.dtype == dtype and torch.isfinite(g).all()
 
 
-@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "params"), DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_identical_inputs_give_zero_and_all_nonnegative(name, params):
     t = _logits((5, 37), 3.0, seed=10)
     torch.testing.assert_close(DIVERGENCES[name](t, t.clone(), **params), torch.zeros(5), atol=1e-6, rtol=0)
@@ -177,7 +154,7 @@ def test_adaptive_kl_is_a_mixture_of_fkl_and_rkl():
     torch.testing.assert_close(DIVERGENCES["adaptive_kl"](s, t, mu=0.0), r)
 
 
-@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "params"), DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_zero_probability_entries(name, params):
     """Vocabulary entries impossible for both models (-inf logits) add nothing; no NaN."""
     s = _logits((3, 37), 2.0, seed=24)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import DIVERGENCE_CASES, DIVERGENCE_IDS
 
 from potstill.divergences import DIVERGENCES, sparse_divergence
 from potstill.divergences.sparse import coarsen
 from potstill.signals.types import SparseSignal
 
 from .reference import REFERENCES, softmax_and_log
-from .test_dense import CASES, IDS
 
 V = 37
 
@@ -27,7 +27,7 @@ def _topk(teacher_logits, k, temperature=1.0, tail="bucket"):
 
 
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
-@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "params"), DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_all_ids_in_any_order_equals_dense(name, params, tail):
     n, temperature = 5, 1.7
     s = _logits((n, V), seed=1).requires_grad_(True)
@@ -95,7 +95,7 @@ def test_renormalize_matches_reference_and_ignores_tail():
 
 
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
-@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "params"), DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_padding_slots_are_ignored(name, params, tail):
     n, k = 4, 6
     s = _logits((n, V), seed=8).requires_grad_(True)
@@ -197,7 +197,7 @@ def test_student_tail_is_exact_when_tiny():
 
 # ------------------------------------------------------------------------------------ sampled signals
 
-ESTIMABLE = [(n, p) for n, p in CASES if n != "adaptive_kl"]
+ESTIMABLE = [(n, p) for n, p in DIVERGENCE_CASES if n != "adaptive_kl"]
 ESTIMABLE_IDS = [f"{n}-{p}" for n, p in ESTIMABLE]
 
 
@@ -322,7 +322,7 @@ def _topk_with_tail(t, k, temperature=1.0):
     return SparseSignal(ids=ids, logprobs=vals.float(), tail="bucket", tail_logprob=tail.float())
 
 
-@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "params"), DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_exact_tail_logprob_equals_default_tail(name, params):
     n, k, temperature = 5, 6, 1.4
     s = _logits((n, V), seed=32).requires_grad_(True)
@@ -371,7 +371,7 @@ def test_tail_logprob_renormalizes_quantized_logprobs():
     )
 
 
-@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "params"), DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_all_ids_with_tail_logprob_equals_dense(name, params):
     """The bucket is empty when the ids cover the vocabulary: a stated tail mass (here a wrong
     one) is no outcome, and the result is the dense divergence."""

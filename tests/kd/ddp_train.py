@@ -18,10 +18,10 @@ faulthandler.dump_traceback_later(180, exit=True)  # armed until the process end
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
-from conftest import _tiny_llama, make_tiny_tokenizer  # noqa: E402
+from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
+from helpers import kd_cfg, kd_dataset  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from kd.test_logit import cfg, dataset  # noqa: E402
 from potstill.distributed import end_distributed  # noqa: E402
 from potstill.kd import KDTrainer  # noqa: E402
 
@@ -31,8 +31,8 @@ def main(out: str, per_device: int, accum: int, method: str = "kd", engine: str 
 
     torch.set_num_threads(1)
     tok = make_tiny_tokenizer()
-    teacher = _tiny_llama(tok, layers=2, hidden=64, heads=4, kv_heads=2, seed=0)
-    student = _tiny_llama(tok, layers=1, hidden=32, heads=2, kv_heads=1, seed=1)
+    teacher = make_tiny_llama(tok, layers=2, hidden=64, heads=4, kv_heads=2, seed=0)
+    student = make_tiny_llama(tok, layers=1, hidden=32, heads=2, kv_heads=1, seed=1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     kw = dict(
         per_device_train_batch_size=per_device,
@@ -50,22 +50,24 @@ def main(out: str, per_device: int, accum: int, method: str = "kd", engine: str 
         shard_frozen(teacher)
         kw.update(fsdp2_trainer_args(student))
     if method == "kd":
-        trainer_cls, args = KDTrainer, cfg(Path(out), alpha=0.2, **kw)
+        trainer_cls, args = KDTrainer, kd_cfg(Path(out), alpha=0.2, **kw)
     else:
-        from kd.test_contrastive import ccfg, fake_samples
-        from kd.test_minillm import mcfg
+        from helpers import contrastive_cfg, fake_samples, minillm_cfg
+
         from potstill.kd import ContrastiveKDTrainer, MiniLLMKDTrainer
 
         if method == "contrastive":
-            trainer_cls, args = ContrastiveKDTrainer, ccfg(Path(out), alpha=0.2, beta=1.4, **kw)
+            trainer_cls, args = ContrastiveKDTrainer, contrastive_cfg(Path(out), alpha=0.2, beta=1.4, **kw)
         else:
-            trainer_cls, args = MiniLLMKDTrainer, mcfg(Path(out), **kw)
+            trainer_cls, args = MiniLLMKDTrainer, minillm_cfg(Path(out), **kw)
         trainer_cls._student_batch = lambda self, b: self._collate(fake_samples(b, tok))
     if sharded:
         from potstill.distributed import FSDPOnCPU
 
         trainer_cls = type(trainer_cls.__name__, (FSDPOnCPU, trainer_cls), {})
-    tr = trainer_cls(model=student, teacher_model=teacher, args=args, train_dataset=dataset(tok), processing_class=tok)
+    tr = trainer_cls(
+        model=student, teacher_model=teacher, args=args, train_dataset=kd_dataset(tok), processing_class=tok
+    )
     tr.train()
     state = tr.accelerator.get_state_dict(tr.model) if sharded else tr.accelerator.unwrap_model(tr.model).state_dict()
     if tr.accelerator.is_main_process:

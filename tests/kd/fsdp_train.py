@@ -25,10 +25,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from conftest import _tiny_llama, make_tiny_tokenizer  # noqa: E402
+from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
+from helpers import encode_kd_pairs  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from kd.test_logit import encoded  # noqa: E402
 from potstill.data import PadCollator  # noqa: E402
 from potstill.distributed import end_distributed  # noqa: E402
 from potstill.divergences import chunked_kd_loss  # noqa: E402
@@ -40,8 +40,8 @@ STEPS, GLOBAL_BATCH, LR = 3, 8, 0.5
 PARAMS = {"generalized_jsd": {"beta": 0.5}}
 
 
-def _student(tok, tied: bool):
-    model = _tiny_llama(tok, layers=1, hidden=32, heads=2, kv_heads=1, seed=1)
+def make_student(tok, tied: bool):
+    model = make_tiny_llama(tok, layers=1, hidden=32, heads=2, kv_heads=1, seed=1)
     if tied:
         model.config.tie_word_embeddings = True
         model.tie_weights()
@@ -56,10 +56,10 @@ def main(out: str, divergence: str = "forward_kl", tied: str = "") -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     tok = make_tiny_tokenizer()
-    teacher = _tiny_llama(tok, layers=2, hidden=64, heads=4, kv_heads=2, seed=0)
-    student = _student(tok, tied == "tied")
+    teacher = make_tiny_llama(tok, layers=2, hidden=64, heads=4, kv_heads=2, seed=0)
+    student = make_student(tok, tied == "tied")
     # One padded batch of 8, then each rank's rows: both layouts see exactly the same inputs.
-    full = PadCollator(tok.pad_token_id)(encoded(tok)[:GLOBAL_BATCH])
+    full = PadCollator(tok.pad_token_id)(encode_kd_pairs(tok)[:GLOBAL_BATCH])
     per = GLOBAL_BATCH // world
     batch = {k: v[rank * per : (rank + 1) * per] for k, v in full.items()}
     if world > 1:
@@ -125,7 +125,7 @@ def main(out: str, divergence: str = "forward_kl", tied: str = "") -> None:
             {k: v.detach().clone().contiguous() for k, v in state.items()}, os.path.join(out, "student.safetensors")
         )
         # A consolidated Hugging Face checkpoint: a fresh unsharded model of the same config, the gathered weights.
-        fresh = _student(tok, tied == "tied")
+        fresh = make_student(tok, tied == "tied")
         fresh.load_state_dict(state)
         fresh.save_pretrained(os.path.join(out, "hf"))
         with open(os.path.join(out, "info.json"), "w") as f:

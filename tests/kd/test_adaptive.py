@@ -7,14 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import encode_kd_pairs, kd_cfg, kd_dataset, kd_ref_loss
 
 from potstill.data import PadCollator
 from potstill.errors import PotstillError
 from potstill.kd import KDTrainer
 from potstill.kd.adaptive import scheduled, token_weights
 from potstill.signals import DenseSignal, Head, SparseSignal
-
-from .test_logit import cfg, dataset, encoded, ref_loss
 
 
 def test_schedules_at_their_end_points_and_middle():
@@ -86,11 +85,11 @@ def test_bad_weighting_inputs_raise():
 
 def test_trainer_rejects_bad_adaptive_options(tmp_path):
     with pytest.raises(PotstillError, match="token_weighting"):
-        cfg(tmp_path, token_weighting="loud")
+        kd_cfg(tmp_path, token_weighting="loud")
     with pytest.raises(PotstillError, match="alpha_end"):
-        cfg(tmp_path, alpha_end=1.5)
+        kd_cfg(tmp_path, alpha_end=1.5)
     with pytest.raises(PotstillError, match="schedule"):
-        cfg(tmp_path, schedule="step")
+        kd_cfg(tmp_path, schedule="step")
 
 
 def test_selective_kd_with_ratio_one_is_plain_kd(tiny_llama_pair, tmp_path):
@@ -101,15 +100,15 @@ def test_selective_kd_with_ratio_one_is_plain_kd(tiny_llama_pair, tmp_path):
     KDTrainer(
         model=a,
         teacher_model=teacher,
-        args=cfg(tmp_path, max_steps=2),
-        train_dataset=dataset(tok),
+        args=kd_cfg(tmp_path, max_steps=2),
+        train_dataset=kd_dataset(tok),
         processing_class=tok,
     ).train()
     KDTrainer(
         model=b,
         teacher_model=teacher,
-        args=cfg(tmp_path, max_steps=2, token_weighting="student_entropy", token_weighting_ratio=1.0),
-        train_dataset=dataset(tok),
+        args=kd_cfg(tmp_path, max_steps=2, token_weighting="student_entropy", token_weighting_ratio=1.0),
+        train_dataset=kd_dataset(tok),
         processing_class=tok,
     ).train()
     for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
@@ -122,11 +121,11 @@ def test_teacher_confidence_loss_equals_weighted_reference(tiny_llama_pair, tmp_
     tr = KDTrainer(
         model=student,
         teacher_model=teacher,
-        args=cfg(tmp_path, alpha=0.2, token_weighting="teacher_confidence"),
-        train_dataset=dataset(tok),
+        args=kd_cfg(tmp_path, alpha=0.2, token_weighting="teacher_confidence"),
+        train_dataset=kd_dataset(tok),
         processing_class=tok,
     )
-    batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
+    batch = PadCollator(tok.pad_token_id)(encode_kd_pairs(tok)[:4])
     loss = tr.compute_loss(student, batch)
     s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
     with torch.no_grad():
@@ -156,7 +155,7 @@ def test_alpha_and_temperature_follow_their_schedules(tiny_llama_pair, tmp_path,
     KDTrainer(
         model=student,
         teacher_model=teacher,
-        args=cfg(
+        args=kd_cfg(
             tmp_path,
             max_steps=4,
             alpha=1.0,
@@ -165,7 +164,7 @@ def test_alpha_and_temperature_follow_their_schedules(tiny_llama_pair, tmp_path,
             temperature_end=1.0,
             per_device_train_batch_size=8,
         ),
-        train_dataset=dataset(tok),
+        train_dataset=kd_dataset(tok),
         processing_class=tok,
     ).train()
     assert [a for a, _ in seen] == pytest.approx([1.0, 0.75, 0.5, 0.25])
@@ -177,14 +176,14 @@ def test_alpha_schedule_at_its_end_point_equals_the_fixed_loss(tiny_llama_pair, 
     tr = KDTrainer(
         model=student,
         teacher_model=teacher,
-        args=cfg(tmp_path, alpha=0.0, alpha_end=0.6),
-        train_dataset=dataset(tok),
+        args=kd_cfg(tmp_path, alpha=0.0, alpha_end=0.6),
+        train_dataset=kd_dataset(tok),
         processing_class=tok,
     )
     tr.state.max_steps, tr.state.global_step = 10, 10
-    batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
+    batch = PadCollator(tok.pad_token_id)(encode_kd_pairs(tok)[:4])
     torch.testing.assert_close(
-        tr.compute_loss(student, batch).double(), ref_loss(student, teacher, batch, 0.6), rtol=1e-5, atol=1e-6
+        tr.compute_loss(student, batch).double(), kd_ref_loss(student, teacher, batch, 0.6), rtol=1e-5, atol=1e-6
     )
 
 
@@ -202,7 +201,7 @@ def _reference_example_kl(student, teacher, ex):
 @pytest.mark.parametrize("kind", ["easy_to_hard", "hard_to_easy"])
 def test_curriculum_orders_examples_by_initial_divergence(tiny_llama_pair, tmp_path, kind, monkeypatch):
     teacher, student, tok = tiny_llama_pair
-    ex = encoded(tok)
+    ex = encode_kd_pairs(tok)
     want = [_reference_example_kl(student, teacher, e) for e in ex]
     seen = []
     real = KDTrainer.compute_loss
@@ -216,8 +215,8 @@ def test_curriculum_orders_examples_by_initial_divergence(tiny_llama_pair, tmp_p
         model=student,
         teacher_model=teacher,
         processing_class=tok,
-        train_dataset=dataset(tok),
-        args=cfg(tmp_path, max_steps=2, curriculum=kind, per_device_train_batch_size=4),
+        train_dataset=kd_dataset(tok),
+        args=kd_cfg(tmp_path, max_steps=2, curriculum=kind, per_device_train_batch_size=4),
     )
     tr.train()
     torch.testing.assert_close(tr.curriculum_scores, torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-6)
@@ -233,8 +232,8 @@ def test_curriculum_needs_a_teacher(tiny_llama_pair, tmp_path):
     tr = KDTrainer(
         model=student,
         processing_class=tok,
-        train_dataset=dataset(tok),
-        args=cfg(tmp_path, alpha=1.0, curriculum="easy_to_hard"),
+        train_dataset=kd_dataset(tok),
+        args=kd_cfg(tmp_path, alpha=1.0, curriculum="easy_to_hard"),
     )
     with pytest.raises(PotstillError, match="curriculum"):
         tr.train()

@@ -8,14 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import encode_kd_pairs, kd_dataset, kd_ref_loss
 
 from potstill.config import recipe_from_dict
 from potstill.data import PadCollator
 from potstill.errors import PotstillError
 from potstill.kd.attention_relation import capture_projections, relation_kl
 from potstill.kd.feature import FeatureKDConfig, FeatureKDTrainer
-
-from .test_logit import dataset, encoded, ref_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,7 +116,7 @@ def test_a_position_only_relates_to_itself_and_earlier_unpadded_keys():
 
 
 def test_hooks_capture_exactly_the_projection_outputs(tiny_teacher, tiny_tokenizer):
-    batch = PadCollator(tiny_tokenizer.pad_token_id)(encoded(tiny_tokenizer)[:3])
+    batch = PadCollator(tiny_tokenizer.pad_token_id)(encode_kd_pairs(tiny_tokenizer)[:3])
     with torch.no_grad(), capture_projections(tiny_teacher, [0, 1], ["q", "k", "v"]) as out:
         hs = tiny_teacher(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
@@ -168,10 +167,10 @@ def test_loss_is_logit_loss_plus_weighted_relation_term(tiny_llama_pair, tmp_pat
         model=student,
         teacher_model=teacher,
         processing_class=tok,
-        train_dataset=dataset(tok),
+        train_dataset=kd_dataset(tok),
         args=rcfg(tmp_path, alpha=0.3, relation_weight=0.7, **kw),
     )
-    batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
+    batch = PadCollator(tok.pad_token_id)(encode_kd_pairs(tok)[:4])
     loss = tr.compute_loss(student, batch)
     valid = batch["labels"][:, 1:] != -100
     n = valid.sum()
@@ -183,7 +182,7 @@ def test_loss_is_logit_loss_plus_weighted_relation_term(tiny_llama_pair, tmp_pat
         for kind in kinds:
             per_row = ref_relation_kl(s[kind], t[kind], batch["attention_mask"], R)
             rel = rel + per_row[:, :-1][valid].sum() / len(kinds)
-    want = ref_loss(student, teacher, batch, 0.3) + 0.7 * rel / n
+    want = kd_ref_loss(student, teacher, batch, 0.3) + 0.7 * rel / n
     if case == "with_hidden_states":
         proj = tr.projections[0].weight.double()
         d = (hs[1][:, :-1][valid].double() @ proj.T - ht[2][:, :-1][valid].double()).pow(2).mean(-1)
@@ -202,7 +201,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_llama_pair, tmp_path):
             model=s,
             teacher_model=teacher,
             processing_class=tok,
-            train_dataset=dataset(tok),
+            train_dataset=kd_dataset(tok),
             args=rcfg(path, alpha=0.2, **kw),
         )
         tr.train()
@@ -244,7 +243,7 @@ def test_bad_relation_options_are_refused(tiny_llama_pair, tmp_path):
             model=model,
             teacher_model=teacher,
             processing_class=tok,
-            train_dataset=dataset(tok),
+            train_dataset=kd_dataset(tok),
             args=rcfg(tmp_path, **kw),
         )
 

@@ -9,68 +9,24 @@ import math
 
 import pytest
 import torch
-from test_cli import assets, recipe, write  # noqa: F401  (module fixture reused)
+from helpers import FakeCache, contrastive_cfg, encode_kd_pairs, fake_samples, kd_dataset, recipe, write
 
 from potstill.cli import main
 from potstill.data import PadCollator
 from potstill.errors import PotstillError
-from potstill.kd import ContrastiveConfig, ContrastiveKDTrainer, KDConfig
+from potstill.kd import ContrastiveKDTrainer, KDConfig
 from potstill.kd.contrastive import _N_DATA, _N_STUDENT, _STUDENT, sequence_skew
-from potstill.kd.onpolicy import _ROLLOUT
-
-from .test_logit import dataset, encoded
-from .test_onpolicy import FakeCache
-
-
-def ccfg(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        gen_max_new_tokens=6,
-        divergence="skew_forward_kl",
-        divergence_kwargs={"alpha": 0.1},
-        student_divergence="skew_reverse_kl",
-        student_divergence_kwargs={"alpha": 0.2},
-    )
-    base.update(kw)
-    return ContrastiveConfig(**base)
+from potstill.kd.onpolicy import ROLLOUT
 
 
 def make(teacher, student, tok, tmp_path, **kw):
     return ContrastiveKDTrainer(
         model=student,
         teacher_model=teacher,
-        args=ccfg(tmp_path, **kw),
-        train_dataset=dataset(tok),
+        args=contrastive_cfg(tmp_path, **kw),
+        train_dataset=kd_dataset(tok),
         processing_class=tok,
     )
-
-
-def fake_samples(batch: dict, tok, longer: bool = False) -> list[dict]:
-    """Deterministic 'student samples' for a data batch: its prompts + the response reversed, minus a token
-    (``longer``: the reversed response twice, so the student side is the wider one)."""
-    feats = []
-    for i in range(batch["input_ids"].shape[0]):
-        ids, lab, m = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]
-        k = int(m.sum())
-        p = int((lab != -100).nonzero()[0])
-        resp = ids[p:k].flip(0)[: max(1, k - p - 1)].tolist()
-        resp = resp + resp if longer else resp
-        feats.append(
-            {"input_ids": ids[:p].tolist() + resp, "attention_mask": [1] * (p + len(resp)), "labels": [-100] * p + resp}
-        )
-    return feats
 
 
 def paired(tr, tok, batches, longer=False):
@@ -79,7 +35,7 @@ def paired(tr, tok, batches, longer=False):
     student = [coll(fake_samples(b, tok, longer)) for b in batches]
     n_d = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     n_s = sum(int((s["labels"][:, 1:] != -100).sum()) for s in student)
-    return [{**b, _STUDENT: {**s, _ROLLOUT: True}, _N_DATA: n_d, _N_STUDENT: n_s} for b, s in zip(batches, student)]
+    return [{**b, _STUDENT: {**s, ROLLOUT: True}, _N_DATA: n_d, _N_STUDENT: n_s} for b, s in zip(batches, student)]
 
 
 # ------------------------------------------------------------------ independent reference (float64, full logits)
@@ -132,7 +88,7 @@ def ref_alphas(student, teacher, b, side, cap, anchor=None):
 def test_paired_loss_matches_float64_reference_values_and_gradients(tiny_llama_pair, tmp_path, longer):
     teacher, student, tok = tiny_llama_pair
     tr = make(teacher, student, tok, tmp_path, beta=1.3)
-    (inp,) = paired(tr, tok, [PadCollator(tok.pad_token_id)(encoded(tok)[:4])], longer)
+    (inp,) = paired(tr, tok, [PadCollator(tok.pad_token_id)(encode_kd_pairs(tok)[:4])], longer)
     wider = inp[_STUDENT]["input_ids"].shape[1] > inp["input_ids"].shape[1]
     assert wider == longer, "each side must in turn need re-padding"
     got = tr.compute_loss(student, inp)
@@ -149,7 +105,7 @@ def test_paired_loss_matches_float64_reference_values_and_gradients(tiny_llama_p
 def test_ce_weight_applies_to_the_data_side_only(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
     tr = make(teacher, student, tok, tmp_path, alpha=0.4)
-    (inp,) = paired(tr, tok, [PadCollator(tok.pad_token_id)(encoded(tok)[:3])])
+    (inp,) = paired(tr, tok, [PadCollator(tok.pad_token_id)(encode_kd_pairs(tok)[:3])])
     got = tr.compute_loss(student, inp)
     y = inp["labels"][:, 1:]
     valid = y != -100
@@ -163,7 +119,7 @@ def test_ce_weight_applies_to_the_data_side_only(tiny_llama_pair, tmp_path):
 def taught(teacher, tok, steps=30):
     """A copy of the tiny teacher fitted to the data, so that it is ahead of the student by varying margins."""
     t = copy.deepcopy(teacher).train().requires_grad_(True)
-    batch = PadCollator(tok.pad_token_id)(encoded(tok))
+    batch = PadCollator(tok.pad_token_id)(encode_kd_pairs(tok))
     opt = torch.optim.Adam(t.parameters(), lr=1e-2)
     for _ in range(steps):
         opt.zero_grad()
@@ -199,7 +155,7 @@ def test_adaptive_skew_per_sequence_matches_reference(tiny_llama_pair, tmp_path)
         temperature=2.0,
     )
     coll = PadCollator(tok.pad_token_id)
-    first, second = paired(tr, tok, [coll(encoded(tok)[:4]), coll(encoded(tok)[4:])])
+    first, second = paired(tr, tok, [coll(encode_kd_pairs(tok)[:4]), coll(encode_kd_pairs(tok)[4:])])
     second["labels"][0] = -100  # a sequence with no response token: no row, no skew, no shift of the others
     for k, inp in enumerate((first, second)):
         got = tr.compute_loss(student, inp)
@@ -244,9 +200,11 @@ def test_gradient_accumulation_equals_one_big_batch_on_each_side(tiny_llama_pair
         tr = ContrastiveKDTrainer(
             model=s,
             teacher_model=teacher,
-            train_dataset=dataset(tok).select(range(4)),
+            train_dataset=kd_dataset(tok).select(range(4)),
             processing_class=tok,
-            args=ccfg(tmp_path / f"{bs}", per_device_train_batch_size=bs, gradient_accumulation_steps=acc, beta=1.4),
+            args=contrastive_cfg(
+                tmp_path / f"{bs}", per_device_train_batch_size=bs, gradient_accumulation_steps=acc, beta=1.4
+            ),
         )
         tr._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(4))
         tr.train()
@@ -262,7 +220,7 @@ def test_every_micro_batch_gets_student_samples_for_its_prompts(tiny_llama_pair,
     teacher, student, tok = tiny_llama_pair
     tr = make(teacher, student, tok, tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
     coll = PadCollator(tok.pad_token_id)
-    data = [coll(encoded(tok)[:2]), coll(encoded(tok)[2:4])]
+    data = [coll(encode_kd_pairs(tok)[:2]), coll(encode_kd_pairs(tok)[2:4])]
     out, n_items = tr.get_batch_samples(iter(data), 2, torch.device("cpu"))
     assert len(out) == 2 and tr.rollout_stats["modes"] == ["student"]  # one entry per optimizer step
     n_d = sum(int((b["labels"][:, 1:] != -100).sum()) for b in data)
@@ -318,24 +276,24 @@ def test_end_to_end_training_logs_both_sides(tiny_llama_pair, tmp_path):
 def test_bad_configurations_fail_with_the_fix(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
     with pytest.raises(PotstillError, match=r"beta=2.5 is outside \[0, 2\]"):
-        ccfg(tmp_path, beta=2.5)
+        contrastive_cfg(tmp_path, beta=2.5)
     with pytest.raises(PotstillError, match="skew divergences on both sides"):
-        ccfg(tmp_path, adaptive_skew=True, divergence="forward_kl", divergence_kwargs=None)
+        contrastive_cfg(tmp_path, adaptive_skew=True, divergence="forward_kl", divergence_kwargs=None)
     with pytest.raises(PotstillError, match="unknown student_divergence"):
-        ccfg(tmp_path, student_divergence="kl")
+        contrastive_cfg(tmp_path, student_divergence="kl")
     with pytest.raises(PotstillError, match="set adaptive false"):
-        ccfg(tmp_path, adaptive=True)
+        contrastive_cfg(tmp_path, adaptive=True)
     with pytest.raises(PotstillError, match="contrastive steps are scored by the teacher; set alpha < 1$"):
-        ccfg(tmp_path, alpha=1.0)
+        contrastive_cfg(tmp_path, alpha=1.0)
     with pytest.raises(PotstillError, match="token_weighting 'none'"):
-        ccfg(tmp_path, token_weighting="teacher_confidence")
+        contrastive_cfg(tmp_path, token_weighting="teacher_confidence")
 
     with pytest.raises(PotstillError, match="live teacher.*instead of a teacher-signal cache"):
         ContrastiveKDTrainer(
             model=student,
             signal_source=FakeCache(),
-            args=ccfg(tmp_path),
-            train_dataset=dataset(tok),
+            args=contrastive_cfg(tmp_path),
+            train_dataset=kd_dataset(tok),
             processing_class=tok,
         )
     with pytest.raises(PotstillError, match="ContrastiveConfig"):
@@ -343,7 +301,7 @@ def test_bad_configurations_fail_with_the_fix(tiny_llama_pair, tmp_path):
             model=student,
             teacher_model=teacher,
             args=KDConfig(output_dir=str(tmp_path)),
-            train_dataset=dataset(tok),
+            train_dataset=kd_dataset(tok),
             processing_class=tok,
         )
 

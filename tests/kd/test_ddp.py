@@ -58,9 +58,9 @@ def test_two_process_ddp_equals_single_process(tmp_path, method, engine):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs between 1 and 2 processes")
     sys.path.insert(0, str(HERE.parent))
-    from conftest import _tiny_llama, make_tiny_tokenizer
+    from conftest import make_tiny_llama, make_tiny_tokenizer
 
-    init = _tiny_llama(make_tiny_tokenizer(), layers=1, hidden=32, heads=2, kv_heads=1, seed=1).state_dict()
+    init = make_tiny_llama(make_tiny_tokenizer(), layers=1, hidden=32, heads=2, kv_heads=1, seed=1).state_dict()
     moved = [k for k in a if not torch.equal(a[k], init[k])]
     assert len(moved) >= len(a) // 2, "the step must actually train the student"
 

@@ -7,13 +7,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import encode_kd_pairs, kd_dataset, kd_ref_loss
 
 from potstill.data import PadCollator
 from potstill.errors import PotstillError
 from potstill.kd.feature import FeatureKDConfig, FeatureKDTrainer, feature_distance
 from potstill.signals import OnlineTeacher, SparseSignal
-
-from .test_logit import dataset, encoded, ref_loss
 
 
 def fcfg(tmp_path, **kw):
@@ -54,10 +53,10 @@ def test_loss_is_logit_loss_plus_projected_hidden_distance(tiny_llama_pair, tmp_
         model=student,
         teacher_model=teacher,
         processing_class=tok,
-        train_dataset=dataset(tok),
+        train_dataset=kd_dataset(tok),
         args=fcfg(tmp_path, alpha=0.3, feature_loss=kind, feature_weight=0.7),
     )
-    batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
+    batch = PadCollator(tok.pad_token_id)(encode_kd_pairs(tok)[:4])
     loss = tr.compute_loss(student, batch)
     hs = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
     with torch.no_grad():
@@ -69,7 +68,7 @@ def test_loss_is_logit_loss_plus_projected_hidden_distance(tiny_llama_pair, tmp_
         t = ht.hidden_states[lt][:, :-1][valid].double()
         d = (s - t).pow(2).mean(-1) if kind == "mse" else 1 - F.cosine_similarity(s, t, dim=-1)
         feat = feat + d.sum()
-    want = ref_loss(student, teacher, batch, 0.3) + 0.7 * feat / valid.sum()
+    want = kd_ref_loss(student, teacher, batch, 0.3) + 0.7 * feat / valid.sum()
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -79,7 +78,7 @@ def test_projections_train_and_stay_out_of_the_student(tiny_llama_pair, tmp_path
         model=student,
         teacher_model=teacher,
         processing_class=tok,
-        train_dataset=dataset(tok),
+        train_dataset=kd_dataset(tok),
         args=fcfg(tmp_path, max_steps=2, feature_layers=[[-1, -1]]),
     )
     w0 = tr.projections[0].weight.detach().clone()
@@ -99,7 +98,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_llama_pair, tmp_path):
             model=s,
             teacher_model=teacher,
             processing_class=tok,
-            train_dataset=dataset(tok),
+            train_dataset=kd_dataset(tok),
             args=fcfg(path, alpha=0.2, feature_weight=2.0, **kw),
         )
         torch.manual_seed(0)
@@ -122,10 +121,10 @@ def test_one_teacher_forward_serves_logits_and_hidden_states(tiny_llama_pair, tm
         model=student,
         signal_source=OnlineTeacher(teacher),
         processing_class=tok,
-        train_dataset=dataset(tok),
+        train_dataset=kd_dataset(tok),
         args=fcfg(tmp_path),
     )
-    tr.compute_loss(student, PadCollator(tok.pad_token_id)(encoded(tok)[:4]))
+    tr.compute_loss(student, PadCollator(tok.pad_token_id)(encode_kd_pairs(tok)[:4]))
     h.remove()
     assert len(calls) == 1
 
@@ -143,7 +142,7 @@ def test_bad_feature_options_are_refused(tiny_llama_pair, tmp_path):
             model=student,
             teacher_model=teacher,
             processing_class=tok,
-            train_dataset=dataset(tok),
+            train_dataset=kd_dataset(tok),
             args=fcfg(tmp_path, feature_layers=[[5, 0]]),
         )
 
@@ -155,5 +154,9 @@ def test_bad_feature_options_are_refused(tiny_llama_pair, tmp_path):
 
     with pytest.raises(PotstillError, match="live teacher"):
         FeatureKDTrainer(
-            model=student, signal_source=Cache(), processing_class=tok, train_dataset=dataset(tok), args=fcfg(tmp_path)
+            model=student,
+            signal_source=Cache(),
+            processing_class=tok,
+            train_dataset=kd_dataset(tok),
+            args=fcfg(tmp_path),
         )

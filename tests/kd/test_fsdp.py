@@ -87,9 +87,9 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path, divergence, tied):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs between FSDP2 and 1 process")
 
     sys.path.insert(0, str(HERE.parent))
-    from conftest import _tiny_llama, make_tiny_tokenizer
+    from conftest import make_tiny_llama, make_tiny_tokenizer
 
-    init = _tiny_llama(make_tiny_tokenizer(), layers=1, hidden=32, heads=2, kv_heads=1, seed=1).state_dict()
+    init = make_tiny_llama(make_tiny_tokenizer(), layers=1, hidden=32, heads=2, kv_heads=1, seed=1).state_dict()
     if tied:
         init["lm_head.weight"] = init["model.embed_tokens.weight"]
         torch.testing.assert_close(b["lm_head.weight"], b["model.embed_tokens.weight"], rtol=0, atol=0)
@@ -184,7 +184,7 @@ def test_zero3_tied_head_two_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs between ZeRO-3 and 1 process")
     torch.testing.assert_close(b["lm_head.weight"], b["model.embed_tokens.weight"], rtol=0, atol=0)
     sys.path.insert(0, str(HERE.parent))
-    from conftest import _tiny_llama, make_tiny_tokenizer
+    from conftest import make_tiny_llama, make_tiny_tokenizer
 
-    init = _tiny_llama(make_tiny_tokenizer(), layers=1, hidden=32, heads=2, kv_heads=1, seed=1).state_dict()
+    init = make_tiny_llama(make_tiny_tokenizer(), layers=1, hidden=32, heads=2, kv_heads=1, seed=1).state_dict()
     assert float((a["model.embed_tokens.weight"] - init["model.embed_tokens.weight"]).abs().max()) > 1e-3

@@ -6,66 +6,11 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from datasets import Dataset
+from helpers import encode_kd_pairs, kd_cfg, kd_dataset, kd_ref_loss
 
-from potstill.data import PadCollator, encode_example
+from potstill.data import PadCollator
 from potstill.errors import PotstillError
-from potstill.kd import KDConfig, KDTrainer
-
-PAIRS = [
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("What is two plus two?", "Four."),
-    ("Write a poem about the sea.", "The sea is blue and the waves are loud at night, so we walk to the park."),
-    ("How many days are in a week?", "Seven."),
-    ("Explain why the sky is blue.", "Light from the sun is scattered by the air."),
-    ("Count from one to ten:", "one, two, three, four, five, six, seven, eight, nine, ten"),
-    ("Translate hello into Spanish:", "hola"),
-    ("Please answer the question in one short sentence.", "Sure, here is a short answer."),
-]
-
-
-def encoded(tok):
-    return [encode_example(tok, [{"role": "user", "content": p}], r, 128) for p, r in PAIRS]
-
-
-def dataset(tok):
-    return Dataset.from_list([{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in encoded(tok)])
-
-
-def cfg(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        dataloader_drop_last=False,
-    )
-    base.update(kw)
-    return KDConfig(**base)
-
-
-def ref_loss(student, teacher, batch, alpha, T=1.0):
-    """Independent reference: full logits, torch's own kl_div / cross_entropy, mean over valid tokens."""
-    s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
-    y = batch["labels"][:, 1:]
-    valid = y != -100
-    ce = F.cross_entropy(s[valid], y[valid], reduction="sum")
-    if alpha == 1.0:
-        return ce / valid.sum()
-    with torch.no_grad():
-        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
-    kl = F.kl_div(F.log_softmax(s[valid] / T, -1), F.log_softmax(t[valid] / T, -1), log_target=True, reduction="sum")
-    return (alpha * ce + (1 - alpha) * kl) / valid.sum()
+from potstill.kd import KDTrainer
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
@@ -74,14 +19,14 @@ def test_loss_matches_full_logit_reference(tiny_llama_pair, tmp_path, alpha):
     trainer = KDTrainer(
         model=student,
         teacher_model=teacher,
-        args=cfg(tmp_path, alpha=alpha, chunk_size=7),
-        train_dataset=dataset(tok),
+        args=kd_cfg(tmp_path, alpha=alpha, chunk_size=7),
+        train_dataset=kd_dataset(tok),
         processing_class=tok,
     )
-    batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
+    batch = PadCollator(tok.pad_token_id)(encode_kd_pairs(tok)[:4])
     student.train()
     got = trainer.compute_loss(student, batch)
-    want = ref_loss(student, teacher, batch, alpha)
+    want = kd_ref_loss(student, teacher, batch, alpha)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -92,11 +37,11 @@ def test_sft_baseline_equals_hf_causal_lm_loss_and_runs_no_teacher(tiny_llama_pa
     trainer = KDTrainer(
         model=student,
         teacher_model=teacher,
-        args=cfg(tmp_path, alpha=1.0),
-        train_dataset=dataset(tok),
+        args=kd_cfg(tmp_path, alpha=1.0),
+        train_dataset=kd_dataset(tok),
         processing_class=tok,
     )
-    batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
+    batch = PadCollator(tok.pad_token_id)(encode_kd_pairs(tok)[:4])
     got = trainer.compute_loss(student, batch)
     hf = student(**batch).loss
     torch.testing.assert_close(got, hf, rtol=1e-5, atol=1e-6)
@@ -107,7 +52,11 @@ def test_sft_baseline_equals_hf_causal_lm_loss_and_runs_no_teacher(tiny_llama_pa
 def _grads_after_one_sgd_step(student, teacher, tok, tmp_path, **kw):
     before = copy.deepcopy(student.state_dict())
     tr = KDTrainer(
-        model=student, teacher_model=teacher, args=cfg(tmp_path, **kw), train_dataset=dataset(tok), processing_class=tok
+        model=student,
+        teacher_model=teacher,
+        args=kd_cfg(tmp_path, **kw),
+        train_dataset=kd_dataset(tok),
+        processing_class=tok,
     )
     tr.train()
     after = tr.model.state_dict()
@@ -118,7 +67,7 @@ def _grads_after_one_sgd_step(student, teacher, tok, tmp_path, **kw):
 def test_gradient_accumulation_equals_one_big_batch(tiny_llama_pair, tmp_path):
     """GA over micro-batches of unequal token counts gives the big batch's gradient (TRL #4719)."""
     teacher, student, tok = tiny_llama_pair
-    ex = encoded(tok)
+    ex = encode_kd_pairs(tok)
     counts = [sum(x != -100 for x in e["labels"][1:]) for e in ex]
     assert counts[0] + counts[1] != counts[2] + counts[3], "micro-batches must differ in token count"
     g_big = _grads_after_one_sgd_step(
@@ -145,9 +94,11 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_llama_pair, tmp_path):
     batch = PadCollator(tok.pad_token_id)(ex)
     s = copy.deepcopy(student).train()
     w = s.model.embed_tokens.weight
-    big = ref_loss(s, teacher, batch, 0.2)
+    big = kd_ref_loss(s, teacher, batch, 0.2)
     (gb,) = torch.autograd.grad(big, w)
-    per_micro = sum(ref_loss(s, teacher, PadCollator(tok.pad_token_id)(ex[i : i + 2]), 0.2) for i in range(0, 8, 2)) / 4
+    per_micro = (
+        sum(kd_ref_loss(s, teacher, PadCollator(tok.pad_token_id)(ex[i : i + 2]), 0.2) for i in range(0, 8, 2)) / 4
+    )
     (gm,) = torch.autograd.grad(per_micro, w)
     assert not torch.allclose(gb, gm, rtol=1e-3, atol=1e-6)
 
@@ -160,8 +111,8 @@ def test_teacher_is_frozen_and_unchanged(tiny_llama_pair, tmp_path):
     tr = KDTrainer(
         model=student,
         teacher_model=teacher,
-        args=cfg(tmp_path, max_steps=2),
-        train_dataset=dataset(tok),
+        args=kd_cfg(tmp_path, max_steps=2),
+        train_dataset=kd_dataset(tok),
         processing_class=tok,
     )
     tr.train()
@@ -179,8 +130,8 @@ def test_lora_student_trains_only_the_adapter(tiny_llama_pair, tmp_path):
     tr = KDTrainer(
         model=student,
         teacher_model=teacher,
-        args=cfg(tmp_path, max_steps=2, learning_rate=0.5),
-        train_dataset=dataset(tok),
+        args=kd_cfg(tmp_path, max_steps=2, learning_rate=0.5),
+        train_dataset=kd_dataset(tok),
         processing_class=tok,
         peft_config=LoraConfig(
             r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False
@@ -203,27 +154,31 @@ def test_teacher_with_padding_rows_aligns(tiny_llama_pair, tmp_path):
     padded.resize_token_embeddings(len(tok) + 13)
     with torch.no_grad():
         padded.lm_head.weight[len(tok) :] = 5.0  # padding rows that would dominate if not dropped
-    batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
+    batch = PadCollator(tok.pad_token_id)(encode_kd_pairs(tok)[:4])
     with pytest.warns(UserWarning, match="padding"):
         tr = KDTrainer(
-            model=student, teacher_model=padded, args=cfg(tmp_path), train_dataset=dataset(tok), processing_class=tok
+            model=student,
+            teacher_model=padded,
+            args=kd_cfg(tmp_path),
+            train_dataset=kd_dataset(tok),
+            processing_class=tok,
         )
     assert tr.vocab_size == len(tok)
     got = tr.compute_loss(student, batch)
-    want = ref_loss(student, teacher, batch, 0.0)
+    want = kd_ref_loss(student, teacher, batch, 0.0)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_teacher_required_unless_sft(tiny_llama_pair, tmp_path):
     _, student, tok = tiny_llama_pair
     with pytest.raises(PotstillError, match="needs a teacher"):
-        KDTrainer(model=student, args=cfg(tmp_path, alpha=0.5), train_dataset=dataset(tok), processing_class=tok)
+        KDTrainer(model=student, args=kd_cfg(tmp_path, alpha=0.5), train_dataset=kd_dataset(tok), processing_class=tok)
 
 
 @pytest.mark.parametrize("bad", [dict(alpha=1.5), dict(divergence="kl_typo"), dict(temperature=0.0)])
 def test_config_rejects_bad_values(tmp_path, bad):
     with pytest.raises(PotstillError):
-        cfg(tmp_path, **bad)
+        kd_cfg(tmp_path, **bad)
 
 
 def test_teacher_memo_pays_the_teacher_once_and_changes_nothing(tiny_llama_pair, tmp_path):
@@ -239,8 +194,8 @@ def test_teacher_memo_pays_the_teacher_once_and_changes_nothing(tiny_llama_pair,
         tr = KDTrainer(
             model=copy.deepcopy(student),
             teacher_model=teacher,
-            args=cfg(tmp_path / sub, max_steps=3, per_device_train_batch_size=2),
-            train_dataset=dataset(tok),
+            args=kd_cfg(tmp_path / sub, max_steps=3, per_device_train_batch_size=2),
+            train_dataset=kd_dataset(tok),
             processing_class=tok,
             signal_source=source,
         )
@@ -272,11 +227,11 @@ def test_kd_config_refuses_parameters_that_train_on_a_zero_or_other_loss(tmp_pat
     from potstill.errors import PotstillError
 
     with pytest.raises(PotstillError) as info:
-        cfg(tmp_path, divergence=divergence, divergence_kwargs=kwargs)
+        kd_cfg(tmp_path, divergence=divergence, divergence_kwargs=kwargs)
     assert "\n" not in str(info.value) and fix in str(info.value)
     with pytest.raises(PotstillError, match="temperature"):
-        cfg(tmp_path, temperature=1e-45)
-    cfg(tmp_path, divergence=divergence)  # the defaults are fine
+        kd_cfg(tmp_path, temperature=1e-45)
+    kd_cfg(tmp_path, divergence=divergence)  # the defaults are fine
 
 
 # ----------------------------------------------------------------------------- loss_backend="liger"
@@ -300,13 +255,13 @@ def _one_line(info, *needles):
 )
 def test_kd_config_liger_backend_refuses_what_liger_cannot_compute(tmp_path, kw, needles):
     with pytest.raises(PotstillError) as info:
-        cfg(tmp_path, loss_backend="liger", **kw)
+        kd_cfg(tmp_path, loss_backend="liger", **kw)
     _one_line(info, *needles)
     with pytest.raises(PotstillError) as info:
-        cfg(tmp_path, loss_backend="fused")
+        kd_cfg(tmp_path, loss_backend="fused")
     _one_line(info, "potstill or liger")
-    assert cfg(tmp_path).loss_backend == "potstill"
-    cfg(tmp_path, loss_backend="liger", divergence="generalized_jsd", divergence_kwargs={"beta": 0.3})
+    assert kd_cfg(tmp_path).loss_backend == "potstill"
+    kd_cfg(tmp_path, loss_backend="liger", divergence="generalized_jsd", divergence_kwargs={"beta": 0.3})
 
 
 def test_liger_backend_is_refused_before_training_with_the_fix(tiny_llama_pair, tmp_path, monkeypatch):
@@ -314,11 +269,11 @@ def test_liger_backend_is_refused_before_training_with_the_fix(tiny_llama_pair, 
     import potstill.divergences.liger as liger_mod
 
     teacher, student, tok = tiny_llama_pair
-    args = cfg(tmp_path, loss_backend="liger")
+    args = kd_cfg(tmp_path, loss_backend="liger")
 
     def make(cls=KDTrainer, **kw):
         kw.setdefault("teacher_model", teacher)
-        return cls(model=student, args=args, train_dataset=dataset(tok), processing_class=tok, **kw)
+        return cls(model=student, args=args, train_dataset=kd_dataset(tok), processing_class=tok, **kw)
 
     monkeypatch.setattr(liger_mod, "liger_available", lambda: False)
     with pytest.raises(PotstillError) as info:
@@ -366,11 +321,11 @@ def test_liger_backend_receives_potstills_arguments(tiny_llama_pair, tmp_path, m
     trainer = KDTrainer(
         model=student,
         teacher_model=teacher,
-        train_dataset=dataset(tok),
+        train_dataset=kd_dataset(tok),
         processing_class=tok,
-        args=cfg(tmp_path, alpha=alpha, temperature=2.0, chunk_size=7, loss_backend="liger"),
+        args=kd_cfg(tmp_path, alpha=alpha, temperature=2.0, chunk_size=7, loss_backend="liger"),
     )
-    batch = PadCollator(tok.pad_token_id)(encoded(tok)[:4])
+    batch = PadCollator(tok.pad_token_id)(encode_kd_pairs(tok)[:4])
     student.train()
     got = trainer.compute_loss(student, batch, num_items_in_batch=torch.tensor(57))
     if alpha == 1.0:
@@ -380,5 +335,5 @@ def test_liger_backend_receives_potstills_arguments(tiny_llama_pair, tmp_path, m
     assert kw["alpha"] == alpha and kw["temperature"] == 2.0 and kw["divergence"] == "forward_kl"
     assert int(kw["normalizer"]) == 57 and kw["chunk_size"] == 7 and kw["vocab_size"] is None
     n = int((batch["labels"][:, 1:] != -100).sum())
-    want = ref_loss(student, teacher, batch, alpha, T=2.0) * n / 57
+    want = kd_ref_loss(student, teacher, batch, alpha, T=2.0) * n / 57
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)

@@ -9,56 +9,30 @@ import math
 
 import pytest
 import torch
-from test_cli import assets, recipe, write  # noqa: F401  (module fixture reused)
+from helpers import FakeCache, encode_kd_pairs, fake_samples, kd_dataset, minillm_cfg, recipe, write
 
 from potstill.cli import main
 from potstill.data import PadCollator
 from potstill.errors import PotstillError
 from potstill.generate import generate, left_pad
-from potstill.kd import KDConfig, MiniLLMConfig, MiniLLMKDTrainer
+from potstill.kd import KDConfig, MiniLLMKDTrainer
 from potstill.kd.minillm import TeacherMix, later_returns
-from potstill.kd.onpolicy import _ROLLOUT
-
-from .test_contrastive import fake_samples
-from .test_logit import dataset, encoded
-from .test_onpolicy import FakeCache
-
-
-def mcfg(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        gen_max_new_tokens=6,
-        divergence="reverse_kl",
-    )
-    base.update(kw)
-    return MiniLLMConfig(**base)
+from potstill.kd.onpolicy import ROLLOUT
 
 
 def make(teacher, student, tok, tmp_path, **kw):
     return MiniLLMKDTrainer(
         model=student,
         teacher_model=teacher,
-        args=mcfg(tmp_path, **kw),
-        train_dataset=dataset(tok),
+        args=minillm_cfg(tmp_path, **kw),
+        train_dataset=kd_dataset(tok),
         processing_class=tok,
     )
 
 
 def rollout(tok, n=4):
-    b = PadCollator(tok.pad_token_id)(fake_samples(PadCollator(tok.pad_token_id)(encoded(tok)[:n]), tok))
-    return {**b, _ROLLOUT: True}
+    b = PadCollator(tok.pad_token_id)(fake_samples(PadCollator(tok.pad_token_id)(encode_kd_pairs(tok)[:n]), tok))
+    return {**b, ROLLOUT: True}
 
 
 # ------------------------------------------------------------------ independent reference (float64, full logits)
@@ -127,7 +101,9 @@ def test_teacher_mix_processor_equals_the_mixture_of_uncached_forwards(tiny_llam
     """The processor's cached teacher (left padding, position ids) agrees with a plain forward of the
     teacher on each whole prefix, and its output is log(mix p + (1 - mix) q)."""
     teacher, student, tok = tiny_llama_pair
-    prompts = [e["input_ids"][: int((torch.tensor(e["labels"]) != -100).nonzero()[0])] for e in encoded(tok)[:3]]
+    prompts = [
+        e["input_ids"][: int((torch.tensor(e["labels"]) != -100).nonzero()[0])] for e in encode_kd_pairs(tok)[:3]
+    ]
     calls = []
 
     def factory(ids, mask):
@@ -207,14 +183,14 @@ def test_bad_configurations_fail_with_the_fix(tiny_llama_pair, tmp_path):
         ({"temperature_end": 2.0}, "temperature schedule"),
     ):
         with pytest.raises(PotstillError, match=msg):
-            mcfg(tmp_path, **kw)
+            minillm_cfg(tmp_path, **kw)
 
     with pytest.raises(PotstillError, match="instead of a teacher-signal cache"):
         MiniLLMKDTrainer(
             model=student,
             signal_source=FakeCache(),
-            args=mcfg(tmp_path),
-            train_dataset=dataset(tok),
+            args=minillm_cfg(tmp_path),
+            train_dataset=kd_dataset(tok),
             processing_class=tok,
         )
     with pytest.raises(PotstillError, match="MiniLLMConfig"):
@@ -222,7 +198,7 @@ def test_bad_configurations_fail_with_the_fix(tiny_llama_pair, tmp_path):
             model=student,
             teacher_model=teacher,
             args=KDConfig(output_dir=str(tmp_path)),
-            train_dataset=dataset(tok),
+            train_dataset=kd_dataset(tok),
             processing_class=tok,
         )
 
@@ -255,7 +231,7 @@ def test_bad_minillm_recipes_give_one_line(assets, tmp_path, capsys, case):  # n
         "alpha": "alpha 0",
         "replay": "replay_size",
         "contrastive": "contrastive",
-        "top_p": "on_policy.top_p 1",
+        "top_p": "method.top_p 1",
         "temperature": "set temperature 1",
     }[case]
     if case == "divergence":
@@ -295,7 +271,7 @@ def test_teacher_mix_gives_no_mass_past_the_shared_vocabulary(tiny_llama_pair):
 def test_sampling_ignores_the_models_own_generation_config(tiny_llama_pair):
     """An instruct model's repetition penalty or min_p must not reach on-policy samples."""
     _, student, tok = tiny_llama_pair
-    prompts = [e["input_ids"][:12] for e in encoded(tok)[:3]]
+    prompts = [e["input_ids"][:12] for e in encode_kd_pairs(tok)[:3]]
     kw = dict(max_new_tokens=8, batch_size=3, do_sample=True, seed=5, sort_by_length=False, progress=False)
     plain = generate(student, tok, prompts, **kw).token_ids
     skewed = copy.deepcopy(student)
@@ -314,9 +290,9 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_llama_pair, tmp_path, m
         tr = MiniLLMKDTrainer(
             model=s,
             teacher_model=teacher,
-            train_dataset=dataset(tok).select(range(4)),
+            train_dataset=kd_dataset(tok).select(range(4)),
             processing_class=tok,
-            args=mcfg(tmp_path / f"{bs}", per_device_train_batch_size=bs, gradient_accumulation_steps=acc),
+            args=minillm_cfg(tmp_path / f"{bs}", per_device_train_batch_size=bs, gradient_accumulation_steps=acc),
         )
         tr._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(4))
         tr.train()

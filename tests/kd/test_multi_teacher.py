@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from helpers import kd_cfg, kd_dataset
 
 from potstill.signals import MultiTeacher
-
-from .test_logit import cfg, dataset
 
 
 def test_multi_teacher_trains_a_student_end_to_end(tiny_llama_pair, tmp_path):
@@ -26,8 +25,8 @@ def test_multi_teacher_trains_a_student_end_to_end(tiny_llama_pair, tmp_path):
         model=student,
         signal_source=src,
         processing_class=tok,
-        train_dataset=dataset(tok),
-        args=cfg(tmp_path, max_steps=8, per_device_train_batch_size=8, learning_rate=3e-3, optim="adamw_torch"),
+        train_dataset=kd_dataset(tok),
+        args=kd_cfg(tmp_path, max_steps=8, per_device_train_batch_size=8, learning_rate=3e-3, optim="adamw_torch"),
     )
     tr.train()
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]

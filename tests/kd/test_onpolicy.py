@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import FakeCache, encode_kd_pairs, kd_dataset
 
 import potstill.generate as gen_mod
 from potstill.data import PadCollator
@@ -14,18 +15,6 @@ from potstill.errors import PotstillError
 from potstill.kd import KDConfig, KDTrainer, OnPolicyConfig, OnPolicyKDTrainer
 from potstill.kd.onpolicy import ROLLOUT
 from potstill.signals import OnlineTeacher
-
-from .test_logit import dataset, encoded
-
-
-class FakeCache:
-    """A teacher-signal cache that must never be read (the trainer has to refuse it first)."""
-
-    temperature = None
-    vocab_size = None
-
-    def signal(self, batch):
-        raise AssertionError
 
 
 def ocfg(tmp_path, **kw):
@@ -55,14 +44,14 @@ def make(teacher, student, tok, tmp_path, **kw):
         model=student,
         teacher_model=teacher,
         args=ocfg(tmp_path, **kw),
-        train_dataset=dataset(tok),
+        train_dataset=kd_dataset(tok),
         processing_class=tok,
         validation_dataset=val,
     )
 
 
 def batch_of(tok, n=4):
-    return PadCollator(tok.pad_token_id)(encoded(tok)[:n])
+    return PadCollator(tok.pad_token_id)(encode_kd_pairs(tok)[:n])
 
 
 def test_lambda_zero_is_exactly_off_policy_kd(tiny_llama_pair, tmp_path, monkeypatch):
@@ -84,7 +73,11 @@ def test_lambda_zero_is_exactly_off_policy_kd(tiny_llama_pair, tmp_path, monkeyp
         disable_tqdm=True,
     )
     off = KDTrainer(
-        model=s_off, teacher_model=teacher, processing_class=tok, train_dataset=dataset(tok), args=KDConfig(**kd_args)
+        model=s_off,
+        teacher_model=teacher,
+        processing_class=tok,
+        train_dataset=kd_dataset(tok),
+        args=KDConfig(**kd_args),
     )
     off.train()
 
@@ -149,7 +142,7 @@ def test_rollouts_are_seeded(tiny_llama_pair, tmp_path):
 def test_gradient_accumulation_counts_tokens_of_all_rollout_micro_batches(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
     tr = make(teacher, student, tok, tmp_path, lmbda=1.0, per_device_train_batch_size=2, gradient_accumulation_steps=2)
-    enc = encoded(tok)
+    enc = encode_kd_pairs(tok)
     coll = PadCollator(tok.pad_token_id)
     new, n_items = tr.get_batch_samples(iter([coll(enc[:2]), coll(enc[2:4])]), 2, torch.device("cpu"))
     assert len(new) == 2 and tr.rollout_stats["modes"] == ["student"]
@@ -196,7 +189,7 @@ def test_replay_capacity_drops_the_oldest(tiny_llama_pair, tmp_path):
 
 def test_distillm_schedule_rises_only_when_validation_loss_rises(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
-    val = encoded(tok)[4:]
+    val = encode_kd_pairs(tok)[4:]
     tr = make(
         teacher,
         student,
@@ -224,7 +217,7 @@ def test_distillm_schedule_rises_only_when_validation_loss_rises(tiny_llama_pair
 
 def test_validation_loss_is_the_teacher_forced_kd_loss(tiny_llama_pair, tmp_path):
     teacher, student, tok = tiny_llama_pair
-    val = encoded(tok)[:4]
+    val = encode_kd_pairs(tok)[:4]
     tr = make(teacher, student, tok, tmp_path, lmbda=0.0, adaptive=True, validation_dataset=val)
     tr._stats["ce_sum"] = 3.0
     stats = dict(tr._stats)
@@ -253,7 +246,7 @@ def test_end_to_end_gkd_and_distillm_train(tiny_llama_pair, tmp_path):
         replay_reuse=0.5,
         adaptive=True,
         adaptive_every=2,
-        validation_dataset=encoded(tok)[4:],
+        validation_dataset=encode_kd_pairs(tok)[4:],
     )
     tr.train()
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
@@ -281,7 +274,7 @@ def test_bad_configurations_fail_with_the_fix(tiny_llama_pair, tmp_path):
             model=student,
             signal_source=FakeCache(),
             args=ocfg(tmp_path, lmbda=0.5),
-            train_dataset=dataset(tok),
+            train_dataset=kd_dataset(tok),
             processing_class=tok,
         )
     with pytest.raises(PotstillError, match="OnPolicyConfig"):
@@ -289,7 +282,7 @@ def test_bad_configurations_fail_with_the_fix(tiny_llama_pair, tmp_path):
             model=student,
             teacher_model=teacher,
             args=KDConfig(output_dir=str(tmp_path)),
-            train_dataset=dataset(tok),
+            train_dataset=kd_dataset(tok),
             processing_class=tok,
         )
     # the scorer is a live teacher without the memo (samples never repeat)

@@ -18,11 +18,11 @@ faulthandler.dump_traceback_later(180, exit=True)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
-from conftest import _tiny_llama, make_tiny_tokenizer  # noqa: E402
+from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
+from helpers import kd_cfg, kd_dataset  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from kd.fsdp_train import _student  # noqa: E402
-from kd.test_logit import cfg, dataset  # noqa: E402
+from kd.fsdp_train import make_student  # noqa: E402
 from potstill.distributed import end_distributed, is_zero3_partitioned, zero3_config  # noqa: E402
 from potstill.kd import KDTrainer  # noqa: E402
 from potstill.models import output_head  # noqa: E402
@@ -40,16 +40,16 @@ def main(out: str, tied: str = "") -> None:
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tok = make_tiny_tokenizer()
-    teacher = _tiny_llama(tok, layers=2, hidden=64, heads=4, kv_heads=2, seed=0)
-    student = _student(tok, tied == "tied")
+    teacher = make_tiny_llama(tok, layers=2, hidden=64, heads=4, kv_heads=2, seed=0)
+    student = make_student(tok, tied == "tied")
     kw = {}
     if world > 1:
         ds = zero3_config()
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         kw = {"deepspeed": ds, "ddp_backend": "gloo"}
-    args = cfg(Path(out), alpha=0.2, per_device_train_batch_size=8 // world, max_steps=3, **kw)
+    args = kd_cfg(Path(out), alpha=0.2, per_device_train_batch_size=8 // world, max_steps=3, **kw)
     trainer = Recording(
-        model=student, teacher_model=teacher, args=args, train_dataset=dataset(tok), processing_class=tok
+        model=student, teacher_model=teacher, args=args, train_dataset=kd_dataset(tok), processing_class=tok
     )
     trainer.train()
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
