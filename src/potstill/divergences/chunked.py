@@ -30,7 +30,7 @@ from ..distributed import full_tensor
 from ..errors import PotstillError
 from ..signals.types import DenseSignal, Head, SparseSignal, apply_head
 from .closed_form import CLOSED_FORM, SPARSE_CLOSED_FORM, closed_form_chunk, write_rows
-from .dense import DIVERGENCES, get_divergence
+from .dense import get_divergence
 from .sparse import check_signal, sparse_divergence
 
 IGNORE_INDEX = -100
@@ -121,7 +121,11 @@ def _validate_teacher(
     if teacher.num_rows != n:
         raise ValueError(f"teacher has {teacher.num_rows} rows but the student has {n}; rows must align")
     if isinstance(teacher, DenseSignal):
-        tv = teacher.logits.shape[-1] if teacher.logits is not None else teacher.head.weight.shape[0]
+        if teacher.logits is not None:
+            tv = teacher.logits.shape[-1]
+        else:
+            assert teacher.head is not None  # DenseSignal(hidden=...) always carries its head
+            tv = teacher.head.weight.shape[0]
         if tv < vocab or (vocab_size is None and teacher.vocab != vocab):
             raise ValueError(
                 f"teacher vocabulary ({teacher.vocab}) and student vocabulary ({vocab}) differ; "
@@ -140,7 +144,7 @@ def _validate_teacher(
         raise ValueError(f"sparse teacher tail_logprob {tuple(teacher.tail_logprob.shape)} must be [n] = [{n}]")
 
 
-def _teacher_chunk(plan: ChunkPlan, start: int, end: int, rows: Tensor | None):
+def _teacher_chunk(plan: ChunkPlan, start: int, end: int, rows: Tensor | None) -> tuple[Tensor | SparseSignal, Tensor]:
     """The teacher for rows ``start:end`` (then ``rows`` within them); non-finite check."""
     teacher = plan.teacher
     if isinstance(teacher, DenseSignal):
@@ -150,12 +154,12 @@ def _teacher_chunk(plan: ChunkPlan, start: int, end: int, rows: Tensor | None):
         # A row's max and min are non-finite exactly when one of its entries is (NaN propagates
         # through both): two reductions instead of a [chunk, V] boolean tensor.
         bad = ~(torch.isfinite(t.amax(-1)) & torch.isfinite(t.amin(-1)))
-    else:
-        t = teacher.chunk(start, end)
-        if rows is not None:
-            t = t.rows(rows)
-        bad = _sparse_bad(t)
-    return t, bad
+        return t, bad
+    assert teacher is not None  # only called when alpha < 1, where _validate_teacher requires one
+    s = teacher.chunk(start, end)
+    if rows is not None:
+        s = s.rows(rows)
+    return s, _sparse_bad(s)
 
 
 def _sparse_bad(t: SparseSignal) -> Tensor:
@@ -191,7 +195,7 @@ def _chunk_loss(
     kd = torch.zeros((), dtype=torch.float32, device=logits.device)
     if plan.alpha < 1.0:
         if isinstance(teacher, Tensor):
-            div = DIVERGENCES[plan.divergence](logits, teacher, temperature=plan.temperature, **params)
+            div = get_divergence(plan.divergence)(logits, teacher, temperature=plan.temperature, **params)
         else:
             div = sparse_divergence(plan.divergence, logits, teacher, temperature=plan.temperature, **params)
         kd = div.float().sum() if w is None else (div.float() * w).sum()
@@ -543,13 +547,13 @@ def unchunked_kd_loss(
             bad = ~torch.isfinite(t).all(-1)
             if bool(bad.any()):
                 _raise_nonfinite(0, bad, rows)
-            div = DIVERGENCES[divergence](logits, t, temperature=temperature, **(divergence_kwargs or {}))
+            div = get_divergence(divergence)(logits, t, temperature=temperature, **(divergence_kwargs or {}))
         else:
-            t = teacher.rows(rows)
-            bad = _sparse_bad(t)
+            s = teacher.rows(rows)
+            bad = _sparse_bad(s)
             if bool(bad.any()):
                 _raise_nonfinite(0, bad, rows)
-            div = sparse_divergence(divergence, logits, t, temperature=temperature, **(divergence_kwargs or {}))
+            div = sparse_divergence(divergence, logits, s, temperature=temperature, **(divergence_kwargs or {}))
         kd_weights = _check_weights(kd_weights, labels.shape[0])
         kd = div.float().sum() if kd_weights is None else (div.float() * kd_weights[rows]).sum()
     kd_scale = float(temperature) ** 2 if scale_t2 else 1.0

@@ -150,22 +150,24 @@ def closed_form_chunk(
     ls1 = ls if T == 1.0 else torch.log_softmax(z, dim=-1)
     ce = -ls1[c, y].sum()
     del z
-    g = None
+    g: Tensor | None = None
     folded = False  # the CE softmax already added into g
     if plan.alpha < 1.0 and isinstance(teacher, SparseSignal):
         kd, g, folded = _sparse_kd_grad(plan, h, weight, bias, teacher, ls, ls1, w)
     elif plan.alpha < 1.0:
+        assert isinstance(teacher, Tensor)  # the reducer passes the chunk's teacher logits whenever alpha < 1
         kd, g = _dense_kd_grad(plan, teacher, ls, ls1, w)
     else:
         kd = torch.zeros((), dtype=torch.float32, device=h.device)
-    if folded:
-        g[c, y] -= plan.alpha
-    elif plan.alpha > 0:
+    if plan.alpha > 0 and not folded:  # (folded implies alpha > 0)
         sm = ls1.exp_()  # the divergence is done with the log-probs: reuse their memory
         if g is None:
             g = sm if plan.alpha == 1.0 else sm.mul_(plan.alpha)
         else:
             g.add_(sm, alpha=plan.alpha)
+    # Set by the divergence when alpha < 1 and by the CE softmax when alpha == 1.
+    assert g is not None
+    if plan.alpha > 0:
         g[c, y] -= plan.alpha
     del ls, ls1
     total = plan.alpha * ce + (1.0 - plan.alpha) * plan.kd_scale * kd

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -152,12 +152,13 @@ def _gjsd(lq: Tensor, lp: Tensor, beta: float = 0.5) -> Tensor:
     """
     _check_unit("beta", beta)
     lm = _log_mix(lp, lq, beta)
-    out = None
+    out: Tensor | None = None
     if beta > 0.0:
         out = beta * _kl(lp, lm)
     if beta < 1.0:
         term = (1.0 - beta) * _kl(lq, lm)
         out = term if out is None else out + term
+    assert out is not None  # beta is in [0, 1] (checked above): at least one term was added
     return out
 
 
@@ -367,18 +368,22 @@ DIVERGENCES: dict[DivergenceName, Callable[..., Tensor]] = {
 }
 
 
-def _lookup(table: dict, name: str):
+_Entry = TypeVar("_Entry")
+
+
+def _lookup(table: dict[DivergenceName, _Entry], name: str) -> _Entry:
     try:
-        return table[name]
+        # An unknown name is refused below (KeyError -> ValueError).
+        return table[cast(DivergenceName, name)]
     except KeyError:
         raise ValueError(f"unknown divergence {name!r}; choose one of {sorted(table)}") from None
 
 
-def get_divergence(name: DivergenceName) -> Callable[..., Tensor]:
+def get_divergence(name: DivergenceName | str) -> Callable[..., Tensor]:
     """The dense divergence called ``name``."""
     return _lookup(DIVERGENCES, name)
 
 
-def get_core(name: DivergenceName) -> Core:
+def get_core(name: DivergenceName | str) -> Core:
     """The log-probability core of the divergence called ``name``."""
     return _lookup(CORES, name)

@@ -129,6 +129,7 @@ def check_liger_inputs(
             f"loss_backend 'liger' fuses the teacher's lm_head, so it needs a live teacher's hidden states and "
             f"head, but the signal is {kind} one; {_USE_DEFAULT} for cached or top-k signals"
         )
+    assert teacher.head is not None  # DenseSignal(hidden=...) always carries its head
     for who, head in (("student", student_head), ("teacher", teacher.head)):
         if head.softcap is not None:
             raise ValueError(
@@ -153,6 +154,8 @@ def _aligned_heads(
 ) -> tuple[Head, Head, int]:
     """Both heads gathered (:func:`~.chunked.full_head`) and the aligned vocabulary; ``ValueError``
     on vocabularies that differ, rows that do not align or labels out of range."""
+    # check_liger_inputs has refused every teacher but one given as hidden states + head.
+    assert teacher.hidden is not None and teacher.head is not None
     student_head = full_head(student_head)
     teacher_head = full_head(teacher.head)
     vocab = student_head.vocab if vocab_size is None else int(vocab_size)
@@ -178,6 +181,7 @@ def _aligned_heads(
 def _teacher_args(teacher: DenseSignal, teacher_head: Head, vocab: int) -> tuple[Tensor, Tensor | None, Tensor]:
     """The teacher's ``(weight, bias, hidden)`` for Liger, without a graph; ``ValueError`` on non-finite hidden states."""
     w_t, b_t = _linear_args(teacher_head, vocab)
+    assert teacher.hidden is not None  # check_liger_inputs: a teacher given as hidden states
     h_t = teacher.hidden.to(w_t.dtype)
     if h_t.shape[0] and not bool(torch.isfinite(h_t).all()):
         raise ValueError("teacher hidden states contain NaN/inf; check the teacher model/dtype (try float32)")
@@ -232,6 +236,7 @@ def fused_jsd_kd_loss(
         )
     check_mixing(alpha, temperature, chunk_size)
     beta = check_liger_inputs(student_head, teacher, divergence, divergence_kwargs)
+    assert isinstance(teacher, DenseSignal)  # check_liger_inputs refused every other signal
     student_head, teacher_head, vocab = _aligned_heads(student_hidden, student_head, labels, teacher, vocab_size)
     n = student_hidden.shape[0]
     valid = labels != IGNORE_INDEX

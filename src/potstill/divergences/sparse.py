@@ -213,6 +213,7 @@ def _sampled_estimate(
     if phi.shape != lp.shape:
         raise ValueError(f"the divergence core must reduce the last dim; got {tuple(phi.shape)} for [n, k, 1]")
     # w / p as exp(log w - log p): w carries the factor p / r, so it stays finite for tiny p.
+    assert signal.weights is not None  # only called for a sampled signal
     w = signal.weights.to(lp.dtype)
     coef = torch.where(pad, zero, torch.exp(torch.log(w) - torch.where(pad, zero, lp)))
     return (coef * phi).sum(-1)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -42,7 +43,9 @@ class MaskedDenseSignal(DenseSignal):
     valid: Tensor | None = None
 
     def rows(self, index: Tensor) -> MaskedDenseSignal:
-        return MaskedDenseSignal(logits=self.logits[index], valid=None if self.valid is None else self.valid[index])
+        # Built from logits only (module docstring, step 3).
+        logits = cast(Tensor, self.logits)
+        return MaskedDenseSignal(logits=logits[index], valid=None if self.valid is None else self.valid[index])
 
 
 class CrossTokenizerTeacher:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -78,7 +78,7 @@ class MultiTeacher:
                 "at least one teacher that shares the student's tokenizer (the others cover aligned "
                 "rows only)"
             )
-        vocabs = {getattr(s, "vocab_size", None) for s in sources} - {None}
+        vocabs = cast(set[int], {getattr(s, "vocab_size", None) for s in sources} - {None})
         if vocab_size is None:
             if len(vocabs) > 1:
                 raise PotstillError(
@@ -141,6 +141,7 @@ class MultiTeacher:
             lps = torch.stack([self._logprobs(s, start, end, vocab) for s in sigs])  # [K, c, V]
             v = valid[:, start:end]
             if self.mode == "select":
+                assert choice is not None  # computed above in "select" mode
                 c = choice[start:end]
                 mix = lps.gather(0, c.view(1, -1, 1).expand(1, -1, vocab)).squeeze(0)
             else:

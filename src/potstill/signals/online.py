@@ -97,6 +97,7 @@ class OnlineTeacher:
         if self.out_device is not None:
             rows = rows.to(self.out_device)
         if self.memo is not None:
+            assert key is not None  # computed above whenever there is a memo
             self.memo.put(key, rows)
         return DenseSignal(hidden=rows, head=self.head)
 

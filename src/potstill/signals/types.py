@@ -103,17 +103,27 @@ class DenseSignal:
     @property
     def num_rows(self) -> int:
         t = self.logits if self.logits is not None else self.hidden
+        assert t is not None  # __post_init__ guarantees one of them is set
         return t.shape[0]
 
     @property
     def vocab(self) -> int:
-        return self.logits.shape[-1] if self.logits is not None else self.head.vocab
+        if self.logits is not None:
+            return self.logits.shape[-1]
+        return self._hidden_head()[1].vocab
+
+    def _hidden_head(self) -> tuple[Tensor, Head]:
+        """``(hidden, head)`` of a hidden-state signal (``logits is None``)."""
+        # __post_init__ guarantees both are set whenever ``logits`` is None.
+        assert self.hidden is not None and self.head is not None
+        return self.hidden, self.head
 
     def rows(self, index: Tensor) -> DenseSignal:
         """Keep the rows in ``index`` (``LongTensor [n]``)."""
         if self.logits is not None:
             return DenseSignal(logits=self.logits[index])
-        return DenseSignal(hidden=self.hidden[index], head=self.head)
+        hidden, head = self._hidden_head()
+        return DenseSignal(hidden=hidden[index], head=head)
 
     def chunk_logits(self, start: int, end: int, vocab_size: int | None = None) -> Tensor:
         """Teacher logits for rows ``start:end`` -> ``[end - start, V]`` (no grad)."""
@@ -123,8 +133,10 @@ class DenseSignal:
                 if vocab_size is not None and out.shape[-1] != vocab_size:
                     out = out[..., :vocab_size]
                 return out
-            head = self.head if vocab_size is None else self.head.with_vocab(vocab_size)
-            return head(self.hidden[start:end])
+            hidden, head = self._hidden_head()
+            if vocab_size is not None:
+                head = head.with_vocab(vocab_size)
+            return head(hidden[start:end])
 
 
 @dataclass

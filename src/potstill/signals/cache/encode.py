@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -188,12 +189,13 @@ def assemble_shard(
     }
     if spec.dtype == "int8":
         cols["scale"] = torch.cat([r.values["scale"] for r in rows]).float()
+    # The optional columns below are set for this spec's kind (example_rows).
     if spec.kind == "topk":
-        cols["tail"] = torch.cat([r.tail for r in rows]).to(_tail_dtype(spec.dtype))
+        cols["tail"] = torch.cat([cast(Tensor, r.tail) for r in rows]).to(_tail_dtype(spec.dtype))
     if spec.kind == "sampled":
-        cols["row_len"] = torch.cat([r.row_len for r in rows]).to(torch.uint8)
+        cols["row_len"] = torch.cat([cast(Tensor, r.row_len) for r in rows]).to(torch.uint8)
         if spec.proposal_temperature == 1.0:
-            cols["counts"] = torch.cat([r.counts for r in rows]).to(torch.uint8)
+            cols["counts"] = torch.cat([cast(Tensor, r.counts) for r in rows]).to(torch.uint8)
         else:
-            cols["weights"] = torch.cat([r.weights for r in rows]).float()
+            cols["weights"] = torch.cat([cast(Tensor, r.weights) for r in rows]).float()
     return {k: v.contiguous() for k, v in cols.items()}

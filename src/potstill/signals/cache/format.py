@@ -104,7 +104,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
     def digest(t: torch.Tensor) -> str:
         arr = t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
-        return hashlib.sha256(memoryview(arr)).hexdigest()
+        return hashlib.sha256(arr.data).hexdigest()
 
     owners = {name: t for name, t, key in entries if seen.get(key) == name or key == 0}
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
@@ -170,11 +170,9 @@ def refuse_a_file(path: Path, fix: str) -> None:
 _Strict = ConfigDict(extra="forbid", strict=True)
 
 
-_SpecRecord = create_model(  # CacheSpec's fields, every one required, with its declared types
-    "_SpecRecord",
-    __config__=_Strict,
-    **{f.name: (typing.get_type_hints(CacheSpec)[f.name], ...) for f in fields(CacheSpec)},
-)
+# CacheSpec's fields, every one required, with its declared types.
+_spec_fields: dict[str, Any] = {f.name: (typing.get_type_hints(CacheSpec)[f.name], ...) for f in fields(CacheSpec)}
+_SpecRecord = create_model("_SpecRecord", __config__=_Strict, **_spec_fields)
 
 
 class _ShardRecord(BaseModel):
@@ -211,7 +209,7 @@ class _Manifest(BaseModel):
     model_config = _Strict
     format: str
     version: int
-    spec: _SpecRecord  # type: ignore[valid-type]
+    spec: _SpecRecord
     vocab_size: int = Field(ge=1)
     id_bits: int = Field(ge=1)
     teacher: _TeacherRecord

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -210,7 +210,7 @@ class CachedSignal:
 
     def _hash_index(self) -> dict[bytes, int]:
         if self._by_hash is None:
-            index = {}
+            index: dict[bytes, int] = {}
             for j, start in enumerate(self._starts):
                 for i, row in enumerate(self._shard(j).token_hash):
                     index.setdefault(bytes(row.tolist()), start + i)
@@ -262,12 +262,13 @@ class CachedSignal:
             if given is not None:
                 eid = int(given[b])
             else:
-                eid = self._hash_index().get(h)
-                if eid is None:
+                found = self._hash_index().get(h)
+                if found is None:
                     raise PotstillError(
                         f"no cached teacher signal for example {b} of this batch (its tokens are not in '{self.path}'); "
                         "the data, tokenizer or chat template changed: rebuild the cache"
                     )
+                eid = found
             ex = self.example(eid, h)
             # its targets up to the next example of the row or the row's end (a label on padding counts: refused)
             upto = segs[b + 1][1] if b + 1 < len(segs) and segs[b + 1][0] == row else lab.shape[1]
@@ -288,28 +289,29 @@ class CachedSignal:
         return DenseSignal(logits=torch.cat(lp).to(device) if lp else torch.zeros(0, v, device=device))
 
     def _combine(self, parts: list[_Example]) -> SparseSignal:
+        # The optional fields of `parts` are set for this cache's kind and dtype (see :meth:`example`).
         dtype = self.spec.dtype
         if self.kind == "topk":
             k = self.spec.k
-            ids = torch.cat([p.ids.reshape(p.rows, k) for p in parts])
+            ids = torch.cat([cast(Tensor, p.ids).reshape(p.rows, k) for p in parts])
             lp = torch.cat([decode_logprobs(p.values.reshape(p.rows, k), dtype, p.scale) for p in parts])
-            tail = torch.cat([p.tail.float() for p in parts])
+            tail = torch.cat([cast(Tensor, p.tail).float() for p in parts])
             return SparseSignal(
                 ids=ids, logprobs=lp, tail=self.tail, tail_logprob=tail if self.tail == "bucket" else None
             )
-        row_len = torch.cat([p.row_len.long() for p in parts])
-        flat_ids = torch.cat([p.ids for p in parts])
+        row_len = torch.cat([cast(Tensor, p.row_len).long() for p in parts])
+        flat_ids = torch.cat([cast(Tensor, p.ids) for p in parts])
         flat_vals = torch.cat([p.values for p in parts])
         ids, _ = _ragged_to_padded(flat_ids, row_len, 0)
         if dtype == "int8":
             codes, _ = _ragged_to_padded(flat_vals, row_len, 0)
-            scale = torch.cat([p.scale for p in parts])
+            scale = torch.cat([cast(Tensor, p.scale) for p in parts])
             lp = decode_logprobs(codes, dtype, scale)
         else:
             lp, _ = _ragged_to_padded(decode_logprobs(flat_vals, dtype), row_len, float("-inf"))
         if self.spec.proposal_temperature == 1.0:
-            w_flat = torch.cat([p.counts for p in parts]).float() / self.spec.draws
+            w_flat = torch.cat([cast(Tensor, p.counts) for p in parts]).float() / self.spec.draws
         else:
-            w_flat = torch.cat([p.weights for p in parts]).float()
+            w_flat = torch.cat([cast(Tensor, p.weights) for p in parts]).float()
         weights, _ = _ragged_to_padded(w_flat, row_len, 0.0)
         return SparseSignal(ids=ids, logprobs=lp, weights=weights)

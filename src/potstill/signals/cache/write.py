@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -109,7 +110,8 @@ def build_shard(
         for i, c in zip(members, counts):
             per_example[i] = example_rows(cols, start, start + c, spec) if c else empty_rows(spec, vocab)
             start += c
-    return assemble_shard(examples, per_example, first_id, spec, bits)
+    # `order` covers every example, so each one has been encoded above.
+    return assemble_shard(examples, cast("list[EncodedRows]", per_example), first_id, spec, bits)
 
 
 def _diff_plans(old: dict, new: dict) -> list[str]:
