@@ -82,7 +82,7 @@ def dataset(examples):
 def train(prep, run, source, out: Path, warmup: int) -> dict:
     """One student for the recipe's steps; returns step times and the trained model."""
     from potstill.kd import KDTrainer
-    from potstill.pipeline import kd_config
+    from potstill.runners.train import kd_config
 
     student = copy.deepcopy(prep.student0).train()
     timer = step_timer()
@@ -106,7 +106,7 @@ def train_hf_sft(prep, run, out: Path, warmup: int) -> dict:
     from transformers import Trainer
 
     from potstill.data import PadCollator
-    from potstill.pipeline import kd_config
+    from potstill.runners.train import kd_config
 
     student = copy.deepcopy(prep.student0).train()
     timer = step_timer()
@@ -207,8 +207,10 @@ def main(argv=None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
-    from potstill.config import ForwardKL, Recipe, RunConfig
-    from potstill.pipeline import Prepared
+    from potstill.recipes.distill import Recipe
+    from potstill.recipes.divergences import ForwardKL
+    from potstill.recipes.methods import RunConfig
+    from potstill.runners.prepare import Prepared
     from potstill.signals import OnlineTeacher, TeacherMemo
     from potstill.signals.cache import CachedSignal, CacheSpec, write_cache
 

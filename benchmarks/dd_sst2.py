@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         predict_features,
         train_top,
     )
-    from potstill.kd.classifier import TextClassifier, load_encoder
+    from potstill.models.classifier import TextClassifier, load_encoder
 
     total = Clock().__enter__()
     encoder, tokenizer = load_encoder("all-minilm-l6-v2")

@@ -48,16 +48,9 @@ MODES = ("answer_only", "multitask", "cot")
 
 
 def demo_runs():
-    from potstill.config import (
-        ContrastiveOptions,
-        ForwardKL,
-        GeneralizedJSD,
-        MiniLLMOptions,
-        OnPolicyOptions,
-        ReverseKL,
-        RunConfig,
-        SkewForwardKL,
-    )
+    from potstill.recipes.divergences import ForwardKL, GeneralizedJSD, ReverseKL, SkewForwardKL
+    from potstill.recipes.methods import RunConfig
+    from potstill.recipes.options import ContrastiveOptions, MiniLLMOptions, OnPolicyOptions
 
     return [
         RunConfig(name="off_policy_kd", alpha=0.0, divergence=ForwardKL()),
@@ -107,9 +100,10 @@ def demo_runs():
 
 
 def part_demo(quick: bool, work: Path, only: list[str] | None = None) -> dict:
-    from potstill.config import Recipe
     from potstill.eval import evaluate_runs, metrics_only
-    from potstill.pipeline import Prepared, train_run
+    from potstill.recipes.distill import Recipe
+    from potstill.runners.prepare import Prepared
+    from potstill.runners.train import train_run
     from potstill.signals import TeacherMemo
 
     keep = None if only is None else {"off_policy_kd", *only}  # the baseline is always measured in the same run
@@ -207,7 +201,7 @@ def exact_match_of(model, tokenizer, examples, max_new_tokens: int) -> tuple[flo
 
 
 def rationale_recipe(source: dict, steps: int, batch: int, eval_size: int, layers: int = 6, lr: float = 5e-4):
-    from potstill.config import Recipe
+    from potstill.recipes.distill import Recipe
 
     return Recipe.model_validate(
         {
@@ -221,7 +215,8 @@ def rationale_recipe(source: dict, steps: int, batch: int, eval_size: int, layer
 
 
 def train_rationale(recipe, work: Path, max_new_tokens: int) -> dict:
-    from potstill.pipeline import Prepared, train_run
+    from potstill.runners.prepare import Prepared
+    from potstill.runners.train import train_run
 
     prep = Prepared(recipe)
     run = recipe.runs[0]

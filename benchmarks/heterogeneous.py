@@ -46,7 +46,9 @@ DEFAULT_OUT = HERE / "results" / "heterogeneous.json"
 
 def kd_runs(student_layers: list[int]):
     """The ablation arms; the feature pairs map student layers to the teacher layers they were cut from."""
-    from potstill.config import FeatureOptions, ForwardKL, MultiTeacherOptions, RunConfig, ScheduleOptions
+    from potstill.recipes.divergences import ForwardKL
+    from potstill.recipes.methods import RunConfig
+    from potstill.recipes.options import FeatureOptions, MultiTeacherOptions, ScheduleOptions
 
     mid = len(student_layers) // 2
     pairs = [(mid, student_layers[mid - 1] + 1), (len(student_layers), -1)]
@@ -95,10 +97,11 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def part_kd(quick: bool, work: Path) -> dict:
-    from potstill.config import Recipe
     from potstill.eval import evaluate_runs, metrics_only
     from potstill.models import select_layers
-    from potstill.pipeline import Prepared, train_run
+    from potstill.recipes.distill import Recipe
+    from potstill.runners.prepare import Prepared
+    from potstill.runners.train import train_run
     from potstill.signals import TeacherMemo
 
     layers = select_layers(30, 6)
@@ -119,7 +122,7 @@ def part_kd(quick: bool, work: Path) -> dict:
 
     extra = [student_from_teacher(extra[0].model, 15).to(prep.device).eval()]
     from potstill.models import load_model
-    from potstill.pipeline import ExtraTeacher
+    from potstill.runners.prepare import ExtraTeacher
 
     gemma, gemma_tok = load_model("gemma3-270m")
     extra_cross = [ExtraTeacher(gemma.to(prep.device).eval(), gemma_tok)]
@@ -187,9 +190,10 @@ def part_kd(quick: bool, work: Path) -> dict:
 
 
 def part_cross(quick: bool, work: Path, steps: int | None = None) -> dict:
-    from potstill.config import load_recipe
     from potstill.eval import evaluate_runs, metrics_only
-    from potstill.pipeline import Prepared, train_run
+    from potstill.recipes.distill import load_recipe
+    from potstill.runners.prepare import Prepared
+    from potstill.runners.train import train_run
 
     overrides = [f"train.max_steps={steps}"] if steps else []
     if quick:
@@ -256,7 +260,8 @@ def part_cross(quick: bool, work: Path, steps: int | None = None) -> dict:
 
 def part_classifier(quick: bool, work: Path) -> dict:
     """recipes/classify_sms_spam.yaml as it stands (teacher, KD student, no-teacher student)."""
-    from potstill.kd.classifier import load_classifier_recipe, run_classifier_recipe
+    from potstill.recipes.classify import load_classifier_recipe
+    from potstill.runners.classify import run_classifier_recipe
 
     overrides = ["train.steps=4", "teacher.steps=4", "data.train_size=64", "eval.size=32"] if quick else []
     recipe = load_classifier_recipe(HERE.parent / "recipes" / "classify_sms_spam.yaml", overrides)

@@ -16,13 +16,13 @@ Setup (all arms in one run, one process):
   answers (off-policy KD data, as with any fixed corpus);
 * **one teacher pass** (``potstill cache``, top-k 32 + tail bucket, fp16) feeds both the soft
   targets of every student and the KD-aware scores (``select.cache``);
-* **selection** by ``potstill.dd.pipeline.run_select`` (10% = ``ceil(0.1 * pool)``): random
+* **selection** by ``potstill.runners.select.run_select`` (10% = ``ceil(0.1 * pool)``): random
   (3 seeds, averaged), the scoring student's perplexity (hardest first), IFD (loss ratio, IFD > 1
   dropped first, as in Cherry LLM) of the teacher (the freshly cut student follows no
   instruction: its IFD is > 1 on most examples), KD divergence (forward KL, highest first) and "confident teacher,
   unsure student" read from the cache, k-means medoids on all-MiniLM-L6-v2 embeddings of
   prompt + answer (``--arms`` adds k_center, herding, LESS and kd_divergence_easiest, the lowest divergences first);
-* **training** through ``potstill.pipeline.train_run`` (KD, alpha 0, forward KL, T = 1, from the
+* **training** through ``potstill.runners.train.train_run`` (KD, alpha 0, forward KL, T = 1, from the
   cache), same init, seed, batch and learning rate; equal *epochs*: each student takes
   ``ceil(epochs * n / batch)`` steps (the 10% students ~10% of the steps). ``--equal-steps``
   adds the KD-aware 10% trained for as many steps as the 100% student;
@@ -219,10 +219,15 @@ def main(argv=None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
-    from potstill.config import Recipe, RunConfig
-    from potstill.dd.pipeline import load_selection, run_select, select_recipe_from_dict
+    from potstill.dd.selection_io import load_selection
     from potstill.eval import evaluate_runs, metrics_only
-    from potstill.pipeline import Prepared, cache, train_run
+    from potstill.recipes.distill import Recipe
+    from potstill.recipes.methods import RunConfig
+    from potstill.recipes.select import select_recipe_from_dict
+    from potstill.runners.cache import cache
+    from potstill.runners.prepare import Prepared
+    from potstill.runners.select import run_select
+    from potstill.runners.train import train_run
 
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a != "random" and a not in ARMS]

@@ -5,6 +5,9 @@
 * select: ``pool_pairs`` (the selection pool of the ``data_file`` fixture, with an exact and a near
   duplicate of ``DUP``) and ``srecipe`` (a select recipe dict).
 * classifier KD: ``toy_examples`` (a linearly separable toy task), ``tiny_bert_tokenizer`` and ``tiny_bert``.
+* dataset distillation: the classifier toy of condense / select / eval-data (``DD_FILLER``,
+  ``dd_toy_examples``, ``dd_tokenizer``, ``dd_bert``) and the a*/b* word toy of condense / protocol
+  (``AB_WORDS``, ``ab_word_tokenizer``).
 * cross-tokenizer KD: ``make_metaspace_tokenizer`` (a Gemma-like teacher tokenizer), ``random_llama``
   and ``encode_cross_pairs``.
 * logit KD: ``KD_PAIRS``, ``encode_kd_pairs``, ``kd_dataset``, ``kd_cfg`` (a one-step CPU ``KDConfig``) and
@@ -150,27 +153,28 @@ POSITIVE = ["good", "great", "fine"]
 NEGATIVE = ["bad", "awful", "poor"]
 
 
-def toy_examples(n: int, seed: int) -> list[Example]:
-    """Filler words plus one class word: label 1 iff the class word is positive (linearly separable)."""
+def toy_examples(n: int, seed: int, *, filler: list[str] = FILLER, max_words: int = 7) -> list[Example]:
+    """Filler words (2..``max_words`` of ``filler``) plus one class word: label 1 iff the class word is
+    positive (linearly separable)."""
     from potstill.data.classification import Example
 
     rng = random.Random(seed)
     out = []
     for i in range(n):
         label = i % 2
-        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 7))]
+        words = [rng.choice(filler) for _ in range(rng.randint(2, max_words))]
         words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
         out.append(Example(" ".join(words), label))
     rng.shuffle(out)
     return out
 
 
-def tiny_bert_tokenizer():
+def tiny_bert_tokenizer(filler: list[str] = FILLER):
     """A word-level BERT-style tokenizer over the toy vocabulary (``[CLS] text [SEP]``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + FILLER + POSITIVE + NEGATIVE)}
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + filler + POSITIVE + NEGATIVE)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
@@ -460,3 +464,42 @@ DIVERGENCE_PARAMS = {
 # (name, params) for every registered divergence and each of its settings, and their pytest ids.
 DIVERGENCE_CASES = [(n, p) for n in list(DIVERGENCES) for p in DIVERGENCE_PARAMS[n]]
 DIVERGENCE_IDS = [f"{n}-{p}" for n, p in DIVERGENCE_CASES]
+
+
+# ------------------------------------------ dataset distillation (dd/test_condense_recipe.py, ...)
+
+DD_FILLER = FILLER[:12]  # the condense / select / eval-data toy: fewer filler words, 2..6 a sentence
+
+
+def dd_toy_examples(n: int, seed: int) -> list[Example]:
+    """The dd classifier toy (:func:`toy_examples` over ``DD_FILLER``, 2..6 filler words)."""
+    return toy_examples(n, seed, filler=DD_FILLER, max_words=6)
+
+
+def dd_tokenizer():
+    """The word-level BERT-style tokenizer over the dd toy's vocabulary."""
+    return tiny_bert_tokenizer(DD_FILLER)
+
+
+def dd_bert(tok, seed: int = 0):
+    """The dd toy's encoder: a 2-layer, 32-wide BERT."""
+    return tiny_bert(tok, layers=2, seed=seed)
+
+
+# a*/b* words (dd/test_condense.py, dd/test_protocol.py): class 0 draws a*, class 1 b*
+AB_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"a{i}" for i in range(20)] + [f"b{i}" for i in range(20)]
+
+
+def ab_word_tokenizer():
+    """A whitespace word-level tokenizer over ``AB_WORDS`` (``[CLS] text [SEP]``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(AB_WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )

@@ -640,7 +640,7 @@ def test_cache_takes_rank_and_world_size_from_the_launcher_environment(assets, t
 
 def test_examples_whose_prompt_fills_max_length_are_dropped_and_counted(tiny_tokenizer, caplog):
     from potstill.errors import PotstillError
-    from potstill.pipeline import encode_pairs
+    from potstill.runners.prepare import encode_pairs
 
     pairs = [
         {"messages": [{"role": "user", "content": "hi"}], "response": "ok"},

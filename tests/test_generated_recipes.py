@@ -8,9 +8,9 @@ import pytest
 from helpers import recipe, write
 
 from potstill.cli import main
-from potstill.config import Recipe
 from potstill.data.rationale import ANSWER_PREFIX, RATIONALE_PREFIX, arithmetic_problems
-from potstill.pipeline import rationale_split
+from potstill.recipes.distill import Recipe
+from potstill.runners.prepare import rationale_split
 
 
 def test_rationale_split_is_by_problem_and_nested():
@@ -127,7 +127,7 @@ def test_bad_generated_recipes_give_one_line(assets, tmp_path, capsys, case):  #
 
 def test_multitask_batches_carry_prefixes_and_response_only_masks(tiny_tokenizer):
     from potstill.data import PadCollator
-    from potstill.pipeline import encode_pairs
+    from potstill.runners.prepare import encode_pairs
 
     r = Recipe.model_validate(
         {

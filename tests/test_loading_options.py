@@ -7,9 +7,9 @@ import torch
 from helpers import recipe, write
 
 from potstill.cli import main
-from potstill.config import Recipe
 from potstill.finished import run_fingerprint
-from potstill.pipeline import Prepared
+from potstill.recipes.distill import Recipe
+from potstill.runners.prepare import Prepared
 
 
 def test_attention_kernel_reaches_teacher_and_student_and_changes_no_logit(assets, tmp_path):

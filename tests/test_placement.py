@@ -91,8 +91,8 @@ def test_bad_placement_is_one_line_exit_2(assets, tmp_path, capsys, patch, words
 def test_where_the_teacher_runs_does_not_change_the_run_fingerprint():
     """A finished student stays valid when only the teacher's placement changes; keys left at their defaults
     (packing off, the hf generation backend) leave the fingerprints of earlier versions as they were."""
-    from potstill.config import Recipe
     from potstill.finished import run_fingerprint
+    from potstill.recipes.distill import Recipe
 
     plain = Recipe()
     placed = Recipe(teacher={"device_map": "auto", "max_memory": {0: "10GiB", "cpu": "30GiB"}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import tiny_bert, tiny_bert_tokenizer, toy_examples
 
 from potstill.cli import TASKS, main
 
@@ -69,11 +70,9 @@ def test_classify_verb_runs_a_tiny_recipe(tmp_path, capsys, monkeypatch, one_thr
     is those metrics. Only the encoder and the data are stand-ins (a tiny BERT, a separable toy set)."""
     import json
 
-    from kd.test_classifier import tiny_bert, tiny_tokenizer, toy_examples
+    import potstill.runners.classify as clf
 
-    import potstill.kd.classifier as clf
-
-    tok = tiny_tokenizer()
+    tok = tiny_bert_tokenizer()
     monkeypatch.setattr(clf, "load_encoder", lambda name: (tiny_bert(tok, layers=2, hidden=16, seed=2), tok))
     monkeypatch.setattr(clf, "load_sms_spam", lambda: toy_examples(40, 8))
     out = tmp_path / "out"

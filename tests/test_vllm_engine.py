@@ -21,9 +21,9 @@ import pytest
 import torch
 
 import potstill.vllm_engine as ve
-from potstill.config import GenerationOptions, VLLMOptions
 from potstill.errors import PotstillError
 from potstill.generation_cache import GenerationParams, backend_generate, generate_cached
+from potstill.recipes.distill import GenerationOptions, VLLMOptions
 from potstill.vllm_engine import VLLMEngine, named_weights, require_vllm, save_for_vllm
 
 pytestmark = pytest.mark.usefixtures("one_thread")

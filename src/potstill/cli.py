@@ -25,37 +25,34 @@ EXAMPLE = """example:
   potstill eval-data recipes/eval_data_sst2.yaml      # a set vs random / coreset subsets, hard + soft labels
 """
 
-# verb -> (help, module, recipe loader, runner): recipes of their own kind, outside distill's.
+# verb -> (help, recipe loader, runner): recipes of their own kind, outside distill's. A loader of None is
+# `potstill.recipes.load_recipe(path, overrides, verb=<verb>)`; "module:name" names a function; a runner's module
+# may define `summary_line(result)`.
 TASKS = {
     "classify": (
         "task-specific KD of a text classifier: teacher, KD student, no-teacher student",
-        "potstill.kd.classifier",
-        "load_classifier_recipe",
-        "run_classifier_recipe",
+        None,
+        "potstill.runners.classify:run",
     ),
     "select": (
         "score and select training examples (dataset distillation by selection)",
-        "potstill.dd.pipeline",
-        "load_select_recipe",
-        "run_select",
+        None,
+        "potstill.runners.select:run",
     ),
     "synthesize": (
         "generate a compact instruction dataset with a teacher (Self-Instruct, Evol-Instruct)",
-        "potstill.dd.synthesize",
-        "load_synthesis_config",
-        "run_synthesis",
+        None,
+        "potstill.runners.synthesize:run_synthesis",
     ),
     "condense": (
         "learn a small synthetic classification set (gradient / trajectory matching)",
-        "potstill.dd.condense_recipe",
-        "load_condense_recipe",
-        "run_condense",
+        None,
+        "potstill.runners.condense:run",
     ),
     "eval-data": (
         "judge distilled / selected sets against random and coreset subsets of the same size",
-        "potstill.dd.eval_data",
-        "load_eval_data_recipe",
-        "run_eval_data",
+        None,
+        "potstill.runners.eval_data:run",
     ),
 }
 
@@ -217,13 +214,20 @@ def _task(args: argparse.Namespace) -> int:
 
     from .errors import PotstillError
 
-    _, module, loader, runner = TASKS[args.verb]
-    mod = importlib.import_module(module)
+    _, loader, runner = TASKS[args.verb]
     path = Path(args.recipe)
     if not path.is_file():
         raise PotstillError(f"recipe file '{path}' does not exist; pass the path of a YAML recipe")
-    recipe = getattr(mod, loader)(path, list(args.overrides))
-    result = getattr(mod, runner)(recipe)
+    if loader is None:
+        from potstill.recipes import load_recipe
+
+        recipe = load_recipe(path, list(args.overrides), verb=args.verb)
+    else:
+        module, name = loader.split(":")
+        recipe = getattr(importlib.import_module(module), name)(path, list(args.overrides))
+    module, name = runner.split(":")
+    mod = importlib.import_module(module)
+    result = getattr(mod, name)(recipe)
     out = getattr(recipe, "output_dir", None)
     line = getattr(mod, "summary_line", None)
     brief = {k: v for k, v in (result or {}).items() if isinstance(v, (int, float, str))}
@@ -242,6 +246,16 @@ def _summary(metrics: dict[str, dict]) -> None:
         print(f"{name:<24}" + "".join(f"{m.get(k, float('nan')):>16.4f}" for k in keys))
 
 
+def _one_line_warnings() -> None:
+    """A warning (e.g. a deprecated recipe key) is one line on stderr, without the source line it came from."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -249,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _one_line_warnings()
     from .errors import PotstillError
 
     try:

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ab_word_tokenizer
 from torch import nn
 
 from potstill.dd.condense import (
@@ -34,8 +35,6 @@ from potstill.dd.protocol import Features, evaluate_features, train_top
 from potstill.errors import PotstillError
 
 V, H, L = 44, 16, 8  # 4 special ids + 40 words
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-WORDS = SPECIAL + [f"a{i}" for i in range(20)] + [f"b{i}" for i in range(20)]
 
 
 class Tiny(nn.Module):
@@ -168,24 +167,10 @@ def test_nearest_tokens_matches_brute_force(metric):
     assert torch.equal(nearest_tokens(x, E, metric=metric, candidates=cand, chunk=5), cand[ref])
 
 
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
-    )
-
-
 def test_to_text_returns_nearest_words_and_keeps_specials():
     from potstill.data.classification import Example
 
-    tok = word_tokenizer()
+    tok = ab_word_tokenizer()
     E = blobs()
     examples = [Example("a1 a2 a3", 0), Example("a4 a5", 0), Example("b1 b2 b3", 1), Example("b4 b5", 1)]
     cs = init_condensed(examples, 2, tok, E, max_length=16, seed=0)

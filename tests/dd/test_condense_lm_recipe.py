@@ -1,4 +1,4 @@
-"""``potstill condense`` with ``kind: causal_lm`` (potstill.dd.condense_lm_recipe) on the tiny local
+"""``potstill condense`` with ``kind: causal_lm`` (potstill.runners.condense) on the tiny local
 teacher: the verb condenses, saves a set that loads back, exports one text line per sequence,
 lowers its matching loss at the student's own weights, and evaluates the set against random real
 subsets of its size; bad recipes give one line and write nothing."""
@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import assets, write  # noqa: F401  (module-scoped fixture reused)
+from helpers import write
 
-from dd.test_select_pipeline import data_file  # noqa: F401
 from potstill.cli import main
 from potstill.dd.condense_lm import load_soft_prompts
-from potstill.dd.condense_lm_recipe import CondenseLMRecipe
-from potstill.dd.condense_recipe import load_condense_recipe, run_condense
+from potstill.recipes.condense import CondenseLMRecipe, load_condense_recipe
+from potstill.runners.condense import run_condense
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,7 +134,7 @@ def test_teacher_labels_are_differentiated_so_fixed_theta_matching_falls(assets,
 
 
 def test_windows_keep_the_end_or_the_start():
-    from potstill.dd.condense_lm_recipe import _pad
+    from potstill.runners.condense import pad_sequences as _pad
 
     ids, mask = _pad([[1, 2, 3, 4, 5], [6, 7]], pad_id=0, length=3, window="end")
     assert ids.tolist() == [[3, 4, 5], [6, 7, 0]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]

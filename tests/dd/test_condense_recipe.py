@@ -1,4 +1,4 @@
-"""The `potstill condense` recipe and runner (potstill.dd.condense_recipe) on a tiny toy.
+"""The `potstill condense` recipe and runner (potstill.runners.condense) on a tiny toy.
 
 The encoder is a 2-layer, 32-wide BERT over a word-level vocabulary; sentences are filler
 words plus one class word (linearly separable). Data loaders and the encoder loader are
@@ -8,81 +8,23 @@ monkeypatched, so nothing is read from disk but the recipe file.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import DD_FILLER, NEGATIVE, POSITIVE, dd_bert, dd_tokenizer, dd_toy_examples
 
-import potstill.dd.condense_recipe as cr
+import potstill.runners.common as cr
 from potstill.data.classification import Example
 from potstill.dd.condense import load_condensed
-from potstill.dd.condense_recipe import (
-    GradientMethod,
-    TrajectoryMethod,
-    load_condense_recipe,
-    load_condensed_jsonl,
-    run_condense,
-    write_condensed_jsonl,
-)
 from potstill.errors import PotstillError
+from potstill.recipes.condense import GradientMethod, TrajectoryMethod, load_condense_recipe
+from potstill.runners.condense import load_condensed_jsonl, run_condense, write_condensed_jsonl
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-FILLER = ["the", "a", "movie", "film", "was", "is", "really", "quite", "very", "plot", "acting", "story"]
-POSITIVE = ["good", "great", "fine"]
-NEGATIVE = ["bad", "awful", "poor"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def toy_examples(n: int, seed: int) -> list[Example]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        label = i % 2
-        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 6))]
-        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
-        out.append(Example(" ".join(words), label))
-    rng.shuffle(out)
-    return out
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + FILLER + POSITIVE + NEGATIVE)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        model_max_length=64,
-    )
-
-
-def tiny_bert(tok, seed: int = 0):
-    from transformers import BertConfig, BertModel
-
-    cfg = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return BertModel(cfg, add_pooling_layer=False).eval()
 
 
 TOY = {
@@ -108,19 +50,19 @@ TOY = {
 
 @pytest.fixture
 def toy(monkeypatch):
-    tok = tiny_tokenizer()
+    tok = dd_tokenizer()
     loads = []
 
     def fake_encoder(name):
         loads.append(name)
-        return tiny_bert(tok, seed=1), tok
+        return dd_bert(tok, seed=1), tok
 
     def fake_sst2(split="train", path=None):
-        return toy_examples(200 if split == "train" else 60, 0 if split == "train" else 1)
+        return dd_toy_examples(200 if split == "train" else 60, 0 if split == "train" else 1)
 
     monkeypatch.setattr(cr, "load_encoder", fake_encoder)
     monkeypatch.setattr(cr, "load_sst2", fake_sst2)
-    monkeypatch.setattr(cr, "load_sms_spam", lambda path=None: toy_examples(120, 2))
+    monkeypatch.setattr(cr, "load_sms_spam", lambda path=None: dd_toy_examples(120, 2))
     return loads
 
 
@@ -228,7 +170,7 @@ def test_run_condense_end_to_end(tmp_path, toy, kind):
     text, soft = load_condensed_jsonl(out / "condensed.jsonl")
     assert [e.label for e in text] == cs.classes.tolist()
     assert torch.allclose(soft, cs.soft_labels(), atol=1e-6)
-    assert all(set(e.text.split()) <= set(FILLER + POSITIVE + NEGATIVE) for e in text)
+    assert all(set(e.text.split()) <= set(DD_FILLER + POSITIVE + NEGATIVE) for e in text)
     assert load_condense_recipe(out / "recipe.yaml") == recipe
 
 

@@ -1,4 +1,4 @@
-"""`potstill eval-data` (potstill.dd.eval_data): sets vs random / coreset subsets under one protocol.
+"""`potstill eval-data` (potstill.runners.eval_data): sets vs random / coreset subsets under one protocol.
 
 The toy of tests/dd/test_condense_recipe.py: a 2-layer, 32-wide random BERT over a word vocabulary,
 sentences of filler words plus one class word. The SST-2 loader and the encoder loader are
@@ -15,30 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DD_FILLER, NEGATIVE, POSITIVE, dd_bert, dd_tokenizer, dd_toy_examples
 
-import potstill.dd.condense_recipe as cr
-import potstill.dd.eval_data as ed
+import potstill.runners.common as cr
+import potstill.runners.eval_data as ed
 from potstill.cli import main
 from potstill.data.classification import Example
-from potstill.dd.eval_data import (
-    _draw,
-    _load_set,
-    load_eval_data_recipe,
-    read_set_rows,
-    run_eval_data,
-    selection_for_pool,
-    summary_line,
-)
+from potstill.dd.selection_io import selection_for_pool
 from potstill.errors import PotstillError
-
-from .test_condense_recipe import (
-    FILLER,
-    NEGATIVE,
-    POSITIVE,
-    tiny_bert,
-    tiny_tokenizer,
-    toy_examples,
-)
+from potstill.recipes.eval_data import load_eval_data_recipe
+from potstill.runners.common import draw as _draw
+from potstill.runners.eval_data import run_eval_data, summary_line
+from potstill.runners.eval_data_sets import load_set as _load_set
+from potstill.runners.eval_data_sets import read_set_rows
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SEEDS = 3
@@ -48,17 +37,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _patch(mp: pytest.MonkeyPatch) -> list[str]:
-    tok, loads = tiny_tokenizer(), []
+    tok, loads = dd_tokenizer(), []
 
     def fake_encoder(name):
         loads.append(name)
-        return tiny_bert(tok, seed=1), tok
+        return dd_bert(tok, seed=1), tok
 
-    mp.setattr(ed, "load_encoder", fake_encoder)
+    mp.setattr(cr, "load_encoder", fake_encoder)
     mp.setattr(
         cr,
         "load_sst2",
-        lambda split="train", path=None: toy_examples(200 if split == "train" else 60, 0 if split == "train" else 1),
+        lambda split="train", path=None: dd_toy_examples(200 if split == "train" else 60, 0 if split == "train" else 1),
     )
     return loads
 
@@ -83,7 +72,7 @@ def informative(n: int, seed: int) -> list[Example]:
 def uninformative(n: int, seed: int) -> list[Example]:
     """Filler words only: the labels cannot be learned from the text."""
     rng = random.Random(seed)
-    return [Example(" ".join(rng.choice(FILLER) for _ in range(4)), i % 2) for i in range(n)]
+    return [Example(" ".join(rng.choice(DD_FILLER) for _ in range(4)), i % 2) for i in range(n)]
 
 
 def recipe_dict(out: Path, sets: list[dict], **extra) -> dict:
@@ -100,7 +89,7 @@ def recipe_dict(out: Path, sets: list[dict], **extra) -> dict:
 
 def pool_of(data: dict) -> list[Example]:
     """The recipe's pool, as run_eval_data draws it (the sets do not matter for it)."""
-    return cr._load_data(load_eval_data_recipe({**data, "sets": [{"name": "x", "path": "x", "format": "jsonl"}]}))[0]
+    return cr.load_pool(load_eval_data_recipe({**data, "sets": [{"name": "x", "path": "x", "format": "jsonl"}]}))[0]
 
 
 # ------------------------------------------------------------------------------- one full run, many checks

@@ -11,14 +11,17 @@ import math
 from pathlib import Path
 
 import pytest
-from test_cli import assets, recipe, write  # noqa: F401  (module-scoped fixture reused)
+from helpers import recipe, srecipe, write
 
-from dd.test_select_pipeline import data_file, srecipe  # noqa: F401
 from potstill.cli import main
-from potstill.config import recipe_from_dict
-from potstill.dd import eval_data_lm
-from potstill.dd.eval_data import load_eval_data_recipe, run_eval_data, summary_line
-from potstill.dd.pipeline import REPORT, SELECTED, SELECTION, run_select, select_recipe_from_dict
+from potstill.dd.selection_io import REPORT, SELECTED, SELECTION
+from potstill.recipes import eval_data as eval_data_recipes
+from potstill.recipes.distill import recipe_from_dict
+from potstill.recipes.eval_data import load_eval_data_recipe
+from potstill.recipes.select import select_recipe_from_dict
+from potstill.runners import eval_data_lm
+from potstill.runners.eval_data import run_eval_data, summary_line
+from potstill.runners.select import run_select
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,7 +105,7 @@ def test_gain_and_ratio_follow_their_definitions(judged):
 
 def test_set_arm_trains_exactly_as_distill_on_the_selection(assets, data_file, selection, judged, tmp_path):
     """Independent reference: `potstill distill` with data.selection, the same steps and seed."""
-    from potstill.pipeline import distill
+    from potstill.runners.distill import distill
 
     _, rep = judged
     d = recipe(
@@ -134,10 +137,10 @@ def test_a_rerun_resumes_and_a_changed_recipe_starts_over(assets, data_file, sel
     base = lm_recipe(assets, data_file, out, selection, seeds=1, baselines=["random"], full=False, runs=RUNS[1:])
     first = run_eval_data(load_eval_data_recipe(base))
     calls, draws = [], []
-    real = __import__("potstill.pipeline", fromlist=["train_run"]).train_run
-    monkeypatch.setattr("potstill.pipeline.train_run", lambda *a, **k: calls.append(1) or real(*a, **k))
-    real_select = __import__("potstill.dd.pipeline", fromlist=["run_select"]).run_select
-    monkeypatch.setattr("potstill.dd.pipeline.run_select", lambda *a, **k: draws.append(1) or real_select(*a, **k))
+    real = __import__("potstill.runners.train", fromlist=["train_run"]).train_run
+    monkeypatch.setattr("potstill.runners.train.train_run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_select = __import__("potstill.runners.select", fromlist=["run_select"]).run_select
+    monkeypatch.setattr("potstill.runners.select.run_select", lambda *a, **k: draws.append(1) or real_select(*a, **k))
     again = run_eval_data(load_eval_data_recipe(base))
     assert calls == [] and draws == []  # everything came from arms.json and the baselines' own files
     assert again["sets"] == first["sets"] and again["fingerprint"] == first["fingerprint"]
@@ -247,7 +250,7 @@ def test_the_cli_runs_an_lm_recipe(assets, data_file, selection, tmp_path, capsy
     rep = json.loads((out / "eval_data.json").read_text())
     assert rep["protocol"]["epochs"] == 0.5 and rep["sets"][0]["arms"]["set"]["steps"] == 2
     assert rep["full"] is None and "ratio_to_full" in rep["sets"][0]["arms"]["set"]["runs"]["soft"]
-    assert isinstance(eval_data_lm.load_lm_recipe(rec), eval_data_lm.EvalDataLMRecipe)
+    assert isinstance(eval_data_recipes.load_lm_recipe(rec), eval_data_recipes.EvalDataLMRecipe)
 
 
 def test_soft_arms_from_an_exact_cache_equal_the_live_teacher(assets, data_file, selection, tmp_path):
@@ -255,7 +258,7 @@ def test_soft_arms_from_an_exact_cache_equal_the_live_teacher(assets, data_file,
     trained from it, a subset of the pool read by example id, end where the live teacher's do."""
     from transformers import AutoConfig
 
-    from potstill.pipeline import cache
+    from potstill.runners.cache import cache
 
     vocab = AutoConfig.from_pretrained(assets[1]).vocab_size
     common = {"seeds": 1, "baselines": ["random"], "full": False, "runs": RUNS[1:]}

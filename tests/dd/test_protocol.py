@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from helpers import AB_WORDS, ab_word_tokenizer
 from torch import nn
 
 from potstill.data.classification import Example
@@ -20,9 +21,7 @@ from potstill.dd.protocol import (
 )
 from potstill.errors import PotstillError
 
-from .test_condense import WORDS, word_tokenizer  # one toy vocabulary for both files
-
-V, H = len(WORDS), 16
+V, H = len(AB_WORDS), 16  # one toy vocabulary with tests/dd/test_condense.py
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,7 +73,7 @@ def tiny_learner() -> SplitLearner:
     mu = torch.randn(H, generator=g)
     E[4:24] += mu
     E[24:] -= mu
-    return SplitLearner(WordPrefix(E), Top, tokenizer=word_tokenizer(), embedding_matrix=E, max_length=16)
+    return SplitLearner(WordPrefix(E), Top, tokenizer=ab_word_tokenizer(), embedding_matrix=E, max_length=16)
 
 
 TRAIN = {"steps": 40, "lr": 3e-2, "batch_size": 8}
@@ -153,9 +152,9 @@ def test_split_classifier_equals_the_whole_classifier():
     """prefix + top (any cut) computes exactly what TextClassifier computes, with padding."""
     from transformers import BertConfig, BertModel
 
-    from potstill.kd.classifier import TextClassifier
+    from potstill.models.classifier import TextClassifier
 
-    tok = word_tokenizer()
+    tok = ab_word_tokenizer()
     cfg = BertConfig(
         vocab_size=V,
         hidden_size=16,

@@ -1,4 +1,4 @@
-"""``potstill select`` with ``kind: classification`` (potstill.dd.select_cls) on the toy of
+"""``potstill select`` with ``kind: classification`` (potstill.runners.select) on the toy of
 tests/dd/test_eval_data.py: per-class budgets, the teacher-confidence filter drops planted
 mislabelled examples with their reason, the coreset picks equal the coreset functions on the same
 features, and the selection is judged by ``eval-data`` as a ``format: selection`` set."""
@@ -11,18 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import dd_bert, dd_tokenizer, dd_toy_examples
 
-import potstill.dd.condense_recipe as cr
-import potstill.dd.eval_data as ed
+import potstill.runners.common as cr
 from potstill.cli import main
 from potstill.data.classification import Example
 from potstill.dd.diversity import greedy_k_center, herding, per_class
-from potstill.dd.eval_data import load_eval_data_recipe, run_eval_data
-from potstill.dd.pipeline import REPORT, SELECTED, SELECTION, load_select_recipe, run_select, summary_line
-from potstill.dd.select_cls import NOT_CONFIDENT, load_cls_select_recipe
+from potstill.dd.selection_io import REPORT, SELECTED, SELECTION
 from potstill.errors import PotstillError
-
-from .test_condense_recipe import tiny_bert, tiny_tokenizer, toy_examples
+from potstill.recipes.eval_data import load_eval_data_recipe
+from potstill.recipes.select import load_cls_select_recipe, load_select_recipe
+from potstill.runners.eval_data import run_eval_data
+from potstill.runners.select import NOT_CONFIDENT, run_select, summary_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,16 +31,18 @@ FLIPPED = 12  # pool examples whose label is planted wrong
 
 def noisy_pool(n: int) -> list[Example]:
     """The toy's training split with the first FLIPPED labels flipped (their class word says otherwise)."""
-    ex = toy_examples(n, 0)
+    ex = dd_toy_examples(n, 0)
     return [Example(e.text, 1 - e.label) if i < FLIPPED else e for i, e in enumerate(ex)]
 
 
 @pytest.fixture
 def toy(monkeypatch):
-    tok = tiny_tokenizer()
-    monkeypatch.setattr(ed, "load_encoder", lambda name: (tiny_bert(tok, seed=1), tok))
+    tok = dd_tokenizer()
+    monkeypatch.setattr(cr, "load_encoder", lambda name: (dd_bert(tok, seed=1), tok))
     monkeypatch.setattr(
-        cr, "load_sst2", lambda split="train", path=None: noisy_pool(200) if split == "train" else toy_examples(60, 1)
+        cr,
+        "load_sst2",
+        lambda split="train", path=None: noisy_pool(200) if split == "train" else dd_toy_examples(60, 1),
     )
 
 
@@ -64,7 +66,7 @@ def flipped_texts() -> set[str]:
 
 def test_teacher_filter_drops_the_planted_label_noise_with_its_reason(toy, tmp_path):
     rep = run_select(load_cls_select_recipe(recipe(tmp_path / "o", teacher_confident=0.6)))
-    pool = cr._load_data(load_cls_select_recipe(recipe(tmp_path / "o")))[0]
+    pool = cr.load_pool(load_cls_select_recipe(recipe(tmp_path / "o")))[0]
     rows = rep["examples"]
     assert len(rows) == rep["pool"] == 200 and rep["kept"] == 10 and rep["class_counts"] == {"0": 5, "1": 5}
     dropped_conf = {pool[r["example_id"]].text for r in rows if r["reason_key"] == NOT_CONFIDENT}
@@ -89,9 +91,9 @@ def test_teacher_filter_drops_the_planted_label_noise_with_its_reason(toy, tmp_p
 def test_picks_equal_the_coreset_functions_on_the_same_space(toy, tmp_path, scorer, fn):
     r = load_cls_select_recipe(recipe(tmp_path / "o", scorer=scorer, teacher_confident=None, per_class=4))
     rep = run_select(r)
-    pool = cr._load_data(r)[0]
-    learner, feats_of = ed.build_learner(r, num_labels=2)
-    emb = ed.coreset_space(feats_of(pool))
+    pool = cr.load_pool(r)[0]
+    learner, feats_of = cr.build_learner(r, num_labels=2)
+    emb = cr.coreset_space(feats_of(pool))
     labels = torch.tensor([e.label for e in pool])
     expected = per_class(fn, emb, labels, {0: 4, 1: 4}, **({"seed": 0} if scorer == "k_center" else {}))
     ids = json.loads((tmp_path / "o" / SELECTION).read_text())["example_ids"]

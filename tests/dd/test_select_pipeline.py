@@ -10,84 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import assets, recipe, write  # noqa: F401  (module-scoped fixture reused)
+from helpers import DUP, NEAR, recipe, srecipe, write
 
-from potstill.config import recipe_from_dict
-from potstill.dd.pipeline import (
-    BUDGET_CUT,
-    LESS_TARGET,
-    REPORT,
-    SELECTED,
-    SELECTION,
-    distill_recipe,
-    load_select_recipe,
-    load_selection,
-    pool_fingerprint,
-    run_select,
-    select_recipe_from_dict,
-    summary_line,
-)
 from potstill.dd.select import IFD_ABOVE_ONE, example_stats, ifd_loss_ratio
+from potstill.dd.selection_io import REPORT, SELECTED, SELECTION, load_selection, pool_fingerprint
 from potstill.errors import PotstillError
-from potstill.pipeline import Prepared
+from potstill.recipes.distill import recipe_from_dict
+from potstill.recipes.select import distill_recipe, load_select_recipe, select_recipe_from_dict
+from potstill.runners.prepare import Prepared
+from potstill.runners.select import BUDGET_CUT, LESS_TARGET, run_select, summary_line
 
 REPO = Path(__file__).resolve().parents[2]
 
-_TOPICS = [
-    "the sea",
-    "a red apple",
-    "the park",
-    "seven days",
-    "the blue sky",
-    "a small model",
-    "Paris",
-    "the lazy dog",
-    "a book",
-    "the children",
-    "four numbers",
-    "the weather",
-    "a short poem",
-    "the teacher",
-]
-DUP = "The quick brown fox jumps over the lazy dog and the small model learns from the large model today."
-NEAR = "The quick brown fox jumps over the lazy dog and the small model learns from the large model now."
-
-
-def pool_pairs() -> list[tuple[str, str]]:
-    pairs = [
-        (f"Write one sentence about {t}.", f"Here is a sentence about {t}: I like {t} very much.") for t in _TOPICS
-    ]
-    pairs += [
-        (f"What do you know about {t}?", f"{t.capitalize()} is nice, and the weather is good.") for t in _TOPICS[:8]
-    ]
-    # an exact duplicate (after case/space normalization) and a near-duplicate of one text
-    pairs += [
-        ("Tell me about the fox.", DUP),
-        ("tell me  about the fox.", DUP.lower()),
-        ("Tell me about the fox.", NEAR),
-    ]
-    return pairs
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("sel") / "pool.jsonl"
-    p.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in pool_pairs()))
-    return p
-
-
-def srecipe(assets, data_file, out: Path, **select) -> dict:
-    return {
-        "output_dir": str(out),
-        "teacher": {"model": str(assets[1])},
-        "student": {"kind": "from_teacher", "layers": 1},
-        "data": {"source": {"kind": "file", "path": str(data_file)}, "eval_size": 4, "max_length": 64},
-        "select": {"budget": 0.25, "batch_size": 8, **select},
-        "device": "cpu",
-    }
 
 
 def select(assets, data_file, out, **sel) -> dict:
@@ -267,7 +202,7 @@ def test_filters_then_budget_give_the_right_counts(assets, data_file, tmp_path):
 
 
 def _cache_for(sr_dict: dict, cache: dict) -> None:
-    from potstill.pipeline import cache as write_cache
+    from potstill.runners.cache import cache as write_cache
 
     sr = select_recipe_from_dict({**sr_dict, "cache": cache})
     write_cache(distill_recipe(sr), progress=False)
@@ -320,7 +255,7 @@ def test_load_selection_round_trip_and_distill_hook(assets, data_file, tmp_path)
         assert [x["example_id"] for x in sub] == ids and len(sub) == rep["kept"] == 6
         assert all(x is pool[x["example_id"]] for x in sub)
     # the distill hook: data.selection trains on the subset, the cache is keyed by the original ids
-    from potstill.pipeline import distill
+    from potstill.runners.distill import distill
 
     dd = recipe(
         assets,
@@ -415,7 +350,10 @@ def test_bad_recipes_give_one_line_and_write_nothing(assets, data_file, tmp_path
 
 
 def test_yaml_loading_and_the_example_recipe(assets, data_file, tmp_path):
-    p = write(tmp_path / "s.yaml", {**srecipe(assets, data_file, tmp_path / "o"), "select": {"budget": 3}})
+    p = write(
+        tmp_path / "s.yaml",
+        {**srecipe(assets, data_file, tmp_path / "o"), "kind": "causal_lm", "select": {"budget": 3}},
+    )  # kind: absent is classification, the one default of every verb with flavours
     sr = load_select_recipe(p, ["select.scorer={kind: herding}", "select.seed=3"])
     assert sr.select.scorer.kind == "herding" and sr.select.seed == 3 and sr.select.budget == 3
     with pytest.raises(PotstillError, match="does not exist"):

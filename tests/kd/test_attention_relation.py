@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from helpers import encode_kd_pairs, kd_dataset, kd_ref_loss
 
-from potstill.config import recipe_from_dict
 from potstill.data import PadCollator
 from potstill.errors import PotstillError
 from potstill.kd.attention_relation import capture_projections, relation_kl
 from potstill.kd.feature import FeatureKDConfig, FeatureKDTrainer
+from potstill.recipes.distill import recipe_from_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -283,7 +283,7 @@ def test_bad_relation_recipes_are_refused_at_load(feature, message):
 
 
 def test_relation_only_recipe_becomes_a_relation_config(tmp_path):
-    from potstill.pipeline import kd_config
+    from potstill.runners.train import kd_config
 
     r = recipe_from_dict(
         {

@@ -7,114 +7,39 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_bert, tiny_bert_tokenizer, toy_examples
 from torch import nn
 
-import potstill.kd.classifier as clf
-from potstill.data.classification import Example
+import potstill.runners.classify as clf
 from potstill.errors import PotstillError
+from potstill.eval.cls_metrics import classification_metrics
 from potstill.kd.classifier import (
-    TextClassifier,
-    classification_metrics,
     default_layer_map,
     evaluate_classifier,
     latency,
-    load_classifier_recipe,
     masked_hidden_mse,
-    mean_pool,
     predict_proba,
-    run_classifier_recipe,
     soft_label_kd,
     student_from_layers,
     student_narrow,
     train_classifier,
 )
+from potstill.models.classifier import TextClassifier, mean_pool
+from potstill.recipes.classify import load_classifier_recipe
+from potstill.runners.classify import run_classifier_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-
-# ------------------------------------------------------------------------ tiny models
-
-FILLER = [
-    "the",
-    "a",
-    "movie",
-    "film",
-    "was",
-    "is",
-    "really",
-    "quite",
-    "very",
-    "plot",
-    "acting",
-    "story",
-    "it",
-    "this",
-    "one",
-]
-POSITIVE = ["good", "great", "fine"]
-NEGATIVE = ["bad", "awful", "poor"]
-
-
-def toy_examples(n: int, seed: int) -> list[Example]:
-    """Filler words plus one class word: label 1 iff the class word is positive (linearly separable)."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        label = i % 2
-        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 7))]
-        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
-        out.append(Example(" ".join(words), label))
-    rng.shuffle(out)
-    return out
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + FILLER + POSITIVE + NEGATIVE)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        model_max_length=64,
-    )
-
-
-def tiny_bert(tok, *, layers=3, hidden=32, heads=2, seed=0):
-    from transformers import BertConfig, BertModel
-
-    cfg = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return BertModel(cfg, add_pooling_layer=False).eval()
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return tiny_tokenizer()
+    return tiny_bert_tokenizer()
 
 
 @pytest.fixture

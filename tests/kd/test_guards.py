@@ -339,7 +339,7 @@ def _tiny_classifier():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-    from potstill.kd.classifier import TextClassifier
+    from potstill.models.classifier import TextClassifier
 
     words = ["[PAD]", "[UNK]", "good", "bad", "film", "the"]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))

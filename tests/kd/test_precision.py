@@ -22,13 +22,14 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from potstill.cli import main
-from potstill.config import recipe_from_dict
 from potstill.data import encode_example
 from potstill.divergences import DIVERGENCES, chunked_kd_loss
 from potstill.errors import PotstillError
 from potstill.kd import KDConfig, KDTrainer
 from potstill.kd.feature import FeatureKDConfig, FeatureKDTrainer
-from potstill.pipeline import check_precision, kd_config
+from potstill.recipes.distill import recipe_from_dict
+from potstill.runners.prepare import check_precision
+from potstill.runners.train import kd_config
 from potstill.signals import DenseSignal, Head
 
 pytestmark = pytest.mark.usefixtures("one_thread")

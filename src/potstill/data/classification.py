@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from ..errors import PotstillError
 from .rationale import data_root
@@ -20,6 +21,7 @@ from .rationale import data_root
 SMS_LABELS = ("ham", "spam")
 SST2_LABELS = ("negative", "positive")
 DILM_BUDGETS = (5, 10, 20)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -81,17 +83,35 @@ def load_dilm_set(per_class: int, index: int, root: str | Path | None = None) ->
         raise PotstillError(f"DiLM sets exist for {DILM_BUDGETS} examples per class, not {per_class}")
     base = Path(root) if root is not None else data_root() / "dilm_sst2"
     p = _resolve(base / f"dpc_{per_class}" / f"set_{index}.json", "")
+    return _nonempty(read_set_rows(p), p)
+
+
+def read_jsonl_rows(path: str | Path, parse: Callable[[dict], T], row: str) -> list[T]:
+    """``parse(record)`` of every non-blank line of a JSONL file; a line that is not JSON or that ``parse``
+    rejects (``ValueError``, ``KeyError``, ``TypeError``) fails as ``path:line: not {row} (why); fix the line``."""
     rows = []
-    with open(p, encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-                rows.append(Example(str(rec["sentence"]), int(rec["labels"])))
+                rows.append(parse(json.loads(line)))
             except (ValueError, KeyError, TypeError) as e:
-                raise PotstillError(f"{p}:{n}: not a DiLM row {{'sentence', 'labels'}} ({e})") from None
-    return _nonempty(rows, p)
+                raise PotstillError(f"{path}:{n}: not {row} ({e}); fix the line") from None
+    return rows
+
+
+def _set_example(rec: dict) -> Example:
+    text = rec["sentence"] if "sentence" in rec else rec["text"]
+    label = rec["label"] if "label" in rec else rec["labels"]
+    if not isinstance(label, int) or isinstance(label, bool):
+        raise TypeError(f"label {label!r} is not a class id")
+    return Example(str(text), label)
+
+
+def read_set_rows(path: str | Path) -> list[Example]:
+    """Examples of a JSONL set file: ``{"sentence"|"text", "label"|"labels"}`` per line (DiLM, ``potstill condense``)."""
+    return read_jsonl_rows(path, _set_example, "a set row {'sentence' or 'text', 'label' or 'labels'}")
 
 
 def stratified_split(

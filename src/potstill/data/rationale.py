@@ -28,7 +28,6 @@ Pairs have the shape of :func:`potstill.data.loading.records_to_pairs`, plus ``t
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import PotstillError
+from ..paths import data_root  # noqa: F401  (re-exported: the data loaders name their directory by it)
 
 ANSWER_PREFIX = "[answer] "
 RATIONALE_PREFIX = "[rationale] "
@@ -111,17 +111,6 @@ def arithmetic_problems(n: int, *, seed: int = 0, level: int = 2) -> list[Proble
 
 
 _ANNOTATION = re.compile(r"<<[^>]*>>")
-
-
-def data_root() -> Path:
-    """The shared data directory: ``$POTSTILL_DATA``, else ``<repo>/../shared/data``."""
-    default = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
-    root = Path(os.environ.get("POTSTILL_DATA") or default)
-    if not root.is_dir():
-        raise PotstillError(
-            f"data directory '{root}' does not exist; set POTSTILL_DATA to the directory holding the data"
-        )
-    return root
 
 
 def load_gsm8k(path: str | Path, *, limit: int | None = None) -> list[Problem]:

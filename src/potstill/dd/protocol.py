@@ -375,7 +375,7 @@ def predict_features(top: nn.Module, feats: Features, batch_size: int = 256) -> 
 
 def evaluate_features(top: nn.Module, feats: Features) -> dict:
     """``{accuracy, f1, macro_f1, ece, n}`` of ``top`` on cached features."""
-    from ..kd.classifier import classification_metrics
+    from ..eval.cls_metrics import classification_metrics
 
     return classification_metrics(predict_features(top, feats), feats.labels)
 

@@ -25,6 +25,7 @@ VERBS: dict[str, str] = {
     "select": "potstill.recipes.select",
     "condense": "potstill.recipes.condense",
     "eval-data": "potstill.recipes.eval_data",
+    "synthesize": "potstill.recipes.synthesize",
 }
 
 # Verbs that run a distill recipe.
@@ -76,7 +77,8 @@ def recipe_from_dict(
     try:
         recipe = _adapter().validate_python(data)
     except ValidationError as err:
-        raise PotstillError(format_validation_error(err, data, verb=chosen)) from None
+        # every location starts with the union's tag (the verb), which the recipe does not hold as a key
+        raise PotstillError(format_validation_error(err, data, verb=chosen, tagged=True)) from None
     recipe.resolve_paths(base_dir)
     return recipe
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -73,12 +74,14 @@ def key_path(loc: tuple, data: Any, absent_last: bool = False) -> str:
     return ".".join(parts) or "<recipe>"
 
 
-def format_validation_error(err: ValidationError, data: Any = None, verb: str = "distill") -> str:
+def format_validation_error(err: ValidationError, data: Any = None, verb: str = "distill", tagged: bool = False) -> str:
     """One line naming the recipe key of the first problem and the fix, for every recipe kind
-    (``verb``: the ``potstill`` command whose ``--help`` lists the options)."""
+    (``verb``: the ``potstill`` command whose ``--help`` lists the options; ``tagged``: the error locations start
+    with the tag of a union the recipe does not name, such as its verb)."""
     e = err.errors()[0]
-    loc = key_path(e["loc"], data, absent_last=e["type"] in ("extra_forbidden", "missing"))
-    msg = e["msg"].removeprefix("Value error, ")
+    loc = key_path(e["loc"][1:] if tagged else e["loc"], data, absent_last=e["type"] in ("extra_forbidden", "missing"))
+    # a callable discriminator's name is no help to the reader
+    msg = re.sub(r" found using \w+\(\)", "", e["msg"].removeprefix("Value error, "))
     if e["type"] == "extra_forbidden":
         return f"recipe key '{loc}' is not a known option; remove it or fix its spelling (see `potstill {verb} --help`)"
     if e["type"] == "missing":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -166,15 +166,7 @@ class Recipe(RecipeFile):
     )
 
     def resolve_paths(self, base_dir: Path | None) -> None:
-        src = self.data.source
-        for key in ("path", "eval_path"):
-            value = getattr(src, key, None)
-            if isinstance(value, str):
-                setattr(
-                    src,
-                    key,
-                    resolve_data_path(value, base_dir if isinstance(src, FileData) and key == "path" else None),
-                )
+        resolve_data_source(self.data.source, base_dir)
 
     @model_validator(mode="after")
     def _unique_names(self) -> Recipe:
@@ -345,6 +337,25 @@ class Recipe(RecipeFile):
 
 
 """A data path starting with this names a file in the shared data directory (``$POTSTILL_DATA``)."""
+
+
+def resolve_data_source(src: Any, base_dir: Path | None) -> None:
+    """A data section's ``$POTSTILL_DATA/...`` paths, and a file source's recipe-relative ``path``, made absolute."""
+    for key in ("path", "eval_path"):
+        value = getattr(src, key, None)
+        if isinstance(value, str):
+            local = base_dir if isinstance(src, FileData) and key == "path" else None
+            setattr(src, key, resolve_data_path(value, local))
+
+
+def resolve_as_distill(recipe: Any, base_dir: Path | None, verb: str) -> None:
+    """For a recipe that trains through distill (``recipe.distill_recipe()``): distill's own checks of its
+    sections, in one line naming the key, then its data paths resolved as distill resolves them."""
+    try:
+        recipe.distill_recipe()
+    except ValidationError as err:
+        raise PotstillError(format_validation_error(err, recipe.model_dump(mode="json"), verb)) from None
+    resolve_data_source(recipe.data.source, base_dir)
 
 
 def recipe_from_dict(data: dict, overrides: Sequence[str] | None = None, base_dir: Path | None = None) -> Recipe:

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from potstill.recipes.base import Strict
-from potstill.recipes.divergences import AlphaBeta, DivergenceConfig, ForwardKL, SkewReverseKL
+from potstill.recipes.divergences import AlphaBeta, DivergenceConfig, ForwardKL
 from potstill.recipes.models import check_temperature
 from potstill.recipes.options import (
     ContrastiveOptions,
@@ -34,8 +34,10 @@ from potstill.recipes.options import (
     MiniLLMOptions,
     MultiTeacherOptions,
     OnPolicyOptions,
-    RelationOptions,
+    Replay,
+    Sampling,
     ScheduleOptions,
+    StudentSteps,
 )
 
 RESERVED_RUN_NAMES = ("teacher", "student_init")
@@ -70,123 +72,42 @@ class _TokenTerms(_Curriculum):
     )
 
 
-class _Sampling(Strict):
-    """How the student samples its own responses."""
-
-    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the student (not the KD one).")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the student.")
-    max_new_tokens: int = Field(32, ge=1, description="Length cap of the student's samples.")
-    validation_size: int = Field(
-        16, ge=1, description="Training examples (seeded pick) the validation loss is taken on."
-    )
-
-    @field_validator("temperature")
-    @classmethod
-    def _sampling_temperature(cls, v: float) -> float:
-        return check_temperature(v, "method.temperature")
-
-
-class _Replay(Strict):
-    replay_size: int = Field(0, ge=0, description="DistiLLM replay buffer capacity in examples (0: none).")
-    replay_reuse: float = Field(0.0, ge=0.0, le=1.0, description="On a student step, chance to reuse the buffer.")
-
-    @model_validator(mode="after")
-    def _replay(self) -> _Replay:
-        if self.replay_reuse > 0 and self.replay_size == 0:
-            raise ValueError("replay_reuse > 0 needs a replay buffer; set replay_size >= 1")
-        return self
-
-
 class PlainKD(_TokenTerms):
     """Token-level KD on the data's responses."""
 
     kind: Literal["kd"] = "kd"
 
 
-class OnPolicyKD(_Sampling, _Replay, _TokenTerms):
+class OnPolicyKD(StudentSteps, Sampling, Replay, _TokenTerms):
     """GKD / DistiLLM: a share of the steps on the student's own samples, scored by the teacher."""
 
     kind: Literal["on_policy"] = "on_policy"
-    lmbda: float = Field(0.5, ge=0.0, le=1.0, description="GKD's lambda: share of steps on the student's own samples.")
-    adaptive: bool = Field(False, description="DistiLLM: raise lmbda whenever the validation loss rises.")
-    adaptive_step: float = Field(0.1, gt=0.0, le=1.0, description="Rise of lmbda per validation-loss increase.")
-    adaptive_max: float = Field(1.0, ge=0.0, le=1.0, description="Cap of the adaptive lmbda.")
-    adaptive_every: int = Field(10, ge=1, description="Steps between validation-loss measurements.")
 
 
-class DistiLLM2KD(_Sampling, _Replay, _Curriculum):
+class DistiLLM2KD(Sampling, Replay, _Curriculum, ContrastiveOptions):
     """DistiLLM-2: every step pairs the data's (teacher) responses with the student's own samples for the same
     prompts; the run's divergence scores the first, ``student_divergence`` the second."""
 
     kind: Literal["distillm2"] = "distillm2"
-    student_divergence: DivergenceConfig = Field(
-        default_factory=lambda: SkewReverseKL(alpha=0.1),
-        description="Divergence on the student's samples (DistiLLM-2: skew reverse KL, alpha 0.1).",
-    )
-    beta: float = Field(1.0, ge=0.0, le=2.0, description="Loss = (2 - beta) * data term + beta * student term.")
-    beta_end: float | None = Field(
-        None,
-        ge=0.0,
-        le=2.0,
-        description="Ramp beta linearly to this over the first half of training (DistiLLM-2 uses 1 -> 1.5); "
-        "null: fixed.",
-    )
-    adaptive_skew: bool = Field(
-        False,
-        description="Per-sequence skew alpha from the teacher-student probability gap (DistiLLM-2's "
-        "curriculum); both divergences must then be skew ones, their alpha the cap.",
-    )
 
 
-class MiniLLMKD(_Sampling, _Curriculum):
+class MiniLLMKD(Sampling, _Curriculum, MiniLLMOptions):
     """MiniLLM: sequence-level reverse KL by policy gradient on teacher-mixed samples, one update per sample."""
 
     kind: Literal["minillm"] = "minillm"
-    mix: float = Field(0.2, ge=0.0, lt=1.0, description="Teacher share of the sampling distribution (paper: 0.2).")
-    length_norm: bool = Field(True, description="Later-token return as a mean (length normalization), not a sum.")
-    long_term: bool = Field(
-        True,
-        description="Keep the policy-gradient term of later tokens (false: single-step reverse KL on the samples).",
-    )
 
 
-class FeatureKD(_TokenTerms):
+class FeatureKD(FeatureOptions, _TokenTerms):
     """Hidden-state distillation (FitNets, Romero et al. 2015; TinyBERT, Jiao et al. 2020) and/or attention
     relations (MiniLMv2, Wang et al. 2021), next to the logit loss."""
 
     kind: Literal["feature"] = "feature"
-    layers: list[tuple[int, int]] | None = Field(
-        None,
-        min_length=1,
-        description="Pairs [student_layer, teacher_layer] of hidden states; 0 is the embeddings, "
-        "-1 the last layer. Optional when `relations` is set.",
-    )
-    loss: Literal["mse", "cosine"] = Field("mse", description="Distance between (projected) hidden states.")
-    weight: float = Field(1.0, ge=0.0, description="Weight of the hidden-state term next to the logit loss.")
-    relations: RelationOptions | None = Field(None, description="Add MiniLMv2 attention-relation distillation.")
-
-    @model_validator(mode="after")
-    def _some_term(self) -> FeatureKD:
-        if self.layers is None and self.relations is None:
-            raise ValueError("feature needs layers (hidden-state pairs) or relations (attention-relation pairs)")
-        return self
 
 
-class CrossTokenizerKD(Strict):
+class CrossTokenizerKD(CrossTokenizerOptions):
     """Distill across tokenizers: the teacher reads the same text in its own tokens."""
 
     kind: Literal["cross_tokenizer"] = "cross_tokenizer"
-    align: Literal["uld", "vocab_map"] = Field(
-        "vocab_map",
-        description="uld: sorted-probability Wasserstein loss (Boizard et al. 2024); vocab_map: the "
-        "teacher's distribution projected onto the student's vocabulary by token-string matches.",
-    )
-    kinds: list[Literal["exact", "normalized", "mined"]] = Field(
-        ["exact", "normalized", "mined"],
-        min_length=1,
-        description="vocab_map: which matches carry teacher mass (exact bytes, NFKC/case, longest student prefix).",
-    )
-    max_teacher_length: int | None = Field(None, ge=8, description="Truncate the teacher's tokens to this many.")
 
 
 MethodConfig = Annotated[
@@ -294,9 +215,10 @@ class RunConfig(Strict):
         old = {k: data.pop(k) for k in _FLAT_KEYS if k in data}
         if "method" in data:
             raise ValueError(f"a run states its method once; move {sorted(old)} into `method`")
+        keys = sorted(old)
         data["method"] = _flat_to_method(old)
         warnings.warn(
-            f"run keys {sorted(old)} are deprecated and will be refused from potstill 0.2; write the run's "
+            f"run keys {keys} are deprecated and will be refused from potstill 0.2; write the run's "
             f"method as `method: {{kind: {data['method']['kind']}, ...}}` (see `potstill schema distill`)",
             FutureWarning,
             stacklevel=2,
@@ -358,14 +280,14 @@ class RunConfig(Strict):
         m = self.method
         if not isinstance(m, FeatureKD):
             return None
-        return FeatureOptions(layers=m.layers, loss=m.loss, weight=m.weight, relations=m.relations)
+        return FeatureOptions(**m.model_dump(include=set(FeatureOptions.model_fields)))
 
     @property
     def cross_tokenizer(self) -> CrossTokenizerOptions | None:
         m = self.method
         if not isinstance(m, CrossTokenizerKD):
             return None
-        return CrossTokenizerOptions(method=m.align, kinds=m.kinds, max_teacher_length=m.max_teacher_length)
+        return CrossTokenizerOptions(**m.model_dump(exclude={"kind"}))
 
     @property
     def multi_teacher(self) -> MultiTeacherOptions | None:
@@ -393,6 +315,7 @@ class RunConfig(Strict):
         """The run in the shape of recipes before ``method:`` (JSON-ready): what fingerprints of finished runs
         were taken over, so runs finished before the change still verify."""
         dump = lambda m: None if m is None else m.model_dump(mode="json")  # noqa: E731
+        cross = dump(self.cross_tokenizer)  # its `align` was called `method` then
         return {
             "name": self.name,
             "alpha": self.alpha,
@@ -406,7 +329,7 @@ class RunConfig(Strict):
             "feature": dump(self.feature),
             "multi_teacher": dump(self.multi_teacher),
             "curriculum": self.curriculum,
-            "cross_tokenizer": dump(self.cross_tokenizer),
+            "cross_tokenizer": None if cross is None else {"method": cross.pop("align"), **cross},
         }
 
     @field_validator("temperature")

@@ -50,50 +50,55 @@ class MiniLLMOptions(Strict):
     )
 
 
-class OnPolicyOptions(Strict):
-    """Student-generated data: GKD (Agarwal et al. 2024), DistiLLM (Ko et al. 2024), DistiLLM-2 (Ko et al. 2025)."""
+class Sampling(Strict):
+    """How the student samples its own responses."""
 
-    lmbda: float = Field(0.5, ge=0.0, le=1.0, description="GKD's lambda: share of steps on the student's own samples.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the student (not the KD one).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the student.")
+    max_new_tokens: int = Field(32, ge=1, description="Length cap of the student's samples.")
+    validation_size: int = Field(
+        16, ge=1, description="Training examples (seeded pick) the validation loss is taken on."
+    )
 
     @field_validator("temperature")
     @classmethod
     def _sampling_temperature(cls, v: float) -> float:
-        return check_temperature(v, "on_policy.temperature")
+        return check_temperature(v, "method.temperature")
 
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the student.")
-    max_new_tokens: int = Field(32, ge=1, description="Length cap of the student's samples.")
+
+class Replay(Strict):
+    """DistiLLM's replay buffer of the student's samples."""
+
     replay_size: int = Field(0, ge=0, description="DistiLLM replay buffer capacity in examples (0: none).")
     replay_reuse: float = Field(0.0, ge=0.0, le=1.0, description="On a student step, chance to reuse the buffer.")
+
+    @model_validator(mode="after")
+    def _replay(self) -> Replay:
+        if self.replay_reuse > 0 and self.replay_size == 0:
+            raise ValueError("replay_reuse > 0 needs a replay buffer; set replay_size >= 1")
+        return self
+
+
+class StudentSteps(Strict):
+    """GKD's share of steps on the student's samples, and DistiLLM's adaptive rise of it."""
+
+    lmbda: float = Field(0.5, ge=0.0, le=1.0, description="GKD's lambda: share of steps on the student's own samples.")
     adaptive: bool = Field(False, description="DistiLLM: raise lmbda whenever the validation loss rises.")
     adaptive_step: float = Field(0.1, gt=0.0, le=1.0, description="Rise of lmbda per validation-loss increase.")
     adaptive_max: float = Field(1.0, ge=0.0, le=1.0, description="Cap of the adaptive lmbda.")
     adaptive_every: int = Field(10, ge=1, description="Steps between validation-loss measurements.")
-    validation_size: int = Field(
-        16, ge=1, description="Training examples (seeded pick) the validation loss is taken on."
-    )
+
+
+class OnPolicyOptions(StudentSteps, Sampling, Replay):
+    """Student-generated data as the trainers read it: GKD (Agarwal et al. 2024), DistiLLM (Ko et al. 2024),
+    DistiLLM-2 (Ko et al. 2025), MiniLLM (Gu et al. 2024)."""
+
     contrastive: ContrastiveOptions | None = Field(
         None, description="DistiLLM-2: every step trains on both the data and the student's samples (lmbda unused)."
     )
     minillm: MiniLLMOptions | None = Field(
         None, description="MiniLLM: every step on teacher-mixed samples, reverse KL by policy gradient (lmbda unused)."
     )
-
-    @model_validator(mode="after")
-    def _replay(self) -> OnPolicyOptions:
-        if self.replay_reuse > 0 and self.replay_size == 0:
-            raise ValueError("replay_reuse > 0 needs a replay buffer; set replay_size >= 1")
-        if self.minillm is not None and (self.contrastive is not None or self.adaptive or self.replay_size):
-            raise ValueError(
-                "on_policy.minillm samples on-policy and updates once per sample; remove contrastive, "
-                "adaptive and replay_size from this run"
-            )
-        if self.contrastive is not None and self.adaptive:
-            raise ValueError(
-                "on_policy.contrastive trains every step on both the data and student samples, so "
-                "DistiLLM's adaptive lmbda has nothing to move; set adaptive false"
-            )
-        return self
 
 
 class ScheduleOptions(Strict):
@@ -159,7 +164,7 @@ class FeatureOptions(Strict):
 class CrossTokenizerOptions(Strict):
     """Distill across tokenizers: the teacher reads the same text in its own tokens."""
 
-    method: Literal["uld", "vocab_map"] = Field(
+    align: Literal["uld", "vocab_map"] = Field(
         "vocab_map",
         description="uld: sorted-probability Wasserstein loss (Boizard et al. 2024); vocab_map: the "
         "teacher's distribution projected onto the student's vocabulary by token-string matches.",

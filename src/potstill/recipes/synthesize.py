@@ -7,10 +7,13 @@ recipes (:func:`~potstill.runners.synthesize.synthesis_config_from_dict`) and ru
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
+from potstill.paths import resolve_data_path
+from potstill.recipes.base import RecipeFile, Strict
 from potstill.recipes.distill import GenerationOptions
 
 __all__ = [
@@ -63,11 +66,7 @@ UNSUPPORTED_KEYWORDS = (  # the default of filters.unsupported_keywords
 )
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class SamplingConfig(_Strict):
+class SamplingConfig(Strict):
     do_sample: bool = Field(True, description="Sample (true) or decode greedily (false).")
     temperature: float = Field(
         0.7, gt=0.0, description="Generation (sampling) temperature of the teacher; not a distillation temperature."
@@ -84,7 +83,7 @@ class SamplingConfig(_Strict):
         return v
 
 
-class SelfInstructConfig(_Strict):
+class SelfInstructConfig(Strict):
     kind: Literal["self_instruct"] = "self_instruct"
     n_instructions: int = Field(
         100, ge=1, description="Stop once this many new instructions are kept (extra: over_budget)."
@@ -113,12 +112,12 @@ class SelfInstructConfig(_Strict):
 EvolOperation = Literal["constraints", "deepen", "concretize", "reasoning", "breadth"]
 
 
-class EvolInstructConfig(_Strict):
+class EvolInstructConfig(Strict):
     kind: Literal["evol_instruct"] = "evol_instruct"
     pool_size: int = Field(32, ge=1, description="Seed instructions drawn (seeded) into the evolving pool.")
     rounds: int = Field(3, ge=1, description="Evolution rounds over the pool.")
     operations: list[EvolOperation] = Field(
-        default_factory=lambda: ["constraints", "deepen", "concretize", "reasoning", "breadth"],
+        default_factory=lambda: list(get_args(EvolOperation)),
         min_length=1,
         description="Operations drawn uniformly per instruction and round (in-depth ones and breadth).",
     )
@@ -142,7 +141,7 @@ MethodConfig = Annotated[
 ]
 
 
-class FilterConfig(_Strict):
+class FilterConfig(Strict):
     min_instruction_words: int = Field(3, ge=1, description="Drop instructions with fewer words (too short).")
     max_instruction_words: int = Field(150, ge=1, description="Drop instructions with more words (too long).")
     max_non_ascii: float = Field(
@@ -167,8 +166,10 @@ class FilterConfig(_Strict):
         return self
 
 
-class SynthesisConfig(_Strict):
+class SynthesisConfig(RecipeFile):
     """The `potstill synthesize` recipe."""
+
+    verb: Literal["synthesize"] = Field("synthesize", description="The command this recipe is for.")
 
     output_dir: str = Field(
         "runs/synthesize", description="Where rounds, generations, synthetic.jsonl and the report go."
@@ -199,3 +200,18 @@ class SynthesisConfig(_Strict):
         description="The teacher's generation engine: hf (default, any device) "
         "or vllm (pip install 'potstill[vllm]', CUDA; colocate or server).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_kind(cls, data: Any) -> Any:
+        """A method section without ``kind`` is Self-Instruct, stated, so error paths name no union tag."""
+        if isinstance(data, dict) and isinstance(data.get("method"), dict) and "kind" not in data["method"]:
+            data = {**data, "method": {"kind": "self_instruct", **data["method"]}}
+        return data
+
+    def resolve_paths(self, base_dir: Path | None) -> None:
+        if self.seeds_path is not None:
+            self.seeds_path = resolve_data_path(self.seeds_path, base_dir)
+
+
+RECIPE = SynthesisConfig

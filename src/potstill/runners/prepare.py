@@ -364,7 +364,7 @@ class Prepared:
         subset a ``data.selection`` file keeps (with their original ``example_id``), else the pool."""
         self.pool_examples = self.train_examples
         if self.recipe.data.selection is not None:
-            from potstill.dd.pipeline import load_selection
+            from potstill.dd.selection_io import load_selection
 
             self.train_examples = load_selection(self.recipe.data.selection, self.pool_examples)
 

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from ..config import DATA_VAR, apply_overrides, format_validation_error, read_recipe_file
 from ..dd.synth_seeds import load_seed_tasks
 from ..dd.synth_teacher import TeacherGenerator
 from ..dd.synthesize import synthesize
@@ -25,29 +22,16 @@ def synthesis_config_from_dict(
     data: dict | None, overrides: list[str] | None = None, base_dir: Path | None = None
 ) -> SynthesisConfig:
     """Validate a synthesis recipe (``key=value`` overrides applied); one-line errors."""
-    data = apply_overrides(dict(data or {}), overrides or [])
-    if isinstance(data.get("method"), dict) and "kind" not in data["method"]:
-        data["method"] = {"kind": "self_instruct", **data["method"]}  # so error paths name no union tag
-    try:
-        cfg = SynthesisConfig.model_validate(data)
-    except ValidationError as err:
-        msg = format_validation_error(err, data, "synthesize")
-        raise PotstillError(msg.replace(" found using _method_tag()", "")) from None
-    if cfg.seeds_path is not None:
-        if cfg.seeds_path.startswith(DATA_VAR):
-            from ..data.rationale import data_root
+    from ..recipes import recipe_from_dict
 
-            cfg.seeds_path = str(data_root() / cfg.seeds_path[len(DATA_VAR) :].lstrip("/"))
-        elif base_dir is not None and not Path(cfg.seeds_path).is_absolute():
-            cfg.seeds_path = str((base_dir / cfg.seeds_path).resolve())
-    return cfg
+    return recipe_from_dict(data, overrides or [], base_dir=base_dir, verb="synthesize")  # type: ignore[return-value]
 
 
 def load_synthesis_config(path: str | Path, overrides: list[str] | None = None) -> SynthesisConfig:
     """Read a YAML synthesis recipe and apply ``key=value`` overrides."""
-    p = Path(path)
-    data = read_recipe_file(p, "teacher, method, ...")
-    return synthesis_config_from_dict(data, overrides, base_dir=p.parent)
+    from ..recipes import load_recipe
+
+    return load_recipe(path, overrides or [], verb="synthesize")  # type: ignore[return-value]
 
 
 def as_synthesis_config(cfg: SynthesisConfig | dict) -> SynthesisConfig:

@@ -481,7 +481,7 @@ def _train_cross(
             teacher_model=teacher.to(device),
             args=kd_config(recipe, run, str(sc.dir), device),
             teacher_tokenizer=cross["teacher_tokenizer"],
-            method=ct.method,
+            method=ct.align,
             vocab_map=cross.get("vocab_map"),
             kinds=tuple(ct.kinds),
             max_teacher_length=ct.max_teacher_length,
