@@ -821,7 +821,7 @@ def test_sigkilled_distill_leaves_no_temporary_behind_and_resumes(assets, tmp_pa
         (
             "zero3",
             {"runs.1.on_policy": {"minillm": {}}, "runs.1.divergence": {"name": "reverse_kl"}},
-            "run kd: on_policy.minillm is not supported under train.distributed zero3",
+            "run kd: method minillm is not supported under train.distributed zero3",
         ),
         (
             "zero3",

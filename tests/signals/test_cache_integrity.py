@@ -161,6 +161,7 @@ def test_write_cache_removes_dead_writers_temporaries(cache_copy, tiny_teacher, 
     assert snapshot(path) == {k: v for k, v in before.items() if k != dead.name}
 
 
+@pytest.mark.slow
 def test_sigkill_while_caching_then_rerun_gives_the_identical_cache(built, tmp_path, tiny_teacher, tiny_tokenizer):
     ref, exs = built
     model_dir = tmp_path / "teacher"

@@ -249,10 +249,10 @@ class Recipe(RecipeFile):
             what = [
                 k
                 for k, on in (
-                    ("cross_tokenizer", r.cross_tokenizer is not None),
-                    ("on_policy.contrastive (DistiLLM-2)", op is not None and op.contrastive is not None),
-                    ("on_policy.minillm", op is not None and op.minillm is not None),
-                    ("feature.relations", r.feature is not None and r.feature.relations is not None),
+                    ("method cross_tokenizer", r.cross_tokenizer is not None),
+                    ("method distillm2", op is not None and op.contrastive is not None),
+                    ("method minillm", op is not None and op.minillm is not None),
+                    ("method.relations (feature)", r.feature is not None and r.feature.relations is not None),
                 )
                 if on
             ]
@@ -287,8 +287,8 @@ class Recipe(RecipeFile):
         live = [r.name for r in kd if r.on_policy is not None]
         if live:
             raise ValueError(
-                f"run(s) {live} use on_policy, which needs the live teacher to score the student's "
-                "samples; remove the cache section or on_policy"
+                f"run(s) {live} train on the student's own samples, which needs the live teacher to score "
+                "them; remove the cache section or use method kd"
             )
         live = [
             r.name

@@ -229,7 +229,7 @@ class RunConfig(Strict):
     def _method_fits_run(self) -> RunConfig:
         m = self.method
         if m.kind in ON_POLICY_KINDS and self.alpha >= 1.0:
-            raise ValueError("on_policy steps are scored by the teacher; set alpha < 1 or remove on_policy")
+            raise ValueError("on_policy steps are scored by the teacher; set alpha < 1 or use method kd")
         if isinstance(m, MiniLLMKD) and (self.divergence.name != "reverse_kl" or self.alpha != 0.0):
             raise ValueError(
                 "method minillm minimizes the reverse KL on samples (no CE target there); set "

@@ -138,12 +138,12 @@ def check_distributed(recipe: Recipe, device: torch.device) -> None:
         for run in recipe.runs:
             minillm = run.on_policy is not None and run.on_policy.minillm is not None and kind == "zero3"
             if minillm or run.cross_tokenizer is not None:
-                what = "on_policy.minillm" if minillm else "cross_tokenizer"
+                what = "method minillm" if minillm else "method cross_tokenizer"
                 why = {
-                    "on_policy.minillm": "its teacher-mixed sampling runs the partitioned teacher once per new "
+                    "method minillm": "its teacher-mixed sampling runs the partitioned teacher once per new "
                     "token, and a process whose samples ended stops calling it while the others still gather "
                     "its weights; fsdp2 gathers the teacher once for the whole generation",
-                    "cross_tokenizer": "the cross-tokenizer trainer has not been run with sharded models",
+                    "method cross_tokenizer": "the cross-tokenizer trainer has not been run with sharded models",
                 }[what]
                 alt = "fsdp2 or ddp" if minillm else "ddp"
                 raise PotstillError(

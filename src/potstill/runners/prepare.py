@@ -229,7 +229,7 @@ def build_student(recipe: Recipe, teacher, teacher_tok):
         token_level = [r.name for r in recipe.runs if r.uses_teacher and r.cross_tokenizer is None]
         if token_level:
             raise VocabMismatchError(
-                f"{err} (runs {token_level}: set runs[].cross_tokenizer, e.g. {{{{method: vocab_map}}}}, or alpha 1)"
+                f"{err} (runs {token_level}: set the run's method, e.g. {{{{kind: cross_tokenizer, align: vocab_map}}}}, or alpha 1)"
             ) from None
         return student, None, student_tok
     return student, vocab, None

@@ -471,8 +471,8 @@ def _train_cross(
 
     if "teacher_tokenizer" not in cross:
         raise PotstillError(
-            f"run {run.name} uses cross_tokenizer but the student shares the teacher's tokenizer; "
-            "remove cross_tokenizer or use a student with its own tokenizer"
+            f"run {run.name} uses method cross_tokenizer but the student shares the teacher's tokenizer; "
+            "use another method or a student with its own tokenizer"
         )
     ct, sc = run.cross_tokenizer, _Scratch.of(recipe, run, out_dir)
     try:
