@@ -27,7 +27,7 @@ from potstill.recipes.eval_data import load_eval_data_recipe
 from potstill.runners.common import draw as _draw
 from potstill.runners.eval_data import run_eval_data, summary_line
 from potstill.runners.eval_data_sets import load_set as _load_set
-from potstill.runners.eval_data_sets import read_set_rows
+from potstill.data.classification import read_set_rows
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SEEDS = 3

@@ -43,7 +43,6 @@ held-out KL; condensing was *not* shown to beat its own start or a random real s
 from __future__ import annotations
 
 import copy
-import json
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -64,11 +63,10 @@ from .condense import (
     frozen,
     gradient_distance,
     latent_regularizer,
-    nearest_tokens,
     save_set,
     select_params,
-    text_candidates,
 )
+from .condensed_set import TokenProjection, load_set
 
 __all__ = [
     "SoftPromptSet",
@@ -89,7 +87,7 @@ _TENSORS = ("embeddings", "attention_mask", "learn_mask", "token_ids")
 
 
 @dataclass
-class SoftPromptSet:
+class SoftPromptSet(TokenProjection):
     """``m`` learnable soft-prompt sequences with next-token soft labels (module docstring)."""
 
     embeddings: Tensor  # [m, L, H] float
@@ -115,20 +113,13 @@ class SoftPromptSet:
         """``softmax(target_logits)``, ``[m, L, V]``."""
         return torch.softmax(self.target_logits(teacher).float(), dim=-1)
 
-    def project(self, embedding_matrix: Tensor, *, metric: str = "cosine", candidates: Tensor | None = None) -> Tensor:
-        """Token ids ``[m, L]``: learned positions -> nearest token row, fixed positions keep their token."""
-        near = nearest_tokens(self.embeddings.detach(), embedding_matrix, metric=metric, candidates=candidates)
-        return torch.where(self.learn_mask, near, self.token_ids)
-
     def to_text(
         self, tokenizer, embedding_matrix: Tensor, *, metric: str = "cosine", candidates: Tensor | None = None
     ) -> list[str]:
         """One string per sequence by nearest-token projection (candidates default to
         :func:`~potstill.dd.condense.text_candidates`); padding dropped, fixed special tokens kept."""
-        if candidates is None:
-            candidates = text_candidates(tokenizer, embedding_matrix.shape[0])
-        ids = self.project(embedding_matrix, metric=metric, candidates=candidates)
-        return [tokenizer.decode(ids[i][self.attention_mask[i].bool()].tolist()) for i in range(len(self))]
+        rows = self.token_rows(tokenizer, embedding_matrix, metric=metric, candidates=candidates)
+        return [tokenizer.decode(row) for row in rows]
 
     def save(self, path: str | Path) -> Path:
         """Write ``path/soft_prompts.safetensors`` and ``path/soft_prompts.json`` (meta, history), each atomically."""
@@ -146,14 +137,7 @@ class SoftPromptSet:
 
 def load_soft_prompts(path: str | Path) -> SoftPromptSet:
     """Read a directory written by :meth:`SoftPromptSet.save`."""
-    from safetensors.torch import load_file
-
-    st, js = Path(path) / "soft_prompts.safetensors", Path(path) / "soft_prompts.json"
-    if not st.is_file() or not js.is_file():
-        raise PotstillError(f"'{path}' holds no soft-prompt set (soft_prompts.safetensors + .json); save one first")
-    t, rec = load_file(str(st)), json.loads(js.read_text())
-    if any(k not in t for k in _TENSORS):
-        raise PotstillError(f"'{st}' lacks some of {list(_TENSORS)}; it was not written by SoftPromptSet.save")
+    t, rec = load_set(path, "soft_prompts", _TENSORS, "soft-prompt set", "SoftPromptSet.save")
     return SoftPromptSet(
         embeddings=t["embeddings"],
         attention_mask=t["attention_mask"],

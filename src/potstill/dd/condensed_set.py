@@ -30,12 +30,14 @@ __all__ = [
     "REG_KINDS",
     "CondensedSet",
     "RealData",
+    "TokenProjection",
     "init_condensed",
     "init_from_ids",
     "latent_regularizer",
     "load_condensed",
     "nearest_tokens",
     "save_condensed",
+    "load_set",
     "save_set",
     "text_candidates",
 ]
@@ -82,8 +84,34 @@ class RealData:
         return embedding_matrix[self.input_ids[idx, :width]], mask[:, :width], self.labels[idx]
 
 
+class TokenProjection:
+    """Reading a soft-token set back as tokens, for any set holding ``embeddings [m, L, H]``,
+    ``attention_mask``, ``learn_mask`` and ``token_ids [m, L]`` (:class:`CondensedSet`,
+    :class:`potstill.dd.condense_lm.SoftPromptSet`)."""
+
+    embeddings: Tensor
+    attention_mask: Tensor
+    learn_mask: Tensor
+    token_ids: Tensor
+
+    def project(self, embedding_matrix: Tensor, *, metric: str = "cosine", candidates: Tensor | None = None) -> Tensor:
+        """Token ids ``[m, L]``: learned positions -> nearest token row, fixed positions keep their token."""
+        near = nearest_tokens(self.embeddings.detach(), embedding_matrix, metric=metric, candidates=candidates)
+        return torch.where(self.learn_mask, near, self.token_ids)
+
+    def token_rows(
+        self, tokenizer, embedding_matrix: Tensor, *, metric: str = "cosine", candidates: Tensor | None = None
+    ) -> list[list[int]]:
+        """Per sequence, the :meth:`project` ids of its real positions (padding dropped); ``candidates`` default to
+        :func:`text_candidates` of ``tokenizer``."""
+        if candidates is None:
+            candidates = text_candidates(tokenizer, embedding_matrix.shape[0])
+        ids = self.project(embedding_matrix, metric=metric, candidates=candidates)
+        return [ids[i][self.attention_mask[i].bool()].tolist() for i in range(ids.shape[0])]
+
+
 @dataclass
-class CondensedSet:
+class CondensedSet(TokenProjection):
     """A learnable synthetic set in input-embedding space (see the module docstring for shapes)."""
 
     embeddings: Tensor  # [m, L, H] float
@@ -111,11 +139,6 @@ class CondensedSet:
         """``(inputs_embeds [m, L, H], attention_mask [m, L])`` to feed a learner."""
         return self.embeddings.detach(), self.attention_mask
 
-    def project(self, embedding_matrix: Tensor, *, metric: str = "cosine", candidates: Tensor | None = None) -> Tensor:
-        """Token ids ``[m, L]``: learned positions -> nearest token row, fixed positions keep their token."""
-        near = nearest_tokens(self.embeddings.detach(), embedding_matrix, metric=metric, candidates=candidates)
-        return torch.where(self.learn_mask, near, self.token_ids)
-
     def to_text(
         self, tokenizer, embedding_matrix: Tensor, *, metric: str = "cosine", candidates: Tensor | None = None
     ) -> list[Example]:
@@ -128,14 +151,11 @@ class CondensedSet:
         label is ``soft_labels()[i]``. Re-tokenizing the text need not give the same ids
         (WordPiece may merge or split pieces differently).
         """
-        if candidates is None:
-            candidates = text_candidates(tokenizer, embedding_matrix.shape[0])
-        ids = self.project(embedding_matrix, metric=metric, candidates=candidates)
-        out = []
-        for i in range(len(self)):
-            row = ids[i][self.attention_mask[i].bool()].tolist()
-            out.append(Example(tokenizer.decode(row, skip_special_tokens=True).strip(), int(self.classes[i])))
-        return out
+        rows = self.token_rows(tokenizer, embedding_matrix, metric=metric, candidates=candidates)
+        return [
+            Example(tokenizer.decode(row, skip_special_tokens=True).strip(), int(c))
+            for row, c in zip(rows, self.classes)
+        ]
 
     def save(self, path: str | Path) -> Path:
         return save_condensed(self, path)
@@ -304,6 +324,25 @@ def save_set(path: str | Path, stem: str, tensors: dict[str, Tensor | None], rec
     return path
 
 
+def load_set(
+    path: str | Path, stem: str, required: Sequence[str], what: str, writer: str
+) -> tuple[dict[str, Tensor], dict]:
+    """``(tensors, record)`` of a directory written by :func:`save_set` (``path/<stem>.safetensors`` and
+    ``path/<stem>.json``), checked to hold the ``required`` tensors; ``what`` names the set and ``writer``
+    the function that writes it, in the errors."""
+    from safetensors.torch import load_file
+
+    st, js = Path(path) / f"{stem}.safetensors", Path(path) / f"{stem}.json"
+    if not st.is_file() or not js.is_file():
+        raise PotstillError(f"'{path}' holds no {what} ({st.name} + {js.name}); save one first")
+    t = load_file(str(st))
+    rec = json.loads(js.read_text())
+    missing = [k for k in required if k not in t]
+    if missing:
+        raise PotstillError(f"'{st}' lacks tensors {missing}; it was not written by {writer}")
+    return t, rec
+
+
 def save_condensed(cs: CondensedSet, path: str | Path) -> Path:
     """Write ``path/condensed.safetensors`` (all tensors) and ``path/condensed.json`` (meta, history,
     shapes), each atomically; returns the directory."""
@@ -320,17 +359,7 @@ def save_condensed(cs: CondensedSet, path: str | Path) -> Path:
 
 def load_condensed(path: str | Path) -> CondensedSet:
     """Read a directory written by :func:`save_condensed`."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    st, js = path / "condensed.safetensors", path / "condensed.json"
-    if not st.is_file() or not js.is_file():
-        raise PotstillError(f"'{path}' holds no condensed set (condensed.safetensors + condensed.json); save one first")
-    t = load_file(str(st))
-    rec = json.loads(js.read_text())
-    missing = [k for k in _TENSORS if k not in t]
-    if missing:
-        raise PotstillError(f"'{st}' lacks tensors {missing}; it was not written by save_condensed")
+    t, rec = load_set(path, "condensed", _TENSORS, "condensed set", "save_condensed")
     return CondensedSet(
         embeddings=t["embeddings"],
         attention_mask=t["attention_mask"],

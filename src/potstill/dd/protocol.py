@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from ..data.classification import Example
 from ..errors import PotstillError
+from ..schedule import reshuffled_batches, warmup_adamw
 from .condense import soft_cross_entropy
 from .condensed_set import CondensedSet
 
@@ -308,10 +309,10 @@ def train_top(
     """Train ``top`` in place for exactly ``steps`` AdamW steps on ``train``; returns the per-step loss.
 
     ``targets [N, C]`` (probabilities) -> soft-label cross-entropy; ``None`` -> cross-entropy
-    with ``train.labels``. The schedule matches :func:`potstill.kd.classifier.train_classifier`:
-    seeded reshuffled batches (``min(batch_size, N)``), linear warmup over ``warmup_fraction`` then
-    linear decay to 0, weight decay on matrices only, gradient norm clipped at ``max_grad_norm``,
-    dropout on and seeded.
+    with ``train.labels``. The schedule is :func:`potstill.kd.classifier.train_classifier`'s
+    (:mod:`potstill.schedule`): seeded reshuffled batches (``min(batch_size, N)``), linear warmup over
+    ``warmup_fraction`` then linear decay to 0, weight decay on matrices only, gradient norm clipped at
+    ``max_grad_norm``, dropout on and seeded.
     """
     n = len(train)
     if n == 0 or steps < 1 or batch_size < 1 or lr <= 0:
@@ -320,25 +321,14 @@ def train_top(
         )
     bs = min(batch_size, n)
     params = [p for p in top.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW(groups, lr=lr)
-    warm = max(1, int(steps * warmup_fraction)) if warmup_fraction > 0 else 0
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: (k + 1) / warm if k < warm else max(0.0, (steps - k) / max(1, steps - warm))
-    )
-    gen = torch.Generator().manual_seed(seed)
-    stream: list[int] = []
-    losses = []
+    opt, sched = warmup_adamw(params, lr, weight_decay, steps, warmup_fraction)
+    batches = reshuffled_batches(n, bs, seed)
+    losses: list[float] = []
     top.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _ in range(steps):
-            while len(stream) < bs:
-                stream += torch.randperm(n, generator=gen).tolist()
-            idx, stream = torch.tensor(stream[:bs]), stream[bs:]
+            idx = torch.tensor(next(batches))
             b = train.subset(idx)
             logits = top(inputs_embeds=b.hidden, attention_mask=b.mask).float()
             loss = F.cross_entropy(logits, b.labels) if targets is None else soft_cross_entropy(logits, targets[idx])

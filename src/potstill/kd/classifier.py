@@ -46,6 +46,7 @@ from ..models.classifier import (
     model_device,
 )
 from ..models.student import select_layers
+from ..schedule import reshuffled_batches, warmup_adamw
 from .guards import check_finite
 
 __all__ = [
@@ -277,20 +278,6 @@ def _cache_teacher(
     return cached, t_hidden
 
 
-def _optimizer(params, lr: float, weight_decay: float, steps: int, warmup_fraction: float):
-    """AdamW with weight decay on matrices only; linear warmup then linear decay to 0."""
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW(groups, lr=lr)
-    warm = max(1, int(steps * warmup_fraction)) if warmup_fraction > 0 else 0
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: (k + 1) / warm if k < warm else max(0.0, (steps - k) / max(1, steps - warm))
-    )
-    return opt, sched
-
-
 @dataclass
 class _KDTerms:
     """What one training batch's loss needs besides the student (see :func:`train_classifier`)."""
@@ -420,17 +407,14 @@ def train_classifier(
     )
 
     params = list(model.parameters()) + (list(log.projection.parameters()) if log.projection else [])
-    opt, sched = _optimizer(params, lr, weight_decay, steps, warmup_fraction)
+    opt, sched = warmup_adamw(params, lr, weight_decay, steps, warmup_fraction)
     start = time.perf_counter()
-    gen = torch.Generator().manual_seed(seed)
-    stream: list[int] = []
+    batches = reshuffled_batches(n, batch_size, seed)
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for _ in range(steps):
-            while len(stream) < batch_size:
-                stream += torch.randperm(n, generator=gen).tolist()
-            idx, stream = stream[:batch_size], stream[batch_size:]
+            idx = next(batches)
             loss, ce, kd, hid = _batch_loss(model, terms, ids, idx, pad, device, log)
             loss.backward()
             norm = (

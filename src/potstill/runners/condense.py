@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from potstill.data.classification import Example, per_class_sample
+from potstill.data.classification import Example, per_class_sample, read_jsonl_rows
 from potstill.dd.condense import (
     RealData,
     fresh_init,
@@ -92,24 +92,17 @@ def write_condensed_jsonl(path: str | Path, examples: Sequence[Example], soft_la
     return atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
+def _condensed_row(rec: dict) -> tuple[Example, list[float]]:
+    return Example(str(rec["sentence"]), int(rec["label"])), [float(v) for v in rec["soft_label"]]
+
+
 def load_condensed_jsonl(path: str | Path) -> tuple[list[Example], torch.Tensor]:
     """``(examples, soft_labels [N, C])`` from a file written by :func:`write_condensed_jsonl`."""
     p = Path(path)
     if not p.is_file():
         raise PotstillError(f"'{p}' does not exist; run `potstill condense` to write it")
-    examples, soft = [], []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                examples.append(Example(str(rec["sentence"]), int(rec["label"])))
-                soft.append([float(v) for v in rec["soft_label"]])
-            except (ValueError, KeyError, TypeError) as e:
-                raise PotstillError(
-                    f"{p}:{n}: not a condensed row {{'sentence', 'label', 'soft_label'}} ({e})"
-                ) from None
+    rows = read_jsonl_rows(p, _condensed_row, "a condensed row {'sentence', 'label', 'soft_label'}")
+    examples, soft = [e for e, _ in rows], [r for _, r in rows]
     if not examples:
         raise PotstillError(f"'{p}' holds no examples")
     return examples, torch.tensor(soft, dtype=torch.float32)

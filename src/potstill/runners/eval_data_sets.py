@@ -3,8 +3,8 @@
 Shared by both flavours of the verb (:mod:`potstill.runners.eval_data` for classifiers,
 :mod:`potstill.runners.eval_data_lm` for causal-LM students), which import it and nothing of each other.
 
-* :func:`read_set_rows`: the examples of a JSONL set file (DiLM, ``potstill condense``);
-* :func:`load_set`: a classifier set's replicas (``jsonl``, ``selection`` or a ``dilm`` directory);
+* :func:`load_set`: a classifier set's replicas (``jsonl``, ``selection`` or a ``dilm`` directory), each file read
+  by :func:`potstill.data.classification.read_set_rows`;
 * :func:`class_counts`: the set's examples per label, checked so that baselines of the same class
   balance can be drawn from the pool;
 * :func:`construction`: the seconds it took to build a set: the recipe's ``construction_seconds``,
@@ -19,13 +19,13 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from potstill.data.classification import Example
+from potstill.data.classification import Example, read_set_rows
 from potstill.dd.selection_io import load_selection, pool_rows
 from potstill.errors import PotstillError
 from potstill.paths import resolve_data_path
 from potstill.recipes.eval_data import EvalSet
 
-__all__ = ["REPORT_TIMINGS", "class_counts", "construction", "load_set", "read_set_rows"]
+__all__ = ["REPORT_TIMINGS", "class_counts", "construction", "load_set"]
 
 REPORT_TIMINGS = {
     "condense_report.json": ("construction_s",),
@@ -33,27 +33,6 @@ REPORT_TIMINGS = {
     "synthesis_report.json": ("round_seconds",),
     "report.json": ("construction_s",),
 }
-
-
-def read_set_rows(path: str | Path) -> list[Example]:
-    """Examples of a JSONL set file: ``{"sentence"|"text", "label"|"labels"}`` per line (DiLM, condense)."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                text = rec["sentence"] if "sentence" in rec else rec["text"]
-                label = rec["label"] if "label" in rec else rec["labels"]
-                if not isinstance(label, int) or isinstance(label, bool):
-                    raise TypeError(f"label {label!r} is not a class id")
-                rows.append(Example(str(text), label))
-            except (ValueError, KeyError, TypeError) as e:
-                raise PotstillError(
-                    f"{path}:{n}: not a set row {{'sentence' or 'text', 'label' or 'labels'}} ({e}); fix the line"
-                ) from None
-    return rows
 
 
 def _natural(p: Path) -> list:
