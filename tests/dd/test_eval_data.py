@@ -20,14 +20,13 @@ from helpers import DD_FILLER, NEGATIVE, POSITIVE, dd_bert, dd_tokenizer, dd_toy
 import potstill.runners.common as cr
 import potstill.runners.eval_data as ed
 from potstill.cli import main
-from potstill.data.classification import Example
+from potstill.data.classification import Example, read_set_rows
 from potstill.dd.selection_io import selection_for_pool
 from potstill.errors import PotstillError
 from potstill.recipes.eval_data import load_eval_data_recipe
 from potstill.runners.common import draw as _draw
 from potstill.runners.eval_data import run_eval_data, summary_line
 from potstill.runners.eval_data_sets import load_set as _load_set
-from potstill.data.classification import read_set_rows
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SEEDS = 3
