@@ -267,7 +267,12 @@ def _bad_cases(assets, tmp_path):
         "feature layer 9 on a 1-layer student": (
             [
                 "distill",
-                str(write(tmp_path / "fl.yaml", recipe(assets, out, **{"runs.1.feature": {"layers": [[9, 1]]}}))),
+                str(
+                    write(
+                        tmp_path / "fl.yaml",
+                        recipe(assets, out, **{"runs.1.method": {"kind": "feature", "layers": [[9, 1]]}}),
+                    )
+                ),
             ],
             "student layer 9",
         ),
@@ -820,7 +825,7 @@ def test_sigkilled_distill_leaves_no_temporary_behind_and_resumes(assets, tmp_pa
         ("none", {}, "train.distributed is none, so every process would train its own copy"),
         (
             "zero3",
-            {"runs.1.on_policy": {"minillm": {}}, "runs.1.divergence": {"name": "reverse_kl"}},
+            {"runs.1.method": {"kind": "minillm"}, "runs.1.divergence": {"name": "reverse_kl"}},
             "run kd: method minillm is not supported under train.distributed zero3",
         ),
         (

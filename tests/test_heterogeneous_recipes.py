@@ -44,7 +44,11 @@ def test_every_method_runs_as_a_recipe(assets, tmp_path):  # noqa: F811
     # which teacher wins on real differences is tested in tests/signals/test_multi.py.
     assert info["teacher_selected_examples"] == [6, 0]
     resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
-    assert resolved["runs"][4]["feature"]["layers"] == [[1, 2], [0, 0]]
+    assert resolved["runs"][4]["method"] == {
+        **resolved["runs"][4]["method"],
+        "kind": "feature",
+        "layers": [[1, 2], [0, 0]],
+    }
 
 
 @pytest.mark.parametrize(

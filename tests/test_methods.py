@@ -124,7 +124,7 @@ def test_every_method_kind_has_its_trainer():
     from potstill.kd import KDConfig, KDTrainer
 
     kinds = {typing.get_args(m.model_fields["kind"].annotation)[0] for m in typing.get_args(MethodConfig)[0].__args__}
-    assert kinds == set(METHODS) | {"cross_tokenizer"}  # cross-tokenizer runs have a trainer of their own
+    assert kinds == set(METHODS)
     for kind in METHODS:
         extra = {"divergence": {"name": "reverse_kl"}} if kind == "minillm" else {}
         method = {"kind": kind, **({"layers": [[1, 1]]} if kind == "feature" else {})}
@@ -147,3 +147,17 @@ def test_bad_method_kind_on_the_command_line_is_one_line(tmp_path):
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "recipe key 'runs.1.method.kind' is 'bogus'; use one of" in out.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_command_line_prints_a_deprecation_once_and_only_for_a_recipe_that_loads(tmp_path, capsys):
+    from potstill.cli import _load_recipe
+
+    old = tmp_path / "old.yaml"
+    old.write_text("runs:\n  - {name: g, on_policy: {lmbda: 0.5}}\n  - {name: h, on_policy: {lmbda: 0.5}}\n")
+    recipe = _load_recipe(old, [], verb="distill")
+    assert recipe.runs[0].method.kind == "on_policy"
+    err = capsys.readouterr().err.splitlines()
+    assert err == [err[0]] and err[0].startswith("warning: run keys ['on_policy'] are deprecated"), err
+    with pytest.raises(PotstillError, match="less than or equal to 1"):
+        _load_recipe(old, ["runs.0.on_policy.lmbda=2"], verb="distill")
+    assert capsys.readouterr().err == ""  # a bad recipe gets its one error line alone

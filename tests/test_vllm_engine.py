@@ -562,13 +562,20 @@ def test_a_vllm_recipe_without_cuda_is_one_line_exit_2(assets, tmp_path, capsys)
 
     from potstill.cli import main
 
-    on_policy = [{"name": "gkd", "alpha": 0.0, "divergence": {"name": "forward_kl"}, "on_policy": {"lmbda": 1.0}}]
+    on_policy = [
+        {
+            "name": "gkd",
+            "alpha": 0.0,
+            "divergence": {"name": "forward_kl"},
+            "method": {"kind": "on_policy", "lmbda": 1.0},
+        }
+    ]
     r = recipe(assets, tmp_path / "out", generation={"backend": "vllm"}, runs=on_policy)
     assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "CUDA only" in err[0] and "cpu" in err[0]
     assert not (tmp_path / "out" / "runs").exists()
-    minillm = [{"name": "m", "alpha": 0.0, "divergence": {"name": "reverse_kl"}, "on_policy": {"minillm": {}}}]
+    minillm = [{"name": "m", "alpha": 0.0, "divergence": {"name": "reverse_kl"}, "method": {"kind": "minillm"}}]
     r = recipe(assets, tmp_path / "out", generation={"backend": "vllm"}, runs=minillm)
     assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 2
     assert "mix the teacher into the student's sampling" in capsys.readouterr().err

@@ -121,20 +121,18 @@ def _quiet_libraries() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .recipes import load_recipe
-
     _quiet_libraries()
 
     if args.verb == "demo":
         overrides = list(args.overrides)
         if args.output_dir:
             overrides.append(f"output_dir={args.output_dir}")
-        recipe = load_recipe(None, overrides, verb="demo")
+        recipe = _load_recipe(None, overrides, verb="demo")
         from .runners.distill import distill
 
         metrics = distill(recipe)
     elif args.verb == "distill":
-        recipe = load_recipe(args.recipe, args.overrides, verb="distill")
+        recipe = _load_recipe(args.recipe, args.overrides, verb="distill")
         from .runners.distill import distill
 
         metrics = distill(recipe)
@@ -145,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.verb in TASKS:
         return _task(args)
     elif args.verb == "eval":
-        recipe = load_recipe(args.recipe, args.overrides, verb="eval")
+        recipe = _load_recipe(args.recipe, args.overrides, verb="eval")
         from .runners.distill import evaluate_only
 
         metrics = evaluate_only(recipe, args.student)
@@ -186,10 +184,9 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from .recipes import load_recipe
     from .runners.cache import cache
 
-    recipe = load_recipe(args.recipe, args.overrides, verb="cache")
+    recipe = _load_recipe(args.recipe, args.overrides, verb="cache")
     rank = args.rank if args.rank is not None else _env_int("RANK", 0)
     world = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE", 1)
     manifest = cache(recipe, rank=rank, world_size=world)
@@ -219,9 +216,7 @@ def _task(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise PotstillError(f"recipe file '{path}' does not exist; pass the path of a YAML recipe")
     if loader is None:
-        from potstill.recipes import load_recipe
-
-        recipe = load_recipe(path, list(args.overrides), verb=args.verb)
+        recipe = _load_recipe(path, list(args.overrides), verb=args.verb)
     else:
         module, name = loader.split(":")
         recipe = getattr(importlib.import_module(module), name)(path, list(args.overrides))
@@ -246,14 +241,22 @@ def _summary(metrics: dict[str, dict]) -> None:
         print(f"{name:<24}" + "".join(f"{m.get(k, float('nan')):>16.4f}" for k in keys))
 
 
-def _one_line_warnings() -> None:
-    """A warning (e.g. a deprecated recipe key) is one line on stderr, without the source line it came from."""
+def _load_recipe(path, overrides, verb: str):
+    """:func:`potstill.recipes.load_recipe`, its deprecation warnings (recipe keys of an older format) printed one
+    line each, and only once the recipe loads: a bad recipe gets its one error line alone."""
     import warnings
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"warning: {message}", file=sys.stderr)
+    from .recipes import load_recipe
 
-    warnings.showwarning = show
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recipe = load_recipe(path, overrides, verb=verb)
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, FutureWarning)):
+        print(f"warning: {message}", file=sys.stderr)
+    for w in caught:
+        if not issubclass(w.category, FutureWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,7 +266,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _one_line_warnings()
     from .errors import PotstillError
 
     try:

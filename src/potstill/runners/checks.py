@@ -42,9 +42,9 @@ def preflight(prep: Prepared) -> None:
     n_s = int(text_config(prep.student0).num_hidden_layers)
     n_t = None if r.teacher.model is None else int(text_config(prep.teacher).num_hidden_layers)
     for run in r.runs:
-        pairs = [] if run.feature is None else [("feature.layers", p) for p in run.feature.layers or []]
+        pairs = [] if run.feature is None else [("method.layers", p) for p in run.feature.layers or []]
         if run.feature is not None and run.feature.relations is not None:
-            pairs += [("feature.relations.layers", p) for p in run.feature.relations.layers]
+            pairs += [("method.relations.layers", p) for p in run.feature.relations.layers]
         for key, (i_s, i_t) in pairs:
             for who, i, n in (("student", i_s, n_s), ("teacher", i_t, n_t)):
                 if n is not None and not -(n + 1) <= i <= n:

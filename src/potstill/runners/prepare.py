@@ -373,7 +373,7 @@ class Prepared:
         if not getattr(self, "cross", False):
             return {}
         ctx = {"teacher_tokenizer": self.teacher_tokenizer}
-        if any(r.cross_tokenizer is not None and r.cross_tokenizer.method == "vocab_map" for r in self.recipe.runs):
+        if any(r.cross_tokenizer is not None and r.cross_tokenizer.align == "vocab_map" for r in self.recipe.runs):
             ctx["vocab_map"] = self.vocab_map()
         return ctx
 

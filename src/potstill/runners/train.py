@@ -55,13 +55,15 @@ def _checkpointing_args(on: bool) -> dict[str, Any]:
     return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
-# method kind -> (module, its trainer config class, its trainer class); cross_tokenizer runs train in _train_cross.
+# method kind -> (module, its trainer config class, its trainer class). Cross-tokenizer runs build their trainer
+# in _train_cross (it takes the teacher's tokenizer and the vocabulary map).
 METHODS: dict[str, tuple[str, str, str]] = {
     "kd": ("potstill.kd", "KDConfig", "KDTrainer"),
     "on_policy": ("potstill.kd", "OnPolicyConfig", "OnPolicyKDTrainer"),
     "distillm2": ("potstill.kd.contrastive", "ContrastiveConfig", "ContrastiveKDTrainer"),
     "minillm": ("potstill.kd.minillm", "MiniLLMConfig", "MiniLLMKDTrainer"),
     "feature": ("potstill.kd.feature", "FeatureKDConfig", "FeatureKDTrainer"),
+    "cross_tokenizer": ("potstill.kd", "KDConfig", "CrossTokenizerKDTrainer"),
 }
 
 
@@ -467,8 +469,7 @@ def _train_cross(
     recipe: Recipe, run: RunConfig, student, teacher, tokenizer, ds, out_dir: Path, device: torch.device, cross: dict
 ):
     """One cross-tokenizer run (:class:`potstill.kd.cross_tokenizer.CrossTokenizerKDTrainer`)."""
-    from potstill.kd.cross_tokenizer import CrossTokenizerKDTrainer
-
+    _, trainer_class = method_classes(run)
     if "teacher_tokenizer" not in cross:
         raise PotstillError(
             f"run {run.name} uses method cross_tokenizer but the student shares the teacher's tokenizer; "
@@ -476,7 +477,7 @@ def _train_cross(
         )
     ct, sc = run.cross_tokenizer, _Scratch.of(recipe, run, out_dir)
     try:
-        trainer = CrossTokenizerKDTrainer(
+        trainer = trainer_class(
             student,
             teacher_model=teacher.to(device),
             args=kd_config(recipe, run, str(sc.dir), device),
