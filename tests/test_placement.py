@@ -13,9 +13,9 @@ from helpers import recipe, write
 from safetensors.torch import load_file
 
 from potstill.cli import main
+from potstill.fingerprints import weights_fingerprint
 from potstill.models import load_model
 from potstill.models.placement import head_on, input_device
-from potstill.signals.cache import weights_fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,7 +21,6 @@ finished student that does not verify stops the run (exit 2) with the fix.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PotstillError
+from .fingerprints import file_sha256
 from .io import atomic_write_json, atomic_write_text
 
 DONE = "POTSTILL_DONE"
@@ -166,14 +166,6 @@ def run_fingerprint(recipe, run) -> dict[str, Any]:
     return keep
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b), key=str):
@@ -205,7 +197,7 @@ def save_student(model, tokenizer, out_dir: Path, info: dict, fingerprint: dict 
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_text(tmp / "train_info.json", info_text)
-        files = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and not f.name.startswith(".")}
+        files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and not f.name.startswith(".")}
         atomic_write_json(tmp / DONE, {"format": FORMAT, "files": files, "recipe": fingerprint})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -237,7 +229,7 @@ def verify_finished(out_dir: Path, fingerprint: dict | None = None) -> bool:
         f = out_dir / name
         if not f.is_file():
             raise PotstillError(f"the finished student '{out_dir}' is missing its file '{name}'; {fix}")
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             raise PotstillError(
                 f"the finished student '{out_dir}' does not verify: '{name}' changed since it was "
                 f"written (corrupt or edited); {fix}"

@@ -279,8 +279,7 @@ def generate_cached(
     chunk ``j`` is on disk (found or written), in order. Raises :class:`PotstillError`
     if ``path`` holds generations of another model, tokenizer, params or prompts.
     """
-    from .models import tokenizer_fingerprint
-    from .signals.cache import weights_fingerprint
+    from potstill.fingerprints import tokenizer_fingerprint, weights_fingerprint
 
     prompts, path = _check_args(prompts, path, params, chunk_size, batch_size)
 

@@ -13,8 +13,9 @@ import torch
 from helpers import DUP, NEAR, recipe, srecipe, write
 
 from potstill.dd.select import IFD_ABOVE_ONE, example_stats, ifd_loss_ratio
-from potstill.dd.selection_io import REPORT, SELECTED, SELECTION, load_selection, pool_fingerprint
+from potstill.dd.selection_io import REPORT, SELECTED, SELECTION, load_selection
 from potstill.errors import PotstillError
+from potstill.fingerprints import pool_fingerprint
 from potstill.recipes.distill import recipe_from_dict
 from potstill.recipes.select import distill_recipe, load_select_recipe, select_recipe_from_dict
 from potstill.runners.prepare import Prepared

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from potstill.errors import PotstillError, VocabMismatchError
-from potstill.models.vocab import align_vocab, tokenizer_fingerprint
+from potstill.fingerprints import tokenizer_fingerprint
+from potstill.models.vocab import align_vocab
 
 
 def _wordlevel(words: list[str]):

@@ -16,14 +16,9 @@ import torch
 
 from potstill.data import PadCollator
 from potstill.errors import PotstillError
+from potstill.fingerprints import weights_fingerprint
 from potstill.signals import SparseSignal
-from potstill.signals.cache import (
-    CachedSignal,
-    CacheSpec,
-    read_manifest,
-    weights_fingerprint,
-    write_cache,
-)
+from potstill.signals.cache import CachedSignal, CacheSpec, read_manifest, write_cache
 
 from .cache_helpers import PAIRS, SPEC, encode, shard
 

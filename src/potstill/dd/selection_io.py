@@ -4,13 +4,13 @@ selection of a classification pool (:func:`selection_for_pool`, example ids = po
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..data.classification import Example
 from ..errors import PotstillError
+from ..fingerprints import pool_fingerprint
 
 __all__ = [
     "FORMAT",
@@ -19,7 +19,6 @@ __all__ = [
     "SELECTION",
     "VERSION",
     "load_selection",
-    "pool_fingerprint",
     "pool_rows",
     "selection_for_pool",
 ]
@@ -27,14 +26,6 @@ __all__ = [
 FORMAT = "potstill-selection"
 VERSION = 1
 SELECTION, REPORT, SELECTED = "selection.json", "selection_report.json", "selected.jsonl"
-
-
-def pool_fingerprint(examples: Sequence[dict]) -> str:
-    """sha256 over the examples' content hashes (token ids and prompt mask, in order): the
-    same fingerprint a teacher-signal cache records for its data."""
-    from ..signals.cache import example_hash
-
-    return hashlib.sha256(b"".join(example_hash(x["input_ids"], x["labels"]) for x in examples)).hexdigest()
 
 
 def load_selection(path: str | Path, examples: Sequence[dict]) -> list[dict]:

@@ -64,8 +64,7 @@ class TeacherGenerator:
     @property
     def identity(self) -> str:
         """What the generations depend on besides the prompts and params: weights, tokenizer, template, backend."""
-        from ..models import tokenizer_fingerprint
-        from ..signals.cache import weights_fingerprint
+        from potstill.fingerprints import tokenizer_fingerprint, weights_fingerprint
 
         template = getattr(self.tokenizer, "chat_template", None) or ""
         return json.dumps(

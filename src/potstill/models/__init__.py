@@ -4,7 +4,7 @@ from potstill.models.head import all_hidden, final_hidden, output_head, unwrap_m
 from potstill.models.loading import check_quantization, load_model, load_tokenizer, set_attention
 from potstill.models.offline import OFFLINE_MODELS, OfflineModel, cache_root, offline_model_dir
 from potstill.models.student import select_layers, student_from_teacher, student_scaled
-from potstill.models.vocab import align_vocab, tokenizer_fingerprint
+from potstill.models.vocab import align_vocab
 
 __all__ = [
     "OFFLINE_MODELS",
@@ -22,6 +22,5 @@ __all__ = [
     "set_attention",
     "student_from_teacher",
     "student_scaled",
-    "tokenizer_fingerprint",
     "unwrap_model",
 ]

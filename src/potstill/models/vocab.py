@@ -12,12 +12,9 @@ token -> id mappings and special tokens are identical.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 from potstill.errors import PotstillError, VocabMismatchError
 
-__all__ = ["tokenizer_fingerprint", "align_vocab", "special_tokens"]
+__all__ = ["align_vocab", "special_tokens"]
 
 _CROSS_FIX = "choose a cross-tokenizer method or use the teacher's tokenizer for the student"
 
@@ -29,25 +26,6 @@ def special_tokens(tok) -> dict[str, str | None]:
         val = getattr(tok, attr, None)
         out[attr] = None if val is None else str(val)
     return out
-
-
-def tokenizer_fingerprint(tok) -> str:
-    """sha256 (hex) of the sorted vocabulary (with added tokens), special tokens and chat template.
-
-    Two tokenizers with the same fingerprint map every token to the same id, name the
-    same special tokens and format chats the same way.
-    """
-    h = hashlib.sha256()
-    vocab = tok.get_vocab()
-    for token, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
-        h.update(token.encode("utf-8", "surrogatepass"))
-        h.update(b"\x00")
-        h.update(str(idx).encode())
-        h.update(b"\x01")
-    h.update(json.dumps(special_tokens(tok), sort_keys=True).encode())
-    template = getattr(tok, "chat_template", None)
-    h.update(b"\x02" + json.dumps(template, sort_keys=True, default=str).encode())
-    return h.hexdigest()
 
 
 def _token_space(tok) -> int:

@@ -334,9 +334,8 @@ def _judge_set(arms: _Arms, loaded_set: tuple, draws: dict, full: dict | None) -
 def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
     """Train and evaluate every arm (module docstring); returns the report written atomically to
     ``output_dir/eval_data.json``."""
-    from potstill.dd.selection_io import pool_fingerprint
+    from potstill.fingerprints import pool_fingerprint, weights_fingerprint
     from potstill.runners.prepare import Prepared
-    from potstill.signals.cache import weights_fingerprint
 
     t_start = time.perf_counter()
     distill = recipe.distill_recipe()

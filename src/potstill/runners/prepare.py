@@ -384,7 +384,7 @@ class Prepared:
         if not any(r.multi_teacher is not None for r in self.recipe.runs):
             return []
         if getattr(self, "_extra", None) is None:
-            from potstill.models import tokenizer_fingerprint
+            from potstill.fingerprints import tokenizer_fingerprint
 
             self._extra = []
             want = tokenizer_fingerprint(self.tokenizer)
@@ -408,7 +408,8 @@ class Prepared:
         """The recipe's teacher-signal cache, checked against this tokenizer and teacher (None: no cache)."""
         if self.recipe.cache is None:
             return None
-        from potstill.signals.cache import CachedSignal, weights_fingerprint
+        from potstill.fingerprints import weights_fingerprint
+        from potstill.signals.cache import CachedSignal
 
         spec = cache_spec(self.recipe)
         source = CachedSignal(

@@ -59,8 +59,9 @@ from potstill.dd import diversity as D
 from potstill.dd.dedup import MinHashDedup
 from potstill.dd.protocol import predict_features
 from potstill.dd.select import apply_filters, drop_ifd_above_one, ifd_loss_ratio, keep_indices, reason_key, top_k
-from potstill.dd.selection_io import FORMAT, REPORT, SELECTED, SELECTION, VERSION, pool_fingerprint, selection_for_pool
+from potstill.dd.selection_io import FORMAT, REPORT, SELECTED, SELECTION, VERSION, selection_for_pool
 from potstill.errors import PotstillError
+from potstill.fingerprints import pool_fingerprint
 from potstill.io import atomic_write_json, atomic_write_text
 from potstill.recipes.distill import Recipe
 from potstill.recipes.select import (

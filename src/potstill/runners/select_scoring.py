@@ -95,8 +95,9 @@ def open_cache(prep, recipe: Recipe):
     The head chunk size the cache was written with does not change what it holds, so
     unlike training it need not equal ``select.chunk_size``.
     """
+    from potstill.fingerprints import weights_fingerprint
     from potstill.runners.prepare import cache_spec
-    from potstill.signals.cache import CachedSignal, weights_fingerprint
+    from potstill.signals.cache import CachedSignal
 
     spec = cache_spec(recipe)
     source = CachedSignal(

@@ -32,17 +32,7 @@ Ids are packed to ``ceil(log2 V)`` bits, log-probs stored as fp32/fp16/bf16/8-bi
 """
 
 from .encode import extract
-from .format import (
-    FORMAT,
-    MANIFEST,
-    PLAN,
-    VERSION,
-    CacheKind,
-    CacheSpec,
-    example_hash,
-    read_manifest,
-    weights_fingerprint,
-)
+from .format import FORMAT, MANIFEST, PLAN, VERSION, CacheKind, CacheSpec, read_manifest
 from .read import CachedSignal
 from .write import finalize_cache, write_cache
 
@@ -54,10 +44,8 @@ __all__ = [
     "CacheKind",
     "CacheSpec",
     "CachedSignal",
-    "example_hash",
     "extract",
     "finalize_cache",
     "read_manifest",
-    "weights_fingerprint",
     "write_cache",
 ]

@@ -15,9 +15,11 @@ from typing import cast
 import torch
 from torch import Tensor
 
+from potstill.fingerprints import example_hash
+
 from ...errors import PotstillError
 from ..quant import ValueDType, encode_logprobs, pack_ids
-from .format import CacheSpec, example_hash
+from .format import CacheSpec
 
 
 @dataclass

@@ -1,26 +1,24 @@
 """The teacher-signal cache's on-disk format: what a cache is, its file names and records.
 
-:class:`CacheSpec` (what is stored and how it is computed), the content fingerprints that
-tie a cache to its teacher, tokenizer and data, the shard file names and records, and the
+:class:`CacheSpec` (what is stored and how it is computed; the content fingerprints that tie a
+cache to its teacher, tokenizer and data are :mod:`potstill.fingerprints`), the shard file names and records, and the
 manifest's schema with :func:`read_manifest`, which refuses a cache that is incomplete or
 does not match its records. The layout is described in :mod:`potstill.signals.cache`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ...errors import PotstillError
+from ...fingerprints import file_sha256
 from ..quant import VALUE_DTYPES, ValueDType
 from ..types import TailMode
 
@@ -63,73 +61,6 @@ class CacheSpec:
         for name in ("examples_per_shard", "batch_size", "chunk_size"):
             if getattr(self, name) < 1:
                 raise PotstillError(f"cache {name}={getattr(self, name)} must be >= 1")
-
-
-# ----------------------------------------------------------------------- fingerprints
-
-
-def example_hash(input_ids, labels) -> bytes:
-    """16-byte content hash of one example's tokens and labels (the labels carry the prompt mask)."""
-    h = hashlib.blake2b(digest_size=16)
-    for seq in (input_ids, labels):
-        t = torch.as_tensor(seq, dtype=torch.int64).reshape(-1)
-        h.update(len(t).to_bytes(8, "little"))
-        h.update(t.to(torch.int32).numpy().tobytes())
-    return h.digest()
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over a model's parameters and buffers (names, dtypes, shapes, and each tensor's sha256).
-
-    Tensors are hashed from their own memory (no copy on the CPU) in a thread pool:
-    ``hashlib`` releases the GIL on large buffers, so this runs on every core.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ...models.placement import materialized
-
-    state = model.state_dict()
-    for name, t in state.items():  # offloaded by a device map: the weight from accelerate's offload store
-        if t.device.type == "meta":
-            owner, _, leaf = name.rpartition(".")
-            state[name] = materialized(model.get_submodule(owner), leaf)
-    seen: dict[int, str] = {}
-    entries: list[tuple[str, torch.Tensor, int]] = []
-    for name in sorted(state):
-        t = state[name]
-        key = t.data_ptr()
-        entries.append((name, t, key))
-        if key not in seen or key == 0:
-            seen[key] = name  # tied weights: hashed once, under the first name
-
-    def digest(t: torch.Tensor) -> str:
-        arr = t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
-        return hashlib.sha256(arr.data).hexdigest()
-
-    owners = {name: t for name, t, key in entries if seen.get(key) == name or key == 0}
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        digests = dict(zip(owners, pool.map(digest, owners.values())))
-    h = hashlib.sha256()
-    for name, t, key in entries:
-        owner = name if key == 0 else seen[key]
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{digests[owner]}".encode())
-    return h.hexdigest()
-
-
-def text_hash(text: Any) -> str:
-    return hashlib.sha256(json.dumps(text, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------- files and records

@@ -17,10 +17,12 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from potstill.fingerprints import example_hash, file_sha256
+
 from ...errors import PotstillError
 from ..quant import decode_logprobs, unpack_ids
 from ..types import DenseSignal, Signal, SparseSignal, TailMode
-from .format import CacheKind, CacheSpec, example_hash, file_sha256, read_manifest
+from .format import CacheKind, CacheSpec, read_manifest
 
 log = logging.getLogger("potstill")
 
@@ -95,7 +97,7 @@ class CachedSignal:
         # Dense caches hold log-softmax at T = 1, valid at any distillation temperature.
         self.temperature: float | None = None if self.kind == "dense" else float(self.spec.temperature)
         if tokenizer is not None:
-            from ...models import tokenizer_fingerprint
+            from potstill.fingerprints import tokenizer_fingerprint
 
             if tokenizer_fingerprint(tokenizer) != m["tokenizer"]["fingerprint"]:
                 raise PotstillError(

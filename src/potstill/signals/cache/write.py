@@ -21,25 +21,14 @@ from typing import cast
 import torch
 from torch import Tensor
 
+from potstill.fingerprints import example_hash, sha256_hex, text_hash, weights_fingerprint
+
 from ...errors import PotstillError
 from ...io import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from ..online import target_index, target_rows
 from ..quant import id_bits
 from .encode import EncodedRows, assemble_shard, empty_rows, example_rows, extract, row_seed
-from .format import (
-    FORMAT,
-    MANIFEST,
-    PLAN,
-    VERSION,
-    CacheSpec,
-    example_hash,
-    refuse_a_file,
-    sha256_hex,
-    shard_name,
-    shard_record_ok,
-    text_hash,
-    weights_fingerprint,
-)
+from .format import FORMAT, MANIFEST, PLAN, VERSION, CacheSpec, refuse_a_file, shard_name, shard_record_ok
 
 log = logging.getLogger("potstill")
 
@@ -188,7 +177,7 @@ def write_cache(
 
 def _cache_plan(teacher, tokenizer, examples: list[dict], spec: CacheSpec, vocab: int, teacher_name: str) -> dict:
     """What the cache at hand is: ``plan.json``'s content (spec and teacher/tokenizer/data fingerprints)."""
-    from ...models import tokenizer_fingerprint
+    from potstill.fingerprints import tokenizer_fingerprint
 
     hashes = [example_hash(x["input_ids"], x["labels"]) for x in examples]
     num_rows = sum(_num_rows(x["labels"]) for x in examples)
