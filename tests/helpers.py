@@ -1,7 +1,8 @@
 """Plain helpers shared by several test modules (fixtures live in conftest.py).
 
-* CLI: ``PAIRS`` (the tiny data set of the ``assets`` fixture), ``recipe`` (a distill recipe dict over
-  ``assets`` with dotted-key patches) and ``write`` (a file from text or a YAML dump).
+* CLI: ``PAIRS`` (the tiny data set of the ``assets`` fixture), ``scaled_student`` (a recipe's tiny student),
+  ``recipe`` (a distill recipe dict over ``assets`` with dotted-key patches) and ``write`` (a file from text
+  or a YAML dump).
 * select: ``pool_pairs`` (the selection pool of the ``data_file`` fixture, with an exact and a near
   duplicate of ``DUP``) and ``srecipe`` (a select recipe dict).
 * classifier KD: ``toy_examples`` (a linearly separable toy task), ``tiny_bert_tokenizer`` and ``tiny_bert``.
@@ -10,6 +11,8 @@
   (``AB_WORDS``, ``ab_word_tokenizer``).
 * cross-tokenizer KD: ``make_metaspace_tokenizer`` (a Gemma-like teacher tokenizer), ``random_llama``
   and ``encode_cross_pairs``.
+* multi-process runs: ``accelerate_launch`` (the command of an ``accelerate launch`` on N CPU processes).
+* KD trainers: ``one_step_cpu_args`` (the arguments of one seeded SGD step on CPU, for any trainer config).
 * logit KD: ``KD_PAIRS``, ``encode_kd_pairs``, ``kd_dataset``, ``kd_cfg`` (a one-step CPU ``KDConfig``) and
   ``kd_ref_loss`` (an independent full-logit reference of the KD loss).
 * on-policy / contrastive / MiniLLM KD: ``FakeCache`` (a cache that must never be read), ``contrastive_cfg``,
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,18 +53,17 @@ PAIRS = [
 ]
 
 
+def scaled_student() -> dict:
+    """A recipe's tiny ``scaled`` student (1 layer, width 32, 2 heads, 1 kv head), a fresh dict each call."""
+    return {"kind": "scaled", "num_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
 def recipe(assets, out: Path, **patch) -> dict:
     root, teacher, _, _, data = assets
     r = {
         "output_dir": str(out),
         "teacher": {"model": str(teacher)},
-        "student": {
-            "kind": "scaled",
-            "num_layers": 1,
-            "hidden_size": 32,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-        },
+        "student": scaled_student(),
         "data": {"source": {"kind": "file", "path": str(data)}, "eval_size": 3, "max_length": 64},
         "train": {"max_steps": 3, "batch_size": 2, "logging_steps": 1, "learning_rate": 1e-3},
         "runs": [{"name": "sft", "alpha": 1.0}, {"name": "kd", "alpha": 0.0, "divergence": {"name": "forward_kl"}}],
@@ -282,6 +285,62 @@ def encode_cross_pairs(tok):
     return [encode_example(tok, [{"role": "user", "content": p}], r, 128) for p, r in CROSS_PAIRS]
 
 
+# ----------------------------------------------------------- multi-process runs (kd/test_ddp.py, ...)
+
+
+def accelerate_launch(*args: str, processes: int = 2) -> list[str]:
+    """The command that runs ``args`` (a script and its arguments, or ``-m module ...``) as ``processes``
+    processes of one machine under ``accelerate launch``: its torchrun path (``--multi_gpu``; without GPUs
+    the run's ``use_cpu`` / ``device: cpu`` makes them CPU processes with gloo), no mixed precision, no
+    dynamo, a free port."""
+    from helpers_proc import free_port
+
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        *args,
+    ]
+
+
+# ------------------------------------------------------------------ KD trainer arguments
+
+
+def one_step_cpu_args(tmp_path, **overrides) -> dict:
+    """The trainer arguments of the KD tests' one CPU step: batch 4, one step of plain SGD at lr 0.1 on a
+    constant schedule, seeded (``seed`` and ``data_seed`` 0), logging every step, no saving, no report, no
+    progress bar, under ``tmp_path / "out"``; ``overrides`` replace or add keys."""
+    return (
+        dict(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=4,
+            max_steps=1,
+            learning_rate=0.1,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            logging_steps=1,
+            seed=0,
+            data_seed=0,
+            disable_tqdm=True,
+        )
+        | overrides
+    )
+
+
 # ------------------------------------------------------------ logit KD (kd/test_logit.py)
 
 KD_PAIRS = [
@@ -316,24 +375,7 @@ def kd_cfg(tmp_path, **kw):
     """A one-step CPU ``KDConfig`` (batch 4, SGD at lr 0.1, constant schedule, seeded) under ``tmp_path / "out"``."""
     from potstill.kd import KDConfig
 
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        dataloader_drop_last=False,
-    )
-    base.update(kw)
-    return KDConfig(**base)
+    return KDConfig(**(one_step_cpu_args(tmp_path, dataloader_drop_last=False) | kw))
 
 
 def kd_ref_loss(student, teacher, batch, alpha, T=1.0):
@@ -370,28 +412,15 @@ def contrastive_cfg(tmp_path, **kw):
     """A one-step CPU ``ContrastiveConfig`` (skew forward KL on the data side, skew reverse KL on the student's)."""
     from potstill.kd import ContrastiveConfig
 
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
+    base = one_step_cpu_args(
+        tmp_path,
         gen_max_new_tokens=6,
         divergence="skew_forward_kl",
         divergence_kwargs={"alpha": 0.1},
         student_divergence="skew_reverse_kl",
         student_divergence_kwargs={"alpha": 0.2},
     )
-    base.update(kw)
-    return ContrastiveConfig(**base)
+    return ContrastiveConfig(**(base | kw))
 
 
 def fake_samples(batch: dict, tok, longer: bool = False) -> list[dict]:
@@ -417,25 +446,7 @@ def minillm_cfg(tmp_path, **kw):
     """A one-step CPU ``MiniLLMConfig`` (reverse KL, 6 new tokens per rollout)."""
     from potstill.kd import MiniLLMConfig
 
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        gen_max_new_tokens=6,
-        divergence="reverse_kl",
-    )
-    base.update(kw)
-    return MiniLLMConfig(**base)
+    return MiniLLMConfig(**(one_step_cpu_args(tmp_path, gen_max_new_tokens=6, divergence="reverse_kl") | kw))
 
 
 # ---------------------------------------------------------- divergences (divergences/test_dense.py)

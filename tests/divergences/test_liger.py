@@ -123,6 +123,18 @@ def liger_reference(
     return weight_hard_loss * hard + weight_soft_loss * soft, soft, hard
 
 
+def case_kwargs(divergence, kwargs, alpha, temperature, scale_t2, **extra) -> dict:
+    """The loss functions' keyword arguments for one row of ``CASES``, plus ``extra``."""
+    return dict(
+        divergence=divergence,
+        divergence_kwargs=kwargs,
+        alpha=alpha,
+        temperature=temperature,
+        scale_t2=scale_t2,
+        **extra,
+    )
+
+
 def stats_n(labels):
     return float((labels != -100).sum())
 
@@ -140,15 +152,7 @@ def _both(fused, hidden, head, leaves, labels, teacher, **kw):
 def test_conversion_maps_liger_convention_to_potstills(variant, divergence, kwargs, alpha, temperature, scale_t2):
     """Liger's loss (by its definition) through the conversion equals the reducer: value, stats, gradients."""
     hidden, head, leaves, labels, teacher = _problem(variant)
-    kw = dict(
-        divergence=divergence,
-        divergence_kwargs=kwargs,
-        alpha=alpha,
-        temperature=temperature,
-        scale_t2=scale_t2,
-        normalizer=2 * N + 3,
-        chunk_size=4,
-    )
+    kw = case_kwargs(divergence, kwargs, alpha, temperature, scale_t2, normalizer=2 * N + 3, chunk_size=4)
     (got, gs, gg), (want, ws, wg) = _both(liger_reference, hidden, head, leaves, labels, teacher, **kw)
     assert got.dtype == torch.float32 and got.dim() == 0
     torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
@@ -283,20 +287,9 @@ def test_real_liger_on_cpu_matches_the_reducer(divergence, kwargs, alpha, temper
     """Liger's own function (uncompiled; its chunked loss is plain torch) through the conversion, on CPU."""
     fused = _liger_fn()
     hidden, head, leaves, labels, teacher = _problem("bias_scale", teacher_extra=3)
-    kw = dict(
-        divergence=divergence,
-        divergence_kwargs=kwargs,
-        alpha=alpha,
-        temperature=temperature,
-        scale_t2=scale_t2,
-        normalizer=2 * N + 3,
-        chunk_size=4,
-        vocab_size=V,
-        compiled=False,
-    )
-    got, got_stats = fused_jsd_kd_loss(fused, hidden, head, labels, teacher, **kw)
+    kw = case_kwargs(divergence, kwargs, alpha, temperature, scale_t2, normalizer=2 * N + 3, chunk_size=4, vocab_size=V)
+    got, got_stats = fused_jsd_kd_loss(fused, hidden, head, labels, teacher, compiled=False, **kw)
     gg = torch.autograd.grad(got, leaves)
-    kw.pop("compiled")
     want, want_stats = chunked_kd_loss(hidden, head, labels, teacher, **kw)
     wg = torch.autograd.grad(want, leaves)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -332,15 +325,9 @@ def test_liger_kd_loss_matches_the_reducer_on_cuda(dtype, shape, divergence, kwa
     teacher = DenseSignal(hidden=rnd(n, ht), head=Head(weight=rnd(v + 7, ht, scale=ht**-0.5 * 4)))
     labels = torch.randint(0, v, (n,), generator=g, device="cuda")
     labels[::5] = -100
-    kw = dict(
-        divergence=divergence,
-        divergence_kwargs=kwargs,
-        alpha=alpha,
-        temperature=temperature,
-        scale_t2=scale_t2,
-        normalizer=int((labels != -100).sum()) + 11,
-        chunk_size=128,
-        vocab_size=v,
+    normalizer = int((labels != -100).sum()) + 11
+    kw = case_kwargs(
+        divergence, kwargs, alpha, temperature, scale_t2, normalizer=normalizer, chunk_size=128, vocab_size=v
     )
     got, gs = liger_kd_loss(hidden, head, labels, teacher, compiled=False, **kw)
     gg = torch.autograd.grad(got, [hidden, weight, bias])

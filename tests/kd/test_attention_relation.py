@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import encode_kd_pairs, kd_dataset, kd_ref_loss
+from helpers import encode_kd_pairs, kd_dataset, kd_ref_loss, one_step_cpu_args
 
 from potstill.data import PadCollator
 from potstill.errors import PotstillError
@@ -20,25 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rcfg(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        relation_layers=[[1, 2]],
-        relation_heads=2,
-    )
-    base.update(kw)
-    return FeatureKDConfig(**base)
+    return FeatureKDConfig(**(one_step_cpu_args(tmp_path, relation_layers=[[1, 2]], relation_heads=2) | kw))
 
 
 def ref_relation_kl(xs, xt, mask, R):

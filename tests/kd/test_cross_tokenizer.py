@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from datasets import Dataset
-from helpers import CROSS_PAIRS, encode_cross_pairs, fast_tokenizer, random_llama
+from helpers import CROSS_PAIRS, encode_cross_pairs, fast_tokenizer, one_step_cpu_args, random_llama
 
 from potstill.data import PadCollator, encode_example
 from potstill.errors import PotstillError
@@ -418,25 +418,10 @@ def test_uld_gradient_matches_finite_differences():
 
 
 def cfg(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        max_steps=1,
-        learning_rate=1.0,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        max_grad_norm=0.0,
-        chunk_size=5,
+    base = one_step_cpu_args(
+        tmp_path, per_device_train_batch_size=2, learning_rate=1.0, max_grad_norm=0.0, chunk_size=5
     )
-    base.update(kw)
-    return KDConfig(**base)
+    return KDConfig(**(base | kw))
 
 
 def _trainer(student, teacher, stok, ttok, tmp_path, method="vocab_map", **kw):

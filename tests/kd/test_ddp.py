@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_proc import free_port, launch_env, run, run_all
+from helpers import accelerate_launch
+from helpers_proc import launch_env, run, run_all
 from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
@@ -28,28 +29,7 @@ def test_two_process_ddp_equals_single_process(tmp_path, method, engine):
     assert r1.returncode == 0, r1.stderr[-3000:]
     # `--multi_gpu` is accelerate's torchrun path; on a machine without GPUs the script's `use_cpu=True` and
     # `ddp_backend="gloo"` make it 2 CPU processes (accelerate's `--cpu` multi-process path needs MPI).
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(HERE / "ddp_train.py"),
-        str(multi),
-        "2",
-        "2",
-        method,
-        engine,
-    ]
+    launch = accelerate_launch(str(HERE / "ddp_train.py"), str(multi), "2", "2", method, engine)
     r2 = run(launch, env=env, timeout=240)
     assert r2.returncode == 0, r2.stderr[-3000:]
     a = load_file(single / "student.safetensors")

@@ -15,10 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers_proc import free_port, launch_env, run
+from helpers import accelerate_launch, scaled_student
+from helpers_proc import launch_env, run
 from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
+# Logit KD from the live teacher: forward KL with CE (alpha 0.2).
+KD = {"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}}
 # Feature KD: hidden states through a learned projection (student width 32 -> teacher 64) and attention relations;
 # the projection hangs on the student while it trains, so each engine averages / shards it like the student's own.
 FEAT = {
@@ -37,6 +40,14 @@ MINILLM = {
     "divergence": {"name": "reverse_kl"},
     "on_policy": {"lmbda": 1.0, "max_new_tokens": 6, "minillm": {"mix": 0.2}},
 }
+# On-policy GKD (JSD(0.5), lambda = 1: every step on the student's own samples). top_p = 1e-6 keeps only each
+# step's most likely token: sampling is greedy, so the samples are the same whatever the processes' draws.
+GREEDY_GKD = {
+    "name": "gkd",
+    "alpha": 0.0,
+    "divergence": {"name": "generalized_jsd", "beta": 0.5},
+    "on_policy": {"lmbda": 1.0, "top_p": 1e-6, "max_new_tokens": 6},
+}
 PAIRS = [(f"Question number {i}: what comes after {i}?", f"The number {i + 1} comes after {i}.") for i in range(10)]
 
 
@@ -53,16 +64,10 @@ def _recipe(root: Path, path: Path, **extra) -> Path:
     r = {
         "output_dir": str(path.parent / "unused"),
         "teacher": {"model": str(root / "teacher")},
-        "student": {
-            "kind": "scaled",
-            "num_layers": 1,
-            "hidden_size": 32,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-        },
+        "student": scaled_student(),
         "data": {"source": {"kind": "file", "path": str(root / "data.jsonl")}, "eval_size": 2, "max_length": 64},
         "train": {"max_steps": 3, "batch_size": 4, "logging_steps": 1, "learning_rate": 1e-2},
-        "runs": [{"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}}],
+        "runs": [KD],
         "eval": {"max_new_tokens": 4, "batch_size": 4},
         "device": "cpu",
         **extra,
@@ -76,23 +81,7 @@ def _distill(recipe: Path, out: Path, *overrides: str, processes: int = 1):
     if processes == 1:
         cmd = [sys.executable, *cli]
     else:  # accelerate's torchrun path; `device: cpu` makes the processes CPU ones with gloo
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            *cli,
-        ]
+        cmd = accelerate_launch(*cli, processes=processes)
     r = run(cmd, env=launch_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     return r
@@ -132,13 +121,8 @@ def test_fsdp2_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
         teacher_dir,
         tmp_path / "r.yaml",
         runs=[
-            {"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}},
-            {
-                "name": "gkd",
-                "alpha": 0.0,
-                "divergence": {"name": "generalized_jsd", "beta": 0.5},
-                "on_policy": {"lmbda": 1.0, "top_p": 1e-6, "max_new_tokens": 6},
-            },
+            KD,
+            GREEDY_GKD,
             {
                 "name": "multi",
                 "alpha": 0.0,
@@ -262,13 +246,8 @@ def test_zero3_recipe_on_two_processes_equals_one_process(teacher_dir, tmp_path)
         teacher_dir,
         tmp_path / "r.yaml",
         runs=[
-            {"name": "kd", "alpha": 0.2, "divergence": {"name": "forward_kl"}},
-            {
-                "name": "gkd",
-                "alpha": 0.0,
-                "divergence": {"name": "generalized_jsd", "beta": 0.5},
-                "on_policy": {"lmbda": 1.0, "top_p": 1e-6, "max_new_tokens": 6},
-            },
+            KD,
+            GREEDY_GKD,
             FEAT,
         ],
     )
@@ -341,27 +320,7 @@ def test_a_run_killed_mid_run_resumes_to_the_uninterrupted_student(teacher_dir, 
     ref, out = tmp_path / "ref", tmp_path / "out"
     _distill(recipe, ref, processes=2)
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "potstill",
-        "distill",
-        str(recipe),
-        f"output_dir={out}",
-    ]
+    cmd = accelerate_launch("-m", "potstill", "distill", str(recipe), f"output_dir={out}")
     value = uuid.uuid4().hex
     mark = out / "checkpoints" / "kd" / "checkpoint-4" / "potstill_run.json"
     proc = subprocess.Popen(

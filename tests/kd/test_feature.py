@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import encode_kd_pairs, kd_dataset, kd_ref_loss
+from helpers import encode_kd_pairs, kd_dataset, kd_ref_loss, one_step_cpu_args
 
 from potstill.data import PadCollator
 from potstill.errors import PotstillError
@@ -16,24 +16,7 @@ from potstill.signals import OnlineTeacher, SparseSignal
 
 
 def fcfg(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        feature_layers=[[1, 2], [0, 0]],
-    )
-    base.update(kw)
-    return FeatureKDConfig(**base)
+    return FeatureKDConfig(**(one_step_cpu_args(tmp_path, feature_layers=[[1, 2], [0, 0]]) | kw))
 
 
 def test_feature_distances_closed_forms():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import accelerate_launch
 from helpers_proc import free_port, launch_env, run, run_all
 from safetensors.torch import load_file
 
@@ -149,29 +150,7 @@ def test_zero3_tied_head_two_processes_equal_one_process(tmp_path):
     script = str(HERE / "zero3_train.py")
     r1 = run([sys.executable, script, str(single), "tied"], env=env, timeout=240)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            script,
-            str(multi),
-            "tied",
-        ],
-        env=env,
-        timeout=240,
-    )
+    r2 = run(accelerate_launch(script, str(multi), "tied"), env=env, timeout=240)
     assert r2.returncode == 0, r2.stderr[-3000:]
     one = json.loads((single / "info.json").read_text())
     two = json.loads((multi / "info.json").read_text())

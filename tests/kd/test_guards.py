@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 from datasets import Dataset
+from helpers import one_step_cpu_args
 from helpers_proc import run_all
 from transformers import TrainerCallback
 
@@ -57,23 +58,7 @@ def dataset(tok):
 
 
 def cfg(tmp_path, config=KDConfig, **kw):
-    base = {
-        "output_dir": str(tmp_path / "out"),
-        "per_device_train_batch_size": 4,
-        "max_steps": 1,
-        "learning_rate": 0.1,
-        "optim": "sgd",
-        "lr_scheduler_type": "constant",
-        "report_to": "none",
-        "save_strategy": "no",
-        "use_cpu": True,
-        "logging_steps": 1,
-        "seed": 0,
-        "data_seed": 0,
-        "disable_tqdm": True,
-    }
-    base.update(kw)
-    return config(**base)
+    return config(**one_step_cpu_args(tmp_path, **kw))
 
 
 def weights(model) -> dict[str, torch.Tensor]:

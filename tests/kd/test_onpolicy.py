@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import FakeCache, encode_kd_pairs, kd_dataset
+from helpers import FakeCache, encode_kd_pairs, kd_dataset, one_step_cpu_args
 
 import potstill.generate as gen_mod
 from potstill.data import PadCollator
@@ -18,24 +18,7 @@ from potstill.signals import OnlineTeacher
 
 
 def ocfg(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        gen_max_new_tokens=6,
-    )
-    base.update(kw)
-    return OnPolicyConfig(**base)
+    return OnPolicyConfig(**(one_step_cpu_args(tmp_path, gen_max_new_tokens=6) | kw))
 
 
 def make(teacher, student, tok, tmp_path, **kw):
@@ -57,21 +40,7 @@ def batch_of(tok, n=4):
 def test_lambda_zero_is_exactly_off_policy_kd(tiny_llama_pair, tmp_path, monkeypatch):
     teacher, student, tok = tiny_llama_pair
     s_off, s_on = copy.deepcopy(student), copy.deepcopy(student)
-    kd_args = dict(
-        output_dir=str(tmp_path / "off"),
-        per_device_train_batch_size=4,
-        max_steps=3,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-    )
+    kd_args = one_step_cpu_args(tmp_path, output_dir=str(tmp_path / "off"), max_steps=3)
     off = KDTrainer(
         model=s_off,
         teacher_model=teacher,

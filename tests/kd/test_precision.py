@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
+from helpers import one_step_cpu_args, scaled_student
 from transformers import TrainerCallback
 
 from potstill.cli import main
@@ -51,25 +52,7 @@ def dataset(tok):
 
 def cfg(tmp_path, cls=KDConfig, **kw):
     """One plain SGD step on one batch of 4, no clipping: the gradients seen are the raw ones."""
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        logging_steps=1,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        alpha=0.5,
-    )
-    base.update(kw)
-    return cls(**base)
+    return cls(**(one_step_cpu_args(tmp_path, max_grad_norm=0.0, alpha=0.5) | kw))
 
 
 def checkpointing(reentrant: bool = False) -> dict:
@@ -349,13 +332,7 @@ def _write_recipe(assets, tmp_path: Path, **train) -> Path:
     r = {
         "output_dir": str(tmp_path / "out"),
         "teacher": {"model": str(teacher)},
-        "student": {
-            "kind": "scaled",
-            "num_layers": 1,
-            "hidden_size": 32,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-        },
+        "student": scaled_student(),
         "data": {"source": {"kind": "file", "path": str(data)}, "eval_size": 2, "max_length": 64},
         "train": {"max_steps": 2, "batch_size": 2, "logging_steps": 1, "learning_rate": 1e-3, **train},
         "runs": [{"name": "kd", "alpha": 0.5}],
