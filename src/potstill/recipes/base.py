@@ -8,10 +8,10 @@ import copy
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError
 
 from potstill.errors import PotstillError
 
@@ -20,10 +20,6 @@ class Strict(BaseModel):
     # allow_inf_nan=False: a learning rate, temperature or divergence parameter of inf/NaN is refused at load
     # time; otherwise it trains a NaN student and exits 0.
     model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
-
-
-RECIPE_VERSION = 1
-"""The recipe format's version; a recipe file may state it as ``version: 1``."""
 
 
 class RecipeFile(Strict):
@@ -210,3 +206,42 @@ def parse_recipe_text(p: Path) -> Any:
         raise PotstillError(
             f"recipe '{p}' holds a value YAML cannot read ({str(err).splitlines()[0]}); fix that value"
         ) from None
+
+
+# ------------------------------------------------------- verbs with two flavours (select, condense, eval-data)
+
+DEFAULT_KIND = "classification"
+"""The flavour of a select, condense or eval-data recipe that names no ``kind``."""
+KINDS = ("classification", "causal_lm")
+
+
+def kind_of(data: Any) -> str:
+    """The flavour of a task recipe (a mapping or a model): its ``kind``, else :data:`DEFAULT_KIND`."""
+    kind = data.get("kind") if isinstance(data, dict) else getattr(data, "kind", None)
+    # an unknown kind is checked by the default flavour, whose error names the key `kind`
+    return kind if kind in KINDS else DEFAULT_KIND
+
+
+def by_kind(classification: type, causal_lm: type) -> Any:
+    """A verb's schema with two flavours: the union of both models, chosen by :func:`kind_of`."""
+    return Annotated[
+        Union[Annotated[classification, Tag("classification")], Annotated[causal_lm, Tag("causal_lm")]],  # noqa: UP007
+        Discriminator(kind_of),
+    ]
+
+
+def read_source(source: str | Path | dict, sections: str) -> dict:
+    """A recipe mapping: a copy of ``source`` when it is one, else the YAML file it names (``sections``: what
+    a mapping holds, for the error of a file that is not one)."""
+    return copy.deepcopy(source) if isinstance(source, dict) else read_recipe_file(source, sections)
+
+
+def validate_recipe(schema: Any, data: dict, verb: str, base_dir: Path | None = None) -> Any:
+    """``data`` validated against ``schema`` (a model or a :func:`by_kind` union), its paths resolved;
+    any problem raises one :class:`PotstillError` line naming the key."""
+    try:
+        recipe = TypeAdapter(schema).validate_python(data)
+    except ValidationError as err:
+        raise PotstillError(format_validation_error(err, data, verb)) from None
+    recipe.resolve_paths(base_dir)
+    return recipe

@@ -1,5 +1,5 @@
 """The ``potstill condense`` recipe: learn a small synthetic training set. Two flavours, told apart by ``kind``
-(:func:`kind_of`: ``classification`` when absent, the one rule of every verb with flavours):
+(:func:`potstill.recipes.base.kind_of`: ``classification`` when absent, the one rule of every verb with flavours):
 
 * ``classification``: a set of embeddings + soft labels for a text classifier (trajectory matching,
   Cazenavette et al. 2022, or gradient matching, Zhao et al. 2021; :mod:`potstill.dd.condense`);
@@ -10,20 +10,25 @@ Importable without torch; :mod:`potstill.runners.condense` runs it.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from potstill.errors import PotstillError
-from potstill.recipes.base import RecipeFile, Strict, apply_overrides, format_validation_error, read_recipe_file
+from potstill.recipes.base import (
+    RecipeFile,
+    Strict,
+    apply_overrides,
+    by_kind,
+    read_source,
+    validate_recipe,
+)
 from potstill.recipes.distill import Recipe, resolve_as_distill
 from potstill.recipes.models import DataConfig, FromTeacherStudent, StudentConfig, TeacherConfig
 
 __all__ = [
-    "DEFAULT_KIND",
     "RECIPE",
     "CondenseData",
     "CondenseLMEval",
@@ -33,49 +38,8 @@ __all__ = [
     "CondenseRecipe",
     "GradientMethod",
     "TrajectoryMethod",
-    "by_kind",
-    "kind_of",
     "load_condense_recipe",
-    "read_source",
-    "validate_recipe",
 ]
-
-DEFAULT_KIND = "classification"
-"""The flavour of a select, condense or eval-data recipe that names no ``kind``."""
-KINDS = ("classification", "causal_lm")
-
-
-def kind_of(data: Any) -> str:
-    """The flavour of a task recipe (a mapping or a model): its ``kind``, else :data:`DEFAULT_KIND`."""
-    kind = data.get("kind") if isinstance(data, dict) else getattr(data, "kind", None)
-    # an unknown kind is checked by the default flavour, whose error names the key `kind`
-    return kind if kind in KINDS else DEFAULT_KIND
-
-
-def by_kind(classification: type, causal_lm: type) -> Any:
-    """A verb's schema with two flavours: the union of both models, chosen by :func:`kind_of`."""
-    return Annotated[
-        Union[Annotated[classification, Tag("classification")], Annotated[causal_lm, Tag("causal_lm")]],  # noqa: UP007
-        Discriminator(kind_of),
-    ]
-
-
-def read_source(source: str | Path | dict, sections: str) -> dict:
-    """A recipe mapping: a copy of ``source`` when it is one, else the YAML file it names (``sections``: what
-    a mapping holds, for the error of a file that is not one)."""
-    return copy.deepcopy(source) if isinstance(source, dict) else read_recipe_file(source, sections)
-
-
-def validate_recipe(schema: Any, data: dict, verb: str, base_dir: Path | None = None) -> Any:
-    """``data`` validated against ``schema`` (a model or a :func:`by_kind` union), its paths resolved;
-    any problem raises one :class:`PotstillError` line naming the key."""
-    try:
-        recipe = TypeAdapter(schema).validate_python(data)
-    except ValidationError as err:
-        raise PotstillError(format_validation_error(err, data, verb)) from None
-    recipe.resolve_paths(base_dir)
-    return recipe
-
 
 # ------------------------------------------------------------------------------- classification
 

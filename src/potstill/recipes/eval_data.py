@@ -1,6 +1,6 @@
 """The ``potstill eval-data`` recipe: judge distilled or selected training sets against real subsets of the same
 size under one protocol. Two flavours by ``kind`` (absent: ``classification``; see
-:func:`potstill.recipes.condense.kind_of`): sets of labelled sentences for a text classifier, or
+:func:`potstill.recipes.base.kind_of`): sets of labelled sentences for a text classifier, or
 (``causal_lm``) instruction data and LLM students. Importable without torch; :mod:`potstill.runners.eval_data`
 runs it.
 """
@@ -14,8 +14,8 @@ from typing import Literal, get_args
 from pydantic import Field, field_validator, model_validator
 
 from potstill.errors import PotstillError
-from potstill.recipes.base import RecipeFile, Strict, apply_overrides
-from potstill.recipes.condense import CondenseData, CondenseLearner, by_kind, read_source, validate_recipe
+from potstill.recipes.base import RecipeFile, Strict, apply_overrides, by_kind, read_source, validate_recipe
+from potstill.recipes.condense import CondenseData, CondenseLearner
 from potstill.recipes.distill import CacheConfig, Recipe, resolve_as_distill
 from potstill.recipes.methods import RunConfig
 from potstill.recipes.models import DataConfig, FromTeacherStudent, StudentConfig, TeacherConfig

@@ -1,5 +1,5 @@
 """The ``potstill select`` recipe: choose the training subset a student will learn from. Two flavours by ``kind``
-(absent: ``classification``; see :func:`potstill.recipes.condense.kind_of`):
+(absent: ``classification``; see :func:`potstill.recipes.base.kind_of`):
 
 * ``causal_lm`` (:class:`SelectRecipe`): the teacher, the scoring student, the data (the pool is *exactly* the
   train split that ``potstill distill`` makes from the same ``data`` section), an optional teacher-signal
@@ -21,8 +21,16 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from potstill.errors import PotstillError
-from potstill.recipes.base import RecipeFile, Strict, apply_overrides, format_validation_error, read_recipe_file
-from potstill.recipes.condense import CondenseData, CondenseLearner, by_kind, validate_recipe
+from potstill.recipes.base import (
+    RecipeFile,
+    Strict,
+    apply_overrides,
+    by_kind,
+    format_validation_error,
+    read_recipe_file,
+    validate_recipe,
+)
+from potstill.recipes.condense import CondenseData, CondenseLearner
 from potstill.recipes.distill import CacheConfig, Recipe, resolve_data_source
 from potstill.recipes.divergences import DivergenceConfig, ForwardKL
 from potstill.recipes.eval_data import EvalDataTeacher
