@@ -39,10 +39,12 @@ from potstill.recipes.models import DataConfig, FromTeacherStudent, StudentConfi
 __all__ = [
     "KD_SCORERS",
     "RECIPE",
+    "VALUATION_SCORERS",
     "ClsSelectConfig",
     "ClsSelectRecipe",
     "SelectConfig",
     "SelectRecipe",
+    "ValuationConfig",
     "distill_recipe",
     "kd_scorer",
     "load_cls_select_recipe",
@@ -366,10 +368,53 @@ def distill_recipe(sr: SelectRecipe) -> Recipe:
 # ------------------------------------------------------------------------------- classification
 
 
+VALUATION_SCORERS = ("knn_shapley", "tmc_shapley")
+"""Classification scorers that value every example and keep the highest values per class."""
+
+
+class ValuationConfig(Strict):
+    val_size: int = Field(
+        200,
+        ge=1,
+        description="Held-out validation points (the test points of the valuation), drawn from the pool with "
+        "select.seed and never selected; the eval split is never used.",
+    )
+    k: int = Field(10, ge=1, description="knn_shapley: neighbours K of the unweighted K-NN classifier (Jia 2019).")
+    permutations: int = Field(200, ge=1, description="tmc_shapley: Monte-Carlo permutations at most.")
+    tolerance: float = Field(
+        0.01,
+        ge=0.0,
+        description="tmc_shapley: truncate a permutation once the running validation accuracy is within this "
+        "of the full-data accuracy (Ghorbani & Zou 2019, Alg. 1; 0: never truncate).",
+    )
+    convergence: float | None = Field(
+        0.05,
+        gt=0.0,
+        description="tmc_shapley: stop early when the values changed by less than this fraction over the last "
+        "100 permutations (the paper's rule; null: run all permutations).",
+    )
+    max_pool: int = Field(
+        1000, ge=1, description="tmc_shapley: refuse to value more examples than this (its cost grows as N^2)."
+    )
+    suspect_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Share of the valued examples with the lowest values listed as suspected mislabels "
+        "(selection_report.json `suspects`).",
+    )
+
+
 class ClsSelectConfig(Strict):
     per_class: int = Field(..., ge=1, description="Examples kept per label (DiLM's budgets: 5, 10, 20).")
-    scorer: Literal["random", "k_center", "kmeans_medoids", "herding"] = Field(
-        "herding", description="How the examples of each class are picked among the survivors."
+    scorer: Literal["random", "k_center", "kmeans_medoids", "herding", "knn_shapley", "tmc_shapley"] = Field(
+        "herding",
+        description="How the examples of each class are picked among the survivors; knn_shapley (Jia et al. "
+        "2019, exact K-NN Shapley) and tmc_shapley (Ghorbani & Zou 2019, nearest-centroid learner) keep the "
+        "highest data values.",
+    )
+    valuation: ValuationConfig = Field(
+        default_factory=ValuationConfig, description="knn_shapley / tmc_shapley only: validation split and settings."
     )
     teacher_confident: float | None = Field(
         0.9,
@@ -379,7 +424,18 @@ class ClsSelectConfig(Strict):
         "the pool-trained teacher gives at least this probability (null: "
         "no filter, no teacher).",
     )
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of random picks, k-means and k-center's first point.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed of random picks, k-means, k-center's first point and valuation."
+    )
+
+    @model_validator(mode="after")
+    def _valuation_only_for_valuers(self) -> ClsSelectConfig:
+        if "valuation" in self.model_fields_set and self.scorer not in VALUATION_SCORERS:
+            raise ValueError(
+                f"select.valuation applies to scorers {', '.join(VALUATION_SCORERS)}, not {self.scorer}; "
+                "remove it or choose one of them"
+            )
+        return self
 
 
 class ClsSelectRecipe(RecipeFile):

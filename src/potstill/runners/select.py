@@ -37,8 +37,10 @@ set. (1) **Filter** (optional, ``teacher_confident: p``): the soft-label teacher
 pool example; one is kept only if the teacher predicts its label with probability >= p (each drop names
 the teacher's prediction and p(label)). (2) **Pick** per class among the survivors: ``random``,
 ``k_center``, ``kmeans_medoids`` (DiLM's "K-centers") or ``herding`` (Welling 2009), in eval-data's coreset
-space. Writes ``selection.json``, ``selected.jsonl`` (``{"sentence", "label", "example_id"}``) and
-``selection_report.json``.
+space; or ``knn_shapley`` / ``tmc_shapley``: the highest data values (:mod:`potstill.dd.valuation`) in the
+same space against a seeded validation slice of the pool (held out, never selected), the lowest-valued
+``valuation.suspect_fraction`` listed as suspected mislabels (report ``suspects``). Writes ``selection.json``,
+``selected.jsonl`` (``{"sentence", "label", "example_id"}``) and ``selection_report.json``.
 """
 
 from __future__ import annotations
@@ -60,11 +62,13 @@ from potstill.dd.dedup import MinHashDedup
 from potstill.dd.protocol import predict_features
 from potstill.dd.select import apply_filters, drop_ifd_above_one, ifd_loss_ratio, keep_indices, reason_key, top_k
 from potstill.dd.selection_io import FORMAT, REPORT, SELECTED, SELECTION, VERSION, selection_for_pool
+from potstill.dd.valuation import per_class_top
 from potstill.errors import PotstillError
 from potstill.fingerprints import pool_fingerprint
 from potstill.io import atomic_write_json, atomic_write_text
 from potstill.recipes.distill import Recipe
 from potstill.recipes.select import (
+    VALUATION_SCORERS,
     ClsSelectRecipe,
     KCenterScorer,
     KMeansMedoidsScorer,
@@ -79,6 +83,7 @@ from potstill.recipes.select import (
 from potstill.runners.common import BUDGET_CUT, build_learner, coreset_space, draw, load_pool, train_pool_teacher
 from potstill.runners.prepare import Prepared
 from potstill.runners.select_scoring import (
+    VALUATION_SET,
     Clock,
     Scoring,
     budget_count,
@@ -87,6 +92,7 @@ from potstill.runners.select_scoring import (
     pair_text,
     pool_pairs,
     score_summary,
+    value_pool,
 )
 
 __all__ = [
@@ -490,10 +496,21 @@ def run_select_cls(recipe: ClsSelectRecipe) -> dict:
         t0 = time.perf_counter()
         reasons, p_label = _confident(recipe, learner, pool_f, labels)
         timings["teacher_s"] = time.perf_counter() - t0
+    valued = None
+    if sel.scorer in VALUATION_SCORERS:
+        t0 = time.perf_counter()
+        valued = value_pool(sel, emb, labels, max(classes) + 1)
+        timings["valuation_s"] = time.perf_counter() - t0
+        for i in valued.val_idx:
+            reasons.setdefault(i, f"{VALUATION_SET} (seed {sel.seed})")
     cand = torch.tensor([i for i in range(len(pool)) if i not in reasons], dtype=torch.long)
     _check_per_class(labels, classes, sel.per_class, cand, sel.teacher_confident)
     t0 = time.perf_counter()
-    picked = cand[draw(sel.scorer, {y: sel.per_class for y in classes}, labels[cand], emb[cand], seed=sel.seed)]
+    counts = {y: sel.per_class for y in classes}
+    if valued is None:
+        picked = cand[draw(sel.scorer, counts, labels[cand], emb[cand], seed=sel.seed)]
+    else:  # the highest data values of each class among the survivors
+        picked = cand[per_class_top([valued.values[int(i)] for i in cand], labels[cand], counts)]
     timings["selection_s"] = time.perf_counter() - t0
     ids = sorted(int(i) for i in picked)
     keep = set(ids)
@@ -507,10 +524,9 @@ def run_select_cls(recipe: ClsSelectRecipe) -> dict:
             "label": e.label,
             "kept": i in keep,
             "reason": reasons.get(i),
-            "reason_key": None
-            if i in keep
-            else (NOT_CONFIDENT if reasons[i].startswith(NOT_CONFIDENT) else BUDGET_CUT),
+            "reason_key": None if i in keep else reason_key(reasons[i]),
             "teacher_p_label": None if p_label is None else round(float(p_label[i]), 6),
+            "value": None if valued is None else valued.values.get(i),
         }
         for i, e in enumerate(pool)
     ]
@@ -526,6 +542,8 @@ def run_select_cls(recipe: ClsSelectRecipe) -> dict:
         "class_counts": {str(y): k for y, k in sorted(Counter(pool[i].label for i in ids).items())},
         "dropped": dict(Counter(r["reason_key"] for r in rows if not r["kept"])),
         "timings_s": timings,
+        "valuation": None if valued is None else {**valued.info, "suspect_fraction": sel.valuation.suspect_fraction},
+        "suspects": None if valued is None else valued.suspects,
         "examples": rows,
         "paths": {"selection": str(out / SELECTION), "selected": str(out / SELECTED), "report": str(out / REPORT)},
     }

@@ -1,6 +1,7 @@
-"""The scoring machinery of ``potstill select`` (causal-LM pools): the pool's texts, the teacher-signal
+"""The scoring machinery of ``potstill select``: for causal-LM pools the pool's texts, the teacher-signal
 cache, per-phase timings, per-example scores and statistics (each computed at most once), embeddings,
-and LESS gradient scores."""
+and LESS gradient scores; for classification pools the data values of ``knn_shapley`` / ``tmc_shapley``
+(:func:`value_pool`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from potstill.errors import PotstillError
 from potstill.recipes.distill import Recipe
 from potstill.recipes.divergences import divergence_params
 from potstill.recipes.select import (
+    ClsSelectConfig,
     ConfidentTeacherUnsureStudentScorer,
     IfdLossRatioScorer,
     IfdPplRatioScorer,
@@ -29,9 +31,11 @@ from potstill.recipes.select import (
 )
 
 __all__ = [
+    "VALUATION_SET",
     "Clock",
     "Scoring",
     "TimedSource",
+    "Valued",
     "budget_count",
     "hidden_embeddings",
     "less_scores",
@@ -40,7 +44,10 @@ __all__ = [
     "pair_text",
     "pool_pairs",
     "score_summary",
+    "value_pool",
 ]
+
+VALUATION_SET = "valuation set, held out"
 
 
 def _sync(device: torch.device) -> None:
@@ -303,3 +310,51 @@ def budget_count(budget: int | float, n: int) -> int:
             f"select.budget={budget} is more than the pool's {n} examples; lower it or give a fraction such as 0.1"
         )
     return budget
+
+
+@dataclasses.dataclass
+class Valued:
+    """Data values of a classification pool: ``values[i]`` for every valued pool row (the pool less the
+    validation rows ``val_idx``), the ``suspects`` (lowest values first) and the valuation's settings."""
+
+    values: dict[int, float]
+    val_idx: list[int]
+    suspects: list[int]
+    info: dict[str, Any]
+
+
+def value_pool(sel: ClsSelectConfig, emb: Tensor, labels: Tensor, num_classes: int) -> Valued:
+    """KNN-Shapley or TMC-Shapley values of the pool in the coreset space ``emb [N, D]``, with a seeded
+    ``valuation.val_size`` slice of the pool as the held-out validation (test) points."""
+    from potstill.dd import valuation as V
+
+    cfg, n = sel.valuation, len(labels)
+    if cfg.val_size >= n:
+        raise PotstillError(
+            f"select.valuation.val_size={cfg.val_size} leaves no pool examples to value ({n} in all); lower it"
+        )
+    g = torch.Generator().manual_seed(sel.seed)
+    val_idx = sorted(torch.randperm(n, generator=g)[: cfg.val_size].tolist())
+    held = set(val_idx)
+    train_idx = [i for i in range(n) if i not in held]
+    for y in sorted(set(labels.tolist())):
+        have = int((labels[train_idx] == y).sum())
+        if have < sel.per_class:
+            raise PotstillError(
+                f"after holding out valuation.val_size={cfg.val_size} examples, label {y} has {have} left, "
+                f"fewer than select.per_class={sel.per_class}; lower val_size or per_class, or raise data.pool_size"
+            )
+    tr, va = torch.tensor(train_idx), torch.tensor(val_idx)
+    info: dict[str, Any] = {"validation": f"{cfg.val_size} pool examples drawn with select.seed, not selectable"}
+    if sel.scorer == "knn_shapley":
+        values = V.knn_shapley(emb[tr], labels[tr], emb[va], labels[va], cfg.k)
+        info |= {"method": "knn_shapley (Jia et al. 2019, exact)", "k": cfg.k}
+    else:
+        V.check_pool_size(len(train_idx), cfg.max_pool)
+        util = V.NearestCentroidUtility(emb[tr], labels[tr], emb[va], labels[va], num_classes)
+        values, run = V.tmc_shapley(
+            util, permutations=cfg.permutations, tolerance=cfg.tolerance, convergence=cfg.convergence, seed=sel.seed
+        )
+        info |= {"method": "tmc_shapley (Ghorbani & Zou 2019, Alg. 1), nearest-centroid accuracy", **run}
+    suspects = [train_idx[j] for j in V.lowest(values, cfg.suspect_fraction).tolist()]
+    return Valued({i: float(v) for i, v in zip(train_idx, values.tolist())}, val_idx, suspects, info)
