@@ -31,6 +31,9 @@ METRIC_INFO: dict[str, tuple[str, str | None]] = {
     "distinct_1": ("distinct-1", None),
     "distinct_2": ("distinct-2", None),
     "exact_match": ("exact match", "higher"),
+    "decision_accuracy": ("decision accuracy", "higher"),
+    "decision_macro_f1": ("decision macro-F1", "higher"),
+    "decision_ece": ("decision ECE", "lower"),
     "params": ("params", None),
     "tokens_per_s": ("tokens/s", "higher"),
 }

@@ -65,12 +65,39 @@ def evaluate_and_report(
     if all(a is not None for a in answers):
         from potstill.data.rationale import exact_match
 
-        for run in results.values():
-            run["exact_match"] = exact_match(run["generations"], answers)
+        if not any("choices" in ex for ex in prep.eval_examples):
+            for run in results.values():
+                run["exact_match"] = exact_match(run["generations"], answers)
+    if all("choices" in ex for ex in prep.eval_examples) and prep.eval_examples:
+        _score_choices(results, {"teacher": teacher, **students}, prep)
     metrics = metrics_only(results)
     samples = collect_samples(results, prep.eval_examples, k=4, tokenizer=prep.tokenizer)
     write_report(out, metrics, loss_curves=curves, title="potstill distillation report", notes=notes, samples=samples)
     return metrics
+
+
+def _score_choices(results: dict[str, dict], models: dict[str, Any], prep: Prepared) -> None:
+    """Decision accuracy, macro-F1 and ECE of each model on held-out examples that name their ``choices`` and
+    ``answer`` (e.g. PubMedQA's yes / no / maybe): the likeliest choice after the prompt (lm-eval's ``acc``)."""
+    from potstill.data import pad_id
+    from potstill.eval.choice import choice_metrics, choice_scores
+
+    examples = prep.eval_examples
+    names = list(examples[0]["choices"])
+    if any(list(ex["choices"]) != names for ex in examples):
+        raise PotstillError("held-out examples name different choices; give every example the same choice list")
+    tokens = [prep.tokenizer(c, add_special_tokens=False)["input_ids"] for c in names]
+    gold = [names.index(ex["answer"]) for ex in examples]
+    prompts = [ex["prompt_ids"] for ex in examples]
+    for name, run in results.items():
+        model = models.get(name)
+        if model is None:
+            continue
+        scores = choice_scores(
+            model, prompts, tokens, pad_id=pad_id(prep.tokenizer), batch_size=prep.recipe.eval.batch_size
+        )
+        m = choice_metrics(scores, gold)
+        run.update({"decision_accuracy": m["accuracy"], "decision_macro_f1": m["macro_f1"], "decision_ece": m["ece"]})
 
 
 def distill(recipe: Recipe, *, progress: bool = True) -> dict[str, dict]:
