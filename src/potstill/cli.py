@@ -23,6 +23,7 @@ EXAMPLE = """example:
   potstill synthesize recipes/synthesize_self_instruct.yaml
   potstill condense recipes/condense_sst2.yaml
   potstill eval-data recipes/eval_data_sst2.yaml      # a set vs random / coreset subsets, hard + soft labels
+  potstill distill-vlm recipes/distill_vlm_smolvlm.yaml   # VLM -> VLM KD on the text tokens
 """
 
 # verb -> (help, recipe loader, runner): recipes of their own kind, outside distill's. A loader of None is
@@ -53,6 +54,11 @@ TASKS = {
         "judge distilled / selected sets against random and coreset subsets of the same size",
         None,
         "potstill.runners.eval_data:run",
+    ),
+    "distill-vlm": (
+        "distill a VLM teacher into a VLM student on the text tokens of image-text examples",
+        None,
+        "potstill.runners.distill_vlm:run",
     ),
 }
 

@@ -26,6 +26,7 @@ VERBS: dict[str, str] = {
     "condense": "potstill.recipes.condense",
     "eval-data": "potstill.recipes.eval_data",
     "synthesize": "potstill.recipes.synthesize",
+    "distill-vlm": "potstill.recipes.distill_vlm",
 }
 
 # Verbs that run a distill recipe.
