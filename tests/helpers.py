@@ -471,6 +471,7 @@ DIVERGENCE_PARAMS = {
         {"alpha": 0.0, "beta": 0.0},
     ],
     "adaptive_kl": [{}, {"mu": 0.8}],
+    "bild": [{}, {"top_k": 3}, {"top_k": 5, "student_led": False}],
 }
 # (name, params) for every registered divergence and each of its settings, and their pytest ids.
 DIVERGENCE_CASES = [(n, p) for n in list(DIVERGENCES) for p in DIVERGENCE_PARAMS[n]]

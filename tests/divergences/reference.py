@@ -9,6 +9,7 @@ formulas gives the reference gradients.
 
 from __future__ import annotations
 
+import itertools
 from fractions import Fraction
 
 import torch
@@ -265,3 +266,43 @@ def sparse_kd_loss(hidden, weight, bias, labels, signal, *, alpha, temperature, 
             )
         total = total + alpha * ce + (1 - alpha) * (temperature**2 if scale_t2 else 1.0) * div
     return total / (normalizer if normalizer else 1)
+
+
+def _led_difference_kl(s, t, lead, temperature, top_k):
+    """One half of BiLD (Li et al. 2024) at one position, from the definitions, with Python loops:
+    the ``top_k`` indices of ``lead`` in its rank order, every pair ``a < b`` of them
+    (``itertools.combinations`` keeps that order), the differences ``(z_a - z_b) / T`` of each model,
+    a softmax over them by hand, and KL(teacher pairs || student pairs)."""
+    order = sorted(range(lead.shape[0]), key=lambda v: -float(lead[v]))[:top_k]
+    pairs = list(itertools.combinations(order, 2))
+    if not pairs:
+        return (s.sum() + t.sum()) * 0.0
+    d_t = [(t[a] - t[b]) / temperature for a, b in pairs]
+    d_s = [(s[a] - s[b]) / temperature for a, b in pairs]
+
+    def log_softmax(d):
+        m = max(float(x) for x in d)
+        log_z = m + torch.log(sum(torch.exp(x - m) for x in d))
+        return [x - log_z for x in d]
+
+    lp, lq = log_softmax(d_t), log_softmax(d_s)
+    return sum(torch.exp(a) * (a - b) for a, b in zip(lp, lq))
+
+
+def bild(s, t, temperature=1.0, top_k=8, student_led=True):
+    """BiLD = t-LD + s-LD (Li et al. 2024, arXiv:2406.13555): t-LD on the teacher's top-k pairs, s-LD on
+    the student's, both KL(teacher || student) over the softmax of the logit differences; position by
+    position in float64 (``student_led=False``: t-LD alone)."""
+    s64, t64 = s.double(), t.double()
+    v = s64.shape[-1]
+    fs, ft = s64.reshape(-1, v), t64.reshape(-1, v)
+    out = []
+    for r in range(fs.shape[0]):
+        val = _led_difference_kl(fs[r], ft[r], ft[r], temperature, top_k)
+        if student_led:
+            val = val + _led_difference_kl(fs[r], ft[r], fs[r], temperature, top_k)
+        out.append(val)
+    return torch.stack(out).reshape(s64.shape[:-1])
+
+
+REFERENCES["bild"] = bild

@@ -106,6 +106,7 @@ def test_chunked_equals_unchunked(chunk_size, teacher_kind, variant):
         "total_variation",
         "alpha_beta_divergence",
         "adaptive_kl",
+        "bild",
     ],
 )
 def test_chunked_equals_unchunked_for_every_divergence(name):
@@ -117,7 +118,7 @@ def test_chunked_equals_unchunked_for_every_divergence(name):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["forward_kl", "adaptive_kl", "alpha_beta_divergence"])
+@pytest.mark.parametrize("name", ["forward_kl", "adaptive_kl", "alpha_beta_divergence", "bild"])
 def test_unchunked_matches_float64_reference(name):
     """The unchunked path itself against the loss written from its definition."""
     hidden, head, leaves = _student("softcap_scale")

@@ -95,6 +95,9 @@ ALLOWED = [
     ("adaptive_kl", {}),
     ("adaptive_kl", {"mu": 1.0}),
     ("adaptive_kl", {"mu": 1e-3}),
+    ("bild", {}),
+    ("bild", {"top_k": 3}),
+    ("bild", {"top_k": 64, "student_led": False}),
 ]
 
 

@@ -1,5 +1,6 @@
 """Per-token divergences (dense, sparse top-k) and the one chunked reducer over the lm_head."""
 
+from .bild import bild
 from .chunked import chunked_kd_loss, unchunked_kd_loss
 from .dense import (
     CORES,
@@ -27,6 +28,7 @@ __all__ = [
     "DivergenceName",
     "adaptive_kl",
     "alpha_beta_divergence",
+    "bild",
     "check_divergence_params",
     "check_temperature",
     "chunked_kd_loss",

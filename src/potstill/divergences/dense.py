@@ -35,6 +35,8 @@ from typing import Literal, TypeVar, cast
 import torch
 from torch import Tensor
 
+from .bild import bild, bild_core
+
 DivergenceName = Literal[
     "forward_kl",
     "reverse_kl",
@@ -44,6 +46,7 @@ DivergenceName = Literal[
     "total_variation",
     "alpha_beta_divergence",
     "adaptive_kl",
+    "bild",
 ]
 
 Core = Callable[..., Tensor]
@@ -296,6 +299,7 @@ CORES: dict[DivergenceName, Core] = {
     "total_variation": _tv,
     "alpha_beta_divergence": _ab,
     "adaptive_kl": _akl,
+    "bild": bild_core,
 }
 """Divergence cores on log-probabilities ``(lq, lp, **params) -> [...]``."""
 
@@ -365,6 +369,7 @@ DIVERGENCES: dict[DivergenceName, Callable[..., Tensor]] = {
     "total_variation": total_variation,
     "alpha_beta_divergence": alpha_beta_divergence,
     "adaptive_kl": adaptive_kl,
+    "bild": bild,
 }
 
 

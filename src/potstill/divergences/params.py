@@ -129,7 +129,26 @@ def _akl(mu: float) -> None:
         )
 
 
-def check_divergence_params(name: str, params: dict) -> None:
+def _bild(top_k, student_led, vocab_size: int | None) -> None:
+    name = "bild"
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise ValueError(f"{name} top_k must be an integer, got {top_k!r}; give an integer such as 8 (the paper's)")
+    if top_k < 1:
+        raise ValueError(f"{name} top_k must be >= 1 (the teacher's top-k logits), got {top_k}; use 8 (the paper's)")
+    if top_k < 3:
+        raise ValueError(
+            f"{name} with top_k {top_k} is identically 0 (at most one logit difference, and a softmax over one value "
+            "is 1 on both sides); use top_k >= 3 (the paper uses 8)"
+        )
+    if vocab_size is not None and top_k > vocab_size:
+        raise ValueError(f"{name} top_k {top_k} exceeds the vocabulary size {vocab_size}; use a top_k <= {vocab_size}")
+    if not isinstance(student_led, bool):
+        raise ValueError(
+            f"{name} student_led must be true or false, got {student_led!r}; true is BiLD, false the t-LD half alone"
+        )
+
+
+def check_divergence_params(name: str, params: dict, *, vocab_size: int | None = None) -> None:
     """Raise ``ValueError`` (one line, ``"<problem>; <fix>"``) unless ``params`` are a valid,
     non-degenerate setting of the divergence ``name``; return ``None`` otherwise.
 
@@ -150,6 +169,10 @@ def check_divergence_params(name: str, params: dict) -> None:
     * ``adaptive_kl``: ``mu`` outside (0, 1] (``mu = 0`` is reverse KL); ``mu = 1`` puts every
       outcome into the head and is forward KL; a tiny ``mu`` keeps only the teacher's top
       token in the head.
+    * ``bild``: ``top_k`` not an integer or ``< 1``; ``top_k > vocab_size`` when the vocabulary is
+      given (the divergence itself refuses it too, as it sees the vocabulary); ``student_led`` not a
+      bool; ``top_k`` 1 or 2 (no pair, or one pair whose softmax is 1 on both sides: identically 0, as the
+      formula says and the function computes).
 
     Non-finite values are refused everywhere.
     """
@@ -160,6 +183,9 @@ def check_divergence_params(name: str, params: dict) -> None:
         if key not in defaults:
             have = ", ".join(defaults) or "none"
             raise ValueError(f"{name} takes no parameter {key!r} (its parameters: {have}); drop it")
+    if name == "bild":
+        _bild(params.get("top_k", defaults["top_k"]), params.get("student_led", defaults["student_led"]), vocab_size)
+        return
     values = {k: _values(name, k, params.get(k, d)) for k, d in defaults.items()}
     if name == "generalized_jsd":
         for v in values["beta"]:

@@ -33,6 +33,8 @@ for a softmax teacher), and its gradient w.r.t. the student an unbiased estimate
 dense gradient. ``q`` is the student's full softmax at the ids. Ids may repeat (each draw
 its own slot). AKL needs the teacher's full ranking and is refused.
 
+**BiLD** (``bild``) is no sum over outcomes and is not coarsened: see :func:`sparse_bild`.
+
 Padding slots (``logprobs = -inf``, weight 0 when sampled) are outcomes that exist on
 neither side: they contribute exactly 0, with finite gradients; in bucket mode the
 student's mass at a padding slot's id stays in the tail.
@@ -43,7 +45,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import PotstillError
 from ..signals.types import SparseSignal
+from .bild import bild, check_top_k, pair_kl
 from .dense import CORES, Core, get_core, log_probs
 
 
@@ -182,6 +186,8 @@ def sparse_divergence(
     core must be a sum over the last dim of per-outcome terms ``phi(p_v, q_v)``.
     """
     core = get_core(name_or_core) if isinstance(name_or_core, str) else name_or_core
+    if core is CORES["bild"]:
+        return sparse_bild(student_logits, signal, temperature=temperature, **params)
     if signal.weights is not None:
         return _sampled_estimate(core, student_logits, signal, temperature, params)
     lq, lp = coarsen(student_logits, signal, temperature=temperature)
@@ -217,3 +223,67 @@ def _sampled_estimate(
     w = signal.weights.to(lp.dtype)
     coef = torch.where(pad, zero, torch.exp(torch.log(w) - torch.where(pad, zero, lp)))
     return (coef * phi).sum(-1)
+
+
+def sparse_bild(
+    student_logits: Tensor, signal: SparseSignal, *, temperature: float = 1.0, top_k: int = 8, student_led: bool = True
+) -> Tensor:
+    """BiLD (:mod:`potstill.divergences.bild`) against a top-k teacher, ``[n, V]`` and ``[n, k_c]`` -> ``[n]``.
+
+    * **t-LD** needs only the teacher's top-``top_k`` logits, which a top-k cache holds when its width
+      ``k_c >= top_k``. The cache stores log-probs at the distillation temperature; their differences
+      are the differences of ``logits / T``, which is all BiLD uses (the tail mode and ``tail_logprob``
+      play no part). The slots are ranked by the cached log-prob (a stable sort, so quantization ties
+      keep the cache's order). A row with fewer than ``top_k`` listed ids (padding) uses the ids it has.
+    * **s-LD** needs the teacher's logits at the *student's* top-k ids, which a cache lacks unless it
+      lists the whole vocabulary. So ``student_led=True`` is refused (``PotstillError``) unless every
+      row lists all ``V`` ids -- then the signal is the dense teacher and the result equals the dense
+      BiLD. The check is whether the rows list every id, not whether this batch's student top-k happens
+      to be cached, so a cache narrower than the vocabulary fails at the first chunk, never mid-run.
+      Use ``student_led: false`` for t-LD alone.
+    * **Sampled** signals are refused: sampled ids do not identify the teacher's top-k.
+    """
+    if signal.weights is not None:
+        raise PotstillError(
+            "bild needs the teacher's top-k logits, which a sampled signal does not identify; "
+            "use a top-k cache (with student_led: false) or an online teacher"
+        )
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [n, V], got {tuple(student_logits.shape)}")
+    n, vocab = student_logits.shape
+    check_signal(signal, n, vocab)
+    check_top_k(top_k, vocab)
+    width = signal.ids.shape[1]
+    if width < top_k:
+        raise PotstillError(
+            f"bild top_k {top_k} exceeds the top-k cache's width {width}; use top_k <= {width} or rebuild the "
+            f"cache with k >= {top_k}"
+        )
+    lp = signal.logprobs
+    dtype = torch.promote_types(torch.promote_types(lp.dtype, student_logits.dtype), torch.float32)
+    pad = torch.isneginf(lp)
+    ids_safe = torch.where(pad, torch.zeros_like(signal.ids), signal.ids)
+    if student_led:
+        dense_t = _dense_from_full_cache(ids_safe, lp, pad, vocab, dtype)
+        # The teacher is known everywhere: the dense BiLD, its log-probs being logits / T up to a constant.
+        zs = student_logits.to(dtype) / temperature
+        return bild(zs, dense_t, temperature=1.0, top_k=top_k, student_led=True)
+    order = torch.sort(lp, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    t = lp.gather(-1, order).to(dtype)  # padding sorts last and stays -inf: no pair holds it
+    s = student_logits.gather(-1, ids_safe.gather(-1, order)).to(dtype) / temperature
+    return pair_kl(t, s)
+
+
+def _dense_from_full_cache(ids: Tensor, lp: Tensor, pad: Tensor, vocab: int, dtype: torch.dtype) -> Tensor:
+    """The teacher's ``[n, V]`` log-probs from a sparse signal listing every id of every row, else ``PotstillError``."""
+    # Padding slots add 0 (their safe id may equal a listed one), as in :func:`coarsen`.
+    counts = torch.zeros(lp.shape[0], vocab, dtype=torch.int32, device=lp.device)
+    counts.scatter_add_(-1, ids, (~pad).to(torch.int32))
+    if lp.shape[0] and not bool((counts > 0).all()):
+        raise PotstillError(
+            "bild's student-led half (s-LD) needs the teacher's logits at the student's top-k ids, which a top-k "
+            "cache lacks; set student_led: false for the teacher-led half t-LD alone, or use an online teacher"
+        )
+    full = torch.full((lp.shape[0], vocab), float("-inf"), dtype=dtype, device=lp.device)
+    # amax: a padding slot (-inf) never overwrites the listed value at the same id.
+    return full.scatter_reduce(-1, ids, lp.to(dtype), reduce="amax", include_self=True)

@@ -61,8 +61,35 @@ class AdaptiveKL(_Div):
     mu: float = Field(0.5, gt=0.0, le=1.0, description="AKL's head/tail split on the teacher's cumulative mass.")
 
 
+class BiLD(_Div):
+    name: Literal["bild"] = "bild"
+    top_k: int = Field(
+        8,
+        ge=1,
+        description=(
+            "BiLD's k (Li et al. 2024): the top-k logits whose pairwise differences are compared (the paper uses 8; "
+            "1 and 2 make the loss identically 0 and are refused). A top-k cache must hold at least k ids."
+        ),
+    )
+    student_led: bool = Field(
+        True,
+        description=(
+            "Add the student-led half s-LD (true: BiLD = t-LD + s-LD, the paper's loss); false gives the teacher-led "
+            "half t-LD alone, the only half a top-k cache can give."
+        ),
+    )
+
+
 DivergenceConfig = Annotated[
-    ForwardKL | ReverseKL | TotalVariation | GeneralizedJSD | SkewForwardKL | SkewReverseKL | AlphaBeta | AdaptiveKL,
+    ForwardKL
+    | ReverseKL
+    | TotalVariation
+    | GeneralizedJSD
+    | SkewForwardKL
+    | SkewReverseKL
+    | AlphaBeta
+    | AdaptiveKL
+    | BiLD,
     Field(discriminator="name"),
 ]
 
