@@ -15,15 +15,18 @@ from potstill.recipes.base import RecipeFile, Strict, apply_overrides, format_va
 from potstill.recipes.models import check_temperature
 
 __all__ = [
+    "BayesianMethod",
     "ClassifierData",
     "ClassifierEval",
     "ClassifierKD",
     "ClassifierRecipe",
     "ClassifierTeacher",
     "ClassifierTrain",
+    "KDMethod",
     "LayerSubsetStudent",
     "NarrowStudent",
     "RECIPE",
+    "SGLDSettings",
     "load_classifier_recipe",
 ]
 
@@ -95,6 +98,56 @@ class ClassifierKD(Strict):
     )
 
 
+class KDMethod(Strict):
+    kind: Literal["kd"] = Field("kd", description="Hinton KD (the kd: section) against the no-teacher student.")
+
+
+class SGLDSettings(Strict):
+    lr: float = Field(
+        2e-7,
+        gt=0.0,
+        description="SGLD base step size eps (Welling & Teh 2011): theta -= eps/2 grad U + N(0, eps), with U the "
+        "negative log posterior summed over the training set (so eps scales like 1 / train size).",
+    )
+    gamma: float = Field(0.0, ge=0.0, description="Step-size decay eps_t = lr (b / (b + t))^gamma; 0: constant.")
+    decay_offset: float = Field(100.0, gt=0.0, description="b of the step-size decay.")
+    burn_in: int = Field(40, ge=0, description="SGLD steps discarded before the first sample.")
+    samples: int = Field(8, ge=2, description="Posterior samples kept (each evaluated on the held-out set).")
+    thin: int = Field(5, ge=1, description="SGLD steps between two kept samples.")
+    noise_scale: float = Field(
+        1.0, ge=0.0, description="Variance multiplier of the injected noise: 1 samples the posterior, 0 is MAP descent."
+    )
+    batch_size: int | None = Field(None, ge=1, description="SGLD batch size (null: train.batch_size).")
+
+
+class BayesianMethod(Strict):
+    kind: Literal["bayesian"] = Field(
+        "bayesian",
+        description="Bayesian KD (Fang et al. ICML 2024): a teacher-informed Dirichlet prior on the student's "
+        "class probabilities, the posterior sampled with SGLD; adds a bayesian_student to the comparison.",
+    )
+    prior_strength: float = Field(
+        4.0, gt=0.0, description="lambda: Dirichlet concentration 1 + lambda * teacher probabilities (at temperature)."
+    )
+    temperature: float = Field(
+        2.0, gt=0.0, description="tau of the teacher soft labels and of the prior's student side."
+    )
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        check_temperature(v, "method.temperature")
+        return v
+
+    warm_start: bool = Field(
+        True,
+        description="Start the chain at the posterior mode: train.steps AdamW steps of the equivalent KD loss "
+        "(alpha = tau^2 / (tau^2 + lambda), no hidden-state term) from the student init.",
+    )
+    level: float = Field(0.95, gt=0.0, lt=1.0, description="Credible level of the per-example intervals.")
+    sgld: SGLDSettings = Field(default_factory=SGLDSettings, description="The SGLD sampler.")
+
+
 class ClassifierTrain(Strict):
     steps: int = Field(200, ge=1, description="Training steps of each student (same for KD and no-teacher).")
     batch_size: int = Field(16, ge=1, description="Student batch size.")
@@ -127,6 +180,9 @@ class ClassifierRecipe(RecipeFile):
         default_factory=LayerSubsetStudent, description="How the student is built: kind layers or narrow."
     )
     kd: ClassifierKD = Field(default_factory=ClassifierKD, description="Distillation loss of the KD student.")
+    method: Annotated[KDMethod | BayesianMethod, Field(discriminator="kind")] = Field(
+        default_factory=KDMethod, description="kind kd (the KD student only) or bayesian (also Bayesian KD)."
+    )
     train: ClassifierTrain = Field(default_factory=ClassifierTrain, description="Training of both students.")
     eval: ClassifierEval = Field(default_factory=ClassifierEval, description="Held-out evaluation and latency.")
 
@@ -136,6 +192,9 @@ class ClassifierRecipe(RecipeFile):
         student = data.get("student") if isinstance(data, dict) else None
         if isinstance(student, dict) and "kind" not in student:
             data = {**data, "student": {"kind": "layers", **student}}
+        method = data.get("method") if isinstance(data, dict) else None
+        if isinstance(method, dict) and "kind" not in method:
+            raise ValueError("method needs a kind: use method: {kind: kd} or method: {kind: bayesian, ...}")
         return data
 
     @model_validator(mode="after")

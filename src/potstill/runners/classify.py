@@ -18,16 +18,18 @@ from potstill.data.classification import Example, load_sms_spam, load_sst2, stra
 from potstill.errors import PotstillError
 from potstill.eval.metrics import count_parameters
 from potstill.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from potstill.kd.bayesian import calibration_report, kd_alpha_of, posterior_predict, sample_classifier_posterior
 from potstill.kd.classifier import (
     default_layer_map,
     evaluate_classifier,
     latency,
+    predict_proba,
     student_from_layers,
     student_narrow,
     train_classifier,
 )
 from potstill.models.classifier import TextClassifier, load_encoder, model_device
-from potstill.recipes.classify import ClassifierRecipe, LayerSubsetStudent
+from potstill.recipes.classify import BayesianMethod, ClassifierRecipe, LayerSubsetStudent
 
 __all__ = ["run", "run_classifier_recipe"]
 
@@ -117,8 +119,7 @@ def _report(m: dict) -> str:
         ),
         "|" + "---|" * 12,
     ]
-    for name in ("teacher", "kd_student", "no_teacher"):
-        r = m["models"][name]
+    for name, r in m["models"].items():
         rows.append(
             f"| {name} | {r['layers']} | {r['hidden_size']} | {r['params']:,} | {r['params_no_embeddings']:,} "
             f"| {r['latency_ms_per_example']:.3f} | {r['speedup']:.2f}x | {r['accuracy']:.4f} | {r['f1']:.4f} "
@@ -144,6 +145,7 @@ def _report(m: dict) -> str:
                 f"({kd['accuracy']:.4f} vs {base['accuracy']:.4f})."
             ),
             "",
+            *_bayesian_lines(m),
             (
                 "Latency: median wall time of one forward of a fixed batch, divided by its size, on this machine "
                 f"({m['device']}); speedup = teacher time / model time. Latency and train seconds are wall-clock: "
@@ -152,6 +154,107 @@ def _report(m: dict) -> str:
             "",
         ]
     )
+
+
+def _bayesian_lines(m: dict) -> list[str]:
+    b = m.get("bayesian")
+    if b is None:
+        return []
+    r = m["models"]["bayesian_student"]
+    return [
+        (
+            f"The Bayesian KD student (Fang et al. 2024; prior strength {b['prior_strength']}, T={b['temperature']}, "
+            f"{b['samples']} SGLD samples after {b['burn_in']} burn-in steps, every {b['thin']}) predicts with the "
+            f"posterior mean: accuracy {r['accuracy']:.4f}, ECE {r['ece']:.4f} ({r['ece_bins']} bins), Brier "
+            f"{r['brier']:.4f}; its {b['level']:.0%} credible intervals (mean width {r['mean_width']:.4f}) cover the "
+            f"accuracy of the example's confidence bin for {r['coverage']:.1%} of the held-out examples. Its "
+            f"posterior mode (the equivalent KD loss, alpha={b['kd_alpha']:.4f}) scored accuracy "
+            f"{b['mode']['accuracy']:.4f}, ECE {b['mode']['ece']:.4f}, Brier {b['mode']['brier']:.4f}. Per-example "
+            "means and intervals: posterior_predictions.jsonl. Its latency is one forward per sample."
+        ),
+        "",
+    ]
+
+
+def _bayesian(recipe: ClassifierRecipe, init: TextClassifier, teacher, train, held, common: dict, out: Path):
+    """Bayesian KD (:mod:`potstill.kd.bayesian`): the warm start (posterior mode), the SGLD chain, the posterior
+    predictive on ``held``. Returns ``(last sample's model, report row, train seconds, summary)``; writes the predictions."""
+    b, tr = recipe.method, recipe.train
+    model = copy.deepcopy(init)
+    teacher_probs = predict_proba(teacher, train, batch_size=recipe.eval.batch_size, max_length=tr.max_length)
+    alpha = kd_alpha_of(b.prior_strength, b.temperature)
+    warm = None
+    if b.warm_start:
+        warm = train_classifier(
+            model, train, soft_labels=teacher_probs, alpha=alpha, temperature=b.temperature, hidden_weight=0.0, **common
+        )
+    mode = evaluate_classifier(model, held, batch_size=recipe.eval.batch_size, max_length=tr.max_length)
+    s = b.sgld
+    log = sample_classifier_posterior(
+        model,
+        train,
+        teacher_probs,
+        held,
+        prior_strength=b.prior_strength,
+        temperature=b.temperature,
+        lr=s.lr,
+        burn_in=s.burn_in,
+        samples=s.samples,
+        thin=s.thin,
+        gamma=s.gamma,
+        decay_offset=s.decay_offset,
+        noise_scale=s.noise_scale,
+        batch_size=s.batch_size or tr.batch_size,
+        seed=tr.seed,
+        max_length=tr.max_length,
+        eval_batch_size=recipe.eval.batch_size,
+    )
+    pred = posterior_predict(log.sample_probs, b.level)
+    row = calibration_report(pred, [e.label for e in held])
+    lines = [
+        json.dumps({"label": e.label, "mean": m, "lower": lo, "upper": hi})
+        for e, m, lo, hi in zip(held, pred.mean.tolist(), pred.lower.tolist(), pred.upper.tolist(), strict=True)
+    ]
+    atomic_write_text(out / "posterior_predictions.jsonl", "\n".join(lines) + "\n")
+    summary = {
+        **b.model_dump(mode="json", exclude={"sgld"}),
+        **s.model_dump(mode="json"),
+        "kd_alpha": alpha,
+        "mode": mode,
+        "sgld_steps": log.steps,
+        "sgld_seconds": log.seconds,
+        "final_potential": log.potential[-1],
+    }
+    return model, row, (warm.seconds if warm else 0.0) + log.seconds, summary
+
+
+def _evaluate_all(recipe: ClassifierRecipe, trained: dict, rows: dict, held, seconds: dict, logs: dict, samples: int):
+    """One report row per model: its held-out metrics (``rows[name]`` where already computed), size, latency
+    (a Bayesian student runs one forward per posterior sample), train seconds and ratios to the teacher."""
+    ev, tr = recipe.eval, recipe.train
+    models = {}
+    for name, model in trained.items():
+        row = rows.get(name) or evaluate_classifier(model, held, batch_size=ev.batch_size, max_length=tr.max_length)
+        params = count_parameters(model)
+        row.update(
+            layers=model.num_layers,
+            hidden_size=model.hidden_size,
+            params=params,
+            params_no_embeddings=params - count_parameters(model.encoder.embeddings),
+            latency_s_per_example=latency(
+                model, held, ev.latency_batch_size, max_length=tr.max_length, repeats=ev.latency_repeats
+            )
+            * (samples if name == "bayesian_student" else 1),
+            train_seconds=seconds[name],
+            final_loss=logs[name].loss[-1] if name in logs else None,
+        )
+        models[name] = row
+    t = models["teacher"]
+    for row in models.values():
+        row["latency_ms_per_example"] = 1000 * row["latency_s_per_example"]
+        row["params_ratio"] = row["params"] / t["params"]
+        row["speedup"] = t["latency_s_per_example"] / row["latency_s_per_example"]
+    return models
 
 
 def run_classifier_recipe(recipe: ClassifierRecipe, output_dir: str | Path | None = None) -> dict:
@@ -186,28 +289,14 @@ def run_classifier_recipe(recipe: ClassifierRecipe, output_dir: str | Path | Non
         ),
         "no_teacher": train_classifier(baseline, train, alpha=1.0, hidden_weight=0.0, **common),
     }
-    ev = recipe.eval
-    models = {}
-    for name, model in (("teacher", teacher), ("kd_student", kd_student), ("no_teacher", baseline)):
-        row = evaluate_classifier(model, held, batch_size=ev.batch_size, max_length=tr.max_length)
-        params = count_parameters(model)
-        row.update(
-            layers=model.num_layers,
-            hidden_size=model.hidden_size,
-            params=params,
-            params_no_embeddings=params - count_parameters(model.encoder.embeddings),
-            latency_s_per_example=latency(
-                model, held, ev.latency_batch_size, max_length=tr.max_length, repeats=ev.latency_repeats
-            ),
-            train_seconds=tinfo["train_seconds"] if name == "teacher" else logs[name].seconds,
-            final_loss=logs[name].loss[-1] if name in logs else None,
+    trained = {"teacher": teacher, "kd_student": kd_student, "no_teacher": baseline}
+    seconds = {"teacher": tinfo["train_seconds"], **{k: v.seconds for k, v in logs.items()}}
+    rows, bayes = {}, None
+    if isinstance(recipe.method, BayesianMethod):
+        trained["bayesian_student"], rows["bayesian_student"], seconds["bayesian_student"], bayes = _bayesian(
+            recipe, init, teacher, train, held, common, out
         )
-        models[name] = row
-    t = models["teacher"]
-    for row in models.values():
-        row["latency_ms_per_example"] = 1000 * row["latency_s_per_example"]
-        row["params_ratio"] = row["params"] / t["params"]
-        row["speedup"] = t["latency_s_per_example"] / row["latency_s_per_example"]
+    models = _evaluate_all(recipe, trained, rows, held, seconds, logs, bayes["samples"] if bayes else 1)
     metrics = _finite(
         {
             "dataset": recipe.dataset,
@@ -227,6 +316,7 @@ def run_classifier_recipe(recipe: ClassifierRecipe, output_dir: str | Path | Non
             "device": str(model_device(teacher)),
             "models": {k: _finite(v) for k, v in models.items()},
             "kd_at_least_as_accurate": models["kd_student"]["accuracy"] >= models["no_teacher"]["accuracy"],
+            **({"bayesian": _finite(bayes)} if bayes is not None else {}),
         }
     )
     atomic_write_json(out / "metrics.json", metrics)
