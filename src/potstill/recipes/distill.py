@@ -27,8 +27,10 @@ from potstill.recipes.base import (
 from potstill.recipes.methods import RunConfig, default_runs
 from potstill.recipes.models import (
     DataConfig,
+    DistillTeacher,
     FileData,
     FromTeacherStudent,
+    SelfTeacher,
     StudentConfig,
     TeacherConfig,
     check_temperature,
@@ -143,7 +145,10 @@ class PushToHub(Strict):
 class Recipe(RecipeFile):
     verb: Literal["distill"] = Field("distill", description="The command this recipe is for: `potstill distill`.")
     output_dir: str = Field("runs/demo", description="Where the resolved recipe, students, metrics and report go.")
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="The teacher.")
+    teacher: DistillTeacher = Field(
+        default_factory=TeacherConfig,
+        description="The teacher: a model (kind model, the default) or the student's own earlier self (kind self).",
+    )
     extra_teachers: list[TeacherConfig] = Field(
         default_factory=list, description="Further teachers for runs with multi_teacher (any tokenizer)."
     )
@@ -178,14 +183,16 @@ class Recipe(RecipeFile):
             raise ValueError("`runs` is empty; add at least one run")
         if self.cache is not None:
             self._check_cache(self.cache)
-        if self.teacher.model is None:
+        if isinstance(self.teacher, SelfTeacher):
+            self.teacher.check_recipe(self)
+        elif self.teacher.model is None:
             self._check_black_box()
         if self.data.packing:
             self._check_packing()
         self._check_placement()
         if self.generation.backend == "vllm":
             self._check_vllm()
-        if self.train.eval_steps is not None and self.teacher.model is None:
+        if self.train.eval_steps is not None and self.teacher.kind == "model" and self.teacher.model is None:
             raise ValueError(
                 "train.eval_steps measures the student against the teacher model, and a black-box "
                 "teacher has none; remove train.eval_steps (metrics.json still has perplexity)"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from potstill.recipes.base import Seed, Strict
 
@@ -41,6 +41,10 @@ class Quantization(Strict):
 
 
 class TeacherConfig(Strict):
+    # exclude: the resolved recipe and the fingerprints of finished runs stay those of recipes before `kind`
+    kind: Literal["model"] = Field(
+        "model", exclude=True, description="model (the default): a teacher with weights of its own, or a black box."
+    )
     model: str | None = Field(
         "smollm2-135m-instruct",
         description="Offline short name (smollm2-135m-instruct, gemma3-270m), a local directory, or a hub id; "
@@ -86,6 +90,126 @@ class TeacherConfig(Strict):
     def placed(self) -> bool:
         """Whether the teacher is placed on its own (another device, or spread by a device map)."""
         return self.device is not None or self.device_map is not None
+
+    @property
+    def label(self) -> str:
+        """The teacher in the report's notes."""
+        return self.model or "black box (its responses in the data)"
+
+
+EMA_DECAY = 0.999
+"""The default ``decay`` of an EMA self teacher (Tarvainen & Valpola 2017 use 0.99 to 0.999)."""
+
+
+class SelfTeacher(Strict):
+    """The student's own earlier self as its teacher: no second set of weights is loaded.
+
+    ``frozen``: a copy of the student taken when training starts (born-again networks, Furlanello et al. 2018);
+    ``ema``: an exponential moving average of the student, ``theta_T <- decay * theta_T + (1 - decay) * theta_S``
+    after every optimizer step (mean teacher, Tarvainen & Valpola 2017, eq. 1).
+    """
+
+    kind: Literal["self"] = "self"
+    mode: Literal["frozen", "ema"] = Field(
+        "ema",
+        description="frozen: a copy of the student at the start of training (born-again networks); ema: an "
+        "exponential moving average of the student, updated after every optimizer step (mean teacher).",
+    )
+    decay: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description=f"mode ema: theta_T <- decay * theta_T + (1 - decay) * theta_S, in [0, 1); default {EMA_DECAY}.",
+    )
+
+    @model_validator(mode="after")
+    def _decay(self) -> SelfTeacher:
+        if self.mode == "frozen" and self.decay is not None:
+            raise ValueError("teacher.decay is the EMA's and mode frozen never updates; remove it or set mode ema")
+        if self.mode == "ema" and self.decay is None:
+            self.decay = EMA_DECAY
+        return self
+
+    @property
+    def placed(self) -> bool:
+        """Never on its own: the self teacher lives on the student's device."""
+        return False
+
+    @property
+    def label(self) -> str:
+        if self.mode == "frozen":
+            return "self (a frozen copy of the initial student)"
+        return f"self (an EMA of the student, decay {self.decay})"
+
+    def check_recipe(self, recipe: Any) -> None:
+        """What of a distill ``recipe`` a self teacher cannot serve, refused in one line (``ValueError``)."""
+        r, kind = recipe, recipe.student.kind
+        bad = [x.name for x in r.runs if x.multi_teacher is not None or x.cross_tokenizer is not None]
+        # Teacher == student at step 0: a pure-KD run sees KL(p || p) = 0 and no gradient, forever (frozen or EMA).
+        still = [
+            x.name
+            for x in r.runs
+            if x.uses_teacher and x.alpha == 0.0 and (x.schedule is None or not x.schedule.alpha_end)
+        ]
+        problems = [
+            (
+                kind != "pretrained",
+                f"teacher.kind self copies the student, but student.kind {kind} builds the student from a teacher "
+                "model's weights; use student.kind pretrained (model: a directory or short name; layers: to cut it)",
+            ),
+            (
+                bool(r.extra_teachers) or bool(bad),
+                f"teacher.kind self has no model to join extra_teachers or to run on other tokens (runs {bad}); "
+                "remove extra_teachers, multi_teacher and cross_tokenizer, or use a teacher model",
+            ),
+            (r.cache is not None, "teacher.kind self exists only while training; remove the cache section"),
+            (
+                r.data.source.kind == "demo",
+                "the demo data is answered by a teacher model and teacher.kind self has none; use data.source "
+                "kind file, hub, arithmetic or gsm8k",
+            ),
+            (
+                r.train.eval_steps is not None,
+                "train.eval_steps compares the student with a teacher model; remove it with teacher.kind self",
+            ),
+            (
+                r.train.distributed in ("fsdp2", "zero3"),
+                f"teacher.kind self under train.distributed {r.train.distributed}: the copy would be a whole "
+                "unsharded model on every process and the EMA would read sharded weights; use ddp or none",
+            ),
+            (
+                self.mode == "ema" and r.train.lora is not None,
+                "teacher.mode ema averages the student's whole weights but train.lora trains adapters; use "
+                "mode frozen or remove train.lora",
+            ),
+            (
+                self.mode == "ema" and r.train.save_steps is not None,
+                "teacher.mode ema: the average is not kept in checkpoints, so a resumed run would restart it; "
+                "remove train.save_steps or use mode frozen",
+            ),
+            (
+                bool(still),
+                f"run(s) {still} have alpha 0, and a self teacher equals the student at step 0: KD to itself is "
+                "0 with no gradient, so nothing trains; set alpha in (0, 1) to mix cross-entropy",
+            ),
+        ]
+        for failed, message in problems:
+            if failed:
+                raise ValueError(message)
+
+
+def teacher_kind(data: Any) -> str:
+    """The tag of a distill recipe's teacher: its ``kind``, ``model`` when it names none (recipes before it)."""
+    kind = data.get("kind", "model") if isinstance(data, dict) else getattr(data, "kind", "model")
+    return kind if isinstance(kind, str) else "model"  # a non-string kind: the model teacher's error names it
+
+
+DistillTeacher = Annotated[
+    Union[Annotated[TeacherConfig, Tag("model")], Annotated[SelfTeacher, Tag("self")]],  # noqa: UP007
+    Discriminator(teacher_kind),
+]
+"""A distill recipe's teacher: a model (:class:`TeacherConfig`, ``kind`` model or absent) or the student's own
+earlier self (:class:`SelfTeacher`, ``kind: self``)."""
 
 
 class FromTeacherStudent(Strict):

@@ -40,7 +40,7 @@ def preflight(prep: Prepared) -> None:
             "has another tokenizer; remove train.eval_steps (the report measures it at the end)"
         )
     n_s = int(text_config(prep.student0).num_hidden_layers)
-    n_t = None if r.teacher.model is None else int(text_config(prep.teacher).num_hidden_layers)
+    n_t = None if prep.teacher is None else int(text_config(prep.teacher).num_hidden_layers)
     for run in r.runs:
         pairs = [] if run.feature is None else [("method.layers", p) for p in run.feature.layers or []]
         if run.feature is not None and run.feature.relations is not None:

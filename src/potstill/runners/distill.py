@@ -189,7 +189,7 @@ def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: b
     if recipe.eval.include_untrained:
         students = {"student_init": prep.student0, **students}
     notes = [
-        f"teacher: {recipe.teacher.model or 'black box (its responses in the data)'}; student: {recipe.student.kind}; {len(prep.train_examples)} train / "
+        f"teacher: {recipe.teacher.label}; student: {recipe.student.kind}; {len(prep.train_examples)} train / "
         f"{len(prep.eval_examples)} held-out examples; {recipe.train.max_steps} optimizer steps per run, batch "
         f"{recipe.train.batch_size} x {recipe.train.gradient_accumulation_steps}",
         f"wall time before evaluation {time.perf_counter() - t_start:.0f} s on {prep.device}",

@@ -288,6 +288,10 @@ class Prepared:
             require_vllm(
                 recipe.generation.vllm.mode, self.device, sync=any(r.on_policy is not None for r in recipe.runs)
             )
+        if recipe.teacher.kind == "self":
+            self._self_teacher(recipe)
+            check_precision(recipe.train.precision, self.device, None if recipe.train.lora else self.student0)
+            return
         if recipe.teacher.model is None:
             self._black_box(recipe)
             check_precision(recipe.train.precision, self.device, None if recipe.train.lora else self.student0)
@@ -352,6 +356,42 @@ class Prepared:
             )
         except PotstillError as err:
             raise PotstillError(f"student: {err}") from None
+        self.student0.to(self.device)
+        train_pairs, eval_pairs = split_pairs(recipe, None, self.tokenizer, "")
+        self.train_examples = encode_pairs(train_pairs, self.tokenizer, recipe.data.max_length)
+        self.eval_examples = encode_pairs(eval_pairs, self.tokenizer, recipe.data.max_length)
+        self._apply_selection()
+        self.vocab_size = None
+
+    def _self_teacher(self, recipe: Recipe) -> None:
+        """The student's own earlier self as its teacher (``teacher.kind self``): only the pretrained student is
+        loaded (cut to ``layers``); each run copies it into its frozen or EMA teacher
+        (:func:`potstill.kd.self_distill.self_teacher`). ``teacher`` stays None: there is no model to compare
+        the students with at evaluation."""
+        from potstill.models import load_model, student_from_teacher
+
+        cfg = recipe.student
+        if not isinstance(cfg, PretrainedStudent):  # the recipe refuses it; a recipe built without validation too
+            raise PotstillError(
+                f"teacher.kind self needs student.kind pretrained (not {cfg.kind}); name the student's model"
+            )
+        if isinstance(recipe.data.source, DemoData):
+            raise PotstillError(
+                "the demo data is answered by a teacher model and teacher.kind self has none; use data.source "
+                "kind file, hub, arithmetic or gsm8k"
+            )
+        self.teacher = None
+        try:
+            self.student0, self.tokenizer = load_model(
+                cfg.model,
+                dtype=cfg.dtype,
+                trust_remote_code=cfg.trust_remote_code,
+                attn_implementation=cfg.attn_implementation,
+            )
+        except PotstillError as err:
+            raise PotstillError(f"student: {err}") from None
+        if cfg.layers is not None:
+            self.student0 = student_from_teacher(self.student0, cfg.layers)
         self.student0.to(self.device)
         train_pairs, eval_pairs = split_pairs(recipe, None, self.tokenizer, "")
         self.train_examples = encode_pairs(train_pairs, self.tokenizer, recipe.data.max_length)

@@ -238,7 +238,12 @@ def train_run(
     kd = run.uses_teacher
     if run.cross_tokenizer is not None:
         return _train_cross(recipe, run, student, teacher, tokenizer, ds, out_dir, device, cross or {})
-    if kd and source is None:
+    moves = None  # the EMA self teacher's callback
+    if kd and recipe.teacher.kind == "self":  # copied from this run's student before any adapter wraps it
+        from potstill.kd.self_distill import self_teacher
+
+        source, moves = self_teacher(student, recipe.teacher.mode, recipe.teacher.decay, memo)
+    elif kd and source is None:
         source = _live_teacher(recipe, teacher, memo, device)
     if run.multi_teacher is not None:
         source = _multi_source(recipe, run, source, extra_teachers or [], tokenizer, student, device, vocab_size)
@@ -260,6 +265,8 @@ def train_run(
             vocab_size=vocab_size,
             **_trainer_extras(recipe, run, tokenizer, train_examples),
         )
+        if moves is not None:
+            trainer.add_callback(moves)
         watch = _watch(recipe, run, trainer, teacher, tokenizer, out_dir, eval_examples, vocab_size)
         seconds = sc.fit(trainer, run.name)
         student_sharded = is_sharded(trainer.model)
@@ -271,6 +278,10 @@ def train_run(
         return None, curve
     info = {"loss_curve": curve, "train_seconds": seconds, "run": run.model_dump(mode="json")}
     info.update(_run_info(recipe, run, trainer, teacher, source, extra_teachers, student_sharded, seconds))
+    if kd and recipe.teacher.kind == "self":
+        info["self_teacher"] = {"mode": recipe.teacher.mode, "decay": recipe.teacher.decay}
+        if moves is not None:
+            info["self_teacher"]["ema_updates"] = moves.updates
     if watch is not None:  # [step, forward KL, top-1 agreement] on the held-out examples during training
         info["eval_history"] = watch.history
     model = model.merge_and_unload() if peft_config is not None else model
