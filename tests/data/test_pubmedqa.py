@@ -65,3 +65,35 @@ def test_unknown_decision_is_refused(tmp_path):
     (tmp_path / "test_ground_truth.json").write_text(json.dumps({"1": "yes", "2": "no"}))
     with pytest.raises(PotstillError, match="expected yes, no or maybe"):
         load_pubmedqa(tmp_path)
+
+
+@needs_data
+def test_a_distill_run_on_pubmedqa_reports_decisions_for_teacher_and_students(assets, tmp_path):
+    import torch
+    from helpers import recipe
+
+    from potstill.data import pad_id
+    from potstill.eval.choice import choice_metrics, choice_scores
+    from potstill.models import load_model
+    from potstill.recipes.distill import recipe_from_dict
+    from potstill.runners.distill import distill
+
+    r = recipe(assets, tmp_path / "out")
+    r["data"] = {"source": {"kind": "pubmedqa", "context_words": 12, "limit": 8}, "eval_size": 6, "max_length": 256}
+    metrics = distill(recipe_from_dict(r), progress=False)
+    assert {"teacher", "sft", "kd"} <= set(metrics)
+    # the teacher's row, recomputed from its own files by the same rule: likeliest of yes / no / maybe
+    teacher, tok = load_model(str(assets[1]))
+    _, test = load_pubmedqa(FOLDER, context_words=12)
+    from potstill.data import encode_prompt
+
+    prompts = [encode_prompt(tok, p["messages"]) for p in test[:6]]
+    tokens = [tok(c, add_special_tokens=False)["input_ids"] for c in CHOICES]
+    with torch.no_grad():
+        scores = choice_scores(teacher, prompts, tokens, pad_id=pad_id(tok))
+    want = choice_metrics(scores, [CHOICES.index(p["answer"]) for p in test[:6]])
+    assert metrics["teacher"]["decision_accuracy"] == want["accuracy"]
+    assert metrics["teacher"]["decision_macro_f1"] == want["macro_f1"]
+    for name in ("sft", "kd"):
+        assert 0.0 <= metrics[name]["decision_accuracy"] <= 1.0
+        assert "exact_match" not in metrics[name]  # decisions are scored by choice, not by a parsed number

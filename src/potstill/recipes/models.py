@@ -301,7 +301,20 @@ class Gsm8kData(Strict):
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="Share of the training problems used (nested subsets).")
 
 
-DataSource = Annotated[DemoData | FileData | HubData | ArithmeticData | Gsm8kData, Field(discriminator="kind")]
+class PubmedqaData(Strict):
+    kind: Literal["pubmedqa"] = "pubmedqa"
+    path: str | None = Field(
+        None, description="Folder with ori_pqal.json and test_ground_truth.json; default $POTSTILL_DATA/pubmedqa."
+    )
+    context_words: int | None = Field(
+        250, ge=1, description="Cut each abstract to this many words (null: whole abstract)."
+    )
+    limit: int | None = Field(None, ge=1, description="Read only the first N training questions.")
+
+
+DataSource = Annotated[
+    DemoData | FileData | HubData | ArithmeticData | Gsm8kData | PubmedqaData, Field(discriminator="kind")
+]
 
 
 class DataConfig(Strict):

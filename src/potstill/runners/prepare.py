@@ -23,6 +23,7 @@ from potstill.recipes.models import (
     Gsm8kData,
     HubData,
     PretrainedStudent,
+    PubmedqaData,
     ScaledStudent,
 )
 
@@ -120,10 +121,26 @@ def rationale_split(recipe: Recipe) -> tuple[list[dict], list[dict]]:
     return train_pairs, eval_pairs
 
 
+def pubmedqa_split(recipe: Recipe) -> tuple[list[dict], list[dict]]:
+    """PubMedQA's 500 training questions and the first ``data.eval_size`` of its 500 test ids (the official split,
+    not a seeded one), each held-out pair with its decision as ``answer`` and the three ``choices``."""
+    from potstill.data.pubmedqa import load_pubmedqa
+    from potstill.paths import data_root
+
+    src = recipe.data.source
+    assert isinstance(src, PubmedqaData)
+    train, test = load_pubmedqa(src.path or data_root() / "pubmedqa", context_words=src.context_words)
+    if src.limit is not None:
+        train = train[: src.limit]
+    return train, test[: recipe.data.eval_size]
+
+
 def split_pairs(recipe: Recipe, teacher, tokenizer, teacher_id: str) -> tuple[list[dict], list[dict]]:
     """The recipe's training and held-out pairs (rationale sources split by problem)."""
     if isinstance(recipe.data.source, (ArithmeticData, Gsm8kData)):
         return rationale_split(recipe)
+    if isinstance(recipe.data.source, PubmedqaData):
+        return pubmedqa_split(recipe)
     return train_eval_split(load_pairs(recipe, teacher, tokenizer, teacher_id), recipe)
 
 
@@ -145,8 +162,9 @@ def encode_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[dict]:
         ex = encode_example(tokenizer, p["messages"], p["response"], max_length)
         ex["reference"] = p["response"]
         ex["example_id"] = i
-        if "answer" in p:
-            ex["answer"] = p["answer"]
+        for key in ("answer", "choices"):
+            if key in p:
+                ex[key] = p[key]
         out.append(ex)
     if too_long:
         if not out:
