@@ -24,6 +24,7 @@ EXAMPLE = """example:
   potstill condense recipes/condense_sst2.yaml
   potstill eval-data recipes/eval_data_sst2.yaml      # a set vs random / coreset subsets, hard + soft labels
   potstill distill-vlm recipes/distill_vlm_smolvlm.yaml   # VLM -> VLM KD on the text tokens
+  potstill explain recipes/explain_sms_spam.yaml          # CC-SHAP: do answer and explanation use the same tokens?
 """
 
 # verb -> (help, recipe loader, runner): recipes of their own kind, outside distill's. A loader of None is
@@ -59,6 +60,11 @@ TASKS = {
         "distill a VLM teacher into a VLM student on the text tokens of image-text examples",
         None,
         "potstill.runners.distill_vlm:run",
+    ),
+    "explain": (
+        "CC-SHAP self-consistency of models' answers and their explanations (Parcalabescu & Frank 2024)",
+        None,
+        "potstill.runners.explain:run",
     ),
 }
 

@@ -27,6 +27,7 @@ VERBS: dict[str, str] = {
     "eval-data": "potstill.recipes.eval_data",
     "synthesize": "potstill.recipes.synthesize",
     "distill-vlm": "potstill.recipes.distill_vlm",
+    "explain": "potstill.recipes.explain",
 }
 
 # Verbs that run a distill recipe.
