@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import PotstillError
-from .collate import PadCollator
+from .collate import PadCollator, place_token_columns
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -108,6 +108,7 @@ class PackCollator:
         pos = torch.zeros(shape, dtype=torch.long)
         mask = torch.zeros(shape, dtype=torch.long)
         order: list[int] = []
+        places = [(0, 0)] * len(features)
         for r, row in enumerate(rows):
             at = 0
             for i in row:
@@ -117,6 +118,7 @@ class PackCollator:
                 labels[r, at] = -100
                 pos[r, at : at + n] = torch.arange(n)
                 mask[r, at : at + n] = 1
+                places[i] = (r, at)
                 at += n
                 order.append(i)
             pos[r, at:] = torch.arange(width - at)  # the tail padding: a run of its own, attended by nothing
@@ -127,6 +129,7 @@ class PackCollator:
             "position_ids": pos,
             "pack_order": torch.tensor(order, dtype=torch.long),
         }
+        out.update(place_token_columns(features, places, shape))
         if all("example_id" in f for f in features):
             out["example_id"] = torch.tensor([int(features[i]["example_id"]) for i in order], dtype=torch.long)
         return out

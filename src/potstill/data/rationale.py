@@ -23,6 +23,10 @@ Hsieh et al. use an encoder-decoder (T5) with prefixes ``[label]``/``[rationale]
 input; here the prefix starts the user turn, which a decoder-only student reads the same way.
 Pairs have the shape of :func:`potstill.data.loading.records_to_pairs`, plus ``task`` and
 ``problem`` (index into the problem list) so evaluation can group them.
+
+For rationale KD inside one ``cot`` target (KPOD, :mod:`potstill.kd.keypoint`),
+:func:`split_cot_response` separates the rationale from the answer phrase and :func:`rationale_steps`
+cuts the rationale into its steps (lines, else sentences).
 """
 
 from __future__ import annotations
@@ -200,6 +204,42 @@ def rationale_pairs(problems: Sequence[Problem], mode: str) -> list[dict[str, An
         if mode == "multitask":
             pairs.append(_pair(RATIONALE_PREFIX + pr.question, pr.rationale, "rationale", i))
     return pairs
+
+
+ANSWER_PHRASE = " The answer is "
+_STEP_END = re.compile(r"(?<=[.!?])(?=\s)")
+
+
+def split_cot_response(response: str) -> tuple[str, str] | None:
+    """A ``cot`` target ``"<rationale> The answer is X."`` as ``(rationale, " The answer is X.")``.
+
+    Split at the last :data:`ANSWER_PHRASE`; ``None`` when the response has no such phrase or an empty
+    rationale (an ``answer_only`` or ``multitask`` target: no rationale/answer pair in one sequence).
+    """
+    rationale, sep, rest = response.rpartition(ANSWER_PHRASE)
+    if not sep or not rationale.strip():
+        return None
+    return rationale, sep + rest
+
+
+def rationale_steps(rationale: str) -> list[tuple[int, int]]:
+    """The reasoning steps of a rationale as character spans ``[(start, end), ...]`` that tile ``[0, len)``.
+
+    Steps are lines when the rationale has newlines, else sentences (a ``.``/``!``/``?`` followed by
+    whitespace ends one; ``3.5`` does not). The whitespace between two steps opens the later one, so a
+    byte-level token such as ``" 12"`` (space first) falls in the step its text belongs to. The arithmetic
+    task (``"7 + 5 = 12. 12 * 3 = 36."``) and GSM8K as :func:`load_gsm8k` gives it (lines joined by spaces)
+    have no newlines: their steps are sentences.
+    """
+    if not rationale:
+        return []
+    if "\n" in rationale.strip():
+        cuts = [m.start() for m in re.finditer(r"\n+", rationale)]
+    else:
+        cuts = [m.start() for m in _STEP_END.finditer(rationale)]
+    cuts = [c for c in cuts if 0 < c < len(rationale) and rationale[c:].strip()]
+    bounds = [0, *cuts, len(rationale)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if a < b]
 
 
 _NUMBER = r"-?\d(?:[\d,]*\d)?(?:\.\d+)?"

@@ -15,6 +15,9 @@ never weighted), computed without gradients, one extra pass over a head per batc
   of Wang et al. 2021, "Selective Knowledge Distillation for Neural Machine
   Translation", Sec. 3, with entropy as the uncertainty measure).
 
+* ``keypoint``: KPOD's rationale-token weights (:mod:`potstill.kd.keypoint`), measured once before training
+  and carried by the batch (``kd_token_weights``); :func:`token_weights` returns ``None`` for it.
+
 Schedules move the temperature and the CE/KD mix over training (``value(progress)`` with
 progress = optimizer step / max steps): ``linear`` and ``cosine`` between a start and an
 end value, the annealing used since Hinton et al. 2015 and in curriculum-temperature KD
@@ -32,8 +35,8 @@ from torch import Tensor
 from ..errors import PotstillError
 from ..signals.types import Head, SparseSignal
 
-TokenWeighting = Literal["none", "teacher_confidence", "teacher_maxprob", "student_entropy"]
-TOKEN_WEIGHTINGS = ("none", "teacher_confidence", "teacher_maxprob", "student_entropy")
+TokenWeighting = Literal["none", "teacher_confidence", "teacher_maxprob", "student_entropy", "keypoint"]
+TOKEN_WEIGHTINGS = ("none", "teacher_confidence", "teacher_maxprob", "student_entropy", "keypoint")
 ScheduleKind = Literal["linear", "cosine"]
 
 
@@ -116,7 +119,7 @@ def token_weights(
     ``labels [n]`` are the target rows' labels; rows labelled ``-100`` never count when
     ranking (they are masked out of the loss anyway).
     """
-    if kind == "none":
+    if kind in ("none", "keypoint"):  # keypoint weights come with the batch (potstill.kd.keypoint)
         return None
     if kind in ("teacher_confidence", "teacher_maxprob"):
         if signal is None:
@@ -142,7 +145,9 @@ def token_weights(
     raise PotstillError(f"unknown token_weighting '{kind}'; use one of {TOKEN_WEIGHTINGS}")
 
 
-CURRICULA = ("none", "easy_to_hard", "hard_to_easy")
+CURRICULA = ("none", "easy_to_hard", "hard_to_easy", "progressive_rationale")
+# The curricula that order examples (progressive_rationale masks steps inside each one: potstill.kd.keypoint).
+ORDER_CURRICULA = ("easy_to_hard", "hard_to_easy")
 
 
 @torch.no_grad()
@@ -224,7 +229,7 @@ def _dense_or_sparse_chunk(sig, start: int, end: int, vocab: int):
 
 def curriculum_order(scores: Tensor, kind: str) -> list[int]:
     """Example order for a curriculum: ascending difficulty (easy_to_hard) or descending; stable."""
-    if kind not in CURRICULA or kind == "none":
+    if kind not in ORDER_CURRICULA:
         raise PotstillError(f"curriculum '{kind}' has no order; use easy_to_hard or hard_to_easy")
     order = sorted(range(len(scores)), key=lambda i: (float(scores[i]), i))
     return order if kind == "easy_to_hard" else sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))

@@ -34,8 +34,17 @@ from ..divergences.chunked import full_head
 from ..divergences.liger import LIGER_DIVERGENCES, check_liger_inputs, liger_kd_loss, require_liger
 from ..errors import PotstillError, VocabMismatchError
 from ..signals import OnlineTeacher, SignalSource, target_index, target_rows
-from .adaptive import CURRICULA, TOKEN_WEIGHTINGS, curriculum_order, example_divergences, scheduled, token_weights
+from .adaptive import (
+    CURRICULA,
+    ORDER_CURRICULA,
+    TOKEN_WEIGHTINGS,
+    curriculum_order,
+    example_divergences,
+    scheduled,
+    token_weights,
+)
 from .guards import NonFiniteGuard
+from .keypoint import progressive_fraction, rationale_row_weights
 
 
 @dataclass
@@ -63,7 +72,16 @@ class KDConfig(TrainingArguments):
     schedule: str = field(
         default="linear", metadata={"help": "Shape of the alpha/temperature schedules: linear, cosine."}
     )
-    curriculum: str = field(default="none", metadata={"help": f"Example order by initial divergence: {CURRICULA}."})
+    curriculum: str = field(
+        default="none",
+        metadata={"help": f"Example order by initial divergence, or in-rationale progressive (KPOD): {CURRICULA}."},
+    )
+    progressive_start: float = field(
+        default=0.25, metadata={"help": "progressive_rationale: share of each rationale's last steps at the start."}
+    )
+    progressive_ramp: float = field(
+        default=0.5, metadata={"help": "progressive_rationale: share of training over which all steps join."}
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep dataset columns (the collator picks)."})
     loss_backend: Literal["potstill", "liger"] = field(
         default="potstill",
@@ -99,6 +117,7 @@ class KDConfig(TrainingArguments):
             raise PotstillError(f"alpha_end={self.alpha_end} is outside [0, 1]")
         if self.curriculum not in CURRICULA:
             raise PotstillError(f"unknown curriculum '{self.curriculum}'; use one of {CURRICULA}")
+        progressive_fraction(0.0, self.progressive_start, self.progressive_ramp)  # one-line error when out of range
         if self.schedule not in ("linear", "cosine"):
             raise PotstillError(f"unknown schedule '{self.schedule}'; use linear or cosine")
         if self.loss_backend not in ("potstill", "liger"):
@@ -109,7 +128,7 @@ class KDConfig(TrainingArguments):
                     f"loss_backend 'liger' computes {', '.join(LIGER_DIVERGENCES)} only (Liger's fused JSD), not "
                     f"{self.divergence}; use loss_backend 'potstill' (the default)"
                 )
-            if self.token_weighting != "none":
+            if self.token_weighting != "none" or self.curriculum == "progressive_rationale":
                 raise PotstillError(
                     f"loss_backend 'liger' has no per-token KD weights (token_weighting '{self.token_weighting}'); "
                     "use loss_backend 'potstill' or token_weighting none"
@@ -270,7 +289,7 @@ class KDTrainer(NonFiniteGuard, Trainer):
 
     # ------------------------------------------------------------------ curriculum
     def get_train_dataloader(self):
-        if self.args.curriculum != "none" and getattr(self, "curriculum_scores", None) is None:
+        if self.args.curriculum in ORDER_CURRICULA and getattr(self, "curriculum_scores", None) is None:
             if self.signal_source is None:
                 raise PotstillError("a curriculum ranks examples by the teacher-student divergence; set alpha < 1")
             collator = getattr(self.data_collator, "unpacked", self.data_collator)  # scores per example
@@ -290,7 +309,7 @@ class KDTrainer(NonFiniteGuard, Trainer):
         return super().get_train_dataloader()
 
     def _get_train_sampler(self, train_dataset=None):
-        if self.args.curriculum != "none":
+        if self.args.curriculum in ORDER_CURRICULA:
             from torch.utils.data import SequentialSampler
 
             return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
@@ -314,12 +333,24 @@ class KDTrainer(NonFiniteGuard, Trainer):
     def _temperature(self) -> float:
         return scheduled(self.args.temperature, self.args.temperature_end, self._progress(), self.args.schedule)
 
-    def _kd_weights(self, signal, rows, head, targets, temperature: float):
-        """Per-row divergence weights (:mod:`potstill.kd.adaptive`), or None."""
-        if signal is None or self.args.token_weighting == "none":
+    def _kd_weights(self, signal, rows, head, targets, temperature: float, inputs: dict | None = None):
+        """Per-row divergence weights (:mod:`potstill.kd.adaptive`), times the batch's rationale-KD factors
+        (:mod:`potstill.kd.keypoint`: keypoint weights, progressive step mask), or None."""
+        if signal is None:
             return None
+        args = self.args
+        progressive = args.curriculum == "progressive_rationale"
+        rationale = rationale_row_weights(
+            inputs,
+            keypoint=args.token_weighting == "keypoint",
+            fraction=progressive_fraction(self._progress(), args.progressive_start, args.progressive_ramp)
+            if progressive
+            else None,
+        )
+        if args.token_weighting in ("none", "keypoint"):
+            return rationale
         vocab = self.vocab_size if self.vocab_size is not None else head.vocab
-        return token_weights(
+        w = token_weights(
             self.args.token_weighting,
             signal=signal,
             rows=rows,
@@ -330,6 +361,7 @@ class KDTrainer(NonFiniteGuard, Trainer):
             ratio=self.args.token_weighting_ratio,
             chunk_size=self.args.chunk_size,
         )
+        return w if rationale is None else w * rationale
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from ..models import output_head
@@ -373,7 +405,7 @@ class KDTrainer(NonFiniteGuard, Trainer):
                 targets,
                 signal,
                 **common,
-                kd_weights=self._kd_weights(signal, rows, head, targets, temperature),
+                kd_weights=self._kd_weights(signal, rows, head, targets, temperature, inputs),
             )
         if num_items_in_batch is not None and args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             # DDP averages gradients over processes; the loss is already divided by the global count.

@@ -46,8 +46,42 @@ RESERVED_RUN_NAMES = ("teacher", "student_init")
 RUN_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 
 
-TokenWeighting = Literal["none", "teacher_confidence", "teacher_maxprob", "student_entropy"]
-Curriculum = Literal["none", "easy_to_hard", "hard_to_easy"]
+TokenWeighting = Literal["none", "teacher_confidence", "teacher_maxprob", "student_entropy", "keypoint"]
+Curriculum = Literal["none", "easy_to_hard", "hard_to_easy", "progressive_rationale"]
+RATIONALE_KD = ("keypoint", "progressive_rationale")  # method kd only: they read the cot targets' columns
+
+
+class KeypointOptions(Strict):
+    """KPOD (Feng et al. 2024): keypoint weights on rationale tokens and the in-rationale progressive curriculum
+    (:mod:`potstill.kd.keypoint`; cot targets ``"<rationale> The answer is X."``)."""
+
+    scale: float = Field(
+        1.0,
+        ge=0.0,
+        description="token_weighting keypoint: lambda of w_t = (1 + lambda * s_t / mean(s)) / (1 + lambda), s_t "
+        "the teacher's answer log-likelihood drop when rationale token t is masked (clipped at 0); mean weight 1, "
+        "0 is plain KD.",
+    )
+    start_fraction: float = Field(
+        0.25,
+        gt=0.0,
+        le=1.0,
+        description="curriculum progressive_rationale: share of each rationale's steps (lines or sentences), "
+        "counted from the end, whose tokens get the divergence at the start of training.",
+    )
+    ramp: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="curriculum progressive_rationale: share of training over which that share rises linearly "
+        "to all steps (0: all steps from the start).",
+    )
+    mask_token: str | None = Field(
+        None,
+        description="token that replaces a rationale token when its significance is measured; default the "
+        "tokenizer's unk, else pad, else eos token.",
+    )
+    batch_size: int = Field(32, ge=1, description="masked copies of an example per teacher forward.")
 
 
 class _Curriculum(Strict):
@@ -76,6 +110,23 @@ class PlainKD(_TokenTerms):
     """Token-level KD on the data's responses."""
 
     kind: Literal["kd"] = "kd"
+    keypoint: KeypointOptions | None = Field(
+        None,
+        description="Options of token_weighting keypoint / curriculum progressive_rationale (KPOD); "
+        "defaults when either is chosen.",
+    )
+
+    @model_validator(mode="after")
+    def _keypoint_used(self) -> PlainKD:
+        used = self.token_weighting == "keypoint" or self.curriculum == "progressive_rationale"
+        if self.keypoint is not None and not used:
+            raise ValueError(
+                "method.keypoint is set but neither token_weighting keypoint nor curriculum progressive_rationale "
+                "is chosen; choose one or remove keypoint"
+            )
+        if used and self.keypoint is None:
+            self.keypoint = KeypointOptions()
+        return self
 
 
 class OnPolicyKD(StudentSteps, Sampling, Replay, _TokenTerms):
@@ -253,6 +304,12 @@ class RunConfig(Strict):
                     f"adaptive_skew adapts the alpha of skew divergences, but {bad} is not "
                     "one; use skew_forward_kl / skew_reverse_kl or set adaptive_skew false"
                 )
+        chosen = [v for v in (self.token_weighting, self.curriculum) if v in RATIONALE_KD]
+        if chosen and m.kind != "kd":
+            raise ValueError(
+                f"rationale KD ({', '.join(chosen)}) reads the data's cot targets and needs method kind kd, not {m.kind}; "
+                "use method {kind: kd, ...}"
+            )
         sft = self.alpha >= 1.0 and (self.schedule is None or self.schedule.alpha_end in (None, 1.0))
         if sft and (self.token_weighting != "none" or self.multi_teacher is not None or self.curriculum != "none"):
             raise ValueError(
@@ -302,6 +359,10 @@ class RunConfig(Strict):
         return getattr(self.method, "token_weighting_ratio", 0.5)
 
     @property
+    def keypoint(self) -> KeypointOptions | None:
+        return getattr(self.method, "keypoint", None)
+
+    @property
     def curriculum(self) -> Curriculum:
         return getattr(self.method, "curriculum", "none")
 
@@ -316,7 +377,9 @@ class RunConfig(Strict):
         were taken over, so runs finished before the change still verify."""
         dump = lambda m: None if m is None else m.model_dump(mode="json")  # noqa: E731
         cross = dump(self.cross_tokenizer)  # its `align` was called `method` then
-        return {
+        # KPOD's options only when set: fingerprints of runs without them stay as they were
+        keypoint = {} if self.keypoint is None else {"keypoint": dump(self.keypoint)}
+        return keypoint | {
             "name": self.name,
             "alpha": self.alpha,
             "divergence": self.divergence.model_dump(mode="json"),

@@ -116,6 +116,9 @@ def _method_args(run: RunConfig) -> dict[str, Any]:
                 relation_heads=f.relations.heads,
                 relation_weight=f.relations.weight,
             )
+    from potstill.runners.keypoint import keypoint_trainer_args
+
+    extra.update(keypoint_trainer_args(run))
     if run.schedule is not None:
         extra.update(
             alpha_end=run.schedule.alpha_end, temperature_end=run.schedule.temperature_end, schedule=run.schedule.kind
@@ -188,7 +191,15 @@ def _peft_config(recipe: Recipe):
     )
 
 
-TRAIN_COLUMNS = ("input_ids", "attention_mask", "labels", "example_id")
+TRAIN_COLUMNS = (
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "example_id",
+    "kd_token_weights",
+    "kd_step_rank",
+    "kd_num_steps",
+)
 
 
 def _trainer_extras(recipe: Recipe, run: RunConfig, tokenizer, train_examples: list[dict]) -> dict[str, Any]:
@@ -234,6 +245,9 @@ def train_run(
     """
     from datasets import Dataset
 
+    from potstill.runners.keypoint import with_keypoint_columns
+
+    train_examples = with_keypoint_columns(run, teacher, tokenizer, train_examples, out_dir)
     ds = Dataset.from_list([{k: ex[k] for k in TRAIN_COLUMNS if k in ex} for ex in train_examples])
     kd = run.uses_teacher
     if run.cross_tokenizer is not None:
