@@ -29,6 +29,7 @@ def test_every_method_runs_as_a_recipe(assets, tmp_path):  # noqa: F811
         {"name": "rel", "alpha": 0.0, "feature": {"relations": {"layers": [[1, 2]], "heads": 2}}},
         {"name": "multi", "alpha": 0.0, "multi_teacher": {"mode": "confidence", "confidence": "maxprob"}},
         {"name": "pick", "alpha": 0.0, "multi_teacher": {"mode": "select"}},
+        {"name": "aware", "alpha": 0.0, "multi_teacher": {"mode": "student_aware", "tau": 0.5}},
         {"name": "curr", "alpha": 0.0, "curriculum": "easy_to_hard"},
     ]
     r = recipe(assets, out, runs=runs, extra_teachers=[{"model": str(teacher)}])
@@ -43,6 +44,9 @@ def test_every_method_runs_as_a_recipe(assets, tmp_path):  # noqa: F811
     # every example and "select" (argmin, ties to the first) must credit all 3 steps x 2 examples to teacher 0;
     # which teacher wins on real differences is tested in tests/signals/test_multi.py.
     assert info["teacher_selected_examples"] == [6, 0]
+    # student_aware: two copies of one teacher are understood equally well, so each gets half the weight
+    aware = json.loads((out / "runs" / "aware" / "train_info.json").read_text())
+    assert aware["teacher_mean_weights"] == pytest.approx([0.5, 0.5], abs=1e-6)
     resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
     assert resolved["runs"][4]["method"] == {
         **resolved["runs"][4]["method"],

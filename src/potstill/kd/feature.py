@@ -273,9 +273,9 @@ class FeatureKDTrainer(KDTrainer):
             )
         self._teacher_proj = proj
 
-    def _batch_signal(self, inputs):
+    def _batch_signal(self, inputs, student=None):
         if self._teacher_head_source is None:
-            return super()._batch_signal(inputs)
+            return super()._batch_signal(inputs, student=student)
         # One teacher forward serves both the logit signal and the hidden states.
         self._teacher_forward(inputs)
         rows = target_rows(self._teacher_states[-1], target_index(inputs["labels"]))

@@ -283,8 +283,12 @@ class KDTrainer(NonFiniteGuard, Trainer):
         return v
 
     # --------------------------------------------------------------------------- loss
-    def _batch_signal(self, inputs: dict):
-        """The teacher's signal for a batch (subclasses route generated batches elsewhere)."""
+    def _batch_signal(self, inputs: dict, student=None):
+        """The teacher's signal for a batch (subclasses route generated batches elsewhere). ``student``
+        (``(rows [n, H] detached, head)``) reaches a source that weighs its teachers by the student's current
+        distributions (``wants_student``, e.g. multi-teacher mode ``student_aware``)."""
+        if student is not None and getattr(self.signal_source, "wants_student", False):
+            return self.signal_source.signal(inputs, student=student)
         return self.signal_source.signal(inputs)
 
     # ------------------------------------------------------------------ curriculum
@@ -372,7 +376,9 @@ class KDTrainer(NonFiniteGuard, Trainer):
         rows = target_rows(hidden, index)
         targets = labels[:, 1:].reshape(-1).index_select(0, index)
         alpha = self._batch_alpha(inputs)
-        signal = self._batch_signal(inputs) if self.needs_teacher and alpha < 1.0 else None
+        head = full_head(output_head(model))  # FSDP2: gathered once here, for the reducer and the token weights
+        wanted = self.needs_teacher and alpha < 1.0
+        signal = self._batch_signal(inputs, student=(rows.detach(), head)) if wanted else None
         if signal is not None and signal.num_rows != rows.shape[0]:
             raise PotstillError(
                 f"teacher signal has {signal.num_rows} rows for {rows.shape[0]} target tokens; the signal does not "
@@ -380,7 +386,6 @@ class KDTrainer(NonFiniteGuard, Trainer):
             )
         normalizer = num_items_in_batch if num_items_in_batch is not None else max(int(index.numel()), 1)
         args: KDConfig = self.args
-        head = full_head(output_head(model))  # FSDP2: gathered once here, for the reducer and the token weights
         temperature = self._temperature()
         common = dict(
             divergence=args.divergence,

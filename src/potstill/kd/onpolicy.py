@@ -302,10 +302,10 @@ class OnPolicyKDTrainer(KDTrainer):
         return self._collate([pool[self._rng.randrange(len(pool))] for _ in range(n)])
 
     # ----------------------------------------------------------------- loss routing
-    def _batch_signal(self, inputs: dict):
+    def _batch_signal(self, inputs: dict, student=None):
         if inputs.get(ROLLOUT):
             return self._scorer.signal(inputs)
-        return super()._batch_signal(inputs)
+        return super()._batch_signal(inputs, student=student)
 
     def _batch_alpha(self, inputs: dict) -> float:
         return 0.0 if inputs.get(ROLLOUT) else super()._batch_alpha(inputs)

@@ -180,13 +180,47 @@ class CrossTokenizerOptions(Strict):
 class MultiTeacherOptions(Strict):
     """Combine the teacher with `extra_teachers` per token (one with another tokenizer joins on aligned rows)."""
 
-    mode: Literal["mean", "confidence", "select"] = Field(
-        "mean", description="mean: fixed weights; confidence: per-token teacher confidence; select: per example."
+    mode: Literal["mean", "confidence", "select", "student_aware"] = Field(
+        "mean",
+        description="mean: fixed weights; confidence: per-token teacher confidence; select: per example; "
+        "student_aware: per example, softmax over teachers of -(student's mean KL(p_k || q) on the example) / tau, "
+        "recomputed every step (after DiverseDistill, Liu et al. 2024; needs a trainer that passes the student).",
     )
     confidence: Literal["entropy", "maxprob"] = Field("entropy", description="Confidence measure of mode confidence.")
-    weights: list[float] | None = Field(None, description="Weights of mode mean, teacher first (default: equal).")
+    weights: list[float] | None = Field(
+        None,
+        description="Weights of mode mean, teacher first (default: equal); the prior weights w_k of mode student_aware "
+        "(a_k proportional to w_k exp(-d_k / tau)).",
+    )
+    tau: float = Field(
+        1.0,
+        gt=0.0,
+        description="student_aware: temperature of the softmax over teachers, in nats of mean per-token KL; "
+        "small: the best-understood teacher takes (nearly) all; large: mode mean.",
+    )
+    favor: Literal["understood", "gap"] = Field(
+        "understood",
+        description="student_aware: understood: the teacher the student is closest to (lowest KL) weighs most "
+        "(the paper's filtering of low-relevance teachers); gap: the teacher it is furthest from weighs most.",
+    )
+    ema: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="student_aware: smooth each example's per-teacher KL over its visits, s = ema * s + (1 - ema) * d "
+        "(0: the current step's KL alone).",
+    )
     cross_kinds: list[Literal["exact", "normalized", "mined"]] = Field(
         ["exact", "normalized", "mined"],
         min_length=1,
         description="Vocab-map matches that carry the mass of an extra teacher with another tokenizer.",
     )
+
+    @model_validator(mode="after")
+    def _student_aware_fields(self) -> MultiTeacherOptions:
+        # compared with the defaults, not model_fields_set: a dumped recipe states every field
+        own = {"tau": 1.0, "favor": "understood", "ema": 0.0}
+        stray = [k for k, v in own.items() if getattr(self, k) != v] if self.mode != "student_aware" else []
+        if stray:
+            raise ValueError(f"only mode student_aware reads {', '.join(stray)}; set mode: student_aware or drop them")
+        return self

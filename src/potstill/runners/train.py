@@ -388,6 +388,8 @@ def _run_info(recipe, run, trainer, teacher, source, extra_teachers, student_sha
     if run.multi_teacher is not None:
         if run.multi_teacher.mode == "select":
             info["teacher_selected_examples"] = source.selected_counts
+        if run.multi_teacher.mode == "student_aware":  # how the student split its attention between teachers
+            info["teacher_mean_weights"] = source.mean_weights
         cov = {i: s.coverage() for i, s in enumerate(source.sources) if hasattr(s, "coverage")}
         if cov:  # teachers with another tokenizer: the share of rows they informed and the mass mapped
             info["cross_tokenizer_coverage"] = cov
@@ -462,6 +464,9 @@ def _multi_source(recipe: Recipe, run: RunConfig, source, extra: list, tokenizer
         mode=mt.mode,
         confidence=mt.confidence,
         weights=mt.weights,
+        tau=mt.tau,
+        favor=mt.favor,
+        ema=mt.ema,
         temperature=run.temperature,
         vocab_size=vocab_size,
         chunk_size=recipe.train.chunk_size,
