@@ -133,6 +133,7 @@ def _bild(top_k, student_led, vocab_size: int | None) -> None:
     name = "bild"
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
         raise ValueError(f"{name} top_k must be an integer, got {top_k!r}; give an integer such as 8 (the paper's)")
+    top_k = int(top_k)
     if top_k < 1:
         raise ValueError(f"{name} top_k must be >= 1 (the teacher's top-k logits), got {top_k}; use 8 (the paper's)")
     if top_k < 3:

@@ -262,9 +262,10 @@ class MultiTeacher:
             self.selected_counts[k] += 1
         return best
 
-    def _student_aware(self, batch, sigs, vocab: int, valid: Tensor, student: StudentRows) -> Tensor:
+    def _student_aware(self, batch, sigs, vocab: int, valid: Tensor, student: StudentRows | None) -> Tensor:
         """Per-row weights ``[K, n]``: ``a_{e,k}`` (module docstring) of each row's example ``e``, before the
         renormalization over the teachers that cover the row."""
+        assert student is not None  # signal() refuses mode student_aware without the student's rows
         index = target_index(batch["labels"])
         n = index.numel()
         example, n_ex = example_of_rows(batch, index)
