@@ -70,26 +70,40 @@ def _batches(seqs: list[list[int]], pad_id: int, batch_size: int):
         yield start, part, ids, mask
 
 
-def _last_logprobs(model, seqs: list[list[int]], pad_id: int, batch_size: int) -> Tensor:
+def _hidden(model, ids: Tensor, mask: Tensor) -> Tensor:
+    """Post-final-norm hidden states ``[B, T, H]``: the head is applied only to the rows that are scored, never
+    to a full ``[B, T, V]`` logits tensor."""
+    from ..models import final_hidden
+
     dev = _device(model)
+    return final_hidden(model, ids.to(dev), mask.to(dev))
+
+
+def _last_logprobs(model, seqs: list[list[int]], pad_id: int, batch_size: int) -> Tensor:
+    from ..models import output_head
+
+    head = output_head(model)
     out = []
     for _, part, ids, mask in _batches(seqs, pad_id, batch_size):
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
-        ends = torch.tensor([len(s) - 1 for s in part], device=logits.device)
-        last = logits[torch.arange(len(part), device=logits.device), ends]
+        hidden = _hidden(model, ids, mask)
+        ends = torch.tensor([len(s) - 1 for s in part], device=hidden.device)
+        last = head(hidden[torch.arange(len(part), device=hidden.device), ends]).float()
         out.append(torch.log_softmax(last, -1).cpu())
     return torch.cat(out)
 
 
 def _sequence_scores(model, seqs: list[list[int]], starts: list[int], pad_id: int, batch_size: int) -> Tensor:
-    dev = _device(model)
+    from ..models import output_head
+
+    head = output_head(model)
     out = torch.empty(len(seqs), dtype=torch.float64)
     for offset, part, ids, mask in _batches(seqs, pad_id, batch_size):
-        logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), -1).cpu()
+        hidden = _hidden(model, ids, mask)
         for row, s in enumerate(part):
             begin = starts[offset + row]
-            targets = torch.tensor(s[begin:])
-            out[offset + row] = logp[row, begin - 1 : len(s) - 1].gather(-1, targets.view(-1, 1)).double().sum()
+            targets = torch.tensor(s[begin:], device=hidden.device)
+            logp = torch.log_softmax(head(hidden[row, begin - 1 : len(s) - 1]).float(), -1)
+            out[offset + row] = logp.gather(-1, targets.view(-1, 1)).double().sum().cpu()
     return out
 
 
