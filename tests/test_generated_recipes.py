@@ -178,6 +178,18 @@ def test_black_box_recipe_runs_with_no_teacher_weights(assets, tmp_path, monkeyp
     assert "black box" in (out / "report.md").read_text()
 
 
+def test_black_box_student_is_cut_to_its_layers(assets, tmp_path):  # noqa: F811
+    _, teacher_dir, *_ = assets
+    out = tmp_path / "out"
+    student = {"kind": "pretrained", "model": str(teacher_dir), "layers": 1}
+    r = recipe(assets, out, teacher={"model": None}, student=student)
+    r["runs"] = [{"name": "seq_kd", "alpha": 1.0}]
+    r["eval"]["include_untrained"] = False
+    assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 0
+    config = json.loads((out / "runs" / "seq_kd" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1  # the 2-layer checkpoint, cut as the recipe says
+
+
 @pytest.mark.parametrize("case", ["kd run", "built student", "demo data", "cache"])
 def test_black_box_refusals(assets, tmp_path, capsys, case):  # noqa: F811
     root, teacher_dir, _, _, data = assets

@@ -361,33 +361,13 @@ class Prepared:
 
     def _black_box(self, recipe: Recipe) -> None:
         """Sequence-level KD from a teacher known only by its responses: no teacher weights at all."""
-        from potstill.models import load_model
-
-        cfg = recipe.student
-        self.teacher = None
-        try:
-            self.student0, self.tokenizer = load_model(
-                cfg.model,
-                dtype=cfg.dtype,
-                trust_remote_code=cfg.trust_remote_code,
-                attn_implementation=cfg.attn_implementation,
-            )
-        except PotstillError as err:
-            raise PotstillError(f"student: {err}") from None
-        self.student0.to(self.device)
-        train_pairs, eval_pairs = split_pairs(recipe, None, self.tokenizer, "")
-        self.train_examples = encode_pairs(train_pairs, self.tokenizer, recipe.data.max_length)
-        self.eval_examples = encode_pairs(eval_pairs, self.tokenizer, recipe.data.max_length)
-        self._apply_selection()
-        self.vocab_size = None
+        self._student_only(recipe)
 
     def _self_teacher(self, recipe: Recipe) -> None:
         """The student's own earlier self as its teacher (``teacher.kind self``): only the pretrained student is
         loaded (cut to ``layers``); each run copies it into its frozen or EMA teacher
         (:func:`potstill.kd.self_distill.self_teacher`). ``teacher`` stays None: there is no model to compare
         the students with at evaluation."""
-        from potstill.models import load_model, student_from_teacher
-
         cfg = recipe.student
         if not isinstance(cfg, PretrainedStudent):  # the recipe refuses it; a recipe built without validation too
             raise PotstillError(
@@ -398,6 +378,13 @@ class Prepared:
                 "the demo data is answered by a teacher model and teacher.kind self has none; use data.source "
                 "kind file, hub, arithmetic or gsm8k"
             )
+        self._student_only(recipe)
+
+    def _student_only(self, recipe: Recipe) -> None:
+        """No teacher model: the pretrained student (cut to ``student.layers``), its tokenizer and the data."""
+        from potstill.models import load_model, student_from_teacher
+
+        cfg = recipe.student
         self.teacher = None
         try:
             self.student0, self.tokenizer = load_model(
@@ -408,7 +395,7 @@ class Prepared:
             )
         except PotstillError as err:
             raise PotstillError(f"student: {err}") from None
-        if cfg.layers is not None:
+        if getattr(cfg, "layers", None) is not None:
             self.student0 = student_from_teacher(self.student0, cfg.layers)
         self.student0.to(self.device)
         train_pairs, eval_pairs = split_pairs(recipe, None, self.tokenizer, "")
