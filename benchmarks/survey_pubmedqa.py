@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--context-words", type=int, default=150)
+    ap.add_argument("--test-limit", type=int, default=None, help="score only the first N test ids (CPU budget)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
@@ -73,6 +74,8 @@ def main() -> None:
     teacher, tok = load_model("smollm2-135m-instruct")
     teacher.eval()
     max_length = 448
+    if args.test_limit is not None:
+        test_pairs = test_pairs[: args.test_limit]
     train = encode_pairs(train_pairs, tok, max_length)
     test = encode_pairs(test_pairs, tok, max_length)
     student0 = student_from_teacher(teacher, select_layers(teacher.config.num_hidden_layers, 6))
@@ -83,6 +86,7 @@ def main() -> None:
             "train_examples": len(train),
             "test_examples": len(test),
             "context_words": args.context_words,
+            "test_ids_scored": "all 500" if args.test_limit is None else f"the first {len(test)} of 500 (CPU budget)",
             "max_length": max_length,
             "steps": steps,
             "batch_size": args.batch_size,
