@@ -145,3 +145,49 @@ def summary_line(name: str, items: dict[str, Any]) -> str:
             v = f"{v:.3f}"
         parts.append(f"{k}={v}")
     return f"{name}: " + " ".join(parts)
+
+
+def seed_stats(xs: list[float]) -> dict[str, Any]:
+    """Mean, sample std (0 for one seed) and the per-seed values, in that order."""
+    xs = [float(x) for x in xs]
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "per_seed": xs}
+
+
+def verdict(a: dict, b: dict, *, lower_better: bool) -> str:
+    """Arm ``a`` against ``b`` (both :func:`seed_stats`): a gap counts only past the sum of their stds."""
+    gap = a["mean"] - b["mean"]
+    if abs(gap) <= a["std"] + b["std"]:
+        return "no measurable difference"
+    return "better" if (gap < 0) == lower_better else "worse"
+
+
+class Partial:
+    """Finished units of a benchmark (one arm at one seed) kept beside its output, so a killed run resumes.
+
+    ``<out>.partial.json`` holds ``{"setting": ..., "done": {key: result}}``; a file written under another
+    setting is ignored (started afresh). Each :meth:`put` rewrites it atomically; :meth:`finish` removes it
+    once the final JSON is written.
+    """
+
+    def __init__(self, out: str | Path, setting: dict[str, Any]) -> None:
+        self.path = Path(out).with_suffix(".partial.json")
+        self.setting = json.loads(json.dumps(setting))  # as it round-trips through JSON
+        self.done: dict[str, Any] = {}
+        if self.path.exists():
+            saved = json.loads(self.path.read_text())
+            if saved.get("setting") == self.setting:
+                self.done = saved["done"]
+                print(f"resuming: {len(self.done)} finished units from {self.path}", file=sys.stderr)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.done
+
+    def __getitem__(self, key: str) -> Any:
+        return self.done[key]
+
+    def put(self, key: str, result: Any) -> None:
+        self.done[key] = result
+        write_json_atomic(self.path, {"setting": self.setting, "done": self.done})
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)

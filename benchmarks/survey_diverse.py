@@ -25,7 +25,6 @@ import argparse
 import copy
 import inspect
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import summary_line, write_json_atomic  # noqa: E402
+from _common import Partial, seed_stats, summary_line, verdict, write_json_atomic  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "survey_diverse.json"
@@ -87,27 +86,15 @@ def _train(prep, recipe, arm: str, seed: int, second, tau: float, work: Path):
     return trainer.model.eval(), time.perf_counter() - t0, src
 
 
-def _stats(xs: list[float]) -> dict:
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
-
-
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
-
-
-def _verdict(arm: dict, base: dict, key: str) -> str:
-    gap = arm[key]["mean"] - base[key]["mean"]
-    spread = max(arm[key]["std"], base[key]["std"])
-    if abs(gap) <= spread:
-        return "no measurable difference"
-    return f"{'higher' if gap > 0 else 'lower'} than single by {abs(gap):.4g} (> spread {spread:.3g})"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke setting: 2 steps, 1 seed, few examples")
-    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per student (all arms alike)")
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per student (all arms alike)")
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--tau", type=float, default=1.0, help="student_aware's softmax temperature (nats)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -127,21 +114,16 @@ def main() -> None:
     if args.quick:
         overrides["data"] = {"source": {"kind": "demo", "num_prompts": 24, "max_new_tokens": 8}, "eval_size": 8}
     recipe = Recipe.model_validate(overrides)
+    partial = Partial(args.out, {"overrides": overrides, "seeds": seeds, "tau": args.tau})
     prep = Prepared(recipe)
     second = student_from_teacher(prep.teacher, 15).to(prep.device).eval()
     hooked = hook_present()
     arms = [a for a in ARMS if a != "student_aware" or hooked]
-    models, seconds, weights = {}, {}, []
-    with tempfile.TemporaryDirectory(prefix="survey_diverse_") as tmp:
-        for seed in seeds:
-            for arm in arms:
-                model, secs, src = _train(prep, recipe, arm, seed, second, args.tau, Path(tmp))
-                models[f"{arm}/{seed}"], seconds[f"{arm}/{seed}"] = model, secs
-                if arm == "student_aware":
-                    weights.append(src.mean_weights)
+
+    def metrics(key: str, model) -> dict:
         res = metrics_only(
             evaluate_runs(
-                models,
+                {key: model},
                 prep.teacher,
                 prep.tokenizer,
                 prep.eval_examples,
@@ -151,13 +133,30 @@ def main() -> None:
                 progress=False,
             )
         )
+        return {k: res[key][k] for k in ("forward_kl", "top1_agreement")} | {
+            "teacher_self": {k: res["teacher"][k] for k in ("forward_kl", "top1_agreement")}
+        }
+
+    with tempfile.TemporaryDirectory(prefix="survey_diverse_") as tmp:
+        for seed in seeds:
+            for arm in arms:
+                key = f"{arm}/{seed}"
+                if key in partial:
+                    continue
+                model, secs, src = _train(prep, recipe, arm, seed, second, args.tau, Path(tmp))
+                row = metrics(key, model) | {"train_seconds": secs}
+                if arm == "student_aware":
+                    row["mean_weights"] = src.mean_weights
+                partial.put(key, row)
+                del model
+    res = partial.done
     runs: dict[str, dict | str] = {}
     for arm in arms:
         keys = [f"{arm}/{s}" for s in seeds]
         runs[arm] = {
-            "forward_kl": _stats([res[k]["forward_kl"] for k in keys]),
-            "top1_agreement": _stats([res[k]["top1_agreement"] for k in keys]),
-            "train_seconds": _stats([seconds[k] for k in keys]),
+            "forward_kl": seed_stats([res[k]["forward_kl"] for k in keys]),
+            "top1_agreement": seed_stats([res[k]["top1_agreement"] for k in keys]),
+            "train_seconds": seed_stats([res[k]["train_seconds"] for k in keys]),
         }
     base = runs["single"]
     for arm in arms:
@@ -166,11 +165,12 @@ def main() -> None:
         r["agreement_vs_single"] = _ratio(r["top1_agreement"]["mean"], base["top1_agreement"]["mean"])
         r["train_time_vs_single"] = _ratio(r["train_seconds"]["mean"], base["train_seconds"]["mean"])
         if arm != "single":
-            r["forward_kl_verdict"] = _verdict(r, base, "forward_kl")
-            r["agreement_verdict"] = _verdict(r, base, "top1_agreement")
+            r["forward_kl_verdict"] = verdict(r["forward_kl"], base["forward_kl"], lower_better=True)
+            r["agreement_verdict"] = verdict(r["top1_agreement"], base["top1_agreement"], lower_better=False)
     if hooked:
         runs["student_aware"]["mean_teacher_weights"] = [
-            [round(w, 4) for w in ws] if ws else None for ws in weights
+            [round(w, 4) for w in ws] if ws else None
+            for ws in (res[f"student_aware/{s}"]["mean_weights"] for s in seeds)
         ]  # per seed: [teacher, 15-layer cut]
     else:
         runs["student_aware"] = SKIPPED
@@ -195,10 +195,12 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "wall_seconds": round(time.perf_counter() - t_start, 1),
         },
-        "teacher_self_check": {k: res["teacher"][k] for k in ("forward_kl", "top1_agreement")},
+        "teacher_self_check": res[f"single/{seeds[0]}"]["teacher_self"],
+        "verdict_rule": "a gap is reported only when it exceeds the sum of the two arms' stds over seeds",
         "runs": runs,
     }
     write_json_atomic(args.out, out)
+    partial.finish()
     items: dict = {"single_kl": base["forward_kl"]["mean"]}
     for arm in ("mean", "student_aware"):
         r = runs[arm]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import summary_line, write_json_atomic  # noqa: E402
+from _common import Partial, seed_stats, summary_line, verdict, write_json_atomic  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "survey_self_distill.json"
@@ -41,13 +40,13 @@ ARMS = ("sft", "kd", "self_frozen", "self_ema")
 SEEDS = (0, 1, 2)
 
 
-def setting(quick: bool, steps: int | None) -> dict:
-    """The committed setting (fits the 8 CPU-minute budget on 2 shared cores) or a tiny smoke one."""
+def setting(quick: bool, steps: int | None, batch_size: int | None = None) -> dict:
+    """The committed setting (the demo's 40 steps of 8 examples) or a tiny smoke one."""
     s = {
-        "steps": 2 if quick else 3,
-        "batch_size": 2,
+        "steps": 2 if quick else 40,
+        "batch_size": 2 if quick else 8,
         "learning_rate": 5e-4,
-        "eval_size": 8 if quick else 16,
+        "eval_size": 8 if quick else 40,
         "max_length": 96,
         "self_alpha": 0.5,
         "ema_decay": 0.9,
@@ -55,6 +54,8 @@ def setting(quick: bool, steps: int | None) -> dict:
     }
     if steps is not None:
         s["steps"] = steps
+    if batch_size is not None:
+        s["batch_size"] = batch_size
     return s
 
 
@@ -71,8 +72,28 @@ def arm_runs(s: dict):
     }
 
 
-def train_arms(s: dict, work: Path) -> tuple[dict, dict, dict]:
-    """Every arm and seed trained from the same cut student; ``(models, seconds, prepared-setup info)``."""
+def _metrics(prep, models: dict) -> dict:
+    """Teacher-forced held-out figures of ``models`` against the real teacher (no generation)."""
+    from potstill.eval import evaluate_runs, metrics_only
+
+    res = metrics_only(
+        evaluate_runs(
+            models,
+            prep.teacher,
+            prep.tokenizer,
+            prep.eval_examples,
+            vocab_size=prep.vocab_size,
+            batch_size=8,
+            max_new_tokens=0,
+            progress=False,
+        )
+    )
+    return {name: {k: res[name][k] for k in ("forward_kl", "top1_agreement", "perplexity")} for name in models}
+
+
+def train_arms(s: dict, work: Path, partial: Partial) -> tuple[dict, dict]:
+    """Every arm and seed trained from the same cut student and scored as it finishes (kept in ``partial``,
+    so a killed run resumes at the next unit); ``(results by "arm/seed", prepared-setup info)``."""
     from potstill.recipes.distill import Recipe
     from potstill.recipes.models import SelfTeacher
     from potstill.runners.prepare import Prepared
@@ -99,9 +120,13 @@ def train_arms(s: dict, work: Path) -> tuple[dict, dict, dict]:
         "self_frozen": SelfTeacher(mode="frozen"),
         "self_ema": SelfTeacher(mode="ema", decay=s["ema_decay"]),
     }
-    models, seconds = {}, {}
+    if "student_init" not in partial:
+        partial.put("student_init", _metrics(prep, {"student_init": prep.student0})["student_init"])
     for seed in s["seeds"]:
         for arm, run in arm_runs(s).items():
+            key = f"{arm}/{seed}"
+            if key in partial:
+                continue
             recipe = base.model_copy(
                 update={"teacher": teachers[arm], "train": base.train.model_copy(update={"seed": seed})}
             )
@@ -119,8 +144,9 @@ def train_arms(s: dict, work: Path) -> tuple[dict, dict, dict]:
                 prep.vocab_size,
                 memo=None if self_arm else memo,
             )
-            seconds[f"{arm}/{seed}"] = time.perf_counter() - t0
-            models[f"{arm}/{seed}"] = model.eval()
+            seconds = time.perf_counter() - t0
+            partial.put(key, _metrics(prep, {key: model.eval()})[key] | {"train_seconds": seconds})
+            del model
     info = {
         "teacher": base.teacher.model,
         "student": f"from_teacher, {base.student.layers} layers",
@@ -128,19 +154,7 @@ def train_arms(s: dict, work: Path) -> tuple[dict, dict, dict]:
         "train_examples": len(prep.train_examples),
         "eval_examples": len(prep.eval_examples),
     }
-    return models, seconds, info | {"_prep": prep}
-
-
-def _stats(xs: list[float]) -> dict:
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "per_seed": xs}
-
-
-def compare(a: dict, b: dict, lower_better: bool) -> str:
-    """A verdict on arm ``a`` against ``b``: a gap counts only past the sum of their spreads over seeds."""
-    gap = a["mean"] - b["mean"]
-    if abs(gap) <= a["std"] + b["std"]:
-        return "no measurable difference"
-    return "better" if (gap < 0) == lower_better else "worse"
+    return dict(partial.done), info
 
 
 def summarize(res: dict, s: dict) -> dict:
@@ -148,21 +162,21 @@ def summarize(res: dict, s: dict) -> dict:
     for arm in ARMS:
         rows = [res[f"{arm}/{seed}"] for seed in s["seeds"]]
         arms[arm] = {
-            "forward_kl": _stats([r["forward_kl"] for r in rows]),
-            "top1_agreement": _stats([r["top1_agreement"] for r in rows]),
-            "perplexity": _stats([r["perplexity"] for r in rows]),
+            "forward_kl": seed_stats([r["forward_kl"] for r in rows]),
+            "top1_agreement": seed_stats([r["top1_agreement"] for r in rows]),
+            "perplexity": seed_stats([r["perplexity"] for r in rows]),
         }
     base = arms["kd"]
     for row in arms.values():
         row["forward_kl_vs_kd"] = row["forward_kl"]["mean"] / base["forward_kl"]["mean"]
         row["agreement_vs_kd"] = row["top1_agreement"]["mean"] / base["top1_agreement"]["mean"]
         row["vs_kd"] = {
-            "forward_kl": compare(row["forward_kl"], base["forward_kl"], lower_better=True),
-            "top1_agreement": compare(row["top1_agreement"], base["top1_agreement"], lower_better=False),
+            "forward_kl": verdict(row["forward_kl"], base["forward_kl"], lower_better=True),
+            "top1_agreement": verdict(row["top1_agreement"], base["top1_agreement"], lower_better=False),
         }
         row["vs_sft"] = {
-            "forward_kl": compare(row["forward_kl"], arms["sft"]["forward_kl"], lower_better=True),
-            "top1_agreement": compare(row["top1_agreement"], arms["sft"]["top1_agreement"], lower_better=False),
+            "forward_kl": verdict(row["forward_kl"], arms["sft"]["forward_kl"], lower_better=True),
+            "top1_agreement": verdict(row["top1_agreement"], arms["sft"]["top1_agreement"], lower_better=False),
         }
     return arms
 
@@ -171,31 +185,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke setting (one seed, 2 steps)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the setting's)")
+    ap.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the setting's)")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     args = ap.parse_args()
     import torch
 
-    from potstill.eval import evaluate_runs, metrics_only
-
     torch.set_num_threads(2)
-    s = setting(args.quick, args.steps)
+    s = setting(args.quick, args.steps, args.batch_size)
+    partial = Partial(args.out, s)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="survey_self_distill_") as tmp:
-        models, seconds, info = train_arms(s, Path(tmp))
-        prep = info.pop("_prep")
-        models["student_init"] = prep.student0
-        res = metrics_only(
-            evaluate_runs(
-                models,
-                prep.teacher,
-                prep.tokenizer,
-                prep.eval_examples,
-                vocab_size=prep.vocab_size,
-                batch_size=8,
-                max_new_tokens=0,  # teacher-forced figures only: forward KL, agreement, perplexity
-                progress=False,
-            )
-        )
+        res, info = train_arms(s, Path(tmp), partial)
     arms = summarize(res, s)
     wall = time.perf_counter() - t_start
     out = {
@@ -213,10 +213,11 @@ def main() -> int:
         },
         "student_init": {k: res["student_init"][k] for k in ("forward_kl", "top1_agreement", "perplexity")},
         "arms": arms,
-        "train_seconds": seconds,
+        "train_seconds": {k: v["train_seconds"] for k, v in res.items() if "train_seconds" in v},
         "verdict_rule": "a gap is reported only when it exceeds the sum of the two arms' stds over seeds",
     }
     write_json_atomic(args.out, out)
+    partial.finish()
     items = {}
     for arm in ARMS:
         items[f"{arm}_fkl"] = arms[arm]["forward_kl"]["mean"]
