@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .metrics import expected_calibration_error
 
-__all__ = ["ECE_BINS", "brier_score", "classification_metrics", "interval_coverage"]
+__all__ = ["ECE_BINS", "binned_coverage", "brier_score", "classification_metrics", "interval_coverage"]
 
 ECE_BINS = 15
 """Equal-width confidence bins of every ECE and interval coverage here (Guo et al. 2017 use 15)."""
@@ -59,14 +59,26 @@ def interval_coverage(
     """
     m = torch.as_tensor(mean, dtype=torch.float64)
     gold = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    n = gold.numel()
-    if n == 0:
+    if gold.numel() == 0:
         return {"coverage": float("nan"), "mean_width": float("nan")}
     conf, pred = m.max(-1)
     lo = torch.as_tensor(lower, dtype=torch.float64).gather(-1, pred[:, None])[:, 0]
     hi = torch.as_tensor(upper, dtype=torch.float64).gather(-1, pred[:, None])[:, 0]
+    return binned_coverage(conf, pred == gold, lo, hi, n_bins)
+
+
+def binned_coverage(conf: Tensor, correct: Tensor, lower: Tensor, upper: Tensor, n_bins: int = ECE_BINS) -> dict:
+    """:func:`interval_coverage` from per-example values at the predicted class: confidence ``conf [N]``,
+    ``correct [N]`` (prediction right) and the interval ``lower, upper [N]`` of that class's probability (a
+    vocabulary-sized prediction need not keep the other classes)."""
+    conf = torch.as_tensor(conf, dtype=torch.float64).reshape(-1)
+    n = conf.numel()
+    if n == 0:
+        return {"coverage": float("nan"), "mean_width": float("nan")}
+    lo = torch.as_tensor(lower, dtype=torch.float64).reshape(-1)
+    hi = torch.as_tensor(upper, dtype=torch.float64).reshape(-1)
     bins = _bin_index(conf, n_bins)
-    right = (pred == gold).to(torch.float64)
+    right = torch.as_tensor(correct).reshape(-1).to(torch.float64)
     count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(right))
     acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, right) / count.clamp_min(1.0)
     target = acc[bins]

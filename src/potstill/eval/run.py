@@ -35,6 +35,7 @@ __all__ = [
     "collect_samples",
     "evaluate_runs",
     "metrics_only",
+    "teacher_forced_inputs",
 ]
 
 TEACHER = "teacher"
@@ -235,17 +236,24 @@ def collect_samples(
 # -- teacher-forced pass ------------------------------------------------------------------
 
 
-def _teacher_forced_batch(batch, models, heads, unique, sums, pad_id, vocab, final_hidden) -> None:
-    """Accumulate :func:`teacher_forced_stats` sums of every model in ``unique`` for one batch."""
+def teacher_forced_inputs(batch: Sequence[dict], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``prompt_ids + response_ids`` of each example, right-padded: ``(input_ids, attention_mask, labels)``, each
+    ``[B, T]``, with labels -100 outside the response (positions start at 0 in every row)."""
     seqs = [ex["prompt_ids"] + ex["response_ids"] for ex in batch]
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for row, (ex, seq) in enumerate(zip(batch, seqs)):  # right padding: positions start at 0
+    for row, (ex, seq) in enumerate(zip(batch, seqs)):
         input_ids[row, : len(seq)] = torch.tensor(seq)
         attention_mask[row, : len(seq)] = 1
         labels[row, len(ex["prompt_ids"]) : len(seq)] = torch.tensor(ex["response_ids"], dtype=torch.long)
+    return input_ids, attention_mask, labels
+
+
+def _teacher_forced_batch(batch, models, heads, unique, sums, pad_id, vocab, final_hidden) -> None:
+    """Accumulate :func:`teacher_forced_stats` sums of every model in ``unique`` for one batch."""
+    input_ids, attention_mask, labels = teacher_forced_inputs(batch, pad_id)
     index = target_index(labels)
     targets = labels[:, 1:].reshape(-1)[index]
     if targets.numel() and int(targets.max()) >= vocab:

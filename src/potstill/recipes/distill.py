@@ -215,7 +215,27 @@ class Recipe(RecipeFile):
             )
         if any(t.model is None for t in self.extra_teachers):
             raise ValueError("extra_teachers need weights (model: null is only for the main black-box teacher)")
+        self._check_bayesian()
         return self
+
+    def _check_bayesian(self) -> None:
+        bayes = [r.name for r in self.runs if r.bayesian is not None]
+        if not bayes:
+            return
+        if self.train.lora is None:
+            raise ValueError(
+                f"run(s) {bayes}: method.bayesian samples LoRA parameters by SGLD; add train.lora (e.g. lora: {{r: 8}})"
+            )
+        live = not isinstance(self.teacher, SelfTeacher) and self.teacher.model is not None and self.cache is None
+        if not live:
+            raise ValueError(
+                f"run(s) {bayes}: method.bayesian's prior is the live teacher's next-token distribution; name a "
+                "teacher model and remove the cache section (a self or black-box teacher has none)"
+            )
+        if self.train.distributed != "none":
+            raise ValueError(
+                f"run(s) {bayes}: the SGLD chain of method.bayesian runs in one process; set train.distributed none"
+            )
 
     def _check_placement(self) -> None:
         teachers = [("teacher", self.teacher)] + [

@@ -37,6 +37,7 @@ from potstill.recipes.options import (
     Replay,
     Sampling,
     ScheduleOptions,
+    SGLDSettings,
     StudentSteps,
 )
 
@@ -84,6 +85,38 @@ class KeypointOptions(Strict):
     batch_size: int = Field(32, ge=1, description="masked copies of an example per teacher forward.")
 
 
+class BayesianLMOptions(Strict):
+    """Bayesian KD (Fang, Chen, Zhong & Ma, ICML 2024) for an LLM student, once the run has trained: each response
+    token is a categorical example with the teacher's next-token distribution as its Dirichlet prior, and the
+    posterior over a fresh LoRA adapter on the trained student is sampled by SGLD (:mod:`potstill.kd.bayesian_lm`).
+    The report gains the posterior predictive's token calibration (ECE, Brier, interval coverage) beside the
+    trained student's own (its point estimate)."""
+
+    prior_strength: float = Field(
+        4.0, gt=0.0, description="lambda: Dirichlet concentration 1 + lambda * teacher next-token probabilities."
+    )
+    temperature: float = Field(1.0, gt=0.0, description="tau of the teacher soft labels and the prior's student side.")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        check_temperature(v, "method.bayesian.temperature")
+        return v
+
+    level: float = Field(0.95, gt=0.0, lt=1.0, description="Credible level of the per-token intervals.")
+    eval_batch_size: int = Field(
+        4,
+        ge=1,
+        description="Held-out examples per predictive batch (samples x response tokens x vocabulary probabilities "
+        "are held at once).",
+    )
+    sgld: SGLDSettings = Field(
+        default_factory=SGLDSettings,
+        description="The SGLD sampler over the LoRA parameters (its potential sums over every training response "
+        "token, so lr scales like 1 / tokens).",
+    )
+
+
 class _Curriculum(Strict):
     curriculum: Curriculum = Field(
         "none", description="Order training examples by the initial teacher-student divergence."
@@ -114,6 +147,11 @@ class PlainKD(_TokenTerms):
         None,
         description="Options of token_weighting keypoint / curriculum progressive_rationale (KPOD); "
         "defaults when either is chosen.",
+    )
+    bayesian: BayesianLMOptions | None = Field(
+        None,
+        description="After training, sample the Bayesian-KD posterior over a LoRA adapter by SGLD and report the "
+        "posterior predictive's token calibration (needs train.lora and a live teacher).",
     )
 
     @model_validator(mode="after")
@@ -365,6 +403,10 @@ class RunConfig(Strict):
     @property
     def curriculum(self) -> Curriculum:
         return getattr(self.method, "curriculum", "none")
+
+    @property
+    def bayesian(self) -> BayesianLMOptions | None:
+        return getattr(self.method, "bayesian", None)
 
     @property
     def uses_teacher(self) -> bool:

@@ -224,3 +224,23 @@ class MultiTeacherOptions(Strict):
         if stray:
             raise ValueError(f"only mode student_aware reads {', '.join(stray)}; set mode: student_aware or drop them")
         return self
+
+
+class SGLDSettings(Strict):
+    """Stochastic gradient Langevin dynamics (Welling & Teh 2011) of Bayesian KD's posterior sampling."""
+
+    lr: float = Field(
+        2e-7,
+        gt=0.0,
+        description="SGLD base step size eps (Welling & Teh 2011): theta -= eps/2 grad U + N(0, eps), with U the "
+        "negative log posterior summed over the training set (so eps scales like 1 / train size).",
+    )
+    gamma: float = Field(0.0, ge=0.0, description="Step-size decay eps_t = lr (b / (b + t))^gamma; 0: constant.")
+    decay_offset: float = Field(100.0, gt=0.0, description="b of the step-size decay.")
+    burn_in: int = Field(40, ge=0, description="SGLD steps discarded before the first sample.")
+    samples: int = Field(8, ge=2, description="Posterior samples kept (each evaluated on the held-out set).")
+    thin: int = Field(5, ge=1, description="SGLD steps between two kept samples.")
+    noise_scale: float = Field(
+        1.0, ge=0.0, description="Variance multiplier of the injected noise: 1 samples the posterior, 0 is MAP descent."
+    )
+    batch_size: int | None = Field(None, ge=1, description="SGLD batch size (null: train.batch_size).")

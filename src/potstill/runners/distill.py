@@ -46,6 +46,7 @@ def evaluate_and_report(
     out: Path,
     notes: list[str],
     progress: bool = True,
+    bayes: dict[str, dict] | None = None,
 ) -> dict[str, dict]:
     from potstill.eval import collect_samples, evaluate_runs, metrics_only, write_report
 
@@ -70,6 +71,11 @@ def evaluate_and_report(
                 run["exact_match"] = exact_match(run["generations"], answers)
     if all("choices" in ex for ex in prep.eval_examples) and prep.eval_examples:
         _score_choices(results, {"teacher": teacher, **students}, prep)
+    for name, summary in (bayes or {}).items():
+        from potstill.runners.bayesian_lm import bayesian_note, bayesian_row
+
+        results[name].update(bayesian_row(summary))
+        notes = [*notes, bayesian_note(name, summary)]
     metrics = metrics_only(results)
     samples = collect_samples(results, prep.eval_examples, k=4, tokenizer=prep.tokenizer)
     write_report(out, metrics, loss_curves=curves, title="potstill distillation report", notes=notes, samples=samples)
@@ -145,6 +151,7 @@ def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: b
     from potstill.signals import TeacherMemo
 
     memo = TeacherMemo()
+    bayes: dict[str, dict] = {}
     for run in recipe.runs:
         run_dir = out / "runs" / run.name
         if main:
@@ -155,6 +162,7 @@ def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: b
             log.info("run %s already finished; reusing %s", run.name, run_dir)
             if main:
                 students[run.name], curves[run.name] = done
+                _bayesian(prep, run, students[run.name], run_dir, bayes)
             continue
         student = copy.deepcopy(prep.student0)
         student.train()
@@ -175,6 +183,8 @@ def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: b
             eval_examples=prep.eval_examples,
         )
         students[run.name], curves[run.name] = model, curve
+        if main:
+            _bayesian(prep, run, model, run_dir, bayes)
         barrier()  # the student is on disk before any process goes on
     if world_size() > 1:
         end_distributed()  # evaluation is the first process's alone, with whole (unsharded) models
@@ -200,7 +210,26 @@ def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: b
             f"teacher signal from the cache at {recipe.cache_dir}: {source.kind} "
             f"({m['spec']['dtype']}), {m['bytes_per_token']:.1f} bytes/token"
         )
-    return evaluate_and_report(prep, students, curves, out, notes, progress)
+    return evaluate_and_report(prep, students, curves, out, notes, progress, bayes)
+
+
+def _bayesian(prep: Prepared, run, model, run_dir: Path, bayes: dict[str, dict]) -> None:
+    """``method.bayesian``: the run's posterior samples and their calibration (kept in ``bayes[run.name]``)."""
+    if run.bayesian is None:
+        return
+    from potstill.runners.bayesian_lm import bayesian_lm_run
+
+    bayes[run.name] = bayesian_lm_run(
+        prep.recipe,
+        run,
+        model,
+        prep.teacher,
+        prep.tokenizer,
+        prep.train_examples,
+        prep.eval_examples,
+        prep.vocab_size,
+        run_dir,
+    )
 
 
 def evaluate_only(recipe: Recipe, extra: list[str] | None = None, *, progress: bool = True) -> dict[str, dict]:

@@ -176,7 +176,8 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
     )
 
 
-def _peft_config(recipe: Recipe):
+def lora_peft_config(recipe: Recipe):
+    """The peft LoraConfig of `train.lora` (None without one)."""
     if recipe.train.lora is None:
         return None
     from peft import LoraConfig as PeftLora
@@ -261,7 +262,7 @@ def train_run(
         source = _live_teacher(recipe, teacher, memo, device)
     if run.multi_teacher is not None:
         source = _multi_source(recipe, run, source, extra_teachers or [], tokenizer, student, device, vocab_size)
-    peft_config, sharded = _peft_config(recipe), recipe.train.distributed in ("fsdp2", "zero3")
+    peft_config, sharded = lora_peft_config(recipe), recipe.train.distributed in ("fsdp2", "zero3")
     blank = (type(student), student.config)  # the consolidated student's class, when it was sharded
     sc = _Scratch.of(recipe, run, out_dir)
     try:
