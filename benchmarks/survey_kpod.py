@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import summary_line, write_json_atomic  # noqa: E402
+from _common import Partial, seed_stats, summary_line, verdict, write_json_atomic  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "survey_kpod.json"
@@ -116,23 +115,15 @@ def _evaluate(model, teacher, tok, eval_examples, new_tokens: int) -> dict:
     }
 
 
-def _stats(xs: list[float]) -> dict:
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
-
-
 def _verdict(out: dict) -> dict[str, str]:
-    """Per metric: "no measurable difference" unless the gap of the means exceeds the larger std."""
-    verdict = {}
-    for k, better in (("exact_match", max), ("forward_kl", min)):
-        a, b = out["kpod"][k], out["plain_kd"][k]
-        if abs(a["mean"] - b["mean"]) <= max(a["std"], b["std"]):
-            verdict[k] = "no measurable difference"
-        else:
-            verdict[k] = "kpod better" if better(a["mean"], b["mean"]) == a["mean"] else "plain better"
-    return verdict
+    """Per metric, KPOD against plain KD: a difference only past the sum of the two arms' stds over seeds."""
+    return {
+        k: verdict(out["kpod"][k], out["plain_kd"][k], lower_better=k == "forward_kl")
+        for k in ("exact_match", "forward_kl")
+    }
 
 
-def run(s: dict, seeds: list[int], work: Path) -> dict:
+def run(s: dict, seeds: list[int], work: Path, partial: Partial) -> dict:
     import torch
 
     from potstill.runners.keypoint import keypoint_examples
@@ -169,6 +160,8 @@ def run(s: dict, seeds: list[int], work: Path) -> dict:
     res: dict = {a: {"exact_match": [], "forward_kl": [], "train_seconds": [], "samples": []} for a in arms}
     for seed in seeds:
         for arm, kw in arms.items():
+            if f"{arm}/{seed}" in partial:
+                continue
             torch.manual_seed(seed)
             student, secs = _train(
                 copy.deepcopy(base).train(),
@@ -183,13 +176,18 @@ def run(s: dict, seeds: list[int], work: Path) -> dict:
                 **kw,
             )
             ev = _evaluate(student, teacher, tok, prep.eval_examples, s["new_tokens"])
-            for k in ("exact_match", "forward_kl"):
-                res[arm][k].append(ev[k])
-            res[arm]["train_seconds"].append(round(secs, 1))
-            res[arm]["samples"].append(ev["sample"])
+            partial.put(f"{arm}/{seed}", ev | {"train_seconds": round(secs, 1)})
             print(f"{arm} seed {seed}: em {ev['exact_match']:.3f} fkl {ev['forward_kl']:.4f} ({secs:.0f}s)", flush=True)
             del student
-    out = {a: {k: _stats(v) if k in ("exact_match", "forward_kl") else v for k, v in r.items()} for a, r in res.items()}
+    for seed in seeds:
+        for arm in arms:
+            ev = partial[f"{arm}/{seed}"]
+            for k in ("exact_match", "forward_kl", "train_seconds"):
+                res[arm][k].append(ev[k])
+            res[arm]["samples"].append(ev["sample"])
+    out = {
+        a: {k: seed_stats(v) if k in ("exact_match", "forward_kl") else v for k, v in r.items()} for a, r in res.items()
+    }
     return {
         "setting": {
             **s,
@@ -198,8 +196,8 @@ def run(s: dict, seeds: list[int], work: Path) -> dict:
             "teacher": f"smollm2-135m-instruct after {s['teacher_steps']} CE steps on the cot targets (lr {s['teacher_lr']})",
             "kd": "alpha 0, forward KL, T 1; equal steps, batches and seeds in both arms",
             "kpod": "token_weighting keypoint (lambda 1, mask = tokenizer unk) + progressive_rationale (start 0.25, ramp 0.5)",
-            "reduced": "CPU budget (<= 8 min on 2 shared cores): far fewer problems, steps and eval problems than "
-            "recipes/rationale_arithmetic.yaml (700 problems, 150 steps, 100 eval); GSM8K part not run",
+            "reduced": "smaller than recipes/rationale_arithmetic.yaml (700 problems, 150 steps, 100 eval) to fit the "
+            "CPU budget of one session on 2 cores; GSM8K part not run",
             "torch_threads": torch.get_num_threads(),
         },
         "teacher": {**teacher_eval, "train_seconds": round(teacher_s, 1)},
@@ -209,7 +207,7 @@ def run(s: dict, seeds: list[int], work: Path) -> dict:
             k: out["kpod"][k]["mean"] / max(out["plain_kd"][k]["mean"], 1e-12) for k in ("exact_match", "forward_kl")
         },
         "verdict": _verdict(out),
-        "gsm8k": "not run: a teacher-forced GSM8K slice does not fit the 8 CPU-minute budget next to the arithmetic arms",
+        "gsm8k": "not run: a teacher-forced GSM8K slice did not fit this session's CPU budget next to the arithmetic arms",
     }
 
 
@@ -237,11 +235,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="potstill-bench-kpod-") as tmp:
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else ([0] if args.quick else [0, 1, 2])
-        res = run(setting, seeds, Path(tmp))
+        partial = Partial(out, setting | {"seeds": seeds})
+        res = run(setting, seeds, Path(tmp), partial)
     res["quick"] = args.quick
     res["seconds_total"] = round(time.perf_counter() - t0, 1)
     res["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]  # the shared machine's load (2 cores)
     write_json_atomic(out, res)
+    partial.finish()
     torch.manual_seed(0)
     a = res["arms"]
     print(

@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -33,29 +32,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import summary_line, write_json_atomic  # noqa: E402
+from _common import seed_stats, summary_line, verdict, write_json_atomic  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DEFAULT_OUT = RESULTS / "survey_methods.json"
-MERGED = ("self_distill", "kpod", "diverse", "bayesian", "valuation", "cc_shap", "pubmedqa", "vlm")
-
-
-def mean_std(xs: list[float]) -> dict:
-    return {
-        "mean": statistics.fmean(xs),
-        "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-        "values": xs,
-    }
-
-
-def verdict(a: dict, b: dict, lower_is_better: bool) -> str:
-    """``a`` against ``b`` (each ``mean_std``): a difference only when the gap exceeds the larger spread."""
-    gap = a["mean"] - b["mean"]
-    if abs(gap) <= max(a["std"], b["std"]):
-        return "no measurable difference"
-    better = gap < 0 if lower_is_better else gap > 0
-    return "better" if better else "worse"
+MERGED = ("self_distill", "kpod", "diverse", "bayesian", "bayesian_lm", "valuation", "cc_shap", "pubmedqa", "vlm")
 
 
 def demo_arms(runs: list[dict], seeds: list[int], quick: bool, work: Path) -> dict:
@@ -124,7 +106,7 @@ def demo_arms(runs: list[dict], seeds: list[int], quick: bool, work: Path) -> di
             "runs": runs,
         },
         "runs": {
-            name: {k: mean_std(v) for k, v in m.items()} | {"train_seconds": mean_std(seconds[name])}
+            name: {k: seed_stats(v) for k, v in m.items()} | {"train_seconds": seed_stats(seconds[name])}
             for name, m in per.items()
         },
     }
@@ -138,8 +120,8 @@ def part_bild(seeds: list[int], quick: bool, work: Path) -> dict:
     out = demo_arms(runs, seeds, quick, work)
     kd, bild = out["runs"]["forward_kl"], out["runs"]["bild"]
     out["verdict"] = {
-        "forward_kl": verdict(bild["forward_kl"], kd["forward_kl"], lower_is_better=True),
-        "top1_agreement": verdict(bild["top1_agreement"], kd["top1_agreement"], lower_is_better=False),
+        "forward_kl": verdict(bild["forward_kl"], kd["forward_kl"], lower_better=True),
+        "top1_agreement": verdict(bild["top1_agreement"], kd["top1_agreement"], lower_better=False),
     }
     out["ratios"] = {
         "forward_kl_bild_vs_kd": bild["forward_kl"]["mean"] / kd["forward_kl"]["mean"],

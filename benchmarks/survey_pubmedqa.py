@@ -10,8 +10,8 @@ optimizer steps, ``--seeds`` training seeds (data order).
 
 Decisions are scored on the 500 test ids by the likeliest of `` yes / no / maybe`` after the
 prompt (lm-evaluation-harness's ``pubmedqa`` ``acc``): decision accuracy and macro-F1, beside the
-majority-class baseline. A gap is called a difference only when it exceeds the larger spread over
-seeds.
+majority-class baseline. A gap is called a difference only when it exceeds the sum of the two arms' spreads
+over seeds. Each finished arm and seed is kept in ``<out>.partial.json``, so a killed run resumes.
 
 Usage: ``python benchmarks/survey_pubmedqa.py [--seeds 3] [--steps 30] [--quick]``.
 """
@@ -30,8 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import summary_line, write_json_atomic  # noqa: E402
-from survey_methods import mean_std, verdict  # noqa: E402
+from _common import Partial, seed_stats, summary_line, verdict, write_json_atomic  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "survey_pubmedqa.json"
@@ -95,8 +94,11 @@ def main() -> None:
             "kd_target": "teacher distribution over the expert reasoned answer (decision first)",
         },
         "majority": majority_baseline(train_pairs, test_pairs),
-        "teacher": score(teacher, tok, test),
     }
+    partial = Partial(args.out, result["setup"])
+    if "teacher" not in partial:
+        partial.put("teacher", score(teacher, tok, test))
+    result["teacher"] = partial["teacher"]
     per: dict[str, dict[str, list[float]]] = {
         "kd": {"accuracy": [], "macro_f1": []},
         "sft": {"accuracy": [], "macro_f1": []},
@@ -114,6 +116,9 @@ def main() -> None:
                 }
             )
             for run in recipe.runs:
+                key = f"{run.name}/{seed}"
+                if key in partial:
+                    continue
                 model, _ = train_run(
                     recipe,
                     run,
@@ -125,16 +130,19 @@ def main() -> None:
                     torch.device("cpu"),
                     None,
                 )
-                m = score(model.eval(), tok, test)
-                for k in per[run.name]:
-                    per[run.name][k].append(m[k])
+                partial.put(key, score(model.eval(), tok, test))
                 del model
-    result["students"] = {name: {k: mean_std(v) for k, v in m.items()} for name, m in per.items()}
+    for seed in range(args.seeds):
+        for name in per:
+            for k in per[name]:
+                per[name][k].append(partial[f"{name}/{seed}"][k])
+    result["students"] = {name: {k: seed_stats(v) for k, v in m.items()} for name, m in per.items()}
     kd, sft = result["students"]["kd"], result["students"]["sft"]
-    result["verdict_kd_vs_sft"] = {k: verdict(kd[k], sft[k], lower_is_better=False) for k in ("accuracy", "macro_f1")}
+    result["verdict_kd_vs_sft"] = {k: verdict(kd[k], sft[k], lower_better=False) for k in ("accuracy", "macro_f1")}
     result["wall_seconds"] = time.perf_counter() - t0
     result["quick"] = args.quick
     write_json_atomic(args.out, result)
+    partial.finish()
     print(
         summary_line(
             "survey_pubmedqa",
