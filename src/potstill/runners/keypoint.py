@@ -1,7 +1,7 @@
 """The once-before-training pass of rationale KD (KPOD, :mod:`potstill.kd.keypoint`): every training example's
 per-token columns, with the teacher's answer significance of each rationale token measured once and cached.
 
-Cache: ``<dir>/significance_<teacher weights sha256[:16]>.pt``, a dict keyed by the example's content hash
+Cache: ``<dir>/significance_<teacher weights sha256[:16]>.json`` (JSON, written atomically), a dict keyed by the example's content hash
 (:func:`potstill.fingerprints.example_hash`) plus the rationale's token count and the mask id, holding the raw
 significance ``s [L]`` (float64, before clipping), so a change of ``lambda`` or of the curriculum costs nothing
 and a changed example, teacher or mask token is measured again.
@@ -9,6 +9,7 @@ and a changed example, teacher or mask token is measured again.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from potstill.data.rationale import split_cot_response
 from potstill.errors import PotstillError
 from potstill.fingerprints import example_hash, weights_fingerprint
+from potstill.io import atomic_write_json
 from potstill.kd.keypoint import answer_significance, keypoint_weights, response_layout, token_columns
 
 log = logging.getLogger("potstill")
@@ -41,16 +43,12 @@ def mask_token_id(tokenizer, mask_token: str | None = None) -> int:
 def _load(path: Path | None) -> dict[str, list[float]]:
     if path is None or not path.is_file():
         return {}
-    return torch.load(path, weights_only=True)
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _save(path: Path | None, cache: dict) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(cache, tmp)
-    tmp.replace(path)
+    if path is not None:
+        atomic_write_json(path, cache, indent=None)
 
 
 def keypoint_examples(
@@ -76,7 +74,7 @@ def keypoint_examples(
     mask_id = mask_token_id(tokenizer, mask_token) if weighting else -1
     path = None
     if weighting and cache_dir is not None:
-        path = Path(cache_dir) / f"significance_{weights_fingerprint(teacher)[:16]}.pt"
+        path = Path(cache_dir) / f"significance_{weights_fingerprint(teacher)[:16]}.json"
     cache = _load(path)
     counts = {"examples": len(examples), "no_rationale": 0, "no_answer": 0, "measured": 0, "cached": 0}
     was_training = teacher.training if teacher is not None else False
@@ -140,10 +138,11 @@ def _zeros(n: int) -> dict[str, list[int]]:
     return {"kd_step_rank": [0] * n, "kd_num_steps": [0] * n}
 
 
-def with_keypoint_columns(run, teacher, tokenizer, examples: list[dict], out_dir: Path) -> list[dict]:
+def with_keypoint_columns(run, teacher, tokenizer, examples: list[dict], cache_dir: Path | None) -> list[dict]:
     """``examples`` with the rationale KD columns when ``run`` (a ``RunConfig``) asks for them, else unchanged.
 
-    The significance cache lives in ``<out_dir>/../../keypoint`` (beside the runs, shared by them)."""
+    ``cache_dir``: where the significance cache lives (the distill runner: ``<output_dir>/keypoint``, shared by
+    the runs); None measures without a cache."""
     opts = getattr(run, "keypoint", None)
     if opts is None:
         return examples
@@ -161,7 +160,7 @@ def with_keypoint_columns(run, teacher, tokenizer, examples: list[dict], out_dir
         scale=opts.scale,
         mask_token=opts.mask_token,
         batch_size=opts.batch_size,
-        cache_dir=Path(out_dir).parent.parent / "keypoint",
+        cache_dir=cache_dir,
     )
     return out
 

@@ -248,7 +248,9 @@ def train_run(
 
     from potstill.runners.keypoint import with_keypoint_columns
 
-    train_examples = with_keypoint_columns(run, teacher, tokenizer, train_examples, out_dir)
+    train_examples = with_keypoint_columns(
+        run, teacher, tokenizer, train_examples, Path(recipe.output_dir) / "keypoint"
+    )
     ds = Dataset.from_list([{k: ex[k] for k in TRAIN_COLUMNS if k in ex} for ex in train_examples])
     kd = run.uses_teacher
     if run.cross_tokenizer is not None:
