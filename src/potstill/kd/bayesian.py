@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,7 @@ __all__ = [
     "dirichlet_log_prior",
     "kd_alpha_of",
     "posterior_predict",
+    "run_chain",
     "sample_classifier_posterior",
     "teacher_concentration",
 ]
@@ -194,6 +196,36 @@ class SGLD(torch.optim.Optimizer):
         return k > 0 and k % self.thin == 0
 
 
+def run_chain(
+    params: list[torch.nn.Parameter],
+    potential: Callable[[list[int]], Tensor],
+    batches: Iterator[list[int]],
+    *,
+    steps: int,
+    on_sample: Callable[[], None],
+    log: Any,
+    hint: str,
+    **sgld: Any,
+) -> SGLD:
+    """``steps`` SGLD steps (:class:`SGLD` over ``params`` with the ``sgld`` settings) on ``potential(batch)``,
+    the batch indices drawn from ``batches``; ``on_sample()`` at every kept state. Appends each step's size and
+    potential to ``log.step_size`` / ``log.potential``; a non-finite potential or gradient stops the chain with
+    ``hint`` (before the step). Returns the optimizer (its ``steps_taken``)."""
+    opt = SGLD(params, **sgld)
+    for step in range(steps):
+        u = potential(next(batches))
+        u.backward()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        check_finite(step + 1, u, norm, hint=hint, distributed=False)
+        log.step_size.append(opt.step_size())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        log.potential.append(float(u.detach()))
+        if opt.is_sample():
+            on_sample()
+    return opt
+
+
 # --------------------------------------------------------------------------- posterior predictive
 
 
@@ -295,25 +327,12 @@ def sample_classifier_posterior(
     eval_ids = encode_examples(model.tokenizer, eval_examples, max_length)
     labels = torch.tensor([e.label for e in train_examples], dtype=torch.long)
     t_logits = torch.log(tp)  # log-probabilities are logits of the same distribution
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = SGLD(
-        params,
-        lr,
-        noise_scale=noise_scale,
-        gamma=gamma,
-        decay_offset=decay_offset,
-        burn_in=burn_in,
-        thin=thin,
-        seed=seed,
-    )
     log, kept = BayesianLog(torch.empty(0)), []
-    batches = reshuffled_batches(n, batch_size, seed)
     model.eval()  # no dropout: SGLD's noise is the only randomness of the chain
-    start = time.perf_counter()
-    for step in range(burn_in + samples * thin):
-        idx = next(batches)
+
+    def potential(idx: list[int]) -> Tensor:
         input_ids, mask = collate_ids([ids[i] for i in idx], pad, device)
-        u = bkd_negative_log_posterior(
+        return bkd_negative_log_posterior(
             model(input_ids, mask).logits,
             labels[idx].to(device),
             t_logits[idx].to(device),
@@ -321,15 +340,24 @@ def sample_classifier_posterior(
             temperature=temperature,
             dataset_size=n,
         )
-        u.backward()
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        check_finite(step + 1, u, norm, hint="lower method.sgld.lr", distributed=False)  # before the step
-        log.step_size.append(opt.step_size())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        log.potential.append(float(u.detach()))
-        if opt.is_sample():
-            kept.append(_probs(model, eval_ids, eval_batch_size))
+
+    start = time.perf_counter()
+    opt = run_chain(
+        [p for p in model.parameters() if p.requires_grad],
+        potential,
+        reshuffled_batches(n, batch_size, seed),
+        steps=burn_in + samples * thin,
+        on_sample=lambda: kept.append(_probs(model, eval_ids, eval_batch_size)),
+        log=log,
+        hint="lower method.sgld.lr",
+        lr=lr,
+        noise_scale=noise_scale,
+        gamma=gamma,
+        decay_offset=decay_offset,
+        burn_in=burn_in,
+        thin=thin,
+        seed=seed,
+    )
     log.sample_probs, log.steps = torch.stack(kept), opt.steps_taken
     log.seconds = time.perf_counter() - start
     return log

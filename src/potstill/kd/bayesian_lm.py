@@ -40,8 +40,7 @@ from ..models.head import final_hidden, output_head
 from ..models.placement import input_device
 from ..schedule import reshuffled_batches
 from ..signals.online import target_index, target_rows
-from .bayesian import SGLD, bkd_negative_log_posterior
-from .guards import check_finite
+from .bayesian import bkd_negative_log_posterior, run_chain
 
 __all__ = ["LMPosterior", "lm_posterior_predict", "response_tokens", "sample_lm_posterior", "sampled_parameters"]
 
@@ -118,27 +117,16 @@ def sample_lm_posterior(
     params = sampled_parameters(student)
     n_tokens = response_tokens(examples)
     s_head, t_head = output_head(student).with_vocab(vocab), output_head(teacher).with_vocab(vocab)
-    opt = SGLD(
-        list(params.values()),
-        lr,
-        noise_scale=noise_scale,
-        gamma=gamma,
-        decay_offset=decay_offset,
-        burn_in=burn_in,
-        thin=thin,
-        seed=seed,
-    )
     log = LMPosterior(tokens=n_tokens)
-    batches = reshuffled_batches(len(examples), batch_size, seed)
     student.eval()
     teacher.eval()
-    start = time.perf_counter()
-    for step in range(burn_in + samples * thin):
-        input_ids, mask, index, targets = _batch([examples[i] for i in next(batches)], pad_id, vocab)
+
+    def potential(idx: list[int]) -> Tensor:
+        input_ids, mask, index, targets = _batch([examples[i] for i in idx], pad_id, vocab)
         with torch.no_grad():
             t_logits = _logit_rows(teacher, t_head, input_ids, mask, index)
         s_logits = _logit_rows(student, s_head, input_ids, mask, index)
-        u = bkd_negative_log_posterior(
+        return bkd_negative_log_posterior(
             s_logits,
             targets.to(s_logits.device),
             t_logits.to(s_logits.device),
@@ -146,15 +134,24 @@ def sample_lm_posterior(
             temperature=temperature,
             dataset_size=n_tokens,
         )
-        u.backward()
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params.values() if p.grad is not None])
-        check_finite(step + 1, u, norm, hint="lower method.bayesian.sgld.lr", distributed=False)
-        log.step_size.append(opt.step_size())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        log.potential.append(float(u.detach()))
-        if opt.is_sample():
-            log.snapshots.append({n: p.detach().to("cpu", copy=True) for n, p in params.items()})
+
+    start = time.perf_counter()
+    opt = run_chain(
+        list(params.values()),
+        potential,
+        reshuffled_batches(len(examples), batch_size, seed),
+        steps=burn_in + samples * thin,
+        on_sample=lambda: log.snapshots.append({n: p.detach().to("cpu", copy=True) for n, p in params.items()}),
+        log=log,
+        hint="lower method.bayesian.sgld.lr",
+        lr=lr,
+        noise_scale=noise_scale,
+        gamma=gamma,
+        decay_offset=decay_offset,
+        burn_in=burn_in,
+        thin=thin,
+        seed=seed,
+    )
     log.steps, log.seconds = opt.steps_taken, time.perf_counter() - start
     return log
 

@@ -65,13 +65,7 @@ def bayesian_lm_run(
         pad_id=pad,
         prior_strength=b.prior_strength,
         temperature=b.temperature,
-        lr=s.lr,
-        burn_in=s.burn_in,
-        samples=s.samples,
-        thin=s.thin,
-        gamma=s.gamma,
-        decay_offset=s.decay_offset,
-        noise_scale=s.noise_scale,
+        **s.model_dump(exclude={"batch_size"}),  # lr, burn_in, samples, thin, gamma, decay_offset, noise_scale
         batch_size=s.batch_size or recipe.train.batch_size,
         seed=recipe.train.seed,
     )
