@@ -1,0 +1,104 @@
+"""Verdicts between arms (potstill.eval.verdict): Holm by hand, the crossed bootstrap's draws, no difference for
+identical arms, better / worse for a planted gap, no verdict from one seed, and the interval's coverage of a known
+difference in a seeded simulation of seeds x shared held-out examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from potstill.errors import PotstillError
+from potstill.eval.verdict import ONE_SEED, compare_arms, crossed_bootstrap, holm
+
+
+def test_holm_by_hand():
+    # sorted: 0.005 * 4 = 0.02, 0.01 * 3 = 0.03, 0.03 * 2 = 0.06, 0.04 * 1 = 0.04 -> running max 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_crossed_bootstrap_shares_the_example_draw_across_seeds():
+    """With a difference that depends on the example only, every resample is the mean over one example draw:
+    the same value whichever seeds are drawn, so the draws equal those of the examples alone."""
+    x = np.arange(6, dtype=float)
+    diff = np.tile(x, (4, 1))  # [S=4, E=6], identical rows
+    boot = crossed_bootstrap(diff, np.zeros_like(diff), n_boot=50, rng=np.random.default_rng(3))
+    gen = np.random.default_rng(3)
+    gen.integers(0, 4, size=(50, 4))  # the seeds' draw comes first
+    examples = gen.integers(0, 6, size=(50, 6))
+    np.testing.assert_allclose(boot, x[examples].mean(axis=1))
+
+
+def _arms(gap: float, seeds: int, rng: np.random.Generator, examples: int = 40) -> dict[str, np.ndarray]:
+    base = rng.normal(5.0, 1.0, size=(seeds, examples)) + rng.normal(0, 0.3, size=(1, examples))
+    arm = base + gap + rng.normal(0, 0.05, size=(seeds, 1)) + rng.normal(0, 0.1, size=(seeds, examples))
+    return {"kd": base, "new": arm}
+
+
+def test_identical_arms_are_no_difference():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(3, 30))
+    (c,) = compare_arms({"fkl": {"kd": base, "same": base.copy()}}, "kd", lower_better={"fkl": True})
+    assert c.verdict == "no difference" and c.difference == 0.0 and c.p == 1.0 and c.low == c.high == 0.0
+
+
+@pytest.mark.parametrize(("lower_better", "want"), [(True, "better"), (False, "worse")])
+def test_a_planted_gap_gets_its_direction(lower_better, want):
+    arms = _arms(-0.5, 3, np.random.default_rng(1))
+    (c,) = compare_arms({"m": arms}, "kd", lower_better={"m": lower_better})
+    assert c.verdict == want
+    assert c.low < -0.5 < c.high and c.p_holm < 0.05
+    assert len(c.per_seed) == 3
+
+
+def test_a_gap_within_the_noise_is_no_difference_and_holm_counts_every_comparison():
+    rng = np.random.default_rng(2)
+    arms = _arms(0.0, 3, rng)
+    arms["big"] = arms["kd"] - 0.5 + rng.normal(0, 0.05, size=(3, 1))
+    rows = {c.arm: c for c in compare_arms({"m": arms}, "kd", lower_better={"m": True})}
+    assert rows["new"].verdict == "no difference" and rows["big"].verdict == "better"
+    # Holm over the two: the smaller p doubled, the larger one kept but never below that
+    assert rows["big"].p_holm == pytest.approx(min(1.0, 2 * rows["big"].p))
+    assert rows["new"].p_holm == pytest.approx(max(rows["new"].p, rows["big"].p_holm))
+
+
+def test_one_seed_gives_no_verdict():
+    arms = _arms(-2.0, 1, np.random.default_rng(3))
+    (c,) = compare_arms({"m": arms}, "kd", lower_better={"m": True})
+    assert c.verdict == ONE_SEED and c.seeds == 1
+
+
+def test_bad_input_is_refused_in_one_line():
+    good = np.zeros((2, 3))
+    with pytest.raises(PotstillError, match="seeds, examples"):
+        compare_arms({"m": {"kd": good, "x": np.zeros((2, 4))}}, "kd", lower_better={"m": True})
+    with pytest.raises(PotstillError, match="not finite"):
+        compare_arms({"m": {"kd": good, "x": np.full((2, 3), np.nan)}}, "kd", lower_better={"m": True})
+    with pytest.raises(PotstillError, match="no direction"):
+        compare_arms({"m": {"kd": good, "x": good}}, "kd", lower_better={})
+    with pytest.raises(PotstillError, match="baseline"):
+        compare_arms({"m": {"x": good}}, "kd", lower_better={"m": True})
+
+
+@pytest.mark.parametrize(
+    ("seeds", "sd_seed", "sd_example"),
+    [(3, 0.3, 0.3), (5, 0.0, 0.5), (5, 0.5, 0.0), (10, 0.3, 0.3), (10, 0.0, 0.5)],
+    ids=["3 seeds", "examples dominate", "seeds dominate", "10 seeds", "10 seeds, examples dominate"],
+)
+def test_interval_covers_a_known_difference_at_the_stated_level(seeds, sd_seed, sd_example):
+    """d[s, e] = 0.2 + seed effect + shared example effect + noise; the 90 % interval must contain 0.2 in at
+    least 90 % of 200 seeded replications, up to 2.5 binomial standard errors (0.053)."""
+    rng = np.random.default_rng(seeds * 100 + int(10 * sd_seed))
+    covered, reps, level = 0, 200, 0.9
+    for _ in range(reps):
+        diff = (
+            0.2
+            + rng.normal(0, sd_seed, size=(seeds, 1))
+            + rng.normal(0, sd_example, size=(1, 40))
+            + rng.normal(0, 0.5, size=(seeds, 40))
+        )
+        (c,) = compare_arms(
+            {"m": {"kd": np.zeros_like(diff), "x": diff}}, "kd", lower_better={"m": True}, level=level, n_boot=300
+        )
+        covered += c.low <= 0.2 <= c.high
+    assert covered / reps >= level - 2.5 * np.sqrt(level * (1 - level) / reps)
