@@ -1,6 +1,7 @@
 """Plain helpers shared by several test modules (fixtures live in conftest.py).
 
-* CLI: ``PAIRS`` (the tiny data set of the ``assets`` fixture), ``scaled_student`` (a recipe's tiny student),
+* CLI: ``PAIRS`` (the tiny data set of the ``assets`` fixture; ``pair_examples``: its evaluation examples),
+  ``scaled_student`` (a recipe's tiny student),
   ``recipe`` (a distill recipe dict over ``assets`` with dotted-key patches) and ``write`` (a file from text
   or a YAML dump).
 * select: ``pool_pairs`` (the selection pool of the ``data_file`` fixture, with an exact and a near
@@ -77,6 +78,18 @@ def recipe(assets, out: Path, **patch) -> dict:
             node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
         node[parts[-1]] = value
     return r
+
+
+def pair_examples(tok, n: int = 4) -> list[dict]:
+    """The first ``n`` of ``PAIRS`` as evaluation examples: ``prompt_ids``, ``response_ids`` (+ EOS), ``reference``."""
+    return [
+        {
+            "prompt_ids": tok(p, add_special_tokens=False)["input_ids"],
+            "response_ids": tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+            "reference": r,
+        }
+        for p, r in PAIRS[:n]
+    ]
 
 
 def write(path: Path, content) -> Path:

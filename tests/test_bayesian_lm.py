@@ -11,24 +11,11 @@ import math
 
 import pytest
 import torch
-from helpers import PAIRS, recipe
+from helpers import pair_examples, recipe
 
 from potstill.kd.bayesian_lm import lm_posterior_predict, sample_lm_posterior, sampled_parameters
 
 LAMBDA, TAU = 3.0, 2.0
-
-
-def _examples(tok) -> list[dict]:
-    out = []
-    for p, r in PAIRS[:4]:
-        out.append(
-            {
-                "prompt_ids": tok(p, add_special_tokens=False)["input_ids"],
-                "response_ids": tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
-                "reference": r,
-            }
-        )
-    return out
 
 
 def _lora(model):
@@ -70,7 +57,7 @@ def _reference_potential(student, teacher, examples, vocab: int) -> torch.Tensor
 def test_potential_and_sgld_step_match_a_float64_reference(tiny_teacher, tiny_student, tiny_tokenizer):
     """One noiseless SGLD step over the whole set: U is the token-level BKD potential and the LoRA update is
     -eps/2 grad U (plain KD's loss or gradient would differ: it has no Dirichlet normaliser and no CE term)."""
-    tok, examples, vocab = tiny_tokenizer, _examples(tiny_tokenizer), len(tiny_tokenizer)
+    tok, examples, vocab = tiny_tokenizer, pair_examples(tiny_tokenizer), len(tiny_tokenizer)
     student = _lora(tiny_student)
     ref = copy.deepcopy(student)
     params = sampled_parameters(ref)
@@ -103,7 +90,7 @@ def test_potential_and_sgld_step_match_a_float64_reference(tiny_teacher, tiny_st
 
 def test_batch_potential_is_scaled_to_the_whole_set(tiny_teacher, tiny_student, tiny_tokenizer):
     """With batches smaller than the set, each potential is the batch's token sum times N / n_B."""
-    examples = _examples(tiny_tokenizer)
+    examples = pair_examples(tiny_tokenizer)
     log = sample_lm_posterior(
         _lora(tiny_student),
         tiny_teacher,
@@ -187,7 +174,7 @@ def _by_hand(student, snapshots, examples, vocab: int, level: float) -> dict:
 
 
 def test_posterior_predict_matches_a_loop(tiny_student, tiny_tokenizer):
-    examples, vocab = _examples(tiny_tokenizer), len(tiny_tokenizer)
+    examples, vocab = pair_examples(tiny_tokenizer), len(tiny_tokenizer)
     student = _lora(tiny_student)
     base = {n: p.detach().clone() for n, p in sampled_parameters(student).items()}
     g = torch.Generator().manual_seed(1)
@@ -208,7 +195,7 @@ def test_a_point_estimate_has_zero_width_and_the_evaluators_figures(tiny_teacher
     """One state through the same code: intervals of width 0, and the evaluator's perplexity and token ECE."""
     from potstill.eval import evaluate_runs
 
-    examples, vocab = _examples(tiny_tokenizer), len(tiny_tokenizer)
+    examples, vocab = pair_examples(tiny_tokenizer), len(tiny_tokenizer)
     student = _lora(tiny_student)
     state = {n: p.detach().clone() for n, p in sampled_parameters(student).items()}
     got = lm_posterior_predict(student, [state], examples, vocab=vocab, pad_id=tiny_tokenizer.pad_token_id)

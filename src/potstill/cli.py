@@ -17,6 +17,7 @@ EXAMPLE = """example:
   potstill distill recipes/demo_cache.yaml      # train every student from the cache
   accelerate launch --num_processes 2 -m potstill cache recipes/demo_cache.yaml   # sharded over 2 processes
   potstill eval recipes/demo.yaml --student path/to/other_student
+  potstill compare recipes/demo.yaml compare.seeds=[0,1,2]   # every run vs the first over seeds: verdict table
   potstill demo --output-dir runs/demo
   potstill classify recipes/classify_sms_spam.yaml      # task-specific KD of a text classifier
   potstill select recipes/select_kd.yaml                 # keep 10% of the data, every drop with its reason
@@ -107,6 +108,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--student", action="append", default=[], help="extra student directory (repeatable)")
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
+    k = sub.add_parser(
+        "compare",
+        help="train the recipe's runs over compare.seeds and judge each against a baseline run (verdict table)",
+    )
+    k.add_argument("recipe", help="YAML distill recipe (its `compare` section: seeds, baseline, metrics)")
+    k.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    k.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
     for verb, (text, *_rest) in TASKS.items():
         t = sub.add_parser(verb, help=text)
         t.add_argument("recipe", help=f"YAML recipe (see recipes/{verb.replace('-', '_')}_*.yaml)")
@@ -150,6 +159,8 @@ def _run(args: argparse.Namespace) -> int:
         metrics = distill(recipe)
     elif args.verb == "cache":
         return _cache(args)
+    elif args.verb == "compare":
+        return _compare(args)
     elif args.verb == "schema":
         return _schema(args)
     elif args.verb in TASKS:
@@ -171,13 +182,33 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .distributed import world_size
+    from .errors import PotstillError
+    from .runners.compare import compare, summary_lines
+
+    recipe = _load_recipe(args.recipe, args.overrides, verb="compare")
+    if world_size() > 1:
+        raise PotstillError("compare runs its seeds one after another in one process; run it without a launcher")
+    result = compare(recipe)
+    for line in summary_lines(result):
+        print(line)
+    out = Path(recipe.output_dir)
+    print(f"compare: {out / 'compare.md'}  {out / 'compare.json'}")
+    return 0
+
+
 def _schema(args: argparse.Namespace) -> int:
     """Print the JSON schema of a verb's recipe (for editors: YAML language servers read it)."""
     import json
 
     from .recipes import recipe_schema
 
-    print(json.dumps(recipe_schema("distill" if args.name in ("cache", "eval", "demo") else args.name), indent=2))
+    print(
+        json.dumps(
+            recipe_schema("distill" if args.name in ("cache", "eval", "demo", "compare") else args.name), indent=2
+        )
+    )
     return 0
 
 

@@ -13,9 +13,10 @@ from .metrics import (
     teacher_forced_stats,
 )
 from .report import GENERATIONS_KEY, METRIC_INFO, read_metrics, write_report
-from .run import METRIC_KEYS, TEACHER, collect_samples, evaluate_runs, metrics_only
+from .run import METRIC_KEYS, TEACHER, collect_samples, evaluate_runs, metrics_only, per_example_scores
 
 __all__ = [
+    "per_example_scores",
     "GENERATIONS_KEY",
     "METRIC_INFO",
     "METRIC_KEYS",

@@ -19,6 +19,7 @@ __all__ = [
     "expected_calibration_error",
     "perplexity",
     "rouge_l",
+    "teacher_forced_rows",
     "teacher_forced_stats",
 ]
 
@@ -43,6 +44,18 @@ def teacher_forced_stats(student_logits: Tensor, teacher_logits: Tensor, targets
 
     Logits are promoted to at least float32 first (bf16 log-softmax sums drift).
     """
+    rows = teacher_forced_rows(student_logits, teacher_logits, targets)
+    return {
+        "kl_sum": float(rows["kl"].sum()),
+        "agree": int(rows["agree"].sum()),
+        "nll_sum": float(rows["nll"].sum()),
+        "n": int(targets.shape[0]),
+    }
+
+
+def teacher_forced_rows(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    """The per-position terms that :func:`teacher_forced_stats` sums: ``{"kl", "agree", "nll"}``, each ``[n]``
+    (forward KL at T = 1, top-1 agreement as 0/1, the student's NLL of the reference token)."""
     from ..divergences import forward_kl
 
     if student_logits.shape != teacher_logits.shape:
@@ -50,16 +63,17 @@ def teacher_forced_stats(student_logits: Tensor, teacher_logits: Tensor, targets
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ; align the vocabularies first"
         )
-    n = int(targets.shape[0])
-    if n == 0:
-        return {"kl_sum": 0.0, "agree": 0, "nll_sum": 0.0, "n": 0}
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     s = student_logits.to(dtype)
     t = teacher_logits.to(device=s.device, dtype=dtype)
-    kl = forward_kl(s, t, temperature=1.0)
-    agree = (s.argmax(dim=-1) == t.argmax(dim=-1)).sum()
-    nll = torch.nn.functional.cross_entropy(s, targets.to(s.device), reduction="sum")
-    return {"kl_sum": float(kl.sum()), "agree": int(agree), "nll_sum": float(nll), "n": n}
+    if s.shape[0] == 0:
+        empty = s.new_zeros(0)
+        return {"kl": empty, "agree": empty.long(), "nll": empty}
+    return {
+        "kl": forward_kl(s, t, temperature=1.0),
+        "agree": (s.argmax(dim=-1) == t.argmax(dim=-1)).long(),
+        "nll": torch.nn.functional.cross_entropy(s, targets.to(s.device), reduction="none"),
+    }
 
 
 def perplexity(nll_sum: float, n: int) -> float:

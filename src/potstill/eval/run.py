@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..errors import PotstillError, VocabMismatchError
 from ..generate import pad_id as generation_pad_id
+from ..models.head import final_hidden
 from ..models.placement import input_device
 from ..signals.online import target_index, target_rows
 from .metrics import count_parameters, distinct_n, expected_calibration_error, perplexity, rouge_l, teacher_forced_stats
@@ -35,6 +36,7 @@ __all__ = [
     "collect_samples",
     "evaluate_runs",
     "metrics_only",
+    "per_example_scores",
     "teacher_forced_inputs",
 ]
 
@@ -365,3 +367,62 @@ def _device(model) -> torch.device:
 
 def _ratio(num: float, den: int) -> float:
     return num / den if den > 0 else float("nan")
+
+
+PER_EXAMPLE_METRICS = ("forward_kl", "top1_agreement", "nll")
+"""What :func:`per_example_scores` gives per held-out example: means over its response tokens."""
+
+
+@torch.no_grad()
+def per_example_scores(
+    students: Mapping[str, torch.nn.Module],
+    teacher: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[dict],
+    *,
+    vocab_size: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, dict[str, list[float]]]:
+    """Each student's teacher-forced scores per example: ``{name: {metric: [E]}}`` with forward KL(teacher ||
+    student), top-1 agreement and the NLL of the reference, each the mean over the example's response tokens
+    (the terms :func:`evaluate_runs` averages over all tokens; :func:`potstill.eval.verdict.compare_arms` reads
+    them per example). Examples with no response token score nan."""
+    from ..models.placement import head_on
+    from .metrics import teacher_forced_rows
+
+    examples = _check_inputs(students, teacher, examples, batch_size, 0)
+    if teacher is None or not students:
+        raise PotstillError("per-example scores compare students with a teacher model; give both")
+    common = input_device(next(iter(students.values())))
+    models = {TEACHER: teacher, **students}
+    heads = {name: head_on(m, common) for name, m in models.items()}
+    vocab = _aligned_vocab({name: h.vocab for name, h in heads.items()}, tokenizer, vocab_size)
+    heads = {name: h.with_vocab(vocab) if h.vocab != vocab else h for name, h in heads.items()}
+    pad = generation_pad_id(tokenizer)
+    out = {name: {k: [] for k in PER_EXAMPLE_METRICS} for name in students}
+    saved = [(mod, mod.training) for m in models.values() for mod in m.modules()]
+    try:
+        for m in models.values():
+            m.eval()
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            input_ids, mask, labels = teacher_forced_inputs(batch, pad)
+            index = target_index(labels)
+            owner = index // (labels.shape[1] - 1)  # the batch row each target position belongs to
+            targets = labels[:, 1:].reshape(-1)[index]
+            rows = {}
+            for name, model in models.items():
+                hidden = final_hidden(model, input_ids.to(_device(model)), mask.to(_device(model)))
+                rows[name] = heads[name](target_rows(hidden, index.to(hidden.device)).to(common))
+            count = torch.zeros(len(batch)).index_add_(0, owner, torch.ones(owner.numel()))
+            for name in students:
+                terms = teacher_forced_rows(rows[name], rows[TEACHER], targets.to(common))
+                for key, term in zip(PER_EXAMPLE_METRICS, ("kl", "agree", "nll"), strict=True):
+                    sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(
+                        0, owner, terms[term].detach().double().cpu()
+                    )
+                    out[name][key].extend((sums / count.double()).tolist())
+    finally:
+        for mod, mode in saved:
+            mod.training = mode
+    return out

@@ -31,7 +31,7 @@ VERBS: dict[str, str] = {
 }
 
 # Verbs that run a distill recipe.
-DISTILL_VERBS = ("distill", "cache", "eval", "demo")
+DISTILL_VERBS = ("distill", "cache", "eval", "demo", "compare")
 
 
 def recipe_type(verb: str) -> Any:

@@ -142,6 +142,38 @@ class PushToHub(Strict):
     private: bool = Field(True, description="Create the repositories private.")
 
 
+CompareMetric = Literal["forward_kl", "top1_agreement", "nll"]
+COMPARE_METRICS: tuple[CompareMetric, ...] = ("forward_kl", "top1_agreement", "nll")
+
+
+class CompareConfig(Strict):
+    """`potstill compare`: the recipe's runs trained once per seed, and each against a baseline run, paired per
+    held-out example (:mod:`potstill.eval.verdict`)."""
+
+    seeds: list[Seed] = Field(
+        default_factory=lambda: [0, 1, 2],
+        min_length=1,
+        description="Training seeds; each run is trained once per seed.",
+    )
+    baseline: str | None = Field(None, description="The run every other run is compared with (default: the first).")
+    metrics: list[CompareMetric] = Field(
+        default_factory=lambda: list(COMPARE_METRICS),
+        min_length=1,
+        description="Per-example teacher-forced metrics compared (means over each example's response tokens).",
+    )
+    level: float = Field(
+        0.95, gt=0.5, lt=1.0, description="Confidence level; Holm keeps the family-wise error below 1 - level."
+    )
+    n_boot: int = Field(2000, ge=200, description="Bootstrap resamples of seeds x held-out examples.")
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"compare.seeds repeats a seed: {v}; list each seed once")
+        return v
+
+
 class Recipe(RecipeFile):
     verb: Literal["distill"] = Field("distill", description="The command this recipe is for: `potstill distill`.")
     output_dir: str = Field("runs/demo", description="Where the resolved recipe, students, metrics and report go.")
@@ -168,6 +200,10 @@ class Recipe(RecipeFile):
     device: str | None = Field(None, description="torch device; default: cuda if available, else cpu.")
     cache: CacheConfig | None = Field(
         None, description="Distill from a teacher-signal cache (`potstill cache` writes it) instead of a live teacher."
+    )
+    compare: CompareConfig = Field(
+        default_factory=CompareConfig,
+        description="`potstill compare`: seeds, baseline run and metrics of the verdict table (distill ignores it).",
     )
 
     def resolve_paths(self, base_dir: Path | None) -> None:
@@ -216,6 +252,9 @@ class Recipe(RecipeFile):
         if any(t.model is None for t in self.extra_teachers):
             raise ValueError("extra_teachers need weights (model: null is only for the main black-box teacher)")
         self._check_bayesian()
+        base = self.compare.baseline
+        if base is not None and base not in names:
+            raise ValueError(f"compare.baseline {base!r} is not a run; name one of {names}")
         return self
 
     def _check_bayesian(self) -> None:

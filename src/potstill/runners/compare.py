@@ -1,0 +1,157 @@
+"""``potstill compare RECIPE.yaml``: the recipe's runs trained once per seed (``compare.seeds``), scored per
+held-out example against the teacher, and each run set against the baseline run with an interval, a
+Holm-corrected p-value and a verdict (:mod:`potstill.eval.verdict`).
+
+Layout: ``<output_dir>/seed_<s>/`` is a whole distill output (students, metrics.json, report.md) for training seed
+``s``; ``seed_<s>/per_example.json`` holds every run's per-example scores and training cost. A killed compare
+resumes: distill reuses the finished students of a seed and a seed with its ``per_example.json`` is not scored
+again. ``compare.json`` and ``compare.md`` hold the verdict table, the per-seed points and each run's cost (wall
+seconds of training, tokens that carried the loss, tokens generated on-policy), measured on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from potstill.errors import PotstillError
+from potstill.eval.verdict import compare_arms
+from potstill.io import atomic_write_json, atomic_write_text
+from potstill.recipes.distill import Recipe
+
+log = logging.getLogger("potstill")
+
+LOWER_BETTER = {"forward_kl": True, "top1_agreement": False, "nll": True}
+PER_EXAMPLE_FILE = "per_example.json"
+
+
+def check_compare(recipe: Recipe) -> None:
+    """What compare cannot judge, refused in one line before anything trains."""
+    if len(recipe.runs) < 2:
+        raise PotstillError("compare needs at least two runs (a baseline and an arm); add a run to `runs`")
+    if recipe.teacher.kind != "model" or recipe.teacher.model is None:
+        raise PotstillError(
+            "compare scores every student against the teacher model per example; name a teacher model "
+            "(a self or black-box teacher has none)"
+        )
+    cross = [r.name for r in recipe.runs if r.cross_tokenizer is not None]
+    if cross:
+        raise PotstillError(f"runs {cross} use another tokenizer than the teacher; compare scores shared tokens only")
+
+
+def _cost(run_dir: Path) -> dict:
+    info = json.loads((run_dir / "train_info.json").read_text(encoding="utf-8"))
+    return {
+        "train_seconds": info.get("train_seconds"),
+        "loss_tokens": info.get("loss_tokens"),
+        "generated_tokens": (info.get("on_policy") or {}).get("gen_tokens", 0),
+    }
+
+
+def _seed(recipe: Recipe, seed: int, progress: bool) -> dict:
+    """One seed: its distill output (resumed) and its per-example scores and costs (cached)."""
+    from potstill.eval import per_example_scores
+    from potstill.finished import load_finished
+    from potstill.runners.distill import distill
+    from potstill.runners.prepare import Prepared
+
+    seed_dir = Path(recipe.output_dir) / f"seed_{seed}"
+    path = seed_dir / PER_EXAMPLE_FILE
+    if path.is_file():
+        log.info("compare: seed %d already scored; reusing %s", seed, path)
+        return json.loads(path.read_text(encoding="utf-8"))
+    r = recipe.model_copy(update={"output_dir": str(seed_dir), "train": recipe.train.model_copy(update={"seed": seed})})
+    distill(r, progress=progress)  # its metrics.json and report.md stay in seed_dir
+    prep = Prepared(r)
+    names = [run.name for run in r.runs]
+    students = {n: load_finished(seed_dir / "runs" / n, prep.device, verified=False)[0] for n in names}
+    scores = per_example_scores(
+        students,
+        prep.teacher,
+        prep.tokenizer,
+        prep.eval_examples,
+        vocab_size=prep.vocab_size,
+        batch_size=r.eval.batch_size,
+    )
+    result = {
+        "seed": seed,
+        "scores": scores,
+        "costs": {n: _cost(seed_dir / "runs" / n) for n in names},
+    }
+    atomic_write_json(path, result)
+    return result
+
+
+def compare(recipe: Recipe, *, progress: bool = True) -> dict:
+    """Train and score every seed, then the verdict table; returns what ``compare.json`` holds."""
+    check_compare(recipe)
+    cfg = recipe.compare
+    names = [r.name for r in recipe.runs]
+    baseline = cfg.baseline or names[0]
+    seeds = [_seed(recipe, s, progress) for s in cfg.seeds]
+    scores = {
+        metric: {n: np.array([s["scores"][n][metric] for s in seeds], dtype=np.float64) for n in names}
+        for metric in cfg.metrics
+    }
+    rows = compare_arms(
+        scores, baseline, lower_better={m: LOWER_BETTER[m] for m in cfg.metrics}, level=cfg.level, n_boot=cfg.n_boot
+    )
+    costs = {
+        n: {k: [s["costs"][n][k] for s in seeds] for k in ("train_seconds", "loss_tokens", "generated_tokens")}
+        for n in names
+    }
+    result = {
+        "baseline": baseline,
+        "seeds": list(cfg.seeds),
+        "level": cfg.level,
+        "examples": int(next(iter(scores.values()))[baseline].shape[1]),
+        "comparisons": [c.as_dict() for c in rows],
+        "means": {m: {n: scores[m][n].mean(axis=1).tolist() for n in names} for m in cfg.metrics},
+        "costs": costs,
+        "note": "one seed gives no verdict" if len(cfg.seeds) < 2 else None,
+    }
+    out = Path(recipe.output_dir)
+    atomic_write_json(out / "compare.json", result)
+    atomic_write_text(out / "compare.md", _markdown(result))
+    return result
+
+
+def _markdown(r: dict) -> str:
+    pct = f"{r['level']:.0%}"
+    lines = [
+        "# potstill compare",
+        "",
+        f"Every run against **{r['baseline']}**, trained with seeds {r['seeds']} and scored on the same "
+        f"{r['examples']} held-out examples. Difference = run - baseline (mean over seeds and examples), its {pct} "
+        "interval from a bootstrap over seeds x examples, p-values Holm-corrected across every row "
+        "(potstill.eval.verdict).",
+        "",
+        f"| metric | run | difference | {pct} interval | p (Holm) | verdict | per seed |",
+        "|---|---|---:|---|---:|---|---|",
+    ]
+    for c in r["comparisons"]:
+        per = ", ".join(f"{v:+.4g}" for v in c["per_seed"])
+        lines.append(
+            f"| {c['metric']} | {c['arm']} | {c['difference']:+.4g} | [{c['low']:+.4g}, {c['high']:+.4g}] | "
+            f"{c['p_holm']:.3g} | {c['verdict']} | {per} |"
+        )
+    lines += ["", "## Cost per seed (this machine)", "", "| run | train seconds | loss tokens | generated tokens |"]
+    lines.append("|---|---|---|---|")
+    for name, c in r["costs"].items():
+        sec = ", ".join(f"{v:.0f}" if v is not None else "-" for v in c["train_seconds"])
+        lines.append(
+            f"| {name} | {sec} | {', '.join(str(v) for v in c['loss_tokens'])} | "
+            f"{', '.join(str(v) for v in c['generated_tokens'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def summary_lines(result: dict) -> list[str]:
+    """One line per comparison, for the terminal."""
+    return [
+        f"{c['metric']:<15} {c['arm']:<20} {c['difference']:+.4g} [{c['low']:+.4g}, {c['high']:+.4g}] {c['verdict']}"
+        for c in result["comparisons"]
+    ]

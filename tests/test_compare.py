@@ -1,0 +1,98 @@
+"""`potstill compare`: per-example teacher-forced scores against the evaluator's aggregates, and an end-to-end run
+on the tiny assets over two seeds: two identical runs are "no difference" with a zero interval, the table and
+costs are written, a rerun reuses every seed, and what compare cannot judge is refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import pair_examples, recipe
+
+from potstill.errors import PotstillError
+
+
+def test_per_example_scores_average_to_the_evaluators_figures(tiny_teacher, tiny_student, tiny_tokenizer):
+    """Token-weighted means of the per-example scores are evaluate_runs' forward KL, agreement and perplexity."""
+    import math
+
+    from potstill.eval import evaluate_runs, per_example_scores
+
+    examples = pair_examples(tiny_tokenizer)
+    per = per_example_scores({"s": tiny_student}, tiny_teacher, tiny_tokenizer, examples, batch_size=3)["s"]
+    ev = evaluate_runs({"s": tiny_student}, tiny_teacher, tiny_tokenizer, examples, max_new_tokens=0, progress=False)
+    n = [len(ex["response_ids"]) for ex in examples]
+    total = sum(n)
+
+    def weighted(key):
+        return sum(v * k for v, k in zip(per[key], n, strict=True)) / total
+
+    assert len(per["forward_kl"]) == len(examples)
+    assert weighted("forward_kl") == pytest.approx(ev["s"]["forward_kl"], rel=1e-5)
+    assert weighted("top1_agreement") == pytest.approx(ev["s"]["top1_agreement"], rel=1e-9)
+    assert math.exp(weighted("nll")) == pytest.approx(ev["s"]["perplexity"], rel=1e-5)
+
+
+def test_compare_end_to_end_identical_runs_and_resume(assets, tmp_path, monkeypatch):
+    from potstill.recipes.distill import Recipe
+    from potstill.runners import compare as runner
+    from potstill.runners import distill as distill_runner
+
+    out = tmp_path / "cmp"
+    r = recipe(assets, out, **{"compare": {"seeds": [0, 1], "baseline": "kd", "n_boot": 200}})
+    r["runs"] = [
+        {"name": "kd", "alpha": 0.0, "divergence": {"name": "forward_kl"}},
+        {"name": "kd_again", "alpha": 0.0, "divergence": {"name": "forward_kl"}},  # the same run: no difference
+        {"name": "sft", "alpha": 1.0},
+    ]
+    result = runner.compare(Recipe.model_validate(r), progress=False)
+    rows = {(c["arm"], c["metric"]): c for c in result["comparisons"]}
+    assert set(rows) == {(a, m) for a in ("kd_again", "sft") for m in ("forward_kl", "top1_agreement", "nll")}
+    for m in ("forward_kl", "top1_agreement", "nll"):
+        same = rows[("kd_again", m)]
+        assert same["difference"] == 0.0 and same["low"] == same["high"] == 0.0 and same["verdict"] == "no difference"
+        assert len(rows[("sft", m)]["per_seed"]) == 2
+    for seed in (0, 1):
+        per = json.loads((out / f"seed_{seed}" / "per_example.json").read_text())
+        assert len(per["scores"]["kd"]["forward_kl"]) == 3  # eval_size 3
+        assert per["costs"]["sft"]["loss_tokens"] > 0 and per["costs"]["sft"]["generated_tokens"] == 0
+        assert (out / f"seed_{seed}" / "runs" / "sft" / "train_info.json").is_file()
+    assert "| forward_kl | sft |" in (out / "compare.md").read_text()
+    # the seeds differ: seed 1's students are not seed 0's
+    s0 = json.loads((out / "seed_0" / "per_example.json").read_text())["scores"]["sft"]["forward_kl"]
+    s1 = json.loads((out / "seed_1" / "per_example.json").read_text())["scores"]["sft"]["forward_kl"]
+    assert s0 != s1
+    # a rerun trains and scores nothing again
+    monkeypatch.setattr(distill_runner, "distill", lambda *a, **k: pytest.fail("trained again"))
+    again = runner.compare(Recipe.model_validate(r), progress=False)
+    assert again["comparisons"] == result["comparisons"]
+
+
+def test_compare_refuses_what_it_cannot_judge(assets, tmp_path):
+    from potstill.recipes.distill import Recipe
+    from potstill.runners.compare import check_compare
+
+    r = recipe(assets, tmp_path / "x")
+    r["runs"] = r["runs"][:1]
+    with pytest.raises(PotstillError, match="at least two runs"):
+        check_compare(Recipe.model_validate(r))
+    with pytest.raises(ValueError, match="compare.baseline 'nope' is not a run"):
+        Recipe.model_validate(recipe(assets, tmp_path / "y", **{"compare": {"baseline": "nope"}}))
+    with pytest.raises(ValueError, match="repeats a seed"):
+        Recipe.model_validate(recipe(assets, tmp_path / "z", **{"compare": {"seeds": [1, 1]}}))
+
+
+def test_cli_compare_prints_the_table_and_refuses_bad_input(assets, tmp_path, capsys):
+    from helpers import write
+
+    from potstill.cli import main
+
+    r = recipe(assets, tmp_path / "one", **{"compare": {"seeds": [3], "n_boot": 200}})
+    assert main(["compare", str(write(tmp_path / "c.yaml", r))]) == 0
+    text = capsys.readouterr().out
+    assert "one seed: no verdict" in text and "compare.md" in text
+    assert json.loads((tmp_path / "one" / "compare.json").read_text())["note"] == "one seed gives no verdict"
+    bad = recipe(assets, tmp_path / "bad")
+    bad["runs"] = bad["runs"][:1]
+    assert main(["compare", str(write(tmp_path / "b.yaml", bad))]) == 2
+    assert "at least two runs" in capsys.readouterr().err
