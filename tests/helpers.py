@@ -68,7 +68,8 @@ def recipe(assets, out: Path, **patch) -> dict:
         "data": {"source": {"kind": "file", "path": str(data)}, "eval_size": 3, "max_length": 64},
         "train": {"max_steps": 3, "batch_size": 2, "logging_steps": 1, "learning_rate": 1e-3},
         "runs": [{"name": "sft", "alpha": 1.0}, {"name": "kd", "alpha": 0.0, "divergence": {"name": "forward_kl"}}],
-        "eval": {"max_new_tokens": 4, "batch_size": 4},
+        # the embedding spread loads an encoder: tests that want it turn it on (tests/eval/test_diversity.py)
+        "eval": {"max_new_tokens": 4, "batch_size": 4, "embedding_diversity": False},
         "device": "cpu",
     }
     for key, value in patch.items():

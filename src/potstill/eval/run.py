@@ -26,6 +26,7 @@ from ..generate import pad_id as generation_pad_id
 from ..models.head import final_hidden
 from ..models.placement import input_device
 from ..signals.online import target_index, target_rows
+from .diversity import loop_share, self_bleu
 from .metrics import count_parameters, distinct_n, expected_calibration_error, perplexity, rouge_l, teacher_forced_stats
 from .report import GENERATIONS_KEY
 
@@ -51,6 +52,8 @@ METRIC_KEYS = (
     "rouge_l",
     "distinct_1",
     "distinct_2",
+    "self_bleu",
+    "loop_share",
     "params",
     "tokens_per_s",
 )
@@ -199,6 +202,8 @@ def _result_row(model, s: dict, generation: tuple[list[str], int, float], refere
         "rouge_l": rouge_l(texts, references) if max_new_tokens else float("nan"),
         "distinct_1": distinct_n(texts, 1) if max_new_tokens else float("nan"),
         "distinct_2": distinct_n(texts, 2) if max_new_tokens else float("nan"),
+        "self_bleu": self_bleu(texts) if max_new_tokens else float("nan"),
+        "loop_share": loop_share(texts) if max_new_tokens else float("nan"),
         "params": count_parameters(model),
         "tokens_per_s": n_tokens / seconds if seconds > 0 else float("nan"),
         GENERATIONS_KEY: texts,

@@ -130,6 +130,18 @@ class EvalConfig(Strict):
     max_new_tokens: int = Field(32, ge=1, description="Greedy generation length for ROUGE-L and tokens/s.")
     batch_size: int = Field(8, ge=1, le=2**16, description="Evaluation batch size.")
     include_untrained: bool = Field(True, description="Also evaluate the student before training.")
+    embedding_diversity: bool = Field(
+        True,
+        description="Report each model's embedding spread (1 - mean pairwise cosine of its answers' "
+        "all-MiniLM-L6-v2 embeddings); skipped with a warning when the encoder is not installed.",
+    )
+    collapse_fraction: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="A student whose distinct-2 or embedding spread is below this fraction of the teacher's is "
+        "flagged as collapsed in the report.",
+    )
 
 
 class PushToHub(Strict):

@@ -71,6 +71,7 @@ def evaluate_and_report(
                 run["exact_match"] = exact_match(run["generations"], answers)
     if all("choices" in ex for ex in prep.eval_examples) and prep.eval_examples:
         _score_choices(results, {"teacher": teacher, **students}, prep)
+    notes = [*notes, *_diversity(results, r.eval)]
     for name, summary in (bayes or {}).items():
         from potstill.runners.bayesian_lm import bayesian_note, bayesian_row
 
@@ -80,6 +81,32 @@ def evaluate_and_report(
     samples = collect_samples(results, prep.eval_examples, k=4, tokenizer=prep.tokenizer)
     write_report(out, metrics, loss_curves=curves, title="potstill distillation report", notes=notes, samples=samples)
     return metrics
+
+
+def _diversity(results: dict[str, dict], ev) -> list[str]:
+    """Each model's embedding spread (when asked and the encoder is there) and the collapse flags -> report notes."""
+    from potstill.eval.diversity import collapsed, embedding_spread
+    from potstill.eval.report import GENERATIONS_KEY
+
+    if ev.embedding_diversity:
+        for run in results.values():
+            try:
+                run["embedding_spread"] = embedding_spread(run.get(GENERATIONS_KEY) or [])
+            except PotstillError as err:  # the encoder is an optional install: say so once, report nan
+                log.warning("embedding spread not reported: %s", err)
+                for other in results.values():
+                    other["embedding_spread"] = float("nan")
+                break
+    flagged = collapsed(results, ev.collapse_fraction)
+    for name, run in results.items():
+        if name != "teacher":
+            run["collapsed"] = int(name in flagged)  # 1: flagged (metrics are numbers)
+    if not flagged:
+        return []
+    return [
+        f"diversity collapse: {', '.join(flagged)} (distinct-2 or embedding spread below "
+        f"{ev.collapse_fraction:g} x the teacher's)"
+    ]
 
 
 def _score_choices(results: dict[str, dict], models: dict[str, Any], prep: Prepared) -> None:
