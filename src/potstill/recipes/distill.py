@@ -135,6 +135,9 @@ class EvalConfig(Strict):
         description="Report each model's embedding spread (1 - mean pairwise cosine of its answers' "
         "all-MiniLM-L6-v2 embeddings); skipped with a warning when the encoder is not installed.",
     )
+    harness: HarnessConfig | None = Field(
+        None, description="Also score every model with lm-evaluation-harness; scores join metrics.json and the report."
+    )
     collapse_fraction: float = Field(
         0.5,
         gt=0.0,
@@ -142,6 +145,21 @@ class EvalConfig(Strict):
         description="A student whose distinct-2 or embedding spread is below this fraction of the teacher's is "
         "flagged as collapsed in the report.",
     )
+
+
+class HarnessConfig(Strict):
+    """lm-evaluation-harness on the teacher and every student (:mod:`potstill.eval.harness`; the `harness` extra)."""
+
+    tasks: list[str] = Field(
+        ...,
+        min_length=1,
+        description="Tasks: potstill_sms_spam, potstill_sst2, potstill_pubmedqa, potstill_gsm8k (offline, from "
+        "$POTSTILL_DATA) or any lm-eval task name (which downloads its data).",
+    )
+    limit: int | None = Field(50, ge=1, description="Examples per task (null: all; a CPU run wants a limit).")
+    batch_size: int = Field(8, ge=1, description="lm-eval batch size.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (null: each task's own default).")
+    max_gen_toks: int | None = Field(None, ge=1, description="Cap on generated tokens of generation tasks.")
 
 
 class PushToHub(Strict):

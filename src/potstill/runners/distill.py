@@ -72,6 +72,8 @@ def evaluate_and_report(
     if all("choices" in ex for ex in prep.eval_examples) and prep.eval_examples:
         _score_choices(results, {"teacher": teacher, **students}, prep)
     notes = [*notes, *_diversity(results, r.eval)]
+    if r.eval.harness is not None:
+        _harness(results, {"teacher": teacher, **students}, prep, out)
     for name, summary in (bayes or {}).items():
         from potstill.runners.bayesian_lm import bayesian_note, bayesian_row
 
@@ -107,6 +109,29 @@ def _diversity(results: dict[str, dict], ev) -> list[str]:
         f"diversity collapse: {', '.join(flagged)} (distinct-2 or embedding spread below "
         f"{ev.collapse_fraction:g} x the teacher's)"
     ]
+
+
+def _harness(results: dict[str, dict], models: dict[str, Any], prep: Prepared, out: Path) -> None:
+    """``eval.harness``: lm-eval scores of every model, as ``harness/<task>/<metric>`` entries of its row."""
+    from potstill.eval.harness import SHIPPED_TASKS, harness_scores
+    from potstill.paths import data_root
+
+    h = prep.recipe.eval.harness
+    root = data_root() if any(t in SHIPPED_TASKS for t in h.tasks) else Path()
+    scored = {n: (m, prep.tokenizer) for n, m in models.items() if m is not None and n in results}
+    scores = harness_scores(
+        scored,
+        h.tasks,
+        limit=h.limit,
+        work_dir=out / "harness_tasks",
+        data_root=root,
+        batch_size=h.batch_size,
+        num_fewshot=h.num_fewshot,
+        max_gen_toks=h.max_gen_toks,
+        seed=prep.recipe.train.seed,
+    )
+    for name, flat in scores.items():
+        results[name].update({f"harness/{k}": v for k, v in flat.items()})
 
 
 def _score_choices(results: dict[str, dict], models: dict[str, Any], prep: Prepared) -> None:
