@@ -191,3 +191,22 @@ class Partial:
 
     def finish(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def held_out_metrics(prep: Any, models: dict, *, batch_size: int = 8, max_new_tokens: int = 0) -> dict[str, dict]:
+    """``potstill.eval.evaluate_runs`` of ``models`` against a prepared recipe's teacher on its held-out split
+    (``metrics_only``; the teacher's own row under ``"teacher"``). ``max_new_tokens=0``: teacher-forced only."""
+    from potstill.eval import evaluate_runs, metrics_only
+
+    return metrics_only(
+        evaluate_runs(
+            models,
+            prep.teacher,
+            prep.tokenizer,
+            prep.eval_examples,
+            vocab_size=prep.vocab_size,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=False,
+        )
+    )

@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import summary_line, write_json_atomic  # noqa: E402
+from _common import held_out_metrics, summary_line, write_json_atomic  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "generated.json"
@@ -100,7 +100,6 @@ def demo_runs():
 
 
 def part_demo(quick: bool, work: Path, only: list[str] | None = None) -> dict:
-    from potstill.eval import evaluate_runs, metrics_only
     from potstill.recipes.distill import Recipe
     from potstill.runners.prepare import Prepared
     from potstill.runners.train import train_run
@@ -136,18 +135,7 @@ def part_demo(quick: bool, work: Path, only: list[str] | None = None) -> dict:
             memo=memo,
         )
         info[run.name] = json.loads((out / "train_info.json").read_text())
-    res = metrics_only(
-        evaluate_runs(
-            models,
-            prep.teacher,
-            prep.tokenizer,
-            prep.eval_examples,
-            vocab_size=prep.vocab_size,
-            batch_size=recipe.eval.batch_size,
-            max_new_tokens=recipe.eval.max_new_tokens,
-            progress=False,
-        )
-    )
+    res = held_out_metrics(prep, models, batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens)
     runs = {}
     for name in models:
         m, i = res[name], info[name]

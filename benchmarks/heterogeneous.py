@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import summary_line, write_json_atomic  # noqa: E402
+from _common import held_out_metrics, summary_line, write_json_atomic  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "heterogeneous.json"
@@ -97,7 +97,6 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def part_kd(quick: bool, work: Path) -> dict:
-    from potstill.eval import evaluate_runs, metrics_only
     from potstill.models import select_layers
     from potstill.recipes.distill import Recipe
     from potstill.runners.prepare import Prepared
@@ -145,18 +144,7 @@ def part_kd(quick: bool, work: Path) -> dict:
             extra_teachers=extra_cross if "cross_tokenizer" in run.name else extra,
         )
         info[run.name] = json.loads((out / "train_info.json").read_text())
-    res = metrics_only(
-        evaluate_runs(
-            models,
-            prep.teacher,
-            prep.tokenizer,
-            prep.eval_examples,
-            vocab_size=prep.vocab_size,
-            batch_size=recipe.eval.batch_size,
-            max_new_tokens=recipe.eval.max_new_tokens,
-            progress=False,
-        )
-    )
+    res = held_out_metrics(prep, models, batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens)
     runs = {}
     base = res["plain_kd"]
     for name in models:

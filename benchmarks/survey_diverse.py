@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Partial, seed_stats, summary_line, verdict, write_json_atomic  # noqa: E402
+from _common import Partial, held_out_metrics, seed_stats, summary_line, verdict, write_json_atomic  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "survey_diverse.json"
@@ -103,7 +103,6 @@ def main() -> None:
     import torch
 
     import potstill
-    from potstill.eval import evaluate_runs, metrics_only
     from potstill.models import student_from_teacher
     from potstill.recipes.distill import Recipe
     from potstill.runners.prepare import Prepared
@@ -121,18 +120,7 @@ def main() -> None:
     arms = [a for a in ARMS if a != "student_aware" or hooked]
 
     def metrics(key: str, model) -> dict:
-        res = metrics_only(
-            evaluate_runs(
-                {key: model},
-                prep.teacher,
-                prep.tokenizer,
-                prep.eval_examples,
-                vocab_size=prep.vocab_size,
-                batch_size=recipe.eval.batch_size,
-                max_new_tokens=0,  # teacher-forced metrics only
-                progress=False,
-            )
-        )
+        res = held_out_metrics(prep, {key: model}, batch_size=recipe.eval.batch_size)
         return {k: res[key][k] for k in ("forward_kl", "top1_agreement")} | {
             "teacher_self": {k: res["teacher"][k] for k in ("forward_kl", "top1_agreement")}
         }

@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import seed_stats, summary_line, verdict, write_json_atomic  # noqa: E402
+from _common import held_out_metrics, seed_stats, summary_line, verdict, write_json_atomic  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -43,7 +43,6 @@ MERGED = ("self_distill", "kpod", "diverse", "bayesian", "bayesian_lm", "valuati
 def demo_arms(runs: list[dict], seeds: list[int], quick: bool, work: Path) -> dict:
     """Train every run of ``runs`` (RunConfig dicts) on the demo setup once per training seed; held-out
     forward KL and top-1 agreement per run and seed."""
-    from potstill.eval import evaluate_runs, metrics_only
     from potstill.recipes.distill import Recipe
     from potstill.runners.prepare import Prepared
     from potstill.runners.train import train_run
@@ -79,17 +78,8 @@ def demo_arms(runs: list[dict], seeds: list[int], quick: bool, work: Path) -> di
                 memo=memo,
             )
             seconds[run.name].append(json.loads((out / "train_info.json").read_text())["train_seconds"])
-        res = metrics_only(
-            evaluate_runs(
-                models,
-                prep.teacher,
-                prep.tokenizer,
-                prep.eval_examples,
-                vocab_size=prep.vocab_size,
-                batch_size=recipe.eval.batch_size,
-                max_new_tokens=recipe.eval.max_new_tokens,
-                progress=False,
-            )
+        res = held_out_metrics(
+            prep, models, batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens
         )
         for name in models:
             for k in per[name]:

@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Partial, seed_stats, summary_line, verdict, write_json_atomic  # noqa: E402
+from _common import Partial, held_out_metrics, seed_stats, summary_line, verdict, write_json_atomic  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "survey_self_distill.json"
@@ -74,20 +74,7 @@ def arm_runs(s: dict):
 
 def _metrics(prep, models: dict) -> dict:
     """Teacher-forced held-out figures of ``models`` against the real teacher (no generation)."""
-    from potstill.eval import evaluate_runs, metrics_only
-
-    res = metrics_only(
-        evaluate_runs(
-            models,
-            prep.teacher,
-            prep.tokenizer,
-            prep.eval_examples,
-            vocab_size=prep.vocab_size,
-            batch_size=8,
-            max_new_tokens=0,
-            progress=False,
-        )
-    )
+    res = held_out_metrics(prep, models, batch_size=8, max_new_tokens=0)
     return {name: {k: res[name][k] for k in ("forward_kl", "top1_agreement", "perplexity")} for name in models}
 
 
