@@ -96,3 +96,18 @@ def test_cli_compare_prints_the_table_and_refuses_bad_input(assets, tmp_path, ca
     bad["runs"] = bad["runs"][:1]
     assert main(["compare", str(write(tmp_path / "b.yaml", bad))]) == 2
     assert "at least two runs" in capsys.readouterr().err
+
+
+def test_compare_judges_harness_task_scores_per_seed(assets, tmp_path):
+    pytest.importorskip("lm_eval")
+    from potstill.recipes.distill import Recipe
+    from potstill.runners.compare import compare
+
+    harness = {"tasks": ["potstill_sms_spam"], "limit": 4, "batch_size": 4}
+    r = recipe(assets, tmp_path / "h", **{"compare": {"seeds": [0, 1], "n_boot": 200}, "eval.harness": harness})
+    result = compare(Recipe.model_validate(r), progress=False)
+    (row,) = [c for c in result["comparisons"] if c["metric"] == "harness/potstill_sms_spam/acc"]
+    assert row["arm"] == "kd" and row["examples"] == 1 and len(row["per_seed"]) == 2
+    per = [json.loads((tmp_path / "h" / f"seed_{s}" / "per_example.json").read_text()) for s in (0, 1)]
+    want = sum(p["harness"]["kd"][row["metric"]] - p["harness"]["sft"][row["metric"]] for p in per) / 2
+    assert row["difference"] == pytest.approx(want)

@@ -6,7 +6,8 @@ Layout: ``<output_dir>/seed_<s>/`` is a whole distill output (students, metrics.
 ``s``; ``seed_<s>/per_example.json`` holds every run's per-example scores and training cost. A killed compare
 resumes: distill reuses the finished students of a seed and a seed with its ``per_example.json`` is not scored
 again. ``compare.json`` and ``compare.md`` hold the verdict table, the per-seed points and each run's cost (wall
-seconds of training, tokens that carried the loss, tokens generated on-policy), measured on this machine.
+seconds of training, tokens that carried the loss, tokens generated on-policy), measured on this machine. With
+``eval.harness``, each task score joins the table as one number per seed (its spread is the seeds' alone).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _seed(recipe: Recipe, seed: int, progress: bool) -> dict:
         log.info("compare: seed %d already scored; reusing %s", seed, path)
         return json.loads(path.read_text(encoding="utf-8"))
     r = recipe.model_copy(update={"output_dir": str(seed_dir), "train": recipe.train.model_copy(update={"seed": seed})})
-    distill(r, progress=progress)  # its metrics.json and report.md stay in seed_dir
+    metrics = distill(r, progress=progress)  # its metrics.json and report.md stay in seed_dir
     prep = Prepared(r)
     names = [run.name for run in r.runs]
     students = {n: load_finished(seed_dir / "runs" / n, prep.device, verified=False)[0] for n in names}
@@ -80,6 +81,8 @@ def _seed(recipe: Recipe, seed: int, progress: bool) -> dict:
         "seed": seed,
         "scores": scores,
         "costs": {n: _cost(seed_dir / "runs" / n) for n in names},
+        # eval.harness scores: one number per run and seed (lm-eval's own aggregate), higher is better
+        "harness": {n: {k: v for k, v in metrics.get(n, {}).items() if k.startswith("harness/")} for n in names},
     }
     atomic_write_json(path, result)
     return result
@@ -96,9 +99,13 @@ def compare(recipe: Recipe, *, progress: bool = True) -> dict:
         metric: {n: np.array([s["scores"][n][metric] for s in seeds], dtype=np.float64) for n in names}
         for metric in cfg.metrics
     }
-    rows = compare_arms(
-        scores, baseline, lower_better={m: LOWER_BETTER[m] for m in cfg.metrics}, level=cfg.level, n_boot=cfg.n_boot
-    )
+    lower = {m: LOWER_BETTER[m] for m in cfg.metrics}
+    # task scores (eval.harness) are one aggregate per seed: [S, 1], so only the seeds carry their spread
+    for key in sorted({k for s in seeds for k in s.get("harness", {}).get(baseline, {})}):
+        if all(key in s["harness"][n] for s in seeds for n in names):
+            scores[key] = {n: np.array([[s["harness"][n][key]] for s in seeds], dtype=np.float64) for n in names}
+            lower[key] = False
+    rows = compare_arms(scores, baseline, lower_better=lower, level=cfg.level, n_boot=cfg.n_boot)
     costs = {
         n: {k: [s["costs"][n][k] for s in seeds] for k in ("train_seconds", "loss_tokens", "generated_tokens")}
         for n in names
@@ -107,9 +114,9 @@ def compare(recipe: Recipe, *, progress: bool = True) -> dict:
         "baseline": baseline,
         "seeds": list(cfg.seeds),
         "level": cfg.level,
-        "examples": int(next(iter(scores.values()))[baseline].shape[1]),
+        "examples": int(scores[cfg.metrics[0]][baseline].shape[1]),
         "comparisons": [c.as_dict() for c in rows],
-        "means": {m: {n: scores[m][n].mean(axis=1).tolist() for n in names} for m in cfg.metrics},
+        "means": {m: {n: scores[m][n].mean(axis=1).tolist() for n in names} for m in scores},
         "costs": costs,
         "note": "one seed gives no verdict" if len(cfg.seeds) < 2 else None,
     }
