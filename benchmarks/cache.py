@@ -41,7 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, summary_line, write_json_atomic  # noqa: E402
+from _common import held_out_metrics, median, summary_line, write_json_atomic  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "cache.json"
@@ -160,20 +160,7 @@ def teacher_passes(prep, spec) -> dict:
 
 
 def held_out(prep, models: dict) -> dict:
-    from potstill.eval import evaluate_runs, metrics_only
-
-    res = metrics_only(
-        evaluate_runs(
-            models,
-            prep.teacher,
-            prep.tokenizer,
-            prep.eval_examples,
-            vocab_size=prep.vocab_size,
-            batch_size=8,
-            max_new_tokens=1,
-            progress=False,
-        )
-    )
+    res = held_out_metrics(prep, models, batch_size=8, max_new_tokens=1)
     return {name: {"forward_kl": m["forward_kl"], "top1_agreement": m["top1_agreement"]} for name, m in res.items()}
 
 
