@@ -111,3 +111,54 @@ def test_compare_judges_harness_task_scores_per_seed(assets, tmp_path):
     per = [json.loads((tmp_path / "h" / f"seed_{s}" / "per_example.json").read_text()) for s in (0, 1)]
     want = sum(p["harness"]["kd"][row["metric"]] - p["harness"]["sft"][row["metric"]] for p in per) / 2
     assert row["difference"] == pytest.approx(want)
+
+
+def test_compare_costs_equal_hand_counted_tokens_and_match_flops(assets, tmp_path):
+    """With one batch holding every training example, a run reads exactly steps x (the examples' tokens): the
+    student tokens, the teacher tokens (KD only), the tokens that carried loss and the FLOPs estimate equal that
+    hand count. Under match: flops the SFT run trains the steps that equalise its compute with the KD run's."""
+    from potstill.recipes.distill import Recipe
+    from potstill.runners import compare as runner
+    from potstill.runners.prepare import Prepared
+
+    base = recipe(assets, tmp_path / "probe")
+    prep = Prepared(Recipe.model_validate(base))
+    tokens = sum(len(ex["input_ids"]) for ex in prep.train_examples)
+    loss = sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in prep.train_examples)
+    n_s, n_t = runner.compute_params(prep.student0), runner.compute_params(prep.teacher)
+    assert n_s < n_t
+    sft_steps = round(3 * (6 * n_s + 2 * n_t) / (6 * n_s))
+    assert sft_steps > 3
+
+    out = tmp_path / "cmp"
+    r = recipe(
+        assets,
+        out,
+        **{"compare": {"seeds": [0], "baseline": "sft", "n_boot": 200, "match": "flops"}},
+        **{"train.batch_size": len(prep.train_examples)},
+    )
+    result = runner.compare(Recipe.model_validate(r), progress=False)
+    assert result["steps"] == {"sft": sft_steps, "kd": 3}
+    costs = {n: {k: v[0] for k, v in c.items()} for n, c in result["costs"].items()}
+    for name, steps in result["steps"].items():
+        c = costs[name]
+        assert c["student_tokens"] == steps * tokens
+        assert c["loss_tokens"] == steps * loss
+        assert c["teacher_tokens"] == (steps * tokens if name == "kd" else 0)
+        assert c["generated_tokens"] == 0
+        assert c["flops"] == 6 * n_s * c["student_tokens"] + 2 * n_t * c["teacher_tokens"]
+    # matched: the two runs' compute differs by less than one SFT step's
+    assert abs(costs["sft"]["flops"] - costs["kd"]["flops"]) <= 6 * n_s * tokens
+    info = json.loads((out / "seed_0" / "runs" / "sft" / "train_info.json").read_text())
+    assert info["run"]["max_steps"] == sft_steps and info["loss_curve"][-1][0] == sft_steps
+    assert "compute-matched" in (out / "compare.md").read_text()
+
+
+def test_compare_match_flops_refuses_runs_it_cannot_price(assets, tmp_path):
+    from potstill.recipes.distill import Recipe
+    from potstill.runners.compare import check_compare
+
+    r = recipe(assets, tmp_path / "x", **{"compare": {"match": "flops"}})
+    r["runs"][0]["max_steps"] = 5
+    with pytest.raises(PotstillError, match="set their own max_steps"):
+        check_compare(Recipe.model_validate(r))

@@ -430,6 +430,11 @@ class KDTrainer(NonFiniteGuard, Trainer):
         return int(self._logged_tokens + self._stats["n_tokens"])
 
     @property
+    def student_tokens(self) -> int:
+        """Tokens (padding excluded) the student read in training steps on this process so far."""
+        return int(self._slots[1])
+
+    @property
     def padding_share(self) -> float | None:
         """Share of the training batches' token slots that held padding (data.packing lowers it)."""
         slots, real = self._slots

@@ -195,6 +195,12 @@ class CompareConfig(Strict):
         0.95, gt=0.5, lt=1.0, description="Confidence level; Holm keeps the family-wise error below 1 - level."
     )
     n_boot: int = Field(2000, ge=200, description="Bootstrap resamples of seeds x held-out examples.")
+    match: Literal["steps", "flops"] = Field(
+        "steps",
+        description="steps: every run trains train.max_steps; flops: each run gets the steps that bring its "
+        "estimated training compute (6 N_student + 2 N_teacher per token read) to the costliest run's at "
+        "train.max_steps, so a cheaper run (SFT) trains longer.",
+    )
 
     @field_validator("seeds")
     @classmethod

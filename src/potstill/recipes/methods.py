@@ -289,6 +289,12 @@ class RunConfig(Strict):
     temperature: float = Field(1.0, gt=0.0, description="Distillation temperature (not the generation one).")
     scale_t2: bool = Field(False, description="Multiply the divergence by T^2 (Hinton et al. 2015).")
     schedule: ScheduleOptions | None = Field(None, description="Schedules of alpha and temperature.")
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="This run's optimizer steps in place of train.max_steps (compare's `match: flops` sets it so "
+        "that a cheaper run gets the costliest run's compute).",
+    )
     method: MethodConfig = Field(
         default_factory=PlainKD,
         description="The training method, by `kind`: kd (default), on_policy, distillm2, minillm, feature, "

@@ -6,8 +6,10 @@ Layout: ``<output_dir>/seed_<s>/`` is a whole distill output (students, metrics.
 ``s``; ``seed_<s>/per_example.json`` holds every run's per-example scores and training cost. A killed compare
 resumes: distill reuses the finished students of a seed and a seed with its ``per_example.json`` is not scored
 again. ``compare.json`` and ``compare.md`` hold the verdict table, the per-seed points and each run's cost (wall
-seconds of training, tokens that carried the loss, tokens generated on-policy), measured on this machine. With
-``eval.harness``, each task score joins the table as one number per seed (its spread is the seeds' alone).
+seconds of training; tokens the student trained on, the teacher read and the student generated; their FLOPs by
+Kaplan et al.'s estimate), measured on this machine. ``compare.match: flops`` gives each run the steps that
+equalise that estimate (a cheaper run trains longer). With ``eval.harness``, each task score joins the table as
+one number per seed (its spread is the seeds' alone).
 """
 
 from __future__ import annotations
@@ -41,23 +43,80 @@ def check_compare(recipe: Recipe) -> None:
     cross = [r.name for r in recipe.runs if r.cross_tokenizer is not None]
     if cross:
         raise PotstillError(f"runs {cross} use another tokenizer than the teacher; compare scores shared tokens only")
+    if recipe.compare.match == "flops":
+        odd = [r.name for r in recipe.runs if r.on_policy is not None or r.multi_teacher is not None]
+        if odd:
+            raise PotstillError(
+                f"runs {odd} generate or read several teachers, whose compute is known only after training; "
+                "compare them at compare.match: steps (the cost table shows what each spent)"
+            )
+        own = [r.name for r in recipe.runs if r.max_steps is not None]
+        if own:
+            raise PotstillError(f"runs {own} set their own max_steps; compare.match: flops sets them, remove them")
 
 
-def _cost(run_dir: Path) -> dict:
+def compute_params(model) -> int:
+    """Non-embedding parameters N, the unit of Kaplan et al. (2020)'s estimate: a token read costs about 2N
+    FLOPs forward and 6N when the model also trains on it."""
+    return int(model.num_parameters(exclude_embeddings=True))
+
+
+def matched_steps(recipe: Recipe, n_student: int, n_teacher: int) -> dict[str, int]:
+    """``match: flops``: every run's optimizer steps such that its estimated compute per token read (6 N_student,
+    plus 2 N_teacher when it reads the live teacher) times its steps equals the costliest run's at
+    ``train.max_steps``. Every run reads the same tokens per step (same batches), so the ratio is per token."""
+    per_token = {
+        r.name: 6 * n_student + (2 * n_teacher if r.uses_teacher and recipe.cache is None else 0) for r in recipe.runs
+    }
+    top = max(per_token.values())
+    return {name: max(1, round(recipe.train.max_steps * top / c)) for name, c in per_token.items()}
+
+
+def _cost(run_dir: Path, n_student: int, n_teacher: int) -> dict:
     info = json.loads((run_dir / "train_info.json").read_text(encoding="utf-8"))
+    generated = (info.get("on_policy") or {}).get("gen_tokens", 0)
+    student, teacher = info.get("student_tokens"), info.get("teacher_tokens", 0)
     return {
         "train_seconds": info.get("train_seconds"),
         "loss_tokens": info.get("loss_tokens"),
-        "generated_tokens": (info.get("on_policy") or {}).get("gen_tokens", 0),
+        "student_tokens": student,
+        "teacher_tokens": teacher,
+        "generated_tokens": generated,
+        # Kaplan et al.'s estimate: 6N per training token, 2N per teacher token read and per token generated
+        "flops": None
+        if student is None
+        else 6 * n_student * student + 2 * n_teacher * teacher + 2 * n_student * generated,
     }
 
 
-def _seed(recipe: Recipe, seed: int, progress: bool) -> dict:
+COST_KEYS = ("train_seconds", "loss_tokens", "student_tokens", "teacher_tokens", "generated_tokens", "flops")
+
+
+class _Scorer:
+    """The teacher, tokenizer and held-out examples, loaded once for every seed (they do not depend on
+    ``train.seed``), and only when something is left to score or match."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self._prep = None
+
+    @property
+    def prep(self):
+        if self._prep is None:
+            from potstill.runners.prepare import Prepared
+
+            self._prep = Prepared(self.recipe)
+        return self._prep
+
+    def sizes(self) -> tuple[int, int]:
+        return compute_params(self.prep.student0), compute_params(self.prep.teacher)
+
+
+def _seed(recipe: Recipe, seed: int, scorer: _Scorer, progress: bool) -> dict:
     """One seed: its distill output (resumed) and its per-example scores and costs (cached)."""
     from potstill.eval import per_example_scores
     from potstill.finished import load_finished
     from potstill.runners.distill import distill
-    from potstill.runners.prepare import Prepared
 
     seed_dir = Path(recipe.output_dir) / f"seed_{seed}"
     path = seed_dir / PER_EXAMPLE_FILE
@@ -66,7 +125,7 @@ def _seed(recipe: Recipe, seed: int, progress: bool) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     r = recipe.model_copy(update={"output_dir": str(seed_dir), "train": recipe.train.model_copy(update={"seed": seed})})
     metrics = distill(r, progress=progress)  # its metrics.json and report.md stay in seed_dir
-    prep = Prepared(r)
+    prep = scorer.prep
     names = [run.name for run in r.runs]
     students = {n: load_finished(seed_dir / "runs" / n, prep.device, verified=False)[0] for n in names}
     scores = per_example_scores(
@@ -77,10 +136,11 @@ def _seed(recipe: Recipe, seed: int, progress: bool) -> dict:
         vocab_size=prep.vocab_size,
         batch_size=r.eval.batch_size,
     )
+    n_teacher = compute_params(prep.teacher)
     result = {
         "seed": seed,
         "scores": scores,
-        "costs": {n: _cost(seed_dir / "runs" / n) for n in names},
+        "costs": {n: _cost(seed_dir / "runs" / n, compute_params(students[n]), n_teacher) for n in names},
         # eval.harness scores: one number per run and seed (lm-eval's own aggregate), higher is better
         "harness": {n: {k: v for k, v in metrics.get(n, {}).items() if k.startswith("harness/")} for n in names},
     }
@@ -94,7 +154,14 @@ def compare(recipe: Recipe, *, progress: bool = True) -> dict:
     cfg = recipe.compare
     names = [r.name for r in recipe.runs]
     baseline = cfg.baseline or names[0]
-    seeds = [_seed(recipe, s, progress) for s in cfg.seeds]
+    scorer = _Scorer(recipe)
+    steps = {n: recipe.train.max_steps for n in names}
+    if cfg.match == "flops":
+        steps = matched_steps(recipe, *scorer.sizes())
+        runs = [r.model_copy(update={"max_steps": steps[r.name]}) for r in recipe.runs]
+        recipe = recipe.model_copy(update={"runs": runs})
+        log.info("compare: compute-matched steps %s", steps)
+    seeds = [_seed(recipe, s, scorer, progress) for s in cfg.seeds]
     scores = {
         metric: {n: np.array([s["scores"][n][metric] for s in seeds], dtype=np.float64) for n in names}
         for metric in cfg.metrics
@@ -106,14 +173,13 @@ def compare(recipe: Recipe, *, progress: bool = True) -> dict:
             scores[key] = {n: np.array([[s["harness"][n][key]] for s in seeds], dtype=np.float64) for n in names}
             lower[key] = False
     rows = compare_arms(scores, baseline, lower_better=lower, level=cfg.level, n_boot=cfg.n_boot)
-    costs = {
-        n: {k: [s["costs"][n][k] for s in seeds] for k in ("train_seconds", "loss_tokens", "generated_tokens")}
-        for n in names
-    }
+    costs = {n: {k: [s["costs"][n].get(k) for s in seeds] for k in COST_KEYS} for n in names}
     result = {
         "baseline": baseline,
         "seeds": list(cfg.seeds),
         "level": cfg.level,
+        "match": cfg.match,
+        "steps": steps,
         "examples": int(scores[cfg.metrics[0]][baseline].shape[1]),
         "comparisons": [c.as_dict() for c in rows],
         "means": {m: {n: scores[m][n].mean(axis=1).tolist() for n in names} for m in scores},
@@ -145,13 +211,26 @@ def _markdown(r: dict) -> str:
             f"| {c['metric']} | {c['arm']} | {c['difference']:+.4g} | [{c['low']:+.4g}, {c['high']:+.4g}] | "
             f"{c['p_holm']:.3g} | {c['verdict']} | {per} |"
         )
-    lines += ["", "## Cost per seed (this machine)", "", "| run | train seconds | loss tokens | generated tokens |"]
-    lines.append("|---|---|---|---|")
+    matched = "compute-matched (`match: flops`)" if r.get("match") == "flops" else "equal steps"
+    lines += [
+        "",
+        f"## Cost per seed (this machine, {matched})",
+        "",
+        "Tokens are those this process read (padding excluded); FLOPs = 6 N_student x student tokens + 2 N_teacher "
+        "x teacher tokens + 2 N_student x generated tokens (N: non-embedding parameters, Kaplan et al. 2020).",
+        "",
+        "| run | steps | train seconds | student tokens | teacher tokens | generated tokens | FLOPs |",
+        "|---|---:|---|---|---|---|---|",
+    ]
+
+    def cells(values, fmt) -> str:
+        return ", ".join("-" if v is None else fmt(v) for v in values)
+
     for name, c in r["costs"].items():
-        sec = ", ".join(f"{v:.0f}" if v is not None else "-" for v in c["train_seconds"])
         lines.append(
-            f"| {name} | {sec} | {', '.join(str(v) for v in c['loss_tokens'])} | "
-            f"{', '.join(str(v) for v in c['generated_tokens'])} |"
+            f"| {name} | {r.get('steps', {}).get(name, '-')} | {cells(c['train_seconds'], lambda v: f'{v:.0f}')} | "
+            f"{cells(c.get('student_tokens', []), str)} | {cells(c.get('teacher_tokens', []), str)} | "
+            f"{cells(c['generated_tokens'], str)} | {cells(c.get('flops', []), lambda v: f'{v:.3g}')} |"
         )
     return "\n".join(lines) + "\n"
 

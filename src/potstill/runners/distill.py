@@ -253,7 +253,8 @@ def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: b
     notes = [
         f"teacher: {recipe.teacher.label}; student: {recipe.student.kind}; {len(prep.train_examples)} train / "
         f"{len(prep.eval_examples)} held-out examples; {recipe.train.max_steps} optimizer steps per run, batch "
-        f"{recipe.train.batch_size} x {recipe.train.gradient_accumulation_steps}",
+        f"{recipe.train.batch_size} x {recipe.train.gradient_accumulation_steps}"
+        + "".join(f"; {r.name} {r.max_steps} steps" for r in recipe.runs if r.max_steps),
         f"wall time before evaluation {time.perf_counter() - t_start:.0f} s on {prep.device}",
     ]
     if source is not None:

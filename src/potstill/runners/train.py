@@ -142,7 +142,7 @@ def kd_config(recipe: Recipe, run: RunConfig, output_dir: str, device: torch.dev
     extra = _method_args(run)
     return cls(
         output_dir=output_dir,
-        max_steps=t.max_steps,
+        max_steps=run.max_steps or t.max_steps,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
@@ -247,6 +247,7 @@ def train_run(
     from datasets import Dataset
 
     from potstill.runners.keypoint import with_keypoint_columns
+    from potstill.signals import teacher_tokens
 
     train_examples = with_keypoint_columns(
         run, teacher, tokenizer, train_examples, Path(recipe.output_dir) / "keypoint"
@@ -285,7 +286,9 @@ def train_run(
         if moves is not None:
             trainer.add_callback(moves)
         watch = _watch(recipe, run, trainer, teacher, tokenizer, out_dir, eval_examples, vocab_size)
+        read0 = teacher_tokens(source) if kd else 0  # a source may be shared by runs: count this run's part
         seconds = sc.fit(trainer, run.name)
+        read = teacher_tokens(source) - read0 if kd else 0
         student_sharded = is_sharded(trainer.model)
         model = _trained_student(recipe, trainer, blank, peft_config, device) if sharded or is_main_process() else None
     finally:
@@ -295,6 +298,7 @@ def train_run(
         return None, curve
     info = {"loss_curve": curve, "train_seconds": seconds, "run": run.model_dump(mode="json")}
     info.update(_run_info(recipe, run, trainer, teacher, source, extra_teachers, student_sharded, seconds))
+    info["teacher_tokens"] = read  # this process's tokens read by live teachers (0 from a cache)
     if kd and recipe.teacher.kind == "self":
         info["self_teacher"] = {"mode": recipe.teacher.mode, "decay": recipe.teacher.decay}
         if moves is not None:
@@ -377,6 +381,7 @@ def _run_info(recipe, run, trainer, teacher, source, extra_teachers, student_sha
         info["loss_tokens"] = trainer.loss_tokens
         info["loss_tokens_per_s"] = round(trainer.loss_tokens / seconds, 1) if seconds > 0 else None
         info["padding_share"] = trainer.padding_share
+        info["student_tokens"] = trainer.student_tokens
     if world_size() > 1:  # how the processes shared the work: what a reader of the result needs to know
         info["distributed"] = {
             "engine": recipe.train.distributed,

@@ -87,6 +87,7 @@ class CrossTokenizerTeacher:
         self._T = float(temperature)
         self.chunk_size = int(chunk_size)
         self._cov = {"rows": 0.0, "aligned": 0.0, "valid": 0.0, "mass": 0.0}
+        self.forward_tokens = 0  # teacher-side tokens read (in its own tokenization)
 
     def to(self, device) -> CrossTokenizerTeacher:
         self.model.to(device)
@@ -128,6 +129,7 @@ class CrossTokenizerTeacher:
         if n == 0:
             return MaskedDenseSignal(logits=out, valid=valid)
         t_ids, t_mask, pos = self._views(batch)
+        self.forward_tokens += int(t_mask.sum())
         row_map = target_alignment(labels, pos, t_ids.shape[1])
         aligned = (row_map >= 0).nonzero().squeeze(1)
         if aligned.numel() == 0:

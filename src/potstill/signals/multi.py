@@ -67,7 +67,7 @@ import torch
 from torch import Tensor
 
 from ..errors import PotstillError
-from .online import target_index
+from .online import target_index, teacher_tokens
 from .types import DenseSignal, SparseSignal
 
 MultiMode = Literal["mean", "confidence", "select", "student_aware"]
@@ -143,6 +143,11 @@ class MultiTeacher:
         self._smoothed: dict[object, Tensor] = {}  # student_aware + ema: example key -> s_{e,k} [K] float64
         self.weight_sums = [0.0] * len(sources)  # student_aware: sum over examples of a_{e,k}
         self.weighted_examples = 0
+
+    @property
+    def forward_tokens(self) -> int:
+        """Tokens all its teachers were asked to read (each counts its own)."""
+        return sum(teacher_tokens(s) for s in self.sources)
 
     @property
     def wants_student(self) -> bool:

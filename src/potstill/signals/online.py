@@ -59,6 +59,9 @@ class OnlineTeacher:
         else:
             self.head = output_head(self.model)
         self.memo = memo
+        # tokens this teacher was asked to read (memo hits included: the cost of the run on its own), for
+        # compare's cost table; the trainer reads the difference over a run
+        self.forward_tokens = 0
 
     @property
     def vocab_size(self) -> int:
@@ -79,6 +82,7 @@ class OnlineTeacher:
         from ..data.packing import forward_kwargs
         from ..models import final_hidden
 
+        self.forward_tokens += int(batch["attention_mask"].sum())
         key = None
         if self.memo is not None:
             key = self.memo.key(batch)
@@ -100,6 +104,11 @@ class OnlineTeacher:
             assert key is not None  # computed above whenever there is a memo
             self.memo.put(key, rows)
         return DenseSignal(hidden=rows, head=self.head)
+
+
+def teacher_tokens(source) -> int:
+    """Tokens a signal source's live teachers have read so far (0 for a cache, which read them when it was built)."""
+    return int(getattr(source, "forward_tokens", 0) or 0)
 
 
 class TeacherMemo:
