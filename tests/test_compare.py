@@ -66,6 +66,10 @@ def test_compare_end_to_end_identical_runs_and_resume(assets, tmp_path, monkeypa
     monkeypatch.setattr(distill_runner, "distill", lambda *a, **k: pytest.fail("trained again"))
     again = runner.compare(Recipe.model_validate(r), progress=False)
     assert again["comparisons"] == result["comparisons"]
+    # a seed scored for other runs is not reused: changing a run sends compare back to training
+    r["runs"][2]["max_steps"] = 5
+    with pytest.raises(pytest.fail.Exception, match="trained again"):
+        runner.compare(Recipe.model_validate(r), progress=False)
 
 
 def test_compare_refuses_what_it_cannot_judge(assets, tmp_path):

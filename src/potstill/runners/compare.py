@@ -120,9 +120,13 @@ def _seed(recipe: Recipe, seed: int, scorer: _Scorer, progress: bool) -> dict:
 
     seed_dir = Path(recipe.output_dir) / f"seed_{seed}"
     path = seed_dir / PER_EXAMPLE_FILE
+    runs = {run.name: run.model_dump(mode="json") for run in recipe.runs}
     if path.is_file():
-        log.info("compare: seed %d already scored; reusing %s", seed, path)
-        return json.loads(path.read_text(encoding="utf-8"))
+        done = json.loads(path.read_text(encoding="utf-8"))
+        if done.get("runs") == runs:
+            log.info("compare: seed %d already scored; reusing %s", seed, path)
+            return done
+        log.info("compare: seed %d was scored for other runs (or steps); scoring it again", seed)
     r = recipe.model_copy(update={"output_dir": str(seed_dir), "train": recipe.train.model_copy(update={"seed": seed})})
     metrics = distill(r, progress=progress)  # its metrics.json and report.md stay in seed_dir
     prep = scorer.prep
@@ -139,6 +143,7 @@ def _seed(recipe: Recipe, seed: int, scorer: _Scorer, progress: bool) -> dict:
     n_teacher = compute_params(prep.teacher)
     result = {
         "seed": seed,
+        "runs": runs,  # what was scored: a seed is reused only for the same runs
         "scores": scores,
         "costs": {n: _cost(seed_dir / "runs" / n, compute_params(students[n]), n_teacher) for n in names},
         # eval.harness scores: one number per run and seed (lm-eval's own aggregate), higher is better
