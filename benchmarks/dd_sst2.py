@@ -13,12 +13,22 @@ Protocol (``potstill.dd.protocol``):
   lr, the selection rule, the condensation settings) were chosen on the *next* 872 of that shuffle,
   never on the eval sentences;
 * learner: all-MiniLM-L6-v2 (potstill's ``TextClassifier``: encoder + mean pooling + dropout +
-  linear head), ``--trainable-layers`` (default 0: frozen encoder, a fresh linear head, i.e. a
-  probe; 1 layer costs ~14 s CPU per learner here instead of ~0.5 s), 100 AdamW steps, lr 1e-2,
-  batch 16, warmup 10 % then linear decay, seed = set index;
+  linear head), seed = set index, one of two presets (``--learner``; each of its settings can be
+  overridden by its own flag):
+
+  - ``probe`` (default): ``--trainable-layers 0`` (frozen encoder, a fresh linear head; 1 layer
+    costs ~14 s CPU per learner here instead of ~0.5 s), 100 AdamW steps, lr 1e-2, batch 16,
+    warmup 10 % then linear decay (``--schedule linear``);
+  - ``finetune``: DiLM's learner protocol (Maekawa et al. 2024: 200 steps, AdamW lr 1e-4, batch 16,
+    warmup then cosine decay) on potstill's MiniLM learner: all 6 encoder layers trained
+    (``--trainable-layers 6``), 200 steps, lr 1e-4, batch 16, warmup 10 % then cosine decay to 0
+    (``--schedule cosine``, transformers' ``get_cosine_schedule_with_warmup``). The word and
+    position embeddings stay frozen (they are the cached features), whereas DiLM fine-tunes
+    BERT-base including its embeddings. Default output ``results/dd_sst2_finetune.json``;
 * labels: hard (the set's labels) or soft (the teacher's class probabilities on the set's own
-  inputs). Teacher: the same MiniLM with a linear head trained on the whole 5,000-sentence pool
-  (500 steps, batch 64): the learner's full-pool reference.
+  inputs). Teacher: the same learner (with ``probe``, the MiniLM with a linear head) trained on the
+  whole 5,000-sentence pool (500 steps, batch 64, the learner's lr, linear schedule): the learner's
+  full-pool reference.
 
 Arms (``construction_s``: seconds to build one set, CPU of this process):
 
@@ -35,11 +45,16 @@ Arms (``construction_s``: seconds to build one set, CPU of this process):
   ``potstill_condense_emb`` with ``learned`` labels: its own condensed soft labels.
   Condensed embedding sets are specific to this learner's embedding space, not text.
 
+``--arms`` picks a subset of these (default all; ``random`` is required: every gain is over it).
+Without both condensation arms, no experts are trained and no condensation runs (the costly part
+with a fine-tuned learner); the verdict against DiLM needs ``dilm`` and at least one potstill arm.
+
 Embeddings for k-means / herding / selection are the learner's frozen mean-pooled MiniLM
 features, L2-normalized: the all-MiniLM-L6-v2 sentence embedding (``embed_texts``) at
 ``max_length=48`` instead of 256, computed once with the learner's features.
 
-Usage: ``python benchmarks/dd_sst2.py [--quick] [--sets N] [--budgets 5,10,20] [--out PATH]``.
+Usage: ``python benchmarks/dd_sst2.py [--quick] [--sets N] [--budgets 5,10,20] [--learner probe|finetune]
+[--arms random,dilm,...] [--out PATH]``.
 Writes JSON, prints one line.
 """
 
@@ -60,6 +75,24 @@ from _common import summary_line, write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "dd_sst2.json"
+FINETUNE_OUT = HERE / "results" / "dd_sst2_finetune.json"
+
+ARMS = (
+    "random",
+    "kcenters",
+    "herding",
+    "dilm",
+    "potstill_select",
+    "potstill_condense_emb",
+    "potstill_condense_text",
+)
+CONDENSE_ARMS = ("potstill_condense_emb", "potstill_condense_text")
+# --learner presets: trainable_layers, steps, lr, batch_size, schedule (each overridable by its own flag)
+LEARNERS = {
+    "probe": {"trainable_layers": 0, "steps": 100, "lr": 1e-2, "batch_size": 16, "schedule": "linear"},
+    # DiLM's protocol (Maekawa et al. 2024) on MiniLM: every encoder layer; the embeddings stay frozen
+    "finetune": {"trainable_layers": 6, "steps": 200, "lr": 1e-4, "batch_size": 16, "schedule": "cosine"},
+}
 
 TEXT_ARMS = ("random", "kcenters", "herding", "dilm", "potstill_select", "potstill_condense_text")
 POTSTILL_ARMS = ("potstill_select", "potstill_condense_emb", "potstill_condense_text")
@@ -96,21 +129,52 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help=f"JSON path (default {DEFAULT_OUT}; --quick: /tmp)")
     p.add_argument("--pool", type=int, default=5000, help="training-pool sentences drawn from train.tsv")
     p.add_argument("--eval-size", type=int, default=872, help="dev sentences evaluated")
-    p.add_argument("--steps", type=int, default=100, help="learner steps (every arm)")
-    p.add_argument("--lr", type=float, default=1e-2, help="learner learning rate (AdamW)")
-    p.add_argument("--batch-size", type=int, default=16, help="learner batch size")
+    p.add_argument(
+        "--learner",
+        choices=tuple(LEARNERS),
+        default="probe",
+        help="learner preset: probe (0 layers, 100 steps, lr 1e-2, linear) or finetune "
+        "(DiLM's protocol: 6 layers, 200 steps, lr 1e-4, cosine); the flags below override it",
+    )
+    p.add_argument("--steps", type=int, default=None, help="learner steps (every arm; default: the preset's)")
+    p.add_argument("--lr", type=float, default=None, help="learner learning rate (AdamW; default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="learner batch size (default: the preset's)")
     p.add_argument("--max-length", type=int, default=48, help="tokens per sentence")
-    p.add_argument("--trainable-layers", type=int, default=0, help="top encoder layers the learner trains")
+    p.add_argument(
+        "--trainable-layers", type=int, default=None, help="top encoder layers the learner trains (default: preset's)"
+    )
+    p.add_argument(
+        "--schedule",
+        choices=("linear", "cosine"),
+        default=None,
+        help="learner lr schedule after a 10 %% warmup (default: the preset's)",
+    )
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)} (default all)")
     p.add_argument("--condense", choices=("tm", "gm"), default="tm", help="trajectory or gradient matching")
     p.add_argument("--iterations", type=int, default=None, help="condensation iterations (default 40; --quick 4)")
     p.add_argument("--save-dir", default=None, help="also save every condensed set here (save_condensed)")
     args = p.parse_args(argv)
+    for key, value in LEARNERS[args.learner].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    chosen = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in chosen if a not in ARMS]
+    if unknown or "random" not in chosen:
+        why = f"unknown {','.join(unknown)}" if unknown else "random is required (every gain is over it)"
+        p.error(f"--arms: {why}; choose from {','.join(ARMS)}")
+    condense = any(a in chosen for a in CONDENSE_ARMS)
     sets = args.sets or (2 if args.quick else 10)
     budgets = [int(b) for b in (args.budgets or ("5,10" if args.quick else "5,10,20")).split(",")]
     pool_n = 600 if args.quick else args.pool
     eval_n = 200 if args.quick else args.eval_size
     iterations = args.iterations or (4 if args.quick else 40)
-    out_path = Path(args.out) if args.out else (Path("/tmp/dd_sst2_quick.json") if args.quick else DEFAULT_OUT)
+    finetune = args.learner == "finetune"
+    if args.out:
+        out_path = Path(args.out)
+    elif args.quick:
+        out_path = Path("/tmp/dd_sst2_finetune_quick.json" if finetune else "/tmp/dd_sst2_quick.json")
+    else:
+        out_path = FINETUNE_OUT if finetune else DEFAULT_OUT
 
     import torch
     import transformers
@@ -166,7 +230,8 @@ def main(argv=None) -> int:
 
     with Clock() as c:
         teacher = learner.new_top(10_000)
-        train_top(teacher, pool_f, steps=60 if args.quick else 500, lr=args.lr, batch_size=64, seed=0)
+        teacher_steps = 60 if args.quick else 500
+        train_top(teacher, pool_f, steps=teacher_steps, lr=args.lr, batch_size=64, seed=0)  # linear schedule
         teacher_probs = predict_features(teacher, pool_f)
     setup["teacher_cpu_s"] = c.cpu
     teacher_eval = evaluate_features(teacher, eval_f)
@@ -176,6 +241,7 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "lr": args.lr,
         "batch_size": args.batch_size,
+        "schedule": args.schedule,
     }
     full_pool = evaluate_set(pool_f, seed=0, **protocol)
 
@@ -205,7 +271,7 @@ def main(argv=None) -> int:
             real_all.input_ids[sub], real_all.attention_mask[sub], labels[sub], features=real_all.features[sub]
         )
         experts = None
-        if args.condense == "tm":
+        if condense and args.condense == "tm":
             with Clock() as ce:
                 experts = train_experts(
                     learner.new_top(0),
@@ -248,73 +314,77 @@ def main(argv=None) -> int:
                 idx = per_class(herding, emb[keep], labels[keep], b)
                 arms["potstill_select"] = [pool[int(keep[i])] for i in idx]
             times["potstill_select"] = c.cpu  # + the teacher, trained once: setup.teacher_cpu_s
-            # condensation, started from this index's random set
-            with Clock() as c:
-                enc = tokenizer(
-                    [e.text for e in arms["random"]],
-                    padding=True,
-                    truncation=True,
-                    max_length=args.max_length,
-                    return_tensors="pt",
-                )
-                syn = init_from_ids(
-                    enc["input_ids"],
-                    enc["attention_mask"],
-                    torch.tensor([e.label for e in arms["random"]]),
-                    E,
-                    num_classes=2,
-                    special_ids=tokenizer.all_special_ids,
-                )
-                common = {
-                    "prefix": learner.prefix,
-                    "candidates": candidates,
-                    "reg_weight": 1.0,
-                    "reg_kind": "cosine",
-                    "lr_embed": 5e-2,
-                    "lr_label": 1e-2,
-                    "seed": s,
-                }
-                if args.condense == "tm":
-                    cs = trajectory_matching(
-                        learner.new_top(0),
-                        experts,
-                        syn,
-                        E,
-                        iterations=iterations,
-                        syn_steps=20,
-                        expert_span=2,
-                        syn_lr=0.5,
-                        **common,
+            if condense:  # condensation, started from this index's random set
+                with Clock() as c:
+                    enc = tokenizer(
+                        [e.text for e in arms["random"]],
+                        padding=True,
+                        truncation=True,
+                        max_length=args.max_length,
+                        return_tensors="pt",
                     )
-                else:
-                    cs = gradient_matching(
-                        learner.new_top(0),
-                        real_s,
-                        syn,
+                    syn = init_from_ids(
+                        enc["input_ids"],
+                        enc["attention_mask"],
+                        torch.tensor([e.label for e in arms["random"]]),
                         E,
-                        init_fn=init_fn,
-                        iterations=iterations,
-                        inner_steps=2,
-                        real_batch=128,
-                        **common,
+                        num_classes=2,
+                        special_ids=tokenizer.all_special_ids,
                     )
-            times["potstill_condense_emb"] = c.cpu + (ce.cpu if experts is not None else 0.0)
-            history[b].append([round(v, 5) for v in cs.history["match"]])
-            with Clock() as c2:
-                arms["potstill_condense_text"] = cs.to_text(tokenizer, E, candidates=candidates)
-            times["potstill_condense_text"] = times["potstill_condense_emb"] + c2.cpu
-            arms["potstill_condense_emb"] = cs
-            if args.save_dir:
-                save_condensed(cs, Path(args.save_dir) / f"dpc{b}_set{s}")
+                    common = {
+                        "prefix": learner.prefix,
+                        "candidates": candidates,
+                        "reg_weight": 1.0,
+                        "reg_kind": "cosine",
+                        "lr_embed": 5e-2,
+                        "lr_label": 1e-2,
+                        "seed": s,
+                    }
+                    if args.condense == "tm":
+                        cs = trajectory_matching(
+                            learner.new_top(0),
+                            experts,
+                            syn,
+                            E,
+                            iterations=iterations,
+                            syn_steps=20,
+                            expert_span=2,
+                            syn_lr=0.5,
+                            **common,
+                        )
+                    else:
+                        cs = gradient_matching(
+                            learner.new_top(0),
+                            real_s,
+                            syn,
+                            E,
+                            init_fn=init_fn,
+                            iterations=iterations,
+                            inner_steps=2,
+                            real_batch=128,
+                            **common,
+                        )
+                times["potstill_condense_emb"] = c.cpu + (ce.cpu if experts is not None else 0.0)
+                history[b].append([round(v, 5) for v in cs.history["match"]])
+                with Clock() as c2:
+                    arms["potstill_condense_text"] = cs.to_text(tokenizer, E, candidates=candidates)
+                times["potstill_condense_text"] = times["potstill_condense_emb"] + c2.cpu
+                arms["potstill_condense_emb"] = cs
+                if args.save_dir:
+                    save_condensed(cs, Path(args.save_dir) / f"dpc{b}_set{s}")
             if s == 0:
-                examples_text[b] = {
-                    "init": [e.text for e in arms["random"][:3]] + [e.text for e in arms["random"][b : b + 3]],
-                    "projected": [e.text for e in arms["potstill_condense_text"][:3]]
-                    + [e.text for e in arms["potstill_condense_text"][b : b + 3]],
-                    "dilm": [e.text for e in arms["dilm"][:3]] + [e.text for e in arms["dilm"][b : b + 3]],
-                    "potstill_select": [e.text for e in arms["potstill_select"][:3]]
-                    + [e.text for e in arms["potstill_select"][b : b + 3]],
+                names = {
+                    "init": "random",
+                    "projected": "potstill_condense_text",
+                    "dilm": "dilm",
+                    "potstill_select": "potstill_select",
                 }
+                examples_text[b] = {
+                    key: [e.text for e in arms[arm][:3]] + [e.text for e in arms[arm][b : b + 3]]
+                    for key, arm in names.items()
+                    if arm in arms
+                }
+            arms = {arm: data for arm, data in arms.items() if arm in chosen}
             for arm, data in arms.items():
                 feats, soft = soft_of(data)
                 if arm == "potstill_condense_emb":
@@ -325,28 +395,38 @@ def main(argv=None) -> int:
                     )
                     results[b][kind].setdefault(arm, []).append(r)
                 build[b].setdefault(arm, []).append(times.get(arm, 0.0))
-            learned[b].append(evaluate_set(cs_feats, seed=s, labels="soft", soft_labels=cs.soft_labels(), **protocol))
+            if "potstill_condense_emb" in arms:
+                learned[b].append(
+                    evaluate_set(cs_feats, seed=s, labels="soft", soft_labels=cs.soft_labels(), **protocol)
+                )
             acc = {arm: round(results[b]["hard"][arm][-1]["accuracy"], 3) for arm in arms}
             print(f"set {s} budget {b}: hard {acc} ({total_cpu(total):.0f} s CPU so far)", flush=True)
 
     table: dict = {}
     verdict: dict = {}
+    ours = [a for a in POTSTILL_ARMS if a in chosen]
+    ours_text = [a for a in ("potstill_select", "potstill_condense_text") if a in chosen]
     for b in budgets:
         table[b] = {}
         for kind in ("hard", "soft"):
             cons = {arm: v for arm, v in build[b].items() if arm != "dilm"}
             table[b][kind] = compare_arms(results[b][kind], baseline="random", construction_s=cons)
-        table[b]["learned"] = compare_arms({"potstill_condense_emb": learned[b]}, baseline=None)
-        rows = [(table[b][k][a]["mean"], a, k) for k in ("hard", "soft") for a in POTSTILL_ARMS]
-        rows.append((table[b]["learned"]["potstill_condense_emb"]["mean"], "potstill_condense_emb", "learned"))
+        if learned[b]:
+            table[b]["learned"] = compare_arms({"potstill_condense_emb": learned[b]}, baseline=None)
+        if "dilm" not in chosen or not ours:
+            verdict[b] = None  # nothing to compare: --arms left out dilm or every potstill arm
+            continue
+        rows = [(table[b][k][a]["mean"], a, k) for k in ("hard", "soft") for a in ours]
+        if learned[b]:
+            rows.append((table[b]["learned"]["potstill_condense_emb"]["mean"], "potstill_condense_emb", "learned"))
         best_mean, best_arm, best_kind = max(rows)
         same_kind = "soft" if best_kind == "learned" else best_kind
         dilm = table[b][same_kind]["dilm"]
         dilm_best = max(table[b][k]["dilm"]["mean"] for k in ("hard", "soft"))
-        best_text = max(
-            (table[b][k][a]["mean"], a, k)
-            for k in ("hard", "soft")
-            for a in ("potstill_select", "potstill_condense_text")
+        best_text = (
+            max((table[b][k][a]["mean"], a, k) for k in ("hard", "soft") for a in ours_text)
+            if ours_text
+            else (None, None, None)
         )
         verdict[b] = {
             "best_arm": best_arm,
@@ -359,7 +439,7 @@ def main(argv=None) -> int:
             "best_text_arm": best_text[1],
             "best_text_labels": best_text[2],
             "best_text_mean": best_text[0],
-            "best_text_beats_dilm_best": best_text[0] > dilm_best,
+            "best_text_beats_dilm_best": None if best_text[0] is None else best_text[0] > dilm_best,
         }
     total.__exit__()
     for b in budgets:
@@ -377,6 +457,10 @@ def main(argv=None) -> int:
             "batch_size": args.batch_size,
             "max_length": args.max_length,
             "trainable_layers": args.trainable_layers,
+            "schedule": args.schedule,
+            "warmup_fraction": 0.1,
+            "learner_preset": args.learner,
+            "arms": chosen,
             "learner": learner.name,
             "condense": {
                 "method": args.condense,
@@ -396,7 +480,9 @@ def main(argv=None) -> int:
             },
             "select": "teacher p(label) >= 0.9 and correct, then per-class herding",
             "teacher": {
-                "what": "same learner, linear head on the whole pool, 500 steps, batch 64",
+                "what": "same learner, linear head on the whole pool, 500 steps, batch 64"
+                if probe
+                else f"same learner ({learner.name}) on the whole pool, {teacher_steps} steps, batch 64, lr {args.lr}, linear",
                 **{k: teacher_eval[k] for k in ("accuracy", "macro_f1", "ece")},
             },
             "full_pool_protocol_accuracy": full_pool["accuracy"],
@@ -406,8 +492,10 @@ def main(argv=None) -> int:
         },
         "results": {str(b): table[b] for b in budgets},
         "vs_dilm": {str(b): verdict[b] for b in budgets},
-        "goal_met": all(v["beats_dilm_best"] for v in verdict.values()),
-        "goal_met_with_text_arm": all(v["best_text_beats_dilm_best"] for v in verdict.values()),
+        "goal_met": None if None in verdict.values() else all(v["beats_dilm_best"] for v in verdict.values()),
+        "goal_met_with_text_arm": None
+        if None in verdict.values() or not ours_text
+        else all(v["best_text_beats_dilm_best"] for v in verdict.values()),
         "condense_match_history": {str(b): history[b] for b in budgets},
         "examples": {str(b): v for b, v in examples_text.items()},
         "cpu_s": total.cpu,
@@ -417,10 +505,12 @@ def main(argv=None) -> int:
     items = {}
     for b in budgets:
         v = verdict[b]
-        items[f"b{b}_best"] = f"{v['best_arm']}/{v['best_labels']}:{v['best_mean']:.3f}"
-        items[f"b{b}_dilm"] = round(v["dilm_best_mean"], 3)
+        if v is not None:
+            items[f"b{b}_best"] = f"{v['best_arm']}/{v['best_labels']}:{v['best_mean']:.3f}"
+            items[f"b{b}_dilm"] = round(v["dilm_best_mean"], 3)
         items[f"b{b}_random"] = round(table[b]["hard"]["random"]["mean"], 3)
     items.update(
+        learner=f"{args.learner}/{args.schedule}",
         goal_met=data["goal_met"],
         text_goal_met=data["goal_met_with_text_arm"],
         cpu_min=round(total.cpu / 60, 1),

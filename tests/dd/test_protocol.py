@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import AB_WORDS, ab_word_tokenizer
+from helpers import AB_WORDS, ab_word_tokenizer, dd_bert, dd_tokenizer, dd_toy_examples
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from potstill.data.classification import Example
 from potstill.dd.condense import init_condensed
@@ -18,6 +20,7 @@ from potstill.dd.protocol import (
     compare_arms,
     evaluate_set,
     mean_std,
+    train_top,
 )
 from potstill.errors import PotstillError
 
@@ -212,3 +215,102 @@ def test_features_subset_trims_padding():
     )
     s = f.subset([0])
     assert s.hidden.shape == (1, 2, 1) and s.mask.tolist() == [[1, 1]] and s.labels.tolist() == [0]
+
+
+# ----------------------------------------------------------------------------- learning-rate schedule
+
+
+def _stepped_lrs(schedule: str | None, steps: int = 40, lr: float = 3e-2) -> tuple[list[float], list[float]]:
+    """``(losses, lr of every optimizer step)`` of one training run on the toy (both param groups checked)."""
+    learner = tiny_learner()
+    feats = learner.features(sentences(24, seed=1))
+    lrs: list[float] = []
+
+    def record(opt, args, kwargs):
+        group_lrs = {g["lr"] for g in opt.param_groups}
+        assert len(group_lrs) == 1  # decayed and undecayed groups move together
+        lrs.append(group_lrs.pop())
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        kw = {} if schedule is None else {"schedule": schedule}
+        losses = train_top(learner.new_top(3), feats, steps=steps, lr=lr, batch_size=8, seed=3, **kw)
+    finally:
+        handle.remove()
+    assert len(lrs) == steps
+    return losses, lrs
+
+
+def test_cosine_schedule_steps_through_transformers_closed_form():
+    """lr_k = lr * k / w for k < w, then lr * (1 + cos(pi (k - w) / (S - w))) / 2 (transformers'
+    get_cosine_schedule_with_warmup), w = int(0.1 S); written out here, not taken from the code."""
+    steps, lr, w = 40, 3e-2, 4
+    _, lrs = _stepped_lrs("cosine", steps, lr)
+    for k in (0, 1, 3, 4, 10, 22, 30, 39):
+        want = lr * k / w if k < w else lr * 0.5 * (1 + math.cos(math.pi * (k - w) / (steps - w)))
+        assert lrs[k] == pytest.approx(want, rel=1e-9, abs=1e-12), k
+    # not the linear schedule: it starts at lr / w and is lower than the cosine in the first half of the decay
+    assert lrs[0] == 0.0 and lrs[13] > lr * (steps - 13) / (steps - w) + 1e-3
+
+
+def test_linear_schedule_is_the_default_and_unchanged():
+    """schedule="linear" is the default and trains exactly as before the option existed: the same
+    losses (recorded from the code of commit 08e0780, tiny toy, seed 3) and lr_k = lr (k + 1) / w,
+    then lr (S - k) / (S - w)."""
+    steps, lr, w = 40, 3e-2, 4
+    default, lrs_default = _stepped_lrs(None, steps, lr)
+    linear, lrs = _stepped_lrs("linear", steps, lr)
+    assert linear == default and lrs == lrs_default
+    for k in (0, 3, 4, 20, 39):
+        want = lr * (k + 1) / w if k < w else lr * (steps - k) / (steps - w)
+        assert lrs[k] == pytest.approx(want, rel=1e-9), k
+    before = {0: 0.7210015058517456, 1: 0.7089558839797974, 2: 0.6292272210121155, 10: 0.2768372893333435}
+    for k, v in before.items():
+        assert linear[k] == pytest.approx(v, rel=1e-4), k
+    cosine, _ = _stepped_lrs("cosine", steps, lr)
+    assert cosine != linear
+    with pytest.raises(PotstillError, match="schedule='step'"):
+        _stepped_lrs("step")
+
+
+def test_eval_data_recipe_schedule_reaches_every_learner(tmp_path, monkeypatch):
+    """learner.schedule validates (linear, cosine; default linear), a bad value is refused naming the key,
+    and eval-data hands it to every learner and writes it into the report's protocol."""
+    import potstill.runners.common as cr
+    import potstill.runners.eval_data as ed
+    from potstill.recipes.eval_data import load_eval_data_recipe
+
+    rows = dd_toy_examples(8, 3)
+    (tmp_path / "set.jsonl").write_text("".join(f'{{"sentence": "{e.text}", "label": {e.label}}}\n' for e in rows))
+    data = {
+        "dataset": "sst2",
+        "output_dir": str(tmp_path / "out"),
+        "data": {"pool_size": 40, "eval_size": 20},
+        "learner": {"encoder": "tiny", "max_length": 16, "steps": 3, "lr": 1e-3, "batch_size": 4, "seeds": 1},
+        "labels": ["hard"],
+        "baselines": ["random"],
+        "sets": [{"name": "s", "path": str(tmp_path / "set.jsonl"), "format": "jsonl"}],
+    }
+    assert load_eval_data_recipe(data).learner.schedule == "linear"
+    shipped = load_eval_data_recipe(Path(__file__).resolve().parents[2] / "recipes" / "eval_data_sst2_finetune.yaml")
+    lc = shipped.learner
+    assert (lc.trainable_layers, lc.steps, lc.lr, lc.batch_size, lc.schedule) == (6, 200, 1e-4, 16, "cosine")
+    with pytest.raises(PotstillError, match="learner.schedule") as err:
+        load_eval_data_recipe(data, ["learner.schedule=step"])
+    assert "\n" not in str(err.value)
+    recipe = load_eval_data_recipe(data, ["learner.schedule=cosine", "learner.trainable_layers=2"])
+    assert recipe.learner.schedule == "cosine"
+
+    tok = dd_tokenizer()
+    monkeypatch.setattr(cr, "load_encoder", lambda name: (dd_bert(tok, seed=1), tok))
+    monkeypatch.setattr(cr, "load_sst2", lambda split="train", path=None: dd_toy_examples(40, int(split != "train")))
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("schedule"))
+        return evaluate_set(*args, **kwargs)
+
+    monkeypatch.setattr(ed, "evaluate_set", spy)
+    report = ed.run_eval_data(recipe)
+    assert report["protocol"]["schedule"] == "cosine" and report["recipe"]["learner"]["schedule"] == "cosine"
+    assert seen == ["cosine", "cosine"]  # the set and the random baseline, one seed each

@@ -45,7 +45,10 @@ from ..schedule import reshuffled_batches, warmup_adamw
 from .condense import soft_cross_entropy
 from .condensed_set import CondensedSet
 
+SCHEDULES = ("linear", "cosine")  # the learning-rate schedules of :func:`train_top`
+
 __all__ = [
+    "SCHEDULES",
     "Features",
     "SplitLearner",
     "compare_arms",
@@ -305,23 +308,39 @@ def train_top(
     weight_decay: float = 0.01,
     warmup_fraction: float = 0.1,
     max_grad_norm: float = 1.0,
+    schedule: str = "linear",
 ) -> list[float]:
     """Train ``top`` in place for exactly ``steps`` AdamW steps on ``train``; returns the per-step loss.
 
     ``targets [N, C]`` (probabilities) -> soft-label cross-entropy; ``None`` -> cross-entropy
-    with ``train.labels``. The schedule is :func:`potstill.kd.classifier.train_classifier`'s
-    (:mod:`potstill.schedule`): seeded reshuffled batches (``min(batch_size, N)``), linear warmup over
-    ``warmup_fraction`` then linear decay to 0, weight decay on matrices only, gradient norm clipped at
-    ``max_grad_norm``, dropout on and seeded.
+    with ``train.labels``. The training is :func:`potstill.kd.classifier.train_classifier`'s
+    (:mod:`potstill.schedule`): seeded reshuffled batches (``min(batch_size, N)``), weight decay on
+    matrices only, gradient norm clipped at ``max_grad_norm``, dropout on and seeded. ``schedule``:
+
+    * ``"linear"``: :func:`~potstill.schedule.warmup_adamw`'s linear warmup over
+      ``warm = max(1, int(steps * warmup_fraction))`` steps (0 when ``warmup_fraction`` is 0), then
+      linear decay to 0;
+    * ``"cosine"``: transformers' ``get_cosine_schedule_with_warmup`` over the same ``warm`` steps
+      (the Hugging Face fine-tuning schedule DiLM's learner uses, Maekawa et al. 2024): linear warmup
+      from 0 (the first step has lr 0), then half a cosine down to 0 at ``steps``.
     """
     n = len(train)
     if n == 0 or steps < 1 or batch_size < 1 or lr <= 0:
         raise PotstillError(
             f"need a non-empty set, steps >= 1, batch_size >= 1, lr > 0; got {n}, {steps}, {batch_size}, {lr}"
         )
+    if schedule not in SCHEDULES:
+        raise PotstillError(f"schedule='{schedule}' is not one of {', '.join(SCHEDULES)}")
     bs = min(batch_size, n)
     params = [p for p in top.parameters() if p.requires_grad]
     opt, sched = warmup_adamw(params, lr, weight_decay, steps, warmup_fraction)
+    if schedule == "cosine":
+        from transformers import get_cosine_schedule_with_warmup
+
+        # the same optimizer and warmup length; the linear scheduler built with it is dropped (it
+        # recorded each group's initial_lr = lr, which the cosine one reads back and restarts from)
+        warm = max(1, int(steps * warmup_fraction)) if warmup_fraction > 0 else 0
+        sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=warm, num_training_steps=steps)
     batches = reshuffled_batches(n, bs, seed)
     losses: list[float] = []
     top.train()
@@ -382,6 +401,7 @@ def evaluate_set(
     labels: str = "hard",
     soft_labels=None,
     return_model: bool = False,
+    schedule: str = "linear",
 ) -> dict:
     """Train a fresh learner (``learner.new_top(seed)``) on ``train`` and evaluate it on ``eval_examples``.
 
@@ -389,7 +409,8 @@ def evaluate_set(
     ``classes``) or cached :class:`Features`. ``labels="hard"``: cross-entropy with the labels;
     ``"soft"``: cross-entropy to ``soft_labels [N, C]`` (probability rows, e.g. a teacher's; a
     :class:`CondensedSet` defaults to its own learned ``soft_labels()``). Pass ``eval_examples`` as
-    :class:`Features` (``learner.features(dev)``) to reuse them across calls.
+    :class:`Features` (``learner.features(dev)``) to reuse them across calls. ``schedule``: the
+    learning-rate schedule of :func:`train_top` (``linear`` or ``cosine``).
 
     Returns ``{accuracy, f1, macro_f1, ece, n, n_train, steps, labels, seed, train_s, final_loss}``
     (plus ``model`` with ``return_model``).
@@ -411,7 +432,9 @@ def evaluate_set(
     ev = eval_examples if isinstance(eval_examples, Features) else learner.features(eval_examples)
     top = learner.new_top(seed)
     t0 = time.perf_counter()
-    losses = train_top(top, feats, steps=steps, lr=lr, batch_size=batch_size, seed=seed, targets=targets)
+    losses = train_top(
+        top, feats, steps=steps, lr=lr, batch_size=batch_size, seed=seed, targets=targets, schedule=schedule
+    )
     train_s = time.perf_counter() - t0
     out = evaluate_features(top, ev)
     out.update(n_train=len(feats), steps=steps, labels=labels, seed=seed, train_s=train_s, final_loss=losses[-1])

@@ -25,6 +25,7 @@ __all__ = [
     "RECIPE",
     "Baseline",
     "EvalDataLMRecipe",
+    "EvalDataLearner",
     "EvalDataRecipe",
     "EvalDataTeacher",
     "EvalSet",
@@ -61,6 +62,15 @@ class EvalSet(Strict):
     )
 
 
+class EvalDataLearner(CondenseLearner):
+    schedule: Literal["linear", "cosine"] = Field(
+        "linear",
+        description="Learning-rate schedule of each evaluated learner, after a linear warmup over 10 % of the "
+        "steps: linear (decay to 0) or cosine (transformers' get_cosine_schedule_with_warmup, DiLM's fine-tuning "
+        "schedule). The teacher keeps linear.",
+    )
+
+
 class EvalDataTeacher(Strict):
     steps: int = Field(500, ge=1, description="Training steps of the teacher (the learner on the whole pool).")
     lr: float | None = Field(None, gt=0.0, description="Teacher lr (null: learner.lr).")
@@ -80,8 +90,8 @@ class EvalDataRecipe(RecipeFile):
         0, ge=0, le=2**32 - 1, description="Seed of the pool, the held-out subset, the teacher and the random draws."
     )
     data: CondenseData = Field(default_factory=CondenseData, description="Pool and evaluation sizes.")
-    learner: CondenseLearner = Field(
-        default_factory=CondenseLearner,
+    learner: EvalDataLearner = Field(
+        default_factory=EvalDataLearner,
         description="The one learner every arm is trained with (learner.seeds learners per set).",
     )
     labels: list[Literal["hard", "soft"]] = Field(

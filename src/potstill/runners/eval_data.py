@@ -2,7 +2,7 @@
 
 The evaluation protocol of the issue (DiLM, Maekawa et al. 2024, Sec. 5; Wang et al. 2018): every
 set in ``sets`` is compared, at the *same size and class balance*, with baseline subsets drawn from
-one real pool, under the same learner, steps, lr, batch and seeds (:mod:`potstill.dd.protocol`),
+one real pool, under the same learner, steps, lr, schedule, batch and seeds (:mod:`potstill.dd.protocol`),
 with hard labels and with a teacher's soft labels (KD with alpha 0, T 1). A set that only beats
 random under a different training budget proves nothing, hence one protocol for every arm.
 
@@ -126,6 +126,7 @@ class _Judge:
                     steps=lr_cfg.steps,
                     lr=lr_cfg.lr,
                     batch_size=lr_cfg.batch_size,
+                    schedule=lr_cfg.schedule,
                 )
             )
 
@@ -194,6 +195,7 @@ def _protocol(recipe: EvalDataRecipe) -> dict:
         "steps": lr_cfg.steps,
         "lr": lr_cfg.lr,
         "batch_size": lr_cfg.batch_size,
+        "schedule": lr_cfg.schedule,
         "seeds": list(range(lr_cfg.seeds)),
         "trainable_layers": lr_cfg.trainable_layers,
         "max_length": lr_cfg.max_length,
