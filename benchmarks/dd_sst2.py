@@ -149,6 +149,15 @@ def main(argv=None) -> int:
         default=None,
         help="learner lr schedule after a 10 %% warmup (default: the preset's)",
     )
+    p.add_argument(
+        "--teacher",
+        choices=("learner", "probe"),
+        default="learner",
+        help="the full-pool teacher (selection rule, soft labels): the learner itself (default) or, under "
+        "--learner finetune, the probe (linear head on frozen MiniLM, lr 1e-2): the sets are then built as "
+        "under the probe protocol and only judged by the fine-tuned learner (and 30 CPU-min of teacher saved)",
+    )
+    p.add_argument("--labels", default="hard,soft", help="label kinds judged: hard, soft or both (default)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)} (default all)")
     p.add_argument("--condense", choices=("tm", "gm"), default="tm", help="trajectory or gradient matching")
     p.add_argument("--iterations", type=int, default=None, help="condensation iterations (default 40; --quick 4)")
@@ -163,6 +172,9 @@ def main(argv=None) -> int:
         why = f"unknown {','.join(unknown)}" if unknown else "random is required (every gain is over it)"
         p.error(f"--arms: {why}; choose from {','.join(ARMS)}")
     condense = any(a in chosen for a in CONDENSE_ARMS)
+    label_kinds = [k.strip() for k in args.labels.split(",") if k.strip()]
+    if not label_kinds or any(k not in ("hard", "soft") for k in label_kinds):
+        p.error(f"--labels {args.labels}: use hard, soft or hard,soft")
     sets = args.sets or (2 if args.quick else 10)
     budgets = [int(b) for b in (args.budgets or ("5,10" if args.quick else "5,10,20")).split(",")]
     pool_n = 600 if args.quick else args.pool
@@ -228,13 +240,22 @@ def main(argv=None) -> int:
     emb = torch.nn.functional.normalize(emb_source.hidden[:, 0], dim=-1)
     labels = pool_f.labels
 
+    probe_teacher = not probe and args.teacher == "probe"
+    t_learner = (
+        SplitLearner.from_classifier(model, trainable_layers=0, max_length=args.max_length)
+        if probe_teacher
+        else learner
+    )
     with Clock() as c:
-        teacher = learner.new_top(10_000)
+        t_pool_f = emb_source if probe_teacher else pool_f  # emb_source: the frozen encoder's pooled pool features
+        t_eval_f = pooled(t_learner.features(eval_set)) if probe_teacher else eval_f
+        teacher = t_learner.new_top(10_000)
         teacher_steps = 60 if args.quick else 500
-        train_top(teacher, pool_f, steps=teacher_steps, lr=args.lr, batch_size=64, seed=0)  # linear schedule
-        teacher_probs = predict_features(teacher, pool_f)
+        t_lr = LEARNERS["probe"]["lr"] if probe_teacher else args.lr
+        train_top(teacher, t_pool_f, steps=teacher_steps, lr=t_lr, batch_size=64, seed=0)  # linear schedule
+        teacher_probs = predict_features(teacher, t_pool_f)
     setup["teacher_cpu_s"] = c.cpu
-    teacher_eval = evaluate_features(teacher, eval_f)
+    teacher_eval = evaluate_features(teacher, t_eval_f)
     protocol = {
         "learner": learner,
         "eval_examples": eval_f,
@@ -257,7 +278,8 @@ def main(argv=None) -> int:
         feats = learner.features(train)
         if probe:
             feats = pooled(feats)
-        return feats, predict_features(teacher, feats)
+        t_feats = pooled(t_learner.features(train)) if probe_teacher else feats
+        return feats, predict_features(teacher, t_feats)
 
     results: dict = {b: {"hard": {}, "soft": {}} for b in budgets}
     learned: dict = {b: [] for b in budgets}
@@ -389,7 +411,7 @@ def main(argv=None) -> int:
                 feats, soft = soft_of(data)
                 if arm == "potstill_condense_emb":
                     cs_feats = feats
-                for kind in ("hard", "soft"):
+                for kind in label_kinds:
                     r = evaluate_set(
                         feats, seed=s, labels=kind, soft_labels=soft if kind == "soft" else None, **protocol
                     )
@@ -399,8 +421,8 @@ def main(argv=None) -> int:
                 learned[b].append(
                     evaluate_set(cs_feats, seed=s, labels="soft", soft_labels=cs.soft_labels(), **protocol)
                 )
-            acc = {arm: round(results[b]["hard"][arm][-1]["accuracy"], 3) for arm in arms}
-            print(f"set {s} budget {b}: hard {acc} ({total_cpu(total):.0f} s CPU so far)", flush=True)
+            acc = {arm: round(results[b][label_kinds[0]][arm][-1]["accuracy"], 3) for arm in arms}
+            print(f"set {s} budget {b}: {label_kinds[0]} {acc} ({total_cpu(total):.0f} s CPU so far)", flush=True)
 
     table: dict = {}
     verdict: dict = {}
@@ -408,7 +430,7 @@ def main(argv=None) -> int:
     ours_text = [a for a in ("potstill_select", "potstill_condense_text") if a in chosen]
     for b in budgets:
         table[b] = {}
-        for kind in ("hard", "soft"):
+        for kind in label_kinds:
             cons = {arm: v for arm, v in build[b].items() if arm != "dilm"}
             table[b][kind] = compare_arms(results[b][kind], baseline="random", construction_s=cons)
         if learned[b]:
@@ -416,15 +438,15 @@ def main(argv=None) -> int:
         if "dilm" not in chosen or not ours:
             verdict[b] = None  # nothing to compare: --arms left out dilm or every potstill arm
             continue
-        rows = [(table[b][k][a]["mean"], a, k) for k in ("hard", "soft") for a in ours]
+        rows = [(table[b][k][a]["mean"], a, k) for k in label_kinds for a in ours]
         if learned[b]:
             rows.append((table[b]["learned"]["potstill_condense_emb"]["mean"], "potstill_condense_emb", "learned"))
         best_mean, best_arm, best_kind = max(rows)
         same_kind = "soft" if best_kind == "learned" else best_kind
         dilm = table[b][same_kind]["dilm"]
-        dilm_best = max(table[b][k]["dilm"]["mean"] for k in ("hard", "soft"))
+        dilm_best = max(table[b][k]["dilm"]["mean"] for k in label_kinds)
         best_text = (
-            max((table[b][k][a]["mean"], a, k) for k in ("hard", "soft") for a in ours_text)
+            max((table[b][k][a]["mean"], a, k) for k in label_kinds for a in ours_text)
             if ours_text
             else (None, None, None)
         )
@@ -461,6 +483,8 @@ def main(argv=None) -> int:
             "warmup_fraction": 0.1,
             "learner_preset": args.learner,
             "arms": chosen,
+            "labels": label_kinds,
+            "teacher_kind": "probe" if probe or probe_teacher else "learner",
             "learner": learner.name,
             "condense": {
                 "method": args.condense,
@@ -482,6 +506,8 @@ def main(argv=None) -> int:
             "teacher": {
                 "what": "same learner, linear head on the whole pool, 500 steps, batch 64"
                 if probe
+                else f"the probe (linear head on the frozen encoder) on the whole pool, {teacher_steps} steps, batch 64, lr 1e-2"
+                if probe_teacher
                 else f"same learner ({learner.name}) on the whole pool, {teacher_steps} steps, batch 64, lr {args.lr}, linear",
                 **{k: teacher_eval[k] for k in ("accuracy", "macro_f1", "ece")},
             },
@@ -508,7 +534,7 @@ def main(argv=None) -> int:
         if v is not None:
             items[f"b{b}_best"] = f"{v['best_arm']}/{v['best_labels']}:{v['best_mean']:.3f}"
             items[f"b{b}_dilm"] = round(v["dilm_best_mean"], 3)
-        items[f"b{b}_random"] = round(table[b]["hard"]["random"]["mean"], 3)
+        items[f"b{b}_random"] = round(table[b][label_kinds[0]]["random"]["mean"], 3)
     items.update(
         learner=f"{args.learner}/{args.schedule}",
         goal_met=data["goal_met"],
