@@ -155,6 +155,9 @@ def test_compare_costs_equal_hand_counted_tokens_and_match_flops(assets, tmp_pat
     assert abs(costs["sft"]["flops"] - costs["kd"]["flops"]) <= 6 * n_s * tokens
     info = json.loads((out / "seed_0" / "runs" / "sft" / "train_info.json").read_text())
     assert info["run"]["max_steps"] == sft_steps and info["loss_curve"][-1][0] == sft_steps
+    # the costliest run keeps train.max_steps unset: a student trained at equal steps is the same run
+    kd_info = json.loads((out / "seed_0" / "runs" / "kd" / "train_info.json").read_text())
+    assert kd_info["run"]["max_steps"] is None and kd_info["loss_curve"][-1][0] == 3
     assert "compute-matched" in (out / "compare.md").read_text()
 
 

@@ -163,7 +163,11 @@ def compare(recipe: Recipe, *, progress: bool = True) -> dict:
     steps = {n: recipe.train.max_steps for n in names}
     if cfg.match == "flops":
         steps = matched_steps(recipe, *scorer.sizes())
-        runs = [r.model_copy(update={"max_steps": steps[r.name]}) for r in recipe.runs]
+        # the costliest runs keep train.max_steps unset, so their students trained at equal steps are reused
+        runs = [
+            r.model_copy(update={"max_steps": steps[r.name]}) if steps[r.name] != recipe.train.max_steps else r
+            for r in recipe.runs
+        ]
         recipe = recipe.model_copy(update={"runs": runs})
         log.info("compare: compute-matched steps %s", steps)
     seeds = [_seed(recipe, s, scorer, progress) for s in cfg.seeds]
@@ -204,8 +208,9 @@ def _markdown(r: dict) -> str:
         "",
         f"Every run against **{r['baseline']}**, trained with seeds {r['seeds']} and scored on the same "
         f"{r['examples']} held-out examples. Difference = run - baseline (mean over seeds and examples), its {pct} "
-        "interval from a bootstrap over seeds x examples, p-values Holm-corrected across every row "
-        "(potstill.eval.verdict).",
+        "interval from a bootstrap over seeds x examples (that row alone), p-values Holm-corrected across every "
+        "row (potstill.eval.verdict). The verdict reads the Holm p-value, so a row whose own interval leaves out 0 "
+        "can still be *no difference* once every row is accounted for.",
         "",
         f"| metric | run | difference | {pct} interval | p (Holm) | verdict | per seed |",
         "|---|---|---:|---|---:|---|---|",
