@@ -169,3 +169,18 @@ def test_compare_match_flops_refuses_runs_it_cannot_price(assets, tmp_path):
     r["runs"][0]["max_steps"] = 5
     with pytest.raises(PotstillError, match="set their own max_steps"):
         check_compare(Recipe.model_validate(r))
+
+
+def test_a_runs_own_steps_are_part_of_its_fingerprint(assets, tmp_path):
+    """A student trained for other steps is another student: never reused; unset, the fingerprint is unchanged."""
+    from potstill.finished import run_fingerprint
+    from potstill.recipes.distill import Recipe
+
+    plain = Recipe.model_validate(recipe(assets, tmp_path / "x"))
+    r = recipe(assets, tmp_path / "x")
+    r["runs"][0]["max_steps"] = 7
+    longer = Recipe.model_validate(r)
+    assert "max_steps" not in run_fingerprint(plain, plain.runs[0])["run"]
+    assert run_fingerprint(longer, longer.runs[0])["run"]["max_steps"] == 7
+    assert run_fingerprint(longer, longer.runs[0]) != run_fingerprint(plain, plain.runs[0])
+    assert run_fingerprint(longer, longer.runs[1]) == run_fingerprint(plain, plain.runs[1])

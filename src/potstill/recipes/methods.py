@@ -427,6 +427,8 @@ class RunConfig(Strict):
         cross = dump(self.cross_tokenizer)  # its `align` was called `method` then
         # KPOD's options only when set: fingerprints of runs without them stay as they were
         keypoint = {} if self.keypoint is None else {"keypoint": dump(self.keypoint)}
+        # a run's own step count likewise (compare's match: flops): unset, the fingerprint is what it was
+        keypoint |= {} if self.max_steps is None else {"max_steps": self.max_steps}
         return keypoint | {
             "name": self.name,
             "alpha": self.alpha,
