@@ -25,6 +25,13 @@ def test_shipped_multiple_choice_tasks_read_the_local_data(name, tmp_path):
     assert labels == set(range(len(cfg["doc_to_choice"])))
     if name == "potstill_pubmedqa":  # the 500 test ids, 55.2 % yes (Jin et al. 2019)
         assert len(rows) == 500 and sum(r["label"] == 0 for r in rows) == 276
+    # `limit` takes the first documents: they hold every class (the ground-truth file is ordered by label),
+    # in the same order on every call
+    assert {r["label"] for r in rows[:50]} == labels
+    again = shipped_task(name, data_root(), tmp_path / "again")
+    assert Path(again["dataset_kwargs"]["data_files"]["test"]).read_text() == Path(
+        cfg["dataset_kwargs"]["data_files"]["test"]
+    ).read_text()
 
 
 def test_gsm8k_is_lm_evals_own_task_on_the_local_files(tmp_path):

@@ -45,8 +45,15 @@ def _require_lm_eval():
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> str:
+    """The task's documents in one seeded shuffle: lm-eval's ``limit`` takes the first documents, and a source
+    file ordered by label (PubMedQA's ground truth lists every *yes*, then every *no*, then every *maybe*) would
+    hand a limited run one class only."""
+    import random
+
     from ..io import atomic_write_text
 
+    rows = list(rows)
+    random.Random(0).shuffle(rows)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return str(path)
 
