@@ -184,3 +184,25 @@ def test_a_runs_own_steps_are_part_of_its_fingerprint(assets, tmp_path):
     assert run_fingerprint(longer, longer.runs[0])["run"]["max_steps"] == 7
     assert run_fingerprint(longer, longer.runs[0]) != run_fingerprint(plain, plain.runs[0])
     assert run_fingerprint(longer, longer.runs[1]) == run_fingerprint(plain, plain.runs[1])
+
+
+def test_an_on_policy_run_counts_the_teacher_tokens_of_the_students_samples(assets, tmp_path):
+    """With lmbda 1 every step trains on the student's own samples, scored by the teacher: the teacher reads
+    exactly the tokens the student trains on (the samples' scorer is counted beside the data source)."""
+    from potstill.recipes.distill import Recipe
+    from potstill.runners.distill import distill
+
+    out = tmp_path / "op"
+    r = recipe(assets, out)
+    r["runs"] = [
+        {
+            "name": "gkd",
+            "alpha": 0.0,
+            "divergence": {"name": "generalized_jsd", "beta": 0.5},
+            "method": {"kind": "on_policy", "lmbda": 1.0, "max_new_tokens": 4},
+        }
+    ]
+    distill(Recipe.model_validate(r), progress=False)
+    info = json.loads((out / "runs" / "gkd" / "train_info.json").read_text())
+    assert info["on_policy"]["gen_tokens"] > 0
+    assert info["teacher_tokens"] == info["student_tokens"] > 0

@@ -283,6 +283,10 @@ class KDTrainer(NonFiniteGuard, Trainer):
         return v
 
     # --------------------------------------------------------------------------- loss
+    def teacher_sources(self) -> list:
+        """Every signal source this trainer asks (for the teacher tokens a run read; subclasses add their own)."""
+        return [self.signal_source]
+
     def _batch_signal(self, inputs: dict, student=None):
         """The teacher's signal for a batch (subclasses route generated batches elsewhere). ``student``
         (``(rows [n, H] detached, head)``) reaches a source that weighs its teachers by the student's current

@@ -302,6 +302,9 @@ class OnPolicyKDTrainer(KDTrainer):
         return self._collate([pool[self._rng.randrange(len(pool))] for _ in range(n)])
 
     # ----------------------------------------------------------------- loss routing
+    def teacher_sources(self) -> list:
+        return [*super().teacher_sources(), self._scorer]  # the scorer of the student's samples
+
     def _batch_signal(self, inputs: dict, student=None):
         if inputs.get(ROLLOUT):
             return self._scorer.signal(inputs)

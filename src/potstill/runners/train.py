@@ -247,7 +247,6 @@ def train_run(
     from datasets import Dataset
 
     from potstill.runners.keypoint import with_keypoint_columns
-    from potstill.signals import teacher_tokens
 
     train_examples = with_keypoint_columns(
         run, teacher, tokenizer, train_examples, Path(recipe.output_dir) / "keypoint"
@@ -286,9 +285,9 @@ def train_run(
         if moves is not None:
             trainer.add_callback(moves)
         watch = _watch(recipe, run, trainer, teacher, tokenizer, out_dir, eval_examples, vocab_size)
-        read0 = teacher_tokens(source) if kd else 0  # a source may be shared by runs: count this run's part
+        read0 = _tokens_read(trainer)  # a source may be shared by runs: count this run's part
         seconds = sc.fit(trainer, run.name)
-        read = teacher_tokens(source) - read0 if kd else 0
+        read = _tokens_read(trainer) - read0
         student_sharded = is_sharded(trainer.model)
         model = _trained_student(recipe, trainer, blank, peft_config, device) if sharded or is_main_process() else None
     finally:
@@ -308,6 +307,13 @@ def train_run(
     model = model.merge_and_unload() if peft_config is not None else model
     sc.save(model, tokenizer, out_dir, info)
     return model, curve
+
+
+def _tokens_read(trainer) -> int:
+    """Tokens the live teachers of ``trainer`` have read so far (data batches and, on-policy, the student's samples)."""
+    from potstill.signals import teacher_tokens
+
+    return sum(teacher_tokens(s) for s in getattr(trainer, "teacher_sources", list)())
 
 
 @dataclass
