@@ -186,9 +186,10 @@ def test_a_runs_own_steps_are_part_of_its_fingerprint(assets, tmp_path):
     assert run_fingerprint(longer, longer.runs[1]) == run_fingerprint(plain, plain.runs[1])
 
 
-def test_an_on_policy_run_counts_the_teacher_tokens_of_the_students_samples(assets, tmp_path):
-    """With lmbda 1 every step trains on the student's own samples, scored by the teacher: the teacher reads
-    exactly the tokens the student trains on (the samples' scorer is counted beside the data source)."""
+def test_on_policy_runs_count_the_teacher_tokens_of_the_students_samples(assets, tmp_path):
+    """Every step of these runs trains on the student's own samples (GKD at lmbda 1, MiniLLM), or on them and
+    the data (DistiLLM-2), all scored by the teacher: the teacher reads exactly the tokens the student trains on
+    (the samples' scorer is counted beside the data source, and each trainer counts what its student read)."""
     from potstill.recipes.distill import Recipe
     from potstill.runners.distill import distill
 
@@ -200,9 +201,26 @@ def test_an_on_policy_run_counts_the_teacher_tokens_of_the_students_samples(asse
             "alpha": 0.0,
             "divergence": {"name": "generalized_jsd", "beta": 0.5},
             "method": {"kind": "on_policy", "lmbda": 1.0, "max_new_tokens": 4},
-        }
+        },
+        {
+            "name": "distillm2",
+            "alpha": 0.0,
+            "divergence": {"name": "skew_forward_kl", "alpha": 0.1},
+            "method": {
+                "kind": "distillm2",
+                "max_new_tokens": 4,
+                "student_divergence": {"name": "skew_reverse_kl", "alpha": 0.1},
+            },
+        },
+        {
+            "name": "minillm",
+            "alpha": 0.0,
+            "divergence": {"name": "reverse_kl"},
+            "method": {"kind": "minillm", "max_new_tokens": 4},
+        },
     ]
     distill(Recipe.model_validate(r), progress=False)
-    info = json.loads((out / "runs" / "gkd" / "train_info.json").read_text())
-    assert info["on_policy"]["gen_tokens"] > 0
-    assert info["teacher_tokens"] == info["student_tokens"] > 0
+    for name in ("gkd", "distillm2", "minillm"):
+        info = json.loads((out / "runs" / name / "train_info.json").read_text())
+        assert info["on_policy"]["gen_tokens"] > 0, name
+        assert info["teacher_tokens"] == info["student_tokens"] > 0, name

@@ -170,6 +170,7 @@ class ContrastiveKDTrainer(OnPolicyKDTrainer):
         student = {k: v for k, v in inputs[_STUDENT].items() if k != ROLLOUT}
         data = {k: v for k, v in inputs.items() if not k.startswith("_potstill")}
         hidden_d, hidden_s = self._paired_hidden(model, data, student)
+        self._count_slots(model, data, student)
         head = output_head(model)
         beta = self._last_beta = self._beta()
         alpha_ce = self._batch_alpha(data)

@@ -421,9 +421,7 @@ class KDTrainer(NonFiniteGuard, Trainer):
             loss = loss * self.accelerator.num_processes
         for k in ("ce_sum", "kd_sum", "n_tokens"):
             self._stats[k] += float(stats[k])
-        if model.training:  # the token slots the student computed, and how many of them held a token
-            self._slots[0] += int(inputs["input_ids"].numel())
-            self._slots[1] += int(inputs["attention_mask"].sum())
+        self._count_slots(model, inputs)
         if return_outputs:
             return loss, {"loss": loss}
         return loss
@@ -432,6 +430,13 @@ class KDTrainer(NonFiniteGuard, Trainer):
     def loss_tokens(self) -> int:
         """Tokens that carried loss on this process so far (training steps)."""
         return int(self._logged_tokens + self._stats["n_tokens"])
+
+    def _count_slots(self, model, *batches: dict) -> None:
+        """In training: the token slots the student computed, and how many of them held a token."""
+        if model.training:
+            for b in batches:
+                self._slots[0] += int(b["input_ids"].numel())
+                self._slots[1] += int(b["attention_mask"].sum())
 
     @property
     def student_tokens(self) -> int:

@@ -217,6 +217,7 @@ class MiniLLMKDTrainer(OnPolicyKDTrainer):
         labels = inputs["labels"]
         index = target_index(labels)
         rows = target_rows(self._student_hidden(model, inputs), index)
+        self._count_slots(model, inputs)
         targets = labels[:, 1:].reshape(-1).index_select(0, index)
         # Sharded heads (FSDP2 / ZeRO-3) whole, once per step: the log-probs below read them directly.
         signal = full_teacher(self._scorer.signal(inputs), 0.0)
