@@ -29,9 +29,10 @@ def test_shipped_multiple_choice_tasks_read_the_local_data(name, tmp_path):
     # in the same order on every call
     assert {r["label"] for r in rows[:50]} == labels
     again = shipped_task(name, data_root(), tmp_path / "again")
-    assert Path(again["dataset_kwargs"]["data_files"]["test"]).read_text() == Path(
-        cfg["dataset_kwargs"]["data_files"]["test"]
-    ).read_text()
+    assert (
+        Path(again["dataset_kwargs"]["data_files"]["test"]).read_text()
+        == Path(cfg["dataset_kwargs"]["data_files"]["test"]).read_text()
+    )
 
 
 def test_gsm8k_is_lm_evals_own_task_on_the_local_files(tmp_path):
