@@ -537,6 +537,18 @@ def _cache_bad_cases(assets, tmp_path):
             ["cache", rec("rk", cache=CACHE), "--rank", "2", "--world-size", "2"],
             "rank 2 is not in [0, 2)",
         ),
+        "refresh rule with threshold and fraction": (
+            ["cache", rec("rf", cache={**CACHE, "refresh": {"threshold": 0.1, "fraction": 0.5}}), "--refresh"],
+            "give threshold or fraction, not both",
+        ),
+        "append and refresh at once": (
+            ["cache", rec("ar", cache=CACHE), "--append", "--refresh"],
+            "--append and --refresh are two steps",
+        ),
+        "refresh before any cache": (
+            ["cache", rec("rn", cache=CACHE), "--refresh"],
+            "run `potstill cache` first",
+        ),
     }
 
 
@@ -564,6 +576,41 @@ def test_bad_cache_input_gives_one_line_and_leaves_nothing(assets, tmp_path, cap
     assert err[0].startswith("error: ") and expected.lower() in err[0].lower(), err[0]
     assert "Traceback" not in err[0]
     assert not (tmp_path / "out").exists(), "bad input must leave no output behind"
+
+
+def test_refresh_after_the_teacher_changed_then_distill_from_the_mixed_cache(assets, tmp_path, capsys):
+    """`potstill cache --refresh` with a changed teacher recomputes the top half by drift; distill
+    refuses the mixed cache until the recipe allows it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, teacher, *_ = assets
+    changed = tmp_path / "changed_teacher"
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    with torch.no_grad():
+        for w in model.model.layers[-1].parameters():
+            w.mul_(1.5)
+    model.save_pretrained(changed)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(changed)
+    out = tmp_path / "out"
+    base = recipe(assets, out, cache=CACHE, runs=KD_ONLY, **{"eval.include_untrained": False})
+    assert main(["cache", str(write(tmp_path / "a.yaml", base))]) == 0
+    cache = {**CACHE, "refresh": {"fraction": 0.5, "probe_tokens": 4}}
+    new = {**base, "teacher": {"model": str(changed)}, "cache": cache}
+    rp = write(tmp_path / "b.yaml", new)
+    assert main(["distill", str(rp)]) == 2  # the cache holds the old teacher's rows only
+    assert "another teacher" in capsys.readouterr().err
+    assert main(["cache", str(rp), "--refresh"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    n = len(PAIRS) - 3
+    assert lines[-1].startswith(f"refresh 1: {(n + 1) // 2} of {n} probed examples recomputed (mean drift ")
+    assert lines[-1].endswith("rows of an earlier teacher kept (train with cache.allow_mixed: true)")
+    man = json.loads((out / "teacher_cache" / "manifest.json").read_text())
+    assert man["teacher"]["name"] == str(changed) and len({fp for *_, fp in man["sources"]}) == 2
+    assert main(["distill", str(rp)]) == 2
+    assert "cache.allow_mixed: true" in capsys.readouterr().err
+    allowed = write(tmp_path / "c.yaml", {**new, "cache": {**cache, "allow_mixed": True}})
+    assert main(["distill", str(allowed)]) == 0
+    assert (out / "runs" / "kd" / "model.safetensors").is_file()
 
 
 def test_cache_has_help(capsys):

@@ -100,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     c.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK or 0)")
     c.add_argument("--world-size", type=int, default=None, help="number of processes (default: $WORLD_SIZE or 1)")
+    c.add_argument("--append", action="store_true", help="the data grew: cache the new examples only")
+    c.add_argument(
+        "--refresh",
+        action="store_true",
+        help="the teacher changed: recompute the examples that drifted past cache.refresh (the rest are kept)",
+    )
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     e = sub.add_parser("eval", help="evaluate the finished students of a recipe on its held-out prompts")
@@ -232,7 +238,7 @@ def _cache(args: argparse.Namespace) -> int:
     recipe = _load_recipe(args.recipe, args.overrides, verb="cache")
     rank = args.rank if args.rank is not None else _env_int("RANK", 0)
     world = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE", 1)
-    manifest = cache(recipe, rank=rank, world_size=world)
+    manifest = cache(recipe, rank=rank, world_size=world, append=args.append, refresh=args.refresh)
     if manifest is None:
         print(
             f"rank {rank} of {world}: its shards are written to {recipe.cache_dir}; the last process to finish "
@@ -244,6 +250,15 @@ def _cache(args: argparse.Namespace) -> int:
         f"{manifest['data']['num_examples']} examples, {manifest['data']['num_rows']} tokens, "
         f"{manifest['num_shards']} shards, {manifest['bytes_per_token']:.1f} bytes/token"
     )
+    if args.refresh and manifest.get("refreshes"):
+        r = manifest["refreshes"][-1]
+        mixed = (
+            "; rows of an earlier teacher kept (train with cache.allow_mixed: true)" if "sources" in manifest else ""
+        )
+        print(
+            f"refresh {r['revision']}: {r['examples_recomputed']} of {r['examples_probed']} probed examples "
+            f"recomputed (mean drift {r['mean_drift'] or 0.0:.4f} nats/token){mixed}"
+        )
     return 0
 
 

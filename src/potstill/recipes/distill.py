@@ -74,6 +74,27 @@ class DenseCache(Strict):
 CacheSignalConfig = Annotated[TopKCache | SampledCache | DenseCache, Field(discriminator="kind")]
 
 
+class RefreshConfig(Strict):
+    threshold: float | None = Field(
+        None,
+        ge=0.0,
+        description="`potstill cache --refresh` recomputes the examples whose drift KL(new || old), in nats per "
+        "response token, exceeds this; default 0.01 unless `fraction` is given.",
+    )
+    fraction: float | None = Field(
+        None, gt=0.0, le=1.0, description="Recompute this top fraction of examples by drift instead (one process)."
+    )
+    probe_tokens: int | None = Field(
+        16, ge=1, description="Response tokens per example the drift is measured on (null: all of them, exact)."
+    )
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> RefreshConfig:
+        if self.threshold is not None and self.fraction is not None:
+            raise ValueError("cache.refresh: give threshold or fraction, not both")
+        return self
+
+
 class CacheConfig(Strict):
     dir: str | None = Field(None, description="Cache directory; default: <output_dir>/teacher_cache.")
     signal: CacheSignalConfig = Field(default_factory=TopKCache, description="What is stored per token.")
@@ -87,6 +108,13 @@ class CacheConfig(Strict):
     verify: bool = Field(
         True,
         description="Check every shard's sha256 when the cache is opened, before training (sizes are always checked).",
+    )
+    refresh: RefreshConfig = Field(
+        default_factory=RefreshConfig, description="Which examples `potstill cache --refresh` recomputes."
+    )
+    allow_mixed: bool = Field(
+        False,
+        description="Train on a refreshed cache that still holds rows of an earlier teacher (refused by default).",
     )
 
     @field_validator("temperature")

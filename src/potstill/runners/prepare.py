@@ -463,6 +463,7 @@ class Prepared:
             tail=spec.tail,
             teacher_fingerprint=weights_fingerprint(self.teacher),
             verify=self.recipe.cache.verify,
+            allow_mixed=self.recipe.cache.allow_mixed,
         )
         source.check_spec(spec)
         source.check_data(self.pool_examples)

@@ -113,6 +113,7 @@ def open_cache(prep, recipe: Recipe):
         tail=spec.tail,
         teacher_fingerprint=weights_fingerprint(prep.teacher),
         verify=recipe.cache.verify,
+        allow_mixed=recipe.cache.allow_mixed,
     )
     source.check_spec(dataclasses.replace(spec, chunk_size=source.spec.chunk_size))
     source.check_data(prep.pool_examples)

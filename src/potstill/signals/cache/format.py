@@ -66,14 +66,52 @@ class CacheSpec:
 # ------------------------------------------------------------------- files and records
 
 
-def shard_name(j: int) -> str:
-    return f"shard-{j:05d}.safetensors"
+def shard_name(j: int, revision: int = 0) -> str:
+    """Shard ``j``'s file; a refresh writes revision ``g`` beside it (``shard-00003.r1.safetensors``)."""
+    return f"shard-{j:05d}.safetensors" if revision == 0 else f"shard-{j:05d}.r{revision}.safetensors"
 
 
-def shard_record_ok(path: Path, j: int, check_hash: bool = True) -> dict | None:
-    """The record of shard ``j`` if the shard file exists and matches it, else None."""
-    rec_path = path / shard_name(j).replace(".safetensors", ".json")
-    shard = path / shard_name(j)
+def record_name(j: int, revision: int = 0) -> str:
+    return shard_name(j, revision).replace(".safetensors", ".json")
+
+
+# Plan keys that record a cache's history (appends, refreshes), not what a recipe asks for:
+# a recipe's fresh plan is compared with plan.json without them, and they are carried over.
+HISTORY_KEYS = ("segments", "revisions", "sources", "refreshes")
+
+
+def shard_bounds(plan: dict) -> list[tuple[int, int]]:
+    """The ``[first, end)`` examples of every shard of a plan.
+
+    Shards of ``examples_per_shard`` examples tile each *segment* of the data: one segment
+    for a cache written at once, one more for each append (plan key ``segments``: the
+    example counts before each append), so appending never moves an existing shard.
+    """
+    size = int(plan["spec"]["examples_per_shard"])
+    ends = [*plan.get("segments", []), int(plan["data"]["num_examples"])]
+    out, lo = [], 0
+    for end in ends:
+        out += [(a, min(a + size, end)) for a in range(lo, end, size)]
+        lo = end
+    return out
+
+
+def revision_of(plan: dict, j: int) -> int:
+    return int(plan.get("revisions", {}).get(str(j), 0))
+
+
+def row_teachers(plan: dict) -> list[tuple[int, int, str]]:
+    """``(first_example, num_examples, teacher fingerprint)`` runs covering every example."""
+    runs = plan.get("sources")
+    if runs is None:
+        return [(0, int(plan["data"]["num_examples"]), plan["teacher"]["fingerprint"])]
+    return [(int(a), int(n), str(fp)) for a, n, fp in runs]
+
+
+def shard_record_ok(path: Path, j: int, check_hash: bool = True, revision: int = 0) -> dict | None:
+    """The record of shard ``j`` (at ``revision``) if the shard file exists and matches it, else None."""
+    rec_path = path / record_name(j, revision)
+    shard = path / shard_name(j, revision)
     try:
         rec = json.loads(rec_path.read_text())
         if not shard.is_file() or shard.stat().st_size != rec["bytes"]:
@@ -116,6 +154,7 @@ class _ShardRecord(BaseModel):
     num_slots: int = Field(ge=0)
     bytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    revision: int = Field(0, ge=0)
 
 
 class _TeacherRecord(BaseModel):
@@ -136,6 +175,20 @@ class _DataRecord(BaseModel):
     num_rows: int = Field(ge=0)
 
 
+class _RefreshRecord(BaseModel):
+    model_config = _Strict
+    revision: int = Field(ge=1)
+    teacher: _TeacherRecord
+    previous: _TeacherRecord
+    threshold: float | None
+    fraction: float | None
+    probe_tokens: int | None
+    drift_rows: int = Field(ge=0)
+    examples_probed: int = Field(ge=0)
+    examples_recomputed: int = Field(ge=0)
+    mean_drift: float | None
+
+
 class _Manifest(BaseModel):
     model_config = _Strict
     format: str
@@ -152,6 +205,11 @@ class _Manifest(BaseModel):
     total_bytes: int = Field(ge=0)
     bytes_per_token: float
     complete: bool
+    # history (absent in a cache written at once with one teacher)
+    segments: list[int] | None = None
+    revisions: dict[str, int] | None = None
+    sources: list[list[int | str]] | None = None  # [first_example, num_examples, teacher fingerprint]
+    refreshes: list[_RefreshRecord] | None = None
 
 
 def _manifest_problem(m: dict) -> str | None:
@@ -177,12 +235,25 @@ def _manifest_problem(m: dict) -> str | None:
         return f"lists {len(m['shards'])} shards but its field 'num_shards' says {m['num_shards']}"
     start = 0
     for j, rec in enumerate(m["shards"]):
-        # The file name is fixed by the index: a manifest never points outside the cache directory.
-        if rec["index"] != j or rec["file"] != shard_name(j) or rec["first_example"] != start:
-            return f"has a bad record for shard {j} (field 'shards.{j}': index, file or first_example)"
+        # The file name is fixed by the index and revision: a manifest never points outside the cache directory.
+        rev = revision_of(m, j)
+        bad = rec["index"] != j or rec["file"] != shard_name(j, rev) or rec["first_example"] != start
+        if bad or rec.get("revision", 0) != rev:
+            return f"has a bad record for shard {j} (field 'shards.{j}': index, file, revision or first_example)"
         start += rec["num_examples"]
     if start != m["data"]["num_examples"]:
         return f"has shards holding {start} examples but its field 'data.num_examples' says {m['data']['num_examples']}"
+    shapes = [[type(v) for v in run] for run in m.get("sources") or []]
+    if any(t != [int, int, str] for t in shapes):
+        return "has a bad field 'sources' (each run is [first_example, num_examples, teacher fingerprint])"
+    runs = row_teachers(m)
+    covered = 0
+    for a, n, _ in runs:
+        if a != covered or n < 1:
+            return "has a bad field 'sources' (runs must tile the examples in order)"
+        covered += n
+    if covered != start:
+        return f"has a field 'sources' covering {covered} examples, not {start}"
     return None
 
 
@@ -194,12 +265,14 @@ def read_manifest(path: str | Path) -> dict:
     if not man.is_file():
         if (path / PLAN).is_file():
             try:
-                n_shards = int(json.loads((path / PLAN).read_text())["num_shards"])
-            except (ValueError, KeyError, TypeError):
+                plan = json.loads((path / PLAN).read_text())
+                n_shards = int(plan["num_shards"])
+                revs = [revision_of(plan, j) for j in range(n_shards)]
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise PotstillError(
                     f"{path / PLAN} is corrupt; delete the cache directory and rerun `potstill cache`"
                 ) from None
-            done = sum(shard_record_ok(path, j, check_hash=False) is not None for j in range(n_shards))
+            done = sum(shard_record_ok(path, j, False, rev) is not None for j, rev in enumerate(revs))
             raise PotstillError(
                 f"the cache at '{path}' is incomplete ({done} of {n_shards} shards); "
                 "rerun `potstill cache` with the same recipe to finish it"

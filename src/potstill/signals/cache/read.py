@@ -22,7 +22,8 @@ from potstill.fingerprints import example_hash, file_sha256
 from ...errors import PotstillError
 from ..quant import decode_logprobs, unpack_ids
 from ..types import DenseSignal, Signal, SparseSignal, TailMode
-from .format import CacheKind, CacheSpec, read_manifest
+from .encode import EncodedRows
+from .format import CacheKind, CacheSpec, read_manifest, row_teachers
 
 log = logging.getLogger("potstill")
 
@@ -72,6 +73,10 @@ class CachedSignal:
     batch is read, so a damaged cache stops a run before it trains: the size of every
     shard always, and its sha256 too unless ``verify=False`` (hashing streams each file
     once; shard contents are still loaded lazily, when a batch first needs them).
+
+    A refreshed cache may hold rows of more than one teacher (``potstill cache --refresh``
+    below its threshold keeps the rows that barely moved); reading it is refused unless
+    ``allow_mixed``.
     """
 
     def __init__(
@@ -82,6 +87,7 @@ class CachedSignal:
         teacher_fingerprint: str | None = None,
         tail: TailMode | None = None,
         verify: bool = True,
+        allow_mixed: bool = False,
         max_open: int = 64,
     ):
         self.path = Path(path)
@@ -109,6 +115,15 @@ class CachedSignal:
                 f"the cache at '{self.path}' was written by another teacher ({m['teacher']['name'] or 'unnamed'}, "
                 "other weights); rebuild the cache with this recipe's teacher"
             )
+        teachers = {fp for _, _, fp in row_teachers(m)}
+        if len(teachers) > 1 and not allow_mixed:
+            old = sum(n for _, n, fp in row_teachers(m) if fp != m["teacher"]["fingerprint"])
+            raise PotstillError(
+                f"the cache at '{self.path}' holds rows of {len(teachers)} teachers ({old} of "
+                f"{m['data']['num_examples']} examples from an earlier one, kept by a refresh); set "
+                "cache.allow_mixed: true to train on it, or refresh with threshold 0"
+            )
+        self.mixed = len(teachers) > 1
         self._starts = [s["first_example"] for s in m["shards"]]
         self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._by_hash: dict[bytes, int] | None = None
@@ -248,6 +263,39 @@ class CachedSignal:
             else:
                 ex.weights = h.get_slice("weights")[s0:s1]
         return ex
+
+    def stored_rows(self, example_id: int) -> EncodedRows:
+        """One example's columns exactly as stored (ids unpacked, values still encoded), so a
+        refresh can write them into a new shard bit for bit."""
+        j, i = self._locate(example_id)
+        sh = self._shard(j)
+        h = sh.handle
+        r0, r1 = sh.row_off[i], sh.row_off[i + 1]
+        s0, s1 = sh.slot_off[i], sh.slot_off[i + 1]
+        b0, b1 = sh.byte_off[i], sh.byte_off[i + 1]
+        values = {"values": h.get_slice("values")[s0:s1]}
+        if self.spec.dtype == "int8":
+            values["scale"] = h.get_slice("scale")[r0:r1]
+        ids = torch.zeros(0, dtype=torch.long)
+        if self.kind != "dense":
+            ids = unpack_ids(h.get_slice("ids")[b0:b1], self.bits, s1 - s0).long()
+        out = EncodedRows(ids=ids, values=values, rows=r1 - r0)
+        if self.kind == "topk":
+            out.tail = h.get_slice("tail")[r0:r1]
+        if self.kind == "sampled":
+            out.row_len = h.get_slice("row_len")[r0:r1]
+            if self.spec.proposal_temperature == 1.0:
+                out.counts = h.get_slice("counts")[s0:s1]
+            else:
+                out.weights = h.get_slice("weights")[s0:s1]
+        return out
+
+    def rows_signal(self, example_ids: list[int], device=None) -> Signal:
+        """The cached signal of these examples' rows, in order (no batch, no token check)."""
+        parts = [self.example(e) for e in example_ids]
+        if self.kind == "dense":
+            return self._dense(parts, device or "cpu")
+        return self._combine(parts).to(device or "cpu")
 
     # -------------------------------------------------------------------- signal
     def signal(self, batch: dict[str, Tensor]) -> Signal:

@@ -28,7 +28,20 @@ from ...io import atomic_write_bytes, atomic_write_json, remove_stale_temporarie
 from ..online import target_index, target_rows
 from ..quant import id_bits
 from .encode import EncodedRows, assemble_shard, empty_rows, example_rows, extract, row_seed
-from .format import FORMAT, MANIFEST, PLAN, VERSION, CacheSpec, refuse_a_file, shard_name, shard_record_ok
+from .format import (
+    FORMAT,
+    HISTORY_KEYS,
+    MANIFEST,
+    PLAN,
+    VERSION,
+    CacheSpec,
+    record_name,
+    refuse_a_file,
+    revision_of,
+    shard_bounds,
+    shard_name,
+    shard_record_ok,
+)
 
 log = logging.getLogger("potstill")
 
@@ -40,7 +53,7 @@ def _num_rows(labels) -> int:
     return int((t[1:] != -100).sum())
 
 
-def _sync(device) -> None:
+def sync_device(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -62,6 +75,23 @@ def build_shard(
     ``timings["forward_s"]`` (when given) accumulates the time of the teacher's own work
     (body and head), so a caller can split writing into forward and everything else.
     """
+    ids = list(range(first_id, first_id + len(examples)))
+    rows = encode_examples(teacher, head, examples, ids, spec, vocab, pad_id, device, timings)
+    return assemble_shard(examples, rows, first_id, spec, bits)
+
+
+def encode_examples(
+    teacher,
+    head,
+    examples: list[dict],
+    example_ids: list[int],
+    spec: CacheSpec,
+    vocab: int,
+    pad_id: int,
+    device,
+    timings: dict | None = None,
+) -> list[EncodedRows]:
+    """The teacher's encoded rows for each of ``examples`` (their ids seed the sampled draws)."""
     from ...data import PadCollator
     from ...models import final_hidden
 
@@ -78,18 +108,18 @@ def build_shard(
         counts = (labels[:, 1:] != -100).sum(-1).tolist()
         seeds = None
         if spec.kind == "sampled":
-            seeds = [row_seed(spec.seed, first_id + i, r) for i, c in zip(members, counts) for r in range(c)]
+            seeds = [row_seed(spec.seed, example_ids[i], r) for i, c in zip(members, counts) for r in range(c)]
         with torch.no_grad():
             t0 = time.perf_counter()
             hidden = final_hidden(teacher, batch["input_ids"], batch["attention_mask"])
             rows = target_rows(hidden, target_index(labels))
-            _sync(device)
+            sync_device(device)
             fwd = time.perf_counter() - t0
             parts = []
             for s in range(0, rows.shape[0], spec.chunk_size):
                 t0 = time.perf_counter()
                 z = head(rows[s : s + spec.chunk_size]).float()[:, :vocab]
-                _sync(device)
+                sync_device(device)
                 fwd += time.perf_counter() - t0
                 parts.append(extract(z, spec, vocab, None if seeds is None else seeds[s : s + spec.chunk_size]))
         if timings is not None:
@@ -100,7 +130,7 @@ def build_shard(
             per_example[i] = example_rows(cols, start, start + c, spec) if c else empty_rows(spec, vocab)
             start += c
     # `order` covers every example, so each one has been encoded above.
-    return assemble_shard(examples, cast("list[EncodedRows]", per_example), first_id, spec, bits)
+    return cast("list[EncodedRows]", per_example)
 
 
 def _diff_plans(old: dict, new: dict) -> list[str]:
@@ -122,6 +152,7 @@ def write_cache(
     spec: CacheSpec = _DEFAULT_SPEC,
     *,
     teacher_name: str = "",
+    append: bool = False,
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
@@ -136,6 +167,10 @@ def write_cache(
     last process to finish writes it), else ``None``. ``on_shard(j)`` is called after each
     shard is on disk (progress hooks, tests). ``timings`` (a dict) receives ``forward_s``,
     the time spent in the teacher's body and head, and ``total_s``, the whole call.
+
+    ``append``: ``examples`` extend the cached ones (the cached examples are their first ones,
+    unchanged); shards are written for the new examples only, the existing shards stay as
+    they are, byte for byte. Without it a grown dataset is refused, naming the flag.
     """
     from ...data.collate import pad_id
 
@@ -153,11 +188,10 @@ def write_cache(
     vocab = head.vocab
     spec.check(vocab)
     teacher.eval()
-    plan = _cache_plan(teacher, tokenizer, examples, spec, vocab, teacher_name)
-    _open_plan(path, plan)
+    plan = _open_plan(path, _cache_plan(teacher, tokenizer, examples, spec, vocab, teacher_name), examples, append)
     n_shards = plan["num_shards"]
     mine = [j for j in range(n_shards) if j % world_size == rank]
-    todo = [j for j in mine if shard_record_ok(path, j) is None]
+    todo = [j for j in mine if shard_record_ok(path, j, revision=revision_of(plan, j)) is None]
     if todo:
         log.info("caching %d of %d shards (rank %d of %d) into %s", len(todo), n_shards, rank, world_size, path)
     bar = None
@@ -166,7 +200,8 @@ def write_cache(
 
         bar = tqdm(total=len(todo), desc=f"cache rank {rank}" if world_size > 1 else "cache", unit="shard")
     pad = pad_id(tokenizer, required=True)
-    _write_shards(teacher, head, examples, path, todo, spec, vocab, pad, device, bar, on_shard, timings)
+    bounds = shard_bounds(plan)
+    _write_shards(teacher, head, examples, path, todo, bounds, spec, vocab, pad, device, bar, on_shard, timings)
     if bar is not None:
         bar.close()
     manifest = finalize_cache(path)
@@ -200,9 +235,10 @@ def _cache_plan(teacher, tokenizer, examples: list[dict], spec: CacheSpec, vocab
     }
 
 
-def _open_plan(path: Path, plan: dict) -> None:
-    """Write ``plan.json``, or refuse a directory whose plan differs (a resumed cache must match);
-    then remove the temporary files a killed writer left."""
+def _open_plan(path: Path, plan: dict, examples: list[dict], append: bool) -> dict:
+    """Write ``plan.json``, or check it against the directory's plan and return the plan in force:
+    a resumed cache must match, and with ``append`` a cache whose examples are the first of
+    ``examples`` grows by one segment. Then remove the temporary files a killed writer left."""
     plan_path = path / PLAN
     if plan_path.is_file():
         try:
@@ -211,37 +247,71 @@ def _open_plan(path: Path, plan: dict) -> None:
             old = None
         if not isinstance(old, dict):
             raise PotstillError(f"{plan_path} is not valid JSON; delete the cache directory and rerun")
+        history = {k: old[k] for k in HISTORY_KEYS if k in old}
+        plan = {**plan, **history}
+        plan["num_shards"] = len(shard_bounds(plan))  # the same data in the same segments
         changed = _diff_plans(old, plan)
-        if changed:
+        grown = _grown_by(old, examples) if changed and set(changed) <= _GROWTH else 0
+        if grown and not append:
+            raise PotstillError(
+                f"the data grew by {grown} examples past the {old['data']['num_examples']} cached in '{path}'; "
+                "rerun `potstill cache --append` to cache the new ones only"
+            )
+        if changed and not grown:
             raise PotstillError(
                 f"the cache at '{path}' was made for another setup ({', '.join(changed)} differ); "
                 "choose another cache directory or delete this one"
             )
+        if grown:
+            n_old = int(old["data"]["num_examples"])
+            plan["segments"] = [*history.get("segments", []), n_old]
+            if "sources" in history:
+                plan["sources"] = [*history["sources"], [n_old, grown, plan["teacher"]["fingerprint"]]]
+            log.info("appending %d examples to the %d cached in %s", grown, n_old, path)
+        plan["num_shards"] = len(shard_bounds(plan))
+        if plan != old:
+            atomic_write_json(plan_path, plan)
     else:
         atomic_write_json(plan_path, plan)
     for stale in remove_stale_temporaries(path):  # left by a killed writer (their pid is gone)
         log.info("removed %s, a temporary file of a killed `potstill cache`", stale)
+    return plan
 
 
-def _write_shards(teacher, head, examples, path, todo, spec, vocab, pad, device, bar, on_shard, timings) -> None:
+# What differs between a cache's plan and the plan of the same data with examples appended.
+_GROWTH = {"data.fingerprint", "data.num_examples", "data.num_rows", "num_shards"}
+
+
+def _grown_by(old: dict, examples: list[dict]) -> int:
+    """How many examples ``examples`` adds after the ones cached under ``old`` (0: not an extension)."""
+    n_old = int(old["data"]["num_examples"])
+    if len(examples) <= n_old:
+        return 0
+    prefix = hashlib.sha256(b"".join(example_hash(x["input_ids"], x["labels"]) for x in examples[:n_old]))
+    return len(examples) - n_old if prefix.hexdigest() == old["data"]["fingerprint"] else 0
+
+
+def _write_shards(
+    teacher, head, examples, path, todo, bounds, spec, vocab, pad, device, bar, on_shard, timings
+) -> None:
     """Build the shards ``todo`` one after another; each is written to disk in a background thread
     while the teacher runs over the next."""
     bits = id_bits(vocab)
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
         for j in todo:
-            lo, hi = j * spec.examples_per_shard, min((j + 1) * spec.examples_per_shard, len(examples))
+            lo, hi = bounds[j]
             cols = build_shard(teacher, head, examples[lo:hi], lo, spec, vocab, bits, pad, device, timings)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(_write_shard, path, j, cols, lo, hi, spec, on_shard)
+            pending = pool.submit(write_shard, path, j, cols, lo, hi, spec, on_shard)
             if bar is not None:
                 bar.update(1)
         if pending is not None:
             pending.result()
 
 
-def _write_shard(
+def write_shard(
     path: Path,
     j: int,
     cols: dict[str, Tensor],
@@ -249,6 +319,7 @@ def _write_shard(
     hi: int,
     spec: CacheSpec,
     on_shard: Callable[[int], None] | None,
+    revision: int = 0,
 ) -> None:
     from safetensors.torch import save
 
@@ -256,18 +327,19 @@ def _write_shard(
     # and a shard's bytes must not depend on the process that wrote it.
     meta = json.dumps({"format": FORMAT, "version": VERSION, "shard": j, "kind": spec.kind}, sort_keys=True)
     data = save(cols, metadata={"potstill": meta})
-    atomic_write_bytes(path / shard_name(j), data)
+    atomic_write_bytes(path / shard_name(j, revision), data)
     rec = {
         "index": j,
-        "file": shard_name(j),
+        "file": shard_name(j, revision),
         "first_example": lo,
         "num_examples": hi - lo,
         "num_rows": int(cols["row_offsets"][-1]),
         "num_slots": int(cols["slot_offsets"][-1]),
         "bytes": len(data),
         "sha256": sha256_hex(data),
+        **({"revision": revision} if revision else {}),
     }
-    atomic_write_json(path / shard_name(j).replace(".safetensors", ".json"), rec)
+    atomic_write_json(path / record_name(j, revision), rec)
     if on_shard is not None:
         on_shard(j)
 
@@ -278,7 +350,7 @@ def finalize_cache(path: str | Path) -> dict | None:
     plan = json.loads((path / PLAN).read_text())
     records = []
     for j in range(plan["num_shards"]):
-        rec = shard_record_ok(path, j, check_hash=False)
+        rec = shard_record_ok(path, j, check_hash=False, revision=revision_of(plan, j))
         if rec is None:
             return None
         records.append(rec)

@@ -1,0 +1,473 @@
+"""Refreshing a teacher-signal cache against a changed teacher: recompute only the rows that moved.
+
+A teacher fine-tuned a little moves its distribution on some examples and barely on others.
+:func:`refresh_cache` measures, per cached example, the *drift* of the new teacher from the
+cached signal, ``KL(new || old)`` per target token, and recomputes only the examples whose
+drift exceeds a threshold (or the top fraction of them); every other example keeps its rows,
+bit for bit, and the manifest records which examples come from which teacher (``sources``).
+
+The drift is measured on what the cache holds. For a top-k or sampled cache both
+distributions are coarsened onto the cached ids plus one bucket for everything else (the
+old teacher's log-probs at its ids are stored exactly), so the drift is an exact KL between
+the coarsened pair and, by the data-processing inequality, never above the dense
+``KL(new || old)``; for a dense cache it is the dense KL. It is estimated from a sample of
+each example's rows: its first ``probe_tokens`` target tokens, which a causal teacher scores
+by reading only the prompt and those tokens (``probe_tokens: None`` reads them all and the
+drift is exact). The probe is the price of the refresh: it costs the teacher's forward over
+the prompts and the first response tokens, instead of over every token.
+
+Files, beside the cache's own: ``refresh.json`` (the refresh in progress: the new teacher,
+the rule, the revision ``g``), ``drift-<g>-<shard>.json`` (each shard's drifts, the unit of
+resume), and the recomputed shards as revision ``g`` (``shard-00003.r1.safetensors``). The
+old manifest and shards stay valid until the new manifest replaces them, so a killed refresh
+resumes where it stopped and a reader never sees half a refresh; the superseded files are
+removed afterwards. ``drift.json`` keeps the last refresh's per-example drifts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ...errors import PotstillError
+from ...io import atomic_write_json
+from ..online import target_index, target_rows
+from ..quant import id_bits
+from ..types import DenseSignal, Signal, SparseSignal
+from .encode import EncodedRows, assemble_shard
+from .format import MANIFEST, PLAN, CacheSpec, record_name, revision_of, row_teachers, shard_record_ok
+from .read import CachedSignal
+from .write import encode_examples, finalize_cache, sync_device, write_shard
+
+log = logging.getLogger("potstill")
+
+REFRESH = "refresh.json"
+DRIFT = "drift.json"
+DEFAULT_THRESHOLD = 0.01
+_MANIFEST_ONLY = ("shards", "total_bytes", "bytes_per_token", "complete")
+
+
+@dataclass(frozen=True)
+class RefreshRule:
+    """Which examples a refresh recomputes.
+
+    ``threshold``: those whose drift (nats per target token) exceeds it; ``fraction``: the
+    top fraction of the probed examples by drift (one process only: it needs every drift).
+    ``probe_tokens``: target tokens per example the drift is measured on (None: all).
+    """
+
+    threshold: float | None = DEFAULT_THRESHOLD
+    fraction: float | None = None
+    probe_tokens: int | None = 16
+
+    def check(self, world_size: int) -> None:
+        if (self.threshold is None) == (self.fraction is None):
+            raise PotstillError("cache.refresh: give exactly one of threshold and fraction")
+        if self.threshold is not None and not self.threshold >= 0:
+            raise PotstillError(f"cache.refresh.threshold={self.threshold} must be >= 0 (nats per token)")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise PotstillError(f"cache.refresh.fraction={self.fraction} must be in (0, 1]")
+        if self.probe_tokens is not None and self.probe_tokens < 1:
+            raise PotstillError(f"cache.refresh.probe_tokens={self.probe_tokens} must be >= 1 (or null: all)")
+        if self.fraction is not None and world_size > 1:
+            raise PotstillError(
+                "cache.refresh.fraction needs every example's drift in one process; refresh with one process "
+                "or use cache.refresh.threshold"
+            )
+
+
+# ------------------------------------------------------------------------- drift
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    x = x.double()
+    inside = x < 0
+    xs = torch.where(inside, x, torch.full_like(x, -1.0))
+    out = torch.where(xs > -0.6931471805599453, torch.log(-torch.expm1(xs)), torch.log1p(-torch.exp(xs)))
+    return torch.where(inside, out, torch.full_like(out, float("-inf")))
+
+
+def _kl_rows(lp: Tensor, lo: Tensor) -> Tensor:
+    """``KL(p || o)`` per row from log-probs (``-inf`` allowed; ``0 log 0 = 0``)."""
+    p = lp.exp()
+    diff = lp - lo.clamp_min(-1e4)
+    return torch.where(p > 0, p * diff, torch.zeros_like(p)).sum(-1)
+
+
+def drift_rows(new_logprobs: Tensor, old: Signal) -> Tensor:
+    """``KL(new || old)`` per row, on what the cached ``old`` signal can tell (see the module doc).
+
+    ``new_logprobs`` ``[R, V]``: the new teacher's log-softmax at the cache's temperature
+    (temperature 1 for a dense cache, whose rows are stored at 1).
+    """
+    if isinstance(old, DenseSignal):
+        return _kl_rows(new_logprobs.double(), old.chunk_logits(0, old.num_rows).double()).float()
+    assert isinstance(old, SparseSignal)
+    live = torch.isfinite(old.logprobs)
+    ids = torch.where(live, old.ids, torch.zeros_like(old.ids))
+    lq = torch.where(live, new_logprobs.gather(-1, ids).double(), torch.full(ids.shape, float("-inf")).double())
+    lo = old.logprobs.double()
+    new = torch.cat([lq, _log1mexp(torch.logsumexp(lq, -1)).unsqueeze(-1)], -1)
+    was = torch.cat([lo, _log1mexp(torch.logsumexp(lo, -1)).unsqueeze(-1)], -1)
+    return _kl_rows(new, was).float()
+
+
+def _row_span(sig: Signal, a: int, b: int) -> Signal:
+    """Rows ``a:b`` of a signal."""
+    return sig.rows(torch.arange(a, b))
+
+
+def probe_prefix(example: dict, probe_tokens: int | None) -> dict:
+    """The example cut after its first ``probe_tokens`` target tokens (a causal teacher's
+    prediction of those tokens reads nothing after them)."""
+    labels = example["labels"]
+    if probe_tokens is None:
+        return example
+    targets = [t for t in range(1, len(labels)) if labels[t] != -100]
+    if len(targets) <= probe_tokens:
+        return example
+    end = targets[probe_tokens - 1] + 1
+    return {k: example[k][:end] for k in ("input_ids", "labels", "attention_mask")}
+
+
+@torch.no_grad()
+def example_drifts(
+    teacher,
+    head,
+    examples: list[dict],
+    example_ids: list[int],
+    cached: CachedSignal,
+    probe_tokens: int | None,
+    batch_size: int,
+    chunk_size: int,
+    pad_id: int,
+    device,
+    timings: dict | None = None,
+) -> tuple[list[float], int]:
+    """Mean drift per target token of each example (0 for one without targets), and the rows probed."""
+    from ...data import PadCollator
+    from ...models import final_hidden
+
+    temperature = 1.0 if cached.kind == "dense" else float(cached.spec.temperature)
+    probes = [probe_prefix(x, probe_tokens) for x in examples]
+    order = sorted(range(len(probes)), key=lambda i: (len(probes[i]["input_ids"]), i))
+    collate = PadCollator(pad_id)
+    out = [0.0] * len(examples)
+    probed = 0
+    for b0 in range(0, len(order), batch_size):
+        members = order[b0 : b0 + batch_size]
+        batch = collate([probes[i] for i in members])
+        batch = {k: v.to(device) for k, v in batch.items() if k != "example_id"}
+        labels = batch["labels"]
+        counts = (labels[:, 1:] != -100).sum(-1).tolist()
+        t0 = time.perf_counter()
+        rows = target_rows(final_hidden(teacher, batch["input_ids"], batch["attention_mask"]), target_index(labels))
+        sync_device(device)
+        fwd = time.perf_counter() - t0
+        start = 0
+        for i, c in zip(members, counts):
+            if c:
+                old = cached.rows_signal([example_ids[i]])
+                total = 0.0
+                for s in range(0, c, chunk_size):
+                    t0 = time.perf_counter()
+                    z = head(rows[start + s : start + min(s + chunk_size, c)]).float()[:, : cached.vocab_size]
+                    sync_device(device)
+                    fwd += time.perf_counter() - t0
+                    lp = torch.log_softmax(z if temperature == 1.0 else z / temperature, -1).cpu()
+                    total += float(drift_rows(lp, _row_span(old, s, s + lp.shape[0])).double().sum())
+                out[i] = total / c
+                probed += c
+            start += c
+        if timings is not None:
+            timings["forward_s"] = timings.get("forward_s", 0.0) + fwd
+    return out, probed
+
+
+# ------------------------------------------------------------------------ refresh
+
+
+def _drift_name(revision: int, j: int) -> str:
+    return f"drift-{revision}-{j:05d}.json"
+
+
+def _state(manifest: dict, fingerprint: str, name: str, rule: RefreshRule) -> dict:
+    return {
+        "revision": 1 + max([0, *(r["revision"] for r in manifest.get("refreshes") or [])]),
+        "teacher": {"name": name, "fingerprint": fingerprint},
+        "previous": dict(manifest["teacher"]),
+        "rule": asdict(rule),
+        "from_manifest": _manifest_key(manifest),
+    }
+
+
+def _manifest_key(manifest: dict) -> str:
+    from potstill.fingerprints import sha256_hex
+
+    return sha256_hex(json.dumps(manifest, sort_keys=True).encode())
+
+
+def _already_done(manifest: dict, fingerprint: str, rule: RefreshRule) -> bool:
+    last = (manifest.get("refreshes") or [None])[-1]
+    if manifest["teacher"]["fingerprint"] != fingerprint:
+        return False
+    if all(fp == fingerprint for _, _, fp in row_teachers(manifest)):
+        return True  # every row is this teacher's already
+    return (
+        last is not None
+        and last["teacher"]["fingerprint"] == fingerprint
+        and {k: last[k] for k in ("threshold", "fraction", "probe_tokens")} == asdict(rule)
+    )
+
+
+def refresh_cache(
+    teacher: torch.nn.Module,
+    tokenizer,
+    examples: list[dict],
+    path: str | Path,
+    spec: CacheSpec,
+    rule: RefreshRule = RefreshRule(),  # noqa: B008 - frozen
+    *,
+    teacher_name: str = "",
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    timings: dict | None = None,
+) -> dict | None:
+    """Bring the finished cache at ``path`` up to ``teacher``: recompute the examples whose drift
+    exceeds the rule, keep the rest. Returns the new manifest (``None`` while other ranks work).
+
+    ``examples`` must be the cached ones. With ``world_size > 1`` this process handles the shards
+    ``j % world_size == rank`` and the last one to finish writes the manifest. ``timings``
+    receives ``probe_s`` (drift), ``recompute_s`` (new rows and shards), ``forward_s`` (the
+    teacher's own work in both) and ``total_s``.
+    """
+    from potstill.fingerprints import weights_fingerprint
+
+    from ...data.collate import pad_id
+    from ...models.placement import head_on, input_device
+
+    t_start = time.perf_counter()
+    path = Path(path)
+    rule.check(world_size)
+    cached = CachedSignal(path, tokenizer=tokenizer, allow_mixed=True)
+    cached.check_spec(spec)
+    cached.check_data(examples)
+    manifest = cached.manifest
+    device = input_device(teacher)
+    head = head_on(teacher, device)
+    if head.vocab != cached.vocab_size:
+        raise PotstillError(
+            f"the new teacher's vocabulary ({head.vocab}) is not the cache's ({cached.vocab_size}); "
+            "a refresh needs a teacher of the same family: write a new cache instead"
+        )
+    fingerprint = weights_fingerprint(teacher)
+    _finish_leftovers(path, manifest)
+    if _already_done(manifest, fingerprint, rule):
+        log.info("the cache at %s already holds this teacher's rows under this rule: nothing to refresh", path)
+        return manifest
+    state = _open_state(path, _state(manifest, fingerprint, teacher_name or "", rule))
+    g = state["revision"]
+    teacher.eval()
+    pad = pad_id(tokenizer, required=True)
+    source = _sources_per_example(manifest)
+    bounds = [(r["first_example"], r["first_example"] + r["num_examples"]) for r in manifest["shards"]]
+    mine = [j for j in range(len(bounds)) if j % world_size == rank]
+    t0 = time.perf_counter()
+    bar = _bar(progress, len(mine), "probe")
+    for j in mine:
+        if not (path / _drift_name(g, j)).is_file():
+            lo, hi = bounds[j]
+            ids = [e for e in range(lo, hi) if source[e] != fingerprint]
+            drifts, rows = example_drifts(
+                teacher,
+                head,
+                [examples[e] for e in ids],
+                ids,
+                cached,
+                rule.probe_tokens,
+                spec.batch_size,
+                spec.chunk_size,
+                pad,
+                device,
+                timings,
+            )
+            atomic_write_json(path / _drift_name(g, j), {"ids": ids, "drift": drifts, "rows": rows})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if timings is not None:
+        timings["probe_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    chosen = _chosen(path, g, rule, mine)
+    bits = id_bits(cached.vocab_size)
+    for j in mine:
+        lo, hi = bounds[j]
+        redo = sorted(e for e in chosen if lo <= e < hi)
+        if not redo or shard_record_ok(path, j, revision=g) is not None:
+            continue
+        fresh = encode_examples(
+            teacher, head, [examples[e] for e in redo], redo, spec, cached.vocab_size, pad, device, timings
+        )
+        new_rows = dict(zip(redo, fresh))
+        kept: list[EncodedRows] = [new_rows[e] if e in new_rows else cached.stored_rows(e) for e in range(lo, hi)]
+        cols = assemble_shard(examples[lo:hi], kept, lo, spec, bits)
+        write_shard(path, j, cols, lo, hi, spec, None, revision=g)
+    if timings is not None:
+        timings["recompute_s"] = time.perf_counter() - t0
+    out = _finish(path, manifest, state, bounds)
+    if timings is not None:
+        timings["total_s"] = time.perf_counter() - t_start
+    return out
+
+
+def _bar(progress: bool, total: int, desc: str):
+    if not progress or not total:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"refresh {desc}", unit="shard")
+
+
+def _sources_per_example(manifest: dict) -> list[str]:
+    out: list[str] = []
+    for _, n, fp in row_teachers(manifest):
+        out += [fp] * n
+    return out
+
+
+def _open_state(path: Path, state: dict) -> dict:
+    """Start the refresh ``state`` or resume it; a different refresh left half-done is dropped
+    (its files are not part of any manifest)."""
+    p = path / REFRESH
+    if p.is_file():
+        try:
+            old = json.loads(p.read_text())
+        except ValueError:
+            old = None
+        if old == state:
+            return state
+        log.info("dropping an unfinished refresh of %s (another teacher or rule)", path)
+        _remove_unreferenced(path, read_json(path / MANIFEST))
+    atomic_write_json(p, state)
+    return state
+
+
+def read_json(p: Path) -> dict:
+    return json.loads(p.read_text())
+
+
+def _chosen(path: Path, g: int, rule: RefreshRule, shards: list[int]) -> set[int]:
+    """The example ids to recompute: over the threshold in ``shards``, or the top fraction of
+    their probed examples (``fraction`` runs in one process, so ``shards`` are all of them)."""
+    if rule.threshold is not None:
+        out = set()
+        for j in shards:
+            d = read_json(path / _drift_name(g, j))
+            out |= {e for e, x in zip(d["ids"], d["drift"]) if x > rule.threshold}
+        return out
+    pairs: list[tuple[float, int]] = []
+    for j in shards:
+        d = read_json(path / _drift_name(g, j))
+        pairs += list(zip(d["drift"], d["ids"]))
+    k = math.ceil(float(rule.fraction or 0) * len(pairs))
+    return {e for _, e in sorted(pairs, key=lambda t: (-t[0], t[1]))[:k]}
+
+
+def _finish(path: Path, manifest: dict, state: dict, bounds: list[tuple[int, int]]) -> dict | None:
+    """Once every shard is probed and recomputed: the new plan, then the new manifest, then cleanup."""
+    g = state["revision"]
+    rule = RefreshRule(**state["rule"])
+    if any(not (path / _drift_name(g, j)).is_file() for j in range(len(bounds))):
+        return None
+    chosen = _chosen(path, g, rule, list(range(len(bounds))))
+    rebuilt = sorted({j for j, (lo, hi) in enumerate(bounds) if any(lo <= e < hi for e in chosen)})
+    if any(shard_record_ok(path, j, check_hash=False, revision=g) is None for j in rebuilt):
+        return None
+    drifts = [read_json(path / _drift_name(g, j)) for j in range(len(bounds))]
+    probed = [x for d in drifts for x in d["drift"]]
+    new_fp = state["teacher"]["fingerprint"]
+    source = _sources_per_example(manifest)
+    for e in chosen:
+        source[e] = new_fp
+    plan = {k: v for k, v in manifest.items() if k not in _MANIFEST_ONLY}
+    plan["teacher"] = state["teacher"]
+    plan["revisions"] = {
+        **{str(j): revision_of(manifest, j) for j in range(len(bounds)) if revision_of(manifest, j)},
+        **{str(j): g for j in rebuilt},
+    }
+    runs = _runs(source)
+    if len(runs) == 1 and runs[0][2] == plan["teacher"]["fingerprint"]:
+        plan.pop("sources", None)
+    else:
+        plan["sources"] = runs
+    plan["refreshes"] = [
+        *(manifest.get("refreshes") or []),
+        {
+            "revision": g,
+            "teacher": state["teacher"],
+            "previous": state["previous"],
+            **state["rule"],
+            "drift_rows": sum(d["rows"] for d in drifts),
+            "examples_probed": len(probed),
+            "examples_recomputed": len(chosen),
+            "mean_drift": sum(probed) / len(probed) if probed else None,
+        },
+    ]
+    per_example = {str(e): x for d in drifts for e, x in zip(d["ids"], d["drift"])}
+    atomic_write_json(path / DRIFT, {"revision": g, "drift": per_example, "recomputed": sorted(chosen)})
+    atomic_write_json(path / PLAN, plan)
+    new = finalize_cache(path)
+    assert new is not None  # every shard of the plan was checked above
+    _remove_unreferenced(path, new)
+    log.info(
+        "refreshed %s: %d of %d probed examples recomputed (%d shards rewritten)",
+        path,
+        len(chosen),
+        len(probed),
+        len(rebuilt),
+    )
+    return new
+
+
+def _runs(source: list[str]) -> list[list]:
+    runs: list[list] = []
+    for e, fp in enumerate(source):
+        if runs and runs[-1][2] == fp:
+            runs[-1][1] += 1
+        else:
+            runs.append([e, 1, fp])
+    return runs
+
+
+def _finish_leftovers(path: Path, manifest: dict) -> None:
+    """A refresh killed after its manifest was written: remove what it left."""
+    p = path / REFRESH
+    if not p.is_file():
+        return
+    try:
+        state = json.loads(p.read_text())
+        done = any(r["revision"] == state["revision"] for r in manifest.get("refreshes") or [])
+    except (ValueError, KeyError, TypeError):
+        done = True
+    if done:
+        _remove_unreferenced(path, manifest)
+
+
+def _remove_unreferenced(path: Path, manifest: dict) -> None:
+    """Remove shard files no manifest entry names, the drift files and ``refresh.json``."""
+    keep = set()
+    for j, rec in enumerate(manifest["shards"]):
+        keep |= {rec["file"], record_name(j, revision_of(manifest, j))}
+    for f in [*path.glob("shard-*.safetensors"), *path.glob("shard-*.json"), *path.glob("drift-*.json")]:
+        if f.name not in keep:
+            f.unlink(missing_ok=True)
+    (path / REFRESH).unlink(missing_ok=True)
