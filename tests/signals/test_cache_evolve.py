@@ -140,10 +140,10 @@ def test_the_drift_of_an_unchanged_teacher_is_zero(tmp_path, tiny_teacher, tiny_
     exs = make_examples(tiny_tokenizer, 7)
     write_cache(tiny_teacher, tiny_tokenizer, exs, tmp_path, SPEC, progress=False)
     cached = CachedSignal(tmp_path)
-    drifts, rows = example_drifts(
+    drifts, rows, whole = example_drifts(
         tiny_teacher, output_head(tiny_teacher), exs, list(range(7)), cached, None, 3, 256, 0, "cpu"
     )
-    assert rows == cached.manifest["data"]["num_rows"]
+    assert rows == cached.manifest["data"]["num_rows"] and whole == {}  # nothing encoded unless asked
     assert max(abs(d) for d in drifts) < 1e-6
 
 

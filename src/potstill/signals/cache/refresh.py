@@ -32,6 +32,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,7 +42,7 @@ from ...io import atomic_write_json
 from ..online import target_index, target_rows
 from ..quant import id_bits
 from ..types import DenseSignal, Signal, SparseSignal
-from .encode import EncodedRows, assemble_shard
+from .encode import EncodedRows, assemble_shard, empty_rows, example_rows, extract, row_seed
 from .format import MANIFEST, PLAN, CacheSpec, record_name, revision_of, row_teachers, shard_record_ok
 from .read import CachedSignal
 from .write import encode_examples, finalize_cache, sync_device, write_shard
@@ -150,8 +151,11 @@ def example_drifts(
     pad_id: int,
     device,
     timings: dict | None = None,
-) -> tuple[list[float], int]:
-    """Mean drift per target token of each example (0 for one without targets), and the rows probed."""
+    encode: CacheSpec | None = None,
+) -> tuple[list[float], int, dict[int, EncodedRows]]:
+    """Mean drift per target token of each example (0 for one without targets), the rows probed,
+    and (with ``encode``, the cache's spec) the new rows of every example the probe read whole,
+    keyed by its position in ``examples``: recomputing those needs no second forward."""
     from ...data import PadCollator
     from ...models import final_hidden
 
@@ -160,6 +164,7 @@ def example_drifts(
     order = sorted(range(len(probes)), key=lambda i: (len(probes[i]["input_ids"]), i))
     collate = PadCollator(pad_id)
     out = [0.0] * len(examples)
+    whole: dict[int, EncodedRows] = {}
     probed = 0
     for b0 in range(0, len(order), batch_size):
         members = order[b0 : b0 + batch_size]
@@ -173,9 +178,10 @@ def example_drifts(
         fwd = time.perf_counter() - t0
         start = 0
         for i, c in zip(members, counts):
+            keep = encode is not None and probes[i] is examples[i]
             if c:
                 old = cached.rows_signal([example_ids[i]])
-                total = 0.0
+                total, parts = 0.0, []
                 for s in range(0, c, chunk_size):
                     t0 = time.perf_counter()
                     z = head(rows[start + s : start + min(s + chunk_size, c)]).float()[:, : cached.vocab_size]
@@ -183,12 +189,24 @@ def example_drifts(
                     fwd += time.perf_counter() - t0
                     lp = torch.log_softmax(z if temperature == 1.0 else z / temperature, -1).cpu()
                     total += float(drift_rows(lp, _row_span(old, s, s + lp.shape[0])).double().sum())
+                    if keep:
+                        assert encode is not None
+                        seeds = [row_seed(encode.seed, example_ids[i], r) for r in range(s, s + z.shape[0])]
+                        parts.append(extract(z, encode, cached.vocab_size, seeds))
                 out[i] = total / c
                 probed += c
+                if keep:
+                    assert encode is not None
+                    cols = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                    whole[i] = example_rows(cols, 0, c, encode)
+            elif keep:
+                assert encode is not None
+                whole[i] = empty_rows(encode, cached.vocab_size)
             start += c
         if timings is not None:
             timings["forward_s"] = timings.get("forward_s", 0.0) + fwd
-    return out, probed
+            timings["probe_tokens_read"] = timings.get("probe_tokens_read", 0) + int(batch["attention_mask"].sum())
+    return out, probed, whole
 
 
 # ------------------------------------------------------------------------ refresh
@@ -247,7 +265,8 @@ def refresh_cache(
     ``examples`` must be the cached ones. With ``world_size > 1`` this process handles the shards
     ``j % world_size == rank`` and the last one to finish writes the manifest. ``timings``
     receives ``probe_s`` (drift), ``recompute_s`` (new rows and shards), ``forward_s`` (the
-    teacher's own work in both) and ``total_s``.
+    teacher's own work in both), the tokens the teacher read for each (``probe_tokens_read``,
+    ``tokens_read``) and ``total_s``.
     """
     from potstill.fingerprints import weights_fingerprint
 
@@ -280,13 +299,25 @@ def refresh_cache(
     source = _sources_per_example(manifest)
     bounds = [(r["first_example"], r["first_example"] + r["num_examples"]) for r in manifest["shards"]]
     mine = [j for j in range(len(bounds)) if j % world_size == rank]
-    t0 = time.perf_counter()
-    bar = _bar(progress, len(mine), "probe")
+    spent = {"probe_s": 0.0, "recompute_s": 0.0}
+    common: dict[str, Any] = {
+        "teacher": teacher,
+        "head": head,
+        "examples": examples,
+        "spec": spec,
+        "cached": cached,
+        "pad": pad,
+        "device": device,
+        "timings": timings,
+    }
+    bar = _bar(progress, len(mine), "")
     for j in mine:
+        lo, hi = bounds[j]
+        ready: dict[int, EncodedRows] = {}  # new rows the probe computed whole (no second forward)
         if not (path / _drift_name(g, j)).is_file():
-            lo, hi = bounds[j]
+            t0 = time.perf_counter()
             ids = [e for e in range(lo, hi) if source[e] != fingerprint]
-            drifts, rows = example_drifts(
+            drifts, rows, whole = example_drifts(
                 teacher,
                 head,
                 [examples[e] for e in ids],
@@ -298,35 +329,67 @@ def refresh_cache(
                 pad,
                 device,
                 timings,
+                encode=spec,
             )
+            ready = {ids[i]: r for i, r in whole.items()}
             atomic_write_json(path / _drift_name(g, j), {"ids": ids, "drift": drifts, "rows": rows})
+            spent["probe_s"] += time.perf_counter() - t0
+        if rule.fraction is None:  # the threshold decides shard by shard: recompute while the rows are at hand
+            t0 = time.perf_counter()
+            _recompute(path, j, g, bounds[j], _chosen(path, g, rule, [j]), ready, **common)
+            spent["recompute_s"] += time.perf_counter() - t0
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    if rule.fraction is not None:  # the top fraction needs every drift first (new rows are not kept that long)
+        chosen = _chosen(path, g, rule, mine)
+        t0 = time.perf_counter()
+        for j in mine:
+            _recompute(path, j, g, bounds[j], chosen, {}, **common)
+        spent["recompute_s"] += time.perf_counter() - t0
     if timings is not None:
-        timings["probe_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    chosen = _chosen(path, g, rule, mine)
-    bits = id_bits(cached.vocab_size)
-    for j in mine:
-        lo, hi = bounds[j]
-        redo = sorted(e for e in chosen if lo <= e < hi)
-        if not redo or shard_record_ok(path, j, revision=g) is not None:
-            continue
-        fresh = encode_examples(
-            teacher, head, [examples[e] for e in redo], redo, spec, cached.vocab_size, pad, device, timings
-        )
-        new_rows = dict(zip(redo, fresh))
-        kept: list[EncodedRows] = [new_rows[e] if e in new_rows else cached.stored_rows(e) for e in range(lo, hi)]
-        cols = assemble_shard(examples[lo:hi], kept, lo, spec, bits)
-        write_shard(path, j, cols, lo, hi, spec, None, revision=g)
-    if timings is not None:
-        timings["recompute_s"] = time.perf_counter() - t0
+        timings.update(spent)
     out = _finish(path, manifest, state, bounds)
     if timings is not None:
         timings["total_s"] = time.perf_counter() - t_start
     return out
+
+
+def _recompute(
+    path: Path,
+    j: int,
+    g: int,
+    bound: tuple[int, int],
+    chosen: set[int],
+    ready: dict[int, EncodedRows],
+    *,
+    teacher,
+    head,
+    examples: list[dict],
+    spec: CacheSpec,
+    cached: CachedSignal,
+    pad: int,
+    device,
+    timings: dict | None,
+) -> None:
+    """Write shard ``j`` at revision ``g``: the ``chosen`` examples' new rows (from ``ready`` or a
+    forward), every other example's stored rows bit for bit. Nothing to do when none is chosen
+    or the shard is already written."""
+    lo, hi = bound
+    redo = sorted(e for e in chosen if lo <= e < hi)
+    if not redo or shard_record_ok(path, j, revision=g) is not None:
+        return
+    run = [e for e in redo if e not in ready]
+    vocab = cached.vocab_size
+    new = {e: ready[e] for e in redo if e in ready}
+    new.update(
+        zip(run, encode_examples(teacher, head, [examples[e] for e in run], run, spec, vocab, pad, device, timings))
+    )
+    rows = [new[e] if e in new else cached.stored_rows(e) for e in range(lo, hi)]
+    write_shard(
+        path, j, assemble_shard(examples[lo:hi], rows, lo, spec, id_bits(vocab)), lo, hi, spec, None, revision=g
+    )
 
 
 def _bar(progress: bool, total: int, desc: str):

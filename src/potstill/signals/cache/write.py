@@ -124,6 +124,7 @@ def encode_examples(
                 parts.append(extract(z, spec, vocab, None if seeds is None else seeds[s : s + spec.chunk_size]))
         if timings is not None:
             timings["forward_s"] = timings.get("forward_s", 0.0) + fwd
+            timings["tokens_read"] = timings.get("tokens_read", 0) + int(batch["attention_mask"].sum())
         cols = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
         start = 0
         for i, c in zip(members, counts):
@@ -166,7 +167,8 @@ def write_cache(
     shards ``j % world_size == rank``. Returns the manifest once the cache is complete (the
     last process to finish writes it), else ``None``. ``on_shard(j)`` is called after each
     shard is on disk (progress hooks, tests). ``timings`` (a dict) receives ``forward_s``,
-    the time spent in the teacher's body and head, and ``total_s``, the whole call.
+    the time spent in the teacher's body and head, ``tokens_read``, the tokens the teacher
+    read, and ``total_s``, the whole call.
 
     ``append``: ``examples`` extend the cached ones (the cached examples are their first ones,
     unchanged); shards are written for the new examples only, the existing shards stay as
@@ -371,4 +373,19 @@ def finalize_cache(path: str | Path) -> dict | None:
         except ValueError:
             pass
     atomic_write_json(man_path, manifest)
+    return manifest
+
+
+def record_in_plan(path: str | Path, key: str, value) -> dict:
+    """Set a history entry of a finished cache's plan (``HISTORY_KEYS``, e.g. its certificate) and
+    write the manifest that carries it."""
+    path = Path(path)
+    if key not in HISTORY_KEYS:
+        raise ValueError(f"{key!r} is not a history key of a cache plan ({', '.join(HISTORY_KEYS)})")
+    plan = json.loads((path / PLAN).read_text())
+    plan[key] = value
+    atomic_write_json(path / PLAN, plan)
+    manifest = finalize_cache(path)
+    if manifest is None:
+        raise PotstillError(f"the cache at '{path}' is incomplete; finish it with `potstill cache` first")
     return manifest
