@@ -613,6 +613,30 @@ def test_refresh_after_the_teacher_changed_then_distill_from_the_mixed_cache(ass
     assert (out / "runs" / "kd" / "model.safetensors").is_file()
 
 
+def test_certify_writes_the_certificate_into_the_manifest_and_the_report(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    runs = [*KD_ONLY, {"name": "kd_tv", "alpha": 0.0, "divergence": {"name": "total_variation"}}]
+    cache = {**CACHE, "certify": {"probe_examples": 4, "candidates": [4, 64]}}
+    rp = write(tmp_path / "r.yaml", recipe(assets, out, cache=cache, runs=runs, **{"eval.include_untrained": False}))
+    assert main(["cache", str(rp), "--certify"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    man = json.loads((out / "teacher_cache" / "manifest.json").read_text())
+    cert = man["certificate"]
+    assert set(cert["divergences"]) == {"forward_kl", "total_variation"} and cert["kind"] == "topk"
+    fkl = cert["divergences"]["forward_kl"]
+    assert [row["k"] for row in fkl["candidates"]] == [4, 8, 64] and fkl["own"] == 8 and fkl["runs"] == ["kd"]
+    # a top-k bucket loss never exceeds the dense forward KL, and more ids never move it further away
+    errs = [row["loss_error"] for row in fkl["candidates"]]
+    assert all(row["loss_bias"] <= 1e-3 for row in fkl["candidates"]) and errs == sorted(errs, reverse=True)
+    assert fkl["own_ok"] == (fkl["candidates"][1]["ok"])
+    assert lines[-2].startswith("certificate forward_kl (kd): k=8 loss error ")
+    assert lines[-1].startswith("certificate total_variation (kd_tv): k=8 ")
+    # certifying did not change the cache: distill reads it, and its report carries the certificate
+    assert main(["distill", str(rp)]) == 0
+    report = (out / "report.md").read_text()
+    assert "certificate forward_kl (kd): k=8" in report and "certificate total_variation (kd_tv)" in report
+
+
 def test_cache_has_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["cache", "--help"])

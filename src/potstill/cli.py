@@ -106,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the teacher changed: recompute the examples that drifted past cache.refresh (the rest are kept)",
     )
+    c.add_argument(
+        "--certify",
+        action="store_true",
+        help="measure the signal's loss and gradient error against the dense teacher per candidate k or draws; "
+        "written into the manifest",
+    )
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     e = sub.add_parser("eval", help="evaluate the finished students of a recipe on its held-out prompts")
@@ -238,7 +244,9 @@ def _cache(args: argparse.Namespace) -> int:
     recipe = _load_recipe(args.recipe, args.overrides, verb="cache")
     rank = args.rank if args.rank is not None else _env_int("RANK", 0)
     world = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE", 1)
-    manifest = cache(recipe, rank=rank, world_size=world, append=args.append, refresh=args.refresh)
+    manifest = cache(
+        recipe, rank=rank, world_size=world, append=args.append, refresh=args.refresh, certify=args.certify
+    )
     if manifest is None:
         print(
             f"rank {rank} of {world}: its shards are written to {recipe.cache_dir}; the last process to finish "
@@ -250,6 +258,11 @@ def _cache(args: argparse.Namespace) -> int:
         f"{manifest['data']['num_examples']} examples, {manifest['data']['num_rows']} tokens, "
         f"{manifest['num_shards']} shards, {manifest['bytes_per_token']:.1f} bytes/token"
     )
+    if args.certify:
+        from .runners.cache import certificate_lines
+
+        for line in certificate_lines(manifest["certificate"]) or [manifest["certificate"].get("reason", "")]:
+            print(line)
     if args.refresh and manifest.get("refreshes"):
         r = manifest["refreshes"][-1]
         mixed = (

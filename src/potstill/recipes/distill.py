@@ -95,6 +95,18 @@ class RefreshConfig(Strict):
         return self
 
 
+class CertifyConfig(Strict):
+    tolerance: float = Field(
+        0.05, gt=0.0, description="Largest relative error of the loss and of its gradient a setting may have."
+    )
+    probe_examples: int = Field(16, ge=1, description="Training examples the certificate's probe reads.")
+    max_rows: int = Field(512, ge=1, description="Response tokens of the probe, at most.")
+    seeds: int = Field(8, ge=2, description="Draw seeds a sampled setting is measured over (its spread).")
+    candidates: list[int] | None = Field(
+        None, description="k (topk) or draws (sampled) to certify; default 8..128 or 4..64 and the cache's own."
+    )
+
+
 class CacheConfig(Strict):
     dir: str | None = Field(None, description="Cache directory; default: <output_dir>/teacher_cache.")
     signal: CacheSignalConfig = Field(default_factory=TopKCache, description="What is stored per token.")
@@ -111,6 +123,9 @@ class CacheConfig(Strict):
     )
     refresh: RefreshConfig = Field(
         default_factory=RefreshConfig, description="Which examples `potstill cache --refresh` recomputes."
+    )
+    certify: CertifyConfig = Field(
+        default_factory=CertifyConfig, description="What `potstill cache --certify` measures and tolerates."
     )
     allow_mixed: bool = Field(
         False,

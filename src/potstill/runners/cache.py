@@ -1,5 +1,6 @@
 """``potstill cache``: run the recipe's teacher once over its training data and store its signal;
-``--append`` caches examples added since, ``--refresh`` brings the cache up to a changed teacher."""
+``--append`` caches examples added since, ``--refresh`` brings the cache up to a changed teacher,
+``--certify`` measures how far its signal is from the dense teacher's for the recipe's divergences."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def cache(
     progress: bool = True,
     append: bool = False,
     refresh: bool = False,
+    certify: bool = False,
     timings: dict | None = None,
 ) -> dict | None:
     """``potstill cache``: run the teacher over the recipe's training examples and store its signal.
@@ -30,8 +32,9 @@ def cache(
     ``append``: the recipe's examples extend the cached ones; only the new ones are run.
     ``refresh``: the cache exists for these examples but the recipe's teacher changed; the
     examples whose drift exceeds ``cache.refresh`` are recomputed
-    (:mod:`potstill.signals.cache.refresh`). Returns the manifest when the cache is complete,
-    ``None`` while other ranks still work.
+    (:mod:`potstill.signals.cache.refresh`). ``certify``: once the cache is complete, its
+    certificate (:func:`certificate`) is written into its manifest. Returns the manifest when
+    the cache is complete, ``None`` while other ranks still work.
     """
     from potstill.signals.cache import write_cache
 
@@ -53,7 +56,7 @@ def cache(
             fraction=r.fraction,
             probe_tokens=r.probe_tokens,
         )
-        return refresh_cache(
+        manifest = refresh_cache(
             prep.teacher,
             prep.tokenizer,
             prep.pool_examples,
@@ -66,16 +69,104 @@ def cache(
             progress=progress,
             timings=timings,
         )
-    return write_cache(
-        prep.teacher,
-        prep.tokenizer,
-        prep.pool_examples,
-        recipe.cache_dir,
-        spec,
-        teacher_name=recipe.teacher.model,
-        append=append,
-        rank=rank,
-        world_size=world_size,
-        progress=progress,
-        timings=timings,
-    )
+    else:
+        manifest = write_cache(
+            prep.teacher,
+            prep.tokenizer,
+            prep.pool_examples,
+            recipe.cache_dir,
+            spec,
+            teacher_name=recipe.teacher.model,
+            append=append,
+            rank=rank,
+            world_size=world_size,
+            progress=progress,
+            timings=timings,
+        )
+    if certify and manifest is not None:
+        from potstill.signals.cache.write import record_in_plan
+
+        manifest = record_in_plan(recipe.cache_dir, "certificate", certificate(recipe, prep))
+    return manifest
+
+
+DEFAULT_CANDIDATES = {"topk": [8, 16, 32, 64, 128], "sampled": [4, 8, 12, 16, 32, 64]}
+
+
+def certificate(recipe: Recipe, prep: Prepared) -> dict:
+    """How far the cache's kind of signal is from the dense teacher's, for every divergence the recipe's
+    KD runs train with, measured on the recipe's initial student and the first training examples
+    (:func:`potstill.signals.cache.certify.certify_models`): per candidate k (or draws), the relative
+    error of the loss and of its gradient, the smallest candidate within ``cache.certify.tolerance``, and
+    whether the cache's own setting is within it."""
+    from potstill.data.collate import pad_id
+    from potstill.fingerprints import weights_fingerprint
+    from potstill.recipes.divergences import divergence_params
+    from potstill.signals.cache.certify import certify_models
+
+    c = recipe.cache.certify
+    spec = cache_spec(recipe)
+    head = {
+        "teacher": weights_fingerprint(prep.teacher),
+        "tolerance": c.tolerance,
+        "kind": spec.kind,
+        "probe_examples": min(c.probe_examples, len(prep.pool_examples)),
+    }
+    if spec.kind == "dense":
+        return {**head, "divergences": {}, "reason": "a dense cache holds the teacher's whole distribution (exact)"}
+    own = spec.k if spec.kind == "topk" else spec.draws
+    candidates = sorted({*(c.candidates or DEFAULT_CANDIDATES[spec.kind]), own})
+    vocab = prep.vocab_size
+    candidates = [k for k in candidates if spec.kind != "topk" or k <= vocab] if vocab else candidates
+    probe = [{**x, "example_id": i} for i, x in enumerate(prep.pool_examples[: head["probe_examples"]])]
+    out: dict[str, dict] = {}
+    for run in recipe.runs:
+        if not run.uses_teacher or run.divergence is None:
+            continue
+        params = divergence_params(run.divergence)
+        key = run.divergence.name + ("" if not params else f" {params}")
+        if key in out:
+            out[key]["runs"].append(run.name)
+            continue
+        cert = certify_models(
+            prep.teacher,
+            prep.student0,
+            probe,
+            run.divergence.name,
+            params,
+            kind=spec.kind,
+            candidates=candidates,
+            max_rows=c.max_rows,
+            batch_size=spec.batch_size,
+            pad_id=pad_id(prep.tokenizer, required=True),
+            vocab_size=vocab,
+            temperature=spec.temperature,
+            dtype=spec.dtype,
+            tail=spec.tail,
+            proposal_temperature=spec.proposal_temperature,
+            tolerance=c.tolerance,
+            seeds=[spec.seed + s for s in range(c.seeds)],
+        )
+        mine = next(row for row in cert["candidates"] if row[cert["param"]] == own)
+        out[key] = {**cert, "runs": [run.name], "own": own, "own_ok": mine["ok"]}
+        log.info("certificate, %s: %s", key, cert["reason"])
+    return {**head, "divergences": out}
+
+
+def certificate_lines(cert: dict) -> list[str]:
+    """One line per certified divergence: the cache's own setting against the tolerance, and the recommendation."""
+    lines = []
+    for key, d in cert.get("divergences", {}).items():
+        mine = next(row for row in d["candidates"] if row[d["param"]] == d["own"])
+        errs = (
+            "refused"
+            if mine["refused"]
+            else f"loss error {mine['loss_error']:.3f}, gradient error {mine['grad_error']:.3f}"
+        )
+        verdict = "within" if d["own_ok"] else "outside"
+        rec = d["recommendation"]
+        lines.append(
+            f"certificate {key} ({', '.join(d['runs'])}): {d['param']}={d['own']} {errs}, {verdict} tolerance "
+            f"{d['tolerance']:g}; " + (f"smallest within: {d['param']}={rec}" if rec is not None else d["reason"])
+        )
+    return lines

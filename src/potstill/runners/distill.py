@@ -262,7 +262,12 @@ def _distill_runs(prep: Prepared, source, out: Path, t_start: float, progress: b
         notes.append(
             f"teacher signal from the cache at {recipe.cache_dir}: {source.kind} "
             f"({m['spec']['dtype']}), {m['bytes_per_token']:.1f} bytes/token"
+            + (f"; rows of {len({fp for *_, fp in m['sources']})} teachers (refreshed)" if m.get("sources") else "")
         )
+        if m.get("certificate"):
+            from potstill.runners.cache import certificate_lines
+
+            notes += certificate_lines(m["certificate"])
     return evaluate_and_report(prep, students, curves, out, notes, progress, bayes)
 
 

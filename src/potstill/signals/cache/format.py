@@ -75,9 +75,9 @@ def record_name(j: int, revision: int = 0) -> str:
     return shard_name(j, revision).replace(".safetensors", ".json")
 
 
-# Plan keys that record a cache's history (appends, refreshes), not what a recipe asks for:
+# Plan keys that record a cache's history (appends, refreshes, certificate), not what a recipe asks for:
 # a recipe's fresh plan is compared with plan.json without them, and they are carried over.
-HISTORY_KEYS = ("segments", "revisions", "sources", "refreshes")
+HISTORY_KEYS = ("segments", "revisions", "sources", "refreshes", "certificate")
 
 
 def shard_bounds(plan: dict) -> list[tuple[int, int]]:
@@ -210,6 +210,7 @@ class _Manifest(BaseModel):
     revisions: dict[str, int] | None = None
     sources: list[list[int | str]] | None = None  # [first_example, num_examples, teacher fingerprint]
     refreshes: list[_RefreshRecord] | None = None
+    certificate: dict[str, Any] | None = None  # `potstill cache --certify` (potstill.signals.cache.certify)
 
 
 def _manifest_problem(m: dict) -> str | None:
