@@ -40,7 +40,7 @@ def row_seed(seed: int, example_id: int, row: int) -> int:
     return int.from_bytes(d, "little") & ((1 << 63) - 1)
 
 
-def _log1mexp64(x: Tensor) -> Tensor:
+def log1mexp64(x: Tensor) -> Tensor:
     """``log(1 - exp(x))`` in float64 (``-inf`` where ``x >= 0``)."""
     x = x.double()
     inside = x < 0
@@ -72,7 +72,7 @@ def extract(z: Tensor, spec: CacheSpec, vocab: int, seeds: list[int] | None = No
         vals, idx = lp.topk(spec.k, dim=-1)
         check_finite(vals[:, 0])
         if spec.k < vocab:
-            tail = _log1mexp64(torch.logsumexp(vals.double(), -1)).float()
+            tail = log1mexp64(torch.logsumexp(vals.double(), -1)).float()
         else:
             tail = torch.full((z.shape[0],), float("-inf"), device=z.device)
         return {"ids": idx.cpu(), "lp": vals.cpu(), "tail": tail.cpu()}

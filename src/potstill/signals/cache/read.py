@@ -243,26 +243,17 @@ class CachedSignal:
                 f"example {example_id}: its tokens differ from the cached ones (data, tokenizer, chat template or "
                 f"max_length changed); rebuild the cache with `potstill cache`"
             )
-        h = sh.handle
-        r0, r1 = sh.row_off[i], sh.row_off[i + 1]
-        s0, s1 = sh.slot_off[i], sh.slot_off[i + 1]
-        b0, b1 = sh.byte_off[i], sh.byte_off[i + 1]
-        ex = _Example(
-            rows=r1 - r0,
-            ids=None if self.kind == "dense" else unpack_ids(h.get_slice("ids")[b0:b1], self.bits, s1 - s0),
-            values=h.get_slice("values")[s0:s1],
+        r = self.stored_rows(example_id)
+        return _Example(
+            rows=r.rows,
+            ids=None if self.kind == "dense" else r.ids,
+            values=r.values["values"],
+            scale=r.values.get("scale"),
+            tail=r.tail,
+            row_len=r.row_len,
+            counts=r.counts,
+            weights=r.weights,
         )
-        if self.spec.dtype == "int8":
-            ex.scale = h.get_slice("scale")[r0:r1]
-        if self.kind == "topk":
-            ex.tail = h.get_slice("tail")[r0:r1]
-        if self.kind == "sampled":
-            ex.row_len = h.get_slice("row_len")[r0:r1]
-            if self.spec.proposal_temperature == 1.0:
-                ex.counts = h.get_slice("counts")[s0:s1]
-            else:
-                ex.weights = h.get_slice("weights")[s0:s1]
-        return ex
 
     def stored_rows(self, example_id: int) -> EncodedRows:
         """One example's columns exactly as stored (ids unpacked, values still encoded), so a

@@ -42,7 +42,7 @@ from ...io import atomic_write_json
 from ..online import target_index, target_rows
 from ..quant import id_bits
 from ..types import DenseSignal, Signal, SparseSignal
-from .encode import EncodedRows, assemble_shard, empty_rows, example_rows, extract, row_seed
+from .encode import EncodedRows, assemble_shard, empty_rows, example_rows, extract, log1mexp64, row_seed
 from .format import MANIFEST, PLAN, CacheSpec, record_name, revision_of, row_teachers, shard_record_ok
 from .read import CachedSignal
 from .write import encode_examples, finalize_cache, sync_device, write_shard
@@ -87,14 +87,6 @@ class RefreshRule:
 # ------------------------------------------------------------------------- drift
 
 
-def _log1mexp(x: Tensor) -> Tensor:
-    x = x.double()
-    inside = x < 0
-    xs = torch.where(inside, x, torch.full_like(x, -1.0))
-    out = torch.where(xs > -0.6931471805599453, torch.log(-torch.expm1(xs)), torch.log1p(-torch.exp(xs)))
-    return torch.where(inside, out, torch.full_like(out, float("-inf")))
-
-
 def _kl_rows(lp: Tensor, lo: Tensor) -> Tensor:
     """``KL(p || o)`` per row from log-probs (``-inf`` allowed; ``0 log 0 = 0``)."""
     p = lp.exp()
@@ -115,8 +107,8 @@ def drift_rows(new_logprobs: Tensor, old: Signal) -> Tensor:
     ids = torch.where(live, old.ids, torch.zeros_like(old.ids))
     lq = torch.where(live, new_logprobs.gather(-1, ids).double(), torch.full(ids.shape, float("-inf")).double())
     lo = old.logprobs.double()
-    new = torch.cat([lq, _log1mexp(torch.logsumexp(lq, -1)).unsqueeze(-1)], -1)
-    was = torch.cat([lo, _log1mexp(torch.logsumexp(lo, -1)).unsqueeze(-1)], -1)
+    new = torch.cat([lq, log1mexp64(torch.logsumexp(lq, -1)).unsqueeze(-1)], -1)
+    was = torch.cat([lo, log1mexp64(torch.logsumexp(lo, -1)).unsqueeze(-1)], -1)
     return _kl_rows(new, was).float()
 
 
