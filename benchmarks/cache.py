@@ -22,7 +22,15 @@ Claims measured, all in one run (same teacher, same student init, same data, sam
   hashing, writing): ``decomposed.throughput_vs_own_forward`` = forward / total, which drift
   cannot reach. Target: >= 0.9 x, judged on the decomposed ratio (the paired one is reported).
 
-Usage: ``python benchmarks/cache.py [--quick] [--out PATH] [--reps N] [--write-only | --decompose]``. Writes JSON, prints one line.
+* **every divergence from disk** (``--divergences``, merged into the same JSON under ``divergences``): for
+  each divergence potstill trains with (forward / reverse / skew KL, ABKD (0.9, 0.1), JSD, TV, AKL), a
+  student from the live teacher and one from each cache setting at <= 32 bytes/token (sampled, 12 draws,
+  fp16; top-8 with 8-bit log-probs), all else equal: held-out forward KL of each against the online one
+  (target: within 2 %), beside the certificate of that divergence and setting
+  (:func:`potstill.signals.cache.certify.certify_models` on the initial student and 16 training examples).
+
+Usage: ``python benchmarks/cache.py [--quick] [--out PATH] [--reps N] [--write-only | --decompose | --divergences]``.
+Writes JSON, prints one line.
 """
 
 from __future__ import annotations
@@ -186,6 +194,12 @@ def main(argv=None) -> int:
         default=3,
         help="paired (teacher forward, cache write) measurements per setting; ratios are their medians",
     )
+    p.add_argument(
+        "--divergences",
+        action="store_true",
+        help="only the every-divergence-from-disk table (online vs caches at <= 32 bytes/token, with the "
+        "certificate), merged into an existing JSON",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -232,6 +246,11 @@ def main(argv=None) -> int:
             "write_reps": max(1, args.reps),
         }
     }
+    if args.divergences:
+        try:
+            return _merge_divergences(args, every_divergence(prep, recipe, work, args))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     try:
         # -- writing: each setting right after the teacher's forward over the same batches -----
         # (paired, so that drift in a shared machine's speed hits both sides of each ratio)
@@ -344,6 +363,147 @@ def decompose(prep, recipe, work: Path) -> dict:
             "throughput_vs_own_forward": t["forward_s"] / t["total_s"],
         }
     return out
+
+
+DISK_SETTINGS = {  # name -> (kind, params, dtype): the cache settings at <= 32 bytes/token
+    "sampled12": ("sampled", {"draws": 12}, "fp16"),
+    "topk8_int8": ("topk", {"k": 8}, "int8"),
+}
+CERTIFY_CANDIDATES = {"sampled": [4, 8, 12, 16, 32, 64], "topk": [4, 8, 16, 32, 64]}
+
+
+def disk_divergences() -> dict:
+    from potstill.recipes.divergences import (
+        AdaptiveKL,
+        AlphaBeta,
+        ForwardKL,
+        GeneralizedJSD,
+        ReverseKL,
+        SkewForwardKL,
+        SkewReverseKL,
+        TotalVariation,
+    )
+
+    return {
+        "forward_kl": ForwardKL(),
+        "reverse_kl": ReverseKL(),
+        "skew_forward_kl": SkewForwardKL(),
+        "skew_reverse_kl": SkewReverseKL(),
+        "alpha_beta_0.9_0.1": AlphaBeta(alpha=0.9, beta=0.1),
+        "generalized_jsd": GeneralizedJSD(),
+        "total_variation": TotalVariation(),
+        "adaptive_kl": AdaptiveKL(),
+    }
+
+
+def every_divergence(prep, recipe, work: Path, args) -> dict:
+    """Per divergence: online KD, then KD from each cache of DISK_SETTINGS, scored as they finish (resumable)."""
+    from _common import Partial
+
+    from potstill.data.collate import pad_id
+    from potstill.recipes.divergences import divergence_params
+    from potstill.recipes.methods import RunConfig
+    from potstill.signals import OnlineTeacher, TeacherMemo
+    from potstill.signals.cache import CachedSignal, CacheSpec, write_cache
+    from potstill.signals.cache.certify import certify_models
+
+    out_path = _out_path(args)
+    partial = Partial(out_path.with_name(out_path.stem + "_divergences.json"), {"quick": args.quick})
+    caches, bytes_per_token = {}, {}
+    for name, (kind, params, dtype) in DISK_SETTINGS.items():
+        man = write_cache(
+            prep.teacher,
+            prep.tokenizer,
+            prep.train_examples,
+            work / name,
+            CacheSpec(kind=kind, dtype=dtype, **params),
+            progress=False,
+        )
+        caches[name], bytes_per_token[name] = work / name, man["bytes_per_token"]
+    probe = [{**x, "example_id": i} for i, x in enumerate(prep.train_examples[:16])]
+    memo = TeacherMemo()
+    for div_name, div in disk_divergences().items():
+        run = RunConfig(name=div_name.replace(".", "_"), alpha=0.0, divergence=div)
+        if f"{div_name}/online" not in partial:
+            model = train(prep, run, OnlineTeacher(prep.teacher, memo=memo), work / "o", args.warmup)["model"]
+            partial.put(f"{div_name}/online", held_out(prep, {"m": model})["m"])
+        for name, (kind, params, dtype) in DISK_SETTINGS.items():
+            key = f"{div_name}/{name}"
+            if key in partial:
+                continue
+            own = params.get("k", params.get("draws"))
+            cert = certify_models(
+                prep.teacher,
+                prep.student0,
+                probe,
+                div.name,
+                divergence_params(div),
+                kind=kind,
+                candidates=sorted({*CERTIFY_CANDIDATES[kind], own}),
+                pad_id=pad_id(prep.tokenizer, required=True),
+                vocab_size=prep.vocab_size,
+                dtype=dtype,
+                tolerance=0.05,
+            )
+            mine = next(r for r in cert["candidates"] if r[cert["param"]] == own)
+            row = {
+                "certificate": {
+                    "own": own,
+                    "own_ok": mine["ok"],
+                    "loss_error": mine["loss_error"],
+                    "grad_error": mine["grad_error"],
+                    "refused": mine["refused"],
+                    "recommendation": cert["recommendation"],
+                    "reason": cert["reason"],
+                    "candidates": cert["candidates"],
+                }
+            }
+            if mine["refused"]:
+                partial.put(key, row | {"trained": False})
+                continue
+            source = CachedSignal(caches[name], tokenizer=prep.tokenizer)
+            model = train(prep, run, source, work / "o", args.warmup)["model"]
+            partial.put(key, row | {"trained": True, **held_out(prep, {"m": model})["m"]})
+    table = {}
+    for div_name in disk_divergences():
+        online = partial[f"{div_name}/online"]
+        per = {}
+        for name in DISK_SETTINGS:
+            r = dict(partial[f"{div_name}/{name}"])
+            r["bytes_per_token"] = bytes_per_token[name]
+            if r["trained"]:
+                r["forward_kl_vs_online"] = r["forward_kl"] / online["forward_kl"]
+                r["within_2pct"] = r["forward_kl_vs_online"] <= 1.02
+            per[name] = r
+        table[div_name] = {"online": online, "settings": per}
+    partial.finish()
+    return {
+        "setup": {"seeds": 1, "certificate_probe": "16 training examples, initial student, tolerance 0.05"},
+        "table": table,
+    }
+
+
+def _merge_divergences(args, divs: dict) -> int:
+    out = _out_path(args)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    old["divergences"] = divs
+    write_json_atomic(out, old)
+    rows = [(d, n, r) for d, t in divs["table"].items() for n, r in t["settings"].items()]
+    ok = [f"{d}@{n}" for d, n, r in rows if r.get("within_2pct")]
+    why = [f"{d}@{n}" for d, n, r in rows if not r.get("within_2pct") and not r["certificate"]["own_ok"]]
+    print(
+        summary_line(
+            "cache_divergences",
+            {
+                "within_2pct": len(ok),
+                "of": len(rows),
+                "outside_and_certificate_says_so": len(why),
+                "outside_unflagged": len(rows) - len(ok) - len(why),
+                "json": str(out),
+            },
+        )
+    )
+    return 0
 
 
 def _merge_decomposed(args, decomposed: dict) -> int:
