@@ -16,11 +16,19 @@ __all__ = ["reshuffled_batches", "warmup_adamw"]
 
 
 def warmup_adamw(
-    params: Iterable[Tensor], lr: float, weight_decay: float, steps: int, warmup_fraction: float
+    params: Iterable[Tensor],
+    lr: float,
+    weight_decay: float,
+    steps: int,
+    warmup_fraction: float,
+    schedule: str = "linear",
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """``(optimizer, scheduler)``: AdamW with ``weight_decay`` on matrices (``ndim >= 2``) only; the learning
-    rate rises linearly over ``warm = max(1, int(steps * warmup_fraction))`` steps (none when
-    ``warmup_fraction`` is 0), ``lr * (k + 1) / warm``, then falls linearly to 0 at ``steps``."""
+    """``(optimizer, scheduler)``: AdamW with ``weight_decay`` on matrices (``ndim >= 2``) only, warmed up over
+    ``warm = max(1, int(steps * warmup_fraction))`` steps (none when ``warmup_fraction`` is 0).
+
+    ``schedule="linear"``: the learning rate rises as ``lr * (k + 1) / warm``, then falls linearly to 0 at
+    ``steps``. ``"cosine"``: transformers' ``get_cosine_schedule_with_warmup`` over the same ``warm`` steps
+    (linear warmup from 0, so the first step has lr 0, then half a cosine down to 0 at ``steps``)."""
     params = list(params)
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
@@ -28,6 +36,12 @@ def warmup_adamw(
     ]
     opt = torch.optim.AdamW(groups, lr=lr)
     warm = max(1, int(steps * warmup_fraction)) if warmup_fraction > 0 else 0
+    if schedule == "cosine":
+        from transformers import get_cosine_schedule_with_warmup
+
+        return opt, get_cosine_schedule_with_warmup(opt, num_warmup_steps=warm, num_training_steps=steps)
+    if schedule != "linear":
+        raise ValueError(f"schedule={schedule!r} is not linear or cosine")
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: (k + 1) / warm if k < warm else max(0.0, (steps - k) / max(1, steps - warm))
     )

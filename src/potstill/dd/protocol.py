@@ -333,14 +333,7 @@ def train_top(
         raise PotstillError(f"schedule='{schedule}' is not one of {', '.join(SCHEDULES)}")
     bs = min(batch_size, n)
     params = [p for p in top.parameters() if p.requires_grad]
-    opt, sched = warmup_adamw(params, lr, weight_decay, steps, warmup_fraction)
-    if schedule == "cosine":
-        from transformers import get_cosine_schedule_with_warmup
-
-        # the same optimizer and warmup length; the linear scheduler built with it is dropped (it
-        # recorded each group's initial_lr = lr, which the cosine one reads back and restarts from)
-        warm = max(1, int(steps * warmup_fraction)) if warmup_fraction > 0 else 0
-        sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=warm, num_training_steps=steps)
+    opt, sched = warmup_adamw(params, lr, weight_decay, steps, warmup_fraction, schedule)
     batches = reshuffled_batches(n, bs, seed)
     losses: list[float] = []
     top.train()
