@@ -611,6 +611,21 @@ def test_refresh_after_the_teacher_changed_then_distill_from_the_mixed_cache(ass
     allowed = write(tmp_path / "c.yaml", {**new, "cache": {**cache, "allow_mixed": True}})
     assert main(["distill", str(allowed)]) == 0
     assert (out / "runs" / "kd" / "model.safetensors").is_file()
+    # a later run continues that student (from its directory) on the same refreshed cache
+    later = tmp_path / "later"
+    cont = {
+        **new,
+        "output_dir": str(later),
+        "student": {"kind": "pretrained", "model": str(out / "runs" / "kd")},
+        "cache": {**cache, "allow_mixed": True, "dir": str(out / "teacher_cache")},
+        "eval": {**new["eval"], "include_untrained": True},
+    }
+    assert main(["distill", str(write(tmp_path / "d.yaml", cont))]) == 0
+    first = json.loads((out / "metrics.json").read_text())["runs"]["kd"]
+    again = json.loads((later / "metrics.json").read_text())["runs"]
+    # its starting point is the earlier student itself, and it trained on from there
+    assert again["student_init"]["forward_kl"] == pytest.approx(first["forward_kl"], rel=1e-6)
+    assert again["kd"]["forward_kl"] != pytest.approx(first["forward_kl"], rel=1e-6)
 
 
 def test_certify_writes_the_certificate_into_the_manifest_and_the_report(assets, tmp_path, capsys):
