@@ -262,3 +262,18 @@ def test_refresh_refuses_other_data_and_a_bad_rule(tmp_path, tiny_teacher, tiny_
         refresh_cache(tiny_teacher, tiny_tokenizer, exs, tmp_path, SPEC, RefreshRule(fraction=0.5), progress=False)
     with pytest.raises(PotstillError, match="fraction needs every example"):
         RefreshRule(threshold=None, fraction=0.5).check(world_size=2)
+
+
+def test_a_refresh_split_over_two_ranks_equals_one_process(tmp_path, tiny_teacher, tiny_tokenizer):
+    """Rank r of 2 probes and rewrites the shards j % 2 == r; whichever finishes last writes the manifest."""
+    exs = make_examples(tiny_tokenizer, 9)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for p in (a, b):
+        write_cache(tiny_teacher, tiny_tokenizer, exs, p, SPEC, progress=False)
+    new_teacher = _changed(tiny_teacher)
+    rule = RefreshRule(threshold=0.0, probe_tokens=3)
+    one = refresh_cache(new_teacher, tiny_tokenizer, exs, a, SPEC, rule, progress=False)
+    assert refresh_cache(new_teacher, tiny_tokenizer, exs, b, SPEC, rule, rank=1, world_size=2, progress=False) is None
+    assert sorted(f.name for f in b.glob("drift-*")) == ["drift-1-00001.json"]
+    two = refresh_cache(new_teacher, tiny_tokenizer, exs, b, SPEC, rule, rank=0, world_size=2, progress=False)
+    assert two == one and _files(a) == _files(b)
