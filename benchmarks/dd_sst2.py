@@ -71,7 +71,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import summary_line, write_json_atomic
+from _common import Partial, summary_line, write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "dd_sst2.json"
@@ -187,6 +187,8 @@ def main(argv=None) -> int:
         out_path = Path("/tmp/dd_sst2_finetune_quick.json" if finetune else "/tmp/dd_sst2_quick.json")
     else:
         out_path = FINETUNE_OUT if finetune else DEFAULT_OUT
+    # every finished set is kept beside the output: a killed run resumes at the next set
+    partial = Partial(out_path, {k: v for k, v in vars(args).items() if k not in ("out", "save_dir")})
 
     import torch
     import transformers
@@ -287,6 +289,11 @@ def main(argv=None) -> int:
     history: dict = {b: [] for b in budgets}
     examples_text: dict = {}
     for s in range(sets):
+        if f"set{s}" in partial:
+            _restore(partial[f"set{s}"], results, build, learned, history, examples_text)
+            print(f"set {s}: restored from {partial.path}", flush=True)
+            continue
+        unit: dict = {"results": [], "build": [], "learned": [], "history": [], "examples": {}}
         g = torch.Generator().manual_seed(s)
         sub = torch.randperm(len(pool), generator=g)[: len(pool) // 2]
         real_s = RealData(
@@ -388,6 +395,7 @@ def main(argv=None) -> int:
                         )
                 times["potstill_condense_emb"] = c.cpu + (ce.cpu if experts is not None else 0.0)
                 history[b].append([round(v, 5) for v in cs.history["match"]])
+                unit["history"].append([b, history[b][-1]])
                 with Clock() as c2:
                     arms["potstill_condense_text"] = cs.to_text(tokenizer, E, candidates=candidates)
                 times["potstill_condense_text"] = times["potstill_condense_emb"] + c2.cpu
@@ -406,6 +414,7 @@ def main(argv=None) -> int:
                     for key, arm in names.items()
                     if arm in arms
                 }
+                unit["examples"][str(b)] = examples_text[b]
             arms = {arm: data for arm, data in arms.items() if arm in chosen}
             for arm, data in arms.items():
                 feats, soft = soft_of(data)
@@ -416,13 +425,17 @@ def main(argv=None) -> int:
                         feats, seed=s, labels=kind, soft_labels=soft if kind == "soft" else None, **protocol
                     )
                     results[b][kind].setdefault(arm, []).append(r)
+                    unit["results"].append([b, kind, arm, r])
                 build[b].setdefault(arm, []).append(times.get(arm, 0.0))
+                unit["build"].append([b, arm, times.get(arm, 0.0)])
             if "potstill_condense_emb" in arms:
                 learned[b].append(
                     evaluate_set(cs_feats, seed=s, labels="soft", soft_labels=cs.soft_labels(), **protocol)
                 )
+                unit["learned"].append([b, learned[b][-1]])
             acc = {arm: round(results[b][label_kinds[0]][arm][-1]["accuracy"], 3) for arm in arms}
             print(f"set {s} budget {b}: {label_kinds[0]} {acc} ({total_cpu(total):.0f} s CPU so far)", flush=True)
+        partial.put(f"set{s}", unit)
 
     table: dict = {}
     verdict: dict = {}
@@ -528,6 +541,7 @@ def main(argv=None) -> int:
         "wall_s": total.wall,
     }
     write_json_atomic(out_path, data)
+    partial.finish()
     items = {}
     for b in budgets:
         v = verdict[b]
@@ -544,6 +558,20 @@ def main(argv=None) -> int:
     )
     print(summary_line("dd_sst2", items))
     return 0
+
+
+def _restore(unit: dict, results: dict, build: dict, learned: dict, history: dict, examples_text: dict) -> None:
+    """A finished set, as :class:`_common.Partial` kept it, back into the per-budget tables."""
+    for b, kind, arm, r in unit["results"]:
+        results[b][kind].setdefault(arm, []).append(r)
+    for b, arm, t in unit["build"]:
+        build[b].setdefault(arm, []).append(t)
+    for b, r in unit["learned"]:
+        learned[b].append(r)
+    for b, h in unit["history"]:
+        history[b].append(h)
+    for b, text in unit["examples"].items():
+        examples_text[int(b)] = text
 
 
 def total_cpu(clock: Clock) -> float:
