@@ -401,6 +401,7 @@ def every_divergence(prep, recipe, work: Path, args) -> dict:
     from _common import Partial
 
     from potstill.data.collate import pad_id
+    from potstill.kd.guards import NonFiniteTrainingError
     from potstill.recipes.divergences import divergence_params
     from potstill.recipes.methods import RunConfig
     from potstill.signals import OnlineTeacher, TeacherMemo
@@ -482,7 +483,11 @@ def every_divergence(prep, recipe, work: Path, args) -> dict:
                 partial.put(key, row | {"trained": False})
                 continue
             source = CachedSignal(caches[name], tokenizer=prep.tokenizer)
-            model = train(prep, run, source, work / "o", args.warmup)["model"]
+            try:
+                model = train(prep, run, source, work / "o", args.warmup)["model"]
+            except NonFiniteTrainingError as err:  # a result too: this signal cannot train this divergence
+                partial.put(key, row | {"trained": False, "diverged": str(err)})
+                continue
             partial.put(key, row | {"trained": True, **held_out(prep, {"m": model})["m"]})
     table = {}
     for div_name in disk_divergences():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import DIVERGENCE_CASES, DIVERGENCE_IDS
@@ -130,7 +132,8 @@ def test_row_without_ids_and_zero_tail():
     for tail in ("bucket", "renormalize"):
         out = sparse_divergence("forward_kl", s, SparseSignal(empty.ids, empty.logprobs, tail))
         torch.testing.assert_close(out, torch.zeros(2))
-    # teacher puts all its mass on the ids (tail mass exactly 0): finite, tail adds only student-side terms
+    # teacher puts all its mass on the ids (tail mass rounds to 0): the tail is floored at float32's epsilon
+    # (a softmax leaves some mass outside any k < V ids), so both directions stay finite
     lp = torch.log_softmax(t[:, :4], -1)
     sig = SparseSignal(ids=torch.arange(4).expand(2, 4), logprobs=lp)
     s_req = s.clone().requires_grad_(True)
@@ -138,9 +141,12 @@ def test_row_without_ids_and_zero_tail():
     (g,) = torch.autograd.grad(out.sum(), [s_req])
     assert torch.isfinite(out).all() and torch.isfinite(g).all()
     q = torch.softmax(s.double(), -1)
-    ref = (lp.double().exp() * (lp.double() - q[:, :4].log())).sum(-1)  # p_tail = 0 adds nothing
+    eps, q_tail = 2.0**-24, q[:, 4:].sum(-1)
+    ref = (lp.double().exp() * (lp.double() - q[:, :4].log())).sum(-1) + eps * (math.log(eps) - q_tail.log())
     torch.testing.assert_close(out.double(), ref)
-    assert torch.isinf(sparse_divergence("reverse_kl", s, sig)).all()  # q_tail > 0 where p_tail = 0
+    rkl = sparse_divergence("reverse_kl", s, sig).double()
+    ref_r = (q[:, :4] * (q[:, :4].log() - lp.double())).sum(-1) + q_tail * (q_tail.log() - math.log(eps))
+    torch.testing.assert_close(rkl, ref_r, rtol=1e-6, atol=0)  # float32 arithmetic
 
 
 def test_errors():
@@ -201,6 +207,25 @@ def test_student_tail_is_exact_when_tiny():
     lqc = torch.cat([lq[:, :k], torch.logsumexp(lq[:, k:], -1, keepdim=True)], -1)
     ref = (pc * (pc.log() - lqc)).sum(-1)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("given_tail", [True, False])
+def test_a_teacher_sure_of_its_top_ids_leaves_a_finite_reverse_kl(given_tail):
+    """Top-k mass that rounds to 1 leaves a tail of -inf (as the cache computes it from float32 log-probs); a
+    student with mass outside the ids then had an infinite reverse KL and a NaN gradient. The tail is floored
+    at float32's epsilon: finite, and the student is pushed out of the tail."""
+    t = torch.full((2, V), -60.0)
+    t[:, 0] = 30.0  # p(0) = 1 in float32
+    lp = torch.log_softmax(t, -1)[:, :4]
+    tail = torch.full((2,), float("-inf")) if given_tail else None
+    sig = SparseSignal(ids=torch.arange(4).expand(2, 4), logprobs=lp, tail="bucket", tail_logprob=tail)
+    s = _logits((2, V), seed=44).requires_grad_(True)
+    out = sparse_divergence("reverse_kl", s, sig)
+    (g,) = torch.autograd.grad(out.sum(), [s])
+    assert torch.isfinite(out).all() and torch.isfinite(g).all() and (out > 1).all()
+    assert (g[:, 0] < 0).all()  # descending raises the logit of the id the teacher is sure of
+    _, lp_c = coarsen(s, sig)
+    torch.testing.assert_close(lp_c[:, -1].exp(), torch.full((2,), 2.0**-24), rtol=1e-4, atol=0)
 
 
 # ------------------------------------------------------------------------------------ sampled signals

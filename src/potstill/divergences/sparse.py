@@ -105,20 +105,27 @@ def check_signal(signal: SparseSignal, n: int, vocab: int) -> None:
         raise ValueError("sparse signal has duplicate ids in a row; ids must be unique per position")
 
 
+# The smallest tail mass a bucket holds when it holds any outcome: float32's epsilon. A teacher sure of its
+# top ids leaves a tail below what its float32 log-probs resolve (1 - sum p rounds to 0, log -inf), yet a
+# softmax never puts exactly 0 there; at -inf, reverse KL (q log q / p) of any student mass there is inf.
+TAIL_FLOOR = -16.635532333438686  # log(2 ** -24)
+
+
 def bucket_teacher(lp: Tensor, pad: Tensor, tail_logprob: Tensor | None, bucket_empty: Tensor) -> tuple[Tensor, Tensor]:
     """The teacher side of the bucket map: ``lp [n, k]`` -> ``(lp [n, k], tail [n])`` (log-probs).
 
     ``tail`` is ``tail_logprob`` when given, and ``[lp, tail]`` is then renormalized to sum to
-    one (padding stays ``-inf``); else ``log(1 - sum exp(lp))``, as is. ``-inf`` (no outcome)
-    where ``bucket_empty`` (the ids cover the vocabulary).
+    one (padding stays ``-inf``); else ``log(1 - sum exp(lp))``, as is. Either is at least
+    ``TAIL_FLOOR`` where the bucket holds outcomes, and ``-inf`` (no outcome) where
+    ``bucket_empty`` (the ids cover the vocabulary).
     """
     ninf = torch.full((), float("-inf"), dtype=lp.dtype, device=lp.device)
     if tail_logprob is None:
-        tail = _log1mexp(_safe_logsumexp(lp, pad.all(-1)))
+        tail = _log1mexp(_safe_logsumexp(lp, pad.all(-1))).clamp_min(TAIL_FLOOR)
         # Rounding can leave a sliver of teacher mass when the ids cover every outcome;
         # the bucket holds no outcome then, so its mass is 0 on both sides.
         return lp, torch.where(bucket_empty, ninf, tail)
-    tail = torch.where(bucket_empty, ninf, tail_logprob.to(lp.dtype))
+    tail = torch.where(bucket_empty, ninf, tail_logprob.to(lp.dtype).clamp_min(TAIL_FLOOR))
     full = torch.cat([lp, tail.unsqueeze(-1)], -1)
     absent = torch.isneginf(full).all(-1)
     norm = torch.where(absent, torch.zeros_like(tail), _safe_logsumexp(full, absent))
