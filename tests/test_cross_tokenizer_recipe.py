@@ -4,6 +4,7 @@ map; the same recipe without a cross-tokenizer method is refused before anything
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from helpers import make_metaspace_tokenizer, random_llama, recipe, write
@@ -62,14 +63,10 @@ def test_without_a_cross_tokenizer_method_the_recipe_is_refused(assets, other_te
     assert not out.exists()
 
 
-def test_cross_tokenizer_needs_a_pretrained_student_and_no_cache(assets, other_teacher, tmp_path, capsys):  # noqa: F811
+def test_cross_tokenizer_needs_a_pretrained_student(assets, tmp_path, capsys):  # noqa: F811
     r = recipe(assets, tmp_path / "out", runs=[{"name": "x", "alpha": 0.5, "cross_tokenizer": {}}])
     assert main(["distill", str(write(tmp_path / "a.yaml", r))]) != 0
     assert "student.kind pretrained" in capsys.readouterr().err
-    r = _cross_recipe(assets, tmp_path / "out", other_teacher, [{"name": "x", "alpha": 0.5, "cross_tokenizer": {}}])
-    r["cache"] = {"signal": {"kind": "topk"}}
-    assert main(["distill", str(write(tmp_path / "b.yaml", r))]) != 0
-    assert "need live teachers" in capsys.readouterr().err
 
 
 @pytest.mark.real_model
@@ -122,3 +119,52 @@ def test_an_extra_teacher_with_another_tokenizer_joins_a_multi_teacher_run(asset
         assert 0 < cov["1"]["valid_row_share"] <= cov["1"]["aligned_row_share"] < 1
         assert 0 < cov["1"]["teacher_mass_used"] <= 1
     assert sum(json.loads((out / "runs" / "pick" / "train_info.json").read_text())["teacher_selected_examples"]) > 0
+
+
+@pytest.mark.parametrize("signal", [{"kind": "topk", "k": 8}, {"kind": "sampled", "draws": 8}])
+def test_a_cache_in_the_teachers_tokens_trains_a_student_of_another_family(assets, other_teacher, tmp_path, signal):  # noqa: F811
+    """`potstill cache` on a cross-tokenizer recipe stores the teacher's signal in its own tokens; `distill`
+    reads it through the vocabulary map (issue 20: cross-tokenizer KD from disk)."""
+    from transformers import AutoTokenizer
+
+    from potstill.fingerprints import tokenizer_fingerprint
+    from potstill.signals.cache import read_manifest
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    vmap = {"kind": "cross_tokenizer", "align": "vocab_map"}
+    runs = [{"name": "sft", "alpha": 1.0}, {"name": "vmap", "alpha": 0.5, "method": vmap}]
+    r = _cross_recipe(assets, out, other_teacher, runs)
+    r["cache"] = {"dir": str(cache), "signal": signal}
+    path = write(tmp_path / "r.yaml", r)
+    assert main(["cache", str(path)]) == 0
+    manifest = read_manifest(cache)
+    assert manifest["tokenizer"]["fingerprint"] == tokenizer_fingerprint(AutoTokenizer.from_pretrained(other_teacher))
+    assert manifest["vocab_size"] == len(AutoTokenizer.from_pretrained(other_teacher))
+    assert main(["distill", str(path)]) == 0
+    info = json.loads((out / "runs" / "vmap" / "train_info.json").read_text())
+    cov = info["cross_tokenizer"]
+    assert info["teacher_signal"] == "cache" and info["teacher_tokens"] == 0
+    assert 0.5 < cov["aligned_row_share"] <= 1 and 0 < cov["kd_row_share"] <= cov["aligned_row_share"]
+    assert 0.5 < cov["teacher_mass_used"] <= 1 + 1e-6
+    curve = [loss for _, loss in info["loss_curve"]]
+    assert curve and all(math.isfinite(x) for x in curve)
+    sft = json.loads((out / "runs" / "sft" / "train_info.json").read_text())["loss_curve"]
+    assert [x for _, x in sft] != curve  # the teacher's half of the loss was there
+
+
+def test_a_cross_tokenizer_cache_refuses_uld_and_certify(assets, other_teacher, tmp_path, capsys):  # noqa: F811
+    r = _cross_recipe(
+        assets,
+        tmp_path / "out",
+        other_teacher,
+        [{"name": "u", "alpha": 0.5, "method": {"kind": "cross_tokenizer", "align": "uld"}}],
+    )
+    r["cache"] = {"dir": str(tmp_path / "cache"), "signal": {"kind": "topk"}}
+    assert main(["distill", str(write(tmp_path / "a.yaml", r))]) == 2
+    err = capsys.readouterr().err
+    assert "align uld" in err and "vocab_map" in err and len(err.strip().splitlines()) == 1
+    r["runs"] = [{"name": "v", "alpha": 0.5, "method": {"kind": "cross_tokenizer"}}]
+    assert main(["cache", str(write(tmp_path / "b.yaml", r)), "--certify"]) == 2
+    err = capsys.readouterr().err
+    assert "--certify" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cache").exists()

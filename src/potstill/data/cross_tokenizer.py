@@ -13,6 +13,7 @@ same event and can be compared. All other student rows are *unaligned* and get c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from os.path import commonprefix
 from typing import Any
 
 import torch
@@ -109,6 +110,75 @@ def _decode_starts(tokenizer, ids: list[int], text: str, special: set[int]) -> l
     return out
 
 
+def char_starts(tokenizer, ids: Sequence[int], special: set[int]) -> tuple[str, list[int], bool]:
+    """``(text, starts, reproduced)`` of token ids: the text they decode to (special tokens kept, no
+    clean-up), the character each token begins at cleanly or -1 (:func:`token_starts`; tokens whose id is
+    in ``special`` never begin one), and whether re-tokenizing the text reproduced the ids (else the
+    starts come from prefix decoding)."""
+    ids = [int(i) for i in ids]
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    at_special = {k for k, i in enumerate(ids) if i in special}
+    if list(enc["input_ids"]) == ids:
+        return text, token_starts(enc["offset_mapping"], text, at_special), True
+    return text, _decode_starts(tokenizer, ids, text, at_special), False
+
+
+def _response_starts(tokenizer, ids: Sequence[int], labels: Sequence[int], special: set[int]):
+    """``(response text, {character in the response: target row})`` of one encoded example: the text from
+    its first target token on, and the rows (counted over the example's target tokens) whose token begins
+    cleanly at a character of it."""
+    text, starts, _ = char_starts(tokenizer, ids, special)
+    targets = [k for k in range(1, len(ids)) if int(labels[k]) != -100]
+    if not targets:
+        return "", {}
+    first = targets[0]
+    r = starts[first]
+    if r < 0:  # the first response token shares a character with the prompt: start where the prompt's text ends
+        head = tokenizer.decode(list(ids[:first]), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        r = len(head) if text.startswith(head) else -1
+    if r < 0:
+        return "", {}
+    at = {starts[k] - r: row for row, k in enumerate(targets) if starts[k] >= r}
+    return text[r:], at
+
+
+def response_alignment(
+    student_tokenizer,
+    student_ids: Sequence[int],
+    student_labels: Sequence[int],
+    teacher_tokenizer,
+    teacher_ids: Sequence[int],
+    teacher_labels: Sequence[int],
+    *,
+    student_special: set[int] | None = None,
+    teacher_special: set[int] | None = None,
+) -> list[int]:
+    """For each target row of a student example, the target row of the *same example encoded by the
+    teacher's tokenizer* that predicts the same response text, or -1.
+
+    Unlike :class:`CrossTokenizerAligner` (the teacher reads the student's text, prompt markup included),
+    each side has read the prompt in its own rendering (its own chat template), so the two are aligned
+    on the response only: a student row and a teacher row are paired when the tokens they predict begin
+    at the same character ``c`` of the response and the two responses agree on their first ``c``
+    characters (truncation and the end-of-turn markup may differ after that). Both have then read the
+    prompt and the same ``response[:c]``, so the teacher's distribution at its row is a target for the
+    student's, whatever either copy holds from ``c`` on. This is how a teacher-signal cache written in the teacher's own
+    tokens serves a student of another family (:class:`potstill.signals.cache.cross.CrossTokenizerCache`).
+    """
+    s_special = special_ids(student_tokenizer) if student_special is None else student_special
+    t_special = special_ids(teacher_tokenizer) if teacher_special is None else teacher_special
+    s_text, s_at = _response_starts(student_tokenizer, student_ids, student_labels, s_special)
+    t_text, t_at = _response_starts(teacher_tokenizer, teacher_ids, teacher_labels, t_special)
+    n = sum(1 for k in range(1, len(student_ids)) if int(student_labels[k]) != -100)
+    out = [-1] * n
+    common = len(commonprefix([s_text, t_text]))
+    for c, row in s_at.items():
+        if c <= common and c in t_at:
+            out[row] = t_at[c]
+    return out
+
+
 class CrossTokenizerAligner:
     """Builds the teacher's view of a student example.
 
@@ -141,15 +211,9 @@ class CrossTokenizerAligner:
         labels = [int(y) for y in labels]
         if len(labels) != len(ids):
             raise PotstillError(f"an example has {len(ids)} input_ids but {len(labels)} labels; encode it again")
-        text = self.student.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        enc = self.student(text, add_special_tokens=False, return_offsets_mapping=True)
-        s_special = {k for k, i in enumerate(ids) if i in self.student_special}
-        if list(enc["input_ids"]) == ids:
-            self.reproduced += 1
-            s_starts = token_starts(enc["offset_mapping"], text, s_special)
-        else:
-            self.fallbacks += 1
-            s_starts = _decode_starts(self.student, ids, text, s_special)
+        text, s_starts, reproduced = char_starts(self.student, ids, self.student_special)
+        self.reproduced += int(reproduced)
+        self.fallbacks += int(not reproduced)
         t = self.teacher(text, add_special_tokens=True, return_offsets_mapping=True)
         t_ids = list(t["input_ids"])
         t_special = {k for k, i in enumerate(t_ids) if i in self.teacher_special}
@@ -236,6 +300,8 @@ __all__ = [
     "CrossTokenizerAligner",
     "CrossTokenizerCollator",
     "align_positions",
+    "char_starts",
+    "response_alignment",
     "target_alignment",
     "teacher_view",
     "token_starts",

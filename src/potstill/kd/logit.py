@@ -343,9 +343,18 @@ class KDTrainer(NonFiniteGuard, Trainer):
 
     def _kd_weights(self, signal, rows, head, targets, temperature: float, inputs: dict | None = None):
         """Per-row divergence weights (:mod:`potstill.kd.adaptive`), times the batch's rationale-KD factors
-        (:mod:`potstill.kd.keypoint`: keypoint weights, progressive step mask), or None."""
+        (:mod:`potstill.kd.keypoint`: keypoint weights, progressive step mask), times 0 on rows the signal
+        marks as not ``valid`` (a teacher seen through another tokenizer), or None."""
         if signal is None:
             return None
+        w = self._method_weights(signal, rows, head, targets, temperature, inputs)
+        valid = getattr(signal, "valid", None)
+        if valid is None:
+            return w
+        mask = valid.to(device=rows.device, dtype=torch.float32)
+        return mask if w is None else w * mask
+
+    def _method_weights(self, signal, rows, head, targets, temperature: float, inputs: dict | None):
         args = self.args
         progressive = args.curriculum == "progressive_rationale"
         rationale = rationale_row_weights(
@@ -402,6 +411,11 @@ class KDTrainer(NonFiniteGuard, Trainer):
             vocab_size=self.vocab_size,
         )
         if args.loss_backend == "liger" and signal is not None:
+            if getattr(signal, "valid", None) is not None:
+                raise PotstillError(
+                    f"loss_backend 'liger' has no per-row weights for the rows {type(self.signal_source).__name__} "
+                    "could not align; use loss_backend 'potstill'"
+                )
             try:
                 check_liger_inputs(head, signal, args.divergence, args.divergence_kwargs)
             except ValueError as err:

@@ -435,15 +435,23 @@ class Recipe(RecipeFile):
                 f"run(s) {live} train on the student's own samples, which needs the live teacher to score "
                 "them; remove the cache section or use method kd"
             )
-        live = [
-            r.name
-            for r in self.runs
-            if r.feature is not None or r.multi_teacher is not None or r.cross_tokenizer is not None
-        ]
+        live = [r.name for r in self.runs if r.feature is not None or r.multi_teacher is not None]
         if live:
             raise ValueError(
-                f"run(s) {live} use feature, multi_teacher or cross_tokenizer, which need live teachers "
+                f"run(s) {live} use feature or multi_teacher, which need live teachers "
                 "(a cache holds one teacher's signal in its tokens); remove the cache section or them"
+            )
+        uld = [r.name for r in kd if r.cross_tokenizer is not None and r.cross_tokenizer.align == "uld"]
+        if uld:
+            raise ValueError(
+                f"run(s) {uld} use align uld, which sorts the teacher's whole distribution (a cache holds part "
+                "of it); use align vocab_map with a cache, or remove the cache section"
+            )
+        cut = [r.name for r in kd if r.cross_tokenizer is not None and r.cross_tokenizer.max_teacher_length]
+        if cut:
+            raise ValueError(
+                f"run(s) {cut} set max_teacher_length, which a cache (the teacher's signal on its own encoding, "
+                "cut at data.max_length) does not follow; remove it"
             )
         sched = [r.name for r in self.runs if r.schedule is not None and r.schedule.temperature_end is not None]
         if sched and cache.signal.kind != "dense":

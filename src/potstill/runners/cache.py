@@ -47,6 +47,15 @@ def cache(
     check_output_dir(recipe.cache_dir, key="cache.dir")
     prep = Prepared(recipe)
     spec = cache_spec(recipe)
+    # A cross-tokenizer recipe's cache holds the teacher's signal in its own tokens (any student family reads
+    # it through the vocabulary projection); otherwise the teacher's tokens are the student's.
+    tokenizer, examples = getattr(prep, "teacher_tokenizer", prep.tokenizer), prep.teacher_pool_examples()
+    if certify and prep.cross:
+        raise PotstillError(
+            "--certify compares the cache with the teacher in the student's vocabulary, which a cross-tokenizer "
+            "recipe's student does not share; certify the cache with a recipe whose student has the teacher's "
+            "tokenizer (same cache.dir and cache section)"
+        )
     if refresh:
         from potstill.signals.cache.refresh import DEFAULT_THRESHOLD, RefreshRule, refresh_cache
 
@@ -58,8 +67,8 @@ def cache(
         )
         manifest = refresh_cache(
             prep.teacher,
-            prep.tokenizer,
-            prep.pool_examples,
+            tokenizer,
+            examples,
             recipe.cache_dir,
             spec,
             rule,
@@ -72,8 +81,8 @@ def cache(
     else:
         manifest = write_cache(
             prep.teacher,
-            prep.tokenizer,
-            prep.pool_examples,
+            tokenizer,
+            examples,
             recipe.cache_dir,
             spec,
             teacher_name=recipe.teacher.model,

@@ -144,20 +144,23 @@ def split_pairs(recipe: Recipe, teacher, tokenizer, teacher_id: str) -> tuple[li
     return train_eval_split(load_pairs(recipe, teacher, tokenizer, teacher_id), recipe)
 
 
-def encode_pairs(pairs: list[dict], tokenizer, max_length: int) -> list[dict]:
+def encode_pairs(pairs: list[dict], tokenizer, max_length: int, kept: list[int] | None = None) -> list[dict]:
     """Encoded examples; ``example_id`` is the position in the list (a teacher-signal cache's key).
 
     Pairs whose prompt alone fills ``max_length`` leave no response token to learn from: they
-    are dropped with a logged count (all of them dropped is an error).
+    are dropped with a logged count (all of them dropped is an error). ``kept`` (if given) receives
+    the position in ``pairs`` of every example returned.
     """
     from potstill.data import encode_example, encode_prompt
 
     out = []
     too_long = 0
-    for p in pairs:
+    for j, p in enumerate(pairs):
         if len(encode_prompt(tokenizer, p["messages"])) >= max_length:
             too_long += 1
             continue
+        if kept is not None:
+            kept.append(j)
         i = len(out)
         ex = encode_example(tokenizer, p["messages"], p["response"], max_length)
         ex["reference"] = p["response"]
@@ -332,7 +335,8 @@ class Prepared:
                 )
             self.tokenizer = student_tok
         train_pairs, eval_pairs = split_pairs(recipe, self.teacher, self.tokenizer, teacher_id)
-        self.train_examples = encode_pairs(train_pairs, self.tokenizer, recipe.data.max_length)
+        self._train_pairs, self._train_kept = train_pairs, []
+        self.train_examples = encode_pairs(train_pairs, self.tokenizer, recipe.data.max_length, self._train_kept)
         self.eval_examples = encode_pairs(eval_pairs, self.tokenizer, recipe.data.max_length)
         self._apply_selection()
         if vocab_size is None and not self.cross:
@@ -414,13 +418,37 @@ class Prepared:
             self.train_examples = load_selection(self.recipe.data.selection, self.pool_examples)
 
     def cross_context(self) -> dict:
-        """What cross-tokenizer runs need (empty when the student shares the teacher's tokenizer)."""
+        """What cross-tokenizer runs need (empty when the student shares the teacher's tokenizer); with a
+        cache, also the training examples in the teacher's tokens and the student-to-teacher example ids."""
         if not getattr(self, "cross", False):
             return {}
-        ctx = {"teacher_tokenizer": self.teacher_tokenizer}
+        ctx: dict[str, Any] = {"teacher_tokenizer": self.teacher_tokenizer}
         if any(r.cross_tokenizer is not None and r.cross_tokenizer.align == "vocab_map" for r in self.recipe.runs):
             ctx["vocab_map"] = self.vocab_map()
+        if self.recipe.cache is not None:
+            ctx["teacher_examples"] = self.teacher_pool_examples()
+            ctx["example_map"] = self.teacher_example_map()
         return ctx
+
+    def teacher_pool_examples(self) -> list[dict]:
+        """The training pairs encoded by the teacher's own tokenizer and chat template: what the cache of a
+        cross-tokenizer recipe holds (the teacher's signal in its own tokens, for any student family).
+        Equal to ``pool_examples`` when the student shares the teacher's tokenizer."""
+        if not getattr(self, "cross", False):
+            return self.pool_examples
+        if getattr(self, "_teacher_pool", None) is None:
+            self._teacher_kept: list[int] = []
+            self._teacher_pool = encode_pairs(
+                self._train_pairs, self.teacher_tokenizer, self.recipe.data.max_length, self._teacher_kept
+            )
+        return self._teacher_pool
+
+    def teacher_example_map(self) -> dict[int, int]:
+        """Student example id -> the same pair's example id among :meth:`teacher_pool_examples` (a pair whose
+        prompt fits one tokenizer's ``max_length`` but not the other's is in one list only)."""
+        self.teacher_pool_examples()
+        teacher_id = {pair: i for i, pair in enumerate(self._teacher_kept)}
+        return {i: teacher_id[pair] for i, pair in enumerate(self._train_kept) if pair in teacher_id}
 
     def extra_teachers(self) -> list[ExtraTeacher]:
         """The recipe's ``extra_teachers``, loaded once, when a run combines teachers. One with another
@@ -459,14 +487,14 @@ class Prepared:
         spec = cache_spec(self.recipe)
         source = CachedSignal(
             self.recipe.cache_dir,
-            tokenizer=self.tokenizer,
+            tokenizer=self.teacher_tokenizer if getattr(self, "cross", False) else self.tokenizer,  # its own tokens
             tail=spec.tail,
             teacher_fingerprint=weights_fingerprint(self.teacher),
             verify=self.recipe.cache.verify,
             allow_mixed=self.recipe.cache.allow_mixed,
         )
         source.check_spec(spec)
-        source.check_data(self.pool_examples)
+        source.check_data(self.teacher_pool_examples())
         return source
 
 

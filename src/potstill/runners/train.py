@@ -254,7 +254,7 @@ def train_run(
     ds = Dataset.from_list([{k: ex[k] for k in TRAIN_COLUMNS if k in ex} for ex in train_examples])
     kd = run.uses_teacher
     if run.cross_tokenizer is not None:
-        return _train_cross(recipe, run, student, teacher, tokenizer, ds, out_dir, device, cross or {})
+        return _train_cross(recipe, run, student, teacher, tokenizer, ds, out_dir, device, cross or {}, source)
     moves = None  # the EMA self teacher's callback
     if kd and recipe.teacher.kind == "self":  # copied from this run's student before any adapter wraps it
         from potstill.kd.self_distill import self_teacher
@@ -510,9 +510,20 @@ def _watch(recipe: Recipe, run: RunConfig, trainer, teacher, tokenizer, out_dir:
 
 
 def _train_cross(
-    recipe: Recipe, run: RunConfig, student, teacher, tokenizer, ds, out_dir: Path, device: torch.device, cross: dict
+    recipe: Recipe,
+    run: RunConfig,
+    student,
+    teacher,
+    tokenizer,
+    ds,
+    out_dir: Path,
+    device: torch.device,
+    cross: dict,
+    source=None,
 ):
-    """One cross-tokenizer run (:class:`potstill.kd.cross_tokenizer.CrossTokenizerKDTrainer`)."""
+    """One cross-tokenizer run: a live teacher (:class:`potstill.kd.cross_tokenizer.CrossTokenizerKDTrainer`)
+    or, with ``source`` (a cache in the teacher's tokens), :class:`~potstill.kd.KDTrainer` on the cache seen
+    through the vocabulary map (:class:`potstill.signals.cache.cross.CrossTokenizerCache`): the same loss."""
     _, trainer_class = method_classes(run)
     if "teacher_tokenizer" not in cross:
         raise PotstillError(
@@ -521,18 +532,44 @@ def _train_cross(
         )
     ct, sc = run.cross_tokenizer, _Scratch.of(recipe, run, out_dir)
     try:
-        trainer = trainer_class(
-            student,
-            teacher_model=teacher.to(device),
-            args=kd_config(recipe, run, str(sc.dir), device),
-            teacher_tokenizer=cross["teacher_tokenizer"],
-            method=ct.align,
-            vocab_map=cross.get("vocab_map"),
-            kinds=tuple(ct.kinds),
-            max_teacher_length=ct.max_teacher_length,
-            processing_class=tokenizer,
-            train_dataset=ds,
-        )
+        if source is not None and run.uses_teacher:
+            from potstill.kd import KDTrainer
+            from potstill.models import output_head
+            from potstill.signals.cache.cross import CrossTokenizerCache
+
+            v_s = output_head(student).weight.shape[0]
+            source = CrossTokenizerCache(
+                source,
+                student_tokenizer=tokenizer,
+                teacher_tokenizer=cross["teacher_tokenizer"],
+                teacher_examples=cross["teacher_examples"],
+                example_map=cross["example_map"],
+                vocab_map=cross["vocab_map"],
+                student_vocab=v_s,
+                kinds=tuple(ct.kinds),
+                temperature=run.temperature,
+            )
+            trainer = KDTrainer(
+                model=student,
+                signal_source=source,
+                args=kd_config(recipe, run, str(sc.dir), device),
+                train_dataset=ds,
+                processing_class=tokenizer,
+                vocab_size=v_s,
+            )
+        else:
+            trainer = trainer_class(
+                student,
+                teacher_model=teacher.to(device),
+                args=kd_config(recipe, run, str(sc.dir), device),
+                teacher_tokenizer=cross["teacher_tokenizer"],
+                method=ct.align,
+                vocab_map=cross.get("vocab_map"),
+                kinds=tuple(ct.kinds),
+                max_teacher_length=ct.max_teacher_length,
+                processing_class=tokenizer,
+                train_dataset=ds,
+            )
         _watch(recipe, run, trainer, None, tokenizer, out_dir, None, None)
         seconds = sc.fit(trainer, run.name)
         # without accelerate's autocast wrapper: a fresh bf16 student is evaluated in fp32, like a reloaded one
@@ -544,7 +581,9 @@ def _train_cross(
         "loss_curve": curve,
         "train_seconds": seconds,
         "run": run.model_dump(mode="json"),
-        "cross_tokenizer": trainer.coverage_stats(),
+        "cross_tokenizer": source.coverage() if hasattr(source, "coverage") else trainer.coverage_stats(),
     }
+    if source is not None:
+        info.update(teacher_signal="cache", teacher_tokens=0)  # no live teacher read anything
     sc.save(model, tokenizer, out_dir, info)
     return model, curve

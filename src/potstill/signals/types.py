@@ -164,6 +164,10 @@ class SparseSignal:
       estimate of ``sum_v p_v * g(v)`` for any ``g``: ``weights_i = count_i / n * p_i / r_i``
       (``count_i / n`` when ``r = p``). ``tail`` and ``tail_logprob`` are ignored; padding
       slots have weight 0.
+
+    ``valid [N]`` (bool, optional): rows that carry information. A signal seen through another
+    tokenizer (:class:`~potstill.signals.cache.cross.CrossTokenizerCache`) has rows the teacher could
+    not align; they hold a finite placeholder and trainers give their divergence weight 0.
     """
 
     ids: Tensor
@@ -171,6 +175,7 @@ class SparseSignal:
     tail: TailMode = "bucket"
     weights: Tensor | None = None
     tail_logprob: Tensor | None = None
+    valid: Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -187,6 +192,7 @@ class SparseSignal:
             tail=self.tail,
             weights=None if self.weights is None else f(self.weights),
             tail_logprob=None if self.tail_logprob is None else f(self.tail_logprob),
+            valid=None if self.valid is None else f(self.valid),
         )
 
     def rows(self, index: Tensor) -> SparseSignal:
