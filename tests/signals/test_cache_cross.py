@@ -238,14 +238,15 @@ def _reference(student, teacher_model, s_batch, s_examples, t_examples, vm, alph
     return total / count
 
 
-@pytest.mark.parametrize("alpha,T", [(0.3, 1.0), (0.0, 2.0)])
+@pytest.mark.parametrize("alpha,T,kind", [(0.3, 1.0, "topk"), (0.0, 2.0, "topk"), (0.3, 2.0, "dense")])
 def test_loss_from_a_full_vocabulary_cache_matches_the_live_teacher_reference(
-    tiny_tokenizer, tiny_student, teacher_tok, teacher, tmp_path, alpha, T
+    tiny_tokenizer, tiny_student, teacher_tok, teacher, tmp_path, alpha, T, kind
 ):
     s_examples = encode_cross_pairs(tiny_tokenizer)
     t_examples = [dict(e, example_id=i) for i, e in enumerate(encode_cross_pairs(teacher_tok))]
     v_t, v_s = len(teacher_tok), output_head(tiny_student).weight.shape[0]
-    spec = CacheSpec(kind="topk", k=v_t, dtype="fp32", temperature=T, examples_per_shard=2)
+    # top-k over the whole vocabulary at the distillation temperature, or dense (at T = 1, any T on read)
+    spec = CacheSpec(kind=kind, k=v_t, dtype="fp32", temperature=T if kind == "topk" else 1.0, examples_per_shard=2)
     write_cache(teacher, teacher_tok, t_examples, tmp_path / "cache", spec, progress=False)
     vm = build_vocab_map(teacher_tok, tiny_tokenizer, student_vocab=v_s)
     source = CrossTokenizerCache(
@@ -256,6 +257,7 @@ def test_loss_from_a_full_vocabulary_cache_matches_the_live_teacher_reference(
         example_map={i: i for i in range(len(s_examples))},
         vocab_map=vm,
         student_vocab=v_s,
+        temperature=T,
     )
     columns = ("input_ids", "attention_mask", "labels")
     rows = [{**{k: e[k] for k in columns}, "example_id": i} for i, e in enumerate(s_examples)]
