@@ -39,18 +39,6 @@ def _ragged_to_padded(flat: Tensor, row_len: Tensor, fill: float) -> tuple[Tenso
 
 
 @dataclass
-class _Example:
-    rows: int
-    ids: Tensor | None
-    values: Tensor
-    scale: Tensor | None = None
-    tail: Tensor | None = None
-    row_len: Tensor | None = None
-    counts: Tensor | None = None
-    weights: Tensor | None = None
-
-
-@dataclass
 class _Shard:
     handle: Any
     token_hash: Tensor
@@ -234,8 +222,9 @@ class CachedSignal:
             self._by_hash = index
         return self._by_hash
 
-    def example(self, example_id: int, token_hash: bytes | None = None) -> _Example:
-        """The cached rows of one example; ``token_hash`` (if given) must match the cached one."""
+    def example(self, example_id: int, token_hash: bytes | None = None) -> EncodedRows:
+        """The cached rows of one example as stored (:meth:`stored_rows`); ``token_hash`` (if given) must match
+        the cached one."""
         j, i = self._locate(example_id)
         sh = self._shard(j)
         if token_hash is not None and bytes(sh.token_hash[i].tolist()) != token_hash:
@@ -243,17 +232,7 @@ class CachedSignal:
                 f"example {example_id}: its tokens differ from the cached ones (data, tokenizer, chat template or "
                 f"max_length changed); rebuild the cache with `potstill cache`"
             )
-        r = self.stored_rows(example_id)
-        return _Example(
-            rows=r.rows,
-            ids=None if self.kind == "dense" else r.ids,
-            values=r.values["values"],
-            scale=r.values.get("scale"),
-            tail=r.tail,
-            row_len=r.row_len,
-            counts=r.counts,
-            weights=r.weights,
-        )
+        return self.stored_rows(example_id)
 
     def stored_rows(self, example_id: int) -> EncodedRows:
         """One example's columns exactly as stored (ids unpacked, values still encoded), so a
@@ -296,7 +275,7 @@ class CachedSignal:
         ids = batch["input_ids"].detach().cpu()
         lab = labels.detach().cpu()
         given = batch.get("example_id")
-        parts: list[_Example] = []
+        parts: list[EncodedRows] = []
         segs = segments(batch)  # one per example, packed or padded
         for b, (row, start, end) in enumerate(segs):
             h = example_hash(ids[row, start:end], lab[row, start:end])
@@ -321,32 +300,34 @@ class CachedSignal:
             parts.append(ex)
         return self._combine(parts).to(labels.device) if self.kind != "dense" else self._dense(parts, labels.device)
 
-    def _dense(self, parts: list[_Example], device) -> DenseSignal:
+    def _dense(self, parts: list[EncodedRows], device) -> DenseSignal:
         v = self.vocab_size
         lp = [
-            decode_logprobs(p.values.reshape(p.rows, v), self.spec.dtype, None if p.scale is None else p.scale)
+            decode_logprobs(p.values["values"].reshape(p.rows, v), self.spec.dtype, p.values.get("scale"))
             for p in parts
         ]
         return DenseSignal(logits=torch.cat(lp).to(device) if lp else torch.zeros(0, v, device=device))
 
-    def _combine(self, parts: list[_Example]) -> SparseSignal:
+    def _combine(self, parts: list[EncodedRows]) -> SparseSignal:
         # The optional fields of `parts` are set for this cache's kind and dtype (see :meth:`example`).
         dtype = self.spec.dtype
         if self.kind == "topk":
             k = self.spec.k
             ids = torch.cat([cast(Tensor, p.ids).reshape(p.rows, k) for p in parts])
-            lp = torch.cat([decode_logprobs(p.values.reshape(p.rows, k), dtype, p.scale) for p in parts])
+            lp = torch.cat(
+                [decode_logprobs(p.values["values"].reshape(p.rows, k), dtype, p.values.get("scale")) for p in parts]
+            )
             tail = torch.cat([cast(Tensor, p.tail).float() for p in parts])
             return SparseSignal(
                 ids=ids, logprobs=lp, tail=self.tail, tail_logprob=tail if self.tail == "bucket" else None
             )
         row_len = torch.cat([cast(Tensor, p.row_len).long() for p in parts])
         flat_ids = torch.cat([cast(Tensor, p.ids) for p in parts])
-        flat_vals = torch.cat([p.values for p in parts])
+        flat_vals = torch.cat([p.values["values"] for p in parts])
         ids, _ = _ragged_to_padded(flat_ids, row_len, 0)
         if dtype == "int8":
             codes, _ = _ragged_to_padded(flat_vals, row_len, 0)
-            scale = torch.cat([cast(Tensor, p.scale) for p in parts])
+            scale = torch.cat([p.values["scale"] for p in parts])
             lp = decode_logprobs(codes, dtype, scale)
         else:
             lp, _ = _ragged_to_padded(decode_logprobs(flat_vals, dtype), row_len, float("-inf"))
