@@ -6,7 +6,10 @@ vocabulary map.
 held-out split is the recipe's 40), at equal optimizer steps, per seed (``train.seed``: data order):
 
 * ``sft``: the student alone (reference);
-* ``live``: live cross-tokenizer KD (``align: vocab_map``; the teacher reads the student's decoded text);
+* ``live``: live cross-tokenizer KD (``align: vocab_map``; the teacher reads the student's decoded text, its chat
+  markup included);
+* ``live_own``: the same with ``teacher_view: own``: the live teacher reads its own encoding of each pair (what the
+  cache holds), rows aligned on the response;
 * ``disk_topk<k>`` / ``disk_sampled<n>``: the same run from a cache written once by ``potstill cache`` on the
   same recipe (the teacher's own encoding of each pair: its own prompt rendering), projected per batch.
 
@@ -90,7 +93,8 @@ def main() -> int:
         f"train.max_steps={args.steps}",
         "train.batch_size=4",
         f"output_dir={work / 'out'}",
-        f"runs=[{{name: sft, alpha: 1.0}}, {{name: kd, alpha: 0.5, method: {vmap}}}]",
+        f"runs=[{{name: sft, alpha: 1.0}}, {{name: kd, alpha: 0.5, method: {vmap}}}, "
+        f"{{name: kd_own, alpha: 0.5, method: {vmap[:-1]}, teacher_view: own}}}}]",
     ]
     t0 = time.perf_counter()
     caches: dict[str, dict] = {}
@@ -118,7 +122,8 @@ def main() -> int:
         prep.recipe = r
         sources[name] = (prep.cached_source(), prep.cross_context(), r)
     prep.recipe = load_recipe(HERE.parent / "recipes" / "cross_tokenizer.yaml", base)
-    arms = ["sft", "live"] + [f"disk_{n}" for n in CACHES]
+    arms = ["sft", "live", "live_own"] + [f"disk_{n}" for n in CACHES]
+    run_of = {"sft": 0, "live": 1, "live_own": 2}
     for seed in range(args.seeds):
         for arm in arms:
             key = f"{arm}/{seed}"
@@ -126,7 +131,7 @@ def main() -> int:
                 continue
             recipe = prep.recipe if not arm.startswith("disk_") else sources[arm[5:]][2]
             recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"seed": seed})})
-            run = recipe.runs[0] if arm == "sft" else recipe.runs[1]
+            run = recipe.runs[run_of.get(arm, 1)]
             source, ctx = (None, ctx_live) if not arm.startswith("disk_") else sources[arm[5:]][:2]
             out = work / "runs" / key
             shutil.rmtree(out, ignore_errors=True)  # what a killed unit left
@@ -175,13 +180,14 @@ def main() -> int:
             "coverage": per[0]["coverage"],
         }
     for arm in arms:
-        if arm.startswith("disk_"):
-            runs[arm]["vs_live"] = {
-                "perplexity_ratio": runs[arm]["perplexity"]["mean"] / runs["live"]["perplexity"]["mean"],
-                "perplexity": verdict(runs[arm]["perplexity"], runs["live"]["perplexity"], lower_better=True),
-                "ece": verdict(runs[arm]["ece"], runs["live"]["ece"], lower_better=True),
-                "train_seconds_ratio": runs[arm]["train_seconds"]["mean"] / runs["live"]["train_seconds"]["mean"],
-            }
+        for ref in ("live", "live_own"):
+            if arm.startswith("disk_") or (arm == "live_own" and ref == "live"):
+                runs[arm][f"vs_{ref}"] = {
+                    "perplexity_ratio": runs[arm]["perplexity"]["mean"] / runs[ref]["perplexity"]["mean"],
+                    "perplexity": verdict(runs[arm]["perplexity"], runs[ref]["perplexity"], lower_better=True),
+                    "ece": verdict(runs[arm]["ece"], runs[ref]["ece"], lower_better=True),
+                    "train_seconds_ratio": runs[arm]["train_seconds"]["mean"] / runs[ref]["train_seconds"]["mean"],
+                }
     result = {
         "setup": {
             "teacher": "gemma3-270m (vocab 262,144)",
@@ -199,8 +205,10 @@ def main() -> int:
     write_json_atomic(args.out, result)
     partial.finish()
     items = {"live_ppl": runs["live"]["perplexity"]["mean"], "sft_ppl": runs["sft"]["perplexity"]["mean"]}
+    items["own_vs_live"] = runs["live_own"]["vs_live"]["perplexity_ratio"]
     for n in CACHES:
         items[f"{n}_vs_live"] = runs[f"disk_{n}"]["vs_live"]["perplexity_ratio"]
+        items[f"{n}_vs_own"] = runs[f"disk_{n}"]["vs_live_own"]["perplexity_ratio"]
         items[f"{n}_time_vs_live"] = runs[f"disk_{n}"]["vs_live"]["train_seconds_ratio"]
     print(summary_line("cross_cache", items))
     return 0

@@ -168,3 +168,25 @@ def test_a_cross_tokenizer_cache_refuses_uld_and_certify(assets, other_teacher, 
     err = capsys.readouterr().err
     assert "--certify" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "cache").exists()
+
+
+def test_teacher_view_own_reads_the_teachers_own_encoding_live(assets, other_teacher, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    own = {"kind": "cross_tokenizer", "align": "vocab_map", "teacher_view": "own"}
+    r = _cross_recipe(assets, out, other_teacher, [{"name": "own", "alpha": 0.5, "method": own}])
+    r["eval"]["include_untrained"] = False
+    assert main(["distill", str(write(tmp_path / "r.yaml", r))]) == 0
+    info = json.loads((out / "runs" / "own" / "train_info.json").read_text())
+    assert info["teacher_view"] == "own" and "teacher_signal" not in info and info["teacher_tokens"] > 0
+    assert 0.5 < info["cross_tokenizer"]["aligned_row_share"] <= 1
+    capsys.readouterr()  # the training run's progress bars
+    # the view a cache cannot give, and uld with the own view, are refused in one line
+    r["runs"] = [{"name": "t", "alpha": 0.5, "method": dict(own, teacher_view="student_text")}]
+    r["cache"] = {"dir": str(tmp_path / "cache"), "signal": {"kind": "topk"}}
+    assert main(["distill", str(write(tmp_path / "a.yaml", r))]) == 2
+    err = capsys.readouterr().err
+    assert "teacher_view student_text" in err and len(err.strip().splitlines()) == 1
+    del r["cache"]
+    r["runs"] = [{"name": "u", "alpha": 0.5, "method": dict(own, align="uld")}]
+    assert main(["distill", str(write(tmp_path / "b.yaml", r))]) == 2
+    assert "vocab_map" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from potstill.models import output_head
 from potstill.models.vocab_map import VocabMap, build_vocab_map, project_teacher
 from potstill.signals import SparseSignal
 from potstill.signals.cache import CachedSignal, CacheSpec, write_cache
-from potstill.signals.cache.cross import CrossTokenizerCache, project_sparse
+from potstill.signals.cache.cross import CrossTokenizerCache, OwnViewTeacher, project_sparse
 from potstill.signals.types import Head
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -238,19 +238,24 @@ def _reference(student, teacher_model, s_batch, s_examples, t_examples, vm, alph
     return total / count
 
 
-@pytest.mark.parametrize("alpha,T,kind", [(0.3, 1.0, "topk"), (0.0, 2.0, "topk"), (0.3, 2.0, "dense")])
+@pytest.mark.parametrize(
+    "alpha,T,kind", [(0.3, 1.0, "topk"), (0.0, 2.0, "topk"), (0.3, 2.0, "dense"), (0.3, 2.0, "live")]
+)
 def test_loss_from_a_full_vocabulary_cache_matches_the_live_teacher_reference(
     tiny_tokenizer, tiny_student, teacher_tok, teacher, tmp_path, alpha, T, kind
 ):
     s_examples = encode_cross_pairs(tiny_tokenizer)
     t_examples = [dict(e, example_id=i) for i, e in enumerate(encode_cross_pairs(teacher_tok))]
     v_t, v_s = len(teacher_tok), output_head(tiny_student).weight.shape[0]
-    # top-k over the whole vocabulary at the distillation temperature, or dense (at T = 1, any T on read)
-    spec = CacheSpec(kind=kind, k=v_t, dtype="fp32", temperature=T if kind == "topk" else 1.0, examples_per_shard=2)
-    write_cache(teacher, teacher_tok, t_examples, tmp_path / "cache", spec, progress=False)
     vm = build_vocab_map(teacher_tok, tiny_tokenizer, student_vocab=v_s)
-    source = CrossTokenizerCache(
-        CachedSignal(tmp_path / "cache", tokenizer=teacher_tok),
+    if kind == "live":  # no cache: the teacher reads its own encoding of each pair, as the cache's writer did
+        source_cls, first = OwnViewTeacher, teacher
+    else:  # top-k over the whole vocabulary at the distillation temperature, or dense (at T = 1, any T on read)
+        spec = CacheSpec(kind=kind, k=v_t, dtype="fp32", temperature=T if kind == "topk" else 1.0, examples_per_shard=2)
+        write_cache(teacher, teacher_tok, t_examples, tmp_path / "cache", spec, progress=False)
+        source_cls, first = CrossTokenizerCache, CachedSignal(tmp_path / "cache", tokenizer=teacher_tok)
+    source = source_cls(
+        first,
         student_tokenizer=tiny_tokenizer,
         teacher_tokenizer=teacher_tok,
         teacher_examples=t_examples,
@@ -280,6 +285,7 @@ def test_loss_from_a_full_vocabulary_cache_matches_the_live_teacher_reference(
     torch.testing.assert_close(g_got.double(), g_want.double(), rtol=1e-3, atol=1e-6)
     cov = source.coverage()
     assert 0 < cov["kd_row_share"] <= cov["aligned_row_share"] < 1
+    assert source.forward_tokens == (sum(len(e["input_ids"]) for e in t_examples) if kind == "live" else 0)
     assert 0.5 < cov["teacher_mass_used"] <= 1 + 1e-6
 
 

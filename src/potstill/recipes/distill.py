@@ -447,6 +447,14 @@ class Recipe(RecipeFile):
                 f"run(s) {uld} use align uld, which sorts the teacher's whole distribution (a cache holds part "
                 "of it); use align vocab_map with a cache, or remove the cache section"
             )
+        text = [
+            r.name for r in kd if r.cross_tokenizer is not None and r.cross_tokenizer.teacher_view == "student_text"
+        ]
+        if text:
+            raise ValueError(
+                f"run(s) {text} set teacher_view student_text, but a cache holds the teacher's own view (its own "
+                "encoding of each pair); remove teacher_view or the cache section"
+            )
         cut = [r.name for r in kd if r.cross_tokenizer is not None and r.cross_tokenizer.max_teacher_length]
         if cut:
             raise ValueError(

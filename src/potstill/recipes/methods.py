@@ -442,7 +442,10 @@ class RunConfig(Strict):
             "feature": dump(self.feature),
             "multi_teacher": dump(self.multi_teacher),
             "curriculum": self.curriculum,
-            "cross_tokenizer": None if cross is None else {"method": cross.pop("align"), **cross},
+            # teacher_view only when set: fingerprints of runs without it stay as they were
+            "cross_tokenizer": None
+            if cross is None
+            else {"method": cross.pop("align"), **{k: v for k, v in cross.items() if k != "teacher_view" or v}},
         }
 
     @field_validator("temperature")

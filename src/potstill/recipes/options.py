@@ -175,6 +175,22 @@ class CrossTokenizerOptions(Strict):
         description="vocab_map: which matches carry teacher mass (exact bytes, NFKC/case, longest student prefix).",
     )
     max_teacher_length: int | None = Field(None, ge=8, description="Truncate the teacher's tokens to this many.")
+    teacher_view: Literal["student_text", "own"] | None = Field(
+        None,
+        description="What the teacher reads. student_text (live default): the text the student's ids spell, chat "
+        "markup included; own (a cache's view): its own encoding of each pair, its own chat template, rows aligned "
+        "on the response (vocab_map only).",
+    )
+
+    @model_validator(mode="after")
+    def _own_view(self):
+        if self.teacher_view == "own" and self.align != "vocab_map":
+            raise ValueError("teacher_view own aligns rows on the response and needs align vocab_map (not uld)")
+        if self.teacher_view == "own" and self.max_teacher_length is not None:
+            raise ValueError(
+                "teacher_view own reads the teacher's own encoding, cut at data.max_length; remove max_teacher_length"
+            )
+        return self
 
 
 class MultiTeacherOptions(Strict):

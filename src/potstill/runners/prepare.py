@@ -425,7 +425,8 @@ class Prepared:
         ctx: dict[str, Any] = {"teacher_tokenizer": self.teacher_tokenizer}
         if any(r.cross_tokenizer is not None and r.cross_tokenizer.align == "vocab_map" for r in self.recipe.runs):
             ctx["vocab_map"] = self.vocab_map()
-        if self.recipe.cache is not None:
+        own = any(r.cross_tokenizer is not None and r.cross_tokenizer.teacher_view == "own" for r in self.recipe.runs)
+        if self.recipe.cache is not None or own:
             ctx["teacher_examples"] = self.teacher_pool_examples()
             ctx["example_map"] = self.teacher_example_map()
         return ctx

@@ -531,15 +531,17 @@ def _train_cross(
             "use another method or a student with its own tokenizer"
         )
     ct, sc = run.cross_tokenizer, _Scratch.of(recipe, run, out_dir)
+    from_cache = source is not None
+    own = run.uses_teacher and (from_cache or ct.teacher_view == "own")
     try:
-        if source is not None and run.uses_teacher:
+        if own:  # the teacher's own encoding of each pair, from the cache or live; rows aligned on the response
             from potstill.kd import KDTrainer
             from potstill.models import output_head
-            from potstill.signals.cache.cross import CrossTokenizerCache
+            from potstill.signals.cache.cross import CrossTokenizerCache, OwnViewTeacher
 
             v_s = output_head(student).weight.shape[0]
-            source = CrossTokenizerCache(
-                source,
+            source = (CrossTokenizerCache if source is not None else OwnViewTeacher)(
+                source if source is not None else teacher.to(device),
                 student_tokenizer=tokenizer,
                 teacher_tokenizer=cross["teacher_tokenizer"],
                 teacher_examples=cross["teacher_examples"],
@@ -581,9 +583,11 @@ def _train_cross(
         "loss_curve": curve,
         "train_seconds": seconds,
         "run": run.model_dump(mode="json"),
-        "cross_tokenizer": source.coverage() if hasattr(source, "coverage") else trainer.coverage_stats(),
+        "cross_tokenizer": source.coverage() if own else trainer.coverage_stats(),
     }
-    if source is not None:
-        info.update(teacher_signal="cache", teacher_tokens=0)  # no live teacher read anything
+    if own:
+        info.update(teacher_view="own", teacher_tokens=source.forward_tokens)
+        if from_cache:
+            info["teacher_signal"] = "cache"
     sc.save(model, tokenizer, out_dir, info)
     return model, curve

@@ -130,8 +130,6 @@ class CrossTokenizerCache:
     temperature; a top-k or sampled cache holds one (the run must use it), a dense cache any.
     """
 
-    teacher_reads = 0  # a cache: no live teacher forward
-
     def __init__(
         self,
         cache: CachedSignal,
@@ -145,14 +143,22 @@ class CrossTokenizerCache:
         kinds: Sequence[str] = DEFAULT_KINDS,
         temperature: float = 1.0,
     ):
-        from ...models.vocab_map import special_ids
-
         if cache.vocab_size > vocab_map.teacher_vocab and cache.kind == "dense":
             raise PotstillError(
                 f"the cache holds {cache.vocab_size} teacher ids but the vocab map covers {vocab_map.teacher_vocab}; "
                 "build the map from the teacher's own tokenizer"
             )
         self.cache = cache
+        self._setup(
+            student_tokenizer, teacher_tokenizer, teacher_examples, example_map, vocab_map, student_vocab, kinds
+        )
+        self.temperature = float(temperature) if cache.kind == "dense" else cache.temperature
+
+    def _setup(
+        self, student_tokenizer, teacher_tokenizer, teacher_examples, example_map, vocab_map, student_vocab, kinds
+    ):
+        from ...models.vocab_map import special_ids
+
         self.student_tokenizer = student_tokenizer
         self.teacher_tokenizer = teacher_tokenizer
         self.teacher_examples = teacher_examples
@@ -160,7 +166,6 @@ class CrossTokenizerCache:
         self.vocab_map = vocab_map
         self.vocab_size = int(student_vocab)
         self.kinds = tuple(kinds)
-        self.temperature = float(temperature) if cache.kind == "dense" else cache.temperature
         self._s_special = special_ids(student_tokenizer)
         self._t_special = special_ids(teacher_tokenizer)
         self._alignments: dict[int, list[int]] = {}
@@ -226,7 +231,7 @@ class CrossTokenizerCache:
             teacher_rows.extend((tid, a) if tid is not None and a >= 0 else None for a in align)
         n = len(teacher_rows)
         base = 0
-        parts = [self.cache.example(t) for t in wanted]
+        parts = self._teacher_parts(wanted)
         for t, ex in zip(wanted, parts):
             offset[t] = base
             base += ex.rows
@@ -236,7 +241,7 @@ class CrossTokenizerCache:
         self._cov["rows"] += n
         self._cov["aligned"] += aligned.numel()
         dev = labels.device
-        if self.cache.kind == "dense":
+        if self._dense_rows():
             dense = self._dense(parts, index, aligned, n)
             valid = cast(Tensor, dense.valid)
             self._cov["valid"] += float(valid.sum())
@@ -244,6 +249,13 @@ class CrossTokenizerCache:
         sparse = self._sparse(parts, index, aligned, n)
         self._cov["valid"] += float(cast(Tensor, sparse.valid).sum())
         return sparse.to(dev)
+
+    def _teacher_parts(self, wanted: list[int]) -> list:
+        """The teacher rows of these (teacher-side) examples, each with ``.rows``: read from the cache."""
+        return [self.cache.example(t) for t in wanted]
+
+    def _dense_rows(self) -> bool:
+        return self.cache.kind == "dense"
 
     def _sparse(self, parts, index: Tensor, aligned: Tensor, n: int) -> SparseSignal:
         if parts:
@@ -275,16 +287,19 @@ class CrossTokenizerCache:
             out.tail_logprob = tail
         return out
 
+    def _teacher_logits(self, parts, rows: Tensor) -> Tensor:
+        """Teacher logits (any scale: log-softmax follows) of these rows of the gathered examples."""
+        return cast(Tensor, cast(DenseSignal, self.cache._dense(parts, "cpu")).logits)[rows]
+
     def _dense(self, parts, index: Tensor, aligned: Tensor, n: int, chunk: int = 256) -> MaskedDenseSignal:
         T = float(self.temperature or 1.0)
         logits = torch.zeros((n, self.vocab_size))
         valid = torch.zeros(n, dtype=torch.bool)
         if parts:
-            dense = cast(DenseSignal, self.cache._dense(parts, "cpu"))
             rows = index.index_select(0, aligned)
             for s in range(0, rows.numel(), chunk):
                 sl = slice(s, s + chunk)
-                lp = torch.log_softmax(cast(Tensor, dense.logits)[rows[sl]].float() / T, dim=-1)
+                lp = torch.log_softmax(self._teacher_logits(parts, rows[sl]).float().cpu() / T, dim=-1)
                 projected, mass = project_teacher(lp, self.vocab_map, self.vocab_size, self.kinds)
                 logits[aligned[sl]] = projected * T  # the reducer's log_softmax(x / T) gives back p_S
                 valid[aligned[sl]] = mass > 0
@@ -305,4 +320,82 @@ class CrossTokenizerCache:
         }
 
 
-__all__ = ["CrossTokenizerCache", "project_sparse"]
+class _Forward:
+    """One teacher-side example's rows in a live forward: ``rows`` target rows at ``positions`` of batch row ``b``."""
+
+    def __init__(self, b: int, positions: list[int]):
+        self.b, self.positions, self.rows = b, positions, len(positions)
+
+
+class OwnViewTeacher(CrossTokenizerCache):
+    """The live counterpart of :class:`CrossTokenizerCache`: the teacher reads its *own* encoding of each pair
+    (its own chat template) and its rows are aligned to the student's on the response, as from the cache.
+    ``method: {kind: cross_tokenizer, align: vocab_map, teacher_view: own}``. The default live view
+    (:class:`~potstill.kd.cross_tokenizer.CrossTokenizerKDTrainer`) has the teacher read the student's text,
+    chat markup included. The teacher runs once per batch without grad on the batch's teacher-side examples;
+    ``[chunk, V_t]`` logits exist for one chunk of aligned rows at a time."""
+
+    def __init__(
+        self,
+        teacher: torch.nn.Module,
+        *,
+        student_tokenizer,
+        teacher_tokenizer,
+        teacher_examples: list[dict],
+        example_map: dict[int, int],
+        vocab_map: VocabMap,
+        student_vocab: int,
+        kinds: Sequence[str] = DEFAULT_KINDS,
+        temperature: float = 1.0,
+    ):
+        from ...data.collate import pad_id
+
+        self.teacher = teacher
+        self._setup(
+            student_tokenizer, teacher_tokenizer, teacher_examples, example_map, vocab_map, student_vocab, kinds
+        )
+        self.temperature = float(temperature)
+        self._pad = pad_id(teacher_tokenizer)
+        self._hidden: Tensor | None = None
+
+    def to(self, device) -> OwnViewTeacher:
+        self.teacher.to(device)
+        return self
+
+    def _dense_rows(self) -> bool:
+        return True
+
+    def _teacher_parts(self, wanted: list[int]) -> list:
+        from ...models import final_hidden
+
+        self._hidden = None
+        if not wanted:
+            return []
+        exs = [self.teacher_examples[t] for t in wanted]
+        length = max(len(e["input_ids"]) for e in exs)
+        ids = torch.full((len(exs), length), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(exs), length), dtype=torch.long)
+        for b, e in enumerate(exs):
+            ids[b, : len(e["input_ids"])] = torch.as_tensor(e["input_ids"])
+            mask[b, : len(e["input_ids"])] = 1
+        if self.teacher.training:
+            self.teacher.eval()
+        dev = next(self.teacher.parameters()).device
+        self._hidden = final_hidden(self.teacher, ids.to(dev), mask.to(dev))
+        self.forward_tokens += int(mask.sum())
+        parts = []
+        for b, e in enumerate(exs):
+            lab = e["labels"]
+            parts.append(_Forward(b, [k - 1 for k in range(1, len(lab)) if lab[k] != -100]))
+        self._flat = torch.tensor([p.b * length + q for p in parts for q in p.positions], dtype=torch.long)
+        return parts
+
+    def _teacher_logits(self, parts, rows: Tensor) -> Tensor:
+        from ...models import output_head
+
+        hidden = cast(Tensor, self._hidden)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return output_head(self.teacher)(flat.index_select(0, self._flat[rows].to(flat.device)))
+
+
+__all__ = ["CrossTokenizerCache", "OwnViewTeacher", "project_sparse"]
