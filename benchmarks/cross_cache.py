@@ -49,6 +49,7 @@ CACHES = {
     # a control far past the budget: if it matches the live run where the small caches do not, fidelity is
     # what they lack; if it does not either, the difference is the teacher reading its own prompt rendering
     "topk64": {"signal": {"kind": "topk", "k": 64}},
+    "topk1024": {"signal": {"kind": "topk", "k": 1024}},  # and far past that: does the gap close with k?
 }
 
 
