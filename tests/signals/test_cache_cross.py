@@ -20,6 +20,7 @@ from potstill.data import PadCollator
 from potstill.data.cross_tokenizer import response_alignment
 from potstill.divergences import DIVERGENCES
 from potstill.divergences.chunked import chunked_kd_loss
+from potstill.errors import PotstillError
 from potstill.kd import KDConfig, KDTrainer
 from potstill.models import output_head
 from potstill.models.vocab_map import VocabMap, build_vocab_map, project_teacher
@@ -316,7 +317,7 @@ def test_a_student_example_without_a_teacher_copy_trains_on_ce_only(
     assert not sig.valid[starts[1] : starts[1] + n[1]].any() and not sig.valid[starts[3] :].any()
     assert sig.valid[: n[0]].any() and sig.valid[starts[2] : starts[2] + n[2]].any()
     del batch["example_id"]
-    with pytest.raises(Exception, match="example_id"):
+    with pytest.raises(PotstillError, match="example_id"):
         source.signal(batch)
 
 

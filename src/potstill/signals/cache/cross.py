@@ -287,9 +287,11 @@ class CrossTokenizerCache:
             out.tail_logprob = tail
         return out
 
-    def _teacher_logits(self, parts, rows: Tensor) -> Tensor:
-        """Teacher logits (any scale: log-softmax follows) of these rows of the gathered examples."""
-        return cast(Tensor, cast(DenseSignal, self.cache._dense(parts, "cpu")).logits)[rows]
+    def _row_logits(self, parts):
+        """``rows -> teacher logits`` (any scale: log-softmax follows) over the gathered examples' rows; the
+        cached rows are decoded once per batch."""
+        decoded = cast(Tensor, cast(DenseSignal, self.cache._dense(parts, "cpu")).logits)
+        return lambda rows: decoded[rows]
 
     def _dense(self, parts, index: Tensor, aligned: Tensor, n: int, chunk: int = 256) -> MaskedDenseSignal:
         T = float(self.temperature or 1.0)
@@ -297,9 +299,10 @@ class CrossTokenizerCache:
         valid = torch.zeros(n, dtype=torch.bool)
         if parts:
             rows = index.index_select(0, aligned)
+            row_logits = self._row_logits(parts)
             for s in range(0, rows.numel(), chunk):
                 sl = slice(s, s + chunk)
-                lp = torch.log_softmax(self._teacher_logits(parts, rows[sl]).float().cpu() / T, dim=-1)
+                lp = torch.log_softmax(row_logits(rows[sl]).float().cpu() / T, dim=-1)
                 projected, mass = project_teacher(lp, self.vocab_map, self.vocab_size, self.kinds)
                 logits[aligned[sl]] = projected * T  # the reducer's log_softmax(x / T) gives back p_S
                 valid[aligned[sl]] = mass > 0
@@ -348,14 +351,14 @@ class OwnViewTeacher(CrossTokenizerCache):
         kinds: Sequence[str] = DEFAULT_KINDS,
         temperature: float = 1.0,
     ):
-        from ...data.collate import pad_id
+        from ...data.collate import PadCollator, pad_id
 
         self.teacher = teacher
         self._setup(
             student_tokenizer, teacher_tokenizer, teacher_examples, example_map, vocab_map, student_vocab, kinds
         )
         self.temperature = float(temperature)
-        self._pad = pad_id(teacher_tokenizer)
+        self._collate = PadCollator(pad_id(teacher_tokenizer))
         self._hidden: Tensor | None = None
 
     def to(self, device) -> OwnViewTeacher:
@@ -372,30 +375,27 @@ class OwnViewTeacher(CrossTokenizerCache):
         if not wanted:
             return []
         exs = [self.teacher_examples[t] for t in wanted]
-        length = max(len(e["input_ids"]) for e in exs)
-        ids = torch.full((len(exs), length), self._pad, dtype=torch.long)
-        mask = torch.zeros((len(exs), length), dtype=torch.long)
-        for b, e in enumerate(exs):
-            ids[b, : len(e["input_ids"])] = torch.as_tensor(e["input_ids"])
-            mask[b, : len(e["input_ids"])] = 1
+        batch = self._collate([{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in exs])
         if self.teacher.training:
             self.teacher.eval()
         dev = next(self.teacher.parameters()).device
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         self._hidden = final_hidden(self.teacher, ids.to(dev), mask.to(dev))
         self.forward_tokens += int(mask.sum())
-        parts = []
-        for b, e in enumerate(exs):
-            lab = e["labels"]
-            parts.append(_Forward(b, [k - 1 for k in range(1, len(lab)) if lab[k] != -100]))
-        self._flat = torch.tensor([p.b * length + q for p in parts for q in p.positions], dtype=torch.long)
-        return parts
+        return [
+            _Forward(b, [k - 1 for k in range(1, len(e["labels"])) if e["labels"][k] != -100])
+            for b, e in enumerate(exs)
+        ]
 
-    def _teacher_logits(self, parts, rows: Tensor) -> Tensor:
+    def _row_logits(self, parts):
         from ...models import output_head
 
         hidden = cast(Tensor, self._hidden)
+        length = hidden.shape[1]
         flat = hidden.reshape(-1, hidden.shape[-1])
-        return output_head(self.teacher)(flat.index_select(0, self._flat[rows].to(flat.device)))
+        where = torch.tensor([p.b * length + q for p in parts for q in p.positions], dtype=torch.long)
+        head = output_head(self.teacher)
+        return lambda rows: head(flat.index_select(0, where[rows].to(flat.device)))
 
 
 __all__ = ["CrossTokenizerCache", "OwnViewTeacher", "project_sparse"]
