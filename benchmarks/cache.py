@@ -200,6 +200,23 @@ def main(argv=None) -> int:
         help="only the every-divergence-from-disk table (online vs caches at <= 32 bytes/token, with the "
         "certificate), merged into an existing JSON",
     )
+    p.add_argument(
+        "--recertify",
+        action="store_true",
+        help="with --divergences: only the certificates again (over those in the JSON; the students are kept)",
+    )
+    p.add_argument(
+        "--at-recommendation",
+        action="store_true",
+        help="with --divergences: a student from a cache at each certificate's recommendation (seed 0)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="with --divergences: training seed (data order) and sampled-cache draw seed; a seed other than 0 "
+        "adds that seed's students to the table (the certificate is seed 0's) and the spread over seeds",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -221,6 +238,10 @@ def main(argv=None) -> int:
             "data": {"source": {"kind": "demo", "num_prompts": 24, "max_new_tokens": 8}, "eval_size": 8},
             "train": {"max_steps": 6, "batch_size": 4},
         }
+    if args.seed and not args.divergences:
+        p.error("--seed is only for --divergences (the main table is one seed)")
+    if args.seed:
+        overrides.setdefault("train", {})["seed"] = args.seed
     recipe = Recipe.model_validate(overrides)
     torch.manual_seed(0)
     prep = Prepared(recipe)
@@ -246,6 +267,13 @@ def main(argv=None) -> int:
             "write_reps": max(1, args.reps),
         }
     }
+    if args.divergences and args.recertify:
+        return recertify(prep, args)
+    if args.divergences and args.at_recommendation:
+        try:
+            return at_recommendation(prep, work, args)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     if args.divergences:
         try:
             return _merge_divergences(args, every_divergence(prep, recipe, work, args))
@@ -396,20 +424,180 @@ def disk_divergences() -> dict:
     }
 
 
+def demo_certificate(prep, probe: list[dict]) -> dict:
+    """Forward KL, each setting of the main table at its own k or draws: the certificate's numbers."""
+    from potstill.data.collate import pad_id
+    from potstill.signals.cache.certify import certify_models
+
+    demo = {}
+    for name, (kind, params, dtype) in SETTINGS.items():
+        own = params.get("k", params.get("draws"))
+        cert = certify_models(
+            prep.teacher,
+            prep.student0,
+            probe,
+            "forward_kl",
+            kind=kind,
+            candidates=[own],
+            pad_id=pad_id(prep.tokenizer, required=True),
+            vocab_size=prep.vocab_size,
+            dtype=dtype,
+            tolerance=0.05,
+        )
+        (row,) = cert["candidates"]
+        keys = ("loss_bias", "loss_std", "loss_error", "grad_bias", "grad_std", "grad_error")
+        demo[name] = {k: row[k] for k in (*keys, "head_grad_bias", "noise_ratio", "noise_ratio_total", "ok")}
+    return demo
+
+
+def setting_certificate(prep, probe: list[dict], div, name: str) -> dict:
+    """The certificate of divergence ``div`` for the cache setting ``name`` of DISK_SETTINGS (its own row
+    and its recommendation over CERTIFY_CANDIDATES)."""
+    from potstill.data.collate import pad_id
+    from potstill.recipes.divergences import divergence_params
+    from potstill.signals.cache.certify import certify_models
+
+    kind, params, dtype = DISK_SETTINGS[name]
+    own = params.get("k", params.get("draws"))
+    cert = certify_models(
+        prep.teacher,
+        prep.student0,
+        probe,
+        div.name,
+        divergence_params(div),
+        kind=kind,
+        candidates=sorted({*CERTIFY_CANDIDATES[kind], own}),
+        pad_id=pad_id(prep.tokenizer, required=True),
+        vocab_size=prep.vocab_size,
+        dtype=dtype,
+        tolerance=0.05,
+    )
+    mine = next(r for r in cert["candidates"] if r[cert["param"]] == own)
+    return {
+        "own": own,
+        "own_ok": mine["ok"],
+        "criterion": cert["criterion"],
+        "tolerance": cert["tolerance"],
+        "noise_tolerance": cert["noise_tolerance"],
+        "loss_error": mine["loss_error"],
+        "grad_error": mine["grad_error"],
+        "head_grad_bias": mine.get("head_grad_bias"),
+        "noise_ratio": mine.get("noise_ratio"),
+        "noise_ratio_total": mine.get("noise_ratio_total"),
+        "refused": mine["refused"],
+        "recommendation": cert["recommendation"],
+        "reason": cert["reason"],
+        "candidates": cert["candidates"],
+    }
+
+
+def recertify(prep, args) -> int:
+    """``--divergences --recertify``: the certificates of the table (and of the main table's settings) again,
+    written over those in the JSON; the students and their held-out results are kept."""
+    from _common import Partial
+
+    out = _out_path(args)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    divs = old.get("divergences")
+    if not divs or "table" not in divs:
+        raise SystemExit("nothing to recertify: run --divergences first")
+    partial = Partial(out.with_name(out.stem + "_recertify.json"), {"quick": args.quick})
+    probe = [{**x, "example_id": i} for i, x in enumerate(prep.train_examples[:16])]
+    if "demo" not in partial:
+        partial.put("demo", demo_certificate(prep, probe))
+    for div_name, div in disk_divergences().items():
+        for name in DISK_SETTINGS:
+            if f"{div_name}/{name}" not in partial:
+                partial.put(f"{div_name}/{name}", setting_certificate(prep, probe, div, name))
+    divs["demo_certificate"] = partial["demo"]
+    for div_name in disk_divergences():
+        for name in DISK_SETTINGS:
+            divs["table"][div_name]["settings"][name]["certificate"] = partial[f"{div_name}/{name}"]
+    divs["setup"]["certificate_probe"] = (
+        "16 training examples, initial student, tolerance 0.05, noise tolerance 0.25 (head criterion)"
+    )
+    partial.finish()
+    return _merge_divergences(args, divs)
+
+
+def at_recommendation(prep, work: Path, args) -> int:
+    """``--divergences --at-recommendation``: for each (divergence, cache kind) of the seed-0 table whose
+    certificate recommends another k or number of draws than the table's cache, a cache at the
+    recommendation and a student from it (training seed 0): does the recommendation land within 2 %?"""
+    from _common import Partial
+
+    from potstill.recipes.methods import RunConfig
+    from potstill.signals.cache import CachedSignal, CacheSpec, write_cache
+
+    out = _out_path(args)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    divs = old.get("divergences")
+    if (
+        not divs
+        or "table" not in divs
+        or "criterion"
+        not in next(iter(divs["table"].values()))["settings"][next(iter(DISK_SETTINGS))].get("certificate", {})
+    ):
+        raise SystemExit("run --divergences and --divergences --recertify first")
+    partial = Partial(out.with_name(out.stem + "_at_recommendation.json"), {"quick": args.quick})
+    caches: dict[tuple, tuple[Path, float]] = {}
+    by_div = disk_divergences()
+    for div_name, t in divs["table"].items():
+        run = RunConfig(name=div_name.replace(".", "_"), alpha=0.0, divergence=by_div[div_name])
+        for name, row in t["settings"].items():
+            cert = row["certificate"]
+            rec, key = cert["recommendation"], f"{div_name}/{name}"
+            if rec is None or rec == cert["own"] or key in partial:
+                continue
+            kind, _, dtype = DISK_SETTINGS[name]
+            spec_key = (kind, rec, dtype)
+            if spec_key not in caches:
+                path = work / f"{kind}{rec}_{dtype}"
+                spec = CacheSpec(kind=kind, dtype=dtype, **({"k": rec} if kind == "topk" else {"draws": rec}))
+                man = write_cache(prep.teacher, prep.tokenizer, prep.train_examples, path, spec, progress=False)
+                caches[spec_key] = (path, man["bytes_per_token"])
+            path, bpt = caches[spec_key]
+            model = train(prep, run, CachedSignal(path, tokenizer=prep.tokenizer), work / "o", args.warmup)["model"]
+            partial.put(key, {cert_param(kind): rec, "bytes_per_token": bpt, **held_out(prep, {"m": model})["m"]})
+    result = {}
+    for div_name, t in divs["table"].items():
+        online = t["online"]["forward_kl"]
+        for name in t["settings"]:
+            key = f"{div_name}/{name}"
+            if key in partial:
+                r = dict(partial[key])
+                r["forward_kl_vs_online"] = r["forward_kl"] / online
+                r["within_2pct"] = r["forward_kl_vs_online"] <= 1.02
+                result.setdefault(div_name, {})[name] = r
+    divs["at_recommendation"] = result
+    partial.finish()
+    write_json_atomic(out, old)
+    rows = [r for d in result.values() for r in d.values()]
+    print(
+        summary_line(
+            "cache_at_recommendation",
+            {"trained": len(rows), "within_2pct": sum(r["within_2pct"] for r in rows), "json": str(out)},
+        )
+    )
+    return 0
+
+
+def cert_param(kind: str) -> str:
+    return "k" if kind == "topk" else "draws"
+
+
 def every_divergence(prep, recipe, work: Path, args) -> dict:
     """Per divergence: online KD, then KD from each cache of DISK_SETTINGS, scored as they finish (resumable)."""
     from _common import Partial
 
-    from potstill.data.collate import pad_id
     from potstill.kd.guards import NonFiniteTrainingError
-    from potstill.recipes.divergences import divergence_params
     from potstill.recipes.methods import RunConfig
     from potstill.signals import OnlineTeacher, TeacherMemo
     from potstill.signals.cache import CachedSignal, CacheSpec, write_cache
-    from potstill.signals.cache.certify import certify_models
 
     out_path = _out_path(args)
-    partial = Partial(out_path.with_name(out_path.stem + "_divergences.json"), {"quick": args.quick})
+    tag = f"_seed{args.seed}" if args.seed else ""
+    partial = Partial(out_path.with_name(out_path.stem + f"_divergences{tag}.json"), {"quick": args.quick})
     caches, bytes_per_token = {}, {}
     for name, (kind, params, dtype) in DISK_SETTINGS.items():
         man = write_cache(
@@ -417,68 +605,27 @@ def every_divergence(prep, recipe, work: Path, args) -> dict:
             prep.tokenizer,
             prep.train_examples,
             work / name,
-            CacheSpec(kind=kind, dtype=dtype, **params),
+            CacheSpec(kind=kind, dtype=dtype, seed=args.seed, **params),
             progress=False,
         )
         caches[name], bytes_per_token[name] = work / name, man["bytes_per_token"]
     probe = [{**x, "example_id": i} for i, x in enumerate(prep.train_examples[:16])]
+    if args.seed:  # another seed's students only: the certificates are seed 0's
+        return _other_seed(prep, work, caches, bytes_per_token, partial, args)
     if "demo_certificate" not in partial:  # forward KL, every setting of the main table
-        demo = {}
-        for name, (kind, params, dtype) in SETTINGS.items():
-            own = params.get("k", params.get("draws"))
-            cert = certify_models(
-                prep.teacher,
-                prep.student0,
-                probe,
-                "forward_kl",
-                kind=kind,
-                candidates=[own],
-                pad_id=pad_id(prep.tokenizer, required=True),
-                vocab_size=prep.vocab_size,
-                dtype=dtype,
-                tolerance=0.05,
-            )
-            (row,) = cert["candidates"]
-            keys = ("loss_bias", "loss_std", "loss_error", "grad_bias", "grad_std", "grad_error")
-            demo[name] = {k: row[k] for k in keys}
-        partial.put("demo_certificate", demo)
+        partial.put("demo_certificate", demo_certificate(prep, probe))
     memo = TeacherMemo()
     for div_name, div in disk_divergences().items():
         run = RunConfig(name=div_name.replace(".", "_"), alpha=0.0, divergence=div)
         if f"{div_name}/online" not in partial:
             model = train(prep, run, OnlineTeacher(prep.teacher, memo=memo), work / "o", args.warmup)["model"]
             partial.put(f"{div_name}/online", held_out(prep, {"m": model})["m"])
-        for name, (kind, params, dtype) in DISK_SETTINGS.items():
+        for name in DISK_SETTINGS:
             key = f"{div_name}/{name}"
             if key in partial:
                 continue
-            own = params.get("k", params.get("draws"))
-            cert = certify_models(
-                prep.teacher,
-                prep.student0,
-                probe,
-                div.name,
-                divergence_params(div),
-                kind=kind,
-                candidates=sorted({*CERTIFY_CANDIDATES[kind], own}),
-                pad_id=pad_id(prep.tokenizer, required=True),
-                vocab_size=prep.vocab_size,
-                dtype=dtype,
-                tolerance=0.05,
-            )
-            mine = next(r for r in cert["candidates"] if r[cert["param"]] == own)
-            row = {
-                "certificate": {
-                    "own": own,
-                    "own_ok": mine["ok"],
-                    "loss_error": mine["loss_error"],
-                    "grad_error": mine["grad_error"],
-                    "refused": mine["refused"],
-                    "recommendation": cert["recommendation"],
-                    "reason": cert["reason"],
-                    "candidates": cert["candidates"],
-                }
-            }
+            row = {"certificate": setting_certificate(prep, probe, div, name)}
+            mine = row["certificate"]
             if mine["refused"]:
                 partial.put(key, row | {"trained": False})
                 continue
@@ -504,15 +651,111 @@ def every_divergence(prep, recipe, work: Path, args) -> dict:
     demo = partial["demo_certificate"]
     partial.finish()
     return {
-        "setup": {"seeds": 1, "certificate_probe": "16 training examples, initial student, tolerance 0.05"},
+        "setup": {
+            "seeds": 1,
+            "certificate_probe": "16 training examples, initial student, tolerance 0.05, noise tolerance 0.25 "
+            "(head criterion)",
+        },
         "demo_certificate": demo,
         "table": table,
     }
 
 
+def _other_seed(prep, work: Path, caches: dict, bytes_per_token: dict, partial, args) -> dict:
+    """``--divergences --seed S``: the online and cached students of every divergence at training seed ``S``."""
+    from potstill.kd.guards import NonFiniteTrainingError
+    from potstill.recipes.methods import RunConfig
+    from potstill.signals import OnlineTeacher, TeacherMemo
+    from potstill.signals.cache import CachedSignal
+
+    memo = TeacherMemo()
+    for div_name, div in disk_divergences().items():
+        run = RunConfig(name=div_name.replace(".", "_"), alpha=0.0, divergence=div)
+        if f"{div_name}/online" not in partial:
+            model = train(prep, run, OnlineTeacher(prep.teacher, memo=memo), work / "o", args.warmup)["model"]
+            partial.put(f"{div_name}/online", held_out(prep, {"m": model})["m"])
+        for name in DISK_SETTINGS:
+            key = f"{div_name}/{name}"
+            if key in partial:
+                continue
+            if div_name == "adaptive_kl" and DISK_SETTINGS[name][0] == "sampled":
+                partial.put(key, {"trained": False})  # refused by the sparse path (seed 0's certificate says why)
+                continue
+            try:
+                model = train(prep, run, CachedSignal(caches[name], tokenizer=prep.tokenizer), work / "o", args.warmup)
+            except NonFiniteTrainingError as err:
+                partial.put(key, {"trained": False, "diverged": str(err)})
+                continue
+            partial.put(key, {"trained": True, **held_out(prep, {"m": model["model"]})["m"]})
+    table = {
+        d: {
+            "online": partial[f"{d}/online"],
+            "settings": {n: {**partial[f"{d}/{n}"], "bytes_per_token": bytes_per_token[n]} for n in DISK_SETTINGS},
+        }
+        for d in disk_divergences()
+    }
+    partial.finish()
+    return {"seed": args.seed, "table": table}
+
+
+def _seed_summary(divs: dict) -> dict:
+    """Per divergence and cache over every seed measured: held-out forward KL of the cached and online
+    students (mean, std), the mean paired ratio, and the verdict (a gap counts past the sum of the stds)."""
+    from _common import seed_stats, verdict
+
+    tables = {"0": divs["table"], **{s: t for s, t in sorted(divs.get("by_seed", {}).items())}}
+    out: dict = {"seeds": sorted(int(s) for s in tables)}
+    for d in divs["table"]:
+        online = seed_stats([t[d]["online"]["forward_kl"] for t in tables.values()])
+        per = {"online": online}
+        for n in divs["table"][d]["settings"]:
+            rows = [(t[d]["settings"][n], t[d]["online"]) for t in tables.values()]
+            if not all(r.get("trained") for r, _ in rows):
+                per[n] = {"trained": False}
+                continue
+            cached = seed_stats([r["forward_kl"] for r, _ in rows])
+            ratios = seed_stats([r["forward_kl"] / o["forward_kl"] for r, o in rows])
+            per[n] = {
+                "forward_kl": cached,
+                "ratio_vs_online": ratios,
+                "vs_online": verdict(cached, online, lower_better=True),
+                "within_2pct": ratios["mean"] <= 1.02,
+            }
+        out[d] = per
+    return out
+
+
 def _merge_divergences(args, divs: dict) -> int:
     out = _out_path(args)
     old = json.loads(out.read_text()) if out.exists() else {}
+    if args.seed:
+        if "table" not in old.get("divergences", {}):
+            raise SystemExit("run --divergences (seed 0, with the certificates) before another seed")
+        old["divergences"].setdefault("by_seed", {})[str(args.seed)] = divs["table"]
+        old["divergences"]["over_seeds"] = _seed_summary(old["divergences"])
+        write_json_atomic(out, old)
+        summ = old["divergences"]["over_seeds"]
+        rows = [(d, n, r) for d, t in summ.items() if d != "seeds" for n, r in t.items() if n != "online"]
+        print(
+            summary_line(
+                "cache_divergences_over_seeds",
+                {
+                    "seeds": len(summ["seeds"]),
+                    "within_2pct": sum(bool(r.get("within_2pct")) for _, _, r in rows),
+                    "not_measurably_worse": sum(
+                        r.get("vs_online") in ("better", "no measurable difference") for _, _, r in rows
+                    ),
+                    "of": len(rows),
+                    "json": str(out),
+                },
+            )
+        )
+        return 0
+    for key in ("by_seed", "over_seeds"):  # a new seed 0 keeps the other seeds' students
+        if key in old.get("divergences", {}):
+            divs[key] = old["divergences"][key]
+    if "by_seed" in divs:
+        divs["over_seeds"] = _seed_summary(divs)
     runs = old.get("runs", {})
     demo = divs["demo_certificate"]
     if all(n in runs for n in demo):  # does the certificate rank the settings as the trained students do?
@@ -520,7 +763,9 @@ def _merge_divergences(args, divs: dict) -> int:
 
         names = sorted(demo)
         held = [runs[n]["forward_kl"] for n in names]
-        for key in ("grad_error", "loss_error"):
+        for key in ("grad_error", "loss_error", "head_grad_bias"):
+            if any(demo[n].get(key) is None for n in names):
+                continue
             tau = kendalltau([demo[n][key] for n in names], held)
             divs[f"demo_order_kendall_tau_{key}"] = {"tau": float(tau.statistic), "p": float(tau.pvalue)}
     old["divergences"] = divs
@@ -536,6 +781,9 @@ def _merge_divergences(args, divs: dict) -> int:
                 "of": len(rows),
                 "outside_and_certificate_says_so": len(why),
                 "outside_unflagged": len(rows) - len(ok) - len(why),
+                "within_but_flagged": sum(
+                    1 for _, _, r in rows if r.get("within_2pct") and not r["certificate"]["own_ok"]
+                ),
                 "json": str(out),
             },
         )

@@ -644,7 +644,10 @@ def test_certify_writes_the_certificate_into_the_manifest_and_the_report(assets,
     errs = [row["loss_error"] for row in fkl["candidates"]]
     assert all(row["loss_bias"] <= 1e-3 for row in fkl["candidates"]) and errs == sorted(errs, reverse=True)
     assert fkl["own_ok"] == (fkl["candidates"][1]["ok"])
-    assert lines[-2].startswith("certificate forward_kl (kd): k=8 loss error ")
+    # judged in the output head's gradient (the probe spans 4 examples), the bias printed beside the errors
+    assert fkl["criterion"] == "head" and cert["noise_tolerance"] == 0.25
+    assert fkl["own_ok"] == (fkl["candidates"][1]["head_grad_bias"] <= fkl["tolerance"])
+    assert lines[-2].startswith("certificate forward_kl (kd): k=8 loss error ") and "head gradient bias" in lines[-2]
     assert lines[-1].startswith("certificate total_variation (kd_tv): k=8 ")
     # certifying did not change the cache: distill reads it, and its report carries the certificate
     assert main(["distill", str(rp)]) == 0

@@ -147,6 +147,148 @@ def test_a_student_equal_to_the_teacher_is_refused():
         certify(t, t.clone(), "forward_kl", kind="topk", candidates=[4])
 
 
+# ------------------------------------------------------------------------------ the head criterion
+
+D = 6  # feature width of the head criterion's probes
+
+
+def features(seed: int = 0, rows: int = R) -> torch.Tensor:
+    return torch.randn(rows, D, generator=torch.Generator().manual_seed(100 + seed))
+
+
+def keys_of(sizes: list[int]) -> list[tuple[int, int]]:
+    """Row keys of examples with ``sizes`` rows each."""
+    return [(e, r) for e, n in enumerate(sizes) for r in range(n)]
+
+
+def explicit_head_metrics(t, s, f, keys, divergence, draws, seeds, kind):
+    """The head criterion with every ``[d, V]`` gradient formed explicitly (no Gram matrices): the bias of the
+    mean head gradient over the seeds with the mean's own noise subtracted, and the draws' variance of one
+    step's head gradient over the minibatch variance at a batch of ``b`` examples (any ``b``), along the dense
+    head gradient and in total."""
+    x = s.clone().requires_grad_(True)
+    (gd,) = torch.autograd.grad(forward_kl(x, t).mean(), x)
+    r = t.shape[0]
+    f64, gd = f.double(), gd.double()
+    grads = []
+    for seed in seeds:
+        spec = CacheSpec(
+            kind=kind, k=draws if kind == "topk" else 1, draws=draws if kind == "sampled" else 1, dtype="fp32"
+        )
+        sig = cached_signal(t, spec, t.shape[1], [row_seed(seed, e, i) for e, i in keys] if kind == "sampled" else None)
+        x = s.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(sparse_divergence(divergence, x, sig).mean(), x)
+        grads.append(g.double())
+    n = len(seeds)
+    gd_head = f64.T @ gd  # [d, V]
+    u = gd_head / gd_head.norm()
+    # Row r's contribution to the head gradient: f_r outer (its logit gradient); per seed and dense.
+    contrib = lambda g, i: f64[i][:, None] * g[i][None, :]  # noqa: E731
+    mean_head = sum(f64.T @ g for g in grads) / n
+    row_var = [torch.stack([contrib(g, i) for g in grads]).var(0).sum() if n > 1 else 0.0 for i in range(r)]
+    row_var_along = [torch.stack([(contrib(g, i) * u).sum() for g in grads]).var(0) if n > 1 else 0.0 for i in range(r)]
+    noise = float(sum(row_var))
+    bias_sq = max(float((mean_head - gd_head).pow(2).sum()) - noise / n, 0.0)
+    # Minibatch: b examples drawn with replacement; the batch gradient sum_{e in B} S_e / sum_{e in B} n_e
+    # (S_e the example's sum of row contributions), linearised around the probe's mean gradient.
+    ex = sorted({e for e, _ in keys})
+    rows_of = {e: [i for i, (k, _) in enumerate(keys) if k == e] for e in ex}
+    mean_c = sum(contrib(gd, i) for i in range(r)) / r
+    n_bar = r / len(ex)
+    dev = [sum(contrib(gd, i) for i in rows_of[e]) - len(rows_of[e]) * mean_c for e in ex]
+    b = 3
+    out = []
+    for noise_rows, sq in (
+        (row_var_along, lambda d: float((d * u).sum()) ** 2),
+        (row_var, lambda d: float(d.pow(2).sum())),
+    ):
+        minibatch_var = sum(sq(d) for d in dev) / (len(ex) - 1) / (b * n_bar**2)
+        draw_var = float(sum(noise_rows)) / r / (b * n_bar)  # independent rows: their variances add
+        out.append(draw_var / minibatch_var)
+    return math.sqrt(bias_sq / float(gd_head.pow(2).sum())), out[0], out[1]
+
+
+@pytest.mark.parametrize(("kind", "draws", "n_seeds"), [("sampled", 4, 6), ("sampled", 16, 3), ("topk", 8, 1)])
+def test_head_criterion_matches_an_explicit_computation(kind, draws, n_seeds):
+    t, s = probe(8)
+    f = features(8)
+    keys = keys_of([5, 7, 3, 9])
+    out = certify(
+        t, s, "forward_kl", kind=kind, candidates=[draws], dtype="fp32", seeds=range(n_seeds), row_keys=keys, features=f
+    )
+    (row,) = out["candidates"]
+    bias, along, total = explicit_head_metrics(t, s, f, keys, "forward_kl", draws, list(range(n_seeds)), kind)
+    assert out["criterion"] == "head"
+    assert row["head_grad_bias"] == pytest.approx(bias, rel=1e-5, abs=1e-9)
+    assert row["noise_ratio"] == pytest.approx(along, rel=1e-5, abs=1e-12)
+    assert row["noise_ratio_total"] == pytest.approx(total, rel=1e-5, abs=1e-12)
+    if kind == "topk":
+        assert row["noise_ratio"] == row["noise_ratio_total"] == 0.0 and row["head_grad_bias"] > 0.01  # biased
+    else:
+        assert 0 < row["noise_ratio"] != row["noise_ratio_total"]
+
+
+def test_sampled_noise_falls_as_one_over_draws_and_its_bias_is_noise():
+    t, s = probe(9)
+    f = features(9)
+    keys = keys_of([6, 6, 6, 6])
+    out = certify(
+        t,
+        s,
+        "forward_kl",
+        kind="sampled",
+        candidates=[4, 64],
+        dtype="fp32",
+        seeds=range(128),
+        row_keys=keys,
+        features=f,
+    )
+    few, many = out["candidates"]
+    # The variance of a mean of n draws is the variance of one over n: 16x less ... up to the seeds' spread.
+    assert 12 < few["noise_ratio"] / many["noise_ratio"] < 21
+    # Unbiased: once the mean's own noise is subtracted, what is left is a small fraction of a top-k bucket's bias
+    # (without the subtraction, 4 draws would read sqrt(noise / seeds) ~ 0.1 here).
+    topk = certify(t, s, "forward_kl", kind="topk", candidates=[4], dtype="fp32", row_keys=keys, features=f)
+    assert few["head_grad_bias"] < 0.1 * topk["candidates"][0]["head_grad_bias"]
+    assert many["head_grad_bias"] < 0.1 * topk["candidates"][0]["head_grad_bias"]
+
+
+def test_head_criterion_decides_by_bias_and_noise_tolerance():
+    t, s = probe(10)
+    f = features(10)
+    keys = keys_of([6, 6, 6, 6])
+    kw = dict(kind="sampled", candidates=[4, 16, 64], dtype="fp32", seeds=range(8), row_keys=keys, features=f)
+    first = certify(t, s, "forward_kl", tolerance=10.0, **kw)
+    ratios = {row["draws"]: row["noise_ratio"] for row in first["candidates"]}
+    assert ratios[4] > ratios[16] > ratios[64]
+    # The logit-gradient error of a few draws is far above any usual tolerance: the head criterion does not use it.
+    assert first["candidates"][0]["grad_error"] > 0.3
+    noise_tol = (ratios[16] + ratios[4]) / 2  # between: 16 and 64 within, 4 not
+    out = certify(t, s, "forward_kl", tolerance=10.0, noise_tolerance=noise_tol, **kw)
+    assert [row["ok"] for row in out["candidates"]] == [False, True, True] and out["recommendation"] == 16
+    assert out["reason"].startswith("draws=16 is the smallest candidate within the tolerance 10 and noise tolerance")
+    out = certify(t, s, "forward_kl", tolerance=10.0, noise_tolerance=ratios[64] / 2, **kw)
+    assert out["recommendation"] is None and "more draws" in out["reason"]
+    # Reverse KL from sampled ids weighs the student's mass by q/p where the teacher's draws rarely fall: at the
+    # same draws its noise is many times forward KL's, and none of these is within the default tolerances.
+    out = certify(t, s, "reverse_kl", tolerance=0.05, **kw)
+    assert out["recommendation"] is None and out["noise_tolerance"] == 0.25
+    assert all(r["noise_ratio"] > 5 * ratios[r["draws"]] for r in out["candidates"])
+    json.dumps(out)
+
+
+def test_head_criterion_refuses_a_probe_of_one_example():
+    t, s = probe(11)
+    with pytest.raises(ValueError, match="at least two examples"):
+        certify(t, s, "forward_kl", kind="topk", candidates=[4], row_keys=keys_of([R]), features=features(11))
+    with pytest.raises(ValueError, match="features"):
+        certify(t, s, "forward_kl", kind="topk", candidates=[4], features=features(11, rows=R - 1))
+    one = certify(
+        t, s, "forward_kl", kind="sampled", candidates=[4], seeds=[0], row_keys=keys_of([12, 12]), features=features(11)
+    )
+    assert one["candidates"][0]["noise_ratio"] is None and not one["candidates"][0]["ok"]
+
+
 # ------------------------------------------------------------------------------ against a real cache
 
 
@@ -228,6 +370,10 @@ def test_certify_models_builds_the_probe_from_target_rows(
         teacher, student, exs, "forward_kl", kind="sampled", candidates=[8], max_rows=max_rows, seeds=[0, 1]
     )
     assert sampled["seeds"] == 2 and sampled["candidates"][0]["grad_std"] > 0
+    # Rows of two examples or more: judged in the head gradient, with the student's hidden states as features.
+    assert out["criterion"] == "head" and sampled["candidates"][0]["noise_ratio"] > 0
+    one = certify_models(teacher, student, exs[:1], "forward_kl", kind="topk", candidates=[4], pad_id=tok.pad_token_id)
+    assert one["criterion"] == "logits" and "noise_ratio" not in one["candidates"][0]
 
 
 def test_certify_models_draws_what_the_cache_holds(

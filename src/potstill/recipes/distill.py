@@ -97,9 +97,20 @@ class RefreshConfig(Strict):
 
 class CertifyConfig(Strict):
     tolerance: float = Field(
-        0.05, gt=0.0, description="Largest relative error of the loss and of its gradient a setting may have."
+        0.05,
+        gt=0.0,
+        description="Largest relative bias of the student's output-head gradient a setting may have (the loss and "
+        "logit-gradient errors are reported beside it).",
     )
-    probe_examples: int = Field(16, ge=1, description="Training examples the certificate's probe reads.")
+    noise_tolerance: float = Field(
+        0.25,
+        ge=0.0,
+        description="Largest share a sampled signal's draws may add to the minibatch gradient variance (x trains "
+        "like the live teacher with a batch 1/(1+x) as large).",
+    )
+    probe_examples: int = Field(
+        16, ge=2, description="Training examples the certificate's probe reads (two or more: it compares them)."
+    )
     max_rows: int = Field(512, ge=1, description="Response tokens of the probe, at most.")
     seeds: int = Field(8, ge=2, description="Draw seeds a sampled setting is measured over (its spread).")
     candidates: list[int] | None = Field(

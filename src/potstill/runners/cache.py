@@ -118,6 +118,7 @@ def certificate(recipe: Recipe, prep: Prepared) -> dict:
     head = {
         "teacher": weights_fingerprint(prep.teacher),
         "tolerance": c.tolerance,
+        "noise_tolerance": c.noise_tolerance,
         "kind": spec.kind,
         "probe_examples": min(c.probe_examples, len(prep.pool_examples)),
     }
@@ -154,6 +155,7 @@ def certificate(recipe: Recipe, prep: Prepared) -> dict:
             tail=spec.tail,
             proposal_temperature=spec.proposal_temperature,
             tolerance=c.tolerance,
+            noise_tolerance=c.noise_tolerance,
             seeds=[spec.seed + s for s in range(c.seeds)],
         )
         mine = next(row for row in cert["candidates"] if row[cert["param"]] == own)
@@ -167,15 +169,20 @@ def certificate_lines(cert: dict) -> list[str]:
     lines = []
     for key, d in cert.get("divergences", {}).items():
         mine = next(row for row in d["candidates"] if row[d["param"]] == d["own"])
-        errs = (
-            "refused"
-            if mine["refused"]
-            else f"loss error {mine['loss_error']:.3f}, gradient error {mine['grad_error']:.3f}"
-        )
+        errs = f"loss error {mine['loss_error']:.3f}, logit gradient error {mine['grad_error']:.3f}"
+        tol = f"tolerance {d['tolerance']:g}"
+        if d.get("criterion") == "head" and not mine["refused"]:
+            noise = mine["noise_ratio"]
+            errs += f", head gradient bias {mine['head_grad_bias']:.3f}"
+            if d["kind"] == "sampled":
+                errs += ", noise ratio " + ("unmeasured" if noise is None else f"{noise:.3f}")
+                tol += f" / noise tolerance {d['noise_tolerance']:g}"
+        if mine["refused"]:
+            errs = "refused"
         verdict = "within" if d["own_ok"] else "outside"
         rec = d["recommendation"]
         lines.append(
-            f"certificate {key} ({', '.join(d['runs'])}): {d['param']}={d['own']} {errs}, {verdict} tolerance "
-            f"{d['tolerance']:g}; " + (f"smallest within: {d['param']}={rec}" if rec is not None else d["reason"])
+            f"certificate {key} ({', '.join(d['runs'])}): {d['param']}={d['own']} {errs}, {verdict} {tol}; "
+            + (f"smallest within: {d['param']}={rec}" if rec is not None else d["reason"])
         )
     return lines

@@ -21,9 +21,33 @@ log-probs adds; a top-k bucket signal is deterministic and, for an f-divergence,
 loss (data-processing inequality; exactly so in fp32). The spread is that of the mean over the probe's
 ``R`` rows: a training batch of another size has another one.
 
-The recommendation is the smallest candidate whose ``loss_error`` and ``grad_error`` are both within the
-tolerance; ``reason`` says why it was chosen, why none was, or why the divergence cannot be computed
-from this kind of signal (AKL and BiLD need the teacher's ranking, which sampled ids do not give).
+Training follows the gradient of the parameters, summed over many rows and steps, not one row's logit
+gradient. A sampled signal's noise is independent from row to row, so it averages out there, while a
+bias does not: a sampled cache whose logit ``grad_error`` is several times the gradient can train as
+well as the live teacher. Given the student's ``features`` (its final hidden states at the probe rows,
+which :func:`certify_models` passes), the certificate measures both in the gradient of a linear output
+head reading them (``G = features^T g``, ``[d, V]``; exact for an untied plain head, the proxy for the
+rest), with Gram matrices (``[R, R]``), so nothing ``[d, V]``-sized is formed:
+
+* ``head_grad_bias = ||E[G] - G_dense|| / ||G_dense||``, with the noise of the mean over the seeds
+  subtracted (``||E_S[G] - G_dense||^2`` minus its expected noise ``sum_r ||f_r||^2 s_r^2 / S``, ``s_r^2``
+  the rows' sample variance over the seeds; floored at 0): what no number of steps averages away;
+* ``noise_ratio``: the variance the draws add to one training step's progress -- its head gradient's
+  component along the dense head gradient, which is what changes the loss to first order -- over the
+  variance that drawing the step's batch of examples already gives it (the minibatch noise of SGD,
+  estimated from the probe's examples; McCandlish et al. 2018 use the same per-example covariance).
+  Both scale as one over the batch, so the ratio holds at every batch size: a cache with
+  ``noise_ratio`` ``x`` makes progress like the live teacher with a batch ``1 / (1 + x)`` as large.
+  ``noise_ratio_total`` is the same over the whole head gradient: it also counts the draws' noise in
+  directions that do not move the loss to first order (the rare tokens' rows a draw of ``1/p``-weighted
+  outcomes jitters), which second-order effects and Adam's per-weight scaling see only partly; it is
+  reported, not judged. Both 0 for top-k; ``None`` with one seed.
+
+The recommendation is the smallest candidate within the tolerances: with ``features``, ``head_grad_bias
+<= tolerance`` and ``noise_ratio <= noise_tolerance`` (``criterion: "head"``); without, ``loss_error``
+and ``grad_error`` both ``<= tolerance`` (``criterion: "logits"``, which takes every draw's noise for an
+error). ``reason`` says why it was chosen, why none was, or why the divergence cannot be computed from
+this kind of signal (AKL and BiLD need the teacher's ranking, which sampled ids do not give).
 """
 
 from __future__ import annotations
@@ -92,6 +116,70 @@ def _sq_norm(t: Tensor) -> float:
     return float(t.double().pow(2).sum())
 
 
+class _Head:
+    """Norms in the gradient of a linear head reading ``features [R, d]``: ``||features^T x||^2`` for an
+    ``[R, V]`` logit gradient ``x``, through the features' Gram matrix, and inner products with the dense
+    head gradient ``<features^T x, features^T g> = sum_r x_r . w_r``, ``w = Gram @ g``."""
+
+    def __init__(self, features: Tensor, example_of_row: list[int], dense_grad: Tensor) -> None:
+        f = features.detach().double().cpu()
+        self.gram = f @ f.T
+        self.row_sq = self.gram.diagonal().clone()
+        g = dense_grad.double().cpu()
+        self.dense_sq = self.sq(g)
+        self.w = self.gram @ g  # [R, V]: row r's logit gradient . w_r is its head gradient . the dense one
+        self._w_on: dict[torch.device, Tensor] = {}
+        # Minibatch noise: per example e, S_e - n_e * mean gradient = sum_r beta_er c_r with c_r the row's
+        # contribution; its squared norm is beta_e^T (Gram_f * Gram_g) beta_e, its component along the dense
+        # head gradient beta_e . t with t_r = g_r . w_r.
+        m = self.gram * (g @ g.T)
+        t = (g * self.w).sum(-1)
+        r = g.shape[0]
+        ids = torch.tensor(example_of_row)
+        spread = spread_along = 0.0
+        examples = ids.unique()
+        for e in examples:
+            member = (ids == e).double()
+            beta = member - float(member.sum()) / r
+            spread += float(beta @ m @ beta)
+            spread_along += float(beta @ t) ** 2
+        self.examples = int(examples.numel())
+        self.minibatch = spread  # sums over examples; the ratios' formula carries the counts
+        self.minibatch_along = spread_along
+
+    def sq(self, x: Tensor) -> float:
+        x = x.double().cpu()
+        return float(((x @ x.T) * self.gram).sum())
+
+    def along(self, x: Tensor) -> Tensor:
+        """Per row ``r``: ``x_r . w_r`` (float64 ``[R]``, on ``x``'s device)."""
+        if x.device not in self._w_on:
+            self._w_on[x.device] = self.w.to(x.device)
+        return (x.double() * self._w_on[x.device]).sum(-1)
+
+    def _ratio(self, noise: float, spread: float) -> float:
+        if spread > 0:
+            return (self.examples - 1) / self.examples * noise / spread
+        return math.inf if noise > 0 else 0.0
+
+    def measure(
+        self, dev_mean: Tensor, row_var: Tensor | None, row_var_along: Tensor | None, n_seeds: int
+    ) -> dict[str, Any]:
+        """``dev_mean`` = E[g] - g_dense ``[R, V]``; ``row_var`` the rows' sample variance over the seeds
+        (summed over the vocabulary) and ``row_var_along`` that of ``dev_r . w_r``; None for a
+        deterministic signal."""
+        noise = 0.0 if row_var is None else float((self.row_sq * row_var.double().cpu()).sum())
+        bias_sq = max(self.sq(dev_mean) - noise / n_seeds, 0.0)
+        out: dict[str, Any] = {"head_grad_bias": math.sqrt(bias_sq / self.dense_sq)}
+        if row_var is None or row_var_along is None:
+            return out | {"noise_ratio": 0.0, "noise_ratio_total": 0.0}
+        noise_along = float(row_var_along.double().cpu().sum())
+        return out | {
+            "noise_ratio": self._ratio(noise_along, self.minibatch_along),
+            "noise_ratio_total": self._ratio(noise, self.minibatch),
+        }
+
+
 def _measure(
     divergence: str,
     params: dict,
@@ -103,11 +191,15 @@ def _measure(
     row_keys: list[tuple[int, int]],
     dense_loss: float,
     dense_grad: Tensor,
+    head: _Head | None = None,
 ) -> dict[str, Any]:
     """One candidate's row of the certificate (see the module docstring for the quantities)."""
     device = student_logits.device
     losses: list[float] = []
     dev_sum = torch.zeros_like(dense_grad)  # sum over seeds of g - g_dense
+    row_sq = torch.zeros(dense_grad.shape[0], dtype=torch.float64, device=dense_grad.device)  # per row, sum over seeds
+    along_sum = torch.zeros_like(row_sq)  # per row, sum over seeds of (g - g_dense)_r . w_r (head criterion)
+    along_sq = torch.zeros_like(row_sq)
     err_sq = 0.0  # sum over seeds of ||g - g_dense||^2
     for s in seeds:
         keys = None if s is None else [row_seed(s, e, r) for e, r in row_keys]
@@ -122,6 +214,11 @@ def _measure(
         losses.append(loss)
         dev = g - dense_grad
         dev_sum += dev
+        row_sq += dev.double().pow(2).sum(-1)
+        if head is not None:
+            a = head.along(dev)
+            along_sum += a
+            along_sq += a * a
         err_sq += _sq_norm(dev)
     n = len(losses)
     g_norm = math.sqrt(_sq_norm(dense_grad))
@@ -130,7 +227,17 @@ def _measure(
     loss_std = math.sqrt(sum((x - mean_loss) ** 2 for x in losses) / n) / dense_loss
     grad_bias = math.sqrt(_sq_norm(dev_sum / n)) / g_norm
     grad_error = math.sqrt(err_sq / n) / g_norm
+    out: dict[str, Any] = {}
+    if head is not None:
+        row_var = row_var_along = None
+        if seeds != [None] and n > 1:  # sample variances over the seeds, per row
+            row_var = ((row_sq - n * (dev_sum / n).double().pow(2).sum(-1)) / (n - 1)).clamp_min(0.0)
+            row_var_along = ((along_sq - along_sum * along_sum / n) / (n - 1)).clamp_min(0.0)
+        out = head.measure(dev_sum / n, row_var, row_var_along, n)
+        if seeds != [None] and n == 1:  # one seed has no spread to measure
+            out["noise_ratio"] = out["noise_ratio_total"] = None
     return {
+        **out,
         "loss": mean_loss,
         "loss_bias": loss_bias,
         "loss_std": loss_std,
@@ -154,8 +261,10 @@ def certify(
     tail: TailMode = "bucket",
     proposal_temperature: float = 1.0,
     tolerance: float = 0.05,
+    noise_tolerance: float = 0.25,
     seeds: Sequence[int] = tuple(range(8)),
     row_keys: Sequence[tuple[int, int]] | None = None,
+    features: Tensor | None = None,
 ) -> dict[str, Any]:
     """Certify a cache of ``kind`` for each candidate ``k`` (topk) or ``draws`` (sampled) on a probe.
 
@@ -170,10 +279,13 @@ def certify(
 
         {"divergence", "params", "kind", "param": "k" | "draws", "temperature", "dtype", "tail",
          "proposal_temperature", "rows": R, "vocab": V, "seeds": S (1 for topk), "tolerance",
+         "noise_tolerance", "criterion": "head" | "logits",
          "dense_loss": mean per-row dense divergence,
          "candidates": [{<param>: int, "ok": bool, "refused": str | None,
                          "loss", "loss_bias", "loss_std", "loss_error",
-                         "grad_bias", "grad_std", "grad_error"}, ...],   # ascending; metrics None if refused
+                         "grad_bias", "grad_std", "grad_error",
+                         "head_grad_bias", "noise_ratio", "noise_ratio_total"}, ...],
+                         # ascending; metrics None if refused; the last three only with features
          "recommendation": int | None, "reason": str}
 
     Raises ``ValueError`` on bad shapes, parameters or a temperature below the floor, ``PotstillError``
@@ -191,8 +303,11 @@ def certify(
         )
     if not candidates:
         raise ValueError(f"no candidate {'k' if kind == 'topk' else 'draws'} to certify; give at least one")
-    if not tolerance > 0:
-        raise ValueError(f"tolerance must be > 0 (a relative error), got {tolerance}")
+    if not tolerance > 0 or not noise_tolerance >= 0:
+        raise ValueError(
+            f"tolerance must be > 0 (a relative error) and noise_tolerance >= 0 (a variance ratio), got "
+            f"{tolerance} and {noise_tolerance}"
+        )
     params = dict(params or {})
     r, vocab = teacher_logits.shape
     check_temperature(temperature)
@@ -203,6 +318,14 @@ def certify(
     run_seeds: list[int | None] = [None] if kind == "topk" else [int(s) for s in seeds]
     if not run_seeds:
         raise ValueError("a sampled signal needs at least one seed of draws; give seeds")
+    if features is not None:
+        if features.dim() != 2 or features.shape[0] != r:
+            raise ValueError(f"features {tuple(features.shape)} must be [R, d] with R = {r} (one per probe row)")
+        if len({e for e, _ in keys}) < 2:
+            raise ValueError(
+                "the head criterion compares the draws' noise with the minibatch noise between examples; the "
+                "probe needs rows of at least two examples (row_keys' example ids)"
+            )
 
     student = student_logits.detach().float()
     teacher = teacher_logits.detach().float()
@@ -220,6 +343,11 @@ def certify(
             "to anything); certify with the student you will train from, not the teacher"
         )
 
+    head = None if features is None else _Head(features, [e for e, _ in keys], dense_grad)
+    if head is not None and not head.dense_sq > 0:
+        raise PotstillError(
+            "the dense gradient of the output head is 0 on the probe (all-zero features?); check the student"
+        )
     param = "k" if kind == "topk" else "draws"
     rows = []
     for c in sorted({int(c) for c in candidates}):
@@ -233,10 +361,20 @@ def certify(
             temperature=temperature,
         )
         spec.check(vocab)
-        m = _measure(divergence, params, teacher, student, spec, vocab, run_seeds, keys, dense_loss, dense_grad)
+        m = _measure(divergence, params, teacher, student, spec, vocab, run_seeds, keys, dense_loss, dense_grad, head)
         refused = m.pop("refused", None)
-        ok = refused is None and m["loss_error"] <= tolerance and m["grad_error"] <= tolerance
-        empty = dict.fromkeys(("loss", "loss_bias", "loss_std", "loss_error", "grad_bias", "grad_std", "grad_error"))
+        if refused is not None:
+            ok = False
+        elif head is None:
+            ok = m["loss_error"] <= tolerance and m["grad_error"] <= tolerance
+        else:
+            ok = (
+                m["head_grad_bias"] <= tolerance
+                and m["noise_ratio"] is not None
+                and m["noise_ratio"] <= noise_tolerance
+            )
+        names = ("loss", "loss_bias", "loss_std", "loss_error", "grad_bias", "grad_std", "grad_error")
+        empty = dict.fromkeys(names + (("head_grad_bias", "noise_ratio", "noise_ratio_total") if head else ()))
         rows.append({param: c, "ok": ok, "refused": refused, **(empty if refused else m)})
 
     rec = next((row[param] for row in rows if row["ok"]), None)
@@ -253,29 +391,58 @@ def certify(
         "vocab": int(vocab),
         "seeds": len(run_seeds),
         "tolerance": float(tolerance),
+        "noise_tolerance": float(noise_tolerance),
+        "criterion": "logits" if head is None else "head",
         "dense_loss": dense_loss,
         "candidates": rows,
         "recommendation": rec,
-        "reason": _reason(rows, rec, param, kind, divergence, dtype, tolerance),
+        "reason": _reason(rows, rec, param, kind, divergence, dtype, tolerance, noise_tolerance, head is not None),
     }
 
 
-def _reason(rows: list[dict], rec: int | None, param: str, kind: str, divergence: str, dtype: str, tol: float) -> str:
+def _errors(row: dict, by_head: bool) -> str:
+    if not by_head:
+        return f"loss error {row['loss_error']:.3g}, gradient error {row['grad_error']:.3g}"
+    noise = "unmeasured (one seed)" if row["noise_ratio"] is None else f"{row['noise_ratio']:.3g}"
+    return f"head gradient bias {row['head_grad_bias']:.3g}, noise ratio {noise}"
+
+
+def _reason(
+    rows: list[dict],
+    rec: int | None,
+    param: str,
+    kind: str,
+    divergence: str,
+    dtype: str,
+    tol: float,
+    noise_tol: float,
+    by_head: bool,
+) -> str:
+    within = f"the tolerance {tol:g}" + (f" and noise tolerance {noise_tol:g}" if by_head and kind == "sampled" else "")
     if rec is not None:
         row = next(row for row in rows if row[param] == rec)
-        return (
-            f"{param}={rec} is the smallest candidate within the tolerance {tol:g}: loss error "
-            f"{row['loss_error']:.3g}, gradient error {row['grad_error']:.3g}"
-        )
+        return f"{param}={rec} is the smallest candidate within {within}: {_errors(row, by_head)}"
     done = [row for row in rows if row["refused"] is None]
     if not done:
         return f"{divergence} cannot be computed from a {kind} signal: {rows[0]['refused']}"
-    best = min(done, key=lambda row: max(row["loss_error"], row["grad_error"]))
+
+    def badness(row: dict) -> float:
+        if not by_head:
+            return max(row["loss_error"], row["grad_error"])
+        noise = math.inf if row["noise_ratio"] is None else row["noise_ratio"] / max(noise_tol, 1e-12)
+        return max(row["head_grad_bias"] / tol, noise)
+
+    best = min(done, key=badness)
     tried = ", ".join(str(row[param]) for row in rows)
     if kind == "topk":
         hint = (
             "a top-k signal drops the shape of the teacher's tail, which this divergence weighs (a divergence "
             "that weighs the tail needs the dense signal); use a larger k, a sampled cache (unbiased) or a dense one"
+        )
+    elif by_head and best["head_grad_bias"] > tol:
+        hint = (
+            f"{divergence} estimated from sampled draws is biased here (more draws shrink its noise, not its "
+            "bias); use a top-k or dense cache"
         )
     else:
         hint = (
@@ -283,10 +450,7 @@ def _reason(rows: list[dict], rec: int | None, param: str, kind: str, divergence
             + (f", a finer dtype than {dtype} (grad_bias is its rounding)" if dtype != "fp32" else "")
             + " or a dense cache"
         )
-    return (
-        f"no {param} of {tried} is within the tolerance {tol:g}: the best, {param}={best[param]}, has loss error "
-        f"{best['loss_error']:.3g} and gradient error {best['grad_error']:.3g}; {hint}"
-    )
+    return f"no {param} of {tried} is within {within}: the best, {param}={best[param]}, has {_errors(best, by_head)}; {hint}"
 
 
 def certify_models(
@@ -312,7 +476,9 @@ def certify_models(
     restored), each on its own device; the rows are those of :func:`~potstill.signals.target_index`,
     projected through each model's output head (logit scale and softcap included) and cut to
     ``vocab_size`` (default: the smaller of the two vocabularies, as the trainer aligns them). ``pad_id``
-    fills right padding, which the attention mask hides. ``options`` go to :func:`certify`; the result
+    fills right padding, which the attention mask hides. The student's final hidden states at the rows are
+    the ``features`` of the head criterion when the probe's rows span two examples or more (else the
+    logit criterion). ``options`` go to :func:`certify`; the result
     has ``"examples"``, the number of examples the probe read, besides.
     """
     from ...data import PadCollator
@@ -331,6 +497,7 @@ def certify_models(
     collate = PadCollator(pad_id)
     zt: list[Tensor] = []
     zs: list[Tensor] = []
+    feats: list[Tensor] = []
     keys: list[tuple[int, int]] = []
     used = 0
     modes = (teacher.training, student.training)
@@ -350,7 +517,10 @@ def certify_models(
                 index = target_index(labels)
                 for model, head, dev, acc in ((teacher, t_head, t_dev, zt), (student, s_head, s_dev, zs)):
                     hidden = final_hidden(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
-                    acc.append(head(target_rows(hidden, index.to(dev))).float()[:, :vocab].to(s_dev))
+                    rows = target_rows(hidden, index.to(dev))
+                    acc.append(head(rows).float()[:, :vocab].to(s_dev))
+                    if model is student:
+                        feats.append(rows.float())
                 used = members[-1] + 1
     finally:
         teacher.train(modes[0])
@@ -366,6 +536,7 @@ def certify_models(
         kind=kind,
         candidates=candidates,
         row_keys=keys[:n],
+        features=torch.cat(feats)[:n] if len({e for e, _ in keys[:n]}) > 1 else None,
         **options,
     )
     out["examples"] = used
