@@ -610,9 +610,8 @@ def every_divergence(prep, recipe, work: Path, args) -> dict:
         )
         caches[name], bytes_per_token[name] = work / name, man["bytes_per_token"]
     probe = [{**x, "example_id": i} for i, x in enumerate(prep.train_examples[:16])]
-    if args.seed:  # another seed's students only: the certificates are seed 0's
-        return _other_seed(prep, work, caches, bytes_per_token, partial, args)
-    if "demo_certificate" not in partial:  # forward KL, every setting of the main table
+    certify = not args.seed  # another seed's students only: the certificates are seed 0's
+    if certify and "demo_certificate" not in partial:  # forward KL, every setting of the main table
         partial.put("demo_certificate", demo_certificate(prep, probe))
     memo = TeacherMemo()
     for div_name, div in disk_divergences().items():
@@ -624,9 +623,12 @@ def every_divergence(prep, recipe, work: Path, args) -> dict:
             key = f"{div_name}/{name}"
             if key in partial:
                 continue
-            row = {"certificate": setting_certificate(prep, probe, div, name)}
-            mine = row["certificate"]
-            if mine["refused"]:
+            if certify:
+                row = {"certificate": setting_certificate(prep, probe, div, name)}
+                refused = row["certificate"]["refused"]
+            else:  # AKL from sampled ids is refused by the sparse path (seed 0's certificate says why)
+                row, refused = {}, div_name == "adaptive_kl" and DISK_SETTINGS[name][0] == "sampled"
+            if refused:
                 partial.put(key, row | {"trained": False})
                 continue
             source = CachedSignal(caches[name], tokenizer=prep.tokenizer)
@@ -648,6 +650,9 @@ def every_divergence(prep, recipe, work: Path, args) -> dict:
                 r["within_2pct"] = r["forward_kl_vs_online"] <= 1.02
             per[name] = r
         table[div_name] = {"online": online, "settings": per}
+    if not certify:
+        partial.finish()
+        return {"seed": args.seed, "table": table}
     demo = partial["demo_certificate"]
     partial.finish()
     return {
@@ -659,43 +664,6 @@ def every_divergence(prep, recipe, work: Path, args) -> dict:
         "demo_certificate": demo,
         "table": table,
     }
-
-
-def _other_seed(prep, work: Path, caches: dict, bytes_per_token: dict, partial, args) -> dict:
-    """``--divergences --seed S``: the online and cached students of every divergence at training seed ``S``."""
-    from potstill.kd.guards import NonFiniteTrainingError
-    from potstill.recipes.methods import RunConfig
-    from potstill.signals import OnlineTeacher, TeacherMemo
-    from potstill.signals.cache import CachedSignal
-
-    memo = TeacherMemo()
-    for div_name, div in disk_divergences().items():
-        run = RunConfig(name=div_name.replace(".", "_"), alpha=0.0, divergence=div)
-        if f"{div_name}/online" not in partial:
-            model = train(prep, run, OnlineTeacher(prep.teacher, memo=memo), work / "o", args.warmup)["model"]
-            partial.put(f"{div_name}/online", held_out(prep, {"m": model})["m"])
-        for name in DISK_SETTINGS:
-            key = f"{div_name}/{name}"
-            if key in partial:
-                continue
-            if div_name == "adaptive_kl" and DISK_SETTINGS[name][0] == "sampled":
-                partial.put(key, {"trained": False})  # refused by the sparse path (seed 0's certificate says why)
-                continue
-            try:
-                model = train(prep, run, CachedSignal(caches[name], tokenizer=prep.tokenizer), work / "o", args.warmup)
-            except NonFiniteTrainingError as err:
-                partial.put(key, {"trained": False, "diverged": str(err)})
-                continue
-            partial.put(key, {"trained": True, **held_out(prep, {"m": model["model"]})["m"]})
-    table = {
-        d: {
-            "online": partial[f"{d}/online"],
-            "settings": {n: {**partial[f"{d}/{n}"], "bytes_per_token": bytes_per_token[n]} for n in DISK_SETTINGS},
-        }
-        for d in disk_divergences()
-    }
-    partial.finish()
-    return {"seed": args.seed, "table": table}
 
 
 def _seed_summary(divs: dict) -> dict:
