@@ -655,6 +655,33 @@ def test_certify_writes_the_certificate_into_the_manifest_and_the_report(assets,
     assert "certificate forward_kl (kd): k=8" in report and "certificate total_variation (kd_tv)" in report
 
 
+def test_certificate_lines_name_a_refused_setting_without_its_missing_errors():
+    from potstill.runners.cache import certificate_lines
+
+    empty = dict.fromkeys(("loss_error", "grad_error", "head_grad_bias", "noise_ratio", "noise_ratio_total"))
+    row = {"draws": 12, "ok": False, "refused": "adaptive_kl needs the teacher's full ranking", **empty}
+    cert = {
+        "divergences": {
+            "adaptive_kl": {
+                "candidates": [row],
+                "param": "draws",
+                "own": 12,
+                "own_ok": False,
+                "runs": ["kd_akl"],
+                "kind": "sampled",
+                "criterion": "head",
+                "tolerance": 0.05,
+                "noise_tolerance": 0.25,
+                "recommendation": None,
+                "reason": "adaptive_kl cannot be computed from a sampled signal: needs the full ranking",
+            }
+        }
+    }
+    (line,) = certificate_lines(cert)
+    assert line.startswith("certificate adaptive_kl (kd_akl): draws=12 refused, outside tolerance 0.05; ")
+    assert line.endswith("needs the full ranking")
+
+
 def test_cache_has_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["cache", "--help"])

@@ -105,8 +105,8 @@ class CertifyConfig(Strict):
     noise_tolerance: float = Field(
         0.25,
         ge=0.0,
-        description="Largest share a sampled signal's draws may add to the minibatch gradient variance (x trains "
-        "like the live teacher with a batch 1/(1+x) as large).",
+        description="Largest share a sampled signal's draws may add to the minibatch variance of a step's progress "
+        "along the gradient (x progresses like the live teacher with a batch 1/(1+x) as large).",
     )
     probe_examples: int = Field(
         16, ge=2, description="Training examples the certificate's probe reads (two or more: it compares them)."

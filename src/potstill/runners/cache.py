@@ -169,16 +169,17 @@ def certificate_lines(cert: dict) -> list[str]:
     lines = []
     for key, d in cert.get("divergences", {}).items():
         mine = next(row for row in d["candidates"] if row[d["param"]] == d["own"])
-        errs = f"loss error {mine['loss_error']:.3f}, logit gradient error {mine['grad_error']:.3f}"
         tol = f"tolerance {d['tolerance']:g}"
+        if mine["refused"]:
+            errs = "refused"
+        else:
+            errs = f"loss error {mine['loss_error']:.3f}, logit gradient error {mine['grad_error']:.3f}"
         if d.get("criterion") == "head" and not mine["refused"]:
             noise = mine["noise_ratio"]
             errs += f", head gradient bias {mine['head_grad_bias']:.3f}"
             if d["kind"] == "sampled":
                 errs += ", noise ratio " + ("unmeasured" if noise is None else f"{noise:.3f}")
                 tol += f" / noise tolerance {d['noise_tolerance']:g}"
-        if mine["refused"]:
-            errs = "refused"
         verdict = "within" if d["own_ok"] else "outside"
         rec = d["recommendation"]
         lines.append(
