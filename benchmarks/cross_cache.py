@@ -17,9 +17,13 @@ Per arm: held-out perplexity of the references and ECE (mean, std over seeds, pe
 rows aligned and informed; per cache: bytes/token and seconds to write. The verdict of each disk arm against
 the live one counts a gap only past the sum of their stds (``_common.verdict``).
 
+``--certify``: only the certificate of each cache's setting (``potstill cache --certify`` on the same recipe:
+the probe's rows aligned on the response, both signals projected onto the student's vocabulary), merged into an
+existing JSON as ``certificates`` beside its held-out results: does the certificate's order match theirs?
+
 Usage: ``python benchmarks/cross_cache.py [--quick] [--seeds N] [--steps N] [--examples N] [--out PATH]
-[--work DIR]``. Resumable: finished (arm, seed) units are kept in ``<out>.partial.json``, finished caches in
-``--work``.
+[--work DIR] [--certify]``. Resumable: finished (arm, seed) units are kept in ``<out>.partial.json``, finished
+caches in ``--work``.
 """
 
 from __future__ import annotations
@@ -73,6 +77,11 @@ def main() -> int:
     p.add_argument("--examples", type=int, default=160, help="AlpacaEval pairs read (40 are held out)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--work", default=None, help="scratch directory (kept: a rerun reuses its finished caches)")
+    p.add_argument(
+        "--certify",
+        action="store_true",
+        help="only each cache setting's certificate, merged into the existing JSON (no cache is written)",
+    )
     args = p.parse_args()
     if args.quick:
         args.seeds, args.steps, args.examples = 1, 2, 48
@@ -98,6 +107,8 @@ def main() -> int:
         f"{{name: kd_own, alpha: 0.5, method: {vmap[:-1]}, teacher_view: own}}}}]",
     ]
     t0 = time.perf_counter()
+    if args.certify:
+        return _certify(args, base, work, t0)
     caches: dict[str, dict] = {}
     for name in CACHES:
         if f"cache/{name}" in partial and (work / name / "manifest.json").is_file():
@@ -212,6 +223,56 @@ def main() -> int:
         items[f"{n}_vs_own"] = runs[f"disk_{n}"]["vs_live_own"]["perplexity_ratio"]
         items[f"{n}_time_vs_live"] = runs[f"disk_{n}"]["vs_live"]["train_seconds_ratio"]
     print(summary_line("cross_cache", items))
+    return 0
+
+
+def _certify(args, base: list[str], work: Path, t0: float) -> int:
+    """Each cache setting's certificate (forward KL, the recipe's vocab_map run) against the held-out results."""
+    from scipy.stats import kendalltau
+
+    from potstill.recipes.distill import load_recipe
+    from potstill.runners.cache import certificate
+    from potstill.runners.prepare import Prepared
+
+    result = json.loads(Path(args.out).read_text())
+    recipe_path = HERE.parent / "recipes" / "cross_tokenizer.yaml"
+    prep = Prepared(load_recipe(recipe_path, base))
+    certs: dict[str, dict] = {}
+    for name in CACHES:
+        prep.recipe = load_recipe(recipe_path, base + _cache_overrides(work, name))
+        t = time.perf_counter()
+        cert = certificate(prep.recipe, prep)
+        (d,) = cert["divergences"].values()
+        mine = next(row for row in d["candidates"] if row[d["param"]] == d["own"])
+        held = result["runs"][f"disk_{name}"]["vs_live"]
+        certs[name] = {
+            "own": {d["param"]: d["own"], **mine},
+            "recommendation": d["recommendation"],
+            "reason": d["reason"],
+            "rows": d["rows"],
+            "aligned_row_share": d["aligned_row_share"],
+            "dense_loss": d["dense_loss"],
+            "seconds": time.perf_counter() - t,
+            "held_out_perplexity_ratio": held["perplexity_ratio"],
+            "held_out_verdict": held["perplexity"],
+            "certificate": d,
+        }
+        print(summary_line(f"certify/{name}", {k: mine[k] for k in ("loss_error", "head_grad_bias", "noise_ratio")}))
+    names = list(certs)
+    ratios = [certs[n]["held_out_perplexity_ratio"] for n in names]
+    order = {}
+    for key in ("loss_error", "grad_error", "head_grad_bias"):
+        tau = kendalltau([certs[n]["own"][key] for n in names], ratios)
+        order[key] = {"tau": float(tau.statistic), "p": float(tau.pvalue)}
+    result["certificates"] = {
+        "settings": "recipes/cross_tokenizer.yaml's cache.certify defaults (16 probe examples, <= 512 rows, 8 draw "
+        "seeds), forward KL, the vocab_map run's kinds",
+        "caches": certs,
+        "order_vs_held_out": order,
+        "seconds": time.perf_counter() - t0,
+    }
+    write_json_atomic(args.out, result)
+    print(summary_line("cross_cache_certify", {f"tau_{k}": v["tau"] for k, v in order.items()}))
     return 0
 
 

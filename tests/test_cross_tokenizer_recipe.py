@@ -152,7 +152,7 @@ def test_a_cache_in_the_teachers_tokens_trains_a_student_of_another_family(asset
     assert [x for _, x in sft] != curve  # the teacher's half of the loss was there
 
 
-def test_a_cross_tokenizer_cache_refuses_uld_and_certify(assets, other_teacher, tmp_path, capsys):  # noqa: F811
+def test_a_cross_tokenizer_cache_refuses_uld(assets, other_teacher, tmp_path, capsys):  # noqa: F811
     r = _cross_recipe(
         assets,
         tmp_path / "out",
@@ -163,11 +163,45 @@ def test_a_cross_tokenizer_cache_refuses_uld_and_certify(assets, other_teacher, 
     assert main(["distill", str(write(tmp_path / "a.yaml", r))]) == 2
     err = capsys.readouterr().err
     assert "align uld" in err and "vocab_map" in err and len(err.strip().splitlines()) == 1
-    r["runs"] = [{"name": "v", "alpha": 0.5, "method": {"kind": "cross_tokenizer"}}]
-    assert main(["cache", str(write(tmp_path / "b.yaml", r)), "--certify"]) == 2
-    err = capsys.readouterr().err
-    assert "--certify" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "cache").exists()
+
+
+def test_certify_a_cache_in_the_teachers_tokens_for_a_student_of_another_family(
+    assets,
+    other_teacher,
+    tmp_path,
+    capsys,  # noqa: F811
+):
+    """`potstill cache --certify` on a cross-tokenizer recipe certifies each vocab_map run's divergence in what
+    its student trains on (both signals projected onto its vocabulary with the run's kinds)."""
+    from transformers import AutoTokenizer
+
+    vmap = {"kind": "cross_tokenizer", "align": "vocab_map"}
+    runs = [
+        {"name": "sft", "alpha": 1.0},
+        {"name": "v", "alpha": 0.5, "method": vmap},
+        {"name": "v_exact", "alpha": 0.5, "method": {**vmap, "kinds": ["exact"]}},
+    ]
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    r = _cross_recipe(assets, out, other_teacher, runs)
+    r["cache"] = {
+        "dir": str(cache),
+        "signal": {"kind": "sampled", "draws": 8},
+        "certify": {"probe_examples": 4, "candidates": [4, 64]},
+    }
+    assert main(["cache", str(write(tmp_path / "r.yaml", r)), "--certify"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    cert = json.loads((cache / "manifest.json").read_text())["certificate"]
+    assert set(cert["divergences"]) == {"forward_kl", "forward_kl kinds ['exact']"}
+    full, exact = cert["divergences"]["forward_kl"], cert["divergences"]["forward_kl kinds ['exact']"]
+    assert full["runs"] == ["v"] and exact["runs"] == ["v_exact"] and exact["kinds"] == ["exact"]
+    assert full["vocab"] == len(AutoTokenizer.from_pretrained(other_teacher)) and full["student_vocab"] < full["vocab"]
+    assert full["criterion"] == "head" and [row["draws"] for row in full["candidates"]] == [4, 8, 64]
+    # a sampled signal's noise falls with the draws; the debiased bias stays small against it
+    ratios = [row["noise_ratio"] for row in full["candidates"]]
+    assert ratios[2] < ratios[1] < ratios[0]
+    assert full["dense_loss"] != exact["dense_loss"]  # another projection, another teacher distribution
+    assert any(line.startswith("certificate forward_kl (v): draws=8 ") for line in lines)
 
 
 def test_teacher_view_own_reads_the_teachers_own_encoding_live(assets, other_teacher, tmp_path, capsys):  # noqa: F811

@@ -18,14 +18,15 @@ from helpers import encode_cross_pairs, one_step_cpu_args, random_llama
 
 from potstill.data import PadCollator
 from potstill.data.cross_tokenizer import response_alignment
-from potstill.divergences import DIVERGENCES
+from potstill.divergences import DIVERGENCES, sparse_divergence
 from potstill.divergences.chunked import chunked_kd_loss
 from potstill.errors import PotstillError
 from potstill.kd import KDConfig, KDTrainer
 from potstill.models import output_head
-from potstill.models.vocab_map import VocabMap, build_vocab_map, project_teacher
+from potstill.models.vocab_map import KINDS, VocabMap, build_vocab_map, project_teacher
 from potstill.signals import SparseSignal
 from potstill.signals.cache import CachedSignal, CacheSpec, write_cache
+from potstill.signals.cache.certify import Projection, certify_models_cross
 from potstill.signals.cache.cross import CrossTokenizerCache, OwnViewTeacher, project_sparse
 from potstill.signals.types import Head
 
@@ -211,13 +212,14 @@ def teacher(teacher_tok):
     return random_llama(len(teacher_tok), seed=5, hidden=48, layers=2)
 
 
-def _reference(student, teacher_model, s_batch, s_examples, t_examples, vm, alpha, T, s_tok, t_tok):
+def _reference(student, teacher_model, s_batch, s_examples, t_examples, vm, alpha, T, s_tok, t_tok, kinds=KINDS):
     """float64, one row at a time: CE on every target row, forward KL to the projected live teacher on the
-    rows aligned by prefix decoding (the teacher reading its own encoding of the pair)."""
+    rows aligned by prefix decoding (the teacher reading its own encoding of the pair); teacher tokens whose
+    match is not of ``kinds`` carry no mass."""
     s_all = student(input_ids=s_batch["input_ids"], attention_mask=s_batch["attention_mask"]).logits.double()
     m = torch.zeros(vm.teacher_vocab, s_all.shape[-1], dtype=torch.float64)
     for t in range(vm.teacher_vocab):
-        if vm.student_ids[t] >= 0:
+        if vm.student_ids[t] >= 0 and KINDS[int(vm.kinds[t])] in kinds:
             m[t, int(vm.student_ids[t])] = 1.0
     total, count = 0.0, 0
     for b, (s_ex, t_ex) in enumerate(zip(s_examples, t_examples, strict=True)):
@@ -354,3 +356,131 @@ def test_the_row_right_where_the_responses_part_is_aligned(tiny_tokenizer, teach
     t_at, _ = _response_chars(teacher_tok, t_ex["input_ids"], t_ex["labels"])
     end = len("The capital of France is Paris")  # both copies read exactly this, then "." / "!"
     assert end in s_at and end in t_at and got[s_at[end]] == t_at[end]
+
+
+# --------------------------------------------------------------------------- the certificate
+
+
+def _cross_probe(tiny_tokenizer, tiny_student, teacher_tok, kinds=("exact", "normalized", "mined")):
+    s_examples = [dict(e, example_id=i) for i, e in enumerate(encode_cross_pairs(tiny_tokenizer))]
+    t_examples = encode_cross_pairs(teacher_tok)
+    v_s = output_head(tiny_student).weight.shape[0]
+    vm = build_vocab_map(teacher_tok, tiny_tokenizer, student_vocab=v_s)
+    return s_examples, t_examples, Projection(vm, v_s, tuple(kinds))
+
+
+def _certify_cross(teacher, student, s_examples, t_examples, proj, tiny_tokenizer, teacher_tok, **kw):
+    return certify_models_cross(
+        teacher,
+        student,
+        s_examples,
+        t_examples,
+        {i: i for i in range(len(s_examples))},
+        "forward_kl",
+        student_tokenizer=tiny_tokenizer,
+        teacher_tokenizer=teacher_tok,
+        projection=proj,
+        pad_id=tiny_tokenizer.pad_token_id,
+        teacher_pad_id=teacher_tok.pad_token_id or 0,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("draws,kinds", [(8, ("exact", "normalized", "mined")), (1, ("exact",))])
+def test_cross_certificate_measures_what_the_cross_tokenizer_reader_serves(
+    tiny_tokenizer, tiny_student, teacher_tok, teacher, tmp_path, draws, kinds
+):
+    """The certificate of a cache in the teacher's tokens, with the cache's own draws (seed and row keys), gives
+    the divergence the student trains on from that cache (CrossTokenizerCache's signal, rows with nothing
+    mapped at weight 0: one draw of exact matches only leaves some), and its dense reference is the float64
+    forward KL to the projected live teacher."""
+    s_examples, t_examples, proj = _cross_probe(tiny_tokenizer, tiny_student, teacher_tok, kinds)
+    spec = CacheSpec(kind="sampled", draws=draws, seed=3, examples_per_shard=2)
+    write_cache(teacher, teacher_tok, t_examples, tmp_path / "c", spec, progress=False)
+    cert = _certify_cross(
+        teacher,
+        tiny_student,
+        s_examples,
+        t_examples,
+        proj,
+        tiny_tokenizer,
+        teacher_tok,
+        kind="sampled",
+        candidates=[draws],
+        seeds=[3],
+        dtype=spec.dtype,
+    )
+    source = CrossTokenizerCache(
+        CachedSignal(tmp_path / "c"),
+        student_tokenizer=tiny_tokenizer,
+        teacher_tokenizer=teacher_tok,
+        teacher_examples=t_examples,
+        example_map={i: i for i in range(len(s_examples))},
+        vocab_map=proj.vocab_map,
+        student_vocab=proj.student_vocab,
+        kinds=kinds,
+    )
+    columns = ("input_ids", "attention_mask", "labels", "example_id")
+    batch = PadCollator(tiny_tokenizer.pad_token_id)([{k: e[k] for k in columns} for e in s_examples])
+    sig = source.signal(batch)
+    with torch.no_grad():
+        logits = tiny_student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    rows = logits[:, :-1].reshape(-1, logits.shape[-1])[(batch["labels"][:, 1:] != -100).reshape(-1)]
+    per_row = sparse_divergence("forward_kl", rows.float(), sig) * sig.valid.float()
+    cov = source.coverage()
+    assert (cov["kd_row_share"] < cov["aligned_row_share"]) == (draws == 1)  # aligned rows with nothing mapped
+    aligned = sum(
+        sum(a >= 0 for a in _expected_alignment(tiny_tokenizer, s, teacher_tok, t))
+        for s, t in zip(s_examples, t_examples)
+    )
+    assert cert["rows"] == aligned == source.coverage()["rows"] * source.coverage()["aligned_row_share"]
+    assert cert["vocab"] == len(teacher_tok) and cert["student_vocab"] == proj.student_vocab
+    row = cert["candidates"][0]
+    torch.testing.assert_close(torch.tensor(row["loss"] * cert["rows"]), per_row.sum(), rtol=1e-5, atol=1e-6)
+    want = _reference(
+        tiny_student,
+        teacher,
+        batch,
+        s_examples,
+        t_examples,
+        proj.vocab_map,
+        0.0,
+        1.0,
+        tiny_tokenizer,
+        teacher_tok,
+        kinds,
+    )
+    n_targets = int((batch["labels"][:, 1:] != -100).sum())
+    assert cert["dense_loss"] * cert["rows"] == pytest.approx(float(want) * n_targets, rel=1e-4)
+    assert 0 < cert["aligned_row_share"] < 1 and cert["criterion"] == "head" and cert["examples"] == len(s_examples)
+
+
+def test_cross_certificate_of_a_whole_vocabulary_topk_is_exact_and_a_small_k_is_not(
+    tiny_tokenizer, tiny_student, teacher_tok, teacher
+):
+    """Top-k over the teacher's whole vocabulary projects exactly like the dense projection, so every error of
+    the certificate is 0; top-2 keeps a bias; sampled draws are unbiased (bias within their noise) with noise
+    that falls with more draws."""
+    s_examples, t_examples, proj = _cross_probe(tiny_tokenizer, tiny_student, teacher_tok)
+    v_t = len(teacher_tok)
+    common = dict(teacher=teacher, student=tiny_student, s_examples=s_examples, t_examples=t_examples, proj=proj)
+    top = _certify_cross(
+        **common, tiny_tokenizer=tiny_tokenizer, teacher_tok=teacher_tok, kind="topk", candidates=[2, v_t], dtype="fp32"
+    )
+    small, whole = top["candidates"]
+    assert whole["k"] == v_t and whole["ok"] and top["recommendation"] == v_t
+    for name in ("loss_error", "grad_error", "head_grad_bias"):
+        assert whole[name] < 1e-4, name
+        assert small[name] > 100 * max(whole[name], 1e-7), name
+    samp = _certify_cross(
+        **common,
+        tiny_tokenizer=tiny_tokenizer,
+        teacher_tok=teacher_tok,
+        kind="sampled",
+        candidates=[4, 64],
+        seeds=range(8),
+        dtype="fp32",
+    )
+    few, many = samp["candidates"]
+    assert many["noise_ratio"] < few["noise_ratio"] / 4
+    assert many["head_grad_bias"] < small["head_grad_bias"]

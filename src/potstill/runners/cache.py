@@ -50,12 +50,6 @@ def cache(
     # A cross-tokenizer recipe's cache holds the teacher's signal in its own tokens (any student family reads
     # it through the vocabulary projection); otherwise the teacher's tokens are the student's.
     tokenizer, examples = getattr(prep, "teacher_tokenizer", prep.tokenizer), prep.teacher_pool_examples()
-    if certify and prep.cross:
-        raise PotstillError(
-            "--certify compares the cache with the teacher in the student's vocabulary, which a cross-tokenizer "
-            "recipe's student does not share; certify the cache with a recipe whose student has the teacher's "
-            "tokenizer (same cache.dir and cache section)"
-        )
     if refresh:
         from potstill.signals.cache.refresh import DEFAULT_THRESHOLD, RefreshRule, refresh_cache
 
@@ -107,11 +101,17 @@ def certificate(recipe: Recipe, prep: Prepared) -> dict:
     KD runs train with, measured on the recipe's initial student and the first training examples
     (:func:`potstill.signals.cache.certify.certify_models`): per candidate k (or draws), the relative
     error of the loss and of its gradient, the smallest candidate within ``cache.certify.tolerance``, and
-    whether the cache's own setting is within it."""
+    whether the cache's own setting is within it.
+
+    A cross-tokenizer recipe's cache (the teacher's own tokens) is certified for each ``vocab_map`` run in
+    what its student trains on: rows aligned on the response, both signals projected onto the student's
+    vocabulary with the run's ``kinds`` (:func:`~potstill.signals.cache.certify.certify_models_cross`)."""
     from potstill.data.collate import pad_id
     from potstill.fingerprints import weights_fingerprint
+    from potstill.models import output_head
+    from potstill.models.vocab_map import DEFAULT_KINDS
     from potstill.recipes.divergences import divergence_params
-    from potstill.signals.cache.certify import certify_models
+    from potstill.signals.cache.certify import Projection, certify_models, certify_models_cross
 
     c = recipe.cache.certify
     spec = cache_spec(recipe)
@@ -126,38 +126,57 @@ def certificate(recipe: Recipe, prep: Prepared) -> dict:
         return {**head, "divergences": {}, "reason": "a dense cache holds the teacher's whole distribution (exact)"}
     own = spec.k if spec.kind == "topk" else spec.draws
     candidates = sorted({*(c.candidates or DEFAULT_CANDIDATES[spec.kind]), own})
-    vocab = prep.vocab_size
+    cross = bool(getattr(prep, "cross", False))
+    vocab = output_head(prep.teacher).weight.shape[0] if cross else prep.vocab_size  # what the cache's ids index
     candidates = [k for k in candidates if spec.kind != "topk" or k <= vocab] if vocab else candidates
     probe = [{**x, "example_id": i} for i, x in enumerate(prep.pool_examples[: head["probe_examples"]])]
+    common = {
+        "kind": spec.kind,
+        "candidates": candidates,
+        "max_rows": c.max_rows,
+        "batch_size": spec.batch_size,
+        "pad_id": pad_id(prep.tokenizer, required=True),
+        "temperature": spec.temperature,
+        "dtype": spec.dtype,
+        "tail": spec.tail,
+        "proposal_temperature": spec.proposal_temperature,
+        "tolerance": c.tolerance,
+        "noise_tolerance": c.noise_tolerance,
+        "seeds": [spec.seed + s for s in range(c.seeds)],
+    }
     out: dict[str, dict] = {}
     for run in recipe.runs:
         if not run.uses_teacher or run.divergence is None:
             continue
+        ct = run.cross_tokenizer
+        if cross and (ct is None or ct.align != "vocab_map"):
+            continue  # only vocab_map runs read a cross-tokenizer cache (uld is refused with a cache)
         params = divergence_params(run.divergence)
         key = run.divergence.name + ("" if not params else f" {params}")
+        if cross and ct is not None and sorted(ct.kinds) != sorted(DEFAULT_KINDS):
+            key += f" kinds {list(ct.kinds)}"
         if key in out:
             out[key]["runs"].append(run.name)
             continue
-        cert = certify_models(
-            prep.teacher,
-            prep.student0,
-            probe,
-            run.divergence.name,
-            params,
-            kind=spec.kind,
-            candidates=candidates,
-            max_rows=c.max_rows,
-            batch_size=spec.batch_size,
-            pad_id=pad_id(prep.tokenizer, required=True),
-            vocab_size=vocab,
-            temperature=spec.temperature,
-            dtype=spec.dtype,
-            tail=spec.tail,
-            proposal_temperature=spec.proposal_temperature,
-            tolerance=c.tolerance,
-            noise_tolerance=c.noise_tolerance,
-            seeds=[spec.seed + s for s in range(c.seeds)],
-        )
+        if cross and ct is not None:
+            cert = certify_models_cross(
+                prep.teacher,
+                prep.student0,
+                probe,
+                prep.teacher_pool_examples(),
+                prep.teacher_example_map(),
+                run.divergence.name,
+                params,
+                student_tokenizer=prep.tokenizer,
+                teacher_tokenizer=prep.teacher_tokenizer,
+                projection=Projection(prep.vocab_map(), output_head(prep.student0).weight.shape[0], tuple(ct.kinds)),
+                teacher_pad_id=pad_id(prep.teacher_tokenizer, required=True),
+                **common,
+            )
+        else:
+            cert = certify_models(
+                prep.teacher, prep.student0, probe, run.divergence.name, params, vocab_size=vocab, **common
+            )
         mine = next(row for row in cert["candidates"] if row[cert["param"]] == own)
         out[key] = {**cert, "runs": [run.name], "own": own, "own_ok": mine["ok"]}
         log.info("certificate, %s: %s", key, cert["reason"])

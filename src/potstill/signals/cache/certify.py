@@ -48,12 +48,21 @@ The recommendation is the smallest candidate within the tolerances: with ``featu
 and ``grad_error`` both ``<= tolerance`` (``criterion: "logits"``, which takes every draw's noise for an
 error). ``reason`` says why it was chosen, why none was, or why the divergence cannot be computed from
 this kind of signal (AKL and BiLD need the teacher's ranking, which sampled ids do not give).
+
+A cache written in the teacher's own tokens for a student with another tokenizer
+(:mod:`~.cross`) is certified in what that student trains on: with a :class:`Projection`, the dense
+reference is the teacher's distribution projected onto the student's vocabulary
+(:func:`~potstill.models.vocab_map.project_teacher`) and each candidate's signal the cached one projected
+as the reader does (:func:`~.cross.project_sparse`); rows with nothing mapped count 0, as in training.
+:func:`certify_models_cross` builds that probe from the two encodings of each pair, aligned on the
+response.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -61,6 +70,7 @@ from torch import Tensor
 
 from ...divergences import check_divergence_params, check_temperature, get_divergence, sparse_divergence
 from ...errors import PotstillError
+from ...models.vocab_map import DEFAULT_KINDS, VocabMap, project_teacher
 from ..online import target_index, target_rows
 from ..quant import ValueDType, decode_logprobs, encode_logprobs
 from ..types import SparseSignal, TailMode
@@ -68,6 +78,36 @@ from .encode import extract, row_seed
 from .format import CacheSpec
 
 SparseKind = Literal["topk", "sampled"]
+
+
+@dataclass(frozen=True)
+class Projection:
+    """What a student with another tokenizer reads of a teacher's rows: the teacher's distribution over its
+    own vocabulary projected onto the student's through ``vocab_map`` (the ``kinds`` of match the run
+    names), conditioned on a mappable next token (:mod:`~.cross`)."""
+
+    vocab_map: VocabMap
+    student_vocab: int
+    kinds: tuple[str, ...] = tuple(DEFAULT_KINDS)
+
+    def sparse(self, signal: SparseSignal) -> SparseSignal:
+        """A cached signal's rows as the reader serves them (``valid`` false: nothing mapped)."""
+        from .cross import project_sparse
+
+        return project_sparse(signal, self.vocab_map, self.student_vocab, self.kinds)[0]
+
+    def dense(self, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        """Teacher logits ``[R, V_t]`` -> student-vocabulary logits ``[R, V_s]`` whose ``log_softmax(x / T)``
+        is the projected teacher at ``T``, and ``valid [R]`` (some mass mapped)."""
+        T = float(temperature)
+        lp = torch.log_softmax(teacher_logits.float() / T, dim=-1)
+        projected, mass = project_teacher(lp, self.vocab_map, self.student_vocab, self.kinds)
+        return projected * T, mass > 0
+
+
+def _masked(per_row: Tensor, valid: Tensor | None) -> Tensor:
+    """Per-row divergences with the rows training gives weight 0 (nothing mapped) set to 0."""
+    return per_row if valid is None else per_row * valid.to(per_row.device, per_row.dtype)
 
 
 def cached_signal(z: Tensor, spec: CacheSpec, vocab: int, seeds: list[int] | None = None) -> SparseSignal:
@@ -192,6 +232,7 @@ def _measure(
     dense_loss: float,
     dense_grad: Tensor,
     head: _Head | None = None,
+    projection: Projection | None = None,
 ) -> dict[str, Any]:
     """One candidate's row of the certificate (see the module docstring for the quantities)."""
     device = student_logits.device
@@ -203,10 +244,15 @@ def _measure(
     err_sq = 0.0  # sum over seeds of ||g - g_dense||^2
     for s in seeds:
         keys = None if s is None else [row_seed(s, e, r) for e, r in row_keys]
-        sig = cached_signal(teacher_logits, spec, vocab, keys).to(device)
+        sig = cached_signal(teacher_logits, spec, vocab, keys)
+        if projection is not None:
+            sig = projection.sparse(sig)
+        sig = sig.to(device)
         try:
             loss, g = _loss_and_grad(
-                lambda x, sig=sig: sparse_divergence(divergence, x, sig, temperature=spec.temperature, **params),
+                lambda x, sig=sig: _masked(
+                    sparse_divergence(divergence, x, sig, temperature=spec.temperature, **params), sig.valid
+                ),
                 student_logits,
             )
         except (ValueError, PotstillError) as err:  # the sparse path refuses this divergence for this signal
@@ -265,11 +311,14 @@ def certify(
     seeds: Sequence[int] = tuple(range(8)),
     row_keys: Sequence[tuple[int, int]] | None = None,
     features: Tensor | None = None,
+    projection: Projection | None = None,
 ) -> dict[str, Any]:
     """Certify a cache of ``kind`` for each candidate ``k`` (topk) or ``draws`` (sampled) on a probe.
 
     ``teacher_logits`` and ``student_logits`` are ``[R, V]`` (same shape; float32 is used) at the probe's
-    target rows; ``divergence`` a name of ``DIVERGENCES`` with its ``params``; ``temperature`` the
+    target rows, or, with a ``projection`` (a student with another tokenizer), ``[R, V_t]`` and
+    ``[R, V_s]`` at aligned rows (``V_s`` the projection's student vocabulary; ``V`` below is ``V_t``);
+    ``divergence`` a name of ``DIVERGENCES`` with its ``params``; ``temperature`` the
     distillation (= cache) temperature; ``dtype``, ``tail`` and ``proposal_temperature`` the cache's
     settings (:class:`~.format.CacheSpec`). Sampled signals are drawn once per seed in ``seeds``, each
     row with :func:`~.encode.row_seed` ``(seed, example_id, row)`` of its ``row_keys`` (default
@@ -279,6 +328,7 @@ def certify(
 
         {"divergence", "params", "kind", "param": "k" | "draws", "temperature", "dtype", "tail",
          "proposal_temperature", "rows": R, "vocab": V, "seeds": S (1 for topk), "tolerance",
+         # with a projection also "student_vocab", "kinds" and "rows_mapped" (rows with mass mapped)
          "noise_tolerance", "criterion": "head" | "logits",
          "dense_loss": mean per-row dense divergence,
          "candidates": [{<param>: int, "ok": bool, "refused": str | None,
@@ -292,10 +342,20 @@ def certify(
     on a candidate the cache itself refuses (k outside [1, V], draws outside [1, 255]) or a probe on which
     the student already equals the teacher (the dense loss or gradient is 0: nothing to be relative to).
     """
-    if teacher_logits.dim() != 2 or teacher_logits.shape != student_logits.shape or not teacher_logits.shape[0]:
+    if projection is None:
+        shapes_ok = teacher_logits.dim() == 2 and teacher_logits.shape == student_logits.shape
+        want = "must both be [R, V]"
+    else:
+        shapes_ok = (
+            teacher_logits.dim() == student_logits.dim() == 2
+            and teacher_logits.shape[0] == student_logits.shape[0]
+            and student_logits.shape[1] == projection.student_vocab
+        )
+        want = f"must be [R, V_t] and [R, {projection.student_vocab}] (the projection's student vocabulary)"
+    if not shapes_ok or not teacher_logits.shape[0]:
         raise ValueError(
             f"teacher logits {tuple(teacher_logits.shape)} and student logits {tuple(student_logits.shape)} "
-            "must both be [R, V] with R >= 1 (the probe's target rows)"
+            f"{want} with R >= 1 (the probe's target rows)"
         )
     if kind not in ("topk", "sampled"):
         raise ValueError(
@@ -311,7 +371,7 @@ def certify(
     params = dict(params or {})
     r, vocab = teacher_logits.shape
     check_temperature(temperature)
-    check_divergence_params(divergence, params, vocab_size=vocab)
+    check_divergence_params(divergence, params, vocab_size=student_logits.shape[1])
     keys = [(0, i) for i in range(r)] if row_keys is None else [(int(e), int(i)) for e, i in row_keys]
     if len(keys) != r:
         raise ValueError(f"row_keys has {len(keys)} entries for {r} probe rows")
@@ -330,8 +390,16 @@ def certify(
     student = student_logits.detach().float()
     teacher = teacher_logits.detach().float()
     dense = get_divergence(divergence)
+    dense_teacher, dense_valid = teacher, None
+    if projection is not None:
+        dense_teacher, dense_valid = projection.dense(teacher, temperature)
+        if not bool(dense_valid.any()):
+            raise PotstillError(
+                "no probe row has teacher mass on a token the student's vocabulary maps; check the vocabulary map"
+            )
     dense_loss, dense_grad = _loss_and_grad(
-        lambda x: dense(x, teacher.to(x.device), temperature=temperature, **params), student
+        lambda x: _masked(dense(x, dense_teacher.to(x.device), temperature=temperature, **params), dense_valid),
+        student,
     )
     if not math.isfinite(dense_loss):
         raise PotstillError(
@@ -361,7 +429,9 @@ def certify(
             temperature=temperature,
         )
         spec.check(vocab)
-        m = _measure(divergence, params, teacher, student, spec, vocab, run_seeds, keys, dense_loss, dense_grad, head)
+        m = _measure(
+            divergence, params, teacher, student, spec, vocab, run_seeds, keys, dense_loss, dense_grad, head, projection
+        )
         refused = m.pop("refused", None)
         if refused is not None:
             ok = False
@@ -378,6 +448,13 @@ def certify(
         rows.append({param: c, "ok": ok, "refused": refused, **(empty if refused else m)})
 
     rec = next((row[param] for row in rows if row["ok"]), None)
+    crossed = {}
+    if projection is not None:
+        crossed = {
+            "student_vocab": int(projection.student_vocab),
+            "kinds": list(projection.kinds),
+            "rows_mapped": int(dense_valid.sum()) if dense_valid is not None else int(r),
+        }
     return {
         "divergence": divergence,
         "params": params,
@@ -389,6 +466,7 @@ def certify(
         "proposal_temperature": float(proposal_temperature) if kind == "sampled" else None,
         "rows": int(r),
         "vocab": int(vocab),
+        **crossed,
         "seeds": len(run_seeds),
         "tolerance": float(tolerance),
         "noise_tolerance": float(noise_tolerance),
@@ -540,4 +618,143 @@ def certify_models(
         **options,
     )
     out["examples"] = used
+    return out
+
+
+def certify_models_cross(
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    examples: list[dict],
+    teacher_examples: list[dict],
+    example_map: dict[int, int],
+    divergence: str,
+    params: dict | None = None,
+    *,
+    kind: SparseKind,
+    candidates: Sequence[int],
+    student_tokenizer,
+    teacher_tokenizer,
+    projection: Projection,
+    max_rows: int = 512,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    teacher_pad_id: int = 0,
+    **options: Any,
+) -> dict[str, Any]:
+    """:func:`certify` of a cache in the teacher's own tokens for a student with another tokenizer, on what
+    :class:`~.cross.CrossTokenizerCache` trains it with: at most ``max_rows`` student target rows aligned on
+    the response with a row of the same pair in the teacher's encoding
+    (:func:`~potstill.data.cross_tokenizer.response_alignment`), through ``projection``.
+
+    ``examples`` are the student's encoded examples (``example_id`` or their list index), ``teacher_examples``
+    the cache's examples (the pairs in the teacher's tokens; the list index is the cache's key and, with the
+    aligned row, seeds the draws), ``example_map`` student example id -> teacher example index (an example
+    without one is skipped). The teacher runs on its own encoding, the student on its own (each on its own
+    device, no gradients, eval mode restored); the student's final hidden states at the rows are the head
+    criterion's ``features`` when the rows span two examples or more. ``options`` go to :func:`certify`; the
+    result has ``"examples"`` (student examples read) and ``"aligned_row_share"`` (of their target rows).
+    """
+    from ...data import PadCollator
+    from ...data.cross_tokenizer import response_alignment
+    from ...models import final_hidden
+    from ...models.placement import head_on, input_device
+    from ...models.vocab_map import special_ids
+
+    if max_rows < 1 or batch_size < 1:
+        raise ValueError(f"max_rows ({max_rows}) and batch_size ({batch_size}) must be >= 1")
+    if not examples:
+        raise ValueError("no examples to build the probe from")
+    t_dev, s_dev = input_device(teacher), input_device(student)
+    t_head, s_head = head_on(teacher, t_dev), head_on(student, s_dev)
+    v_s = projection.student_vocab
+    if v_s > s_head.vocab:
+        raise ValueError(f"the projection's student vocabulary {v_s} exceeds the student's head ({s_head.vocab})")
+    s_special, t_special = special_ids(student_tokenizer), special_ids(teacher_tokenizer)
+    columns = ("input_ids", "attention_mask", "labels")
+    s_collate, t_collate = PadCollator(pad_id), PadCollator(teacher_pad_id)
+    zt: list[Tensor] = []
+    zs: list[Tensor] = []
+    feats: list[Tensor] = []
+    keys: list[tuple[int, int]] = []
+    used = targets = 0
+    modes = (teacher.training, student.training)
+    teacher.eval()
+    student.eval()
+    try:
+        with torch.no_grad():
+            for b0 in range(0, len(examples), batch_size):
+                if len(keys) >= max_rows:
+                    break
+                members = range(b0, min(b0 + batch_size, len(examples)))
+                used = members[-1] + 1
+                pairs = []  # (student example, teacher example index, alignment)
+                for i in members:
+                    ex = examples[i]
+                    targets += sum(1 for y in ex["labels"][1:] if y != -100)
+                    tid = example_map.get(int(ex.get("example_id", i)))
+                    if tid is None:
+                        continue
+                    t = teacher_examples[tid]
+                    align = response_alignment(
+                        student_tokenizer,
+                        ex["input_ids"],
+                        ex["labels"],
+                        teacher_tokenizer,
+                        t["input_ids"],
+                        t["labels"],
+                        student_special=s_special,
+                        teacher_special=t_special,
+                    )
+                    if any(a >= 0 for a in align):
+                        pairs.append((ex, tid, align))
+                if not pairs:
+                    continue
+                s_batch = s_collate([{k: ex[k] for k in columns} for ex, _, _ in pairs])
+                t_batch = t_collate([{k: teacher_examples[tid][k] for k in columns} for _, tid, _ in pairs])
+                s_take: list[int] = []
+                t_take: list[int] = []
+                s_off = t_off = 0
+                s_counts = (s_batch["labels"][:, 1:] != -100).sum(-1).tolist()
+                t_counts = (t_batch["labels"][:, 1:] != -100).sum(-1).tolist()
+                for (_, tid, align), sc, tc in zip(pairs, s_counts, t_counts):
+                    for r, a in enumerate(align):
+                        if a >= 0:
+                            s_take.append(s_off + r)
+                            t_take.append(t_off + a)
+                            keys.append((tid, a))
+                    s_off, t_off = s_off + sc, t_off + tc
+                for model, head, dev, batch, take in (
+                    (student, s_head, s_dev, s_batch, s_take),
+                    (teacher, t_head, t_dev, t_batch, t_take),
+                ):
+                    hidden = final_hidden(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+                    rows = target_rows(hidden, target_index(batch["labels"]).to(dev))
+                    rows = rows.index_select(0, torch.tensor(take, dtype=torch.long, device=dev))
+                    if model is student:
+                        zs.append(head(rows).float()[:, :v_s])
+                        feats.append(rows.float())
+                    else:
+                        zt.append(head(rows).float().to(s_dev))
+    finally:
+        teacher.train(modes[0])
+        student.train(modes[1])
+    n = min(len(keys), max_rows)
+    if n == 0:
+        raise ValueError(
+            f"none of the {used} probe examples has a target row aligned with the teacher's encoding of the pair"
+        )
+    out = certify(
+        torch.cat(zt)[:n],
+        torch.cat(zs)[:n],
+        divergence,
+        params,
+        kind=kind,
+        candidates=candidates,
+        row_keys=keys[:n],
+        features=torch.cat(feats)[:n] if len({e for e, _ in keys[:n]}) > 1 else None,
+        projection=projection,
+        **options,
+    )
+    out["examples"] = used
+    out["aligned_row_share"] = len(keys) / max(targets, 1)
     return out
