@@ -61,7 +61,8 @@ response.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -531,6 +532,51 @@ def _reason(
     return f"no {param} of {tried} is within {within}: the best, {param}={best[param]}, has {_errors(best, by_head)}; {hint}"
 
 
+@contextmanager
+def _frozen(*models: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients for ``models``; their modes are restored after."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def _certify_rows(
+    zt: list[Tensor],
+    zs: list[Tensor],
+    feats: list[Tensor],
+    keys: list[tuple[int, int]],
+    max_rows: int,
+    empty: str,
+    divergence: str,
+    params: dict | None,
+    kind: SparseKind,
+    candidates: Sequence[int],
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """:func:`certify` on a probe's first ``max_rows`` rows, gathered per batch (teacher and student logits,
+    the student's features, row keys); the features are used when the rows span two examples or more."""
+    n = min(len(keys), max_rows)
+    if n == 0:
+        raise ValueError(empty)
+    return certify(
+        torch.cat(zt)[:n],
+        torch.cat(zs)[:n],
+        divergence,
+        params,
+        kind=kind,
+        candidates=candidates,
+        row_keys=keys[:n],
+        features=torch.cat(feats)[:n] if len({e for e, _ in keys[:n]}) > 1 else None,
+        **options,
+    )
+
+
 def certify_models(
     teacher: torch.nn.Module,
     student: torch.nn.Module,
@@ -578,45 +624,26 @@ def certify_models(
     feats: list[Tensor] = []
     keys: list[tuple[int, int]] = []
     used = 0
-    modes = (teacher.training, student.training)
-    teacher.eval()
-    student.eval()
-    try:
-        with torch.no_grad():
-            for b0 in range(0, len(examples), batch_size):
-                if len(keys) >= max_rows:
-                    break
-                members = list(range(b0, min(b0 + batch_size, len(examples))))
-                batch = collate([examples[i] for i in members])
-                labels = batch["labels"]
-                for i, c in zip(members, (labels[:, 1:] != -100).sum(-1).tolist()):
-                    eid = int(examples[i].get("example_id", i))
-                    keys += [(eid, r) for r in range(c)]
-                index = target_index(labels)
-                for model, head, dev, acc in ((teacher, t_head, t_dev, zt), (student, s_head, s_dev, zs)):
-                    hidden = final_hidden(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
-                    rows = target_rows(hidden, index.to(dev))
-                    acc.append(head(rows).float()[:, :vocab].to(s_dev))
-                    if model is student:
-                        feats.append(rows.float())
-                used = members[-1] + 1
-    finally:
-        teacher.train(modes[0])
-        student.train(modes[1])
-    n = min(len(keys), max_rows)
-    if n == 0:
-        raise ValueError(f"the {used} probe examples have no target rows (every label is -100)")
-    out = certify(
-        torch.cat(zt)[:n],
-        torch.cat(zs)[:n],
-        divergence,
-        params,
-        kind=kind,
-        candidates=candidates,
-        row_keys=keys[:n],
-        features=torch.cat(feats)[:n] if len({e for e, _ in keys[:n]}) > 1 else None,
-        **options,
-    )
+    with _frozen(teacher, student):
+        for b0 in range(0, len(examples), batch_size):
+            if len(keys) >= max_rows:
+                break
+            members = list(range(b0, min(b0 + batch_size, len(examples))))
+            batch = collate([examples[i] for i in members])
+            labels = batch["labels"]
+            for i, c in zip(members, (labels[:, 1:] != -100).sum(-1).tolist()):
+                eid = int(examples[i].get("example_id", i))
+                keys += [(eid, r) for r in range(c)]
+            index = target_index(labels)
+            for model, head, dev, acc in ((teacher, t_head, t_dev, zt), (student, s_head, s_dev, zs)):
+                hidden = final_hidden(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+                rows = target_rows(hidden, index.to(dev))
+                acc.append(head(rows).float()[:, :vocab].to(s_dev))
+                if model is student:
+                    feats.append(rows.float())
+            used = members[-1] + 1
+    empty = f"the {used} probe examples have no target rows (every label is -100)"
+    out = _certify_rows(zt, zs, feats, keys, max_rows, empty, divergence, params, kind, candidates, options)
     out["examples"] = used
     return out
 
@@ -677,84 +704,63 @@ def certify_models_cross(
     feats: list[Tensor] = []
     keys: list[tuple[int, int]] = []
     used = targets = 0
-    modes = (teacher.training, student.training)
-    teacher.eval()
-    student.eval()
-    try:
-        with torch.no_grad():
-            for b0 in range(0, len(examples), batch_size):
-                if len(keys) >= max_rows:
-                    break
-                members = range(b0, min(b0 + batch_size, len(examples)))
-                used = members[-1] + 1
-                pairs = []  # (student example, teacher example index, alignment)
-                for i in members:
-                    ex = examples[i]
-                    targets += sum(1 for y in ex["labels"][1:] if y != -100)
-                    tid = example_map.get(int(ex.get("example_id", i)))
-                    if tid is None:
-                        continue
-                    t = teacher_examples[tid]
-                    align = response_alignment(
-                        student_tokenizer,
-                        ex["input_ids"],
-                        ex["labels"],
-                        teacher_tokenizer,
-                        t["input_ids"],
-                        t["labels"],
-                        student_special=s_special,
-                        teacher_special=t_special,
-                    )
-                    if any(a >= 0 for a in align):
-                        pairs.append((ex, tid, align))
-                if not pairs:
+    with _frozen(teacher, student):
+        for b0 in range(0, len(examples), batch_size):
+            if len(keys) >= max_rows:
+                break
+            members = range(b0, min(b0 + batch_size, len(examples)))
+            used = members[-1] + 1
+            pairs = []  # (student example, teacher example index, alignment)
+            for i in members:
+                ex = examples[i]
+                targets += sum(1 for y in ex["labels"][1:] if y != -100)
+                tid = example_map.get(int(ex.get("example_id", i)))
+                if tid is None:
                     continue
-                s_batch = s_collate([{k: ex[k] for k in columns} for ex, _, _ in pairs])
-                t_batch = t_collate([{k: teacher_examples[tid][k] for k in columns} for _, tid, _ in pairs])
-                s_take: list[int] = []
-                t_take: list[int] = []
-                s_off = t_off = 0
-                s_counts = (s_batch["labels"][:, 1:] != -100).sum(-1).tolist()
-                t_counts = (t_batch["labels"][:, 1:] != -100).sum(-1).tolist()
-                for (_, tid, align), sc, tc in zip(pairs, s_counts, t_counts):
-                    for r, a in enumerate(align):
-                        if a >= 0:
-                            s_take.append(s_off + r)
-                            t_take.append(t_off + a)
-                            keys.append((tid, a))
-                    s_off, t_off = s_off + sc, t_off + tc
-                for model, head, dev, batch, take in (
-                    (student, s_head, s_dev, s_batch, s_take),
-                    (teacher, t_head, t_dev, t_batch, t_take),
-                ):
-                    hidden = final_hidden(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
-                    rows = target_rows(hidden, target_index(batch["labels"]).to(dev))
-                    rows = rows.index_select(0, torch.tensor(take, dtype=torch.long, device=dev))
-                    if model is student:
-                        zs.append(head(rows).float()[:, :v_s])
-                        feats.append(rows.float())
-                    else:
-                        zt.append(head(rows).float().to(s_dev))
-    finally:
-        teacher.train(modes[0])
-        student.train(modes[1])
-    n = min(len(keys), max_rows)
-    if n == 0:
-        raise ValueError(
-            f"none of the {used} probe examples has a target row aligned with the teacher's encoding of the pair"
-        )
-    out = certify(
-        torch.cat(zt)[:n],
-        torch.cat(zs)[:n],
-        divergence,
-        params,
-        kind=kind,
-        candidates=candidates,
-        row_keys=keys[:n],
-        features=torch.cat(feats)[:n] if len({e for e, _ in keys[:n]}) > 1 else None,
-        projection=projection,
-        **options,
-    )
+                t = teacher_examples[tid]
+                align = response_alignment(
+                    student_tokenizer,
+                    ex["input_ids"],
+                    ex["labels"],
+                    teacher_tokenizer,
+                    t["input_ids"],
+                    t["labels"],
+                    student_special=s_special,
+                    teacher_special=t_special,
+                )
+                if any(a >= 0 for a in align):
+                    pairs.append((ex, tid, align))
+            if not pairs:
+                continue
+            s_batch = s_collate([{k: ex[k] for k in columns} for ex, _, _ in pairs])
+            t_batch = t_collate([{k: teacher_examples[tid][k] for k in columns} for _, tid, _ in pairs])
+            s_take: list[int] = []
+            t_take: list[int] = []
+            s_off = t_off = 0
+            s_counts = (s_batch["labels"][:, 1:] != -100).sum(-1).tolist()
+            t_counts = (t_batch["labels"][:, 1:] != -100).sum(-1).tolist()
+            for (_, tid, align), sc, tc in zip(pairs, s_counts, t_counts):
+                for r, a in enumerate(align):
+                    if a >= 0:
+                        s_take.append(s_off + r)
+                        t_take.append(t_off + a)
+                        keys.append((tid, a))
+                s_off, t_off = s_off + sc, t_off + tc
+            for model, head, dev, batch, take in (
+                (student, s_head, s_dev, s_batch, s_take),
+                (teacher, t_head, t_dev, t_batch, t_take),
+            ):
+                hidden = final_hidden(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+                rows = target_rows(hidden, target_index(batch["labels"]).to(dev))
+                rows = rows.index_select(0, torch.tensor(take, dtype=torch.long, device=dev))
+                if model is student:
+                    zs.append(head(rows).float()[:, :v_s])
+                    feats.append(rows.float())
+                else:
+                    zt.append(head(rows).float().to(s_dev))
+    empty = f"none of the {used} probe examples has a target row aligned with the teacher's encoding of the pair"
+    options = {**options, "projection": projection}
+    out = _certify_rows(zt, zs, feats, keys, max_rows, empty, divergence, params, kind, candidates, options)
     out["examples"] = used
     out["aligned_row_share"] = len(keys) / max(targets, 1)
     return out
