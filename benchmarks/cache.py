@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
 import json
 import os
 import shutil
@@ -217,7 +218,16 @@ def main(argv=None) -> int:
         help="with --divergences: training seed (data order) and sampled-cache draw seed; a seed other than 0 "
         "adds that seed's students to the table (the certificate is seed 0's) and the spread over seeds",
     )
+    p.add_argument(
+        "--units",
+        default=None,
+        help="with --divergences --seed N (N > 0): only the units matching these comma-separated patterns "
+        "(fnmatch over 'divergence/online' and 'divergence/setting', e.g. 'forward_kl/*,*/sampled12'); the "
+        "spread over seeds then counts, per cell, the seeds that measured it",
+    )
     args = p.parse_args(argv)
+    if args.units and not (args.divergences and args.seed):
+        p.error("--units is for --divergences --seed N with N > 0 (seed 0 writes the whole table)")
 
     import torch
     import transformers
@@ -614,14 +624,21 @@ def every_divergence(prep, recipe, work: Path, args) -> dict:
     if certify and "demo_certificate" not in partial:  # forward KL, every setting of the main table
         partial.put("demo_certificate", demo_certificate(prep, probe))
     memo = TeacherMemo()
+    patterns = [u.strip() for u in (args.units or "*").split(",") if u.strip()]
+
+    def wanted(key: str) -> bool:  # a divergence's online student comes with any of its cells
+        div_name, unit = key.split("/")
+        keys = [key] if unit != "online" else [key, *(f"{div_name}/{n}" for n in DISK_SETTINGS)]
+        return any(fnmatch.fnmatchcase(k, pat) for k in keys for pat in patterns)
+
     for div_name, div in disk_divergences().items():
         run = RunConfig(name=div_name.replace(".", "_"), alpha=0.0, divergence=div)
-        if f"{div_name}/online" not in partial:
+        if wanted(f"{div_name}/online") and f"{div_name}/online" not in partial:
             model = train(prep, run, OnlineTeacher(prep.teacher, memo=memo), work / "o", args.warmup)["model"]
             partial.put(f"{div_name}/online", held_out(prep, {"m": model})["m"])
         for name in DISK_SETTINGS:
             key = f"{div_name}/{name}"
-            if key in partial:
+            if key in partial or not wanted(key):
                 continue
             if certify:
                 row = {"certificate": setting_certificate(prep, probe, div, name)}
@@ -640,9 +657,13 @@ def every_divergence(prep, recipe, work: Path, args) -> dict:
             partial.put(key, row | {"trained": True, **held_out(prep, {"m": model})["m"]})
     table = {}
     for div_name in disk_divergences():
+        if f"{div_name}/online" not in partial:  # left out by --units: no cell of it is compared
+            continue
         online = partial[f"{div_name}/online"]
         per = {}
         for name in DISK_SETTINGS:
+            if f"{div_name}/{name}" not in partial:
+                continue
             r = dict(partial[f"{div_name}/{name}"])
             r["bytes_per_token"] = bytes_per_token[name]
             if r["trained"]:
@@ -674,16 +695,19 @@ def _seed_summary(divs: dict) -> dict:
     tables = {"0": divs["table"], **{s: t for s, t in sorted(divs.get("by_seed", {}).items())}}
     out: dict = {"seeds": sorted(int(s) for s in tables)}
     for d in divs["table"]:
-        online = seed_stats([t[d]["online"]["forward_kl"] for t in tables.values()])
+        online = seed_stats([t[d]["online"]["forward_kl"] for t in tables.values() if d in t])
         per = {"online": online}
         for n in divs["table"][d]["settings"]:
-            rows = [(t[d]["settings"][n], t[d]["online"]) for t in tables.values()]
+            rows = [
+                (t[d]["settings"][n], t[d]["online"]) for t in tables.values() if n in t.get(d, {}).get("settings", {})
+            ]
             if not all(r.get("trained") for r, _ in rows):
                 per[n] = {"trained": False}
                 continue
             cached = seed_stats([r["forward_kl"] for r, _ in rows])
             ratios = seed_stats([r["forward_kl"] / o["forward_kl"] for r, o in rows])
             per[n] = {
+                "seeds": len(rows),
                 "forward_kl": cached,
                 "ratio_vs_online": ratios,
                 "vs_online": verdict(cached, online, lower_better=True),
