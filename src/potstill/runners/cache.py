@@ -170,7 +170,7 @@ def certificate(recipe: Recipe, prep: Prepared) -> dict:
                 student_tokenizer=prep.tokenizer,
                 teacher_tokenizer=prep.teacher_tokenizer,
                 projection=Projection(prep.vocab_map(), output_head(prep.student0).weight.shape[0], tuple(ct.kinds)),
-                teacher_pad_id=pad_id(prep.teacher_tokenizer, required=True),
+                teacher_pad_id=pad_id(prep.teacher_tokenizer),  # padding is masked out
                 **common,
             )
         else:
