@@ -26,8 +26,8 @@ from potstill.models import output_head
 from potstill.models.vocab_map import KINDS, VocabMap, build_vocab_map, project_teacher
 from potstill.signals import SparseSignal
 from potstill.signals.cache import CachedSignal, CacheSpec, write_cache
-from potstill.signals.cache.certify import Projection, certify_models_cross
-from potstill.signals.cache.cross import CrossTokenizerCache, OwnViewTeacher, project_sparse
+from potstill.signals.cache.certify import certify_models_cross
+from potstill.signals.cache.cross import CrossTokenizerCache, OwnViewTeacher, Projection, project_sparse
 from potstill.signals.types import Head
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,12 +10,12 @@ of its target rows, and the entropy of log-probabilities.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 from ..errors import PotstillError
+from ..models.head import eval_mode  # noqa: F401  (re-exported: the scorers' import site)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -48,19 +48,6 @@ def check_examples(examples: Sequence[dict], what: str = "examples") -> None:
                 f"{what} #{i} has no response token (every label is -100); drop it before scoring "
                 "(e.g. a prompt that fills max_length)"
             )
-
-
-@contextmanager
-def eval_mode(*models: torch.nn.Module):
-    """Eval mode (no dropout) for the duration, then each model's own mode again."""
-    states = [(m, m.training) for m in models if isinstance(m, torch.nn.Module)]
-    for m, _ in states:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, was in states:
-            m.train(was)
 
 
 def device_of(model: torch.nn.Module, device=None) -> torch.device:

@@ -7,12 +7,15 @@ Gemma-2/3's ``final_logit_softcapping``. A fused/chunked loss that only takes th
 linear weight silently drops them (TRL #6629).
 
 ``final_hidden(model, ...)`` returns the post-final-norm hidden states ``[B, T, H]``,
-so that ``output_head(model)(final_hidden(model, ...)) == model(...).logits``.
+so that ``output_head(model)(final_hidden(model, ...)) == model(...).logits``; ``eval_mode(...)`` runs
+models without dropout for a while and gives each its own mode back.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import Tensor, nn
 
@@ -20,6 +23,19 @@ from potstill.errors import PotstillError
 from potstill.signals.types import Head
 
 __all__ = ["unwrap_model", "output_head", "final_hidden", "text_config"]
+
+
+@contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) for the duration, then each model's own mode again."""
+    states = [(m, m.training) for m in models if isinstance(m, nn.Module)]
+    for m, _ in states:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, was in states:
+            m.train(was)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -111,7 +111,8 @@ def certificate(recipe: Recipe, prep: Prepared) -> dict:
     from potstill.models import output_head
     from potstill.models.vocab_map import DEFAULT_KINDS
     from potstill.recipes.divergences import divergence_params
-    from potstill.signals.cache.certify import Projection, certify_models, certify_models_cross
+    from potstill.signals.cache.certify import certify_models, certify_models_cross
+    from potstill.signals.cache.cross import Projection
 
     c = recipe.cache.certify
     spec = cache_spec(recipe)

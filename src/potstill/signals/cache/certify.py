@@ -50,7 +50,7 @@ error). ``reason`` says why it was chosen, why none was, or why the divergence c
 this kind of signal (AKL and BiLD need the teacher's ranking, which sampled ids do not give).
 
 A cache written in the teacher's own tokens for a student with another tokenizer
-(:mod:`~.cross`) is certified in what that student trains on: with a :class:`Projection`, the dense
+(:mod:`~.cross`) is certified in what that student trains on: with a :class:`~.cross.Projection`, the dense
 reference is the teacher's distribution projected onto the student's vocabulary
 (:func:`~potstill.models.vocab_map.project_teacher`) and each candidate's signal the cached one projected
 as the reader does (:func:`~.cross.project_sparse`); rows with nothing mapped count 0, as in training.
@@ -61,49 +61,23 @@ response.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
 
 from ...divergences import check_divergence_params, check_temperature, get_divergence, sparse_divergence
 from ...errors import PotstillError
-from ...models.vocab_map import DEFAULT_KINDS, VocabMap, project_teacher
+from ...models.head import eval_mode
 from ..online import target_index, target_rows
 from ..quant import ValueDType, decode_logprobs, encode_logprobs
 from ..types import SparseSignal, TailMode
+from .cross import Projection
 from .encode import extract, row_seed
 from .format import CacheSpec
 
 SparseKind = Literal["topk", "sampled"]
-
-
-@dataclass(frozen=True)
-class Projection:
-    """What a student with another tokenizer reads of a teacher's rows: the teacher's distribution over its
-    own vocabulary projected onto the student's through ``vocab_map`` (the ``kinds`` of match the run
-    names), conditioned on a mappable next token (:mod:`~.cross`)."""
-
-    vocab_map: VocabMap
-    student_vocab: int
-    kinds: tuple[str, ...] = tuple(DEFAULT_KINDS)
-
-    def sparse(self, signal: SparseSignal) -> SparseSignal:
-        """A cached signal's rows as the reader serves them (``valid`` false: nothing mapped)."""
-        from .cross import project_sparse
-
-        return project_sparse(signal, self.vocab_map, self.student_vocab, self.kinds)[0]
-
-    def dense(self, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-        """Teacher logits ``[R, V_t]`` -> student-vocabulary logits ``[R, V_s]`` whose ``log_softmax(x / T)``
-        is the projected teacher at ``T``, and ``valid [R]`` (some mass mapped)."""
-        T = float(temperature)
-        lp = torch.log_softmax(teacher_logits.float() / T, dim=-1)
-        projected, mass = project_teacher(lp, self.vocab_map, self.student_vocab, self.kinds)
-        return projected * T, mass > 0
 
 
 def _masked(per_row: Tensor, valid: Tensor | None) -> Tensor:
@@ -247,7 +221,7 @@ def _measure(
         keys = None if s is None else [row_seed(s, e, r) for e, r in row_keys]
         sig = cached_signal(teacher_logits, spec, vocab, keys)
         if projection is not None:
-            sig = projection.sparse(sig)
+            sig = projection.sparse(sig)[0]
         sig = sig.to(device)
         try:
             loss, g = _loss_and_grad(
@@ -393,7 +367,8 @@ def certify(
     dense = get_divergence(divergence)
     dense_teacher, dense_valid = teacher, None
     if projection is not None:
-        dense_teacher, dense_valid = projection.dense(teacher, temperature)
+        dense_teacher, mass = projection.dense(teacher, temperature)
+        dense_valid = mass > 0
         if not bool(dense_valid.any()):
             raise PotstillError(
                 "no probe row has teacher mass on a token the student's vocabulary maps; check the vocabulary map"
@@ -454,7 +429,7 @@ def certify(
         crossed = {
             "student_vocab": int(projection.student_vocab),
             "kinds": list(projection.kinds),
-            "rows_mapped": int(dense_valid.sum()) if dense_valid is not None else int(r),
+            "rows_mapped": int(cast(Tensor, dense_valid).sum()),
         }
     return {
         "divergence": divergence,
@@ -530,20 +505,6 @@ def _reason(
             + " or a dense cache"
         )
     return f"no {param} of {tried} is within {within}: the best, {param}={best[param]}, has {_errors(best, by_head)}; {hint}"
-
-
-@contextmanager
-def _frozen(*models: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients for ``models``; their modes are restored after."""
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
 
 
 def _certify_rows(
@@ -624,7 +585,7 @@ def certify_models(
     feats: list[Tensor] = []
     keys: list[tuple[int, int]] = []
     used = 0
-    with _frozen(teacher, student):
+    with eval_mode(teacher, student), torch.no_grad():
         for b0 in range(0, len(examples), batch_size):
             if len(keys) >= max_rows:
                 break
@@ -704,7 +665,7 @@ def certify_models_cross(
     feats: list[Tensor] = []
     keys: list[tuple[int, int]] = []
     used = targets = 0
-    with _frozen(teacher, student):
+    with eval_mode(teacher, student), torch.no_grad():
         for b0 in range(0, len(examples), batch_size):
             if len(keys) >= max_rows:
                 break

@@ -20,6 +20,7 @@ cache depends on the student. :class:`CrossTokenizerCache` serves it to any stud
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -121,6 +122,31 @@ def project_sparse(
     return SparseSignal(ids=out_ids, logprobs=out_lp, tail=signal.tail, tail_logprob=tail, valid=valid), mass
 
 
+@dataclass(frozen=True)
+class Projection:
+    """What a student with another tokenizer reads of a teacher's rows: the teacher's distribution over its
+    own vocabulary projected onto the student's through ``vocab_map`` (the ``kinds`` of match the run
+    names), conditioned on a mappable next token. :class:`CrossTokenizerCache` serves its rows through it
+    and the cache's certificate (:mod:`~.certify`) measures through it."""
+
+    vocab_map: VocabMap
+    student_vocab: int
+    kinds: tuple[str, ...] = tuple(DEFAULT_KINDS)
+
+    def sparse(self, signal: SparseSignal) -> tuple[SparseSignal, Tensor]:
+        """A cached top-k or sampled signal's rows as the student reads them, and each row's mapped share
+        (:func:`project_sparse`; ``valid`` false: nothing mapped)."""
+        return project_sparse(signal, self.vocab_map, self.student_vocab, self.kinds)
+
+    def dense(self, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        """Teacher logits ``[R, V_t]`` -> student-vocabulary logits ``[R, V_s]`` whose ``log_softmax(x / T)``
+        is the projected teacher at ``T`` (the reducer's view), and the mapped mass ``[R]`` (0: none)."""
+        T = float(temperature)
+        lp = torch.log_softmax(teacher_logits.float() / T, dim=-1)
+        projected, mass = project_teacher(lp, self.vocab_map, self.student_vocab, self.kinds)
+        return projected * T, mass
+
+
 class CrossTokenizerCache:
     """A teacher-signal cache in the teacher's tokens as the signal source of a student with another
     tokenizer (module docstring).
@@ -166,6 +192,7 @@ class CrossTokenizerCache:
         self.vocab_map = vocab_map
         self.vocab_size = int(student_vocab)
         self.kinds = tuple(kinds)
+        self.projection = Projection(vocab_map, self.vocab_size, self.kinds)
         self._s_special = special_ids(student_tokenizer)
         self._t_special = special_ids(teacher_tokenizer)
         self._alignments: dict[int, list[int]] = {}
@@ -266,7 +293,7 @@ class CrossTokenizerCache:
                 teacher.weights = torch.zeros((0, 1))
             elif self.cache.tail == "bucket":
                 teacher.tail_logprob = torch.zeros(0)
-        projected, mass = project_sparse(teacher, self.vocab_map, self.vocab_size, self.kinds)
+        projected, mass = self.projection.sparse(teacher)
         self._cov["mass"] += float(mass.sum())
         width = projected.ids.shape[1]
         ids = torch.zeros((n, width), dtype=torch.long)
@@ -302,9 +329,8 @@ class CrossTokenizerCache:
             row_logits = self._row_logits(parts)
             for s in range(0, rows.numel(), chunk):
                 sl = slice(s, s + chunk)
-                lp = torch.log_softmax(row_logits(rows[sl]).float().cpu() / T, dim=-1)
-                projected, mass = project_teacher(lp, self.vocab_map, self.vocab_size, self.kinds)
-                logits[aligned[sl]] = projected * T  # the reducer's log_softmax(x / T) gives back p_S
+                projected, mass = self.projection.dense(row_logits(rows[sl]).cpu(), T)
+                logits[aligned[sl]] = projected
                 valid[aligned[sl]] = mass > 0
                 self._cov["mass"] += float(mass.sum())
         return MaskedDenseSignal(logits=logits, valid=valid)
@@ -398,4 +424,4 @@ class OwnViewTeacher(CrossTokenizerCache):
         return lambda rows: head(flat.index_select(0, where[rows].to(flat.device)))
 
 
-__all__ = ["CrossTokenizerCache", "OwnViewTeacher", "project_sparse"]
+__all__ = ["CrossTokenizerCache", "OwnViewTeacher", "Projection", "project_sparse"]
