@@ -108,7 +108,11 @@ def main() -> int:
     ]
     t0 = time.perf_counter()
     if args.certify:
-        return _certify(args, base, work, t0)
+        try:
+            return _certify(args, base, work, t0)
+        finally:
+            if not args.work:  # only the data subset was written there
+                shutil.rmtree(work, ignore_errors=True)
     caches: dict[str, dict] = {}
     for name in CACHES:
         if f"cache/{name}" in partial and (work / name / "manifest.json").is_file():
