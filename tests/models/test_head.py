@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from potstill.models.head import final_hidden, output_head, unwrap_model
+from potstill.models.head import final_hidden, hidden_and_cache, output_head, unwrap_model
 
 
 def _tiny(kind: str) -> nn.Module:
@@ -73,6 +73,36 @@ def test_head_of_final_hidden_equals_logits(kind):
         assert head.logit_scale == 0.125 and head.softcap is None
     if kind == "llama":
         assert head.logit_scale is None and head.softcap is None and head.bias is None
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "gemma3", "cohere"])
+def test_a_left_padded_prefix_continued_from_its_cache_reads_as_the_whole_text(kind):
+    """Prefixes of 6, 3 and 9 tokens left-padded, then two of them continued from the key/value cache
+    (the others dropped from it) by their right-padded remainders: every row's hidden states equal
+    the text's run alone. Sliding windows of 4 (Gemma) are crossed by 17-token texts, so a cache
+    whose key positions drift from the text's (right padding between prefix and remainder) fails."""
+    model = _tiny(kind)
+    g = torch.Generator().manual_seed(2)
+    texts = [torch.randint(0, 97, (n,), generator=g) for n in (14, 9, 17)]
+    cuts, width = [6, 3, 9], 9
+    ids, mask = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.long)
+    for i, (t, c) in enumerate(zip(texts, cuts)):
+        ids[i, width - c :], mask[i, width - c :] = t[:c], 1
+    keep = [0, 2]
+    rests = [texts[i][cuts[i] :] for i in keep]
+    more, more_mask = torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long)
+    for r, t in enumerate(rests):
+        more[r, : len(t)], more_mask[r, : len(t)] = t, 1
+    with torch.no_grad():
+        hidden, cache = hidden_and_cache(model, ids, mask, (mask.cumsum(-1) - 1).clamp(0))
+        cache.batch_select_indices(torch.tensor(keep))
+        positions = torch.tensor([cuts[i] for i in keep])[:, None] + torch.arange(8)[None]
+        after, _ = hidden_and_cache(model, more, torch.cat([mask[keep], more_mask], -1), positions, cache)
+        alone = [final_hidden(model, t[None], torch.ones(1, len(t), dtype=torch.long))[0] for t in texts]
+    torch.testing.assert_close(hidden[1, width - 3 :], alone[1][:3], rtol=1e-5, atol=1e-5)
+    for r, i in enumerate(keep):
+        got = torch.cat([hidden[i, width - cuts[i] :], after[r, : len(rests[r])]])
+        torch.testing.assert_close(got, alone[i], rtol=1e-5, atol=1e-5)
 
 
 def test_head_weight_is_live_parameter(tiny_teacher):

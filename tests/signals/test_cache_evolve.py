@@ -16,7 +16,7 @@ from potstill.signals.cache import CachedSignal, CacheSpec, write_cache
 from potstill.signals.cache.refresh import RefreshRule, probe_prefix, refresh_cache
 
 from .cache_helpers import encode
-from .test_cache import make_examples, reference_rows
+from .test_cache import TEXTS, make_examples, reference_rows
 
 SPEC = CacheSpec(kind="topk", k=8, dtype="fp32", examples_per_shard=3, batch_size=2)
 SAMPLED = CacheSpec(kind="sampled", draws=12, dtype="fp16", examples_per_shard=3, batch_size=2)
@@ -214,6 +214,49 @@ def test_refresh_recomputes_exactly_the_examples_over_the_threshold(tmp_path, ti
     CachedSignal(old_dir, teacher_fingerprint=new_fp)  # not mixed any more
 
 
+def _long_answers(tok, n: int) -> list[dict]:
+    """Short prompts, answers of 30-60 tokens: the probes are a fraction of each example."""
+    from potstill.data import encode_example
+
+    out = []
+    for i in range(n):
+        p, r = TEXTS[i % len(TEXTS)]
+        ex = encode_example(tok, [{"role": "user", "content": f"({i})"}], " ".join([r] * (2 + i % 3)), 96)
+        ex["example_id"] = i
+        out.append(ex)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("spec", "answers"), [(SPEC, "short"), (SAMPLED, "short"), (SPEC, "long")], ids=["topk", "sampled", "topk-long"]
+)
+def test_a_refresh_reads_each_token_once_and_writes_the_new_teachers_rows(
+    tmp_path, tiny_teacher, tiny_tokenizer, spec, answers
+):
+    """Under a threshold, an example over it is finished from its probe's key/value cache, so a refresh
+    that recomputes every example reads exactly the tokens a new cache reads, none twice; the rows it
+    writes are those the new teacher writes from scratch (the same draws for a sampled cache). With
+    long answers a probe batch holds a whole shard, finished in two continuations from copies of its
+    cache (out of the probe's row order)."""
+    exs = make_examples(tiny_tokenizer, 8) if answers == "short" else _long_answers(tiny_tokenizer, 8)
+    old_dir, fresh_dir = tmp_path / "c", tmp_path / "fresh"
+    write_cache(tiny_teacher, tiny_tokenizer, exs, old_dir, spec, progress=False)
+    new_teacher = _changed(tiny_teacher)
+    wrote: dict = {}
+    write_cache(new_teacher, tiny_tokenizer, exs, fresh_dir, spec, progress=False, timings=wrote)
+    spent: dict = {}
+    rule = RefreshRule(threshold=0.0, probe_tokens=3)
+    man = refresh_cache(new_teacher, tiny_tokenizer, exs, old_dir, spec, rule, progress=False, timings=spent)
+    assert man["refreshes"][0]["examples_recomputed"] == len(exs) and "sources" not in man
+    assert spent["probe_tokens_read"] + spent["tokens_read"] == wrote["tokens_read"]
+    assert spent["tokens_read"] > 0 and man["refreshes"][0]["drift_rows"] == 3 * len(exs)  # all cut after 3
+    got, want = CachedSignal(old_dir), CachedSignal(fresh_dir)
+    for e in range(len(exs)):
+        x, y = got.stored_rows(e), want.stored_rows(e)
+        assert torch.equal(x.ids, y.ids) and x.rows == y.rows
+        torch.testing.assert_close(x.values["values"].float(), y.values["values"].float(), rtol=1e-5, atol=2e-3)
+
+
 def test_refresh_by_fraction_takes_the_largest_drifts(tmp_path, tiny_teacher, tiny_tokenizer):
     exs = make_examples(tiny_tokenizer, 7)
     write_cache(tiny_teacher, tiny_tokenizer, exs, tmp_path, SPEC, progress=False)
@@ -235,7 +278,7 @@ def test_a_killed_refresh_resumes_to_the_same_cache(tmp_path, tiny_teacher, tiny
     new_teacher = _changed(tiny_teacher)
     rule = RefreshRule(threshold=0.0, probe_tokens=2)
     whole = refresh_cache(new_teacher, tiny_tokenizer, exs, a, SAMPLED, rule, progress=False)
-    real, calls = refresh.encode_examples, []
+    real, calls = refresh.write_shard, []
 
     def dies_on_the_second_shard(*args, **kw):
         calls.append(1)
@@ -243,12 +286,12 @@ def test_a_killed_refresh_resumes_to_the_same_cache(tmp_path, tiny_teacher, tiny
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(refresh, "encode_examples", dies_on_the_second_shard)
+    monkeypatch.setattr(refresh, "write_shard", dies_on_the_second_shard)
     with pytest.raises(KeyboardInterrupt):
         refresh_cache(new_teacher, tiny_tokenizer, exs, b, SAMPLED, rule, progress=False)
-    assert (b / "refresh.json").is_file()
+    assert (b / "refresh.json").is_file() and len(list(b.glob("drift-*"))) == 1
     CachedSignal(b)  # the old cache is intact meanwhile
-    monkeypatch.setattr(refresh, "encode_examples", real)
+    monkeypatch.setattr(refresh, "write_shard", real)
     assert refresh_cache(new_teacher, tiny_tokenizer, exs, b, SAMPLED, rule, progress=False) == whole
     assert _files(a) == _files(b)
 

@@ -7,7 +7,8 @@ Gemma-2/3's ``final_logit_softcapping``. A fused/chunked loss that only takes th
 linear weight silently drops them (TRL #6629).
 
 ``final_hidden(model, ...)`` returns the post-final-norm hidden states ``[B, T, H]``,
-so that ``output_head(model)(final_hidden(model, ...)) == model(...).logits``; ``eval_mode(...)`` runs
+so that ``output_head(model)(final_hidden(model, ...)) == model(...).logits``; ``hidden_and_cache``
+returns them with the key/value cache, to read a batch's tokens in two parts; ``eval_mode(...)`` runs
 models without dropout for a while and gives each its own mode back.
 """
 
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from potstill.errors import PotstillError
 from potstill.signals.types import Head
 
-__all__ = ["unwrap_model", "output_head", "final_hidden", "text_config"]
+__all__ = ["unwrap_model", "output_head", "final_hidden", "hidden_and_cache", "text_config"]
 
 
 @contextmanager
@@ -131,6 +132,46 @@ def final_hidden(
 ) -> Tensor:
     """Post-final-norm hidden states ``[B, T, H]`` of a causal LM (see :func:`all_hidden`)."""
     return all_hidden(model, input_ids, attention_mask, **kwargs)[-1]
+
+
+def hidden_and_cache(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    past_key_values=None,
+    use_cache: bool = True,
+) -> tuple[Tensor, object]:
+    """Post-final-norm hidden states ``[B, T, H]`` of a causal LM and its key/value cache after them.
+
+    The batch's positions are given, so it may be left-padded, or continue the cache an earlier
+    call returned (``attention_mask`` then covers the cached columns and the new ones, as in
+    ``generate``). Left padding keeps every row's cached tokens right before the new ones, so a
+    key's distance in the cache is its distance in the text, as sliding-window attention counts it.
+    ``use_cache=False`` keeps no cache (returned as ``None``).
+    """
+    base = unwrap_model(model)
+    kwargs: dict = {"logits_to_keep": 1} if _accepts(base.forward, "logits_to_keep") else {}
+    # transformers >= 5.2x names the cache ``cache``; earlier releases ``past_key_values``
+    name = "cache" if _accepts(base.forward, "cache") else "past_key_values"
+    if past_key_values is not None:
+        kwargs[name] = past_key_values
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=use_cache,
+        output_hidden_states=True,
+        return_dict=True,
+        **kwargs,
+    )
+    hidden = getattr(out, "hidden_states", None)
+    cache = getattr(out, name, None)
+    if hidden is None or (use_cache and cache is None):
+        raise PotstillError(
+            f"{type(base).__name__} returned no hidden_states or key/value cache; use a transformers causal LM"
+        )
+    return hidden[-1], (cache if use_cache else None)
 
 
 def all_hidden(

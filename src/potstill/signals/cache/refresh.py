@@ -14,7 +14,10 @@ the coarsened pair and, by the data-processing inequality, never above the dense
 each example's rows: its first ``probe_tokens`` target tokens, which a causal teacher scores
 by reading only the prompt and those tokens (``probe_tokens: None`` reads them all and the
 drift is exact). The probe is the price of the refresh: it costs the teacher's forward over
-the prompts and the first response tokens, instead of over every token.
+the prompts and the first response tokens, instead of over every token. Under a threshold an
+example over it is finished from its probe's key/value cache (the teacher reads only the tokens
+after the probe), so a refresh reads no token twice and never more tokens than a new cache; under
+a fraction every drift is needed first and the chosen examples are read again whole.
 
 Files, beside the cache's own: ``refresh.json`` (the refresh in progress: the new teacher,
 the rule, the revision ``g``), ``drift-<g>-<shard>.json`` (each shard's drifts, the unit of
@@ -26,13 +29,14 @@ removed afterwards. ``drift.json`` keeps the last refresh's per-example drifts.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -130,6 +134,24 @@ def probe_prefix(example: dict, probe_tokens: int | None) -> dict:
     return {k: example[k][:end] for k in ("input_ids", "labels", "attention_mask")}
 
 
+def _left_pad(parts: list[dict], pad_id: int) -> dict[str, Tensor]:
+    """``parts`` left-padded, with the ``position_ids`` that count each row's own tokens from 0."""
+    n = max(len(p["input_ids"]) for p in parts)
+    ids = torch.full((len(parts), n), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, p in enumerate(parts):
+        k = len(p["input_ids"])
+        ids[i, n - k :] = torch.as_tensor(p["input_ids"], dtype=torch.long)
+        mask[i, n - k :] = torch.as_tensor(p["attention_mask"], dtype=torch.long)
+        labels[i, n - k :] = torch.as_tensor(p["labels"], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": (mask.cumsum(-1) - 1).clamp(0)}
+
+
+def _rest(example: dict, cut: int) -> dict:
+    return {k: example[k][cut:] for k in ("input_ids", "labels", "attention_mask")}
+
+
 @torch.no_grad()
 def example_drifts(
     teacher,
@@ -144,61 +166,208 @@ def example_drifts(
     device,
     timings: dict | None = None,
     encode: CacheSpec | None = None,
+    continue_over: float | None = None,
 ) -> tuple[list[float], int, dict[int, EncodedRows]]:
     """Mean drift per target token of each example (0 for one without targets), the rows probed,
     and (with ``encode``, the cache's spec) the new rows of every example the probe read whole,
-    keyed by its position in ``examples``: recomputing those needs no second forward."""
-    from ...data import PadCollator
-    from ...models import final_hidden
+    keyed by its position in ``examples``: recomputing those needs no second forward.
 
+    With ``continue_over`` (a threshold) an example whose drift exceeds it is finished from the
+    probe's key/value cache: the teacher reads only the tokens after its probe, never one twice,
+    and its new rows join the returned ones. The probe batches are left-padded for that (see
+    :func:`~potstill.models.hidden_and_cache`). ``timings`` receives ``forward_s`` (the teacher's
+    own work), ``probe_tokens_read``, and for the continuations ``continue_s`` and ``tokens_read``.
+    """
+    from ...models import hidden_and_cache
+
+    if continue_over is not None and encode is None:
+        raise ValueError("continue_over needs encode (the cache's spec)")
     temperature = 1.0 if cached.kind == "dense" else float(cached.spec.temperature)
     probes = [probe_prefix(x, probe_tokens) for x in examples]
     order = sorted(range(len(probes)), key=lambda i: (len(probes[i]["input_ids"]), i))
-    collate = PadCollator(pad_id)
+    # A probe batch, and a batch of continuations, holds about the tokens of a writer's batch: probes and
+    # remainders are shorter than examples, so more of them go in one (fewer passes over the weights).
+    budget = batch_size * sum(len(x["input_ids"]) for x in examples) / max(1, len(examples))
+    per_batch = max(batch_size, int(budget * len(probes) / max(1, sum(len(x["input_ids"]) for x in probes))))
     out = [0.0] * len(examples)
     whole: dict[int, EncodedRows] = {}
     probed = 0
-    for b0 in range(0, len(order), batch_size):
-        members = order[b0 : b0 + batch_size]
-        batch = collate([probes[i] for i in members])
-        batch = {k: v.to(device) for k, v in batch.items() if k != "example_id"}
+    t_cont = 0.0
+    vocab = cached.vocab_size
+    for b0 in range(0, len(order), per_batch):
+        members = order[b0 : b0 + per_batch]
+        batch = {k: v.to(device) for k, v in _left_pad([probes[i] for i in members], pad_id).items()}
         labels = batch["labels"]
         counts = (labels[:, 1:] != -100).sum(-1).tolist()
         t0 = time.perf_counter()
-        rows = target_rows(final_hidden(teacher, batch["input_ids"], batch["attention_mask"]), target_index(labels))
+        hidden, past = hidden_and_cache(
+            teacher,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["position_ids"],
+            use_cache=continue_over is not None,
+        )
+        rows = target_rows(hidden, target_index(labels))
         sync_device(device)
         fwd = time.perf_counter() - t0
+        # the batch's rows, example after example: whose they are and their index in the example
+        owner = [i for i, c in zip(members, counts) for _ in range(c)]
+        index = [r for c in counts for r in range(c)]
+        old = _probed_rows(cached, [example_ids[i] for i in members], counts)
+        drift = torch.zeros(len(owner), dtype=torch.float64)
+        # new rows of the examples the probe read whole (encoded as they come), and the probe's logits
+        # of the cut ones (kept until their drift is known)
+        encoded: dict[int, list[dict[str, Tensor]]] = {
+            i: [] for i in members if encode is not None and probes[i] is examples[i]
+        }
+        kept: dict[int, list[Tensor]] = {
+            i: [] for i in members if continue_over is not None and probes[i] is not examples[i]
+        }
+        for s in range(0, len(owner), chunk_size):
+            e = min(s + chunk_size, len(owner))
+            t0 = time.perf_counter()
+            z = head(rows[s:e]).float()[:, :vocab]
+            sync_device(device)
+            fwd += time.perf_counter() - t0
+            lp = torch.log_softmax(z if temperature == 1.0 else z / temperature, -1).cpu()
+            drift[s:e] = drift_rows(lp, _row_span(old, s, e)).double()
+            if encode is not None:
+                _encode_into(encoded, z, owner[s:e], index[s:e], encode, vocab, example_ids)
+            for r in range(s, e):
+                if owner[r] in kept:
+                    kept[owner[r]].append(z[r - s : r - s + 1])
         start = 0
         for i, c in zip(members, counts):
-            keep = encode is not None and probes[i] is examples[i]
             if c:
-                old = cached.rows_signal([example_ids[i]])
-                total, parts = 0.0, []
-                for s in range(0, c, chunk_size):
-                    t0 = time.perf_counter()
-                    z = head(rows[start + s : start + min(s + chunk_size, c)]).float()[:, : cached.vocab_size]
-                    sync_device(device)
-                    fwd += time.perf_counter() - t0
-                    lp = torch.log_softmax(z if temperature == 1.0 else z / temperature, -1).cpu()
-                    total += float(drift_rows(lp, _row_span(old, s, s + lp.shape[0])).double().sum())
-                    if keep:
-                        assert encode is not None
-                        seeds = [row_seed(encode.seed, example_ids[i], r) for r in range(s, s + z.shape[0])]
-                        parts.append(extract(z, encode, cached.vocab_size, seeds))
-                out[i] = total / c
+                out[i] = float(drift[start : start + c].sum()) / c
                 probed += c
-                if keep:
-                    assert encode is not None
-                    cols = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-                    whole[i] = example_rows(cols, 0, c, encode)
-            elif keep:
-                assert encode is not None
-                whole[i] = empty_rows(encode, cached.vocab_size)
             start += c
+        pending = [i for i in members if kept.get(i) and out[i] > cast(float, continue_over)]
+        if pending:  # finish the cut examples over the threshold from the probe's cache
+            assert encode is not None
+            t0 = time.perf_counter()
+            rest = {i: len(examples[i]["input_ids"]) - len(probes[i]["input_ids"]) for i in pending}
+            groups = _groups(sorted(pending, key=lambda i: (rest[i], i)), rest, budget)
+            tails: dict[int, Tensor] = {}
+            for n, group in enumerate(groups):
+                own = past if n == len(groups) - 1 else copy.deepcopy(past)  # (the last one may consume it)
+                tails.update(_continue(teacher, own, batch, hidden, group, probes, examples, members, pad_id, device))
+            encoded.update({i: [] for i in pending})
+            owner = [i for i in pending for _ in kept[i]]
+            index = [r for i in pending for r in range(len(kept[i]))]
+            _encode_into(
+                encoded, torch.cat([z for i in pending for z in kept[i]]), owner, index, encode, vocab, example_ids
+            )
+            more = torch.cat([tails[i] for i in pending])
+            owner = [i for i in pending for _ in range(tails[i].shape[0])]
+            index = [len(kept[i]) + r for i in pending for r in range(tails[i].shape[0])]
+            for s in range(0, len(owner), chunk_size):
+                z = head(more[s : s + chunk_size]).float()[:, :vocab]
+                _encode_into(
+                    encoded, z, owner[s : s + chunk_size], index[s : s + chunk_size], encode, vocab, example_ids
+                )
+            sync_device(device)
+            t_cont += time.perf_counter() - t0
+            fwd += time.perf_counter() - t0  # (with the extraction of these rows, as the writer's time has it)
+            if timings is not None:
+                timings["tokens_read"] = timings.get("tokens_read", 0) + sum(
+                    int(sum(examples[i]["attention_mask"][len(probes[i]["input_ids"]) :])) for i in pending
+                )
+        for i, parts in encoded.items():
+            assert encode is not None
+            if not parts:
+                whole[i] = empty_rows(encode, vocab)
+            else:
+                cols = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                whole[i] = example_rows(cols, 0, cols["lp"].shape[0], encode)
         if timings is not None:
             timings["forward_s"] = timings.get("forward_s", 0.0) + fwd
             timings["probe_tokens_read"] = timings.get("probe_tokens_read", 0) + int(batch["attention_mask"].sum())
+    if timings is not None and t_cont:
+        timings["continue_s"] = timings.get("continue_s", 0.0) + t_cont
     return out, probed, whole
+
+
+def _groups(ordered: list[int], length: dict[int, int], budget: float) -> list[list[int]]:
+    """``ordered`` (by length) cut into groups whose padded size (count x longest) stays within ``budget``."""
+    groups: list[list[int]] = []
+    for i in ordered:
+        if groups and (len(groups[-1]) + 1) * length[i] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _probed_rows(cached: CachedSignal, example_ids: list[int], counts: list[int]) -> Signal:
+    """The cached signal of the first ``counts[b]`` rows of each example, example after example."""
+    with_rows = [(e, c) for e, c in zip(example_ids, counts) if c]
+    take: list[int] = []
+    first = 0
+    for e, c in with_rows:
+        take += range(first, first + c)
+        first += cached.example(e).rows
+    return cached.rows_signal([e for e, _ in with_rows]).rows(torch.tensor(take, dtype=torch.long))
+
+
+def _encode_into(
+    encoded: dict[int, list[dict[str, Tensor]]],
+    z: Tensor,
+    owner: list[int],
+    index: list[int],
+    spec: CacheSpec,
+    vocab: int,
+    example_ids: list[int],
+) -> None:
+    """Encode the rows of ``z`` whose example is in ``encoded`` (row ``index[r]`` of example ``owner[r]``,
+    its draws seeded as the writer seeds them) and append each example's part to its list."""
+    sel = [r for r, i in enumerate(owner) if i in encoded]
+    if not sel:
+        return
+    seeds = [row_seed(spec.seed, example_ids[owner[r]], index[r]) for r in sel]
+    cols = extract(z[sel], spec, vocab, seeds)
+    a = 0
+    while a < len(sel):
+        b = a
+        while b < len(sel) and owner[sel[b]] == owner[sel[a]]:
+            b += 1
+        encoded[owner[sel[a]]].append({k: v[a:b] for k, v in cols.items()})
+        a = b
+
+
+def _continue(teacher, past, batch, hidden: Tensor, chosen: list[int], probes, examples, members, pad_id: int, device):
+    """The hidden rows of the targets after the probe of the ``chosen`` examples (of the batch of
+    ``members``), read from the probe's key/value cache: the teacher reads their remaining tokens only."""
+    from ...models import hidden_and_cache
+
+    at = [members.index(i) for i in chosen]
+    ends = [len(probes[i]["input_ids"]) for i in chosen]
+    rests = [_rest(examples[i], e) for i, e in zip(chosen, ends)]
+    n = max(len(r["input_ids"]) for r in rests)
+    ids = torch.full((len(rests), n), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, x in enumerate(rests):
+        ids[r, : len(x["input_ids"])] = torch.as_tensor(x["input_ids"], dtype=torch.long)
+        mask[r, : len(x["input_ids"])] = torch.as_tensor(x["attention_mask"], dtype=torch.long)
+    position_ids = torch.tensor(ends)[:, None] + torch.arange(n)[None, :]
+    rows = torch.tensor(at, device=device)
+    if at != list(range(batch["input_ids"].shape[0])):
+        past.batch_select_indices(rows)
+    more, _ = hidden_and_cache(
+        teacher,
+        ids.to(device),
+        torch.cat([batch["attention_mask"].index_select(0, rows), mask.to(device)], -1),
+        position_ids.to(device),
+        past,
+    )
+    width = hidden.shape[1]  # every probe ends in the last column (left padding)
+    out = {}
+    for r, (b, i, e) in enumerate(zip(at, chosen, ends)):
+        seq = torch.cat([hidden[b, width - e :], more[r, : len(rests[r]["input_ids"])]])  # the example's hidden states
+        targets = target_index(torch.as_tensor(examples[i]["labels"], dtype=torch.long)[None]).to(device)
+        after = targets[targets >= e - 1]  # position e - 1 predicts the first token after the probe
+        out[i] = seq.index_select(0, after)
+    return out
 
 
 # ------------------------------------------------------------------------ refresh
@@ -305,9 +474,12 @@ def refresh_cache(
     bar = _bar(progress, len(mine), "")
     for j in mine:
         lo, hi = bounds[j]
-        ready: dict[int, EncodedRows] = {}  # new rows the probe computed whole (no second forward)
-        if not (path / _drift_name(g, j)).is_file():
+        if (path / _drift_name(g, j)).is_file():  # probed before a kill (and, under a threshold, rewritten)
+            if rule.fraction is None:
+                _recompute(path, j, g, bounds[j], _chosen(path, g, rule, [j]), {}, **common)
+        else:
             t0 = time.perf_counter()
+            before = dict(timings or {})
             ids = [e for e in range(lo, hi) if source[e] != fingerprint]
             drifts, rows, whole = example_drifts(
                 teacher,
@@ -322,14 +494,21 @@ def refresh_cache(
                 device,
                 timings,
                 encode=spec,
+                continue_over=rule.threshold,
             )
             ready = {ids[i]: r for i, r in whole.items()}
+            cont = (timings or {}).get("continue_s", 0.0) - before.get("continue_s", 0.0)
+            spent["probe_s"] += time.perf_counter() - t0 - cont
+            spent["recompute_s"] += cont
+            if rule.threshold is not None:
+                # the threshold decides shard by shard: the shard is rewritten from the rows at hand,
+                # before its drifts are recorded, so a resumed refresh probes it again rather than
+                # recomputing its rows another way
+                t0 = time.perf_counter()
+                chosen = {e for e, x in zip(ids, drifts) if x > rule.threshold}
+                _recompute(path, j, g, bounds[j], chosen, ready, **common)
+                spent["recompute_s"] += time.perf_counter() - t0
             atomic_write_json(path / _drift_name(g, j), {"ids": ids, "drift": drifts, "rows": rows})
-            spent["probe_s"] += time.perf_counter() - t0
-        if rule.fraction is None:  # the threshold decides shard by shard: recompute while the rows are at hand
-            t0 = time.perf_counter()
-            _recompute(path, j, g, bounds[j], _chosen(path, g, rule, [j]), ready, **common)
-            spent["recompute_s"] += time.perf_counter() - t0
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -375,9 +554,10 @@ def _recompute(
     run = [e for e in redo if e not in ready]
     vocab = cached.vocab_size
     new = {e: ready[e] for e in redo if e in ready}
-    new.update(
-        zip(run, encode_examples(teacher, head, [examples[e] for e in run], run, spec, vocab, pad, device, timings))
-    )
+    if run:
+        new.update(
+            zip(run, encode_examples(teacher, head, [examples[e] for e in run], run, spec, vocab, pad, device, timings))
+        )
     rows = [new[e] if e in new else cached.stored_rows(e) for e in range(lo, hi)]
     write_shard(
         path, j, assemble_shard(examples[lo:hi], rows, lo, spec, id_bits(vocab)), lo, hi, spec, None, revision=g
