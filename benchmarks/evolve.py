@@ -18,7 +18,8 @@ trained ``continue_steps`` more steps on the ``refresh_lo`` cache (a distill run
 student). A gap to ``full`` counts only past the sum of the two arms' standard deviations over seeds.
 
 Usage: ``python benchmarks/evolve.py [--quick] [--out PATH]``; writes ``benchmarks/results/evolve.json`` and
-prints one line.
+prints one line. ``--timing-only --max-new-tokens 128`` times the same refreshes on longer answers (no students;
+``evolve_timing.json``): a refresh saves what its probe does not read, so its gain grows with the answers.
 """
 
 from __future__ import annotations
@@ -89,8 +90,14 @@ def finetune(teacher, examples: list[dict], s: dict, pad: int):
 def main() -> int:  # noqa: PLR0915 - one benchmark, read top to bottom
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke setting (one seed, 2 steps)")
-    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--out", default=None, help="default: results/evolve.json (evolve_timing.json with --timing-only)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="longer answers than the demo's 32 tokens")
+    ap.add_argument(
+        "--timing-only", action="store_true", help="time the refresh and the probes; train no student (one line, JSON)"
+    )
     args = ap.parse_args()
+    if args.out is None:
+        args.out = str(DEFAULT_OUT if not args.timing_only else DEFAULT_OUT.with_name("evolve_timing.json"))
 
     import torch
     import transformers
@@ -111,6 +118,10 @@ def main() -> int:  # noqa: PLR0915 - one benchmark, read top to bottom
     from potstill.signals.cache.refresh import RefreshRule, refresh_cache
 
     s = setting(args.quick)
+    if args.max_new_tokens:
+        s["max_new_tokens"] = args.max_new_tokens
+    if args.timing_only:
+        s["seeds"] = []
     partial = Partial(args.out, s)
     recipe = Recipe.model_validate(
         {
@@ -208,7 +219,7 @@ def main() -> int:  # noqa: PLR0915 - one benchmark, read top to bottom
             )
             return {k: {m: res[k][m] for m in ("forward_kl", "top1_agreement")} for k in models}
 
-        if "student_init" not in partial:
+        if "student_init" not in partial and s["seeds"]:
             partial.put("student_init", evaluate({"student_init": prep.student0})["student_init"])
         for seed in s["seeds"]:
             r = recipe.model_copy(update={"train": recipe.train.model_copy(update={"seed": seed})})
@@ -258,7 +269,7 @@ def main() -> int:  # noqa: PLR0915 - one benchmark, read top to bottom
 
     res = partial.done
     arms = {}
-    for arm in ARMS:
+    for arm in ARMS if s["seeds"] else ():
         arms[arm] = {
             "forward_kl": seed_stats([res[f"{arm}/{seed}"]["forward_kl"] for seed in s["seeds"]]),
             "top1_agreement": seed_stats([res[f"{arm}/{seed}"]["top1_agreement"] for seed in s["seeds"]]),
@@ -290,10 +301,13 @@ def main() -> int:  # noqa: PLR0915 - one benchmark, read top to bottom
         "refreshed": refreshed,
         "probes": {k: {m: v for m, v in row.items() if m != "drift"} for k, row in probes.items()},
         "exact_drift": probes["exact"]["drift"],
-        "student_init": res["student_init"],
-        "arms": arms,
-        "per_seed": {k: v for k, v in res.items() if k != "student_init"},
     }
+    if s["seeds"]:
+        out |= {
+            "student_init": res["student_init"],
+            "arms": arms,
+            "per_seed": {k: v for k, v in res.items() if k != "student_init"},
+        }
     write_json_atomic(args.out, out)
     partial.finish()
     print(
@@ -304,8 +318,9 @@ def main() -> int:  # noqa: PLR0915 - one benchmark, read top to bottom
                 "refresh_lo_recomputed": refreshed["refresh_lo"]["examples_recomputed"],
                 "refresh_hi_s_vs_full": refreshed["refresh_hi"]["seconds_vs_full"],
                 "refresh_hi_recomputed": refreshed["refresh_hi"]["examples_recomputed"],
-                **{f"{a}_fkl_vs_full": arms[a]["forward_kl_vs_full"] for a in ARMS if a != "full"},
-                **{f"{a}": arms[a]["vs_full"] for a in ARMS if a != "full"},
+                "tokens_per_example": timings["full"]["tokens_read"] / len(exs),
+                **{f"{a}_fkl_vs_full": arms[a]["forward_kl_vs_full"] for a in arms if a != "full"},
+                **{f"{a}": arms[a]["vs_full"] for a in arms if a != "full"},
             },
         )
     )

@@ -36,7 +36,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -215,13 +215,9 @@ def example_drifts(
         index = [r for c in counts for r in range(c)]
         old = _probed_rows(cached, [example_ids[i] for i in members], counts)
         drift = torch.zeros(len(owner), dtype=torch.float64)
-        # new rows of the examples the probe read whole (encoded as they come), and the probe's logits
-        # of the cut ones (kept until their drift is known)
+        # new rows of the examples the probe read whole, encoded as they come
         encoded: dict[int, list[dict[str, Tensor]]] = {
             i: [] for i in members if encode is not None and probes[i] is examples[i]
-        }
-        kept: dict[int, list[Tensor]] = {
-            i: [] for i in members if continue_over is not None and probes[i] is not examples[i]
         }
         for s in range(0, len(owner), chunk_size):
             e = min(s + chunk_size, len(owner))
@@ -233,16 +229,18 @@ def example_drifts(
             drift[s:e] = drift_rows(lp, _row_span(old, s, e)).double()
             if encode is not None:
                 _encode_into(encoded, z, owner[s:e], index[s:e], encode, vocab, example_ids)
-            for r in range(s, e):
-                if owner[r] in kept:
-                    kept[owner[r]].append(z[r - s : r - s + 1])
-        start = 0
+        start, first = 0, {}
         for i, c in zip(members, counts):
             if c:
                 out[i] = float(drift[start : start + c].sum()) / c
                 probed += c
+            first[i] = start
             start += c
-        pending = [i for i in members if kept.get(i) and out[i] > cast(float, continue_over)]
+        pending = [
+            i
+            for i, c in zip(members, counts)
+            if continue_over is not None and c and probes[i] is not examples[i] and out[i] > continue_over
+        ]
         if pending:  # finish the cut examples over the threshold from the probe's cache
             assert encode is not None
             t0 = time.perf_counter()
@@ -252,15 +250,12 @@ def example_drifts(
             for n, group in enumerate(groups):
                 own = past if n == len(groups) - 1 else copy.deepcopy(past)  # (the last one may consume it)
                 tails.update(_continue(teacher, own, batch, hidden, group, probes, examples, members, pad_id, device))
+            # each example's rows whole: the probe's, then those after it
+            c_of = dict(zip(members, counts))
+            more = torch.cat([torch.cat([rows[first[i] : first[i] + c_of[i]], tails[i]]) for i in pending])
+            owner = [i for i in pending for _ in range(c_of[i] + tails[i].shape[0])]
+            index = [r for i in pending for r in range(c_of[i] + tails[i].shape[0])]
             encoded.update({i: [] for i in pending})
-            owner = [i for i in pending for _ in kept[i]]
-            index = [r for i in pending for r in range(len(kept[i]))]
-            _encode_into(
-                encoded, torch.cat([z for i in pending for z in kept[i]]), owner, index, encode, vocab, example_ids
-            )
-            more = torch.cat([tails[i] for i in pending])
-            owner = [i for i in pending for _ in range(tails[i].shape[0])]
-            index = [len(kept[i]) + r for i in pending for r in range(tails[i].shape[0])]
             for s in range(0, len(owner), chunk_size):
                 z = head(more[s : s + chunk_size]).float()[:, :vocab]
                 _encode_into(
