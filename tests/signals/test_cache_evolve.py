@@ -20,6 +20,7 @@ from .test_cache import TEXTS, make_examples, reference_rows
 
 SPEC = CacheSpec(kind="topk", k=8, dtype="fp32", examples_per_shard=3, batch_size=2)
 SAMPLED = CacheSpec(kind="sampled", draws=12, dtype="fp16", examples_per_shard=3, batch_size=2)
+DENSE = CacheSpec(kind="dense", dtype="fp32", examples_per_shard=3, batch_size=2)
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -133,17 +134,19 @@ def test_refresh_against_the_same_teacher_recomputes_nothing(tmp_path, tiny_teac
     assert timings == {}  # not one teacher forward
 
 
-def test_the_drift_of_an_unchanged_teacher_is_zero(tmp_path, tiny_teacher, tiny_tokenizer):
+@pytest.mark.parametrize(("spec", "probe"), [(SPEC, None), (DENSE, 3)], ids=["topk-all", "dense-probe3"])
+def test_the_drift_of_an_unchanged_teacher_is_zero(tmp_path, tiny_teacher, tiny_tokenizer, spec, probe):
     from potstill.models import output_head
     from potstill.signals.cache.refresh import example_drifts
 
     exs = make_examples(tiny_tokenizer, 7)
-    write_cache(tiny_teacher, tiny_tokenizer, exs, tmp_path, SPEC, progress=False)
+    write_cache(tiny_teacher, tiny_tokenizer, exs, tmp_path, spec, progress=False)
     cached = CachedSignal(tmp_path)
     drifts, rows, whole = example_drifts(
-        tiny_teacher, output_head(tiny_teacher), exs, list(range(7)), cached, None, 3, 256, 0, "cpu"
+        tiny_teacher, output_head(tiny_teacher), exs, list(range(7)), cached, probe, 3, 256, 0, "cpu"
     )
-    assert rows == cached.manifest["data"]["num_rows"] and whole == {}  # nothing encoded unless asked
+    total = cached.manifest["data"]["num_rows"]
+    assert rows == (total if probe is None else 3 * len(exs)) and whole == {}  # nothing encoded unless asked
     assert max(abs(d) for d in drifts) < 1e-6
 
 
@@ -228,7 +231,9 @@ def _long_answers(tok, n: int) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    ("spec", "answers"), [(SPEC, "short"), (SAMPLED, "short"), (SPEC, "long")], ids=["topk", "sampled", "topk-long"]
+    ("spec", "answers"),
+    [(SPEC, "short"), (SAMPLED, "short"), (DENSE, "short"), (SPEC, "long")],
+    ids=["topk", "sampled", "dense", "topk-long"],
 )
 def test_a_refresh_reads_each_token_once_and_writes_the_new_teachers_rows(
     tmp_path, tiny_teacher, tiny_tokenizer, spec, answers

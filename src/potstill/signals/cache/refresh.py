@@ -36,7 +36,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -189,6 +189,8 @@ def example_drifts(
     # remainders are shorter than examples, so more of them go in one (fewer passes over the weights).
     budget = batch_size * sum(len(x["input_ids"]) for x in examples) / max(1, len(examples))
     per_batch = max(batch_size, int(budget * len(probes) / max(1, sum(len(x["input_ids"]) for x in probes))))
+    if cached.kind == "dense":  # the old rows of a batch are whole-vocabulary rows: no larger batches
+        per_batch = batch_size
     out = [0.0] * len(examples)
     whole: dict[int, EncodedRows] = {}
     probed = 0
@@ -297,6 +299,9 @@ def _groups(ordered: list[int], length: dict[int, int], budget: float) -> list[l
 def _probed_rows(cached: CachedSignal, example_ids: list[int], counts: list[int]) -> Signal:
     """The cached signal of the first ``counts[b]`` rows of each example, example after example."""
     with_rows = [(e, c) for e, c in zip(example_ids, counts) if c]
+    if cached.kind == "dense":  # one example at a time: a dense row is the whole vocabulary
+        parts = [cast(DenseSignal, cached.rows_signal([e])).chunk_logits(0, c) for e, c in with_rows]
+        return DenseSignal(logits=torch.cat(parts) if parts else torch.zeros(0, cached.vocab_size))
     take: list[int] = []
     first = 0
     for e, c in with_rows:
