@@ -69,6 +69,23 @@ def test_packed_layout_restarts_positions_and_masks_each_first_label(tiny_tokeni
     assert batch["attention_mask"].sum() == sum(len(f["input_ids"]) for f in feats)
 
 
+def test_left_padding_ends_every_row_in_the_last_column_with_its_token_columns(tiny_tokenizer):
+    feats = _examples(tiny_tokenizer)[:3]
+    for k, f in enumerate(feats):
+        f["kd_token_weights"] = [float(k + 1)] * len(f["input_ids"])
+    right = PadCollator(tiny_tokenizer.pad_token_id)(feats)
+    left = PadCollator(tiny_tokenizer.pad_token_id, left=True)(feats)
+    n = left["input_ids"].shape[1]
+    assert n == right["input_ids"].shape[1] and len({len(f["input_ids"]) for f in feats}) > 1
+    for i, f in enumerate(feats):
+        k = len(f["input_ids"])
+        assert left["input_ids"][i, n - k :].tolist() == f["input_ids"] == right["input_ids"][i, :k].tolist()
+        assert left["labels"][i, n - k :].tolist() == f["labels"] and set(left["labels"][i, : n - k].tolist()) <= {-100}
+        assert left["attention_mask"][i].tolist() == [0] * (n - k) + [1] * k
+        assert left["kd_token_weights"][i].tolist() == [0.0] * (n - k) + [float(i + 1)] * k
+    assert torch.equal(left["example_id"], right["example_id"])
+
+
 @pytest.mark.parametrize("alpha,divergence", [(0.0, "forward_kl"), (0.5, "reverse_kl")])
 def test_packed_loss_and_gradients_equal_padded(tiny_llama_pair, tmp_path, alpha, divergence):
     teacher, student, tok = tiny_llama_pair

@@ -65,12 +65,14 @@ class PadCollator:
 
     The three model columns are padded; an integer ``example_id`` (the key of a teacher-signal
     cache) is passed through as ``[B]``; the per-token :data:`TOKEN_COLUMNS` are padded like ``labels``;
-    other keys (texts) are dropped here.
+    other keys (texts) are dropped here. ``left=True`` pads before the tokens, so every row ends in the last
+    column (a batch whose key/value cache is continued, as in generation).
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, left: bool = False):
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.left = left  # pad before the tokens: every row ends in the last column (a cache to continue)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         n = max(len(f["input_ids"]) for f in features)
@@ -80,13 +82,14 @@ class PadCollator:
         ids = torch.full((len(features), n), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(features), n), dtype=torch.long)
         labels = torch.full((len(features), n), -100, dtype=torch.long)
-        for i, f in enumerate(features):
+        starts = [n - len(f["input_ids"]) if self.left else 0 for f in features]
+        for i, (f, a) in enumerate(zip(features, starts)):
             k = len(f["input_ids"])
-            ids[i, :k] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            mask[i, :k] = 1
-            labels[i, :k] = torch.as_tensor(f["labels"], dtype=torch.long)
+            ids[i, a : a + k] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            mask[i, a : a + k] = 1
+            labels[i, a : a + k] = torch.as_tensor(f["labels"], dtype=torch.long)
         out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        out.update(place_token_columns(features, [(i, 0) for i in range(len(features))], (len(features), n)))
+        out.update(place_token_columns(features, list(enumerate(starts)), (len(features), n)))
         if all("example_id" in f for f in features):
             out["example_id"] = torch.tensor([int(f["example_id"]) for f in features], dtype=torch.long)
         return out

@@ -134,20 +134,6 @@ def probe_prefix(example: dict, probe_tokens: int | None) -> dict:
     return {k: example[k][:end] for k in ("input_ids", "labels", "attention_mask")}
 
 
-def _left_pad(parts: list[dict], pad_id: int) -> dict[str, Tensor]:
-    """``parts`` left-padded, with the ``position_ids`` that count each row's own tokens from 0."""
-    n = max(len(p["input_ids"]) for p in parts)
-    ids = torch.full((len(parts), n), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, p in enumerate(parts):
-        k = len(p["input_ids"])
-        ids[i, n - k :] = torch.as_tensor(p["input_ids"], dtype=torch.long)
-        mask[i, n - k :] = torch.as_tensor(p["attention_mask"], dtype=torch.long)
-        labels[i, n - k :] = torch.as_tensor(p["labels"], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": (mask.cumsum(-1) - 1).clamp(0)}
-
-
 def _rest(example: dict, cut: int) -> dict:
     return {k: example[k][cut:] for k in ("input_ids", "labels", "attention_mask")}
 
@@ -178,6 +164,7 @@ def example_drifts(
     :func:`~potstill.models.hidden_and_cache`). ``timings`` receives ``forward_s`` (the teacher's
     own work), ``probe_tokens_read``, and for the continuations ``continue_s`` and ``tokens_read``.
     """
+    from ...data import PadCollator
     from ...models import hidden_and_cache
 
     if continue_over is not None and encode is None:
@@ -191,6 +178,7 @@ def example_drifts(
     per_batch = max(batch_size, int(budget * len(probes) / max(1, sum(len(x["input_ids"]) for x in probes))))
     if cached.kind == "dense":  # the old rows of a batch are whole-vocabulary rows: no larger batches
         per_batch = batch_size
+    left_pad = PadCollator(pad_id, left=True)
     out = [0.0] * len(examples)
     whole: dict[int, EncodedRows] = {}
     probed = 0
@@ -198,7 +186,8 @@ def example_drifts(
     vocab = cached.vocab_size
     for b0 in range(0, len(order), per_batch):
         members = order[b0 : b0 + per_batch]
-        batch = {k: v.to(device) for k, v in _left_pad([probes[i] for i in members], pad_id).items()}
+        batch = {k: v.to(device) for k, v in left_pad([probes[i] for i in members]).items() if k != "example_id"}
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(0)  # each row's own positions
         labels = batch["labels"]
         counts = (labels[:, 1:] != -100).sum(-1).tolist()
         t0 = time.perf_counter()
@@ -252,6 +241,8 @@ def example_drifts(
             for n, group in enumerate(groups):
                 own = past if n == len(groups) - 1 else copy.deepcopy(past)  # (the last one may consume it)
                 tails.update(_continue(teacher, own, batch, hidden, group, probes, examples, members, pad_id, device))
+            sync_device(device)
+            fwd += time.perf_counter() - t0
             # each example's rows whole: the probe's, then those after it
             c_of = dict(zip(members, counts))
             more = torch.cat([torch.cat([rows[first[i] : first[i] + c_of[i]], tails[i]]) for i in pending])
@@ -259,13 +250,14 @@ def example_drifts(
             index = [r for i in pending for r in range(c_of[i] + tails[i].shape[0])]
             encoded.update({i: [] for i in pending})
             for s in range(0, len(owner), chunk_size):
+                t1 = time.perf_counter()
                 z = head(more[s : s + chunk_size]).float()[:, :vocab]
+                sync_device(device)
+                fwd += time.perf_counter() - t1
                 _encode_into(
                     encoded, z, owner[s : s + chunk_size], index[s : s + chunk_size], encode, vocab, example_ids
                 )
-            sync_device(device)
-            t_cont += time.perf_counter() - t0
-            fwd += time.perf_counter() - t0  # (with the extraction of these rows, as the writer's time has it)
+            t_cont += time.perf_counter() - t0  # the whole recompute of these rows, extraction included
             if timings is not None:
                 timings["tokens_read"] = timings.get("tokens_read", 0) + sum(
                     int(sum(examples[i]["attention_mask"][len(probes[i]["input_ids"]) :])) for i in pending
@@ -338,18 +330,15 @@ def _encode_into(
 def _continue(teacher, past, batch, hidden: Tensor, chosen: list[int], probes, examples, members, pad_id: int, device):
     """The hidden rows of the targets after the probe of the ``chosen`` examples (of the batch of
     ``members``), read from the probe's key/value cache: the teacher reads their remaining tokens only."""
+    from ...data import PadCollator
     from ...models import hidden_and_cache
 
     at = [members.index(i) for i in chosen]
     ends = [len(probes[i]["input_ids"]) for i in chosen]
     rests = [_rest(examples[i], e) for i, e in zip(chosen, ends)]
-    n = max(len(r["input_ids"]) for r in rests)
-    ids = torch.full((len(rests), n), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, x in enumerate(rests):
-        ids[r, : len(x["input_ids"])] = torch.as_tensor(x["input_ids"], dtype=torch.long)
-        mask[r, : len(x["input_ids"])] = torch.as_tensor(x["attention_mask"], dtype=torch.long)
-    position_ids = torch.tensor(ends)[:, None] + torch.arange(n)[None, :]
+    right = PadCollator(pad_id)(rests)
+    ids, mask = right["input_ids"], right["attention_mask"]
+    position_ids = torch.tensor(ends)[:, None] + torch.arange(ids.shape[1])[None, :]
     rows = torch.tensor(at, device=device)
     if at != list(range(batch["input_ids"].shape[0])):
         past.batch_select_indices(rows)
