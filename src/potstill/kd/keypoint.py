@@ -112,7 +112,7 @@ def answer_significance(
     rows per forward; all rows have one length, so there is no padding to get wrong. The tokens before the
     first rationale position are the same in every row: they run once and their KV cache is shared.
     """
-    from ..models import output_head
+    from ..models import cache_argument, output_head
 
     if not answer or not rationale:
         raise PotstillError("answer_significance needs at least one rationale and one answer position")
@@ -123,6 +123,7 @@ def answer_significance(
     base = torch.as_tensor(list(ids[:end]), dtype=torch.long, device=device)
     # logits of the last position only (the [rows, T, V] logits are never needed: the head runs on answer rows)
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(teacher.forward).parameters else {}
+    name = cache_argument(teacher)  # the name this transformers gives the key/value cache
     prefix = teacher(
         input_ids=base[None, :first], attention_mask=torch.ones(1, first, device=device), use_cache=True, **keep
     )
@@ -137,15 +138,15 @@ def answer_significance(
         for r, j in enumerate(chunk):
             if j is not None:
                 batch[r, j - first] = mask_id
-        cache = copy.deepcopy(prefix.past_key_values)
+        cache = copy.deepcopy(getattr(prefix, name))
         cache.batch_repeat_interleave(len(chunk))
         hidden = teacher(
             input_ids=batch,
             attention_mask=torch.ones(len(chunk), end, dtype=torch.long, device=device),
-            past_key_values=cache,
             use_cache=True,
             output_hidden_states=True,
             **keep,
+            **{name: cache},
         ).hidden_states[-1]
         hidden = hidden.index_select(1, rows)
         lp = head(hidden.reshape(-1, hidden.shape[-1])).double().log_softmax(-1)

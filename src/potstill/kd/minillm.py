@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from ..divergences import chunked_kd_loss
 from ..divergences.chunked import full_head, full_teacher
 from ..errors import PotstillError
+from ..models.head import cache_argument
 from ..signals import apply_head, target_index, target_rows
 from .adaptive import target_logprobs
 from .onpolicy import ROLLOUT, OnPolicyConfig, OnPolicyKDTrainer
@@ -94,15 +95,16 @@ class TeacherMix:
             new = input_ids[:, self.seen :]
             mask = torch.cat([self.mask, self.mask.new_ones(new.shape)], dim=1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -new.shape[1] :]
+        name = cache_argument(self.teacher)  # the name this transformers gives the key/value cache
         out = self.teacher(
             input_ids=new,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **{name: self.cache},
         )  # the prefill needs the last position only
-        self.cache, self.mask, self.seen = out.past_key_values, mask, input_ids.shape[1]
+        self.cache, self.mask, self.seen = getattr(out, name), mask, input_ids.shape[1]
         v = self.vocab
         lp = out.logits[:, -1, :v].float().log_softmax(-1)
         lq = scores[:, :v].float().log_softmax(-1)

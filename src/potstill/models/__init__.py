@@ -1,6 +1,14 @@
 """Where models come from (offline wheels, local dirs, hub ids) and how students are built."""
 
-from potstill.models.head import all_hidden, eval_mode, final_hidden, hidden_and_cache, output_head, unwrap_model
+from potstill.models.head import (
+    all_hidden,
+    cache_argument,
+    eval_mode,
+    final_hidden,
+    hidden_and_cache,
+    output_head,
+    unwrap_model,
+)
 from potstill.models.loading import check_quantization, load_model, load_tokenizer, set_attention
 from potstill.models.offline import OFFLINE_MODELS, OfflineModel, cache_root, offline_model_dir
 from potstill.models.student import select_layers, student_from_teacher, student_scaled
@@ -11,6 +19,7 @@ __all__ = [
     "OfflineModel",
     "align_vocab",
     "all_hidden",
+    "cache_argument",
     "cache_root",
     "eval_mode",
     "check_quantization",

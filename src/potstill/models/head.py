@@ -134,6 +134,12 @@ def final_hidden(
     return all_hidden(model, input_ids, attention_mask, **kwargs)[-1]
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model``'s forward takes and returns its key/value cache: ``cache`` from
+    transformers 5.2x on (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    return "cache" if _accepts(unwrap_model(model).forward, "cache") else "past_key_values"
+
+
 def hidden_and_cache(
     model: nn.Module,
     input_ids: Tensor,
@@ -152,8 +158,7 @@ def hidden_and_cache(
     """
     base = unwrap_model(model)
     kwargs: dict = {"logits_to_keep": 1} if _accepts(base.forward, "logits_to_keep") else {}
-    # transformers >= 5.2x names the cache ``cache``; earlier releases ``past_key_values``
-    name = "cache" if _accepts(base.forward, "cache") else "past_key_values"
+    name = cache_argument(model)
     if past_key_values is not None:
         kwargs[name] = past_key_values
     out = model(
