@@ -422,8 +422,15 @@ def main(argv=None) -> int:
                     cs_feats = feats
                 for kind in label_kinds:
                     r = evaluate_set(
-                        feats, seed=s, labels=kind, soft_labels=soft if kind == "soft" else None, **protocol
+                        feats,
+                        seed=s,
+                        labels=kind,
+                        soft_labels=soft if kind == "soft" else None,
+                        per_example=True,
+                        **protocol,
                     )
+                    # rounded before use, so a resumed run's verdicts equal an uninterrupted one's
+                    r["per_example"]["nll"] = [round(v, 6) for v in r["per_example"]["nll"]]
                     results[b][kind].setdefault(arm, []).append(r)
                     unit["results"].append([b, kind, arm, r])
                 build[b].setdefault(arm, []).append(times.get(arm, 0.0))
@@ -476,6 +483,7 @@ def main(argv=None) -> int:
             "best_text_mean": best_text[0],
             "best_text_beats_dilm_best": None if best_text[0] is None else best_text[0] > dilm_best,
         }
+    verdicts = verdict_rows(results, budgets, label_kinds, chosen)
     total.__exit__()
     for b in budgets:
         for kind in table[b]:
@@ -531,6 +539,7 @@ def main(argv=None) -> int:
         },
         "results": {str(b): table[b] for b in budgets},
         "vs_dilm": {str(b): verdict[b] for b in budgets},
+        "verdicts": verdicts,
         "goal_met": None if None in verdict.values() else all(v["beats_dilm_best"] for v in verdict.values()),
         "goal_met_with_text_arm": None
         if None in verdict.values() or not ours_text
@@ -549,6 +558,10 @@ def main(argv=None) -> int:
             items[f"b{b}_best"] = f"{v['best_arm']}/{v['best_labels']}:{v['best_mean']:.3f}"
             items[f"b{b}_dilm"] = round(v["dilm_best_mean"], 3)
         items[f"b{b}_random"] = round(table[b][label_kinds[0]]["random"]["mean"], 3)
+    for c in verdicts["rows"]:
+        if c["arm"] == "potstill_select" and c["metric"].startswith("accuracy/"):
+            _, b, kind = c["metric"].split("/")
+            items[f"b{b}_{kind}_select_vs_{c['baseline']}"] = f"{100 * c['difference']:+.1f}pts:{c['verdict']}"
     items.update(
         learner=f"{args.learner}/{args.schedule}",
         goal_met=data["goal_met"],
@@ -558,6 +571,39 @@ def main(argv=None) -> int:
     )
     print(summary_line("dd_sst2", items))
     return 0
+
+
+def verdict_rows(results: dict, budgets: list[int], label_kinds: list[str], chosen: list[str]) -> dict:
+    """Every arm against ``random``, and ``potstill_select`` against each other selection arm and DiLM, per
+    budget, label kind and per-example metric (accuracy, the gold class's NLL): the paired difference over the
+    sets (set index ``s`` = one pool half and learner seed shared by every arm) x the held-out sentences, its
+    interval and *better / worse / no difference* after Holm over every row (:mod:`potstill.eval.verdict`, the
+    statistics of ``potstill compare``). Every arm trains the same learner steps on a set of the same size, so
+    they are compared at equal training cost; construction cost is in ``results``."""
+    import numpy as np
+
+    from potstill.eval.cls_metrics import EXAMPLE_METRICS
+    from potstill.eval.verdict import compare_arms as verdicts
+
+    scores, lower = {}, {}
+    for b in budgets:
+        for kind in label_kinds:
+            for metric, low in EXAMPLE_METRICS.items():
+                key = f"{metric}/{b}/{kind}"
+                scores[key] = {
+                    arm: np.array([r["per_example"][metric] for r in rows], dtype=np.float64)
+                    for arm, rows in results[b][kind].items()
+                }
+                lower[key] = low
+    pairs = [(a, "random") for a in chosen if a != "random"]
+    if "potstill_select" in chosen:
+        pairs += [("potstill_select", a) for a in ("kcenters", "herding", "dilm") if a in chosen]
+    rows = verdicts(scores, "random", lower_better=lower, level=0.95, pairs=pairs)
+    return {
+        "level": 0.95,
+        "family": f"Holm over all {len(rows)} rows (metric/budget/labels x pairs)",
+        "rows": [{**c.as_dict(), "per_seed": [round(v, 5) for v in c.per_seed]} for c in rows],
+    }
 
 
 def _restore(unit: dict, results: dict, build: dict, learned: dict, history: dict, examples_text: dict) -> None:

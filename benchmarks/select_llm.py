@@ -208,7 +208,17 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--fraction", type=float, default=0.1)
     p.add_argument("--equal-steps", action="store_true", help="also train the KD-aware 10%% for the 100%% steps")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=0,
+        help="N >= 2: every 10%% arm trained with training seeds 0..N-1 (random draws its subset with the same "
+        "seed) and judged against random with potstill compare's statistics (per held-out example, Holm); "
+        "default: one training seed, random averaged over 3 draws",
+    )
     args = p.parse_args(argv)
+    if args.seeds == 1 or args.seeds < 0:
+        p.error("--seeds: give 2 or more (one seed gives no verdict), or leave it out")
     if args.quick:
         args.pool, args.eval_size, args.max_length, args.epochs = 40, 8, 64, 1.0
         args.fraction = 0.25
@@ -268,7 +278,8 @@ def main(argv=None) -> int:
 
         # selections
         selections: dict[str, dict] = {}
-        jobs = [(f"random_s{s}", {"scorer": {"kind": "random"}}, s) for s in RANDOM_SEEDS if "random" in arms]
+        random_seeds = range(args.seeds) if args.seeds else RANDOM_SEEDS
+        jobs = [(f"random_s{s}", {"scorer": {"kind": "random"}}, s) for s in random_seeds if "random" in arms]
         jobs += [(a, ARMS[a], 0) for a in arms if a != "random"]
         for name, spec, seed in jobs:
             sr = select_recipe_from_dict(select_dict(base, name, spec, seed, work, args.fraction))
@@ -284,9 +295,10 @@ def main(argv=None) -> int:
         run = RunConfig(name="kd", alpha=0.0, temperature=1.0)
         students, info = {}, {}
 
-        def train(name: str, examples: list[dict], steps: int) -> None:
+        def train(name: str, examples: list[dict], steps: int, seed: int = 0) -> None:
             r = recipe.model_copy(deep=True)
             r.train.max_steps = steps
+            r.train.seed = seed
             t = time.perf_counter()
             model, curve = train_run(
                 r,
@@ -315,7 +327,22 @@ def main(argv=None) -> int:
             return max(1, math.ceil(args.epochs * n / args.batch_size))
 
         train("full", pool, steps_for(n_pool))
-        for name, s in selections.items():
+        per_seed: dict[int, dict] = {}  # --seeds: seed -> {arm: per-example scores}
+        if args.seeds:
+            from potstill.eval import per_example_scores
+
+            for seed in range(args.seeds):
+                trained = {}
+                for arm in arms:
+                    sel = selections[f"random_s{seed}" if arm == "random" else arm]
+                    sub = load_selection(sel["report"]["paths"]["selection"], pool)
+                    train(f"{arm}_s{seed}", sub, steps_for(len(sub)), seed=seed)
+                    trained[arm] = students[f"{arm}_s{seed}"]
+                per_seed[seed] = per_example_scores(
+                    trained, prep.teacher, prep.tokenizer, prep.eval_examples, vocab_size=prep.vocab_size, batch_size=8
+                )
+                log(f"seed {seed}: scored {len(trained)} arms on {len(prep.eval_examples)} held-out examples")
+        for name, s in ({} if args.seeds else selections).items():
             sub = load_selection(s["report"]["paths"]["selection"], pool)
             train(name, sub, steps_for(len(sub)))
         if args.equal_steps:
@@ -353,6 +380,8 @@ def main(argv=None) -> int:
         if name in info:
             row |= info[name]
         arm = name.removesuffix("_equal_steps")
+        if args.seeds and arm.rpartition("_s")[0] in arms and not arm.startswith("random_s"):
+            arm = arm.rpartition("_s")[0]  # one selection, trained with several seeds
         if arm in selections:
             rep = selections[arm]["report"]
             sel_s = rep["timings_s"]["scoring_s"]
@@ -380,6 +409,17 @@ def main(argv=None) -> int:
             "train_seconds": sum(r["train_seconds"] for r in rnd) / len(rnd),
             "response_tokens": sum(r["response_tokens"] for r in rnd) / len(rnd),
         }
+    verdicts = seed_verdicts(per_seed, arms) if per_seed else None
+    if per_seed:  # each arm over the training seeds
+        for arm in arms:
+            fk = [rows[f"{arm}_s{s}"]["forward_kl"] for s in per_seed]
+            rows[f"{arm}_over_seeds"] = {
+                "forward_kl": sum(fk) / len(fk),
+                "fkl_ratio_to_full": sum(fk) / len(fk) / full_fkl,
+                "forward_kl_std": (sum((x - sum(fk) / len(fk)) ** 2 for x in fk) / (len(fk) - 1)) ** 0.5,
+                "seeds": list(per_seed),
+                "top1_agreement": sum(rows[f"{arm}_s{s}"]["top1_agreement"] for s in per_seed) / len(fk),
+            }
     # how much the chosen subsets overlap (Jaccard), to read the arms side by side
     names = [n for n in selections]
     overlap = {
@@ -393,7 +433,7 @@ def main(argv=None) -> int:
         }
         for a in names
     }
-    kd_ratio = rows.get("kd_divergence", {}).get("fkl_ratio_to_full")
+    kd_ratio = rows.get("kd_divergence", rows.get("kd_divergence_over_seeds", {})).get("fkl_ratio_to_full")
     results |= {
         "setup": {
             "teacher": TEACHER,
@@ -412,8 +452,10 @@ def main(argv=None) -> int:
             "cache": {"seconds": cache_s, "bytes_per_token": man["bytes_per_token"]},
             "arms": arms,
             "equal_steps": args.equal_steps,
+            "seeds": args.seeds or None,
         },
         "runs": rows,
+        "verdicts": verdicts,
         "overlap_jaccard": overlap,
         "goal": {
             "kd_aware_within_5pct_of_full": None if kd_ratio is None else kd_ratio <= 1.05,
@@ -434,14 +476,44 @@ def main(argv=None) -> int:
     write_json_atomic(out, results)
     items = {"full_fkl": full_fkl}
     for n in ["random_mean", *[a for a in arms if a != "random"]]:
+        n = n if n in rows else f"{n}_over_seeds"
         if n in rows:
             items[f"{n}_ratio"] = rows[n]["fkl_ratio_to_full"]
     if args.equal_steps and "kd_divergence_equal_steps" in rows:
         items["kd_equal_steps_ratio"] = rows["kd_divergence_equal_steps"]["fkl_ratio_to_full"]
     items["kd_within_5pct"] = results["goal"]["kd_aware_within_5pct_of_full"]
+    for c in (verdicts or {}).get("rows", []):
+        if c["metric"] == "forward_kl":
+            items[f"{c['arm']}_vs_{c['baseline']}"] = f"{c['difference']:+.3f}:{c['verdict']}"
     items["json"] = str(out)
     print(summary_line("select_llm", items))
     return 0
+
+
+def seed_verdicts(per_seed: dict[int, dict], arms: list[str]) -> dict:
+    """``--seeds``: every 10 % arm against ``random``, and each KD-aware arm against the embedding coreset
+    (``kmeans_medoids``) when both ran, on held-out forward KL (lower is better) and top-1 agreement, per
+    example; seed s of every arm shares the training seed (``random`` draws its subset with it). The
+    statistics of ``potstill compare`` (:mod:`potstill.eval.verdict`): paired difference, interval from the
+    crossed bootstrap over seeds x examples, Holm over every row. All 10 % arms train the same steps on the
+    same number of examples: equal training cost (selection cost is in ``runs``)."""
+    import numpy as np
+
+    from potstill.eval.verdict import compare_arms
+
+    lower = {"forward_kl": True, "top1_agreement": False}
+    seeds = sorted(per_seed)
+    scores = {m: {a: np.array([per_seed[s][a][m] for s in seeds], dtype=np.float64) for a in arms} for m in lower}
+    pairs = [(a, "random") for a in arms if a != "random"]
+    if "kmeans_medoids" in arms:
+        pairs += [(a, "kmeans_medoids") for a in arms if a in KD_AWARE]
+    rows = compare_arms(scores, "random", lower_better=lower, level=0.95, pairs=pairs)
+    return {
+        "level": 0.95,
+        "seeds": seeds,
+        "family": f"Holm over all {len(rows)} rows",
+        "rows": [c.as_dict() for c in rows],
+    }
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from potstill.cli import main
 from potstill.data.classification import Example, read_set_rows
 from potstill.dd.selection_io import selection_for_pool
 from potstill.errors import PotstillError
+from potstill.eval.verdict import holm
 from potstill.recipes.eval_data import load_eval_data_recipe
 from potstill.runners.common import draw as _draw
 from potstill.runners.eval_data import run_eval_data, summary_line
@@ -156,6 +157,60 @@ def test_hard_and_soft_rows_values_and_gain(run):
             assert row["hard"]["accuracy"]["values"] != row["soft"]["accuracy"]["values"], arm
     assert sets["dilm"]["replicas"] == 3
     assert sets["good"]["arms"]["random"]["hard"]["gain_vs_random_pts"] == 0.0
+
+
+def test_verdicts_pair_each_set_with_its_baselines_by_learner_seed(run):
+    """Every set against each baseline and every baseline against random, per label kind and metric, under one
+    Holm. The accuracy rows' per-seed differences are read back from the report's own per-learner values: seed
+    s of a set is the mean over its replicas at that seed (replica-major order), paired with the baseline's
+    seed s; their mean is the aggregated gain."""
+    _, report, sets, _ = run
+    baselines = report["baselines"]
+    rows = [v for st in report["sets"] for v in st["verdicts"]]
+    assert report["verdicts"]["rows"] == len(rows) == len(sets) * 2 * 2 * (2 * len(baselines) - 1)
+    assert [v["p_holm"] for v in rows] == pytest.approx(holm([v["p"] for v in rows]))
+    for st in sets.values():
+        reps = st["replicas"]
+        got = {(v["arm"], v["baseline"], v["labels"], v["metric"]): v for v in st["verdicts"]}
+        want = {("set", b) for b in baselines} | {(b, "random") for b in baselines if b != "random"}
+        for kind in ("hard", "soft"):
+            for metric in ("accuracy", "nll"):
+                assert {k[:2] for k in got if k[2:] == (kind, metric)} == want
+            for arm, base in want:
+                v = got[(arm, base, kind, "accuracy")]
+                a = st["arms"][arm][kind]["accuracy"]["values"]
+                b = st["arms"][base][kind]["accuracy"]["values"]
+                a_seed = [
+                    statistics.fmean(a[r * SEEDS + s] for r in range(reps if arm == "set" else 1)) for s in range(SEEDS)
+                ]
+                assert v["per_seed"] == pytest.approx([a_seed[s] - b[s] for s in range(SEEDS)]), (arm, base, kind)
+                assert v["difference"] == pytest.approx(statistics.fmean(a) - statistics.fmean(b))
+                assert v["seeds"] == SEEDS and v["examples"] == report["n_eval"]
+                assert v["verdict"] in ("better", "worse", "no difference")
+                assert (v["verdict"] == "no difference") == (v["p_holm"] >= 0.05)
+
+
+def test_a_set_far_from_random_gets_a_verdict_in_the_metrics_direction(tmp_path, monkeypatch):
+    """One set, one baseline, 5 seeds, 300 held-out sentences: the Holm family is the two metrics. A set of
+    class words only against random real sentences (filler around one class word) is better: higher
+    accuracy, lower NLL (the NLL verdict reads lower as better)."""
+    _patch(monkeypatch)
+    monkeypatch.setattr(
+        cr,
+        "load_sst2",
+        lambda split="train", path=None: dd_toy_examples(
+            200 if split == "train" else 300, 0 if split == "train" else 1
+        ),
+    )
+    write_rows(tmp_path / "good.jsonl", informative(8, 3))
+    data = recipe_dict(tmp_path / "out", [{"name": "good", "path": str(tmp_path / "good.jsonl"), "format": "jsonl"}])
+    data["learner"]["seeds"], data["data"]["eval_size"] = 5, 300
+    report = run_eval_data(load_eval_data_recipe({**data, "labels": ["hard"], "baselines": ["random"]}))
+    rows = {v["metric"]: v for v in report["sets"][0]["verdicts"]}
+    assert set(rows) == {"accuracy", "nll"} and report["verdicts"]["rows"] == 2
+    assert rows["accuracy"]["difference"] > 0 and rows["accuracy"]["verdict"] == "better"
+    assert rows["nll"]["difference"] < 0 and rows["nll"]["verdict"] == "better"
+    assert ", better; random " in summary_line(report)
 
 
 def test_construction_seconds_passed_through_or_null(run):

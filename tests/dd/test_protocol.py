@@ -105,6 +105,26 @@ def test_soft_one_hot_labels_reproduce_hard_label_training_exactly():
     assert not torch.allclose(other["model"].head.weight, hard["model"].head.weight)
 
 
+def test_per_example_scores_are_the_held_out_examples_own():
+    """``per_example``: each held-out example's 0/1 correctness (their mean is the accuracy) and the negative
+    log-probability of its gold class, recomputed here from the returned learner's logits."""
+    learner = tiny_learner()
+    train, dev = sentences(24, seed=1), sentences(60, seed=2)
+    ev = learner.features(dev)
+    r = evaluate_set(train, learner=learner, eval_examples=ev, seed=3, return_model=True, per_example=True, **TRAIN)
+    with torch.no_grad():
+        logp = r["model"].eval()(inputs_embeds=ev.hidden, attention_mask=ev.mask).double().log_softmax(-1)
+    gold = ev.labels
+    scores = r["per_example"]
+    assert len(scores["accuracy"]) == len(scores["nll"]) == 60
+    assert scores["accuracy"] == (logp.argmax(-1) == gold).double().tolist()
+    assert sum(scores["accuracy"]) / 60 == pytest.approx(r["accuracy"])
+    torch.testing.assert_close(
+        torch.tensor(scores["nll"], dtype=torch.float64), -logp[torch.arange(60), gold], rtol=1e-5, atol=1e-6
+    )
+    assert "per_example" not in evaluate_set(train, learner=learner, eval_examples=ev, seed=3, **TRAIN)
+
+
 def test_teacher_soft_labels_run_and_eval_text_equals_eval_features():
     learner = tiny_learner()
     train, dev = sentences(24, seed=1), sentences(100, seed=2)

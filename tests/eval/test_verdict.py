@@ -62,6 +62,24 @@ def test_a_gap_within_the_noise_is_no_difference_and_holm_counts_every_compariso
     assert rows["new"].p_holm == pytest.approx(max(rows["new"].p, rows["big"].p_holm))
 
 
+def test_pairs_compare_an_arm_with_several_references_under_one_holm():
+    """``pairs``: a method against two baselines and a baseline against another. Each row's estimate is the
+    paired mean difference with its own reference; Holm runs over the three rows together."""
+    rng = np.random.default_rng(4)
+    arms = _arms(0.0, 4, rng)  # kd, new: no gap
+    arms["method"] = arms["kd"] - 0.5 + rng.normal(0, 0.05, size=(4, 1))  # 0.5 below kd, about 0.5 below new
+    pairs = [("method", "kd"), ("method", "new"), ("new", "kd")]
+    rows = compare_arms({"m": arms}, "unused", lower_better={"m": True}, pairs=pairs)
+    assert [(c.arm, c.baseline) for c in rows] == pairs
+    for c in rows:
+        want = (arms[c.arm] - arms[c.baseline]).mean()
+        assert c.difference == pytest.approx(want)
+    assert [c.verdict for c in rows] == ["better", "better", "no difference"]
+    assert [c.p_holm for c in rows] == pytest.approx(holm([c.p for c in rows]))
+    with pytest.raises(PotstillError, match="'other'"):
+        compare_arms({"m": arms}, "kd", lower_better={"m": True}, pairs=[("method", "other")])
+
+
 def test_one_seed_gives_no_verdict():
     arms = _arms(-2.0, 1, np.random.default_rng(3))
     (c,) = compare_arms({"m": arms}, "kd", lower_better={"m": True})

@@ -395,6 +395,7 @@ def evaluate_set(
     soft_labels=None,
     return_model: bool = False,
     schedule: str = "linear",
+    per_example: bool = False,
 ) -> dict:
     """Train a fresh learner (``learner.new_top(seed)``) on ``train`` and evaluate it on ``eval_examples``.
 
@@ -406,7 +407,8 @@ def evaluate_set(
     learning-rate schedule of :func:`train_top` (``linear`` or ``cosine``).
 
     Returns ``{accuracy, f1, macro_f1, ece, n, n_train, steps, labels, seed, train_s, final_loss}``
-    (plus ``model`` with ``return_model``).
+    (plus ``model`` with ``return_model``, and with ``per_example`` the held-out examples' own scores,
+    :func:`potstill.eval.cls_metrics.example_scores`, under ``per_example``).
     """
     if labels not in ("hard", "soft"):
         raise PotstillError(f"labels='{labels}' is not one of hard, soft")
@@ -429,7 +431,12 @@ def evaluate_set(
         top, feats, steps=steps, lr=lr, batch_size=batch_size, seed=seed, targets=targets, schedule=schedule
     )
     train_s = time.perf_counter() - t0
-    out = evaluate_features(top, ev)
+    from ..eval.cls_metrics import classification_metrics, example_scores
+
+    probs = predict_features(top, ev)
+    out = classification_metrics(probs, ev.labels)
+    if per_example:
+        out["per_example"] = example_scores(probs, ev.labels)
     out.update(n_train=len(feats), steps=steps, labels=labels, seed=seed, train_s=train_s, final_loss=losses[-1])
     if return_model:
         out["model"] = top

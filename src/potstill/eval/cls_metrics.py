@@ -10,7 +10,14 @@ from torch import Tensor
 
 from .metrics import expected_calibration_error
 
-__all__ = ["ECE_BINS", "binned_coverage", "brier_score", "classification_metrics", "interval_coverage"]
+__all__ = [
+    "ECE_BINS",
+    "binned_coverage",
+    "brier_score",
+    "classification_metrics",
+    "example_scores",
+    "interval_coverage",
+]
 
 ECE_BINS = 15
 """Equal-width confidence bins of every ECE and interval coverage here (Guo et al. 2017 use 15)."""
@@ -104,3 +111,20 @@ def classification_metrics(probs: Tensor, labels: Sequence[int] | Tensor) -> dic
         "brier": brier_score(probs, gold),
         "n": n,
     }
+
+
+EXAMPLE_METRICS = {"accuracy": False, "nll": True}
+"""The per-example scores of :func:`example_scores` and whether lower is better (for
+:func:`potstill.eval.verdict.compare_arms`)."""
+
+
+def example_scores(probs: Tensor, labels: Sequence[int] | Tensor) -> dict[str, list[float]]:
+    """Per held-out example, the scores whose means are the set's: ``accuracy`` (1 where the most probable
+    class is the gold one, else 0; its mean is :func:`classification_metrics`' accuracy) and ``nll`` (the
+    negative log-probability of the gold class, floored at float32's smallest normal). Paired across arms
+    and seeds, they are what a verdict with an interval over examples needs (:mod:`potstill.eval.verdict`)."""
+    gold = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    p = probs.double()
+    correct = (p.argmax(-1) == gold).double()
+    nll = -p.gather(-1, gold[:, None]).squeeze(-1).clamp_min(torch.finfo(torch.float32).tiny).log()
+    return {"accuracy": correct.tolist(), "nll": nll.tolist()}

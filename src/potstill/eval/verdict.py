@@ -82,11 +82,12 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 @dataclass
 class Comparison:
-    """One arm against the baseline on one metric. ``difference`` = arm - baseline (mean over seeds and
+    """One arm against a baseline (``baseline``: its name) on one metric. ``difference`` = arm - baseline (mean over seeds and
     examples); ``low`` / ``high``: its ``level`` interval; ``p`` / ``p_holm``: raw and Holm-adjusted
     two-sided p-values; ``verdict``: better / worse / no difference (or :data:`ONE_SEED`)."""
 
     arm: str
+    baseline: str
     metric: str
     difference: float
     low: float
@@ -110,9 +111,12 @@ def compare_arms(
     level: float = 0.95,
     n_boot: int = 2000,
     seed: int = 0,
+    pairs: Sequence[tuple[str, str]] | None = None,
 ) -> list[Comparison]:
     """Every arm of ``scores`` (``metric -> arm -> [S, E]``) against ``baseline`` on every metric, Holm-corrected
-    across all of those comparisons. ``lower_better[metric]`` says which direction is better."""
+    across all of those comparisons. ``lower_better[metric]`` says which direction is better. ``pairs``: the
+    ``(arm, reference)`` comparisons to make instead (``baseline`` is then unused), e.g. a method against
+    several baselines; Holm runs over all of them and every metric."""
     if not 0.0 < level < 1.0:
         raise PotstillError(f"level={level} must be in (0, 1), e.g. 0.95")
     rng = np.random.default_rng(seed)
@@ -120,12 +124,17 @@ def compare_arms(
     for metric, arms in scores.items():
         if metric not in lower_better:
             raise PotstillError(f"metric {metric!r} has no direction; say whether lower is better")
-        if baseline not in arms:
-            raise PotstillError(f"metric {metric!r} has no baseline arm {baseline!r}; arms: {sorted(arms)}")
-        for name in arms:
-            if name == baseline:
-                continue
-            a, b = _pair(arms[name], arms[baseline])
+        if pairs is None:
+            if baseline not in arms:
+                raise PotstillError(f"metric {metric!r} has no baseline arm {baseline!r}; arms: {sorted(arms)}")
+            todo = [(name, baseline) for name in arms if name != baseline]
+        else:
+            todo = list(pairs)
+            missing = sorted({x for pair in todo for x in pair} - set(arms))
+            if missing:
+                raise PotstillError(f"metric {metric!r} has no arm {missing} that pairs name; arms: {sorted(arms)}")
+        for name, ref in todo:
+            a, b = _pair(arms[name], arms[ref])
             per_seed = (a - b).mean(axis=1)
             d, n_seeds = float(per_seed.mean()), a.shape[0]
             low = high = d
@@ -139,6 +148,7 @@ def compare_arms(
             rows.append(
                 {
                     "arm": name,
+                    "baseline": ref,
                     "metric": metric,
                     "difference": d,
                     "low": low,

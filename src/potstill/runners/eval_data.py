@@ -25,6 +25,15 @@ learner seed), ``k_center`` (farthest-point greedy), ``kmeans_medoids`` (DiLM's 
 ``herding``, over the L2-normalized mean-pooled prefix features (with ``trainable_layers: 0``: the
 MiniLM sentence embedding). Values are over learner seeds (x replicas for the set arm).
 
+Verdicts (``verdicts`` in each set's entry; the statistics of ``potstill compare``,
+:mod:`potstill.eval.verdict`): each set against every baseline and every baseline against ``random``,
+per label kind, on each held-out example's correctness and gold-class NLL. Learner seed ``s`` pairs
+the arms (the same initialisation and batch order; ``random`` draws its subset with it; a set of
+several replicas counts the mean over them at that seed), held-out examples are shared by every
+seed (a crossed design), and Holm runs over every row of the report, so *better* / *worse* holds
+family-wise at 95 %. Every arm trains the same steps on a set of the same size: equal training
+cost. With ``learner.seeds: 1`` there is no verdict.
+
 Construction seconds (cost of building one set): the recipe's ``construction_seconds``, else the
 timing of a report beside the set (``condense_report.json`` ``construction_s``,
 ``selection_report.json`` ``timings_s.total_s``, ``report.json`` ``construction_s``), else null,
@@ -39,11 +48,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from torch import Tensor, nn
 
 from potstill.data.classification import Example
 from potstill.dd.protocol import Features, SplitLearner, compare_arms, evaluate_features, evaluate_set, predict_features
 from potstill.errors import PotstillError
+from potstill.eval.cls_metrics import EXAMPLE_METRICS
+from potstill.eval.verdict import compare_arms as compare_verdicts
 from potstill.io import atomic_write_json
 from potstill.recipes.eval_data import EvalDataRecipe
 from potstill.runners import eval_data_lm
@@ -53,6 +65,7 @@ from potstill.runners.eval_data_sets import class_counts, construction, load_set
 __all__ = ["run", "run_eval_data", "summary_line"]
 
 METRICS = ("accuracy", "macro_f1")
+VERDICT_LEVEL = 0.95  # as potstill compare's default
 
 
 def _count_labels(labels: Sequence[int]) -> dict[str, int]:
@@ -127,6 +140,7 @@ class _Judge:
                     lr=lr_cfg.lr,
                     batch_size=lr_cfg.batch_size,
                     schedule=lr_cfg.schedule,
+                    per_example=True,
                 )
             )
 
@@ -157,8 +171,11 @@ class _Judge:
         self.baseline_cache[key] = (base_runs, base_info)
         return base_runs, base_info
 
-    def judge(self, s, path: Path, replicas: list[list[Example]], counts: dict[int, int], cost, source) -> dict:
-        """The report entry of one set: its replicas x seeds against the baselines of its counts."""
+    def judge(
+        self, s, path: Path, replicas: list[list[Example]], counts: dict[int, int], cost, source
+    ) -> tuple[dict, dict]:
+        """The report entry of one set (its replicas x seeds against the baselines of its counts) and its
+        arms' per-example scores for the verdicts (:func:`_per_seed`)."""
         t0 = time.perf_counter()
         kinds = self.recipe.labels
         runs: dict[str, dict[str, list]] = {kind: {} for kind in kinds}
@@ -175,6 +192,12 @@ class _Judge:
             "construction_seconds": cost,
         }
         arms = _aggregate({kind: {**runs[kind], **base_runs[kind]} for kind in kinds}, {"set": set_info, **base_info})
+        seeds = self.recipe.learner.seeds
+        scores = {
+            kind: {"set": _per_seed(runs[kind]["set"], seeds)}
+            | {b: _per_seed(v, seeds) for b, v in base_runs[kind].items()}
+            for kind in kinds
+        }
         return {
             "name": s.name,
             "format": s.format,
@@ -186,7 +209,47 @@ class _Judge:
             "construction_source": source,
             "arms": arms,
             "eval_s": time.perf_counter() - t0,
-        }
+        }, scores
+
+
+def _per_seed(rows: list[dict], seeds: int) -> dict[str, np.ndarray]:
+    """``{metric: [seeds, examples]}`` from one arm's learner runs, ordered replica by replica and seed by seed
+    within each: the per-example scores of seed ``s`` averaged over the replicas (a baseline has one)."""
+    return {
+        m: np.asarray([r["per_example"][m] for r in rows], dtype=np.float64)
+        .reshape(-1, seeds, len(rows[0]["per_example"][m]))
+        .mean(0)
+        for m in EXAMPLE_METRICS
+    }
+
+
+def _verdicts(recipe: EvalDataRecipe, entries: list[tuple[dict, dict]]) -> dict:
+    """Each set against every baseline, and every other baseline against ``random``, per label kind and
+    per-example metric (accuracy, the gold class's NLL): the paired difference over learner seeds (seed ``s``
+    trains every arm's learner from the same initialisation; ``random`` draws its subset with it) x held-out
+    examples, its interval and *better / worse / no difference* after Holm over every row of the report
+    (:mod:`potstill.eval.verdict`, the statistics of ``potstill compare``). Every arm trains the same steps on
+    a set of the same size: equal training cost. Each set entry gets its own rows under ``verdicts``."""
+    scores, lower, owner = {}, {}, {}
+    for entry, per in entries:
+        for kind, arms in per.items():
+            for metric, low in EXAMPLE_METRICS.items():
+                key = f"{entry['name']}/{kind}/{metric}"
+                scores[key] = {arm: v[metric] for arm, v in arms.items()}
+                lower[key], owner[key] = low, (entry, kind, metric)
+    pairs = [("set", b) for b in recipe.baselines] + [(b, "random") for b in recipe.baselines if b != "random"]
+    rows = compare_verdicts(scores, "random", lower_better=lower, level=VERDICT_LEVEL, pairs=pairs)
+    for entry, _ in entries:
+        entry["verdicts"] = []
+    for c in rows:
+        entry, kind, metric = owner[c.metric]
+        entry["verdicts"].append({**c.as_dict(), "metric": metric, "labels": kind})
+    return {
+        "level": VERDICT_LEVEL,
+        "family": f"Holm over all {len(rows)} rows: sets x label kinds x metrics x (arm, baseline) pairs",
+        "seeds": recipe.learner.seeds,
+        "rows": len(rows),
+    }
 
 
 def _protocol(recipe: EvalDataRecipe) -> dict:
@@ -222,7 +285,9 @@ def run_eval_data(recipe) -> dict:
     features_s = time.perf_counter() - t0
     teacher, teacher_report, pool_soft = _pool_teacher(recipe, learner, pool_f, eval_f)
     judge = _Judge(recipe, learner, feats_of, pool_f, eval_f, emb, teacher, pool_soft)
-    report_sets = [judge.judge(*x) for x in loaded]
+    judged = [judge.judge(*x) for x in loaded]
+    verdicts = _verdicts(recipe, judged)
+    report_sets = [entry for entry, _ in judged]
 
     out = Path(recipe.output_dir) / "eval_data.json"
     report = finite(
@@ -236,6 +301,7 @@ def run_eval_data(recipe) -> dict:
             "teacher": teacher_report,
             "protocol": _protocol(recipe),
             "sets": report_sets,
+            "verdicts": verdicts,
             "timing_s": {"features": features_s},
             "total_s": time.perf_counter() - t_start,
             "path": str(out),
@@ -257,9 +323,14 @@ def summary_line(report: dict) -> str:
         for kind in report["labels"]:
             row = arms["set"][kind]
             base = ", ".join(f"{b} {arms[b][kind]['accuracy']['mean']:.3f}" for b in report["baselines"])
+            verdict = next(
+                v["verdict"]
+                for v in st["verdicts"]
+                if (v["arm"], v["baseline"], v["labels"], v["metric"]) == ("set", "random", kind, "accuracy")
+            )
             kinds.append(
                 f"{kind} {row['accuracy']['mean']:.3f}±{row['accuracy']['std']:.3f} "
-                f"({row['gain_vs_random_pts']:+.1f} pts; {base})"
+                f"({row['gain_vs_random_pts']:+.1f} pts, {verdict}; {base})"
             )
         parts.append(
             f"{st['name']} (n={st['size']}, {st['replicas']}x{len(report['protocol']['seeds'])}): " + " | ".join(kinds)
