@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from helpers import pair_examples, recipe
 
 from potstill.errors import PotstillError
+from potstill.eval.verdict import satterthwaite_df
 
 
 def test_per_example_scores_average_to_the_evaluators_figures(tiny_teacher, tiny_student, tiny_tokenizer):
@@ -58,6 +60,11 @@ def test_compare_end_to_end_identical_runs_and_resume(assets, tmp_path, monkeypa
         assert per["costs"]["sft"]["loss_tokens"] > 0 and per["costs"]["sft"]["generated_tokens"] == 0
         assert (out / f"seed_{seed}" / "runs" / "sft" / "train_info.json").is_file()
     assert "| forward_kl | sft |" in (out / "compare.md").read_text()
+    # the default degrees of freedom are the crossed design's, recorded per row; from per_example.json's scores
+    assert result["df"] == "satterthwaite" and "Satterthwaite" in (out / "compare.md").read_text()
+    seeds_x_examples = [json.loads((out / f"seed_{s}" / "per_example.json").read_text())["scores"] for s in (0, 1)]
+    diff = np.array([[a - b for a, b in zip(sc["sft"]["nll"], sc["kd"]["nll"])] for sc in seeds_x_examples])
+    assert rows[("sft", "nll")]["df"] == pytest.approx(satterthwaite_df(diff))
     # the seeds differ: seed 1's students are not seed 0's
     s0 = json.loads((out / "seed_0" / "per_example.json").read_text())["scores"]["sft"]["forward_kl"]
     s1 = json.loads((out / "seed_1" / "per_example.json").read_text())["scores"]["sft"]["forward_kl"]

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.stats import t as student_t
 
 from potstill.errors import PotstillError
-from potstill.eval.verdict import ONE_SEED, compare_arms, crossed_bootstrap, holm
+from potstill.eval.verdict import ONE_SEED, compare_arms, crossed_bootstrap, holm, satterthwaite_df
 
 
 def test_holm_by_hand():
@@ -98,15 +99,25 @@ def test_bad_input_is_refused_in_one_line():
         compare_arms({"m": {"x": good}}, "kd", lower_better={"m": True})
 
 
+@pytest.mark.parametrize("df", ["seeds", "satterthwaite"])
 @pytest.mark.parametrize(
     ("seeds", "sd_seed", "sd_example"),
-    [(3, 0.3, 0.3), (5, 0.0, 0.5), (5, 0.5, 0.0), (10, 0.3, 0.3), (10, 0.0, 0.5)],
-    ids=["3 seeds", "examples dominate", "seeds dominate", "10 seeds", "10 seeds, examples dominate"],
+    [(3, 0.3, 0.3), (5, 0.0, 0.5), (5, 0.5, 0.0), (10, 0.3, 0.3), (10, 0.0, 0.5), (3, 0.0, 0.5), (2, 0.5, 0.0)],
+    ids=[
+        "3 seeds",
+        "examples dominate",
+        "seeds dominate",
+        "10 seeds",
+        "10 seeds, examples dominate",
+        "3 seeds, examples dominate",
+        "2 seeds, seeds dominate",
+    ],
 )
-def test_interval_covers_a_known_difference_at_the_stated_level(seeds, sd_seed, sd_example):
+def test_interval_covers_a_known_difference_at_the_stated_level(seeds, sd_seed, sd_example, df):
     """d[s, e] = 0.2 + seed effect + shared example effect + noise; the 90 % interval must contain 0.2 in at
-    least 90 % of 200 seeded replications, up to 2.5 binomial standard errors (0.053)."""
-    rng = np.random.default_rng(seeds * 100 + int(10 * sd_seed))
+    least 90 % of 200 seeded replications, up to 2.5 binomial standard errors (0.053), under either rule for
+    the degrees of freedom."""
+    rng = np.random.default_rng(seeds * 100 + int(10 * sd_seed) + int(100 * sd_example))
     covered, reps, level = 0, 200, 0.9
     for _ in range(reps):
         diff = (
@@ -116,7 +127,67 @@ def test_interval_covers_a_known_difference_at_the_stated_level(seeds, sd_seed, 
             + rng.normal(0, 0.5, size=(seeds, 40))
         )
         (c,) = compare_arms(
-            {"m": {"kd": np.zeros_like(diff), "x": diff}}, "kd", lower_better={"m": True}, level=level, n_boot=300
+            {"m": {"kd": np.zeros_like(diff), "x": diff}},
+            "kd",
+            lower_better={"m": True},
+            level=level,
+            n_boot=300,
+            df=df,
         )
         covered += c.low <= 0.2 <= c.high
     assert covered / reps >= level - 2.5 * np.sqrt(level * (1 - level) / reps)
+
+
+def _mean_squares_by_loops(d: np.ndarray) -> tuple[float, float, float]:
+    """MS_seeds, MS_examples, MS_interaction of a two-way table without replication, written out cell by cell."""
+    s, e = d.shape
+    grand = sum(d[i, j] for i in range(s) for j in range(e)) / (s * e)
+    row = [sum(d[i, j] for j in range(e)) / e for i in range(s)]
+    col = [sum(d[i, j] for i in range(s)) / s for j in range(e)]
+    ss_s = e * sum((row[i] - grand) ** 2 for i in range(s))
+    ss_e = s * sum((col[j] - grand) ** 2 for j in range(e))
+    ss_r = sum((d[i, j] - row[i] - col[j] + grand) ** 2 for i in range(s) for j in range(e))
+    return ss_s / (s - 1), ss_e / (e - 1), ss_r / ((s - 1) * (e - 1))
+
+
+def test_satterthwaite_df_closed_forms():
+    rng = np.random.default_rng(5)
+    seed_effect, example_effect = rng.normal(size=(3, 1)), rng.normal(size=(1, 12))
+    # one factor alone: its own degrees of freedom
+    assert satterthwaite_df(np.tile(seed_effect, (1, 12))) == pytest.approx(2.0)
+    assert satterthwaite_df(np.tile(example_effect, (3, 1))) == pytest.approx(11.0)
+    # both and noise: Satterthwaite's formula over the mean squares of the table
+    d = seed_effect + example_effect + rng.normal(0, 0.3, size=(3, 12))
+    ms_s, ms_e, ms_r = _mean_squares_by_loops(d)
+    want = (ms_s + ms_e - ms_r) ** 2 / (ms_s**2 / 2 + ms_e**2 / 11 + ms_r**2 / 22)
+    assert satterthwaite_df(d) == pytest.approx(want)
+    assert 2.0 < satterthwaite_df(d) < 11.0
+    # a combination <= 0 (an interaction larger than both effects): the interaction's term is left out, never a
+    # negative variance; with no example effect left, the seeds' degrees of freedom remain
+    r, c = np.array([1.0, -2.0, 1.0]), np.tile([1.0, -1.0], 6)
+    table = 0.01 * seed_effect + np.outer(r, c)  # every column mean constant, every row mean the seed effect's
+    ms_s, ms_e, ms_r = _mean_squares_by_loops(table)
+    assert ms_e == pytest.approx(0.0, abs=1e-20) and ms_s + ms_e - ms_r < 0
+    assert satterthwaite_df(table) == pytest.approx(2.0)
+    assert satterthwaite_df(np.zeros((4, 5))) == 3.0  # nothing varies: S - 1
+    assert satterthwaite_df(rng.normal(size=(3, 1))) == 2.0  # one example: the seeds only
+    with pytest.raises(PotstillError, match="two seeds"):
+        satterthwaite_df(np.zeros((1, 5)))
+
+
+def test_satterthwaite_decides_a_gap_the_seeds_rule_cannot_when_examples_dominate():
+    """3 seeds that agree closely, 40 examples that vary a lot: t with 2 degrees of freedom (4.30 at 95 %) leaves
+    the gap undecided; the crossed design's degrees of freedom (tens) decide it, with the same standard error."""
+    rng = np.random.default_rng(6)
+    base = rng.normal(5.0, 1.0, size=(3, 40))
+    arm = base - 0.3 + rng.normal(0, 0.02, size=(3, 1)) + rng.normal(0, 0.6, size=(1, 40))
+    rows = {
+        rule: compare_arms({"m": {"kd": base, "x": arm}}, "kd", lower_better={"m": True}, df=rule)[0]
+        for rule in ("seeds", "satterthwaite")
+    }
+    assert rows["seeds"].df == 2.0 and rows["satterthwaite"].df > 10
+    assert rows["seeds"].verdict == "no difference" and rows["satterthwaite"].verdict == "better"
+    se = [(r.high - r.low) / (2 * student_t.ppf(0.975, r.df)) for r in rows.values()]
+    assert se[0] == pytest.approx(se[1])
+    with pytest.raises(PotstillError, match="df="):
+        compare_arms({"m": {"kd": base, "x": arm}}, "kd", lower_better={"m": True}, df="welch")

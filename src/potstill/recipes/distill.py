@@ -249,6 +249,12 @@ class CompareConfig(Strict):
         0.95, gt=0.5, lt=1.0, description="Confidence level; Holm keeps the family-wise error below 1 - level."
     )
     n_boot: int = Field(2000, ge=200, description="Bootstrap resamples of seeds x held-out examples.")
+    df: Literal["satterthwaite", "seeds"] = Field(
+        "satterthwaite",
+        description="Degrees of freedom of each interval: satterthwaite (the crossed seeds x examples design's, "
+        "about S - 1 when the seeds dominate and more when the held-out examples do) or seeds (S - 1, the rule of "
+        "potstill's verdicts before it; 4.3-fold wide at 3 seeds).",
+    )
     match: Literal["steps", "flops"] = Field(
         "steps",
         description="steps: every run trains train.max_steps; flops: each run gets the steps that bring its "

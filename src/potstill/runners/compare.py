@@ -181,12 +181,13 @@ def compare(recipe: Recipe, *, progress: bool = True) -> dict:
         if all(key in s["harness"][n] for s in seeds for n in names):
             scores[key] = {n: np.array([[s["harness"][n][key]] for s in seeds], dtype=np.float64) for n in names}
             lower[key] = False
-    rows = compare_arms(scores, baseline, lower_better=lower, level=cfg.level, n_boot=cfg.n_boot)
+    rows = compare_arms(scores, baseline, lower_better=lower, level=cfg.level, n_boot=cfg.n_boot, df=cfg.df)
     costs = {n: {k: [s["costs"][n].get(k) for s in seeds] for k in COST_KEYS} for n in names}
     result = {
         "baseline": baseline,
         "seeds": list(cfg.seeds),
         "level": cfg.level,
+        "df": cfg.df,
         "match": cfg.match,
         "steps": steps,
         "examples": int(scores[cfg.metrics[0]][baseline].shape[1]),
@@ -208,18 +209,25 @@ def _markdown(r: dict) -> str:
         "",
         f"Every run against **{r['baseline']}**, trained with seeds {r['seeds']} and scored on the same "
         f"{r['examples']} held-out examples. Difference = run - baseline (mean over seeds and examples), its {pct} "
-        "interval from a bootstrap over seeds x examples (that row alone), p-values Holm-corrected across every "
+        "interval from a bootstrap over seeds x examples (that row alone) with Student's t at "
+        + (
+            "the crossed design's degrees of freedom (Satterthwaite; column df)"
+            if r.get("df", "seeds") == "satterthwaite"
+            else "seeds - 1 degrees of freedom"
+        )
+        + ", p-values Holm-corrected across every "
         "row (potstill.eval.verdict). The verdict reads the Holm p-value, so a row whose own interval leaves out 0 "
         "can still be *no difference* once every row is accounted for.",
         "",
-        f"| metric | run | difference | {pct} interval | p (Holm) | verdict | per seed |",
-        "|---|---|---:|---|---:|---|---|",
+        f"| metric | run | difference | {pct} interval | df | p (Holm) | verdict | per seed |",
+        "|---|---|---:|---|---:|---:|---|---|",
     ]
     for c in r["comparisons"]:
         per = ", ".join(f"{v:+.4g}" for v in c["per_seed"])
+        dof = "-" if c.get("df") is None else f"{c['df']:.3g}"
         lines.append(
             f"| {c['metric']} | {c['arm']} | {c['difference']:+.4g} | [{c['low']:+.4g}, {c['high']:+.4g}] | "
-            f"{c['p_holm']:.3g} | {c['verdict']} | {per} |"
+            f"{dof} | {c['p_holm']:.3g} | {c['verdict']} | {per} |"
         )
     matched = "compute-matched (`match: flops`)" if r.get("match") == "flops" else "equal steps"
     lines += [
