@@ -20,6 +20,11 @@ the ratio to the 100% student; the examples' response tokens; the construction s
 recipe's ``construction_seconds``, else ``selection_report.json`` or ``synthesis_report.json``
 beside the set; null if unknown).
 
+Verdicts (``verdicts`` in each set's entry): the set against every baseline and every baseline against
+``random``, per run and per held-out example (forward KL, top-1 agreement), with ``potstill compare``'s
+statistics (:func:`_verdicts`); every arm of a set trains the same steps on the same number of examples, so
+they are compared at equal training cost.
+
 Long runs resume: each finished arm's metrics are written atomically to ``arms.json`` under the
 recipe's fingerprint (and every set's content hash); a rerun of the same recipe trains only what is
 missing, a changed recipe starts over. Students are trained in a scratch folder and removed once
@@ -55,6 +60,8 @@ __all__ = ["run_eval_data_lm", "summary_line"]
 ARMS_FILE = "arms.json"
 REPORT_FILE = "eval_data.json"
 METRICS = ("forward_kl", "top1_agreement", "perplexity")
+VERDICT_METRICS = {"forward_kl": True, "top1_agreement": False}  # per held-out example; lower is better?
+VERDICT_LEVEL = 0.95  # as potstill compare's default
 
 
 def _set_path(s: LMSet) -> Path:
@@ -198,12 +205,28 @@ class _Arms:
             )
         )
 
+    def per_example(self, models: dict) -> dict[str, dict[str, list[float]]]:
+        """Each held-out example's forward KL and top-1 agreement (means over its response tokens) for the
+        verdicts; a second teacher pass over the held-out examples, which are few next to training."""
+        from potstill.eval import per_example_scores
+
+        prep = self.prep
+        scores = per_example_scores(
+            models,
+            prep.teacher,
+            prep.tokenizer,
+            prep.eval_examples,
+            vocab_size=prep.vocab_size,
+            batch_size=self.recipe.eval_batch_size,
+        )
+        return {n: {k: scores[n][k] for k in VERDICT_METRICS} for n in models}
+
     def learn(self, key: str, examples: list[dict], seed: int) -> dict:
         """Every run trained on ``examples`` from the initial student; metrics per run (resumed if done)."""
         from potstill.runners.train import train_run
 
-        if key in self.done:
-            return self.done[key]
+        if key in self.done and all("per_example" in v for v in self.done[key]["runs"].values()):
+            return self.done[key]  # (an arm finished before verdicts existed is trained again for its scores)
         recipe, distill, prep = self.recipe, self.distill, self.prep
         steps = max(1, math.ceil(recipe.epochs * len(examples) / self.bsz - 1e-9))
         row: dict = {"examples": len(examples), "response_tokens": _tokens(examples), "steps": steps, "runs": {}}
@@ -227,7 +250,10 @@ class _Arms:
             train_s[run.name] = time.perf_counter() - t0
         # the arm's students together: one teacher pass over the held-out examples serves them all
         m = self.evaluate({n: x.eval() for n, x in models.items()})
-        row["runs"] = {n: {k: m[n][k] for k in METRICS} | {"train_s": train_s[n]} for n in models}
+        per = self.per_example(models)
+        row["runs"] = {
+            n: {k: m[n][k] for k in METRICS} | {"train_s": train_s[n], "per_example": per[n]} for n in models
+        }
         del models
         if not recipe.keep_students:
             shutil.rmtree(self.scratch / key, ignore_errors=True)
@@ -304,8 +330,9 @@ def _aggregate(arm_rows: dict[str, list[dict]], arm_info: dict[str, dict], n: in
     return arms
 
 
-def _judge_set(arms: _Arms, loaded_set: tuple, draws: dict, full: dict | None) -> dict:
-    """The report entry of one set: its seeds' students against the baselines' of its size."""
+def _judge_set(arms: _Arms, loaded_set: tuple, draws: dict, full: dict | None) -> tuple[dict, dict]:
+    """The report entry of one set (its seeds' students against the baselines' of its size) and every arm's
+    per-example scores, ``{run: {arm: {metric: [seeds, examples]}}}``, for the verdicts."""
     recipe, pool = arms.recipe, arms.prep.pool_examples
     s, path, examples, cost, cost_src, _h = loaded_set
     n = len(examples)
@@ -321,6 +348,13 @@ def _judge_set(arms: _Arms, loaded_set: tuple, draws: dict, full: dict | None) -
             secs.append(sec)
         arm_rows[b] = rows
         arm_info[b] = {"construction_seconds": statistics.fmean(secs), "construction_source": "measured"}
+    scores = {
+        run.name: {
+            arm: {m: [r["runs"][run.name]["per_example"][m] for r in rows] for m in VERDICT_METRICS}
+            for arm, rows in arm_rows.items()
+        }
+        for run in arms.distill.runs
+    }
     return {
         "name": s.name,
         "format": s.format,
@@ -328,7 +362,49 @@ def _judge_set(arms: _Arms, loaded_set: tuple, draws: dict, full: dict | None) -
         "size": n,
         "fraction_of_pool": n / len(pool),
         "arms": _aggregate(arm_rows, arm_info, n, arms.distill.runs, full),
+    }, scores
+
+
+def _verdicts(recipe: EvalDataLMRecipe, judged: list[tuple[dict, dict]]) -> dict:
+    """Each set against every baseline, and every other baseline against ``random``, per run of ``runs`` and
+    per-example metric (held-out forward KL, top-1 agreement): seed ``i`` pairs the arms (the same initial
+    student and training seed; ``random`` draws with it), the held-out examples are shared by every seed, and
+    the statistics are ``potstill compare``'s (:mod:`potstill.eval.verdict`: crossed bootstrap,
+    Satterthwaite's degrees of freedom, Holm over every row of the report). Examples with no response token
+    (nan) are left out of that comparison. Each set entry gets its rows under ``verdicts``."""
+    import numpy as np
+
+    from potstill.eval.verdict import compare_arms
+
+    table, lower, owner = {}, {}, {}
+    for entry, per_run in judged:
+        for run, arms in per_run.items():
+            for metric, low in VERDICT_METRICS.items():
+                mats = {a: np.asarray(v[metric], dtype=np.float64) for a, v in arms.items()}
+                keep = np.all([np.isfinite(x).all(axis=0) for x in mats.values()], axis=0)
+                key = f"{entry['name']}/{run}/{metric}"
+                table[key] = {a: x[:, keep] for a, x in mats.items()}
+                lower[key], owner[key] = low, (entry, run, metric)
+    pairs = [("set", b) for b in recipe.baselines] + [(b, "random") for b in recipe.baselines if b != "random"]
+    rows = compare_arms(table, "random", lower_better=lower, level=VERDICT_LEVEL, pairs=pairs)
+    for entry, _ in judged:
+        entry["verdicts"] = []
+    for c in rows:
+        entry, run, metric = owner[c.metric]
+        entry["verdicts"].append({**c.as_dict(), "metric": metric, "run": run})
+    return {
+        "level": VERDICT_LEVEL,
+        "family": f"Holm over all {len(rows)} rows: sets x runs x metrics x (arm, baseline) pairs",
+        "seeds": recipe.seeds,
+        "rows": len(rows),
     }
+
+
+def _without_scores(row: dict | None) -> dict | None:
+    """An arm's row as the report shows it: its per-example scores stay in ``arms.json``."""
+    if row is None:
+        return None
+    return {**row, "runs": {n: {k: v for k, v in r.items() if k != "per_example"} for n, r in row["runs"].items()}}
 
 
 def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
@@ -365,7 +441,9 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
     # references: the untrained student, and the 100% student
     init = arms.student_init()
     full = arms.learn("full", pool, 0) if recipe.full else None
-    report_sets = [_judge_set(arms, x, draws, full) for x in loaded]
+    judged = [_judge_set(arms, x, draws, full) for x in loaded]
+    verdicts = _verdicts(recipe, judged)
+    report_sets = [entry for entry, _ in judged]
     if not recipe.keep_students:
         shutil.rmtree(arms.scratch, ignore_errors=True)
     report = finite(
@@ -378,7 +456,7 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
             "baselines": list(recipe.baselines),
             "teacher": init["teacher"],
             "student_init": init["runs"]["untrained"],
-            "full": full,
+            "full": _without_scores(full),
             "protocol": {
                 "epochs": recipe.epochs,
                 "batch_size": arms.bsz,
@@ -388,6 +466,7 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
                 "embeddings": recipe.embeddings,
             },
             "sets": report_sets,
+            "verdicts": verdicts,
             "fingerprint": fp,
             "total_s": time.perf_counter() - t_start,
             "path": str(out / REPORT_FILE),
@@ -409,9 +488,18 @@ def summary_line(report: dict) -> str:
                 f"{b} {_num(st['arms'][b]['runs'][run]['forward_kl']['mean'], '.3f')}" for b in report["baselines"]
             )
             ratio = row.get("ratio_to_full")
+            verdict = next(
+                (
+                    v["verdict"]
+                    for v in st.get("verdicts", [])
+                    if (v["arm"], v["baseline"], v["run"], v["metric"]) == ("set", "random", run, "forward_kl")
+                ),
+                None,
+            )
             runs.append(
                 f"{run} FKL {_num(row['forward_kl']['mean'], '.3f')} "
                 f"({_num(row['gain_vs_random_pct'], '+.1f')}% vs random"
+                + (f", {verdict}" if verdict else "")
                 + (f", {ratio:.2f}x full" if ratio is not None else "")
                 + f"; {base})"
             )
