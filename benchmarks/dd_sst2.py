@@ -188,7 +188,8 @@ def main(argv=None) -> int:
     else:
         out_path = FINETUNE_OUT if finetune else DEFAULT_OUT
     # every finished set is kept beside the output: a killed run resumes at the next set
-    partial = Partial(out_path, {k: v for k, v in vars(args).items() if k not in ("out", "save_dir")})
+    # schema 2: every learner's per-example scores are kept (the verdicts); an older partial file starts afresh
+    partial = Partial(out_path, {"schema": 2, **{k: v for k, v in vars(args).items() if k not in ("out", "save_dir")}})
 
     import torch
     import transformers
@@ -429,7 +430,7 @@ def main(argv=None) -> int:
                         per_example=True,
                         **protocol,
                     )
-                    # rounded before use, so a resumed run's verdicts equal an uninterrupted one's
+                    # 6 decimals keep the partial file small (the verdicts use the same values either way)
                     r["per_example"]["nll"] = [round(v, 6) for v in r["per_example"]["nll"]]
                     results[b][kind].setdefault(arm, []).append(r)
                     unit["results"].append([b, kind, arm, r])

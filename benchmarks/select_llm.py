@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.seeds == 1 or args.seeds < 0:
         p.error("--seeds: give 2 or more (one seed gives no verdict), or leave it out")
+    if args.seeds and "random" not in [a.strip() for a in args.arms.split(",")]:
+        p.error("--seeds judges every arm against random: add random to --arms")
     if args.quick:
         args.pool, args.eval_size, args.max_length, args.epochs = 40, 8, 64, 1.0
         args.fraction = 0.25
@@ -397,7 +399,7 @@ def main(argv=None) -> int:
             }
         rows[name] = row
     rnd = [rows[n] for n in rows if n.startswith("random_s")]
-    if rnd:
+    if rnd and not args.seeds:  # (with --seeds, random_over_seeds below)
         fk = [r["forward_kl"] for r in rnd]
         mean = sum(fk) / len(fk)
         rows["random_mean"] = {
@@ -500,8 +502,9 @@ def seed_verdicts(per_seed: dict[int, dict], arms: list[str]) -> dict:
     import numpy as np
 
     from potstill.eval.verdict import compare_arms
+    from potstill.runners.compare import LOWER_BETTER
 
-    lower = {"forward_kl": True, "top1_agreement": False}
+    lower = {m: LOWER_BETTER[m] for m in ("forward_kl", "top1_agreement")}
     seeds = sorted(per_seed)
     scores = {m: {a: np.array([per_seed[s][a][m] for s in seeds], dtype=np.float64) for a in arms} for m in lower}
     pairs = [(a, "random") for a in arms if a != "random"]

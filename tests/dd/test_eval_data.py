@@ -160,34 +160,45 @@ def test_hard_and_soft_rows_values_and_gain(run):
 
 
 def test_verdicts_pair_each_set_with_its_baselines_by_learner_seed(run):
-    """Every set against each baseline and every baseline against random, per label kind and metric, under one
-    Holm. The accuracy rows' per-seed differences are read back from the report's own per-learner values: seed
-    s of a set is the mean over its replicas at that seed (replica-major order), paired with the baseline's
-    seed s; their mean is the aggregated gain."""
+    """Every set against each baseline, and each baseline against random once per group of sets that share
+    their baseline subsets (same class counts), per label kind and metric, under one Holm. The accuracy rows'
+    per-seed differences are read back from the report's own per-learner values: seed s of a set is the mean
+    over its replicas at that seed (replica-major order), paired with the baseline's seed s."""
     _, report, sets, _ = run
     baselines = report["baselines"]
-    rows = [v for st in report["sets"] for v in st["verdicts"]]
-    assert report["verdicts"]["rows"] == len(rows) == len(sets) * 2 * 2 * (2 * len(baselines) - 1)
-    assert [v["p_holm"] for v in rows] == pytest.approx(holm([v["p"] for v in rows]))
+    set_rows = [v for st in report["sets"] for v in st["verdicts"]]
+    base_rows = report["verdicts"]["baselines"]
+    groups = {json.dumps(st["class_counts"], sort_keys=True) for st in sets.values()}
+    assert len(groups) == 2  # 4 + 4 (good, bad, given) and 3 + 3 (dilm)
+    assert len(set_rows) == len(sets) * 2 * 2 * len(baselines)
+    assert len(base_rows) == len(groups) * 2 * 2 * (len(baselines) - 1)
+    assert report["verdicts"]["rows"] == len(set_rows) + len(base_rows)
+    family = set_rows + base_rows
+    ps = holm([v["p"] for v in family])
+    assert [v["p_holm"] for v in family] == pytest.approx(ps)
+
+    def check(v: dict, st: dict, arm: str, base: str, kind: str) -> None:
+        reps = st["replicas"] if arm == "set" else 1
+        a = st["arms"][arm][kind]["accuracy"]["values"]
+        b = st["arms"][base][kind]["accuracy"]["values"]
+        a_seed = [statistics.fmean(a[r * SEEDS + s] for r in range(reps)) for s in range(SEEDS)]
+        assert v["per_seed"] == pytest.approx([a_seed[s] - b[s] for s in range(SEEDS)]), (arm, base, kind)
+        assert v["difference"] == pytest.approx(statistics.fmean(a) - statistics.fmean(b))
+        assert v["seeds"] == SEEDS and v["examples"] == report["n_eval"] and v["df"] >= 1
+        assert v["verdict"] in ("better", "worse", "no difference")
+        assert (v["verdict"] == "no difference") == (v["p_holm"] >= 0.05)
+
     for st in sets.values():
-        reps = st["replicas"]
         got = {(v["arm"], v["baseline"], v["labels"], v["metric"]): v for v in st["verdicts"]}
-        want = {("set", b) for b in baselines} | {(b, "random") for b in baselines if b != "random"}
+        assert set(got) == {("set", b, k, m) for b in baselines for k in ("hard", "soft") for m in ("accuracy", "nll")}
         for kind in ("hard", "soft"):
-            for metric in ("accuracy", "nll"):
-                assert {k[:2] for k in got if k[2:] == (kind, metric)} == want
-            for arm, base in want:
-                v = got[(arm, base, kind, "accuracy")]
-                a = st["arms"][arm][kind]["accuracy"]["values"]
-                b = st["arms"][base][kind]["accuracy"]["values"]
-                a_seed = [
-                    statistics.fmean(a[r * SEEDS + s] for r in range(reps if arm == "set" else 1)) for s in range(SEEDS)
-                ]
-                assert v["per_seed"] == pytest.approx([a_seed[s] - b[s] for s in range(SEEDS)]), (arm, base, kind)
-                assert v["difference"] == pytest.approx(statistics.fmean(a) - statistics.fmean(b))
-                assert v["seeds"] == SEEDS and v["examples"] == report["n_eval"]
-                assert v["verdict"] in ("better", "worse", "no difference")
-                assert (v["verdict"] == "no difference") == (v["p_holm"] >= 0.05)
+            for b in baselines:
+                check(got[("set", b, kind, "accuracy")], st, "set", b, kind)
+    for v in base_rows:
+        assert v["baseline"] == "random" and v["arm"] in baselines
+        if v["metric"] == "accuracy":
+            st = next(x for x in sets.values() if json.dumps(x["class_counts"], sort_keys=True) == v["group"])
+            check(v, st, v["arm"], "random", v["labels"])
 
 
 def test_a_set_far_from_random_gets_a_verdict_in_the_metrics_direction(tmp_path, monkeypatch):

@@ -10,12 +10,13 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import recipe, srecipe, write
 
 from potstill.cli import main
 from potstill.dd.selection_io import REPORT, SELECTED, SELECTION
-from potstill.eval.verdict import holm
+from potstill.eval.verdict import holm, satterthwaite_df
 from potstill.recipes import eval_data as eval_data_recipes
 from potstill.recipes.distill import recipe_from_dict
 from potstill.recipes.eval_data import load_eval_data_recipe
@@ -105,30 +106,35 @@ def test_gain_and_ratio_follow_their_definitions(judged):
 
 
 def test_verdicts_pair_each_arm_with_its_baselines_per_seed_and_held_out_example(judged):
-    """The set against each baseline and k_center against random, per run and metric, under one Holm: each
-    row's per-seed differences are the held-out examples' mean differences kept in arms.json (seed i of every
-    arm; random's own draw at seed i), and the per-example scores stay out of the report."""
+    """The set against each baseline, and k_center against random once for the set's size, per run and metric,
+    under one Holm: each row's per-seed differences are the held-out examples' mean differences kept in
+    arms.json (seed i of every arm; random's own draw at seed i), and its degrees of freedom are Satterthwaite's
+    on the example-by-example difference table (so examples are paired by position); the per-example scores
+    stay out of the report."""
     out, rep = judged
     (st,) = rep["sets"]
     done = json.loads((out / "arms.json").read_text())["arms"]
     keys = {"set": "set_kd_top_s{}", "random": "random_n5_s{}", "k_center": "k_center_n5_s{}"}
-    got = {(v["arm"], v["baseline"], v["run"], v["metric"]): v for v in st["verdicts"]}
-    pairs = {("set", "random"), ("set", "k_center"), ("k_center", "random")}
     runs, metrics = ("hard", "soft"), ("forward_kl", "top1_agreement")
-    assert set(got) == {(a, b, r, m) for a, b in pairs for r in runs for m in metrics}
-    assert rep["verdicts"]["rows"] == len(got) == 12
-    assert [v["p_holm"] for v in st["verdicts"]] == pytest.approx(holm([v["p"] for v in st["verdicts"]]))
-    for (arm, base, run, metric), v in got.items():
-        want = []
+    own = {(v["arm"], v["baseline"], v["run"], v["metric"]): v for v in st["verdicts"]}
+    base = {(v["arm"], v["baseline"], v["run"], v["metric"]): v for v in rep["verdicts"]["baselines"]}
+    assert set(own) == {("set", b, r, m) for b in ("random", "k_center") for r in runs for m in metrics}
+    assert set(base) == {("k_center", "random", r, m) for r in runs for m in metrics}
+    assert {v["group"] for v in base.values()} == {"n5"} and rep["verdicts"]["rows"] == 12
+    family = st["verdicts"] + rep["verdicts"]["baselines"]
+    assert [v["p_holm"] for v in family] == pytest.approx(holm([v["p"] for v in family]))
+    for (arm, ref, run, metric), v in (own | base).items():
+        table = []
         for i in range(2):
             a = done[keys[arm].format(i)]["runs"][run]["per_example"][metric]
-            b = done[keys[base].format(i)]["runs"][run]["per_example"][metric]
+            b = done[keys[ref].format(i)]["runs"][run]["per_example"][metric]
             assert len(a) == len(b) == rep["n_eval"]
-            want.append(sum(x - y for x, y in zip(a, b, strict=True)) / len(a))
-        assert v["per_seed"] == pytest.approx(want) and v["seeds"] == 2
+            table.append([x - y for x, y in zip(a, b, strict=True)])
+        assert v["per_seed"] == pytest.approx([sum(row) / len(row) for row in table]) and v["seeds"] == 2
+        assert v["df"] == pytest.approx(satterthwaite_df(np.array(table)))
     assert "per_example" not in json.dumps(rep)
     for run in runs:
-        verdict = got[("set", "random", run, "forward_kl")]["verdict"]
+        verdict = own[("set", "random", run, "forward_kl")]["verdict"]
         assert f"{run} FKL" in summary_line(rep) and f"% vs random, {verdict}, " in summary_line(rep)
 
 

@@ -9,7 +9,15 @@ import pytest
 from scipy.stats import t as student_t
 
 from potstill.errors import PotstillError
-from potstill.eval.verdict import ONE_SEED, compare_arms, crossed_bootstrap, holm, satterthwaite_df
+from potstill.eval.verdict import (
+    NOT_FINITE,
+    ONE_SEED,
+    compare_arms,
+    crossed_bootstrap,
+    holm,
+    satterthwaite_df,
+    set_verdicts,
+)
 
 
 def test_holm_by_hand():
@@ -102,7 +110,17 @@ def test_bad_input_is_refused_in_one_line():
 @pytest.mark.parametrize("df", ["seeds", "satterthwaite"])
 @pytest.mark.parametrize(
     ("seeds", "sd_seed", "sd_example"),
-    [(3, 0.3, 0.3), (5, 0.0, 0.5), (5, 0.5, 0.0), (10, 0.3, 0.3), (10, 0.0, 0.5), (3, 0.0, 0.5), (2, 0.5, 0.0)],
+    [
+        (3, 0.3, 0.3),
+        (5, 0.0, 0.5),
+        (5, 0.5, 0.0),
+        (10, 0.3, 0.3),
+        (10, 0.0, 0.5),
+        (3, 0.0, 0.5),
+        (2, 0.5, 0.0),
+        (2, 0.0, 0.5),
+        (3, 0.0, 0.0),
+    ],
     ids=[
         "3 seeds",
         "examples dominate",
@@ -111,6 +129,8 @@ def test_bad_input_is_refused_in_one_line():
         "10 seeds, examples dominate",
         "3 seeds, examples dominate",
         "2 seeds, seeds dominate",
+        "2 seeds, examples dominate",
+        "3 seeds, noise alone",
     ],
 )
 def test_interval_covers_a_known_difference_at_the_stated_level(seeds, sd_seed, sd_example, df):
@@ -191,3 +211,36 @@ def test_satterthwaite_decides_a_gap_the_seeds_rule_cannot_when_examples_dominat
     assert se[0] == pytest.approx(se[1])
     with pytest.raises(PotstillError, match="df="):
         compare_arms({"m": {"kd": base, "x": arm}}, "kd", lower_better={"m": True}, df="welch")
+
+
+def test_set_verdicts_count_shared_baselines_once_and_leave_non_finite_scores_out():
+    """Two sets sharing their baseline subsets (one group) and a third of its own: each set is judged against
+    both baselines, k_center against random once per group. An example whose score is nan in one arm is left
+    out of that comparison (the row equals compare_arms on the other examples); a comparison with no finite
+    example gets NOT_FINITE and is not counted in Holm."""
+    rng = np.random.default_rng(7)
+
+    def arms(gap: float) -> dict[str, np.ndarray]:
+        base = rng.normal(size=(3, 20))
+        return {"random": base, "k_center": base - 0.1, "set": base - gap + rng.normal(0, 0.05, size=(3, 20))}
+
+    a, b, c = arms(1.0), arms(0.0), arms(0.5)
+    a["set"][1, 4] = np.nan  # one example of one seed of one arm
+    c_bad = {k: np.full_like(v, np.nan) if k == "set" else v for k, v in c.items()}
+    sets = [
+        ("a", "g1", {"hard": {"m": a}}),
+        ("b", "g1", {"hard": {"m": b}}),
+        ("c", "g2", {"hard": {"m": c, "bad": c_bad}}),
+    ]
+    rows, base = set_verdicts(sets, ["random", "k_center"], {"m": True, "bad": True})
+    assert [len(r) for r in rows] == [2, 2, 4] and len(base) == 3  # g1: m; g2: m and bad (k_center vs random)
+    assert {(r["group"], r["metric"]) for r in base} == {("g1", "m"), ("g2", "m"), ("g2", "bad")}
+    counted = [r for r in rows[0] + rows[1] + rows[2] + base if r["verdict"] != NOT_FINITE]
+    assert len(counted) == 9  # 8 set rows less the two "bad" ones (no finite example), and the 3 baseline rows
+    assert [r["p_holm"] for r in counted] == pytest.approx(holm([r["p"] for r in counted]))
+    row = next(r for r in rows[0] if r["baseline"] == "random")
+    keep = np.isfinite(a["set"]).all(axis=0)
+    (alone,) = compare_arms({"m": {"r": a["random"][:, keep], "s": a["set"][:, keep]}}, "r", lower_better={"m": True})
+    assert row["examples"] == 19 and row["difference"] == pytest.approx(alone.difference)
+    assert row["verdict"] == "better" and row["facet"] == "hard"
+    assert {r["verdict"] for r in rows[2] if r["metric"] == "bad"} == {NOT_FINITE}

@@ -27,14 +27,14 @@ of the crossed design instead: with the two-way mean squares of ``diff = arm - b
 ``S - 1`` df), examples (``MS_E``, ``E - 1``) and their interaction (``MS_R``, ``(S - 1)(E - 1)``), the
 variance of ``d`` is ``(MS_S + MS_E - MS_R) / (S E)`` and Satterthwaite's (1946, *Biometrics Bull.* 2) degrees
 of freedom ``(MS_S + MS_E - MS_R)^2 / (MS_S^2 / (S-1) + MS_E^2 / (E-1) + MS_R^2 / ((S-1)(E-1)))``: about
-``S - 1`` when the seeds dominate, up to ``E - 1`` when the examples do. The interval keeps the bootstrap's
-``se`` above (conservative: the simulation covers at or above the level for 2 to 10 seeds, both effects, either
-dominating), only its quantile changes. ``df="seeds"`` is the rule of potstill's earlier verdicts.
+``S - 1`` when the seeds dominate and more when the examples do. The interval keeps the bootstrap's ``se``
+above, only its quantile changes; ``tests/eval/test_verdict.py``'s simulation checks the coverage of both
+rules for 2, 3, 5 and 10 seeds with the seeds' effect, the examples' effect, both, or neither (noise alone)
+behind the spread. ``df="seeds"`` is the rule of potstill's earlier verdicts.
 
 Holm's step-down procedure
-(Holm 1979, *Scand. J. Statist.* 6) adjusts the p-values of every (arm, metric) comparison together, so the
-family-wise error rate is at most ``1 - level``. The simulation checks coverage at or above the level for 3, 5
-and 10 seeds.
+(Holm 1979, *Scand. J. Statist.* 6) adjusts the p-values of every (arm, reference, metric) comparison
+together, so the family-wise error rate is at most ``1 - level``.
 
 A single seed carries no seed spread: its verdict is ``"one seed: no verdict"``, whatever the examples say.
 """
@@ -50,9 +50,20 @@ from scipy.stats import t as student_t
 
 from ..errors import PotstillError
 
-__all__ = ["DF_RULES", "ONE_SEED", "Comparison", "compare_arms", "crossed_bootstrap", "holm", "satterthwaite_df"]
+__all__ = [
+    "DF_RULES",
+    "NOT_FINITE",
+    "ONE_SEED",
+    "Comparison",
+    "compare_arms",
+    "crossed_bootstrap",
+    "holm",
+    "satterthwaite_df",
+    "set_verdicts",
+]
 
 ONE_SEED = "one seed: no verdict"
+NOT_FINITE = "no verdict: a score is not finite on every example"
 DF_RULES = ("satterthwaite", "seeds")
 
 
@@ -216,3 +227,54 @@ def compare_arms(
             verdict = "no difference"
         out.append(Comparison(**r, p_holm=p_holm, verdict=verdict))
     return out
+
+
+def set_verdicts(
+    sets: Sequence[tuple[str, str, Mapping[str, Mapping[str, Mapping[str, np.ndarray]]]]],
+    baselines: Sequence[str],
+    lower_better: Mapping[str, bool],
+    *,
+    level: float = 0.95,
+    df: str = "satterthwaite",
+) -> tuple[list[list[dict]], list[dict]]:
+    """Verdicts of a data-distillation protocol (``potstill eval-data``): each set against every baseline of
+    its group, and every other baseline against ``random`` once per group, under one Holm family.
+
+    ``sets``: ``(name, group, scores)`` per set, ``scores[facet][metric][arm]`` an ``[S, E]`` array with the
+    arms ``"set"`` and every baseline (``facet``: a label kind or a training run). Sets of one ``group`` (the
+    same size and balance) share their baseline subsets, so their baseline-vs-random rows are one comparison,
+    counted once. A held-out example whose score is not finite in some arm is left out of that comparison;
+    a comparison with no example left gets :data:`NOT_FINITE` and stays out of Holm. Returns each set's rows
+    and the baseline rows (dicts of :class:`Comparison` plus ``facet`` and ``group``)."""
+    pairs = [("set", b) for b in baselines]
+    base_pairs = [(b, "random") for b in baselines if b != "random"]
+    flat: dict[str, tuple[int | None, dict]] = {}  # one key per comparison: (owner, its description)
+    scores_all: dict[str, dict[str, np.ndarray]] = {}
+    skipped: list[tuple[int | None, dict]] = []
+    seen_groups: set[str] = set()
+    for i, (_name, group, scores) in enumerate(sets):
+        jobs = [(i, pairs)] + ([(None, base_pairs)] if group not in seen_groups else [])
+        seen_groups.add(group)
+        for owner, todo in jobs:
+            for facet, metrics in scores.items():
+                for metric, arms in metrics.items():
+                    for arm, ref in todo:
+                        a, b = np.asarray(arms[arm], dtype=np.float64), np.asarray(arms[ref], dtype=np.float64)
+                        keep = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
+                        info = {"arm": arm, "baseline": ref, "metric": metric, "facet": facet, "group": group}
+                        if not keep.any():
+                            skipped.append((owner, {**info, "verdict": NOT_FINITE}))
+                            continue
+                        key = str(len(flat))
+                        flat[key] = (owner, info)
+                        scores_all[key] = {"a": a[:, keep], "b": b[:, keep]}
+    lower_all = {key: lower_better[info["metric"]] for key, (_, info) in flat.items()}
+    rows = compare_arms(scores_all, "b", lower_better=lower_all, level=level, df=df) if flat else []
+    rows_by_set: list[list[dict]] = [[] for _ in sets]
+    base_rows: list[dict] = []
+    for c in rows:
+        owner, info = flat[c.metric]
+        (base_rows if owner is None else rows_by_set[owner]).append({**c.as_dict(), **info})
+    for owner, row in skipped:
+        (base_rows if owner is None else rows_by_set[owner]).append(row)
+    return rows_by_set, base_rows

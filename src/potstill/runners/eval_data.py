@@ -26,8 +26,9 @@ learner seed), ``k_center`` (farthest-point greedy), ``kmeans_medoids`` (DiLM's 
 MiniLM sentence embedding). Values are over learner seeds (x replicas for the set arm).
 
 Verdicts (``verdicts`` in each set's entry; the statistics of ``potstill compare``,
-:mod:`potstill.eval.verdict`): each set against every baseline and every baseline against ``random``,
-per label kind, on each held-out example's correctness and gold-class NLL. Learner seed ``s`` pairs
+:func:`potstill.runners.eval_data_sets.judge_sets`): each set against every baseline, and every baseline
+against ``random`` once per class balance (the report's ``verdicts.baselines``: sets of one size and
+balance share their baselines), per label kind, on each held-out example's correctness and gold-class NLL. Learner seed ``s`` pairs
 the arms (the same initialisation and batch order; ``random`` draws its subset with it; a set of
 several replicas counts the mean over them at that seed), held-out examples are shared by every
 seed (a crossed design), and Holm runs over every row of the report, so *better* / *worse* holds
@@ -42,6 +43,7 @@ never guessed; baselines: the measured seconds of one draw on the already comput
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -55,17 +57,15 @@ from potstill.data.classification import Example
 from potstill.dd.protocol import Features, SplitLearner, compare_arms, evaluate_features, evaluate_set, predict_features
 from potstill.errors import PotstillError
 from potstill.eval.cls_metrics import EXAMPLE_METRICS
-from potstill.eval.verdict import compare_arms as compare_verdicts
 from potstill.io import atomic_write_json
 from potstill.recipes.eval_data import EvalDataRecipe
 from potstill.runners import eval_data_lm
 from potstill.runners.common import build_learner, coreset_space, draw, finite, load_pool, train_pool_teacher
-from potstill.runners.eval_data_sets import class_counts, construction, load_set
+from potstill.runners.eval_data_sets import class_counts, construction, judge_sets, load_set
 
 __all__ = ["run", "run_eval_data", "summary_line"]
 
 METRICS = ("accuracy", "macro_f1")
-VERDICT_LEVEL = 0.95  # as potstill compare's default
 
 
 def _count_labels(labels: Sequence[int]) -> dict[str, int]:
@@ -212,6 +212,11 @@ class _Judge:
         }, scores
 
 
+def _by_metric(scores: dict) -> dict:
+    """``{kind: {arm: {metric: x}}}`` as :func:`judge_sets` reads it, ``{kind: {metric: {arm: x}}}``."""
+    return {kind: {m: {arm: v[m] for arm, v in arms.items()} for m in EXAMPLE_METRICS} for kind, arms in scores.items()}
+
+
 def _per_seed(rows: list[dict], seeds: int) -> dict[str, np.ndarray]:
     """``{metric: [seeds, examples]}`` from one arm's learner runs, ordered replica by replica and seed by seed
     within each: the per-example scores of seed ``s`` averaged over the replicas (a baseline has one)."""
@@ -220,35 +225,6 @@ def _per_seed(rows: list[dict], seeds: int) -> dict[str, np.ndarray]:
         .reshape(-1, seeds, len(rows[0]["per_example"][m]))
         .mean(0)
         for m in EXAMPLE_METRICS
-    }
-
-
-def _verdicts(recipe: EvalDataRecipe, entries: list[tuple[dict, dict]]) -> dict:
-    """Each set against every baseline, and every other baseline against ``random``, per label kind and
-    per-example metric (accuracy, the gold class's NLL): the paired difference over learner seeds (seed ``s``
-    trains every arm's learner from the same initialisation; ``random`` draws its subset with it) x held-out
-    examples, its interval and *better / worse / no difference* after Holm over every row of the report
-    (:mod:`potstill.eval.verdict`, the statistics of ``potstill compare``). Every arm trains the same steps on
-    a set of the same size: equal training cost. Each set entry gets its own rows under ``verdicts``."""
-    scores, lower, owner = {}, {}, {}
-    for entry, per in entries:
-        for kind, arms in per.items():
-            for metric, low in EXAMPLE_METRICS.items():
-                key = f"{entry['name']}/{kind}/{metric}"
-                scores[key] = {arm: v[metric] for arm, v in arms.items()}
-                lower[key], owner[key] = low, (entry, kind, metric)
-    pairs = [("set", b) for b in recipe.baselines] + [(b, "random") for b in recipe.baselines if b != "random"]
-    rows = compare_verdicts(scores, "random", lower_better=lower, level=VERDICT_LEVEL, pairs=pairs)
-    for entry, _ in entries:
-        entry["verdicts"] = []
-    for c in rows:
-        entry, kind, metric = owner[c.metric]
-        entry["verdicts"].append({**c.as_dict(), "metric": metric, "labels": kind})
-    return {
-        "level": VERDICT_LEVEL,
-        "family": f"Holm over all {len(rows)} rows: sets x label kinds x metrics x (arm, baseline) pairs",
-        "seeds": recipe.learner.seeds,
-        "rows": len(rows),
     }
 
 
@@ -286,7 +262,14 @@ def run_eval_data(recipe) -> dict:
     teacher, teacher_report, pool_soft = _pool_teacher(recipe, learner, pool_f, eval_f)
     judge = _Judge(recipe, learner, feats_of, pool_f, eval_f, emb, teacher, pool_soft)
     judged = [judge.judge(*x) for x in loaded]
-    verdicts = _verdicts(recipe, judged)
+    # the set against every baseline, each baseline against random (module docstring)
+    verdicts = judge_sets(
+        [(entry, _by_metric(scores)) for entry, scores in judged],
+        list(recipe.baselines),
+        EXAMPLE_METRICS,
+        facet="labels",
+        group=lambda entry: json.dumps(entry["class_counts"], sort_keys=True),
+    )
     report_sets = [entry for entry, _ in judged]
 
     out = Path(recipe.output_dir) / "eval_data.json"

@@ -20,10 +20,12 @@ the ratio to the 100% student; the examples' response tokens; the construction s
 recipe's ``construction_seconds``, else ``selection_report.json`` or ``synthesis_report.json``
 beside the set; null if unknown).
 
-Verdicts (``verdicts`` in each set's entry): the set against every baseline and every baseline against
-``random``, per run and per held-out example (forward KL, top-1 agreement), with ``potstill compare``'s
-statistics (:func:`_verdicts`); every arm of a set trains the same steps on the same number of examples, so
-they are compared at equal training cost.
+Verdicts (``verdicts`` in each set's entry; :func:`potstill.runners.eval_data_sets.judge_sets`): the set
+against every baseline, and every baseline against ``random`` once per set size (the report's
+``verdicts.baselines``), per run and per held-out example (forward KL, top-1 agreement), with ``potstill
+compare``'s statistics. Every arm of a set trains the same steps on the same number of examples: equal
+training cost. Like ``compare``, a verdict weighs every held-out example alike, while the forward KL above
+is the mean over all response tokens, so a small difference can read with another sign in the two.
 
 Long runs resume: each finished arm's metrics are written atomically to ``arms.json`` under the
 recipe's fingerprint (and every set's content hash); a rerun of the same recipe trains only what is
@@ -49,7 +51,8 @@ from potstill.io import atomic_write_json
 from potstill.paths import resolve_data_path
 from potstill.recipes.eval_data import EvalDataLMRecipe, LMSet
 from potstill.runners.common import finite
-from potstill.runners.eval_data_sets import construction
+from potstill.runners.compare import LOWER_BETTER
+from potstill.runners.eval_data_sets import construction, judge_sets
 
 if TYPE_CHECKING:
     from potstill.recipes.distill import Recipe
@@ -60,8 +63,8 @@ __all__ = ["run_eval_data_lm", "summary_line"]
 ARMS_FILE = "arms.json"
 REPORT_FILE = "eval_data.json"
 METRICS = ("forward_kl", "top1_agreement", "perplexity")
-VERDICT_METRICS = {"forward_kl": True, "top1_agreement": False}  # per held-out example; lower is better?
-VERDICT_LEVEL = 0.95  # as potstill compare's default
+# per held-out example, and whether lower is better (as potstill compare reads them)
+VERDICT_METRICS = {m: LOWER_BETTER[m] for m in ("forward_kl", "top1_agreement")}
 
 
 def _set_path(s: LMSet) -> Path:
@@ -225,8 +228,9 @@ class _Arms:
         """Every run trained on ``examples`` from the initial student; metrics per run (resumed if done)."""
         from potstill.runners.train import train_run
 
-        if key in self.done and all("per_example" in v for v in self.done[key]["runs"].values()):
-            return self.done[key]  # (an arm finished before verdicts existed is trained again for its scores)
+        if key in self.done and (key == "full" or all("per_example" in v for v in self.done[key]["runs"].values())):
+            return self.done[key]  # (an arm finished before verdicts existed is trained again for its scores;
+            # the 100% student needs none: no verdict reads it)
         recipe, distill, prep = self.recipe, self.distill, self.prep
         steps = max(1, math.ceil(recipe.epochs * len(examples) / self.bsz - 1e-9))
         row: dict = {"examples": len(examples), "response_tokens": _tokens(examples), "steps": steps, "runs": {}}
@@ -332,7 +336,7 @@ def _aggregate(arm_rows: dict[str, list[dict]], arm_info: dict[str, dict], n: in
 
 def _judge_set(arms: _Arms, loaded_set: tuple, draws: dict, full: dict | None) -> tuple[dict, dict]:
     """The report entry of one set (its seeds' students against the baselines' of its size) and every arm's
-    per-example scores, ``{run: {arm: {metric: [seeds, examples]}}}``, for the verdicts."""
+    per-example scores, ``{run: {metric: {arm: [seeds, examples]}}}``, for the verdicts."""
     recipe, pool = arms.recipe, arms.prep.pool_examples
     s, path, examples, cost, cost_src, _h = loaded_set
     n = len(examples)
@@ -350,8 +354,8 @@ def _judge_set(arms: _Arms, loaded_set: tuple, draws: dict, full: dict | None) -
         arm_info[b] = {"construction_seconds": statistics.fmean(secs), "construction_source": "measured"}
     scores = {
         run.name: {
-            arm: {m: [r["runs"][run.name]["per_example"][m] for r in rows] for m in VERDICT_METRICS}
-            for arm, rows in arm_rows.items()
+            m: {arm: [r["runs"][run.name]["per_example"][m] for r in rows] for arm, rows in arm_rows.items()}
+            for m in VERDICT_METRICS
         }
         for run in arms.distill.runs
     }
@@ -363,41 +367,6 @@ def _judge_set(arms: _Arms, loaded_set: tuple, draws: dict, full: dict | None) -
         "fraction_of_pool": n / len(pool),
         "arms": _aggregate(arm_rows, arm_info, n, arms.distill.runs, full),
     }, scores
-
-
-def _verdicts(recipe: EvalDataLMRecipe, judged: list[tuple[dict, dict]]) -> dict:
-    """Each set against every baseline, and every other baseline against ``random``, per run of ``runs`` and
-    per-example metric (held-out forward KL, top-1 agreement): seed ``i`` pairs the arms (the same initial
-    student and training seed; ``random`` draws with it), the held-out examples are shared by every seed, and
-    the statistics are ``potstill compare``'s (:mod:`potstill.eval.verdict`: crossed bootstrap,
-    Satterthwaite's degrees of freedom, Holm over every row of the report). Examples with no response token
-    (nan) are left out of that comparison. Each set entry gets its rows under ``verdicts``."""
-    import numpy as np
-
-    from potstill.eval.verdict import compare_arms
-
-    table, lower, owner = {}, {}, {}
-    for entry, per_run in judged:
-        for run, arms in per_run.items():
-            for metric, low in VERDICT_METRICS.items():
-                mats = {a: np.asarray(v[metric], dtype=np.float64) for a, v in arms.items()}
-                keep = np.all([np.isfinite(x).all(axis=0) for x in mats.values()], axis=0)
-                key = f"{entry['name']}/{run}/{metric}"
-                table[key] = {a: x[:, keep] for a, x in mats.items()}
-                lower[key], owner[key] = low, (entry, run, metric)
-    pairs = [("set", b) for b in recipe.baselines] + [(b, "random") for b in recipe.baselines if b != "random"]
-    rows = compare_arms(table, "random", lower_better=lower, level=VERDICT_LEVEL, pairs=pairs)
-    for entry, _ in judged:
-        entry["verdicts"] = []
-    for c in rows:
-        entry, run, metric = owner[c.metric]
-        entry["verdicts"].append({**c.as_dict(), "metric": metric, "run": run})
-    return {
-        "level": VERDICT_LEVEL,
-        "family": f"Holm over all {len(rows)} rows: sets x runs x metrics x (arm, baseline) pairs",
-        "seeds": recipe.seeds,
-        "rows": len(rows),
-    }
 
 
 def _without_scores(row: dict | None) -> dict | None:
@@ -442,7 +411,10 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
     init = arms.student_init()
     full = arms.learn("full", pool, 0) if recipe.full else None
     judged = [_judge_set(arms, x, draws, full) for x in loaded]
-    verdicts = _verdicts(recipe, judged)
+    # the set against every baseline, each baseline against random (module docstring)
+    verdicts = judge_sets(
+        judged, list(recipe.baselines), VERDICT_METRICS, facet="run", group=lambda entry: f"n{entry['size']}"
+    )
     report_sets = [entry for entry, _ in judged]
     if not recipe.keep_students:
         shutil.rmtree(arms.scratch, ignore_errors=True)

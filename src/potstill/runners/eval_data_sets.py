@@ -8,7 +8,8 @@ Shared by both flavours of the verb (:mod:`potstill.runners.eval_data` for class
 * :func:`class_counts`: the set's examples per label, checked so that baselines of the same class
   balance can be drawn from the pool;
 * :func:`construction`: the seconds it took to build a set: the recipe's ``construction_seconds``,
-  else the timing of a report beside the set (:data:`REPORT_TIMINGS`), else unknown, never guessed.
+  else the timing of a report beside the set (:data:`REPORT_TIMINGS`), else unknown, never guessed;
+* :func:`judge_sets`: the verdicts of every set against its baselines (:func:`potstill.eval.verdict.set_verdicts`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from potstill.errors import PotstillError
 from potstill.paths import resolve_data_path
 from potstill.recipes.eval_data import EvalSet
 
-__all__ = ["REPORT_TIMINGS", "class_counts", "construction", "load_set"]
+__all__ = ["REPORT_TIMINGS", "VERDICT_LEVEL", "class_counts", "construction", "judge_sets", "load_set"]
+
+VERDICT_LEVEL = 0.95  # as potstill compare's default
 
 REPORT_TIMINGS = {
     "condense_report.json": ("construction_s",),
@@ -107,3 +110,36 @@ def construction(s, path: Path) -> tuple[float | None, str | None]:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
             return float(v), str(folder / name)
     return None, None
+
+
+def judge_sets(judged: list[tuple[dict, dict]], baselines: list[str], lower_better: dict, *, facet: str, group) -> dict:
+    """Attach each set's verdicts to its report entry (``entry["verdicts"]``) and return the report's
+    ``verdicts`` section (the baselines' own rows against random, once per group, and the family's size).
+
+    ``judged``: ``(entry, scores)`` per set, ``scores[facet][metric][arm]`` an ``[S, E]`` array (seed ``s``
+    pairs the arms: the same initialisation and batches, ``random`` drawn with it; examples: the held-out
+    ones, shared by every seed); ``facet`` names the split of the scores in the rows (``labels`` or ``run``);
+    ``group(entry)``: the key of sets that share their baseline subsets. The statistics are ``potstill
+    compare``'s: crossed bootstrap, Satterthwaite's degrees of freedom, Holm over every row."""
+    from potstill.eval.verdict import set_verdicts
+
+    def named(row: dict) -> dict:
+        return {(facet if k == "facet" else k): v for k, v in row.items()}
+
+    rows, base = set_verdicts(
+        [(entry["name"], group(entry), scores) for entry, scores in judged],
+        baselines,
+        lower_better,
+        level=VERDICT_LEVEL,
+    )
+    for (entry, _), own in zip(judged, rows, strict=True):
+        entry["verdicts"] = [named(r) for r in own]
+    n = sum(len(r) for r in rows) + len(base)
+    return {
+        "level": VERDICT_LEVEL,
+        "df": "satterthwaite",
+        "family": f"Holm over all {n} rows: each set against every baseline, each baseline against random once "
+        f"per {facet}, metric and group of sets sharing their baselines",
+        "baselines": [named(r) for r in base],
+        "rows": n,
+    }
