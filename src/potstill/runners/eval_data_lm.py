@@ -254,10 +254,9 @@ class _Arms:
             train_s[run.name] = time.perf_counter() - t0
         # the arm's students together: one teacher pass over the held-out examples serves them all
         m = self.evaluate({n: x.eval() for n, x in models.items()})
-        per = self.per_example(models)
-        row["runs"] = {
-            n: {k: m[n][k] for k in METRICS} | {"train_s": train_s[n], "per_example": per[n]} for n in models
-        }
+        # per-example scores for the verdicts; the 100% student is a reference no verdict reads
+        per = {} if key == "full" else {n: {"per_example": v} for n, v in self.per_example(models).items()}
+        row["runs"] = {n: {k: m[n][k] for k in METRICS} | {"train_s": train_s[n]} | per.get(n, {}) for n in models}
         del models
         if not recipe.keep_students:
             shutil.rmtree(self.scratch / key, ignore_errors=True)
@@ -369,13 +368,6 @@ def _judge_set(arms: _Arms, loaded_set: tuple, draws: dict, full: dict | None) -
     }, scores
 
 
-def _without_scores(row: dict | None) -> dict | None:
-    """An arm's row as the report shows it: its per-example scores stay in ``arms.json``."""
-    if row is None:
-        return None
-    return {**row, "runs": {n: {k: v for k, v in r.items() if k != "per_example"} for n, r in row["runs"].items()}}
-
-
 def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
     """Train and evaluate every arm (module docstring); returns the report written atomically to
     ``output_dir/eval_data.json``."""
@@ -428,7 +420,7 @@ def run_eval_data_lm(recipe: EvalDataLMRecipe) -> dict:
             "baselines": list(recipe.baselines),
             "teacher": init["teacher"],
             "student_init": init["runs"]["untrained"],
-            "full": _without_scores(full),
+            "full": full,
             "protocol": {
                 "epochs": recipe.epochs,
                 "batch_size": arms.bsz,
